@@ -1,0 +1,146 @@
+//! `#[repr(C)]` types and map/program names shared by the eBPF programs in
+//! `guard-ebpf` and the loader in `guard::capture`.
+//!
+//! Rules: no implicit padding (explicit `_pad` fields, sizes asserted at
+//! compile time), `_be` for network byte order, names as constants so both
+//! sides agree.
+#![no_std]
+
+/// `AF_INET`, as the kernel reports it in socket contexts.
+pub const AF_INET: u32 = 2;
+/// `AF_INET6`, as the kernel reports it in socket contexts.
+pub const AF_INET6: u32 = 10;
+
+/// Program names (the Rust function names in `guard-ebpf`).
+pub mod prog {
+    /// `cgroup/connect4`: redirect matched IPv4 TCP, refuse matched UDP.
+    pub const CONNECT4: &str = "kt_connect4";
+    /// `cgroup/connect6`: the same for IPv6, including IPv4-mapped addresses.
+    pub const CONNECT6: &str = "kt_connect6";
+    /// `cgroup/sendmsg4`: refuse unconnected UDP to matched prefixes (QUIC).
+    pub const SENDMSG4: &str = "kt_sendmsg4";
+    /// `cgroup/sendmsg6`: the same for IPv6.
+    pub const SENDMSG6: &str = "kt_sendmsg6";
+    /// `cgroup/getpeername4`: show the process its original peer.
+    pub const GETPEERNAME4: &str = "kt_getpeername4";
+    /// `cgroup/getpeername6`: the same for IPv6 sockets.
+    pub const GETPEERNAME6: &str = "kt_getpeername6";
+    /// `sockops`: re-key the connect record by the client's address once established.
+    pub const SOCK_OPS: &str = "kt_sock_ops";
+    /// Every program, in attach order.
+    pub const ALL: [&str; 7] = [
+        SOCK_OPS,
+        GETPEERNAME4,
+        GETPEERNAME6,
+        SENDMSG4,
+        SENDMSG6,
+        CONNECT4,
+        CONNECT6,
+    ];
+}
+
+/// Map names (the static names in `guard-ebpf`).
+pub mod map {
+    /// `Array<CaptureConfig>` with one entry.
+    pub const CONFIG: &str = "KT_CONFIG";
+    /// `LpmTrie<[u8; 4], u32>`: captured IPv4 prefixes.
+    pub const PREFIX4: &str = "KT_PREFIX4";
+    /// `LpmTrie<[u8; 16], u32>`: captured IPv6 prefixes.
+    pub const PREFIX6: &str = "KT_PREFIX6";
+    /// `HashMap<u16, u8>`: captured destination ports, host byte order.
+    pub const PORTS: &str = "KT_PORTS";
+    /// `LruHashMap<u64, Origin>`: connect records by socket cookie.
+    pub const BY_COOKIE: &str = "KT_BY_COOKIE";
+    /// `LruHashMap<PeerKey, Origin>`: the same records by the client's address.
+    pub const BY_PEER: &str = "KT_BY_PEER";
+}
+
+/// Entries in the per-connection maps; LRU so a guard that stops reading
+/// cannot exhaust kernel memory.
+pub const MAX_RECORDS: u32 = 65_536;
+/// Entries in each prefix trie.
+pub const MAX_PREFIXES: u32 = 4_096;
+/// Entries in the port set.
+pub const MAX_PORTS: u32 = 64;
+
+/// `CaptureConfig::flags`: capture is on.
+pub const FLAG_ENABLED: u32 = 1;
+/// `CaptureConfig::flags`: refuse UDP to captured prefixes and ports.
+pub const FLAG_REFUSE_UDP: u32 = 1 << 1;
+/// `CaptureConfig::flags`: refuse matched connections from other network
+/// namespaces, where a rewrite to loopback would land in the wrong place.
+pub const FLAG_REFUSE_OTHER_NETNS: u32 = 1 << 2;
+
+/// Where matched connections go, and which sockets are exempt.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CaptureConfig {
+    /// IPv4 capture listener address.
+    pub listen4_be: u32,
+    /// IPv4 capture listener port, network byte order in the low 16 bits
+    /// (the layout of `bpf_sock_addr::user_port`).
+    pub listen4_port_be: u32,
+    /// IPv6 capture listener address.
+    pub listen6_be: [u32; 4],
+    /// IPv6 capture listener port, as `listen4_port_be`.
+    pub listen6_port_be: u32,
+    /// Sockets with this `SO_MARK` are never redirected (the guard's own);
+    /// 0 disables the exemption.
+    pub skip_mark: u32,
+    /// `FLAG_*` bits.
+    pub flags: u32,
+    /// Explicit padding so the layout has no holes.
+    pub _pad: u32,
+    /// Network namespace cookie of the guard; 0 when unknown.
+    pub netns_cookie: u64,
+}
+
+/// What the connect hook saw: the original destination and who connected.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Origin {
+    /// `bpf_get_current_cgroup_id()` of the connecting task.
+    pub cgroup_id: u64,
+    /// Network namespace cookie of the socket.
+    pub netns_cookie: u64,
+    /// `bpf_ktime_get_ns()` at connect.
+    pub time_ns: u64,
+    /// Original destination; IPv4 in word 0, network byte order.
+    pub addr_be: [u32; 4],
+    /// Original destination port, network byte order in the low 16 bits.
+    pub port_be: u32,
+    /// `AF_INET` or `AF_INET6` of the original destination (IPv4-mapped
+    /// destinations are reported as `AF_INET`).
+    pub family: u32,
+    /// Process id (thread group id) of the connecting task.
+    pub tgid: u32,
+    /// User id of the connecting task.
+    pub uid: u32,
+}
+
+/// A client's socket address as the capture listener sees it as peer.
+/// IPv4-mapped IPv6 addresses are stored as `AF_INET`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PeerKey {
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u32,
+    /// Client port, host byte order.
+    pub port: u32,
+    /// Client address; IPv4 in word 0, network byte order.
+    pub addr_be: [u32; 4],
+}
+
+const _: () = assert!(core::mem::size_of::<CaptureConfig>() == 48);
+const _: () = assert!(core::mem::size_of::<Origin>() == 56);
+const _: () = assert!(core::mem::size_of::<PeerKey>() == 24);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain #[repr(C)] integers with no padding (sizes asserted above).
+    unsafe impl aya::Pod for super::CaptureConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Origin {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::PeerKey {}
+}

@@ -1,0 +1,302 @@
+//! The typed configuration: the seed's sections plus the optional sections
+//! the guard adds. Every field has its default here, so the seed file alone
+//! is a complete config. Parsing and validation live in `load.rs`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// A whole, validated configuration file.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    /// The file this was loaded from (for messages).
+    pub source: PathBuf,
+    /// `pack`: the policy pack's identity.
+    pub pack: Pack,
+    /// `providers`: routing, fallback and the ordered targets.
+    pub providers: Providers,
+    /// `policies.chain`: policy names in the order they run.
+    pub chain: Vec<PolicyKind>,
+    /// `policy.dlp-filter`, when present.
+    pub dlp: Option<DlpFilter>,
+    /// `policy.audit-logger`, when present.
+    pub audit: Option<AuditLogger>,
+    /// `gateway`: listeners, timeouts and limits.
+    pub gateway: Gateway,
+    /// `capture`: what the eBPF programs send to the gateway.
+    pub capture: Capture,
+}
+
+/// `pack`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pack {
+    /// `pack.name`.
+    pub name: String,
+    /// `pack.version`.
+    pub version: String,
+    /// `pack.enabled` (a disabled pack is a validation error: nothing would run).
+    pub enabled: bool,
+}
+
+/// `providers`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Providers {
+    /// `providers.routing.strategy`.
+    pub strategy: RoutingStrategy,
+    /// `providers.fallback.enabled` (also accepted as `providers.routing.fallback.enabled`).
+    pub fallback: bool,
+    /// `providers.targets`, in order.
+    pub targets: Vec<Target>,
+}
+
+/// `providers.routing.strategy`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum RoutingStrategy {
+    /// Try targets in the order written, moving on when one fails.
+    #[default]
+    Ordered,
+}
+
+/// One entry of `providers.targets`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    /// `id`, unique in the file.
+    pub id: String,
+    /// `provider`.
+    pub provider: Provider,
+    /// `model`: when set, the model sent upstream.
+    pub model: Option<String>,
+    /// `required` (default true): an unresolvable secret stops startup.
+    pub required: bool,
+    /// `secret_key_ref`: where the managed key comes from.
+    pub secret_key_ref: SecretKeyRef,
+    /// `base_url`: where requests go (default: the provider's official endpoint).
+    pub base_url: Option<String>,
+}
+
+/// A provider family; decides the credential header style and error shapes.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Provider {
+    /// OpenAI (`Authorization: Bearer`).
+    OpenAi,
+    /// Anthropic (`x-api-key`).
+    Anthropic,
+    /// Another name; needs a `base_url`, spoken to OpenAI-style.
+    Other(String),
+}
+
+impl Provider {
+    /// The name as written in config files and shown to users.
+    pub fn name(&self) -> &str {
+        match self {
+            Provider::OpenAi => "openai",
+            Provider::Anthropic => "anthropic",
+            Provider::Other(name) => name,
+        }
+    }
+
+    /// The official API endpoint, when this is a known provider.
+    pub fn default_base_url(&self) -> Option<&'static str> {
+        match self {
+            Provider::OpenAi => Some("https://api.openai.com/v1"),
+            Provider::Anthropic => Some("https://api.anthropic.com"),
+            Provider::Other(_) => None,
+        }
+    }
+
+    /// Parses a provider name (case-insensitive).
+    pub fn parse(name: &str) -> Provider {
+        match name.to_ascii_lowercase().as_str() {
+            "openai" => Provider::OpenAi,
+            "anthropic" => Provider::Anthropic,
+            other => Provider::Other(other.to_string()),
+        }
+    }
+}
+
+/// `secret_key_ref`: a name, never a value.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum SecretKeyRef {
+    /// `env: NAME`: the guard's own environment.
+    Env(String),
+    /// `store: NAME`: the guard's secret store, then the keychain.
+    Store(String),
+}
+
+impl SecretKeyRef {
+    /// The referenced name.
+    pub fn name(&self) -> &str {
+        match self {
+            SecretKeyRef::Env(n) | SecretKeyRef::Store(n) => n,
+        }
+    }
+
+    /// `env` or `store`, as written in config files.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SecretKeyRef::Env(_) => "env",
+            SecretKeyRef::Store(_) => "store",
+        }
+    }
+}
+
+impl std::fmt::Display for SecretKeyRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.kind(), self.name())
+    }
+}
+
+/// A policy that can appear in `policies.chain`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PolicyKind {
+    /// `dlp-filter`.
+    DlpFilter,
+    /// `audit-logger`.
+    AuditLogger,
+}
+
+impl PolicyKind {
+    /// The name as written in config files.
+    pub fn name(self) -> &'static str {
+        match self {
+            PolicyKind::DlpFilter => "dlp-filter",
+            PolicyKind::AuditLogger => "audit-logger",
+        }
+    }
+}
+
+/// `policy.dlp-filter`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DlpFilter {
+    /// `detect_patterns`: regexes (already checked to compile).
+    pub detect_patterns: Vec<String>,
+    /// `blocked_terms`: phrases matched after normalisation.
+    pub blocked_terms: Vec<String>,
+    /// `action` (default block).
+    pub action: DlpAction,
+    /// `fuzzy_matching` (default false).
+    pub fuzzy_matching: bool,
+    /// `max_distance` (default 1, at most `MAX_FUZZY_DISTANCE`).
+    pub max_distance: u8,
+    /// `builtin_rules` (default true): the built-in provider/platform key pack.
+    pub builtin_rules: bool,
+}
+
+/// Largest accepted `max_distance`.
+pub const MAX_FUZZY_DISTANCE: u8 = 3;
+
+/// `policy.dlp-filter.action`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum DlpAction {
+    /// Refuse the request.
+    #[default]
+    Block,
+    /// Replace the match before forwarding.
+    Redact,
+    /// Forward and record.
+    Audit,
+}
+
+/// `policy.audit-logger`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditLogger {
+    /// `max_events` (default 1,000,000): oldest-first pruning above this.
+    pub max_events: u64,
+    /// `on_store_failure` (default `log`): what to do when events cannot be written.
+    pub on_store_failure: StoreFailure,
+}
+
+impl Default for AuditLogger {
+    fn default() -> Self {
+        AuditLogger {
+            max_events: 1_000_000,
+            on_store_failure: StoreFailure::Log,
+        }
+    }
+}
+
+/// `policy.audit-logger.on_store_failure`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum StoreFailure {
+    /// Keep serving by policy, log loudly.
+    #[default]
+    Log,
+    /// Refuse traffic while events cannot be recorded.
+    Refuse,
+}
+
+/// `gateway`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Gateway {
+    /// `listen` (default 127.0.0.1:8787): explicit clients (base URL, CONNECT).
+    pub listen: SocketAddr,
+    /// `capture_listen` (default 127.0.0.1:8788): redirected connections.
+    pub capture_listen: SocketAddr,
+    /// `capture_listen6` (default [::1]:8788): redirected IPv6 connections.
+    pub capture_listen6: Option<SocketAddr>,
+    /// `connect_timeout` (default 5s).
+    pub connect_timeout: Duration,
+    /// `first_byte_timeout` (default 60s): upstream response headers.
+    pub first_byte_timeout: Duration,
+    /// `idle_timeout` (default 120s): the longest gap inside a streamed body.
+    pub idle_timeout: Duration,
+    /// `max_body_bytes` (default 16 MiB): larger request bodies get 413.
+    pub max_body_bytes: u64,
+    /// `max_retry_after` (default 10s): longest `Retry-After` honoured before falling back.
+    pub max_retry_after: Duration,
+    /// `splice_unknown_sni` (default true): non-provider names on captured
+    /// addresses, and CONNECT to non-provider hosts, pass untouched.
+    pub splice_unknown: bool,
+}
+
+impl Default for Gateway {
+    fn default() -> Self {
+        Gateway {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8787)),
+            capture_listen: SocketAddr::from(([127, 0, 0, 1], 8788)),
+            capture_listen6: Some(SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 8788))),
+            connect_timeout: Duration::from_secs(5),
+            first_byte_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(120),
+            max_body_bytes: 16 * 1024 * 1024,
+            max_retry_after: Duration::from_secs(10),
+            splice_unknown: true,
+        }
+    }
+}
+
+/// An IP prefix (`10.0.0.0/8`, `2001:db8::/32`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct IpPrefix {
+    /// Network address.
+    pub addr: std::net::IpAddr,
+    /// Prefix length in bits.
+    pub len: u8,
+}
+
+/// `capture`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Capture {
+    /// `enabled` (default true).
+    pub enabled: bool,
+    /// `cgroup`: scope; default (None) is the cgroup2 mount.
+    pub cgroup: Option<PathBuf>,
+    /// `hosts`: default (None) is the hosts of the providers in use.
+    pub hosts: Option<Vec<String>>,
+    /// `cidrs`: extra prefixes.
+    pub cidrs: Vec<IpPrefix>,
+    /// `ports` (default [443]).
+    pub ports: Vec<u16>,
+}
+
+impl Default for Capture {
+    fn default() -> Self {
+        Capture {
+            enabled: true,
+            cgroup: None,
+            hosts: None,
+            cidrs: Vec::new(),
+            ports: vec![443],
+        }
+    }
+}

@@ -1,0 +1,15 @@
+//! kt: an eBPF-assisted egress guard for AI provider keys.
+//!
+//! Pure cores (`config`, `dlp`, `routing`) do no I/O; `gateway` is the async
+//! part; every `aya` call and all `unsafe` live in `capture`.
+
+pub mod ca;
+pub mod capture;
+pub mod cli;
+pub mod config;
+pub mod dlp;
+pub mod events;
+pub mod gateway;
+pub mod preflight;
+pub mod routing;
+pub mod secrets;
