@@ -1,1 +1,3 @@
+//! Shared fixtures for kt's end-to-end suites.
 
+pub mod cgroup;

@@ -1,1 +1,59 @@
-//! capture.
+//! Transparent capture: loads the embedded eBPF object, attaches it to a
+//! cgroup-v2 directory, fills its maps, and answers "where was this accepted
+//! connection going, and who opened it?". Every `aya` call and all `unsafe`
+//! of the guard live in this module. Dropping a [`Capture`] detaches
+//! everything.
+
+mod cgroup;
+mod loader;
+mod prefix;
+mod support;
+
+pub use cgroup::{CgroupError, cgroup2_mount, cgroup2_mount_in};
+pub use loader::{Capture, CaptureSpec, ClientOrigin};
+pub use prefix::{PrefixError, prefix_of};
+pub use support::{KernelSupport, kernel_support};
+
+/// Errors from loading, attaching and reading the capture programs.
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    /// The cgroup directory could not be opened.
+    #[error("cannot open cgroup {path}: {source}")]
+    Cgroup {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The kernel refused to load the object or a program.
+    #[error(
+        "cannot load eBPF program {name}: {detail} (needs root or CAP_BPF+CAP_NET_ADMIN, and a kernel with cgroup-v2 BPF hooks)"
+    )]
+    Load {
+        /// Program or object name.
+        name: String,
+        /// The loader's message.
+        detail: String,
+    },
+    /// Attaching a program to the cgroup failed.
+    #[error("cannot attach eBPF program {name} to {cgroup}: {detail}")]
+    Attach {
+        /// Program name.
+        name: String,
+        /// The cgroup directory.
+        cgroup: std::path::PathBuf,
+        /// The loader's message.
+        detail: String,
+    },
+    /// A map was missing from the object or could not be updated.
+    #[error("eBPF map {name}: {detail}")]
+    Map {
+        /// Map name.
+        name: &'static str,
+        /// What went wrong.
+        detail: String,
+    },
+    /// The capture spec cannot work as given.
+    #[error("invalid capture setup: {0}")]
+    Spec(String),
+}

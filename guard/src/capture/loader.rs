@@ -1,0 +1,395 @@
+//! Loading, attaching and reading the capture programs.
+
+use std::fs::File;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use aya::Ebpf;
+use aya::maps::lpm_trie::{Key, LpmTrie};
+use aya::maps::{Array, HashMap, MapData};
+use aya::programs::links::CgroupAttachMode;
+use aya::programs::{CgroupSockAddr, SockOps};
+use guard_ebpf_common::{
+    AF_INET, AF_INET6, CaptureConfig, FLAG_ENABLED, FLAG_REFUSE_OTHER_NETNS, FLAG_REFUSE_UDP,
+    Origin, PeerKey, map, prog,
+};
+
+use super::CaptureError;
+use super::prefix::split;
+use crate::config::IpPrefix;
+
+/// The eBPF object built by `build.rs` from `guard-ebpf`.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/guard-ebpf"));
+
+/// What to capture and where to send it.
+#[derive(Clone, Debug)]
+pub struct CaptureSpec {
+    /// cgroup-v2 directory to attach to (never the root on shared machines).
+    pub cgroup: PathBuf,
+    /// IPv4 capture listener; IPv4 and IPv4-mapped destinations go here.
+    pub listen4: SocketAddrV4,
+    /// IPv6 capture listener; without one, matched IPv6 connections are refused.
+    pub listen6: Option<SocketAddrV6>,
+    /// Destination prefixes to capture.
+    pub prefixes: Vec<IpPrefix>,
+    /// Destination ports to capture.
+    pub ports: Vec<u16>,
+    /// Sockets carrying this `SO_MARK` are never redirected (the guard's own
+    /// upstream sockets); 0 disables.
+    pub skip_mark: u32,
+    /// Refuse UDP to captured destinations (QUIC), so clients use TCP.
+    pub refuse_udp: bool,
+    /// Refuse matched connections from other network namespaces.
+    pub refuse_other_netns: bool,
+}
+
+/// Who opened a captured connection and where it was going.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClientOrigin {
+    /// The destination the process asked for.
+    pub original: SocketAddr,
+    /// Its process id (thread group id).
+    pub pid: u32,
+    /// Its user id.
+    pub uid: u32,
+    /// Its cgroup id (the inode number of its cgroup-v2 directory).
+    pub cgroup_id: u64,
+    /// Its network namespace cookie.
+    pub netns_cookie: u64,
+}
+
+type PeerMap = HashMap<MapData, PeerKey, Origin>;
+
+/// Attached capture programs. Dropping this detaches them.
+pub struct Capture {
+    // Field order matters: maps and links go before the object they came from.
+    by_peer: Mutex<PeerMap>,
+    prefix4: Mutex<LpmTrie<MapData, [u8; 4], u32>>,
+    prefix6: Mutex<LpmTrie<MapData, [u8; 16], u32>>,
+    cgroup: PathBuf,
+    ebpf: Ebpf,
+}
+
+impl std::fmt::Debug for Capture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Capture")
+            .field("cgroup", &self.cgroup)
+            .finish_non_exhaustive()
+    }
+}
+
+fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> CaptureError {
+    move |e| CaptureError::Map {
+        name,
+        detail: e.to_string(),
+    }
+}
+
+impl Capture {
+    /// Loads the programs, fills the maps and attaches to `spec.cgroup`.
+    pub fn attach(spec: &CaptureSpec) -> Result<Capture, CaptureError> {
+        if spec.ports.is_empty() {
+            return Err(CaptureError::Spec("no ports to capture".into()));
+        }
+        let cgroup = File::open(&spec.cgroup).map_err(|source| CaptureError::Cgroup {
+            path: spec.cgroup.clone(),
+            source,
+        })?;
+        let mut ebpf = Ebpf::load(OBJECT).map_err(|e| CaptureError::Load {
+            name: "guard-ebpf".into(),
+            detail: e.to_string(),
+        })?;
+
+        // Maps first, so no program ever runs with an empty config.
+        let config = capture_config(spec);
+        let mut cfg_map: Array<_, CaptureConfig> = Array::try_from(
+            ebpf.map_mut(map::CONFIG)
+                .ok_or_else(|| missing(map::CONFIG))?,
+        )
+        .map_err(map_err(map::CONFIG))?;
+        cfg_map.set(0, config, 0).map_err(map_err(map::CONFIG))?;
+        let mut ports: HashMap<_, u16, u8> = HashMap::try_from(
+            ebpf.map_mut(map::PORTS)
+                .ok_or_else(|| missing(map::PORTS))?,
+        )
+        .map_err(map_err(map::PORTS))?;
+        for port in &spec.ports {
+            ports.insert(port, 1, 0).map_err(map_err(map::PORTS))?;
+        }
+
+        let prefix4 =
+            LpmTrie::try_from(take(&mut ebpf, map::PREFIX4)?).map_err(map_err(map::PREFIX4))?;
+        let prefix6 =
+            LpmTrie::try_from(take(&mut ebpf, map::PREFIX6)?).map_err(map_err(map::PREFIX6))?;
+        let by_peer =
+            HashMap::try_from(take(&mut ebpf, map::BY_PEER)?).map_err(map_err(map::BY_PEER))?;
+
+        let capture = Capture {
+            by_peer: Mutex::new(by_peer),
+            prefix4: Mutex::new(prefix4),
+            prefix6: Mutex::new(prefix6),
+            cgroup: spec.cgroup.clone(),
+            ebpf,
+        };
+        capture.set_prefixes(&spec.prefixes)?;
+        let mut capture = capture;
+        capture.attach_all(&cgroup)?;
+        tracing::info!(cgroup = %spec.cgroup.display(), "capture programs attached");
+        Ok(capture)
+    }
+
+    fn attach_all(&mut self, cgroup: &File) -> Result<(), CaptureError> {
+        let load_err = |name: &str, e: &dyn std::fmt::Display| CaptureError::Load {
+            name: name.to_string(),
+            detail: e.to_string(),
+        };
+        let attach_err = |name: &str, e: &dyn std::fmt::Display| CaptureError::Attach {
+            name: name.to_string(),
+            cgroup: self.cgroup.clone(),
+            detail: e.to_string(),
+        };
+        let mut errors = Vec::new();
+        for name in prog::ALL {
+            let Some(program) = self.ebpf.program_mut(name) else {
+                return Err(load_err(name, &"missing from the object"));
+            };
+            // On kernels with BPF links (5.7+, what aya uses there) the kernel
+            // requires flags 0 and link attachments always coexist with other
+            // tools' programs; `Single` is the variant that passes 0.
+            let mode = CgroupAttachMode::Single;
+            let result = if name == prog::SOCK_OPS {
+                let p: &mut SockOps = program.try_into().map_err(|e| load_err(name, &e))?;
+                p.load().map_err(|e| load_err(name, &e))?;
+                p.attach(cgroup, mode).map(drop)
+            } else {
+                let p: &mut CgroupSockAddr = program.try_into().map_err(|e| load_err(name, &e))?;
+                p.load().map_err(|e| load_err(name, &e))?;
+                p.attach(cgroup, mode).map(drop)
+            };
+            if let Err(e) = result {
+                errors.push(attach_err(name, &e));
+            }
+        }
+        // Links live in `self.ebpf`; an early return drops it and detaches
+        // whatever did attach.
+        match errors.into_iter().next() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Replaces the captured prefixes (used when provider hosts re-resolve).
+    pub fn set_prefixes(&self, prefixes: &[IpPrefix]) -> Result<(), CaptureError> {
+        let (v4, v6) = split(prefixes).map_err(|e| CaptureError::Spec(e.to_string()))?;
+        replace_trie(&self.prefix4, map::PREFIX4, &v4)?;
+        replace_trie(&self.prefix6, map::PREFIX6, &v6)?;
+        Ok(())
+    }
+
+    /// The cgroup this is attached to.
+    pub fn cgroup(&self) -> &Path {
+        &self.cgroup
+    }
+
+    /// Takes the record for an accepted connection whose peer (the client's
+    /// own address) is `peer`. `None` when the connection was not redirected
+    /// by these programs.
+    pub fn take_origin(&self, peer: SocketAddr) -> Option<ClientOrigin> {
+        let key = peer_key(peer);
+        let mut map = self.by_peer.lock().ok()?;
+        let origin = map.get(&key, 0).ok()?;
+        // Best effort: LRU eviction reclaims it anyway.
+        let _ = map.remove(&key);
+        decode_origin(&origin)
+    }
+}
+
+fn missing(name: &'static str) -> CaptureError {
+    CaptureError::Map {
+        name,
+        detail: "missing from the eBPF object".into(),
+    }
+}
+
+fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, CaptureError> {
+    ebpf.take_map(name).ok_or_else(|| missing(name))
+}
+
+fn replace_trie<const N: usize>(
+    trie: &Mutex<LpmTrie<MapData, [u8; N], u32>>,
+    name: &'static str,
+    entries: &[([u8; N], u32)],
+) -> Result<(), CaptureError> {
+    let mut trie = trie.lock().map_err(|_| CaptureError::Map {
+        name,
+        detail: "lock poisoned".into(),
+    })?;
+    let old: Vec<Key<[u8; N]>> = trie.keys().filter_map(Result::ok).collect();
+    // Insert the new set before removing stale keys so no address that stays
+    // captured is ever briefly let through.
+    for (addr, len) in entries {
+        trie.insert(&Key::new(*len, *addr), 1, 0)
+            .map_err(map_err(name))?;
+    }
+    for key in old {
+        let (len, addr) = (key.prefix_len(), key.data());
+        if !entries.iter().any(|(a, l)| *a == addr && *l == len) {
+            let _ = trie.remove(&key);
+        }
+    }
+    Ok(())
+}
+
+fn capture_config(spec: &CaptureSpec) -> CaptureConfig {
+    let (listen6_be, listen6_port_be) = match spec.listen6 {
+        Some(a) => (words(a.ip().octets()), u32::from(a.port().to_be())),
+        None => ([0; 4], 0),
+    };
+    let mut flags = FLAG_ENABLED;
+    if spec.refuse_udp {
+        flags |= FLAG_REFUSE_UDP;
+    }
+    let netns_cookie = if spec.refuse_other_netns {
+        own_netns_cookie()
+    } else {
+        0
+    };
+    if netns_cookie != 0 {
+        flags |= FLAG_REFUSE_OTHER_NETNS;
+    }
+    CaptureConfig {
+        listen4_be: u32::from_ne_bytes(spec.listen4.ip().octets()),
+        listen4_port_be: u32::from(spec.listen4.port().to_be()),
+        listen6_be,
+        listen6_port_be,
+        skip_mark: spec.skip_mark,
+        flags,
+        _pad: 0,
+        netns_cookie,
+    }
+}
+
+/// The network namespace cookie of this process (0 when the kernel cannot say).
+fn own_netns_cookie() -> u64 {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let Ok(sock) = std::net::UdpSocket::bind("127.0.0.1:0") else {
+        return 0;
+    };
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: valid fd, out-pointer to a u64 and its length.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 { cookie } else { 0 }
+}
+
+fn words(octets: [u8; 16]) -> [u32; 4] {
+    let mut w = [0u32; 4];
+    for (i, chunk) in octets.chunks_exact(4).enumerate() {
+        w[i] = u32::from_ne_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+    }
+    w
+}
+
+fn octets(words: [u32; 4]) -> [u8; 16] {
+    let mut o = [0u8; 16];
+    for (i, w) in words.iter().enumerate() {
+        o[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+    }
+    o
+}
+
+pub(crate) fn peer_key(peer: SocketAddr) -> PeerKey {
+    let v4 = match peer.ip() {
+        IpAddr::V4(a) => Some(a),
+        IpAddr::V6(a) => a.to_ipv4_mapped(),
+    };
+    match (v4, peer.ip()) {
+        (Some(a), _) => PeerKey {
+            family: AF_INET,
+            port: u32::from(peer.port()),
+            addr_be: [u32::from_ne_bytes(a.octets()), 0, 0, 0],
+        },
+        (None, IpAddr::V6(a)) => PeerKey {
+            family: AF_INET6,
+            port: u32::from(peer.port()),
+            addr_be: words(a.octets()),
+        },
+        (None, IpAddr::V4(_)) => PeerKey::default(),
+    }
+}
+
+fn decode_origin(o: &Origin) -> Option<ClientOrigin> {
+    let port = u16::from_be(o.port_be as u16);
+    let ip = match o.family {
+        AF_INET => IpAddr::V4(Ipv4Addr::from(o.addr_be[0].to_ne_bytes())),
+        AF_INET6 => IpAddr::V6(Ipv6Addr::from(octets(o.addr_be))),
+        _ => return None,
+    };
+    Some(ClientOrigin {
+        original: SocketAddr::new(ip, port),
+        pid: o.tgid,
+        uid: o.uid,
+        cgroup_id: o.cgroup_id,
+        netns_cookie: o.netns_cookie,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_keys_fold_v4_mapped_into_v4() {
+        let v4 = peer_key("127.0.0.1:4000".parse().unwrap());
+        let mapped = peer_key("[::ffff:127.0.0.1]:4000".parse().unwrap());
+        assert_eq!(v4, mapped);
+        assert_eq!(v4.family, AF_INET);
+        assert_eq!(v4.addr_be[0].to_ne_bytes(), [127, 0, 0, 1]);
+        let v6 = peer_key("[::1]:4000".parse().unwrap());
+        assert_eq!(v6.family, AF_INET6);
+        assert_eq!(octets(v6.addr_be), Ipv6Addr::LOCALHOST.octets());
+    }
+
+    #[test]
+    fn origins_decode_in_network_order() {
+        let o = Origin {
+            addr_be: [u32::from_ne_bytes([127, 77, 0, 1]), 0, 0, 0],
+            port_be: u32::from(9443u16.to_be()),
+            family: AF_INET,
+            tgid: 42,
+            ..Origin::default()
+        };
+        let d = decode_origin(&o).unwrap();
+        assert_eq!(d.original, "127.77.0.1:9443".parse().unwrap());
+        assert_eq!(d.pid, 42);
+    }
+
+    #[test]
+    fn config_puts_ports_in_network_order() {
+        let spec = CaptureSpec {
+            cgroup: PathBuf::from("/nonexistent"),
+            listen4: "127.0.0.1:8788".parse().unwrap(),
+            listen6: None,
+            prefixes: vec![],
+            ports: vec![443],
+            skip_mark: 7,
+            refuse_udp: true,
+            refuse_other_netns: false,
+        };
+        let c = capture_config(&spec);
+        assert_eq!(u16::from_be(c.listen4_port_be as u16), 8788);
+        assert_eq!(c.listen4_be.to_ne_bytes(), [127, 0, 0, 1]);
+        assert_eq!(c.flags, FLAG_ENABLED | FLAG_REFUSE_UDP);
+        assert_eq!(c.listen6_port_be, 0);
+    }
+}

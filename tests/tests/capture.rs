@@ -1,0 +1,299 @@
+//! Real eBPF capture in a child cgroup (needs root; CI is root here).
+//!
+//! Every test makes its own child cgroup of the cgroup-v2 mount, attaches
+//! there only, moves only its own client process in, captures only loopback
+//! prefixes, and talks only to listeners it started. Set
+//! `KT_SKIP_EBPF_TESTS=1` to opt out explicitly on hosts without BPF.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use guard::capture::{Capture, CaptureSpec};
+use guard::config::IpPrefix;
+use guard_tests::cgroup::TestCgroup;
+
+const CLIENT: &str = env!("CARGO_BIN_EXE_kt-test-client");
+/// Hang guard only (never a speed assertion).
+const WAIT: Duration = Duration::from_secs(20);
+const MARK: u32 = 0x6b74;
+
+fn skip() -> bool {
+    if std::env::var_os("KT_SKIP_EBPF_TESTS").is_some_and(|v| v == "1") {
+        eprintln!("KT_SKIP_EBPF_TESTS=1: skipping eBPF test");
+        return true;
+    }
+    false
+}
+
+/// A free port on a loopback address (bound then released).
+fn free_port(ip: &str) -> u16 {
+    TcpListener::bind((ip, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Setup {
+    capture: Capture,
+    listener4: TcpListener,
+    listener6: TcpListener,
+    port: u16,
+    cgroup: TestCgroup,
+}
+
+fn setup(label: &str) -> Setup {
+    let cgroup = TestCgroup::new(label).expect(
+        "creating a child cgroup of the cgroup2 mount failed: these tests need root and cgroup v2 \
+         (set KT_SKIP_EBPF_TESTS=1 to opt out explicitly)",
+    );
+    let listener4 = TcpListener::bind("127.0.0.1:0").unwrap();
+    let listener6 = TcpListener::bind("[::1]:0").unwrap();
+    let port = free_port("127.77.0.1");
+    let SocketAddr::V4(l4) = listener4.local_addr().unwrap() else {
+        unreachable!()
+    };
+    let SocketAddr::V6(l6) = listener6.local_addr().unwrap() else {
+        unreachable!()
+    };
+    let spec = CaptureSpec {
+        cgroup: cgroup.path().to_path_buf(),
+        listen4: l4,
+        listen6: Some(l6),
+        prefixes: vec![
+            IpPrefix {
+                addr: "127.77.0.0".parse().unwrap(),
+                len: 16,
+            },
+            IpPrefix {
+                addr: "::1".parse().unwrap(),
+                len: 128,
+            },
+        ],
+        ports: vec![port],
+        skip_mark: MARK,
+        refuse_udp: true,
+        refuse_other_netns: true,
+    };
+    let capture = Capture::attach(&spec).expect("attaching the capture programs to a child cgroup");
+    Setup {
+        capture,
+        listener4,
+        listener6,
+        port,
+        cgroup,
+    }
+}
+
+/// Starts the client outside the cgroup, moves it in, then lets it run.
+fn run_client(cgroup: &mut TestCgroup, args: &[&str]) -> u32 {
+    let mut child = Command::new(CLIENT)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let pid = cgroup.adopt(child).unwrap();
+    stdin.write_all(b"go\n").unwrap();
+    drop(stdin);
+    pid
+}
+
+fn output(cgroup: &mut TestCgroup, pid: u32) -> String {
+    let out = cgroup.wait(pid).unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn field<'a>(out: &'a str, key: &str) -> Option<&'a str> {
+    out.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+}
+
+/// Accepts one connection (in a thread, so a missing one fails instead of hanging).
+fn accept(listener: &TcpListener) -> Option<(TcpStream, SocketAddr)> {
+    let l = listener.try_clone().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(l.accept());
+    });
+    rx.recv_timeout(WAIT).ok()?.ok()
+}
+
+fn reply(stream: TcpStream, text: &str) {
+    let mut line = String::new();
+    BufReader::new(stream.try_clone().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line, "hello\n");
+    (&stream).write_all(format!("{text}\n").as_bytes()).unwrap();
+}
+
+#[test]
+fn tcp_to_a_captured_ipv4_prefix_arrives_at_the_listener_with_origin_and_pid() {
+    if skip() {
+        return;
+    }
+    let mut s = setup("v4");
+    let dest = format!("127.77.0.1:{}", s.port);
+    let pid = run_client(&mut s.cgroup, &["tcp", &dest]);
+    let (stream, peer) =
+        accept(&s.listener4).expect("the captured connection never reached the listener");
+    let origin = s
+        .capture
+        .take_origin(peer)
+        .expect("no origin record for the accepted connection");
+    assert_eq!(origin.original, dest.parse::<SocketAddr>().unwrap());
+    assert_eq!(origin.pid, pid);
+    assert_eq!(origin.uid, 0);
+    assert_ne!(origin.cgroup_id, 0);
+    reply(stream, "from-listener");
+    let out = output(&mut s.cgroup, pid);
+    assert_eq!(field(&out, "reply"), Some("from-listener"), "{out}");
+    // The process still believes it talks to the original destination.
+    assert_eq!(field(&out, "peer"), Some(dest.as_str()), "{out}");
+}
+
+#[test]
+fn ipv4_mapped_destination_on_an_ipv6_socket_is_captured() {
+    if skip() {
+        return;
+    }
+    let mut s = setup("mapped");
+    let dest = format!("[::ffff:127.77.0.2]:{}", s.port);
+    let pid = run_client(&mut s.cgroup, &["tcp", &dest]);
+    let (stream, peer) = accept(&s.listener4).expect("mapped connection not captured");
+    let origin = s.capture.take_origin(peer).expect("no origin record");
+    assert_eq!(
+        origin.original,
+        format!("127.77.0.2:{}", s.port)
+            .parse::<SocketAddr>()
+            .unwrap()
+    );
+    assert_eq!(origin.pid, pid);
+    reply(stream, "mapped-ok");
+    let out = output(&mut s.cgroup, pid);
+    assert_eq!(field(&out, "reply"), Some("mapped-ok"), "{out}");
+    assert_eq!(field(&out, "peer"), Some(dest.as_str()), "{out}");
+}
+
+#[test]
+fn ipv6_destination_is_captured_to_the_ipv6_listener() {
+    if skip() {
+        return;
+    }
+    let mut s = setup("v6");
+    let dest = format!("[::1]:{}", s.port);
+    let pid = run_client(&mut s.cgroup, &["tcp", &dest]);
+    let (stream, peer) = accept(&s.listener6).expect("IPv6 connection not captured");
+    let origin = s.capture.take_origin(peer).expect("no origin record");
+    assert_eq!(origin.original, dest.parse::<SocketAddr>().unwrap());
+    assert_eq!(origin.pid, pid);
+    reply(stream, "v6-ok");
+    let out = output(&mut s.cgroup, pid);
+    assert_eq!(field(&out, "peer"), Some(dest.as_str()), "{out}");
+}
+
+#[test]
+fn udp_to_a_captured_prefix_is_refused() {
+    if skip() {
+        return;
+    }
+    let mut s = setup("udp");
+    let dest = format!("127.77.0.1:{}", s.port);
+    let pid = run_client(&mut s.cgroup, &["udp", &dest]);
+    let out = output(&mut s.cgroup, pid);
+    let eperm = libc::EPERM.to_string();
+    assert_eq!(field(&out, "udp_error"), Some(eperm.as_str()), "{out}");
+    assert_eq!(
+        field(&out, "udp_connect_error"),
+        Some(eperm.as_str()),
+        "{out}"
+    );
+}
+
+#[test]
+fn marked_sockets_and_processes_outside_the_cgroup_are_not_redirected() {
+    if skip() {
+        return;
+    }
+    let mut s = setup("exempt");
+    let dest: SocketAddr = format!("127.77.0.3:{}", s.port).parse().unwrap();
+    let real = TcpListener::bind(dest).unwrap();
+
+    // The guard's own upstream sockets carry the mark.
+    let pid = run_client(
+        &mut s.cgroup,
+        &["tcp", &dest.to_string(), "--mark", &MARK.to_string()],
+    );
+    let (stream, _) = accept(&real).expect("marked connection did not reach its real destination");
+    reply(stream, "direct");
+    let out = output(&mut s.cgroup, pid);
+    assert_eq!(field(&out, "reply"), Some("direct"), "{out}");
+
+    // This test process is not in the cgroup.
+    let mut direct = TcpStream::connect(dest).unwrap();
+    let (stream, _) = accept(&real).expect("outside connection was diverted");
+    direct.write_all(b"hello\n").unwrap();
+    reply(stream, "outside");
+    let mut line = String::new();
+    BufReader::new(direct).read_line(&mut line).unwrap();
+    assert_eq!(line, "outside\n");
+}
+
+#[test]
+fn a_stopped_gateway_means_refused_at_once_never_let_through() {
+    if skip() {
+        return;
+    }
+    let mut s = setup("closed");
+    let dest: SocketAddr = format!("127.77.0.4:{}", s.port).parse().unwrap();
+    let real = TcpListener::bind(dest).unwrap();
+    real.set_nonblocking(true).unwrap();
+    // The gateway stops accepting.
+    let Setup {
+        capture,
+        listener4,
+        listener6,
+        cgroup,
+        ..
+    } = s;
+    drop(listener4);
+    drop(listener6);
+    let mut cgroup = cgroup;
+    let pid = run_client(&mut cgroup, &["tcp", &dest.to_string()]);
+    let out = output(&mut cgroup, pid);
+    assert_eq!(
+        field(&out, "connect_error"),
+        Some(libc::ECONNREFUSED.to_string().as_str()),
+        "{out}"
+    );
+    assert!(
+        real.accept().is_err(),
+        "the connection leaked to its real destination"
+    );
+    drop(capture);
+}
+
+#[test]
+fn dropping_the_capture_and_cgroup_detaches_and_removes_everything() {
+    if skip() {
+        return;
+    }
+    let s = setup("cleanup");
+    let path = s.cgroup.path().to_path_buf();
+    let Setup {
+        capture, cgroup, ..
+    } = s;
+    drop(capture);
+    drop(cgroup);
+    assert!(
+        !path.exists(),
+        "test cgroup {} was left behind",
+        path.display()
+    );
+}
