@@ -250,7 +250,7 @@ fn a_stopped_gateway_means_refused_at_once_never_let_through() {
     if skip() {
         return;
     }
-    let mut s = setup("closed");
+    let s = setup("closed");
     let dest: SocketAddr = format!("127.77.0.4:{}", s.port).parse().unwrap();
     let real = TcpListener::bind(dest).unwrap();
     real.set_nonblocking(true).unwrap();

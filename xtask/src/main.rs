@@ -1,1 +1,78 @@
-fn main() {}
+//! Project tasks: `cargo xtask setup | test | bench NAME`.
+//!
+//! xtask does not depend on `guard`, so it builds on a fresh machine before
+//! the eBPF toolchain exists.
+
+mod setup;
+
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "kt project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what building the eBPF object needs (skips what is present).
+    Setup,
+    /// Setup, then the whole test suite (the README's test command).
+    Test {
+        /// Extra arguments for `cargo test`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Benchmarks that print figures and ratios (dlp, gateway).
+    Bench {
+        /// Which benchmark.
+        #[arg(value_parser = ["dlp", "gateway"])]
+        name: String,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Setup => setup::run(),
+        Cmd::Test { args } => {
+            setup::run()?;
+            // Default members: everything but guard-ebpf, which only builds for BPF.
+            cargo(&[&["test", "--locked"], &as_strs(&args)[..]].concat())
+        }
+        Cmd::Bench { name } => {
+            setup::run()?;
+            match name.as_str() {
+                "dlp" => cargo(&["bench", "--locked", "-p", "guard", "--bench", "dlp"]),
+                "gateway" => cargo(&[
+                    "bench",
+                    "--locked",
+                    "-p",
+                    "guard-tests",
+                    "--bench",
+                    "gateway",
+                ]),
+                other => bail!("unknown benchmark {other}"),
+            }
+        }
+    }
+}
+
+fn as_strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+fn cargo(args: &[&str]) -> anyhow::Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(&cargo)
+        .args(args)
+        .status()
+        .with_context(|| format!("running {cargo} {}", args.join(" ")))?;
+    if !status.success() {
+        bail!("`cargo {}` failed ({status})", args.join(" "));
+    }
+    Ok(())
+}

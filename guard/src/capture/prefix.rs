@@ -23,11 +23,12 @@ pub fn prefix_of(addr: IpAddr) -> IpPrefix {
     IpPrefix { addr, len }
 }
 
+/// IPv4 and IPv6 trie entries: (address bytes, prefix length).
+pub(crate) type TrieEntries = (Vec<([u8; 4], u32)>, Vec<([u8; 16], u32)>);
+
 /// Splits prefixes into IPv4 and IPv6 trie entries (an IPv4-mapped IPv6
 /// prefix becomes an IPv4 one: connect6 checks mapped addresses there).
-pub(crate) fn split(
-    prefixes: &[IpPrefix],
-) -> Result<(Vec<([u8; 4], u32)>, Vec<([u8; 16], u32)>), PrefixError> {
+pub(crate) fn split(prefixes: &[IpPrefix]) -> Result<TrieEntries, PrefixError> {
     let mut v4 = Vec::new();
     let mut v6 = Vec::new();
     for p in prefixes {

@@ -1,0 +1,198 @@
+//! `cargo xtask setup`: installs what building the eBPF object needs on a
+//! fresh machine, one line per step, skipping what is present.
+//!
+//! The eBPF crate needs `-Z build-std=core`, so a Rust with its library
+//! source. Two routes, picked in this order:
+//! 1. a rustup nightly with `rust-src` (any Linux host): used as is;
+//! 2. Debian's `rustc-web` + `rust-web-src`, linked as the rustup toolchain
+//!    `debian` (what these machines use; `guard/build.rs` looks for it).
+//!
+//! Either way bpf-linker is installed at a pinned version; on Debian it is
+//! built against `llvm-22-dev`, which matches the LLVM of the Rust compilers.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{Context as _, bail};
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const LLVM: &str = "llvm-22";
+const DEBIAN_PACKAGES: [&str; 4] = ["rustc-web", "cargo-web", "rust-web-src", "llvm-22-dev"];
+const DEBIAN_TOOLCHAIN: &str = "debian";
+
+pub fn run() -> anyhow::Result<()> {
+    let debian = Path::new("/usr/bin/apt-get").exists();
+    let route = if let Ok(name) = std::env::var("KT_EBPF_TOOLCHAIN") {
+        step(
+            "toolchain",
+            &format!("KT_EBPF_TOOLCHAIN={name}, used as given"),
+        );
+        Route::Given
+    } else if has_src(DEBIAN_TOOLCHAIN) {
+        step(
+            "toolchain",
+            "rustup toolchain `debian` with library source: present",
+        );
+        Route::Debian
+    } else if has_src("nightly") && !debian {
+        step("toolchain", "nightly with rust-src: present");
+        Route::Nightly
+    } else if debian {
+        Route::Debian
+    } else {
+        bail!(
+            "no Rust toolchain with its library source: install a nightly with `rustup toolchain \
+             install nightly --component rust-src`, or run on Debian where setup installs rustc-web"
+        );
+    };
+
+    if debian && route != Route::Nightly {
+        apt_packages()?;
+        link_debian_toolchain()?;
+    }
+    bpf_linker(debian && route != Route::Nightly)?;
+    step("setup", "done");
+    Ok(())
+}
+
+#[derive(PartialEq, Eq)]
+enum Route {
+    Given,
+    Debian,
+    Nightly,
+}
+
+fn step(name: &str, what: &str) {
+    println!("setup: {name:<12} {what}");
+}
+
+fn output(cmd: &mut Command) -> Option<String> {
+    let out = cmd.stderr(Stdio::null()).output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// Whether a rustup toolchain exists and ships `core`'s source.
+fn has_src(toolchain: &str) -> bool {
+    let Some(sysroot) =
+        output(Command::new("rustup").args(["run", toolchain, "rustc", "--print", "sysroot"]))
+    else {
+        return false;
+    };
+    PathBuf::from(sysroot)
+        .join("lib/rustlib/src/rust/library/core/src/lib.rs")
+        .exists()
+}
+
+fn apt_packages() -> anyhow::Result<()> {
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            output(Command::new("dpkg-query").args(["-W", "-f=${Status}", p]))
+                .is_none_or(|s| !s.ends_with("installed"))
+        })
+        .collect();
+    if missing.is_empty() {
+        step("apt", &format!("{} present", DEBIAN_PACKAGES.join(" ")));
+        return Ok(());
+    }
+    step("apt", &format!("installing {}", missing.join(" ")));
+    let sudo = !is_root();
+    run_cmd(
+        with_sudo(sudo, "apt-get", &["update", "-qq"]),
+        "apt-get update",
+    )?;
+    let mut args = vec!["install", "-y", "-qq"];
+    args.extend(&missing);
+    let mut install = with_sudo(sudo, "apt-get", &args);
+    install.env("DEBIAN_FRONTEND", "noninteractive");
+    run_cmd(install, "apt-get install").with_context(|| {
+        format!(
+            "could not install the Debian packages {}; install them by hand",
+            missing.join(" ")
+        )
+    })?;
+    step("apt", "installed");
+    Ok(())
+}
+
+fn link_debian_toolchain() -> anyhow::Result<()> {
+    if has_src(DEBIAN_TOOLCHAIN) {
+        step("rustup link", "toolchain `debian` present");
+        return Ok(());
+    }
+    if !Path::new("/usr/lib/rustlib/src/rust/library/core/src/lib.rs").exists() {
+        bail!(
+            "rust-web-src did not install /usr/lib/rustlib/src/rust: the `debian` toolchain would lack `core` source"
+        );
+    }
+    let mut cmd = Command::new("rustup");
+    cmd.args(["toolchain", "link", DEBIAN_TOOLCHAIN, "/usr"]);
+    run_cmd(cmd, "rustup toolchain link debian /usr")?;
+    let version =
+        output(Command::new("rustup").args(["run", DEBIAN_TOOLCHAIN, "rustc", "--version"]))
+            .unwrap_or_default();
+    step("rustup link", &format!("linked `debian` ({version})"));
+    Ok(())
+}
+
+fn bpf_linker(with_debian_llvm: bool) -> anyhow::Result<()> {
+    let version = output(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
+    if version.contains(BPF_LINKER_VERSION) {
+        step("bpf-linker", &format!("{version} present"));
+        return Ok(());
+    }
+    step(
+        "bpf-linker",
+        &format!("installing {BPF_LINKER_VERSION} (about a minute)"),
+    );
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args([
+        "install",
+        "--locked",
+        "bpf-linker",
+        "--version",
+        BPF_LINKER_VERSION,
+    ]);
+    if with_debian_llvm {
+        // Without LLVM_PREFIX its build script finds /usr/bin/llvm-config
+        // (LLVM 14 here) and fails to link.
+        let prefix = format!("/usr/lib/{LLVM}");
+        let path = format!("{prefix}/bin:{}", std::env::var("PATH").unwrap_or_default());
+        cmd.args(["--no-default-features", "--features", LLVM])
+            .env("LLVM_PREFIX", &prefix)
+            .env("PATH", path);
+    }
+    run_cmd(cmd, "cargo install bpf-linker").with_context(|| {
+        format!("could not build bpf-linker {BPF_LINKER_VERSION}; it needs {LLVM}-dev (Debian) or a matching LLVM")
+    })?;
+    step("bpf-linker", "installed");
+    Ok(())
+}
+
+fn is_root() -> bool {
+    output(Command::new("id").arg("-u")).as_deref() == Some("0")
+}
+
+fn with_sudo(sudo: bool, program: &str, args: &[&str]) -> Command {
+    if sudo {
+        let mut c = Command::new("sudo");
+        c.arg(program).args(args);
+        c
+    } else {
+        let mut c = Command::new(program);
+        c.args(args);
+        c
+    }
+}
+
+fn run_cmd(mut cmd: Command, what: &str) -> anyhow::Result<()> {
+    let status = cmd.status().with_context(|| format!("cannot run {what}"))?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
+}
