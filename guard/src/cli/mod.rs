@@ -56,3 +56,69 @@ fn is_root() -> bool {
         .map(|m| m.uid() == 0)
         .unwrap_or(false)
 }
+
+mod app;
+pub mod gateway_check;
+
+pub use app::{main, Cli};
+
+use std::sync::Arc;
+
+/// Loads a config for a command. Invalid files are reported (every problem,
+/// with file, line and column) and give `Err(exit::PROBLEM)`; unreadable
+/// files are an error of the command itself.
+pub fn load_config(
+    path: &std::path::Path,
+    global: &Global,
+) -> anyhow::Result<Result<crate::config::Config, u8>> {
+    match crate::config::load(path) {
+        Ok(c) => Ok(Ok(c)),
+        Err(crate::config::LoadError::Invalid(errors)) => {
+            match global.output {
+                OutputFormat::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({
+                        "config": path.display().to_string(),
+                        "valid": false,
+                        "errors": errors,
+                    }))?
+                ),
+                OutputFormat::Human => {
+                    eprintln!("{errors}");
+                    eprintln!("{} problem(s) in {}", errors.len(), path.display());
+                }
+            }
+            Ok(Err(exit::PROBLEM))
+        }
+        Err(e) => Err(anyhow::Error::new(e)),
+    }
+}
+
+/// The resolver for `secret_key_ref`s.
+pub fn resolver(_global: &Global) -> anyhow::Result<Arc<dyn crate::secrets::Resolve>> {
+    Ok(Arc::new(EnvResolver))
+}
+
+/// Fingerprints values for display.
+pub fn fingerprinter(_global: &Global) -> anyhow::Result<Box<dyn Fn(&str) -> String>> {
+    Ok(Box::new(|_| "fp:?".to_string()))
+}
+
+struct EnvResolver;
+
+impl crate::secrets::Resolve for EnvResolver {
+    fn resolve(
+        &self,
+        reference: &crate::config::SecretKeyRef,
+    ) -> Result<Option<crate::secrets::Resolved>, String> {
+        match reference {
+            crate::config::SecretKeyRef::Env(n) => Ok(std::env::var(n).ok().filter(|v| !v.is_empty()).map(|v| {
+                crate::secrets::Resolved {
+                    value: crate::secrets::SecretValue::new(v),
+                    source: crate::secrets::Source::Env,
+                }
+            })),
+            crate::config::SecretKeyRef::Store(_) => Ok(None),
+        }
+    }
+}

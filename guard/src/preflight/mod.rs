@@ -1,1 +1,236 @@
-//! preflight.
+//! `kt gateway check`: would this config start, and what would run? Reads
+//! the environment, the secret stores (through a resolver), the kernel and
+//! the listen ports; changes nothing.
+
+use std::net::TcpListener;
+
+use serde::Serialize;
+
+use crate::config::{Config, SecretKeyRef};
+use crate::secrets::Resolve;
+
+/// The result of a preflight check.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    /// The config file checked.
+    pub config: String,
+    /// Whether the gateway would start with this config.
+    pub would_start: bool,
+    /// One entry per target, in order.
+    pub targets: Vec<TargetCheck>,
+    /// The compiled policy chain, in order.
+    pub chain: Vec<PolicyCheck>,
+    /// Reasons the gateway would not start.
+    pub problems: Vec<String>,
+    /// Things that work but deserve attention.
+    pub warnings: Vec<String>,
+    /// Kernel support for capture (with `--verbose`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<crate::capture::KernelSupport>,
+    /// Whether the listen addresses are free (with `--verbose`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub listeners: Vec<ListenerCheck>,
+}
+
+/// Secret resolution for one target.
+#[derive(Clone, Debug, Serialize)]
+pub struct TargetCheck {
+    /// Target id.
+    pub id: String,
+    /// Provider name.
+    pub provider: String,
+    /// `env:NAME` or `store:NAME`.
+    pub reference: String,
+    /// `required` from the config.
+    pub required: bool,
+    /// Where the secret was found (`env`, `store`, `keychain`), if it was.
+    pub source: Option<String>,
+    /// Fingerprint of the resolved value.
+    pub fingerprint: Option<String>,
+    /// Whether the target is usable.
+    pub usable: bool,
+    /// Why not, with what to do.
+    pub problem: Option<String>,
+}
+
+/// One policy of the chain as it would run.
+#[derive(Clone, Debug, Serialize)]
+pub struct PolicyCheck {
+    /// Policy name.
+    pub name: String,
+    /// What it was compiled to.
+    pub detail: String,
+}
+
+/// Whether a listen address can be bound.
+#[derive(Clone, Debug, Serialize)]
+pub struct ListenerCheck {
+    /// What the listener is for.
+    pub role: String,
+    /// The address.
+    pub address: String,
+    /// Whether binding it works right now.
+    pub free: bool,
+    /// The error otherwise.
+    pub error: Option<String>,
+}
+
+/// Options of a check.
+pub struct Options<'a> {
+    /// Also probe the kernel and listen ports.
+    pub verbose: bool,
+    /// Fingerprints resolved values (never shows the value).
+    pub fingerprint: &'a dyn Fn(&str) -> String,
+}
+
+/// Runs the check.
+pub fn check(config: &Config, resolver: &dyn Resolve, opts: &Options<'_>) -> Report {
+    let mut problems = Vec::new();
+    let mut warnings = Vec::new();
+    let mut targets = Vec::new();
+    for t in &config.providers.targets {
+        let reference = t.secret_key_ref.to_string();
+        let mut check = TargetCheck {
+            id: t.id.clone(),
+            provider: t.provider.name().to_string(),
+            reference: reference.clone(),
+            required: t.required,
+            source: None,
+            fingerprint: None,
+            usable: false,
+            problem: None,
+        };
+        match resolver.resolve(&t.secret_key_ref) {
+            Ok(Some(r)) => {
+                check.source = Some(r.source.name().to_string());
+                check.fingerprint = Some((opts.fingerprint)(r.value.expose()));
+                check.usable = true;
+            }
+            Ok(None) => check.problem = Some(missing_hint(&t.secret_key_ref)),
+            Err(e) => check.problem = Some(format!("cannot read {reference}: {e}")),
+        }
+        if !check.usable {
+            let why = check.problem.clone().unwrap_or_default();
+            if t.required {
+                problems.push(format!(
+                    "target {} is required but its secret does not resolve: {why}",
+                    t.id
+                ));
+            } else {
+                warnings.push(format!(
+                    "optional target {} will be skipped: {why}",
+                    t.id
+                ));
+            }
+        }
+        targets.push(check);
+    }
+    if !targets.iter().any(|t| t.usable) && problems.is_empty() {
+        problems.push("no target has a resolvable secret: nothing could be forwarded".into());
+    }
+
+    let chain = config
+        .chain
+        .iter()
+        .map(|p| PolicyCheck {
+            name: p.name().to_string(),
+            detail: policy_detail(config, *p),
+        })
+        .collect();
+
+    let (kernel, listeners) = if opts.verbose {
+        let k = crate::capture::kernel_support();
+        if config.capture.enabled && !k.capture_possible() {
+            warnings.push(
+                "capture is enabled but this kernel/user cannot attach it (see kernel); `kt gateway run` still serves explicit clients"
+                    .into(),
+            );
+        }
+        let mut l = vec![listener("explicit clients", config.gateway.listen)];
+        l.push(listener("capture", config.gateway.capture_listen));
+        if let Some(a) = config.gateway.capture_listen6 {
+            l.push(listener("capture (IPv6)", a));
+        }
+        for x in l.iter().filter(|x| !x.free) {
+            warnings.push(format!(
+                "{} address {} is not free: {}",
+                x.role,
+                x.address,
+                x.error.as_deref().unwrap_or("in use")
+            ));
+        }
+        (Some(k), l)
+    } else {
+        (None, Vec::new())
+    };
+
+    Report {
+        config: config.source.display().to_string(),
+        would_start: problems.is_empty(),
+        targets,
+        chain,
+        problems,
+        warnings,
+        kernel,
+        listeners,
+    }
+}
+
+/// What to do about a reference that does not resolve.
+pub fn missing_hint(r: &SecretKeyRef) -> String {
+    match r {
+        SecretKeyRef::Env(n) => {
+            format!("environment variable {n} is not set in the guard's environment (export it before starting kt)")
+        }
+        SecretKeyRef::Store(n) => format!(
+            "{n} is not in the secret store or the keychain (add it: `kt secrets add {n} --store`)"
+        ),
+    }
+}
+
+fn policy_detail(config: &Config, p: crate::config::PolicyKind) -> String {
+    use crate::config::PolicyKind;
+    match p {
+        PolicyKind::DlpFilter => {
+            let d = config.dlp.clone().unwrap_or_default();
+            format!(
+                "{} pattern(s), {} blocked term(s) ({}), action {:?}, built-in rules {}",
+                d.detect_patterns.len(),
+                d.blocked_terms.len(),
+                if d.fuzzy_matching {
+                    format!("fuzzy, max distance {}", d.max_distance)
+                } else {
+                    "exact".to_string()
+                },
+                d.action,
+                if d.builtin_rules { "on" } else { "off" }
+            )
+            .to_lowercase()
+        }
+        PolicyKind::AuditLogger => {
+            let a = config.audit.clone().unwrap_or_default();
+            format!(
+                "events kept up to {}, on store failure: {:?}",
+                a.max_events, a.on_store_failure
+            )
+            .to_lowercase()
+        }
+    }
+}
+
+fn listener(role: &str, addr: std::net::SocketAddr) -> ListenerCheck {
+    match TcpListener::bind(addr) {
+        Ok(_) => ListenerCheck {
+            role: role.into(),
+            address: addr.to_string(),
+            free: true,
+            error: None,
+        },
+        Err(e) => ListenerCheck {
+            role: role.into(),
+            address: addr.to_string(),
+            free: false,
+            error: Some(e.to_string()),
+        },
+    }
+}
