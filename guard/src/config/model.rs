@@ -182,6 +182,20 @@ pub struct DlpFilter {
     pub builtin_rules: bool,
 }
 
+impl Default for DlpFilter {
+    /// What a chain entry `dlp-filter` runs with when `policy.dlp-filter` is absent.
+    fn default() -> Self {
+        DlpFilter {
+            detect_patterns: Vec::new(),
+            blocked_terms: Vec::new(),
+            action: DlpAction::Block,
+            fuzzy_matching: false,
+            max_distance: 1,
+            builtin_rules: true,
+        }
+    }
+}
+
 /// Largest accepted `max_distance`.
 pub const MAX_FUZZY_DISTANCE: u8 = 3;
 
