@@ -772,3 +772,14 @@ fn load_reports_io_and_encoding_problems() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn byte_order_mark_and_crlf_line_ends_load() {
+    let crlf = SEED.replace('\n', "\r\n");
+    assert_eq!(ok(&crlf).providers.targets.len(), 2);
+    let bom = format!("\u{feff}{SEED}");
+    assert_eq!(ok(&bom).providers.targets.len(), 2);
+    // Positions still count lines, not carriage returns.
+    let e = errs(&with("gateway:\n  listn: x\n").replace('\n', "\r\n"));
+    assert_eq!((e.as_slice()[0].line, e.as_slice()[0].column), (8, 3));
+}
