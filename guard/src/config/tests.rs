@@ -717,6 +717,53 @@ fn prefixes_and_line_deletions_of_seed_never_panic() {
 }
 
 #[test]
+fn mutated_examples_never_panic() {
+    const FULL: &str = include_str!("../../../config/full.yaml");
+    const BITS: &[&str] = &[
+        ":", "- ", " ", "\n", "[", "]", "{", "}", "'", "\"", "&a ", "*a", "!x ", "#", "\t", "? ",
+        "|", ">", "%", ",", "`", "é", "---\n", "~", "0x", "-1", "\\",
+    ];
+    // A fixed linear congruential generator: reproducible, no extra crate.
+    let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut next = |n: usize| {
+        state = state
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        usize::try_from(state >> 33).unwrap() % n
+    };
+    let (mut accepted, mut rejected) = (0, 0);
+    for round in 0..600 {
+        let mut text = if round % 2 == 0 { SEED } else { FULL }.to_string();
+        for _ in 0..=next(3) {
+            let mut at = next(text.len());
+            while !text.is_char_boundary(at) {
+                at -= 1;
+            }
+            let bit = BITS[next(BITS.len())];
+            if next(2) == 0 {
+                text.insert_str(at, bit);
+            } else {
+                let end = text[at..].chars().next().map_or(at, |c| at + c.len_utf8());
+                text.replace_range(at..end, bit);
+            }
+        }
+        match parse(&text, Path::new("t.yaml")) {
+            Ok(_) => accepted += 1,
+            Err(e) => {
+                rejected += 1;
+                for problem in &e {
+                    assert!(problem.line >= 1 && problem.column >= 1, "{problem}");
+                }
+            }
+        }
+    }
+    assert!(
+        accepted > 0 && rejected > 0,
+        "{accepted} accepted, {rejected} rejected"
+    );
+}
+
+#[test]
 fn display_and_json_forms() {
     let e = ConfigErrors::new(vec![
         ConfigError {
