@@ -1,6 +1,17 @@
 //! Configuration: the typed model and its YAML loader. Pure: no I/O beyond
-//! the caller handing in the text.
+//! [`load`] reading the one file it is given.
+//!
+//! `tree` turns YAML into a small tree that remembers positions, `load`
+//! converts and validates it into the model, collecting every problem, and
+//! `error` renders those problems as `file:line:column: message` lines.
 
+mod error;
+mod load;
 mod model;
+#[cfg(test)]
+mod tests;
+mod tree;
 
+pub use error::{ConfigError, ConfigErrors, LoadError};
+pub use load::{load, parse};
 pub use model::*;

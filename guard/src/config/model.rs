@@ -15,11 +15,12 @@ pub struct Config {
     pub pack: Pack,
     /// `providers`: routing, fallback and the ordered targets.
     pub providers: Providers,
-    /// `policies.chain`: policy names in the order they run.
+    /// `policies.chain`: policy names in the order they run (default when
+    /// `policies.chain` is absent: dlp-filter, audit-logger; `[]` means none).
     pub chain: Vec<PolicyKind>,
-    /// `policy.dlp-filter`, when present.
+    /// `policy.dlp-filter`, when present; defaults when only the chain names it.
     pub dlp: Option<DlpFilter>,
-    /// `policy.audit-logger`, when present.
+    /// `policy.audit-logger`, when present; defaults when only the chain names it.
     pub audit: Option<AuditLogger>,
     /// `gateway`: listeners, timeouts and limits.
     pub gateway: Gateway,
@@ -27,7 +28,7 @@ pub struct Config {
     pub capture: Capture,
 }
 
-/// `pack`.
+/// `pack` (default when absent: the file's stem as name, version `0.0.0`, enabled).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Pack {
     /// `pack.name`.
@@ -43,7 +44,8 @@ pub struct Pack {
 pub struct Providers {
     /// `providers.routing.strategy`.
     pub strategy: RoutingStrategy,
-    /// `providers.fallback.enabled` (also accepted as `providers.routing.fallback.enabled`).
+    /// `providers.fallback.enabled` (also accepted as `providers.routing.fallback.enabled`;
+    /// default true, and a `fallback` section without `enabled` means true).
     pub fallback: bool,
     /// `providers.targets`, in order.
     pub targets: Vec<Target>,
@@ -180,6 +182,20 @@ pub struct DlpFilter {
     pub max_distance: u8,
     /// `builtin_rules` (default true): the built-in provider/platform key pack.
     pub builtin_rules: bool,
+}
+
+impl Default for DlpFilter {
+    /// What a chain entry `dlp-filter` runs with when `policy.dlp-filter` is absent.
+    fn default() -> Self {
+        DlpFilter {
+            detect_patterns: Vec::new(),
+            blocked_terms: Vec::new(),
+            action: DlpAction::Block,
+            fuzzy_matching: false,
+            max_distance: 1,
+            builtin_rules: true,
+        }
+    }
 }
 
 /// Largest accepted `max_distance`.

@@ -1,0 +1,1188 @@
+//! YAML text to a validated [`Config`]: walks the spanned tree, converts each
+//! field to its model type and checks it, collecting every problem instead of
+//! stopping at the first. Whatever a file leaves out gets the model's default.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::error::{ConfigError, ConfigErrors, LoadError};
+use super::model::{
+    AuditLogger, Capture, Config, DlpAction, DlpFilter, Gateway, IpPrefix, MAX_FUZZY_DISTANCE,
+    Pack, PolicyKind, Provider, Providers, RoutingStrategy, SecretKeyRef, StoreFailure, Target,
+};
+use super::tree::{self, Kind, Node, Pos};
+
+const EXAMPLE_HINT: &str = "see config/provider-key-rotation.yaml for a complete example";
+
+/// Parses and validates config text. `source` names the file in messages
+/// and in [`Config::source`]; nothing is read from it.
+pub fn parse(text: &str, source: &Path) -> Result<Config, ConfigErrors> {
+    let root = match tree::parse(text) {
+        Ok(Some(root)) => root,
+        Ok(None) => {
+            return Err(ConfigErrors::single(
+                source,
+                1,
+                1,
+                "the config file is empty",
+                Some(format!("add at least `providers.targets`; {EXAMPLE_HINT}")),
+            ));
+        }
+        Err(e) => {
+            return Err(ConfigErrors::single(
+                source,
+                e.pos.line,
+                e.pos.column,
+                format!("malformed YAML: {}", e.message),
+                Some(
+                    "fix the YAML syntax here: indent with spaces, and quote values that \
+                     contain `: `, ` #` or start with a special character"
+                        .into(),
+                ),
+            ));
+        }
+    };
+    let mut cx = Cx {
+        file: source.to_path_buf(),
+        errors: Vec::new(),
+    };
+    let config = cx.config(&root);
+    match config {
+        Some(config) if cx.errors.is_empty() => Ok(config),
+        _ => Err(ConfigErrors::new(cx.errors)),
+    }
+}
+
+/// Reads `path` and [`parse`]s it. The config module's only I/O.
+pub fn load(path: &Path) -> Result<Config, LoadError> {
+    let bytes = std::fs::read(path).map_err(|source| LoadError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    match String::from_utf8(bytes) {
+        Ok(text) => parse(&text, path).map_err(LoadError::Invalid),
+        Err(e) => {
+            let valid = String::from_utf8_lossy(&e.as_bytes()[..e.utf8_error().valid_up_to()]);
+            let line = valid.matches('\n').count() + 1;
+            let column = valid.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            Err(LoadError::Invalid(ConfigErrors::single(
+                path,
+                line,
+                column,
+                "the file is not valid UTF-8",
+                Some("save the file as UTF-8".into()),
+            )))
+        }
+    }
+}
+
+/// The mapping of a section, checked against its allowed keys.
+struct Fields<'n> {
+    pos: Pos,
+    entries: Vec<(&'n str, &'n Node)>,
+    /// Allowed keys that an unknown key was taken for: not reported missing as well.
+    suggested: Vec<&'static str>,
+}
+
+impl<'n> Fields<'n> {
+    fn get(&self, key: &str) -> Option<&'n Node> {
+        self.entries
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| *v)
+    }
+}
+
+/// The converter's state: the file name for messages and the problems so far.
+struct Cx {
+    file: PathBuf,
+    errors: Vec<ConfigError>,
+}
+
+impl Cx {
+    fn error(&mut self, pos: Pos, message: impl Into<String>) {
+        self.push(pos, message.into(), None);
+    }
+
+    fn error_hint(&mut self, pos: Pos, message: impl Into<String>, hint: impl Into<String>) {
+        self.push(pos, message.into(), Some(hint.into()));
+    }
+
+    fn push(&mut self, pos: Pos, message: String, hint: Option<String>) {
+        self.errors.push(ConfigError {
+            file: self.file.clone(),
+            line: pos.line,
+            column: pos.column,
+            message,
+            hint,
+        });
+    }
+
+    // ---- sections ----
+
+    fn config(&mut self, root: &Node) -> Option<Config> {
+        const TOP: &[&str] = &[
+            "pack",
+            "providers",
+            "policies",
+            "policy",
+            "gateway",
+            "capture",
+        ];
+        // Anything but a mapping at the top would only cascade into noise.
+        let top = self.mapping(root, "", TOP)?;
+        let default_name = self
+            .file
+            .file_stem()
+            .map_or_else(|| "kt".to_string(), |s| s.to_string_lossy().into_owned());
+        let pack = self.pack(top.get("pack"), default_name);
+        let providers = self.providers(top.get("providers"), top.pos);
+        let chain = self.chain(top.get("policies"));
+        let (mut dlp, mut audit) = self.policy(top.get("policy"));
+        // A chain entry without its `policy.<name>` section runs with defaults.
+        if chain.contains(&PolicyKind::DlpFilter) && dlp.is_none() {
+            dlp = Some(DlpFilter::default());
+        }
+        if chain.contains(&PolicyKind::AuditLogger) && audit.is_none() {
+            audit = Some(AuditLogger::default());
+        }
+        let gateway = self.gateway(top.get("gateway"));
+        let capture = self.capture(top.get("capture"));
+        Some(Config {
+            source: self.file.clone(),
+            pack,
+            providers,
+            chain,
+            dlp,
+            audit,
+            gateway,
+            capture,
+        })
+    }
+
+    fn pack(&mut self, node: Option<&Node>, default_name: String) -> Pack {
+        let mut pack = Pack {
+            name: default_name,
+            version: "0.0.0".into(),
+            enabled: true,
+        };
+        let Some(f) = node.and_then(|n| self.mapping(n, "pack", &["name", "version", "enabled"]))
+        else {
+            return pack;
+        };
+        if let Some(v) = f.get("name").and_then(|n| self.string(n, "pack.name")) {
+            pack.name = v;
+        }
+        if let Some(v) = f
+            .get("version")
+            .and_then(|n| self.string(n, "pack.version"))
+        {
+            pack.version = v;
+        }
+        if let Some(n) = f.get("enabled") {
+            if let Some(v) = self.boolean(n, "pack.enabled") {
+                pack.enabled = v;
+            }
+            if !pack.enabled {
+                self.error_hint(
+                    n.pos,
+                    format!("pack `{}` is disabled: nothing would run", pack.name),
+                    "set `pack.enabled: true` to use this config",
+                );
+            }
+        }
+        pack
+    }
+
+    fn providers(&mut self, node: Option<&Node>, top: Pos) -> Providers {
+        let mut out = Providers {
+            strategy: RoutingStrategy::Ordered,
+            fallback: true,
+            targets: Vec::new(),
+        };
+        let no_targets = "add `targets:` under `providers` with at least one entry \
+                          (id, provider, secret_key_ref)";
+        let Some(node) = node else {
+            self.error_hint(
+                top,
+                "no `providers` section: there are no targets",
+                no_targets,
+            );
+            return out;
+        };
+        let Some(f) = self.mapping(node, "providers", &["routing", "fallback", "targets"]) else {
+            return out;
+        };
+
+        let mut in_routing = None;
+        if let Some(r) = f.get("routing")
+            && let Some(rf) = self.mapping(r, "providers.routing", &["strategy", "fallback"])
+        {
+            if let Some(s) = rf
+                .get("strategy")
+                .and_then(|n| self.string(n, "providers.routing.strategy").map(|s| (n, s)))
+            {
+                match s.1.as_str() {
+                    "ordered" => out.strategy = RoutingStrategy::Ordered,
+                    other => self.error_hint(
+                        s.0.pos,
+                        format!(
+                            "unsupported routing strategy `{other}` in `providers.routing.strategy` \
+                             (supported: ordered)"
+                        ),
+                        "use `strategy: ordered`: targets are tried in the order written",
+                    ),
+                }
+            }
+            in_routing = rf
+                .get("fallback")
+                .and_then(|n| self.fallback(n, "providers.routing.fallback"));
+        }
+        let in_providers = f
+            .get("fallback")
+            .and_then(|n| self.fallback(n, "providers.fallback"));
+        // The seed's published text lost its indentation, so both places mean the same.
+        match (in_providers, in_routing) {
+            (Some((a, pa)), Some((b, pb))) if a != b => {
+                let later = if (pb.line, pb.column) > (pa.line, pa.column) {
+                    pb
+                } else {
+                    pa
+                };
+                self.error_hint(
+                    later,
+                    format!(
+                        "`providers.fallback.enabled` is {a} (line {}) but \
+                         `providers.routing.fallback.enabled` is {b} (line {}); \
+                         they are the same setting",
+                        pa.line, pb.line
+                    ),
+                    "set fallback in one place only",
+                );
+            }
+            (Some((v, _)), _) | (None, Some((v, _))) => out.fallback = v,
+            (None, None) => {}
+        }
+
+        match f.get("targets") {
+            None => self.error_hint(
+                f.pos,
+                "no targets: `providers.targets` is missing",
+                no_targets,
+            ),
+            Some(t) => {
+                if let Some(items) = self.list(t, "providers.targets") {
+                    if items.is_empty() {
+                        self.error_hint(
+                            t.pos,
+                            "no targets: `providers.targets` is empty",
+                            no_targets,
+                        );
+                    }
+                    let mut ids = HashMap::new();
+                    for (i, item) in items.iter().enumerate() {
+                        if let Some(target) = self.target(item, i, &mut ids) {
+                            out.targets.push(target);
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// `fallback: {enabled: bool}`; writing the section means enabled unless it says otherwise.
+    fn fallback(&mut self, node: &Node, path: &str) -> Option<(bool, Pos)> {
+        let f = self.mapping(node, path, &["enabled"])?;
+        match f.get("enabled") {
+            None => Some((true, node.pos)),
+            Some(n) => self
+                .boolean(n, &format!("{path}.enabled"))
+                .map(|v| (v, n.pos)),
+        }
+    }
+
+    fn target(&mut self, node: &Node, i: usize, ids: &mut HashMap<String, Pos>) -> Option<Target> {
+        const KEYS: &[&str] = &[
+            "id",
+            "provider",
+            "model",
+            "required",
+            "secret_key_ref",
+            "base_url",
+        ];
+        let path = format!("providers.targets[{i}]");
+        let f = self.mapping(node, &path, KEYS)?;
+
+        let id = self
+            .required(
+                &f,
+                &path,
+                "id",
+                "give the target a unique `id`, e.g. `id: openai-main`",
+            )
+            .and_then(|n| self.string(n, &format!("{path}.id")).map(|s| (n.pos, s)));
+        if let Some((pos, id)) = &id {
+            if let Some(first) = ids.get(id) {
+                self.error_hint(
+                    *pos,
+                    format!(
+                        "duplicate target id `{id}` in `{path}` (first used on line {})",
+                        first.line
+                    ),
+                    "give each target a unique id",
+                );
+            } else {
+                ids.insert(id.clone(), *pos);
+            }
+        }
+
+        let base_url_node = f.get("base_url");
+        let base_url = base_url_node.and_then(|n| self.base_url(n, &format!("{path}.base_url")));
+        let provider = self
+            .required(
+                &f,
+                &path,
+                "provider",
+                "write `provider: openai`, `provider: anthropic`, or another name with a `base_url`",
+            )
+            .and_then(|n| self.string(n, &format!("{path}.provider")).map(|s| (n.pos, s)))
+            .map(|(pos, name)| {
+                let provider = Provider::parse(&name);
+                if matches!(provider, Provider::Other(_)) && base_url_node.is_none() {
+                    self.error_hint(
+                        pos,
+                        format!("unknown provider `{name}` in `{path}` has no `base_url`"),
+                        "known providers are openai and anthropic; for another \
+                         (OpenAI-compatible) endpoint add `base_url: https://...`",
+                    );
+                }
+                provider
+            });
+        let model = f
+            .get("model")
+            .and_then(|n| self.string(n, &format!("{path}.model")));
+        let required = f
+            .get("required")
+            .and_then(|n| self.boolean(n, &format!("{path}.required")))
+            .unwrap_or(true);
+        let secret_path = format!("{path}.secret_key_ref");
+        let secret_key_ref = self
+            .required(
+                &f,
+                &path,
+                "secret_key_ref",
+                "add `secret_key_ref:` with `env: NAME` or `store: NAME`",
+            )
+            .and_then(|n| self.secret_ref(n, &secret_path));
+
+        Some(Target {
+            id: id?.1,
+            provider: provider?,
+            model,
+            required,
+            secret_key_ref: secret_key_ref?,
+            base_url: match base_url_node {
+                Some(_) => Some(base_url?),
+                None => None,
+            },
+        })
+    }
+
+    fn secret_ref(&mut self, node: &Node, path: &str) -> Option<SecretKeyRef> {
+        let f = self.mapping(node, path, &["env", "store"])?;
+        let hint = "use `env: NAME` (the guard's environment) or `store: NAME` (the secret store)";
+        match (f.get("env"), f.get("store")) {
+            (Some(_), Some(_)) => {
+                self.error_hint(
+                    f.pos,
+                    format!("`{path}` sets both `env` and `store`; it takes exactly one"),
+                    hint,
+                );
+                None
+            }
+            (None, None) => {
+                self.error_hint(f.pos, format!("`{path}` names no secret"), hint);
+                None
+            }
+            (Some(n), None) => self
+                .secret_name(n, &format!("{path}.env"))
+                .map(SecretKeyRef::Env),
+            (None, Some(n)) => self
+                .secret_name(n, &format!("{path}.store"))
+                .map(SecretKeyRef::Store),
+        }
+    }
+
+    /// A secret's name. The value is never echoed when it is rejected: a
+    /// pasted key is the likeliest bad name.
+    fn secret_name(&mut self, node: &Node, path: &str) -> Option<String> {
+        let name = self.string(node, path)?;
+        if looks_like_key(&name) {
+            self.error_hint(
+                node.pos,
+                format!("`{path}` looks like a key itself, not the name of one"),
+                "store the key with `kt secrets add NAME --store` (or export it) and write \
+                 only NAME here; rotate the key, it is now in this file",
+            );
+            return None;
+        }
+        let mut chars = name.chars();
+        let valid = chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid {
+            self.error_hint(
+                node.pos,
+                format!("`{path}` is not a valid secret name"),
+                "names use letters, digits and `_` and do not start with a digit, \
+                 e.g. OPENAI_API_KEY",
+            );
+            return None;
+        }
+        Some(name)
+    }
+
+    fn base_url(&mut self, node: &Node, path: &str) -> Option<String> {
+        let url = self.string(node, path)?;
+        let hint = "e.g. `https://api.openai.com/v1` or `http://127.0.0.1:9000/v1`";
+        let parsed = url.parse::<http::Uri>().ok();
+        let authority = parsed.as_ref().and_then(|u| u.authority());
+        // The value is not echoed: it may carry credentials.
+        if authority.is_some_and(|a| a.as_str().contains('@')) {
+            self.error_hint(
+                node.pos,
+                format!("`{path}` carries credentials"),
+                "remove `user:password@`; the key comes from `secret_key_ref`",
+            );
+            return None;
+        }
+        let ok = parsed.as_ref().is_some_and(|u| {
+            matches!(u.scheme_str(), Some("http" | "https"))
+                && u.host().is_some_and(|h| !h.is_empty())
+        });
+        if !ok {
+            self.error_hint(
+                node.pos,
+                format!("`{path}` is not an http:// or https:// URL"),
+                hint,
+            );
+            return None;
+        }
+        Some(url)
+    }
+
+    fn chain(&mut self, node: Option<&Node>) -> Vec<PolicyKind> {
+        let default = vec![PolicyKind::DlpFilter, PolicyKind::AuditLogger];
+        let Some(f) = node.and_then(|n| self.mapping(n, "policies", &["chain"])) else {
+            return default;
+        };
+        let Some(list) = f.get("chain").and_then(|n| self.list(n, "policies.chain")) else {
+            return default;
+        };
+        let mut chain = Vec::new();
+        let mut seen: HashMap<PolicyKind, Pos> = HashMap::new();
+        for (i, entry) in list.iter().enumerate() {
+            let Some(name) = self.string(entry, &format!("policies.chain[{i}]")) else {
+                continue;
+            };
+            let kind = match name.as_str() {
+                "dlp-filter" => PolicyKind::DlpFilter,
+                "audit-logger" => PolicyKind::AuditLogger,
+                other => {
+                    self.error_hint(
+                        entry.pos,
+                        format!(
+                            "unknown policy `{other}` in `policies.chain` \
+                             (expected one of: dlp-filter, audit-logger)"
+                        ),
+                        closest(other, &["dlp-filter", "audit-logger"]).map_or_else(
+                            || "remove it from the chain".into(),
+                            |a| format!("did you mean `{a}`?"),
+                        ),
+                    );
+                    continue;
+                }
+            };
+            if let Some(first) = seen.get(&kind) {
+                self.error_hint(
+                    entry.pos,
+                    format!(
+                        "policy `{name}` appears twice in `policies.chain` (first on line {})",
+                        first.line
+                    ),
+                    "list each policy once",
+                );
+                continue;
+            }
+            seen.insert(kind, entry.pos);
+            chain.push(kind);
+        }
+        chain
+    }
+
+    fn policy(&mut self, node: Option<&Node>) -> (Option<DlpFilter>, Option<AuditLogger>) {
+        let Some(f) = node.and_then(|n| self.mapping(n, "policy", &["dlp-filter", "audit-logger"]))
+        else {
+            return (None, None);
+        };
+        let dlp = f.get("dlp-filter").map(|n| self.dlp(n));
+        let audit = f.get("audit-logger").map(|n| self.audit(n));
+        (dlp, audit)
+    }
+
+    fn dlp(&mut self, node: &Node) -> DlpFilter {
+        const KEYS: &[&str] = &[
+            "detect_patterns",
+            "blocked_terms",
+            "action",
+            "fuzzy_matching",
+            "max_distance",
+            "builtin_rules",
+        ];
+        const P: &str = "policy.dlp-filter";
+        let mut out = DlpFilter::default();
+        let Some(f) = self.mapping(node, P, KEYS) else {
+            return out;
+        };
+        if let Some(list) = f
+            .get("detect_patterns")
+            .and_then(|n| self.list(n, &format!("{P}.detect_patterns")))
+        {
+            for (i, n) in list.iter().enumerate() {
+                let path = format!("{P}.detect_patterns[{i}]");
+                let Some(pattern) = self.string(n, &path) else {
+                    continue;
+                };
+                match regex::Regex::new(&pattern) {
+                    Ok(_) => out.detect_patterns.push(pattern),
+                    Err(e) => self.error_hint(
+                        n.pos,
+                        format!(
+                            "invalid regex `{pattern}` in `{path}`: {}",
+                            regex_reason(&e)
+                        ),
+                        "fix the pattern (Rust regex syntax); single-quote it in YAML so \
+                         backslashes stay as written",
+                    ),
+                }
+            }
+        }
+        if let Some(list) = f
+            .get("blocked_terms")
+            .and_then(|n| self.list(n, &format!("{P}.blocked_terms")))
+        {
+            for (i, n) in list.iter().enumerate() {
+                if let Some(term) = self.string(n, &format!("{P}.blocked_terms[{i}]")) {
+                    out.blocked_terms.push(term);
+                }
+            }
+        }
+        if let Some(n) = f.get("action")
+            && let Some(action) = self.string(n, &format!("{P}.action"))
+        {
+            match action.as_str() {
+                "block" => out.action = DlpAction::Block,
+                "redact" => out.action = DlpAction::Redact,
+                "audit" => out.action = DlpAction::Audit,
+                other => self.error(
+                    n.pos,
+                    format!(
+                        "unknown action `{other}` in `{P}.action` \
+                         (expected one of: block, redact, audit)"
+                    ),
+                ),
+            }
+        }
+        if let Some(v) = f
+            .get("fuzzy_matching")
+            .and_then(|n| self.boolean(n, &format!("{P}.fuzzy_matching")))
+        {
+            out.fuzzy_matching = v;
+        }
+        if let Some(v) = f.get("max_distance").and_then(|n| {
+            self.int_in(
+                n,
+                &format!("{P}.max_distance"),
+                0,
+                u64::from(MAX_FUZZY_DISTANCE),
+                "0 means exact matching; larger distances match more unrelated words",
+            )
+        }) {
+            out.max_distance = u8::try_from(v).unwrap_or(MAX_FUZZY_DISTANCE);
+        }
+        if let Some(v) = f
+            .get("builtin_rules")
+            .and_then(|n| self.boolean(n, &format!("{P}.builtin_rules")))
+        {
+            out.builtin_rules = v;
+        }
+        out
+    }
+
+    fn audit(&mut self, node: &Node) -> AuditLogger {
+        const P: &str = "policy.audit-logger";
+        let mut out = AuditLogger::default();
+        let Some(f) = self.mapping(node, P, &["max_events", "on_store_failure"]) else {
+            return out;
+        };
+        if let Some(v) = f.get("max_events").and_then(|n| {
+            self.int_in(
+                n,
+                &format!("{P}.max_events"),
+                1,
+                u64::MAX,
+                "keep at least one event",
+            )
+        }) {
+            out.max_events = v;
+        }
+        if let Some(n) = f.get("on_store_failure")
+            && let Some(v) = self.string(n, &format!("{P}.on_store_failure"))
+        {
+            match v.as_str() {
+                "log" => out.on_store_failure = StoreFailure::Log,
+                "refuse" => out.on_store_failure = StoreFailure::Refuse,
+                other => self.error(
+                    n.pos,
+                    format!(
+                        "unknown value `{other}` in `{P}.on_store_failure` \
+                         (expected one of: log, refuse)"
+                    ),
+                ),
+            }
+        }
+        out
+    }
+
+    fn gateway(&mut self, node: Option<&Node>) -> Gateway {
+        const KEYS: &[&str] = &[
+            "listen",
+            "capture_listen",
+            "capture_listen6",
+            "connect_timeout",
+            "first_byte_timeout",
+            "idle_timeout",
+            "max_body_bytes",
+            "max_retry_after",
+            "splice_unknown_sni",
+        ];
+        let mut out = Gateway::default();
+        let Some(f) = node.and_then(|n| self.mapping(n, "gateway", KEYS)) else {
+            return out;
+        };
+        if let Some(v) = f.get("listen").and_then(|n| self.addr(n, "gateway.listen")) {
+            out.listen = v;
+        }
+        if let Some(n) = f.get("capture_listen")
+            && let Some(v) = self.addr(n, "gateway.capture_listen")
+        {
+            out.capture_listen = v;
+            if v == out.listen {
+                self.error_hint(
+                    n.pos,
+                    "`gateway.capture_listen` is the same address as `gateway.listen`",
+                    "give the capture listener its own port, e.g. 127.0.0.1:8788",
+                );
+            }
+        }
+        if let Some(n) = f.get("capture_listen6") {
+            // null turns the IPv6 capture listener off.
+            if is_null(n) {
+                out.capture_listen6 = None;
+            } else if let Some(v) = self.addr(n, "gateway.capture_listen6") {
+                out.capture_listen6 = Some(v);
+            }
+        }
+        let timeouts: [(&str, &mut Duration, bool); 4] = [
+            ("connect_timeout", &mut out.connect_timeout, false),
+            ("first_byte_timeout", &mut out.first_byte_timeout, false),
+            ("idle_timeout", &mut out.idle_timeout, false),
+            ("max_retry_after", &mut out.max_retry_after, true),
+        ];
+        for (key, slot, zero_ok) in timeouts {
+            if let Some(v) = f
+                .get(key)
+                .and_then(|n| self.duration(n, &format!("gateway.{key}"), zero_ok))
+            {
+                *slot = v;
+            }
+        }
+        if let Some(v) = f.get("max_body_bytes").and_then(|n| {
+            self.int_in(
+                n,
+                "gateway.max_body_bytes",
+                1,
+                u64::MAX,
+                "a size in bytes, e.g. 16777216 for 16 MiB",
+            )
+        }) {
+            out.max_body_bytes = v;
+        }
+        if let Some(v) = f
+            .get("splice_unknown_sni")
+            .and_then(|n| self.boolean(n, "gateway.splice_unknown_sni"))
+        {
+            out.splice_unknown = v;
+        }
+        out
+    }
+
+    fn capture(&mut self, node: Option<&Node>) -> Capture {
+        const KEYS: &[&str] = &["enabled", "cgroup", "hosts", "cidrs", "ports"];
+        let mut out = Capture::default();
+        let Some(f) = node.and_then(|n| self.mapping(n, "capture", KEYS)) else {
+            return out;
+        };
+        if let Some(v) = f
+            .get("enabled")
+            .and_then(|n| self.boolean(n, "capture.enabled"))
+        {
+            out.enabled = v;
+        }
+        if let Some(n) = f.get("cgroup")
+            && let Some(v) = self.string(n, "capture.cgroup")
+        {
+            if v.starts_with('/') {
+                out.cgroup = Some(PathBuf::from(v));
+            } else {
+                self.error_hint(
+                    n.pos,
+                    format!("`capture.cgroup` must be an absolute path, found `{v}`"),
+                    "e.g. /sys/fs/cgroup/ci.slice; leave it out for the whole cgroup2 mount",
+                );
+            }
+        }
+        if let Some(n) = f.get("hosts")
+            && !is_null(n)
+            && let Some(list) = self.list(n, "capture.hosts")
+        {
+            let mut hosts = Vec::new();
+            for (i, h) in list.iter().enumerate() {
+                let path = format!("capture.hosts[{i}]");
+                let Some(host) = self.string(h, &path) else {
+                    continue;
+                };
+                if is_host_name(&host) {
+                    hosts.push(host);
+                } else {
+                    self.error_hint(
+                        h.pos,
+                        format!("invalid host name `{host}` in `{path}`"),
+                        "write a bare host name such as api.openai.com (no scheme, port or path)",
+                    );
+                }
+            }
+            out.hosts = Some(hosts);
+        }
+        if let Some(list) = f.get("cidrs").and_then(|n| self.list(n, "capture.cidrs")) {
+            for (i, c) in list.iter().enumerate() {
+                let path = format!("capture.cidrs[{i}]");
+                let Some(text) = self.string(c, &path) else {
+                    continue;
+                };
+                match parse_prefix(&text) {
+                    Ok(p) => out.cidrs.push(p),
+                    Err(why) => self.error_hint(
+                        c.pos,
+                        format!("invalid CIDR `{text}` in `{path}`: {why}"),
+                        "write ADDRESS/LENGTH, e.g. 10.0.0.0/8 or 2001:db8::/32",
+                    ),
+                }
+            }
+        }
+        if let Some(n) = f.get("ports")
+            && let Some(list) = self.list(n, "capture.ports")
+        {
+            out.ports.clear();
+            for (i, p) in list.iter().enumerate() {
+                let hint = "a TCP port from 1 to 65535, e.g. 443";
+                if let Some(v) = self.int_in(p, &format!("capture.ports[{i}]"), 1, 65535, hint)
+                    && let Ok(port) = u16::try_from(v)
+                {
+                    out.ports.push(port);
+                }
+            }
+            if list.is_empty() && out.enabled {
+                self.error_hint(
+                    n.pos,
+                    "`capture.ports` is empty: nothing would be captured",
+                    "list at least one port, e.g. `ports: [443]`, or set `capture.enabled: false`",
+                );
+            }
+        }
+        out
+    }
+
+    // ---- typed values ----
+
+    /// Checks that `node` is a mapping (null counts as empty) whose keys are
+    /// all in `allowed` and unique; reports every offending key.
+    fn mapping<'n>(
+        &mut self,
+        node: &'n Node,
+        path: &str,
+        allowed: &[&'static str],
+    ) -> Option<Fields<'n>> {
+        let pairs: &[(Node, Node)] = match &node.kind {
+            Kind::Map(pairs) => pairs,
+            _ if is_null(node) => &[],
+            _ => {
+                let what = if path.is_empty() {
+                    "the top level".to_string()
+                } else {
+                    format!("`{path}`")
+                };
+                self.error_hint(
+                    node.pos,
+                    format!(
+                        "{what} must be a mapping (key: value), found {}",
+                        describe(node)
+                    ),
+                    format!("expected keys: {}", allowed.join(", ")),
+                );
+                return None;
+            }
+        };
+        let place = if path.is_empty() {
+            "at the top level".to_string()
+        } else {
+            format!("in `{path}`")
+        };
+        let mut fields = Fields {
+            pos: node.pos,
+            entries: Vec::new(),
+            suggested: Vec::new(),
+        };
+        let mut seen: HashMap<&str, Pos> = HashMap::new();
+        for (k, v) in pairs {
+            let Kind::Scalar { text: key, .. } = &k.kind else {
+                self.error(
+                    k.pos,
+                    format!("keys {place} must be plain names, found {}", describe(k)),
+                );
+                continue;
+            };
+            if !allowed.contains(&key.as_str()) {
+                let close = closest(key, allowed);
+                fields.suggested.extend(close);
+                self.error_hint(
+                    k.pos,
+                    format!(
+                        "unknown key `{key}` {place} (expected one of: {})",
+                        allowed.join(", ")
+                    ),
+                    close.map_or_else(|| "remove it".into(), |a| format!("did you mean `{a}`?")),
+                );
+                continue;
+            }
+            if let Some(first) = seen.get(key.as_str()) {
+                self.error_hint(
+                    k.pos,
+                    format!(
+                        "duplicate key `{key}` {place} (first on line {})",
+                        first.line
+                    ),
+                    "keep one of them",
+                );
+                continue;
+            }
+            seen.insert(key, k.pos);
+            fields.entries.push((key.as_str(), v));
+        }
+        Some(fields)
+    }
+
+    fn required<'n>(
+        &mut self,
+        f: &Fields<'n>,
+        path: &str,
+        key: &str,
+        hint: &str,
+    ) -> Option<&'n Node> {
+        let node = f.get(key);
+        if node.is_none() && !f.suggested.contains(&key) {
+            self.error_hint(f.pos, format!("missing `{key}` in `{path}`"), hint);
+        }
+        node
+    }
+
+    /// A list; null counts as empty.
+    fn list<'n>(&mut self, node: &'n Node, path: &str) -> Option<&'n [Node]> {
+        match &node.kind {
+            Kind::Seq(items) => Some(items),
+            _ if is_null(node) => Some(&[]),
+            _ => {
+                self.error_hint(
+                    node.pos,
+                    format!("`{path}` must be a list, found {}", describe(node)),
+                    "write one `- item` per line, or `[a, b]`",
+                );
+                None
+            }
+        }
+    }
+
+    /// A non-empty string. Plain numbers are taken as written (`1.10` stays
+    /// `1.10`); booleans and null are type errors.
+    fn string(&mut self, node: &Node, path: &str) -> Option<String> {
+        match &node.kind {
+            Kind::Scalar { text, plain } => {
+                let found = describe(node);
+                if *plain && (found == "a boolean" || found == "nothing (null)") {
+                    self.error_hint(
+                        node.pos,
+                        format!("`{path}` must be a string, found {found}"),
+                        "write a value; quote it if it should be the text `true`, `false` or `null`",
+                    );
+                    None
+                } else if text.is_empty() {
+                    self.error(node.pos, format!("`{path}` is empty"));
+                    None
+                } else {
+                    Some(text.clone())
+                }
+            }
+            _ => {
+                self.error(
+                    node.pos,
+                    format!("`{path}` must be a string, found {}", describe(node)),
+                );
+                None
+            }
+        }
+    }
+
+    fn boolean(&mut self, node: &Node, path: &str) -> Option<bool> {
+        if let Kind::Scalar { text, plain: true } = &node.kind {
+            match text.as_str() {
+                "true" | "True" | "TRUE" => return Some(true),
+                "false" | "False" | "FALSE" => return Some(false),
+                _ => {}
+            }
+        }
+        self.error_hint(
+            node.pos,
+            format!("`{path}` must be true or false, found {}", describe(node)),
+            "write true or false, without quotes",
+        );
+        None
+    }
+
+    /// A whole number in `min..=max`.
+    fn int_in(&mut self, node: &Node, path: &str, min: u64, max: u64, hint: &str) -> Option<u64> {
+        let text = match &node.kind {
+            Kind::Scalar { text, plain: true } if describe(node) == "an integer" => text,
+            _ => {
+                let hint = match &node.kind {
+                    Kind::Scalar { plain: false, .. } => "write the number without quotes",
+                    _ => hint,
+                };
+                self.error_hint(
+                    node.pos,
+                    format!("`{path}` must be a whole number, found {}", describe(node)),
+                    hint,
+                );
+                return None;
+            }
+        };
+        match text.strip_prefix('+').unwrap_or(text).parse::<u64>() {
+            Ok(v) if (min..=max).contains(&v) => Some(v),
+            _ => {
+                let range = if max == u64::MAX {
+                    format!("at least {min}")
+                } else {
+                    format!("{min} to {max}")
+                };
+                self.error_hint(
+                    node.pos,
+                    format!("`{path}` is {text}, out of range ({range})"),
+                    hint,
+                );
+                None
+            }
+        }
+    }
+
+    fn addr(&mut self, node: &Node, path: &str) -> Option<SocketAddr> {
+        let text = self.string(node, path)?;
+        match text.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.error_hint(
+                    node.pos,
+                    format!("invalid socket address `{text}` in `{path}`"),
+                    "write IP:PORT, e.g. 127.0.0.1:8787 or [::1]:8788 (no host names)",
+                );
+                None
+            }
+        }
+    }
+
+    fn duration(&mut self, node: &Node, path: &str, zero_ok: bool) -> Option<Duration> {
+        let text = self.string(node, path)?;
+        let hint = "write e.g. 5s, 250ms, 2m, or a whole number of seconds";
+        match parse_duration(&text) {
+            Some(d) if zero_ok || !d.is_zero() => Some(d),
+            Some(_) => {
+                self.error_hint(node.pos, format!("`{path}` must be longer than zero"), hint);
+                None
+            }
+            None => {
+                self.error_hint(
+                    node.pos,
+                    format!("invalid duration `{text}` in `{path}`"),
+                    hint,
+                );
+                None
+            }
+        }
+    }
+}
+
+// ---- helpers ----
+
+fn is_null(node: &Node) -> bool {
+    matches!(&node.kind, Kind::Scalar { text, plain: true } if matches!(text.as_str(), "" | "~" | "null" | "Null" | "NULL"))
+}
+
+/// What a node is, for "found ..." in messages (YAML 1.2 core schema for plain scalars).
+fn describe(node: &Node) -> &'static str {
+    match &node.kind {
+        Kind::Map(_) => "a mapping",
+        Kind::Seq(_) => "a list",
+        Kind::Scalar { plain: false, .. } => "a string",
+        Kind::Scalar { text, plain: true } => {
+            let t = text.as_str();
+            let digits = t.strip_prefix(['-', '+']).unwrap_or(t);
+            if is_null(node) {
+                "nothing (null)"
+            } else if matches!(t, "true" | "True" | "TRUE" | "false" | "False" | "FALSE") {
+                "a boolean"
+            } else if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
+                "an integer"
+            } else if t.parse::<f64>().is_ok() {
+                "a number"
+            } else {
+                "a string"
+            }
+        }
+    }
+}
+
+/// The allowed name a misspelt one was probably meant to be, if one is close.
+fn closest(word: &str, allowed: &[&'static str]) -> Option<&'static str> {
+    allowed
+        .iter()
+        .map(|a| {
+            (
+                strsim::damerau_levenshtein(&word.to_ascii_lowercase(), a),
+                *a,
+            )
+        })
+        .filter(|(d, a)| *d <= 2.max(a.len() / 4))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, a)| a)
+}
+
+/// The regex crate's reason on one line (its message spans several, with a caret).
+fn regex_reason(e: &regex::Error) -> String {
+    let text = e.to_string();
+    text.lines()
+        .find_map(|l| l.strip_prefix("error: "))
+        .map_or_else(
+            || {
+                text.lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            },
+            str::to_string,
+        )
+}
+
+/// Well-known key formats, so a pasted key is caught instead of stored as a name.
+fn looks_like_key(s: &str) -> bool {
+    const PREFIXES: &[&str] = &[
+        "sk-",
+        "ghp_",
+        "gho_",
+        "ghs_",
+        "github_pat_",
+        "xoxb-",
+        "xoxp-",
+        "AKIA",
+        "ASIA",
+        "AIza",
+    ];
+    PREFIXES.iter().any(|p| s.starts_with(p)) && s.len() >= 16
+}
+
+fn is_host_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
+/// `5s`, `250ms`, `2m`, `1h`, or a whole number of seconds.
+fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let n: u64 = number.parse().ok()?;
+    match unit {
+        "" | "s" => Some(Duration::from_secs(n)),
+        "ms" => Some(Duration::from_millis(n)),
+        "m" => n.checked_mul(60).map(Duration::from_secs),
+        "h" => n.checked_mul(3600).map(Duration::from_secs),
+        _ => None,
+    }
+}
+
+/// `ADDRESS/LENGTH` (or a bare address: one host) with no bits set past the prefix.
+fn parse_prefix(s: &str) -> Result<IpPrefix, String> {
+    let (addr, len) = match s.split_once('/') {
+        Some((a, l)) => (a, Some(l)),
+        None => (s, None),
+    };
+    let addr: IpAddr = addr
+        .parse()
+        .map_err(|_| format!("`{addr}` is not an IP address"))?;
+    let max: u8 = if addr.is_ipv4() { 32 } else { 128 };
+    let len = match len {
+        None => max,
+        Some(l) => l
+            .parse::<u8>()
+            .ok()
+            .filter(|l| *l <= max)
+            .ok_or_else(|| format!("the prefix length must be 0 to {max}"))?,
+    };
+    let network = match addr {
+        IpAddr::V4(a) => {
+            let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+            IpAddr::from((u32::from(a) & mask).to_be_bytes())
+        }
+        IpAddr::V6(a) => {
+            let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+            IpAddr::from((u128::from(a) & mask).to_be_bytes())
+        }
+    };
+    if network != addr {
+        return Err(format!(
+            "bits are set past the first {len}; did you mean {network}/{len}?"
+        ));
+    }
+    Ok(IpPrefix { addr, len })
+}
