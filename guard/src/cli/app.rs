@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use super::{exit, Global, OutputFormat};
+use super::{Global, OutputFormat, exit};
 
 /// kt: an eBPF-assisted egress guard for AI provider keys.
 #[derive(Debug, Parser)]

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use crate::cli::{exit, Global, OutputFormat};
+use crate::cli::{Global, OutputFormat, exit};
 use crate::preflight::{self, Report};
 
 /// Arguments of `kt gateway check`.
@@ -32,24 +32,33 @@ pub fn run(args: &CheckArgs, global: &Global) -> anyhow::Result<u8> {
             fingerprint: &*fp,
         },
     );
-    let mut report = report;
     if args.verbose {
         if let Some(dlp) = config.dlp.as_ref() {
-            let _ = dlp; // DLP coverage warnings arrive with the dlp module.
+            let _ = (dlp, &report); // DLP coverage warnings arrive with the dlp module.
         }
     }
     match global.output {
         OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
         OutputFormat::Human => print_human(&report, args.verbose),
     }
-    Ok(if report.would_start { exit::OK } else { exit::PROBLEM })
+    Ok(if report.would_start {
+        exit::OK
+    } else {
+        exit::PROBLEM
+    })
 }
 
 fn print_human(r: &Report, verbose: bool) {
     println!("config   {}", r.config);
     println!("targets");
     for t in &r.targets {
-        let state = if t.usable { "ok" } else if t.required { "MISSING" } else { "skipped" };
+        let state = if t.usable {
+            "ok"
+        } else if t.required {
+            "MISSING"
+        } else {
+            "skipped"
+        };
         println!(
             "  {:<8} {:<20} {:<10} {:<32} {}{}",
             state,
@@ -75,9 +84,19 @@ fn print_human(r: &Report, verbose: bool) {
             println!("capture support");
             println!(
                 "  cgroup2   {}",
-                k.cgroup2.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "not mounted".into())
+                k.cgroup2
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|| "not mounted".into())
             );
-            println!("  bpf       {}", if k.bpf_permitted { "permitted (root)" } else { "not permitted (run as root)" });
+            println!(
+                "  bpf       {}",
+                if k.bpf_permitted {
+                    "permitted (root)"
+                } else {
+                    "not permitted (run as root)"
+                }
+            );
             println!("  btf       {}", if k.btf { "present" } else { "absent" });
             if let Some(rel) = &k.kernel_release {
                 println!("  kernel    {rel}");
@@ -86,7 +105,12 @@ fn print_human(r: &Report, verbose: bool) {
         if !r.listeners.is_empty() {
             println!("listeners");
             for l in &r.listeners {
-                println!("  {:<17} {:<22} {}", l.role, l.address, if l.free { "free" } else { "IN USE" });
+                println!(
+                    "  {:<17} {:<22} {}",
+                    l.role,
+                    l.address,
+                    if l.free { "free" } else { "IN USE" }
+                );
             }
         }
     }
@@ -99,6 +123,9 @@ fn print_human(r: &Report, verbose: bool) {
     if r.would_start {
         println!("result   the gateway would start");
     } else {
-        println!("result   the gateway would NOT start ({} problem(s))", r.problems.len());
+        println!(
+            "result   the gateway would NOT start ({} problem(s))",
+            r.problems.len()
+        );
     }
 }

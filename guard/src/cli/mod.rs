@@ -60,7 +60,7 @@ fn is_root() -> bool {
 mod app;
 pub mod gateway_check;
 
-pub use app::{main, Cli};
+pub use app::{Cli, main};
 
 use std::sync::Arc;
 
@@ -112,12 +112,13 @@ impl crate::secrets::Resolve for EnvResolver {
         reference: &crate::config::SecretKeyRef,
     ) -> Result<Option<crate::secrets::Resolved>, String> {
         match reference {
-            crate::config::SecretKeyRef::Env(n) => Ok(std::env::var(n).ok().filter(|v| !v.is_empty()).map(|v| {
-                crate::secrets::Resolved {
+            crate::config::SecretKeyRef::Env(n) => Ok(std::env::var(n)
+                .ok()
+                .filter(|v| !v.is_empty())
+                .map(|v| crate::secrets::Resolved {
                     value: crate::secrets::SecretValue::new(v),
                     source: crate::secrets::Source::Env,
-                }
-            })),
+                })),
             crate::config::SecretKeyRef::Store(_) => Ok(None),
         }
     }

@@ -117,10 +117,7 @@ pub fn check(config: &Config, resolver: &dyn Resolve, opts: &Options<'_>) -> Rep
                     t.id
                 ));
             } else {
-                warnings.push(format!(
-                    "optional target {} will be skipped: {why}",
-                    t.id
-                ));
+                warnings.push(format!("optional target {} will be skipped: {why}", t.id));
             }
         }
         targets.push(check);
@@ -180,7 +177,9 @@ pub fn check(config: &Config, resolver: &dyn Resolve, opts: &Options<'_>) -> Rep
 pub fn missing_hint(r: &SecretKeyRef) -> String {
     match r {
         SecretKeyRef::Env(n) => {
-            format!("environment variable {n} is not set in the guard's environment (export it before starting kt)")
+            format!(
+                "environment variable {n} is not set in the guard's environment (export it before starting kt)"
+            )
         }
         SecretKeyRef::Store(n) => format!(
             "{n} is not in the secret store or the keychain (add it: `kt secrets add {n} --store`)"
