@@ -7,6 +7,7 @@
 mod cgroup;
 mod loader;
 mod prefix;
+mod process;
 mod support;
 
 pub use cgroup::{CgroupError, cgroup2_mount, cgroup2_mount_in};
