@@ -154,11 +154,23 @@ fn tcp_to_a_captured_ipv4_prefix_arrives_at_the_listener_with_origin_and_pid() {
     // Who did it: read while the client still waits for our reply.
     let who = guard::capture::process_info(origin.pid);
     assert!(
-        who.exe.as_deref().is_some_and(|e| e.ends_with("kt-test-client")),
+        who.exe
+            .as_deref()
+            .is_some_and(|e| e.ends_with("kt-test-client")),
         "{who:?}"
     );
-    let name = s.cgroup.path().file_name().unwrap().to_str().unwrap().to_string();
-    assert!(who.cgroup.as_deref().is_some_and(|c| c.ends_with(&name)), "{who:?}");
+    let name = s
+        .cgroup
+        .path()
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        who.cgroup.as_deref().is_some_and(|c| c.ends_with(&name)),
+        "{who:?}"
+    );
     reply(stream, "from-listener");
     let out = output(&mut s.cgroup, pid);
     assert_eq!(field(&out, "reply"), Some("from-listener"), "{out}");

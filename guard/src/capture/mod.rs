@@ -13,6 +13,10 @@ mod support;
 pub use cgroup::{CgroupError, cgroup2_mount, cgroup2_mount_in};
 pub use loader::{Capture, CaptureSpec, ClientOrigin};
 pub use prefix::{PrefixError, prefix_of};
+pub use process::{
+    MAX_CMDLINE, ProcessInfo, cgroup_v2_path, container_id, format_cmdline, process_info,
+    process_info_in,
+};
 pub use support::{KernelSupport, kernel_support};
 
 /// Errors from loading, attaching and reading the capture programs.
