@@ -4,6 +4,8 @@
 
 use std::path::PathBuf;
 
+pub mod secrets;
+
 /// `--output`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum OutputFormat {

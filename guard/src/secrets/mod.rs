@@ -29,6 +29,10 @@ pub use keychain::Keychain;
 pub use resolver::Resolver;
 pub use value::SecretValue;
 
+/// Keyring helpers shared with other modules' tests.
+#[cfg(test)]
+pub(crate) use keychain::tests as keychain_test;
+
 use std::path::PathBuf;
 use std::time::SystemTime;
 
