@@ -372,6 +372,8 @@ fn list(global: &Global, con: &mut dyn Console) -> anyhow::Result<u8> {
                 .collect();
             writeln!(con.out(), "{}", serde_json::json!({ "secrets": secrets }))?;
         }
+        // After a backend error "no secrets" would be wrong; the error said it.
+        OutputFormat::Human if rows.is_empty() && code != exit::OK => {}
         OutputFormat::Human if rows.is_empty() => {
             writeln!(
                 con.out(),

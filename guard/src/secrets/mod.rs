@@ -20,12 +20,14 @@ mod file;
 mod fingerprint;
 mod fsutil;
 mod keychain;
+mod memory;
 mod resolver;
 mod value;
 
 pub use file::FileStore;
 pub use fingerprint::{Fingerprint, Fingerprinter};
 pub use keychain::Keychain;
+pub use memory::MemoryStore;
 pub use resolver::Resolver;
 pub use value::SecretValue;
 
