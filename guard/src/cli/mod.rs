@@ -54,7 +54,5 @@ pub fn default_data_dir() -> PathBuf {
 fn is_root() -> bool {
     use std::os::unix::fs::MetadataExt;
     // The owner of /proc/self is the effective uid of this process.
-    std::fs::metadata("/proc/self")
-        .map(|m| m.uid() == 0)
-        .unwrap_or(false)
+    std::fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false)
 }
