@@ -24,6 +24,12 @@ pub struct Cli {
 /// Top-level commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Manage provider secrets (values never on the command line).
+    Secrets {
+        /// What to do.
+        #[command(subcommand)]
+        cmd: super::secrets::SecretsCmd,
+    },
     /// The gateway: check a config, or run it for explicit clients.
     Gateway {
         /// What to do.
@@ -46,9 +52,10 @@ pub fn main() -> u8 {
         output: cli.output,
         data_dir: cli.data_dir.clone().unwrap_or_else(super::default_data_dir),
     };
-    let result = match &cli.command {
+    let result = match cli.command {
+        Command::Secrets { cmd } => super::secrets::run(cmd, &global),
         Command::Gateway { cmd } => match cmd {
-            GatewayCmd::Check(args) => super::gateway_check::run(args, &global),
+            GatewayCmd::Check(args) => super::gateway_check::run(&args, &global),
         },
     };
     match result {

@@ -4,6 +4,8 @@
 
 use std::path::PathBuf;
 
+pub mod secrets;
+
 /// `--output`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum OutputFormat {
@@ -94,32 +96,20 @@ pub fn load_config(
     }
 }
 
-/// The resolver for `secret_key_ref`s.
-pub fn resolver(_global: &Global) -> anyhow::Result<Arc<dyn crate::secrets::Resolve>> {
-    Ok(Arc::new(EnvResolver))
+/// The resolver for `secret_key_ref`s: env, then the store, then the keychain.
+pub fn resolver(global: &Global) -> anyhow::Result<Arc<dyn crate::secrets::Resolve>> {
+    Ok(Arc::new(crate::secrets::Resolver::from_data_dir(
+        &global.data_dir,
+    )))
 }
 
-/// Fingerprints values for display.
-pub fn fingerprinter(_global: &Global) -> anyhow::Result<Box<dyn Fn(&str) -> String>> {
-    Ok(Box::new(|_| "fp:?".to_string()))
-}
-
-struct EnvResolver;
-
-impl crate::secrets::Resolve for EnvResolver {
-    fn resolve(
-        &self,
-        reference: &crate::config::SecretKeyRef,
-    ) -> Result<Option<crate::secrets::Resolved>, String> {
-        match reference {
-            crate::config::SecretKeyRef::Env(n) => Ok(std::env::var(n)
-                .ok()
-                .filter(|v| !v.is_empty())
-                .map(|v| crate::secrets::Resolved {
-                    value: crate::secrets::SecretValue::new(v),
-                    source: crate::secrets::Source::Env,
-                })),
-            crate::config::SecretKeyRef::Store(_) => Ok(None),
-        }
+/// Fingerprints values for display. Read-only commands must not create the
+/// host key, so without one they show no fingerprint.
+pub fn fingerprinter(global: &Global) -> anyhow::Result<Box<dyn Fn(&str) -> String>> {
+    let path = crate::secrets::Fingerprinter::key_path(&global.data_dir);
+    if !path.exists() {
+        return Ok(Box::new(|_| "fp:(no host key yet)".to_string()));
     }
+    let fp = crate::secrets::Fingerprinter::open(&global.data_dir)?;
+    Ok(Box::new(move |v| fp.fingerprint(v).to_string()))
 }

@@ -1,9 +1,42 @@
 //! Secrets: values that must never leak, where they are stored, and how a
 //! `secret_key_ref` resolves to one.
+//!
+//! Layout under the data dir (all files mode 0600, directories 0700):
+//!
+//! ```text
+//! <data_dir>/fingerprint.key        per-host HMAC key for fingerprints
+//! <data_dir>/secrets/store.bin      the encrypted file store (FileStore)
+//! <data_dir>/secrets/store.key      its encryption key
+//! <data_dir>/secrets/keychain.json  names and times of keychain entries (no values)
+//! <data_dir>/secrets/.lock          serialises writers
+//! ```
+//!
+//! Callers talk to backends through [`SecretStore`], so a centralized backend
+//! can replace [`FileStore`] later without touching them. [`Resolver`] turns
+//! a `secret_key_ref` into a value: `env` from the guard's environment,
+//! `store` from the store first and then the keychain.
 
+mod file;
+mod fingerprint;
+mod fsutil;
+mod keychain;
+mod memory;
+mod resolver;
 mod value;
 
+pub use file::FileStore;
+pub use fingerprint::{Fingerprint, Fingerprinter};
+pub use keychain::Keychain;
+pub use memory::MemoryStore;
+pub use resolver::Resolver;
 pub use value::SecretValue;
+
+/// Keyring helpers shared with other modules' tests.
+#[cfg(test)]
+pub(crate) use keychain::tests as keychain_test;
+
+use std::path::PathBuf;
+use std::time::SystemTime;
 
 use crate::config::SecretKeyRef;
 
@@ -43,4 +76,331 @@ pub struct Resolved {
 pub trait Resolve: Send + Sync {
     /// Looks a reference up; `Ok(None)` when it is simply not there.
     fn resolve(&self, reference: &SecretKeyRef) -> Result<Option<Resolved>, String>;
+
+    /// Why `reference` did not resolve, for messages: where it looked and how
+    /// to add it. Never contains a value.
+    fn explain_missing(&self, reference: &SecretKeyRef) -> String {
+        match reference {
+            SecretKeyRef::Env(name) => {
+                format!("environment variable {name} is not set in the guard's environment")
+            }
+            SecretKeyRef::Store(name) => format!(
+                "{name} is in neither the secret store nor the keychain; \
+                 add it with `kt secrets add {name} --store`"
+            ),
+        }
+    }
+}
+
+/// Metadata of one stored secret (never its value).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EntryMeta {
+    /// The secret's name.
+    pub name: String,
+    /// When it was first added.
+    pub created: SystemTime,
+    /// When its value was last set.
+    pub updated: SystemTime,
+}
+
+/// What [`SecretStore::put`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PutOutcome {
+    /// The name was new.
+    Created,
+    /// An existing value was replaced.
+    Replaced,
+}
+
+/// A place secrets are kept. Small on purpose: a centralized backend only
+/// has to implement these to replace the file store.
+pub trait SecretStore: Send + Sync {
+    /// Which backend this is, for output and [`Resolved::source`].
+    fn source(&self) -> Source;
+
+    /// The value stored under `name`; `Ok(None)` when there is none.
+    fn get(&self, name: &str) -> Result<Option<SecretValue>, SecretsError>;
+
+    /// Stores `value` under `name`, replacing any existing value. Checks the
+    /// name ([`validate_name`]) and the value ([`validate_value`]).
+    fn put(&self, name: &str, value: &SecretValue) -> Result<PutOutcome, SecretsError>;
+
+    /// Removes `name`; `Ok(false)` when it was not there.
+    fn remove(&self, name: &str) -> Result<bool, SecretsError>;
+
+    /// Metadata of every entry, sorted by name.
+    fn list(&self) -> Result<Vec<EntryMeta>, SecretsError>;
+
+    /// Metadata of one entry.
+    fn meta(&self, name: &str) -> Result<Option<EntryMeta>, SecretsError> {
+        Ok(self.list()?.into_iter().find(|m| m.name == name))
+    }
+
+    /// Every entry with its value (`None` when the backend lists a name whose
+    /// value is gone, e.g. a keychain entry after a reboot). Backends that
+    /// can read everything at once override this.
+    fn entries(&self) -> Result<Vec<(EntryMeta, Option<SecretValue>)>, SecretsError> {
+        self.list()?
+            .into_iter()
+            .map(|meta| {
+                let value = self.get(&meta.name)?;
+                Ok((meta, value))
+            })
+            .collect()
+    }
+}
+
+/// One stored secret as shown by `kt secrets list` and used by the gateway
+/// to tell which stored secret a client presented.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KnownSecret {
+    /// Name, dates.
+    pub meta: EntryMeta,
+    /// Backend it lives in.
+    pub source: Source,
+    /// Keyed fingerprint of its value; `None` when the value is gone.
+    pub fingerprint: Option<Fingerprint>,
+}
+
+/// Lists every secret of `stores` with its fingerprint, in the order given
+/// (store first, then keychain, by convention).
+pub fn known_secrets(
+    stores: &[&dyn SecretStore],
+    fingerprinter: &Fingerprinter,
+) -> Result<Vec<KnownSecret>, SecretsError> {
+    let mut out = Vec::new();
+    for store in stores {
+        for (meta, value) in store.entries()? {
+            out.push(KnownSecret {
+                meta,
+                source: store.source(),
+                fingerprint: value.map(|v| fingerprinter.fingerprint(v.expose())),
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Longest accepted secret name.
+pub const MAX_NAME_LEN: usize = 128;
+
+/// Longest accepted secret value in bytes (the kernel keyring takes at most
+/// 32767 bytes per key; every backend uses the same limit).
+pub const MAX_VALUE_LEN: usize = 16 * 1024;
+
+/// Checks a secret name: `[A-Za-z_][A-Za-z0-9_]*`, at most [`MAX_NAME_LEN`].
+pub fn validate_name(name: &str) -> Result<(), SecretsError> {
+    let mut chars = name.chars();
+    let first_ok = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
+    let rest_ok = chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if first_ok && rest_ok && name.len() <= MAX_NAME_LEN {
+        Ok(())
+    } else {
+        Err(SecretsError::InvalidName {
+            name: name.escape_default().to_string(),
+        })
+    }
+}
+
+/// Checks a secret value: not empty, at most [`MAX_VALUE_LEN`] bytes, and no
+/// control characters (it must fit in an HTTP header). Errors never include
+/// the value.
+pub fn validate_value(value: &SecretValue) -> Result<(), SecretsError> {
+    let v = value.expose();
+    if v.is_empty() {
+        return Err(SecretsError::EmptyValue);
+    }
+    if v.len() > MAX_VALUE_LEN {
+        return Err(SecretsError::ValueTooLong {
+            len: v.len(),
+            max: MAX_VALUE_LEN,
+        });
+    }
+    if v.chars().any(char::is_control) {
+        return Err(SecretsError::ValueHasControl);
+    }
+    Ok(())
+}
+
+/// Everything that can go wrong with secrets. Messages name the object and
+/// never contain a secret value.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretsError {
+    /// A name outside `[A-Za-z_][A-Za-z0-9_]*`.
+    #[error(
+        "invalid secret name '{name}': use letters, digits and underscores, \
+         not starting with a digit, at most 128 characters"
+    )]
+    InvalidName {
+        /// The name, escaped.
+        name: String,
+    },
+    /// An empty value.
+    #[error("empty secret value: nothing to store")]
+    EmptyValue,
+    /// A value over the size limit.
+    #[error("secret value is too long ({len} bytes, at most {max})")]
+    ValueTooLong {
+        /// Its length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A value with a line break or other control character inside.
+    #[error(
+        "secret value contains a line break or another control character \
+         (only one trailing newline is stripped)"
+    )]
+    ValueHasControl,
+    /// The store directory does not exist.
+    #[error(
+        "secret store directory {path} does not exist; \
+         add a secret with `kt secrets add NAME --store` to create it, \
+         or check --data-dir / KT_DATA_DIR"
+    )]
+    StoreMissing {
+        /// The directory.
+        path: PathBuf,
+    },
+    /// The store file exists but its key file does not.
+    #[error(
+        "secret store {store} exists but its key file {key} is missing; \
+         restore the key file from a backup (the store cannot be read without it)"
+    )]
+    KeyMissing {
+        /// The store file.
+        store: PathBuf,
+        /// The key file.
+        key: PathBuf,
+    },
+    /// A key or store file other users can read or write.
+    #[error(
+        "{what} {path} is accessible by other users (mode {mode:04o}); \
+         refusing to use it: fix it with `chmod {fix} {path}`"
+    )]
+    InsecurePermissions {
+        /// What the file is.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+        /// The mode to set (`600` for files, `700` for directories).
+        fix: &'static str,
+    },
+    /// A key file of the wrong size.
+    #[error("key file {path} is damaged (expected 32 bytes, found {len})")]
+    BadKeyFile {
+        /// The key file.
+        path: PathBuf,
+        /// Its length.
+        len: u64,
+    },
+    /// The store was written with another key.
+    #[error(
+        "secret store {store} was written with a different key than {key} \
+         (wrong key file, or the store header was damaged)"
+    )]
+    WrongKey {
+        /// The store file.
+        store: PathBuf,
+        /// The key file.
+        key: PathBuf,
+    },
+    /// The store failed authentication: modified or damaged.
+    #[error(
+        "secret store {path} failed its integrity check ({detail}): the file was \
+         modified or damaged; restore it from a backup, or move it away and add \
+         the secrets again"
+    )]
+    Tampered {
+        /// The store file.
+        path: PathBuf,
+        /// What was wrong.
+        detail: &'static str,
+    },
+    /// A metadata file (keychain index) that does not parse.
+    #[error("{path} is damaged ({detail}); move it away to start a new one")]
+    BadIndex {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message (no secret values live in this file).
+        detail: String,
+    },
+    /// Random bytes could not be had from the kernel.
+    #[error("cannot get random bytes for {what}: {detail}")]
+    Random {
+        /// What they were for.
+        what: &'static str,
+        /// The OS error.
+        detail: String,
+    },
+    /// The kernel keyring refused an operation.
+    #[error("keychain (kernel user keyring) {op} for {name} failed: {detail}")]
+    Keychain {
+        /// The operation.
+        op: &'static str,
+        /// The secret's name.
+        name: String,
+        /// The kernel's answer.
+        detail: String,
+    },
+    /// A file or directory operation failed.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// The operation, e.g. "cannot read".
+        op: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+impl SecretsError {
+    /// Builds an [`SecretsError::Io`].
+    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        SecretsError::Io {
+            op,
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_identifier_rule() {
+        for good in ["A", "_", "OPENAI_API_KEY_2026Q2", "a1", "_x_9"] {
+            assert!(validate_name(good).is_ok(), "{good}");
+        }
+        for bad in ["", "1A", "A-B", "A B", "A.B", "ä", "A\n", "$X"] {
+            let err = validate_name(bad).unwrap_err().to_string();
+            assert!(err.contains("invalid secret name"), "{bad}: {err}");
+        }
+        assert!(validate_name(&"A".repeat(MAX_NAME_LEN)).is_ok());
+        assert!(validate_name(&"A".repeat(MAX_NAME_LEN + 1)).is_err());
+    }
+
+    #[test]
+    fn values_must_be_non_empty_single_line_and_bounded() {
+        assert!(matches!(
+            validate_value(&SecretValue::new("")),
+            Err(SecretsError::EmptyValue)
+        ));
+        assert!(matches!(
+            validate_value(&SecretValue::new("sk-a\nb")),
+            Err(SecretsError::ValueHasControl)
+        ));
+        assert!(matches!(
+            validate_value(&SecretValue::new("x".repeat(MAX_VALUE_LEN + 1))),
+            Err(SecretsError::ValueTooLong { .. })
+        ));
+        assert!(validate_value(&SecretValue::new("sk-proj-abc123")).is_ok());
+    }
 }

@@ -1,0 +1,1204 @@
+//! `kt secrets add|list|rm|status`: manage stored secrets and show how each
+//! target's `secret_key_ref` resolves. Values come from standard input or a
+//! no-echo prompt, never from argv, and are never printed: output carries
+//! names, backends and fingerprints only.
+
+use std::io::{self, IsTerminal, Read, Write};
+use std::path::PathBuf;
+use std::time::SystemTime;
+
+use anyhow::Context;
+
+use crate::cli::{Global, OutputFormat, exit};
+use crate::config::Config;
+use crate::secrets::{
+    FileStore, Fingerprint, Fingerprinter, Keychain, MAX_VALUE_LEN, PutOutcome, Resolve, Resolver,
+    SecretStore, SecretValue, SecretsError, Source, validate_name, validate_value,
+};
+
+/// `kt secrets ...`.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Subcommand)]
+pub enum SecretsCmd {
+    /// Add or replace a secret. The value is read from standard input, or
+    /// prompted for without echo on a terminal; never from the command line.
+    #[command(group(
+        clap::ArgGroup::new("backend")
+            .required(true)
+            .multiple(false)
+            .args(["store", "keychain"])
+    ))]
+    Add {
+        /// Secret name: letters, digits and underscores, not starting with a digit.
+        name: String,
+        /// Keep it in the guard's encrypted secret store (survives reboots).
+        #[arg(long)]
+        store: bool,
+        /// Keep it in the kernel user keyring (lost at reboot).
+        #[arg(long)]
+        keychain: bool,
+        /// Replace an existing value without asking.
+        #[arg(long)]
+        force: bool,
+    },
+    /// List stored secrets: name, backend, fingerprint, created and updated times.
+    List,
+    /// Remove a secret from the store and the keychain; exit 1 when it did not exist.
+    Rm {
+        /// Secret name.
+        name: String,
+    },
+    /// Show, per target of a config file, where its secret resolves.
+    Status {
+        /// The policy config file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+/// Runs a `kt secrets` command. `Ok(code)` per [`crate::cli::exit`]; `Err`
+/// means the command itself failed (exit 2), and its message is safe to print.
+pub fn run(cmd: SecretsCmd, global: &Global) -> anyhow::Result<u8> {
+    run_with(
+        cmd,
+        global,
+        &mut StdConsole {
+            out: io::stdout(),
+            err: io::stderr(),
+        },
+    )
+}
+
+/// Terminal and standard streams, abstracted so tests can drive the commands.
+trait Console {
+    /// Whether standard input is a terminal (prompt and confirm) or a pipe.
+    fn interactive(&self) -> bool;
+    /// Reads at most `limit` bytes of standard input.
+    fn read_stdin(&mut self, limit: u64) -> io::Result<Vec<u8>>;
+    /// Prompts on the terminal without echo.
+    fn prompt_secret(&mut self, prompt: &str) -> io::Result<String>;
+    /// Asks a yes/no question on the terminal; default no.
+    fn confirm(&mut self, question: &str) -> io::Result<bool>;
+    /// Data output and messages (stdout, stderr).
+    fn streams(&mut self) -> (&mut dyn Write, &mut dyn Write);
+    /// Data output.
+    fn out(&mut self) -> &mut dyn Write {
+        self.streams().0
+    }
+    /// Messages, warnings.
+    fn err(&mut self) -> &mut dyn Write {
+        self.streams().1
+    }
+}
+
+struct StdConsole {
+    out: io::Stdout,
+    err: io::Stderr,
+}
+
+impl Console for StdConsole {
+    fn interactive(&self) -> bool {
+        io::stdin().is_terminal()
+    }
+
+    fn read_stdin(&mut self, limit: u64) -> io::Result<Vec<u8>> {
+        let mut buf = Vec::new();
+        io::stdin().lock().take(limit).read_to_end(&mut buf)?;
+        Ok(buf)
+    }
+
+    fn prompt_secret(&mut self, prompt: &str) -> io::Result<String> {
+        rpassword::prompt_password(prompt)
+    }
+
+    fn confirm(&mut self, question: &str) -> io::Result<bool> {
+        let mut err = io::stderr().lock();
+        write!(err, "{question} [y/N] ")?;
+        err.flush()?;
+        let mut line = String::new();
+        io::stdin().read_line(&mut line)?;
+        Ok(matches!(line.trim(), "y" | "Y" | "yes" | "YES" | "Yes"))
+    }
+
+    fn streams(&mut self) -> (&mut dyn Write, &mut dyn Write) {
+        (&mut self.out, &mut self.err)
+    }
+}
+
+fn run_with(cmd: SecretsCmd, global: &Global, con: &mut dyn Console) -> anyhow::Result<u8> {
+    match cmd {
+        SecretsCmd::Add {
+            name,
+            store,
+            keychain,
+            force,
+        } => {
+            let backend = match (store, keychain) {
+                (true, false) => Source::Store,
+                (false, true) => Source::Keychain,
+                _ => anyhow::bail!("give exactly one of --store or --keychain"),
+            };
+            add(&name, backend, force, global, con)
+        }
+        SecretsCmd::List => list(global, con),
+        SecretsCmd::Rm { name } => rm(&name, global, con),
+        SecretsCmd::Status { config } => {
+            let config = match crate::cli::load_config(&config, global)? {
+                Ok(c) => c,
+                Err(code) => return Ok(code),
+            };
+            let resolver = Resolver::from_data_dir(&global.data_dir);
+            let fp = fingerprinter(global)?;
+            let report = status_report(&config, &resolver, &fp);
+            let (out, err) = con.streams();
+            Ok(write_status(&report, global.output, out, err))
+        }
+    }
+}
+
+fn fingerprinter(global: &Global) -> anyhow::Result<Fingerprinter> {
+    Fingerprinter::open(&global.data_dir).context("cannot set up fingerprints")
+}
+
+fn backend(source: Source, global: &Global) -> Box<dyn SecretStore> {
+    match source {
+        Source::Keychain => Box::new(Keychain::new(&global.data_dir)),
+        Source::Store | Source::Env => Box::new(FileStore::new(&global.data_dir)),
+    }
+}
+
+/// Both backends, in resolution order.
+fn backends(global: &Global) -> [Box<dyn SecretStore>; 2] {
+    [
+        Box::new(FileStore::new(&global.data_dir)),
+        Box::new(Keychain::new(&global.data_dir)),
+    ]
+}
+
+/// A value read from a pipe: UTF-8, one trailing newline (`\n` or `\r\n`)
+/// stripped, then the usual value rules. Messages never quote the input.
+fn parse_piped(bytes: Vec<u8>) -> anyhow::Result<SecretValue> {
+    let mut text = String::from_utf8(bytes)
+        .map_err(|_| anyhow::anyhow!("secret value on standard input is not valid UTF-8"))?;
+    if text.ends_with("\r\n") {
+        text.truncate(text.len() - 2);
+    } else if text.ends_with('\n') {
+        text.truncate(text.len() - 1);
+    }
+    let value = SecretValue::new(text);
+    validate_value(&value)?;
+    Ok(value)
+}
+
+fn read_value(name: &str, con: &mut dyn Console) -> anyhow::Result<SecretValue> {
+    if con.interactive() {
+        let typed = con
+            .prompt_secret(&format!("Value for {name} (input hidden): "))
+            .context("cannot read the value from the terminal")?;
+        parse_piped(typed.into_bytes())
+    } else {
+        // Room for the limit plus "\r\n", and one byte more to notice excess.
+        let bytes = con
+            .read_stdin(MAX_VALUE_LEN as u64 + 3)
+            .context("cannot read the value from standard input")?;
+        if bytes.len() > MAX_VALUE_LEN + 2 {
+            return Err(SecretsError::ValueTooLong {
+                len: bytes.len(),
+                max: MAX_VALUE_LEN,
+            }
+            .into());
+        }
+        parse_piped(bytes)
+    }
+}
+
+/// The value a backend holds for `name`, treating a store that does not
+/// exist yet as empty.
+fn existing(store: &dyn SecretStore, name: &str) -> Result<Option<SecretValue>, SecretsError> {
+    match store.get(name) {
+        Err(SecretsError::StoreMissing { .. }) => Ok(None),
+        other => other,
+    }
+}
+
+fn add(
+    name: &str,
+    source: Source,
+    force: bool,
+    global: &Global,
+    con: &mut dyn Console,
+) -> anyhow::Result<u8> {
+    validate_name(name)?;
+    let store = backend(source, global);
+    let where_ = source.name();
+
+    if let Some(old) = existing(store.as_ref(), name)? {
+        let old_fp = fingerprinter(global)?.fingerprint(old.expose());
+        writeln!(
+            con.err(),
+            "{name} already exists in the {where_} ({old_fp})"
+        )?;
+        if !force {
+            if !con.interactive() {
+                writeln!(
+                    con.err(),
+                    "error: not replacing {name}: pass --force to replace it without a terminal"
+                )?;
+                return Ok(exit::PROBLEM);
+            }
+            if !con.confirm(&format!("Replace {name} in the {where_}?"))? {
+                writeln!(con.err(), "{name} left unchanged")?;
+                return Ok(exit::PROBLEM);
+            }
+        }
+    }
+
+    // Read and check the value before creating anything on disk.
+    let value = read_value(name, con)?;
+    let fp = fingerprinter(global)?;
+    let outcome = store.put(name, &value)?;
+    let fingerprint = fp.fingerprint(value.expose());
+    let replaced = outcome == PutOutcome::Replaced;
+
+    match global.output {
+        OutputFormat::Human => writeln!(
+            con.out(),
+            "{} {name} in the {where_} ({fingerprint})",
+            if replaced { "replaced" } else { "added" }
+        )?,
+        OutputFormat::Json => writeln!(
+            con.out(),
+            "{}",
+            serde_json::json!({
+                "name": name,
+                "backend": where_,
+                "fingerprint": fingerprint,
+                "replaced": replaced,
+            })
+        )?,
+    }
+
+    // Say when the other backend also has the name: `store:` references
+    // read the store first, so one of the two values is shadowed.
+    let other = match source {
+        Source::Keychain => Source::Store,
+        _ => Source::Keychain,
+    };
+    if let Ok(Some(v)) = existing(backend(other, global).as_ref(), name) {
+        let (first, second) = if source == Source::Store {
+            (where_, other.name())
+        } else {
+            (other.name(), where_)
+        };
+        writeln!(
+            con.err(),
+            "note: {name} is also in the {} ({}); `store:` references use the {first} \
+             value before the {second} one",
+            other.name(),
+            fp.fingerprint(v.expose())
+        )?;
+    }
+    if source == Source::Keychain {
+        writeln!(
+            con.err(),
+            "note: keychain entries live in the kernel user keyring and are lost at reboot"
+        )?;
+    }
+    Ok(exit::OK)
+}
+
+fn time(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+fn list(global: &Global, con: &mut dyn Console) -> anyhow::Result<u8> {
+    let fp = fingerprinter(global)?;
+    let mut rows = Vec::new();
+    let mut code = exit::OK;
+    for store in backends(global) {
+        match store.entries() {
+            Ok(entries) => {
+                for (meta, value) in entries {
+                    rows.push((
+                        meta,
+                        store.source(),
+                        value.map(|v| fp.fingerprint(v.expose())),
+                    ));
+                }
+            }
+            Err(SecretsError::StoreMissing { .. }) => {}
+            Err(e) => {
+                writeln!(
+                    con.err(),
+                    "error: cannot list the {}: {e}",
+                    store.source().name()
+                )?;
+                code = exit::PROBLEM;
+            }
+        }
+    }
+    for (meta, source, fingerprint) in &rows {
+        if fingerprint.is_none() {
+            writeln!(
+                con.err(),
+                "warning: {} is listed for the {} but its value is gone (keychain \
+                 entries do not survive a reboot); add it again or `kt secrets rm {}`",
+                meta.name,
+                source.name(),
+                meta.name
+            )?;
+        }
+    }
+
+    match global.output {
+        OutputFormat::Json => {
+            let secrets: Vec<_> = rows
+                .iter()
+                .map(|(meta, source, fingerprint)| {
+                    serde_json::json!({
+                        "name": meta.name,
+                        "backend": source.name(),
+                        "fingerprint": fingerprint,
+                        "present": fingerprint.is_some(),
+                        "created": time(meta.created),
+                        "updated": time(meta.updated),
+                    })
+                })
+                .collect();
+            writeln!(con.out(), "{}", serde_json::json!({ "secrets": secrets }))?;
+        }
+        // After a backend error "no secrets" would be wrong; the error said it.
+        OutputFormat::Human if rows.is_empty() && code != exit::OK => {}
+        OutputFormat::Human if rows.is_empty() => {
+            writeln!(
+                con.out(),
+                "no secrets stored (data dir {})",
+                global.data_dir.display()
+            )?;
+        }
+        OutputFormat::Human => {
+            let table: Vec<Vec<String>> = rows
+                .iter()
+                .map(|(meta, source, fingerprint)| {
+                    vec![
+                        meta.name.clone(),
+                        source.name().to_string(),
+                        fingerprint.map_or_else(|| "missing".to_string(), |f| f.to_string()),
+                        time(meta.created),
+                        time(meta.updated),
+                    ]
+                })
+                .collect();
+            write_table(
+                con.out(),
+                &["NAME", "BACKEND", "FINGERPRINT", "CREATED", "UPDATED"],
+                &table,
+            )?;
+        }
+    }
+    Ok(code)
+}
+
+fn rm(name: &str, global: &Global, con: &mut dyn Console) -> anyhow::Result<u8> {
+    validate_name(name)?;
+    let mut removed = Vec::new();
+    let mut failures = Vec::new();
+    for store in backends(global) {
+        match store.remove(name) {
+            Ok(true) => removed.push(store.source().name()),
+            Ok(false) | Err(SecretsError::StoreMissing { .. }) => {}
+            Err(e) => failures.push(e.to_string()),
+        }
+    }
+    for failure in &failures {
+        writeln!(con.err(), "error: {failure}")?;
+    }
+    match global.output {
+        OutputFormat::Json => writeln!(
+            con.out(),
+            "{}",
+            serde_json::json!({ "name": name, "removed": removed })
+        )?,
+        OutputFormat::Human => {
+            for backend in &removed {
+                writeln!(con.out(), "removed {name} from the {backend}")?;
+            }
+        }
+    }
+    if !removed.is_empty() {
+        return Ok(if failures.is_empty() {
+            exit::OK
+        } else {
+            exit::PROBLEM
+        });
+    }
+    if !failures.is_empty() {
+        anyhow::bail!("cannot remove {name}");
+    }
+    writeln!(
+        con.err(),
+        "error: no secret named {name} in the store or the keychain"
+    )?;
+    Ok(exit::PROBLEM)
+}
+
+/// How one target's secret resolved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TargetState {
+    /// A value was found.
+    Resolved,
+    /// Nothing under that name.
+    Missing,
+    /// A backend failed (damaged store, keyring refused).
+    Error,
+}
+
+/// One row of `kt secrets status`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct TargetStatus {
+    /// The target's `id`.
+    pub id: String,
+    /// The reference as written, e.g. `store:OPENAI_API_KEY_2026Q2`.
+    pub reference: String,
+    /// The target's `required` flag.
+    pub required: bool,
+    /// Resolved, missing or error.
+    pub state: TargetState,
+    /// Where it resolved (`env`, `store`, `keychain`).
+    pub source: Option<&'static str>,
+    /// Fingerprint of the resolved value.
+    pub fingerprint: Option<Fingerprint>,
+    /// Why it did not resolve, and how to fix it.
+    pub reason: Option<String>,
+}
+
+/// The result of `kt secrets status` for one config.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct StatusReport {
+    /// The config file.
+    pub config: PathBuf,
+    /// One row per target, in config order.
+    pub targets: Vec<TargetStatus>,
+}
+
+impl StatusReport {
+    /// True when every `required` target resolved.
+    pub fn ok(&self) -> bool {
+        self.targets
+            .iter()
+            .all(|t| !t.required || t.state == TargetState::Resolved)
+    }
+}
+
+/// Resolves every target of `config`. Pure apart from what the resolver does.
+pub fn status_report(config: &Config, resolver: &dyn Resolve, fp: &Fingerprinter) -> StatusReport {
+    let targets = config
+        .providers
+        .targets
+        .iter()
+        .map(|target| {
+            let reference = &target.secret_key_ref;
+            let mut row = TargetStatus {
+                id: target.id.clone(),
+                reference: reference.to_string(),
+                required: target.required,
+                state: TargetState::Missing,
+                source: None,
+                fingerprint: None,
+                reason: None,
+            };
+            match resolver.resolve(reference) {
+                Ok(Some(resolved)) => {
+                    row.state = TargetState::Resolved;
+                    row.source = Some(resolved.source.name());
+                    row.fingerprint = Some(fp.fingerprint(resolved.value.expose()));
+                }
+                Ok(None) => row.reason = Some(resolver.explain_missing(reference)),
+                Err(reason) => {
+                    row.state = TargetState::Error;
+                    row.reason = Some(reason);
+                }
+            }
+            row
+        })
+        .collect();
+    StatusReport {
+        config: config.source.clone(),
+        targets,
+    }
+}
+
+/// Prints a status report (table or JSON on stdout, problems on stderr) and
+/// returns the exit code: 1 when a required target does not resolve.
+pub fn print_status(report: &StatusReport, global: &Global) -> u8 {
+    write_status(
+        report,
+        global.output,
+        &mut io::stdout().lock(),
+        &mut io::stderr().lock(),
+    )
+}
+
+fn write_status(
+    report: &StatusReport,
+    format: OutputFormat,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> u8 {
+    // A closed stdout (e.g. `| head`) must not turn a result into a panic.
+    let _ = write_status_inner(report, format, out, err);
+    if report.ok() { exit::OK } else { exit::PROBLEM }
+}
+
+fn write_status_inner(
+    report: &StatusReport,
+    format: OutputFormat,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> io::Result<()> {
+    match format {
+        OutputFormat::Json => {
+            let doc = serde_json::json!({
+                "config": report.config,
+                "ok": report.ok(),
+                "targets": report.targets,
+            });
+            writeln!(out, "{doc}")?;
+        }
+        OutputFormat::Human => {
+            let rows: Vec<Vec<String>> = report
+                .targets
+                .iter()
+                .map(|t| {
+                    vec![
+                        t.id.clone(),
+                        t.reference.clone(),
+                        if t.required { "yes" } else { "no" }.to_string(),
+                        match t.state {
+                            TargetState::Resolved => t.source.unwrap_or("?").to_string(),
+                            TargetState::Missing => "missing".to_string(),
+                            TargetState::Error => "error".to_string(),
+                        },
+                        t.fingerprint
+                            .map_or_else(|| "-".to_string(), |f| f.to_string()),
+                    ]
+                })
+                .collect();
+            write_table(
+                out,
+                &["TARGET", "REFERENCE", "REQUIRED", "RESOLVED", "FINGERPRINT"],
+                &rows,
+            )?;
+        }
+    }
+    for t in &report.targets {
+        let Some(reason) = &t.reason else { continue };
+        if t.required {
+            writeln!(
+                err,
+                "error: required target {} ({}) does not resolve: {reason}",
+                t.id, t.reference
+            )?;
+        } else {
+            writeln!(
+                err,
+                "warning: optional target {} ({}) will be skipped: {reason}",
+                t.id, t.reference
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// Left-aligned columns separated by two spaces.
+fn write_table(out: &mut dyn Write, header: &[&str], rows: &[Vec<String>]) -> io::Result<()> {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut s = String::new();
+        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(cell);
+            } else {
+                s.push_str(&format!("{cell:<w$}  "));
+            }
+        }
+        s
+    };
+    writeln!(out, "{}", line(header.to_vec()))?;
+    for row in rows {
+        writeln!(out, "{}", line(row.iter().map(String::as_str).collect()))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{
+        Capture, Gateway, Pack, Provider, Providers, RoutingStrategy, SecretKeyRef, Target,
+    };
+    use crate::secrets::keychain_test::{TestName, require_keyring};
+    use clap::Parser;
+
+    const KNOWN: &str = "sk-proj-KNOWN-LEAK-CANARY-9f8e7d6c5b4a";
+
+    #[derive(Default)]
+    struct Fake {
+        interactive: bool,
+        stdin: Vec<u8>,
+        typed: String,
+        answer: bool,
+        prompts: Vec<String>,
+        out: Vec<u8>,
+        err: Vec<u8>,
+    }
+
+    impl Fake {
+        fn piped(value: &str) -> Fake {
+            Fake {
+                stdin: value.as_bytes().to_vec(),
+                ..Fake::default()
+            }
+        }
+        fn terminal(typed: &str, answer: bool) -> Fake {
+            Fake {
+                interactive: true,
+                typed: typed.to_string(),
+                answer,
+                ..Fake::default()
+            }
+        }
+        fn out(&self) -> String {
+            String::from_utf8(self.out.clone()).unwrap()
+        }
+        fn err(&self) -> String {
+            String::from_utf8(self.err.clone()).unwrap()
+        }
+    }
+
+    impl Console for Fake {
+        fn interactive(&self) -> bool {
+            self.interactive
+        }
+        fn read_stdin(&mut self, limit: u64) -> io::Result<Vec<u8>> {
+            Ok(self.stdin.iter().copied().take(limit as usize).collect())
+        }
+        fn prompt_secret(&mut self, prompt: &str) -> io::Result<String> {
+            self.prompts.push(prompt.to_string());
+            Ok(self.typed.clone())
+        }
+        fn confirm(&mut self, question: &str) -> io::Result<bool> {
+            self.prompts.push(question.to_string());
+            Ok(self.answer)
+        }
+        fn streams(&mut self) -> (&mut dyn Write, &mut dyn Write) {
+            (&mut self.out, &mut self.err)
+        }
+    }
+
+    fn global(dir: &Path, output: OutputFormat) -> Global {
+        Global {
+            output,
+            data_dir: dir.to_path_buf(),
+        }
+    }
+
+    fn add_cmd(name: &str, keychain: bool, force: bool) -> SecretsCmd {
+        SecretsCmd::Add {
+            name: name.to_string(),
+            store: !keychain,
+            keychain,
+            force,
+        }
+    }
+
+    fn stored(dir: &Path, name: &str) -> Option<String> {
+        FileStore::new(dir)
+            .get(name)
+            .unwrap()
+            .map(|v| v.expose().to_string())
+    }
+
+    fn target(id: &str, reference: SecretKeyRef, required: bool) -> Target {
+        Target {
+            id: id.to_string(),
+            provider: Provider::OpenAi,
+            model: None,
+            required,
+            secret_key_ref: reference,
+            base_url: None,
+        }
+    }
+
+    fn config(targets: Vec<Target>) -> Config {
+        Config {
+            source: PathBuf::from("policy-config.yaml"),
+            pack: Pack {
+                name: "test".into(),
+                version: "1".into(),
+                enabled: true,
+            },
+            providers: Providers {
+                strategy: RoutingStrategy::Ordered,
+                fallback: true,
+                targets,
+            },
+            chain: Vec::new(),
+            dlp: None,
+            audit: None,
+            gateway: Gateway::default(),
+            capture: Capture::default(),
+        }
+    }
+
+    #[derive(Parser, Debug)]
+    struct Cli {
+        #[command(subcommand)]
+        cmd: SecretsCmd,
+    }
+
+    #[test]
+    fn add_needs_exactly_one_backend_and_takes_no_value_from_argv() {
+        assert!(Cli::try_parse_from(["kt", "add", "A"]).is_err());
+        assert!(Cli::try_parse_from(["kt", "add", "A", "--store", "--keychain"]).is_err());
+        assert!(Cli::try_parse_from(["kt", "add", "A", "--store", "sk-value"]).is_err());
+        let parsed = Cli::try_parse_from(["kt", "add", "A", "--keychain", "--force"]).unwrap();
+        assert_eq!(parsed.cmd, add_cmd("A", true, true));
+        let parsed = Cli::try_parse_from(["kt", "status", "--config", "f.yaml"]).unwrap();
+        assert_eq!(
+            parsed.cmd,
+            SecretsCmd::Status {
+                config: "f.yaml".into()
+            }
+        );
+    }
+
+    #[test]
+    fn add_list_rm_round_trip_through_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = global(dir.path(), OutputFormat::Human);
+
+        let mut con = Fake::piped("sk-round-trip\n");
+        assert_eq!(
+            run_with(add_cmd("OPENAI_API_KEY_2026Q2", false, false), &g, &mut con).unwrap(),
+            0
+        );
+        let fp = Fingerprinter::open(dir.path())
+            .unwrap()
+            .fingerprint("sk-round-trip");
+        assert_eq!(
+            con.out(),
+            format!("added OPENAI_API_KEY_2026Q2 in the store ({fp})\n")
+        );
+        assert_eq!(
+            stored(dir.path(), "OPENAI_API_KEY_2026Q2").as_deref(),
+            Some("sk-round-trip")
+        );
+
+        let mut con = Fake::default();
+        assert_eq!(run_with(SecretsCmd::List, &g, &mut con).unwrap(), 0);
+        let out = con.out();
+        let lines: Vec<_> = out.lines().collect();
+        assert!(lines[0].starts_with("NAME"), "{out}");
+        assert!(
+            lines[1].starts_with("OPENAI_API_KEY_2026Q2  store  "),
+            "{out}"
+        );
+        assert!(lines[1].contains(&fp.to_string()), "{out}");
+
+        let mut con = Fake::default();
+        let g_json = global(dir.path(), OutputFormat::Json);
+        assert_eq!(run_with(SecretsCmd::List, &g_json, &mut con).unwrap(), 0);
+        let doc: serde_json::Value = serde_json::from_str(&con.out()).unwrap();
+        assert_eq!(doc["secrets"][0]["name"], "OPENAI_API_KEY_2026Q2");
+        assert_eq!(doc["secrets"][0]["backend"], "store");
+        assert_eq!(doc["secrets"][0]["fingerprint"], fp.to_string());
+
+        let rm = SecretsCmd::Rm {
+            name: "OPENAI_API_KEY_2026Q2".into(),
+        };
+        let mut con = Fake::default();
+        assert_eq!(run_with(rm.clone(), &g, &mut con).unwrap(), 0);
+        assert_eq!(con.out(), "removed OPENAI_API_KEY_2026Q2 from the store\n");
+        assert_eq!(stored(dir.path(), "OPENAI_API_KEY_2026Q2"), None);
+
+        let mut con = Fake::default();
+        assert_eq!(run_with(rm, &g, &mut con).unwrap(), 1, "unknown name");
+        assert!(
+            con.err().contains("no secret named OPENAI_API_KEY_2026Q2"),
+            "{}",
+            con.err()
+        );
+    }
+
+    #[test]
+    fn rm_of_an_unknown_name_on_a_fresh_machine_is_exit_1() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = global(&dir.path().join("fresh"), OutputFormat::Human);
+        let mut con = Fake::default();
+        let rm = SecretsCmd::Rm {
+            name: "KT_TEST_NEVER_ADDED_ANYWHERE".into(),
+        };
+        assert_eq!(run_with(rm, &g, &mut con).unwrap(), 1);
+    }
+
+    #[test]
+    fn exactly_one_trailing_newline_is_stripped() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = global(dir.path(), OutputFormat::Human);
+        run_with(
+            add_cmd("CRLF", false, false),
+            &g,
+            &mut Fake::piped("sk-a\r\n"),
+        )
+        .unwrap();
+        assert_eq!(stored(dir.path(), "CRLF").as_deref(), Some("sk-a"));
+        run_with(add_cmd("BARE", false, false), &g, &mut Fake::piped("sk-b")).unwrap();
+        assert_eq!(stored(dir.path(), "BARE").as_deref(), Some("sk-b"));
+        let err = run_with(
+            add_cmd("TWO", false, false),
+            &g,
+            &mut Fake::piped("sk-c\n\n"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("line break"), "{err}");
+        assert_eq!(stored(dir.path(), "TWO"), None);
+    }
+
+    #[test]
+    fn empty_values_and_bad_names_are_refused_and_nothing_is_created() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let g = global(&data, OutputFormat::Human);
+        for empty in ["", "\n", "\r\n"] {
+            let err = run_with(add_cmd("EMPTY", false, false), &g, &mut Fake::piped(empty))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("empty secret value"), "{empty:?}: {err}");
+        }
+        let err = run_with(
+            add_cmd("EMPTY", false, false),
+            &g,
+            &mut Fake::terminal("", false),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("empty secret value"), "{err}");
+        assert!(!FileStore::new(&data).store_path().exists());
+
+        for bad in ["1ABC", "A-B", "A B", ""] {
+            let err = run_with(add_cmd(bad, false, false), &g, &mut Fake::piped("sk-x"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("invalid secret name"), "{bad}: {err}");
+        }
+        assert!(!data.exists(), "a refused add must not create the data dir");
+    }
+
+    #[test]
+    fn replacing_asks_on_a_terminal_and_needs_force_otherwise() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = global(dir.path(), OutputFormat::Human);
+        run_with(add_cmd("K", false, false), &g, &mut Fake::piped("sk-old")).unwrap();
+
+        let mut con = Fake::piped("sk-new");
+        assert_eq!(
+            run_with(add_cmd("K", false, false), &g, &mut con).unwrap(),
+            1
+        );
+        assert!(
+            con.err().contains("already exists in the store"),
+            "{}",
+            con.err()
+        );
+        assert!(con.err().contains("--force"), "{}", con.err());
+        assert_eq!(stored(dir.path(), "K").as_deref(), Some("sk-old"));
+
+        let mut con = Fake::terminal("sk-new", false);
+        assert_eq!(
+            run_with(add_cmd("K", false, false), &g, &mut con).unwrap(),
+            1
+        );
+        assert_eq!(stored(dir.path(), "K").as_deref(), Some("sk-old"));
+        assert!(con.prompts[0].contains("Replace K"), "{:?}", con.prompts);
+
+        let mut con = Fake::terminal("sk-new", true);
+        assert_eq!(
+            run_with(add_cmd("K", false, false), &g, &mut con).unwrap(),
+            0
+        );
+        assert!(con.prompts[1].contains("input hidden"), "{:?}", con.prompts);
+        assert!(
+            con.out().starts_with("replaced K in the store"),
+            "{}",
+            con.out()
+        );
+        assert_eq!(stored(dir.path(), "K").as_deref(), Some("sk-new"));
+
+        let mut con = Fake::piped("sk-newer\n");
+        assert_eq!(
+            run_with(add_cmd("K", false, true), &g, &mut con).unwrap(),
+            0
+        );
+        assert!(con.out().starts_with("replaced K"), "{}", con.out());
+        assert_eq!(stored(dir.path(), "K").as_deref(), Some("sk-newer"));
+    }
+
+    #[test]
+    fn keychain_add_list_rm_and_store_precedence_note() {
+        require_keyring();
+        let dir = tempfile::tempdir().unwrap();
+        let g = global(dir.path(), OutputFormat::Human);
+        let t = TestName::new(dir.path(), "CLI");
+
+        let mut con = Fake::piped("sk-in-keychain\n");
+        assert_eq!(
+            run_with(add_cmd(&t.0, true, false), &g, &mut con).unwrap(),
+            0
+        );
+        assert!(
+            con.out()
+                .starts_with(&format!("added {} in the keychain (fp:", t.0))
+        );
+        assert!(con.err().contains("lost at reboot"), "{}", con.err());
+
+        let mut con = Fake::piped("sk-in-store\n");
+        assert_eq!(
+            run_with(add_cmd(&t.0, false, false), &g, &mut con).unwrap(),
+            0
+        );
+        assert!(
+            con.err().contains("is also in the keychain"),
+            "{}",
+            con.err()
+        );
+
+        let mut con = Fake::default();
+        run_with(SecretsCmd::List, &g, &mut con).unwrap();
+        let rows: Vec<_> = con.out().lines().skip(1).map(str::to_string).collect();
+        assert_eq!(rows.len(), 2, "{}", con.out());
+        assert!(rows[0].contains(" store "), "{rows:?}");
+        assert!(rows[1].contains(" keychain "), "{rows:?}");
+
+        let mut con = Fake::default();
+        let rm = SecretsCmd::Rm { name: t.0.clone() };
+        assert_eq!(run_with(rm, &g, &mut con).unwrap(), 0);
+        assert_eq!(
+            con.out(),
+            format!(
+                "removed {0} from the store\nremoved {0} from the keychain\n",
+                t.0
+            )
+        );
+    }
+
+    #[test]
+    fn status_rows_and_exit_codes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::new(dir.path());
+        store.put("Q2", &SecretValue::new("sk-q2")).unwrap();
+        let resolver = Resolver::with_stores(vec![std::sync::Arc::new(store)]);
+        let fp = Fingerprinter::from_key([3; 32]);
+
+        let cfg = config(vec![
+            target("primary", SecretKeyRef::Store("Q2".into()), true),
+            target("backup", SecretKeyRef::Store("Q1".into()), false),
+            target(
+                "envkey",
+                SecretKeyRef::Env("KT_TEST_UNSET_ENV_KEY".into()),
+                false,
+            ),
+        ]);
+        let report = status_report(&cfg, &resolver, &fp);
+        assert!(report.ok(), "only optional targets are missing");
+        assert_eq!(report.targets[0].state, TargetState::Resolved);
+        assert_eq!(report.targets[0].source, Some("store"));
+        assert_eq!(report.targets[0].fingerprint, Some(fp.fingerprint("sk-q2")));
+        assert_eq!(report.targets[1].reference, "store:Q1");
+        assert_eq!(report.targets[1].state, TargetState::Missing);
+
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        assert_eq!(
+            write_status(&report, OutputFormat::Human, &mut out, &mut err),
+            0
+        );
+        let out = String::from_utf8(out).unwrap();
+        let err = String::from_utf8(err).unwrap();
+        assert!(out.lines().next().unwrap().starts_with("TARGET"), "{out}");
+        assert!(out.contains("primary  store:Q2"), "{out}");
+        assert!(out.contains(&fp.fingerprint("sk-q2").to_string()), "{out}");
+        assert!(err.contains("warning: optional target backup"), "{err}");
+        assert!(err.contains("kt secrets add Q1 --store"), "{err}");
+        assert!(
+            err.contains("environment variable KT_TEST_UNSET_ENV_KEY"),
+            "{err}"
+        );
+
+        let cfg = config(vec![
+            target("primary", SecretKeyRef::Store("Q2".into()), true),
+            target("must", SecretKeyRef::Store("Q1".into()), true),
+        ]);
+        let report = status_report(&cfg, &resolver, &fp);
+        assert!(!report.ok());
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        assert_eq!(
+            write_status(&report, OutputFormat::Json, &mut out, &mut err),
+            1
+        );
+        let doc: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(doc["ok"], false);
+        assert_eq!(doc["targets"][0]["state"], "resolved");
+        assert_eq!(
+            doc["targets"][0]["fingerprint"],
+            fp.fingerprint("sk-q2").to_string()
+        );
+        assert_eq!(doc["targets"][1]["id"], "must");
+        assert_eq!(doc["targets"][1]["state"], "missing");
+        assert_eq!(doc["targets"][1]["required"], true);
+        assert!(doc["targets"][1]["reason"].as_str().unwrap().contains("Q1"));
+        let err = String::from_utf8(err).unwrap();
+        assert!(
+            err.contains("error: required target must (store:Q1) does not resolve"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_damaged_store_shows_as_an_error_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::new(dir.path());
+        store.put("Q2", &SecretValue::new("sk-q2")).unwrap();
+        std::fs::write(store.store_path(), b"KTSTORE1 not really").unwrap();
+        let resolver = Resolver::from_data_dir(dir.path());
+        let cfg = config(vec![target("p", SecretKeyRef::Store("Q2".into()), true)]);
+        let report = status_report(&cfg, &resolver, &Fingerprinter::from_key([0; 32]));
+        assert_eq!(report.targets[0].state, TargetState::Error);
+        assert!(
+            report.targets[0]
+                .reason
+                .as_deref()
+                .unwrap()
+                .contains("integrity")
+        );
+        assert!(!report.ok());
+    }
+
+    /// Adds a known value and searches every output, error, Debug dump and
+    /// file for it.
+    #[test]
+    fn the_value_never_leaks() {
+        require_keyring();
+        let dir = tempfile::tempdir().unwrap();
+        let mut seen = String::new();
+        let kc_name = TestName::new(dir.path(), "LEAK");
+        for output in [OutputFormat::Human, OutputFormat::Json] {
+            let g = global(dir.path(), output);
+            let mut run = |cmd: SecretsCmd, mut con: Fake| {
+                let result = run_with(cmd.clone(), &g, &mut con);
+                seen.push_str(&format!(
+                    "{cmd:?}\n{}\n{}\n{:?}\n{}\n",
+                    con.out(),
+                    con.err(),
+                    result,
+                    result
+                        .as_ref()
+                        .map_or_else(|e| format!("{e:#}"), |c| c.to_string())
+                ));
+                con.prompts.iter().for_each(|p| seen.push_str(p));
+            };
+            run(
+                add_cmd("LEAKY", false, true),
+                Fake::piped(&format!("{KNOWN}\n")),
+            );
+            run(add_cmd("LEAKY", false, false), Fake::piped(KNOWN));
+            run(add_cmd("LEAKY", false, false), Fake::terminal(KNOWN, false));
+            run(add_cmd(&kc_name.0, true, true), Fake::piped(KNOWN));
+            run(
+                add_cmd("BAD1", false, false),
+                Fake::piped(&format!("{KNOWN}\nmore")),
+            );
+            run(
+                add_cmd("BAD2", false, false),
+                Fake::piped(&format!("{KNOWN}\t")),
+            );
+            let mut not_utf8 = KNOWN.as_bytes().to_vec();
+            not_utf8.push(0xff);
+            run(
+                add_cmd("BAD3", false, false),
+                Fake {
+                    stdin: not_utf8,
+                    ..Fake::default()
+                },
+            );
+            run(add_cmd("9bad", false, false), Fake::piped(KNOWN));
+            run(SecretsCmd::List, Fake::default());
+
+            let resolver = Resolver::from_data_dir(dir.path());
+            let fp = Fingerprinter::open(dir.path()).unwrap();
+            let cfg = config(vec![
+                target("a", SecretKeyRef::Store("LEAKY".into()), true),
+                target("b", SecretKeyRef::Store(kc_name.0.clone()), true),
+            ]);
+            let report = status_report(&cfg, &resolver, &fp);
+            assert!(report.ok());
+            let (mut out, mut err) = (Vec::new(), Vec::new());
+            write_status(&report, output, &mut out, &mut err);
+            seen.push_str(&format!(
+                "{report:?}{resolver:?}{fp:?}{}{}",
+                String::from_utf8_lossy(&out),
+                String::from_utf8_lossy(&err)
+            ));
+            let resolved = resolver
+                .resolve(&SecretKeyRef::Store("LEAKY".into()))
+                .unwrap()
+                .unwrap();
+            seen.push_str(&format!("{resolved:?}{:?}", resolver.known_secrets(&fp)));
+        }
+        // Errors that happen with the value in the store.
+        let store = FileStore::new(dir.path());
+        let mut bytes = std::fs::read(store.store_path()).unwrap();
+        for f in [
+            store.dir().join(".lock"),
+            Keychain::new(dir.path()).index_path(),
+        ] {
+            bytes.extend(std::fs::read(f).unwrap());
+        }
+        let needle = KNOWN.as_bytes();
+        assert!(
+            !bytes.windows(needle.len()).any(|w| w == needle),
+            "plaintext in a file"
+        );
+        let mut sealed = std::fs::read(store.store_path()).unwrap();
+        let last = sealed.len() - 1;
+        sealed[last] ^= 1;
+        std::fs::write(store.store_path(), sealed).unwrap();
+        let g = global(dir.path(), OutputFormat::Json);
+        let mut con = Fake::default();
+        let code = run_with(SecretsCmd::List, &g, &mut con).unwrap();
+        assert_eq!(code, 1, "a damaged store makes list report a problem");
+        seen.push_str(&con.out());
+        seen.push_str(&con.err());
+
+        assert!(seen.contains("LEAKY"), "the check looked at real output");
+        assert!(seen.contains("fp:"), "the check looked at real output");
+        for error in [
+            "line break",
+            "not valid UTF-8",
+            "invalid secret name",
+            "--force",
+        ] {
+            assert!(seen.contains(error), "the error paths ran: {error}");
+        }
+        assert!(!seen.contains(KNOWN), "value leaked:\n{seen}");
+        assert!(
+            !seen.contains(&KNOWN[8..24]),
+            "part of the value leaked:\n{seen}"
+        );
+    }
+}
