@@ -32,11 +32,6 @@ pub fn run(args: &CheckArgs, global: &Global) -> anyhow::Result<u8> {
             fingerprint: &*fp,
         },
     );
-    if args.verbose {
-        if let Some(dlp) = config.dlp.as_ref() {
-            let _ = (dlp, &report); // DLP coverage warnings arrive with the dlp module.
-        }
-    }
     match global.output {
         OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
         OutputFormat::Human => print_human(&report, args.verbose),

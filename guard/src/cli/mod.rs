@@ -103,9 +103,12 @@ pub fn resolver(global: &Global) -> anyhow::Result<Arc<dyn crate::secrets::Resol
     )))
 }
 
+/// A fingerprint function for display.
+pub type DisplayFingerprint = Box<dyn Fn(&str) -> String>;
+
 /// Fingerprints values for display. Read-only commands must not create the
 /// host key, so without one they show no fingerprint.
-pub fn fingerprinter(global: &Global) -> anyhow::Result<Box<dyn Fn(&str) -> String>> {
+pub fn fingerprinter(global: &Global) -> anyhow::Result<DisplayFingerprint> {
     let path = crate::secrets::Fingerprinter::key_path(&global.data_dir);
     if !path.exists() {
         return Ok(Box::new(|_| "fp:(no host key yet)".to_string()));
