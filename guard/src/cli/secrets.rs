@@ -644,6 +644,7 @@ mod tests {
     };
     use crate::secrets::keychain_test::{TestName, require_keyring};
     use clap::Parser;
+    use std::path::Path;
 
     const KNOWN: &str = "sk-proj-KNOWN-LEAK-CANARY-9f8e7d6c5b4a";
 
