@@ -54,3 +54,6 @@ fn is_root() -> bool {
     // The owner of /proc/self is the effective uid of this process.
     std::fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false)
 }
+
+pub mod ca;
+pub mod gateway_run;

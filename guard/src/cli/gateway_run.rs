@@ -1,0 +1,1 @@
+//! `kt gateway run`.
