@@ -359,7 +359,7 @@ impl Gateway {
                         continue;
                     }
                 },
-                _ = stop.wait_for(|s| *s) => break,
+                _ = stopped(&mut stop) => break,
             };
             let _ = stream.set_nodelay(true);
             let ctx = Arc::new(ConnCtx {
@@ -393,7 +393,7 @@ impl Gateway {
                         continue;
                     }
                 },
-                _ = stop.wait_for(|s| *s) => break,
+                _ = stopped(&mut stop) => break,
             };
             let local = stream.local_addr().unwrap_or(peer);
             let (dst, info) = lookup
@@ -661,6 +661,12 @@ impl Gateway {
         }
         hosts
     }
+}
+
+/// Resolves once shutdown was asked for (the watch guard is not Send, so
+/// it is dropped here rather than held across the select).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
 }
 
 enum Peeked {

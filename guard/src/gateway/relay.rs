@@ -40,8 +40,13 @@ pub enum RelayError {
 
 enum State {
     Streaming,
-    /// The SSE error event went out; the next poll aborts.
-    Aborting(Option<RelayError>),
+    /// The SSE error event went out; abort after one yield, so the server
+    /// flushes the event before the connection is torn down (hyper drops
+    /// its write buffer when a body fails).
+    Aborting {
+        err: Option<RelayError>,
+        yielded: bool,
+    },
     Done,
 }
 
@@ -82,6 +87,19 @@ pub fn sse_error_event(message: &str) -> Bytes {
     Bytes::from(format!("\n\nevent: error\ndata: {data}\n\n"))
 }
 
+impl<B> Relay<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
+    fn poll_frame_again(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(self).poll_frame(cx)
+    }
+}
+
 impl<B> Body for Relay<B>
 where
     B: Body<Data = Bytes> + Unpin,
@@ -97,7 +115,12 @@ where
         let this = self.get_mut();
         match &mut this.state {
             State::Done => return Poll::Ready(None),
-            State::Aborting(err) => {
+            State::Aborting { err, yielded } => {
+                if !*yielded {
+                    *yielded = true;
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
                 let err = err.take();
                 this.state = State::Done;
                 return Poll::Ready(err.map(|e| Err(Box::new(e) as BoxError)));
@@ -128,11 +151,17 @@ where
         tracing::warn!(error = %failure, "upstream stream cut after the response started");
         if this.sse {
             let event = sse_error_event(&failure.to_string());
-            this.state = State::Aborting(Some(failure));
+            this.state = State::Aborting {
+                err: Some(failure),
+                yielded: false,
+            };
             Poll::Ready(Some(Ok(Frame::data(event))))
         } else {
-            this.state = State::Done;
-            Poll::Ready(Some(Err(Box::new(failure))))
+            this.state = State::Aborting {
+                err: Some(failure),
+                yielded: false,
+            };
+            this.poll_frame_again(cx)
         }
     }
 
