@@ -755,3 +755,59 @@ async fn shutdown_finishes_in_flight_requests() {
     gw.task.await.unwrap();
     assert!(tokio::net::TcpStream::connect(gw.addr).await.is_err());
 }
+
+#[tokio::test]
+async fn last_target_retry_after_within_bound_is_retried_once() {
+    let ca = TestCa::new();
+    let up = FakeProvider::start(&ca, "first", Behavior::RateLimited(0)).await;
+    let gw = start(config(vec![oa("oa1", &up, "OA1")]), secrets(), &ca).await;
+    let mut c = h1_plain(gw.addr).await;
+    let a = send(
+        &mut c,
+        post("/openai/v1/chat/completions", &[], chat_body(false)),
+    )
+    .await;
+    assert_eq!(a.status, 429);
+    assert_eq!(up.requests().len(), 2, "one retry after Retry-After");
+    let d = &gw.sink.snapshot()[0];
+    assert_eq!(d.tried.len(), 2);
+    assert!(d.tried.iter().all(|t| t.target == "oa1"));
+}
+
+#[tokio::test]
+async fn http2_clients_are_served_through_capture_tls() {
+    let ca = TestCa::new();
+    let up = FakeProvider::start(&ca, "first", Behavior::Ok).await;
+    let gw = start(config(vec![oa("oa1", &up, "OA1")]), secrets(), &ca).await;
+    let dst = "127.0.0.2:443".parse().unwrap();
+    let cap = start_capture(&gw.gw, Arc::new(FixedLookup(dst, ClientInfo::default()))).await;
+    let tcp = tokio::net::TcpStream::connect(cap).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(client_tls(gw.ca.cert_der(), true))
+        .connect(
+            rustls_pki_types::ServerName::try_from("api.openai.com").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut send_req, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = post(
+        "https://api.openai.com/v1/chat/completions",
+        &[("authorization", &format!("Bearer {CLIENT_KEY}"))],
+        chat_body(true),
+    );
+    let resp = send_req.send_request(req).await.unwrap();
+    let a = read(resp).await;
+    assert_eq!(a.status, 200);
+    assert!(a.body.contains("[DONE]"));
+    assert_eq!(
+        header(&up.requests()[0], "authorization"),
+        Some(&*format!("Bearer {MANAGED_OA}"))
+    );
+}
