@@ -81,6 +81,7 @@ async fn one(c: &mut SendRequest<Full<Bytes>>, body: &Bytes) {
         .header("authorization", "Bearer sk-client-bench")
         .body(Full::new(body.clone()))
         .unwrap();
+    c.ready().await.unwrap();
     let resp = c.send_request(req).await.unwrap();
     assert_eq!(resp.status(), 200);
     resp.into_body().collect().await.unwrap();

@@ -273,6 +273,7 @@ pub fn post(uri: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Requ
 
 /// Sends and reads the whole answer.
 pub async fn send(conn: &mut SendRequest<Full<Bytes>>, req: Request<Full<Bytes>>) -> Answer {
+    conn.ready().await.unwrap();
     let resp = conn.send_request(req).await.unwrap();
     read(resp).await
 }

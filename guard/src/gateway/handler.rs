@@ -77,6 +77,8 @@ const HOP_BY_HOP: &[&str] = &[
     "trailer",
     "upgrade",
     "proxy-authenticate",
+    // The gateway has the whole body already; upstream never sees the handshake.
+    "expect",
 ];
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
@@ -167,7 +169,17 @@ pub async fn handle(
     }
 
     let matched = match &ctx.mode {
-        Mode::BaseUrl => inner.router.match_path(&clean_pq),
+        // An absolute-form target (`POST http://api.openai.com/v1/...`) is a
+        // plain-HTTP proxy request: route it by host like a tunnel.
+        // HTTP/2 requests always carry an authority, so the path prefix wins.
+        Mode::BaseUrl => inner.router.match_path(&clean_pq).or_else(|| {
+            let h = parts.uri.host()?;
+            let provider = inner.router.match_host(h, parts.uri.port_u16())?;
+            Some(routing::Matched {
+                api_path: inner.router.api_path_for_host(&provider, h, &clean_pq),
+                provider,
+            })
+        }),
         Mode::Connect { host, port } | Mode::Capture { host, port } => {
             let host_header = parts
                 .headers
@@ -331,11 +343,9 @@ pub async fn handle(
                 .unwrap_or_else(|| body.clone()),
             None => body.clone(),
         };
-        let mut up = Request::builder()
-            .method(parts.method.clone())
-            .uri(uri)
-            .body(Full::new(send_body.clone()))
-            .unwrap_or_else(|_| Request::new(Full::new(Bytes::new())));
+        let mut up = Request::new(Full::new(send_body.clone()));
+        *up.method_mut() = parts.method.clone();
+        *up.uri_mut() = uri;
         *up.headers_mut() = parts.headers.clone();
         if !send_body.is_empty() || parts.method == Method::POST || parts.method == Method::PUT {
             up.headers_mut()

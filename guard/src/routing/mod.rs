@@ -248,8 +248,8 @@ impl Router {
     }
 
     /// CONNECT host, SNI or captured destination: the provider whose official
-    /// host or one of whose targets' `base_url` host this is. `port` narrows
-    /// the match when several providers share a host (loopback tests).
+    /// host or one of whose targets' `base_url` host this is. With a `port`,
+    /// a target host matches only on that port (official hosts on any).
     pub fn match_host(&self, host: &str, port: Option<u16>) -> Option<Provider> {
         let host = host
             .trim_end_matches('.')
@@ -266,6 +266,11 @@ impl Router {
         }
         if let Some((_, p)) = OFFICIAL_HOSTS.iter().find(|(h, _)| *h == host) {
             return Some(p.clone());
+        }
+        if port.is_some() {
+            // A known port must match exactly: a shared host (loopback) on
+            // another port is some other service.
+            return None;
         }
         self.routes
             .iter()
@@ -686,6 +691,8 @@ mod tests {
             Some(Provider::Other("local".into()))
         );
         assert_eq!(r.match_host("example.com", Some(443)), None);
+        assert_eq!(r.match_host("127.0.0.1", Some(9001)), None);
+        assert_eq!(r.match_host("proxy.example", Some(443)), None);
     }
 
     #[test]
