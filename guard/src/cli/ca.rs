@@ -132,3 +132,26 @@ fn print_env_hints(cert_path: &Path, installed: bool, global: &Global) {
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn path_and_export_create_the_ca_once() {
+        let tmp = tempfile::tempdir().unwrap();
+        let global = Global {
+            output: OutputFormat::Json,
+            data_dir: tmp.path().to_path_buf(),
+        };
+        assert_eq!(run(CaCmd::Path, &global).unwrap(), exit::OK);
+        let cert = tmp.path().join("ca").join(crate::ca::CERT_FILE);
+        let key = tmp.path().join("ca").join(crate::ca::KEY_FILE);
+        let pem = std::fs::read_to_string(&cert).unwrap();
+        let mode = std::fs::metadata(&key).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(run(CaCmd::Export, &global).unwrap(), exit::OK);
+        assert_eq!(std::fs::read_to_string(&cert).unwrap(), pem);
+    }
+}

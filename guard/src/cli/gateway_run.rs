@@ -96,3 +96,57 @@ async fn wait_for_signal() {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::*;
+    use crate::secrets::Resolved;
+
+    struct Nothing;
+
+    impl Resolve for Nothing {
+        fn resolve(&self, _r: &SecretKeyRef) -> Result<Option<Resolved>, String> {
+            Ok(None)
+        }
+    }
+
+    #[test]
+    fn missing_required_secret_exits_1_before_listening() {
+        let tmp = tempfile::tempdir().unwrap();
+        let global = Global {
+            output: crate::cli::OutputFormat::Human,
+            data_dir: tmp.path().to_path_buf(),
+        };
+        let config = Config {
+            source: "t.yaml".into(),
+            pack: Pack {
+                name: "t".into(),
+                version: "1".into(),
+                enabled: true,
+            },
+            providers: Providers {
+                strategy: RoutingStrategy::Ordered,
+                fallback: true,
+                targets: vec![Target {
+                    id: "primary".into(),
+                    provider: Provider::OpenAi,
+                    model: None,
+                    required: true,
+                    secret_key_ref: SecretKeyRef::Store("OPENAI_KEY".into()),
+                    base_url: None,
+                }],
+            },
+            chain: vec![],
+            dlp: None,
+            audit: None,
+            gateway: crate::config::Gateway::default(),
+            capture: Capture::default(),
+        };
+        // A documentation address is never local, so binding it fails (no
+        // packet is sent): reaching the listener would be an error, not 1.
+        let listen = Some("192.0.2.1:8787".parse().unwrap());
+        let code = run_with(config, Arc::new(Nothing), listen, &global).unwrap();
+        assert_eq!(code, exit::PROBLEM);
+    }
+}
