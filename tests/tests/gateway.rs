@@ -811,3 +811,38 @@ async fn http2_clients_are_served_through_capture_tls() {
         Some(&*format!("Bearer {MANAGED_OA}"))
     );
 }
+
+#[tokio::test]
+async fn idle_gap_over_timeout_ends_stream_with_error_event() {
+    let ca = TestCa::new();
+    let up = FakeProvider::start(&ca, "first", Behavior::Gated).await;
+    let mut cfg = config(vec![oa("oa1", &up, "OA1")]);
+    cfg.gateway.idle_timeout = Duration::from_millis(200);
+    let gw = start(cfg, secrets(), &ca).await;
+    let mut c = h1_plain(gw.addr).await;
+    let resp = c
+        .send_request(post("/openai/v1/chat/completions", &[], chat_body(true)))
+        .await
+        .unwrap();
+    let mut body = resp.into_body();
+    let mut text = String::new();
+    let mut errored = false;
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(f) => {
+                if let Some(d) = f.data_ref() {
+                    text.push_str(&String::from_utf8_lossy(d));
+                }
+            }
+            Err(_) => {
+                errored = true;
+                break;
+            }
+        }
+    }
+    assert!(text.contains("hello "));
+    assert!(text.contains("event: error"), "{text}");
+    assert!(text.contains("no data for"), "{text}");
+    assert!(errored);
+    up.release();
+}
