@@ -45,7 +45,16 @@ pub fn run_with(
     global: &Global,
 ) -> anyhow::Result<u8> {
     let ca = Ca::load_or_create(&Ca::dir_in(&global.data_dir)).context("opening the local CA")?;
-    let gateway = match GatewayBuilder::new(Arc::new(config), resolver, Arc::new(ca)).build() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    // Built inside the runtime: the pooled client may start timers.
+    let built = {
+        let _guard = runtime.enter();
+        GatewayBuilder::new(Arc::new(config), resolver, Arc::new(ca)).build()
+    };
+    let gateway = match built {
         Ok(g) => g,
         Err(e @ GatewayError::MissingSecrets(_)) => {
             eprintln!("kt: {e}");
@@ -56,10 +65,6 @@ pub fn run_with(
     for w in gateway.warnings() {
         eprintln!("kt: warning: {w}");
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
     runtime.block_on(async move {
         let listener = gateway.bind(listen).await.context("binding the listener")?;
         let addr = listener.local_addr().context("reading the listen address")?;
