@@ -30,6 +30,12 @@ pub enum Command {
         #[command(subcommand)]
         cmd: super::secrets::SecretsCmd,
     },
+    /// The local CA that signs the gateway's certificates.
+    Ca {
+        /// What to do.
+        #[command(subcommand)]
+        cmd: super::ca::CaCmd,
+    },
     /// The gateway: check a config, or run it for explicit clients.
     Gateway {
         /// What to do.
@@ -43,6 +49,8 @@ pub enum Command {
 pub enum GatewayCmd {
     /// Preflight: config, secrets of required targets, policy chain, kernel support, ports.
     Check(super::gateway_check::CheckArgs),
+    /// Run the gateway in the foreground for explicit clients (base URL, CONNECT proxy).
+    Run(super::gateway_run::GatewayRunArgs),
 }
 
 /// Parses the command line and runs it; returns the process exit code.
@@ -54,8 +62,10 @@ pub fn main() -> u8 {
     };
     let result = match cli.command {
         Command::Secrets { cmd } => super::secrets::run(cmd, &global),
+        Command::Ca { cmd } => super::ca::run(cmd, &global),
         Command::Gateway { cmd } => match cmd {
             GatewayCmd::Check(args) => super::gateway_check::run(&args, &global),
+            GatewayCmd::Run(args) => super::gateway_run::run(args, &global),
         },
     };
     match result {

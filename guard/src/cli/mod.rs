@@ -116,3 +116,6 @@ pub fn fingerprinter(global: &Global) -> anyhow::Result<DisplayFingerprint> {
     let fp = crate::secrets::Fingerprinter::open(&global.data_dir)?;
     Ok(Box::new(move |v| fp.fingerprint(v).to_string()))
 }
+
+pub mod ca;
+pub mod gateway_run;

@@ -1,1 +1,891 @@
-//! routing.
+//! Routing: which provider a request is for, which targets serve it and in
+//! what order, how credentials are swapped, and when to fall back. Pure: no
+//! I/O and no async, so every rule here is tested without a network.
+
+use std::time::Duration;
+
+use http::header::{AUTHORIZATION, HeaderMap, HeaderName, HeaderValue};
+use http::{StatusCode, Uri};
+
+use crate::config::{Config, Provider, Target};
+
+/// Everything that can go wrong while routing.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RoutingError {
+    /// A target's `base_url` is not an absolute http(s) URL.
+    #[error("target {target}: base_url {url:?} is not an absolute http or https url")]
+    BadBaseUrl {
+        /// Target id.
+        target: String,
+        /// The offending URL.
+        url: String,
+    },
+    /// A target has neither a `base_url` nor a known provider default.
+    #[error("target {target}: provider {provider} has no default endpoint, set base_url")]
+    NoEndpoint {
+        /// Target id.
+        target: String,
+        /// Provider name.
+        provider: String,
+    },
+    /// The managed key cannot be sent as an HTTP header value.
+    #[error("target {target}: managed key contains characters not allowed in a header")]
+    BadKey {
+        /// Target id.
+        target: String,
+    },
+    /// The upstream path built for a request is not a valid URI.
+    #[error("target {target}: cannot build upstream uri for path {path:?}")]
+    BadPath {
+        /// Target id.
+        target: String,
+        /// Path that was asked for.
+        path: String,
+    },
+}
+
+/// Headers a client may carry credentials in; all are removed before forwarding.
+pub const CREDENTIAL_HEADERS: &[&str] = &[
+    "authorization",
+    "proxy-authorization",
+    "x-api-key",
+    "api-key",
+    "x-goog-api-key",
+    "openai-api-key",
+    "anthropic-api-key",
+];
+
+/// Query-string keys that carry credentials; all are removed before forwarding.
+pub const CREDENTIAL_QUERY_KEYS: &[&str] = &[
+    "key",
+    "api_key",
+    "api-key",
+    "apikey",
+    "access_token",
+    "token",
+];
+
+/// An upstream endpoint split into the parts routing needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    /// `https` or `http`.
+    pub scheme: String,
+    /// Host name or address (no brackets for IPv6).
+    pub host: String,
+    /// Port (explicit or the scheme default).
+    pub port: u16,
+    /// Path prefix without trailing slash ("" for none).
+    pub path: String,
+}
+
+impl Endpoint {
+    /// Parses an absolute http(s) URL.
+    pub fn parse(url: &str) -> Option<Endpoint> {
+        let uri: Uri = url.parse().ok()?;
+        let scheme = uri.scheme_str()?.to_ascii_lowercase();
+        let default_port = match scheme.as_str() {
+            "https" => 443,
+            "http" => 80,
+            _ => return None,
+        };
+        let host = uri.host()?.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() {
+            return None;
+        }
+        Some(Endpoint {
+            scheme,
+            host: host.to_ascii_lowercase(),
+            port: uri.port_u16().unwrap_or(default_port),
+            path: uri.path().trim_end_matches('/').to_string(),
+        })
+    }
+
+    /// `host[:port]` as used in a URI authority and `Host` header (IPv6
+    /// bracketed, the scheme's default port left out).
+    pub fn authority(&self) -> String {
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        let default = if self.is_https() { 443 } else { 80 };
+        if self.port == default {
+            host
+        } else {
+            format!("{host}:{}", self.port)
+        }
+    }
+
+    /// Whether TLS is spoken to this endpoint.
+    pub fn is_https(&self) -> bool {
+        self.scheme == "https"
+    }
+}
+
+/// One target with its endpoint worked out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route {
+    /// The configured target.
+    pub target: Target,
+    /// Where its requests go.
+    pub endpoint: Endpoint,
+}
+
+/// How a request named its provider.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Via {
+    /// Base-URL mode: the first path segment (`/openai/...`).
+    PathPrefix,
+    /// CONNECT host, SNI or captured destination.
+    Host,
+}
+
+/// A request matched to a provider.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Matched {
+    /// The provider family.
+    pub provider: Provider,
+    /// The path relative to the provider's API root (starts with `/`), with
+    /// the query string kept.
+    pub api_path: String,
+}
+
+/// The routing table built once from the configuration.
+#[derive(Clone, Debug)]
+pub struct Router {
+    routes: Vec<Route>,
+    fallback: bool,
+    max_retry_after: Duration,
+}
+
+/// Official API hosts, recognised even when no target points at them.
+const OFFICIAL_HOSTS: &[(&str, Provider)] = &[
+    ("api.openai.com", Provider::OpenAi),
+    ("api.anthropic.com", Provider::Anthropic),
+];
+
+impl Router {
+    /// Builds the table; every target must have a usable endpoint.
+    pub fn new(config: &Config) -> Result<Router, RoutingError> {
+        let mut routes = Vec::with_capacity(config.providers.targets.len());
+        for target in &config.providers.targets {
+            let url = match (&target.base_url, target.provider.default_base_url()) {
+                (Some(url), _) => url.as_str(),
+                (None, Some(url)) => url,
+                (None, None) => {
+                    return Err(RoutingError::NoEndpoint {
+                        target: target.id.clone(),
+                        provider: target.provider.name().to_string(),
+                    });
+                }
+            };
+            let endpoint = Endpoint::parse(url).ok_or_else(|| RoutingError::BadBaseUrl {
+                target: target.id.clone(),
+                url: url.to_string(),
+            })?;
+            routes.push(Route {
+                target: target.clone(),
+                endpoint,
+            });
+        }
+        Ok(Router {
+            routes,
+            fallback: config.providers.fallback,
+            max_retry_after: config.gateway.max_retry_after,
+        })
+    }
+
+    /// Every route in configuration order.
+    pub fn routes(&self) -> &[Route] {
+        &self.routes
+    }
+
+    /// The providers that have at least one target, in first-seen order.
+    pub fn providers(&self) -> Vec<Provider> {
+        let mut out: Vec<Provider> = Vec::new();
+        for r in &self.routes {
+            if !out.contains(&r.target.provider) {
+                out.push(r.target.provider.clone());
+            }
+        }
+        out
+    }
+
+    /// Path prefixes understood in base-URL mode (`/openai`, `/anthropic`, ...).
+    pub fn known_prefixes(&self) -> Vec<String> {
+        self.providers()
+            .iter()
+            .map(|p| format!("/{}", p.name()))
+            .collect()
+    }
+
+    /// The targets for a provider, in order.
+    pub fn targets_for<'a>(&'a self, provider: &'a Provider) -> impl Iterator<Item = &'a Route> {
+        self.routes
+            .iter()
+            .filter(move |r| &r.target.provider == provider)
+    }
+
+    /// Base-URL mode: `/openai/v1/chat/completions?x=1` → OpenAI, `/chat/completions?x=1`.
+    /// `path_and_query` is the request target as received.
+    pub fn match_path(&self, path_and_query: &str) -> Option<Matched> {
+        let rest = path_and_query.strip_prefix('/')?;
+        let (segment, tail) = match rest.find(['/', '?']) {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, ""),
+        };
+        let provider = self
+            .providers()
+            .into_iter()
+            .find(|p| p.name().eq_ignore_ascii_case(segment))?;
+        let tail = if tail.starts_with('?') || tail.is_empty() {
+            format!("/{tail}")
+        } else {
+            tail.to_string()
+        };
+        let api_path = strip_root(&tail, official_root(&provider));
+        Some(Matched { provider, api_path })
+    }
+
+    /// CONNECT host, SNI or captured destination: the provider whose official
+    /// host or one of whose targets' `base_url` host this is. With a `port`,
+    /// a target host matches only on that port (official hosts on any).
+    pub fn match_host(&self, host: &str, port: Option<u16>) -> Option<Provider> {
+        let host = host
+            .trim_end_matches('.')
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_ascii_lowercase();
+        if let Some(port) = port
+            && let Some(r) = self
+                .routes
+                .iter()
+                .find(|r| r.endpoint.host == host && r.endpoint.port == port)
+        {
+            return Some(r.target.provider.clone());
+        }
+        if let Some((_, p)) = OFFICIAL_HOSTS.iter().find(|(h, _)| *h == host) {
+            return Some(p.clone());
+        }
+        if port.is_some() {
+            // A known port must match exactly: a shared host (loopback) on
+            // another port is some other service.
+            return None;
+        }
+        self.routes
+            .iter()
+            .find(|r| r.endpoint.host == host)
+            .map(|r| r.target.provider.clone())
+    }
+
+    /// Host mode: the API path of a request sent straight to `host`. The
+    /// official root (`/v1` for OpenAI) or the matching target's base path is
+    /// removed so the path can be re-rooted on any target.
+    pub fn api_path_for_host(
+        &self,
+        provider: &Provider,
+        host: &str,
+        path_and_query: &str,
+    ) -> String {
+        let host = host.to_ascii_lowercase();
+        if let Some(r) = self
+            .targets_for(provider)
+            .find(|r| r.endpoint.host == host && !r.endpoint.path.is_empty())
+        {
+            return strip_root(path_and_query, &r.endpoint.path);
+        }
+        strip_root(path_and_query, official_root(provider))
+    }
+
+    /// The absolute upstream URI for `api_path` on a route.
+    pub fn upstream_uri(&self, route: &Route, api_path: &str) -> Result<Uri, RoutingError> {
+        let e = &route.endpoint;
+        let s = format!("{}://{}{}{}", e.scheme, e.authority(), e.path, api_path);
+        s.parse().map_err(|_| RoutingError::BadPath {
+            target: route.target.id.clone(),
+            path: api_path.to_string(),
+        })
+    }
+
+    /// What to do after an attempt (see [`classify`]).
+    pub fn classify(&self, outcome: &Outcome) -> Verdict {
+        classify(outcome, self.fallback, self.max_retry_after)
+    }
+}
+
+/// The path of the provider's official base URL (`/v1` for OpenAI).
+fn official_root(provider: &Provider) -> &'static str {
+    match provider {
+        Provider::OpenAi => "/v1",
+        Provider::Anthropic | Provider::Other(_) => "",
+    }
+}
+
+/// Removes `root` from the front of `path` when it is a whole segment prefix.
+fn strip_root(path: &str, root: &str) -> String {
+    if root.is_empty() {
+        return path.to_string();
+    }
+    match path.strip_prefix(root) {
+        Some("") => "/".to_string(),
+        Some(rest) if rest.starts_with('/') => rest.to_string(),
+        Some(rest) if rest.starts_with('?') => format!("/{rest}"),
+        _ => path.to_string(),
+    }
+}
+
+/// Removes every credential header; returns the first credential found (with
+/// any `Bearer ` scheme removed) so a fingerprint of it can be recorded.
+pub fn strip_credential_headers(headers: &mut HeaderMap) -> Option<String> {
+    let mut found = None;
+    for name in CREDENTIAL_HEADERS {
+        for value in headers.get_all(*name) {
+            if found.is_none()
+                && let Ok(v) = value.to_str()
+            {
+                let v = v.trim();
+                let v = v
+                    .strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+                    .unwrap_or(v)
+                    .trim();
+                if !v.is_empty() {
+                    found = Some(v.to_string());
+                }
+            }
+        }
+        headers.remove(*name);
+    }
+    found
+}
+
+/// Removes credential keys from a `path?query` string; returns the cleaned
+/// string and the first credential value found.
+pub fn strip_credential_query(path_and_query: &str) -> (String, Option<String>) {
+    let Some((path, query)) = path_and_query.split_once('?') else {
+        return (path_and_query.to_string(), None);
+    };
+    let mut found = None;
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|pair| {
+            if pair.is_empty() {
+                return false;
+            }
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let is_cred = CREDENTIAL_QUERY_KEYS
+                .iter()
+                .any(|c| c.eq_ignore_ascii_case(k));
+            if is_cred && found.is_none() && !v.is_empty() {
+                found = Some(v.to_string());
+            }
+            !is_cred
+        })
+        .collect();
+    if kept.is_empty() {
+        (path.to_string(), found)
+    } else {
+        (format!("{path}?{}", kept.join("&")), found)
+    }
+}
+
+/// The header carrying the managed key in the provider's own style, marked
+/// sensitive so HTTP/2 never indexes it.
+pub fn managed_key_header(
+    target: &Target,
+    key: &str,
+) -> Result<(HeaderName, HeaderValue), RoutingError> {
+    let bad = || RoutingError::BadKey {
+        target: target.id.clone(),
+    };
+    let (name, value) = match target.provider {
+        Provider::Anthropic => (
+            HeaderName::from_static("x-api-key"),
+            HeaderValue::from_str(key).map_err(|_| bad())?,
+        ),
+        Provider::OpenAi | Provider::Other(_) => (
+            AUTHORIZATION,
+            HeaderValue::from_str(&format!("Bearer {key}")).map_err(|_| bad())?,
+        ),
+    };
+    let mut value = value;
+    value.set_sensitive(true);
+    Ok((name, value))
+}
+
+/// Replaces the `model` field of a JSON object body with `model`. Returns
+/// `None` when nothing changes (not JSON, not an object, no `model` field, or
+/// already that model), so the original bytes are forwarded untouched.
+pub fn override_model(body: &[u8], model: &str) -> Option<Vec<u8>> {
+    let mut value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let obj = value.as_object_mut()?;
+    let current = obj.get_mut("model")?;
+    if current.as_str() == Some(model) {
+        return None;
+    }
+    *current = serde_json::Value::String(model.to_string());
+    serde_json::to_vec(&value).ok()
+}
+
+/// What happened on one attempt against a target, before any response byte
+/// reached the client.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// TCP connect failed (refused, unreachable, timed out).
+    ConnectFailed,
+    /// The TLS handshake failed (certificate, protocol).
+    TlsFailed,
+    /// No response headers within the first-byte timeout.
+    FirstByteTimeout,
+    /// The connection broke before response headers arrived.
+    UpstreamBroken,
+    /// Response headers arrived with this status.
+    Status {
+        /// HTTP status code.
+        status: u16,
+        /// `Retry-After` as given by the upstream, when present and parseable.
+        retry_after: Option<Duration>,
+    },
+}
+
+impl Outcome {
+    /// Short lowercase label for decision records and error bodies.
+    pub fn label(&self) -> String {
+        match self {
+            Outcome::ConnectFailed => "connect_failed".into(),
+            Outcome::TlsFailed => "tls_failed".into(),
+            Outcome::FirstByteTimeout => "first_byte_timeout".into(),
+            Outcome::UpstreamBroken => "upstream_broken".into(),
+            Outcome::Status { status, .. } => format!("status_{status}"),
+        }
+    }
+}
+
+/// What the gateway does next.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Pass the response to the client (success, or a 4xx the client must see).
+    Deliver,
+    /// Try the next target. `retry_after` is the upstream's wait, when given
+    /// and within `gateway.max_retry_after`: the gateway may wait that long
+    /// and retry the same target once when no other target is left.
+    Fallback {
+        /// The bounded wait the upstream asked for.
+        retry_after: Option<Duration>,
+    },
+    /// The attempt failed and fallback is disabled: answer with a gateway error.
+    Fail,
+}
+
+/// Statuses that move on to the next target: rate limits, server errors, and
+/// a rejected key (the rotation case).
+pub const FALLBACK_STATUSES: &[u16] = &[401, 403, 429, 500, 502, 503, 504];
+
+/// The fallback rule.
+pub fn classify(outcome: &Outcome, fallback_enabled: bool, max_retry_after: Duration) -> Verdict {
+    match outcome {
+        Outcome::Status {
+            status,
+            retry_after,
+        } => {
+            if fallback_enabled && FALLBACK_STATUSES.contains(status) {
+                Verdict::Fallback {
+                    retry_after: retry_after.filter(|d| *d <= max_retry_after),
+                }
+            } else {
+                Verdict::Deliver
+            }
+        }
+        _ if fallback_enabled => Verdict::Fallback { retry_after: None },
+        _ => Verdict::Fail,
+    }
+}
+
+/// Parses a `Retry-After` header given in seconds (the HTTP-date form is
+/// ignored: providers send seconds, and a date would need the clock).
+pub fn parse_retry_after(value: &str) -> Option<Duration> {
+    let v = value.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    v.parse::<f64>()
+        .ok()
+        .filter(|s| s.is_finite() && *s >= 0.0 && *s < 1e9)
+        .map(Duration::from_secs_f64)
+}
+
+/// One attempt as reported to the client in an error body.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Tried {
+    /// Target id.
+    pub target: String,
+    /// What happened (see [`Outcome::label`]).
+    pub outcome: String,
+}
+
+/// Gateway error codes, stable strings clients and tests can match on.
+pub mod codes {
+    /// Every target failed.
+    pub const ALL_TARGETS_FAILED: &str = "kt_all_targets_failed";
+    /// No target is configured (or resolvable) for the provider.
+    pub const NO_TARGET: &str = "kt_no_target";
+    /// Unknown provider path.
+    pub const UNKNOWN_PROVIDER: &str = "kt_unknown_provider";
+    /// Request body over `gateway.max_body_bytes`.
+    pub const BODY_TOO_LARGE: &str = "kt_body_too_large";
+    /// The upstream failed after the response started.
+    pub const UPSTREAM_STREAM_FAILED: &str = "kt_upstream_stream_failed";
+    /// A policy refused the request.
+    pub const POLICY_BLOCKED: &str = "kt_policy_blocked";
+    /// The request could not be read or was malformed.
+    pub const BAD_REQUEST: &str = "kt_bad_request";
+    /// CONNECT to a host that is not a provider.
+    pub const NOT_A_PROVIDER: &str = "kt_not_a_provider";
+}
+
+/// A provider-shaped JSON error body. `provider` decides the shape (OpenAI's
+/// `{"error":{...}}` or Anthropic's `{"type":"error","error":{...}}`; unknown
+/// providers get the OpenAI shape). Never put a key in `message`.
+pub fn error_body(
+    provider: Option<&Provider>,
+    status: StatusCode,
+    code: &str,
+    message: &str,
+    tried: &[Tried],
+) -> Vec<u8> {
+    let value = match provider {
+        Some(Provider::Anthropic) => serde_json::json!({
+            "type": "error",
+            "error": {
+                "type": anthropic_error_type(status),
+                "message": message,
+                "code": code,
+                "targets_tried": tried,
+            }
+        }),
+        _ => serde_json::json!({
+            "error": {
+                "message": message,
+                "type": openai_error_type(status),
+                "code": code,
+                "targets_tried": tried,
+            }
+        }),
+    };
+    serde_json::to_vec(&value).unwrap_or_else(|_| b"{}".to_vec())
+}
+
+fn openai_error_type(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 | 404 | 413 => "invalid_request_error",
+        401 | 403 => "authentication_error",
+        429 => "rate_limit_error",
+        _ => "gateway_error",
+    }
+}
+
+fn anthropic_error_type(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 | 404 => "invalid_request_error",
+        413 => "request_too_large",
+        401 => "authentication_error",
+        403 => "permission_error",
+        429 => "rate_limit_error",
+        503 | 529 => "overloaded_error",
+        _ => "api_error",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::*;
+
+    fn target(id: &str, provider: Provider, base: Option<&str>, model: Option<&str>) -> Target {
+        Target {
+            id: id.into(),
+            provider,
+            model: model.map(String::from),
+            required: true,
+            secret_key_ref: SecretKeyRef::Env(format!("{}_KEY", id.to_uppercase())),
+            base_url: base.map(String::from),
+        }
+    }
+
+    fn config(targets: Vec<Target>) -> Config {
+        Config {
+            source: "test.yaml".into(),
+            pack: Pack {
+                name: "t".into(),
+                version: "1".into(),
+                enabled: true,
+            },
+            providers: Providers {
+                strategy: RoutingStrategy::Ordered,
+                fallback: true,
+                targets,
+            },
+            chain: vec![],
+            dlp: None,
+            audit: None,
+            gateway: Gateway::default(),
+            capture: Capture::default(),
+        }
+    }
+
+    fn router() -> Router {
+        Router::new(&config(vec![
+            target("oa1", Provider::OpenAi, None, Some("gpt-4o-mini")),
+            target("an1", Provider::Anthropic, None, None),
+            target(
+                "oa2",
+                Provider::OpenAi,
+                Some("https://proxy.example:8443/v1"),
+                None,
+            ),
+            target(
+                "loc",
+                Provider::Other("local".into()),
+                Some("http://127.0.0.1:9000/api"),
+                None,
+            ),
+        ]))
+        .unwrap()
+    }
+
+    #[test]
+    fn path_prefix_picks_provider_and_reroots_path() {
+        let r = router();
+        let m = r
+            .match_path("/openai/v1/chat/completions?stream=1")
+            .unwrap();
+        assert_eq!(m.provider, Provider::OpenAi);
+        assert_eq!(m.api_path, "/chat/completions?stream=1");
+        let m = r.match_path("/anthropic/v1/messages").unwrap();
+        assert_eq!(m.provider, Provider::Anthropic);
+        assert_eq!(m.api_path, "/v1/messages");
+        let m = r.match_path("/local/chat").unwrap();
+        assert_eq!(m.provider, Provider::Other("local".into()));
+        assert_eq!(m.api_path, "/chat");
+        assert_eq!(r.match_path("/openai").unwrap().api_path, "/");
+        assert!(r.match_path("/gemini/v1/models").is_none());
+        assert!(r.match_path("/openaiX/v1").is_none());
+        assert!(r.match_path("no-slash").is_none());
+        assert_eq!(r.known_prefixes(), vec!["/openai", "/anthropic", "/local"]);
+    }
+
+    #[test]
+    fn hosts_identify_providers() {
+        let r = router();
+        assert_eq!(
+            r.match_host("api.openai.com", Some(443)),
+            Some(Provider::OpenAi)
+        );
+        assert_eq!(
+            r.match_host("API.Anthropic.com.", None),
+            Some(Provider::Anthropic)
+        );
+        assert_eq!(r.match_host("proxy.example", None), Some(Provider::OpenAi));
+        assert_eq!(
+            r.match_host("127.0.0.1", Some(9000)),
+            Some(Provider::Other("local".into()))
+        );
+        assert_eq!(r.match_host("example.com", Some(443)), None);
+        assert_eq!(r.match_host("127.0.0.1", Some(9001)), None);
+        assert_eq!(r.match_host("proxy.example", Some(443)), None);
+    }
+
+    #[test]
+    fn host_mode_paths_are_rerooted_on_every_target() {
+        let r = router();
+        let p = r.api_path_for_host(&Provider::OpenAi, "api.openai.com", "/v1/chat/completions");
+        assert_eq!(p, "/chat/completions");
+        let routes: Vec<_> = r.targets_for(&Provider::OpenAi).collect();
+        assert_eq!(
+            r.upstream_uri(routes[0], &p).unwrap().to_string(),
+            "https://api.openai.com/v1/chat/completions"
+        );
+        assert_eq!(
+            r.upstream_uri(routes[1], &p).unwrap().to_string(),
+            "https://proxy.example:8443/v1/chat/completions"
+        );
+        let p = r.api_path_for_host(&Provider::Anthropic, "api.anthropic.com", "/v1/messages");
+        assert_eq!(p, "/v1/messages");
+    }
+
+    #[test]
+    fn targets_keep_config_order_per_provider() {
+        let r = router();
+        let ids: Vec<_> = r
+            .targets_for(&Provider::OpenAi)
+            .map(|r| r.target.id.as_str())
+            .collect();
+        assert_eq!(ids, vec!["oa1", "oa2"]);
+    }
+
+    #[test]
+    fn bad_base_url_and_missing_endpoint_are_errors() {
+        let e = Router::new(&config(vec![target(
+            "x",
+            Provider::OpenAi,
+            Some("ftp://a"),
+            None,
+        )]));
+        assert!(matches!(e, Err(RoutingError::BadBaseUrl { .. })));
+        let e = Router::new(&config(vec![target(
+            "y",
+            Provider::Other("z".into()),
+            None,
+            None,
+        )]));
+        assert!(matches!(e, Err(RoutingError::NoEndpoint { .. })));
+    }
+
+    #[test]
+    fn every_client_credential_is_stripped() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "authorization",
+            HeaderValue::from_static("Bearer sk-client-1"),
+        );
+        h.insert("x-api-key", HeaderValue::from_static("sk-ant-client"));
+        h.insert("api-key", HeaderValue::from_static("azure-client"));
+        h.insert("proxy-authorization", HeaderValue::from_static("Basic abc"));
+        h.insert("content-type", HeaderValue::from_static("application/json"));
+        let found = strip_credential_headers(&mut h);
+        assert_eq!(found.as_deref(), Some("sk-client-1"));
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("content-type"));
+
+        let (q, found) =
+            strip_credential_query("/v1/models?key=AIza123&limit=2&api_key=x&api-key=y");
+        assert_eq!(q, "/v1/models?limit=2");
+        assert_eq!(found.as_deref(), Some("AIza123"));
+        assert_eq!(strip_credential_query("/v1/m?key=a").0, "/v1/m");
+        assert_eq!(strip_credential_query("/v1/m").0, "/v1/m");
+    }
+
+    #[test]
+    fn managed_key_uses_provider_style() {
+        let oa = target("a", Provider::OpenAi, None, None);
+        let (n, v) = managed_key_header(&oa, "sk-managed").unwrap();
+        assert_eq!(n, AUTHORIZATION);
+        assert_eq!(v, "Bearer sk-managed");
+        assert!(v.is_sensitive());
+        let an = target("b", Provider::Anthropic, None, None);
+        let (n, v) = managed_key_header(&an, "sk-ant-managed").unwrap();
+        assert_eq!(n.as_str(), "x-api-key");
+        assert_eq!(v, "sk-ant-managed");
+        let err = managed_key_header(&an, "bad\nkey-SECRET").unwrap_err();
+        assert!(!err.to_string().contains("SECRET"));
+    }
+
+    #[test]
+    fn model_override_rewrites_only_json_with_model() {
+        let out = override_model(br#"{"model":"gpt-4","messages":[]}"#, "gpt-4o-mini").unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["model"], "gpt-4o-mini");
+        assert_eq!(v["messages"], serde_json::json!([]));
+        assert!(override_model(br#"{"model":"m"}"#, "m").is_none());
+        assert!(override_model(b"not json", "m").is_none());
+        assert!(override_model(br#"{"input":"x"}"#, "m").is_none());
+        assert!(override_model(br#"[1]"#, "m").is_none());
+    }
+
+    #[test]
+    fn fallback_triggers_and_stops() {
+        let max = Duration::from_secs(10);
+        for outcome in [
+            Outcome::ConnectFailed,
+            Outcome::TlsFailed,
+            Outcome::FirstByteTimeout,
+            Outcome::UpstreamBroken,
+        ] {
+            assert_eq!(
+                classify(&outcome, true, max),
+                Verdict::Fallback { retry_after: None }
+            );
+            assert_eq!(classify(&outcome, false, max), Verdict::Fail);
+        }
+        for s in [401, 403, 429, 500, 502, 503, 504] {
+            let o = Outcome::Status {
+                status: s,
+                retry_after: None,
+            };
+            assert_eq!(
+                classify(&o, true, max),
+                Verdict::Fallback { retry_after: None }
+            );
+            assert_eq!(classify(&o, false, max), Verdict::Deliver);
+        }
+        for s in [200, 201, 400, 404, 409, 413, 422] {
+            let o = Outcome::Status {
+                status: s,
+                retry_after: None,
+            };
+            assert_eq!(classify(&o, true, max), Verdict::Deliver, "status {s}");
+        }
+    }
+
+    #[test]
+    fn retry_after_is_bounded() {
+        let max = Duration::from_secs(10);
+        let o = |secs| Outcome::Status {
+            status: 429,
+            retry_after: Some(Duration::from_secs(secs)),
+        };
+        assert_eq!(
+            classify(&o(3), true, max),
+            Verdict::Fallback {
+                retry_after: Some(Duration::from_secs(3))
+            }
+        );
+        assert_eq!(
+            classify(&o(60), true, max),
+            Verdict::Fallback { retry_after: None }
+        );
+        assert_eq!(parse_retry_after(" 7 "), Some(Duration::from_secs(7)));
+        assert_eq!(parse_retry_after("0.5"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), None);
+        assert_eq!(parse_retry_after("-1"), None);
+    }
+
+    #[test]
+    fn error_bodies_are_provider_shaped() {
+        let tried = vec![
+            Tried {
+                target: "oa1".into(),
+                outcome: "status_503".into(),
+            },
+            Tried {
+                target: "oa2".into(),
+                outcome: "connect_failed".into(),
+            },
+        ];
+        let b = error_body(
+            Some(&Provider::OpenAi),
+            StatusCode::BAD_GATEWAY,
+            codes::ALL_TARGETS_FAILED,
+            "all targets failed",
+            &tried,
+        );
+        let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(v["error"]["code"], codes::ALL_TARGETS_FAILED);
+        assert_eq!(v["error"]["type"], "gateway_error");
+        assert_eq!(v["error"]["message"], "all targets failed");
+        assert_eq!(v["error"]["targets_tried"][1]["target"], "oa2");
+
+        let b = error_body(
+            Some(&Provider::Anthropic),
+            StatusCode::TOO_MANY_REQUESTS,
+            codes::ALL_TARGETS_FAILED,
+            "m",
+            &tried,
+        );
+        let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(v["type"], "error");
+        assert_eq!(v["error"]["type"], "rate_limit_error");
+        assert_eq!(v["error"]["message"], "m");
+        assert_eq!(v["error"]["targets_tried"][0]["outcome"], "status_503");
+    }
+}

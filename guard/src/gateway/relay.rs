@@ -1,0 +1,178 @@
+//! The response body passed to the client: upstream frames forwarded one by
+//! one as they arrive, with an idle-gap timeout. A failure after the first
+//! byte never looks like a clean end: event streams get an SSE `error` event
+//! and then the stream is aborted; other bodies are aborted at once.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use tokio::time::{Instant, Sleep};
+
+use crate::routing::codes;
+
+/// Boxed error type of relayed bodies.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why a relayed stream was cut.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// The upstream sent nothing for longer than `gateway.idle_timeout`.
+    #[error("upstream {target}: no data for {0:?}", .idle)]
+    Idle {
+        /// Target id.
+        target: String,
+        /// The configured gap.
+        idle: Duration,
+    },
+    /// The upstream connection failed mid-body.
+    #[error("upstream {target}: stream failed: {message}")]
+    Upstream {
+        /// Target id.
+        target: String,
+        /// What broke (no secrets: hyper's error text).
+        message: String,
+    },
+}
+
+enum State {
+    Streaming,
+    /// The SSE error event went out; abort after one yield, so the server
+    /// flushes the event before the connection is torn down (hyper drops
+    /// its write buffer when a body fails).
+    Aborting {
+        err: Option<RelayError>,
+        yielded: bool,
+    },
+    Done,
+}
+
+/// Wraps an upstream body.
+pub struct Relay<B> {
+    inner: B,
+    sse: bool,
+    target: String,
+    idle: Duration,
+    timer: Pin<Box<Sleep>>,
+    state: State,
+}
+
+impl<B> Relay<B> {
+    /// `sse`: the response is `text/event-stream`.
+    pub fn new(inner: B, sse: bool, target: String, idle: Duration) -> Self {
+        Relay {
+            inner,
+            sse,
+            target,
+            idle,
+            timer: Box::pin(tokio::time::sleep(idle)),
+            state: State::Streaming,
+        }
+    }
+}
+
+/// The SSE event sent when an event stream breaks.
+pub fn sse_error_event(message: &str) -> Bytes {
+    let data = serde_json::json!({
+        "type": "error",
+        "error": {
+            "type": "gateway_error",
+            "code": codes::UPSTREAM_STREAM_FAILED,
+            "message": message,
+        }
+    });
+    Bytes::from(format!("\n\nevent: error\ndata: {data}\n\n"))
+}
+
+impl<B> Relay<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
+    fn poll_frame_again(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(self).poll_frame(cx)
+    }
+}
+
+impl<B> Body for Relay<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        match &mut this.state {
+            State::Done => return Poll::Ready(None),
+            State::Aborting { err, yielded } => {
+                if !*yielded {
+                    *yielded = true;
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
+                let err = err.take();
+                this.state = State::Done;
+                return Poll::Ready(err.map(|e| Err(Box::new(e) as BoxError)));
+            }
+            State::Streaming => {}
+        }
+        let failure = match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                this.timer.as_mut().reset(Instant::now() + this.idle);
+                return Poll::Ready(Some(Ok(frame)));
+            }
+            Poll::Ready(None) => {
+                this.state = State::Done;
+                return Poll::Ready(None);
+            }
+            Poll::Ready(Some(Err(e))) => RelayError::Upstream {
+                target: this.target.clone(),
+                message: e.to_string(),
+            },
+            Poll::Pending => {
+                ready!(this.timer.as_mut().poll(cx));
+                RelayError::Idle {
+                    target: this.target.clone(),
+                    idle: this.idle,
+                }
+            }
+        };
+        tracing::warn!(error = %failure, "upstream stream cut after the response started");
+        if this.sse {
+            let event = sse_error_event(&failure.to_string());
+            this.state = State::Aborting {
+                err: Some(failure),
+                yielded: false,
+            };
+            Poll::Ready(Some(Ok(Frame::data(event))))
+        } else {
+            this.state = State::Aborting {
+                err: Some(failure),
+                yielded: false,
+            };
+            this.poll_frame_again(cx)
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.state, State::Done)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.state {
+            State::Streaming => self.inner.size_hint(),
+            _ => SizeHint::default(),
+        }
+    }
+}

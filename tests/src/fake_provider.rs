@@ -1,0 +1,351 @@
+//! A fake AI provider on loopback, over TLS from its own test CA, shaped like
+//! OpenAI (`/v1/chat/completions`, JSON and `stream: true` SSE) and
+//! Anthropic (`/v1/messages`). A switch decides how it misbehaves; every
+//! request it receives is recorded for assertions.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body::{Body, Frame};
+use http_body_util::BodyExt;
+use http_body_util::combinators::BoxBody;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, PKCS_ECDSA_P256_SHA256,
+    SanType,
+};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, mpsc};
+
+/// A throwaway CA for fake upstreams (distinct from the gateway's CA).
+pub struct TestCa {
+    /// CA certificate, PEM.
+    pub pem: String,
+    /// CA certificate, DER.
+    pub der: CertificateDer<'static>,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl TestCa {
+    /// Makes a new CA.
+    pub fn new() -> TestCa {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::default();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "fake provider test CA");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let cert = params.self_signed(&key).unwrap();
+        TestCa {
+            pem: cert.pem(),
+            der: cert.der().clone(),
+            issuer: Issuer::new(params, key),
+        }
+    }
+
+    /// A rustls server config for 127.0.0.1 / localhost, offering h2 and http/1.1.
+    pub fn server_config(&self) -> rustls::ServerConfig {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        params
+            .subject_alt_names
+            .push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.der().clone()], der)
+        .unwrap();
+        cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        cfg
+    }
+}
+
+impl Default for TestCa {
+    fn default() -> Self {
+        TestCa::new()
+    }
+}
+
+/// How the fake answers.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Behavior {
+    /// A normal answer (JSON, or SSE when the request asks `stream: true`).
+    Ok,
+    /// This status with a provider-shaped error body.
+    Status(u16),
+    /// 429 with `Retry-After: secs`.
+    RateLimited(u64),
+    /// Accept the TCP connection, then close it without a word.
+    Close,
+    /// Hold the response headers until [`FakeProvider::release`].
+    SlowFirstByte,
+    /// Send headers and the first chunk, then break the connection.
+    CutMidStream,
+    /// Send headers and the first chunk, then wait for
+    /// [`FakeProvider::release`] before sending the rest.
+    Gated,
+}
+
+/// One request as the fake received it.
+#[derive(Clone, Debug)]
+pub struct Recorded {
+    /// Method.
+    pub method: String,
+    /// Path and query.
+    pub path: String,
+    /// Headers.
+    pub headers: HeaderMap,
+    /// Body.
+    pub body: Bytes,
+}
+
+struct State {
+    name: String,
+    behavior: Mutex<Behavior>,
+    requests: Mutex<Vec<Recorded>>,
+    gate: Semaphore,
+    sent_last: std::sync::atomic::AtomicBool,
+}
+
+/// A running fake provider. Stops when dropped.
+pub struct FakeProvider {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    state: Arc<State>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FakeProvider {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A loopback port where nothing listens (connections are refused).
+pub async fn refused_addr() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    drop(l);
+    addr
+}
+
+type FakeBody = BoxBody<Bytes, std::io::Error>;
+
+impl FakeProvider {
+    /// Starts a fake named `name` (it says its name in every answer).
+    pub async fn start(ca: &TestCa, name: &str, behavior: Behavior) -> FakeProvider {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(State {
+            name: name.to_string(),
+            behavior: Mutex::new(behavior),
+            requests: Mutex::new(Vec::new()),
+            gate: Semaphore::new(0),
+            sent_last: std::sync::atomic::AtomicBool::new(false),
+        });
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(ca.server_config()));
+        let st = state.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                let _ = tcp.set_nodelay(true);
+                let st = st.clone();
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let svc = service_fn(move |req| {
+                        let st = st.clone();
+                        async move { Ok::<_, Infallible>(answer(st, req).await) }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tls), svc)
+                        .await;
+                });
+            }
+        });
+        FakeProvider { addr, state, task }
+    }
+
+    /// `https://127.0.0.1:PORT/v1` (an OpenAI-style base URL).
+    pub fn openai_base_url(&self) -> String {
+        format!("https://127.0.0.1:{}/v1", self.addr.port())
+    }
+
+    /// `https://127.0.0.1:PORT` (an Anthropic-style base URL).
+    pub fn anthropic_base_url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.addr.port())
+    }
+
+    /// Changes the behaviour for the next requests.
+    pub fn set_behavior(&self, b: Behavior) {
+        *self.state.behavior.lock().unwrap() = b;
+    }
+
+    /// Lets one gated or slow response go on.
+    pub fn release(&self) {
+        self.state.gate.add_permits(1);
+    }
+
+    /// Whether a gated stream has sent its last chunk.
+    pub fn sent_last(&self) -> bool {
+        self.state
+            .sent_last
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Every request received so far.
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.state.requests.lock().unwrap().clone()
+    }
+}
+
+fn full(b: impl Into<Bytes>) -> FakeBody {
+    http_body_util::Full::new(b.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+/// A body fed from a channel, so a task can write chunks (or an error) later.
+struct ChanBody(mpsc::Receiver<Result<Bytes, std::io::Error>>);
+
+impl Body for ChanBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        self.0.poll_recv(cx).map(|o| o.map(|r| r.map(Frame::data)))
+    }
+}
+
+async fn answer(st: Arc<State>, req: Request<Incoming>) -> Response<FakeBody> {
+    let (parts, body) = req.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_default();
+    st.requests.lock().unwrap().push(Recorded {
+        method: parts.method.to_string(),
+        path: path.clone(),
+        headers: parts.headers.clone(),
+        body: body.clone(),
+    });
+    let behavior = st.behavior.lock().unwrap().clone();
+    let anthropic = path.starts_with("/v1/messages");
+    let json: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    let stream = json["stream"].as_bool().unwrap_or(false);
+    let model = json["model"].as_str().unwrap_or("none").to_string();
+    let error = |status: u16, retry: Option<u64>| {
+        let mut r = Response::new(full(
+            serde_json::json!({"error": {"message": format!("fake {} says {status}", st.name), "type": "fake"}}).to_string(),
+        ));
+        *r.status_mut() = StatusCode::from_u16(status).unwrap();
+        if let Some(s) = retry {
+            r.headers_mut().insert("retry-after", s.into());
+        }
+        r
+    };
+    match behavior {
+        Behavior::Status(s) => return error(s, None),
+        Behavior::RateLimited(secs) => return error(429, Some(secs)),
+        Behavior::Close => {
+            // An error body before any frame makes hyper drop the connection.
+            let (tx, rx) = mpsc::channel(1);
+            let _ = tx.try_send(Err(std::io::Error::other("closed by fake")));
+            return Response::new(ChanBody(rx).boxed());
+        }
+        Behavior::SlowFirstByte => {
+            let _ = st.gate.acquire().await.map(|p| p.forget());
+        }
+        _ => {}
+    }
+    let chunks: Vec<String> = if stream {
+        if anthropic {
+            vec![
+                format!(
+                    "event: message_start\ndata: {{\"type\":\"message_start\",\"message\":{{\"model\":\"{model}\"}}}}\n\n"
+                ),
+                format!(
+                    "event: content_block_delta\ndata: {{\"type\":\"content_block_delta\",\"delta\":{{\"type\":\"text_delta\",\"text\":\"hello from {}\"}}}}\n\n",
+                    st.name
+                ),
+                "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n".to_string(),
+            ]
+        } else {
+            vec![
+                format!(
+                    "data: {{\"model\":\"{model}\",\"choices\":[{{\"delta\":{{\"content\":\"hello \"}}}}]}}\n\n"
+                ),
+                format!(
+                    "data: {{\"model\":\"{model}\",\"choices\":[{{\"delta\":{{\"content\":\"from {}\"}}}}]}}\n\n",
+                    st.name
+                ),
+                "data: [DONE]\n\n".to_string(),
+            ]
+        }
+    } else {
+        let v = if anthropic {
+            serde_json::json!({"type":"message","model":model,"content":[{"type":"text","text":format!("hello from {}", st.name)}]})
+        } else {
+            serde_json::json!({"object":"chat.completion","model":model,"choices":[{"message":{"role":"assistant","content":format!("hello from {}", st.name)}}]})
+        };
+        // Split the JSON in two so cut/gated behaviours have a middle.
+        let s = v.to_string();
+        let mid = s.len() / 2;
+        vec![s[..mid].to_string(), s[mid..].to_string()]
+    };
+    let (tx, rx) = mpsc::channel(8);
+    let st2 = st.clone();
+    tokio::spawn(async move {
+        let _ = tx.send(Ok(Bytes::from(chunks[0].clone()))).await;
+        match behavior {
+            Behavior::CutMidStream => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let _ = tx.send(Err(std::io::Error::other("cut by fake"))).await;
+                return;
+            }
+            Behavior::Gated => {
+                let _ = st2.gate.acquire().await.map(|p| p.forget());
+            }
+            _ => {}
+        }
+        for c in &chunks[1..] {
+            let _ = tx.send(Ok(Bytes::from(c.clone()))).await;
+        }
+        st2.sent_last
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    });
+    let mut r = Response::new(ChanBody(rx).boxed());
+    let ct = if stream {
+        "text/event-stream"
+    } else {
+        "application/json"
+    };
+    r.headers_mut().insert("content-type", ct.parse().unwrap());
+    r
+}

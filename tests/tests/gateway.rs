@@ -1,0 +1,848 @@
+//! Gateway end to end, on loopback only, against the fake TLS provider.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use guard::ca::Ca;
+use guard::config::{Provider, Target};
+use guard::gateway::{ClientInfo, GatewayError, MemorySink, Policy, PolicyRequest, PolicyVerdict};
+use guard_tests::fake_provider::{Behavior, FakeProvider, TestCa, refused_addr};
+use guard_tests::gateway_fixture::*;
+use http_body_util::BodyExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const CLIENT_KEY: &str = "sk-proj-CLIENTKEY-hardcoded-in-ci-0001";
+const CLIENT_ANT_KEY: &str = "sk-ant-api03-CLIENTKEY-hardcoded-0002";
+const MANAGED_OA: &str = "sk-managed-openai-MANAGEDVALUE-1111";
+const MANAGED_OA2: &str = "sk-managed-openai-second-MANAGED-2222";
+const MANAGED_ANT: &str = "sk-ant-managed-MANAGEDVALUE-3333";
+
+fn secrets() -> MapResolver {
+    MapResolver::of(&[
+        ("OA1", MANAGED_OA),
+        ("OA2", MANAGED_OA2),
+        ("ANT", MANAGED_ANT),
+    ])
+}
+
+fn oa(id: &str, fake: &FakeProvider, secret: &str) -> Target {
+    target(id, Provider::OpenAi, &fake.openai_base_url(), secret)
+}
+
+fn oa_at(id: &str, base: &str, secret: &str) -> Target {
+    target(id, Provider::OpenAi, base, secret)
+}
+
+fn header<'a>(r: &'a guard_tests::fake_provider::Recorded, name: &str) -> Option<&'a str> {
+    r.headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+fn all_header_text(r: &guard_tests::fake_provider::Recorded) -> String {
+    r.headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {}\n", String::from_utf8_lossy(v.as_bytes())))
+        .collect::<String>()
+        + &r.path
+}
+
+#[tokio::test]
+async fn openai_client_key_is_replaced_by_managed_key() {
+    let ca = TestCa::new();
+    let up = FakeProvider::start(&ca, "first", Behavior::Ok).await;
+    let gw = start(config(vec![oa("oa1", &up, "OA1")]), secrets(), &ca).await;
+    let mut c = h1_plain(gw.addr).await;
+    let a = send(
+        &mut c,
+        post(
+            &format!("/openai/v1/chat/completions?key={CLIENT_KEY}&x=1"),
+            &[
+                ("authorization", &format!("Bearer {CLIENT_KEY}")),
+                ("x-api-key", CLIENT_KEY),
+                ("api-key", CLIENT_KEY),
+                ("proxy-authorization", "Basic Zm9vOmJhcg=="),
+            ],
+            chat_body(false),
+        ),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert!(a.body.contains("hello from first"));
+    let reqs = up.requests();
+    assert_eq!(reqs.len(), 1);
+    let r = &reqs[0];
+    assert_eq!(r.path, "/v1/chat/completions?x=1");
+    assert_eq!(
+        header(r, "authorization"),
+        Some(&*format!("Bearer {MANAGED_OA}"))
+    );
+    assert!(header(r, "x-api-key").is_none());
+    assert!(header(r, "api-key").is_none());
+    assert!(header(r, "proxy-authorization").is_none());
+    assert!(!all_header_text(r).contains("CLIENTKEY"));
+    assert!(!String::from_utf8_lossy(&r.body).contains("CLIENTKEY"));
+    let d = gw.sink.snapshot();
+    assert_eq!(d.len(), 1);
+    assert_eq!(
+        d[0].client_key_fingerprint.as_deref(),
+        Some(&*guard::gateway::default_fingerprint(CLIENT_KEY))
+    );
+    assert_eq!(d[0].chosen.as_deref(), Some("oa1"));
+}
+
+#[tokio::test]
+async fn anthropic_gets_x_api_key_style() {
+    let ca = TestCa::new();
+    let up = FakeProvider::start(&ca, "claude", Behavior::Ok).await;
+    let t = target("ant", Provider::Anthropic, &up.anthropic_base_url(), "ANT");
+    let gw = start(config(vec![t]), secrets(), &ca).await;
+    let mut c = h1_plain(gw.addr).await;
+    let body = r#"{"model":"claude-3-5-haiku","max_tokens":10,"messages":[{"role":"user","content":"hi"}]}"#;
+    let a = send(
+        &mut c,
+        post(
+            "/anthropic/v1/messages",
+            &[
+                ("x-api-key", CLIENT_ANT_KEY),
+                ("anthropic-version", "2023-06-01"),
+            ],
+            body,
+        ),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let r = &up.requests()[0];
+    assert_eq!(r.path, "/v1/messages");
+    assert_eq!(header(r, "x-api-key"), Some(MANAGED_ANT));
+    assert!(header(r, "authorization").is_none());
+    assert_eq!(header(r, "anthropic-version"), Some("2023-06-01"));
+    assert!(!all_header_text(r).contains("CLIENTKEY"));
+}
+
+#[tokio::test]
+async fn target_model_overrides_the_clients_model() {
+    let ca = TestCa::new();
+    let up = FakeProvider::start(&ca, "first", Behavior::Ok).await;
+    let mut t = oa("oa1", &up, "OA1");
+    t.model = Some("gpt-4.1-nano".into());
+    let gw = start(config(vec![t]), secrets(), &ca).await;
+    let mut c = h1_plain(gw.addr).await;
+    let a = send(
+        &mut c,
+        post("/openai/v1/chat/completions", &[], chat_body(false)),
+    )
+    .await;
+    assert_eq!(a.status, 200);
+    let sent: serde_json::Value = serde_json::from_slice(&up.requests()[0].body).unwrap();
+    assert_eq!(sent["model"], "gpt-4.1-nano");
+    assert_eq!(sent["messages"][0]["content"], "hi");
+}
+
+/// First target misbehaves as given; the second answers.
+async fn falls_back(first: Behavior, first_byte_timeout: Option<Duration>) {
+    let ca = TestCa::new();
+    let bad = FakeProvider::start(&ca, "first", first.clone()).await;
+    let good = FakeProvider::start(&ca, "second", Behavior::Ok).await;
+    let first_base = if first == Behavior::Close {
+        // "Refuse": nothing listens there at all.
+        format!("https://{}/v1", refused_addr().await)
+    } else {
+        bad.openai_base_url()
+    };
+    let mut cfg = config(vec![
+        oa_at("oa1", &first_base, "OA1"),
+        oa("oa2", &good, "OA2"),
+    ]);
+    if let Some(t) = first_byte_timeout {
+        cfg.gateway.first_byte_timeout = t;
+    }
+    let gw = start(cfg, secrets(), &ca).await;
+    let mut c = h1_plain(gw.addr).await;
+    let a = send(
+        &mut c,
+        post(
+            "/openai/v1/chat/completions",
+            &[("authorization", &format!("Bearer {CLIENT_KEY}"))],
+            chat_body(false),
+        ),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{first:?}: {}", a.body);
+    assert!(
+        a.body.contains("hello from second"),
+        "{first:?}: {}",
+        a.body
+    );
+    let g = good.requests();
+    assert_eq!(g.len(), 1);
+    assert_eq!(
+        header(&g[0], "authorization"),
+        Some(&*format!("Bearer {MANAGED_OA2}"))
+    );
+    let d = gw.sink.snapshot();
+    assert_eq!(d[0].tried.len(), 2, "{first:?}");
+    assert_eq!(d[0].tried[0].target, "oa1");
+    assert_eq!(d[0].chosen.as_deref(), Some("oa2"));
+    bad.release();
+}
+
+#[tokio::test]
+async fn falls_back_on_refused_connection() {
+    falls_back(Behavior::Close, None).await;
+}
+
+#[tokio::test]
+async fn falls_back_on_connection_closed_before_answer() {
+    let ca = TestCa::new();
+    let bad = FakeProvider::start(&ca, "first", Behavior::Close).await;
+    let good = FakeProvider::start(&ca, "second", Behavior::Ok).await;
+    let gw = start(
+        config(vec![oa("oa1", &bad, "OA1"), oa("oa2", &good, "OA2")]),
+        secrets(),
+        &ca,
+    )
+    .await;
+    let mut c = h1_plain(gw.addr).await;
+    let a = send(
+        &mut c,
+        post("/openai/v1/chat/completions", &[], chat_body(false)),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert!(a.body.contains("hello from second"));
+}
+
+#[tokio::test]
+async fn falls_back_on_503() {
+    falls_back(Behavior::Status(503), None).await;
+}
+
+#[tokio::test]
+async fn falls_back_on_429_with_retry_after() {
+    falls_back(Behavior::RateLimited(30), None).await;
+}
+
+#[tokio::test]
+async fn falls_back_on_401_revoked_key() {
+    falls_back(Behavior::Status(401), None).await;
+}
+
+#[tokio::test]
+async fn falls_back_on_slow_first_byte() {
+    falls_back(Behavior::SlowFirstByte, Some(Duration::from_millis(300))).await;
+}
+
+#[tokio::test]
+async fn falls_back_on_tls_failure() {
+    // The second fake's CA is not trusted by the gateway: TLS fails there.
+    let ca = TestCa::new();
+    let other_ca = TestCa::new();
+    let untrusted = FakeProvider::start(&other_ca, "untrusted", Behavior::Ok).await;
+    let good = FakeProvider::start(&ca, "second", Behavior::Ok).await;
+    let gw = start(
+        config(vec![oa("oa1", &untrusted, "OA1"), oa("oa2", &good, "OA2")]),
+        secrets(),
+        &ca,
+    )
+    .await;
+    let mut c = h1_plain(gw.addr).await;
+    let a = send(
+        &mut c,
+        post("/openai/v1/chat/completions", &[], chat_body(false)),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert!(untrusted.requests().is_empty());
+    assert_eq!(gw.sink.snapshot()[0].tried[0].outcome, "tls_failed");
+}
+
+#[tokio::test]
+async fn other_4xx_stops_without_fallback() {
+    let ca = TestCa::new();
+    let bad = FakeProvider::start(&ca, "first", Behavior::Status(400)).await;
+    let good = FakeProvider::start(&ca, "second", Behavior::Ok).await;
+    let gw = start(
+        config(vec![oa("oa1", &bad, "OA1"), oa("oa2", &good, "OA2")]),
+        secrets(),
+        &ca,
+    )
+    .await;
+    let mut c = h1_plain(gw.addr).await;
+    let a = send(
+        &mut c,
+        post("/openai/v1/chat/completions", &[], chat_body(false)),
+    )
+    .await;
+    assert_eq!(a.status, 400);
+    assert!(a.body.contains("fake first says 400"));
+    assert!(good.requests().is_empty());
+}
+
+#[tokio::test]
+async fn every_target_failing_gives_provider_shaped_error_without_keys() {
+    let ca = TestCa::new();
+    let a1 = FakeProvider::start(&ca, "first", Behavior::Status(503)).await;
+    let a2 = FakeProvider::start(&ca, "second", Behavior::Status(500)).await;
+    let gw = start(
+        config(vec![oa("oa1", &a1, "OA1"), oa("oa2", &a2, "OA2")]),
+        secrets(),
+        &ca,
+    )
+    .await;
+    let mut c = h1_plain(gw.addr).await;
+    let a = send(
+        &mut c,
+        post(
+            "/openai/v1/chat/completions",
+            &[("authorization", &format!("Bearer {CLIENT_KEY}"))],
+            chat_body(false),
+        ),
+    )
+    .await;
+    assert_eq!(a.status, 502);
+    let v: serde_json::Value = serde_json::from_str(&a.body).unwrap();
+    assert_eq!(v["error"]["code"], "kt_all_targets_failed");
+    assert_eq!(v["error"]["targets_tried"][0]["target"], "oa1");
+    assert_eq!(v["error"]["targets_tried"][0]["outcome"], "status_503");
+    assert_eq!(v["error"]["targets_tried"][1]["outcome"], "status_500");
+    for secret in [MANAGED_OA, MANAGED_OA2, CLIENT_KEY] {
+        assert!(!a.body.contains(secret));
+    }
+    let decisions = format!("{:?}", gw.sink.snapshot());
+    assert!(decisions.contains("oa2"));
+    for secret in [MANAGED_OA, MANAGED_OA2, CLIENT_KEY, "MANAGED", "CLIENTKEY"] {
+        assert!(!decisions.contains(secret), "{secret} in decision debug");
+    }
+    assert!(!format!("{:?}", gw.gw).contains("MANAGED"));
+}
+
+#[tokio::test]
+async fn anthropic_all_failed_error_is_anthropic_shaped() {
+    let ca = TestCa::new();
+    let up = FakeProvider::start(&ca, "claude", Behavior::RateLimited(60)).await;
+    let t = target("ant", Provider::Anthropic, &up.anthropic_base_url(), "ANT");
+    let gw = start(config(vec![t]), secrets(), &ca).await;
+    let mut c = h1_plain(gw.addr).await;
+    let a = send(&mut c, post("/anthropic/v1/messages", &[], "{}")).await;
+    assert_eq!(a.status, 429);
+    let v: serde_json::Value = serde_json::from_str(&a.body).unwrap();
+    assert_eq!(v["type"], "error");
+    assert_eq!(v["error"]["type"], "rate_limit_error");
+    assert_eq!(v["error"]["code"], "kt_all_targets_failed");
+    assert!(!a.body.contains(MANAGED_ANT));
+}
+
+#[tokio::test]
+async fn cut_mid_stream_ends_with_sse_error_and_no_fallback() {
+    let ca = TestCa::new();
+    let bad = FakeProvider::start(&ca, "first", Behavior::CutMidStream).await;
+    let good = FakeProvider::start(&ca, "second", Behavior::Ok).await;
+    let gw = start(
+        config(vec![oa("oa1", &bad, "OA1"), oa("oa2", &good, "OA2")]),
+        secrets(),
+        &ca,
+    )
+    .await;
+    let mut c = h1_plain(gw.addr).await;
+    let resp = c
+        .send_request(post("/openai/v1/chat/completions", &[], chat_body(true)))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let mut body = resp.into_body();
+    let mut text = String::new();
+    let mut clean_end = true;
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(f) => {
+                if let Some(d) = f.data_ref() {
+                    text.push_str(&String::from_utf8_lossy(d));
+                }
+            }
+            Err(_) => {
+                clean_end = false;
+                break;
+            }
+        }
+    }
+    assert!(text.contains("hello "), "first chunk arrived: {text}");
+    assert!(text.contains("event: error"), "explicit SSE error: {text}");
+    assert!(text.contains("kt_upstream_stream_failed"), "{text}");
+    assert!(!text.contains("[DONE]"));
+    assert!(!clean_end, "the stream must not finish cleanly");
+    assert!(
+        good.requests().is_empty(),
+        "no fallback after the first byte"
+    );
+}
+
+#[tokio::test]
+async fn cut_mid_json_body_aborts_the_response() {
+    let ca = TestCa::new();
+    let bad = FakeProvider::start(&ca, "first", Behavior::CutMidStream).await;
+    let good = FakeProvider::start(&ca, "second", Behavior::Ok).await;
+    let gw = start(
+        config(vec![oa("oa1", &bad, "OA1"), oa("oa2", &good, "OA2")]),
+        secrets(),
+        &ca,
+    )
+    .await;
+    let mut c = h1_plain(gw.addr).await;
+    let resp = c
+        .send_request(post("/openai/v1/chat/completions", &[], chat_body(false)))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(resp.into_body().collect().await.is_err());
+    assert!(good.requests().is_empty());
+}
+
+#[tokio::test]
+async fn stream_arrives_incrementally() {
+    let ca = TestCa::new();
+    let up = FakeProvider::start(&ca, "first", Behavior::Gated).await;
+    let gw = start(config(vec![oa("oa1", &up, "OA1")]), secrets(), &ca).await;
+    let mut c = h1_plain(gw.addr).await;
+    let resp = c
+        .send_request(post("/openai/v1/chat/completions", &[], chat_body(true)))
+        .await
+        .unwrap();
+    let mut body = resp.into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert!(String::from_utf8_lossy(&first).contains("hello "));
+    // The fake is still holding the rest: the first chunk was not buffered.
+    assert!(!up.sent_last());
+    up.release();
+    let rest = body.collect().await.unwrap().to_bytes();
+    assert!(String::from_utf8_lossy(&rest).contains("[DONE]"));
+    assert!(up.sent_last());
+}
+
+#[tokio::test]
+async fn connect_mode_terminates_tls_and_swaps_key() {
+    let ca = TestCa::new();
+    let up = FakeProvider::start(&ca, "first", Behavior::Ok).await;
+    let gw = start(config(vec![oa("oa1", &up, "OA1")]), secrets(), &ca).await;
+    let (status, conn) = via_connect(gw.addr, "127.0.0.1", up.addr.port(), gw.ca.cert_der()).await;
+    assert_eq!(status, 200);
+    let mut conn = conn.unwrap();
+    let a = send(
+        &mut conn,
+        post(
+            "/v1/chat/completions",
+            &[("authorization", &format!("Bearer {CLIENT_KEY}"))],
+            chat_body(false),
+        ),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let r = &up.requests()[0];
+    assert_eq!(r.path, "/v1/chat/completions");
+    assert_eq!(
+        header(r, "authorization"),
+        Some(&*format!("Bearer {MANAGED_OA}"))
+    );
+    assert_eq!(gw.sink.snapshot()[0].mode, "connect");
+}
+
+#[tokio::test]
+async fn connect_to_non_provider_is_refused() {
+    let ca = TestCa::new();
+    let up = FakeProvider::start(&ca, "first", Behavior::Ok).await;
+    let mut cfg = config(vec![oa("oa1", &up, "OA1")]);
+    cfg.gateway.splice_unknown = false;
+    let gw = start(cfg, secrets(), &ca).await;
+    let (status, _) = via_connect(gw.addr, "example.com", 443, gw.ca.cert_der()).await;
+    assert_eq!(status, 403);
+}
+
+#[tokio::test]
+async fn connect_to_non_provider_is_spliced_when_configured() {
+    let ca = TestCa::new();
+    let up = FakeProvider::start(&ca, "first", Behavior::Ok).await;
+    // Another loopback TLS server that is not a target: spliced untouched,
+    // so the client sees the server's own certificate (from the fake CA).
+    let other = FakeProvider::start(&ca, "other", Behavior::Ok).await;
+    let mut cfg = config(vec![oa("oa1", &up, "OA1")]);
+    cfg.gateway.splice_unknown = true;
+    let gw = start(cfg, secrets(), &ca).await;
+    let (status, conn) = via_connect(gw.addr, "localhost", other.addr.port(), &ca.der).await;
+    assert_eq!(status, 200);
+    let a = send(
+        &mut conn.unwrap(),
+        post(
+            "/v1/chat/completions",
+            &[("authorization", "Bearer untouched")],
+            chat_body(false),
+        ),
+    )
+    .await;
+    assert!(a.body.contains("hello from other"));
+    assert_eq!(
+        header(&other.requests()[0], "authorization"),
+        Some("Bearer untouched")
+    );
+    assert!(up.requests().is_empty());
+}
+
+#[tokio::test]
+async fn capture_listener_terminates_tls_by_sni_and_swaps_key() {
+    let ca = TestCa::new();
+    let up = FakeProvider::start(&ca, "first", Behavior::Ok).await;
+    let gw = start(config(vec![oa("oa1", &up, "OA1")]), secrets(), &ca).await;
+    let info = ClientInfo {
+        pid: Some(4242),
+        uid: Some(1000),
+        cgroup_id: Some(7),
+        comm: Some("python3".into()),
+    };
+    let dst = "127.0.0.2:443".parse().unwrap();
+    let cap = start_capture(&gw.gw, Arc::new(FixedLookup(dst, info.clone()))).await;
+    // The client believes it talks to api.openai.com (SNI); only loopback is used.
+    let mut conn = h1_tls(cap, "api.openai.com", gw.ca.cert_der()).await;
+    let a = send(
+        &mut conn,
+        post(
+            "/v1/chat/completions",
+            &[
+                ("authorization", &format!("Bearer {CLIENT_KEY}")),
+                ("host", "api.openai.com"),
+            ],
+            chat_body(false),
+        ),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let r = &up.requests()[0];
+    assert_eq!(r.path, "/v1/chat/completions");
+    assert_eq!(
+        header(r, "authorization"),
+        Some(&*format!("Bearer {MANAGED_OA}"))
+    );
+    let d = &gw.sink.snapshot()[0];
+    assert_eq!(d.mode, "capture");
+    assert_eq!(d.client, info);
+}
+
+#[tokio::test]
+async fn capture_serves_plain_http_fed_directly() {
+    let ca = TestCa::new();
+    let up = FakeProvider::start(&ca, "first", Behavior::Ok).await;
+    let gw = start(config(vec![oa("oa1", &up, "OA1")]), secrets(), &ca).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let g = gw.gw.clone();
+    let original = up.addr;
+    tokio::spawn(async move {
+        let (s, _) = listener.accept().await.unwrap();
+        g.serve_captured(s, original, ClientInfo::default()).await;
+    });
+    let mut conn = h1_plain(addr).await;
+    let a = send(
+        &mut conn,
+        post(
+            "/v1/chat/completions",
+            &[("x-api-key", CLIENT_KEY)],
+            chat_body(false),
+        ),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(
+        header(&up.requests()[0], "authorization"),
+        Some(&*format!("Bearer {MANAGED_OA}"))
+    );
+}
+
+#[tokio::test]
+async fn required_target_with_missing_secret_stops_startup() {
+    let ca = TestCa::new();
+    let up = FakeProvider::start(&ca, "first", Behavior::Ok).await;
+    let cfg = config(vec![
+        oa("oa1", &up, "OA1"),
+        oa("oa9", &up, "OPENAI_PROD_KEY"),
+    ]);
+    let err = builder(cfg, secrets(), Arc::new(Ca::ephemeral().unwrap()), &ca)
+        .build()
+        .unwrap_err();
+    assert!(matches!(err, GatewayError::MissingSecrets(_)));
+    let msg = err.to_string();
+    assert!(msg.contains("oa9"), "{msg}");
+    assert!(msg.contains("OPENAI_PROD_KEY"), "{msg}");
+    assert!(
+        msg.contains("kt secrets add OPENAI_PROD_KEY --store"),
+        "{msg}"
+    );
+    assert!(!msg.contains(MANAGED_OA));
+}
+
+#[tokio::test]
+async fn optional_target_with_missing_secret_is_skipped() {
+    let ca = TestCa::new();
+    let up = FakeProvider::start(&ca, "second", Behavior::Ok).await;
+    let mut opt = oa("oa0", &up, "NOT_THERE");
+    opt.required = false;
+    let cfg = config(vec![opt, oa("oa1", &up, "OA1")]);
+    let gw = builder(cfg, secrets(), Arc::new(Ca::ephemeral().unwrap()), &ca)
+        .build()
+        .unwrap();
+    assert_eq!(gw.active_targets(), vec!["oa1"]);
+    assert!(gw.warnings()[0].contains("NOT_THERE"));
+}
+
+#[tokio::test]
+async fn body_over_limit_gets_413_and_nothing_is_forwarded() {
+    let ca = TestCa::new();
+    let up = FakeProvider::start(&ca, "first", Behavior::Ok).await;
+    let mut cfg = config(vec![oa("oa1", &up, "OA1")]);
+    cfg.gateway.max_body_bytes = 1024;
+    let gw = start(cfg, secrets(), &ca).await;
+    let mut c = h1_plain(gw.addr).await;
+    let a = send(
+        &mut c,
+        post("/openai/v1/chat/completions", &[], vec![b'x'; 4096]),
+    )
+    .await;
+    assert_eq!(a.status, 413);
+    assert!(a.body.contains("kt_body_too_large"));
+    assert!(up.requests().is_empty());
+}
+
+#[tokio::test]
+async fn unknown_provider_path_gets_404_with_prefixes() {
+    let ca = TestCa::new();
+    let up = FakeProvider::start(&ca, "first", Behavior::Ok).await;
+    let gw = start(config(vec![oa("oa1", &up, "OA1")]), secrets(), &ca).await;
+    let mut c = h1_plain(gw.addr).await;
+    let a = send(
+        &mut c,
+        post(
+            "/gemini/v1beta/models",
+            &[("x-goog-api-key", CLIENT_KEY)],
+            "{}",
+        ),
+    )
+    .await;
+    assert_eq!(a.status, 404);
+    assert!(a.body.contains("/openai"), "{}", a.body);
+    assert!(!a.body.contains(CLIENT_KEY));
+    assert!(up.requests().is_empty());
+}
+
+#[tokio::test]
+async fn malformed_and_oversized_requests_get_clear_errors() {
+    let ca = TestCa::new();
+    let up = FakeProvider::start(&ca, "first", Behavior::Ok).await;
+    let gw = start(config(vec![oa("oa1", &up, "OA1")]), secrets(), &ca).await;
+
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(b"THIS IS NOT HTTP\x00\x01\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out).await;
+    assert!(
+        String::from_utf8_lossy(&out).starts_with("HTTP/1.1 400"),
+        "{out:?}"
+    );
+
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let big = "a".repeat(200 * 1024);
+    let req =
+        format!("POST /openai/v1/chat/completions HTTP/1.1\r\nHost: x\r\nx-big: {big}\r\n\r\n");
+    let _ = s.write_all(req.as_bytes()).await;
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out).await;
+    assert!(
+        String::from_utf8_lossy(&out).starts_with("HTTP/1.1 431"),
+        "{:?}",
+        String::from_utf8_lossy(&out[..out.len().min(100)])
+    );
+    assert!(up.requests().is_empty());
+
+    // Still serving afterwards.
+    let mut c = h1_plain(gw.addr).await;
+    assert_eq!(
+        send(
+            &mut c,
+            post("/openai/v1/chat/completions", &[], chat_body(false))
+        )
+        .await
+        .status,
+        200
+    );
+}
+
+struct BlockSecrets;
+
+impl Policy for BlockSecrets {
+    fn check(&self, request: &PolicyRequest<'_>, notes: &mut Vec<String>) -> PolicyVerdict {
+        if String::from_utf8_lossy(request.body).contains("AKIA") {
+            notes.push("test-policy: block rule=aws-key".into());
+            let body = bytes::Bytes::from_static(
+                br#"{"error":{"message":"blocked","code":"kt_policy_blocked"}}"#,
+            );
+            let mut r = http::Response::new(body);
+            *r.status_mut() = http::StatusCode::FORBIDDEN;
+            return PolicyVerdict::Block(r);
+        }
+        PolicyVerdict::Allow
+    }
+}
+
+#[tokio::test]
+async fn policy_hook_can_block_before_forwarding() {
+    let ca = TestCa::new();
+    let up = FakeProvider::start(&ca, "first", Behavior::Ok).await;
+    let sink = Arc::new(MemorySink::new());
+    let gca = Arc::new(Ca::ephemeral().unwrap());
+    let gw = builder(
+        config(vec![oa("oa1", &up, "OA1")]),
+        secrets(),
+        gca.clone(),
+        &ca,
+    )
+    .policy(Arc::new(BlockSecrets))
+    .decision_sink(sink.clone())
+    .build()
+    .unwrap();
+    let gw = serve(gw, gca, sink).await;
+    let mut c = h1_plain(gw.addr).await;
+    let a = send(
+        &mut c,
+        post(
+            "/openai/v1/chat/completions",
+            &[],
+            r#"{"messages":"AKIAIOSFODNN7EXAMPLE"}"#,
+        ),
+    )
+    .await;
+    assert_eq!(a.status, 403);
+    assert!(up.requests().is_empty());
+    assert_eq!(
+        gw.sink.snapshot()[0].policy,
+        vec!["test-policy: block rule=aws-key"]
+    );
+    let a = send(
+        &mut c,
+        post("/openai/v1/chat/completions", &[], chat_body(false)),
+    )
+    .await;
+    assert_eq!(a.status, 200);
+}
+
+#[tokio::test]
+async fn shutdown_finishes_in_flight_requests() {
+    let ca = TestCa::new();
+    let up = FakeProvider::start(&ca, "first", Behavior::SlowFirstByte).await;
+    let gw = start(config(vec![oa("oa1", &up, "OA1")]), secrets(), &ca).await;
+    let mut c = h1_plain(gw.addr).await;
+    let fut = tokio::spawn(async move {
+        send(
+            &mut c,
+            post("/openai/v1/chat/completions", &[], chat_body(false)),
+        )
+        .await
+    });
+    while up.requests().is_empty() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    gw.gw.shutdown();
+    // New connections are no longer accepted once the loop stopped.
+    up.release();
+    let a = fut.await.unwrap();
+    assert_eq!(a.status, 200);
+    gw.task.await.unwrap();
+    assert!(tokio::net::TcpStream::connect(gw.addr).await.is_err());
+}
+
+#[tokio::test]
+async fn last_target_retry_after_within_bound_is_retried_once() {
+    let ca = TestCa::new();
+    let up = FakeProvider::start(&ca, "first", Behavior::RateLimited(0)).await;
+    let gw = start(config(vec![oa("oa1", &up, "OA1")]), secrets(), &ca).await;
+    let mut c = h1_plain(gw.addr).await;
+    let a = send(
+        &mut c,
+        post("/openai/v1/chat/completions", &[], chat_body(false)),
+    )
+    .await;
+    assert_eq!(a.status, 429);
+    assert_eq!(up.requests().len(), 2, "one retry after Retry-After");
+    let d = &gw.sink.snapshot()[0];
+    assert_eq!(d.tried.len(), 2);
+    assert!(d.tried.iter().all(|t| t.target == "oa1"));
+}
+
+#[tokio::test]
+async fn http2_clients_are_served_through_capture_tls() {
+    let ca = TestCa::new();
+    let up = FakeProvider::start(&ca, "first", Behavior::Ok).await;
+    let gw = start(config(vec![oa("oa1", &up, "OA1")]), secrets(), &ca).await;
+    let dst = "127.0.0.2:443".parse().unwrap();
+    let cap = start_capture(&gw.gw, Arc::new(FixedLookup(dst, ClientInfo::default()))).await;
+    let tcp = tokio::net::TcpStream::connect(cap).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(client_tls(gw.ca.cert_der(), true))
+        .connect(
+            rustls_pki_types::ServerName::try_from("api.openai.com").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut send_req, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = post(
+        "https://api.openai.com/v1/chat/completions",
+        &[("authorization", &format!("Bearer {CLIENT_KEY}"))],
+        chat_body(true),
+    );
+    let resp = send_req.send_request(req).await.unwrap();
+    let a = read(resp).await;
+    assert_eq!(a.status, 200);
+    assert!(a.body.contains("[DONE]"));
+    assert_eq!(
+        header(&up.requests()[0], "authorization"),
+        Some(&*format!("Bearer {MANAGED_OA}"))
+    );
+}
+
+#[tokio::test]
+async fn idle_gap_over_timeout_ends_stream_with_error_event() {
+    let ca = TestCa::new();
+    let up = FakeProvider::start(&ca, "first", Behavior::Gated).await;
+    let mut cfg = config(vec![oa("oa1", &up, "OA1")]);
+    cfg.gateway.idle_timeout = Duration::from_millis(200);
+    let gw = start(cfg, secrets(), &ca).await;
+    let mut c = h1_plain(gw.addr).await;
+    let resp = c
+        .send_request(post("/openai/v1/chat/completions", &[], chat_body(true)))
+        .await
+        .unwrap();
+    let mut body = resp.into_body();
+    let mut text = String::new();
+    let mut errored = false;
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(f) => {
+                if let Some(d) = f.data_ref() {
+                    text.push_str(&String::from_utf8_lossy(d));
+                }
+            }
+            Err(_) => {
+                errored = true;
+                break;
+            }
+        }
+    }
+    assert!(text.contains("hello "));
+    assert!(text.contains("event: error"), "{text}");
+    assert!(text.contains("no data for"), "{text}");
+    assert!(errored);
+    up.release();
+}
