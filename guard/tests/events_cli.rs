@@ -199,6 +199,20 @@ fn human_output_is_one_readable_line_per_event() {
 }
 
 #[test]
+fn human_output_escapes_control_characters_from_processes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut e = event("r1", Decision::Allow, "openai-primary", 7);
+    e.client.exe = Some("/tmp/\u{1b}[2Jevil\nline".into());
+    write_events(dir.path(), vec![e]);
+    for argv in [&[][..], &["--keys"][..]] {
+        let (code, out, _) = kt_events(dir.path(), OutputFormat::Human, argv);
+        assert_eq!(code, 0);
+        assert!(!out.contains('\u{1b}'), "{out:?}");
+        assert!(out.contains("\\u{1b}[2Jevil\\nline"), "{out}");
+    }
+}
+
+#[test]
 fn a_missing_store_is_no_events_not_a_crash() {
     let dir = tempfile::tempdir().unwrap();
     for output in [OutputFormat::Human, OutputFormat::Json] {

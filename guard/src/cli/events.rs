@@ -136,6 +136,12 @@ fn run_inner(
         format: global.output,
         header_done: false,
     };
+    // Taken before the listing: following starts after whichever is newer,
+    // so an event written in between is neither lost nor printed twice.
+    let max_before = match &store {
+        Some(s) => s.max_id()?,
+        None => 0,
+    };
     let events = match &store {
         Some(s) => s.query(&filter)?,
         None => Vec::new(),
@@ -172,7 +178,7 @@ fn run_inner(
     }
     // Follow: new events only, in full.
     filter.limit = None;
-    let mut last_id = events.last().map(|e| e.id).unwrap_or(0);
+    let mut last_id = events.last().map_or(max_before, |e| e.id.max(max_before));
     while !stop.load(Ordering::SeqCst) {
         std::thread::sleep(FOLLOW_POLL);
         if store.is_none() {
@@ -252,6 +258,10 @@ fn line(
 }
 
 fn human_line(e: &Event) -> String {
+    clean(&human_line_raw(e))
+}
+
+fn human_line_raw(e: &Event) -> String {
     let dash = || "-".to_string();
     let status = e.status.map(|s| s.to_string()).unwrap_or_else(dash);
     let latency = e.latency_ms.map(|l| format!("{l}ms")).unwrap_or_else(dash);
@@ -297,6 +307,23 @@ fn human_line(e: &Event) -> String {
         &key,
         &policy,
     )
+}
+
+/// Text from processes and the network, made safe for a terminal: control
+/// characters (escape sequences, newlines) are shown escaped.
+fn clean(s: &str) -> String {
+    if !s.chars().any(char::is_control) {
+        return s.to_string();
+    }
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 /// `python3[4242]`, or the address for clients that were not captured.
@@ -373,12 +400,13 @@ fn print_key(out: &mut dyn Write, k: &KeyUsage) -> anyhow::Result<()> {
     };
     writeln!(
         out,
-        "  {name}  {} request(s), last seen {}",
+        "  {}  {} request(s), last seen {}",
+        clean(&name),
         k.count,
         format_time(k.last_seen_ms)
     )?;
     for p in &k.processes {
-        writeln!(out, "    {}", process_line(p))?;
+        writeln!(out, "    {}", clean(&process_line(p)))?;
     }
     Ok(())
 }

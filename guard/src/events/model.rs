@@ -162,4 +162,24 @@ impl Event {
             message: None,
         }
     }
+
+    /// Replaces every occurrence of `secret` in the free-text fields (the
+    /// client's command line, the message) with `[redacted]`. The gateway
+    /// calls it with the key the client presented: a key passed on a command
+    /// line (`curl -H "Authorization: Bearer sk-..."`) must not reach the store.
+    pub fn redact(&mut self, secret: &crate::secrets::SecretValue) {
+        let value = secret.expose();
+        // A very short value would blank out ordinary words.
+        if value.len() < 8 {
+            return;
+        }
+        for field in [&mut self.client.cmdline, &mut self.message]
+            .into_iter()
+            .flatten()
+        {
+            if field.contains(value) {
+                *field = field.replace(value, "[redacted]");
+            }
+        }
+    }
 }

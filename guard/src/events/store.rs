@@ -276,21 +276,29 @@ impl EventStore {
         }
         let mut sql = format!("SELECT {COLUMNS} FROM events WHERE 1 = 1");
         let mut args: Vec<rusqlite::types::Value> = Vec::new();
+        // When following, the new rows are a short range at the end of the
+        // table: `+column` keeps SQLite from walking a column index instead.
+        let plus = if filter.after_id.is_some() { "+" } else { "" };
         if let Some(since) = filter.since {
-            sql.push_str(" AND time_ms >= ?");
+            sql.push_str(&format!(" AND {plus}time_ms >= ?"));
             args.push(since_cutoff_ms(since).into());
         }
         if let Some(d) = filter.decision {
-            sql.push_str(" AND decision = ?");
+            sql.push_str(&format!(" AND {plus}decision = ?"));
             args.push(d.as_str().to_string().into());
         }
         if let Some(p) = &filter.provider {
-            sql.push_str(" AND provider = ?");
+            sql.push_str(&format!(" AND {plus}provider = ?"));
             args.push(p.clone().into());
         }
         if let Some(t) = &filter.target {
-            sql.push_str(" AND id IN (SELECT event_id FROM event_targets WHERE target = ?)");
+            sql.push_str(" AND id IN (SELECT event_id FROM event_targets WHERE target = ?");
             args.push(t.clone().into());
+            if let Some(after) = filter.after_id {
+                sql.push_str(" AND event_id > ?");
+                args.push(after.into());
+            }
+            sql.push(')');
         }
         if let Some(after) = filter.after_id {
             sql.push_str(" AND id > ?");
@@ -314,6 +322,16 @@ impl EventStore {
         }
         out.reverse();
         Ok(out)
+    }
+
+    /// The largest event id stored (0 when empty).
+    pub fn max_id(&self) -> Result<i64, EventError> {
+        if !self.has_schema {
+            return Ok(0);
+        }
+        self.conn
+            .query_row("SELECT COALESCE(MAX(id), 0) FROM events", [], |r| r.get(0))
+            .map_err(EventError::sql("query"))
     }
 
     /// Number of events stored.

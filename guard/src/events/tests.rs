@@ -487,3 +487,55 @@ fn errors_name_the_object() {
         "unknown decision \"nope\" (expected allow, block, redact or error)"
     );
 }
+
+#[test]
+fn following_filters_combine_with_after_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = EventStore::open(dir.path(), 0).unwrap();
+    let mut batch: Vec<Event> = (0..6)
+        .map(|i| {
+            let d = if i % 2 == 0 {
+                Decision::Block
+            } else {
+                Decision::Allow
+            };
+            simple(&format!("r{i}"), d, "openai", if i < 3 { "a" } else { "b" })
+        })
+        .collect();
+    store.insert(&mut batch).unwrap();
+    assert_eq!(store.max_id().unwrap(), batch[5].id);
+    let got = store
+        .query(&Filter {
+            after_id: Some(batch[1].id),
+            decision: Some(Decision::Block),
+            target: Some("b".into()),
+            provider: Some("openai".into()),
+            since: Some(Duration::from_secs(60)),
+            limit: None,
+        })
+        .unwrap();
+    assert_eq!(ids(&got), ["r4"]);
+}
+
+#[test]
+fn redact_removes_the_presented_key_from_free_text() {
+    let key = crate::secrets::SecretValue::new("sk-proj-AbCdEfGh0123456789AbCdEfGh");
+    let mut e = full_event("r1");
+    e.client.cmdline = Some(format!(
+        "curl -H Authorization: Bearer {} https://api.openai.com",
+        key.expose()
+    ));
+    e.message = Some(format!("upstream rejected {}", key.expose()));
+    e.redact(&key);
+    let json = serde_json::to_string(&e).unwrap();
+    assert!(!json.contains(key.expose()), "{json}");
+    assert_eq!(
+        e.client.cmdline.as_deref(),
+        Some("curl -H Authorization: Bearer [redacted] https://api.openai.com")
+    );
+    assert_eq!(e.message.as_deref(), Some("upstream rejected [redacted]"));
+    // Too short to be a key: left alone rather than blanking words.
+    let mut e2 = full_event("r2");
+    e2.redact(&crate::secrets::SecretValue::new("python"));
+    assert_eq!(e2.client.cmdline, full_event("r2").client.cmdline);
+}
