@@ -36,6 +36,8 @@ pub enum Command {
         #[command(subcommand)]
         cmd: super::ca::CaCmd,
     },
+    /// Decision events, newest last (`--keys`: who still uses which key).
+    Events(super::events::EventsArgs),
     /// The gateway: check a config, or run it for explicit clients.
     Gateway {
         /// What to do.
@@ -63,6 +65,7 @@ pub fn main() -> u8 {
     let result = match cli.command {
         Command::Secrets { cmd } => super::secrets::run(cmd, &global),
         Command::Ca { cmd } => super::ca::run(cmd, &global),
+        Command::Events(args) => super::events::run(&args, &global),
         Command::Gateway { cmd } => match cmd {
             GatewayCmd::Check(args) => super::gateway_check::run(&args, &global),
             GatewayCmd::Run(args) => super::gateway_run::run(args, &global),

@@ -60,6 +60,7 @@ fn is_root() -> bool {
 }
 
 mod app;
+pub mod events;
 pub mod gateway_check;
 
 pub use app::{Cli, main};

@@ -1,0 +1,434 @@
+//! `kt events`: list decision events (newest last), follow them live, or
+//! print the key report (who presented which key).
+
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, UNIX_EPOCH};
+
+use anyhow::Context;
+
+use super::{Global, OutputFormat, exit};
+use crate::events::{Decision, Event, EventStore, Filter, KeyUsage, ProcessUsage};
+
+/// The `--since` forms, for error messages and help.
+const SINCE_FORMS: &str = "a number and a unit: 45s, 30m, 1h, 2d (or combined: 1h30m)";
+
+/// How often `--follow` looks for new events.
+const FOLLOW_POLL: Duration = Duration::from_millis(250);
+
+/// `kt events`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct EventsArgs {
+    /// Only events at most this old: 45s, 30m, 1h, 2d (or combined: 1h30m).
+    #[arg(long, value_name = "DURATION", value_parser = parse_since)]
+    pub since: Option<Duration>,
+    /// Only events with this decision.
+    #[arg(long, value_enum)]
+    pub decision: Option<DecisionArg>,
+    /// Only events that tried or chose this target id.
+    #[arg(long, value_name = "ID")]
+    pub target: Option<String>,
+    /// Only events for this provider.
+    #[arg(long, value_name = "NAME")]
+    pub provider: Option<String>,
+    /// Show the most recent N matching events (0: all).
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    pub limit: usize,
+    /// Keep printing new events as they arrive (until interrupted).
+    #[arg(long, conflicts_with = "keys")]
+    pub follow: bool,
+    /// Print the key report instead: per presented key, which processes used it and when.
+    #[arg(long)]
+    pub keys: bool,
+}
+
+/// `--decision`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DecisionArg {
+    /// Forwarded.
+    Allow,
+    /// Refused by a policy.
+    Block,
+    /// Forwarded after redaction.
+    Redact,
+    /// The guard could not complete the request.
+    Error,
+}
+
+impl From<DecisionArg> for Decision {
+    fn from(d: DecisionArg) -> Decision {
+        match d {
+            DecisionArg::Allow => Decision::Allow,
+            DecisionArg::Block => Decision::Block,
+            DecisionArg::Redact => Decision::Redact,
+            DecisionArg::Error => Decision::Error,
+        }
+    }
+}
+
+/// Parses `--since`: `45s`, `30m`, `1h`, `2d`, or combinations (`1h30m`).
+pub fn parse_since(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    // humantime also reads `1hour`; a bare number has no unit and is refused.
+    if s.is_empty() || s.chars().all(|c| c.is_ascii_digit()) {
+        return Err(format!("invalid duration {s:?}: use {SINCE_FORMS}"));
+    }
+    humantime::parse_duration(s).map_err(|_| format!("invalid duration {s:?}: use {SINCE_FORMS}"))
+}
+
+/// Runs `kt events` on stdout and stderr until done (or interrupted, for
+/// `--follow`).
+pub fn run(args: &EventsArgs, global: &Global) -> anyhow::Result<u8> {
+    let stdout = std::io::stdout();
+    let stderr = std::io::stderr();
+    run_with(
+        args,
+        global,
+        &mut stdout.lock(),
+        &mut stderr.lock(),
+        &AtomicBool::new(false),
+    )
+}
+
+/// Runs `kt events`, printing data to `out` and notices to `err`. `--follow`
+/// stops when `stop` is set or `out` is closed.
+pub fn run_with(
+    args: &EventsArgs,
+    global: &Global,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+    stop: &AtomicBool,
+) -> anyhow::Result<u8> {
+    match run_inner(args, global, out, err, stop) {
+        // A closed pipe (`kt events | head`) is the reader being done.
+        Err(e)
+            if e.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe) =>
+        {
+            Ok(exit::OK)
+        }
+        other => other,
+    }
+}
+
+fn run_inner(
+    args: &EventsArgs,
+    global: &Global,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+    stop: &AtomicBool,
+) -> anyhow::Result<u8> {
+    let path = crate::events::db_path(&global.data_dir);
+    let mut store = EventStore::open_read_only(&global.data_dir)
+        .with_context(|| format!("reading events from {}", path.display()))?;
+    if args.keys {
+        return print_keys(args, global, store.as_ref(), out, err);
+    }
+    let mut filter = Filter {
+        since: args.since,
+        decision: args.decision.map(Decision::from),
+        target: args.target.clone(),
+        provider: args.provider.clone(),
+        limit: (args.limit > 0).then_some(args.limit),
+        after_id: None,
+    };
+    let mut printer = Printer {
+        format: global.output,
+        header_done: false,
+    };
+    // Taken before the listing: following starts after whichever is newer,
+    // so an event written in between is neither lost nor printed twice.
+    let max_before = match &store {
+        Some(s) => s.max_id()?,
+        None => 0,
+    };
+    let events = match &store {
+        Some(s) => s.query(&filter)?,
+        None => Vec::new(),
+    };
+    if events.is_empty() {
+        let filtered = filter.since.is_some()
+            || filter.decision.is_some()
+            || filter.target.is_some()
+            || filter.provider.is_some();
+        let total = match &store {
+            Some(s) => s.count()?,
+            None => 0,
+        };
+        if store.is_none() {
+            writeln!(
+                err,
+                "no events yet: no event store at {} (the gateway creates it on its first request)",
+                path.display()
+            )?;
+        } else if total == 0 || !filtered {
+            writeln!(err, "no events yet in {}", path.display())?;
+        } else {
+            writeln!(
+                err,
+                "no events match the filters ({total} event(s) in {})",
+                path.display()
+            )?;
+        }
+    }
+    printer.print(out, &events)?;
+    out.flush()?;
+    if !args.follow {
+        return Ok(exit::OK);
+    }
+    // Follow: new events only, in full.
+    filter.limit = None;
+    let mut last_id = events.last().map_or(max_before, |e| e.id.max(max_before));
+    while !stop.load(Ordering::SeqCst) {
+        std::thread::sleep(FOLLOW_POLL);
+        if store.is_none() {
+            store = EventStore::open_read_only(&global.data_dir)
+                .with_context(|| format!("reading events from {}", path.display()))?;
+        }
+        let Some(s) = &mut store else { continue };
+        if !s.has_schema() {
+            // Opened before the writer created the schema: look again.
+            store = None;
+            continue;
+        }
+        filter.after_id = Some(last_id);
+        let events = s.query(&filter)?;
+        if let Some(e) = events.last() {
+            last_id = e.id;
+        }
+        printer.print(out, &events)?;
+        out.flush()?;
+    }
+    Ok(exit::OK)
+}
+
+struct Printer {
+    format: OutputFormat,
+    header_done: bool,
+}
+
+impl Printer {
+    fn print(&mut self, out: &mut dyn Write, events: &[Event]) -> anyhow::Result<()> {
+        match self.format {
+            OutputFormat::Json => {
+                for e in events {
+                    writeln!(out, "{}", serde_json::to_string(e)?)?;
+                }
+            }
+            OutputFormat::Human => {
+                if events.is_empty() {
+                    return Ok(());
+                }
+                if !self.header_done {
+                    self.header_done = true;
+                    writeln!(
+                        out,
+                        "{}",
+                        line(
+                            "TIME", "DECISION", "PROVIDER", "TARGET", "STATUS", "LATENCY",
+                            "CLIENT", "KEY", "POLICY"
+                        )
+                        .trim_end()
+                    )?;
+                }
+                for e in events {
+                    writeln!(out, "{}", human_line(e).trim_end())?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn line(
+    time: &str,
+    decision: &str,
+    provider: &str,
+    target: &str,
+    status: &str,
+    latency: &str,
+    client: &str,
+    key: &str,
+    policy: &str,
+) -> String {
+    format!(
+        "{time:<24}  {decision:<8}  {provider:<10}  {target:<16}  {status:<6}  {latency:>7}  {client:<22}  {key:<28}  {policy}"
+    )
+}
+
+fn human_line(e: &Event) -> String {
+    clean(&human_line_raw(e))
+}
+
+fn human_line_raw(e: &Event) -> String {
+    let dash = || "-".to_string();
+    let status = e.status.map(|s| s.to_string()).unwrap_or_else(dash);
+    let latency = e.latency_ms.map(|l| format!("{l}ms")).unwrap_or_else(dash);
+    let key = e
+        .key
+        .as_ref()
+        .map(|k| match (&k.matches_secret, k.managed) {
+            (Some(name), _) => format!("{} ({name})", k.fingerprint),
+            (None, true) => k.fingerprint.clone(),
+            (None, false) => format!("{} (unmanaged)", k.fingerprint),
+        })
+        .unwrap_or_else(dash);
+    let rules: Vec<String> = e
+        .policy
+        .iter()
+        .filter_map(|p| {
+            p.rule_id.as_ref().map(|r| match &p.location {
+                Some(loc) => format!("{}:{r}@{loc}", p.policy),
+                None => format!("{}:{r}", p.policy),
+            })
+        })
+        .collect();
+    let mut policy = if rules.is_empty() {
+        "-".to_string()
+    } else {
+        rules.join(",")
+    };
+    if let Some(m) = &e.message {
+        policy.push_str(&format!("  \"{m}\""));
+    }
+    line(
+        &format_time(e.time_ms),
+        e.decision.as_str(),
+        e.provider.as_deref().unwrap_or("-"),
+        e.target_chosen.as_deref().unwrap_or("-"),
+        &status,
+        &latency,
+        &client_label(
+            e.client.exe.as_deref(),
+            e.client.pid,
+            e.client.addr.as_deref(),
+        ),
+        &key,
+        &policy,
+    )
+}
+
+/// Text from processes and the network, made safe for a terminal: control
+/// characters (escape sequences, newlines) are shown escaped.
+fn clean(s: &str) -> String {
+    if !s.chars().any(char::is_control) {
+        return s.to_string();
+    }
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
+/// `python3[4242]`, or the address for clients that were not captured.
+fn client_label(exe: Option<&str>, pid: Option<u32>, addr: Option<&str>) -> String {
+    let name = exe.map(|x| x.rsplit('/').next().unwrap_or(x));
+    match (name, pid) {
+        (Some(n), Some(p)) => format!("{n}[{p}]"),
+        (Some(n), None) => n.to_string(),
+        (None, Some(p)) => format!("[{p}]"),
+        (None, None) => addr.unwrap_or("-").to_string(),
+    }
+}
+
+/// ISO 8601 UTC with milliseconds.
+fn format_time(ms: i64) -> String {
+    let t = UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+fn print_keys(
+    args: &EventsArgs,
+    global: &Global,
+    store: Option<&EventStore>,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> anyhow::Result<u8> {
+    let keys = match store {
+        Some(s) => s.key_report(args.since)?,
+        None => Vec::new(),
+    };
+    if global.output == OutputFormat::Json {
+        writeln!(
+            out,
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({ "keys": keys }))?
+        )?;
+        return Ok(exit::OK);
+    }
+    if keys.is_empty() {
+        writeln!(
+            err,
+            "no presented keys recorded{} in {}",
+            args.since
+                .map(|d| format!(" in the last {}", humantime::format_duration(d)))
+                .unwrap_or_default(),
+            crate::events::db_path(&global.data_dir).display()
+        )?;
+        return Ok(exit::OK);
+    }
+    let (matched, unmanaged): (Vec<&KeyUsage>, Vec<&KeyUsage>) =
+        keys.iter().partition(|k| k.matches_secret.is_some());
+    if !matched.is_empty() {
+        writeln!(out, "Keys matching a stored secret:")?;
+        for k in &matched {
+            print_key(out, k)?;
+        }
+    }
+    if !unmanaged.is_empty() {
+        if !matched.is_empty() {
+            writeln!(out)?;
+        }
+        writeln!(out, "Keys the guard does not manage:")?;
+        for k in &unmanaged {
+            print_key(out, k)?;
+        }
+    }
+    Ok(exit::OK)
+}
+
+fn print_key(out: &mut dyn Write, k: &KeyUsage) -> anyhow::Result<()> {
+    let name = match &k.matches_secret {
+        Some(n) => format!("{n} {}", k.fingerprint),
+        None => k.fingerprint.clone(),
+    };
+    writeln!(
+        out,
+        "  {}  {} request(s), last seen {}",
+        clean(&name),
+        k.count,
+        format_time(k.last_seen_ms)
+    )?;
+    for p in &k.processes {
+        writeln!(out, "    {}", clean(&process_line(p)))?;
+    }
+    Ok(())
+}
+
+fn process_line(p: &ProcessUsage) -> String {
+    let mut s = match (&p.exe, p.pid) {
+        (Some(exe), Some(pid)) => format!("{exe}[{pid}]"),
+        (Some(exe), None) => exe.clone(),
+        (None, Some(pid)) => format!("[{pid}]"),
+        (None, None) => p.addr.clone().unwrap_or_else(|| "unknown client".into()),
+    };
+    if let Some(uid) = p.uid {
+        s.push_str(&format!(" uid {uid}"));
+    }
+    if let Some(c) = &p.container_id {
+        s.push_str(&format!(" container {c}"));
+    } else if let Some(c) = &p.cgroup {
+        s.push_str(&format!(" cgroup {c}"));
+    }
+    format!(
+        "{s:<48}  {:>6} request(s)  last seen {}",
+        p.count,
+        format_time(p.last_seen_ms)
+    )
+}

@@ -1,0 +1,463 @@
+//! The embedded SQLite store.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params};
+
+use super::{Client, Decision, Event, EventError, PresentedKey};
+
+/// The database file name inside the data directory.
+pub const DB_FILE: &str = "events.db";
+
+/// The database path for a data directory.
+pub fn db_path(data_dir: &Path) -> PathBuf {
+    data_dir.join(DB_FILE)
+}
+
+// Lists (targets tried, fallback steps, policy notes) are JSON columns; the
+// targets tried and chosen are also spread into `event_targets`, the index
+// behind `--target` (so `target_chosen` needs none of its own).
+// AUTOINCREMENT keeps ids increasing across pruning: `--follow` relies on it.
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    time_ms INTEGER NOT NULL,
+    request_id TEXT NOT NULL,
+    decision TEXT NOT NULL,
+    provider TEXT,
+    target_tried TEXT NOT NULL,
+    target_chosen TEXT,
+    fallback_steps TEXT NOT NULL,
+    status INTEGER,
+    latency_ms INTEGER,
+    policy TEXT NOT NULL,
+    client_addr TEXT,
+    client_pid INTEGER,
+    client_uid INTEGER,
+    client_exe TEXT,
+    client_cmdline TEXT,
+    client_cgroup TEXT,
+    client_container_id TEXT,
+    key_fingerprint TEXT,
+    key_matches_secret TEXT,
+    key_managed INTEGER,
+    message TEXT
+);
+CREATE INDEX IF NOT EXISTS events_time ON events(time_ms);
+CREATE INDEX IF NOT EXISTS events_decision ON events(decision);
+CREATE INDEX IF NOT EXISTS events_provider ON events(provider);
+CREATE INDEX IF NOT EXISTS events_client ON events(client_exe, client_pid);
+CREATE INDEX IF NOT EXISTS events_key ON events(key_fingerprint);
+CREATE TABLE IF NOT EXISTS event_targets (
+    event_id INTEGER NOT NULL,
+    target TEXT NOT NULL,
+    PRIMARY KEY (event_id, target)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS event_targets_target ON event_targets(target, event_id);
+PRAGMA user_version = 1;
+";
+
+const COLUMNS: &str = "id, time_ms, request_id, decision, provider, target_tried, target_chosen, \
+    fallback_steps, status, latency_ms, policy, client_addr, client_pid, client_uid, client_exe, \
+    client_cmdline, client_cgroup, client_container_id, key_fingerprint, key_matches_secret, \
+    key_managed, message";
+
+const INSERT: &str = "INSERT INTO events (time_ms, request_id, decision, provider, target_tried, \
+    target_chosen, fallback_steps, status, latency_ms, policy, client_addr, client_pid, client_uid, \
+    client_exe, client_cmdline, client_cgroup, client_container_id, key_fingerprint, \
+    key_matches_secret, key_managed, message) \
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21)";
+
+/// Which events to list. The default lists everything.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Filter {
+    /// Only events at most this old.
+    pub since: Option<Duration>,
+    /// Only this decision.
+    pub decision: Option<Decision>,
+    /// Only events that tried or chose this target id.
+    pub target: Option<String>,
+    /// Only this provider.
+    pub provider: Option<String>,
+    /// Only the most recent N matches (still returned oldest first).
+    pub limit: Option<usize>,
+    /// Only events with a larger id (for following).
+    pub after_id: Option<i64>,
+}
+
+/// The event store: `<data_dir>/events.db`, SQLite in WAL mode, so readers
+/// (`kt events`) never block the writer.
+pub struct EventStore {
+    pub(super) conn: Connection,
+    path: PathBuf,
+    max_events: u64,
+    /// Rows in `events`, tracked so pruning needs no count per batch.
+    rows: u64,
+    /// False for a read-only store whose writer has not created the schema yet.
+    has_schema: bool,
+}
+
+impl std::fmt::Debug for EventStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventStore")
+            .field("path", &self.path)
+            .field("max_events", &self.max_events)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EventStore {
+    /// Opens (creating if needed) the store in `data_dir` for writing. Keeps
+    /// at most `max_events` events, pruning the oldest first; 0 means no bound.
+    pub fn open(data_dir: &Path, max_events: u64) -> Result<EventStore, EventError> {
+        create_private_dir(data_dir)?;
+        let path = db_path(data_dir);
+        create_private_file(&path)?;
+        let open_err = |source| EventError::Open {
+            path: path.clone(),
+            source,
+        };
+        let conn = Connection::open(&path).map_err(open_err)?;
+        conn.busy_timeout(Duration::from_secs(5))
+            .map_err(open_err)?;
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+            .map_err(open_err)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            tracing::warn!(path = %path.display(), mode, "event store is not in WAL mode");
+        }
+        // WAL + NORMAL: a power cut may lose the last batches, never corrupts.
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(open_err)?;
+        // Inserts touch the newest end of each index and pruning the oldest:
+        // a 16 MiB page cache keeps both ends of all of them warm.
+        conn.pragma_update(None, "cache_size", -16_384)
+            .map_err(open_err)?;
+        conn.execute_batch(SCHEMA).map_err(open_err)?;
+        let rows: i64 = conn
+            .query_row("SELECT COUNT(*) FROM events", [], |r| r.get(0))
+            .map_err(open_err)?;
+        Ok(EventStore {
+            conn,
+            path,
+            max_events,
+            rows: u64::try_from(rows).unwrap_or(0),
+            has_schema: true,
+        })
+    }
+
+    /// Opens the store in `data_dir` for reading only; `Ok(None)` when there
+    /// is no store yet (no events were ever recorded there).
+    pub fn open_read_only(data_dir: &Path) -> Result<Option<EventStore>, EventError> {
+        let path = db_path(data_dir);
+        if !path.exists() {
+            return Ok(None);
+        }
+        let open_err = |source| EventError::Open {
+            path: path.clone(),
+            source,
+        };
+        let conn = Connection::open_with_flags(
+            &path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(open_err)?;
+        conn.busy_timeout(Duration::from_secs(5))
+            .map_err(open_err)?;
+        let mut store = EventStore {
+            conn,
+            path,
+            max_events: 0,
+            rows: 0,
+            has_schema: false,
+        };
+        store.has_schema = store.schema_present()?;
+        Ok(Some(store))
+    }
+
+    fn schema_present(&self) -> Result<bool, EventError> {
+        self.conn
+            .query_row(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'events'",
+                [],
+                |_| Ok(()),
+            )
+            .optional()
+            .map(|o| o.is_some())
+            .map_err(EventError::sql("schema check"))
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Inserts `events` in one transaction, setting their `id`s, then prunes
+    /// the oldest events above `max_events` in the same transaction.
+    pub fn insert(&mut self, events: &mut [Event]) -> Result<(), EventError> {
+        let tx = self.conn.transaction().map_err(EventError::sql("begin"))?;
+        {
+            let mut ins = tx
+                .prepare_cached(INSERT)
+                .map_err(EventError::sql("insert"))?;
+            let mut ins_target = tx
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO event_targets (event_id, target) VALUES (?1, ?2)",
+                )
+                .map_err(EventError::sql("insert"))?;
+            for e in events.iter_mut() {
+                let key = e.key.as_ref();
+                ins.execute(params![
+                    e.time_ms,
+                    e.request_id,
+                    e.decision.as_str(),
+                    e.provider,
+                    to_json(&e.target_tried),
+                    e.target_chosen,
+                    to_json(&e.fallback_steps),
+                    e.status,
+                    e.latency_ms.map(|l| i64::try_from(l).unwrap_or(i64::MAX)),
+                    to_json(&e.policy),
+                    e.client.addr,
+                    e.client.pid,
+                    e.client.uid,
+                    e.client.exe,
+                    e.client.cmdline,
+                    e.client.cgroup,
+                    e.client.container_id,
+                    key.map(|k| k.fingerprint.as_str()),
+                    key.and_then(|k| k.matches_secret.as_deref()),
+                    key.map(|k| k.managed),
+                    e.message,
+                ])
+                .map_err(EventError::sql("insert"))?;
+                e.id = tx.last_insert_rowid();
+                for t in e.target_tried.iter().chain(e.target_chosen.iter()) {
+                    ins_target
+                        .execute(params![e.id, t])
+                        .map_err(EventError::sql("insert"))?;
+                }
+            }
+        }
+        let mut rows = self.rows + events.len() as u64;
+        if self.max_events > 0 && rows > self.max_events {
+            // Deletes exactly the excess, so the cost per event stays constant.
+            let excess = rows - self.max_events;
+            let cutoff: Option<i64> = tx
+                .query_row(
+                    "SELECT id FROM events ORDER BY id LIMIT 1 OFFSET ?1",
+                    params![i64::try_from(excess - 1).unwrap_or(i64::MAX)],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(EventError::sql("prune"))?;
+            if let Some(cutoff) = cutoff {
+                let deleted = tx
+                    .execute("DELETE FROM events WHERE id <= ?1", params![cutoff])
+                    .map_err(EventError::sql("prune"))?;
+                tx.execute(
+                    "DELETE FROM event_targets WHERE event_id <= ?1",
+                    params![cutoff],
+                )
+                .map_err(EventError::sql("prune"))?;
+                rows = rows.saturating_sub(deleted as u64);
+            }
+        }
+        tx.commit().map_err(EventError::sql("commit"))?;
+        self.rows = rows;
+        Ok(())
+    }
+
+    /// Events matching `filter`, oldest first (newest last).
+    pub fn query(&self, filter: &Filter) -> Result<Vec<Event>, EventError> {
+        if !self.has_schema {
+            return Ok(Vec::new());
+        }
+        let mut sql = format!("SELECT {COLUMNS} FROM events WHERE 1 = 1");
+        let mut args: Vec<rusqlite::types::Value> = Vec::new();
+        // When following, the new rows are a short range at the end of the
+        // table: `+column` keeps SQLite from walking a column index instead.
+        let plus = if filter.after_id.is_some() { "+" } else { "" };
+        if let Some(since) = filter.since {
+            sql.push_str(&format!(" AND {plus}time_ms >= ?"));
+            args.push(since_cutoff_ms(since).into());
+        }
+        if let Some(d) = filter.decision {
+            sql.push_str(&format!(" AND {plus}decision = ?"));
+            args.push(d.as_str().to_string().into());
+        }
+        if let Some(p) = &filter.provider {
+            sql.push_str(&format!(" AND {plus}provider = ?"));
+            args.push(p.clone().into());
+        }
+        if let Some(t) = &filter.target {
+            sql.push_str(" AND id IN (SELECT event_id FROM event_targets WHERE target = ?");
+            args.push(t.clone().into());
+            if let Some(after) = filter.after_id {
+                sql.push_str(" AND event_id > ?");
+                args.push(after.into());
+            }
+            sql.push(')');
+        }
+        if let Some(after) = filter.after_id {
+            sql.push_str(" AND id > ?");
+            args.push(after.into());
+        }
+        sql.push_str(" ORDER BY id DESC");
+        if let Some(limit) = filter.limit {
+            sql.push_str(" LIMIT ?");
+            args.push(i64::try_from(limit).unwrap_or(i64::MAX).into());
+        }
+        let mut stmt = self
+            .conn
+            .prepare_cached(&sql)
+            .map_err(EventError::sql("query"))?;
+        let rows = stmt
+            .query_map(rusqlite::params_from_iter(args), read_row)
+            .map_err(EventError::sql("query"))?;
+        let mut out = Vec::new();
+        for row in rows {
+            out.push(row.map_err(EventError::sql("query"))??);
+        }
+        out.reverse();
+        Ok(out)
+    }
+
+    /// The largest event id stored (0 when empty).
+    pub fn max_id(&self) -> Result<i64, EventError> {
+        if !self.has_schema {
+            return Ok(0);
+        }
+        self.conn
+            .query_row("SELECT COALESCE(MAX(id), 0) FROM events", [], |r| r.get(0))
+            .map_err(EventError::sql("query"))
+    }
+
+    /// Number of events stored.
+    pub fn count(&self) -> Result<u64, EventError> {
+        if !self.has_schema {
+            return Ok(0);
+        }
+        let n: i64 = self
+            .conn
+            .query_row("SELECT COUNT(*) FROM events", [], |r| r.get(0))
+            .map_err(EventError::sql("count"))?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    /// Whether the schema existed when the store was opened (a read-only
+    /// store opened before the writer's first open has none: reopen it).
+    pub fn has_schema(&self) -> bool {
+        self.has_schema
+    }
+}
+
+/// The earliest `time_ms` inside a `since` window.
+pub(super) fn since_cutoff_ms(since: Duration) -> i64 {
+    let ago = i64::try_from(since.as_millis()).unwrap_or(i64::MAX);
+    super::now_ms().saturating_sub(ago)
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> String {
+    // Serializing plain strings and vectors cannot fail.
+    serde_json::to_string(v).unwrap_or_else(|_| "[]".to_string())
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(
+    id: i64,
+    column: &str,
+    text: &str,
+) -> Result<T, EventError> {
+    serde_json::from_str(text).map_err(|e| EventError::Corrupt {
+        id,
+        reason: format!("column {column}: {e}"),
+    })
+}
+
+fn read_row(r: &Row<'_>) -> rusqlite::Result<Result<Event, EventError>> {
+    let id: i64 = r.get(0)?;
+    let decision: String = r.get(3)?;
+    let tried: String = r.get(5)?;
+    let fallback: String = r.get(7)?;
+    let policy: String = r.get(10)?;
+    let latency: Option<i64> = r.get(9)?;
+    let fingerprint: Option<String> = r.get(18)?;
+    let matches_secret: Option<String> = r.get(19)?;
+    let managed: Option<bool> = r.get(20)?;
+    let time_ms: i64 = r.get(1)?;
+    let request_id: String = r.get(2)?;
+    let provider: Option<String> = r.get(4)?;
+    let target_chosen: Option<String> = r.get(6)?;
+    let status: Option<u16> = r.get(8)?;
+    let client = Client {
+        addr: r.get(11)?,
+        pid: r.get(12)?,
+        uid: r.get(13)?,
+        exe: r.get(14)?,
+        cmdline: r.get(15)?,
+        cgroup: r.get(16)?,
+        container_id: r.get(17)?,
+    };
+    let message: Option<String> = r.get(21)?;
+    Ok((|| {
+        Ok(Event {
+            id,
+            time_ms,
+            request_id,
+            decision: decision
+                .parse()
+                .map_err(|e: EventError| EventError::Corrupt {
+                    id,
+                    reason: e.to_string(),
+                })?,
+            provider,
+            target_tried: from_json(id, "target_tried", &tried)?,
+            target_chosen,
+            fallback_steps: from_json(id, "fallback_steps", &fallback)?,
+            status,
+            latency_ms: latency.map(|l| u64::try_from(l).unwrap_or(0)),
+            policy: from_json(id, "policy", &policy)?,
+            client,
+            key: fingerprint.map(|fingerprint| PresentedKey {
+                fingerprint,
+                matches_secret,
+                managed: managed.unwrap_or(false),
+            }),
+            message,
+        })
+    })())
+}
+
+fn create_private_dir(dir: &Path) -> Result<(), EventError> {
+    use std::os::unix::fs::DirBuilderExt;
+    // The store names processes and command lines: keep it to the owner.
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| EventError::Io {
+            what: "create event store directory",
+            path: dir.to_path_buf(),
+            source,
+        })
+}
+
+fn create_private_file(path: &Path) -> Result<(), EventError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    // SQLite gives its -wal and -shm files the database file's mode.
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(source) => Err(EventError::Io {
+            what: "create event store",
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}

@@ -1,0 +1,541 @@
+//! Store, writer and key report tests (temp dirs only).
+
+use std::time::Duration;
+
+use super::*;
+
+fn full_event(request_id: &str) -> Event {
+    Event {
+        id: 0,
+        time_ms: now_ms(),
+        request_id: request_id.to_string(),
+        decision: Decision::Redact,
+        provider: Some("openai".into()),
+        target_tried: vec!["openai-primary".into(), "openai-backup".into()],
+        target_chosen: Some("openai-backup".into()),
+        fallback_steps: vec![
+            FallbackStep {
+                target: "openai-primary".into(),
+                outcome: "status 503".into(),
+            },
+            FallbackStep {
+                target: "openai-backup".into(),
+                outcome: "ok".into(),
+            },
+        ],
+        status: Some(200),
+        latency_ms: Some(1234),
+        policy: vec![
+            PolicyNote {
+                policy: "dlp-filter".into(),
+                decision: "redact".into(),
+                rule_id: Some("openai-project-key".into()),
+                location: Some("body.messages[0].content@12..176".into()),
+            },
+            PolicyNote {
+                policy: "audit-logger".into(),
+                decision: "pass".into(),
+                rule_id: None,
+                location: None,
+            },
+        ],
+        client: Client {
+            addr: Some("127.0.0.1:53422".into()),
+            pid: Some(4242),
+            uid: Some(1000),
+            exe: Some("/usr/bin/python3".into()),
+            cmdline: Some("python3 legacy.py --model gpt".into()),
+            cgroup: Some("/system.slice/ci-job-7.scope".into()),
+            container_id: Some("c0ffee".into()),
+        },
+        key: Some(PresentedKey {
+            fingerprint: "fp:1a2b3c4d".into(),
+            matches_secret: Some("openai-q1".into()),
+            managed: false,
+        }),
+        message: Some("primary failed, fallback answered".into()),
+    }
+}
+
+fn simple(request_id: &str, decision: Decision, provider: &str, target: &str) -> Event {
+    let mut e = Event::new(request_id, decision);
+    e.provider = Some(provider.into());
+    e.target_tried = vec![target.into()];
+    e.target_chosen = Some(target.into());
+    e
+}
+
+fn ids(events: &[Event]) -> Vec<&str> {
+    events.iter().map(|e| e.request_id.as_str()).collect()
+}
+
+#[test]
+fn every_field_survives_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = EventStore::open(dir.path(), 0).unwrap();
+    let mut minimal = Event::new("r2", Decision::Error);
+    minimal.time_ms = 5;
+    let mut batch = vec![full_event("r1"), minimal];
+    store.insert(&mut batch).unwrap();
+    assert!(
+        batch[0].id > 0 && batch[1].id > batch[0].id,
+        "ids assigned in order"
+    );
+    let got = store.query(&Filter::default()).unwrap();
+    assert_eq!(got, batch);
+    assert!(dir.path().join("events.db").exists());
+}
+
+#[test]
+fn decisions_serialize_lowercase_and_round_trip_through_json() {
+    let e = full_event("r1");
+    let json = serde_json::to_string(&e).unwrap();
+    assert!(json.contains(r#""decision":"redact""#), "{json}");
+    let back: Event = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, e);
+    for d in Decision::ALL {
+        assert_eq!(d.as_str().parse::<Decision>().unwrap(), d);
+        assert_eq!(serde_json::to_string(&d).unwrap(), format!("\"{d}\""));
+    }
+    assert!("Block".parse::<Decision>().is_err());
+}
+
+#[test]
+fn store_is_in_wal_mode_and_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("kt");
+    let store = EventStore::open(&data, 0).unwrap();
+    let mode: String = store
+        .conn
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(mode, "wal");
+    let meta = std::fs::metadata(data.join("events.db")).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o077, 0, "no access for others");
+    let meta = std::fs::metadata(&data).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o077, 0, "no access for others");
+}
+
+#[test]
+fn filters_select_by_time_decision_target_and_provider() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = EventStore::open(dir.path(), 0).unwrap();
+    let now = now_ms();
+    let mut old = simple("old", Decision::Allow, "openai", "openai-primary");
+    old.time_ms = now - 2 * 3600 * 1000;
+    let mut recent = simple("recent", Decision::Block, "openai", "openai-primary");
+    recent.time_ms = now - 10 * 60 * 1000;
+    // Tried openai-primary, fell back to openai-backup.
+    let mut fell_back = simple("fell-back", Decision::Allow, "openai", "openai-backup");
+    fell_back.target_tried = vec!["openai-primary".into(), "openai-backup".into()];
+    let claude = simple("claude", Decision::Block, "anthropic", "claude-main");
+    let mut batch = vec![old, recent, fell_back, claude];
+    store.insert(&mut batch).unwrap();
+
+    let q = |f: Filter| ids(&store.query(&f).unwrap()).join(",");
+    assert_eq!(q(Filter::default()), "old,recent,fell-back,claude");
+    let hour = Some(Duration::from_secs(3600));
+    assert_eq!(
+        q(Filter {
+            since: hour,
+            ..Filter::default()
+        }),
+        "recent,fell-back,claude"
+    );
+    assert_eq!(
+        q(Filter {
+            decision: Some(Decision::Block),
+            ..Filter::default()
+        }),
+        "recent,claude"
+    );
+    assert_eq!(
+        q(Filter {
+            target: Some("openai-primary".into()),
+            ..Filter::default()
+        }),
+        "old,recent,fell-back",
+        "tried counts, not only chosen"
+    );
+    assert_eq!(
+        q(Filter {
+            target: Some("openai-backup".into()),
+            ..Filter::default()
+        }),
+        "fell-back"
+    );
+    assert_eq!(
+        q(Filter {
+            provider: Some("anthropic".into()),
+            ..Filter::default()
+        }),
+        "claude"
+    );
+    assert_eq!(
+        q(Filter {
+            provider: Some("openai".into()),
+            decision: Some(Decision::Allow),
+            since: hour,
+            ..Filter::default()
+        }),
+        "fell-back"
+    );
+    assert_eq!(
+        q(Filter {
+            target: Some("nope".into()),
+            ..Filter::default()
+        }),
+        ""
+    );
+}
+
+#[test]
+fn limit_keeps_the_newest_and_returns_them_oldest_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = EventStore::open(dir.path(), 0).unwrap();
+    let mut batch: Vec<Event> = (0..10)
+        .map(|i| simple(&format!("r{i}"), Decision::Allow, "openai", "t"))
+        .collect();
+    store.insert(&mut batch).unwrap();
+    let got = store
+        .query(&Filter {
+            limit: Some(3),
+            ..Filter::default()
+        })
+        .unwrap();
+    assert_eq!(ids(&got), ["r7", "r8", "r9"]);
+    let after = store
+        .query(&Filter {
+            after_id: Some(batch[7].id),
+            ..Filter::default()
+        })
+        .unwrap();
+    assert_eq!(ids(&after), ["r8", "r9"]);
+}
+
+#[test]
+fn pruning_keeps_the_newest_max_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = EventStore::open(dir.path(), 10).unwrap();
+    for chunk in 0..5 {
+        let mut batch: Vec<Event> = (0..7)
+            .map(|i| {
+                simple(
+                    &format!("r{}", chunk * 7 + i),
+                    Decision::Allow,
+                    "openai",
+                    &format!("t{}", chunk * 7 + i),
+                )
+            })
+            .collect();
+        store.insert(&mut batch).unwrap();
+        assert!(store.count().unwrap() <= 10);
+    }
+    let got = store.query(&Filter::default()).unwrap();
+    let want: Vec<String> = (25..35).map(|i| format!("r{i}")).collect();
+    assert_eq!(ids(&got), want);
+    // The target index forgot pruned events too.
+    let pruned = Filter {
+        target: Some("t3".into()),
+        ..Filter::default()
+    };
+    assert!(store.query(&pruned).unwrap().is_empty());
+    let leftover: i64 = store
+        .conn
+        .query_row("SELECT COUNT(*) FROM event_targets", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(leftover, 10);
+    drop(store);
+
+    // A smaller bound on reopen applies at the next write; ids keep growing.
+    let mut store = EventStore::open(dir.path(), 4).unwrap();
+    let mut batch = vec![simple("r35", Decision::Allow, "openai", "t")];
+    store.insert(&mut batch).unwrap();
+    assert!(batch[0].id > got.last().unwrap().id);
+    assert_eq!(
+        ids(&store.query(&Filter::default()).unwrap()),
+        ["r32", "r33", "r34", "r35"]
+    );
+}
+
+#[test]
+fn read_only_open_of_a_missing_store_creates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    assert!(EventStore::open_read_only(dir.path()).unwrap().is_none());
+    assert!(!dir.path().join("events.db").exists());
+}
+
+#[test]
+fn writer_writes_everything_before_shutdown_completes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (writer, handle) = EventWriter::spawn(WriterConfig::new(dir.path(), 0));
+    assert!(writer.healthy());
+    let threads: Vec<_> = (0..2)
+        .map(|t| {
+            let w = writer.clone();
+            std::thread::spawn(move || {
+                for i in 0..2_500 {
+                    w.record(simple(&format!("t{t}-{i}"), Decision::Allow, "openai", "x"));
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let stats = writer.stats();
+    drop(writer);
+    drop(handle);
+    assert_eq!(stats.dropped, 0, "a 65k queue holds 5k events");
+    let store = EventStore::open(dir.path(), 0).unwrap();
+    assert_eq!(store.count().unwrap(), 5_000);
+    // Each thread's events keep their order.
+    let all = store.query(&Filter::default()).unwrap();
+    let t0: Vec<&str> = all
+        .iter()
+        .map(|e| e.request_id.as_str())
+        .filter(|r| r.starts_with("t0-"))
+        .collect();
+    let want: Vec<String> = (0..2_500).map(|i| format!("t0-{i}")).collect();
+    assert_eq!(t0, want);
+}
+
+#[test]
+fn flush_makes_recorded_events_visible_to_readers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (writer, handle) = EventWriter::spawn(WriterConfig::new(dir.path(), 0));
+    for i in 0..10 {
+        writer.record(simple(&format!("r{i}"), Decision::Block, "openai", "x"));
+    }
+    assert!(writer.flush());
+    let reader = EventStore::open_read_only(dir.path()).unwrap().unwrap();
+    assert_eq!(reader.count().unwrap(), 10);
+    assert_eq!(writer.stats().written, 10);
+    assert!(handle.shutdown());
+    // After shutdown, recording is a counted drop, not a hang or a panic.
+    writer.record(simple("late", Decision::Allow, "openai", "x"));
+    assert_eq!(writer.stats().dropped, 1);
+    assert!(!writer.flush());
+}
+
+#[test]
+fn writer_survives_an_unwritable_store_and_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    // A regular file where the data directory should be: unwritable even as root.
+    let data = dir.path().join("data");
+    std::fs::write(&data, b"not a directory").unwrap();
+    let (writer, handle) = EventWriter::spawn(WriterConfig::new(&data, 0));
+    assert!(!writer.healthy());
+    for i in 0..3 {
+        writer.record(simple(&format!("lost{i}"), Decision::Allow, "openai", "x"));
+    }
+    assert!(writer.flush(), "flush returns once the events were handled");
+    let stats = writer.stats();
+    assert_eq!((stats.accepted, stats.written, stats.failed), (3, 0, 3));
+    assert!(!writer.healthy());
+
+    // The store becomes available: the writer reopens it by itself.
+    std::fs::remove_file(&data).unwrap();
+    std::fs::create_dir(&data).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !writer.healthy() && std::time::Instant::now() < deadline {
+        writer.record(simple("probe", Decision::Allow, "openai", "x"));
+        writer.flush();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(writer.healthy(), "writer reopened the store");
+    writer.record(simple("kept", Decision::Allow, "openai", "x"));
+    drop(handle);
+    let store = EventStore::open(&data, 0).unwrap();
+    let all = store.query(&Filter::default()).unwrap();
+    assert_eq!(all.last().unwrap().request_id, "kept");
+    assert!(all.iter().all(|e| !e.request_id.starts_with("lost")));
+}
+
+#[test]
+fn a_full_queue_drops_and_counts_instead_of_blocking() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = WriterConfig::new(dir.path(), 0);
+    config.capacity = 4;
+    config.batch_max = 1;
+    let (writer, handle) = EventWriter::spawn(config);
+    // Hold the write lock so the writer thread is stuck in its first batch.
+    let blocker = rusqlite::Connection::open(dir.path().join("events.db")).unwrap();
+    blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+    for i in 0..100 {
+        writer.record(simple(&format!("r{i}"), Decision::Allow, "openai", "x"));
+    }
+    let stats = writer.stats();
+    assert_eq!(stats.accepted + stats.dropped, 100);
+    assert!(stats.dropped >= 90, "{stats:?}");
+    blocker.execute_batch("COMMIT").unwrap();
+    drop(blocker);
+    assert!(handle.shutdown());
+    let stats = writer.stats();
+    assert_eq!(stats.written + stats.failed, stats.accepted);
+    let store = EventStore::open(dir.path(), 0).unwrap();
+    assert_eq!(store.count().unwrap(), stats.written);
+}
+
+fn keyed(
+    request_id: &str,
+    age_ms: i64,
+    fingerprint: &str,
+    secret: Option<&str>,
+    managed: bool,
+    exe: &str,
+    pid: u32,
+) -> Event {
+    let mut e = simple(request_id, Decision::Allow, "openai", "openai-primary");
+    e.time_ms = now_ms() - age_ms;
+    e.client.exe = Some(exe.into());
+    e.client.pid = Some(pid);
+    e.client.uid = Some(1000);
+    e.client.cgroup = Some(format!("/ci/job-{pid}"));
+    e.key = Some(PresentedKey {
+        fingerprint: fingerprint.into(),
+        matches_secret: secret.map(Into::into),
+        managed,
+    });
+    e
+}
+
+#[test]
+fn key_report_groups_processes_per_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = EventStore::open(dir.path(), 0).unwrap();
+    let old = Some("openai-q1");
+    let mut batch = vec![
+        keyed("a1", 5_000, "fp:old", old, false, "/usr/bin/python3", 100),
+        keyed("a2", 4_000, "fp:old", old, false, "/usr/bin/python3", 100),
+        keyed("a3", 3_000, "fp:old", old, false, "/usr/bin/python3", 100),
+        keyed("b1", 2_000, "fp:old", old, false, "/usr/bin/curl", 200),
+        keyed(
+            "m1",
+            1_000,
+            "fp:cur",
+            Some("openai-prod"),
+            true,
+            "/srv/app",
+            300,
+        ),
+        keyed("u1", 9_000, "fp:rogue", None, false, "/opt/tool", 400),
+        keyed("u2", 8_000, "fp:rogue", None, false, "/opt/tool", 400),
+        // Outside a 1 h window.
+        keyed("x1", 7_200_000, "fp:ancient", None, false, "/bin/old", 500),
+        simple("nokey", Decision::Allow, "openai", "openai-primary"),
+    ];
+    batch[3].client.container_id = Some("c0ffee".into());
+    store.insert(&mut batch).unwrap();
+
+    let report = store.key_report(Some(Duration::from_secs(3600))).unwrap();
+    let names: Vec<(Option<&str>, &str)> = report
+        .iter()
+        .map(|k| (k.matches_secret.as_deref(), k.fingerprint.as_str()))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            (Some("openai-prod"), "fp:cur"),
+            (Some("openai-q1"), "fp:old"),
+            (None, "fp:rogue")
+        ]
+    );
+    let q1 = &report[1];
+    assert_eq!(q1.count, 4);
+    assert!(!q1.managed);
+    assert_eq!(q1.last_seen_ms, batch[3].time_ms);
+    assert_eq!(q1.first_seen_ms, batch[0].time_ms);
+    let procs: Vec<(Option<&str>, Option<u32>, u64)> = q1
+        .processes
+        .iter()
+        .map(|p| (p.exe.as_deref(), p.pid, p.count))
+        .collect();
+    assert_eq!(
+        procs,
+        [
+            (Some("/usr/bin/curl"), Some(200), 1),
+            (Some("/usr/bin/python3"), Some(100), 3)
+        ],
+        "most recent first"
+    );
+    assert_eq!(q1.processes[0].container_id.as_deref(), Some("c0ffee"));
+    assert_eq!(q1.processes[1].last_seen_ms, batch[2].time_ms);
+    assert!(report[0].managed);
+    let rogue = &report[2];
+    assert_eq!(rogue.count, 2);
+    assert_eq!(rogue.processes.len(), 1);
+    assert_eq!(rogue.processes[0].cgroup.as_deref(), Some("/ci/job-400"));
+
+    let all = store.key_report(None).unwrap();
+    assert_eq!(all.len(), 4, "the old unmanaged key shows without --since");
+    assert_eq!(all[3].fingerprint, "fp:ancient");
+}
+
+#[test]
+fn errors_name_the_object() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("f");
+    std::fs::write(&file, b"x").unwrap();
+    let e = EventStore::open(&file, 0).unwrap_err().to_string();
+    assert!(e.contains("cannot create event store directory"), "{e}");
+    assert!(e.contains(&file.display().to_string()), "{e}");
+    let e = "nope".parse::<Decision>().unwrap_err().to_string();
+    assert_eq!(
+        e,
+        "unknown decision \"nope\" (expected allow, block, redact or error)"
+    );
+}
+
+#[test]
+fn following_filters_combine_with_after_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = EventStore::open(dir.path(), 0).unwrap();
+    let mut batch: Vec<Event> = (0..6)
+        .map(|i| {
+            let d = if i % 2 == 0 {
+                Decision::Block
+            } else {
+                Decision::Allow
+            };
+            simple(&format!("r{i}"), d, "openai", if i < 3 { "a" } else { "b" })
+        })
+        .collect();
+    store.insert(&mut batch).unwrap();
+    assert_eq!(store.max_id().unwrap(), batch[5].id);
+    let got = store
+        .query(&Filter {
+            after_id: Some(batch[1].id),
+            decision: Some(Decision::Block),
+            target: Some("b".into()),
+            provider: Some("openai".into()),
+            since: Some(Duration::from_secs(60)),
+            limit: None,
+        })
+        .unwrap();
+    assert_eq!(ids(&got), ["r4"]);
+}
+
+#[test]
+fn redact_removes_the_presented_key_from_free_text() {
+    let key = crate::secrets::SecretValue::new("sk-proj-AbCdEfGh0123456789AbCdEfGh");
+    let mut e = full_event("r1");
+    e.client.cmdline = Some(format!(
+        "curl -H Authorization: Bearer {} https://api.openai.com",
+        key.expose()
+    ));
+    e.message = Some(format!("upstream rejected {}", key.expose()));
+    e.redact(&key);
+    let json = serde_json::to_string(&e).unwrap();
+    assert!(!json.contains(key.expose()), "{json}");
+    assert_eq!(
+        e.client.cmdline.as_deref(),
+        Some("curl -H Authorization: Bearer [redacted] https://api.openai.com")
+    );
+    assert_eq!(e.message.as_deref(), Some("upstream rejected [redacted]"));
+    // Too short to be a key: left alone rather than blanking words.
+    let mut e2 = full_event("r2");
+    e2.redact(&crate::secrets::SecretValue::new("python"));
+    assert_eq!(e2.client.cmdline, full_event("r2").client.cmdline);
+}
