@@ -495,6 +495,7 @@ async fn capture_listener_terminates_tls_by_sni_and_swaps_key() {
         uid: Some(1000),
         cgroup_id: Some(7),
         comm: Some("python3".into()),
+        ..ClientInfo::default()
     };
     let dst = "127.0.0.2:443".parse().unwrap();
     let cap = start_capture(&gw.gw, Arc::new(FixedLookup(dst, info.clone()))).await;

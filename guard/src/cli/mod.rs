@@ -120,3 +120,4 @@ pub fn fingerprinter(global: &Global) -> anyhow::Result<DisplayFingerprint> {
 
 pub mod ca;
 pub mod gateway_run;
+pub mod serve;

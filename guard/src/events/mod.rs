@@ -11,11 +11,13 @@
 
 mod model;
 mod report;
+mod sink;
 mod store;
 mod writer;
 
 pub use model::{Client, Decision, Event, FallbackStep, PolicyNote, PresentedKey};
 pub use report::{KeyUsage, ProcessUsage};
+pub use sink::{EventSink, to_event};
 pub use store::{DB_FILE, EventStore, Filter, db_path};
 pub use writer::{EventWriter, WriterConfig, WriterHandle, WriterStats};
 

@@ -22,6 +22,14 @@ pub struct ClientInfo {
     pub cgroup_id: Option<u64>,
     /// Its command name, when known.
     pub comm: Option<String>,
+    /// Its executable path (`/proc/<pid>/exe`).
+    pub exe: Option<String>,
+    /// Its command line, bounded, credential-looking arguments masked.
+    pub cmdline: Option<String>,
+    /// Its cgroup-v2 path.
+    pub cgroup: Option<String>,
+    /// Its container id, when the cgroup path shows one.
+    pub container_id: Option<String>,
 }
 
 /// One request's outcome.

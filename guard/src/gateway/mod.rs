@@ -8,6 +8,7 @@
 //! [`Gateway::serve_captured`] / [`Gateway::serve_capture_listener`]
 //! (redirected connections), and [`Gateway::shutdown`].
 
+pub mod chain;
 mod decision;
 mod handler;
 mod policy;

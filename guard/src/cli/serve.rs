@@ -1,0 +1,107 @@
+//! Assembles a running gateway from a config: secrets, the local CA, the
+//! policy chain, the event writer and the host fingerprinter. Shared by
+//! `kt gateway run` and `kt run`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+
+use crate::ca::Ca;
+use crate::cli::Global;
+use crate::config::{Config, PolicyKind, StoreFailure};
+use crate::events::{EventSink, EventWriter, WriterConfig, WriterHandle};
+use crate::gateway::{Gateway, GatewayBuilder, GatewayError};
+use crate::secrets::{Fingerprinter, Resolver};
+
+/// A gateway ready to serve, and what must be closed after it.
+pub struct Assembled {
+    /// The gateway.
+    pub gateway: Gateway,
+    /// The event writer's handle: shut it down after the gateway drained so
+    /// no event is lost.
+    pub events: Option<WriterHandle>,
+}
+
+/// Builds the gateway for `config`. `Ok(Err(code))` when it must not start
+/// (a required secret is missing: fail closed), with the reason printed.
+pub fn assemble(
+    config: Config,
+    global: &Global,
+    so_mark: Option<u32>,
+) -> anyhow::Result<Result<Assembled, u8>> {
+    let resolver = Resolver::from_data_dir(&global.data_dir);
+    let fingerprinter =
+        Fingerprinter::open(&global.data_dir).context("opening the fingerprint key")?;
+    // Which stored secret a client presented: fingerprints of every stored value.
+    let known: HashMap<String, String> = match resolver.known_secrets(&fingerprinter) {
+        Ok(list) => list
+            .into_iter()
+            .filter_map(|k| Some((k.fingerprint?.to_string(), k.meta.name)))
+            .collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list stored secrets; events will not name them");
+            HashMap::new()
+        }
+    };
+    let ca = Ca::load_or_create(&Ca::dir_in(&global.data_dir)).context("opening the local CA")?;
+
+    let audit = config.chain.contains(&PolicyKind::AuditLogger);
+    let audit_cfg = config.audit.clone().unwrap_or_default();
+    let (writer, handle) = if audit {
+        let (w, h) = EventWriter::spawn(WriterConfig::new(
+            global.data_dir.clone(),
+            audit_cfg.max_events,
+        ));
+        (Some(w), Some(h))
+    } else {
+        (None, None)
+    };
+    let refuse_without_store = audit && audit_cfg.on_store_failure == StoreFailure::Refuse;
+    let policy = crate::gateway::chain::Chain::new(&config, writer.clone(), refuse_without_store)
+        .context("compiling the policy chain")?;
+
+    let fp = Arc::new(fingerprinter);
+    let mut builder = GatewayBuilder::new(Arc::new(config), Arc::new(resolver), Arc::new(ca))
+        .so_mark(so_mark)
+        .policy(Arc::new(policy))
+        .fingerprint(Arc::new(move |v: &str| fp.fingerprint(v).to_string()));
+    if let Some(w) = writer {
+        builder = builder.decision_sink(Arc::new(EventSink::new(w, known)));
+    }
+    match builder.build() {
+        Ok(gateway) => {
+            for w in gateway.warnings() {
+                eprintln!("kt: warning: {w}");
+            }
+            Ok(Ok(Assembled {
+                gateway,
+                events: handle,
+            }))
+        }
+        Err(e @ GatewayError::MissingSecrets(_)) => {
+            eprintln!("kt: {e}");
+            Ok(Err(crate::cli::exit::PROBLEM))
+        }
+        Err(e) => Err(e).context("starting the gateway"),
+    }
+}
+
+/// Waits for SIGINT or SIGTERM.
+pub async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(mut int), Ok(mut term)) => {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
