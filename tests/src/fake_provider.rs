@@ -54,11 +54,19 @@ impl TestCa {
 
     /// A rustls server config for 127.0.0.1 / localhost, offering h2 and http/1.1.
     pub fn server_config(&self) -> rustls::ServerConfig {
+        self.server_config_for("127.0.0.1".parse().unwrap())
+    }
+
+    /// As [`TestCa::server_config`], valid for `ip` too.
+    pub fn server_config_for(&self, ip: std::net::IpAddr) -> rustls::ServerConfig {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
         let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
         params
             .subject_alt_names
             .push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
+        if ip != std::net::IpAddr::from([127, 0, 0, 1]) {
+            params.subject_alt_names.push(SanType::IpAddress(ip));
+        }
         let cert = params.signed_by(&key, &self.issuer).unwrap();
         let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
         let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
@@ -148,7 +156,17 @@ type FakeBody = BoxBody<Bytes, std::io::Error>;
 impl FakeProvider {
     /// Starts a fake named `name` (it says its name in every answer).
     pub async fn start(ca: &TestCa, name: &str, behavior: Behavior) -> FakeProvider {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        FakeProvider::start_at(ca, name, behavior, "127.0.0.1:0".parse().unwrap()).await
+    }
+
+    /// Starts a fake on a given loopback address (its certificate covers it).
+    pub async fn start_at(
+        ca: &TestCa,
+        name: &str,
+        behavior: Behavior,
+        bind: SocketAddr,
+    ) -> FakeProvider {
+        let listener = TcpListener::bind(bind).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(State {
             name: name.to_string(),
@@ -157,7 +175,7 @@ impl FakeProvider {
             gate: Semaphore::new(0),
             sent_last: std::sync::atomic::AtomicBool::new(false),
         });
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(ca.server_config()));
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(ca.server_config_for(addr.ip())));
         let st = state.clone();
         let task = tokio::spawn(async move {
             loop {
@@ -184,14 +202,15 @@ impl FakeProvider {
         FakeProvider { addr, state, task }
     }
 
-    /// `https://127.0.0.1:PORT/v1` (an OpenAI-style base URL).
+    /// `https://127.0.0.1:PORT/v1` (an OpenAI-style base URL), or the
+    /// address it was started at.
     pub fn openai_base_url(&self) -> String {
-        format!("https://127.0.0.1:{}/v1", self.addr.port())
+        format!("https://{}/v1", self.addr)
     }
 
     /// `https://127.0.0.1:PORT` (an Anthropic-style base URL).
     pub fn anthropic_base_url(&self) -> String {
-        format!("https://127.0.0.1:{}", self.addr.port())
+        format!("https://{}", self.addr)
     }
 
     /// Changes the behaviour for the next requests.

@@ -17,7 +17,12 @@ pub use process::{
     MAX_CMDLINE, ProcessInfo, cgroup_v2_path, container_id, format_cmdline, process_info,
     process_info_in,
 };
-pub use support::{KernelSupport, kernel_support};
+pub use support::{KernelSupport, kernel_support, loaded_capture_programs};
+
+/// `SO_MARK` the guard puts on its own upstream sockets; the connect hooks
+/// never redirect sockets carrying it (setting a mark needs CAP_NET_ADMIN,
+/// so ordinary processes cannot claim it).
+pub const GUARD_MARK: u32 = 0x6b74_0001;
 
 /// Errors from loading, attaching and reading the capture programs.
 #[derive(Debug, thiserror::Error)]

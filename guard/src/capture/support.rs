@@ -36,3 +36,21 @@ pub fn kernel_support() -> KernelSupport {
             .map(|s| s.trim().to_string()),
     }
 }
+
+/// Names of kt capture programs currently loaded in the kernel (by any
+/// process): how `kt gateway check --verbose` tells whether capture is live.
+/// Kernel program names are cut to 15 bytes, so prefixes are compared.
+pub fn loaded_capture_programs() -> Vec<String> {
+    let mut names: Vec<String> = aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter_map(|p| p.name_as_str().map(str::to_string))
+        .filter(|n| {
+            guard_ebpf_common::prog::ALL
+                .iter()
+                .any(|full| full.starts_with(n.as_str()) && !n.is_empty())
+        })
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}

@@ -24,6 +24,8 @@ pub struct Cli {
 /// Top-level commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Gateway plus eBPF capture of every provider-bound connection in a cgroup (foreground).
+    Run(super::run::RunArgs),
     /// Manage provider secrets (values never on the command line).
     Secrets {
         /// What to do.
@@ -63,6 +65,7 @@ pub fn main() -> u8 {
         data_dir: cli.data_dir.clone().unwrap_or_else(super::default_data_dir),
     };
     let result = match cli.command {
+        Command::Run(args) => super::run::run(args, &global),
         Command::Secrets { cmd } => super::secrets::run(cmd, &global),
         Command::Ca { cmd } => super::ca::run(cmd, &global),
         Command::Events(args) => super::events::run(&args, &global),

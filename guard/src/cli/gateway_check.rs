@@ -97,6 +97,13 @@ fn print_human(r: &Report, verbose: bool) {
                 println!("  kernel    {rel}");
             }
         }
+        if let Some(p) = &r.capture_programs {
+            if p.is_empty() {
+                println!("  attached  no (no kt capture programs loaded; start `kt run`)");
+            } else {
+                println!("  attached  yes ({} loaded)", p.join(", "));
+            }
+        }
         if !r.listeners.is_empty() {
             println!("listeners");
             for l in &r.listeners {

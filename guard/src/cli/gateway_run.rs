@@ -7,9 +7,9 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 
+use crate::cli::serve::{self, Assembled};
 use crate::cli::{Global, exit};
 use crate::config::Config;
-use crate::cli::serve::{self, Assembled};
 
 /// Arguments of `kt gateway run`.
 #[derive(Clone, Debug, clap::Args)]
@@ -60,10 +60,10 @@ pub fn run_with(config: Config, listen: Option<SocketAddr>, global: &Global) -> 
         gateway.serve_explicit(listener).await.context("serving")?;
         Ok::<_, anyhow::Error>(())
     })?;
-    if let Some(h) = events {
-        if !h.shutdown() {
-            eprintln!("kt: warning: some events could not be written before exit");
-        }
+    if let Some(h) = events
+        && !h.shutdown()
+    {
+        eprintln!("kt: warning: some events could not be written before exit");
     }
     Ok(exit::OK)
 }

@@ -120,4 +120,5 @@ pub fn fingerprinter(global: &Global) -> anyhow::Result<DisplayFingerprint> {
 
 pub mod ca;
 pub mod gateway_run;
+pub mod run;
 pub mod serve;

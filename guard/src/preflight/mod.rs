@@ -27,6 +27,10 @@ pub struct Report {
     /// Kernel support for capture (with `--verbose`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kernel: Option<crate::capture::KernelSupport>,
+    /// kt capture programs loaded in the kernel right now (with `--verbose`):
+    /// non-empty means `kt run` is capturing somewhere on this host.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub capture_programs: Option<Vec<String>>,
     /// Whether the listen addresses are free (with `--verbose`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub listeners: Vec<ListenerCheck>,
@@ -135,6 +139,7 @@ pub fn check(config: &Config, resolver: &dyn Resolve, opts: &Options<'_>) -> Rep
         })
         .collect();
 
+    let capture_programs = opts.verbose.then(crate::capture::loaded_capture_programs);
     let (kernel, listeners) = if opts.verbose {
         let k = crate::capture::kernel_support();
         if config.capture.enabled && !k.capture_possible() {
@@ -169,6 +174,7 @@ pub fn check(config: &Config, resolver: &dyn Resolve, opts: &Options<'_>) -> Rep
         problems,
         warnings,
         kernel,
+        capture_programs,
         listeners,
     }
 }

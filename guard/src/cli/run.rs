@@ -1,0 +1,308 @@
+//! `kt run --config FILE [--cgroup DIR]`: the gateway plus transparent
+//! capture. Every provider-bound connection from a process in the cgroup
+//! (default: the whole host, the cgroup2 mount) goes through the gateway.
+//! Foreground and systemd-friendly: logs on stderr; SIGINT/SIGTERM stop
+//! accepting, finish in-flight requests, detach the programs, exit 0.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use tokio::net::TcpListener;
+
+use crate::capture::{self, Capture, CaptureSpec, GUARD_MARK};
+use crate::cli::serve::{self, Assembled};
+use crate::cli::{Global, exit};
+use crate::config::{Config, IpPrefix};
+use crate::gateway::{CaptureLookup, ClientInfo};
+
+/// How often provider host names are resolved again. getaddrinfo does not
+/// expose TTLs, so this is a fixed, short interval.
+const RESOLVE_EVERY: Duration = Duration::from_secs(60);
+
+/// Arguments of `kt run`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct RunArgs {
+    /// The policy config file.
+    #[arg(long, short)]
+    pub config: PathBuf,
+    /// cgroup-v2 directory to capture (default: `capture.cgroup`, else the
+    /// cgroup2 mount, i.e. the whole host).
+    #[arg(long)]
+    pub cgroup: Option<PathBuf>,
+    /// Listen address for explicit clients (overrides `gateway.listen`).
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+}
+
+/// Runs `kt run`.
+pub fn run(args: RunArgs, global: &Global) -> anyhow::Result<u8> {
+    let config = match crate::cli::load_config(&args.config, global)? {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    if !config.capture.enabled {
+        eprintln!("kt: capture.enabled is false: serving explicit clients only");
+        return crate::cli::gateway_run::run_with(config, args.listen, global);
+    }
+    let cgroup = match args
+        .cgroup
+        .clone()
+        .or_else(|| config.capture.cgroup.clone())
+    {
+        Some(c) => c,
+        None => capture::cgroup2_mount().context("finding the cgroup2 mount")?,
+    };
+    let static_prefixes = config.capture.cidrs.clone();
+    let hosts = capture_hosts(&config);
+    let ports = config.capture.ports.clone();
+    let (listen4, listen6) = (
+        config.gateway.capture_listen,
+        config.gateway.capture_listen6,
+    );
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let _guard = runtime.enter();
+    let Assembled { gateway, events } = match serve::assemble(config, global, Some(GUARD_MARK))? {
+        Ok(a) => a,
+        Err(code) => return Ok(code),
+    };
+
+    let result = runtime.block_on(async {
+        // Listeners first: from the moment the programs attach, matched
+        // connections land here (or are refused), never on the real address.
+        let explicit = gateway.bind(args.listen).await.context("binding the explicit listener")?;
+        let cap4 = TcpListener::bind(listen4)
+            .await
+            .with_context(|| format!("binding the capture listener {listen4}"))?;
+        let cap6 = match listen6 {
+            Some(a) => match TcpListener::bind(a).await {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    tracing::warn!(addr = %a, error = %e, "no IPv6 capture listener: matched IPv6 connections will be refused");
+                    None
+                }
+            },
+            None => None,
+        };
+        let SocketAddr::V4(l4) = cap4.local_addr()? else {
+            bail!("gateway.capture_listen must be an IPv4 address (got {listen4})");
+        };
+        let l6 = match cap6.as_ref().map(TcpListener::local_addr).transpose()? {
+            Some(SocketAddr::V6(a)) => Some(a),
+            _ => None,
+        };
+
+        let mut prefixes = static_prefixes.clone();
+        prefixes.extend(resolve(&hosts, &ports).await);
+        if prefixes.is_empty() {
+            bail!("nothing to capture: capture.hosts did not resolve and capture.cidrs is empty");
+        }
+        let spec = CaptureSpec {
+            cgroup: cgroup.clone(),
+            listen4: l4,
+            listen6: l6,
+            prefixes,
+            ports: ports.clone(),
+            skip_mark: GUARD_MARK,
+            refuse_udp: true,
+            refuse_other_netns: true,
+        };
+        let capture = Arc::new(
+            Capture::attach(&spec)
+                .with_context(|| format!("attaching capture to {}", cgroup.display()))?,
+        );
+        let explicit_addr = explicit.local_addr()?;
+        eprintln!(
+            "kt: capturing {} port(s) {:?} for {} (capture listener {l4}{}); explicit clients on http://{explicit_addr}; targets: {}",
+            describe(&spec.prefixes, &hosts),
+            ports,
+            cgroup.display(),
+            l6.map(|a| format!(", {a}")).unwrap_or_default(),
+            gateway.active_targets().join(", ")
+        );
+
+        // Provider addresses move; keep the tries current.
+        let refresher = {
+            let capture = capture.clone();
+            let hosts = hosts.clone();
+            let ports = ports.clone();
+            tokio::spawn(async move {
+                if hosts.is_empty() {
+                    return;
+                }
+                loop {
+                    tokio::time::sleep(RESOLVE_EVERY).await;
+                    let mut p = static_prefixes.clone();
+                    let resolved = resolve(&hosts, &ports).await;
+                    if resolved.is_empty() {
+                        tracing::warn!("provider hosts did not resolve; keeping the previous addresses");
+                        continue;
+                    }
+                    p.extend(resolved);
+                    if let Err(e) = capture.set_prefixes(&p) {
+                        tracing::error!(error = %e, "could not update captured prefixes");
+                    }
+                }
+            })
+        };
+
+        let stopper = gateway.clone();
+        tokio::spawn(async move {
+            serve::wait_for_signal().await;
+            eprintln!("kt: stopping: finishing in-flight requests, then detaching capture");
+            stopper.shutdown();
+        });
+        let lookup: Arc<dyn CaptureLookup> = Arc::new(Lookup(capture.clone()));
+        let g4 = gateway.clone();
+        let lk4 = lookup.clone();
+        let t4 = tokio::spawn(async move { g4.serve_capture_listener(cap4, lk4).await });
+        let t6 = cap6.map(|l| {
+            let g = gateway.clone();
+            let lk = lookup.clone();
+            tokio::spawn(async move { g.serve_capture_listener(l, lk).await })
+        });
+        gateway.serve_explicit(explicit).await.context("serving explicit clients")?;
+        let _ = t4.await;
+        if let Some(t) = t6 {
+            let _ = t.await;
+        }
+        refresher.abort();
+        drop(lookup);
+        // Detach only after every listener is closed: fail closed to the end.
+        match Arc::try_unwrap(capture) {
+            Ok(c) => drop(c),
+            Err(_) => tracing::warn!("capture still referenced at exit; programs detach when the process ends"),
+        }
+        Ok::<_, anyhow::Error>(())
+    });
+    if let Some(h) = events
+        && !h.shutdown()
+    {
+        eprintln!("kt: warning: some events could not be written before exit");
+    }
+    result?;
+    eprintln!("kt: stopped; capture detached");
+    Ok(exit::OK)
+}
+
+/// Hosts whose addresses are captured: `capture.hosts`, else the official
+/// hosts of the providers in use and the hosts of targets' `base_url`s.
+pub fn capture_hosts(config: &Config) -> Vec<String> {
+    if let Some(h) = &config.capture.hosts {
+        return h.clone();
+    }
+    let mut hosts = Vec::new();
+    for t in &config.providers.targets {
+        let url = t
+            .base_url
+            .clone()
+            .or_else(|| t.provider.default_base_url().map(str::to_string));
+        if let Some(host) = url.as_deref().and_then(host_of)
+            && !hosts.contains(&host)
+        {
+            hosts.push(host);
+        }
+    }
+    hosts
+}
+
+fn host_of(url: &str) -> Option<String> {
+    let uri: http::Uri = url.parse().ok()?;
+    let host = uri.host()?.trim_start_matches('[').trim_end_matches(']');
+    // Loopback targets (tests, local models) are never captured by name.
+    if host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback()) || host == "localhost" {
+        return None;
+    }
+    Some(host.to_string())
+}
+
+async fn resolve(hosts: &[String], ports: &[u16]) -> Vec<IpPrefix> {
+    let port = ports.first().copied().unwrap_or(443);
+    let mut out = Vec::new();
+    for h in hosts {
+        match tokio::net::lookup_host((h.as_str(), port)).await {
+            Ok(addrs) => {
+                for a in addrs {
+                    let p = capture::prefix_of(a.ip());
+                    if !out.contains(&p) {
+                        out.push(p);
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(host = %h, error = %e, "cannot resolve provider host"),
+        }
+    }
+    out
+}
+
+fn describe(prefixes: &[IpPrefix], hosts: &[String]) -> String {
+    let list: Vec<String> = prefixes
+        .iter()
+        .take(6)
+        .map(|p| format!("{}/{}", p.addr, p.len))
+        .collect();
+    let more = prefixes.len().saturating_sub(6);
+    format!(
+        "{}{}{}",
+        list.join(" "),
+        if more > 0 {
+            format!(" and {more} more")
+        } else {
+            String::new()
+        },
+        if hosts.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", hosts.join(", "))
+        }
+    )
+}
+
+/// Answers the gateway's "who is this?" from the kernel's record and /proc.
+struct Lookup(Arc<Capture>);
+
+impl CaptureLookup for Lookup {
+    fn lookup(&self, peer: SocketAddr, _local: SocketAddr) -> Option<(SocketAddr, ClientInfo)> {
+        let origin = self.0.take_origin(peer)?;
+        let p = capture::process_info(origin.pid);
+        Some((
+            origin.original,
+            ClientInfo {
+                pid: Some(origin.pid),
+                uid: Some(origin.uid),
+                cgroup_id: Some(origin.cgroup_id),
+                comm: None,
+                exe: p.exe,
+                cmdline: p.cmdline,
+                cgroup: p.cgroup,
+                container_id: p.container_id,
+            },
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_capture_hosts_are_provider_hosts_not_loopback() {
+        let mut c = crate::config::parse(
+            "providers:\n  targets:\n    - id: a\n      provider: openai\n      secret_key_ref: {env: A}\n    - id: b\n      provider: anthropic\n      secret_key_ref: {env: B}\n    - id: c\n      provider: openai\n      base_url: https://127.0.0.1:9999/v1\n      secret_key_ref: {env: C}\n",
+            std::path::Path::new("t.yaml"),
+        )
+        .unwrap();
+        assert_eq!(
+            capture_hosts(&c),
+            vec!["api.openai.com", "api.anthropic.com"]
+        );
+        c.capture.hosts = Some(vec![]);
+        assert!(capture_hosts(&c).is_empty());
+    }
+}
