@@ -254,7 +254,10 @@ fn push_key(path: &mut String, start: usize, key: &[u8], masked: &[usize]) {
 /// string (keys included) with the stack of enclosing containers; stops
 /// early when `on_str` returns false. Iterative, so deep nesting cannot
 /// overflow the stack. `None` when `body` is not a single JSON document.
-fn walk<'a>(body: &'a [u8], mut on_str: impl FnMut(&[Frame<'a>], JsonStr<'a>) -> bool) -> Option<()> {
+fn walk<'a>(
+    body: &'a [u8],
+    mut on_str: impl FnMut(&[Frame<'a>], JsonStr<'a>) -> bool,
+) -> Option<()> {
     #[derive(Clone, Copy)]
     enum St {
         Value,
@@ -298,11 +301,15 @@ fn walk<'a>(body: &'a [u8], mut on_str: impl FnMut(&[Frame<'a>], JsonStr<'a>) ->
                 c if c == b'-' || c.is_ascii_digit() || c.is_ascii_lowercase() => {
                     let len = body[i..]
                         .iter()
-                        .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'+' | b'.'))
+                        .take_while(|c| {
+                            c.is_ascii_alphanumeric() || matches!(c, b'-' | b'+' | b'.')
+                        })
                         .count();
                     let tok = &body[i..i + len];
                     let ok = matches!(tok, b"true" | b"false" | b"null")
-                        || tok.first().is_some_and(|c| *c == b'-' || c.is_ascii_digit());
+                        || tok
+                            .first()
+                            .is_some_and(|c| *c == b'-' || c.is_ascii_digit());
                     if !ok {
                         return None;
                     }

@@ -24,7 +24,12 @@
 //! ordinary prose together would make patterns such as `sk-[A-Za-z0-9]{20,}`
 //! fire on text like "risk-free approach". A match found inside one value is
 //! reported at that value; a match that needed the joining is reported with
-//! the JSON paths of the first and last value it spans.
+//! the JSON paths of the first and last value it spans. A match that runs to
+//! the end of a line is extended across the line break when the rule keeps
+//! matching there (for open-ended patterns such as `sk-[A-Za-z0-9]{20,}` a
+//! word at the start of the next line may be included: for redaction, the
+//! safer side). Fingerprints are taken with line breaks removed, so a split
+//! key correlates with the same key in one piece.
 //!
 //! # Speed
 //! Every rule's required literal prefixes (`sk-`, `AKIA`, `ghp_`,
@@ -171,7 +176,12 @@ pub fn fingerprint(matched: &[u8]) -> String {
 }
 
 /// Header names never scanned: the gateway replaces them with the managed key.
-const CREDENTIAL_HEADERS: &[&str] = &["authorization", "proxy-authorization", "x-api-key", "api-key"];
+const CREDENTIAL_HEADERS: &[&str] = &[
+    "authorization",
+    "proxy-authorization",
+    "x-api-key",
+    "api-key",
+];
 
 /// What the scanner sees of a request.
 #[derive(Clone, Copy, Debug)]
@@ -303,7 +313,10 @@ pub struct Scanner {
 impl std::fmt::Debug for Scanner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Scanner")
-            .field("rules", &self.rules.iter().map(|r| &r.id).collect::<Vec<_>>())
+            .field(
+                "rules",
+                &self.rules.iter().map(|r| &r.id).collect::<Vec<_>>(),
+            )
             .field("fallback", &self.fallback.len())
             .field("action", &self.action)
             .field("limits", &self.limits)
@@ -358,10 +371,12 @@ impl Scanner {
             None
         } else {
             let pats = fallback.iter().map(|&i| rules[i].1);
-            Some(regex::bytes::RegexSet::new(pats).map_err(|e| DlpError::Pattern {
-                id: "detect-patterns".into(),
-                reason: e.to_string(),
-            })?)
+            Some(
+                regex::bytes::RegexSet::new(pats).map_err(|e| DlpError::Pattern {
+                    id: "detect-patterns".into(),
+                    reason: e.to_string(),
+                })?,
+            )
         };
         Ok(Scanner {
             rules: rules.into_iter().map(|(r, _)| r).collect(),
@@ -443,7 +458,9 @@ impl Scanner {
             }
             let ranges = merge(std::mem::take(&mut edits[i]));
             match src.origin {
-                Origin::Json { raw_start, raw_end, .. } => {
+                Origin::Json {
+                    raw_start, raw_end, ..
+                } => {
                     let text = apply(&src.text, &ranges, |id| format!("[REDACTED:{id}]"));
                     let quoted = serde_json::to_string(&String::from_utf8_lossy(&text))
                         .unwrap_or_else(|_| "\"\"".to_string());
@@ -463,8 +480,10 @@ impl Scanner {
                     out.path_and_query = Some(String::from_utf8_lossy(&new).into_owned());
                 }
                 Origin::Header(h) => {
-                    out.headers
-                        .push((h, apply(&src.text, &ranges, |id| format!("[REDACTED:{id}]"))));
+                    out.headers.push((
+                        h,
+                        apply(&src.text, &ranges, |id| format!("[REDACTED:{id}]")),
+                    ));
                 }
             }
         }
@@ -481,6 +500,20 @@ impl Scanner {
             out.body = Some(new);
         }
         Ok(out)
+    }
+
+    /// Fingerprints matched bytes with line breaks removed, so a key split
+    /// over lines correlates with the same key in one piece.
+    fn fingerprint(&self, matched: &[u8]) -> String {
+        if memchr::memchr2(b'\n', b'\r', matched).is_none() {
+            return self.fingerprinter.fingerprint(matched);
+        }
+        let joined: Vec<u8> = matched
+            .iter()
+            .copied()
+            .filter(|c| *c != b'\n' && *c != b'\r')
+            .collect();
+        self.fingerprinter.fingerprint(&joined)
     }
 
     fn id(&self, r: RuleRef) -> &str {
@@ -526,7 +559,10 @@ impl Scanner {
             });
         }
         for (i, (name, value)) in req.headers.iter().enumerate() {
-            if CREDENTIAL_HEADERS.iter().any(|c| name.eq_ignore_ascii_case(c)) {
+            if CREDENTIAL_HEADERS
+                .iter()
+                .any(|c| name.eq_ignore_ascii_case(c))
+            {
                 continue;
             }
             sources.push(Source {
@@ -540,6 +576,8 @@ impl Scanner {
         let mut hits = Vec::new();
         self.scan_buffer(&joined, &sources, &mut hits);
         self.scan_buffer(&others, &sources, &mut hits);
+        // Document order: body strings, then the URL, then headers.
+        hits.sort_by_key(|h| h.spans.first().map(|s| (s.src, s.start)));
         Analysis {
             sources,
             hits,
@@ -567,7 +605,26 @@ impl Scanner {
                 let src = &sources[pc.src];
                 let off = pc.src_off + (p - pc.at);
                 // The value itself first: reported at the value, with its own context.
-                if let Some(m) = anchored(&rule.regex, &src.text, off) {
+                let value_match = anchored(&rule.regex, &src.text, off);
+                // A match that runs to the end of its line or value may go on
+                // in the next one: then the joined view decides.
+                let try_joined = buf.spanning
+                    && value_match
+                        .as_ref()
+                        .is_none_or(|m| m.end() == pc.src_off + pc.len);
+                if try_joined
+                    && let Some(m) = anchored(&rule.regex, data, p)
+                    && (value_match.is_none() || m.end() > pc.at + pc.len)
+                {
+                    last_end[r] = m.end();
+                    hits.push(Hit {
+                        rule: RuleRef::Pattern(r),
+                        spans: buf.spans(m.start(), m.end()),
+                        fingerprint: self.fingerprint(&data[m.range()]),
+                    });
+                    return;
+                }
+                if let Some(m) = value_match {
                     last_end[r] = p + (m.end() - m.start()).min(pc.at + pc.len - p);
                     hits.push(Hit {
                         rule: RuleRef::Pattern(r),
@@ -576,18 +633,7 @@ impl Scanner {
                             start: m.start(),
                             end: m.end(),
                         }],
-                        fingerprint: self.fingerprinter.fingerprint(&src.text[m.range()]),
-                    });
-                    return;
-                }
-                if buf.spanning
-                    && let Some(m) = anchored(&rule.regex, data, p)
-                {
-                    last_end[r] = m.end();
-                    hits.push(Hit {
-                        rule: RuleRef::Pattern(r),
-                        spans: buf.spans(m.start(), m.end()),
-                        fingerprint: self.fingerprinter.fingerprint(&data[m.range()]),
+                        fingerprint: self.fingerprint(&src.text[m.range()]),
                     });
                 }
             });
@@ -603,7 +649,7 @@ impl Scanner {
                     hits.push(Hit {
                         rule: RuleRef::Pattern(r),
                         spans,
-                        fingerprint: self.fingerprinter.fingerprint(&data[m.range()]),
+                        fingerprint: self.fingerprint(&data[m.range()]),
                     });
                 }
             }
@@ -619,7 +665,7 @@ impl Scanner {
                 hits.push(Hit {
                     rule: RuleRef::Term(t.term),
                     spans,
-                    fingerprint: self.fingerprinter.fingerprint(&data[t.start..t.end]),
+                    fingerprint: self.fingerprint(&data[t.start..t.end]),
                 });
             }
         }
@@ -664,7 +710,12 @@ impl Scanner {
         } else {
             decode::json_paths(body, &wanted, &masked)
         };
-        let path = |start: usize| paths.get(&start).cloned().unwrap_or_else(|| "$".to_string());
+        let path = |start: usize| {
+            paths
+                .get(&start)
+                .cloned()
+                .unwrap_or_else(|| "$".to_string())
+        };
 
         let mut seen = HashSet::new();
         let mut out = Vec::new();
@@ -675,7 +726,10 @@ impl Scanner {
             let location = match a.sources[first.src].origin {
                 Origin::Json { raw_start, .. } => {
                     let mut p = path(raw_start);
-                    if let Origin::Json { raw_start: end_start, .. } = a.sources[last.src].origin
+                    if let Origin::Json {
+                        raw_start: end_start,
+                        ..
+                    } = a.sources[last.src].origin
                         && end_start != raw_start
                     {
                         p.push_str(" + ");
@@ -828,7 +882,11 @@ struct Buffer {
 impl Buffer {
     /// The joined view: joinable sources, line breaks removed.
     fn joined(sources: &[Source<'_>]) -> Buffer {
-        let total: usize = sources.iter().filter(|s| s.joinable).map(|s| s.text.len()).sum();
+        let total: usize = sources
+            .iter()
+            .filter(|s| s.joinable)
+            .map(|s| s.text.len())
+            .sum();
         let mut b = Buffer {
             data: Vec::with_capacity(total),
             pieces: Vec::new(),
@@ -888,7 +946,10 @@ impl Buffer {
 
     /// The piece holding buffer offset `p`, if any.
     fn piece_at(&self, p: usize) -> Option<&Piece> {
-        let i = self.pieces.partition_point(|pc| pc.at <= p).checked_sub(1)?;
+        let i = self
+            .pieces
+            .partition_point(|pc| pc.at <= p)
+            .checked_sub(1)?;
         let pc = &self.pieces[i];
         (p < pc.at + pc.len).then_some(pc)
     }

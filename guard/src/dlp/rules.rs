@@ -153,7 +153,11 @@ fn sample_pem() -> String {
     let dashes = "-".repeat(5);
     let mut s = format!("{dashes}BEGIN RSA PRIVATE KEY{dashes}\n");
     for line in 0..4 {
-        s.push_str(&filler(64, b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/", 80 + line));
+        s.push_str(&filler(
+            64,
+            b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/",
+            80 + line,
+        ));
         s.push('\n');
     }
     s.push_str(&format!("{dashes}END RSA PRIVATE KEY{dashes}"));

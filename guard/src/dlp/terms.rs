@@ -184,7 +184,11 @@ fn cut(norm: &[char], k: usize) -> Option<Vec<(usize, usize)>> {
     }
     let mut pieces: Vec<(usize, usize)> = Vec::new();
     let mut start = 0;
-    for (i, c) in norm.iter().enumerate().chain(std::iter::once((norm.len(), &' '))) {
+    for (i, c) in norm
+        .iter()
+        .enumerate()
+        .chain(std::iter::once((norm.len(), &' ')))
+    {
         if *c == ' ' {
             if i > start {
                 pieces.push((start, i - start));
