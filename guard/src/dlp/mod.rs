@@ -288,6 +288,8 @@ pub struct Redacted {
 struct Rule {
     id: String,
     regex: meta::Regex,
+    /// No look-around and nothing that matches `\r` or `\n` (see `line_bound`).
+    line_bound: bool,
 }
 
 /// Which rule a hit belongs to.
@@ -323,6 +325,9 @@ impl std::fmt::Debug for Scanner {
             .finish_non_exhaustive()
     }
 }
+
+/// Shortest line or value a joined match may cover whole (see `Buffer::interior_ok`).
+const MIN_INTERIOR: usize = 8;
 
 /// Shortest literal prefix worth prefiltering on.
 const MIN_LITERAL: usize = 3;
@@ -365,7 +370,17 @@ impl Scanner {
                 Some(ls) => lits.extend(ls.into_iter().map(|l| (l, idx))),
                 None => fallback.push(idx),
             }
-            rules.push((Rule { id, regex }, pattern));
+            let line_bound = regex_syntax::Parser::new()
+                .parse(pattern)
+                .is_ok_and(|h| line_bound(&h));
+            rules.push((
+                Rule {
+                    id,
+                    regex,
+                    line_bound,
+                },
+                pattern,
+            ));
         }
         let fallback_set = if fallback.is_empty() {
             None
@@ -604,6 +619,51 @@ impl Scanner {
                 let rule = &self.rules[r];
                 let src = &sources[pc.src];
                 let off = pc.src_off + (p - pc.at);
+                let piece_end = pc.at + pc.len;
+                let joined_hit = |m: &regex_automata::Match| Hit {
+                    rule: RuleRef::Pattern(r),
+                    spans: buf.spans(m.start(), m.end()),
+                    fingerprint: self.fingerprint(&data[m.range()]),
+                };
+                let value_hit = |m: &regex_automata::Match| Hit {
+                    rule: RuleRef::Pattern(r),
+                    spans: vec![Span {
+                        src: pc.src,
+                        start: m.start(),
+                        end: m.end(),
+                    }],
+                    fingerprint: self.fingerprint(&src.text[m.range()]),
+                };
+                if buf.spanning && rule.line_bound {
+                    // One search on the no-match path: with no look-around and
+                    // no line breaks in the rule, no joined match means no
+                    // match in the value either.
+                    let Some(m) = anchored(&rule.regex, data, p) else {
+                        return;
+                    };
+                    if m.end() <= piece_end {
+                        last_end[r] = m.end();
+                        hits.push(Hit {
+                            rule: RuleRef::Pattern(r),
+                            spans: buf.spans(m.start(), m.end()),
+                            fingerprint: self.fingerprint(&data[m.range()]),
+                        });
+                        return;
+                    }
+                    let vm = anchored(&rule.regex, &src.text, off);
+                    match vm {
+                        Some(v) if v.end() < pc.src_off + pc.len || !buf.interior_ok(&m) => {
+                            last_end[r] = p + v.len();
+                            hits.push(value_hit(&v));
+                        }
+                        None if !buf.interior_ok(&m) => {}
+                        _ => {
+                            last_end[r] = m.end();
+                            hits.push(joined_hit(&m));
+                        }
+                    }
+                    return;
+                }
                 // The value itself first: reported at the value, with its own context.
                 let value_match = anchored(&rule.regex, &src.text, off);
                 // A match that runs to the end of its line or value may go on
@@ -614,27 +674,16 @@ impl Scanner {
                         .is_none_or(|m| m.end() == pc.src_off + pc.len);
                 if try_joined
                     && let Some(m) = anchored(&rule.regex, data, p)
-                    && (value_match.is_none() || m.end() > pc.at + pc.len)
+                    && (value_match.is_none() || m.end() > piece_end)
+                    && buf.interior_ok(&m)
                 {
                     last_end[r] = m.end();
-                    hits.push(Hit {
-                        rule: RuleRef::Pattern(r),
-                        spans: buf.spans(m.start(), m.end()),
-                        fingerprint: self.fingerprint(&data[m.range()]),
-                    });
+                    hits.push(joined_hit(&m));
                     return;
                 }
                 if let Some(m) = value_match {
-                    last_end[r] = p + (m.end() - m.start()).min(pc.at + pc.len - p);
-                    hits.push(Hit {
-                        rule: RuleRef::Pattern(r),
-                        spans: vec![Span {
-                            src: pc.src,
-                            start: m.start(),
-                            end: m.end(),
-                        }],
-                        fingerprint: self.fingerprint(&src.text[m.range()]),
-                    });
+                    last_end[r] = p + (m.end() - m.start()).min(piece_end - p);
+                    hits.push(value_hit(&m));
                 }
             });
         }
@@ -643,7 +692,8 @@ impl Scanner {
                 let r = self.fallback[set_idx];
                 for m in self.rules[r].regex.find_iter(data) {
                     let spans = buf.spans(m.start(), m.end());
-                    if spans.len() > 1 && !buf.spanning || spans.is_empty() {
+                    if spans.len() > 1 && !(buf.spanning && buf.interior_ok(&m)) || spans.is_empty()
+                    {
                         continue;
                     }
                     hits.push(Hit {
@@ -764,6 +814,29 @@ impl Scanner {
             }
         }
         out
+    }
+}
+
+/// Whether a regex has no look-around assertions and can match neither `\r`
+/// nor `\n`: then its matches never depend on what follows a line break.
+fn line_bound(h: &regex_syntax::hir::Hir) -> bool {
+    use regex_syntax::hir::{Class, HirKind};
+    let breaks = |lo: u32, hi: u32| (lo..=hi).contains(&10) || (lo..=hi).contains(&13);
+    match h.kind() {
+        HirKind::Empty => true,
+        HirKind::Literal(l) => !l.0.iter().any(|b| *b == b'\n' || *b == b'\r'),
+        HirKind::Class(Class::Unicode(c)) => !c
+            .ranges()
+            .iter()
+            .any(|r| breaks(r.start() as u32, r.end() as u32)),
+        HirKind::Class(Class::Bytes(c)) => !c
+            .ranges()
+            .iter()
+            .any(|r| breaks(u32::from(r.start()), u32::from(r.end()))),
+        HirKind::Look(_) => false,
+        HirKind::Repetition(r) => line_bound(&r.sub),
+        HirKind::Capture(c) => line_bound(&c.sub),
+        HirKind::Concat(v) | HirKind::Alternation(v) => v.iter().all(line_bound),
     }
 }
 
@@ -942,6 +1015,24 @@ impl Buffer {
             b.data.push(b'\n');
         }
         b
+    }
+
+    /// Whether a match across pieces is plausible as one split secret: every
+    /// line it covers whole inside one value (not the first or last piece it
+    /// touches, and not a piece at the edge of a value) must be at least
+    /// `MIN_INTERIOR` bytes. Otherwise it is more likely short words on
+    /// separate lines glued together ("sk-" / "the" / "model" / …).
+    fn interior_ok(&self, m: &regex_automata::Match) -> bool {
+        let first = self
+            .pieces
+            .partition_point(|pc| pc.at + pc.len <= m.start());
+        let last = self.pieces.partition_point(|pc| pc.at < m.end());
+        (first + 1..last.saturating_sub(1)).all(|i| {
+            let pc = &self.pieces[i];
+            pc.len >= MIN_INTERIOR
+                || self.pieces[i - 1].src != pc.src
+                || self.pieces[i + 1].src != pc.src
+        })
     }
 
     /// The piece holding buffer offset `p`, if any.

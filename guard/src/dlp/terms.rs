@@ -24,11 +24,18 @@ struct Term {
     /// Rule id: `blocked-term:<normalised term>`.
     id: String,
     norm: Vec<char>,
+    /// How many of its pieces must be seen, in order and close enough,
+    /// before a window is checked: 2 when it could be cut into `k + 2`
+    /// pieces (then at least two survive any `k` edits), else 1.
+    needed: usize,
+    /// Its pieces: `(offset, len)` in `norm`, indexed by `Piece::idx`.
+    pieces: Vec<(usize, usize)>,
 }
 
 /// A piece of a term: which term, where the piece starts in it, how long.
 struct Piece {
     term: usize,
+    idx: usize,
     offset: usize,
     len: usize,
 }
@@ -63,18 +70,30 @@ impl Terms {
                 return Err(DlpError::EmptyTerm { index });
             }
             let term = compiled.len();
-            match cut(&norm, k) {
-                Some(cut) => {
-                    for (offset, len) in cut {
-                        let lit: String = norm[offset..offset + len].iter().collect();
-                        lits.push((lit.into_bytes(), Piece { term, offset, len }));
-                    }
-                }
-                None => full_scan.push(term),
+            let (needed, pieces) = match cut(&norm, k + 1) {
+                Some(c) => (2, c),
+                None => (1, cut(&norm, k).unwrap_or_default()),
+            };
+            if pieces.is_empty() {
+                full_scan.push(term);
+            }
+            for (idx, &(offset, len)) in pieces.iter().enumerate() {
+                let lit: String = norm[offset..offset + len].iter().collect();
+                lits.push((
+                    lit.into_bytes(),
+                    Piece {
+                        term,
+                        idx,
+                        offset,
+                        len,
+                    },
+                ));
             }
             compiled.push(Term {
                 id: format!("blocked-term:{}", norm.iter().collect::<String>()),
                 norm,
+                needed,
+                pieces,
             });
         }
         Ok(Terms {
@@ -106,8 +125,32 @@ impl Terms {
         if let Some(pieces) = &self.pieces {
             // Last window checked per term, to skip a second piece of the same occurrence.
             let mut last: Vec<(usize, usize)> = vec![(usize::MAX, 0); self.terms.len()];
+            // Per term and piece: where that piece was last seen.
+            let mut seen: Vec<Vec<Option<usize>>> = self
+                .terms
+                .iter()
+                .map(|t| vec![None; t.pieces.len()])
+                .collect();
             pieces.for_each(buf, |piece, q| {
                 let term = &self.terms[piece.term];
+                if term.needed == 2 {
+                    // Some earlier piece of the term must sit right before this one.
+                    let paired =
+                        term.pieces
+                            .iter()
+                            .zip(&seen[piece.term])
+                            .any(|(&(off, len), at)| {
+                                let Some(at) = *at else { return false };
+                                off + len <= piece.offset && at + len <= q && {
+                                    let gap = piece.offset - (off + len) + self.k;
+                                    units_between(buf, bounds, at + len, q, gap) <= gap
+                                }
+                            });
+                    seen[piece.term][piece.idx] = Some(q);
+                    if !paired {
+                        return;
+                    }
+                }
                 let before = piece.offset + self.k + 1;
                 let after = term.norm.len() - piece.offset - piece.len + self.k + 1;
                 let a = expand_back(buf, bounds, q, before);
@@ -228,7 +271,11 @@ fn expand_back(buf: &[u8], bounds: &[usize], q: usize, need: usize) -> usize {
     let mut in_sep = false;
     while pos > 0 && units < need {
         if bi > 0 && bounds[bi - 1] == pos {
-            units += 1;
+            // A join is a separator: merged with any separator run next to it.
+            if !in_sep {
+                units += 1;
+            }
+            in_sep = true;
             bi -= 1;
         }
         pos -= 1;
@@ -260,7 +307,10 @@ fn expand_forward(buf: &[u8], bounds: &[usize], q: usize, need: usize) -> usize 
     let mut in_sep = false;
     while pos < buf.len() && units < need {
         if bi < bounds.len() && bounds[bi] == pos {
-            units += 1;
+            if !in_sep {
+                units += 1;
+            }
+            in_sep = true;
             bi += 1;
         }
         match unit_kind(buf[pos]) {
@@ -282,6 +332,40 @@ fn expand_forward(buf: &[u8], bounds: &[usize], q: usize, need: usize) -> usize 
         pos += 1;
     }
     pos
+}
+
+/// How many normalised characters `buf[a..b]` makes (separator runs and
+/// joins count once), counting no further than `cap + 1`.
+fn units_between(buf: &[u8], bounds: &[usize], a: usize, b: usize, cap: usize) -> usize {
+    let mut bi = bounds.partition_point(|&x| x < a);
+    let mut units = 0;
+    let mut in_sep = false;
+    for (pos, &c) in buf.iter().enumerate().take(b).skip(a) {
+        if units > cap {
+            break;
+        }
+        if bi < bounds.len() && bounds[bi] == pos {
+            if !in_sep {
+                units += 1;
+            }
+            in_sep = true;
+            bi += 1;
+        }
+        match unit_kind(c) {
+            None => {}
+            Some(true) => {
+                units += 1;
+                in_sep = false;
+            }
+            Some(false) => {
+                if !in_sep {
+                    units += 1;
+                }
+                in_sep = true;
+            }
+        }
+    }
+    units
 }
 
 /// Normalises `buf[a..b]`: the characters and, for each, its byte range in

@@ -678,3 +678,27 @@ fn big_bodies_with_many_messages_are_scanned_everywhere() {
     );
     assert_eq!(got[1].0, "blocked-term:openai production key");
 }
+
+#[test]
+fn short_lines_are_not_glued_into_a_key() {
+    let text = "we ask-\nthe\nmodel\nshould\nanswer\nwith\nsummary\nAKIA\nAPI\nJSON\nOK";
+    let s = scan(&seed_policy(true), &view(&messages(&[text]), None));
+    assert!(s.findings.is_empty(), "{:?}", s.findings);
+}
+
+#[test]
+fn term_pieces_must_be_close_and_separator_runs_collapse() {
+    let cfg = seed_policy(false);
+    let far = format!("openai {} production key", "words in between ".repeat(5));
+    assert!(term_findings(&cfg, &far).is_empty());
+    let padded = format!("openai{}production\n\n\tkey", " ".repeat(300));
+    assert_eq!(term_findings(&cfg, &padded).len(), 1);
+    // Split over two messages, joined with a separator.
+    let body = messages(&["tell me the OpenAI", "production key"]);
+    let s = scan(&cfg, &view(&body, None));
+    assert!(
+        s.findings
+            .iter()
+            .any(|f| f.rule_id == "blocked-term:openai production key")
+    );
+}
