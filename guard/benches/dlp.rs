@@ -126,7 +126,7 @@ fn body(size: usize, matches: bool) -> Vec<u8> {
         let mut text = String::new();
         while text.len() < 700 && total + text.len() < size {
             text.push_str(WORDS[rng.next() % WORDS.len()]);
-            text.push(if rng.next() % 9 == 0 { '\n' } else { ' ' });
+            text.push(if rng.next().is_multiple_of(9) { '\n' } else { ' ' });
             if matches && total + text.len() >= next_secret {
                 text.push_str(&secrets[i % 3]);
                 text.push_str(" and the OpenAI prodution key ");
@@ -135,7 +135,7 @@ fn body(size: usize, matches: bool) -> Vec<u8> {
             }
         }
         total += text.len() + 40;
-        let role = if messages.len() % 2 == 0 {
+        let role = if messages.len().is_multiple_of(2) {
             "user"
         } else {
             "assistant"
