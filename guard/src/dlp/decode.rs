@@ -159,12 +159,13 @@ const STRUCTURAL_KEYS: &[&[u8]] = &[
     b"tool_use_id",
 ];
 
-/// One string of a JSON document.
-pub(crate) struct JsonStr<'a> {
+/// One string of a JSON document. Its value is not decoded here: most are
+/// only ever read once, straight into the joined view (see `segments`).
+pub(crate) struct JsonStr {
     /// Byte range of the token in the body, quotes included.
     pub raw: std::ops::Range<usize>,
-    /// The unescaped value (borrowed when it had no escapes).
-    pub text: Cow<'a, [u8]>,
+    /// Whether it holds any backslash escape.
+    pub escaped: bool,
     /// An object key rather than a value.
     pub is_key: bool,
     /// The value of a structural key (see `STRUCTURAL_KEYS`).
@@ -181,7 +182,7 @@ enum Frame<'a> {
 
 /// Every string of `body` if it is one JSON document, else `None` (the
 /// caller then scans the body as text).
-pub(crate) fn json_strings(body: &[u8]) -> Option<Vec<JsonStr<'_>>> {
+pub(crate) fn json_strings(body: &[u8]) -> Option<Vec<JsonStr>> {
     let mut out = Vec::new();
     walk(body, |_, s| {
         out.push(s);
@@ -256,7 +257,7 @@ fn push_key(path: &mut String, start: usize, key: &[u8], masked: &[usize]) {
 /// overflow the stack. `None` when `body` is not a single JSON document.
 fn walk<'a>(
     body: &'a [u8],
-    mut on_str: impl FnMut(&[Frame<'a>], JsonStr<'a>) -> bool,
+    mut on_str: impl FnMut(&[Frame<'a>], JsonStr) -> bool,
 ) -> Option<()> {
     #[derive(Clone, Copy)]
     enum St {
@@ -284,11 +285,11 @@ fn walk<'a>(
                     st = St::ArrFirst;
                 }
                 b'"' => {
-                    let (end, text) = string(body, i)?;
+                    let (end, escaped) = string_end(body, i)?;
                     let structural = matches!(stack.last(), Some(Frame::Obj(Some((_, k)))) if STRUCTURAL_KEYS.contains(&&k[..]));
                     let s = JsonStr {
                         raw: i..end,
-                        text,
+                        escaped,
                         is_key: false,
                         structural,
                     };
@@ -331,10 +332,11 @@ fn walk<'a>(
                 if *body.get(i)? != b'"' {
                     return None;
                 }
-                let (end, text) = string(body, i)?;
+                let (end, escaped) = string_end(body, i)?;
+                let text = string_value(&body[i + 1..end - 1], escaped);
                 let key = JsonStr {
                     raw: i..end,
-                    text: text.clone(),
+                    escaped,
                     is_key: true,
                     structural: false,
                 };
@@ -392,74 +394,126 @@ fn skip_ws(b: &[u8], mut i: usize) -> usize {
     i
 }
 
-/// Reads the string token at `b[start] == '"'`: returns the offset just past
-/// the closing quote and the unescaped contents.
-fn string(b: &[u8], start: usize) -> Option<(usize, Cow<'_, [u8]>)> {
+/// Finds the end of the string token at `b[start] == '"'`: the offset just
+/// past the closing quote, and whether it holds escapes.
+fn string_end(b: &[u8], start: usize) -> Option<(usize, bool)> {
     let mut j = start + 1;
     let mut escaped = false;
     loop {
         j += memchr::memchr2(b'"', b'\\', b.get(j..)?)?;
         if b[j] == b'"' {
-            break;
+            return Some((j + 1, escaped));
         }
         escaped = true;
         j += 2;
     }
-    let inner = &b[start + 1..j];
-    let text = if escaped {
-        Cow::Owned(unescape(inner)?)
-    } else {
-        Cow::Borrowed(inner)
-    };
-    Some((j + 1, text))
 }
 
-fn unescape(s: &[u8]) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(s.len());
+/// The value of a JSON string (`inner`: between the quotes), unescaped.
+/// Invalid escapes are kept as written (the walker only checked the quotes).
+pub(crate) fn string_value(inner: &[u8], escaped: bool) -> Cow<'_, [u8]> {
+    if !escaped {
+        return Cow::Borrowed(inner);
+    }
+    let mut out = Vec::with_capacity(inner.len());
+    segments(inner, true, |seg| match seg {
+        Segment::Bytes(b) => out.extend_from_slice(b),
+        Segment::Break(c) => out.push(c),
+    });
+    Cow::Owned(out)
+}
+
+/// A run of decoded text, or a line break (`\n` or `\r`).
+pub(crate) enum Segment<'s> {
+    Bytes(&'s [u8]),
+    Break(u8),
+}
+
+/// Walks `text` as decoded bytes: with `json`, `text` is the inside of a
+/// JSON string and escapes are decoded on the way. Line breaks come out as
+/// `Segment::Break`, everything else as `Segment::Bytes`, in order, so the
+/// joined view is built in one pass without decoding into a copy first.
+pub(crate) fn segments<'s>(text: &'s [u8], json: bool, mut f: impl FnMut(Segment<'_>)) {
     let mut i = 0;
-    while i < s.len() {
-        let Some(p) = memchr::memchr(b'\\', &s[i..]) else {
-            out.extend_from_slice(&s[i..]);
-            break;
+    while i < text.len() {
+        let rest = &text[i..];
+        let next = if json {
+            memchr::memchr3(b'\\', b'\n', b'\r', rest)
+        } else {
+            memchr::memchr2(b'\n', b'\r', rest)
         };
-        out.extend_from_slice(&s[i..i + p]);
-        i += p + 1;
-        let c = *s.get(i)?;
-        i += 1;
-        match c {
-            b'"' | b'\\' | b'/' => out.push(c),
-            b'n' => out.push(b'\n'),
-            b't' => out.push(b'\t'),
-            b'r' => out.push(b'\r'),
-            b'b' => out.push(0x08),
-            b'f' => out.push(0x0c),
-            b'u' => {
-                let cp = hex4(s.get(i..i + 4)?)?;
-                i += 4;
-                let ch = if (0xD800..0xDC00).contains(&cp) {
-                    // A high surrogate: pair it with the low one that should follow.
-                    let low = (s.get(i..i + 2) == Some(b"\\u"))
-                        .then(|| s.get(i + 2..i + 6).and_then(hex4))
-                        .flatten()
-                        .filter(|lo| (0xDC00..0xE000).contains(lo));
-                    match low {
-                        Some(lo) => {
-                            i += 6;
-                            char::from_u32(0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00))
-                        }
-                        None => None,
-                    }
-                } else {
-                    char::from_u32(cp)
-                };
-                let ch = ch.unwrap_or(char::REPLACEMENT_CHARACTER);
-                let mut buf = [0u8; 4];
-                out.extend_from_slice(ch.encode_utf8(&mut buf).as_bytes());
+        let Some(p) = next else {
+            f(Segment::Bytes(rest));
+            return;
+        };
+        if p > 0 {
+            f(Segment::Bytes(&rest[..p]));
+        }
+        i += p;
+        match text[i] {
+            c @ (b'\n' | b'\r') => {
+                f(Segment::Break(c));
+                i += 1;
             }
-            _ => return None,
+            _ => {
+                match unescape_one(text, i + 1) {
+                    Some((next, bytes, len)) => {
+                        match &bytes[..len] {
+                            [c @ (b'\n' | b'\r')] => f(Segment::Break(*c)),
+                            decoded => f(Segment::Bytes(decoded)),
+                        }
+                        i = next;
+                    }
+                    None => {
+                        // Not a valid escape: keep the backslash as written.
+                        f(Segment::Bytes(&text[i..i + 1]));
+                        i += 1;
+                    }
+                }
+            }
         }
     }
-    Some(out)
+}
+
+/// Decodes the escape whose letter is at `s[i]` (just after the backslash):
+/// the offset after it, and the UTF-8 bytes it stands for.
+fn unescape_one(s: &[u8], mut i: usize) -> Option<(usize, [u8; 4], usize)> {
+    let c = *s.get(i)?;
+    i += 1;
+    let simple = |b: u8| Some((i, [b, 0, 0, 0], 1));
+    match c {
+        b'"' | b'\\' | b'/' => simple(c),
+        b'n' => simple(b'\n'),
+        b't' => simple(b'\t'),
+        b'r' => simple(b'\r'),
+        b'b' => simple(0x08),
+        b'f' => simple(0x0c),
+        b'u' => {
+            let cp = hex4(s.get(i..i + 4)?)?;
+            i += 4;
+            let ch = if (0xD800..0xDC00).contains(&cp) {
+                // A high surrogate: pair it with the low one that should follow.
+                let low = (s.get(i..i + 2) == Some(b"\\u"))
+                    .then(|| s.get(i + 2..i + 6).and_then(hex4))
+                    .flatten()
+                    .filter(|lo| (0xDC00..0xE000).contains(lo));
+                match low {
+                    Some(lo) => {
+                        i += 6;
+                        char::from_u32(0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00))
+                    }
+                    None => None,
+                }
+            } else {
+                char::from_u32(cp)
+            };
+            let ch = ch.unwrap_or(char::REPLACEMENT_CHARACTER);
+            let mut buf = [0u8; 4];
+            let len = ch.encode_utf8(&mut buf).len();
+            Some((i, buf, len))
+        }
+        _ => None,
+    }
 }
 
 fn hex4(h: &[u8]) -> Option<u32> {

@@ -54,7 +54,7 @@ mod terms;
 #[cfg(test)]
 mod tests;
 
-use std::borrow::Cow;
+use std::cell::OnceCell;
 use std::collections::HashSet;
 use std::sync::Arc;
 
@@ -63,6 +63,7 @@ use regex_syntax::hir::literal::{ExtractKind, Extractor};
 use sha2::{Digest, Sha256};
 
 use crate::config::{DlpAction, DlpFilter};
+use decode::Segment;
 use literals::LiteralSet;
 
 pub use rules::{BuiltinRule, builtin_rules};
@@ -476,13 +477,13 @@ impl Scanner {
                 Origin::Json {
                     raw_start, raw_end, ..
                 } => {
-                    let text = apply(&src.text, &ranges, |id| format!("[REDACTED:{id}]"));
+                    let text = apply(src.text(), &ranges, |id| format!("[REDACTED:{id}]"));
                     let quoted = serde_json::to_string(&String::from_utf8_lossy(&text))
                         .unwrap_or_else(|_| "\"\"".to_string());
                     json_splices.push((raw_start..raw_end, quoted.into_bytes()));
                 }
                 Origin::Text => {
-                    out.body = Some(apply(&src.text, &ranges, |id| format!("[REDACTED:{id}]")));
+                    out.body = Some(apply(src.text(), &ranges, |id| format!("[REDACTED:{id}]")));
                 }
                 Origin::Url => {
                     let raw: Vec<(usize, usize, &str)> = ranges
@@ -497,7 +498,7 @@ impl Scanner {
                 Origin::Header(h) => {
                     out.headers.push((
                         h,
-                        apply(&src.text, &ranges, |id| format!("[REDACTED:{id}]")),
+                        apply(src.text(), &ranges, |id| format!("[REDACTED:{id}]")),
                     ));
                 }
             }
@@ -553,38 +554,25 @@ impl Scanner {
                             is_key: s.is_key,
                         },
                         joinable: !s.is_key && !s.structural,
-                        text: s.text,
+                        raw: &body[s.raw.start + 1..s.raw.end - 1],
+                        escaped: s.escaped,
+                        decoded: OnceCell::new(),
                     }));
                 }
                 None => {
                     body_kind = BodyKind::Text;
-                    sources.push(Source {
-                        origin: Origin::Text,
-                        joinable: true,
-                        text: Cow::Borrowed(body),
-                    });
+                    sources.push(Source::plain(Origin::Text, true, body));
                 }
             }
         }
         if !url.is_empty() {
-            sources.push(Source {
-                origin: Origin::Url,
-                joinable: false,
-                text: Cow::Borrowed(url),
-            });
+            sources.push(Source::plain(Origin::Url, false, url));
         }
         for (i, (name, value)) in req.headers.iter().enumerate() {
-            if CREDENTIAL_HEADERS
-                .iter()
-                .any(|c| name.eq_ignore_ascii_case(c))
-            {
+            if CREDENTIAL_HEADERS.iter().any(|c| name.eq_ignore_ascii_case(c)) {
                 continue;
             }
-            sources.push(Source {
-                origin: Origin::Header(i),
-                joinable: false,
-                text: Cow::Borrowed(value),
-            });
+            sources.push(Source::plain(Origin::Header(i), false, value));
         }
         let joined = Buffer::joined(&sources);
         let others = Buffer::separate(&sources);
@@ -632,7 +620,7 @@ impl Scanner {
                         start: m.start(),
                         end: m.end(),
                     }],
-                    fingerprint: self.fingerprint(&src.text[m.range()]),
+                    fingerprint: self.fingerprint(&src.text()[m.range()]),
                 };
                 if buf.spanning && rule.line_bound {
                     // One search on the no-match path: with no look-around and
@@ -650,7 +638,7 @@ impl Scanner {
                         });
                         return;
                     }
-                    let vm = anchored(&rule.regex, &src.text, off);
+                    let vm = anchored(&rule.regex, src.text(), off);
                     match vm {
                         Some(v) if v.end() < pc.src_off + pc.len || !buf.interior_ok(&m) => {
                             last_end[r] = p + v.len();
@@ -665,7 +653,7 @@ impl Scanner {
                     return;
                 }
                 // The value itself first: reported at the value, with its own context.
-                let value_match = anchored(&rule.regex, &src.text, off);
+                let value_match = anchored(&rule.regex, src.text(), off);
                 // A match that runs to the end of its line or value may go on
                 // in the next one: then the joined view decides.
                 let try_joined = buf.spanning
@@ -906,7 +894,33 @@ struct Source<'a> {
     origin: Origin,
     /// Part of the joined view (see the module docs).
     joinable: bool,
-    text: Cow<'a, [u8]>,
+    /// The text as it sits in the request (for a JSON string: between the quotes).
+    raw: &'a [u8],
+    /// A JSON string with escapes: `raw` must be decoded to get the value.
+    escaped: bool,
+    /// The decoded value, made on first use (only where a rule may match).
+    decoded: OnceCell<Vec<u8>>,
+}
+
+impl<'a> Source<'a> {
+    fn plain(origin: Origin, joinable: bool, raw: &'a [u8]) -> Source<'a> {
+        Source {
+            origin,
+            joinable,
+            raw,
+            escaped: false,
+            decoded: OnceCell::new(),
+        }
+    }
+
+    /// The value the rules see (unescaped).
+    fn text(&self) -> &[u8] {
+        if !self.escaped {
+            return self.raw;
+        }
+        self.decoded
+            .get_or_init(|| decode::string_value(self.raw, true).into_owned())
+    }
 }
 
 /// A part of a buffer copied from one source.
@@ -953,13 +967,9 @@ struct Buffer {
 }
 
 impl Buffer {
-    /// The joined view: joinable sources, line breaks removed.
+    /// The joined view: joinable sources, decoded, line breaks removed.
     fn joined(sources: &[Source<'_>]) -> Buffer {
-        let total: usize = sources
-            .iter()
-            .filter(|s| s.joinable)
-            .map(|s| s.text.len())
-            .sum();
+        let total: usize = sources.iter().filter(|s| s.joinable).map(|s| s.raw.len()).sum();
         let mut b = Buffer {
             data: Vec::with_capacity(total),
             pieces: Vec::new(),
@@ -967,28 +977,36 @@ impl Buffer {
             spanning: true,
         };
         for (i, s) in sources.iter().enumerate().filter(|(_, s)| s.joinable) {
-            let text = &s.text[..];
-            let mut from = 0;
-            loop {
-                let next = memchr::memchr2(b'\n', b'\r', &text[from..]).map(|p| from + p);
-                let to = next.unwrap_or(text.len());
-                if to > from {
-                    if !b.data.is_empty() {
-                        b.bounds.push(b.data.len());
-                    }
+            // (buffer offset, source offset) where the open piece started.
+            let mut open: Option<(usize, usize)> = None;
+            let mut src_off = 0;
+            let close = |b: &mut Buffer, open: &mut Option<(usize, usize)>| {
+                if let Some((at, so)) = open.take() {
                     b.pieces.push(Piece {
-                        at: b.data.len(),
+                        at,
                         src: i,
-                        src_off: from,
-                        len: to - from,
+                        src_off: so,
+                        len: b.data.len() - at,
                     });
-                    b.data.extend_from_slice(&text[from..to]);
                 }
-                match next {
-                    Some(n) => from = n + 1,
-                    None => break,
+            };
+            decode::segments(s.raw, s.escaped, |seg| match seg {
+                Segment::Bytes(bytes) => {
+                    if open.is_none() {
+                        if !b.data.is_empty() {
+                            b.bounds.push(b.data.len());
+                        }
+                        open = Some((b.data.len(), src_off));
+                    }
+                    b.data.extend_from_slice(bytes);
+                    src_off += bytes.len();
                 }
-            }
+                Segment::Break(_) => {
+                    close(&mut b, &mut open);
+                    src_off += 1;
+                }
+            });
+            close(&mut b, &mut open);
         }
         b
     }
@@ -1002,16 +1020,17 @@ impl Buffer {
             spanning: false,
         };
         for (i, s) in sources.iter().enumerate().filter(|(_, s)| !s.joinable) {
-            if s.text.is_empty() {
+            let text = s.text();
+            if text.is_empty() {
                 continue;
             }
             b.pieces.push(Piece {
                 at: b.data.len(),
                 src: i,
                 src_off: 0,
-                len: s.text.len(),
+                len: text.len(),
             });
-            b.data.extend_from_slice(&s.text);
+            b.data.extend_from_slice(text);
             b.data.push(b'\n');
         }
         b

@@ -99,7 +99,7 @@ impl Terms {
         Ok(Terms {
             terms: compiled,
             k,
-            pieces: LiteralSet::new(lits, true),
+            pieces: LiteralSet::new(lits, false),
             full_scan,
         })
     }
@@ -131,7 +131,10 @@ impl Terms {
                 .iter()
                 .map(|t| vec![None; t.pieces.len()])
                 .collect();
-            pieces.for_each(buf, |piece, q| {
+            // Pieces are lower case; searching a lower-cased copy lets the
+            // prefilter use its fast (SIMD) case-sensitive path.
+            let lower = buf.to_ascii_lowercase();
+            pieces.for_each(&lower, |piece, q| {
                 let term = &self.terms[piece.term];
                 if term.needed == 2 {
                     // Some earlier piece of the term must sit right before this one.
@@ -143,7 +146,9 @@ impl Terms {
                                 let Some(at) = *at else { return false };
                                 off + len <= piece.offset && at + len <= q && {
                                     let gap = piece.offset - (off + len) + self.k;
-                                    units_between(buf, bounds, at + len, q, gap) <= gap
+                                    // Few bytes apart: close enough without counting.
+                                    q - (at + len) <= gap
+                                        || units_between(buf, bounds, at + len, q, gap) <= gap
                                 }
                             });
                     seen[piece.term][piece.idx] = Some(q);
