@@ -166,6 +166,9 @@ pub(crate) struct JsonStr {
     pub raw: std::ops::Range<usize>,
     /// Whether it holds any backslash escape.
     pub escaped: bool,
+    /// Where its backslashes are: a range of the `escapes` list filled by
+    /// `json_strings`, so the joined view is built without searching again.
+    pub escapes: std::ops::Range<usize>,
     /// An object key rather than a value.
     pub is_key: bool,
     /// The value of a structural key (see `STRUCTURAL_KEYS`).
@@ -182,9 +185,9 @@ enum Frame<'a> {
 
 /// Every string of `body` if it is one JSON document, else `None` (the
 /// caller then scans the body as text).
-pub(crate) fn json_strings(body: &[u8]) -> Option<Vec<JsonStr>> {
+pub(crate) fn json_strings(body: &[u8], escapes: &mut Vec<usize>) -> Option<Vec<JsonStr>> {
     let mut out = Vec::new();
-    walk(body, |_, s| {
+    walk(body, Some(escapes), |_, s| {
         out.push(s);
         true
     })?;
@@ -201,7 +204,7 @@ pub(crate) fn json_paths(
     masked: &[usize],
 ) -> std::collections::HashMap<usize, String> {
     let mut found = std::collections::HashMap::new();
-    walk(body, |stack, s| {
+    walk(body, None, |stack, s| {
         if wanted.binary_search(&s.raw.start).is_err() {
             return true;
         }
@@ -257,6 +260,7 @@ fn push_key(path: &mut String, start: usize, key: &[u8], masked: &[usize]) {
 /// overflow the stack. `None` when `body` is not a single JSON document.
 fn walk<'a>(
     body: &'a [u8],
+    mut escapes: Option<&mut Vec<usize>>,
     mut on_str: impl FnMut(&[Frame<'a>], JsonStr) -> bool,
 ) -> Option<()> {
     #[derive(Clone, Copy)]
@@ -285,11 +289,14 @@ fn walk<'a>(
                     st = St::ArrFirst;
                 }
                 b'"' => {
-                    let (end, escaped) = string_end(body, i)?;
+                    let first_esc = escapes.as_ref().map_or(0, |e| e.len());
+                    let (end, escaped) = string_end(body, i, escapes.as_deref_mut())?;
+                    let esc_end = escapes.as_ref().map_or(0, |e| e.len());
                     let structural = matches!(stack.last(), Some(Frame::Obj(Some((_, k)))) if STRUCTURAL_KEYS.contains(&&k[..]));
                     let s = JsonStr {
                         raw: i..end,
                         escaped,
+                        escapes: first_esc..esc_end,
                         is_key: false,
                         structural,
                     };
@@ -332,11 +339,14 @@ fn walk<'a>(
                 if *body.get(i)? != b'"' {
                     return None;
                 }
-                let (end, escaped) = string_end(body, i)?;
+                let first_esc = escapes.as_ref().map_or(0, |e| e.len());
+                let (end, escaped) = string_end(body, i, escapes.as_deref_mut())?;
+                let esc_end = escapes.as_ref().map_or(0, |e| e.len());
                 let text = string_value(&body[i + 1..end - 1], escaped);
                 let key = JsonStr {
                     raw: i..end,
                     escaped,
+                    escapes: first_esc..esc_end,
                     is_key: true,
                     structural: false,
                 };
@@ -396,7 +406,11 @@ fn skip_ws(b: &[u8], mut i: usize) -> usize {
 
 /// Finds the end of the string token at `b[start] == '"'`: the offset just
 /// past the closing quote, and whether it holds escapes.
-fn string_end(b: &[u8], start: usize) -> Option<(usize, bool)> {
+fn string_end(
+    b: &[u8],
+    start: usize,
+    mut escapes: Option<&mut Vec<usize>>,
+) -> Option<(usize, bool)> {
     let mut j = start + 1;
     let mut escaped = false;
     loop {
@@ -404,8 +418,47 @@ fn string_end(b: &[u8], start: usize) -> Option<(usize, bool)> {
         if b[j] == b'"' {
             return Some((j + 1, escaped));
         }
+        if let Some(e) = escapes.as_deref_mut() {
+            e.push(j);
+        }
         escaped = true;
         j += 2;
+    }
+}
+
+/// Walks the value of the JSON string whose inside is `body[inner]`, given
+/// the body offsets of its backslashes (from `json_strings`): decoded bytes
+/// as `Segment::Bytes`, line breaks as `Segment::Break`, with no searching.
+pub(crate) fn segments_at(
+    body: &[u8],
+    inner: std::ops::Range<usize>,
+    escapes: &[usize],
+    mut f: impl FnMut(Segment<'_>),
+) {
+    let mut i = inner.start;
+    for &e in escapes {
+        if e < i {
+            continue; // the low half of a surrogate pair, already decoded
+        }
+        if e > i {
+            f(Segment::Bytes(&body[i..e]));
+        }
+        match unescape_one(body, e + 1) {
+            Some((next, bytes, len)) => {
+                match &bytes[..len] {
+                    [c @ (b'\n' | b'\r')] => f(Segment::Break(*c)),
+                    decoded => f(Segment::Bytes(decoded)),
+                }
+                i = next.min(inner.end);
+            }
+            None => {
+                f(Segment::Bytes(&body[e..(e + 2).min(inner.end)]));
+                i = (e + 2).min(inner.end);
+            }
+        }
+    }
+    if inner.end > i {
+        f(Segment::Bytes(&body[i..inner.end]));
     }
 }
 

@@ -50,6 +50,7 @@
 mod decode;
 mod literals;
 mod rules;
+mod scratch;
 mod terms;
 #[cfg(test)]
 mod tests;
@@ -328,7 +329,7 @@ impl std::fmt::Debug for Scanner {
 }
 
 /// Shortest line or value a joined match may cover whole (see `Buffer::interior_ok`).
-const MIN_INTERIOR: usize = 8;
+const MIN_INTERIOR: usize = 16;
 
 /// Shortest literal prefix worth prefiltering on.
 const MIN_LITERAL: usize = 3;
@@ -435,7 +436,9 @@ impl Scanner {
     pub fn scan(&self, req: &RequestView<'_>) -> Result<Scan, DlpError> {
         let body = decode::decompress(req.body, req.content_encoding, &self.limits)?;
         let (url, url_map) = decode::percent_decode(req.path_and_query);
-        let a = self.analyse(req, &body, &url);
+        let mut escapes = scratch::take(&scratch::OFFSETS);
+        let a = self.analyse(req, &body, &url, &mut escapes);
+        scratch::give(&scratch::OFFSETS, escapes);
         let findings = self.findings(&a, &body, &url_map, req);
         Ok(Scan {
             findings,
@@ -450,7 +453,9 @@ impl Scanner {
     pub fn redact(&self, req: &RequestView<'_>) -> Result<Redacted, DlpError> {
         let body = decode::decompress(req.body, req.content_encoding, &self.limits)?;
         let (url, url_map) = decode::percent_decode(req.path_and_query);
-        let a = self.analyse(req, &body, &url);
+        let mut escapes = scratch::take(&scratch::OFFSETS);
+        let a = self.analyse(req, &body, &url, &mut escapes);
+        scratch::give(&scratch::OFFSETS, escapes);
         let findings = self.findings(&a, &body, &url_map, req);
 
         // Ranges to replace, per source, in that source's coordinates.
@@ -540,11 +545,17 @@ impl Scanner {
     }
 
     /// Collects the texts and runs every rule over them.
-    fn analyse<'b>(&self, req: &RequestView<'b>, body: &'b [u8], url: &'b [u8]) -> Analysis<'b> {
+    fn analyse<'b>(
+        &self,
+        req: &RequestView<'b>,
+        body: &'b [u8],
+        url: &'b [u8],
+        escapes: &mut Vec<usize>,
+    ) -> Analysis<'b> {
         let mut sources: Vec<Source<'b>> = Vec::new();
         let mut body_kind = BodyKind::Empty;
         if !body.is_empty() {
-            match decode::json_strings(body) {
+            match decode::json_strings(body, escapes) {
                 Some(strs) => {
                     body_kind = BodyKind::Json;
                     sources.extend(strs.into_iter().map(|s| Source {
@@ -556,6 +567,7 @@ impl Scanner {
                         joinable: !s.is_key && !s.structural,
                         raw: &body[s.raw.start + 1..s.raw.end - 1],
                         escaped: s.escaped,
+                        json: Some((s.raw.start + 1, s.escapes)),
                         decoded: OnceCell::new(),
                     }));
                 }
@@ -569,12 +581,15 @@ impl Scanner {
             sources.push(Source::plain(Origin::Url, false, url));
         }
         for (i, (name, value)) in req.headers.iter().enumerate() {
-            if CREDENTIAL_HEADERS.iter().any(|c| name.eq_ignore_ascii_case(c)) {
+            if CREDENTIAL_HEADERS
+                .iter()
+                .any(|c| name.eq_ignore_ascii_case(c))
+            {
                 continue;
             }
             sources.push(Source::plain(Origin::Header(i), false, value));
         }
-        let joined = Buffer::joined(&sources);
+        let joined = Buffer::joined(&sources, body, escapes);
         let others = Buffer::separate(&sources);
         let mut hits = Vec::new();
         self.scan_buffer(&joined, &sources, &mut hits);
@@ -898,6 +913,9 @@ struct Source<'a> {
     raw: &'a [u8],
     /// A JSON string with escapes: `raw` must be decoded to get the value.
     escaped: bool,
+    /// For a JSON string: where `raw` starts in the body, and its range of
+    /// the backslash list (see `decode::json_strings`).
+    json: Option<(usize, std::ops::Range<usize>)>,
     /// The decoded value, made on first use (only where a rule may match).
     decoded: OnceCell<Vec<u8>>,
 }
@@ -909,6 +927,7 @@ impl<'a> Source<'a> {
             joinable,
             raw,
             escaped: false,
+            json: None,
             decoded: OnceCell::new(),
         }
     }
@@ -921,6 +940,10 @@ impl<'a> Source<'a> {
         self.decoded
             .get_or_init(|| decode::string_value(self.raw, true).into_owned())
     }
+}
+
+thread_local! {
+    static PIECES: std::cell::RefCell<Vec<Vec<Piece>>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// A part of a buffer copied from one source.
@@ -966,16 +989,34 @@ struct Buffer {
     spanning: bool,
 }
 
+impl Drop for Buffer {
+    fn drop(&mut self) {
+        scratch::give(&scratch::BYTES, std::mem::take(&mut self.data));
+        scratch::give(&PIECES, std::mem::take(&mut self.pieces));
+        scratch::give(&scratch::OFFSETS, std::mem::take(&mut self.bounds));
+    }
+}
+
 impl Buffer {
+    /// An empty buffer on reused allocations.
+    fn new(spanning: bool) -> Buffer {
+        Buffer {
+            data: scratch::take(&scratch::BYTES),
+            pieces: scratch::take(&PIECES),
+            bounds: scratch::take(&scratch::OFFSETS),
+            spanning,
+        }
+    }
+
     /// The joined view: joinable sources, decoded, line breaks removed.
-    fn joined(sources: &[Source<'_>]) -> Buffer {
-        let total: usize = sources.iter().filter(|s| s.joinable).map(|s| s.raw.len()).sum();
-        let mut b = Buffer {
-            data: Vec::with_capacity(total),
-            pieces: Vec::new(),
-            bounds: Vec::new(),
-            spanning: true,
-        };
+    fn joined(sources: &[Source<'_>], body: &[u8], escapes: &[usize]) -> Buffer {
+        let total: usize = sources
+            .iter()
+            .filter(|s| s.joinable)
+            .map(|s| s.raw.len())
+            .sum();
+        let mut b = Buffer::new(true);
+        b.data.reserve(total);
         for (i, s) in sources.iter().enumerate().filter(|(_, s)| s.joinable) {
             // (buffer offset, source offset) where the open piece started.
             let mut open: Option<(usize, usize)> = None;
@@ -990,7 +1031,7 @@ impl Buffer {
                     });
                 }
             };
-            decode::segments(s.raw, s.escaped, |seg| match seg {
+            let mut sink = |seg: Segment<'_>| match seg {
                 Segment::Bytes(bytes) => {
                     if open.is_none() {
                         if !b.data.is_empty() {
@@ -1005,7 +1046,18 @@ impl Buffer {
                     close(&mut b, &mut open);
                     src_off += 1;
                 }
-            });
+            };
+            match &s.json {
+                // Valid JSON strings hold no raw line breaks: copy in one go.
+                Some(_) if !s.escaped => sink(Segment::Bytes(s.raw)),
+                Some((start, esc)) => decode::segments_at(
+                    body,
+                    *start..*start + s.raw.len(),
+                    &escapes[esc.clone()],
+                    &mut sink,
+                ),
+                None => decode::segments(s.raw, false, &mut sink),
+            }
             close(&mut b, &mut open);
         }
         b
@@ -1013,12 +1065,7 @@ impl Buffer {
 
     /// Everything else, one piece per source, newline-separated.
     fn separate(sources: &[Source<'_>]) -> Buffer {
-        let mut b = Buffer {
-            data: Vec::new(),
-            pieces: Vec::new(),
-            bounds: Vec::new(),
-            spanning: false,
-        };
+        let mut b = Buffer::new(false);
         for (i, s) in sources.iter().enumerate().filter(|(_, s)| !s.joinable) {
             let text = s.text();
             if text.is_empty() {

@@ -133,24 +133,33 @@ impl Terms {
                 .collect();
             // Pieces are lower case; searching a lower-cased copy lets the
             // prefilter use its fast (SIMD) case-sensitive path.
-            let lower = buf.to_ascii_lowercase();
+            let mut lower = super::scratch::take(&super::scratch::BYTES);
+            lower.extend_from_slice(buf);
+            lower.make_ascii_lowercase();
             pieces.for_each(&lower, |piece, q| {
                 let term = &self.terms[piece.term];
                 if term.needed == 2 {
                     // Some earlier piece of the term must sit right before this one.
-                    let paired =
-                        term.pieces
-                            .iter()
-                            .zip(&seen[piece.term])
-                            .any(|(&(off, len), at)| {
-                                let Some(at) = *at else { return false };
-                                off + len <= piece.offset && at + len <= q && {
-                                    let gap = piece.offset - (off + len) + self.k;
-                                    // Few bytes apart: close enough without counting.
-                                    q - (at + len) <= gap
-                                        || units_between(buf, bounds, at + len, q, gap) <= gap
-                                }
-                            });
+                    let mut paired = false;
+                    for j in 0..term.pieces.len() {
+                        let (off, len) = term.pieces[j];
+                        let Some(at) = seen[piece.term][j] else {
+                            continue;
+                        };
+                        if off + len > piece.offset || at + len > q {
+                            continue;
+                        }
+                        let gap = piece.offset - (off + len) + self.k;
+                        // Few bytes apart: close enough without counting.
+                        if q - (at + len) <= gap
+                            || units_between(buf, bounds, at + len, q, gap) <= gap
+                        {
+                            paired = true;
+                            break;
+                        }
+                        // Later hits are further away still: forget this one.
+                        seen[piece.term][j] = None;
+                    }
                     seen[piece.term][piece.idx] = Some(q);
                     if !paired {
                         return;
@@ -174,6 +183,7 @@ impl Terms {
                     });
                 }
             });
+            super::scratch::give(&super::scratch::BYTES, lower);
         }
         if self.full_scan.is_empty() {
             return;
