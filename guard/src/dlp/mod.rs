@@ -1,1 +1,1199 @@
-//! dlp.
+//! The `dlp-filter` policy: finds secrets and blocked terms in what a request
+//! carries. Pure: no I/O, no async; the gateway hands in a [`RequestView`]
+//! and acts on the findings (`block`, `redact`, `audit`).
+//!
+//! # What is scanned
+//! - The body, decoded first: `Content-Encoding` (gzip, deflate, br, zstd;
+//!   comma-separated lists too) is undone under a size cap and a ratio cap
+//!   ([`DecodeLimits`]). A JSON body is walked and every string (values and
+//!   object keys) is unescaped, so `\u` escapes cannot hide a key. Any other
+//!   body is scanned as bytes (UTF-8 where it is valid).
+//! - The URL (`path_and_query`), percent-decoded.
+//! - Every header except the credential headers the gateway replaces anyway
+//!   (`authorization`, `proxy-authorization`, `x-api-key`, `api-key`).
+//!
+//! # The joined view
+//! A key split over several lines, or over several messages of a
+//! `messages` array, is found in a second view of the body: the JSON string
+//! values in document order, concatenated, with line breaks (`\r`, `\n`)
+//! removed. Values of structural keys (`role`, `type`, `model`, `id`,
+//! `name`, `object`, `media_type`, `tool_call_id`, `tool_use_id`) and object
+//! keys are left out of it, so `"role": "user"` does not sit between two
+//! halves of a key. A text body is joined the same way (line breaks
+//! removed). Only line breaks are removed, never spaces: gluing the words of
+//! ordinary prose together would make patterns such as `sk-[A-Za-z0-9]{20,}`
+//! fire on text like "risk-free approach". A match found inside one value is
+//! reported at that value; a match that needed the joining is reported with
+//! the JSON paths of the first and last value it spans. A match that runs to
+//! the end of a line is extended across the line break when the rule keeps
+//! matching there (for open-ended patterns such as `sk-[A-Za-z0-9]{20,}` a
+//! word at the start of the next line may be included: for redaction, the
+//! safer side). Fingerprints are taken with line breaks removed, so a split
+//! key correlates with the same key in one piece.
+//!
+//! # Speed
+//! Every rule's required literal prefixes (`sk-`, `AKIA`, `ghp_`,
+//! `-----BEGIN`, …) are extracted from its regex and searched for together
+//! with aho-corasick, so text with no candidate costs one fast pass. A
+//! rule's regex then runs only at a candidate, anchored there. A user pattern
+//! with no literal prefix of at least 3 bytes cannot be prefiltered: those
+//! patterns go through one `RegexSet` pass over the whole text and, where the
+//! set matches, a full search (`coverage_warnings` points them out). Blocked
+//! terms have their own prefilter, see the `terms` module.
+//!
+//! # Findings
+//! A [`Finding`] names the rule, the place and a fingerprint of the matched
+//! text, never the text itself.
+
+#![forbid(unsafe_code)]
+
+mod decode;
+mod literals;
+mod rules;
+mod scratch;
+mod terms;
+#[cfg(test)]
+mod tests;
+
+use std::cell::OnceCell;
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use regex_automata::{Anchored, Input, meta};
+use regex_syntax::hir::literal::{ExtractKind, Extractor};
+use sha2::{Digest, Sha256};
+
+use crate::config::{DlpAction, DlpFilter};
+use decode::Segment;
+use literals::LiteralSet;
+
+pub use rules::{BuiltinRule, builtin_rules};
+
+/// Errors of the DLP scanner.
+#[derive(Debug, thiserror::Error)]
+pub enum DlpError {
+    /// A `detect_patterns` entry does not compile.
+    #[error("dlp pattern {id} does not compile: {reason}")]
+    Pattern {
+        /// The rule id (`detect-pattern-N`, N counting from 0).
+        id: String,
+        /// What the regex compiler said.
+        reason: String,
+    },
+    /// A `blocked_terms` entry has no letters or digits.
+    #[error("dlp blocked term {index} has no letters or digits")]
+    EmptyTerm {
+        /// Position in `blocked_terms`, from 0.
+        index: usize,
+    },
+    /// The body's `Content-Encoding` is not one the scanner can undo.
+    #[error("request body content-encoding {0:?} is not supported")]
+    UnsupportedEncoding(String),
+    /// The body does not decode under its `Content-Encoding`.
+    #[error("request body is not valid {encoding} data")]
+    Corrupt {
+        /// The content-coding that failed.
+        encoding: &'static str,
+    },
+    /// The decompressed body passed [`DecodeLimits::max_decoded_bytes`].
+    #[error("request body decompresses to more than {limit} bytes")]
+    TooLarge {
+        /// The cap, in bytes.
+        limit: usize,
+    },
+    /// The decompressed body passed [`DecodeLimits::max_ratio`] times its
+    /// compressed size (a decompression bomb).
+    #[error("request body expands more than {ratio} times when decompressed")]
+    RatioExceeded {
+        /// The cap.
+        ratio: u32,
+    },
+}
+
+impl DlpError {
+    /// The HTTP status the gateway should answer with: 413 for the caps,
+    /// 415 for an unknown encoding, 400 for a corrupt body, 500 for
+    /// configuration errors.
+    pub fn http_status(&self) -> u16 {
+        match self {
+            DlpError::TooLarge { .. } | DlpError::RatioExceeded { .. } => 413,
+            DlpError::UnsupportedEncoding(_) => 415,
+            DlpError::Corrupt { .. } => 400,
+            DlpError::Pattern { .. } | DlpError::EmptyTerm { .. } => 500,
+        }
+    }
+}
+
+/// Caps on decompressing a request body.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DecodeLimits {
+    /// Largest decompressed body, in bytes (default 32 MiB).
+    pub max_decoded_bytes: usize,
+    /// Largest decompressed/compressed size ratio (default 100).
+    pub max_ratio: u32,
+    /// The ratio is only enforced once the output passes this many bytes
+    /// (default 1 MiB), so small, very repetitive bodies still pass.
+    pub ratio_floor: usize,
+}
+
+impl Default for DecodeLimits {
+    fn default() -> Self {
+        DecodeLimits {
+            max_decoded_bytes: 32 * 1024 * 1024,
+            max_ratio: 100,
+            ratio_floor: 1024 * 1024,
+        }
+    }
+}
+
+/// Turns matched text into a short, non-reversible fingerprint, so two
+/// findings of the same secret can be correlated without storing it. The
+/// gateway may install a keyed one with [`Scanner::with_fingerprinter`].
+pub trait Fingerprinter: Send + Sync {
+    /// The fingerprint of `matched`.
+    fn fingerprint(&self, matched: &[u8]) -> String;
+}
+
+/// The default [`Fingerprinter`]: [`fingerprint`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Sha256Fingerprinter;
+
+impl Fingerprinter for Sha256Fingerprinter {
+    fn fingerprint(&self, matched: &[u8]) -> String {
+        fingerprint(matched)
+    }
+}
+
+/// Domain separation, so these hashes cannot be confused with any other
+/// SHA-256 of the same bytes.
+const FINGERPRINT_DOMAIN: &[u8] = b"kt-dlp-fingerprint-v1\0";
+
+/// The first 12 hex digits of SHA-256 over a fixed prefix and `matched`.
+pub fn fingerprint(matched: &[u8]) -> String {
+    let mut h = Sha256::new();
+    h.update(FINGERPRINT_DOMAIN);
+    h.update(matched);
+    let digest = h.finalize();
+    digest[..6].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Header names never scanned: the gateway replaces them with the managed key.
+const CREDENTIAL_HEADERS: &[&str] = &[
+    "authorization",
+    "proxy-authorization",
+    "x-api-key",
+    "api-key",
+];
+
+/// What the scanner sees of a request.
+#[derive(Clone, Copy, Debug)]
+pub struct RequestView<'a> {
+    /// The request target, e.g. `/v1/chat/completions?x=1`.
+    pub path_and_query: &'a str,
+    /// Header names and raw values.
+    pub headers: &'a [(&'a str, &'a [u8])],
+    /// The `Content-Encoding` header value, if any.
+    pub content_encoding: Option<&'a str>,
+    /// The body as received (still encoded).
+    pub body: &'a [u8],
+}
+
+/// Where a finding is.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Location {
+    /// In the body. For a JSON body, `json_path` names the string
+    /// (`$.messages[1].content`; `.{key}` for an object key, whose text is
+    /// never shown) and `start..end` are byte offsets in its unescaped
+    /// value; a match that spans values (see the joined view in the module
+    /// docs) has `json_path` `"<first> + <last>"`, `start` in the first and
+    /// `end` in the last. For any other body, `json_path` is `None` and the
+    /// offsets are in the decoded (decompressed) body.
+    Body {
+        /// JSON path of the string, for JSON bodies.
+        json_path: Option<String>,
+        /// Start byte offset (see above).
+        start: usize,
+        /// End byte offset, exclusive.
+        end: usize,
+    },
+    /// In a header value.
+    Header {
+        /// The header name as received.
+        name: String,
+    },
+    /// In the URL: byte offsets in `path_and_query` as received (the match
+    /// itself is found after percent-decoding).
+    Url {
+        /// Start byte offset.
+        start: usize,
+        /// End byte offset, exclusive.
+        end: usize,
+    },
+}
+
+/// One match. Never holds the matched text.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Finding {
+    /// The rule: a built-in rule id (`openai-project-key`),
+    /// `detect-pattern-N` for `detect_patterns[N]`, or
+    /// `blocked-term:<normalised term>`.
+    pub rule_id: String,
+    /// Where it matched.
+    pub location: Location,
+    /// Fingerprint of the matched text (see [`Fingerprinter`]).
+    pub fingerprint: String,
+}
+
+/// What the body turned out to be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BodyKind {
+    /// No body.
+    Empty,
+    /// One JSON document; its strings were scanned unescaped.
+    Json,
+    /// Anything else, scanned as text.
+    Text,
+}
+
+/// The result of [`Scanner::scan`].
+#[derive(Clone, Debug)]
+pub struct Scan {
+    /// Every finding, in the order body, URL, headers (deduplicated by rule
+    /// and location).
+    pub findings: Vec<Finding>,
+    /// What the body was.
+    pub body_kind: BodyKind,
+    /// Size of the body after undoing `Content-Encoding`.
+    pub decoded_len: usize,
+}
+
+/// The result of [`Scanner::redact`]: what to forward instead.
+#[derive(Clone, Debug)]
+pub struct Redacted {
+    /// The findings that were redacted.
+    pub findings: Vec<Finding>,
+    /// The new body, when anything in it changed; `None`: forward the body
+    /// as received. The new body is never compressed: when the request had a
+    /// `Content-Encoding`, the caller must drop that header and set
+    /// `Content-Length` to this body's length. JSON bodies stay valid JSON:
+    /// each match is replaced inside its string value, which is re-escaped.
+    pub body: Option<Vec<u8>>,
+    /// The new `path_and_query`, when anything in it changed (markers are
+    /// percent-encoded there).
+    pub path_and_query: Option<String>,
+    /// New values for headers that held a match: index into
+    /// [`RequestView::headers`] and the value to send.
+    pub headers: Vec<(usize, Vec<u8>)>,
+}
+
+/// A compiled rule.
+struct Rule {
+    id: String,
+    regex: meta::Regex,
+    /// No look-around and nothing that matches `\r` or `\n` (see `line_bound`).
+    line_bound: bool,
+}
+
+/// Which rule a hit belongs to.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum RuleRef {
+    Pattern(usize),
+    Term(usize),
+}
+
+/// A compiled `dlp-filter` policy. Build once per config, share freely
+/// (`Send + Sync`), call [`Scanner::scan`] per request.
+pub struct Scanner {
+    rules: Vec<Rule>,
+    prefilter: Option<LiteralSet<usize>>,
+    fallback: Vec<usize>,
+    fallback_set: Option<regex::bytes::RegexSet>,
+    terms: terms::Terms,
+    action: DlpAction,
+    limits: DecodeLimits,
+    fingerprinter: Arc<dyn Fingerprinter>,
+}
+
+impl std::fmt::Debug for Scanner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scanner")
+            .field(
+                "rules",
+                &self.rules.iter().map(|r| &r.id).collect::<Vec<_>>(),
+            )
+            .field("fallback", &self.fallback.len())
+            .field("action", &self.action)
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Shortest line or value a joined match may cover whole (see `Buffer::interior_ok`).
+const MIN_INTERIOR: usize = 16;
+
+/// Shortest literal prefix worth prefiltering on.
+const MIN_LITERAL: usize = 3;
+
+/// The literal prefixes every match of `pattern` starts with, when there
+/// is a small set of them, each at least `MIN_LITERAL` bytes long.
+fn prefix_literals(pattern: &str) -> Option<Vec<Vec<u8>>> {
+    let hir = regex_syntax::Parser::new().parse(pattern).ok()?;
+    let mut seq = Extractor::new().kind(ExtractKind::Prefix).extract(&hir);
+    seq.optimize_for_prefix_by_preference();
+    let lits = seq.literals()?;
+    if lits.is_empty() || lits.iter().any(|l| l.as_bytes().len() < MIN_LITERAL) {
+        return None;
+    }
+    Some(lits.iter().map(|l| l.as_bytes().to_vec()).collect())
+}
+
+impl Scanner {
+    /// Compiles a policy: `detect_patterns` (rule ids `detect-pattern-N`),
+    /// the built-in pack when `builtin_rules` is on, and `blocked_terms`.
+    pub fn new(cfg: &DlpFilter) -> Result<Scanner, DlpError> {
+        let mut sources: Vec<(String, &str)> = cfg
+            .detect_patterns
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (format!("detect-pattern-{i}"), p.as_str()))
+            .collect();
+        if cfg.builtin_rules {
+            sources.extend(builtin_rules().iter().map(|r| (r.id.to_string(), r.regex)));
+        }
+        let mut rules = Vec::new();
+        let mut lits = Vec::new();
+        let mut fallback = Vec::new();
+        for (idx, (id, pattern)) in sources.into_iter().enumerate() {
+            let regex = meta::Regex::new(pattern).map_err(|e| DlpError::Pattern {
+                id: id.clone(),
+                reason: e.to_string(),
+            })?;
+            match prefix_literals(pattern) {
+                Some(ls) => lits.extend(ls.into_iter().map(|l| (l, idx))),
+                None => fallback.push(idx),
+            }
+            let line_bound = regex_syntax::Parser::new()
+                .parse(pattern)
+                .is_ok_and(|h| line_bound(&h));
+            rules.push((
+                Rule {
+                    id,
+                    regex,
+                    line_bound,
+                },
+                pattern,
+            ));
+        }
+        let fallback_set = if fallback.is_empty() {
+            None
+        } else {
+            let pats = fallback.iter().map(|&i| rules[i].1);
+            Some(
+                regex::bytes::RegexSet::new(pats).map_err(|e| DlpError::Pattern {
+                    id: "detect-patterns".into(),
+                    reason: e.to_string(),
+                })?,
+            )
+        };
+        Ok(Scanner {
+            rules: rules.into_iter().map(|(r, _)| r).collect(),
+            prefilter: LiteralSet::new(lits, false),
+            fallback,
+            fallback_set,
+            terms: terms::Terms::new(&cfg.blocked_terms, cfg.fuzzy_matching, cfg.max_distance)?,
+            action: cfg.action,
+            limits: DecodeLimits::default(),
+            fingerprinter: Arc::new(Sha256Fingerprinter),
+        })
+    }
+
+    /// Replaces the fingerprint function (e.g. with a keyed one).
+    pub fn with_fingerprinter(mut self, f: Arc<dyn Fingerprinter>) -> Scanner {
+        self.fingerprinter = f;
+        self
+    }
+
+    /// Replaces the decompression caps.
+    pub fn with_limits(mut self, limits: DecodeLimits) -> Scanner {
+        self.limits = limits;
+        self
+    }
+
+    /// The policy's `action`.
+    pub fn action(&self) -> DlpAction {
+        self.action
+    }
+
+    /// The ids of all compiled rules (patterns, then built-ins), then terms.
+    pub fn rule_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.rules.iter().map(|r| r.id.clone()).collect();
+        ids.extend((0..self.terms.len()).map(|i| self.terms.id(i).to_string()));
+        ids
+    }
+
+    /// Scans a request. Errors only when the body cannot be decoded within
+    /// the caps (see [`DlpError::http_status`]).
+    pub fn scan(&self, req: &RequestView<'_>) -> Result<Scan, DlpError> {
+        let body = decode::decompress(req.body, req.content_encoding, &self.limits)?;
+        let (url, url_map) = decode::percent_decode(req.path_and_query);
+        let mut escapes = scratch::take(&scratch::OFFSETS);
+        let a = self.analyse(req, &body, &url, &mut escapes);
+        scratch::give(&scratch::OFFSETS, escapes);
+        let findings = self.findings(&a, &body, &url_map, req);
+        Ok(Scan {
+            findings,
+            body_kind: a.body_kind,
+            decoded_len: body.len(),
+        })
+    }
+
+    /// Scans a request and returns it with every match replaced by
+    /// `[REDACTED:<rule_id>]` (for `action: redact`); see [`Redacted`] for
+    /// what changes and what the caller must do about `Content-Encoding`.
+    pub fn redact(&self, req: &RequestView<'_>) -> Result<Redacted, DlpError> {
+        let body = decode::decompress(req.body, req.content_encoding, &self.limits)?;
+        let (url, url_map) = decode::percent_decode(req.path_and_query);
+        let mut escapes = scratch::take(&scratch::OFFSETS);
+        let a = self.analyse(req, &body, &url, &mut escapes);
+        scratch::give(&scratch::OFFSETS, escapes);
+        let findings = self.findings(&a, &body, &url_map, req);
+
+        // Ranges to replace, per source, in that source's coordinates.
+        let mut edits: Vec<Vec<(usize, usize, &str)>> = vec![Vec::new(); a.sources.len()];
+        for hit in &a.hits {
+            let id = self.id(hit.rule);
+            for s in &hit.spans {
+                edits[s.src].push((s.start, s.end, id));
+            }
+        }
+        let mut out = Redacted {
+            findings,
+            body: None,
+            path_and_query: None,
+            headers: Vec::new(),
+        };
+        let mut json_splices: Vec<(std::ops::Range<usize>, Vec<u8>)> = Vec::new();
+        for (i, src) in a.sources.iter().enumerate() {
+            if edits[i].is_empty() {
+                continue;
+            }
+            let ranges = merge(std::mem::take(&mut edits[i]));
+            match src.origin {
+                Origin::Json {
+                    raw_start, raw_end, ..
+                } => {
+                    let text = apply(src.text(), &ranges, |id| format!("[REDACTED:{id}]"));
+                    let quoted = serde_json::to_string(&String::from_utf8_lossy(&text))
+                        .unwrap_or_else(|_| "\"\"".to_string());
+                    json_splices.push((raw_start..raw_end, quoted.into_bytes()));
+                }
+                Origin::Text => {
+                    out.body = Some(apply(src.text(), &ranges, |id| format!("[REDACTED:{id}]")));
+                }
+                Origin::Url => {
+                    let raw: Vec<(usize, usize, &str)> = ranges
+                        .iter()
+                        .map(|&(s, e, id)| (url_map[s], url_map[e], id))
+                        .collect();
+                    let new = apply(req.path_and_query.as_bytes(), &raw, |id| {
+                        percent_encode(&format!("[REDACTED:{id}]"))
+                    });
+                    out.path_and_query = Some(String::from_utf8_lossy(&new).into_owned());
+                }
+                Origin::Header(h) => {
+                    out.headers.push((
+                        h,
+                        apply(src.text(), &ranges, |id| format!("[REDACTED:{id}]")),
+                    ));
+                }
+            }
+        }
+        if !json_splices.is_empty() {
+            json_splices.sort_by_key(|(r, _)| r.start);
+            let mut new = Vec::with_capacity(body.len());
+            let mut at = 0;
+            for (r, bytes) in json_splices {
+                new.extend_from_slice(&body[at..r.start]);
+                new.extend_from_slice(&bytes);
+                at = r.end;
+            }
+            new.extend_from_slice(&body[at..]);
+            out.body = Some(new);
+        }
+        Ok(out)
+    }
+
+    /// Fingerprints matched bytes with line breaks removed, so a key split
+    /// over lines correlates with the same key in one piece.
+    fn fingerprint(&self, matched: &[u8]) -> String {
+        if memchr::memchr2(b'\n', b'\r', matched).is_none() {
+            return self.fingerprinter.fingerprint(matched);
+        }
+        let joined: Vec<u8> = matched
+            .iter()
+            .copied()
+            .filter(|c| *c != b'\n' && *c != b'\r')
+            .collect();
+        self.fingerprinter.fingerprint(&joined)
+    }
+
+    fn id(&self, r: RuleRef) -> &str {
+        match r {
+            RuleRef::Pattern(i) => &self.rules[i].id,
+            RuleRef::Term(i) => self.terms.id(i),
+        }
+    }
+
+    /// Collects the texts and runs every rule over them.
+    fn analyse<'b>(
+        &self,
+        req: &RequestView<'b>,
+        body: &'b [u8],
+        url: &'b [u8],
+        escapes: &mut Vec<usize>,
+    ) -> Analysis<'b> {
+        let mut sources: Vec<Source<'b>> = Vec::new();
+        let mut body_kind = BodyKind::Empty;
+        if !body.is_empty() {
+            match decode::json_strings(body, escapes) {
+                Some(strs) => {
+                    body_kind = BodyKind::Json;
+                    sources.extend(strs.into_iter().map(|s| Source {
+                        origin: Origin::Json {
+                            raw_start: s.raw.start,
+                            raw_end: s.raw.end,
+                            is_key: s.is_key,
+                        },
+                        joinable: !s.is_key && !s.structural,
+                        raw: &body[s.raw.start + 1..s.raw.end - 1],
+                        escaped: s.escaped,
+                        json: Some((s.raw.start + 1, s.escapes)),
+                        decoded: OnceCell::new(),
+                    }));
+                }
+                None => {
+                    body_kind = BodyKind::Text;
+                    sources.push(Source::plain(Origin::Text, true, body));
+                }
+            }
+        }
+        if !url.is_empty() {
+            sources.push(Source::plain(Origin::Url, false, url));
+        }
+        for (i, (name, value)) in req.headers.iter().enumerate() {
+            if CREDENTIAL_HEADERS
+                .iter()
+                .any(|c| name.eq_ignore_ascii_case(c))
+            {
+                continue;
+            }
+            sources.push(Source::plain(Origin::Header(i), false, value));
+        }
+        let joined = Buffer::joined(&sources, body, escapes);
+        let others = Buffer::separate(&sources);
+        let mut hits = Vec::new();
+        self.scan_buffer(&joined, &sources, &mut hits);
+        self.scan_buffer(&others, &sources, &mut hits);
+        // Document order: body strings, then the URL, then headers.
+        hits.sort_by_key(|h| h.spans.first().map(|s| (s.src, s.start)));
+        Analysis {
+            sources,
+            hits,
+            body_kind,
+        }
+    }
+
+    /// Runs every rule and term over one buffer.
+    fn scan_buffer(&self, buf: &Buffer, sources: &[Source<'_>], hits: &mut Vec<Hit>) {
+        let data = &buf.data[..];
+        if data.is_empty() {
+            return;
+        }
+        if let Some(pre) = &self.prefilter {
+            // Per rule: where its last match ended, so a hit inside it is not re-reported.
+            let mut last_end = vec![0usize; self.rules.len()];
+            pre.for_each(data, |&r, p| {
+                if p < last_end[r] {
+                    return;
+                }
+                let Some(pc) = buf.piece_at(p) else {
+                    return;
+                };
+                let rule = &self.rules[r];
+                let src = &sources[pc.src];
+                let off = pc.src_off + (p - pc.at);
+                let piece_end = pc.at + pc.len;
+                let joined_hit = |m: &regex_automata::Match| Hit {
+                    rule: RuleRef::Pattern(r),
+                    spans: buf.spans(m.start(), m.end()),
+                    fingerprint: self.fingerprint(&data[m.range()]),
+                };
+                let value_hit = |m: &regex_automata::Match| Hit {
+                    rule: RuleRef::Pattern(r),
+                    spans: vec![Span {
+                        src: pc.src,
+                        start: m.start(),
+                        end: m.end(),
+                    }],
+                    fingerprint: self.fingerprint(&src.text()[m.range()]),
+                };
+                if buf.spanning && rule.line_bound {
+                    // One search on the no-match path: with no look-around and
+                    // no line breaks in the rule, no joined match means no
+                    // match in the value either.
+                    let Some(m) = anchored(&rule.regex, data, p) else {
+                        return;
+                    };
+                    if m.end() <= piece_end {
+                        last_end[r] = m.end();
+                        hits.push(Hit {
+                            rule: RuleRef::Pattern(r),
+                            spans: buf.spans(m.start(), m.end()),
+                            fingerprint: self.fingerprint(&data[m.range()]),
+                        });
+                        return;
+                    }
+                    let vm = anchored(&rule.regex, src.text(), off);
+                    match vm {
+                        Some(v) if v.end() < pc.src_off + pc.len || !buf.interior_ok(&m) => {
+                            last_end[r] = p + v.len();
+                            hits.push(value_hit(&v));
+                        }
+                        None if !buf.interior_ok(&m) => {}
+                        _ => {
+                            last_end[r] = m.end();
+                            hits.push(joined_hit(&m));
+                        }
+                    }
+                    return;
+                }
+                // The value itself first: reported at the value, with its own context.
+                let value_match = anchored(&rule.regex, src.text(), off);
+                // A match that runs to the end of its line or value may go on
+                // in the next one: then the joined view decides.
+                let try_joined = buf.spanning
+                    && value_match
+                        .as_ref()
+                        .is_none_or(|m| m.end() == pc.src_off + pc.len);
+                if try_joined
+                    && let Some(m) = anchored(&rule.regex, data, p)
+                    && (value_match.is_none() || m.end() > piece_end)
+                    && buf.interior_ok(&m)
+                {
+                    last_end[r] = m.end();
+                    hits.push(joined_hit(&m));
+                    return;
+                }
+                if let Some(m) = value_match {
+                    last_end[r] = p + (m.end() - m.start()).min(piece_end - p);
+                    hits.push(value_hit(&m));
+                }
+            });
+        }
+        if let Some(set) = &self.fallback_set {
+            for set_idx in set.matches(data).iter() {
+                let r = self.fallback[set_idx];
+                for m in self.rules[r].regex.find_iter(data) {
+                    let spans = buf.spans(m.start(), m.end());
+                    if spans.len() > 1 && !(buf.spanning && buf.interior_ok(&m)) || spans.is_empty()
+                    {
+                        continue;
+                    }
+                    hits.push(Hit {
+                        rule: RuleRef::Pattern(r),
+                        spans,
+                        fingerprint: self.fingerprint(&data[m.range()]),
+                    });
+                }
+            }
+        }
+        if !self.terms.is_empty() {
+            let mut th = Vec::new();
+            self.terms.scan(data, &buf.bounds, &mut th);
+            for t in th {
+                let spans = buf.spans(t.start, t.end);
+                if spans.len() > 1 && !buf.spanning || spans.is_empty() {
+                    continue;
+                }
+                hits.push(Hit {
+                    rule: RuleRef::Term(t.term),
+                    spans,
+                    fingerprint: self.fingerprint(&data[t.start..t.end]),
+                });
+            }
+        }
+    }
+
+    /// Turns hits into public findings (paths resolved, deduplicated).
+    fn findings(
+        &self,
+        a: &Analysis<'_>,
+        body: &[u8],
+        url_map: &[usize],
+        req: &RequestView<'_>,
+    ) -> Vec<Finding> {
+        let json_starts = |hit: &Hit| -> Vec<usize> {
+            hit.spans
+                .iter()
+                .filter_map(|s| match a.sources[s.src].origin {
+                    Origin::Json { raw_start, .. } => Some(raw_start),
+                    _ => None,
+                })
+                .collect()
+        };
+        // Object keys holding a match are never spelled out in a path.
+        let masked: Vec<usize> = a
+            .hits
+            .iter()
+            .flat_map(|h| h.spans.iter())
+            .filter_map(|s| match a.sources[s.src].origin {
+                Origin::Json {
+                    raw_start,
+                    is_key: true,
+                    ..
+                } => Some(raw_start),
+                _ => None,
+            })
+            .collect();
+        let mut wanted: Vec<usize> = a.hits.iter().flat_map(json_starts).collect();
+        wanted.sort_unstable();
+        wanted.dedup();
+        let paths = if wanted.is_empty() {
+            Default::default()
+        } else {
+            decode::json_paths(body, &wanted, &masked)
+        };
+        let path = |start: usize| {
+            paths
+                .get(&start)
+                .cloned()
+                .unwrap_or_else(|| "$".to_string())
+        };
+
+        let mut seen = HashSet::new();
+        let mut out = Vec::new();
+        for hit in &a.hits {
+            let (Some(first), Some(last)) = (hit.spans.first(), hit.spans.last()) else {
+                continue;
+            };
+            let location = match a.sources[first.src].origin {
+                Origin::Json { raw_start, .. } => {
+                    let mut p = path(raw_start);
+                    if let Origin::Json {
+                        raw_start: end_start,
+                        ..
+                    } = a.sources[last.src].origin
+                        && end_start != raw_start
+                    {
+                        p.push_str(" + ");
+                        p.push_str(&path(end_start));
+                    }
+                    Location::Body {
+                        json_path: Some(p),
+                        start: first.start,
+                        end: last.end,
+                    }
+                }
+                Origin::Text => Location::Body {
+                    json_path: None,
+                    start: first.start,
+                    end: last.end,
+                },
+                Origin::Url => Location::Url {
+                    start: url_map[first.start],
+                    end: url_map[last.end],
+                },
+                Origin::Header(h) => Location::Header {
+                    name: req.headers[h].0.to_string(),
+                },
+            };
+            let rule_id = self.id(hit.rule).to_string();
+            if seen.insert((rule_id.clone(), location.clone())) {
+                out.push(Finding {
+                    rule_id,
+                    location,
+                    fingerprint: hit.fingerprint.clone(),
+                });
+            }
+        }
+        out
+    }
+}
+
+/// Whether a regex has no look-around assertions and can match neither `\r`
+/// nor `\n`: then its matches never depend on what follows a line break.
+fn line_bound(h: &regex_syntax::hir::Hir) -> bool {
+    use regex_syntax::hir::{Class, HirKind};
+    let breaks = |lo: u32, hi: u32| (lo..=hi).contains(&10) || (lo..=hi).contains(&13);
+    match h.kind() {
+        HirKind::Empty => true,
+        HirKind::Literal(l) => !l.0.iter().any(|b| *b == b'\n' || *b == b'\r'),
+        HirKind::Class(Class::Unicode(c)) => !c
+            .ranges()
+            .iter()
+            .any(|r| breaks(r.start() as u32, r.end() as u32)),
+        HirKind::Class(Class::Bytes(c)) => !c
+            .ranges()
+            .iter()
+            .any(|r| breaks(u32::from(r.start()), u32::from(r.end()))),
+        HirKind::Look(_) => false,
+        HirKind::Repetition(r) => line_bound(&r.sub),
+        HirKind::Capture(c) => line_bound(&c.sub),
+        HirKind::Concat(v) | HirKind::Alternation(v) => v.iter().all(line_bound),
+    }
+}
+
+/// An anchored search for `re` starting exactly at `at`.
+fn anchored(re: &meta::Regex, hay: &[u8], at: usize) -> Option<regex_automata::Match> {
+    re.search(&Input::new(hay).range(at..).anchored(Anchored::Yes))
+}
+
+/// Sorts ranges and merges overlapping ones (the first rule names the merge).
+fn merge(mut ranges: Vec<(usize, usize, &str)>) -> Vec<(usize, usize, &str)> {
+    ranges.sort_by_key(|r| (r.0, std::cmp::Reverse(r.1)));
+    let mut out: Vec<(usize, usize, &str)> = Vec::new();
+    for r in ranges {
+        match out.last_mut() {
+            Some(last) if r.0 < last.1 => last.1 = last.1.max(r.1),
+            _ => out.push(r),
+        }
+    }
+    out
+}
+
+/// Copies `text` with each (sorted, disjoint) range replaced by `marker(rule_id)`.
+fn apply(text: &[u8], ranges: &[(usize, usize, &str)], marker: impl Fn(&str) -> String) -> Vec<u8> {
+    let mut out = Vec::with_capacity(text.len());
+    let mut at = 0;
+    for &(s, e, id) in ranges {
+        out.extend_from_slice(&text[at..s]);
+        out.extend_from_slice(marker(id).as_bytes());
+        at = e;
+    }
+    out.extend_from_slice(&text[at..]);
+    out
+}
+
+/// Percent-encodes everything but RFC 3986 unreserved characters.
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() * 3);
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Where a scanned text came from.
+#[derive(Clone, Copy)]
+enum Origin {
+    /// A string of a JSON body: its token's byte range in the body.
+    Json {
+        raw_start: usize,
+        raw_end: usize,
+        is_key: bool,
+    },
+    /// A non-JSON body.
+    Text,
+    /// The percent-decoded URL.
+    Url,
+    /// A header value (index into the request's headers).
+    Header(usize),
+}
+
+/// One text the rules run over.
+struct Source<'a> {
+    origin: Origin,
+    /// Part of the joined view (see the module docs).
+    joinable: bool,
+    /// The text as it sits in the request (for a JSON string: between the quotes).
+    raw: &'a [u8],
+    /// A JSON string with escapes: `raw` must be decoded to get the value.
+    escaped: bool,
+    /// For a JSON string: where `raw` starts in the body, and its range of
+    /// the backslash list (see `decode::json_strings`).
+    json: Option<(usize, std::ops::Range<usize>)>,
+    /// The decoded value, made on first use (only where a rule may match).
+    decoded: OnceCell<Vec<u8>>,
+}
+
+impl<'a> Source<'a> {
+    fn plain(origin: Origin, joinable: bool, raw: &'a [u8]) -> Source<'a> {
+        Source {
+            origin,
+            joinable,
+            raw,
+            escaped: false,
+            json: None,
+            decoded: OnceCell::new(),
+        }
+    }
+
+    /// The value the rules see (unescaped).
+    fn text(&self) -> &[u8] {
+        if !self.escaped {
+            return self.raw;
+        }
+        self.decoded
+            .get_or_init(|| decode::string_value(self.raw, true).into_owned())
+    }
+}
+
+thread_local! {
+    static PIECES: std::cell::RefCell<Vec<Vec<Piece>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A part of a buffer copied from one source.
+struct Piece {
+    /// Offset in the buffer.
+    at: usize,
+    /// Index of the source.
+    src: usize,
+    /// Offset in the source.
+    src_off: usize,
+    len: usize,
+}
+
+/// Matched bytes of one source.
+struct Span {
+    src: usize,
+    start: usize,
+    end: usize,
+}
+
+/// A rule that matched, before it becomes a [`Finding`].
+struct Hit {
+    rule: RuleRef,
+    spans: Vec<Span>,
+    fingerprint: String,
+}
+
+/// Everything found in one request.
+struct Analysis<'a> {
+    sources: Vec<Source<'a>>,
+    hits: Vec<Hit>,
+    body_kind: BodyKind,
+}
+
+/// Sources laid out in one buffer so a single prefilter pass covers them.
+struct Buffer {
+    data: Vec<u8>,
+    pieces: Vec<Piece>,
+    /// Offsets where a piece starts right after another (a join).
+    bounds: Vec<usize>,
+    /// Matches may span pieces (the joined view); otherwise pieces are
+    /// separated by a newline and a match across them is dropped.
+    spanning: bool,
+}
+
+impl Drop for Buffer {
+    fn drop(&mut self) {
+        scratch::give(&scratch::BYTES, std::mem::take(&mut self.data));
+        scratch::give(&PIECES, std::mem::take(&mut self.pieces));
+        scratch::give(&scratch::OFFSETS, std::mem::take(&mut self.bounds));
+    }
+}
+
+impl Buffer {
+    /// An empty buffer on reused allocations.
+    fn new(spanning: bool) -> Buffer {
+        Buffer {
+            data: scratch::take(&scratch::BYTES),
+            pieces: scratch::take(&PIECES),
+            bounds: scratch::take(&scratch::OFFSETS),
+            spanning,
+        }
+    }
+
+    /// The joined view: joinable sources, decoded, line breaks removed.
+    fn joined(sources: &[Source<'_>], body: &[u8], escapes: &[usize]) -> Buffer {
+        let total: usize = sources
+            .iter()
+            .filter(|s| s.joinable)
+            .map(|s| s.raw.len())
+            .sum();
+        let mut b = Buffer::new(true);
+        b.data.reserve(total);
+        for (i, s) in sources.iter().enumerate().filter(|(_, s)| s.joinable) {
+            // (buffer offset, source offset) where the open piece started.
+            let mut open: Option<(usize, usize)> = None;
+            let mut src_off = 0;
+            let close = |b: &mut Buffer, open: &mut Option<(usize, usize)>| {
+                if let Some((at, so)) = open.take() {
+                    b.pieces.push(Piece {
+                        at,
+                        src: i,
+                        src_off: so,
+                        len: b.data.len() - at,
+                    });
+                }
+            };
+            let mut sink = |seg: Segment<'_>| match seg {
+                Segment::Bytes(bytes) => {
+                    if open.is_none() {
+                        if !b.data.is_empty() {
+                            b.bounds.push(b.data.len());
+                        }
+                        open = Some((b.data.len(), src_off));
+                    }
+                    b.data.extend_from_slice(bytes);
+                    src_off += bytes.len();
+                }
+                Segment::Break(_) => {
+                    close(&mut b, &mut open);
+                    src_off += 1;
+                }
+            };
+            match &s.json {
+                // Valid JSON strings hold no raw line breaks: copy in one go.
+                Some(_) if !s.escaped => sink(Segment::Bytes(s.raw)),
+                Some((start, esc)) => decode::segments_at(
+                    body,
+                    *start..*start + s.raw.len(),
+                    &escapes[esc.clone()],
+                    &mut sink,
+                ),
+                None => decode::segments(s.raw, false, &mut sink),
+            }
+            close(&mut b, &mut open);
+        }
+        b
+    }
+
+    /// Everything else, one piece per source, newline-separated.
+    fn separate(sources: &[Source<'_>]) -> Buffer {
+        let mut b = Buffer::new(false);
+        for (i, s) in sources.iter().enumerate().filter(|(_, s)| !s.joinable) {
+            let text = s.text();
+            if text.is_empty() {
+                continue;
+            }
+            b.pieces.push(Piece {
+                at: b.data.len(),
+                src: i,
+                src_off: 0,
+                len: text.len(),
+            });
+            b.data.extend_from_slice(text);
+            b.data.push(b'\n');
+        }
+        b
+    }
+
+    /// Whether a match across pieces is plausible as one split secret: every
+    /// line it covers whole inside one value (not the first or last piece it
+    /// touches, and not a piece at the edge of a value) must be at least
+    /// `MIN_INTERIOR` bytes. Otherwise it is more likely short words on
+    /// separate lines glued together ("sk-" / "the" / "model" / …).
+    fn interior_ok(&self, m: &regex_automata::Match) -> bool {
+        let first = self
+            .pieces
+            .partition_point(|pc| pc.at + pc.len <= m.start());
+        let last = self.pieces.partition_point(|pc| pc.at < m.end());
+        (first + 1..last.saturating_sub(1)).all(|i| {
+            let pc = &self.pieces[i];
+            pc.len >= MIN_INTERIOR
+                || self.pieces[i - 1].src != pc.src
+                || self.pieces[i + 1].src != pc.src
+        })
+    }
+
+    /// The piece holding buffer offset `p`, if any.
+    fn piece_at(&self, p: usize) -> Option<&Piece> {
+        let i = self
+            .pieces
+            .partition_point(|pc| pc.at <= p)
+            .checked_sub(1)?;
+        let pc = &self.pieces[i];
+        (p < pc.at + pc.len).then_some(pc)
+    }
+
+    /// Maps buffer range `s..e` to source ranges; consecutive pieces of one
+    /// source merge into one span (covering the line breaks between them).
+    fn spans(&self, s: usize, e: usize) -> Vec<Span> {
+        let mut out: Vec<Span> = Vec::new();
+        let first = self.pieces.partition_point(|pc| pc.at + pc.len <= s);
+        for pc in self.pieces[first..].iter().take_while(|pc| pc.at < e) {
+            let a = s.max(pc.at) - pc.at + pc.src_off;
+            let b = e.min(pc.at + pc.len) - pc.at + pc.src_off;
+            match out.last_mut() {
+                Some(last) if last.src == pc.src => last.end = b,
+                _ => out.push(Span {
+                    src: pc.src,
+                    start: a,
+                    end: b,
+                }),
+            }
+        }
+        out
+    }
+}
+
+/// Warnings for `kt gateway check --verbose`: configured patterns that miss
+/// a current key format the built-in pack catches (found by running each
+/// pattern over each built-in rule's made-up sample whose prefix the pattern
+/// targets), formats nothing catches when the pack is off, and patterns that
+/// cannot be prefiltered.
+pub fn coverage_warnings(cfg: &DlpFilter) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut compiled = Vec::new();
+    for (i, pat) in cfg.detect_patterns.iter().enumerate() {
+        let Ok(re) = regex::Regex::new(pat) else {
+            out.push(format!("detect_patterns[{i}] '{pat}' does not compile"));
+            continue;
+        };
+        let lits = prefix_literals(pat);
+        if lits.is_none() {
+            out.push(format!(
+                "detect_patterns[{i}] '{pat}' has no literal prefix of {MIN_LITERAL} or more \
+                 characters, so it runs over the whole text of every request (slower)"
+            ));
+        }
+        for rule in builtin_rules() {
+            let sample = rule.sample();
+            let Some(lit) = lits
+                .iter()
+                .flatten()
+                .find(|l| sample.as_bytes().starts_with(l))
+            else {
+                continue;
+            };
+            if re.is_match(&sample) {
+                continue;
+            }
+            let (head, tail) = sample.split_at(lit.len());
+            let widened = format!("{head}{}", tail.replace(['-', '_'], "x"));
+            let why = if re.is_match(&widened) {
+                "those keys contain '-' or '_' characters, which the pattern does not allow"
+            } else {
+                "those keys have a length or alphabet the pattern does not allow"
+            };
+            let then = if cfg.builtin_rules {
+                format!("the built-in rule '{}' still catches them", rule.id)
+            } else {
+                "builtin_rules is off, so such keys pass: widen the pattern or turn builtin_rules on"
+                    .to_string()
+            };
+            out.push(format!(
+                "detect_patterns[{i}] '{pat}' does not match {}: {why}; {then}",
+                rule.description
+            ));
+        }
+        compiled.push(re);
+    }
+    if !cfg.builtin_rules {
+        for rule in builtin_rules() {
+            let sample = rule.sample();
+            if !compiled.iter().any(|re| re.is_match(&sample)) {
+                out.push(format!(
+                    "no detect pattern catches {} and builtin_rules is off",
+                    rule.description
+                ));
+            }
+        }
+    }
+    out
+}

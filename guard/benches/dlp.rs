@@ -1,0 +1,334 @@
+//! DLP scan throughput (issue 5, "Benchmark"). Plain `std::time::Instant`,
+//! prints a table; not a test, asserts nothing about speed.
+//!
+//! Policy: the seed's `dlp-filter` (three patterns, two blocked terms, fuzzy,
+//! distance 1) plus the built-in pack. Bodies: OpenAI-style JSON `messages`
+//! of 1 KiB, 64 KiB and 1 MiB, with no match and with matches.
+//!
+//! Columns: `kt` is `Scanner::scan` (decoding, JSON walk, joined view,
+//! prefilter, terms); `naive` runs every regex (seed + built-in) over the
+//! whole body with `find_iter` and does no decoding and no term matching, so
+//! the ratio is on the conservative side; `fuzzy` is the share of `kt` time
+//! spent on blocked terms (kt minus the same scanner without terms).
+//!
+//! Run: `cargo bench -p guard --bench dlp` (about 20 s).
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use guard::config::{DlpAction, DlpFilter};
+use guard::dlp::{RequestView, Scanner, builtin_rules};
+
+fn seed_policy() -> DlpFilter {
+    DlpFilter {
+        detect_patterns: vec![
+            "sk-[A-Za-z0-9]{20,}".into(),
+            "AKIA[0-9A-Z]{16}".into(),
+            "ghp_[0-9A-Za-z]{36}".into(),
+        ],
+        blocked_terms: vec![
+            "openai production key".into(),
+            "anthropic billing token".into(),
+        ],
+        action: DlpAction::Block,
+        fuzzy_matching: true,
+        max_distance: 1,
+        builtin_rules: true,
+    }
+}
+
+/// Prompt-like words: ordinary prose and code, with the near-misses a real
+/// prompt has ("task-based", "OpenAI", "key", "token", "production") so the
+/// prefilters do see candidates on the no-match path.
+const WORDS: &[&str] = &[
+    "the",
+    "model",
+    "should",
+    "answer",
+    "with",
+    "a",
+    "short",
+    "summary",
+    "of",
+    "this",
+    "document",
+    "and",
+    "list",
+    "the",
+    "main",
+    "risks",
+    "for",
+    "our",
+    "team",
+    "in",
+    "plain",
+    "language",
+    "please",
+    "explain",
+    "how",
+    "function",
+    "returns",
+    "value",
+    "when",
+    "input",
+    "is",
+    "empty",
+    "we",
+    "need",
+    "to",
+    "handle",
+    "errors",
+    "carefully",
+    "before",
+    "release",
+    "notes",
+    "are",
+    "written",
+    "by",
+    "hand",
+    "every",
+    "week",
+    "it",
+    "was",
+    "not",
+    "clear",
+    "why",
+    "test",
+    "failed",
+    "on",
+    "Linux",
+    "but",
+    "passed",
+    "macOS",
+    "can",
+    "you",
+    "rewrite",
+    "paragraph",
+    "more",
+    "concise",
+    "keep",
+    "tone",
+    "friendly",
+    "professional",
+    "customer",
+    "asked",
+    "about",
+    "refund",
+    "policy",
+    "order",
+    "number",
+    "shipping",
+    "address",
+    "changed",
+    "after",
+    "payment",
+    "let",
+    "x",
+    "=",
+    "compute(input);",
+    "if",
+    "x.is_none()",
+    "{",
+    "}",
+    "return",
+    "Ok(())",
+    "fn",
+    "main()",
+    "//",
+    "TODO:",
+    "data",
+    "table",
+    "rows",
+    "columns",
+    "query",
+    "SELECT",
+    "*",
+    "FROM",
+    "users",
+    "WHERE",
+    "id",
+    "=",
+    "42;",
+    "task-based",
+    "risk-free",
+    "OpenAI",
+    "API",
+    "key",
+    "token",
+    "production",
+    "billing",
+    "Anthropic",
+    "server",
+    "client",
+    "request",
+    "response",
+    "JSON",
+    "HTTP",
+    "status",
+    "200",
+    "timeout",
+];
+
+struct Lcg(u64);
+impl Lcg {
+    fn next(&mut self) -> usize {
+        self.0 = self
+            .0
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (self.0 >> 33) as usize
+    }
+}
+
+/// A JSON chat body of about `size` bytes; with `matches`, one made-up secret
+/// of each of three kinds and a fuzzy blocked term every 32 KiB (at least once).
+fn body(size: usize, matches: bool) -> Vec<u8> {
+    let mut rng = Lcg(7);
+    let mut messages = Vec::new();
+    let mut total = 0;
+    let secrets: Vec<String> = [0usize, 6, 7]
+        .iter()
+        .map(|&i| builtin_rules()[i].sample())
+        .collect();
+    let every = 32 * 1024;
+    let mut next_secret = size.min(every) / 2;
+    let mut i = 0;
+    while total < size {
+        let mut text = String::new();
+        let mut prev = "";
+        while text.len() < 700 && total + text.len() < size {
+            let mut w = WORDS[rng.next() % WORDS.len()];
+            // Keep the no-match bodies free of the blocked phrases themselves.
+            while matches!(
+                (prev, w),
+                ("OpenAI", "production") | ("Anthropic", "billing")
+            ) {
+                w = WORDS[rng.next() % WORDS.len()];
+            }
+            prev = w;
+            text.push_str(w);
+            text.push(if rng.next().is_multiple_of(9) {
+                '\n'
+            } else {
+                ' '
+            });
+            if matches && total + text.len() >= next_secret {
+                text.push_str(&secrets[i % 3]);
+                text.push_str(" and the OpenAI prodution key ");
+                i += 1;
+                next_secret += every;
+            }
+        }
+        total += text.len() + 40;
+        let role = if messages.len().is_multiple_of(2) {
+            "user"
+        } else {
+            "assistant"
+        };
+        messages.push(serde_json::json!({"role": role, "content": text}));
+    }
+    serde_json::to_vec(&serde_json::json!({"model": "gpt-4o", "messages": messages}))
+        .unwrap_or_default()
+}
+
+/// Median time per call of `f`, over batches of about 40 ms.
+fn measure(mut f: impl FnMut() -> usize) -> Duration {
+    let start = Instant::now();
+    let mut n = 0u32;
+    while start.elapsed() < Duration::from_millis(40) {
+        black_box(f());
+        n += 1;
+    }
+    let per_batch = n.max(1);
+    let mut samples: Vec<Duration> = (0..7)
+        .map(|_| {
+            let t = Instant::now();
+            for _ in 0..per_batch {
+                black_box(f());
+            }
+            t.elapsed() / per_batch
+        })
+        .collect();
+    samples.sort();
+    samples[samples.len() / 2]
+}
+
+fn mbps(bytes: usize, d: Duration) -> f64 {
+    bytes as f64 / d.as_secs_f64() / 1e6
+}
+
+fn main() {
+    let policy = seed_policy();
+    let scanner = Scanner::new(&policy).unwrap_or_else(|e| panic!("policy: {e}"));
+    let mut no_terms_policy = policy.clone();
+    no_terms_policy.blocked_terms.clear();
+    let no_terms = Scanner::new(&no_terms_policy).unwrap_or_else(|e| panic!("policy: {e}"));
+    let naive: Vec<regex::bytes::Regex> = policy
+        .detect_patterns
+        .iter()
+        .map(String::as_str)
+        .chain(builtin_rules().iter().map(|r| r.regex))
+        .map(|p| regex::bytes::Regex::new(p).unwrap_or_else(|e| panic!("{p}: {e}")))
+        .collect();
+
+    // `cargo bench -p guard --bench dlp -- profile`: only the 1 MiB no-match
+    // scan, for a few seconds, to look at under a profiler.
+    if std::env::args().any(|a| a == "profile") {
+        let b = body(1024 * 1024, false);
+        let req = RequestView {
+            path_and_query: "/",
+            headers: &[],
+            content_encoding: None,
+            body: &b,
+        };
+        if let Ok(s) = scanner.scan(&req) {
+            for f in &s.findings {
+                println!("{f:?}");
+            }
+        }
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(5) {
+            black_box(scanner.scan(&req).map(|s| s.findings.len()).unwrap_or(0));
+        }
+        return;
+    }
+    println!(
+        "{:>8} {:>9} {:>9} {:>10} {:>10} {:>7} {:>7} {:>9}",
+        "size", "case", "findings", "kt MB/s", "naive MB/s", "ratio", "fuzzy", "kt µs"
+    );
+    for size in [1024, 64 * 1024, 1024 * 1024] {
+        for matches in [false, true] {
+            let b = body(size, matches);
+            let req = RequestView {
+                path_and_query: "/v1/chat/completions",
+                headers: &[
+                    ("content-type", b"application/json"),
+                    ("user-agent", b"bench/1.0"),
+                ],
+                content_encoding: None,
+                body: &b,
+            };
+            let findings = scanner.scan(&req).map(|s| s.findings.len()).unwrap_or(0);
+            let kt = measure(|| scanner.scan(&req).map(|s| s.findings.len()).unwrap_or(0));
+            let kt_no_terms =
+                measure(|| no_terms.scan(&req).map(|s| s.findings.len()).unwrap_or(0));
+            let nv = measure(|| naive.iter().map(|re| re.find_iter(&b).count()).sum());
+            let fuzzy = (kt.as_secs_f64() - kt_no_terms.as_secs_f64()).max(0.0) / kt.as_secs_f64();
+            println!(
+                "{:>8} {:>9} {:>9} {:>10.0} {:>10.0} {:>6.1}x {:>6.1}% {:>9.1}",
+                if size >= 1024 * 1024 {
+                    format!("{}MiB", size >> 20)
+                } else {
+                    format!("{}KiB", size >> 10)
+                },
+                if matches { "matches" } else { "no match" },
+                findings,
+                mbps(b.len(), kt),
+                mbps(b.len(), nv),
+                nv.as_secs_f64() / kt.as_secs_f64(),
+                fuzzy * 100.0,
+                kt.as_secs_f64() * 1e6,
+            );
+        }
+    }
+}

@@ -1,0 +1,575 @@
+//! Decoding what a request carries into the text the rules run over:
+//! content-encodings (with size and ratio caps), JSON string values
+//! (unescaped, with their paths) and percent-encoding.
+
+use std::borrow::Cow;
+use std::io::Read;
+
+use super::{DecodeLimits, DlpError};
+
+/// Undoes `Content-Encoding` (a comma-separated list, applied in order, so
+/// undone last to first). Identity bodies are borrowed, not copied.
+pub(crate) fn decompress<'a>(
+    body: &'a [u8],
+    encoding: Option<&str>,
+    limits: &DecodeLimits,
+) -> Result<Cow<'a, [u8]>, DlpError> {
+    let Some(encoding) = encoding else {
+        return Ok(Cow::Borrowed(body));
+    };
+    let codings: Vec<&str> = encoding
+        .split(',')
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .collect();
+    let mut current: Cow<'a, [u8]> = Cow::Borrowed(body);
+    for coding in codings.iter().rev() {
+        let lower = coding.to_ascii_lowercase();
+        let input: &[u8] = &current;
+        let next = match lower.as_str() {
+            "identity" => continue,
+            "gzip" | "x-gzip" => read_capped(
+                flate2::read::MultiGzDecoder::new(input),
+                body.len(),
+                limits,
+                "gzip",
+            )?,
+            // HTTP "deflate" is zlib-wrapped, but raw deflate is common in the wild.
+            "deflate" => match read_capped(
+                flate2::read::ZlibDecoder::new(input),
+                body.len(),
+                limits,
+                "deflate",
+            ) {
+                Err(DlpError::Corrupt { .. }) => read_capped(
+                    flate2::read::DeflateDecoder::new(input),
+                    body.len(),
+                    limits,
+                    "deflate",
+                )?,
+                other => other?,
+            },
+            "br" => read_capped(
+                brotli::Decompressor::new(input, 4096),
+                body.len(),
+                limits,
+                "br",
+            )?,
+            "zstd" => {
+                let mut decoder = zstd::stream::read::Decoder::new(input)
+                    .map_err(|_| DlpError::Corrupt { encoding: "zstd" })?;
+                // A frame may ask for a huge window; cap the memory it can claim.
+                decoder
+                    .window_log_max(ZSTD_WINDOW_LOG_MAX)
+                    .map_err(|_| DlpError::Corrupt { encoding: "zstd" })?;
+                read_capped(decoder, body.len(), limits, "zstd")?
+            }
+            _ => return Err(DlpError::UnsupportedEncoding((*coding).to_string())),
+        };
+        current = Cow::Owned(next);
+    }
+    Ok(current)
+}
+
+/// 8 MiB zstd window: plenty for request bodies.
+const ZSTD_WINDOW_LOG_MAX: u32 = 23;
+
+/// Reads a decoder to the end, refusing as soon as the output passes the
+/// size cap or the ratio cap (output / compressed input), so a bomb never
+/// gets to allocate its full size.
+fn read_capped(
+    mut reader: impl Read,
+    compressed_len: usize,
+    limits: &DecodeLimits,
+    encoding: &'static str,
+) -> Result<Vec<u8>, DlpError> {
+    let ratio_limit = compressed_len.saturating_mul(limits.max_ratio as usize);
+    let mut out = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        let n = match reader.read(&mut chunk) {
+            Ok(0) => return Ok(out),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => return Err(DlpError::Corrupt { encoding }),
+        };
+        out.extend_from_slice(&chunk[..n]);
+        if out.len() > limits.max_decoded_bytes {
+            return Err(DlpError::TooLarge {
+                limit: limits.max_decoded_bytes,
+            });
+        }
+        if out.len() > limits.ratio_floor && out.len() > ratio_limit {
+            return Err(DlpError::RatioExceeded {
+                ratio: limits.max_ratio,
+            });
+        }
+    }
+}
+
+/// Percent-decodes `s`; returns the bytes and, for each decoded byte, the
+/// offset in `s` where it starts (plus one final entry: `s.len()`), so
+/// matches map back to the raw URL.
+pub(crate) fn percent_decode(s: &str) -> (Vec<u8>, Vec<usize>) {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut map = Vec::with_capacity(b.len() + 1);
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && let (Some(h), Some(l)) = (
+                b.get(i + 1).and_then(|c| hex_val(*c)),
+                b.get(i + 2).and_then(|c| hex_val(*c)),
+            )
+        {
+            out.push(h << 4 | l);
+            map.push(i);
+            i += 3;
+            continue;
+        }
+        out.push(b[i]);
+        map.push(i);
+        i += 1;
+    }
+    map.push(b.len());
+    (out, map)
+}
+
+fn hex_val(c: u8) -> Option<u8> {
+    match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        b'A'..=b'F' => Some(c - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// Keys whose string values are structure, not content ("role": "user"):
+/// they are scanned on their own but left out of the joined view, so they do
+/// not sit between two halves of a key split across messages.
+const STRUCTURAL_KEYS: &[&[u8]] = &[
+    b"role",
+    b"type",
+    b"model",
+    b"id",
+    b"name",
+    b"object",
+    b"media_type",
+    b"tool_call_id",
+    b"tool_use_id",
+];
+
+/// One string of a JSON document. Its value is not decoded here: most are
+/// only ever read once, straight into the joined view (see `segments`).
+pub(crate) struct JsonStr {
+    /// Byte range of the token in the body, quotes included.
+    pub raw: std::ops::Range<usize>,
+    /// Whether it holds any backslash escape.
+    pub escaped: bool,
+    /// Where its backslashes are: a range of the `escapes` list filled by
+    /// `json_strings`, so the joined view is built without searching again.
+    pub escapes: std::ops::Range<usize>,
+    /// An object key rather than a value.
+    pub is_key: bool,
+    /// The value of a structural key (see `STRUCTURAL_KEYS`).
+    pub structural: bool,
+}
+
+/// A container on the walker's stack.
+enum Frame<'a> {
+    /// An object, with the key of the member being read.
+    Obj(Option<(usize, Cow<'a, [u8]>)>),
+    /// An array, with the index of the element being read.
+    Arr(usize),
+}
+
+/// Every string of `body` if it is one JSON document, else `None` (the
+/// caller then scans the body as text).
+pub(crate) fn json_strings(body: &[u8], escapes: &mut Vec<usize>) -> Option<Vec<JsonStr>> {
+    let mut out = Vec::new();
+    walk(body, Some(escapes), |_, s| {
+        out.push(s);
+        true
+    })?;
+    Some(out)
+}
+
+/// The JSON paths of the string tokens starting at the offsets in `wanted`
+/// (sorted): `$.a[0].b`, with `.{key}` appended when the token is itself an
+/// object key. Keys listed in `masked` (those holding a finding) are shown
+/// as `{key}`, never spelled out.
+pub(crate) fn json_paths(
+    body: &[u8],
+    wanted: &[usize],
+    masked: &[usize],
+) -> std::collections::HashMap<usize, String> {
+    let mut found = std::collections::HashMap::new();
+    walk(body, None, |stack, s| {
+        if wanted.binary_search(&s.raw.start).is_err() {
+            return true;
+        }
+        let mut path = String::from("$");
+        let n = stack.len();
+        for (idx, frame) in stack.iter().enumerate() {
+            // For a key, the innermost object's slot still holds the previous key.
+            let own_object = s.is_key && idx + 1 == n;
+            match frame {
+                Frame::Arr(i) => {
+                    path.push('[');
+                    path.push_str(&i.to_string());
+                    path.push(']');
+                }
+                Frame::Obj(Some((start, key))) if !own_object => {
+                    push_key(&mut path, *start, key, masked);
+                }
+                Frame::Obj(_) => {}
+            }
+        }
+        if s.is_key {
+            path.push_str(".{key}");
+        }
+        found.insert(s.raw.start, path);
+        found.len() < wanted.len()
+    });
+    found
+}
+
+fn push_key(path: &mut String, start: usize, key: &[u8], masked: &[usize]) {
+    let plain = !key.is_empty()
+        && key.len() <= 64
+        && key
+            .iter()
+            .enumerate()
+            .all(|(i, c)| c.is_ascii_alphabetic() || *c == b'_' || (i > 0 && c.is_ascii_digit()));
+    if masked.contains(&start) {
+        path.push_str(".{key}");
+    } else if plain {
+        path.push('.');
+        path.push_str(&String::from_utf8_lossy(key));
+    } else {
+        let quoted = serde_json::to_string(&String::from_utf8_lossy(key)).unwrap_or_default();
+        path.push('[');
+        path.push_str(&quoted);
+        path.push(']');
+    }
+}
+
+/// Walks one JSON document without building it, calling `on_str` for every
+/// string (keys included) with the stack of enclosing containers; stops
+/// early when `on_str` returns false. Iterative, so deep nesting cannot
+/// overflow the stack. `None` when `body` is not a single JSON document.
+fn walk<'a>(
+    body: &'a [u8],
+    mut escapes: Option<&mut Vec<usize>>,
+    mut on_str: impl FnMut(&[Frame<'a>], JsonStr) -> bool,
+) -> Option<()> {
+    #[derive(Clone, Copy)]
+    enum St {
+        Value,
+        After,
+        ObjFirst,
+        ObjKey,
+        ArrFirst,
+    }
+    let mut stack: Vec<Frame<'a>> = Vec::new();
+    let mut st = St::Value;
+    let mut i = 0;
+    loop {
+        i = skip_ws(body, i);
+        match st {
+            St::Value => match *body.get(i)? {
+                b'{' => {
+                    stack.push(Frame::Obj(None));
+                    i += 1;
+                    st = St::ObjFirst;
+                }
+                b'[' => {
+                    stack.push(Frame::Arr(0));
+                    i += 1;
+                    st = St::ArrFirst;
+                }
+                b'"' => {
+                    let first_esc = escapes.as_ref().map_or(0, |e| e.len());
+                    let (end, escaped) = string_end(body, i, escapes.as_deref_mut())?;
+                    let esc_end = escapes.as_ref().map_or(0, |e| e.len());
+                    let structural = matches!(stack.last(), Some(Frame::Obj(Some((_, k)))) if STRUCTURAL_KEYS.contains(&&k[..]));
+                    let s = JsonStr {
+                        raw: i..end,
+                        escaped,
+                        escapes: first_esc..esc_end,
+                        is_key: false,
+                        structural,
+                    };
+                    if !on_str(&stack, s) {
+                        return Some(());
+                    }
+                    i = end;
+                    st = St::After;
+                }
+                c if c == b'-' || c.is_ascii_digit() || c.is_ascii_lowercase() => {
+                    let len = body[i..]
+                        .iter()
+                        .take_while(|c| {
+                            c.is_ascii_alphanumeric() || matches!(c, b'-' | b'+' | b'.')
+                        })
+                        .count();
+                    let tok = &body[i..i + len];
+                    let ok = matches!(tok, b"true" | b"false" | b"null")
+                        || tok
+                            .first()
+                            .is_some_and(|c| *c == b'-' || c.is_ascii_digit());
+                    if !ok {
+                        return None;
+                    }
+                    i += len;
+                    st = St::After;
+                }
+                _ => return None,
+            },
+            St::ObjFirst => {
+                if *body.get(i)? == b'}' {
+                    stack.pop();
+                    i += 1;
+                    st = St::After;
+                } else {
+                    st = St::ObjKey;
+                }
+            }
+            St::ObjKey => {
+                if *body.get(i)? != b'"' {
+                    return None;
+                }
+                let first_esc = escapes.as_ref().map_or(0, |e| e.len());
+                let (end, escaped) = string_end(body, i, escapes.as_deref_mut())?;
+                let esc_end = escapes.as_ref().map_or(0, |e| e.len());
+                let text = string_value(&body[i + 1..end - 1], escaped);
+                let key = JsonStr {
+                    raw: i..end,
+                    escaped,
+                    escapes: first_esc..esc_end,
+                    is_key: true,
+                    structural: false,
+                };
+                if !on_str(&stack, key) {
+                    return Some(());
+                }
+                if let Some(Frame::Obj(slot)) = stack.last_mut() {
+                    *slot = Some((i, text));
+                }
+                i = skip_ws(body, end);
+                if *body.get(i)? != b':' {
+                    return None;
+                }
+                i += 1;
+                st = St::Value;
+            }
+            St::ArrFirst => {
+                if *body.get(i)? == b']' {
+                    stack.pop();
+                    i += 1;
+                    st = St::After;
+                } else {
+                    st = St::Value;
+                }
+            }
+            St::After => {
+                let Some(top) = stack.last_mut() else {
+                    return (i == body.len()).then_some(());
+                };
+                let c = *body.get(i)?;
+                i += 1;
+                match (top, c) {
+                    (Frame::Obj(_), b',') => st = St::ObjKey,
+                    (Frame::Arr(n), b',') => {
+                        *n += 1;
+                        st = St::Value;
+                    }
+                    (Frame::Obj(_), b'}') | (Frame::Arr(_), b']') => {
+                        stack.pop();
+                    }
+                    _ => return None,
+                }
+            }
+        }
+    }
+}
+
+fn skip_ws(b: &[u8], mut i: usize) -> usize {
+    while let Some(c) = b.get(i) {
+        if !matches!(c, b' ' | b'\t' | b'\n' | b'\r') {
+            break;
+        }
+        i += 1;
+    }
+    i
+}
+
+/// Finds the end of the string token at `b[start] == '"'`: the offset just
+/// past the closing quote, and whether it holds escapes.
+fn string_end(
+    b: &[u8],
+    start: usize,
+    mut escapes: Option<&mut Vec<usize>>,
+) -> Option<(usize, bool)> {
+    let mut j = start + 1;
+    let mut escaped = false;
+    loop {
+        j += memchr::memchr2(b'"', b'\\', b.get(j..)?)?;
+        if b[j] == b'"' {
+            return Some((j + 1, escaped));
+        }
+        if let Some(e) = escapes.as_deref_mut() {
+            e.push(j);
+        }
+        escaped = true;
+        j += 2;
+    }
+}
+
+/// Walks the value of the JSON string whose inside is `body[inner]`, given
+/// the body offsets of its backslashes (from `json_strings`): decoded bytes
+/// as `Segment::Bytes`, line breaks as `Segment::Break`, with no searching.
+pub(crate) fn segments_at(
+    body: &[u8],
+    inner: std::ops::Range<usize>,
+    escapes: &[usize],
+    mut f: impl FnMut(Segment<'_>),
+) {
+    let mut i = inner.start;
+    for &e in escapes {
+        if e < i {
+            continue; // the low half of a surrogate pair, already decoded
+        }
+        if e > i {
+            f(Segment::Bytes(&body[i..e]));
+        }
+        match unescape_one(body, e + 1) {
+            Some((next, bytes, len)) => {
+                match &bytes[..len] {
+                    [c @ (b'\n' | b'\r')] => f(Segment::Break(*c)),
+                    decoded => f(Segment::Bytes(decoded)),
+                }
+                i = next.min(inner.end);
+            }
+            None => {
+                f(Segment::Bytes(&body[e..(e + 2).min(inner.end)]));
+                i = (e + 2).min(inner.end);
+            }
+        }
+    }
+    if inner.end > i {
+        f(Segment::Bytes(&body[i..inner.end]));
+    }
+}
+
+/// The value of a JSON string (`inner`: between the quotes), unescaped.
+/// Invalid escapes are kept as written (the walker only checked the quotes).
+pub(crate) fn string_value(inner: &[u8], escaped: bool) -> Cow<'_, [u8]> {
+    if !escaped {
+        return Cow::Borrowed(inner);
+    }
+    let mut out = Vec::with_capacity(inner.len());
+    segments(inner, true, |seg| match seg {
+        Segment::Bytes(b) => out.extend_from_slice(b),
+        Segment::Break(c) => out.push(c),
+    });
+    Cow::Owned(out)
+}
+
+/// A run of decoded text, or a line break (`\n` or `\r`).
+pub(crate) enum Segment<'s> {
+    Bytes(&'s [u8]),
+    Break(u8),
+}
+
+/// Walks `text` as decoded bytes: with `json`, `text` is the inside of a
+/// JSON string and escapes are decoded on the way. Line breaks come out as
+/// `Segment::Break`, everything else as `Segment::Bytes`, in order, so the
+/// joined view is built in one pass without decoding into a copy first.
+pub(crate) fn segments<'s>(text: &'s [u8], json: bool, mut f: impl FnMut(Segment<'_>)) {
+    let mut i = 0;
+    while i < text.len() {
+        let rest = &text[i..];
+        let next = if json {
+            memchr::memchr3(b'\\', b'\n', b'\r', rest)
+        } else {
+            memchr::memchr2(b'\n', b'\r', rest)
+        };
+        let Some(p) = next else {
+            f(Segment::Bytes(rest));
+            return;
+        };
+        if p > 0 {
+            f(Segment::Bytes(&rest[..p]));
+        }
+        i += p;
+        match text[i] {
+            c @ (b'\n' | b'\r') => {
+                f(Segment::Break(c));
+                i += 1;
+            }
+            _ => {
+                match unescape_one(text, i + 1) {
+                    Some((next, bytes, len)) => {
+                        match &bytes[..len] {
+                            [c @ (b'\n' | b'\r')] => f(Segment::Break(*c)),
+                            decoded => f(Segment::Bytes(decoded)),
+                        }
+                        i = next;
+                    }
+                    None => {
+                        // Not a valid escape: keep the backslash as written.
+                        f(Segment::Bytes(&text[i..i + 1]));
+                        i += 1;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Decodes the escape whose letter is at `s[i]` (just after the backslash):
+/// the offset after it, and the UTF-8 bytes it stands for.
+fn unescape_one(s: &[u8], mut i: usize) -> Option<(usize, [u8; 4], usize)> {
+    let c = *s.get(i)?;
+    i += 1;
+    let simple = |b: u8| Some((i, [b, 0, 0, 0], 1));
+    match c {
+        b'"' | b'\\' | b'/' => simple(c),
+        b'n' => simple(b'\n'),
+        b't' => simple(b'\t'),
+        b'r' => simple(b'\r'),
+        b'b' => simple(0x08),
+        b'f' => simple(0x0c),
+        b'u' => {
+            let cp = hex4(s.get(i..i + 4)?)?;
+            i += 4;
+            let ch = if (0xD800..0xDC00).contains(&cp) {
+                // A high surrogate: pair it with the low one that should follow.
+                let low = (s.get(i..i + 2) == Some(b"\\u"))
+                    .then(|| s.get(i + 2..i + 6).and_then(hex4))
+                    .flatten()
+                    .filter(|lo| (0xDC00..0xE000).contains(lo));
+                match low {
+                    Some(lo) => {
+                        i += 6;
+                        char::from_u32(0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00))
+                    }
+                    None => None,
+                }
+            } else {
+                char::from_u32(cp)
+            };
+            let ch = ch.unwrap_or(char::REPLACEMENT_CHARACTER);
+            let mut buf = [0u8; 4];
+            let len = ch.encode_utf8(&mut buf).len();
+            Some((i, buf, len))
+        }
+        _ => None,
+    }
+}
+
+fn hex4(h: &[u8]) -> Option<u32> {
+    h.iter()
+        .try_fold(0u32, |acc, c| Some(acc << 4 | u32::from(hex_val(*c)?)))
+}

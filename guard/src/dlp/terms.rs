@@ -1,0 +1,550 @@
+//! `blocked_terms`: approximate substring matching over normalised text.
+//!
+//! Normalisation: lower case (Unicode), and every run of characters that are
+//! not letters or digits (whitespace, punctuation, symbols) becomes one space.
+//! A term matches where some substring of the normalised text is within
+//! `max_distance` character edits (insert, delete, substitute) of the
+//! normalised term; `fuzzy_matching: false` means distance 0.
+//!
+//! Speed: by the pigeonhole principle, if a term is cut into `k + 1` disjoint
+//! space-free pieces, any match with at most `k` edits contains one piece
+//! unchanged. Pieces are letters and digits only, so they appear in the raw
+//! text exactly as in the normalised text (ASCII case aside): one
+//! aho-corasick pass over the raw text finds candidates, and only a small
+//! window around each is normalised and checked with Sellers' dynamic
+//! programme. Terms that cannot be cut that way (non-ASCII, or pieces shorter
+//! than 3 characters) fall back to normalising the whole text once and
+//! running Myers' bit-parallel algorithm over it.
+
+use super::DlpError;
+use super::literals::LiteralSet;
+
+/// A compiled term.
+struct Term {
+    /// Rule id: `blocked-term:<normalised term>`.
+    id: String,
+    norm: Vec<char>,
+    /// How many of its pieces must be seen, in order and close enough,
+    /// before a window is checked: 2 when it could be cut into `k + 2`
+    /// pieces (then at least two survive any `k` edits), else 1.
+    needed: usize,
+    /// Its pieces: `(offset, len)` in `norm`, indexed by `Piece::idx`.
+    pieces: Vec<(usize, usize)>,
+}
+
+/// A piece of a term: which term, where the piece starts in it, how long.
+struct Piece {
+    term: usize,
+    idx: usize,
+    offset: usize,
+    len: usize,
+}
+
+/// A term found in a buffer: byte range in that buffer.
+pub(crate) struct TermHit {
+    pub term: usize,
+    pub start: usize,
+    pub end: usize,
+}
+
+/// All blocked terms of a policy.
+pub(crate) struct Terms {
+    terms: Vec<Term>,
+    k: usize,
+    pieces: Option<LiteralSet<Piece>>,
+    full_scan: Vec<usize>,
+}
+
+/// Shortest piece worth prefiltering on.
+const MIN_PIECE: usize = 3;
+
+impl Terms {
+    pub(crate) fn new(terms: &[String], fuzzy: bool, max_distance: u8) -> Result<Terms, DlpError> {
+        let k = if fuzzy { usize::from(max_distance) } else { 0 };
+        let mut compiled = Vec::new();
+        let mut lits = Vec::new();
+        let mut full_scan = Vec::new();
+        for (index, raw) in terms.iter().enumerate() {
+            let norm = normalise_str(raw);
+            if norm.is_empty() {
+                return Err(DlpError::EmptyTerm { index });
+            }
+            let term = compiled.len();
+            let (needed, pieces) = match cut(&norm, k + 1) {
+                Some(c) => (2, c),
+                None => (1, cut(&norm, k).unwrap_or_default()),
+            };
+            if pieces.is_empty() {
+                full_scan.push(term);
+            }
+            for (idx, &(offset, len)) in pieces.iter().enumerate() {
+                let lit: String = norm[offset..offset + len].iter().collect();
+                lits.push((
+                    lit.into_bytes(),
+                    Piece {
+                        term,
+                        idx,
+                        offset,
+                        len,
+                    },
+                ));
+            }
+            compiled.push(Term {
+                id: format!("blocked-term:{}", norm.iter().collect::<String>()),
+                norm,
+                needed,
+                pieces,
+            });
+        }
+        Ok(Terms {
+            terms: compiled,
+            k,
+            pieces: LiteralSet::new(lits, false),
+            full_scan,
+        })
+    }
+
+    /// Whether there is any term at all.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.terms.is_empty()
+    }
+
+    /// How many terms there are.
+    pub(crate) fn len(&self) -> usize {
+        self.terms.len()
+    }
+
+    /// The rule id of term `i`.
+    pub(crate) fn id(&self, i: usize) -> &str {
+        &self.terms[i].id
+    }
+
+    /// Finds the terms in `buf`. `bounds` (sorted) are offsets where the
+    /// buffer joins two separate texts; each counts as a separator.
+    pub(crate) fn scan(&self, buf: &[u8], bounds: &[usize], out: &mut Vec<TermHit>) {
+        if let Some(pieces) = &self.pieces {
+            // Last window checked per term, to skip a second piece of the same occurrence.
+            let mut last: Vec<(usize, usize)> = vec![(usize::MAX, 0); self.terms.len()];
+            // Per term and piece: where that piece was last seen.
+            let mut seen: Vec<Vec<Option<usize>>> = self
+                .terms
+                .iter()
+                .map(|t| vec![None; t.pieces.len()])
+                .collect();
+            // Pieces are lower case; searching a lower-cased copy lets the
+            // prefilter use its fast (SIMD) case-sensitive path.
+            let mut lower = super::scratch::take(&super::scratch::BYTES);
+            lower.extend_from_slice(buf);
+            lower.make_ascii_lowercase();
+            pieces.for_each(&lower, |piece, q| {
+                let term = &self.terms[piece.term];
+                if term.needed == 2 {
+                    // Some earlier piece of the term must sit right before this one.
+                    let mut paired = false;
+                    for j in 0..term.pieces.len() {
+                        let (off, len) = term.pieces[j];
+                        let Some(at) = seen[piece.term][j] else {
+                            continue;
+                        };
+                        if off + len > piece.offset || at + len > q {
+                            continue;
+                        }
+                        let gap = piece.offset - (off + len) + self.k;
+                        // Few bytes apart: close enough without counting.
+                        if q - (at + len) <= gap
+                            || units_between(buf, bounds, at + len, q, gap) <= gap
+                        {
+                            paired = true;
+                            break;
+                        }
+                        // Later hits are further away still: forget this one.
+                        seen[piece.term][j] = None;
+                    }
+                    seen[piece.term][piece.idx] = Some(q);
+                    if !paired {
+                        return;
+                    }
+                }
+                let before = piece.offset + self.k + 1;
+                let after = term.norm.len() - piece.offset - piece.len + self.k + 1;
+                let a = expand_back(buf, bounds, q, before);
+                let b = expand_forward(buf, bounds, q + piece.len, after);
+                let (la, lb) = last[piece.term];
+                if la <= a && b <= lb {
+                    return;
+                }
+                last[piece.term] = (a, b);
+                let (chars, spans) = normalise_window(buf, bounds, a, b);
+                if let Some((s, e, _)) = best_match(&term.norm, &chars, self.k) {
+                    out.push(TermHit {
+                        term: piece.term,
+                        start: spans[s].0,
+                        end: spans[e - 1].1,
+                    });
+                }
+            });
+            super::scratch::give(&super::scratch::BYTES, lower);
+        }
+        if self.full_scan.is_empty() {
+            return;
+        }
+        let (chars, spans) = normalise_window(buf, bounds, 0, buf.len());
+        for &t in &self.full_scan {
+            let p = &self.terms[t].norm;
+            let mut next_free = 0;
+            let mut check = |end: usize| {
+                if end < next_free {
+                    return;
+                }
+                let lo = (end + 1).saturating_sub(p.len() + self.k);
+                let hi = (end + 1 + self.k).min(chars.len());
+                if let Some((s, e, _)) = best_match(p, &chars[lo..hi], self.k) {
+                    out.push(TermHit {
+                        term: t,
+                        start: spans[lo + s].0,
+                        end: spans[lo + e - 1].1,
+                    });
+                    next_free = lo + e;
+                }
+            };
+            if p.len() <= 64 {
+                myers_ends(p, &chars, self.k, &mut check);
+            } else if let Some((_, e, _)) = best_match(p, &chars, self.k) {
+                check(e - 1);
+            }
+        }
+    }
+}
+
+/// Normalises a term (see the module docs).
+pub(crate) fn normalise_str(s: &str) -> Vec<char> {
+    let mut out = Vec::new();
+    let mut sep = false;
+    for c in s.chars() {
+        if c.is_alphanumeric() {
+            if sep && !out.is_empty() {
+                out.push(' ');
+            }
+            sep = false;
+            out.extend(c.to_lowercase());
+        } else {
+            sep = true;
+        }
+    }
+    out
+}
+
+/// Cuts a normalised term into `k + 1` disjoint space-free pieces of at
+/// least `MIN_PIECE` ASCII characters: `(offset, len)` pairs.
+fn cut(norm: &[char], k: usize) -> Option<Vec<(usize, usize)>> {
+    if !norm.iter().all(char::is_ascii) {
+        return None;
+    }
+    let mut pieces: Vec<(usize, usize)> = Vec::new();
+    let mut start = 0;
+    for (i, c) in norm
+        .iter()
+        .enumerate()
+        .chain(std::iter::once((norm.len(), &' ')))
+    {
+        if *c == ' ' {
+            if i > start {
+                pieces.push((start, i - start));
+            }
+            start = i + 1;
+        }
+    }
+    while pieces.len() < k + 1 {
+        let (idx, &(off, len)) = pieces.iter().enumerate().max_by_key(|(_, p)| p.1)?;
+        if len < 2 * MIN_PIECE {
+            return None;
+        }
+        pieces[idx] = (off, len / 2);
+        pieces.push((off + len / 2, len - len / 2));
+    }
+    pieces.sort_by_key(|p| std::cmp::Reverse(p.1));
+    pieces.truncate(k + 1);
+    pieces.iter().all(|p| p.1 >= MIN_PIECE).then_some(pieces)
+}
+
+/// Whether `c` is a byte that ends a separator run in the raw text (ASCII
+/// letters and digits, and the lead byte of any non-ASCII character, which
+/// may be a letter: counting it as one is the safe side).
+fn unit_kind(c: u8) -> Option<bool> {
+    if c & 0xC0 == 0x80 {
+        None // UTF-8 continuation byte: part of the character before
+    } else {
+        Some(c >= 0x80 || c.is_ascii_alphanumeric())
+    }
+}
+
+/// Moves back from `q` over at least `need` normalised characters.
+fn expand_back(buf: &[u8], bounds: &[usize], q: usize, need: usize) -> usize {
+    let mut bi = bounds.partition_point(|&x| x <= q);
+    let mut pos = q;
+    let mut units = 0;
+    let mut in_sep = false;
+    while pos > 0 && units < need {
+        if bi > 0 && bounds[bi - 1] == pos {
+            // A join is a separator: merged with any separator run next to it.
+            if !in_sep {
+                units += 1;
+            }
+            in_sep = true;
+            bi -= 1;
+        }
+        pos -= 1;
+        match unit_kind(buf[pos]) {
+            None => {}
+            Some(true) => {
+                units += 1;
+                in_sep = false;
+            }
+            Some(false) => {
+                if !in_sep {
+                    units += 1;
+                }
+                in_sep = true;
+            }
+        }
+    }
+    while pos > 0 && unit_kind(buf[pos]).is_none() {
+        pos -= 1;
+    }
+    pos
+}
+
+/// Moves forward from `q` over at least `need` normalised characters.
+fn expand_forward(buf: &[u8], bounds: &[usize], q: usize, need: usize) -> usize {
+    let mut bi = bounds.partition_point(|&x| x < q);
+    let mut pos = q;
+    let mut units = 0;
+    let mut in_sep = false;
+    while pos < buf.len() && units < need {
+        if bi < bounds.len() && bounds[bi] == pos {
+            if !in_sep {
+                units += 1;
+            }
+            in_sep = true;
+            bi += 1;
+        }
+        match unit_kind(buf[pos]) {
+            None => {}
+            Some(true) => {
+                units += 1;
+                in_sep = false;
+            }
+            Some(false) => {
+                if !in_sep {
+                    units += 1;
+                }
+                in_sep = true;
+            }
+        }
+        pos += 1;
+    }
+    while pos < buf.len() && unit_kind(buf[pos]).is_none() {
+        pos += 1;
+    }
+    pos
+}
+
+/// How many normalised characters `buf[a..b]` makes (separator runs and
+/// joins count once), counting no further than `cap + 1`.
+fn units_between(buf: &[u8], bounds: &[usize], a: usize, b: usize, cap: usize) -> usize {
+    let mut bi = bounds.partition_point(|&x| x < a);
+    let mut units = 0;
+    let mut in_sep = false;
+    for (pos, &c) in buf.iter().enumerate().take(b).skip(a) {
+        if units > cap {
+            break;
+        }
+        if bi < bounds.len() && bounds[bi] == pos {
+            if !in_sep {
+                units += 1;
+            }
+            in_sep = true;
+            bi += 1;
+        }
+        match unit_kind(c) {
+            None => {}
+            Some(true) => {
+                units += 1;
+                in_sep = false;
+            }
+            Some(false) => {
+                if !in_sep {
+                    units += 1;
+                }
+                in_sep = true;
+            }
+        }
+    }
+    units
+}
+
+/// Normalises `buf[a..b]`: the characters and, for each, its byte range in
+/// `buf` (a separator spans its whole run). Invalid UTF-8 counts as separator.
+fn normalise_window(
+    buf: &[u8],
+    bounds: &[usize],
+    a: usize,
+    b: usize,
+) -> (Vec<char>, Vec<(usize, usize)>) {
+    let mut chars = Vec::with_capacity(b - a);
+    let mut spans = Vec::with_capacity(b - a);
+    let mut bi = bounds.partition_point(|&x| x <= a);
+    let mut sep_start: Option<usize> = None;
+    let mut pos = a;
+    for chunk in buf[a..b].utf8_chunks() {
+        for (i, c) in chunk.valid().char_indices() {
+            let at = pos + i;
+            while bi < bounds.len() && bounds[bi] <= at {
+                sep_start.get_or_insert(at);
+                bi += 1;
+            }
+            if c.is_alphanumeric() {
+                if let Some(s) = sep_start.take()
+                    && !chars.is_empty()
+                {
+                    chars.push(' ');
+                    spans.push((s, at));
+                }
+                let end = at + c.len_utf8();
+                for lc in c.to_lowercase() {
+                    chars.push(lc);
+                    spans.push((at, end));
+                }
+            } else {
+                sep_start.get_or_insert(at);
+            }
+        }
+        let invalid_at = pos + chunk.valid().len();
+        if !chunk.invalid().is_empty() {
+            sep_start.get_or_insert(invalid_at);
+        }
+        pos = invalid_at + chunk.invalid().len();
+    }
+    (chars, spans)
+}
+
+/// Sellers' dynamic programme for approximate substring matching, tracking
+/// where each alignment starts: the best `(start, end, distance)` with
+/// distance at most `k` (lowest distance, then earliest end), in character
+/// indices of `t`.
+fn best_match(p: &[char], t: &[char], k: usize) -> Option<(usize, usize, usize)> {
+    let m = p.len();
+    let mut cost: Vec<usize> = (0..=m).collect();
+    let mut start: Vec<usize> = vec![0; m + 1];
+    let mut best: Option<(usize, usize, usize)> = None;
+    for (j, &tc) in t.iter().enumerate() {
+        let (mut diag_cost, mut diag_start) = (cost[0], start[0]);
+        cost[0] = 0;
+        start[0] = j + 1;
+        for i in 1..=m {
+            let (up_cost, up_start) = (cost[i], start[i]);
+            let mut c = diag_cost + usize::from(p[i - 1] != tc);
+            let mut s = diag_start;
+            if up_cost + 1 < c {
+                c = up_cost + 1;
+                s = up_start;
+            }
+            if cost[i - 1] + 1 < c {
+                c = cost[i - 1] + 1;
+                s = start[i - 1];
+            }
+            diag_cost = up_cost;
+            diag_start = up_start;
+            cost[i] = c;
+            start[i] = s;
+        }
+        if cost[m] <= k && best.is_none_or(|(_, _, d)| cost[m] < d) {
+            best = Some((start[m], j + 1, cost[m]));
+        }
+    }
+    best
+}
+
+/// Myers' bit-parallel approximate matching (pattern of at most 64
+/// characters): calls `on_end(j)` for every text index `j` where a match
+/// with at most `k` edits ends.
+fn myers_ends(p: &[char], t: &[char], k: usize, mut on_end: impl FnMut(usize)) {
+    let m = p.len();
+    if m == 0 || m > 64 {
+        return;
+    }
+    let mut ascii = [0u64; 128];
+    let mut other: Vec<(char, u64)> = Vec::new();
+    for (i, &c) in p.iter().enumerate() {
+        if c.is_ascii() {
+            ascii[c as usize] |= 1 << i;
+        } else if let Some(e) = other.iter_mut().find(|(oc, _)| *oc == c) {
+            e.1 |= 1 << i;
+        } else {
+            other.push((c, 1 << i));
+        }
+    }
+    let mut pv: u64 = if m == 64 { !0 } else { (1u64 << m) - 1 };
+    let mut mv: u64 = 0;
+    let mut score = m;
+    let high = 1u64 << (m - 1);
+    for (j, &c) in t.iter().enumerate() {
+        let eq = if c.is_ascii() {
+            ascii[c as usize]
+        } else {
+            other.iter().find(|(oc, _)| *oc == c).map_or(0, |e| e.1)
+        };
+        let xv = eq | mv;
+        let xh = ((eq & pv).wrapping_add(pv) ^ pv) | eq;
+        let mut ph = mv | !(xh | pv);
+        let mut mh = pv & xh;
+        if ph & high != 0 {
+            score += 1;
+        } else if mh & high != 0 {
+            score -= 1;
+        }
+        // Text may start anywhere (substring search): no carry into row 0.
+        ph <<= 1;
+        mh <<= 1;
+        pv = mh | !(xv | ph);
+        mv = ph & xv;
+        if score <= k {
+            on_end(j);
+        }
+    }
+}
+
+#[cfg(test)]
+mod unit {
+    use super::*;
+
+    fn chars(s: &str) -> Vec<char> {
+        s.chars().collect()
+    }
+
+    #[test]
+    fn myers_and_sellers_agree_on_ends() {
+        let p = chars("openai production key");
+        let t = chars("xx the openai prodution key is here and openai production keys");
+        let mut ends = Vec::new();
+        myers_ends(&p, &t, 1, |e| ends.push(e));
+        assert!(!ends.is_empty());
+        for &e in &ends {
+            let lo = (e + 1).saturating_sub(p.len() + 1);
+            assert!(best_match(&p, &t[lo..=e], 1).is_some(), "end {e}");
+        }
+        let none = chars("openai product roadmap review");
+        let mut count = 0;
+        myers_ends(&p, &none, 1, |_| count += 1);
+        assert_eq!(count, 0);
+    }
+
+    #[test]
+    fn term_is_cut_into_k_plus_one_pieces() {
+        let n = normalise_str("OpenAI production-key");
+        assert_eq!(n.iter().collect::<String>(), "openai production key");
+        assert_eq!(cut(&n, 1).map(|c| c.len()), Some(2));
+        assert_eq!(cut(&n, 3).map(|c| c.len()), Some(4));
+        assert_eq!(cut(&normalise_str("ab"), 1), None);
+    }
+}

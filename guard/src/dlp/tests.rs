@@ -1,0 +1,704 @@
+//! Behaviour tests for the DLP scanner. Every key here is made up, built at
+//! run time from a prefix and generated filler.
+
+use std::io::Write;
+use std::sync::Arc;
+
+use super::rules::{ALNUM, BASE32, URLSAFE, filler};
+use super::*;
+use crate::config::{DlpAction, DlpFilter};
+
+fn seed_policy(builtin: bool) -> DlpFilter {
+    DlpFilter {
+        detect_patterns: vec![
+            "sk-[A-Za-z0-9]{20,}".into(),
+            "AKIA[0-9A-Z]{16}".into(),
+            "ghp_[0-9A-Za-z]{36}".into(),
+        ],
+        blocked_terms: vec![
+            "openai production key".into(),
+            "anthropic billing token".into(),
+        ],
+        action: DlpAction::Block,
+        fuzzy_matching: true,
+        max_distance: 1,
+        builtin_rules: builtin,
+    }
+}
+
+fn builtin_only() -> DlpFilter {
+    DlpFilter {
+        detect_patterns: vec![],
+        blocked_terms: vec![],
+        action: DlpAction::Block,
+        fuzzy_matching: false,
+        max_distance: 1,
+        builtin_rules: true,
+    }
+}
+
+/// Made-up keys for the seed's three patterns: (rule id, key).
+fn seed_keys() -> Vec<(&'static str, String)> {
+    vec![
+        ("detect-pattern-0", format!("sk-{}", filler(32, ALNUM, 1))),
+        (
+            "detect-pattern-1",
+            format!(
+                "AK{}{}",
+                "IA",
+                filler(16, b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ", 2)
+            ),
+        ),
+        (
+            "detect-pattern-2",
+            format!("gh{}{}", "p_", filler(36, ALNUM, 3)),
+        ),
+    ]
+}
+
+/// Every case: (scanner policy, rule id, key).
+fn all_cases() -> Vec<(DlpFilter, String, String)> {
+    let mut v: Vec<_> = seed_keys()
+        .into_iter()
+        .map(|(id, k)| (seed_policy(false), id.to_string(), k))
+        .collect();
+    v.extend(
+        builtin_rules()
+            .iter()
+            .map(|r| (builtin_only(), r.id.to_string(), r.sample())),
+    );
+    v
+}
+
+fn messages(contents: &[&str]) -> Vec<u8> {
+    let msgs: Vec<serde_json::Value> = contents
+        .iter()
+        .map(|c| serde_json::json!({"role": "user", "content": c}))
+        .collect();
+    serde_json::to_vec(&serde_json::json!({"model": "gpt-4o", "messages": msgs})).unwrap()
+}
+
+fn view<'a>(body: &'a [u8], enc: Option<&'a str>) -> RequestView<'a> {
+    RequestView {
+        path_and_query: "/v1/chat/completions",
+        headers: &[],
+        content_encoding: enc,
+        body,
+    }
+}
+
+fn scan(cfg: &DlpFilter, req: &RequestView<'_>) -> Scan {
+    Scanner::new(cfg).unwrap().scan(req).unwrap()
+}
+
+/// Asserts `rule` was found and that nothing about the scan reveals the key.
+fn assert_found(s: &Scan, rule: &str, key: &str, how: &str) {
+    assert!(
+        s.findings.iter().any(|f| f.rule_id == rule),
+        "{rule} not found ({how}): {:?}",
+        s.findings
+    );
+    assert_no_leak(s, key);
+}
+
+/// The fingerprint findings carry: over the key without line breaks.
+fn fp(key: &str) -> String {
+    fingerprint(key.replace(['\n', '\r'], "").as_bytes())
+}
+
+fn assert_no_leak(s: &Scan, key: &str) {
+    let debug = format!("{s:?}");
+    // Any 12-character stretch of the key would be a leak, not only all of it.
+    let k = key.as_bytes();
+    for w in k.windows(12.min(k.len())) {
+        let w = String::from_utf8_lossy(w);
+        assert!(
+            !debug.contains(w.as_ref()),
+            "scan output leaks part of the key: {w}"
+        );
+    }
+}
+
+#[test]
+fn every_rule_found_in_a_plain_prompt() {
+    for (cfg, rule, key) in all_cases() {
+        let body = messages(&[&format!("please deploy with {key} today")]);
+        let s = scan(&cfg, &view(&body, None));
+        assert_found(&s, &rule, &key, "plain");
+        let f = s.findings.iter().find(|f| f.rule_id == rule).unwrap();
+        match &f.location {
+            Location::Body {
+                json_path: Some(p),
+                start,
+                end,
+            } => {
+                assert_eq!(p, "$.messages[0].content");
+                assert_eq!((*start, *end - *start), (19, key.len()), "{rule}");
+            }
+            other => panic!("{rule}: unexpected location {other:?}"),
+        }
+        assert_eq!(f.fingerprint, fp(&key));
+        assert_eq!(f.fingerprint.len(), 12);
+    }
+}
+
+/// JSON text with every third character of `key` written as a `\u` escape.
+fn escaped_body(key: &str) -> Vec<u8> {
+    let mut esc = String::new();
+    for (i, c) in key.chars().enumerate() {
+        match c {
+            '\n' => esc.push_str("\\n"),
+            c if i % 3 == 0 => esc.push_str(&format!("\\u{:04x}", c as u32)),
+            c => esc.push(c),
+        }
+    }
+    format!(r#"{{"messages":[{{"role":"user","content":"key: {esc} ok"}}]}}"#).into_bytes()
+}
+
+#[test]
+fn every_rule_found_through_unicode_escapes() {
+    for (cfg, rule, key) in all_cases() {
+        let body = escaped_body(&key);
+        assert!(
+            !body.windows(4).any(|w| w == &key.as_bytes()[..4]),
+            "escape did not split the prefix"
+        );
+        let s = scan(&cfg, &view(&body, None));
+        assert_eq!(s.body_kind, BodyKind::Json);
+        assert_found(&s, &rule, &key, "escaped");
+    }
+}
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+#[test]
+fn every_rule_found_in_a_gzip_body() {
+    for (cfg, rule, key) in all_cases() {
+        let body = gzip(&messages(&[&format!("use {key}")]));
+        let s = scan(&cfg, &view(&body, Some("gzip")));
+        assert_found(&s, &rule, &key, "gzip");
+    }
+}
+
+#[test]
+fn deflate_br_and_zstd_bodies_are_decoded() {
+    let key = builtin_rules()[0].sample();
+    let plain = messages(&[&format!("use {key}")]);
+    let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+    z.write_all(&plain).unwrap();
+    let zlib = z.finish().unwrap();
+    let mut d = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+    d.write_all(&plain).unwrap();
+    let raw_deflate = d.finish().unwrap();
+    let mut br = Vec::new();
+    brotli::BrotliCompress(&mut &plain[..], &mut br, &Default::default()).unwrap();
+    let zst = zstd::encode_all(&plain[..], 3).unwrap();
+    let gz_then_br = {
+        let mut out = Vec::new();
+        brotli::BrotliCompress(&mut &gzip(&plain)[..], &mut out, &Default::default()).unwrap();
+        out
+    };
+    for (body, enc) in [
+        (zlib, "deflate"),
+        (raw_deflate, "deflate"),
+        (br, "br"),
+        (zst, "zstd"),
+        (gz_then_br, "gzip, br"),
+    ] {
+        let s = scan(&builtin_only(), &view(&body, Some(enc)));
+        assert_found(&s, "openai-project-key", &key, enc);
+        assert_eq!(s.decoded_len, plain.len());
+    }
+}
+
+#[test]
+fn every_rule_found_when_split_across_two_messages() {
+    for (cfg, rule, key) in all_cases() {
+        let (a, b) = key.split_at(key.len() / 2);
+        let body = messages(&[&format!("my key is {a}"), &format!("{b} thanks")]);
+        let s = scan(&cfg, &view(&body, None));
+        assert_found(&s, &rule, &key, "split across messages");
+        let f = s.findings.iter().find(|f| f.rule_id == rule).unwrap();
+        if let Location::Body {
+            json_path: Some(p), ..
+        } = &f.location
+        {
+            assert_eq!(p, "$.messages[0].content + $.messages[1].content", "{rule}");
+        }
+        // The same secret, split or not, has the same fingerprint.
+        assert_eq!(f.fingerprint, fp(&key), "{rule}");
+    }
+}
+
+#[test]
+fn every_rule_found_when_split_by_a_newline() {
+    for (cfg, rule, key) in all_cases() {
+        let (a, b) = key.split_at(key.len() / 2);
+        let body = messages(&[&format!("key:\n{a}\n{b}\nend")]);
+        let s = scan(&cfg, &view(&body, None));
+        assert_found(&s, &rule, &key, "split by newline");
+        // A plain-text body joins lines the same way.
+        let text = format!("key:\r\n{a}\r\n{b}\r\nend");
+        let s = scan(&cfg, &view(text.as_bytes(), None));
+        assert_eq!(s.body_kind, BodyKind::Text);
+        assert_found(&s, &rule, &key, "text split by newline");
+    }
+}
+
+#[test]
+fn near_misses_are_not_found() {
+    let dashes = "-".repeat(5);
+    let builtin_misses = vec![
+        format!("sk-proj-{}", filler(12, ALNUM, 9)),
+        format!(
+            "sk-{}T3BlbkFI{}",
+            filler(20, ALNUM, 9),
+            filler(20, ALNUM, 10)
+        ),
+        format!("sk-ant-api03-{}AA", filler(92, URLSAFE, 9)),
+        format!("sk-ant-api03-{}", filler(95, b"abc", 9)),
+        format!("AKIA{}", filler(15, BASE32, 9)),
+        "AKIA1234567890ABCDEF".to_string(),
+        format!("ASIA{}", filler(16, b"abcdefgh", 9)),
+        format!("ghp_{}", filler(35, ALNUM, 9)),
+        format!("ghx_{}", filler(36, ALNUM, 9)),
+        format!("github_pat_{}", filler(81, ALNUM, 9)),
+        format!("AIza{}", filler(34, ALNUM, 9)),
+        "xoxb-not-a-token".to_string(),
+        format!("sk_test_{}", filler(30, ALNUM, 9)),
+        format!("pk_live_{}", filler(30, ALNUM, 9)),
+        format!("{dashes}BEGIN PUBLIC KEY{dashes}"),
+        "the risk-free approach to task-based software engineering".to_string(),
+    ];
+    for miss in &builtin_misses {
+        let body = messages(&[&format!("x {miss} y")]);
+        let s = scan(&builtin_only(), &view(&body, None));
+        assert!(s.findings.is_empty(), "{miss}: {:?}", s.findings);
+    }
+    let seed_misses = [
+        format!("sk-{}", filler(19, ALNUM, 9)),
+        format!("AKIA{}", filler(15, BASE32, 9)),
+        format!("ghp_{}", filler(35, ALNUM, 9)),
+        "the risk-free approach to task-based software".to_string(),
+    ];
+    for miss in &seed_misses {
+        let body = messages(&[&format!("x {miss} y")]);
+        let s = scan(&seed_policy(false), &view(&body, None));
+        assert!(s.findings.is_empty(), "{miss}: {:?}", s.findings);
+    }
+}
+
+#[test]
+fn same_secret_twice_correlates_by_fingerprint() {
+    let key = builtin_rules()[6].sample();
+    let other = format!("AKIA{}", filler(16, BASE32, 77));
+    let body = messages(&[&format!("a {key}"), &format!("b {key} c {other}")]);
+    let s = scan(&builtin_only(), &view(&body, None));
+    let fps: Vec<&str> = s.findings.iter().map(|f| f.fingerprint.as_str()).collect();
+    assert_eq!(fps.len(), 3, "{:?}", s.findings);
+    assert_eq!(fps[0], fps[1]);
+    assert_ne!(fps[0], fps[2]);
+}
+
+#[test]
+fn a_keyed_fingerprinter_can_replace_the_default() {
+    struct Fixed;
+    impl Fingerprinter for Fixed {
+        fn fingerprint(&self, matched: &[u8]) -> String {
+            format!("len{}", matched.len())
+        }
+    }
+    let key = builtin_rules()[6].sample();
+    let body = messages(&[&key]);
+    let s = Scanner::new(&builtin_only())
+        .unwrap()
+        .with_fingerprinter(Arc::new(Fixed))
+        .scan(&view(&body, None))
+        .unwrap();
+    assert_eq!(s.findings[0].fingerprint, "len20");
+}
+
+#[test]
+fn credential_headers_are_skipped_and_others_scanned() {
+    let key = builtin_rules()[0].sample();
+    let bearer = format!("Bearer {key}");
+    let headers: Vec<(&str, &[u8])> = vec![
+        ("Authorization", bearer.as_bytes()),
+        ("x-api-key", key.as_bytes()),
+        ("Api-Key", key.as_bytes()),
+        ("Proxy-Authorization", bearer.as_bytes()),
+        ("X-Debug-Note", bearer.as_bytes()),
+    ];
+    let req = RequestView {
+        path_and_query: "/v1/models",
+        headers: &headers,
+        content_encoding: None,
+        body: b"",
+    };
+    let s = scan(&builtin_only(), &req);
+    assert_eq!(s.body_kind, BodyKind::Empty);
+    let locs: Vec<&Location> = s.findings.iter().map(|f| &f.location).collect();
+    assert_eq!(
+        locs,
+        vec![&Location::Header {
+            name: "X-Debug-Note".into()
+        }]
+    );
+    assert_no_leak(&s, &key);
+}
+
+#[test]
+fn url_is_percent_decoded_and_offsets_are_raw() {
+    let key = format!("AKIA{}", filler(16, BASE32, 5));
+    // Percent-encode the prefix so only the decoded URL shows it.
+    let enc: String = key.bytes().take(4).map(|b| format!("%{b:02X}")).collect();
+    let path = format!("/v1/files?note={enc}{}&x=1", &key[4..]);
+    let req = RequestView {
+        path_and_query: &path,
+        headers: &[],
+        content_encoding: None,
+        body: b"",
+    };
+    let s = scan(&builtin_only(), &req);
+    assert_eq!(
+        s.findings[0].location,
+        Location::Url {
+            start: 15,
+            end: 15 + 12 + 16
+        }
+    );
+    let red = Scanner::new(&builtin_only()).unwrap().redact(&req).unwrap();
+    assert_eq!(
+        red.path_and_query.as_deref(),
+        Some("/v1/files?note=%5BREDACTED%3Aaws-access-key-id%5D&x=1")
+    );
+}
+
+#[test]
+fn text_body_offsets_point_at_the_match() {
+    let key = builtin_rules()[7].sample();
+    let body = format!("line one\nsome text {key} more");
+    let s = scan(&builtin_only(), &view(body.as_bytes(), None));
+    assert_eq!(s.body_kind, BodyKind::Text);
+    match s.findings[0].location {
+        Location::Body {
+            json_path: None,
+            start,
+            end,
+        } => assert_eq!(&body[start..end], key),
+        ref other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_key_used_as_json_object_key_is_not_spelled_out_in_paths() {
+    let key = builtin_rules()[9].sample();
+    let inner = format!("AKIA{}", filler(16, BASE32, 6));
+    let body = serde_json::to_vec(&serde_json::json!({ "meta": { key.clone(): { "v": inner } } }))
+        .unwrap();
+    let s = scan(&builtin_only(), &view(&body, None));
+    let paths: Vec<String> = s
+        .findings
+        .iter()
+        .map(|f| match &f.location {
+            Location::Body {
+                json_path: Some(p), ..
+            } => p.clone(),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(paths, vec!["$.meta.{key}", "$.meta.{key}.v"]);
+    assert_no_leak(&s, &key);
+    assert_no_leak(&s, &inner);
+}
+
+#[test]
+fn redact_replaces_inside_json_strings_and_keeps_json_valid() {
+    let key = builtin_rules()[0].sample();
+    let aws = format!("AKIA{}", filler(16, BASE32, 8));
+    let (a, b) = aws.split_at(9);
+    let body = messages(&[
+        &format!("first \"quoted\" {key} end\nnext"),
+        &format!("tail {a}"),
+        &format!("{b} done"),
+    ]);
+    let red = Scanner::new(&builtin_only())
+        .unwrap()
+        .redact(&view(&body, None))
+        .unwrap();
+    let new = red.body.expect("body changed");
+    let v: serde_json::Value = serde_json::from_slice(&new).expect("still valid JSON");
+    assert_eq!(
+        v["messages"][0]["content"],
+        "first \"quoted\" [REDACTED:openai-project-key] end\nnext"
+    );
+    assert_eq!(
+        v["messages"][1]["content"],
+        "tail [REDACTED:aws-access-key-id]"
+    );
+    assert_eq!(
+        v["messages"][2]["content"],
+        "[REDACTED:aws-access-key-id] done"
+    );
+    assert_eq!(v["model"], "gpt-4o");
+    let text = String::from_utf8(new).unwrap();
+    assert!(!text.contains(&key[..20]) && !text.contains(a) && !text.contains(b));
+    assert_eq!(red.findings.len(), 2);
+}
+
+#[test]
+fn redact_of_an_escaped_key_and_a_compressed_body() {
+    let key = builtin_rules()[4].sample();
+    let body = gzip(&escaped_body(&key));
+    let red = Scanner::new(&builtin_only())
+        .unwrap()
+        .redact(&view(&body, Some("gzip")))
+        .unwrap();
+    // Returned decompressed: the caller drops Content-Encoding.
+    let v: serde_json::Value = serde_json::from_slice(&red.body.unwrap()).unwrap();
+    assert_eq!(
+        v["messages"][0]["content"],
+        "key: [REDACTED:anthropic-api-key] ok"
+    );
+}
+
+#[test]
+fn redact_leaves_clean_requests_alone() {
+    let body = messages(&["nothing to see"]);
+    let red = Scanner::new(&seed_policy(true))
+        .unwrap()
+        .redact(&view(&body, None))
+        .unwrap();
+    assert!(red.body.is_none() && red.path_and_query.is_none() && red.headers.is_empty());
+    assert!(red.findings.is_empty());
+}
+
+#[test]
+fn decompression_bombs_are_refused() {
+    let zeros = vec![0u8; 4 * 1024 * 1024];
+    let gz = gzip(&zeros);
+    let mut br = Vec::new();
+    brotli::BrotliCompress(&mut &zeros[..], &mut br, &Default::default()).unwrap();
+    let zst = zstd::encode_all(&zeros[..], 3).unwrap();
+    let scanner = Scanner::new(&builtin_only()).unwrap();
+    for (body, enc) in [(gz, "gzip"), (br, "br"), (zst, "zstd")] {
+        let err = scanner.scan(&view(&body, Some(enc))).unwrap_err();
+        assert!(
+            matches!(err, DlpError::RatioExceeded { ratio: 100 }),
+            "{enc}: {err}"
+        );
+        assert_eq!(err.http_status(), 413);
+        assert!(scanner.redact(&view(&body, Some(enc))).is_err());
+    }
+    // The size cap applies even at a modest ratio.
+    let small = Scanner::new(&builtin_only())
+        .unwrap()
+        .with_limits(DecodeLimits {
+            max_decoded_bytes: 1000,
+            ..DecodeLimits::default()
+        });
+    let body = gzip(&messages(&[&"x".repeat(2000)]));
+    let err = small.scan(&view(&body, Some("gzip"))).unwrap_err();
+    assert!(matches!(err, DlpError::TooLarge { limit: 1000 }), "{err}");
+}
+
+#[test]
+fn bad_encodings_are_errors() {
+    let scanner = Scanner::new(&builtin_only()).unwrap();
+    let err = scanner.scan(&view(b"not gzip", Some("gzip"))).unwrap_err();
+    assert_eq!(err.http_status(), 400);
+    let err = scanner.scan(&view(b"x", Some("compress"))).unwrap_err();
+    assert_eq!(err.http_status(), 415);
+    assert_eq!(
+        err.to_string(),
+        "request body content-encoding \"compress\" is not supported"
+    );
+}
+
+fn term_findings(cfg: &DlpFilter, text: &str) -> Vec<Finding> {
+    let body = messages(&[text]);
+    scan(cfg, &view(&body, None))
+        .findings
+        .into_iter()
+        .filter(|f| f.rule_id.starts_with("blocked-term:"))
+        .collect()
+}
+
+#[test]
+fn blocked_terms_match_fuzzily_within_max_distance() {
+    let cfg = seed_policy(true);
+    for text in [
+        "please rotate the openai prodution key tonight",
+        "please rotate the OpenAI Production   Key tonight",
+        "OpenAI-production_key!",
+        "the openai production keys are here",
+        "see: Anthropic billing-token.",
+        "openai production\nkey",
+    ] {
+        let f = term_findings(&cfg, text);
+        assert_eq!(f.len(), 1, "{text}: {f:?}");
+    }
+    let f = term_findings(&cfg, "x OpenAI Production   Key y");
+    assert_eq!(f[0].rule_id, "blocked-term:openai production key");
+    assert_eq!(
+        f[0].location,
+        Location::Body {
+            json_path: Some("$.messages[0].content".into()),
+            start: 2,
+            end: 25
+        }
+    );
+    for text in [
+        "openai product roadmap",
+        "the anthropic billing team",
+        "open a production key",
+        "openai prdutin key",
+    ] {
+        assert!(term_findings(&cfg, text).is_empty(), "{text}");
+    }
+}
+
+#[test]
+fn exact_blocked_terms_still_normalise() {
+    let mut cfg = seed_policy(false);
+    cfg.fuzzy_matching = false;
+    assert_eq!(term_findings(&cfg, "OpenAI -- Production\tKey").len(), 1);
+    assert_eq!(term_findings(&cfg, "openai production\nkey").len(), 1);
+    assert!(term_findings(&cfg, "openai prodution key").is_empty());
+}
+
+#[test]
+fn terms_that_cannot_be_prefiltered_still_match() {
+    let cfg = DlpFilter {
+        detect_patterns: vec![],
+        blocked_terms: vec!["Geheimer Schlüssel".into(), "ab cd".into()],
+        action: DlpAction::Block,
+        fuzzy_matching: true,
+        max_distance: 1,
+        builtin_rules: false,
+    };
+    assert_eq!(term_findings(&cfg, "der GEHEIMER SCHLÜSEL ist").len(), 1);
+    assert_eq!(term_findings(&cfg, "xx AB-CD yy").len(), 1);
+    assert!(term_findings(&cfg, "ganz anders").is_empty());
+}
+
+#[test]
+fn patterns_without_a_literal_prefix_use_the_whole_text_pass() {
+    let cfg = DlpFilter {
+        detect_patterns: vec![r"\b[0-9]{3}-[0-9]{2}-[0-9]{4}\b".into()],
+        blocked_terms: vec![],
+        action: DlpAction::Audit,
+        fuzzy_matching: false,
+        max_distance: 1,
+        builtin_rules: false,
+    };
+    let s = scan(&cfg, &view(&messages(&["ssn 123-45-6789 here"]), None));
+    assert_eq!(s.findings.len(), 1);
+    assert_eq!(s.findings[0].rule_id, "detect-pattern-0");
+    assert!(
+        coverage_warnings(&cfg)
+            .iter()
+            .any(|w| w.contains("no literal prefix"))
+    );
+}
+
+#[test]
+fn coverage_warnings_name_the_seed_pattern_and_the_sk_proj_format() {
+    let w = coverage_warnings(&seed_policy(true));
+    let proj: Vec<&String> = w.iter().filter(|w| w.contains("sk-proj-")).collect();
+    assert_eq!(proj.len(), 1, "{w:#?}");
+    assert!(proj[0].contains("'sk-[A-Za-z0-9]{20,}'"), "{}", proj[0]);
+    assert!(proj[0].contains("'-' or '_'"), "{}", proj[0]);
+    assert!(proj[0].contains("openai-project-key"), "{}", proj[0]);
+    // The AKIA and ghp_ patterns cover their formats.
+    assert!(
+        !w.iter()
+            .any(|w| w.contains("detect_patterns[1]") || w.contains("detect_patterns[2]"))
+    );
+    let off = coverage_warnings(&seed_policy(false));
+    assert!(
+        off.iter()
+            .any(|w| w.contains("sk-proj-") && w.contains("builtin_rules is off"))
+    );
+    assert!(
+        off.iter()
+            .any(|w| w.starts_with("no detect pattern catches Google API key"))
+    );
+}
+
+#[test]
+fn samples_match_their_own_rule_only_where_expected() {
+    let scanner = Scanner::new(&builtin_only()).unwrap();
+    for rule in builtin_rules() {
+        let sample = rule.sample();
+        let s = scanner.scan(&view(sample.as_bytes(), None)).unwrap();
+        let ids: Vec<&str> = s.findings.iter().map(|f| f.rule_id.as_str()).collect();
+        assert_eq!(ids, vec![rule.id], "{}", rule.id);
+    }
+}
+
+#[test]
+fn invalid_patterns_and_empty_terms_are_config_errors() {
+    let mut cfg = seed_policy(true);
+    cfg.detect_patterns.push("sk-[".into());
+    let err = Scanner::new(&cfg).unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("dlp pattern detect-pattern-3 does not compile")
+    );
+    let mut cfg = seed_policy(true);
+    cfg.blocked_terms.push(" -- ".into());
+    assert_eq!(
+        Scanner::new(&cfg).unwrap_err().to_string(),
+        "dlp blocked term 2 has no letters or digits"
+    );
+}
+
+#[test]
+fn big_bodies_with_many_messages_are_scanned_everywhere() {
+    let key = builtin_rules()[9].sample();
+    let filler_text = "lorem ipsum dolor sit amet, task-based risk-free text. ".repeat(20);
+    let mut contents: Vec<String> = (0..300).map(|_| filler_text.clone()).collect();
+    contents[150] = format!("{filler_text} {key}");
+    contents[299] = format!("{filler_text} the OpenAI production key");
+    let refs: Vec<&str> = contents.iter().map(String::as_str).collect();
+    let s = scan(&seed_policy(true), &view(&messages(&refs), None));
+    let got: Vec<(&str, &Location)> = s
+        .findings
+        .iter()
+        .map(|f| (f.rule_id.as_str(), &f.location))
+        .collect();
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert!(
+        matches!(got[0].1, Location::Body { json_path: Some(p), .. } if p == "$.messages[150].content")
+    );
+    assert_eq!(got[1].0, "blocked-term:openai production key");
+}
+
+#[test]
+fn short_lines_are_not_glued_into_a_key() {
+    let text = "we ask-\nthe\nmodel\nshould\nanswer\nwith\nsummary\nAKIA\nAPI\nJSON\nOK";
+    let s = scan(&seed_policy(true), &view(&messages(&[text]), None));
+    assert!(s.findings.is_empty(), "{:?}", s.findings);
+}
+
+#[test]
+fn term_pieces_must_be_close_and_separator_runs_collapse() {
+    let cfg = seed_policy(false);
+    let far = format!("openai {} production key", "words in between ".repeat(5));
+    assert!(term_findings(&cfg, &far).is_empty());
+    let padded = format!("openai{}production\n\n\tkey", " ".repeat(300));
+    assert_eq!(term_findings(&cfg, &padded).len(), 1);
+    // Split over two messages, joined with a separator.
+    let body = messages(&["tell me the OpenAI", "production key"]);
+    let s = scan(&cfg, &view(&body, None));
+    assert!(
+        s.findings
+            .iter()
+            .any(|f| f.rule_id == "blocked-term:openai production key")
+    );
+}
