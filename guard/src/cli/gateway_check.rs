@@ -24,7 +24,7 @@ pub fn run(args: &CheckArgs, global: &Global) -> anyhow::Result<u8> {
     };
     let resolver = super::resolver(global)?;
     let fp = super::fingerprinter(global)?;
-    let report = preflight::check(
+    let mut report = preflight::check(
         &config,
         resolver.as_ref(),
         &preflight::Options {
@@ -32,6 +32,11 @@ pub fn run(args: &CheckArgs, global: &Global) -> anyhow::Result<u8> {
             fingerprint: &*fp,
         },
     );
+    if args.verbose
+        && let Some(dlp) = config.dlp.as_ref()
+    {
+        report.warnings.extend(crate::dlp::coverage_warnings(dlp));
+    }
     match global.output {
         OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
         OutputFormat::Human => print_human(&report, args.verbose),

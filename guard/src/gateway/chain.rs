@@ -3,10 +3,16 @@
 //! refuses traffic while events cannot be recorded, when configured to.
 
 use bytes::Bytes;
+use http::StatusCode;
 
 use super::policy::{Policy, PolicyRequest, PolicyVerdict};
-use crate::config::{Config, PolicyKind};
+use crate::config::{Config, DlpAction, PolicyKind, Provider};
+use crate::dlp::{Finding, Location, RequestView, Scanner};
 use crate::events::EventWriter;
+use crate::routing::error_body;
+
+/// Error code of a request refused by the DLP filter.
+pub const DLP_BLOCKED: &str = "kt_dlp_blocked";
 
 /// Errors compiling the chain.
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +28,7 @@ pub struct Chain {
 }
 
 enum Step {
+    Dlp(Box<Scanner>),
     Audit {
         writer: Option<EventWriter>,
         refuse_when_unhealthy: bool,
@@ -38,7 +45,11 @@ impl Chain {
         let mut steps = Vec::new();
         for p in &config.chain {
             match p {
-                PolicyKind::DlpFilter => {}
+                PolicyKind::DlpFilter => {
+                    let cfg = config.dlp.clone().unwrap_or_default();
+                    let scanner = Scanner::new(&cfg).map_err(|e| ChainError::Dlp(e.to_string()))?;
+                    steps.push(Step::Dlp(Box::new(scanner)));
+                }
                 PolicyKind::AuditLogger => steps.push(Step::Audit {
                     writer: writer.clone(),
                     refuse_when_unhealthy,
@@ -51,9 +62,17 @@ impl Chain {
 
 impl Policy for Chain {
     fn check(&self, request: &PolicyRequest<'_>, notes: &mut Vec<String>) -> PolicyVerdict {
-        let _ = request;
+        let mut rewritten: Option<Bytes> = None;
         for step in &self.steps {
             match step {
+                Step::Dlp(scanner) => {
+                    let body = rewritten.as_ref().unwrap_or(request.body);
+                    match dlp(scanner, request, body, notes) {
+                        PolicyVerdict::Allow => {}
+                        PolicyVerdict::Rewrite(b) => rewritten = Some(b),
+                        block @ PolicyVerdict::Block(_) => return block,
+                    }
+                }
                 Step::Audit {
                     writer,
                     refuse_when_unhealthy,
@@ -66,8 +85,143 @@ impl Policy for Chain {
                 }
             }
         }
-        PolicyVerdict::Allow
+        match rewritten {
+            Some(b) => PolicyVerdict::Rewrite(b),
+            None => PolicyVerdict::Allow,
+        }
     }
+}
+
+/// Runs the DLP filter over what the request carries (the gateway already
+/// removed credential headers and query keys).
+fn dlp(
+    scanner: &Scanner,
+    request: &PolicyRequest<'_>,
+    body: &Bytes,
+    notes: &mut Vec<String>,
+) -> PolicyVerdict {
+    let headers: Vec<(&str, &[u8])> = request
+        .parts
+        .headers
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.as_bytes()))
+        .collect();
+    let encoding = request
+        .parts
+        .headers
+        .get(http::header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok());
+    let path = request
+        .parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let view = RequestView {
+        path_and_query: path,
+        headers: &headers,
+        content_encoding: encoding,
+        body,
+    };
+    let scan = match scanner.scan(&view) {
+        Ok(s) => s,
+        Err(e) => {
+            // Undecodable or oversized bodies cannot be checked: fail closed.
+            notes.push("dlp-filter: block rule=undecodable-body".into());
+            let status = StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::BAD_REQUEST);
+            return PolicyVerdict::Block(response(
+                request.provider,
+                status,
+                &format!("kt: the request body could not be checked for secrets: {e}"),
+            ));
+        }
+    };
+    if scan.findings.is_empty() {
+        return PolicyVerdict::Allow;
+    }
+    let action = scanner.action();
+    let verb = match action {
+        DlpAction::Block => "block",
+        DlpAction::Redact => "redact",
+        DlpAction::Audit => "audit",
+    };
+    for f in &scan.findings {
+        notes.push(format!(
+            "dlp-filter: {verb} rule={} at={}",
+            f.rule_id,
+            where_(&f.location)
+        ));
+    }
+    match action {
+        DlpAction::Audit => PolicyVerdict::Allow,
+        DlpAction::Block => PolicyVerdict::Block(blocked(request.provider, &scan.findings)),
+        DlpAction::Redact => {
+            // Only the body can be rewritten on the way out; a secret in the
+            // URL or a header cannot be forwarded, so refuse those.
+            if scan
+                .findings
+                .iter()
+                .any(|f| !matches!(f.location, Location::Body { .. }))
+            {
+                return PolicyVerdict::Block(blocked(request.provider, &scan.findings));
+            }
+            match scanner.redact(&view) {
+                Ok(r) => match r.body {
+                    Some(b) => PolicyVerdict::Rewrite(Bytes::from(b)),
+                    None => PolicyVerdict::Allow,
+                },
+                Err(_) => PolicyVerdict::Block(blocked(request.provider, &scan.findings)),
+            }
+        }
+    }
+}
+
+/// Where a finding is, for notes and messages (never the text itself).
+fn where_(l: &Location) -> String {
+    match l {
+        Location::Body {
+            json_path: Some(p),
+            start,
+            end,
+        } => {
+            format!("body:{}[{start}..{end}]", p.replace(' ', ""))
+        }
+        Location::Body {
+            json_path: None,
+            start,
+            end,
+        } => format!("body[{start}..{end}]"),
+        Location::Header { name } => format!("header:{name}"),
+        Location::Url { start, end } => format!("url[{start}..{end}]"),
+    }
+}
+
+fn blocked(provider: &Provider, findings: &[Finding]) -> http::Response<Bytes> {
+    let list: Vec<String> = findings
+        .iter()
+        .take(5)
+        .map(|f| format!("{} at {}", f.rule_id, where_(&f.location)))
+        .collect();
+    let more = findings.len().saturating_sub(5);
+    let message = format!(
+        "kt: request blocked by dlp-filter before it left this host: {}{}. Remove the secret from the request; if it is a live key, rotate it.",
+        list.join("; "),
+        if more > 0 {
+            format!(" and {more} more")
+        } else {
+            String::new()
+        }
+    );
+    response(provider, StatusCode::FORBIDDEN, &message)
+}
+
+fn response(provider: &Provider, status: StatusCode, message: &str) -> http::Response<Bytes> {
+    let body = error_body(Some(provider), status, DLP_BLOCKED, message, &[]);
+    http::Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Bytes::from(body))
+        .unwrap_or_else(|_| http::Response::new(Bytes::new()))
 }
 
 fn unavailable() -> http::Response<Bytes> {

@@ -293,7 +293,11 @@ pub async fn handle(
     rec.decision.policy = notes;
     let body = match verdict {
         PolicyVerdict::Allow => body,
-        PolicyVerdict::Rewrite(b) => b,
+        PolicyVerdict::Rewrite(b) => {
+            // Redacted bodies come back decoded.
+            parts.headers.remove(http::header::CONTENT_ENCODING);
+            b
+        }
         PolicyVerdict::Block(resp) => {
             let (mut p, b) = resp.into_parts();
             if let Ok(v) = HeaderValue::from_str(&request_id) {

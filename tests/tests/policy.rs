@@ -1,0 +1,220 @@
+//! The policy chain in the gateway, as a client sees it: the seed's
+//! dlp-filter blocks a pasted key (plain, JSON-escaped, gzip, split across
+//! messages) and fuzzy blocked terms with a provider-shaped 403 naming the
+//! rule and never the secret; nothing reaches the provider; redact and audit
+//! modes forward; every decision is recorded.
+
+use std::io::Write;
+use std::sync::Arc;
+
+use guard::ca::Ca;
+use guard::config::{DlpAction, DlpFilter, PolicyKind, Provider};
+use guard::gateway::MemorySink;
+use guard::gateway::chain::Chain;
+use guard_tests::fake_provider::{Behavior, FakeProvider, TestCa};
+use guard_tests::gateway_fixture::*;
+
+const MANAGED: &str = "sk-managed-policy-test-MANAGED-9999";
+
+fn seed_dlp(action: DlpAction) -> DlpFilter {
+    DlpFilter {
+        detect_patterns: vec![
+            "sk-[A-Za-z0-9]{20,}".into(),
+            "AKIA[0-9A-Z]{16}".into(),
+            "ghp_[0-9A-Za-z]{36}".into(),
+        ],
+        blocked_terms: vec![
+            "openai production key".into(),
+            "anthropic billing token".into(),
+        ],
+        action,
+        fuzzy_matching: true,
+        max_distance: 1,
+        builtin_rules: true,
+    }
+}
+
+struct Setup {
+    up: FakeProvider,
+    gw: Running,
+}
+
+async fn setup(action: DlpAction) -> Setup {
+    let ca = TestCa::new();
+    let up = FakeProvider::start(&ca, "upstream", Behavior::Ok).await;
+    let mut cfg = config(vec![target(
+        "oa",
+        Provider::OpenAi,
+        &up.openai_base_url(),
+        "OA",
+    )]);
+    cfg.chain = vec![PolicyKind::DlpFilter, PolicyKind::AuditLogger];
+    cfg.dlp = Some(seed_dlp(action));
+    let chain = Chain::new(&cfg, None, false).unwrap();
+    let gca = Arc::new(Ca::ephemeral().unwrap());
+    let sink = Arc::new(MemorySink::new());
+    let gw = builder(cfg, MapResolver::of(&[("OA", MANAGED)]), gca.clone(), &ca)
+        .policy(Arc::new(chain))
+        .decision_sink(sink.clone())
+        .build()
+        .unwrap();
+    Setup {
+        up,
+        gw: serve(gw, gca, sink).await,
+    }
+}
+
+fn aws_key() -> String {
+    ["AKIA", "QWERTYUIOPASDFGH"].concat()
+}
+
+fn chat(content: &str) -> String {
+    serde_json::json!({"model": "m", "messages": [{"role": "user", "content": content}]})
+        .to_string()
+}
+
+async fn send_chat(s: &Setup, body: impl Into<bytes::Bytes>, headers: &[(&str, &str)]) -> Answer {
+    let mut c = h1_plain(s.gw.addr).await;
+    let mut h = vec![
+        ("authorization", "Bearer sk-client-own-key-000000000000"),
+        ("content-type", "application/json"),
+    ];
+    h.extend_from_slice(headers);
+    send(&mut c, post("/openai/v1/chat/completions", &h, body)).await
+}
+
+fn assert_blocked(a: &Answer, rule_hint: &str, secret: &str) {
+    assert_eq!(a.status, 403, "{}", a.body);
+    let v: serde_json::Value = serde_json::from_str(&a.body).expect("provider-shaped JSON");
+    assert_eq!(v["error"]["code"], "kt_dlp_blocked", "{}", a.body);
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains(rule_hint),
+        "message should name the rule: {msg}"
+    );
+    assert!(msg.contains("body:"), "message should say where: {msg}");
+    assert!(
+        !a.body.contains(secret),
+        "the block response repeats the secret"
+    );
+}
+
+#[tokio::test]
+async fn a_pasted_key_is_blocked_in_every_encoding_and_never_forwarded() {
+    let s = setup(DlpAction::Block).await;
+    let key = aws_key();
+
+    let plain = send_chat(&s, chat(&format!("my key is {key} please debug")), &[]).await;
+    assert_blocked(&plain, "aws-access-key-id", &key);
+
+    // JSON \u escapes hide the key from naive scanners.
+    let escaped: String = key
+        .chars()
+        .map(|c| format!("\\u{:04x}", c as u32))
+        .collect();
+    let body =
+        format!(r#"{{"model":"m","messages":[{{"role":"user","content":"key {escaped} here"}}]}}"#);
+    let a = send_chat(&s, body, &[]).await;
+    assert_eq!(a.status, 403, "escaped: {}", a.body);
+
+    // gzip-compressed body.
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(chat(&format!("zipped {key}")).as_bytes())
+        .unwrap();
+    let a = send_chat(&s, gz.finish().unwrap(), &[("content-encoding", "gzip")]).await;
+    assert_eq!(a.status, 403, "gzip: {}", a.body);
+
+    // Split across two messages.
+    let (a1, a2) = key.split_at(9);
+    let body = serde_json::json!({"model": "m", "messages": [
+        {"role": "user", "content": format!("first half {a1}")},
+        {"role": "user", "content": a2},
+    ]})
+    .to_string();
+    let a = send_chat(&s, body, &[]).await;
+    assert_eq!(a.status, 403, "split: {}", a.body);
+
+    assert!(
+        s.up.requests().is_empty(),
+        "a blocked request reached the provider"
+    );
+    let decisions = s.gw.sink.snapshot();
+    assert_eq!(decisions.len(), 4);
+    assert!(decisions.iter().all(|d| {
+        d.policy
+            .iter()
+            .any(|n| n.starts_with("dlp-filter: block rule="))
+    }));
+    assert!(!format!("{decisions:?}").contains(&key));
+}
+
+#[tokio::test]
+async fn fuzzy_blocked_terms_match_typos_and_spacing_but_not_distant_phrases() {
+    let s = setup(DlpAction::Block).await;
+    for phrase in [
+        "where is the openai prodution key?",
+        "the OpenAI Production   Key leaked",
+    ] {
+        let a = send_chat(&s, chat(phrase), &[]).await;
+        assert_eq!(a.status, 403, "{phrase}: {}", a.body);
+        assert!(a.body.contains("blocked-term"), "{}", a.body);
+    }
+    let ok = send_chat(&s, chat("openai's product roadmap keynote"), &[]).await;
+    assert_eq!(ok.status, 200, "{}", ok.body);
+    assert_eq!(s.up.requests().len(), 1);
+}
+
+#[tokio::test]
+async fn a_clean_prompt_is_forwarded_with_the_managed_key() {
+    let s = setup(DlpAction::Block).await;
+    let a = send_chat(&s, chat("summarise this paragraph"), &[]).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let r = &s.up.requests()[0];
+    assert_eq!(
+        r.headers.get("authorization").unwrap(),
+        &format!("Bearer {MANAGED}")
+    );
+}
+
+#[tokio::test]
+async fn redact_mode_forwards_valid_json_without_the_secret() {
+    let s = setup(DlpAction::Redact).await;
+    let key = aws_key();
+    let a = send_chat(&s, chat(&format!("debug {key} now")), &[]).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let r = &s.up.requests()[0];
+    let body = String::from_utf8_lossy(&r.body);
+    assert!(!body.contains(&key), "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("still valid JSON");
+    assert!(
+        v["messages"][0]["content"]
+            .as_str()
+            .unwrap()
+            .contains("REDACTED"),
+        "{v}"
+    );
+    let d = &s.gw.sink.snapshot()[0];
+    assert!(
+        d.policy.iter().any(|n| n.starts_with("dlp-filter: redact")),
+        "{:?}",
+        d.policy
+    );
+}
+
+#[tokio::test]
+async fn audit_mode_forwards_unchanged_and_records_the_finding() {
+    let s = setup(DlpAction::Audit).await;
+    let key = aws_key();
+    let a = send_chat(&s, chat(&format!("audit {key}")), &[]).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert!(String::from_utf8_lossy(&s.up.requests()[0].body).contains(&key));
+    let d = &s.gw.sink.snapshot()[0];
+    assert!(
+        d.policy
+            .iter()
+            .any(|n| n.starts_with("dlp-filter: audit rule=")),
+        "{:?}",
+        d.policy
+    );
+    assert!(!format!("{d:?}").contains(&key));
+}
