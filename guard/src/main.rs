@@ -6,6 +6,7 @@ use tracing_subscriber::EnvFilter;
 fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             EnvFilter::try_from_env("KT_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
         )

@@ -3,6 +3,7 @@
 //! xtask does not depend on `guard`, so it builds on a fresh machine before
 //! the eBPF toolchain exists.
 
+mod demo;
 mod setup;
 
 use std::process::Command;
@@ -27,6 +28,8 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// The whole story offline: capture, key swap, fallback, DLP block, events.
+    Demo,
     /// Benchmarks that print figures and ratios (dlp, gateway).
     Bench {
         /// Which benchmark.
@@ -42,6 +45,10 @@ fn main() -> anyhow::Result<()> {
             setup::run()?;
             // Default members: everything but guard-ebpf, which only builds for BPF.
             cargo(&[&["test", "--locked"], &as_strs(&args)[..]].concat())
+        }
+        Cmd::Demo => {
+            setup::run()?;
+            demo::run()
         }
         Cmd::Bench { name } => {
             setup::run()?;
@@ -65,7 +72,7 @@ fn as_strs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }
 
-fn cargo(args: &[&str]) -> anyhow::Result<()> {
+pub(crate) fn cargo(args: &[&str]) -> anyhow::Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(&cargo)
         .args(args)

@@ -292,11 +292,20 @@ fn human_line_raw(e: &Event) -> String {
     if let Some(m) = &e.message {
         policy.push_str(&format!("  \"{m}\""));
     }
+    // Fallback is the point of staged rotation: show the failed steps
+    // before the target that answered (`openai-2026q2:503>openai-2026q1`).
+    let mut target: Vec<String> = e
+        .fallback_steps
+        .iter()
+        .filter(|s| Some(&s.target) != e.target_chosen.as_ref())
+        .map(|s| format!("{}:{}", s.target, s.outcome))
+        .collect();
+    target.push(e.target_chosen.clone().unwrap_or_else(dash));
     line(
         &format_time(e.time_ms),
         e.decision.as_str(),
         e.provider.as_deref().unwrap_or("-"),
-        e.target_chosen.as_deref().unwrap_or("-"),
+        &target.join(">"),
         &status,
         &latency,
         &client_label(

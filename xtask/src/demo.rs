@@ -1,0 +1,433 @@
+//! `cargo xtask demo`: the whole story, offline, on loopback, in under a
+//! minute once built.
+//!
+//! A fake provider plays api.openai.com on 127.77.0.20/21:443; `kt run`
+//! captures a child cgroup of the cgroup2 mount; a "legacy" job in that
+//! cgroup still has the Q1 key hard coded; the primary target (new Q2 key)
+//! is down, so the fallback answers; a prompt with a pasted AWS key is
+//! blocked; then the events and the key report. Everything it starts is
+//! ended by pid and the cgroup and temp dir are removed, also on Ctrl-C.
+//!
+//! Without root (no eBPF) it tells so and shows the same flow with the job
+//! pointed at the gateway explicitly (`OPENAI_BASE_URL`).
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+
+const Q2: &str = "sk-demo-NEW-2026q2-key-Zm9yIGRlbW8gb25seQ";
+const Q1: &str = "sk-demo-OLD-2026q1-key-bGVnYWN5IGtleSBpbiBDSQ";
+
+#[derive(Default)]
+struct Cleanup {
+    children: Vec<Child>,
+    cgroup: Option<PathBuf>,
+    dir: Option<PathBuf>,
+}
+
+impl Cleanup {
+    fn run(&mut self) {
+        for c in &mut self.children {
+            // SIGTERM first so `kt run` drains and detaches; then make sure.
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+        }
+        let start = Instant::now();
+        for c in &mut self.children {
+            while start.elapsed() < Duration::from_secs(5) {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.children.clear();
+        if let Some(cg) = self.cgroup.take() {
+            for _ in 0..50 {
+                if std::fs::remove_dir(&cg).is_ok() || !cg.exists() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        if let Some(d) = self.dir.take() {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}
+
+fn say(title: &str) {
+    println!("\n\x1b[1m== {title}\x1b[0m");
+}
+
+pub fn run() -> anyhow::Result<()> {
+    let started = Instant::now();
+    say("building kt and the fake provider");
+    crate::cargo(&[
+        "build",
+        "--locked",
+        "--quiet",
+        "-p",
+        "guard",
+        "--bin",
+        "kt",
+        "-p",
+        "guard-tests",
+        "--bin",
+        "kt-fake-provider",
+    ])?;
+    let root = workspace_root()?;
+    let bin = root.join("target/debug");
+    let kt_bin = bin.join("kt");
+
+    let cleanup = Arc::new(Mutex::new(Cleanup::default()));
+    {
+        let c = cleanup.clone();
+        ctrlc::set_handler(move || {
+            eprintln!("\ninterrupted: cleaning up");
+            if let Ok(mut c) = c.lock() {
+                c.run();
+            }
+            std::process::exit(130);
+        })
+        .context("installing the Ctrl-C handler")?;
+    }
+    let result = story(&kt_bin, &bin, &cleanup);
+    if let Ok(mut c) = cleanup.lock() {
+        c.run();
+    }
+    result?;
+    say(&format!(
+        "done in {:.1} s; everything started was stopped and removed",
+        started.elapsed().as_secs_f64()
+    ));
+    Ok(())
+}
+
+fn story(kt_bin: &Path, bin: &Path, cleanup: &Arc<Mutex<Cleanup>>) -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("kt-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    lock(cleanup).dir = Some(dir.clone());
+    let data = dir.join("data");
+    let kt = |args: &[&str], stdin: Option<&str>| -> anyhow::Result<(i32, String)> {
+        let mut c = Command::new(kt_bin)
+            .args(args)
+            .env("KT_DATA_DIR", &data)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("running kt")?;
+        let mut i = c.stdin.take().context("kt stdin")?;
+        if let Some(s) = stdin {
+            i.write_all(s.as_bytes())?;
+        }
+        drop(i);
+        let o = c.wait_with_output()?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        Ok((o.status.code().unwrap_or(-1), text))
+    };
+    let capture = is_root() && cgroup2().is_some();
+
+    say("a fake api.openai.com on loopback: the primary (new key) is down, the fallback answers");
+    let ca_pem = dir.join("fake-provider-ca.pem");
+    let mut fake = Command::new(bin.join("kt-fake-provider"))
+        .arg("--ca-out")
+        .arg(&ca_pem)
+        .args(["primary=127.77.0.20:443=503", "fallback=127.77.0.21:443=ok"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting the fake provider (binding port 443 needs root)")?;
+    let fake_out = fake.stdout.take().context("fake stdout")?;
+    let fake_stdin = fake.stdin.take();
+    lock(cleanup).children.push(fake);
+    let fake_lines = Arc::new(Mutex::new(Vec::<String>::new()));
+    {
+        let lines = fake_lines.clone();
+        std::thread::spawn(move || {
+            for l in BufReader::new(fake_out).lines().map_while(Result::ok) {
+                println!("   [provider] {l}");
+                if let Ok(mut v) = lines.lock() {
+                    v.push(l);
+                }
+            }
+        });
+    }
+    wait_until(
+        || fake_lines.lock().map(|v| v.len() >= 2).unwrap_or(false),
+        "the fake provider",
+    )?;
+
+    say("kt secrets add: the new key (store) and the old key still used by a CI job");
+    for (name, value) in [("OPENAI_API_KEY_2026Q2", Q2), ("OPENAI_API_KEY_2026Q1", Q1)] {
+        let (_, out) = kt(&["secrets", "add", name, "--store"], Some(value))?;
+        print!("   {out}");
+    }
+
+    let p = free_ports(3)?;
+    let cfg = dir.join("demo.yaml");
+    std::fs::write(&cfg, config(p[0], p[1], p[2]))?;
+    say("kt gateway check --verbose (the seed's preflight)");
+    let (_, out) = kt(
+        &[
+            "gateway",
+            "check",
+            "--config",
+            cfg.to_str().unwrap_or_default(),
+            "--verbose",
+        ],
+        None,
+    )?;
+    for l in out.lines() {
+        println!("   {l}");
+    }
+
+    let log = dir.join("kt-run.log");
+    let mut run_args: Vec<String> = vec!["--config".into(), cfg.display().to_string()];
+    let cg = if capture {
+        let mount = cgroup2().context("cgroup2 mount")?;
+        let cg = mount.join(format!("kt-demo-{}", std::process::id()));
+        std::fs::create_dir(&cg).with_context(|| format!("creating {}", cg.display()))?;
+        lock(cleanup).cgroup = Some(cg.clone());
+        run_args = [
+            vec!["run".into()],
+            run_args,
+            vec!["--cgroup".into(), cg.display().to_string()],
+        ]
+        .concat();
+        say(&format!(
+            "kt run: capturing the child cgroup {}",
+            cg.display()
+        ));
+        Some(cg)
+    } else {
+        run_args = [vec!["gateway".into(), "run".into()], run_args].concat();
+        say(
+            "not root (or no cgroup v2): no eBPF capture; the job is pointed at the gateway with OPENAI_BASE_URL instead",
+        );
+        None
+    };
+    let kt_run = Command::new(kt_bin)
+        .args(&run_args)
+        .env("KT_DATA_DIR", &data)
+        .env("SSL_CERT_FILE", &ca_pem)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log)?)
+        .spawn()
+        .context("starting kt")?;
+    let kt_pid = kt_run.id();
+    lock(cleanup).children.push(kt_run);
+    let ready = if capture {
+        "kt: capturing"
+    } else {
+        "kt: gateway listening"
+    };
+    wait_until(
+        || {
+            std::fs::read_to_string(&log)
+                .map(|t| t.contains(ready))
+                .unwrap_or(false)
+        },
+        "kt",
+    )?;
+    for l in std::fs::read_to_string(&log)?.lines() {
+        println!("   [kt] {l}");
+    }
+
+    let kt_ca = data.join("ca/ca.pem");
+    let url = if capture {
+        "https://api.openai.com/v1/chat/completions".to_string()
+    } else {
+        format!("http://127.0.0.1:{}/openai/v1/chat/completions", p[0])
+    };
+    say("a legacy CI job with the OLD key hard coded, no proxy settings, the real host name");
+    let answer = job(cg.as_deref(), &kt_ca, &url, "say hello")?;
+    println!("   job got: {answer}");
+
+    say("a developer pastes an AWS key into a prompt while debugging");
+    let aws = ["AKIA", "DEMODEMODEMODEMO"].concat();
+    let answer = job(
+        cg.as_deref(),
+        &kt_ca,
+        &url,
+        &format!("why does {aws} not work?"),
+    )?;
+    println!("   job got: {answer}");
+
+    say("stopping kt (SIGTERM): it drains, detaches the programs, writes the last events");
+    let _ = Command::new("kill")
+        .args(["-TERM", &kt_pid.to_string()])
+        .status();
+    wait_until(
+        || {
+            std::fs::read_to_string(&log)
+                .map(|t| t.contains("kt: stopped") || t.contains("stopping"))
+                .unwrap_or(false)
+        },
+        "kt to stop",
+    )?;
+    std::thread::sleep(Duration::from_millis(500));
+    drop(fake_stdin);
+
+    say("kt events: every decision, naming the process and the key it tried");
+    let (_, out) = kt(&["events"], None)?;
+    for l in out.lines() {
+        println!("   {l}");
+    }
+    say("kt events --keys: who still uses the Q1 key?");
+    let (_, out) = kt(&["events", "--keys"], None)?;
+    for l in out.lines() {
+        println!("   {l}");
+    }
+    Ok(())
+}
+
+/// Runs one request as the legacy job; inside the cgroup when capturing.
+fn job(cgroup: Option<&Path>, kt_ca: &Path, url: &str, prompt: &str) -> anyhow::Result<String> {
+    let body =
+        format!(r#"{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":"{prompt}"}}]}}"#);
+    let mut c = Command::new("sh")
+        .arg("-c")
+        .arg(r#"read go; exec curl -sS --max-time 20 --resolve api.openai.com:443:127.77.0.20 --cacert "$KT_CA" -H "Authorization: Bearer $OLD_KEY" -H 'content-type: application/json' -d "$BODY" "$URL""#)
+        .env("KT_CA", kt_ca)
+        .env("OLD_KEY", Q1)
+        .env("BODY", body)
+        .env("URL", url)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting the job (needs sh and curl)")?;
+    let mut go = c.stdin.take().context("job stdin")?;
+    if let Some(cg) = cgroup {
+        std::fs::write(cg.join("cgroup.procs"), c.id().to_string())
+            .with_context(|| format!("moving the job into {}", cg.display()))?;
+    }
+    go.write_all(b"go\n")?;
+    drop(go);
+    let out = c.wait_with_output()?;
+    // Let the provider's own report of what it received print first.
+    std::thread::sleep(Duration::from_millis(300));
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    if text.is_empty() {
+        bail!("the job failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(text.chars().take(300).collect())
+}
+
+fn config(listen: u16, cap4: u16, cap6: u16) -> String {
+    format!(
+        r#"# The seed's example plus what a loopback demo needs: base_url for the
+# fake provider, and capture scoped to a test prefix.
+pack:
+  name: provider-key-rotation-demo
+  version: "1.0.0"
+  enabled: true
+providers:
+  routing:
+    strategy: ordered
+  fallback:
+    enabled: true
+  targets:
+    - id: openai-2026q2
+      provider: openai
+      model: gpt-5.4-mini-mini
+      required: true
+      base_url: https://127.77.0.20:443/v1
+      secret_key_ref:
+        store: OPENAI_API_KEY_2026Q2
+    - id: openai-2026q1
+      provider: openai
+      model: gpt-5.4-mini-mini
+      required: false
+      base_url: https://127.77.0.21:443/v1
+      secret_key_ref:
+        store: OPENAI_API_KEY_2026Q1
+policies:
+  chain:
+    - dlp-filter
+    - audit-logger
+policy:
+  dlp-filter:
+    detect_patterns:
+      - 'sk-[A-Za-z0-9]{{20,}}'
+      - 'AKIA[0-9A-Z]{{16}}'
+      - 'ghp_[0-9A-Za-z]{{36}}'
+    blocked_terms:
+      - openai production key
+      - anthropic billing token
+    action: block
+    fuzzy_matching: true
+    max_distance: 1
+  audit-logger: {{}}
+gateway:
+  listen: 127.0.0.1:{listen}
+  capture_listen: 127.0.0.1:{cap4}
+  capture_listen6: "[::1]:{cap6}"
+capture:
+  hosts: []
+  cidrs: [127.77.0.0/16]
+  ports: [443]
+"#
+    )
+}
+
+fn lock(c: &Arc<Mutex<Cleanup>>) -> std::sync::MutexGuard<'_, Cleanup> {
+    c.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn wait_until(mut f: impl FnMut() -> bool, what: &str) -> anyhow::Result<()> {
+    let start = Instant::now();
+    while !f() {
+        if start.elapsed() > Duration::from_secs(30) {
+            bail!("{what} did not become ready in 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
+    let ls: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<_, _>>()?;
+    ls.iter().map(|l| Ok(l.local_addr()?.port())).collect()
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+fn cgroup2() -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/mounts").ok()?;
+    mounts.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
+    })
+}
+
+fn workspace_root() -> anyhow::Result<PathBuf> {
+    let manifest = std::env::var("CARGO_MANIFEST_DIR").context("run through `cargo xtask`")?;
+    Path::new(&manifest)
+        .parent()
+        .map(Path::to_path_buf)
+        .context("xtask has no parent directory")
+}
