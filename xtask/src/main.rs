@@ -30,10 +30,10 @@ enum Cmd {
     },
     /// The whole story offline: capture, key swap, fallback, DLP block, events.
     Demo,
-    /// Benchmarks that print figures and ratios (dlp, gateway).
+    /// Benchmarks that print figures and ratios (dlp, gateway, events).
     Bench {
         /// Which benchmark.
-        #[arg(value_parser = ["dlp", "gateway"])]
+        #[arg(value_parser = ["dlp", "gateway", "events"])]
         name: String,
     },
 }
