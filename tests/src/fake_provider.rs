@@ -122,6 +122,9 @@ pub struct Recorded {
 }
 
 struct State {
+    /// Simulated round-trip time (benchmarks): new connections pay two
+    /// (TCP and TLS handshakes), every request one.
+    rtt_ms: std::sync::atomic::AtomicU64,
     name: String,
     behavior: Mutex<Behavior>,
     requests: Mutex<Vec<Recorded>>,
@@ -169,6 +172,7 @@ impl FakeProvider {
         let listener = TcpListener::bind(bind).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(State {
+            rtt_ms: std::sync::atomic::AtomicU64::new(0),
             name: name.to_string(),
             behavior: Mutex::new(behavior),
             requests: Mutex::new(Vec::new()),
@@ -186,6 +190,10 @@ impl FakeProvider {
                 let st = st.clone();
                 let acceptor = acceptor.clone();
                 tokio::spawn(async move {
+                    let rtt = st.rtt_ms.load(std::sync::atomic::Ordering::Relaxed);
+                    if rtt > 0 {
+                        tokio::time::sleep(std::time::Duration::from_millis(2 * rtt)).await;
+                    }
                     let Ok(tls) = acceptor.accept(tcp).await else {
                         return;
                     };
@@ -211,6 +219,13 @@ impl FakeProvider {
     /// `https://127.0.0.1:PORT` (an Anthropic-style base URL).
     pub fn anthropic_base_url(&self) -> String {
         format!("https://{}", self.addr)
+    }
+
+    /// Simulates a round-trip time to this provider (see `State::rtt_ms`).
+    pub fn set_rtt(&self, rtt: std::time::Duration) {
+        self.state
+            .rtt_ms
+            .store(rtt.as_millis() as u64, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Changes the behaviour for the next requests.
@@ -257,6 +272,10 @@ impl Body for ChanBody {
 }
 
 async fn answer(st: Arc<State>, req: Request<Incoming>) -> Response<FakeBody> {
+    let rtt = st.rtt_ms.load(std::sync::atomic::Ordering::Relaxed);
+    if rtt > 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(rtt)).await;
+    }
     let (parts, body) = req.into_parts();
     let body = body
         .collect()

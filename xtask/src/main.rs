@@ -30,10 +30,10 @@ enum Cmd {
     },
     /// The whole story offline: capture, key swap, fallback, DLP block, events.
     Demo,
-    /// Benchmarks that print figures and ratios (dlp, gateway, events).
+    /// Benchmarks that print figures and ratios (dlp, gateway, events, capture).
     Bench {
         /// Which benchmark.
-        #[arg(value_parser = ["dlp", "gateway", "events"])]
+        #[arg(value_parser = ["dlp", "gateway", "events", "capture"])]
         name: String,
     },
 }

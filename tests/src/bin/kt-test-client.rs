@@ -2,7 +2,9 @@
 //! waits for one line on stdin (sent after the test moved it into the
 //! cgroup), then does one thing and reports on stdout as `key=value` lines.
 //!
-//! Usage: `kt-test-client tcp ADDR [--mark N]` or `kt-test-client udp ADDR`.
+//! Usage: `kt-test-client tcp ADDR [--mark N]`, `kt-test-client udp ADDR`,
+//! or `kt-test-client connect-loop ADDR N` (benchmark: N connects, prints
+//! nanoseconds per connect).
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
@@ -22,7 +24,7 @@ fn run() -> Result<(), String> {
         .ok_or("missing address")?
         .parse()
         .map_err(|e| format!("bad address: {e}"))?;
-    let mark: Option<u32> = match args.get(3).map(String::as_str) {
+    let mark: Option<u32> = match args.get(3).map(String::as_str).filter(|_| mode == "tcp") {
         Some("--mark") => Some(
             args.get(4)
                 .ok_or("missing mark")?
@@ -39,6 +41,10 @@ fn run() -> Result<(), String> {
     match mode.as_str() {
         "tcp" => tcp(addr, mark),
         "udp" => udp(addr),
+        "connect-loop" => connect_loop(
+            addr,
+            args.get(3).and_then(|n| n.parse().ok()).unwrap_or(10_000),
+        ),
         other => Err(format!("unknown mode {other}")),
     }
 }
@@ -93,5 +99,18 @@ fn udp(addr: SocketAddr) -> Result<(), String> {
         Ok(()) => println!("udp_connect=ok"),
         Err(e) => println!("udp_connect_error={}", e.raw_os_error().unwrap_or(0)),
     }
+    Ok(())
+}
+
+fn connect_loop(addr: SocketAddr, n: u32) -> Result<(), String> {
+    let start = std::time::Instant::now();
+    for _ in 0..n {
+        let s = TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
+        drop(s);
+    }
+    println!(
+        "ns_per_connect={}",
+        start.elapsed().as_nanos() / u128::from(n.max(1))
+    );
     Ok(())
 }
