@@ -397,7 +397,7 @@ impl Scanner {
         };
         Ok(Scanner {
             rules: rules.into_iter().map(|(r, _)| r).collect(),
-            prefilter: LiteralSet::new(lits, false),
+            prefilter: LiteralSet::new(lits),
             fallback,
             fallback_set,
             terms: terms::Terms::new(&cfg.blocked_terms, cfg.fuzzy_matching, cfg.max_distance)?,

@@ -24,12 +24,12 @@ struct Term {
     /// Rule id: `blocked-term:<normalised term>`.
     id: String,
     norm: Vec<char>,
-    /// How many of its pieces must be seen, in order and close enough,
-    /// before a window is checked: 2 when it could be cut into `k + 2`
-    /// pieces (then at least two survive any `k` edits), else 1.
+    /// How many of its pieces must appear in a candidate window before the
+    /// window is checked: 2 when it could be cut into `k + 2` pieces (then
+    /// at least two survive any `k` edits), else 1.
     needed: usize,
-    /// Its pieces: `(offset, len)` in `norm`, indexed by `Piece::idx`.
-    pieces: Vec<(usize, usize)>,
+    /// Searchers for its pieces (lower case).
+    pieces: Vec<memchr::memmem::Finder<'static>>,
 }
 
 /// A piece of a term: which term, where the piece starts in it, how long.
@@ -77,7 +77,15 @@ impl Terms {
             if pieces.is_empty() {
                 full_scan.push(term);
             }
-            for (idx, &(offset, len)) in pieces.iter().enumerate() {
+            // With k + 2 pieces, at least one of the k + 1 longest survives
+            // any k edits: only those go to the prefilter, so the shortest
+            // (often a common word such as "key") costs nothing until then.
+            let searched = if needed == 2 {
+                pieces.len() - 1
+            } else {
+                pieces.len()
+            };
+            for (idx, &(offset, len)) in pieces.iter().enumerate().take(searched) {
                 let lit: String = norm[offset..offset + len].iter().collect();
                 lits.push((
                     lit.into_bytes(),
@@ -89,17 +97,24 @@ impl Terms {
                     },
                 ));
             }
+            let piece_bytes = pieces
+                .iter()
+                .map(|&(o, l)| {
+                    let bytes = norm[o..o + l].iter().collect::<String>().into_bytes();
+                    memchr::memmem::Finder::new(&bytes).into_owned()
+                })
+                .collect();
             compiled.push(Term {
                 id: format!("blocked-term:{}", norm.iter().collect::<String>()),
                 norm,
                 needed,
-                pieces,
+                pieces: piece_bytes,
             });
         }
         Ok(Terms {
             terms: compiled,
             k,
-            pieces: LiteralSet::new(lits, false),
+            pieces: LiteralSet::new(lits),
             full_scan,
         })
     }
@@ -125,12 +140,6 @@ impl Terms {
         if let Some(pieces) = &self.pieces {
             // Last window checked per term, to skip a second piece of the same occurrence.
             let mut last: Vec<(usize, usize)> = vec![(usize::MAX, 0); self.terms.len()];
-            // Per term and piece: where that piece was last seen.
-            let mut seen: Vec<Vec<Option<usize>>> = self
-                .terms
-                .iter()
-                .map(|t| vec![None; t.pieces.len()])
-                .collect();
             // Pieces are lower case; searching a lower-cased copy lets the
             // prefilter use its fast (SIMD) case-sensitive path.
             let mut lower = super::scratch::take(&super::scratch::BYTES);
@@ -138,33 +147,6 @@ impl Terms {
             lower.make_ascii_lowercase();
             pieces.for_each(&lower, |piece, q| {
                 let term = &self.terms[piece.term];
-                if term.needed == 2 {
-                    // Some earlier piece of the term must sit right before this one.
-                    let mut paired = false;
-                    for j in 0..term.pieces.len() {
-                        let (off, len) = term.pieces[j];
-                        let Some(at) = seen[piece.term][j] else {
-                            continue;
-                        };
-                        if off + len > piece.offset || at + len > q {
-                            continue;
-                        }
-                        let gap = piece.offset - (off + len) + self.k;
-                        // Few bytes apart: close enough without counting.
-                        if q - (at + len) <= gap
-                            || units_between(buf, bounds, at + len, q, gap) <= gap
-                        {
-                            paired = true;
-                            break;
-                        }
-                        // Later hits are further away still: forget this one.
-                        seen[piece.term][j] = None;
-                    }
-                    seen[piece.term][piece.idx] = Some(q);
-                    if !paired {
-                        return;
-                    }
-                }
                 let before = piece.offset + self.k + 1;
                 let after = term.norm.len() - piece.offset - piece.len + self.k + 1;
                 let a = expand_back(buf, bounds, q, before);
@@ -174,6 +156,18 @@ impl Terms {
                     return;
                 }
                 last[piece.term] = (a, b);
+                if term.needed == 2 {
+                    // A match would hold a second intact piece inside this window.
+                    let window = &lower[a..b];
+                    let another = term
+                        .pieces
+                        .iter()
+                        .enumerate()
+                        .any(|(i, p)| i != piece.idx && p.find(window).is_some());
+                    if !another {
+                        return;
+                    }
+                }
                 let (chars, spans) = normalise_window(buf, bounds, a, b);
                 if let Some((s, e, _)) = best_match(&term.norm, &chars, self.k) {
                     out.push(TermHit {
@@ -347,40 +341,6 @@ fn expand_forward(buf: &[u8], bounds: &[usize], q: usize, need: usize) -> usize 
         pos += 1;
     }
     pos
-}
-
-/// How many normalised characters `buf[a..b]` makes (separator runs and
-/// joins count once), counting no further than `cap + 1`.
-fn units_between(buf: &[u8], bounds: &[usize], a: usize, b: usize, cap: usize) -> usize {
-    let mut bi = bounds.partition_point(|&x| x < a);
-    let mut units = 0;
-    let mut in_sep = false;
-    for (pos, &c) in buf.iter().enumerate().take(b).skip(a) {
-        if units > cap {
-            break;
-        }
-        if bi < bounds.len() && bounds[bi] == pos {
-            if !in_sep {
-                units += 1;
-            }
-            in_sep = true;
-            bi += 1;
-        }
-        match unit_kind(c) {
-            None => {}
-            Some(true) => {
-                units += 1;
-                in_sep = false;
-            }
-            Some(false) => {
-                if !in_sep {
-                    units += 1;
-                }
-                in_sep = true;
-            }
-        }
-    }
-    units
 }
 
 /// Normalises `buf[a..b]`: the characters and, for each, its byte range in
