@@ -486,7 +486,7 @@ pub(crate) enum Segment<'s> {
 /// JSON string and escapes are decoded on the way. Line breaks come out as
 /// `Segment::Break`, everything else as `Segment::Bytes`, in order, so the
 /// joined view is built in one pass without decoding into a copy first.
-pub(crate) fn segments<'s>(text: &'s [u8], json: bool, mut f: impl FnMut(Segment<'_>)) {
+pub(crate) fn segments(text: &[u8], json: bool, mut f: impl FnMut(Segment<'_>)) {
     let mut i = 0;
     while i < text.len() {
         let rest = &text[i..];
