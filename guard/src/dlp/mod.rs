@@ -294,6 +294,15 @@ struct Rule {
     line_bound: bool,
 }
 
+/// What a prefilter literal stands for.
+enum Candidate {
+    /// A prefix of rule `rule`, as written (checked against the original
+    /// bytes when the search ran over the lower-cased copy).
+    Rule { rule: usize, lit: Vec<u8> },
+    /// A piece of a blocked term.
+    Term(terms::Piece),
+}
+
 /// Which rule a hit belongs to.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum RuleRef {
@@ -305,7 +314,10 @@ enum RuleRef {
 /// (`Send + Sync`), call [`Scanner::scan`] per request.
 pub struct Scanner {
     rules: Vec<Rule>,
-    prefilter: Option<LiteralSet<usize>>,
+    /// One literal search for everything: rule prefixes and term pieces.
+    prefilter: Option<LiteralSet<Candidate>>,
+    /// The prefilter runs over a lower-cased copy (there are term pieces).
+    fold_case: bool,
     fallback: Vec<usize>,
     fallback_set: Option<regex::bytes::RegexSet>,
     terms: terms::Terms,
@@ -395,12 +407,29 @@ impl Scanner {
                 })?,
             )
         };
+        let mut terms =
+            terms::Terms::new(&cfg.blocked_terms, cfg.fuzzy_matching, cfg.max_distance)?;
+        let pieces = terms.take_pieces();
+        let fold_case = !pieces.is_empty();
+        let mut all: Vec<(Vec<u8>, Candidate)> = lits
+            .into_iter()
+            .map(|(lit, rule)| {
+                let key = if fold_case {
+                    lit.to_ascii_lowercase()
+                } else {
+                    lit.clone()
+                };
+                (key, Candidate::Rule { rule, lit })
+            })
+            .collect();
+        all.extend(pieces.into_iter().map(|(l, p)| (l, Candidate::Term(p))));
         Ok(Scanner {
             rules: rules.into_iter().map(|(r, _)| r).collect(),
-            prefilter: LiteralSet::new(lits),
+            prefilter: LiteralSet::new(all),
+            fold_case,
             fallback,
             fallback_set,
-            terms: terms::Terms::new(&cfg.blocked_terms, cfg.fuzzy_matching, cfg.max_distance)?,
+            terms,
             action: cfg.action,
             limits: DecodeLimits::default(),
             fingerprinter: Arc::new(Sha256Fingerprinter),
@@ -603,92 +632,127 @@ impl Scanner {
         }
     }
 
+    /// Checks rule `r` at prefilter candidate `p` of `buf`.
+    fn rule_hit(
+        &self,
+        buf: &Buffer,
+        sources: &[Source<'_>],
+        r: usize,
+        p: usize,
+        last_end: &mut [usize],
+        hits: &mut Vec<Hit>,
+    ) {
+        let data = &buf.data[..];
+        let Some(pc) = buf.piece_at(p) else {
+            return;
+        };
+        let rule = &self.rules[r];
+        let src = &sources[pc.src];
+        let off = pc.src_off + (p - pc.at);
+        let piece_end = pc.at + pc.len;
+        let joined_hit = |m: &regex_automata::Match| Hit {
+            rule: RuleRef::Pattern(r),
+            spans: buf.spans(m.start(), m.end()),
+            fingerprint: self.fingerprint(&data[m.range()]),
+        };
+        let value_hit = |m: &regex_automata::Match| Hit {
+            rule: RuleRef::Pattern(r),
+            spans: vec![Span {
+                src: pc.src,
+                start: m.start(),
+                end: m.end(),
+            }],
+            fingerprint: self.fingerprint(&src.text()[m.range()]),
+        };
+        if buf.spanning && rule.line_bound {
+            // One search on the no-match path: with no look-around and
+            // no line breaks in the rule, no joined match means no
+            // match in the value either.
+            let Some(m) = anchored(&rule.regex, data, p) else {
+                return;
+            };
+            if m.end() <= piece_end {
+                last_end[r] = m.end();
+                hits.push(Hit {
+                    rule: RuleRef::Pattern(r),
+                    spans: buf.spans(m.start(), m.end()),
+                    fingerprint: self.fingerprint(&data[m.range()]),
+                });
+                return;
+            }
+            let vm = anchored(&rule.regex, src.text(), off);
+            match vm {
+                Some(v) if v.end() < pc.src_off + pc.len || !buf.interior_ok(&m) => {
+                    last_end[r] = p + v.len();
+                    hits.push(value_hit(&v));
+                }
+                None if !buf.interior_ok(&m) => {}
+                _ => {
+                    last_end[r] = m.end();
+                    hits.push(joined_hit(&m));
+                }
+            }
+            return;
+        }
+        // The value itself first: reported at the value, with its own context.
+        let value_match = anchored(&rule.regex, src.text(), off);
+        // A match that runs to the end of its line or value may go on
+        // in the next one: then the joined view decides.
+        let try_joined = buf.spanning
+            && value_match
+                .as_ref()
+                .is_none_or(|m| m.end() == pc.src_off + pc.len);
+        if try_joined
+            && let Some(m) = anchored(&rule.regex, data, p)
+            && (value_match.is_none() || m.end() > piece_end)
+            && buf.interior_ok(&m)
+        {
+            last_end[r] = m.end();
+            hits.push(joined_hit(&m));
+            return;
+        }
+        if let Some(m) = value_match {
+            last_end[r] = p + (m.end() - m.start()).min(piece_end - p);
+            hits.push(value_hit(&m));
+        }
+    }
+
     /// Runs every rule and term over one buffer.
     fn scan_buffer(&self, buf: &Buffer, sources: &[Source<'_>], hits: &mut Vec<Hit>) {
         let data = &buf.data[..];
         if data.is_empty() {
             return;
         }
+        let mut term_hits = Vec::new();
         if let Some(pre) = &self.prefilter {
             // Per rule: where its last match ended, so a hit inside it is not re-reported.
             let mut last_end = vec![0usize; self.rules.len()];
-            pre.for_each(data, |&r, p| {
-                if p < last_end[r] {
-                    return;
-                }
-                let Some(pc) = buf.piece_at(p) else {
-                    return;
-                };
-                let rule = &self.rules[r];
-                let src = &sources[pc.src];
-                let off = pc.src_off + (p - pc.at);
-                let piece_end = pc.at + pc.len;
-                let joined_hit = |m: &regex_automata::Match| Hit {
-                    rule: RuleRef::Pattern(r),
-                    spans: buf.spans(m.start(), m.end()),
-                    fingerprint: self.fingerprint(&data[m.range()]),
-                };
-                let value_hit = |m: &regex_automata::Match| Hit {
-                    rule: RuleRef::Pattern(r),
-                    spans: vec![Span {
-                        src: pc.src,
-                        start: m.start(),
-                        end: m.end(),
-                    }],
-                    fingerprint: self.fingerprint(&src.text()[m.range()]),
-                };
-                if buf.spanning && rule.line_bound {
-                    // One search on the no-match path: with no look-around and
-                    // no line breaks in the rule, no joined match means no
-                    // match in the value either.
-                    let Some(m) = anchored(&rule.regex, data, p) else {
-                        return;
-                    };
-                    if m.end() <= piece_end {
-                        last_end[r] = m.end();
-                        hits.push(Hit {
-                            rule: RuleRef::Pattern(r),
-                            spans: buf.spans(m.start(), m.end()),
-                            fingerprint: self.fingerprint(&data[m.range()]),
-                        });
-                        return;
+            let mut term_state = self.terms.state();
+            let mut lower = scratch::take(&scratch::BYTES);
+            let hay: &[u8] = if self.fold_case {
+                lower.extend_from_slice(data);
+                lower.make_ascii_lowercase();
+                &lower
+            } else {
+                data
+            };
+            pre.for_each(hay, |cand, p| match cand {
+                Candidate::Rule { rule, lit } => {
+                    if p >= last_end[*rule] && data[p..].starts_with(lit) {
+                        self.rule_hit(buf, sources, *rule, p, &mut last_end, hits);
                     }
-                    let vm = anchored(&rule.regex, src.text(), off);
-                    match vm {
-                        Some(v) if v.end() < pc.src_off + pc.len || !buf.interior_ok(&m) => {
-                            last_end[r] = p + v.len();
-                            hits.push(value_hit(&v));
-                        }
-                        None if !buf.interior_ok(&m) => {}
-                        _ => {
-                            last_end[r] = m.end();
-                            hits.push(joined_hit(&m));
-                        }
-                    }
-                    return;
                 }
-                // The value itself first: reported at the value, with its own context.
-                let value_match = anchored(&rule.regex, src.text(), off);
-                // A match that runs to the end of its line or value may go on
-                // in the next one: then the joined view decides.
-                let try_joined = buf.spanning
-                    && value_match
-                        .as_ref()
-                        .is_none_or(|m| m.end() == pc.src_off + pc.len);
-                if try_joined
-                    && let Some(m) = anchored(&rule.regex, data, p)
-                    && (value_match.is_none() || m.end() > piece_end)
-                    && buf.interior_ok(&m)
-                {
-                    last_end[r] = m.end();
-                    hits.push(joined_hit(&m));
-                    return;
-                }
-                if let Some(m) = value_match {
-                    last_end[r] = p + (m.end() - m.start()).min(piece_end - p);
-                    hits.push(value_hit(&m));
-                }
+                Candidate::Term(piece) => self.terms.on_hit(
+                    data,
+                    hay,
+                    &buf.bounds,
+                    piece,
+                    p,
+                    &mut term_state,
+                    &mut term_hits,
+                ),
             });
+            scratch::give(&scratch::BYTES, lower);
         }
         if let Some(set) = &self.fallback_set {
             for set_idx in set.matches(data).iter() {
@@ -707,20 +771,17 @@ impl Scanner {
                 }
             }
         }
-        if !self.terms.is_empty() {
-            let mut th = Vec::new();
-            self.terms.scan(data, &buf.bounds, &mut th);
-            for t in th {
-                let spans = buf.spans(t.start, t.end);
-                if spans.len() > 1 && !buf.spanning || spans.is_empty() {
-                    continue;
-                }
-                hits.push(Hit {
-                    rule: RuleRef::Term(t.term),
-                    spans,
-                    fingerprint: self.fingerprint(&data[t.start..t.end]),
-                });
+        self.terms.scan_full(data, &buf.bounds, &mut term_hits);
+        for t in term_hits {
+            let spans = buf.spans(t.start, t.end);
+            if spans.len() > 1 && !buf.spanning || spans.is_empty() {
+                continue;
             }
+            hits.push(Hit {
+                rule: RuleRef::Term(t.term),
+                spans,
+                fingerprint: self.fingerprint(&data[t.start..t.end]),
+            });
         }
     }
 

@@ -17,7 +17,6 @@
 //! running Myers' bit-parallel algorithm over it.
 
 use super::DlpError;
-use super::literals::LiteralSet;
 
 /// A compiled term.
 struct Term {
@@ -33,7 +32,7 @@ struct Term {
 }
 
 /// A piece of a term: which term, where the piece starts in it, how long.
-struct Piece {
+pub(crate) struct Piece {
     term: usize,
     idx: usize,
     offset: usize,
@@ -51,7 +50,9 @@ pub(crate) struct TermHit {
 pub(crate) struct Terms {
     terms: Vec<Term>,
     k: usize,
-    pieces: Option<LiteralSet<Piece>>,
+    /// The pieces to search for (lower case), handed to the scanner's
+    /// prefilter so one pass serves secrets and terms.
+    pieces: Vec<(Vec<u8>, Piece)>,
     full_scan: Vec<usize>,
 }
 
@@ -114,14 +115,9 @@ impl Terms {
         Ok(Terms {
             terms: compiled,
             k,
-            pieces: LiteralSet::new(lits),
+            pieces: lits,
             full_scan,
         })
-    }
-
-    /// Whether there is any term at all.
-    pub(crate) fn is_empty(&self) -> bool {
-        self.terms.is_empty()
     }
 
     /// How many terms there are.
@@ -134,51 +130,65 @@ impl Terms {
         &self.terms[i].id
     }
 
-    /// Finds the terms in `buf`. `bounds` (sorted) are offsets where the
-    /// buffer joins two separate texts; each counts as a separator.
-    pub(crate) fn scan(&self, buf: &[u8], bounds: &[usize], out: &mut Vec<TermHit>) {
-        if let Some(pieces) = &self.pieces {
-            // Last window checked per term, to skip a second piece of the same occurrence.
-            let mut last: Vec<(usize, usize)> = vec![(usize::MAX, 0); self.terms.len()];
-            // Pieces are lower case; searching a lower-cased copy lets the
-            // prefilter use its fast (SIMD) case-sensitive path.
-            let mut lower = super::scratch::take(&super::scratch::BYTES);
-            lower.extend_from_slice(buf);
-            lower.make_ascii_lowercase();
-            pieces.for_each(&lower, |piece, q| {
-                let term = &self.terms[piece.term];
-                let before = piece.offset + self.k + 1;
-                let after = term.norm.len() - piece.offset - piece.len + self.k + 1;
-                let a = expand_back(buf, bounds, q, before);
-                let b = expand_forward(buf, bounds, q + piece.len, after);
-                let (la, lb) = last[piece.term];
-                if la <= a && b <= lb {
-                    return;
-                }
-                last[piece.term] = (a, b);
-                if term.needed == 2 {
-                    // A match would hold a second intact piece inside this window.
-                    let window = &lower[a..b];
-                    let another = term
-                        .pieces
-                        .iter()
-                        .enumerate()
-                        .any(|(i, p)| i != piece.idx && p.find(window).is_some());
-                    if !another {
-                        return;
-                    }
-                }
-                let (chars, spans) = normalise_window(buf, bounds, a, b);
-                if let Some((s, e, _)) = best_match(&term.norm, &chars, self.k) {
-                    out.push(TermHit {
-                        term: piece.term,
-                        start: spans[s].0,
-                        end: spans[e - 1].1,
-                    });
-                }
-            });
-            super::scratch::give(&super::scratch::BYTES, lower);
+    /// Takes the pieces to search for: `(lower-case literal, piece)`.
+    pub(crate) fn take_pieces(&mut self) -> Vec<(Vec<u8>, Piece)> {
+        std::mem::take(&mut self.pieces)
+    }
+
+    /// Per-buffer state for [`Terms::on_hit`].
+    pub(crate) fn state(&self) -> Vec<(usize, usize)> {
+        vec![(usize::MAX, 0); self.terms.len()]
+    }
+
+    /// Checks a candidate: `piece` found at `q` in `lower` (the lower-cased
+    /// `buf`). `bounds` (sorted) are offsets where the buffer joins two
+    /// separate texts; each counts as a separator.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn on_hit(
+        &self,
+        buf: &[u8],
+        lower: &[u8],
+        bounds: &[usize],
+        piece: &Piece,
+        q: usize,
+        last: &mut [(usize, usize)],
+        out: &mut Vec<TermHit>,
+    ) {
+        let term = &self.terms[piece.term];
+        let before = piece.offset + self.k + 1;
+        let after = term.norm.len() - piece.offset - piece.len + self.k + 1;
+        let a = expand_back(buf, bounds, q, before);
+        let b = expand_forward(buf, bounds, q + piece.len, after);
+        // Last window checked for this term: skip a second piece of the same occurrence.
+        let (la, lb) = last[piece.term];
+        if la <= a && b <= lb {
+            return;
         }
+        last[piece.term] = (a, b);
+        if term.needed == 2 {
+            // A match would hold a second intact piece inside this window.
+            let window = &lower[a..b];
+            let another = term
+                .pieces
+                .iter()
+                .enumerate()
+                .any(|(i, p)| i != piece.idx && p.find(window).is_some());
+            if !another {
+                return;
+            }
+        }
+        let (chars, spans) = normalise_window(buf, bounds, a, b);
+        if let Some((s, e, _)) = best_match(&term.norm, &chars, self.k) {
+            out.push(TermHit {
+                term: piece.term,
+                start: spans[s].0,
+                end: spans[e - 1].1,
+            });
+        }
+    }
+
+    /// Runs the terms that have no pieces over the whole of `buf`.
+    pub(crate) fn scan_full(&self, buf: &[u8], bounds: &[usize], out: &mut Vec<TermHit>) {
         if self.full_scan.is_empty() {
             return;
         }
