@@ -178,6 +178,15 @@ impl Terms {
             }
         }
         let (chars, spans) = normalise_window(buf, bounds, a, b);
+        if term.norm.len() <= 64 {
+            // Bit-parallel test first; the dynamic programme (which also finds
+            // where the match starts) only runs on a real match.
+            let mut any = false;
+            myers_ends(&term.norm, &chars, self.k, |_| any = true);
+            if !any {
+                return;
+            }
+        }
         if let Some((s, e, _)) = best_match(&term.norm, &chars, self.k) {
             out.push(TermHit {
                 term: piece.term,
