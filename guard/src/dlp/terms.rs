@@ -157,8 +157,8 @@ impl Terms {
         let term = &self.terms[piece.term];
         let before = piece.offset + self.k + 1;
         let after = term.norm.len() - piece.offset - piece.len + self.k + 1;
-        let a = expand_back(buf, bounds, q, before);
-        let b = expand_forward(buf, bounds, q + piece.len, after);
+        let a = expand_back(buf, q, before);
+        let b = expand_forward(buf, q + piece.len, after);
         // Last window checked for this term: skip a second piece of the same occurrence.
         let (la, lb) = last[piece.term];
         if la <= a && b <= lb {
@@ -291,21 +291,14 @@ fn unit_kind(c: u8) -> Option<bool> {
     }
 }
 
-/// Moves back from `q` over at least `need` normalised characters.
-fn expand_back(buf: &[u8], bounds: &[usize], q: usize, need: usize) -> usize {
-    let mut bi = bounds.partition_point(|&x| x <= q);
+/// Moves back from `q` over at least `need` normalised characters. Joins
+/// between texts are not counted: they only add separators, so the window
+/// can only come out larger than needed, never smaller.
+fn expand_back(buf: &[u8], q: usize, need: usize) -> usize {
     let mut pos = q;
     let mut units = 0;
     let mut in_sep = false;
     while pos > 0 && units < need {
-        if bi > 0 && bounds[bi - 1] == pos {
-            // A join is a separator: merged with any separator run next to it.
-            if !in_sep {
-                units += 1;
-            }
-            in_sep = true;
-            bi -= 1;
-        }
         pos -= 1;
         match unit_kind(buf[pos]) {
             None => {}
@@ -327,20 +320,13 @@ fn expand_back(buf: &[u8], bounds: &[usize], q: usize, need: usize) -> usize {
     pos
 }
 
-/// Moves forward from `q` over at least `need` normalised characters.
-fn expand_forward(buf: &[u8], bounds: &[usize], q: usize, need: usize) -> usize {
-    let mut bi = bounds.partition_point(|&x| x < q);
+/// Moves forward from `q` over at least `need` normalised characters (see
+/// `expand_back`).
+fn expand_forward(buf: &[u8], q: usize, need: usize) -> usize {
     let mut pos = q;
     let mut units = 0;
     let mut in_sep = false;
     while pos < buf.len() && units < need {
-        if bi < bounds.len() && bounds[bi] == pos {
-            if !in_sep {
-                units += 1;
-            }
-            in_sep = true;
-            bi += 1;
-        }
         match unit_kind(buf[pos]) {
             None => {}
             Some(true) => {
