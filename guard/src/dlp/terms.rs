@@ -6,15 +6,20 @@
 //! `max_distance` character edits (insert, delete, substitute) of the
 //! normalised term; `fuzzy_matching: false` means distance 0.
 //!
-//! Speed: by the pigeonhole principle, if a term is cut into `k + 1` disjoint
-//! space-free pieces, any match with at most `k` edits contains one piece
-//! unchanged. Pieces are letters and digits only, so they appear in the raw
-//! text exactly as in the normalised text (ASCII case aside): one
-//! aho-corasick pass over the raw text finds candidates, and only a small
-//! window around each is normalised and checked with Sellers' dynamic
-//! programme. Terms that cannot be cut that way (non-ASCII, or pieces shorter
-//! than 3 characters) fall back to normalising the whole text once and
-//! running Myers' bit-parallel algorithm over it.
+//! Speed: by the pigeonhole principle, if a term is cut into `k + 2`
+//! disjoint space-free pieces (its words, longer words halved when more are
+//! needed), any match with at most `k` edits keeps at least two pieces
+//! unchanged, and so at least one of the `k + 1` longest. Pieces are letters
+//! and digits only, so they appear in the raw text exactly as in the
+//! normalised text (ASCII case aside). The `k + 1` longest pieces join the
+//! scanner's single literal pass (over a lower-cased copy of the text); at
+//! each candidate, a window just wide enough for a match is taken, a second
+//! piece must appear in it, then Myers' bit-parallel algorithm tests the
+//! normalised window and Sellers' dynamic programme finds where the match
+//! starts. Terms that cannot be cut into `k + 2` pieces of at least 3
+//! characters use `k + 1` pieces and no second-piece test; terms that cannot
+//! be cut at all (non-ASCII, or too short) are run with Myers' algorithm over
+//! the whole normalised text.
 
 use super::DlpError;
 
@@ -23,6 +28,8 @@ struct Term {
     /// Rule id: `blocked-term:<normalised term>`.
     id: String,
     norm: Vec<char>,
+    /// Edits allowed: `max_distance` (0 unless fuzzy), at most `(len - 1) / 2`.
+    k: usize,
     /// How many of its pieces must appear in a candidate window before the
     /// window is checked: 2 when it could be cut into `k + 2` pieces (then
     /// at least two survive any `k` edits), else 1.
@@ -49,7 +56,6 @@ pub(crate) struct TermHit {
 /// All blocked terms of a policy.
 pub(crate) struct Terms {
     terms: Vec<Term>,
-    k: usize,
     /// The pieces to search for (lower case), handed to the scanner's
     /// prefilter so one pass serves secrets and terms.
     pieces: Vec<(Vec<u8>, Piece)>,
@@ -71,6 +77,9 @@ impl Terms {
                 return Err(DlpError::EmptyTerm { index });
             }
             let term = compiled.len();
+            // At least half of a term must match: `max_distance` 3 on a
+            // 4-letter term would otherwise match nearly any text.
+            let k = k.min((norm.len() - 1) / 2);
             let (needed, pieces) = match cut(&norm, k + 1) {
                 Some(c) => (2, c),
                 None => (1, cut(&norm, k).unwrap_or_default()),
@@ -108,13 +117,13 @@ impl Terms {
             compiled.push(Term {
                 id: format!("blocked-term:{}", norm.iter().collect::<String>()),
                 norm,
+                k,
                 needed,
                 pieces: piece_bytes,
             });
         }
         Ok(Terms {
             terms: compiled,
-            k,
             pieces: lits,
             full_scan,
         })
@@ -155,8 +164,8 @@ impl Terms {
         out: &mut Vec<TermHit>,
     ) {
         let term = &self.terms[piece.term];
-        let before = piece.offset + self.k + 1;
-        let after = term.norm.len() - piece.offset - piece.len + self.k + 1;
+        let before = piece.offset + term.k + 1;
+        let after = term.norm.len() - piece.offset - piece.len + term.k + 1;
         let a = expand_back(buf, q, before);
         let b = expand_forward(buf, q + piece.len, after);
         // Last window checked for this term: skip a second piece of the same occurrence.
@@ -182,12 +191,14 @@ impl Terms {
             // Bit-parallel test first; the dynamic programme (which also finds
             // where the match starts) only runs on a real match.
             let mut any = false;
-            myers_ends(&term.norm, &chars, self.k, |_| any = true);
+            myers_ends(&term.norm, &chars, term.k, |_| any = true);
             if !any {
                 return;
             }
         }
-        if let Some((s, e, _)) = best_match(&term.norm, &chars, self.k) {
+        if let Some((s, e, _)) = best_match(&term.norm, &chars, term.k)
+            && s < e
+        {
             out.push(TermHit {
                 term: piece.term,
                 start: spans[s].0,
@@ -204,14 +215,17 @@ impl Terms {
         let (chars, spans) = normalise_window(buf, bounds, 0, buf.len());
         for &t in &self.full_scan {
             let p = &self.terms[t].norm;
+            let k = self.terms[t].k;
             let mut next_free = 0;
             let mut check = |end: usize| {
                 if end < next_free {
                     return;
                 }
-                let lo = (end + 1).saturating_sub(p.len() + self.k);
-                let hi = (end + 1 + self.k).min(chars.len());
-                if let Some((s, e, _)) = best_match(p, &chars[lo..hi], self.k) {
+                let lo = (end + 1).saturating_sub(p.len() + k);
+                let hi = (end + 1 + k).min(chars.len());
+                if let Some((s, e, _)) = best_match(p, &chars[lo..hi], k)
+                    && s < e
+                {
                     out.push(TermHit {
                         term: t,
                         start: spans[lo + s].0,
@@ -221,8 +235,10 @@ impl Terms {
                 }
             };
             if p.len() <= 64 {
-                myers_ends(p, &chars, self.k, &mut check);
-            } else if let Some((_, e, _)) = best_match(p, &chars, self.k) {
+                myers_ends(p, &chars, k, &mut check);
+            } else if let Some((_, e, _)) = best_match(p, &chars, k)
+                && e > 0
+            {
                 check(e - 1);
             }
         }

@@ -702,3 +702,37 @@ fn term_pieces_must_be_close_and_separator_runs_collapse() {
             .any(|f| f.rule_id == "blocked-term:openai production key")
     );
 }
+
+#[test]
+fn short_terms_keep_at_least_half_their_letters() {
+    let cfg = DlpFilter {
+        detect_patterns: vec![],
+        blocked_terms: vec!["tok".into(), "ab".into()],
+        action: DlpAction::Block,
+        fuzzy_matching: true,
+        max_distance: 3,
+        builtin_rules: false,
+    };
+    // With 3 edits allowed outright, "tok" and "ab" would match any text.
+    assert!(term_findings(&cfg, "nothing related here at all").is_empty());
+    assert_eq!(term_findings(&cfg, "a tek b").len(), 1);
+    assert_eq!(term_findings(&cfg, "x AB y").len(), 1);
+}
+
+#[test]
+fn scanner_is_shareable_across_threads() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Scanner>();
+    let scanner = Arc::new(Scanner::new(&seed_policy(true)).unwrap());
+    let key = builtin_rules()[6].sample();
+    let handles: Vec<_> = (0..4)
+        .map(|_| {
+            let scanner = Arc::clone(&scanner);
+            let body = messages(&[&key]);
+            std::thread::spawn(move || scanner.scan(&view(&body, None)).unwrap().findings.len())
+        })
+        .collect();
+    for h in handles {
+        assert_eq!(h.join().unwrap(), 2);
+    }
+}
