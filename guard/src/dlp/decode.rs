@@ -185,13 +185,19 @@ enum Frame<'a> {
 
 /// Every string of `body` if it is one JSON document, else `None` (the
 /// caller then scans the body as text).
-pub(crate) fn json_strings(body: &[u8], escapes: &mut Vec<usize>) -> Option<Vec<JsonStr>> {
-    let mut out = Vec::new();
-    walk(body, Some(escapes), |_, s| {
-        out.push(s);
+/// Calls `on_str` for every string of `body` (keys included), with the body
+/// offsets of its backslashes, right after scanning it (while its bytes are
+/// still in cache). `None` when `body` is not one JSON document; the
+/// strings seen before that was clear were still reported.
+pub(crate) fn json_strings(
+    body: &[u8],
+    escapes: &mut Vec<usize>,
+    mut on_str: impl FnMut(JsonStr, &[usize]),
+) -> Option<()> {
+    walk(body, Some(escapes), |_, s, esc| {
+        on_str(s, esc);
         true
-    })?;
-    Some(out)
+    })
 }
 
 /// The JSON paths of the string tokens starting at the offsets in `wanted`
@@ -204,7 +210,7 @@ pub(crate) fn json_paths(
     masked: &[usize],
 ) -> std::collections::HashMap<usize, String> {
     let mut found = std::collections::HashMap::new();
-    walk(body, None, |stack, s| {
+    walk(body, None, |stack, s, _| {
         if wanted.binary_search(&s.raw.start).is_err() {
             return true;
         }
@@ -261,7 +267,7 @@ fn push_key(path: &mut String, start: usize, key: &[u8], masked: &[usize]) {
 fn walk<'a>(
     body: &'a [u8],
     mut escapes: Option<&mut Vec<usize>>,
-    mut on_str: impl FnMut(&[Frame<'a>], JsonStr) -> bool,
+    mut on_str: impl FnMut(&[Frame<'a>], JsonStr, &[usize]) -> bool,
 ) -> Option<()> {
     #[derive(Clone, Copy)]
     enum St {
@@ -300,7 +306,10 @@ fn walk<'a>(
                         is_key: false,
                         structural,
                     };
-                    if !on_str(&stack, s) {
+                    let esc = escapes
+                        .as_deref()
+                        .map_or(&[][..], |e| &e[first_esc..esc_end]);
+                    if !on_str(&stack, s, esc) {
                         return Some(());
                     }
                     i = end;
@@ -350,7 +359,10 @@ fn walk<'a>(
                     is_key: true,
                     structural: false,
                 };
-                if !on_str(&stack, key) {
+                let esc = escapes
+                    .as_deref()
+                    .map_or(&[][..], |e| &e[first_esc..esc_end]);
+                if !on_str(&stack, key, esc) {
                     return Some(());
                 }
                 if let Some(Frame::Obj(slot)) = stack.last_mut() {

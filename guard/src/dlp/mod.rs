@@ -588,27 +588,36 @@ impl Scanner {
     ) -> Analysis<'b> {
         let mut sources: Vec<Source<'b>> = Vec::new();
         let mut body_kind = BodyKind::Empty;
+        let mut joined = Buffer::new(true);
         if !body.is_empty() {
-            match decode::json_strings(body, escapes) {
-                Some(strs) => {
-                    body_kind = BodyKind::Json;
-                    sources.extend(strs.into_iter().map(|s| Source {
-                        origin: Origin::Json {
-                            raw_start: s.raw.start,
-                            raw_end: s.raw.end,
-                            is_key: s.is_key,
-                        },
-                        joinable: !s.is_key && !s.structural,
-                        raw: &body[s.raw.start + 1..s.raw.end - 1],
-                        escaped: s.escaped,
-                        json: Some((s.raw.start + 1, s.escapes)),
-                        decoded: OnceCell::new(),
-                    }));
+            joined.data.reserve(body.len());
+            let json = decode::json_strings(body, escapes, |s, esc| {
+                let src = Source {
+                    origin: Origin::Json {
+                        raw_start: s.raw.start,
+                        raw_end: s.raw.end,
+                        is_key: s.is_key,
+                    },
+                    joinable: !s.is_key && !s.structural,
+                    raw: &body[s.raw.start + 1..s.raw.end - 1],
+                    escaped: s.escaped,
+                    json: Some((s.raw.start + 1, s.escapes)),
+                    decoded: OnceCell::new(),
+                };
+                if src.joinable {
+                    joined.append(sources.len(), &src, body, esc);
                 }
-                None => {
-                    body_kind = BodyKind::Text;
-                    sources.push(Source::plain(Origin::Text, true, body));
-                }
+                sources.push(src);
+            });
+            if json.is_some() {
+                body_kind = BodyKind::Json;
+            } else {
+                body_kind = BodyKind::Text;
+                sources.clear();
+                joined.clear();
+                let src = Source::plain(Origin::Text, true, body);
+                joined.append(0, &src, body, &[]);
+                sources.push(src);
             }
         }
         if !url.is_empty() {
@@ -623,7 +632,6 @@ impl Scanner {
             }
             sources.push(Source::plain(Origin::Header(i), false, value));
         }
-        let joined = Buffer::joined(&sources, body, escapes);
         let others = Buffer::separate(&sources);
         let mut hits = Vec::new();
         self.scan_buffer(&joined, &sources, &mut hits);
@@ -1074,59 +1082,55 @@ impl Buffer {
         }
     }
 
-    /// The joined view: joinable sources, decoded, line breaks removed.
-    fn joined(sources: &[Source<'_>], body: &[u8], escapes: &[usize]) -> Buffer {
-        let total: usize = sources
-            .iter()
-            .filter(|s| s.joinable)
-            .map(|s| s.raw.len())
-            .sum();
-        let mut b = Buffer::new(true);
-        b.data.reserve(total);
-        for (i, s) in sources.iter().enumerate().filter(|(_, s)| s.joinable) {
-            // (buffer offset, source offset) where the open piece started.
-            let mut open: Option<(usize, usize)> = None;
-            let mut src_off = 0;
-            let close = |b: &mut Buffer, open: &mut Option<(usize, usize)>| {
-                if let Some((at, so)) = open.take() {
-                    b.pieces.push(Piece {
-                        at,
-                        src: i,
-                        src_off: so,
-                        len: b.data.len() - at,
-                    });
-                }
-            };
-            let mut sink = |seg: Segment<'_>| match seg {
-                Segment::Bytes(bytes) => {
-                    if open.is_none() {
-                        if !b.data.is_empty() {
-                            b.bounds.push(b.data.len());
-                        }
-                        open = Some((b.data.len(), src_off));
-                    }
-                    b.data.extend_from_slice(bytes);
-                    src_off += bytes.len();
-                }
-                Segment::Break(_) => {
-                    close(&mut b, &mut open);
-                    src_off += 1;
-                }
-            };
-            match &s.json {
-                // Valid JSON strings hold no raw line breaks: copy in one go.
-                Some(_) if !s.escaped => sink(Segment::Bytes(s.raw)),
-                Some((start, esc)) => decode::segments_at(
-                    body,
-                    *start..*start + s.raw.len(),
-                    &escapes[esc.clone()],
-                    &mut sink,
-                ),
-                None => decode::segments(s.raw, false, &mut sink),
+    /// Empties the buffer, keeping its allocations.
+    fn clear(&mut self) {
+        self.data.clear();
+        self.pieces.clear();
+        self.bounds.clear();
+    }
+
+    /// Appends source `i` to the joined view: decoded, line breaks removed
+    /// (each line becomes a piece). `escapes` are the body offsets of the
+    /// backslashes of a JSON string source.
+    fn append(&mut self, i: usize, s: &Source<'_>, body: &[u8], escapes: &[usize]) {
+        // (buffer offset, source offset) where the open piece started.
+        let mut open: Option<(usize, usize)> = None;
+        let mut src_off = 0;
+        let close = |b: &mut Buffer, open: &mut Option<(usize, usize)>| {
+            if let Some((at, so)) = open.take() {
+                b.pieces.push(Piece {
+                    at,
+                    src: i,
+                    src_off: so,
+                    len: b.data.len() - at,
+                });
             }
-            close(&mut b, &mut open);
+        };
+        let mut sink = |seg: Segment<'_>| match seg {
+            Segment::Bytes(bytes) => {
+                if open.is_none() {
+                    if !self.data.is_empty() {
+                        self.bounds.push(self.data.len());
+                    }
+                    open = Some((self.data.len(), src_off));
+                }
+                self.data.extend_from_slice(bytes);
+                src_off += bytes.len();
+            }
+            Segment::Break(_) => {
+                close(self, &mut open);
+                src_off += 1;
+            }
+        };
+        match &s.json {
+            // Valid JSON strings hold no raw line breaks: copy in one go.
+            Some(_) if !s.escaped => sink(Segment::Bytes(s.raw)),
+            Some((start, _)) => {
+                decode::segments_at(body, *start..*start + s.raw.len(), escapes, &mut sink)
+            }
+            None => decode::segments(s.raw, false, &mut sink),
         }
-        b
+        close(self, &mut open);
     }
 
     /// Everything else, one piece per source, newline-separated.
