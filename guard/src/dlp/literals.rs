@@ -71,11 +71,21 @@ impl<T> LiteralSet<T> {
         Some(LiteralSet { engine, groups })
     }
 
+    /// The longest literal, in bytes.
+    pub(crate) fn max_len(&self) -> usize {
+        self.groups
+            .iter()
+            .flatten()
+            .map(|e| e.lit.len())
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Calls `f(payload, position)` for every occurrence of every literal in
-    /// `hay`, in order of position.
-    pub(crate) fn for_each(&self, hay: &[u8], mut f: impl FnMut(&T, usize)) {
+    /// `hay` that starts before `limit`, in order of position.
+    pub(crate) fn for_each(&self, hay: &[u8], limit: usize, mut f: impl FnMut(&T, usize)) {
         let mut at = 0;
-        while at < hay.len() {
+        while at < limit.min(hay.len()) {
             let m = match &self.engine {
                 Engine::Packed(p) => p.find_in(hay, aho_corasick::Span::from(at..hay.len())),
                 Engine::Automaton(ac) => ac.find(Input::new(hay).span(at..hay.len())),
@@ -84,6 +94,9 @@ impl<T> LiteralSet<T> {
                 return;
             };
             let p = m.start();
+            if p >= limit {
+                return;
+            }
             for e in &self.groups[m.pattern().as_usize()] {
                 let rest = &hay[p..];
                 let hit = rest.starts_with(&e.lit);

@@ -345,6 +345,9 @@ impl std::fmt::Debug for Scanner {
     }
 }
 
+/// Bytes lower-cased and searched at a time (fits in a core's L2 cache).
+const FOLD_CHUNK: usize = 64 * 1024;
+
 /// Shortest line or value a joined match may cover whole (see `Buffer::interior_ok`).
 const MIN_INTERIOR: usize = 16;
 
@@ -741,31 +744,35 @@ impl Scanner {
             // Per rule: where its last match ended, so a hit inside it is not re-reported.
             let mut last_end = vec![0usize; self.rules.len()];
             let mut term_state = self.terms.state();
-            let mut lower = scratch::take(&scratch::BYTES);
-            let hay: &[u8] = if self.fold_case {
-                lower.extend_from_slice(data);
-                lower.make_ascii_lowercase();
-                &lower
-            } else {
-                data
-            };
-            pre.for_each(hay, |cand, p| match cand {
+            let mut on_candidate = |cand: &Candidate, p: usize| match cand {
                 Candidate::Rule { rule, lit } => {
                     if p >= last_end[*rule] && data[p..].starts_with(lit) {
                         self.rule_hit(buf, sources, *rule, p, &mut last_end, hits);
                     }
                 }
-                Candidate::Term(piece) => self.terms.on_hit(
-                    data,
-                    hay,
-                    &buf.bounds,
-                    piece,
-                    p,
-                    &mut term_state,
-                    &mut term_hits,
-                ),
-            });
-            scratch::give(&scratch::BYTES, lower);
+                Candidate::Term(piece) => {
+                    self.terms
+                        .on_hit(data, &buf.bounds, piece, p, &mut term_state, &mut term_hits)
+                }
+            };
+            if self.fold_case {
+                // Lower-case and search a cache-sized chunk at a time; the
+                // overlap lets a literal that starts in one chunk end in the next.
+                let overlap = pre.max_len().saturating_sub(1);
+                let mut lower = scratch::take(&scratch::BYTES);
+                let mut start = 0;
+                while start < data.len() {
+                    let end = (start + FOLD_CHUNK).min(data.len());
+                    lower.clear();
+                    lower.extend_from_slice(&data[start..(end + overlap).min(data.len())]);
+                    lower.make_ascii_lowercase();
+                    pre.for_each(&lower, end - start, |cand, p| on_candidate(cand, start + p));
+                    start = end;
+                }
+                scratch::give(&scratch::BYTES, lower);
+            } else {
+                pre.for_each(data, data.len(), on_candidate);
+            }
         }
         if let Some(set) = &self.fallback_set {
             for set_idx in set.matches(data).iter() {

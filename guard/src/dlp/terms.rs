@@ -46,6 +46,14 @@ pub(crate) struct Piece {
     len: usize,
 }
 
+/// Scratch state of one buffer's scan (see [`Terms::on_hit`]).
+pub(crate) struct TermState {
+    /// Per term: the last window checked, to skip a second piece of the same occurrence.
+    last: Vec<(usize, usize)>,
+    /// The lower-cased candidate window.
+    window: Vec<u8>,
+}
+
 /// A term found in a buffer: byte range in that buffer.
 pub(crate) struct TermHit {
     pub term: usize,
@@ -145,24 +153,26 @@ impl Terms {
     }
 
     /// Per-buffer state for [`Terms::on_hit`].
-    pub(crate) fn state(&self) -> Vec<(usize, usize)> {
-        vec![(usize::MAX, 0); self.terms.len()]
+    pub(crate) fn state(&self) -> TermState {
+        TermState {
+            last: vec![(usize::MAX, 0); self.terms.len()],
+            window: Vec::new(),
+        }
     }
 
-    /// Checks a candidate: `piece` found at `q` in `lower` (the lower-cased
-    /// `buf`). `bounds` (sorted) are offsets where the buffer joins two
+    /// Checks a candidate: `piece` found at `q` in `buf` (ASCII case
+    /// ignored). `bounds` (sorted) are offsets where the buffer joins two
     /// separate texts; each counts as a separator.
-    #[allow(clippy::too_many_arguments)]
     pub(crate) fn on_hit(
         &self,
         buf: &[u8],
-        lower: &[u8],
         bounds: &[usize],
         piece: &Piece,
         q: usize,
-        last: &mut [(usize, usize)],
+        state: &mut TermState,
         out: &mut Vec<TermHit>,
     ) {
+        let last = &mut state.last;
         let term = &self.terms[piece.term];
         let before = piece.offset + term.k + 1;
         let after = term.norm.len() - piece.offset - piece.len + term.k + 1;
@@ -176,7 +186,10 @@ impl Terms {
         last[piece.term] = (a, b);
         if term.needed == 2 {
             // A match would hold a second intact piece inside this window.
-            let window = &lower[a..b];
+            state.window.clear();
+            state.window.extend_from_slice(&buf[a..b]);
+            state.window.make_ascii_lowercase();
+            let window = &state.window[..];
             let another = term
                 .pieces
                 .iter()
