@@ -166,9 +166,6 @@ pub(crate) struct JsonStr {
     pub raw: std::ops::Range<usize>,
     /// Whether it holds any backslash escape.
     pub escaped: bool,
-    /// Where its backslashes are: a range of the `escapes` list filled by
-    /// `json_strings`, so the joined view is built without searching again.
-    pub escapes: std::ops::Range<usize>,
     /// An object key rather than a value.
     pub is_key: bool,
     /// The value of a structural key (see `STRUCTURAL_KEYS`).
@@ -302,7 +299,6 @@ fn walk<'a>(
                     let s = JsonStr {
                         raw: i..end,
                         escaped,
-                        escapes: first_esc..esc_end,
                         is_key: false,
                         structural,
                     };
@@ -355,7 +351,6 @@ fn walk<'a>(
                 let key = JsonStr {
                     raw: i..end,
                     escaped,
-                    escapes: first_esc..esc_end,
                     is_key: true,
                     structural: false,
                 };

@@ -604,7 +604,7 @@ impl Scanner {
                     joinable: !s.is_key && !s.structural,
                     raw: &body[s.raw.start + 1..s.raw.end - 1],
                     escaped: s.escaped,
-                    json: Some((s.raw.start + 1, s.escapes)),
+                    json_start: Some(s.raw.start + 1),
                     decoded: OnceCell::new(),
                 };
                 if src.joinable {
@@ -994,9 +994,8 @@ struct Source<'a> {
     raw: &'a [u8],
     /// A JSON string with escapes: `raw` must be decoded to get the value.
     escaped: bool,
-    /// For a JSON string: where `raw` starts in the body, and its range of
-    /// the backslash list (see `decode::json_strings`).
-    json: Option<(usize, std::ops::Range<usize>)>,
+    /// For a JSON string: where `raw` starts in the body.
+    json_start: Option<usize>,
     /// The decoded value, made on first use (only where a rule may match).
     decoded: OnceCell<Vec<u8>>,
 }
@@ -1008,7 +1007,7 @@ impl<'a> Source<'a> {
             joinable,
             raw,
             escaped: false,
-            json: None,
+            json_start: None,
             decoded: OnceCell::new(),
         }
     }
@@ -1129,11 +1128,11 @@ impl Buffer {
                 src_off += 1;
             }
         };
-        match &s.json {
+        match s.json_start {
             // Valid JSON strings hold no raw line breaks: copy in one go.
             Some(_) if !s.escaped => sink(Segment::Bytes(s.raw)),
-            Some((start, _)) => {
-                decode::segments_at(body, *start..*start + s.raw.len(), escapes, &mut sink)
+            Some(start) => {
+                decode::segments_at(body, start..start + s.raw.len(), escapes, &mut sink)
             }
             None => decode::segments(s.raw, false, &mut sink),
         }
