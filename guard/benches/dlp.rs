@@ -3,7 +3,10 @@
 //!
 //! Policy: the seed's `dlp-filter` (three patterns, two blocked terms, fuzzy,
 //! distance 1) plus the built-in pack. Bodies: OpenAI-style JSON `messages`
-//! of 1 KiB, 64 KiB and 1 MiB, with no match and with matches.
+//! of 1 KiB, 64 KiB and 1 MiB, a line break every ~9 words: `plain` (no
+//! match, prose and code), `nearmiss` (no match, but ~6% of words are
+//! candidates: "task-based", "OpenAI", "key", "token", "production", …) and
+//! `matches` (`nearmiss` plus secrets and a blocked phrase every 32 KiB).
 //!
 //! Columns: `kt` is `Scanner::scan` (decoding, JSON walk, joined view,
 //! prefilter, terms). Two baselines run in the same process:
@@ -188,9 +191,34 @@ impl Lcg {
     }
 }
 
-/// A JSON chat body of about `size` bytes; with `matches`, one made-up secret
-/// of each of three kinds and a fuzzy blocked term every 32 KiB (at least once).
-fn body(size: usize, matches: bool) -> Vec<u8> {
+/// Words that make prefilter candidates: near-miss prefixes and the words
+/// of the blocked terms. The "plain" bodies leave them out.
+const NEAR: &[&str] = &[
+    "task-based",
+    "risk-free",
+    "OpenAI",
+    "key",
+    "token",
+    "production",
+    "billing",
+    "Anthropic",
+];
+
+/// The kinds of body measured.
+#[derive(Clone, Copy, PartialEq)]
+enum Case {
+    /// Ordinary prose and code, none of the `NEAR` words.
+    Plain,
+    /// With the `NEAR` words (each about 1 word in 140): candidates everywhere.
+    NearMiss,
+    /// `NearMiss` plus one made-up secret of each of three kinds and a fuzzy
+    /// blocked term every 32 KiB (at least once).
+    Matches,
+}
+
+/// A JSON chat body of about `size` bytes (see [`Case`]).
+fn body(size: usize, case: Case) -> Vec<u8> {
+    let matches = case == Case::Matches;
     let mut rng = Lcg(7);
     let mut messages = Vec::new();
     let mut total = 0;
@@ -210,7 +238,8 @@ fn body(size: usize, matches: bool) -> Vec<u8> {
             while matches!(
                 (prev, w),
                 ("OpenAI", "production") | ("Anthropic", "billing")
-            ) {
+            ) || (case == Case::Plain && NEAR.contains(&w))
+            {
                 w = WORDS[rng.next() % WORDS.len()];
             }
             prev = w;
@@ -341,7 +370,7 @@ fn main() {
     // `cargo bench -p guard --bench dlp -- profile`: only the 1 MiB no-match
     // scan, for a few seconds, to look at under a profiler.
     if std::env::args().any(|a| a == "profile") {
-        let b = body(1024 * 1024, false);
+        let b = body(1024 * 1024, Case::NearMiss);
         let req = RequestView {
             path_and_query: "/",
             headers: &[],
@@ -373,8 +402,8 @@ fn main() {
         "kt µs"
     );
     for size in [1024, 64 * 1024, 1024 * 1024] {
-        for matches in [false, true] {
-            let b = body(size, matches);
+        for case in [Case::Plain, Case::NearMiss, Case::Matches] {
+            let b = body(size, case);
             let req = RequestView {
                 path_and_query: "/v1/chat/completions",
                 headers: &[
@@ -398,7 +427,11 @@ fn main() {
                 } else {
                     format!("{}KiB", size >> 10)
                 },
-                if matches { "matches" } else { "no match" },
+                match case {
+                    Case::Plain => "plain",
+                    Case::NearMiss => "nearmiss",
+                    Case::Matches => "matches",
+                },
                 findings,
                 mbps(b.len(), kt),
                 mbps(b.len(), rx),
