@@ -166,9 +166,6 @@ pub(crate) struct JsonStr {
     pub raw: std::ops::Range<usize>,
     /// Whether it holds any backslash escape.
     pub escaped: bool,
-    /// Where its backslashes are: a range of the `escapes` list filled by
-    /// `json_strings`, so the joined view is built without searching again.
-    pub escapes: std::ops::Range<usize>,
     /// An object key rather than a value.
     pub is_key: bool,
     /// The value of a structural key (see `STRUCTURAL_KEYS`).
@@ -185,13 +182,19 @@ enum Frame<'a> {
 
 /// Every string of `body` if it is one JSON document, else `None` (the
 /// caller then scans the body as text).
-pub(crate) fn json_strings(body: &[u8], escapes: &mut Vec<usize>) -> Option<Vec<JsonStr>> {
-    let mut out = Vec::new();
-    walk(body, Some(escapes), |_, s| {
-        out.push(s);
+/// Calls `on_str` for every string of `body` (keys included), with the body
+/// offsets of its backslashes, right after scanning it (while its bytes are
+/// still in cache). `None` when `body` is not one JSON document; the
+/// strings seen before that was clear were still reported.
+pub(crate) fn json_strings(
+    body: &[u8],
+    escapes: &mut Vec<usize>,
+    mut on_str: impl FnMut(JsonStr, &[usize]),
+) -> Option<()> {
+    walk(body, Some(escapes), |_, s, esc| {
+        on_str(s, esc);
         true
-    })?;
-    Some(out)
+    })
 }
 
 /// The JSON paths of the string tokens starting at the offsets in `wanted`
@@ -204,7 +207,7 @@ pub(crate) fn json_paths(
     masked: &[usize],
 ) -> std::collections::HashMap<usize, String> {
     let mut found = std::collections::HashMap::new();
-    walk(body, None, |stack, s| {
+    walk(body, None, |stack, s, _| {
         if wanted.binary_search(&s.raw.start).is_err() {
             return true;
         }
@@ -261,7 +264,7 @@ fn push_key(path: &mut String, start: usize, key: &[u8], masked: &[usize]) {
 fn walk<'a>(
     body: &'a [u8],
     mut escapes: Option<&mut Vec<usize>>,
-    mut on_str: impl FnMut(&[Frame<'a>], JsonStr) -> bool,
+    mut on_str: impl FnMut(&[Frame<'a>], JsonStr, &[usize]) -> bool,
 ) -> Option<()> {
     #[derive(Clone, Copy)]
     enum St {
@@ -296,11 +299,13 @@ fn walk<'a>(
                     let s = JsonStr {
                         raw: i..end,
                         escaped,
-                        escapes: first_esc..esc_end,
                         is_key: false,
                         structural,
                     };
-                    if !on_str(&stack, s) {
+                    let esc = escapes
+                        .as_deref()
+                        .map_or(&[][..], |e| &e[first_esc..esc_end]);
+                    if !on_str(&stack, s, esc) {
                         return Some(());
                     }
                     i = end;
@@ -346,11 +351,13 @@ fn walk<'a>(
                 let key = JsonStr {
                     raw: i..end,
                     escaped,
-                    escapes: first_esc..esc_end,
                     is_key: true,
                     structural: false,
                 };
-                if !on_str(&stack, key) {
+                let esc = escapes
+                    .as_deref()
+                    .map_or(&[][..], |e| &e[first_esc..esc_end]);
+                if !on_str(&stack, key, esc) {
                     return Some(());
                 }
                 if let Some(Frame::Obj(slot)) = stack.last_mut() {
@@ -486,7 +493,7 @@ pub(crate) enum Segment<'s> {
 /// JSON string and escapes are decoded on the way. Line breaks come out as
 /// `Segment::Break`, everything else as `Segment::Bytes`, in order, so the
 /// joined view is built in one pass without decoding into a copy first.
-pub(crate) fn segments<'s>(text: &'s [u8], json: bool, mut f: impl FnMut(Segment<'_>)) {
+pub(crate) fn segments(text: &[u8], json: bool, mut f: impl FnMut(Segment<'_>)) {
     let mut i = 0;
     while i < text.len() {
         let rest = &text[i..];

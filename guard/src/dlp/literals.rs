@@ -9,7 +9,7 @@
 //! restarting the search one byte after each hit enumerates them all,
 //! overlapping occurrences included.
 
-use aho_corasick::{AhoCorasick, Input, MatchKind};
+use aho_corasick::{AhoCorasick, Input, MatchKind, packed};
 
 /// One literal and what it stands for.
 struct Entry<T> {
@@ -17,23 +17,26 @@ struct Entry<T> {
     payload: T,
 }
 
+/// The searcher: aho-corasick's packed (SIMD Teddy) searcher when it can be
+/// built (up to a few dozen literals on x86-64/aarch64), which is much faster
+/// than letting aho-corasick pick a rare-byte prefilter on ordinary text;
+/// otherwise a full aho-corasick automaton.
+enum Engine {
+    Packed(packed::Searcher),
+    Automaton(AhoCorasick),
+}
+
 /// See the module docs.
 pub(crate) struct LiteralSet<T> {
-    ac: AhoCorasick,
+    engine: Engine,
     groups: Vec<Vec<Entry<T>>>,
-    ascii_ci: bool,
 }
 
 impl<T> LiteralSet<T> {
     /// Builds the set; `None` when there are no literals.
-    pub(crate) fn new(mut lits: Vec<(Vec<u8>, T)>, ascii_ci: bool) -> Option<LiteralSet<T>> {
+    pub(crate) fn new(mut lits: Vec<(Vec<u8>, T)>) -> Option<LiteralSet<T>> {
         if lits.is_empty() {
             return None;
-        }
-        if ascii_ci {
-            for (l, _) in &mut lits {
-                l.make_ascii_lowercase();
-            }
         }
         lits.sort_by_key(|(l, _)| l.len());
         let mut heads: Vec<Vec<u8>> = Vec::new();
@@ -51,35 +54,52 @@ impl<T> LiteralSet<T> {
                 }
             }
         }
-        let ac = AhoCorasick::builder()
-            .match_kind(MatchKind::LeftmostFirst)
-            .ascii_case_insensitive(ascii_ci)
-            .build(&heads)
-            .ok()?;
-        Some(LiteralSet {
-            ac,
-            groups,
-            ascii_ci,
-        })
+        let packed = packed::Config::new()
+            .match_kind(packed::MatchKind::LeftmostFirst)
+            .builder()
+            .extend(&heads)
+            .build();
+        let engine = match packed {
+            Some(p) => Engine::Packed(p),
+            None => Engine::Automaton(
+                AhoCorasick::builder()
+                    .match_kind(MatchKind::LeftmostFirst)
+                    .build(&heads)
+                    .ok()?,
+            ),
+        };
+        Some(LiteralSet { engine, groups })
+    }
+
+    /// The longest literal, in bytes.
+    pub(crate) fn max_len(&self) -> usize {
+        self.groups
+            .iter()
+            .flatten()
+            .map(|e| e.lit.len())
+            .max()
+            .unwrap_or(0)
     }
 
     /// Calls `f(payload, position)` for every occurrence of every literal in
-    /// `hay`, in order of position.
-    pub(crate) fn for_each(&self, hay: &[u8], mut f: impl FnMut(&T, usize)) {
+    /// `hay` that starts before `limit`, in order of position.
+    pub(crate) fn for_each(&self, hay: &[u8], limit: usize, mut f: impl FnMut(&T, usize)) {
         let mut at = 0;
-        while at < hay.len() {
-            let Some(m) = self.ac.find(Input::new(hay).span(at..hay.len())) else {
+        while at < limit.min(hay.len()) {
+            let m = match &self.engine {
+                Engine::Packed(p) => p.find_in(hay, aho_corasick::Span::from(at..hay.len())),
+                Engine::Automaton(ac) => ac.find(Input::new(hay).span(at..hay.len())),
+            };
+            let Some(m) = m else {
                 return;
             };
             let p = m.start();
+            if p >= limit {
+                return;
+            }
             for e in &self.groups[m.pattern().as_usize()] {
                 let rest = &hay[p..];
-                let hit = rest.len() >= e.lit.len()
-                    && if self.ascii_ci {
-                        rest[..e.lit.len()].eq_ignore_ascii_case(&e.lit)
-                    } else {
-                        rest[..e.lit.len()] == e.lit[..]
-                    };
+                let hit = rest.starts_with(&e.lit);
                 if hit {
                     f(&e.payload, p);
                 }

@@ -33,13 +33,18 @@
 //!
 //! # Speed
 //! Every rule's required literal prefixes (`sk-`, `AKIA`, `ghp_`,
-//! `-----BEGIN`, …) are extracted from its regex and searched for together
-//! with aho-corasick, so text with no candidate costs one fast pass. A
-//! rule's regex then runs only at a candidate, anchored there. A user pattern
-//! with no literal prefix of at least 3 bytes cannot be prefiltered: those
-//! patterns go through one `RegexSet` pass over the whole text and, where the
-//! set matches, a full search (`coverage_warnings` points them out). Blocked
-//! terms have their own prefilter, see the `terms` module.
+//! `-----BEGIN`, …) are extracted from its regex and searched for in one
+//! pass, together with the blocked terms' pieces (see the `terms` module),
+//! with aho-corasick's packed SIMD searcher; when there are blocked terms the
+//! pass runs over a lower-cased copy and rule prefixes are re-checked against
+//! the original bytes. A rule's regex then runs only at a candidate, anchored
+//! there: for rules with no look-around that cannot match a line break (all
+//! built-in rules but the PEM one), one anchored search in the joined view
+//! settles a candidate. A user pattern with no literal prefix of at least 3
+//! bytes cannot be prefiltered: those patterns go through one `RegexSet` pass
+//! over each view and, where the set matches, a full search
+//! (`coverage_warnings` points them out). Large working buffers are reused
+//! per thread. `cargo bench -p guard --bench dlp` prints the figures.
 //!
 //! # Findings
 //! A [`Finding`] names the rule, the place and a fingerprint of the matched
@@ -294,6 +299,15 @@ struct Rule {
     line_bound: bool,
 }
 
+/// What a prefilter literal stands for.
+enum Candidate {
+    /// A prefix of rule `rule`, as written (checked against the original
+    /// bytes when the search ran over the lower-cased copy).
+    Rule { rule: usize, lit: Vec<u8> },
+    /// A piece of a blocked term.
+    Term(terms::Piece),
+}
+
 /// Which rule a hit belongs to.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum RuleRef {
@@ -305,7 +319,10 @@ enum RuleRef {
 /// (`Send + Sync`), call [`Scanner::scan`] per request.
 pub struct Scanner {
     rules: Vec<Rule>,
-    prefilter: Option<LiteralSet<usize>>,
+    /// One literal search for everything: rule prefixes and term pieces.
+    prefilter: Option<LiteralSet<Candidate>>,
+    /// The prefilter runs over a lower-cased copy (there are term pieces).
+    fold_case: bool,
     fallback: Vec<usize>,
     fallback_set: Option<regex::bytes::RegexSet>,
     terms: terms::Terms,
@@ -327,6 +344,9 @@ impl std::fmt::Debug for Scanner {
             .finish_non_exhaustive()
     }
 }
+
+/// Bytes lower-cased and searched at a time (fits in a core's L2 cache).
+const FOLD_CHUNK: usize = 64 * 1024;
 
 /// Shortest line or value a joined match may cover whole (see `Buffer::interior_ok`).
 const MIN_INTERIOR: usize = 16;
@@ -395,12 +415,29 @@ impl Scanner {
                 })?,
             )
         };
+        let mut terms =
+            terms::Terms::new(&cfg.blocked_terms, cfg.fuzzy_matching, cfg.max_distance)?;
+        let pieces = terms.take_pieces();
+        let fold_case = !pieces.is_empty();
+        let mut all: Vec<(Vec<u8>, Candidate)> = lits
+            .into_iter()
+            .map(|(lit, rule)| {
+                let key = if fold_case {
+                    lit.to_ascii_lowercase()
+                } else {
+                    lit.clone()
+                };
+                (key, Candidate::Rule { rule, lit })
+            })
+            .collect();
+        all.extend(pieces.into_iter().map(|(l, p)| (l, Candidate::Term(p))));
         Ok(Scanner {
             rules: rules.into_iter().map(|(r, _)| r).collect(),
-            prefilter: LiteralSet::new(lits, false),
+            prefilter: LiteralSet::new(all),
+            fold_case,
             fallback,
             fallback_set,
-            terms: terms::Terms::new(&cfg.blocked_terms, cfg.fuzzy_matching, cfg.max_distance)?,
+            terms,
             action: cfg.action,
             limits: DecodeLimits::default(),
             fingerprinter: Arc::new(Sha256Fingerprinter),
@@ -554,27 +591,36 @@ impl Scanner {
     ) -> Analysis<'b> {
         let mut sources: Vec<Source<'b>> = Vec::new();
         let mut body_kind = BodyKind::Empty;
+        let mut joined = Buffer::new(true);
         if !body.is_empty() {
-            match decode::json_strings(body, escapes) {
-                Some(strs) => {
-                    body_kind = BodyKind::Json;
-                    sources.extend(strs.into_iter().map(|s| Source {
-                        origin: Origin::Json {
-                            raw_start: s.raw.start,
-                            raw_end: s.raw.end,
-                            is_key: s.is_key,
-                        },
-                        joinable: !s.is_key && !s.structural,
-                        raw: &body[s.raw.start + 1..s.raw.end - 1],
-                        escaped: s.escaped,
-                        json: Some((s.raw.start + 1, s.escapes)),
-                        decoded: OnceCell::new(),
-                    }));
+            joined.data.reserve(body.len());
+            let json = decode::json_strings(body, escapes, |s, esc| {
+                let src = Source {
+                    origin: Origin::Json {
+                        raw_start: s.raw.start,
+                        raw_end: s.raw.end,
+                        is_key: s.is_key,
+                    },
+                    joinable: !s.is_key && !s.structural,
+                    raw: &body[s.raw.start + 1..s.raw.end - 1],
+                    escaped: s.escaped,
+                    json_start: Some(s.raw.start + 1),
+                    decoded: OnceCell::new(),
+                };
+                if src.joinable {
+                    joined.append(sources.len(), &src, body, esc);
                 }
-                None => {
-                    body_kind = BodyKind::Text;
-                    sources.push(Source::plain(Origin::Text, true, body));
-                }
+                sources.push(src);
+            });
+            if json.is_some() {
+                body_kind = BodyKind::Json;
+            } else {
+                body_kind = BodyKind::Text;
+                sources.clear();
+                joined.clear();
+                let src = Source::plain(Origin::Text, true, body);
+                joined.append(0, &src, body, &[]);
+                sources.push(src);
             }
         }
         if !url.is_empty() {
@@ -589,7 +635,6 @@ impl Scanner {
             }
             sources.push(Source::plain(Origin::Header(i), false, value));
         }
-        let joined = Buffer::joined(&sources, body, escapes);
         let others = Buffer::separate(&sources);
         let mut hits = Vec::new();
         self.scan_buffer(&joined, &sources, &mut hits);
@@ -603,92 +648,131 @@ impl Scanner {
         }
     }
 
+    /// Checks rule `r` at prefilter candidate `p` of `buf`.
+    fn rule_hit(
+        &self,
+        buf: &Buffer,
+        sources: &[Source<'_>],
+        r: usize,
+        p: usize,
+        last_end: &mut [usize],
+        hits: &mut Vec<Hit>,
+    ) {
+        let data = &buf.data[..];
+        let Some(pc) = buf.piece_at(p) else {
+            return;
+        };
+        let rule = &self.rules[r];
+        let src = &sources[pc.src];
+        let off = pc.src_off + (p - pc.at);
+        let piece_end = pc.at + pc.len;
+        let joined_hit = |m: &regex_automata::Match| Hit {
+            rule: RuleRef::Pattern(r),
+            spans: buf.spans(m.start(), m.end()),
+            fingerprint: self.fingerprint(&data[m.range()]),
+        };
+        let value_hit = |m: &regex_automata::Match| Hit {
+            rule: RuleRef::Pattern(r),
+            spans: vec![Span {
+                src: pc.src,
+                start: m.start(),
+                end: m.end(),
+            }],
+            fingerprint: self.fingerprint(&src.text()[m.range()]),
+        };
+        if buf.spanning && rule.line_bound {
+            // One search on the no-match path: with no look-around and
+            // no line breaks in the rule, no joined match means no
+            // match in the value either.
+            let Some(m) = anchored(&rule.regex, data, p) else {
+                return;
+            };
+            if m.end() <= piece_end {
+                last_end[r] = m.end();
+                hits.push(Hit {
+                    rule: RuleRef::Pattern(r),
+                    spans: buf.spans(m.start(), m.end()),
+                    fingerprint: self.fingerprint(&data[m.range()]),
+                });
+                return;
+            }
+            let vm = anchored(&rule.regex, src.text(), off);
+            match vm {
+                Some(v) if v.end() < pc.src_off + pc.len || !buf.interior_ok(&m) => {
+                    last_end[r] = p + v.len();
+                    hits.push(value_hit(&v));
+                }
+                None if !buf.interior_ok(&m) => {}
+                _ => {
+                    last_end[r] = m.end();
+                    hits.push(joined_hit(&m));
+                }
+            }
+            return;
+        }
+        // The value itself first: reported at the value, with its own context.
+        let value_match = anchored(&rule.regex, src.text(), off);
+        // A match that runs to the end of its line or value may go on
+        // in the next one: then the joined view decides.
+        let try_joined = buf.spanning
+            && value_match
+                .as_ref()
+                .is_none_or(|m| m.end() == pc.src_off + pc.len);
+        if try_joined
+            && let Some(m) = anchored(&rule.regex, data, p)
+            && (value_match.is_none() || m.end() > piece_end)
+            && buf.interior_ok(&m)
+        {
+            last_end[r] = m.end();
+            hits.push(joined_hit(&m));
+            return;
+        }
+        if let Some(m) = value_match {
+            last_end[r] = p + (m.end() - m.start()).min(piece_end - p);
+            hits.push(value_hit(&m));
+        }
+    }
+
     /// Runs every rule and term over one buffer.
     fn scan_buffer(&self, buf: &Buffer, sources: &[Source<'_>], hits: &mut Vec<Hit>) {
         let data = &buf.data[..];
         if data.is_empty() {
             return;
         }
+        let mut term_hits = Vec::new();
         if let Some(pre) = &self.prefilter {
             // Per rule: where its last match ended, so a hit inside it is not re-reported.
             let mut last_end = vec![0usize; self.rules.len()];
-            pre.for_each(data, |&r, p| {
-                if p < last_end[r] {
-                    return;
-                }
-                let Some(pc) = buf.piece_at(p) else {
-                    return;
-                };
-                let rule = &self.rules[r];
-                let src = &sources[pc.src];
-                let off = pc.src_off + (p - pc.at);
-                let piece_end = pc.at + pc.len;
-                let joined_hit = |m: &regex_automata::Match| Hit {
-                    rule: RuleRef::Pattern(r),
-                    spans: buf.spans(m.start(), m.end()),
-                    fingerprint: self.fingerprint(&data[m.range()]),
-                };
-                let value_hit = |m: &regex_automata::Match| Hit {
-                    rule: RuleRef::Pattern(r),
-                    spans: vec![Span {
-                        src: pc.src,
-                        start: m.start(),
-                        end: m.end(),
-                    }],
-                    fingerprint: self.fingerprint(&src.text()[m.range()]),
-                };
-                if buf.spanning && rule.line_bound {
-                    // One search on the no-match path: with no look-around and
-                    // no line breaks in the rule, no joined match means no
-                    // match in the value either.
-                    let Some(m) = anchored(&rule.regex, data, p) else {
-                        return;
-                    };
-                    if m.end() <= piece_end {
-                        last_end[r] = m.end();
-                        hits.push(Hit {
-                            rule: RuleRef::Pattern(r),
-                            spans: buf.spans(m.start(), m.end()),
-                            fingerprint: self.fingerprint(&data[m.range()]),
-                        });
-                        return;
+            let mut term_state = self.terms.state();
+            let mut on_candidate = |cand: &Candidate, p: usize| match cand {
+                Candidate::Rule { rule, lit } => {
+                    if p >= last_end[*rule] && data[p..].starts_with(lit) {
+                        self.rule_hit(buf, sources, *rule, p, &mut last_end, hits);
                     }
-                    let vm = anchored(&rule.regex, src.text(), off);
-                    match vm {
-                        Some(v) if v.end() < pc.src_off + pc.len || !buf.interior_ok(&m) => {
-                            last_end[r] = p + v.len();
-                            hits.push(value_hit(&v));
-                        }
-                        None if !buf.interior_ok(&m) => {}
-                        _ => {
-                            last_end[r] = m.end();
-                            hits.push(joined_hit(&m));
-                        }
-                    }
-                    return;
                 }
-                // The value itself first: reported at the value, with its own context.
-                let value_match = anchored(&rule.regex, src.text(), off);
-                // A match that runs to the end of its line or value may go on
-                // in the next one: then the joined view decides.
-                let try_joined = buf.spanning
-                    && value_match
-                        .as_ref()
-                        .is_none_or(|m| m.end() == pc.src_off + pc.len);
-                if try_joined
-                    && let Some(m) = anchored(&rule.regex, data, p)
-                    && (value_match.is_none() || m.end() > piece_end)
-                    && buf.interior_ok(&m)
-                {
-                    last_end[r] = m.end();
-                    hits.push(joined_hit(&m));
-                    return;
+                Candidate::Term(piece) => {
+                    self.terms
+                        .on_hit(data, &buf.bounds, piece, p, &mut term_state, &mut term_hits)
                 }
-                if let Some(m) = value_match {
-                    last_end[r] = p + (m.end() - m.start()).min(piece_end - p);
-                    hits.push(value_hit(&m));
+            };
+            if self.fold_case {
+                // Lower-case and search a cache-sized chunk at a time; the
+                // overlap lets a literal that starts in one chunk end in the next.
+                let overlap = pre.max_len().saturating_sub(1);
+                let mut lower = scratch::take(&scratch::BYTES);
+                let mut start = 0;
+                while start < data.len() {
+                    let end = (start + FOLD_CHUNK).min(data.len());
+                    lower.clear();
+                    lower.extend_from_slice(&data[start..(end + overlap).min(data.len())]);
+                    lower.make_ascii_lowercase();
+                    pre.for_each(&lower, end - start, |cand, p| on_candidate(cand, start + p));
+                    start = end;
                 }
-            });
+                scratch::give(&scratch::BYTES, lower);
+            } else {
+                pre.for_each(data, data.len(), on_candidate);
+            }
         }
         if let Some(set) = &self.fallback_set {
             for set_idx in set.matches(data).iter() {
@@ -707,20 +791,17 @@ impl Scanner {
                 }
             }
         }
-        if !self.terms.is_empty() {
-            let mut th = Vec::new();
-            self.terms.scan(data, &buf.bounds, &mut th);
-            for t in th {
-                let spans = buf.spans(t.start, t.end);
-                if spans.len() > 1 && !buf.spanning || spans.is_empty() {
-                    continue;
-                }
-                hits.push(Hit {
-                    rule: RuleRef::Term(t.term),
-                    spans,
-                    fingerprint: self.fingerprint(&data[t.start..t.end]),
-                });
+        self.terms.scan_full(data, &buf.bounds, &mut term_hits);
+        for t in term_hits {
+            let spans = buf.spans(t.start, t.end);
+            if spans.len() > 1 && !buf.spanning || spans.is_empty() {
+                continue;
             }
+            hits.push(Hit {
+                rule: RuleRef::Term(t.term),
+                spans,
+                fingerprint: self.fingerprint(&data[t.start..t.end]),
+            });
         }
     }
 
@@ -913,9 +994,8 @@ struct Source<'a> {
     raw: &'a [u8],
     /// A JSON string with escapes: `raw` must be decoded to get the value.
     escaped: bool,
-    /// For a JSON string: where `raw` starts in the body, and its range of
-    /// the backslash list (see `decode::json_strings`).
-    json: Option<(usize, std::ops::Range<usize>)>,
+    /// For a JSON string: where `raw` starts in the body.
+    json_start: Option<usize>,
     /// The decoded value, made on first use (only where a rule may match).
     decoded: OnceCell<Vec<u8>>,
 }
@@ -927,7 +1007,7 @@ impl<'a> Source<'a> {
             joinable,
             raw,
             escaped: false,
-            json: None,
+            json_start: None,
             decoded: OnceCell::new(),
         }
     }
@@ -1008,59 +1088,55 @@ impl Buffer {
         }
     }
 
-    /// The joined view: joinable sources, decoded, line breaks removed.
-    fn joined(sources: &[Source<'_>], body: &[u8], escapes: &[usize]) -> Buffer {
-        let total: usize = sources
-            .iter()
-            .filter(|s| s.joinable)
-            .map(|s| s.raw.len())
-            .sum();
-        let mut b = Buffer::new(true);
-        b.data.reserve(total);
-        for (i, s) in sources.iter().enumerate().filter(|(_, s)| s.joinable) {
-            // (buffer offset, source offset) where the open piece started.
-            let mut open: Option<(usize, usize)> = None;
-            let mut src_off = 0;
-            let close = |b: &mut Buffer, open: &mut Option<(usize, usize)>| {
-                if let Some((at, so)) = open.take() {
-                    b.pieces.push(Piece {
-                        at,
-                        src: i,
-                        src_off: so,
-                        len: b.data.len() - at,
-                    });
-                }
-            };
-            let mut sink = |seg: Segment<'_>| match seg {
-                Segment::Bytes(bytes) => {
-                    if open.is_none() {
-                        if !b.data.is_empty() {
-                            b.bounds.push(b.data.len());
-                        }
-                        open = Some((b.data.len(), src_off));
-                    }
-                    b.data.extend_from_slice(bytes);
-                    src_off += bytes.len();
-                }
-                Segment::Break(_) => {
-                    close(&mut b, &mut open);
-                    src_off += 1;
-                }
-            };
-            match &s.json {
-                // Valid JSON strings hold no raw line breaks: copy in one go.
-                Some(_) if !s.escaped => sink(Segment::Bytes(s.raw)),
-                Some((start, esc)) => decode::segments_at(
-                    body,
-                    *start..*start + s.raw.len(),
-                    &escapes[esc.clone()],
-                    &mut sink,
-                ),
-                None => decode::segments(s.raw, false, &mut sink),
+    /// Empties the buffer, keeping its allocations.
+    fn clear(&mut self) {
+        self.data.clear();
+        self.pieces.clear();
+        self.bounds.clear();
+    }
+
+    /// Appends source `i` to the joined view: decoded, line breaks removed
+    /// (each line becomes a piece). `escapes` are the body offsets of the
+    /// backslashes of a JSON string source.
+    fn append(&mut self, i: usize, s: &Source<'_>, body: &[u8], escapes: &[usize]) {
+        // (buffer offset, source offset) where the open piece started.
+        let mut open: Option<(usize, usize)> = None;
+        let mut src_off = 0;
+        let close = |b: &mut Buffer, open: &mut Option<(usize, usize)>| {
+            if let Some((at, so)) = open.take() {
+                b.pieces.push(Piece {
+                    at,
+                    src: i,
+                    src_off: so,
+                    len: b.data.len() - at,
+                });
             }
-            close(&mut b, &mut open);
+        };
+        let mut sink = |seg: Segment<'_>| match seg {
+            Segment::Bytes(bytes) => {
+                if open.is_none() {
+                    if !self.data.is_empty() {
+                        self.bounds.push(self.data.len());
+                    }
+                    open = Some((self.data.len(), src_off));
+                }
+                self.data.extend_from_slice(bytes);
+                src_off += bytes.len();
+            }
+            Segment::Break(_) => {
+                close(self, &mut open);
+                src_off += 1;
+            }
+        };
+        match s.json_start {
+            // Valid JSON strings hold no raw line breaks: copy in one go.
+            Some(_) if !s.escaped => sink(Segment::Bytes(s.raw)),
+            Some(start) => {
+                decode::segments_at(body, start..start + s.raw.len(), escapes, &mut sink)
+            }
+            None => decode::segments(s.raw, false, &mut sink),
         }
-        b
+        close(self, &mut open);
     }
 
     /// Everything else, one piece per source, newline-separated.

@@ -6,38 +6,52 @@
 //! `max_distance` character edits (insert, delete, substitute) of the
 //! normalised term; `fuzzy_matching: false` means distance 0.
 //!
-//! Speed: by the pigeonhole principle, if a term is cut into `k + 1` disjoint
-//! space-free pieces, any match with at most `k` edits contains one piece
-//! unchanged. Pieces are letters and digits only, so they appear in the raw
-//! text exactly as in the normalised text (ASCII case aside): one
-//! aho-corasick pass over the raw text finds candidates, and only a small
-//! window around each is normalised and checked with Sellers' dynamic
-//! programme. Terms that cannot be cut that way (non-ASCII, or pieces shorter
-//! than 3 characters) fall back to normalising the whole text once and
-//! running Myers' bit-parallel algorithm over it.
+//! Speed: by the pigeonhole principle, if a term is cut into `k + 2`
+//! disjoint space-free pieces (its words, longer words halved when more are
+//! needed), any match with at most `k` edits keeps at least two pieces
+//! unchanged, and so at least one of the `k + 1` longest. Pieces are letters
+//! and digits only, so they appear in the raw text exactly as in the
+//! normalised text (ASCII case aside). The `k + 1` longest pieces join the
+//! scanner's single literal pass (over a lower-cased copy of the text); at
+//! each candidate, a window just wide enough for a match is taken, a second
+//! piece must appear in it, then Myers' bit-parallel algorithm tests the
+//! normalised window and Sellers' dynamic programme finds where the match
+//! starts. Terms that cannot be cut into `k + 2` pieces of at least 3
+//! characters use `k + 1` pieces and no second-piece test; terms that cannot
+//! be cut at all (non-ASCII, or too short) are run with Myers' algorithm over
+//! the whole normalised text.
 
 use super::DlpError;
-use super::literals::LiteralSet;
 
 /// A compiled term.
 struct Term {
     /// Rule id: `blocked-term:<normalised term>`.
     id: String,
     norm: Vec<char>,
-    /// How many of its pieces must be seen, in order and close enough,
-    /// before a window is checked: 2 when it could be cut into `k + 2`
-    /// pieces (then at least two survive any `k` edits), else 1.
+    /// Edits allowed: `max_distance` (0 unless fuzzy), at most `(len - 1) / 2`.
+    k: usize,
+    /// How many of its pieces must appear in a candidate window before the
+    /// window is checked: 2 when it could be cut into `k + 2` pieces (then
+    /// at least two survive any `k` edits), else 1.
     needed: usize,
-    /// Its pieces: `(offset, len)` in `norm`, indexed by `Piece::idx`.
-    pieces: Vec<(usize, usize)>,
+    /// Searchers for its pieces (lower case).
+    pieces: Vec<memchr::memmem::Finder<'static>>,
 }
 
 /// A piece of a term: which term, where the piece starts in it, how long.
-struct Piece {
+pub(crate) struct Piece {
     term: usize,
     idx: usize,
     offset: usize,
     len: usize,
+}
+
+/// Scratch state of one buffer's scan (see [`Terms::on_hit`]).
+pub(crate) struct TermState {
+    /// Per term: the last window checked, to skip a second piece of the same occurrence.
+    last: Vec<(usize, usize)>,
+    /// The lower-cased candidate window.
+    window: Vec<u8>,
 }
 
 /// A term found in a buffer: byte range in that buffer.
@@ -50,8 +64,9 @@ pub(crate) struct TermHit {
 /// All blocked terms of a policy.
 pub(crate) struct Terms {
     terms: Vec<Term>,
-    k: usize,
-    pieces: Option<LiteralSet<Piece>>,
+    /// The pieces to search for (lower case), handed to the scanner's
+    /// prefilter so one pass serves secrets and terms.
+    pieces: Vec<(Vec<u8>, Piece)>,
     full_scan: Vec<usize>,
 }
 
@@ -70,6 +85,9 @@ impl Terms {
                 return Err(DlpError::EmptyTerm { index });
             }
             let term = compiled.len();
+            // At least half of a term must match: `max_distance` 3 on a
+            // 4-letter term would otherwise match nearly any text.
+            let k = k.min((norm.len() - 1) / 2);
             let (needed, pieces) = match cut(&norm, k + 1) {
                 Some(c) => (2, c),
                 None => (1, cut(&norm, k).unwrap_or_default()),
@@ -77,7 +95,15 @@ impl Terms {
             if pieces.is_empty() {
                 full_scan.push(term);
             }
-            for (idx, &(offset, len)) in pieces.iter().enumerate() {
+            // With k + 2 pieces, at least one of the k + 1 longest survives
+            // any k edits: only those go to the prefilter, so the shortest
+            // (often a common word such as "key") costs nothing until then.
+            let searched = if needed == 2 {
+                pieces.len() - 1
+            } else {
+                pieces.len()
+            };
+            for (idx, &(offset, len)) in pieces.iter().enumerate().take(searched) {
                 let lit: String = norm[offset..offset + len].iter().collect();
                 lits.push((
                     lit.into_bytes(),
@@ -89,24 +115,26 @@ impl Terms {
                     },
                 ));
             }
+            let piece_bytes = pieces
+                .iter()
+                .map(|&(o, l)| {
+                    let bytes = norm[o..o + l].iter().collect::<String>().into_bytes();
+                    memchr::memmem::Finder::new(&bytes).into_owned()
+                })
+                .collect();
             compiled.push(Term {
                 id: format!("blocked-term:{}", norm.iter().collect::<String>()),
                 norm,
+                k,
                 needed,
-                pieces,
+                pieces: piece_bytes,
             });
         }
         Ok(Terms {
             terms: compiled,
-            k,
-            pieces: LiteralSet::new(lits, false),
+            pieces: lits,
             full_scan,
         })
-    }
-
-    /// Whether there is any term at all.
-    pub(crate) fn is_empty(&self) -> bool {
-        self.terms.is_empty()
     }
 
     /// How many terms there are.
@@ -119,86 +147,98 @@ impl Terms {
         &self.terms[i].id
     }
 
-    /// Finds the terms in `buf`. `bounds` (sorted) are offsets where the
-    /// buffer joins two separate texts; each counts as a separator.
-    pub(crate) fn scan(&self, buf: &[u8], bounds: &[usize], out: &mut Vec<TermHit>) {
-        if let Some(pieces) = &self.pieces {
-            // Last window checked per term, to skip a second piece of the same occurrence.
-            let mut last: Vec<(usize, usize)> = vec![(usize::MAX, 0); self.terms.len()];
-            // Per term and piece: where that piece was last seen.
-            let mut seen: Vec<Vec<Option<usize>>> = self
-                .terms
-                .iter()
-                .map(|t| vec![None; t.pieces.len()])
-                .collect();
-            // Pieces are lower case; searching a lower-cased copy lets the
-            // prefilter use its fast (SIMD) case-sensitive path.
-            let mut lower = super::scratch::take(&super::scratch::BYTES);
-            lower.extend_from_slice(buf);
-            lower.make_ascii_lowercase();
-            pieces.for_each(&lower, |piece, q| {
-                let term = &self.terms[piece.term];
-                if term.needed == 2 {
-                    // Some earlier piece of the term must sit right before this one.
-                    let mut paired = false;
-                    for j in 0..term.pieces.len() {
-                        let (off, len) = term.pieces[j];
-                        let Some(at) = seen[piece.term][j] else {
-                            continue;
-                        };
-                        if off + len > piece.offset || at + len > q {
-                            continue;
-                        }
-                        let gap = piece.offset - (off + len) + self.k;
-                        // Few bytes apart: close enough without counting.
-                        if q - (at + len) <= gap
-                            || units_between(buf, bounds, at + len, q, gap) <= gap
-                        {
-                            paired = true;
-                            break;
-                        }
-                        // Later hits are further away still: forget this one.
-                        seen[piece.term][j] = None;
-                    }
-                    seen[piece.term][piece.idx] = Some(q);
-                    if !paired {
-                        return;
-                    }
-                }
-                let before = piece.offset + self.k + 1;
-                let after = term.norm.len() - piece.offset - piece.len + self.k + 1;
-                let a = expand_back(buf, bounds, q, before);
-                let b = expand_forward(buf, bounds, q + piece.len, after);
-                let (la, lb) = last[piece.term];
-                if la <= a && b <= lb {
-                    return;
-                }
-                last[piece.term] = (a, b);
-                let (chars, spans) = normalise_window(buf, bounds, a, b);
-                if let Some((s, e, _)) = best_match(&term.norm, &chars, self.k) {
-                    out.push(TermHit {
-                        term: piece.term,
-                        start: spans[s].0,
-                        end: spans[e - 1].1,
-                    });
-                }
-            });
-            super::scratch::give(&super::scratch::BYTES, lower);
+    /// Takes the pieces to search for: `(lower-case literal, piece)`.
+    pub(crate) fn take_pieces(&mut self) -> Vec<(Vec<u8>, Piece)> {
+        std::mem::take(&mut self.pieces)
+    }
+
+    /// Per-buffer state for [`Terms::on_hit`].
+    pub(crate) fn state(&self) -> TermState {
+        TermState {
+            last: vec![(usize::MAX, 0); self.terms.len()],
+            window: Vec::new(),
         }
+    }
+
+    /// Checks a candidate: `piece` found at `q` in `buf` (ASCII case
+    /// ignored). `bounds` (sorted) are offsets where the buffer joins two
+    /// separate texts; each counts as a separator.
+    pub(crate) fn on_hit(
+        &self,
+        buf: &[u8],
+        bounds: &[usize],
+        piece: &Piece,
+        q: usize,
+        state: &mut TermState,
+        out: &mut Vec<TermHit>,
+    ) {
+        let last = &mut state.last;
+        let term = &self.terms[piece.term];
+        let before = piece.offset + term.k + 1;
+        let after = term.norm.len() - piece.offset - piece.len + term.k + 1;
+        let a = expand_back(buf, q, before);
+        let b = expand_forward(buf, q + piece.len, after);
+        // Last window checked for this term: skip a second piece of the same occurrence.
+        let (la, lb) = last[piece.term];
+        if la <= a && b <= lb {
+            return;
+        }
+        last[piece.term] = (a, b);
+        if term.needed == 2 {
+            // A match would hold a second intact piece inside this window.
+            state.window.clear();
+            state.window.extend_from_slice(&buf[a..b]);
+            state.window.make_ascii_lowercase();
+            let window = &state.window[..];
+            let another = term
+                .pieces
+                .iter()
+                .enumerate()
+                .any(|(i, p)| i != piece.idx && p.find(window).is_some());
+            if !another {
+                return;
+            }
+        }
+        let (chars, spans) = normalise_window(buf, bounds, a, b);
+        if term.norm.len() <= 64 {
+            // Bit-parallel test first; the dynamic programme (which also finds
+            // where the match starts) only runs on a real match.
+            let mut any = false;
+            myers_ends(&term.norm, &chars, term.k, |_| any = true);
+            if !any {
+                return;
+            }
+        }
+        if let Some((s, e, _)) = best_match(&term.norm, &chars, term.k)
+            && s < e
+        {
+            out.push(TermHit {
+                term: piece.term,
+                start: spans[s].0,
+                end: spans[e - 1].1,
+            });
+        }
+    }
+
+    /// Runs the terms that have no pieces over the whole of `buf`.
+    pub(crate) fn scan_full(&self, buf: &[u8], bounds: &[usize], out: &mut Vec<TermHit>) {
         if self.full_scan.is_empty() {
             return;
         }
         let (chars, spans) = normalise_window(buf, bounds, 0, buf.len());
         for &t in &self.full_scan {
             let p = &self.terms[t].norm;
+            let k = self.terms[t].k;
             let mut next_free = 0;
             let mut check = |end: usize| {
                 if end < next_free {
                     return;
                 }
-                let lo = (end + 1).saturating_sub(p.len() + self.k);
-                let hi = (end + 1 + self.k).min(chars.len());
-                if let Some((s, e, _)) = best_match(p, &chars[lo..hi], self.k) {
+                let lo = (end + 1).saturating_sub(p.len() + k);
+                let hi = (end + 1 + k).min(chars.len());
+                if let Some((s, e, _)) = best_match(p, &chars[lo..hi], k)
+                    && s < e
+                {
                     out.push(TermHit {
                         term: t,
                         start: spans[lo + s].0,
@@ -208,8 +248,10 @@ impl Terms {
                 }
             };
             if p.len() <= 64 {
-                myers_ends(p, &chars, self.k, &mut check);
-            } else if let Some((_, e, _)) = best_match(p, &chars, self.k) {
+                myers_ends(p, &chars, k, &mut check);
+            } else if let Some((_, e, _)) = best_match(p, &chars, k)
+                && e > 0
+            {
                 check(e - 1);
             }
         }
@@ -278,21 +320,14 @@ fn unit_kind(c: u8) -> Option<bool> {
     }
 }
 
-/// Moves back from `q` over at least `need` normalised characters.
-fn expand_back(buf: &[u8], bounds: &[usize], q: usize, need: usize) -> usize {
-    let mut bi = bounds.partition_point(|&x| x <= q);
+/// Moves back from `q` over at least `need` normalised characters. Joins
+/// between texts are not counted: they only add separators, so the window
+/// can only come out larger than needed, never smaller.
+fn expand_back(buf: &[u8], q: usize, need: usize) -> usize {
     let mut pos = q;
     let mut units = 0;
     let mut in_sep = false;
     while pos > 0 && units < need {
-        if bi > 0 && bounds[bi - 1] == pos {
-            // A join is a separator: merged with any separator run next to it.
-            if !in_sep {
-                units += 1;
-            }
-            in_sep = true;
-            bi -= 1;
-        }
         pos -= 1;
         match unit_kind(buf[pos]) {
             None => {}
@@ -314,20 +349,13 @@ fn expand_back(buf: &[u8], bounds: &[usize], q: usize, need: usize) -> usize {
     pos
 }
 
-/// Moves forward from `q` over at least `need` normalised characters.
-fn expand_forward(buf: &[u8], bounds: &[usize], q: usize, need: usize) -> usize {
-    let mut bi = bounds.partition_point(|&x| x < q);
+/// Moves forward from `q` over at least `need` normalised characters (see
+/// `expand_back`).
+fn expand_forward(buf: &[u8], q: usize, need: usize) -> usize {
     let mut pos = q;
     let mut units = 0;
     let mut in_sep = false;
     while pos < buf.len() && units < need {
-        if bi < bounds.len() && bounds[bi] == pos {
-            if !in_sep {
-                units += 1;
-            }
-            in_sep = true;
-            bi += 1;
-        }
         match unit_kind(buf[pos]) {
             None => {}
             Some(true) => {
@@ -347,40 +375,6 @@ fn expand_forward(buf: &[u8], bounds: &[usize], q: usize, need: usize) -> usize 
         pos += 1;
     }
     pos
-}
-
-/// How many normalised characters `buf[a..b]` makes (separator runs and
-/// joins count once), counting no further than `cap + 1`.
-fn units_between(buf: &[u8], bounds: &[usize], a: usize, b: usize, cap: usize) -> usize {
-    let mut bi = bounds.partition_point(|&x| x < a);
-    let mut units = 0;
-    let mut in_sep = false;
-    for (pos, &c) in buf.iter().enumerate().take(b).skip(a) {
-        if units > cap {
-            break;
-        }
-        if bi < bounds.len() && bounds[bi] == pos {
-            if !in_sep {
-                units += 1;
-            }
-            in_sep = true;
-            bi += 1;
-        }
-        match unit_kind(c) {
-            None => {}
-            Some(true) => {
-                units += 1;
-                in_sep = false;
-            }
-            Some(false) => {
-                if !in_sep {
-                    units += 1;
-                }
-                in_sep = true;
-            }
-        }
-    }
-    units
 }
 
 /// Normalises `buf[a..b]`: the characters and, for each, its byte range in
