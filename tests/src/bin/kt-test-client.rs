@@ -105,7 +105,18 @@ fn udp(addr: SocketAddr) -> Result<(), String> {
 fn connect_loop(addr: SocketAddr, n: u32) -> Result<(), String> {
     let start = std::time::Instant::now();
     for _ in 0..n {
-        let s = TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
+        let s = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            None,
+        )
+        .map_err(|e| format!("socket: {e}"))?;
+        // Close with RST: no TIME_WAIT, so thousands of runs do not exhaust
+        // ephemeral ports and slow later runs down.
+        s.set_linger(Some(std::time::Duration::ZERO))
+            .map_err(|e| format!("SO_LINGER: {e}"))?;
+        s.connect(&addr.into())
+            .map_err(|e| format!("connect: {e}"))?;
         drop(s);
     }
     println!(
