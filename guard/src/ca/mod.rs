@@ -2,6 +2,7 @@
 //! (ECDSA P-256, private key readable by the owner only), and leaf
 //! certificates per server name, minted on demand and cached, served to
 //! rustls through [`LeafResolver`].
+#![forbid(unsafe_code)]
 
 use std::collections::HashMap;
 use std::fs;

@@ -1,6 +1,7 @@
 //! The `kt` command line: argument parsing and dispatch. Each subcommand
 //! lives in its own file; they return an exit code (0 ok, 1 the command ran
 //! and found a problem, 2 the command itself failed).
+#![forbid(unsafe_code)]
 
 use std::path::PathBuf;
 

@@ -4,6 +4,7 @@
 //! `tree` turns YAML into a small tree that remembers positions, `load`
 //! converts and validates it into the model, collecting every problem, and
 //! `error` renders those problems as `file:line:column: message` lines.
+#![forbid(unsafe_code)]
 
 mod error;
 mod load;

@@ -7,6 +7,7 @@
 //! [`Gateway::serve_explicit`] (base-URL and CONNECT clients),
 //! [`Gateway::serve_captured`] / [`Gateway::serve_capture_listener`]
 //! (redirected connections), and [`Gateway::shutdown`].
+#![forbid(unsafe_code)]
 
 pub mod chain;
 mod decision;

@@ -1,6 +1,7 @@
 //! `kt gateway check`: would this config start, and what would run? Reads
 //! the environment, the secret stores (through a resolver), the kernel and
 //! the listen ports; changes nothing.
+#![forbid(unsafe_code)]
 
 use std::net::TcpListener;
 

@@ -1,6 +1,7 @@
 //! Routing: which provider a request is for, which targets serve it and in
 //! what order, how credentials are swapped, and when to fall back. Pure: no
 //! I/O and no async, so every rule here is tested without a network.
+#![forbid(unsafe_code)]
 
 use std::time::Duration;
 

@@ -15,6 +15,7 @@
 //! can replace [`FileStore`] later without touching them. [`Resolver`] turns
 //! a `secret_key_ref` into a value: `env` from the guard's environment,
 //! `store` from the store first and then the keychain.
+#![forbid(unsafe_code)]
 
 mod file;
 mod fingerprint;
