@@ -70,7 +70,8 @@ fn wait_for(path: &Path, needle: &str) -> String {
     }
 }
 
-fn config(dir: &Path, q2: &FakeProvider, q1: &FakeProvider) -> PathBuf {
+fn config(dir: &Path, q2: &FakeProvider, q1: &FakeProvider) -> (PathBuf, u16) {
+    let capture_port = free_port();
     let yaml = format!(
         r#"pack:
   name: run-test
@@ -109,12 +110,12 @@ capture:
         q2 = q2.openai_base_url(),
         q1 = q1.openai_base_url(),
         p1 = free_port(),
-        p2 = free_port(),
+        p2 = capture_port,
         p3 = free_port(),
     );
     let path = dir.join("kt.yaml");
     std::fs::write(&path, yaml).unwrap();
-    path
+    (path, capture_port)
 }
 
 #[test]
@@ -147,7 +148,7 @@ fn kt_run_swaps_a_legacy_process_key_and_names_the_process() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let cfg = config(dir.path(), &q2, &q1);
+    let (cfg, capture_port) = config(dir.path(), &q2, &q1);
     let ca_pem = dir.path().join("upstream-ca.pem");
     std::fs::write(&ca_pem, &ca.pem).unwrap();
 
@@ -215,6 +216,14 @@ fn kt_run_swaps_a_legacy_process_key_and_names_the_process() {
             .all(|r| !format!("{:?}", r.headers).contains(Q1))
     );
     assert!(q1.requests().is_empty());
+
+    // Dialling the capture port directly (no capture record) is closed,
+    // never served or spliced back into the listener.
+    let mut direct = std::net::TcpStream::connect(("127.0.0.1", capture_port)).unwrap();
+    direct.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = direct.write_all(b"GET / HTTP/1.1\r\nhost: api.openai.com\r\n\r\n");
+    let mut buf = [0u8; 64];
+    assert!(matches!(direct.read(&mut buf), Ok(0) | Err(_)), "unrecorded connection was served");
 
     // SIGTERM: clean exit, programs detached.
     let mut child = guard.0.take().unwrap();

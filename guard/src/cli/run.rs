@@ -268,6 +268,10 @@ fn describe(prefixes: &[IpPrefix], hosts: &[String]) -> String {
 struct Lookup(Arc<Capture>);
 
 impl CaptureLookup for Lookup {
+    fn strict(&self) -> bool {
+        true
+    }
+
     fn lookup(&self, peer: SocketAddr, _local: SocketAddr) -> Option<(SocketAddr, ClientInfo)> {
         let origin = self.0.take_origin(peer)?;
         let p = capture::process_info(origin.pid);

@@ -292,6 +292,12 @@ impl std::fmt::Debug for Gateway {
 pub trait CaptureLookup: Send + Sync {
     /// `peer`: the client's address as accepted; `local`: the listener side.
     fn lookup(&self, peer: SocketAddr, local: SocketAddr) -> Option<(SocketAddr, ClientInfo)>;
+
+    /// Whether connections without a record are refused (true for real
+    /// capture; tests feed plain connections with no record).
+    fn strict(&self) -> bool {
+        false
+    }
 }
 
 impl Gateway {
@@ -349,6 +355,53 @@ impl Gateway {
     /// Accept loop for explicit clients (base-URL mode and CONNECT proxy
     /// mode) until [`Gateway::shutdown`]; then drains in-flight requests.
     pub async fn serve_explicit(&self, listener: TcpListener) -> Result<(), GatewayError> {
+        self.accept_loop(listener, |gw, stream, peer| {
+            let _ = stream.set_nodelay(true);
+            let ctx = Arc::new(ConnCtx {
+                mode: Mode::BaseUrl,
+                peer: Some(peer),
+                client: ClientInfo::default(),
+            });
+            gw.spawn_http(TokioIo::new(stream), ctx, true);
+        })
+        .await
+    }
+
+    /// Accept loop for redirected connections until [`Gateway::shutdown`].
+    /// `lookup` gives each connection's original destination and process.
+    /// Without a record, a strict lookup (see [`CaptureLookup::strict`])
+    /// drops the connection; otherwise the listener's own address stands in
+    /// (tests feeding plain connections).
+    pub async fn serve_capture_listener(
+        &self,
+        listener: TcpListener,
+        lookup: Arc<dyn CaptureLookup>,
+    ) -> Result<(), GatewayError> {
+        self.accept_loop(listener, move |gw, stream, peer| {
+            let local = stream.local_addr().unwrap_or(peer);
+            let (dst, info) = match lookup.lookup(peer, local) {
+                Some(found) => found,
+                // Not redirected by our programs: someone dialled the capture
+                // port directly. Splicing it "back" to the listener would loop.
+                None if lookup.strict() => {
+                    tracing::warn!(%peer, "connection to the capture listener without a capture record: closed");
+                    return;
+                }
+                None => (local, ClientInfo::default()),
+            };
+            let gw = gw.clone();
+            tokio::spawn(async move { gw.serve_captured(stream, dst, info).await });
+        })
+        .await
+    }
+
+    /// Accepts until shutdown, handing each connection to `handle`; then
+    /// closes the listener and drains in-flight requests.
+    async fn accept_loop(
+        &self,
+        listener: TcpListener,
+        handle: impl Fn(&Gateway, TcpStream, SocketAddr),
+    ) -> Result<(), GatewayError> {
         let mut stop = self.shutting_down();
         loop {
             let (stream, peer) = tokio::select! {
@@ -363,46 +416,7 @@ impl Gateway {
                 },
                 _ = stopped(&mut stop) => break,
             };
-            let _ = stream.set_nodelay(true);
-            let ctx = Arc::new(ConnCtx {
-                mode: Mode::BaseUrl,
-                peer: Some(peer),
-                client: ClientInfo::default(),
-            });
-            self.spawn_http(TokioIo::new(stream), ctx, true);
-        }
-        drop(listener);
-        self.drain().await;
-        Ok(())
-    }
-
-    /// Accept loop for redirected connections until [`Gateway::shutdown`].
-    /// `lookup` gives each connection's original destination and process;
-    /// without a record the listener's own address stands in (tests).
-    pub async fn serve_capture_listener(
-        &self,
-        listener: TcpListener,
-        lookup: Arc<dyn CaptureLookup>,
-    ) -> Result<(), GatewayError> {
-        let mut stop = self.shutting_down();
-        loop {
-            let (stream, peer) = tokio::select! {
-                r = listener.accept() => match r {
-                    Ok(x) => x,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-                _ = stopped(&mut stop) => break,
-            };
-            let local = stream.local_addr().unwrap_or(peer);
-            let (dst, info) = lookup
-                .lookup(peer, local)
-                .unwrap_or((local, ClientInfo::default()));
-            let gw = self.clone();
-            tokio::spawn(async move { gw.serve_captured(stream, dst, info).await });
+            handle(self, stream, peer);
         }
         drop(listener);
         self.drain().await;
