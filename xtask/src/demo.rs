@@ -64,7 +64,11 @@ impl Cleanup {
 }
 
 fn say(title: &str) {
-    println!("\n\x1b[1m== {title}\x1b[0m");
+    if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+        println!("\n\x1b[1m== {title}\x1b[0m");
+    } else {
+        println!("\n== {title}");
+    }
 }
 
 pub fn run() -> anyhow::Result<()> {
