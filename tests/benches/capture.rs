@@ -107,6 +107,8 @@ fn connect_rate(cg: &mut TestCgroup) {
         skip_mark: 0,
         refuse_udp: true,
         refuse_other_netns: true,
+        pin_dir: None,
+        keep_attached: false,
     };
     let (mut without, mut with) = (f64::MAX, f64::MAX);
     // Alternate which goes first so neither always runs on a warmer machine.

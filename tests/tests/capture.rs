@@ -77,6 +77,8 @@ fn setup(label: &str) -> Setup {
         skip_mark: MARK,
         refuse_udp: true,
         refuse_other_netns: true,
+        pin_dir: None,
+        keep_attached: false,
     };
     let capture = Capture::attach(&spec).expect("attaching the capture programs to a child cgroup");
     Setup {
@@ -316,4 +318,98 @@ fn dropping_the_capture_and_cgroup_detaches_and_removes_everything() {
         "test cgroup {} was left behind",
         path.display()
     );
+}
+
+/// A private bpffs on a temp dir (never the system's /sys/fs/bpf).
+struct Bpffs(tempfile::TempDir);
+
+impl Bpffs {
+    fn mount() -> Bpffs {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(dir.path())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mounting a private bpffs failed (needs root)");
+        Bpffs(dir)
+    }
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.0.path()).status();
+    }
+}
+
+#[test]
+fn pinned_links_stay_fail_closed_without_the_process_and_are_replaced_without_a_gap() {
+    if skip() {
+        return;
+    }
+    let bpffs = Bpffs::mount();
+    let pins = bpffs.0.path().join("kt");
+    let mut s = setup("pinned");
+    drop(s.capture);
+    let dest: SocketAddr = format!("127.77.0.5:{}", s.port).parse().unwrap();
+    let real = TcpListener::bind(dest).unwrap();
+    real.set_nonblocking(true).unwrap();
+    let cgroup_dir = s.cgroup.path().to_path_buf();
+    let port = s.port;
+    let spec = |listener: &TcpListener, keep: bool| CaptureSpec {
+        cgroup: cgroup_dir.clone(),
+        listen4: match listener.local_addr().unwrap() {
+            SocketAddr::V4(a) => a,
+            SocketAddr::V6(_) => unreachable!(),
+        },
+        listen6: None,
+        prefixes: vec![IpPrefix {
+            addr: "127.77.0.0".parse().unwrap(),
+            len: 16,
+        }],
+        ports: vec![port],
+        skip_mark: MARK,
+        refuse_udp: true,
+        refuse_other_netns: true,
+        pin_dir: Some(pins.clone()),
+        keep_attached: keep,
+    };
+
+    // A first run keeps its links pinned and goes away (a crash or restart).
+    let first = Capture::attach(&spec(&s.listener4, true)).unwrap();
+    drop(first);
+    drop(s.listener4);
+    let pid = run_client(&mut s.cgroup, &["tcp", &dest.to_string()]);
+    let out = output(&mut s.cgroup, pid);
+    assert_eq!(
+        field(&out, "connect_error"),
+        Some(libc::ECONNREFUSED.to_string().as_str()),
+        "with no kt running, pinned programs must still refuse: {out}"
+    );
+    assert!(real.accept().is_err(), "leaked to the real destination");
+
+    // The next run takes over: its listener gets the connection.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let second = Capture::attach(&spec(&listener, false)).unwrap();
+    let dirs: Vec<_> = std::fs::read_dir(&pins).unwrap().collect();
+    assert_eq!(dirs.len(), 1, "stale pins were not replaced");
+    let pid = run_client(&mut s.cgroup, &["tcp", &dest.to_string()]);
+    let (stream, peer) = accept(&listener).expect("the new run did not capture");
+    assert_eq!(second.take_origin(peer).map(|o| o.original), Some(dest));
+    reply(stream, "second");
+    assert_eq!(field(&output(&mut s.cgroup, pid), "reply"), Some("second"));
+
+    // A clean stop detaches everything and removes its pins.
+    drop(second);
+    assert_eq!(
+        std::fs::read_dir(&pins).unwrap().count(),
+        0,
+        "pins left behind"
+    );
+    real.set_nonblocking(false).unwrap();
+    let pid = run_client(&mut s.cgroup, &["tcp", &dest.to_string()]);
+    let (stream, _) = accept(&real).expect("after detach the connection should go direct");
+    reply(stream, "direct");
+    assert_eq!(field(&output(&mut s.cgroup, pid), "reply"), Some("direct"));
 }

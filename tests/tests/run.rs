@@ -220,10 +220,15 @@ fn kt_run_swaps_a_legacy_process_key_and_names_the_process() {
     // Dialling the capture port directly (no capture record) is closed,
     // never served or spliced back into the listener.
     let mut direct = std::net::TcpStream::connect(("127.0.0.1", capture_port)).unwrap();
-    direct.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    direct
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     let _ = direct.write_all(b"GET / HTTP/1.1\r\nhost: api.openai.com\r\n\r\n");
     let mut buf = [0u8; 64];
-    assert!(matches!(direct.read(&mut buf), Ok(0) | Err(_)), "unrecorded connection was served");
+    assert!(
+        matches!(direct.read(&mut buf), Ok(0) | Err(_)),
+        "unrecorded connection was served"
+    );
 
     // SIGTERM: clean exit, programs detached.
     let mut child = guard.0.take().unwrap();

@@ -35,10 +35,20 @@ pub fn cgroup2_mount() -> Result<PathBuf, CgroupError> {
 
 /// Finds the first `cgroup2` mount point in the text of a mounts file.
 pub fn cgroup2_mount_in(mounts: &str) -> Option<PathBuf> {
+    mount_of_type(mounts, "cgroup2")
+}
+
+/// The first bpffs mount (where links can be pinned), if any.
+pub fn bpffs_mount() -> Option<PathBuf> {
+    let text = std::fs::read_to_string("/proc/mounts").ok()?;
+    mount_of_type(&text, "bpf")
+}
+
+fn mount_of_type(mounts: &str, wanted: &str) -> Option<PathBuf> {
     mounts.lines().find_map(|line| {
         let mut fields = line.split_whitespace();
         let (_dev, dir, fstype) = (fields.next()?, fields.next()?, fields.next()?);
-        (fstype == "cgroup2").then(|| PathBuf::from(unescape_mount_path(dir)))
+        (fstype == wanted).then(|| PathBuf::from(unescape_mount_path(dir)))
     })
 }
 

@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use aya::Ebpf;
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap, MapData};
-use aya::programs::links::CgroupAttachMode;
+use aya::programs::links::{CgroupAttachMode, FdLink, PinnedLink};
 use aya::programs::{CgroupSockAddr, SockOps};
 use guard_ebpf_common::{
     AF_INET, AF_INET6, CaptureConfig, FLAG_ENABLED, FLAG_REFUSE_OTHER_NETNS, FLAG_REFUSE_UDP,
@@ -43,6 +43,14 @@ pub struct CaptureSpec {
     pub refuse_udp: bool,
     /// Refuse matched connections from other network namespaces.
     pub refuse_other_netns: bool,
+    /// A directory on a bpffs where the links are pinned, so the programs
+    /// outlive a crash of this process (matched connections are then
+    /// refused, never let through) and a restart replaces them without a
+    /// gap. `None`: links live and die with this process.
+    pub pin_dir: Option<PathBuf>,
+    /// Leave the pinned links in place when this is dropped (a planned
+    /// restart stays fail-closed); only meaningful with `pin_dir`.
+    pub keep_attached: bool,
 }
 
 /// Who opened a captured connection and where it was going.
@@ -65,6 +73,8 @@ type PeerMap = HashMap<MapData, PeerKey, Origin>;
 /// Attached capture programs. Dropping this detaches them.
 pub struct Capture {
     // Field order matters: maps and links go before the object they came from.
+    links: Vec<Link>,
+    pins: Option<PinSet>,
     by_peer: Mutex<PeerMap>,
     prefix4: Mutex<LpmTrie<MapData, [u8; 4], u32>>,
     prefix6: Mutex<LpmTrie<MapData, [u8; 16], u32>>,
@@ -127,6 +137,8 @@ impl Capture {
             HashMap::try_from(take(&mut ebpf, map::BY_PEER)?).map_err(map_err(map::BY_PEER))?;
 
         let capture = Capture {
+            links: Vec::new(),
+            pins: None,
             by_peer: Mutex::new(by_peer),
             prefix4: Mutex::new(prefix4),
             prefix6: Mutex::new(prefix6),
@@ -135,22 +147,54 @@ impl Capture {
         };
         capture.set_prefixes(&spec.prefixes)?;
         let mut capture = capture;
-        capture.attach_all(&cgroup)?;
+        // Links left pinned by an earlier run (a crash, or keep_attached)
+        // stay until ours are attached: no moment without capture.
+        let stale = match &spec.pin_dir {
+            Some(dir) => earlier_pins(dir),
+            None => Vec::new(),
+        };
+        capture.attach_all(&cgroup, spec)?;
+        for dir in stale {
+            remove_pins(&dir);
+        }
         tracing::info!(cgroup = %spec.cgroup.display(), "capture programs attached");
         Ok(capture)
     }
 
-    fn attach_all(&mut self, cgroup: &File) -> Result<(), CaptureError> {
+    fn attach_all(&mut self, cgroup: &File, spec: &CaptureSpec) -> Result<(), CaptureError> {
         let load_err = |name: &str, e: &dyn std::fmt::Display| CaptureError::Load {
             name: name.to_string(),
             detail: e.to_string(),
         };
+        let cgroup_path = self.cgroup.clone();
         let attach_err = |name: &str, e: &dyn std::fmt::Display| CaptureError::Attach {
             name: name.to_string(),
-            cgroup: self.cgroup.clone(),
+            cgroup: cgroup_path.clone(),
             detail: e.to_string(),
         };
-        let mut errors = Vec::new();
+        let pin_dir = match &spec.pin_dir {
+            Some(d) => {
+                // Unique per attach, so a new run (even one reusing a pid)
+                // never collides with the pins it is about to replace.
+                let nanos = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|t| t.as_nanos())
+                    .unwrap_or(0);
+                let own = d.join(format!("{}-{nanos}", std::process::id()));
+                std::fs::create_dir_all(&own).map_err(|e| {
+                    CaptureError::Spec(format!(
+                        "cannot create pin directory {}: {e}",
+                        own.display()
+                    ))
+                })?;
+                self.pins = Some(PinSet {
+                    dir: own.clone(),
+                    keep: spec.keep_attached,
+                });
+                Some(own)
+            }
+            None => None,
+        };
         for name in prog::ALL {
             let Some(program) = self.ebpf.program_mut(name) else {
                 return Err(load_err(name, &"missing from the object"));
@@ -159,25 +203,32 @@ impl Capture {
             // requires flags 0 and link attachments always coexist with other
             // tools' programs; `Single` is the variant that passes 0.
             let mode = CgroupAttachMode::Single;
-            let result = if name == prog::SOCK_OPS {
+            let fd_link: FdLink = if name == prog::SOCK_OPS {
                 let p: &mut SockOps = program.try_into().map_err(|e| load_err(name, &e))?;
                 p.load().map_err(|e| load_err(name, &e))?;
-                p.attach(cgroup, mode).map(drop)
+                let id = p.attach(cgroup, mode).map_err(|e| attach_err(name, &e))?;
+                let link = p.take_link(id).map_err(|e| attach_err(name, &e))?;
+                FdLink::try_from(link).map_err(|e| attach_err(name, &e))?
             } else {
                 let p: &mut CgroupSockAddr = program.try_into().map_err(|e| load_err(name, &e))?;
                 p.load().map_err(|e| load_err(name, &e))?;
-                p.attach(cgroup, mode).map(drop)
+                let id = p.attach(cgroup, mode).map_err(|e| attach_err(name, &e))?;
+                let link = p.take_link(id).map_err(|e| attach_err(name, &e))?;
+                FdLink::try_from(link).map_err(|e| attach_err(name, &e))?
             };
-            if let Err(e) = result {
-                errors.push(attach_err(name, &e));
-            }
+            // An early return drops `self`, and with it every link attached
+            // so far (and its pin, see Drop).
+            let link = match &pin_dir {
+                Some(dir) => Link::Pinned(
+                    fd_link
+                        .pin(dir.join(name))
+                        .map_err(|e| attach_err(name, &e))?,
+                ),
+                None => Link::Fd(fd_link),
+            };
+            self.links.push(link);
         }
-        // Links live in `self.ebpf`; an early return drops it and detaches
-        // whatever did attach.
-        match errors.into_iter().next() {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
+        Ok(())
     }
 
     /// Replaces the captured prefixes (used when provider hosts re-resolve).
@@ -203,6 +254,82 @@ impl Capture {
         // Best effort: LRU eviction reclaims it anyway.
         let _ = map.remove(&key);
         decode_origin(&origin)
+    }
+}
+
+/// An attached program's link: dropping an `Fd` detaches it; a `Pinned`
+/// one is unpinned first unless the capture keeps its pins.
+enum Link {
+    Fd(#[allow(dead_code)] FdLink),
+    Pinned(PinnedLink),
+}
+
+/// This process's pin directory.
+struct PinSet {
+    dir: PathBuf,
+    keep: bool,
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        let keep = self.pins.as_ref().is_some_and(|p| p.keep);
+        for link in self.links.drain(..) {
+            match link {
+                Link::Fd(l) => drop(l),
+                Link::Pinned(p) if keep => drop(p),
+                Link::Pinned(p) => {
+                    if let Err(e) = p.unpin() {
+                        tracing::warn!(error = %e, "cannot unpin a capture link");
+                    }
+                }
+            }
+        }
+        if let Some(p) = &self.pins
+            && !p.keep
+        {
+            let _ = std::fs::remove_dir(&p.dir);
+        }
+    }
+}
+
+/// Pin directories of earlier runs under `dir` (taken before this run
+/// creates its own).
+fn earlier_pins(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.is_dir())
+        .collect()
+}
+
+/// Detaches and removes the links pinned in `dir`.
+fn remove_pins(dir: &Path) {
+    for entry in std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+    {
+        match PinnedLink::from_pin(entry.path()) {
+            Ok(link) => match link.unpin() {
+                Ok(fd) => drop(fd),
+                Err(e) => {
+                    tracing::warn!(path = %entry.path().display(), error = %e, "cannot unpin a stale capture link")
+                }
+            },
+            Err(e) => {
+                tracing::warn!(path = %entry.path().display(), error = %e, "not a capture link; left alone")
+            }
+        }
+    }
+    match std::fs::remove_dir(dir) {
+        Ok(()) => {
+            tracing::info!(dir = %dir.display(), "replaced capture links left by an earlier run")
+        }
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot remove an old pin directory")
+        }
     }
 }
 
@@ -385,6 +512,8 @@ mod tests {
             skip_mark: 7,
             refuse_udp: true,
             refuse_other_netns: false,
+            pin_dir: None,
+            keep_attached: false,
         };
         let c = capture_config(&spec);
         assert_eq!(u16::from_be(c.listen4_port_be as u16), 8788);

@@ -10,7 +10,7 @@ mod prefix;
 mod process;
 mod support;
 
-pub use cgroup::{CgroupError, cgroup2_mount, cgroup2_mount_in};
+pub use cgroup::{CgroupError, bpffs_mount, cgroup2_mount, cgroup2_mount_in};
 pub use loader::{Capture, CaptureSpec, ClientOrigin};
 pub use prefix::{PrefixError, prefix_of};
 pub use process::{

@@ -35,6 +35,17 @@ pub struct RunArgs {
     /// Listen address for explicit clients (overrides `gateway.listen`).
     #[arg(long)]
     pub listen: Option<SocketAddr>,
+    /// Directory on a bpffs to pin the capture links in [default: the first
+    /// bpffs mount + `/kt/cg-<cgroup inode>`]. Pinned links outlive a crash
+    /// of kt (matched connections are then refused, never let through) and
+    /// are replaced without a gap by the next `kt run`.
+    #[arg(long)]
+    pub pin_dir: Option<PathBuf>,
+    /// On SIGINT/SIGTERM leave the pinned programs attached, so a planned
+    /// restart stays fail-closed (provider connections are refused until kt
+    /// runs again).
+    #[arg(long)]
+    pub keep_attached: bool,
 }
 
 /// Runs `kt run`.
@@ -62,6 +73,19 @@ pub fn run(args: RunArgs, global: &Global) -> anyhow::Result<u8> {
         config.gateway.capture_listen,
         config.gateway.capture_listen6,
     );
+
+    let pin_dir = pin_dir_for(&args, &cgroup);
+    match &pin_dir {
+        Some(d) => tracing::info!(dir = %d.display(), "capture links pinned"),
+        None => tracing::warn!(
+            "no bpffs mounted: capture links are not pinned, so if kt dies capture is gone until it runs again (mount one: mount -t bpf bpf /sys/fs/bpf)"
+        ),
+    }
+    if args.keep_attached && pin_dir.is_none() {
+        bail!(
+            "--keep-attached needs pinned links: mount a bpffs (mount -t bpf bpf /sys/fs/bpf) or pass --pin-dir"
+        );
+    }
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -112,6 +136,8 @@ pub fn run(args: RunArgs, global: &Global) -> anyhow::Result<u8> {
             skip_mark: GUARD_MARK,
             refuse_udp: true,
             refuse_other_netns: true,
+            pin_dir: pin_dir.clone(),
+            keep_attached: args.keep_attached && pin_dir.is_some(),
         };
         let capture = Arc::new(
             Capture::attach(&spec)
@@ -187,8 +213,22 @@ pub fn run(args: RunArgs, global: &Global) -> anyhow::Result<u8> {
         eprintln!("kt: warning: some events could not be written before exit");
     }
     result?;
-    eprintln!("kt: stopped; capture detached");
+    if args.keep_attached {
+        eprintln!("kt: stopped; capture left attached (fail closed until kt runs again)");
+    } else {
+        eprintln!("kt: stopped; capture detached");
+    }
     Ok(exit::OK)
+}
+
+/// `--pin-dir`, else `<bpffs>/kt/cg-<inode>` when a bpffs is mounted.
+fn pin_dir_for(args: &RunArgs, cgroup: &std::path::Path) -> Option<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    if let Some(d) = &args.pin_dir {
+        return Some(d.clone());
+    }
+    let ino = std::fs::metadata(cgroup).ok()?.ino();
+    Some(capture::bpffs_mount()?.join("kt").join(format!("cg-{ino}")))
 }
 
 /// Hosts whose addresses are captured: `capture.hosts`, else the official
