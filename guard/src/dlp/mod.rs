@@ -500,7 +500,13 @@ impl Scanner {
                 Origin::Url => {
                     let raw: Vec<(usize, usize, &str)> = ranges
                         .iter()
-                        .map(|&(s, e, id)| (url_map[s], url_map[e], id))
+                        .map(|&(s, e, id)| {
+                            (
+                                decode::url_offset(&url_map, s),
+                                decode::url_offset(&url_map, e),
+                                id,
+                            )
+                        })
                         .collect();
                     let new = apply(req.path_and_query.as_bytes(), &raw, |id| {
                         percent_encode(&format!("[REDACTED:{id}]"))
@@ -559,7 +565,8 @@ impl Scanner {
         url: &'b [u8],
         escapes: &mut Vec<usize>,
     ) -> Analysis<'b> {
-        let mut sources: Vec<Source<'b>> = Vec::new();
+        // Room for a typical chat body's strings without regrowing.
+        let mut sources: Vec<Source<'b>> = Vec::with_capacity(32);
         let mut body_kind = BodyKind::Empty;
         let mut joined = Buffer::new(true);
         if !body.is_empty() {
@@ -710,9 +717,13 @@ impl Scanner {
             return;
         }
         if let Some(pre) = &self.prefilter {
-            // Per rule: where its last match ended, so a hit inside it is not re-reported.
-            let mut last_end = vec![0usize; self.rules.len()];
+            // Per rule: where its last match ended, so a hit inside it is not
+            // re-reported (allocated on the first candidate only).
+            let mut last_end: Vec<usize> = Vec::new();
             pre.for_each(data, data.len(), |&rule, p| {
+                if last_end.is_empty() {
+                    last_end.resize(self.rules.len(), 0);
+                }
                 if p >= last_end[rule] {
                     self.rule_hit(buf, sources, rule, p, &mut last_end, hits);
                 }
@@ -831,8 +842,8 @@ impl Scanner {
                     end: last.end,
                 },
                 Origin::Url => Location::Url {
-                    start: url_map[first.start],
-                    end: url_map[last.end],
+                    start: decode::url_offset(url_map, first.start),
+                    end: decode::url_offset(url_map, last.end),
                 },
                 Origin::Header(h) => Location::Header {
                     name: req.headers[h].0.to_string(),

@@ -209,7 +209,7 @@ impl Terms {
     /// Per-buffer state for [`Terms::on_hit`].
     pub(crate) fn state(&self) -> TermState {
         TermState {
-            last: vec![(usize::MAX, 0); self.terms.len()],
+            last: Vec::new(),
             window: Vec::new(),
             cands: Vec::new(),
         }
@@ -225,6 +225,7 @@ impl Terms {
         out: &mut Vec<TermHit>,
     ) {
         if let Some(anchors) = &self.anchors {
+            state.last.clear();
             let mut cands = std::mem::take(&mut state.cands);
             let mut lower = scratch::take(&scratch::BYTES);
             cands.clear();
@@ -276,6 +277,10 @@ impl Terms {
         out: &mut Vec<TermHit>,
     ) {
         let last = &mut state.last;
+        // Sized on the first candidate of a buffer only.
+        if last.is_empty() {
+            last.resize(self.terms.len(), (usize::MAX, 0));
+        }
         let term = &self.terms[piece.term];
         let before = piece.offset + term.k + 1;
         let after = term.norm.len() - piece.offset - piece.len + term.k + 1;
