@@ -367,10 +367,21 @@ fn main() {
         .map(|p| regex::bytes::Regex::new(p).unwrap_or_else(|e| panic!("{p}: {e}")))
         .collect();
 
-    // `cargo bench -p guard --bench dlp -- profile`: only the 1 MiB no-match
-    // scan, for a few seconds, to look at under a profiler.
+    // `cargo bench -p guard --bench dlp -- profile [plain] [1k]`: only the
+    // 1 MiB (or 1 KiB) no-match scan (near-miss, or plain), for a few
+    // seconds, to look at under a profiler.
     if std::env::args().any(|a| a == "profile") {
-        let b = body(1024 * 1024, Case::NearMiss);
+        let case = if std::env::args().any(|a| a == "plain") {
+            Case::Plain
+        } else {
+            Case::NearMiss
+        };
+        let size = if std::env::args().any(|a| a == "1k") {
+            1024
+        } else {
+            1024 * 1024
+        };
+        let b = body(size, case);
         let req = RequestView {
             path_and_query: "/",
             headers: &[],

@@ -109,9 +109,14 @@ fn read_capped(
 
 /// Percent-decodes `s`; returns the bytes and, for each decoded byte, the
 /// offset in `s` where it starts (plus one final entry: `s.len()`), so
-/// matches map back to the raw URL.
-pub(crate) fn percent_decode(s: &str) -> (Vec<u8>, Vec<usize>) {
+/// matches map back to the raw URL. With no `%` in `s` (the usual case)
+/// nothing is copied and the map is empty, meaning offsets are unchanged
+/// (see [`url_offset`]).
+pub(crate) fn percent_decode(s: &str) -> (std::borrow::Cow<'_, [u8]>, Vec<usize>) {
     let b = s.as_bytes();
+    if memchr::memchr(b'%', b).is_none() {
+        return (std::borrow::Cow::Borrowed(b), Vec::new());
+    }
     let mut out = Vec::with_capacity(b.len());
     let mut map = Vec::with_capacity(b.len() + 1);
     let mut i = 0;
@@ -132,7 +137,12 @@ pub(crate) fn percent_decode(s: &str) -> (Vec<u8>, Vec<usize>) {
         i += 1;
     }
     map.push(b.len());
-    (out, map)
+    (std::borrow::Cow::Owned(out), map)
+}
+
+/// The raw URL offset of decoded offset `i` (see [`percent_decode`]).
+pub(crate) fn url_offset(map: &[usize], i: usize) -> usize {
+    map.get(i).copied().unwrap_or(i)
 }
 
 fn hex_val(c: u8) -> Option<u8> {

@@ -71,16 +71,6 @@ impl<T> LiteralSet<T> {
         Some(LiteralSet { engine, groups })
     }
 
-    /// The longest literal, in bytes.
-    pub(crate) fn max_len(&self) -> usize {
-        self.groups
-            .iter()
-            .flatten()
-            .map(|e| e.lit.len())
-            .max()
-            .unwrap_or(0)
-    }
-
     /// Calls `f(payload, position)` for every occurrence of every literal in
     /// `hay` that starts before `limit`, in order of position.
     pub(crate) fn for_each(&self, hay: &[u8], limit: usize, mut f: impl FnMut(&T, usize)) {

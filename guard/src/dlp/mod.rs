@@ -299,15 +299,6 @@ struct Rule {
     line_bound: bool,
 }
 
-/// What a prefilter literal stands for.
-enum Candidate {
-    /// A prefix of rule `rule`, as written (checked against the original
-    /// bytes when the search ran over the lower-cased copy).
-    Rule { rule: usize, lit: Vec<u8> },
-    /// A piece of a blocked term.
-    Term(terms::Piece),
-}
-
 /// Which rule a hit belongs to.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum RuleRef {
@@ -319,10 +310,8 @@ enum RuleRef {
 /// (`Send + Sync`), call [`Scanner::scan`] per request.
 pub struct Scanner {
     rules: Vec<Rule>,
-    /// One literal search for everything: rule prefixes and term pieces.
-    prefilter: Option<LiteralSet<Candidate>>,
-    /// The prefilter runs over a lower-cased copy (there are term pieces).
-    fold_case: bool,
+    /// One literal search for every rule prefix: payload, the rule index.
+    prefilter: Option<LiteralSet<usize>>,
     fallback: Vec<usize>,
     fallback_set: Option<regex::bytes::RegexSet>,
     terms: terms::Terms,
@@ -344,9 +333,6 @@ impl std::fmt::Debug for Scanner {
             .finish_non_exhaustive()
     }
 }
-
-/// Bytes lower-cased and searched at a time (fits in a core's L2 cache).
-const FOLD_CHUNK: usize = 64 * 1024;
 
 /// Shortest line or value a joined match may cover whole (see `Buffer::interior_ok`).
 const MIN_INTERIOR: usize = 16;
@@ -415,26 +401,10 @@ impl Scanner {
                 })?,
             )
         };
-        let mut terms =
-            terms::Terms::new(&cfg.blocked_terms, cfg.fuzzy_matching, cfg.max_distance)?;
-        let pieces = terms.take_pieces();
-        let fold_case = !pieces.is_empty();
-        let mut all: Vec<(Vec<u8>, Candidate)> = lits
-            .into_iter()
-            .map(|(lit, rule)| {
-                let key = if fold_case {
-                    lit.to_ascii_lowercase()
-                } else {
-                    lit.clone()
-                };
-                (key, Candidate::Rule { rule, lit })
-            })
-            .collect();
-        all.extend(pieces.into_iter().map(|(l, p)| (l, Candidate::Term(p))));
+        let terms = terms::Terms::new(&cfg.blocked_terms, cfg.fuzzy_matching, cfg.max_distance)?;
         Ok(Scanner {
             rules: rules.into_iter().map(|(r, _)| r).collect(),
-            prefilter: LiteralSet::new(all),
-            fold_case,
+            prefilter: LiteralSet::new(lits),
             fallback,
             fallback_set,
             terms,
@@ -530,7 +500,13 @@ impl Scanner {
                 Origin::Url => {
                     let raw: Vec<(usize, usize, &str)> = ranges
                         .iter()
-                        .map(|&(s, e, id)| (url_map[s], url_map[e], id))
+                        .map(|&(s, e, id)| {
+                            (
+                                decode::url_offset(&url_map, s),
+                                decode::url_offset(&url_map, e),
+                                id,
+                            )
+                        })
                         .collect();
                     let new = apply(req.path_and_query.as_bytes(), &raw, |id| {
                         percent_encode(&format!("[REDACTED:{id}]"))
@@ -589,7 +565,8 @@ impl Scanner {
         url: &'b [u8],
         escapes: &mut Vec<usize>,
     ) -> Analysis<'b> {
-        let mut sources: Vec<Source<'b>> = Vec::new();
+        // Room for a typical chat body's strings without regrowing.
+        let mut sources: Vec<Source<'b>> = Vec::with_capacity(32);
         let mut body_kind = BodyKind::Empty;
         let mut joined = Buffer::new(true);
         if !body.is_empty() {
@@ -739,40 +716,18 @@ impl Scanner {
         if data.is_empty() {
             return;
         }
-        let mut term_hits = Vec::new();
         if let Some(pre) = &self.prefilter {
-            // Per rule: where its last match ended, so a hit inside it is not re-reported.
-            let mut last_end = vec![0usize; self.rules.len()];
-            let mut term_state = self.terms.state();
-            let mut on_candidate = |cand: &Candidate, p: usize| match cand {
-                Candidate::Rule { rule, lit } => {
-                    if p >= last_end[*rule] && data[p..].starts_with(lit) {
-                        self.rule_hit(buf, sources, *rule, p, &mut last_end, hits);
-                    }
+            // Per rule: where its last match ended, so a hit inside it is not
+            // re-reported (allocated on the first candidate only).
+            let mut last_end: Vec<usize> = Vec::new();
+            pre.for_each(data, data.len(), |&rule, p| {
+                if last_end.is_empty() {
+                    last_end.resize(self.rules.len(), 0);
                 }
-                Candidate::Term(piece) => {
-                    self.terms
-                        .on_hit(data, &buf.bounds, piece, p, &mut term_state, &mut term_hits)
+                if p >= last_end[rule] {
+                    self.rule_hit(buf, sources, rule, p, &mut last_end, hits);
                 }
-            };
-            if self.fold_case {
-                // Lower-case and search a cache-sized chunk at a time; the
-                // overlap lets a literal that starts in one chunk end in the next.
-                let overlap = pre.max_len().saturating_sub(1);
-                let mut lower = scratch::take(&scratch::BYTES);
-                let mut start = 0;
-                while start < data.len() {
-                    let end = (start + FOLD_CHUNK).min(data.len());
-                    lower.clear();
-                    lower.extend_from_slice(&data[start..(end + overlap).min(data.len())]);
-                    lower.make_ascii_lowercase();
-                    pre.for_each(&lower, end - start, |cand, p| on_candidate(cand, start + p));
-                    start = end;
-                }
-                scratch::give(&scratch::BYTES, lower);
-            } else {
-                pre.for_each(data, data.len(), on_candidate);
-            }
+            });
         }
         if let Some(set) = &self.fallback_set {
             for set_idx in set.matches(data).iter() {
@@ -791,7 +746,13 @@ impl Scanner {
                 }
             }
         }
-        self.terms.scan_full(data, &buf.bounds, &mut term_hits);
+        if self.terms.is_empty() {
+            return;
+        }
+        let mut term_hits = Vec::new();
+        let mut term_state = self.terms.state();
+        self.terms
+            .scan(data, &buf.bounds, &mut term_state, &mut term_hits);
         for t in term_hits {
             let spans = buf.spans(t.start, t.end);
             if spans.len() > 1 && !buf.spanning || spans.is_empty() {
@@ -881,8 +842,8 @@ impl Scanner {
                     end: last.end,
                 },
                 Origin::Url => Location::Url {
-                    start: url_map[first.start],
-                    end: url_map[last.end],
+                    start: decode::url_offset(url_map, first.start),
+                    end: decode::url_offset(url_map, last.end),
                 },
                 Origin::Header(h) => Location::Header {
                     name: req.headers[h].0.to_string(),

@@ -11,9 +11,13 @@
 //! needed), any match with at most `k` edits keeps at least two pieces
 //! unchanged, and so at least one of the `k + 1` longest. Pieces are letters
 //! and digits only, so they appear in the raw text exactly as in the
-//! normalised text (ASCII case aside). The `k + 1` longest pieces join the
-//! scanner's single literal pass (over a lower-cased copy of the text); at
-//! each candidate, a window just wide enough for a match is taken, a second
+//! normalised text (ASCII case aside). The `k + 1` longest pieces are
+//! searched for in their own pass: each is represented by its rarest
+//! three-letter stretch (its anchor), and the anchors are searched for with
+//! one packed SIMD literal search over a lower-cased copy of the text, made
+//! a small cache-resident chunk at a time (searching the raw text for every
+//! case spelling instead is several times slower); an anchor hit is
+//! confirmed by comparing the whole piece, ASCII case ignored. At each confirmed piece, a window just wide enough for a match is taken, a second
 //! piece must appear in it, then Myers' bit-parallel algorithm tests the
 //! normalised window and Sellers' dynamic programme finds where the match
 //! starts. Terms that cannot be cut into `k + 2` pieces of at least 3
@@ -22,6 +26,8 @@
 //! the whole normalised text.
 
 use super::DlpError;
+use super::literals::LiteralSet;
+use super::scratch;
 
 /// A compiled term.
 struct Term {
@@ -39,11 +45,20 @@ struct Term {
 }
 
 /// A piece of a term: which term, where the piece starts in it, how long.
-pub(crate) struct Piece {
+struct Piece {
     term: usize,
     idx: usize,
     offset: usize,
     len: usize,
+    /// The piece's text (lower case).
+    lit: Vec<u8>,
+}
+
+/// What an anchor literal stands for: searched piece `piece`, whose anchor
+/// starts `off` bytes into it.
+struct Anchor {
+    piece: usize,
+    off: usize,
 }
 
 /// Scratch state of one buffer's scan (see [`Terms::on_hit`]).
@@ -52,6 +67,8 @@ pub(crate) struct TermState {
     last: Vec<(usize, usize)>,
     /// The lower-cased candidate window.
     window: Vec<u8>,
+    /// Confirmed pieces: (position, index into `Terms::searched`).
+    cands: Vec<(usize, usize)>,
 }
 
 /// A term found in a buffer: byte range in that buffer.
@@ -64,14 +81,42 @@ pub(crate) struct TermHit {
 /// All blocked terms of a policy.
 pub(crate) struct Terms {
     terms: Vec<Term>,
-    /// The pieces to search for (lower case), handed to the scanner's
-    /// prefilter so one pass serves secrets and terms.
-    pieces: Vec<(Vec<u8>, Piece)>,
+    /// The pieces searched for.
+    searched: Vec<Piece>,
+    /// Every case spelling of every searched piece's anchor.
+    anchors: Option<LiteralSet<Anchor>>,
     full_scan: Vec<usize>,
 }
 
 /// Shortest piece worth prefiltering on.
 const MIN_PIECE: usize = 3;
+
+/// Bytes lower-cased and searched at a time (stays in a core's L1 cache).
+const FOLD_CHUNK: usize = 16 * 1024;
+
+/// Length of a piece's anchor (see the module docs): at most `MIN_PIECE`.
+const ANCHOR: usize = 3;
+
+/// ASCII letters from most to least frequent in English prose and code.
+const BY_FREQUENCY: &[u8] = b"etaoinsrhldcumfpgwybvkxjqz";
+
+/// Where the rarest `ANCHOR`-byte stretch of `lit` (lower case, at least
+/// `ANCHOR` bytes) starts, judged by letter frequency (digits count as rare).
+fn anchor(lit: &[u8]) -> usize {
+    let rarity = |c: &u8| {
+        BY_FREQUENCY
+            .iter()
+            .position(|f| f == c)
+            .unwrap_or(BY_FREQUENCY.len())
+    };
+    (0..=lit.len().saturating_sub(ANCHOR))
+        .max_by_key(|&i| {
+            let s: usize = lit[i..i + ANCHOR].iter().map(rarity).sum();
+            // Ties go to the earliest stretch.
+            (s, std::cmp::Reverse(i))
+        })
+        .unwrap_or(0)
+}
 
 impl Terms {
     pub(crate) fn new(terms: &[String], fuzzy: bool, max_distance: u8) -> Result<Terms, DlpError> {
@@ -79,6 +124,7 @@ impl Terms {
         let mut compiled = Vec::new();
         let mut lits = Vec::new();
         let mut full_scan = Vec::new();
+        let mut searched_pieces = Vec::new();
         for (index, raw) in terms.iter().enumerate() {
             let norm = normalise_str(raw);
             if norm.is_empty() {
@@ -105,15 +151,22 @@ impl Terms {
             };
             for (idx, &(offset, len)) in pieces.iter().enumerate().take(searched) {
                 let lit: String = norm[offset..offset + len].iter().collect();
+                let lit = lit.into_bytes();
+                let off = anchor(&lit);
                 lits.push((
-                    lit.into_bytes(),
-                    Piece {
-                        term,
-                        idx,
-                        offset,
-                        len,
+                    lit[off..off + ANCHOR].to_vec(),
+                    Anchor {
+                        piece: searched_pieces.len(),
+                        off,
                     },
                 ));
+                searched_pieces.push(Piece {
+                    term,
+                    idx,
+                    offset,
+                    len,
+                    lit,
+                });
             }
             let piece_bytes = pieces
                 .iter()
@@ -132,7 +185,8 @@ impl Terms {
         }
         Ok(Terms {
             terms: compiled,
-            pieces: lits,
+            searched: searched_pieces,
+            anchors: LiteralSet::new(lits),
             full_scan,
         })
     }
@@ -147,23 +201,73 @@ impl Terms {
         &self.terms[i].id
     }
 
-    /// Takes the pieces to search for: `(lower-case literal, piece)`.
-    pub(crate) fn take_pieces(&mut self) -> Vec<(Vec<u8>, Piece)> {
-        std::mem::take(&mut self.pieces)
+    /// Whether there is nothing to search for.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.terms.is_empty()
     }
 
     /// Per-buffer state for [`Terms::on_hit`].
     pub(crate) fn state(&self) -> TermState {
         TermState {
-            last: vec![(usize::MAX, 0); self.terms.len()],
+            last: Vec::new(),
             window: Vec::new(),
+            cands: Vec::new(),
         }
+    }
+
+    /// Finds every term in `buf`. `bounds` (sorted) are offsets where the
+    /// buffer joins two separate texts; each counts as a separator.
+    pub(crate) fn scan(
+        &self,
+        buf: &[u8],
+        bounds: &[usize],
+        state: &mut TermState,
+        out: &mut Vec<TermHit>,
+    ) {
+        if let Some(anchors) = &self.anchors {
+            state.last.clear();
+            let mut cands = std::mem::take(&mut state.cands);
+            let mut lower = scratch::take(&scratch::BYTES);
+            cands.clear();
+            // Lower-case a small, cache-resident chunk at a time (the overlap
+            // lets an anchor that starts in one chunk end in the next).
+            let mut start = 0;
+            while start < buf.len() {
+                let end = (start + FOLD_CHUNK).min(buf.len());
+                lower.clear();
+                lower.extend(
+                    buf[start..(end + ANCHOR - 1).min(buf.len())]
+                        .iter()
+                        .map(u8::to_ascii_lowercase),
+                );
+                anchors.for_each(&lower, end - start, |a, p| {
+                    let piece = &self.searched[a.piece];
+                    if let Some(q) = (start + p).checked_sub(a.off)
+                        && buf
+                            .get(q..q + piece.len)
+                            .is_some_and(|t| t.eq_ignore_ascii_case(&piece.lit))
+                    {
+                        cands.push((q, a.piece));
+                    }
+                });
+                start = end;
+            }
+            scratch::give(&scratch::BYTES, lower);
+            // Anchors sit at different offsets in their pieces: check the
+            // pieces in the order they start.
+            cands.sort_unstable();
+            for &(q, i) in &cands {
+                self.on_hit(buf, bounds, &self.searched[i], q, state, out);
+            }
+            state.cands = cands;
+        }
+        self.scan_full(buf, bounds, out);
     }
 
     /// Checks a candidate: `piece` found at `q` in `buf` (ASCII case
     /// ignored). `bounds` (sorted) are offsets where the buffer joins two
     /// separate texts; each counts as a separator.
-    pub(crate) fn on_hit(
+    fn on_hit(
         &self,
         buf: &[u8],
         bounds: &[usize],
@@ -173,6 +277,10 @@ impl Terms {
         out: &mut Vec<TermHit>,
     ) {
         let last = &mut state.last;
+        // Sized on the first candidate of a buffer only.
+        if last.is_empty() {
+            last.resize(self.terms.len(), (usize::MAX, 0));
+        }
         let term = &self.terms[piece.term];
         let before = piece.offset + term.k + 1;
         let after = term.norm.len() - piece.offset - piece.len + term.k + 1;
@@ -221,7 +329,7 @@ impl Terms {
     }
 
     /// Runs the terms that have no pieces over the whole of `buf`.
-    pub(crate) fn scan_full(&self, buf: &[u8], bounds: &[usize], out: &mut Vec<TermHit>) {
+    fn scan_full(&self, buf: &[u8], bounds: &[usize], out: &mut Vec<TermHit>) {
         if self.full_scan.is_empty() {
             return;
         }
@@ -531,6 +639,14 @@ mod unit {
         let mut count = 0;
         myers_ends(&p, &none, 1, |_| count += 1);
         assert_eq!(count, 0);
+    }
+
+    #[test]
+    fn anchors_are_rare_stretches() {
+        // The behaviour tests break exactly these stretches.
+        assert_eq!(anchor(b"production"), 3);
+        assert_eq!(anchor(b"openai"), 1);
+        assert_eq!(anchor(b"billing"), 0);
     }
 
     #[test]

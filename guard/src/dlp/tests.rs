@@ -563,6 +563,27 @@ fn blocked_terms_match_fuzzily_within_max_distance() {
 }
 
 #[test]
+fn blocked_terms_ignore_case_and_survive_a_typo_in_a_searched_stretch() {
+    let cfg = seed_policy(false);
+    // Any ASCII case mix is found, not just lower, Title and UPPER case.
+    assert_eq!(term_findings(&cfg, "the oPeNaI pRoDuCtIoN kEY").len(), 1);
+    // "prodction" breaks the stretch searched for "production" ("duc") and
+    // "oxenai" the one for "openai" ("pen"), "xilling" the one for "billing"
+    // ("bil"): the other piece still finds them.
+    assert_eq!(
+        term_findings(&cfg, "rotate the openai prodction key").len(),
+        1
+    );
+    assert_eq!(
+        term_findings(&cfg, "rotate the oxenai production key").len(),
+        1
+    );
+    assert_eq!(term_findings(&cfg, "anthropic xilling token").len(), 1);
+    // Both searched pieces broken: two edits, too far.
+    assert!(term_findings(&cfg, "rotate the oxenai prodction key").is_empty());
+}
+
+#[test]
 fn exact_blocked_terms_still_normalise() {
     let mut cfg = seed_policy(false);
     cfg.fuzzy_matching = false;
