@@ -142,19 +142,30 @@ fn story(kt_bin: &Path, bin: &Path, cleanup: &Arc<Mutex<Cleanup>>) -> anyhow::Re
         );
         Ok((o.status.code().unwrap_or(-1), text))
     };
-    let capture = is_root() && cgroup2().is_some();
+    // KT_DEMO_NO_CAPTURE=1 shows the explicit-client variant even as root.
+    let capture = is_root()
+        && cgroup2().is_some()
+        && std::env::var_os("KT_DEMO_NO_CAPTURE").is_none_or(|v| v != "1");
+    // Port 443 needs root; without capture the fakes take free ports.
+    let (primary, fallback) = if capture {
+        ("127.77.0.20:443".to_string(), "127.77.0.21:443".to_string())
+    } else {
+        let p = free_ports(2)?;
+        (format!("127.0.0.1:{}", p[0]), format!("127.0.0.1:{}", p[1]))
+    };
 
     say("a fake api.openai.com on loopback: the primary (new key) is down, the fallback answers");
     let ca_pem = dir.join("fake-provider-ca.pem");
     let mut fake = Command::new(bin.join("kt-fake-provider"))
         .arg("--ca-out")
         .arg(&ca_pem)
-        .args(["primary=127.77.0.20:443=503", "fallback=127.77.0.21:443=ok"])
+        .arg(format!("primary={primary}=503"))
+        .arg(format!("fallback={fallback}=ok"))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
-        .context("starting the fake provider (binding port 443 needs root)")?;
+        .context("starting the fake provider")?;
     let fake_out = fake.stdout.take().context("fake stdout")?;
     let fake_stdin = fake.stdin.take();
     lock(cleanup).children.push(fake);
@@ -183,7 +194,7 @@ fn story(kt_bin: &Path, bin: &Path, cleanup: &Arc<Mutex<Cleanup>>) -> anyhow::Re
 
     let p = free_ports(3)?;
     let cfg = dir.join("demo.yaml");
-    std::fs::write(&cfg, config(p[0], p[1], p[2]))?;
+    std::fs::write(&cfg, config(p[0], p[1], p[2], &primary, &fallback))?;
     say("kt gateway check --verbose (the seed's preflight)");
     let (_, out) = kt(
         &[
@@ -258,7 +269,11 @@ fn story(kt_bin: &Path, bin: &Path, cleanup: &Arc<Mutex<Cleanup>>) -> anyhow::Re
     } else {
         format!("http://127.0.0.1:{}/openai/v1/chat/completions", p[0])
     };
-    say("a legacy CI job with the OLD key hard coded, no proxy settings, the real host name");
+    say(if capture {
+        "a legacy CI job with the OLD key hard coded, no proxy settings, the real host name"
+    } else {
+        "a legacy CI job with the OLD key hard coded, pointed at kt by its base URL"
+    });
     let answer = job(cg.as_deref(), &kt_ca, &url, "say hello")?;
     println!("   job got: {answer}");
 
@@ -333,7 +348,7 @@ fn job(cgroup: Option<&Path>, kt_ca: &Path, url: &str, prompt: &str) -> anyhow::
     Ok(text.chars().take(300).collect())
 }
 
-fn config(listen: u16, cap4: u16, cap6: u16) -> String {
+fn config(listen: u16, cap4: u16, cap6: u16, primary: &str, fallback: &str) -> String {
     format!(
         r#"# The seed's example plus what a loopback demo needs: base_url for the
 # fake provider, and capture scoped to a test prefix.
@@ -351,14 +366,14 @@ providers:
       provider: openai
       model: gpt-5.4-mini-mini
       required: true
-      base_url: https://127.77.0.20:443/v1
+      base_url: https://{primary}/v1
       secret_key_ref:
         store: OPENAI_API_KEY_2026Q2
     - id: openai-2026q1
       provider: openai
       model: gpt-5.4-mini-mini
       required: false
-      base_url: https://127.77.0.21:443/v1
+      base_url: https://{fallback}/v1
       secret_key_ref:
         store: OPENAI_API_KEY_2026Q1
 policies:
