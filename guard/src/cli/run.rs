@@ -199,6 +199,8 @@ pub fn run(args: RunArgs, global: &Global) -> anyhow::Result<u8> {
             let _ = t.await;
         }
         refresher.abort();
+        // Wait until the aborted task has dropped its handle on the capture.
+        let _ = refresher.await;
         drop(lookup);
         // Detach only after every listener is closed: fail closed to the end.
         match Arc::try_unwrap(capture) {
