@@ -428,6 +428,25 @@ fn unit_kind(c: u8) -> Option<bool> {
     }
 }
 
+/// Counts `b` as normalised characters: a word byte is one, a run of
+/// separators is one.
+#[inline(always)]
+fn count_unit(b: u8, units: &mut usize, in_sep: &mut bool) {
+    match unit_kind(b) {
+        None => {}
+        Some(true) => {
+            *units += 1;
+            *in_sep = false;
+        }
+        Some(false) => {
+            if !*in_sep {
+                *units += 1;
+            }
+            *in_sep = true;
+        }
+    }
+}
+
 /// Moves back from `q` over at least `need` normalised characters. Joins
 /// between texts are not counted: they only add separators, so the window
 /// can only come out larger than needed, never smaller.
@@ -437,19 +456,7 @@ fn expand_back(buf: &[u8], q: usize, need: usize) -> usize {
     let mut in_sep = false;
     while pos > 0 && units < need {
         pos -= 1;
-        match unit_kind(buf[pos]) {
-            None => {}
-            Some(true) => {
-                units += 1;
-                in_sep = false;
-            }
-            Some(false) => {
-                if !in_sep {
-                    units += 1;
-                }
-                in_sep = true;
-            }
-        }
+        count_unit(buf[pos], &mut units, &mut in_sep);
     }
     while pos > 0 && unit_kind(buf[pos]).is_none() {
         pos -= 1;
@@ -464,19 +471,7 @@ fn expand_forward(buf: &[u8], q: usize, need: usize) -> usize {
     let mut units = 0;
     let mut in_sep = false;
     while pos < buf.len() && units < need {
-        match unit_kind(buf[pos]) {
-            None => {}
-            Some(true) => {
-                units += 1;
-                in_sep = false;
-            }
-            Some(false) => {
-                if !in_sep {
-                    units += 1;
-                }
-                in_sep = true;
-            }
-        }
+        count_unit(buf[pos], &mut units, &mut in_sep);
         pos += 1;
     }
     while pos < buf.len() && unit_kind(buf[pos]).is_none() {
