@@ -34,36 +34,25 @@ pub fn run(args: GatewayRunArgs, global: &Global) -> anyhow::Result<u8> {
 /// Runs the gateway over an already-loaded config until SIGINT/SIGTERM.
 /// Exit 1 when a required target's secret is missing (fail closed).
 pub fn run_with(config: Config, listen: Option<SocketAddr>, global: &Global) -> anyhow::Result<u8> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
+    let runtime = serve::runtime()?;
     // The gateway's pool and the event writer start inside the runtime.
     let _guard = runtime.enter();
     let Assembled { gateway, events } = match serve::assemble(config, global, None)? {
         Ok(a) => a,
         Err(code) => return Ok(code),
     };
-    runtime.block_on(async move {
+    let result = runtime.block_on(async move {
         let listener = gateway.bind(listen).await.context("binding the listener")?;
         let addr = listener.local_addr().context("reading the listen address")?;
         eprintln!(
             "kt: gateway listening on http://{addr} (OPENAI_BASE_URL=http://{addr}/openai/v1, ANTHROPIC_BASE_URL=http://{addr}/anthropic, HTTPS_PROXY=http://{addr}); targets: {}",
             gateway.active_targets().join(", ")
         );
-        let stopper = gateway.clone();
-        tokio::spawn(async move {
-            serve::wait_for_signal().await;
-            eprintln!("kt: stopping: finishing in-flight requests");
-            stopper.shutdown();
-        });
+        serve::stop_on_signal(&gateway, "finishing in-flight requests");
         gateway.serve_explicit(listener).await.context("serving")?;
         Ok::<_, anyhow::Error>(())
-    })?;
-    if let Some(h) = events
-        && !h.shutdown()
-    {
-        eprintln!("kt: warning: some events could not be written before exit");
-    }
+    });
+    serve::close_events(events);
+    result?;
     Ok(exit::OK)
 }

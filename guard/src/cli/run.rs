@@ -87,10 +87,7 @@ pub fn run(args: RunArgs, global: &Global) -> anyhow::Result<u8> {
         );
     }
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
+    let runtime = serve::runtime()?;
     let _guard = runtime.enter();
     let Assembled { gateway, events } = match serve::assemble(config, global, Some(GUARD_MARK))? {
         Ok(a) => a,
@@ -178,12 +175,10 @@ pub fn run(args: RunArgs, global: &Global) -> anyhow::Result<u8> {
             })
         };
 
-        let stopper = gateway.clone();
-        tokio::spawn(async move {
-            serve::wait_for_signal().await;
-            eprintln!("kt: stopping: finishing in-flight requests, then detaching capture");
-            stopper.shutdown();
-        });
+        serve::stop_on_signal(
+            &gateway,
+            "finishing in-flight requests, then detaching capture",
+        );
         let lookup: Arc<dyn CaptureLookup> = Arc::new(Lookup(capture.clone()));
         let g4 = gateway.clone();
         let lk4 = lookup.clone();
@@ -209,11 +204,7 @@ pub fn run(args: RunArgs, global: &Global) -> anyhow::Result<u8> {
         }
         Ok::<_, anyhow::Error>(())
     });
-    if let Some(h) = events
-        && !h.shutdown()
-    {
-        eprintln!("kt: warning: some events could not be written before exit");
-    }
+    serve::close_events(events);
     result?;
     if args.keep_attached {
         eprintln!("kt: stopped; capture left attached (fail closed until kt runs again)");

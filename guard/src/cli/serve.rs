@@ -87,8 +87,36 @@ pub fn assemble(
     }
 }
 
+/// The multi-threaded runtime both `kt gateway run` and `kt run` serve on.
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+/// On SIGINT or SIGTERM, says `message` and starts the gateway's graceful
+/// shutdown. Call inside the runtime.
+pub fn stop_on_signal(gateway: &Gateway, message: &'static str) {
+    let stopper = gateway.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        eprintln!("kt: stopping: {message}");
+        stopper.shutdown();
+    });
+}
+
+/// Writes the events still queued (bounded) after the gateway drained.
+pub fn close_events(events: Option<WriterHandle>) {
+    if let Some(h) = events
+        && !h.shutdown()
+    {
+        eprintln!("kt: warning: some events could not be written before exit");
+    }
+}
+
 /// Waits for SIGINT or SIGTERM.
-pub async fn wait_for_signal() {
+async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     match (
         signal(SignalKind::interrupt()),
