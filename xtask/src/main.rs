@@ -52,18 +52,13 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Bench { name } => {
             setup::run()?;
-            match name.as_str() {
-                "dlp" => cargo(&["bench", "--locked", "-p", "guard", "--bench", "dlp"]),
-                "gateway" => cargo(&[
-                    "bench",
-                    "--locked",
-                    "-p",
-                    "guard-tests",
-                    "--bench",
-                    "gateway",
-                ]),
+            // Each bench lives with the package it measures.
+            let package = match name.as_str() {
+                "dlp" | "events" => "guard",
+                "gateway" | "capture" => "guard-tests",
                 other => bail!("unknown benchmark {other}"),
-            }
+            };
+            cargo(&["bench", "--locked", "-p", package, "--bench", &name])
         }
     }
 }
