@@ -17,10 +17,18 @@
 //! one packed SIMD literal search over a lower-cased copy of the text, made
 //! a small cache-resident chunk at a time (searching the raw text for every
 //! case spelling instead is several times slower); an anchor hit is
-//! confirmed by comparing the whole piece, ASCII case ignored. At each confirmed piece, a window just wide enough for a match is taken, a second
-//! piece must appear in it, then Myers' bit-parallel algorithm tests the
-//! normalised window and Sellers' dynamic programme finds where the match
-//! starts. Terms that cannot be cut into `k + 2` pieces of at least 3
+//! confirmed by comparing the whole piece, ASCII case ignored. At each
+//! confirmed piece, a window just wide enough for a match is taken (sized by
+//! a count over the raw bytes that never exceeds the normalised characters
+//! there), a second piece must appear in it, then Myers' bit-parallel
+//! algorithm (masks built once per term) tests the normalised window and
+//! Sellers' dynamic programme finds where the match starts.
+//!
+//! Cost: on text with no piece of any term the pass costs about 0.1 ns per
+//! byte; each confirmed piece costs roughly 120 ns more (the search restart,
+//! the window, the second-piece test), so text dense in a term's words
+//! ("production", "billing", …) is where the time goes (`cargo xtask bench
+//! dlp`, `nearmiss` rows). Terms that cannot be cut into `k + 2` pieces of at least 3
 //! characters use `k + 1` pieces and no second-piece test; terms that cannot
 //! be cut at all (non-ASCII, or too short) are run with Myers' algorithm over
 //! the whole normalised text.
@@ -40,8 +48,10 @@ struct Term {
     /// window is checked: 2 when it could be cut into `k + 2` pieces (then
     /// at least two survive any `k` edits), else 1.
     needed: usize,
-    /// Searchers for its pieces (lower case).
-    pieces: Vec<memchr::memmem::Finder<'static>>,
+    /// Its pieces' text (lower case).
+    pieces: Vec<Vec<u8>>,
+    /// Myers' match masks of `norm`, when it has at most 64 characters.
+    peq: Option<Peq>,
 }
 
 /// A piece of a term: which term, where the piece starts in it, how long.
@@ -65,10 +75,11 @@ struct Anchor {
 pub(crate) struct TermState {
     /// Per term: the last window checked, to skip a second piece of the same occurrence.
     last: Vec<(usize, usize)>,
-    /// The lower-cased candidate window.
-    window: Vec<u8>,
     /// Confirmed pieces: (position, index into `Terms::searched`).
     cands: Vec<(usize, usize)>,
+    /// The normalised window being checked, and each character's byte range.
+    chars: Vec<char>,
+    spans: Vec<(usize, usize)>,
 }
 
 /// A term found in a buffer: byte range in that buffer.
@@ -170,13 +181,11 @@ impl Terms {
             }
             let piece_bytes = pieces
                 .iter()
-                .map(|&(o, l)| {
-                    let bytes = norm[o..o + l].iter().collect::<String>().into_bytes();
-                    memchr::memmem::Finder::new(&bytes).into_owned()
-                })
+                .map(|&(o, l)| norm[o..o + l].iter().collect::<String>().into_bytes())
                 .collect();
             compiled.push(Term {
                 id: format!("blocked-term:{}", norm.iter().collect::<String>()),
+                peq: Peq::new(&norm),
                 norm,
                 k,
                 needed,
@@ -210,8 +219,9 @@ impl Terms {
     pub(crate) fn state(&self) -> TermState {
         TermState {
             last: Vec::new(),
-            window: Vec::new(),
             cands: Vec::new(),
+            chars: Vec::new(),
+            spans: Vec::new(),
         }
     }
 
@@ -294,30 +304,28 @@ impl Terms {
         last[piece.term] = (a, b);
         if term.needed == 2 {
             // A match would hold a second intact piece inside this window.
-            state.window.clear();
-            state.window.extend_from_slice(&buf[a..b]);
-            state.window.make_ascii_lowercase();
-            let window = &state.window[..];
+            let window = &buf[a..b];
             let another = term
                 .pieces
                 .iter()
                 .enumerate()
-                .any(|(i, p)| i != piece.idx && p.find(window).is_some());
+                .any(|(i, p)| i != piece.idx && contains_ignore_case(window, p));
             if !another {
                 return;
             }
         }
-        let (chars, spans) = normalise_window(buf, bounds, a, b);
-        if term.norm.len() <= 64 {
+        let (chars, spans) = (&mut state.chars, &mut state.spans);
+        normalise_window(buf, bounds, a, b, chars, spans);
+        if let Some(peq) = &term.peq {
             // Bit-parallel test first; the dynamic programme (which also finds
             // where the match starts) only runs on a real match.
             let mut any = false;
-            myers_ends(&term.norm, &chars, term.k, |_| any = true);
+            peq.ends(chars, term.k, |_| any = true);
             if !any {
                 return;
             }
         }
-        if let Some((s, e, _)) = best_match(&term.norm, &chars, term.k)
+        if let Some((s, e, _)) = best_match(&term.norm, chars, term.k)
             && s < e
         {
             out.push(TermHit {
@@ -333,7 +341,8 @@ impl Terms {
         if self.full_scan.is_empty() {
             return;
         }
-        let (chars, spans) = normalise_window(buf, bounds, 0, buf.len());
+        let (mut chars, mut spans) = (Vec::new(), Vec::new());
+        normalise_window(buf, bounds, 0, buf.len(), &mut chars, &mut spans);
         for &t in &self.full_scan {
             let p = &self.terms[t].norm;
             let k = self.terms[t].k;
@@ -355,8 +364,8 @@ impl Terms {
                     next_free = lo + e;
                 }
             };
-            if p.len() <= 64 {
-                myers_ends(p, &chars, k, &mut check);
+            if let Some(peq) = &self.terms[t].peq {
+                peq.ends(&chars, k, &mut check);
             } else if let Some((_, e, _)) = best_match(p, &chars, k)
                 && e > 0
             {
@@ -417,79 +426,93 @@ fn cut(norm: &[char], k: usize) -> Option<Vec<(usize, usize)>> {
     pieces.iter().all(|p| p.1 >= MIN_PIECE).then_some(pieces)
 }
 
-/// Whether `c` is a byte that ends a separator run in the raw text (ASCII
-/// letters and digits, and the lead byte of any non-ASCII character, which
-/// may be a letter: counting it as one is the safe side).
-fn unit_kind(c: u8) -> Option<bool> {
-    if c & 0xC0 == 0x80 {
-        None // UTF-8 continuation byte: part of the character before
-    } else {
-        Some(c >= 0x80 || c.is_ascii_alphanumeric())
+/// 1 for ASCII letters and digits, 0 for every other byte. Counting over
+/// raw bytes treats every non-ASCII character as a separator, whatever it
+/// is: then a count never exceeds the normalised characters really there (a
+/// letter would add one or more, a symbol next to a space none), so windows
+/// always come out wide enough.
+static WORD: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut i = 0;
+    while i < 256 {
+        t[i] = (i as u8).is_ascii_alphanumeric() as u8;
+        i += 1;
     }
+    t
+};
+
+/// Whether `c` is a UTF-8 continuation byte (never a window edge).
+fn continuation(c: u8) -> bool {
+    c & 0xC0 == 0x80
 }
 
-/// Counts `b` as normalised characters: a word byte is one, a run of
-/// separators is one.
-#[inline(always)]
-fn count_unit(b: u8, units: &mut usize, in_sep: &mut bool) {
-    match unit_kind(b) {
-        None => {}
-        Some(true) => {
-            *units += 1;
-            *in_sep = false;
-        }
-        Some(false) => {
-            if !*in_sep {
-                *units += 1;
-            }
-            *in_sep = true;
-        }
-    }
-}
-
-/// Moves back from `q` over at least `need` normalised characters. Joins
-/// between texts are not counted: they only add separators, so the window
-/// can only come out larger than needed, never smaller.
+/// Moves back from `q` (a piece start) over at least `need` normalised
+/// characters: a letter or digit counts one, a run of separators one (at
+/// its last byte: a byte counts when it or the byte after it is a letter or
+/// digit, which keeps the loop free of branches). Joins between texts are
+/// not counted: they only add separators, so the window can only come out
+/// larger than needed, never smaller.
 fn expand_back(buf: &[u8], q: usize, need: usize) -> usize {
-    let mut pos = q;
+    let mut pos = q.min(buf.len());
     let mut units = 0;
-    let mut in_sep = false;
+    let mut after = buf.get(pos).copied().unwrap_or(b' ');
     while pos > 0 && units < need {
         pos -= 1;
-        count_unit(buf[pos], &mut units, &mut in_sep);
+        let b = buf[pos];
+        units += usize::from(WORD[usize::from(b)] | WORD[usize::from(after)]);
+        after = b;
     }
-    while pos > 0 && unit_kind(buf[pos]).is_none() {
+    while pos > 0 && continuation(buf[pos]) {
         pos -= 1;
     }
     pos
 }
 
-/// Moves forward from `q` over at least `need` normalised characters (see
-/// `expand_back`).
+/// Moves forward from `q` (a piece end) over at least `need` normalised
+/// characters (see `expand_back`; here a separator run counts at its first
+/// byte).
 fn expand_forward(buf: &[u8], q: usize, need: usize) -> usize {
     let mut pos = q;
     let mut units = 0;
-    let mut in_sep = false;
+    let mut before = if q > 0 { buf[q - 1] } else { b' ' };
     while pos < buf.len() && units < need {
-        count_unit(buf[pos], &mut units, &mut in_sep);
+        let b = buf[pos];
+        units += usize::from(WORD[usize::from(b)] | WORD[usize::from(before)]);
+        before = b;
         pos += 1;
     }
-    while pos < buf.len() && unit_kind(buf[pos]).is_none() {
+    while pos < buf.len() && continuation(buf[pos]) {
         pos += 1;
     }
     pos
 }
 
-/// Normalises `buf[a..b]`: the characters and, for each, its byte range in
-/// `buf` (a separator spans its whole run). Invalid UTF-8 counts as separator.
+/// Whether `hay` contains `needle` (lower case), ASCII case ignored.
+fn contains_ignore_case(hay: &[u8], needle: &[u8]) -> bool {
+    let Some(&first) = needle.first() else {
+        return true;
+    };
+    if hay.len() < needle.len() {
+        return false;
+    }
+    let starts = &hay[..=hay.len() - needle.len()];
+    memchr::memchr2_iter(first, first.to_ascii_uppercase(), starts)
+        .any(|i| hay[i..i + needle.len()].eq_ignore_ascii_case(needle))
+}
+
+/// Normalises `buf[a..b]` into `chars` and, for each character, its byte
+/// range in `buf` into `spans` (a separator spans its whole run). Invalid
+/// UTF-8 counts as separator.
 fn normalise_window(
     buf: &[u8],
     bounds: &[usize],
     a: usize,
     b: usize,
-) -> (Vec<char>, Vec<(usize, usize)>) {
-    let mut chars = Vec::with_capacity(b - a);
-    let mut spans = Vec::with_capacity(b - a);
+    chars: &mut Vec<char>,
+    spans: &mut Vec<(usize, usize)>,
+) {
+    chars.clear();
+    spans.clear();
     let mut bi = bounds.partition_point(|&x| x <= a);
     let mut sep_start: Option<usize> = None;
     let mut pos = a;
@@ -522,7 +545,6 @@ fn normalise_window(
         }
         pos = invalid_at + chunk.invalid().len();
     }
-    (chars, spans)
 }
 
 /// Sellers' dynamic programme for approximate substring matching, tracking
@@ -562,51 +584,69 @@ fn best_match(p: &[char], t: &[char], k: usize) -> Option<(usize, usize, usize)>
     best
 }
 
-/// Myers' bit-parallel approximate matching (pattern of at most 64
-/// characters): calls `on_end(j)` for every text index `j` where a match
-/// with at most `k` edits ends.
-fn myers_ends(p: &[char], t: &[char], k: usize, mut on_end: impl FnMut(usize)) {
-    let m = p.len();
-    if m == 0 || m > 64 {
-        return;
-    }
-    let mut ascii = [0u64; 128];
-    let mut other: Vec<(char, u64)> = Vec::new();
-    for (i, &c) in p.iter().enumerate() {
-        if c.is_ascii() {
-            ascii[c as usize] |= 1 << i;
-        } else if let Some(e) = other.iter_mut().find(|(oc, _)| *oc == c) {
-            e.1 |= 1 << i;
-        } else {
-            other.push((c, 1 << i));
+/// Myers' bit-parallel approximate matching for a pattern of at most 64
+/// characters: its per-character match masks, built once per term.
+struct Peq {
+    m: usize,
+    ascii: [u64; 128],
+    other: Vec<(char, u64)>,
+}
+
+impl Peq {
+    /// The masks of `p`; `None` when it is empty or longer than 64.
+    fn new(p: &[char]) -> Option<Peq> {
+        let m = p.len();
+        if m == 0 || m > 64 {
+            return None;
         }
-    }
-    let mut pv: u64 = if m == 64 { !0 } else { (1u64 << m) - 1 };
-    let mut mv: u64 = 0;
-    let mut score = m;
-    let high = 1u64 << (m - 1);
-    for (j, &c) in t.iter().enumerate() {
-        let eq = if c.is_ascii() {
-            ascii[c as usize]
-        } else {
-            other.iter().find(|(oc, _)| *oc == c).map_or(0, |e| e.1)
-        };
-        let xv = eq | mv;
-        let xh = ((eq & pv).wrapping_add(pv) ^ pv) | eq;
-        let mut ph = mv | !(xh | pv);
-        let mut mh = pv & xh;
-        if ph & high != 0 {
-            score += 1;
-        } else if mh & high != 0 {
-            score -= 1;
+        let mut ascii = [0u64; 128];
+        let mut other: Vec<(char, u64)> = Vec::new();
+        for (i, &c) in p.iter().enumerate() {
+            if c.is_ascii() {
+                ascii[c as usize] |= 1 << i;
+            } else if let Some(e) = other.iter_mut().find(|(oc, _)| *oc == c) {
+                e.1 |= 1 << i;
+            } else {
+                other.push((c, 1 << i));
+            }
         }
-        // Text may start anywhere (substring search): no carry into row 0.
-        ph <<= 1;
-        mh <<= 1;
-        pv = mh | !(xv | ph);
-        mv = ph & xv;
-        if score <= k {
-            on_end(j);
+        Some(Peq { m, ascii, other })
+    }
+
+    /// Calls `on_end(j)` for every index `j` of `t` where a match with at
+    /// most `k` edits ends.
+    fn ends(&self, t: &[char], k: usize, mut on_end: impl FnMut(usize)) {
+        let m = self.m;
+        let mut pv: u64 = if m == 64 { !0 } else { (1u64 << m) - 1 };
+        let mut mv: u64 = 0;
+        let mut score = m;
+        let high = 1u64 << (m - 1);
+        for (j, &c) in t.iter().enumerate() {
+            let eq = if c.is_ascii() {
+                self.ascii[c as usize]
+            } else {
+                self.other
+                    .iter()
+                    .find(|(oc, _)| *oc == c)
+                    .map_or(0, |e| e.1)
+            };
+            let xv = eq | mv;
+            let xh = ((eq & pv).wrapping_add(pv) ^ pv) | eq;
+            let mut ph = mv | !(xh | pv);
+            let mut mh = pv & xh;
+            if ph & high != 0 {
+                score += 1;
+            } else if mh & high != 0 {
+                score -= 1;
+            }
+            // Text may start anywhere (substring search): no carry into row 0.
+            ph <<= 1;
+            mh <<= 1;
+            pv = mh | !(xv | ph);
+            mv = ph & xv;
+            if score <= k {
+                on_end(j);
+            }
         }
     }
 }
@@ -624,7 +664,8 @@ mod unit {
         let p = chars("openai production key");
         let t = chars("xx the openai prodution key is here and openai production keys");
         let mut ends = Vec::new();
-        myers_ends(&p, &t, 1, |e| ends.push(e));
+        let peq = Peq::new(&p).unwrap();
+        peq.ends(&t, 1, |e| ends.push(e));
         assert!(!ends.is_empty());
         for &e in &ends {
             let lo = (e + 1).saturating_sub(p.len() + 1);
@@ -632,8 +673,109 @@ mod unit {
         }
         let none = chars("openai product roadmap review");
         let mut count = 0;
-        myers_ends(&p, &none, 1, |_| count += 1);
+        peq.ends(&none, 1, |_| count += 1);
         assert_eq!(count, 0);
+    }
+
+    /// A small deterministic generator (no dependency needed).
+    struct Lcg(u64);
+    impl Lcg {
+        fn below(&mut self, n: usize) -> usize {
+            self.0 = self
+                .0
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            ((self.0 >> 33) as usize) % n
+        }
+    }
+
+    /// Text made of the terms' words (some with one or two random edits,
+    /// random ASCII case), filler words and separator runs of every kind.
+    fn random_text(rng: &mut Lcg) -> String {
+        const WORDS: &[&str] = &[
+            "openai",
+            "production",
+            "key",
+            "anthropic",
+            "billing",
+            "token",
+            "the",
+            "a",
+            "prod",
+            "keys",
+            "geheimer",
+            "schlüssel",
+            "ab",
+            "cd",
+            "tok",
+            "monkey",
+            "Ünïcode",
+        ];
+        const SEPS: &[&str] = &[
+            " ", "  ", "-", "\n", ", ", "...", "\t \t", "_", "/", "é", " ¿ ",
+        ];
+        const LETTERS: &[u8] = b"abcdeiknoprtuy";
+        let mut text = String::new();
+        for _ in 0..1 + rng.below(24) {
+            let mut w: Vec<char> = WORDS[rng.below(WORDS.len())].chars().collect();
+            for _ in 0..rng.below(4).saturating_sub(1) {
+                let at = rng.below(w.len() + 1);
+                let c = char::from(LETTERS[rng.below(LETTERS.len())]);
+                match rng.below(3) {
+                    0 => w.insert(at, c),
+                    1 if at < w.len() => {
+                        w.remove(at);
+                    }
+                    _ if at < w.len() => w[at] = c,
+                    _ => {}
+                }
+            }
+            for c in &mut w {
+                if rng.below(4) == 0 {
+                    *c = c.to_ascii_uppercase();
+                }
+            }
+            text.extend(w);
+            text.push_str(SEPS[rng.below(SEPS.len())]);
+        }
+        text
+    }
+
+    /// The prefiltered search finds exactly the terms that a plain dynamic
+    /// programme over the whole normalised text finds, for every distance.
+    #[test]
+    fn fast_search_agrees_with_the_plain_dynamic_programme() {
+        let raw: Vec<String> = [
+            "openai production key",
+            "anthropic billing token",
+            "Geheimer Schlüssel",
+            "ab cd",
+            "tok",
+            "production production",
+        ]
+        .map(String::from)
+        .to_vec();
+        let mut rng = Lcg(11);
+        let mut found = 0;
+        for k in 0..=2u8 {
+            let terms = Terms::new(&raw, true, k).unwrap();
+            let mut state = terms.state();
+            for _ in 0..4000 {
+                let text = random_text(&mut rng);
+                let (mut chars, mut spans) = (Vec::new(), Vec::new());
+                normalise_window(text.as_bytes(), &[], 0, text.len(), &mut chars, &mut spans);
+                let mut out = Vec::new();
+                terms.scan(text.as_bytes(), &[], &mut state, &mut out);
+                for (t, term) in terms.terms.iter().enumerate() {
+                    let want = best_match(&term.norm, &chars, term.k).is_some();
+                    let got = out.iter().any(|h| h.term == t);
+                    assert_eq!(got, want, "k={k} term {:?} in {text:?}", terms.id(t));
+                    found += usize::from(want);
+                }
+            }
+        }
+        // The generator must actually produce matches for this to mean anything.
+        assert!(found > 1000, "only {found} matches generated");
     }
 
     #[test]
