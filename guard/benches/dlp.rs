@@ -4,9 +4,11 @@
 //! Policy: the seed's `dlp-filter` (three patterns, two blocked terms, fuzzy,
 //! distance 1) plus the built-in pack. Bodies: OpenAI-style JSON `messages`
 //! of 1 KiB, 64 KiB and 1 MiB, a line break every ~9 words: `plain` (no
-//! match, prose and code), `nearmiss` (no match, but ~6% of words are
-//! candidates: "task-based", "OpenAI", "key", "token", "production", …) and
-//! `matches` (`nearmiss` plus secrets and a blocked phrase every 32 KiB).
+//! match, prose and code), `plain+m` (`plain` plus a made-up secret and a
+//! misspelt blocked phrase every 32 KiB), `nearmiss` (no match, but ~6% of
+//! words are candidates: "task-based", "OpenAI", "key", "token",
+//! "production", …, each blocked-term word about once in 125 words: a stress
+//! case for the prefilters) and `near+m` (`nearmiss` plus the matches).
 //!
 //! Columns: `kt` is `Scanner::scan` (decoding, JSON walk, joined view,
 //! prefilter, terms). Two baselines run in the same process:
@@ -20,7 +22,7 @@
 //!   term by Sellers' dynamic programme over the normalised text.
 //!
 //! `fuzzy` is the share of `kt` time spent on blocked terms (`kt` minus the
-//! same scanner without terms, over `kt`).
+//! same scanner without terms, over `kt`). Timing: see `measure_all`.
 //!
 //! Run: `cargo xtask bench dlp` (about 40 s).
 
@@ -209,16 +211,30 @@ const NEAR: &[&str] = &[
 enum Case {
     /// Ordinary prose and code, none of the `NEAR` words.
     Plain,
-    /// With the `NEAR` words (each about 1 word in 140): candidates everywhere.
-    NearMiss,
-    /// `NearMiss` plus one made-up secret of each of three kinds and a fuzzy
+    /// `Plain` plus one made-up secret of each of three kinds and a fuzzy
     /// blocked term every 32 KiB (at least once).
-    Matches,
+    PlainMatches,
+    /// With the `NEAR` words (each about 1 word in 125): candidates everywhere.
+    NearMiss,
+    /// `NearMiss` plus the matches of `PlainMatches`.
+    NearMissMatches,
+}
+
+impl Case {
+    fn label(self) -> &'static str {
+        match self {
+            Case::Plain => "plain",
+            Case::PlainMatches => "plain+m",
+            Case::NearMiss => "nearmiss",
+            Case::NearMissMatches => "near+m",
+        }
+    }
 }
 
 /// A JSON chat body of about `size` bytes (see [`Case`]).
 fn body(size: usize, case: Case) -> Vec<u8> {
-    let matches = case == Case::Matches;
+    let matches = matches!(case, Case::PlainMatches | Case::NearMissMatches);
+    let plain = matches!(case, Case::Plain | Case::PlainMatches);
     let mut rng = Lcg(7);
     let mut messages = Vec::new();
     let mut total = 0;
@@ -238,7 +254,7 @@ fn body(size: usize, case: Case) -> Vec<u8> {
             while matches!(
                 (prev, w),
                 ("OpenAI", "production") | ("Anthropic", "billing")
-            ) || (case == Case::Plain && NEAR.contains(&w))
+            ) || (plain && NEAR.contains(&w))
             {
                 w = WORDS[rng.next() % WORDS.len()];
             }
@@ -424,7 +440,12 @@ fn main() {
         "kt µs"
     );
     for size in [1024, 64 * 1024, 1024 * 1024] {
-        for case in [Case::Plain, Case::NearMiss, Case::Matches] {
+        for case in [
+            Case::Plain,
+            Case::PlainMatches,
+            Case::NearMiss,
+            Case::NearMissMatches,
+        ] {
             let b = body(size, case);
             let req = RequestView {
                 path_and_query: "/v1/chat/completions",
@@ -451,11 +472,7 @@ fn main() {
                 } else {
                     format!("{}KiB", size >> 10)
                 },
-                match case {
-                    Case::Plain => "plain",
-                    Case::NearMiss => "nearmiss",
-                    Case::Matches => "matches",
-                },
+                case.label(),
                 findings,
                 mbps(b.len(), kt),
                 mbps(b.len(), rx),
