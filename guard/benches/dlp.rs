@@ -394,15 +394,19 @@ fn main() {
         .map(|p| regex::bytes::Regex::new(p).unwrap_or_else(|e| panic!("{p}: {e}")))
         .collect();
 
-    // `cargo bench -p guard --bench dlp -- profile [plain] [1k]`: only the
-    // 1 MiB (or 1 KiB) no-match scan (near-miss, or plain), for a few
+    // `cargo bench -p guard --bench dlp -- profile [CASE] [1k]`: only the
+    // 1 MiB (or 1 KiB) scan of one case (default nearmiss), for a few
     // seconds, to look at under a profiler.
     if std::env::args().any(|a| a == "profile") {
-        let case = if std::env::args().any(|a| a == "plain") {
-            Case::Plain
-        } else {
-            Case::NearMiss
-        };
+        let case = [
+            Case::Plain,
+            Case::PlainMatches,
+            Case::NearMiss,
+            Case::NearMissMatches,
+        ]
+        .into_iter()
+        .find(|c| std::env::args().any(|a| a == c.label()))
+        .unwrap_or(Case::NearMiss);
         let size = if std::env::args().any(|a| a == "1k") {
             1024
         } else {

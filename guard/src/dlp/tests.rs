@@ -831,3 +831,13 @@ fn arbitrary_bodies_never_panic() {
         }
     }
 }
+
+#[test]
+fn fingerprints_are_stable_domain_separated_hex() {
+    // Stored events compare fingerprints across versions: the format must not drift.
+    assert_eq!(super::fingerprint(b"sk-test"), "a40054cb6321");
+    assert_ne!(
+        super::fingerprint(b"sk-test"),
+        super::fingerprint(b"sk-tesu")
+    );
+}
