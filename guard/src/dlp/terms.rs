@@ -52,6 +52,8 @@ struct Term {
     pieces: Vec<Vec<u8>>,
     /// Myers' match masks of `norm`, when it has at most 64 characters.
     peq: Option<Peq>,
+    /// The same for `norm` reversed (finds where a match starts).
+    rpeq: Option<Peq>,
 }
 
 /// A piece of a term: which term, where the piece starts in it, how long.
@@ -186,6 +188,7 @@ impl Terms {
             compiled.push(Term {
                 id: format!("blocked-term:{}", norm.iter().collect::<String>()),
                 peq: Peq::new(&norm),
+                rpeq: Peq::new(&norm.iter().rev().copied().collect::<Vec<_>>()),
                 norm,
                 k,
                 needed,
@@ -316,16 +319,24 @@ impl Terms {
         }
         let (chars, spans) = (&mut state.chars, &mut state.spans);
         normalise_window(buf, bounds, a, b, chars, spans);
-        if let Some(peq) = &term.peq {
-            // Bit-parallel test first; the dynamic programme (which also finds
-            // where the match starts) only runs on a real match.
-            let mut any = false;
-            peq.ends(chars, term.k, |_| any = true);
-            if !any {
-                return;
+        let found = match (&term.peq, &term.rpeq) {
+            (Some(peq), Some(rpeq)) => {
+                // Bit-parallel both ways: the best end (lowest distance,
+                // then earliest), then the latest start at that distance.
+                let mut best: Option<(usize, usize)> = None;
+                peq.ends(chars, term.k, |j, d| {
+                    if best.is_none_or(|(_, bd)| d < bd) {
+                        best = Some((j, d));
+                    }
+                });
+                best.and_then(|(e, d)| {
+                    let back = rpeq.anchored_within(chars[..=e].iter().rev(), d)?;
+                    Some((e - back, e + 1))
+                })
             }
-        }
-        if let Some((s, e, _)) = best_match(&term.norm, chars, term.k)
+            _ => best_match(&term.norm, chars, term.k).map(|(s, e, _)| (s, e)),
+        };
+        if let Some((s, e)) = found
             && s < e
         {
             out.push(TermHit {
@@ -365,7 +376,7 @@ impl Terms {
                 }
             };
             if let Some(peq) = &self.terms[t].peq {
-                peq.ends(&chars, k, &mut check);
+                peq.ends(&chars, k, |j, _| check(j));
             } else if let Some((_, e, _)) = best_match(p, &chars, k)
                 && e > 0
             {
@@ -613,23 +624,16 @@ impl Peq {
         Some(Peq { m, ascii, other })
     }
 
-    /// Calls `on_end(j)` for every index `j` of `t` where a match with at
-    /// most `k` edits ends.
-    fn ends(&self, t: &[char], k: usize, mut on_end: impl FnMut(usize)) {
+    /// Calls `on_end(j, d)` for every index `j` of `t` where a match with
+    /// `d <= k` edits (the fewest for that end) ends.
+    fn ends(&self, t: &[char], k: usize, mut on_end: impl FnMut(usize, usize)) {
         let m = self.m;
         let mut pv: u64 = if m == 64 { !0 } else { (1u64 << m) - 1 };
         let mut mv: u64 = 0;
         let mut score = m;
         let high = 1u64 << (m - 1);
         for (j, &c) in t.iter().enumerate() {
-            let eq = if c.is_ascii() {
-                self.ascii[c as usize]
-            } else {
-                self.other
-                    .iter()
-                    .find(|(oc, _)| *oc == c)
-                    .map_or(0, |e| e.1)
-            };
+            let eq = self.mask(c);
             let xv = eq | mv;
             let xh = ((eq & pv).wrapping_add(pv) ^ pv) | eq;
             let mut ph = mv | !(xh | pv);
@@ -645,8 +649,53 @@ impl Peq {
             pv = mh | !(xv | ph);
             mv = ph & xv;
             if score <= k {
-                on_end(j);
+                on_end(j, score);
             }
+        }
+    }
+
+    /// The first index `i` of `t` where the whole pattern is within `d`
+    /// edits of `t[..=i]` (the text start is fixed, unlike [`Peq::ends`]).
+    /// Over a reversed text this finds where a match ending at a known
+    /// place starts, keeping the match as short as the distance allows.
+    fn anchored_within<'c>(&self, t: impl Iterator<Item = &'c char>, d: usize) -> Option<usize> {
+        let m = self.m;
+        let mut pv: u64 = if m == 64 { !0 } else { (1u64 << m) - 1 };
+        let mut mv: u64 = 0;
+        let mut score = m;
+        let high = 1u64 << (m - 1);
+        for (j, &c) in t.enumerate() {
+            let eq = self.mask(c);
+            let xv = eq | mv;
+            let xh = ((eq & pv).wrapping_add(pv) ^ pv) | eq;
+            let mut ph = mv | !(xh | pv);
+            let mut mh = pv & xh;
+            if ph & high != 0 {
+                score += 1;
+            } else if mh & high != 0 {
+                score -= 1;
+            }
+            // The text start is fixed: row 0 grows by one per character.
+            ph = (ph << 1) | 1;
+            mh <<= 1;
+            pv = mh | !(xv | ph);
+            mv = ph & xv;
+            if score <= d {
+                return Some(j);
+            }
+        }
+        None
+    }
+
+    /// The match mask of character `c`.
+    fn mask(&self, c: char) -> u64 {
+        if c.is_ascii() {
+            self.ascii[c as usize]
+        } else {
+            self.other
+                .iter()
+                .find(|(oc, _)| *oc == c)
+                .map_or(0, |e| e.1)
         }
     }
 }
@@ -665,7 +714,7 @@ mod unit {
         let t = chars("xx the openai prodution key is here and openai production keys");
         let mut ends = Vec::new();
         let peq = Peq::new(&p).unwrap();
-        peq.ends(&t, 1, |e| ends.push(e));
+        peq.ends(&t, 1, |e, _| ends.push(e));
         assert!(!ends.is_empty());
         for &e in &ends {
             let lo = (e + 1).saturating_sub(p.len() + 1);
@@ -673,7 +722,7 @@ mod unit {
         }
         let none = chars("openai product roadmap review");
         let mut count = 0;
-        peq.ends(&none, 1, |_| count += 1);
+        peq.ends(&none, 1, |_, _| count += 1);
         assert_eq!(count, 0);
     }
 
@@ -741,6 +790,21 @@ mod unit {
         text
     }
 
+    /// Plain Levenshtein distance, for checking reported spans.
+    fn distance(a: &[char], b: &[char]) -> usize {
+        let mut row: Vec<usize> = (0..=b.len()).collect();
+        for (i, ca) in a.iter().enumerate() {
+            let mut diag = row[0];
+            row[0] = i + 1;
+            for (j, cb) in b.iter().enumerate() {
+                let up = row[j + 1];
+                row[j + 1] = (diag + usize::from(ca != cb)).min(up + 1).min(row[j] + 1);
+                diag = up;
+            }
+        }
+        row[b.len()]
+    }
+
     /// The prefiltered search finds exactly the terms that a plain dynamic
     /// programme over the whole normalised text finds, for every distance.
     #[test]
@@ -766,6 +830,31 @@ mod unit {
                 normalise_window(text.as_bytes(), &[], 0, text.len(), &mut chars, &mut spans);
                 let mut out = Vec::new();
                 terms.scan(text.as_bytes(), &[], &mut state, &mut out);
+                // Every reported span really holds the term within its distance.
+                for h in &out {
+                    let term = &terms.terms[h.term];
+                    let (mut got, mut spans) = (Vec::new(), Vec::new());
+                    normalise_window(text.as_bytes(), &[], h.start, h.end, &mut got, &mut spans);
+                    // A span that starts or ends on a separator run loses
+                    // that space when normalised on its own.
+                    let spaced = |pre: bool, post: bool| {
+                        let mut v: Vec<char> = Vec::new();
+                        v.extend(pre.then_some(' '));
+                        v.extend(&got);
+                        v.extend(post.then_some(' '));
+                        distance(&term.norm, &v)
+                    };
+                    let d = [(false, false), (true, false), (false, true), (true, true)]
+                        .map(|(a, b)| spaced(a, b))
+                        .into_iter()
+                        .min()
+                        .unwrap_or(usize::MAX);
+                    assert!(
+                        d <= term.k,
+                        "k={k} span {got:?} is {d} from {:?} in {text:?}",
+                        term.norm
+                    );
+                }
                 for (t, term) in terms.terms.iter().enumerate() {
                     let want = best_match(&term.norm, &chars, term.k).is_some();
                     let got = out.iter().any(|h| h.term == t);
