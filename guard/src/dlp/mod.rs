@@ -34,11 +34,9 @@
 //! # Speed
 //! Every rule's required literal prefixes (`sk-`, `AKIA`, `ghp_`,
 //! `-----BEGIN`, …) are extracted from its regex and searched for in one
-//! pass, together with the blocked terms' pieces (see the `terms` module),
-//! with aho-corasick's packed SIMD searcher; when there are blocked terms the
-//! pass runs over a lower-cased copy and rule prefixes are re-checked against
-//! the original bytes. A rule's regex then runs only at a candidate, anchored
-//! there: for rules with no look-around that cannot match a line break (all
+//! pass with aho-corasick's packed SIMD searcher (the blocked terms have a
+//! second, case-insensitive pass of their own: see the `terms` module). A
+//! rule's regex then runs only at a candidate, anchored there: for rules with no look-around that cannot match a line break (all
 //! built-in rules but the PEM one), one anchored search in the joined view
 //! settles a candidate. A user pattern with no literal prefix of at least 3
 //! bytes cannot be prefiltered: those patterns go through one `RegexSet` pass
