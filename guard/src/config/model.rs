@@ -248,7 +248,7 @@ pub struct Gateway {
     pub listen: SocketAddr,
     /// `capture_listen` (default 127.0.0.1:8788): redirected connections.
     pub capture_listen: SocketAddr,
-    /// `capture_listen6` (default [::1]:8788): redirected IPv6 connections.
+    /// `capture_listen6` (default `[::1]:8788`): redirected IPv6 connections.
     pub capture_listen6: Option<SocketAddr>,
     /// `connect_timeout` (default 5s).
     pub connect_timeout: Duration,
@@ -301,7 +301,7 @@ pub struct Capture {
     pub hosts: Option<Vec<String>>,
     /// `cidrs`: extra prefixes.
     pub cidrs: Vec<IpPrefix>,
-    /// `ports` (default [443]).
+    /// `ports` (default `[443]`).
     pub ports: Vec<u16>,
 }
 
