@@ -349,14 +349,27 @@ const MIN_LITERAL: usize = 3;
 /// is a small set of them, each at least `MIN_LITERAL` bytes long.
 fn prefix_literals(pattern: &str) -> Option<Vec<Vec<u8>>> {
     let hir = regex_syntax::Parser::new().parse(pattern).ok()?;
-    let mut seq = Extractor::new().kind(ExtractKind::Prefix).extract(&hir);
-    seq.optimize_for_prefix_by_preference();
-    let lits = seq.literals()?;
-    if lits.is_empty() || lits.iter().any(|l| l.as_bytes().len() < MIN_LITERAL) {
-        return None;
-    }
-    Some(lits.iter().map(|l| l.as_bytes().to_vec()).collect())
+    let seq = Extractor::new().kind(ExtractKind::Prefix).extract(&hir);
+    let usable = |seq: &regex_syntax::hir::literal::Seq| {
+        let lits = seq.literals()?;
+        (!lits.is_empty()
+            && lits.len() <= MAX_PREFIXES
+            && lits.iter().all(|l| l.as_bytes().len() >= MIN_LITERAL))
+        .then(|| lits.iter().map(|l| l.as_bytes().to_vec()).collect())
+    };
+    // The extractor's own trimming favours a few short literals, which suits
+    // a single regex's prefilter but not ours: it turns AKIA|ASIA|… into "A"
+    // and gh[pousr]_ into "gh". Trim only when the raw set is unusable.
+    usable(&seq).or_else(|| {
+        let mut seq = seq;
+        seq.optimize_for_prefix_by_preference();
+        usable(&seq)
+    })
 }
+
+/// Most literal prefixes taken from one rule (the shared search stays fast
+/// up to a few dozen literals in all).
+const MAX_PREFIXES: usize = 16;
 
 impl Scanner {
     /// Compiles a policy: `detect_patterns` (rule ids `detect-pattern-N`),

@@ -841,3 +841,13 @@ fn fingerprints_are_stable_domain_separated_hex() {
         super::fingerprint(b"sk-tesu")
     );
 }
+
+#[test]
+fn every_builtin_rule_has_a_literal_prefix() {
+    // A rule without one runs over the whole text of every request.
+    for r in builtin_rules() {
+        let lits = super::prefix_literals(r.regex).unwrap_or_default();
+        assert!(!lits.is_empty(), "{} has no literal prefix", r.id);
+        assert!(lits.iter().all(|l| l.len() >= 3), "{}: {lits:?}", r.id);
+    }
+}
