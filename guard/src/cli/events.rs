@@ -263,7 +263,11 @@ fn human_line(e: &Event) -> String {
 
 fn human_line_raw(e: &Event) -> String {
     let dash = || "-".to_string();
-    let status = e.status.map(|s| s.to_string()).unwrap_or_else(dash);
+    let mut status = e.status.map(|s| s.to_string()).unwrap_or_else(dash);
+    // The status went out before the body was cut: mark it, say why below.
+    if e.stream.is_some() {
+        status.push('*');
+    }
     let latency = e.latency_ms.map(|l| format!("{l}ms")).unwrap_or_else(dash);
     let key = e
         .key
@@ -291,6 +295,12 @@ fn human_line_raw(e: &Event) -> String {
     };
     if let Some(m) = &e.message {
         policy.push_str(&format!("  \"{m}\""));
+    }
+    if let Some(st) = &e.stream {
+        policy.push_str(&format!("  *stream {} after {} bytes", st.end, st.bytes));
+        if let Some(r) = &st.reason {
+            policy.push_str(&format!(": {r}"));
+        }
     }
     // Fallback is the point of staged rotation: show the failed steps
     // before the target that answered (`openai-2026q2:503>openai-2026q1`).
@@ -440,4 +450,55 @@ fn process_line(p: &ProcessUsage) -> String {
         p.count,
         format_time(p.last_seen_ms)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::{StreamEnd, StreamOutcome};
+
+    fn printed(format: OutputFormat, events: &[Event]) -> String {
+        let mut out = Vec::new();
+        Printer {
+            format,
+            header_done: false,
+        }
+        .print(&mut out, events)
+        .unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn a_cut_stream_is_marked_in_the_table_and_carried_in_json() {
+        let mut clean = Event::new("clean", Decision::Allow);
+        clean.status = Some(200);
+        let mut cut = Event::new("cut", Decision::Allow);
+        cut.status = Some(200);
+        cut.stream = Some(StreamOutcome {
+            end: StreamEnd::UpstreamFailed,
+            reason: Some("error reading a body from connection".into()),
+            bytes: 87,
+        });
+        let table = printed(OutputFormat::Human, &[clean.clone(), cut.clone()]);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 3, "{table}");
+        assert!(!lines[1].contains("200*") && !lines[1].contains("stream"));
+        assert!(lines[2].contains("200* "), "{table}");
+        assert!(
+            lines[2].contains(
+                "*stream upstream_failed after 87 bytes: error reading a body from connection"
+            ),
+            "{table}"
+        );
+
+        let json = printed(OutputFormat::Json, &[clean, cut]);
+        let rows: Vec<serde_json::Value> = json
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert!(rows[0]["stream"].is_null());
+        assert_eq!(rows[1]["stream"]["end"], "upstream_failed");
+        assert_eq!(rows[1]["stream"]["bytes"], 87);
+        assert_eq!(rows[1]["status"], 200);
+    }
 }

@@ -15,9 +15,12 @@ mod sink;
 mod store;
 mod writer;
 
-pub use model::{Client, Decision, Event, FallbackStep, PolicyNote, PresentedKey};
+pub use model::{
+    Amendment, Client, Decision, Event, FallbackStep, PolicyNote, PresentedKey, StreamEnd,
+    StreamOutcome,
+};
 pub use report::{KeyUsage, ProcessUsage};
-pub use sink::{EventSink, to_event};
+pub use sink::{EventSink, to_event, to_stream_outcome};
 pub use store::{DB_FILE, EventStore, Filter, db_path};
 pub use writer::{EventWriter, WriterConfig, WriterHandle, WriterStats};
 
