@@ -417,11 +417,16 @@ pub async fn handle(
                     // The SSE error event may be appended: the length would lie.
                     rp.headers.remove(CONTENT_LENGTH);
                 }
-                let amend = Amend {
+                // The server never sends (nor polls) these bodies.
+                let bodyless = parts.method == Method::HEAD
+                    || rp.status.is_informational()
+                    || rp.status == StatusCode::NO_CONTENT
+                    || rp.status == StatusCode::NOT_MODIFIED;
+                let amend = (!bodyless).then(|| Amend {
                     sink: inner.sink.clone(),
                     request_id: request_id.clone(),
                     time: rec.decision.time,
-                };
+                });
                 rec.finish(&inner, rp.status);
                 let relay = Relay::new(
                     rb,

@@ -78,12 +78,15 @@ pub struct Relay<B> {
     amend: Option<Amend>,
     /// Upstream data bytes passed on so far.
     bytes: u64,
+    /// The upstream body's exact length, when it declared one.
+    expected: Option<u64>,
 }
 
 impl<B: Body> Relay<B> {
     /// `sse`: the response is `text/event-stream`. `amend`: where to report
-    /// a cut.
-    pub fn new(inner: B, sse: bool, target: String, idle: Duration, amend: Amend) -> Self {
+    /// a cut; `None` for responses the server sends without a body (it drops
+    /// the body unread, which is no cut).
+    pub fn new(inner: B, sse: bool, target: String, idle: Duration, amend: Option<Amend>) -> Self {
         // An empty upstream body (HEAD, 204, 304) is not polled by the
         // server: nothing to relay, nothing that could be cut.
         let state = if inner.is_end_stream() {
@@ -91,6 +94,7 @@ impl<B: Body> Relay<B> {
         } else {
             State::Streaming
         };
+        let expected = inner.size_hint().exact();
         Relay {
             inner,
             sse,
@@ -98,8 +102,9 @@ impl<B: Body> Relay<B> {
             idle,
             timer: Box::pin(tokio::time::sleep(idle)),
             state,
-            amend: Some(amend),
+            amend,
             bytes: 0,
+            expected,
         }
     }
 }
@@ -122,8 +127,9 @@ impl<B> Relay<B> {
 impl<B> Drop for Relay<B> {
     fn drop(&mut self) {
         // Dropped while still streaming: the server gave up on the body
-        // (client gone, or shutdown) before it ended.
-        if matches!(self.state, State::Streaming) {
+        // (client gone, or shutdown) before it ended. A body of declared
+        // length is dropped unpolled once that length went out: not a cut.
+        if matches!(self.state, State::Streaming) && self.expected != Some(self.bytes) {
             self.report(StreamCut::ClientClosed);
         }
     }
