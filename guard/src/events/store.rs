@@ -20,7 +20,9 @@ pub fn db_path(data_dir: &Path) -> PathBuf {
 // behind `--target` (so `target_chosen` needs none of its own).
 // AUTOINCREMENT keeps ids increasing across pruning: `--follow` relies on it.
 // `stream` (JSON, NULL unless the response body was cut) came with schema
-// version 2: older files get it from `migrate`.
+// version 2: older files get it from `migrate`. Each amendment also appends
+// to `event_amendments`, whose increasing `seq` lets `--follow` print an
+// event again when it changes (rare: cuts only, so the log stays small).
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -58,6 +60,10 @@ CREATE TABLE IF NOT EXISTS event_targets (
     PRIMARY KEY (event_id, target)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS event_targets_target ON event_targets(target, event_id);
+CREATE TABLE IF NOT EXISTS event_amendments (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id INTEGER NOT NULL
+);
 ";
 
 /// The schema version this code writes (`PRAGMA user_version`).
@@ -75,7 +81,7 @@ const COLUMNS_V1: &str = "id, time_ms, request_id, decision, provider, target_tr
     key_managed, message, NULL AS stream";
 
 // `time_ms` first: the time index finds the row, the request id confirms it.
-const AMEND_STREAM: &str = "UPDATE events SET stream = ?3 WHERE time_ms = ?1 AND request_id = ?2";
+const FIND_EVENT: &str = "SELECT id FROM events WHERE time_ms = ?1 AND request_id = ?2";
 
 const INSERT: &str = "INSERT INTO events (time_ms, request_id, decision, provider, target_tried, \
     target_chosen, fallback_steps, status, latency_ms, policy, client_addr, client_pid, client_uid, \
@@ -98,6 +104,27 @@ pub struct Filter {
     pub limit: Option<usize>,
     /// Only events with a larger id (for following).
     pub after_id: Option<i64>,
+}
+
+/// Where a follower is: the newest event and the newest amendment it saw.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Cursor {
+    /// The largest event id seen.
+    pub event_id: i64,
+    /// The largest amendment sequence number seen.
+    pub amendment: i64,
+}
+
+/// What changed in the store after a [`Cursor`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// Events inserted after the cursor (with any amendment already applied).
+    pub new: Vec<Event>,
+    /// Events at or before the cursor that were amended after it, as they
+    /// are now.
+    pub amended: Vec<Event>,
+    /// The cursor to pass next time.
+    pub cursor: Cursor,
 }
 
 /// The event store: `<data_dir>/events.db`, SQLite in WAL mode, so readers
@@ -282,6 +309,11 @@ impl EventStore {
                     params![cutoff],
                 )
                 .map_err(EventError::sql("prune"))?;
+                tx.execute(
+                    "DELETE FROM event_amendments WHERE event_id <= ?1",
+                    params![cutoff],
+                )
+                .map_err(EventError::sql("prune"))?;
                 rows = rows.saturating_sub(deleted as u64);
             }
         }
@@ -298,30 +330,121 @@ impl EventStore {
         let tx = self.conn.transaction().map_err(EventError::sql("begin"))?;
         let mut changed = 0;
         {
+            let sql = EventError::sql("amend");
+            let mut find = tx.prepare_cached(FIND_EVENT).map_err(sql)?;
             let mut upd = tx
-                .prepare_cached(AMEND_STREAM)
+                .prepare_cached("UPDATE events SET stream = ?2 WHERE id = ?1")
+                .map_err(EventError::sql("amend"))?;
+            let mut log = tx
+                .prepare_cached("INSERT INTO event_amendments (event_id) VALUES (?1)")
                 .map_err(EventError::sql("amend"))?;
             for a in amendments {
-                changed += upd
-                    .execute(params![a.time_ms, a.request_id, to_json(&a.stream)])
+                let ids = find
+                    .query_map(params![a.time_ms, a.request_id], |r| r.get::<_, i64>(0))
+                    .map_err(EventError::sql("amend"))?
+                    .collect::<Result<Vec<i64>, _>>()
                     .map_err(EventError::sql("amend"))?;
+                let stream = to_json(&a.stream);
+                for id in ids {
+                    upd.execute(params![id, stream])
+                        .map_err(EventError::sql("amend"))?;
+                    log.execute(params![id]).map_err(EventError::sql("amend"))?;
+                    changed += 1;
+                }
             }
         }
         tx.commit().map_err(EventError::sql("commit"))?;
         Ok(changed)
     }
 
-    /// Events matching `filter`, oldest first (newest last).
-    pub fn query(&self, filter: &Filter) -> Result<Vec<Event>, EventError> {
-        if !self.has_schema {
-            return Ok(Vec::new());
+    /// The cursor at the store's current end.
+    pub fn cursor(&self) -> Result<Cursor, EventError> {
+        Ok(Cursor {
+            event_id: self.max_id()?,
+            amendment: self.max_amendment()?,
+        })
+    }
+
+    fn max_amendment(&self) -> Result<i64, EventError> {
+        if !self.has_schema || !self.stream_column()? {
+            return Ok(0);
         }
+        self.conn
+            .query_row(
+                "SELECT COALESCE(MAX(seq), 0) FROM event_amendments",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(EventError::sql("query"))
+    }
+
+    /// Everything matching `filter` (its `after_id` and `limit` aside) that
+    /// changed after `cursor`, read in one snapshot: new events, and older
+    /// ones that were amended. An event is in at most one of the two lists.
+    pub fn changes_since(&self, filter: &Filter, cursor: Cursor) -> Result<Changes, EventError> {
+        // One read transaction: the cursor, the new and the amended rows all
+        // come from the same snapshot, so nothing is missed or shown twice.
+        let tx = self
+            .conn
+            .unchecked_transaction()
+            .map_err(EventError::sql("begin"))?;
+        let now = self.cursor()?;
+        let filter = Filter {
+            after_id: Some(cursor.event_id),
+            limit: None,
+            ..filter.clone()
+        };
+        let new = self.select(&filter, None)?;
+        let amended = if now.amendment > cursor.amendment {
+            let older = Filter {
+                after_id: None,
+                ..filter.clone()
+            };
+            self.select(
+                &older,
+                Some((cursor.event_id, cursor.amendment, now.amendment)),
+            )?
+        } else {
+            Vec::new()
+        };
+        tx.commit().map_err(EventError::sql("commit"))?;
+        Ok(Changes {
+            new,
+            amended,
+            cursor: Cursor {
+                event_id: now.event_id.max(cursor.event_id),
+                amendment: now.amendment.max(cursor.amendment),
+            },
+        })
+    }
+
+    /// Whether the file has the `stream` column (a version-1 file read
+    /// before any new writer migrated it has not).
+    fn stream_column(&self) -> Result<bool, EventError> {
         if !self.has_stream.get() {
             let has = has_column(&self.conn, "events", "stream")
                 .map_err(EventError::sql("schema check"))?;
             self.has_stream.set(has);
         }
-        let columns = if self.has_stream.get() {
+        Ok(self.has_stream.get())
+    }
+
+    /// Events matching `filter`, oldest first (newest last).
+    pub fn query(&self, filter: &Filter) -> Result<Vec<Event>, EventError> {
+        self.select(filter, None)
+    }
+
+    /// `amended`: only events with an id up to `.0` amended with a sequence
+    /// number in `(.1, .2]`.
+    fn select(
+        &self,
+        filter: &Filter,
+        amended: Option<(i64, i64, i64)>,
+    ) -> Result<Vec<Event>, EventError> {
+        if !self.has_schema {
+            return Ok(Vec::new());
+        }
+        let columns = if self.stream_column()? {
             COLUMNS
         } else {
             COLUMNS_V1
@@ -329,8 +452,20 @@ impl EventStore {
         let mut sql = format!("SELECT {columns} FROM events WHERE 1 = 1");
         let mut args: Vec<rusqlite::types::Value> = Vec::new();
         // When following, the new rows are a short range at the end of the
-        // table: `+column` keeps SQLite from walking a column index instead.
-        let plus = if filter.after_id.is_some() { "+" } else { "" };
+        // table, and amended ones a handful: `+column` keeps SQLite from
+        // walking a column index instead.
+        let plus = if filter.after_id.is_some() || amended.is_some() {
+            "+"
+        } else {
+            ""
+        };
+        if let Some((upto, after_seq, upto_seq)) = amended {
+            sql.push_str(
+                " AND id <= ? AND id IN (SELECT event_id FROM event_amendments \
+                 WHERE seq > ? AND seq <= ?)",
+            );
+            args.extend([upto.into(), after_seq.into(), upto_seq.into()]);
+        }
         if let Some(since) = filter.since {
             sql.push_str(&format!(" AND {plus}time_ms >= ?"));
             args.push(since_cutoff_ms(since).into());

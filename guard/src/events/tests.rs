@@ -848,3 +848,75 @@ fn stream_cuts_convert_with_a_bounded_reason() {
     let reason = long.reason.unwrap();
     assert!(reason.len() <= 203 && reason.ends_with("..."), "{reason}");
 }
+
+#[test]
+fn changes_since_a_cursor_show_new_events_and_later_amendments_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = EventStore::open(dir.path(), 0).unwrap();
+    let mut first = vec![
+        simple("r0", Decision::Allow, "openai", "x"),
+        simple("r1", Decision::Block, "openai", "x"),
+    ];
+    store.insert(&mut first).unwrap();
+    let reader = EventStore::open_read_only(dir.path()).unwrap().unwrap();
+    let cursor = reader.cursor().unwrap();
+    assert_eq!(cursor.event_id, first[1].id);
+
+    let cut0 = cut(StreamEnd::ClientClosed, None, 3);
+    store.amend(&[amendment(&first[0], cut0.clone())]).unwrap();
+    let mut second = vec![simple("r2", Decision::Allow, "openai", "x")];
+    store.insert(&mut second).unwrap();
+    // Inserted and amended between two looks: shown once, as new.
+    let cut2 = cut(StreamEnd::UpstreamFailed, Some("reset"), 9);
+    store.amend(&[amendment(&second[0], cut2.clone())]).unwrap();
+
+    let ch = reader.changes_since(&Filter::default(), cursor).unwrap();
+    assert_eq!(ids(&ch.new), ["r2"]);
+    assert_eq!(ch.new[0].stream, Some(cut2));
+    assert_eq!(ids(&ch.amended), ["r0"]);
+    assert_eq!(ch.amended[0].stream, Some(cut0));
+    assert_eq!(ch.cursor, reader.cursor().unwrap());
+    // Nothing changed since: nothing again.
+    let again = reader.changes_since(&Filter::default(), ch.cursor).unwrap();
+    assert!(
+        again.new.is_empty() && again.amended.is_empty(),
+        "{again:?}"
+    );
+
+    // Filters apply to amended events too.
+    let blocked = Filter {
+        decision: Some(Decision::Block),
+        ..Filter::default()
+    };
+    let ch = reader.changes_since(&blocked, cursor).unwrap();
+    assert!(ch.new.is_empty() && ch.amended.is_empty(), "{ch:?}");
+}
+
+#[test]
+fn pruning_drops_the_amendment_log_with_its_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = EventStore::open(dir.path(), 2).unwrap();
+    let mut batch = vec![simple("old", Decision::Allow, "openai", "x")];
+    store.insert(&mut batch).unwrap();
+    store
+        .amend(&[amendment(&batch[0], cut(StreamEnd::ClientClosed, None, 0))])
+        .unwrap();
+    let logged = |s: &EventStore| -> i64 {
+        s.conn
+            .query_row("SELECT COUNT(*) FROM event_amendments", [], |r| r.get(0))
+            .unwrap()
+    };
+    assert_eq!(logged(&store), 1);
+    let mut more: Vec<Event> = (0..2)
+        .map(|i| simple(&format!("new{i}"), Decision::Allow, "openai", "x"))
+        .collect();
+    store.insert(&mut more).unwrap();
+    assert_eq!(logged(&store), 0);
+    // The sequence keeps increasing after pruning: followers miss nothing.
+    let before = store.cursor().unwrap().amendment;
+    assert_eq!(before, 0, "no amendment of a stored event is left");
+    store
+        .amend(&[amendment(&more[1], cut(StreamEnd::ClientClosed, None, 0))])
+        .unwrap();
+    assert_eq!(store.cursor().unwrap().amendment, 2);
+}
