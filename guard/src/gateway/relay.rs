@@ -246,7 +246,10 @@ where
 
     fn size_hint(&self) -> SizeHint {
         match self.state {
-            State::Streaming => self.inner.size_hint(),
+            // An event stream may get the error event appended: the server
+            // must not announce the upstream's length (it would send a
+            // Content-Length of its own from an exact hint).
+            State::Streaming if !self.sse => self.inner.size_hint(),
             _ => SizeHint::default(),
         }
     }
