@@ -3,6 +3,11 @@
 //! off-request-path writer that fills it, and the key report that answers the
 //! rotation question ("who still uses the old key?").
 //!
+//! An event is written when the response headers go out. When the response
+//! body is cut later (upstream failure, idle gap, client gone), the same
+//! event is amended through the same queue: [`Event::stream`] says how, and
+//! `kt events --follow` prints it again.
+//!
 //! Events never carry a secret: the presented key is a fingerprint plus the
 //! name of the stored secret it matches, and policy notes name rules and
 //! locations, never the matched text.
