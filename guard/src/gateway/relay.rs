@@ -87,8 +87,8 @@ impl<B: Body> Relay<B> {
     /// a cut; `None` for responses the server sends without a body (it drops
     /// the body unread, which is no cut).
     pub fn new(inner: B, sse: bool, target: String, idle: Duration, amend: Option<Amend>) -> Self {
-        // An empty upstream body (HEAD, 204, 304) is not polled by the
-        // server: nothing to relay, nothing that could be cut.
+        // An upstream body already at its end: nothing to relay, nothing
+        // that could be cut.
         let state = if inner.is_end_stream() {
             State::Done
         } else {
