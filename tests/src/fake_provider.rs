@@ -106,6 +106,8 @@ pub enum Behavior {
     /// Send headers and the first chunk, then wait for
     /// [`FakeProvider::release`] before sending the rest.
     Gated,
+    /// A normal answer sent whole, with a `Content-Length`.
+    Sized,
 }
 
 /// One request as the fake received it.
@@ -357,6 +359,16 @@ async fn answer(st: Arc<State>, req: Request<Incoming>) -> Response<FakeBody> {
         let mid = s.len() / 2;
         vec![s[..mid].to_string(), s[mid..].to_string()]
     };
+    if behavior == Behavior::Sized {
+        let mut r = Response::new(full(chunks.concat()));
+        let ct = if stream {
+            "text/event-stream"
+        } else {
+            "application/json"
+        };
+        r.headers_mut().insert("content-type", ct.parse().unwrap());
+        return r;
+    }
     let (tx, rx) = mpsc::channel(8);
     let st2 = st.clone();
     tokio::spawn(async move {

@@ -5,7 +5,10 @@ use std::time::Duration;
 
 use guard::ca::Ca;
 use guard::config::{Provider, Target};
-use guard::gateway::{ClientInfo, GatewayError, MemorySink, Policy, PolicyRequest, PolicyVerdict};
+use guard::events::{EventSink, EventStore, EventWriter, Filter, StreamEnd, WriterConfig};
+use guard::gateway::{
+    ClientInfo, GatewayError, MemorySink, Policy, PolicyRequest, PolicyVerdict, StreamCut,
+};
 use guard_tests::fake_provider::{Behavior, FakeProvider, TestCa, refused_addr};
 use guard_tests::gateway_fixture::*;
 use http_body_util::BodyExt;
@@ -845,5 +848,214 @@ async fn idle_gap_over_timeout_ends_stream_with_error_event() {
     assert!(text.contains("event: error"), "{text}");
     assert!(text.contains("no data for"), "{text}");
     assert!(errored);
+    let cuts = gw.sink.stream_cuts();
+    assert_eq!(cuts.len(), 1);
+    assert_eq!(cuts[0].0, gw.sink.snapshot()[0].request_id);
+    assert_eq!(
+        cuts[0].1.cut,
+        StreamCut::IdleTimeout {
+            idle: Duration::from_millis(200)
+        }
+    );
+    assert!(cuts[0].1.bytes > 0);
     up.release();
+}
+
+/// A gateway recording into a real event store in `dir` (as `kt gateway run`
+/// does with the audit logger), served on loopback.
+async fn start_with_store(
+    cfg: guard::config::Config,
+    ca: &TestCa,
+    dir: &std::path::Path,
+) -> (Running, EventWriter, guard::events::WriterHandle) {
+    let (writer, handle) = EventWriter::spawn(WriterConfig::new(dir, 0));
+    let sink = Arc::new(EventSink::new(writer.clone(), Default::default()));
+    let gca = Arc::new(Ca::ephemeral().unwrap());
+    let gw = builder(cfg, secrets(), gca.clone(), ca)
+        .decision_sink(sink)
+        .build()
+        .unwrap();
+    // The fixture's memory sink stays empty: the store is the record here.
+    let running = serve(gw, gca, Arc::new(MemorySink::new())).await;
+    (running, writer, handle)
+}
+
+fn stored_events(dir: &std::path::Path) -> Vec<guard::events::Event> {
+    EventStore::open_read_only(dir)
+        .unwrap()
+        .unwrap()
+        .query(&Filter::default())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn stream_cut_after_first_byte_is_recorded_in_that_requests_event() {
+    let ca = TestCa::new();
+    let bad = FakeProvider::start(&ca, "first", Behavior::Ok).await;
+    let good = FakeProvider::start(&ca, "second", Behavior::Ok).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (gw, writer, handle) = start_with_store(
+        config(vec![oa("oa1", &bad, "OA1"), oa("oa2", &good, "OA2")]),
+        &ca,
+        dir.path(),
+    )
+    .await;
+    let mut c = h1_plain(gw.addr).await;
+    // A clean request first: its event must stay unamended.
+    let ok = send(
+        &mut c,
+        post("/openai/v1/models", &[("authorization", "Bearer x")], ""),
+    )
+    .await;
+    assert_eq!(ok.status, 200);
+    bad.set_behavior(Behavior::CutMidStream);
+    let resp = c
+        .send_request(post(
+            "/openai/v1/chat/completions",
+            &[("authorization", &format!("Bearer {CLIENT_KEY}"))],
+            chat_body(true),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let request_id = resp.headers()["x-kt-request-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let mut body = resp.into_body();
+    let mut text = String::new();
+    let mut clean_end = true;
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(f) => {
+                if let Some(d) = f.data_ref() {
+                    text.push_str(&String::from_utf8_lossy(d));
+                }
+            }
+            Err(_) => {
+                clean_end = false;
+                break;
+            }
+        }
+    }
+    assert!(text.contains("event: error"), "client saw the cut: {text}");
+    assert!(!clean_end);
+
+    // The amendment was queued before the client got the error event.
+    assert!(writer.flush());
+    let events = stored_events(dir.path());
+    assert_eq!(events.len(), 2, "still one event per request: {events:?}");
+    let clean = &events[0];
+    assert_eq!(clean.stream, None, "{clean:?}");
+    let e = &events[1];
+    assert_eq!(e.request_id, request_id);
+    assert_eq!(e.status, Some(200), "the status the client got");
+    let stream = e.stream.as_ref().expect("the cut is in the event");
+    assert_eq!(stream.end, StreamEnd::UpstreamFailed);
+    assert!(!stream.reason.as_deref().unwrap_or("").is_empty());
+    // The first chunk went through before the cut; the SSE error is not counted.
+    let first = text.split("\n\n").next().unwrap().len() as u64 + 2;
+    assert_eq!(stream.bytes, first, "{text:?}");
+    let json = serde_json::to_string(&events).unwrap();
+    for secret in [CLIENT_KEY, MANAGED_OA, MANAGED_OA2, "CLIENTKEY", "MANAGED"] {
+        assert!(!json.contains(secret), "{secret} in stored events: {json}");
+    }
+    assert!(
+        good.requests().is_empty(),
+        "no fallback after the first byte"
+    );
+    assert!(handle.shutdown());
+}
+
+#[tokio::test]
+async fn client_leaving_mid_stream_is_recorded_in_that_requests_event() {
+    let ca = TestCa::new();
+    let up = FakeProvider::start(&ca, "first", Behavior::Gated).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (gw, writer, handle) =
+        start_with_store(config(vec![oa("oa1", &up, "OA1")]), &ca, dir.path()).await;
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let body = chat_body(true);
+    let req = format!(
+        "POST /openai/v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains("hello ") {
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(n > 0, "{}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    // The client goes away while the upstream still holds the rest.
+    drop(s);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let stream = loop {
+        assert!(writer.flush());
+        let events = stored_events(dir.path());
+        assert_eq!(events.len(), 1);
+        if let Some(st) = events[0].stream.clone() {
+            break st;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the client's departure was never recorded"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(stream.end, StreamEnd::ClientClosed);
+    assert_eq!(stream.reason, None);
+    assert!(stream.bytes > 0);
+    up.release();
+    assert!(handle.shutdown());
+}
+
+#[tokio::test]
+async fn streams_that_end_cleanly_are_not_amended() {
+    let ca = TestCa::new();
+    let up = FakeProvider::start(&ca, "first", Behavior::Ok).await;
+    let gw = start(config(vec![oa("oa1", &up, "OA1")]), secrets(), &ca).await;
+    let mut c = h1_plain(gw.addr).await;
+    for stream in [true, false] {
+        let a = send(
+            &mut c,
+            post("/openai/v1/chat/completions", &[], chat_body(stream)),
+        )
+        .await;
+        assert_eq!(a.status, 200);
+    }
+    // Bodies of declared length, which the server may drop right after
+    // their last byte.
+    up.set_behavior(Behavior::Sized);
+    for stream in [true, false] {
+        let a = send(
+            &mut c,
+            post("/openai/v1/chat/completions", &[], chat_body(stream)),
+        )
+        .await;
+        assert_eq!(a.status, 200);
+        assert!(a.body.contains("from first"), "{}", a.body);
+        // An event stream may get an error event appended: never a length.
+        assert_eq!(
+            a.headers.contains_key("content-length"),
+            !stream,
+            "{:?}",
+            a.headers
+        );
+    }
+    // No body at all: nothing is relayed, nothing can be cut.
+    let head = http::Request::builder()
+        .method("HEAD")
+        .uri("/openai/v1/models")
+        .header("host", "x")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    assert_eq!(send(&mut c, head).await.status, 200);
+    // The connection is still usable after all of them.
+    let a = send(&mut c, post("/openai/v1/models", &[], "")).await;
+    assert_eq!(a.status, 200);
+    assert_eq!(gw.sink.snapshot().len(), 6);
+    let cuts = gw.sink.stream_cuts();
+    assert!(cuts.is_empty(), "{cuts:?}");
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use anyhow::Context;
 
 use super::{Global, OutputFormat, exit};
-use crate::events::{Decision, Event, EventStore, Filter, KeyUsage, ProcessUsage};
+use crate::events::{Cursor, Decision, Event, EventStore, Filter, KeyUsage, ProcessUsage};
 
 /// The `--since` forms, for error messages and help.
 const SINCE_FORMS: &str = "a number and a unit: 45s, 30m, 1h, 2d (or combined: 1h30m)";
@@ -34,7 +34,8 @@ pub struct EventsArgs {
     /// Show the most recent N matching events (0: all).
     #[arg(long, value_name = "N", default_value_t = 100)]
     pub limit: usize,
-    /// Keep printing new events as they arrive (until interrupted).
+    /// Keep printing new events as they arrive (until interrupted); an event
+    /// whose response stream is cut later is printed again, marked `*`.
     #[arg(long, conflicts_with = "keys")]
     pub follow: bool,
     /// Print the key report instead: per presented key, which processes used it and when.
@@ -138,9 +139,9 @@ fn run_inner(
     };
     // Taken before the listing: following starts after whichever is newer,
     // so an event written in between is neither lost nor printed twice.
-    let max_before = match &store {
-        Some(s) => s.max_id()?,
-        None => 0,
+    let before = match &store {
+        Some(s) => s.cursor()?,
+        None => Cursor::default(),
     };
     let events = match &store {
         Some(s) => s.query(&filter)?,
@@ -176,9 +177,15 @@ fn run_inner(
     if !args.follow {
         return Ok(exit::OK);
     }
-    // Follow: new events only, in full.
+    // Follow: new events in full, and events already listed again when
+    // their stream is cut later (marked `*`).
     filter.limit = None;
-    let mut last_id = events.last().map_or(max_before, |e| e.id.max(max_before));
+    let mut cursor = Cursor {
+        event_id: events
+            .last()
+            .map_or(before.event_id, |e| e.id.max(before.event_id)),
+        amendment: before.amendment,
+    };
     while !stop.load(Ordering::SeqCst) {
         std::thread::sleep(FOLLOW_POLL);
         if store.is_none() {
@@ -191,12 +198,10 @@ fn run_inner(
             store = None;
             continue;
         }
-        filter.after_id = Some(last_id);
-        let events = s.query(&filter)?;
-        if let Some(e) = events.last() {
-            last_id = e.id;
-        }
-        printer.print(out, &events)?;
+        let changes = s.changes_since(&filter, cursor)?;
+        cursor = changes.cursor;
+        printer.print(out, &changes.amended)?;
+        printer.print(out, &changes.new)?;
         out.flush()?;
     }
     Ok(exit::OK)
@@ -263,7 +268,11 @@ fn human_line(e: &Event) -> String {
 
 fn human_line_raw(e: &Event) -> String {
     let dash = || "-".to_string();
-    let status = e.status.map(|s| s.to_string()).unwrap_or_else(dash);
+    let mut status = e.status.map(|s| s.to_string()).unwrap_or_else(dash);
+    // The status went out before the body was cut: mark it, say why below.
+    if e.stream.is_some() {
+        status.push('*');
+    }
     let latency = e.latency_ms.map(|l| format!("{l}ms")).unwrap_or_else(dash);
     let key = e
         .key
@@ -291,6 +300,12 @@ fn human_line_raw(e: &Event) -> String {
     };
     if let Some(m) = &e.message {
         policy.push_str(&format!("  \"{m}\""));
+    }
+    if let Some(st) = &e.stream {
+        policy.push_str(&format!("  *stream {} after {} bytes", st.end, st.bytes));
+        if let Some(r) = &st.reason {
+            policy.push_str(&format!(": {r}"));
+        }
     }
     // Fallback is the point of staged rotation: show the failed steps
     // before the target that answered (`openai-2026q2:503>openai-2026q1`).
@@ -440,4 +455,141 @@ fn process_line(p: &ProcessUsage) -> String {
         p.count,
         format_time(p.last_seen_ms)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::{StreamEnd, StreamOutcome};
+
+    fn printed(format: OutputFormat, events: &[Event]) -> String {
+        let mut out = Vec::new();
+        Printer {
+            format,
+            header_done: false,
+        }
+        .print(&mut out, events)
+        .unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    /// A writer the follow thread owns and the test reads.
+    #[derive(Clone, Default)]
+    struct Shared(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl Write for Shared {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Shared {
+        fn lines(&self) -> Vec<serde_json::Value> {
+            String::from_utf8(self.0.lock().unwrap().clone())
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect()
+        }
+    }
+
+    #[test]
+    fn follow_prints_an_event_again_when_its_stream_is_cut_later() {
+        use crate::events::Amendment;
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = EventStore::open(dir.path(), 0).unwrap();
+        let mut listed = vec![Event::new("listed", Decision::Allow)];
+        store.insert(&mut listed).unwrap();
+        let args = EventsArgs {
+            since: None,
+            decision: None,
+            target: None,
+            provider: None,
+            limit: 100,
+            follow: true,
+            keys: false,
+        };
+        let global = Global {
+            output: OutputFormat::Json,
+            data_dir: dir.path().to_path_buf(),
+        };
+        let out = Shared::default();
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let follower = {
+            let (mut out, stop) = (out.clone(), stop.clone());
+            std::thread::spawn(move || {
+                run_with(&args, &global, &mut out, &mut std::io::sink(), &stop).unwrap()
+            })
+        };
+        let wait_for = |n: usize| {
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            while out.lines().len() < n {
+                assert!(std::time::Instant::now() < deadline, "{:?}", out.lines());
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        };
+        wait_for(1);
+        store
+            .amend(&[Amendment {
+                request_id: "listed".into(),
+                time_ms: listed[0].time_ms,
+                stream: StreamOutcome {
+                    end: StreamEnd::IdleTimeout,
+                    reason: Some("no data for 2m".into()),
+                    bytes: 12,
+                },
+            }])
+            .unwrap();
+        let mut fresh = vec![Event::new("fresh", Decision::Allow)];
+        store.insert(&mut fresh).unwrap();
+        wait_for(3);
+        stop.store(true, Ordering::SeqCst);
+        follower.join().unwrap();
+        let lines = out.lines();
+        assert_eq!(lines.len(), 3, "{lines:?}");
+        assert_eq!(lines[0]["request_id"], "listed");
+        assert!(lines[0]["stream"].is_null());
+        assert_eq!(lines[1]["request_id"], "listed");
+        assert_eq!(lines[1]["id"], lines[0]["id"], "the same event, again");
+        assert_eq!(lines[1]["stream"]["end"], "idle_timeout");
+        assert_eq!(lines[2]["request_id"], "fresh");
+    }
+
+    #[test]
+    fn a_cut_stream_is_marked_in_the_table_and_carried_in_json() {
+        let mut clean = Event::new("clean", Decision::Allow);
+        clean.status = Some(200);
+        let mut cut = Event::new("cut", Decision::Allow);
+        cut.status = Some(200);
+        cut.stream = Some(StreamOutcome {
+            end: StreamEnd::UpstreamFailed,
+            reason: Some("error reading a body from connection".into()),
+            bytes: 87,
+        });
+        let table = printed(OutputFormat::Human, &[clean.clone(), cut.clone()]);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 3, "{table}");
+        assert!(!lines[1].contains("200*") && !lines[1].contains("stream"));
+        assert!(lines[2].contains("200* "), "{table}");
+        assert!(
+            lines[2].contains(
+                "*stream upstream_failed after 87 bytes: error reading a body from connection"
+            ),
+            "{table}"
+        );
+
+        let json = printed(OutputFormat::Json, &[clean, cut]);
+        let rows: Vec<serde_json::Value> = json
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert!(rows[0]["stream"].is_null());
+        assert_eq!(rows[1]["stream"]["end"], "upstream_failed");
+        assert_eq!(rows[1]["stream"]["bytes"], 87);
+        assert_eq!(rows[1]["status"], 200);
+    }
 }

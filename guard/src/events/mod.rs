@@ -3,6 +3,11 @@
 //! off-request-path writer that fills it, and the key report that answers the
 //! rotation question ("who still uses the old key?").
 //!
+//! An event is written when the response headers go out. When the response
+//! body is cut later (upstream failure, idle gap, client gone), the same
+//! event is amended through the same queue: [`Event::stream`] says how, and
+//! `kt events --follow` prints it again.
+//!
 //! Events never carry a secret: the presented key is a fingerprint plus the
 //! name of the stored secret it matches, and policy notes name rules and
 //! locations, never the matched text.
@@ -15,10 +20,13 @@ mod sink;
 mod store;
 mod writer;
 
-pub use model::{Client, Decision, Event, FallbackStep, PolicyNote, PresentedKey};
+pub use model::{
+    Amendment, Client, Decision, Event, FallbackStep, PolicyNote, PresentedKey, StreamEnd,
+    StreamOutcome,
+};
 pub use report::{KeyUsage, ProcessUsage};
-pub use sink::{EventSink, to_event};
-pub use store::{DB_FILE, EventStore, Filter, db_path};
+pub use sink::{EventSink, to_event, to_stream_outcome};
+pub use store::{Changes, Cursor, DB_FILE, EventStore, Filter, db_path};
 pub use writer::{EventWriter, WriterConfig, WriterHandle, WriterStats};
 
 use std::path::PathBuf;

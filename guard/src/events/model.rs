@@ -109,6 +109,62 @@ pub struct PresentedKey {
     pub managed: bool,
 }
 
+/// How a relayed response body ended, when it did not end cleanly.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StreamEnd {
+    /// The upstream connection failed after the response started.
+    UpstreamFailed,
+    /// The upstream sent nothing for longer than `gateway.idle_timeout`.
+    IdleTimeout,
+    /// The body was dropped before its end: the client went away (or the
+    /// gateway stopped before the stream finished).
+    ClientClosed,
+}
+
+impl StreamEnd {
+    /// The snake_case name used in JSON and the CLI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StreamEnd::UpstreamFailed => "upstream_failed",
+            StreamEnd::IdleTimeout => "idle_timeout",
+            StreamEnd::ClientClosed => "client_closed",
+        }
+    }
+}
+
+impl std::fmt::Display for StreamEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A response body cut after its headers went out (and the event was
+/// written). Recorded by amending the request's event; a body that ended
+/// cleanly leaves [`Event::stream`] empty.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamOutcome {
+    /// How it ended.
+    pub end: StreamEnd,
+    /// Why, when known: the HTTP library's error text or the idle gap.
+    /// Never a header value or a key.
+    pub reason: Option<String>,
+    /// Upstream body bytes handed on toward the client before the cut (the
+    /// gateway's own SSE error event not counted).
+    pub bytes: u64,
+}
+
+/// A late change to an already recorded event, found by request id and time.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Amendment {
+    /// The event's request id.
+    pub request_id: String,
+    /// The event's `time_ms` (indexed, so the lookup stays cheap).
+    pub time_ms: i64,
+    /// How its response body ended.
+    pub stream: StreamOutcome,
+}
+
 /// One decision event: what happened to one request.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Event {
@@ -140,6 +196,11 @@ pub struct Event {
     pub key: Option<PresentedKey>,
     /// A short human note (error reason). Never a secret.
     pub message: Option<String>,
+    /// Set when the response body was cut after the headers went out
+    /// (upstream failure, idle timeout, client gone); `None` when it ended
+    /// cleanly, when there was no relayed body, or when kt stopped first.
+    #[serde(default)]
+    pub stream: Option<StreamOutcome>,
 }
 
 impl Event {
@@ -160,12 +221,13 @@ impl Event {
             client: Client::default(),
             key: None,
             message: None,
+            stream: None,
         }
     }
 
     /// Replaces every occurrence of `secret` in the free-text fields (the
-    /// client's command line, the message) with `[redacted]`. The gateway
-    /// calls it with the key the client presented: a key passed on a command
+    /// client's command line, the message, the stream cut reason) with
+    /// `[redacted]`. The gateway calls it with the key the client presented: a key passed on a command
     /// line (`curl -H "Authorization: Bearer sk-..."`) must not reach the store.
     pub fn redact(&mut self, secret: &crate::secrets::SecretValue) {
         let value = secret.expose();
@@ -173,7 +235,8 @@ impl Event {
         if value.len() < 8 {
             return;
         }
-        for field in [&mut self.client.cmdline, &mut self.message]
+        let reason = self.stream.as_mut().and_then(|s| s.reason.as_mut());
+        for field in [self.client.cmdline.as_mut(), self.message.as_mut(), reason]
             .into_iter()
             .flatten()
         {

@@ -4,8 +4,17 @@
 
 use std::collections::HashMap;
 
-use super::{Client, Decision, Event, EventWriter, FallbackStep, PolicyNote, PresentedKey};
-use crate::gateway::{self, DecisionSink};
+use std::time::SystemTime;
+
+use super::{
+    Amendment, Client, Decision, Event, EventWriter, FallbackStep, PolicyNote, PresentedKey,
+    StreamEnd, StreamOutcome,
+};
+use crate::gateway::{self, DecisionSink, StreamCut};
+
+/// Longest stream cut reason kept, in bytes (the HTTP library's text is short;
+/// this only bounds the unexpected).
+const MAX_REASON: usize = 200;
 
 /// A [`DecisionSink`] that queues one [`Event`] per decision.
 pub struct EventSink {
@@ -27,6 +36,52 @@ impl DecisionSink for EventSink {
     fn record(&self, d: gateway::Decision) {
         self.writer.record(to_event(&d, &self.known));
     }
+
+    fn amend(&self, request_id: &str, time: SystemTime, outcome: gateway::StreamOutcome) {
+        self.writer.amend(Amendment {
+            request_id: request_id.to_string(),
+            time_ms: event_time_ms(time),
+            stream: to_stream_outcome(&outcome),
+        });
+    }
+}
+
+/// An event's `time_ms` for a decision's `time`: the same value for its
+/// insert and any later amendment, which finds the event by it.
+fn event_time_ms(time: SystemTime) -> i64 {
+    time.duration_since(std::time::UNIX_EPOCH)
+        .map(|t| i64::try_from(t.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// Converts a gateway stream cut into the stored outcome.
+pub fn to_stream_outcome(o: &gateway::StreamOutcome) -> StreamOutcome {
+    let (end, reason) = match &o.cut {
+        StreamCut::UpstreamFailed { message } => {
+            (StreamEnd::UpstreamFailed, Some(bounded(message)))
+        }
+        StreamCut::IdleTimeout { idle } => (
+            StreamEnd::IdleTimeout,
+            Some(format!("no data for {}", humantime::format_duration(*idle))),
+        ),
+        StreamCut::ClientClosed => (StreamEnd::ClientClosed, None),
+    };
+    StreamOutcome {
+        end,
+        reason,
+        bytes: o.bytes,
+    }
+}
+
+fn bounded(s: &str) -> String {
+    if s.len() <= MAX_REASON {
+        return s.to_string();
+    }
+    let mut end = MAX_REASON;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &s[..end])
 }
 
 /// Converts a gateway decision into an event.
@@ -42,11 +97,7 @@ pub fn to_event(d: &gateway::Decision, known: &HashMap<String, String>) -> Event
         Decision::Allow
     };
     let mut e = Event::new(d.request_id.clone(), decision);
-    e.time_ms = d
-        .time
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|t| t.as_millis() as i64)
-        .unwrap_or(e.time_ms);
+    e.time_ms = event_time_ms(d.time);
     e.provider = d.provider.clone();
     e.target_tried = d.tried.iter().map(|t| t.target.clone()).collect();
     e.target_chosen = d.chosen.clone();

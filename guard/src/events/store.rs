@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params};
 
-use super::{Client, Decision, Event, EventError, PresentedKey};
+use super::{Amendment, Client, Decision, Event, EventError, PresentedKey};
 
 /// The database file name inside the data directory.
 pub const DB_FILE: &str = "events.db";
@@ -19,6 +19,10 @@ pub fn db_path(data_dir: &Path) -> PathBuf {
 // targets tried and chosen are also spread into `event_targets`, the index
 // behind `--target` (so `target_chosen` needs none of its own).
 // AUTOINCREMENT keeps ids increasing across pruning: `--follow` relies on it.
+// `stream` (JSON, NULL unless the response body was cut) came with schema
+// version 2: older files get it from `migrate`. Each amendment also appends
+// to `event_amendments`, whose increasing `seq` lets `--follow` print an
+// event again when it changes (rare: cuts only, so the log stays small).
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -42,7 +46,8 @@ CREATE TABLE IF NOT EXISTS events (
     key_fingerprint TEXT,
     key_matches_secret TEXT,
     key_managed INTEGER,
-    message TEXT
+    message TEXT,
+    stream TEXT
 );
 CREATE INDEX IF NOT EXISTS events_time ON events(time_ms);
 CREATE INDEX IF NOT EXISTS events_decision ON events(decision);
@@ -55,19 +60,34 @@ CREATE TABLE IF NOT EXISTS event_targets (
     PRIMARY KEY (event_id, target)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS event_targets_target ON event_targets(target, event_id);
-PRAGMA user_version = 1;
+CREATE TABLE IF NOT EXISTS event_amendments (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id INTEGER NOT NULL
+);
 ";
+
+/// The schema version this code writes (`PRAGMA user_version`).
+const SCHEMA_VERSION: i64 = 2;
 
 const COLUMNS: &str = "id, time_ms, request_id, decision, provider, target_tried, target_chosen, \
     fallback_steps, status, latency_ms, policy, client_addr, client_pid, client_uid, client_exe, \
     client_cmdline, client_cgroup, client_container_id, key_fingerprint, key_matches_secret, \
-    key_managed, message";
+    key_managed, message, stream";
+
+/// As [`COLUMNS`], for a version-1 file opened read-only (no `stream` yet).
+const COLUMNS_V1: &str = "id, time_ms, request_id, decision, provider, target_tried, target_chosen, \
+    fallback_steps, status, latency_ms, policy, client_addr, client_pid, client_uid, client_exe, \
+    client_cmdline, client_cgroup, client_container_id, key_fingerprint, key_matches_secret, \
+    key_managed, message, NULL AS stream";
+
+// `time_ms` first: the time index finds the row, the request id confirms it.
+const FIND_EVENT: &str = "SELECT id FROM events WHERE time_ms = ?1 AND request_id = ?2";
 
 const INSERT: &str = "INSERT INTO events (time_ms, request_id, decision, provider, target_tried, \
     target_chosen, fallback_steps, status, latency_ms, policy, client_addr, client_pid, client_uid, \
     client_exe, client_cmdline, client_cgroup, client_container_id, key_fingerprint, \
-    key_matches_secret, key_managed, message) \
-    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21)";
+    key_matches_secret, key_managed, message, stream) \
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22)";
 
 /// Which events to list. The default lists everything.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -86,6 +106,27 @@ pub struct Filter {
     pub after_id: Option<i64>,
 }
 
+/// Where a follower is: the newest event and the newest amendment it saw.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Cursor {
+    /// The largest event id seen.
+    pub event_id: i64,
+    /// The largest amendment sequence number seen.
+    pub amendment: i64,
+}
+
+/// What changed in the store after a [`Cursor`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// Events inserted after the cursor (with any amendment already applied).
+    pub new: Vec<Event>,
+    /// Events at or before the cursor that were amended after it, as they
+    /// are now.
+    pub amended: Vec<Event>,
+    /// The cursor to pass next time.
+    pub cursor: Cursor,
+}
+
 /// The event store: `<data_dir>/events.db`, SQLite in WAL mode, so readers
 /// (`kt events`) never block the writer.
 pub struct EventStore {
@@ -96,6 +137,9 @@ pub struct EventStore {
     rows: u64,
     /// False for a read-only store whose writer has not created the schema yet.
     has_schema: bool,
+    /// False for a version-1 file opened read-only (no `stream` column
+    /// yet); checked again on each query until a writer has migrated it.
+    has_stream: std::cell::Cell<bool>,
 }
 
 impl std::fmt::Debug for EventStore {
@@ -135,6 +179,7 @@ impl EventStore {
         conn.pragma_update(None, "cache_size", -16_384)
             .map_err(open_err)?;
         conn.execute_batch(SCHEMA).map_err(open_err)?;
+        migrate(&conn).map_err(open_err)?;
         let rows: i64 = conn
             .query_row("SELECT COUNT(*) FROM events", [], |r| r.get(0))
             .map_err(open_err)?;
@@ -144,6 +189,7 @@ impl EventStore {
             max_events,
             rows: u64::try_from(rows).unwrap_or(0),
             has_schema: true,
+            has_stream: std::cell::Cell::new(true),
         })
     }
 
@@ -171,6 +217,7 @@ impl EventStore {
             max_events: 0,
             rows: 0,
             has_schema: false,
+            has_stream: std::cell::Cell::new(false),
         };
         store.has_schema = store.schema_present()?;
         Ok(Some(store))
@@ -230,6 +277,7 @@ impl EventStore {
                     key.and_then(|k| k.matches_secret.as_deref()),
                     key.map(|k| k.managed),
                     e.message,
+                    e.stream.as_ref().map(to_json),
                 ])
                 .map_err(EventError::sql("insert"))?;
                 e.id = tx.last_insert_rowid();
@@ -261,6 +309,11 @@ impl EventStore {
                     params![cutoff],
                 )
                 .map_err(EventError::sql("prune"))?;
+                tx.execute(
+                    "DELETE FROM event_amendments WHERE event_id <= ?1",
+                    params![cutoff],
+                )
+                .map_err(EventError::sql("prune"))?;
                 rows = rows.saturating_sub(deleted as u64);
             }
         }
@@ -269,16 +322,150 @@ impl EventStore {
         Ok(())
     }
 
+    /// Applies `amendments` in one transaction: each sets the stream outcome
+    /// of the event with its request id and time. Returns how many events
+    /// were changed; an amendment whose event is not stored (pruned, or its
+    /// insert was lost) changes nothing.
+    pub fn amend(&mut self, amendments: &[Amendment]) -> Result<usize, EventError> {
+        let tx = self.conn.transaction().map_err(EventError::sql("begin"))?;
+        let mut changed = 0;
+        {
+            let sql = EventError::sql("amend");
+            let mut find = tx.prepare_cached(FIND_EVENT).map_err(sql)?;
+            let mut upd = tx
+                .prepare_cached("UPDATE events SET stream = ?2 WHERE id = ?1")
+                .map_err(EventError::sql("amend"))?;
+            let mut log = tx
+                .prepare_cached("INSERT INTO event_amendments (event_id) VALUES (?1)")
+                .map_err(EventError::sql("amend"))?;
+            for a in amendments {
+                let ids = find
+                    .query_map(params![a.time_ms, a.request_id], |r| r.get::<_, i64>(0))
+                    .map_err(EventError::sql("amend"))?
+                    .collect::<Result<Vec<i64>, _>>()
+                    .map_err(EventError::sql("amend"))?;
+                let stream = to_json(&a.stream);
+                for id in ids {
+                    upd.execute(params![id, stream])
+                        .map_err(EventError::sql("amend"))?;
+                    log.execute(params![id]).map_err(EventError::sql("amend"))?;
+                    changed += 1;
+                }
+            }
+        }
+        tx.commit().map_err(EventError::sql("commit"))?;
+        Ok(changed)
+    }
+
+    /// The cursor at the store's current end.
+    pub fn cursor(&self) -> Result<Cursor, EventError> {
+        Ok(Cursor {
+            event_id: self.max_id()?,
+            amendment: self.max_amendment()?,
+        })
+    }
+
+    fn max_amendment(&self) -> Result<i64, EventError> {
+        if !self.has_schema || !self.stream_column()? {
+            return Ok(0);
+        }
+        self.conn
+            .query_row(
+                "SELECT COALESCE(MAX(seq), 0) FROM event_amendments",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(EventError::sql("query"))
+    }
+
+    /// Everything matching `filter` (its `after_id` and `limit` aside) that
+    /// changed after `cursor`, read in one snapshot: new events, and older
+    /// ones that were amended. An event is in at most one of the two lists.
+    pub fn changes_since(&self, filter: &Filter, cursor: Cursor) -> Result<Changes, EventError> {
+        // One read transaction: the cursor, the new and the amended rows all
+        // come from the same snapshot, so nothing is missed or shown twice.
+        let tx = self
+            .conn
+            .unchecked_transaction()
+            .map_err(EventError::sql("begin"))?;
+        let now = self.cursor()?;
+        let filter = Filter {
+            after_id: Some(cursor.event_id),
+            limit: None,
+            ..filter.clone()
+        };
+        let new = self.select(&filter, None)?;
+        let amended = if now.amendment > cursor.amendment {
+            let older = Filter {
+                after_id: None,
+                ..filter.clone()
+            };
+            self.select(
+                &older,
+                Some((cursor.event_id, cursor.amendment, now.amendment)),
+            )?
+        } else {
+            Vec::new()
+        };
+        tx.commit().map_err(EventError::sql("commit"))?;
+        Ok(Changes {
+            new,
+            amended,
+            cursor: Cursor {
+                event_id: now.event_id.max(cursor.event_id),
+                amendment: now.amendment.max(cursor.amendment),
+            },
+        })
+    }
+
+    /// Whether the file has the `stream` column (a version-1 file read
+    /// before any new writer migrated it has not).
+    fn stream_column(&self) -> Result<bool, EventError> {
+        if !self.has_stream.get() {
+            let has = has_column(&self.conn, "events", "stream")
+                .map_err(EventError::sql("schema check"))?;
+            self.has_stream.set(has);
+        }
+        Ok(self.has_stream.get())
+    }
+
     /// Events matching `filter`, oldest first (newest last).
     pub fn query(&self, filter: &Filter) -> Result<Vec<Event>, EventError> {
+        self.select(filter, None)
+    }
+
+    /// `amended`: only events with an id up to `.0` amended with a sequence
+    /// number in `(.1, .2]`.
+    fn select(
+        &self,
+        filter: &Filter,
+        amended: Option<(i64, i64, i64)>,
+    ) -> Result<Vec<Event>, EventError> {
         if !self.has_schema {
             return Ok(Vec::new());
         }
-        let mut sql = format!("SELECT {COLUMNS} FROM events WHERE 1 = 1");
+        let columns = if self.stream_column()? {
+            COLUMNS
+        } else {
+            COLUMNS_V1
+        };
+        let mut sql = format!("SELECT {columns} FROM events WHERE 1 = 1");
         let mut args: Vec<rusqlite::types::Value> = Vec::new();
         // When following, the new rows are a short range at the end of the
-        // table: `+column` keeps SQLite from walking a column index instead.
-        let plus = if filter.after_id.is_some() { "+" } else { "" };
+        // table, and amended ones a handful: `+column` keeps SQLite from
+        // walking a column index instead.
+        let plus = if filter.after_id.is_some() || amended.is_some() {
+            "+"
+        } else {
+            ""
+        };
+        if let Some((upto, after_seq, upto_seq)) = amended {
+            sql.push_str(
+                " AND id <= ? AND id IN (SELECT event_id FROM event_amendments \
+                 WHERE seq > ? AND seq <= ?)",
+            );
+            args.extend([upto.into(), after_seq.into(), upto_seq.into()]);
+        }
         if let Some(since) = filter.since {
             sql.push_str(&format!(" AND {plus}time_ms >= ?"));
             args.push(since_cutoff_ms(since).into());
@@ -353,6 +540,30 @@ impl EventStore {
     }
 }
 
+/// Brings a file written by an older kt up to [`SCHEMA_VERSION`]. Only adds
+/// (a column), so older readers keep working on the file.
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    if !has_column(conn, "events", "stream")?
+        && let Err(e) = conn.execute_batch("ALTER TABLE events ADD COLUMN stream TEXT")
+        // Another writer may have added it in the meantime.
+        && !has_column(conn, "events", "stream")?
+    {
+        return Err(e);
+    }
+    conn.pragma_update(None, "user_version", SCHEMA_VERSION)
+}
+
+fn has_column(conn: &Connection, table: &str, column: &str) -> rusqlite::Result<bool> {
+    let mut stmt = conn.prepare(&format!("PRAGMA table_info({table})"))?;
+    let names = stmt.query_map([], |r| r.get::<_, String>(1))?;
+    for name in names {
+        if name? == column {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 /// The earliest `time_ms` inside a `since` window.
 pub(super) fn since_cutoff_ms(since: Duration) -> i64 {
     let ago = i64::try_from(since.as_millis()).unwrap_or(i64::MAX);
@@ -400,6 +611,7 @@ fn read_row(r: &Row<'_>) -> rusqlite::Result<Result<Event, EventError>> {
         container_id: r.get(17)?,
     };
     let message: Option<String> = r.get(21)?;
+    let stream: Option<String> = r.get(22)?;
     Ok((|| {
         Ok(Event {
             id,
@@ -425,6 +637,7 @@ fn read_row(r: &Row<'_>) -> rusqlite::Result<Result<Event, EventError>> {
                 managed: managed.unwrap_or(false),
             }),
             message,
+            stream: stream.map(|s| from_json(id, "stream", &s)).transpose()?,
         })
     })())
 }

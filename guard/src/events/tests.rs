@@ -54,6 +54,11 @@ fn full_event(request_id: &str) -> Event {
             managed: false,
         }),
         message: Some("primary failed, fallback answered".into()),
+        stream: Some(StreamOutcome {
+            end: StreamEnd::UpstreamFailed,
+            reason: Some("error reading a body from connection".into()),
+            bytes: 87,
+        }),
     }
 }
 
@@ -526,6 +531,11 @@ fn redact_removes_the_presented_key_from_free_text() {
         key.expose()
     ));
     e.message = Some(format!("upstream rejected {}", key.expose()));
+    e.stream = Some(cut(
+        StreamEnd::UpstreamFailed,
+        Some(&format!("stream failed near {}", key.expose())),
+        1,
+    ));
     e.redact(&key);
     let json = serde_json::to_string(&e).unwrap();
     assert!(!json.contains(key.expose()), "{json}");
@@ -534,8 +544,379 @@ fn redact_removes_the_presented_key_from_free_text() {
         Some("curl -H Authorization: Bearer [redacted] https://api.openai.com")
     );
     assert_eq!(e.message.as_deref(), Some("upstream rejected [redacted]"));
+    assert_eq!(
+        e.stream.unwrap().reason.as_deref(),
+        Some("stream failed near [redacted]")
+    );
     // Too short to be a key: left alone rather than blanking words.
     let mut e2 = full_event("r2");
     e2.redact(&crate::secrets::SecretValue::new("python"));
     assert_eq!(e2.client.cmdline, full_event("r2").client.cmdline);
+}
+
+/// The schema as kt wrote it before `stream` existed (version 1).
+const V1_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    time_ms INTEGER NOT NULL,
+    request_id TEXT NOT NULL,
+    decision TEXT NOT NULL,
+    provider TEXT,
+    target_tried TEXT NOT NULL,
+    target_chosen TEXT,
+    fallback_steps TEXT NOT NULL,
+    status INTEGER,
+    latency_ms INTEGER,
+    policy TEXT NOT NULL,
+    client_addr TEXT,
+    client_pid INTEGER,
+    client_uid INTEGER,
+    client_exe TEXT,
+    client_cmdline TEXT,
+    client_cgroup TEXT,
+    client_container_id TEXT,
+    key_fingerprint TEXT,
+    key_matches_secret TEXT,
+    key_managed INTEGER,
+    message TEXT
+);
+CREATE INDEX IF NOT EXISTS events_time ON events(time_ms);
+CREATE INDEX IF NOT EXISTS events_decision ON events(decision);
+CREATE INDEX IF NOT EXISTS events_provider ON events(provider);
+CREATE INDEX IF NOT EXISTS events_client ON events(client_exe, client_pid);
+CREATE INDEX IF NOT EXISTS events_key ON events(key_fingerprint);
+CREATE TABLE IF NOT EXISTS event_targets (
+    event_id INTEGER NOT NULL,
+    target TEXT NOT NULL,
+    PRIMARY KEY (event_id, target)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS event_targets_target ON event_targets(target, event_id);
+PRAGMA user_version = 1;
+";
+
+fn cut(end: StreamEnd, reason: Option<&str>, bytes: u64) -> StreamOutcome {
+    StreamOutcome {
+        end,
+        reason: reason.map(Into::into),
+        bytes,
+    }
+}
+
+fn amendment(e: &Event, stream: StreamOutcome) -> Amendment {
+    Amendment {
+        request_id: e.request_id.clone(),
+        time_ms: e.time_ms,
+        stream,
+    }
+}
+
+#[test]
+fn amend_sets_the_stream_outcome_of_that_request_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = EventStore::open(dir.path(), 0).unwrap();
+    // Same millisecond: the request id must pick the row.
+    let mut batch: Vec<Event> = (0..3)
+        .map(|i| {
+            let mut e = simple(&format!("r{i}"), Decision::Allow, "openai", "x");
+            e.time_ms = 1_000;
+            e
+        })
+        .collect();
+    store.insert(&mut batch).unwrap();
+    let up = cut(StreamEnd::UpstreamFailed, Some("connection reset"), 42);
+    let changed = store
+        .amend(&[
+            amendment(&batch[1], up.clone()),
+            // Not stored (pruned, or its insert was lost): changes nothing.
+            Amendment {
+                request_id: "gone".into(),
+                time_ms: 1_000,
+                stream: up.clone(),
+            },
+            // Right id, wrong time: not that event.
+            Amendment {
+                request_id: "r2".into(),
+                time_ms: 999,
+                stream: up.clone(),
+            },
+        ])
+        .unwrap();
+    assert_eq!(changed, 1);
+    let got = store.query(&Filter::default()).unwrap();
+    assert_eq!(ids(&got), ["r0", "r1", "r2"], "still one row per request");
+    assert_eq!(got[0].stream, None);
+    assert_eq!(got[1].stream, Some(up));
+    assert_eq!(got[2].stream, None);
+    // Everything else about the amended event is unchanged.
+    let mut unamended = got[1].clone();
+    unamended.stream = None;
+    assert_eq!(unamended, batch[1]);
+}
+
+#[test]
+fn stream_outcomes_serialize_snake_case_and_default_to_none() {
+    let e = full_event("r1");
+    let json = serde_json::to_value(&e).unwrap();
+    assert_eq!(json["stream"]["end"], "upstream_failed");
+    assert_eq!(json["stream"]["bytes"], 87);
+    for end in [
+        StreamEnd::UpstreamFailed,
+        StreamEnd::IdleTimeout,
+        StreamEnd::ClientClosed,
+    ] {
+        assert_eq!(
+            serde_json::to_string(&end).unwrap(),
+            format!("\"{}\"", end.as_str())
+        );
+    }
+    // JSON written before the field existed still reads.
+    let mut old = serde_json::to_value(Event::new("r2", Decision::Allow)).unwrap();
+    old.as_object_mut().unwrap().remove("stream");
+    let back: Event = serde_json::from_value(old).unwrap();
+    assert_eq!(back.stream, None);
+}
+
+#[test]
+fn a_store_written_before_stream_outcomes_opens_and_is_migrated() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = db_path(dir.path());
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch(V1_SCHEMA).unwrap();
+        conn.execute(
+            "INSERT INTO events (time_ms, request_id, decision, target_tried, fallback_steps, \
+             policy, status) VALUES (7, 'old-1', 'allow', '[]', '[]', '[]', 200)",
+            [],
+        )
+        .unwrap();
+    }
+    // `kt events` on the old file, before any new writer touched it.
+    let reader = EventStore::open_read_only(dir.path()).unwrap().unwrap();
+    let got = reader.query(&Filter::default()).unwrap();
+    assert_eq!(ids(&got), ["old-1"]);
+    assert_eq!(got[0].stream, None);
+
+    let mut store = EventStore::open(dir.path(), 0).unwrap();
+    let version: i64 = store
+        .conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, 2);
+    let idle = cut(StreamEnd::IdleTimeout, Some("no data for 30s"), 10);
+    assert_eq!(store.amend(&[amendment(&got[0], idle.clone())]).unwrap(), 1);
+    let mut fresh = vec![simple("new-1", Decision::Allow, "openai", "x")];
+    store.insert(&mut fresh).unwrap();
+
+    let all = store.query(&Filter::default()).unwrap();
+    assert_eq!(ids(&all), ["old-1", "new-1"]);
+    assert_eq!(all[0].stream, Some(idle.clone()));
+    // The reader opened before the migration sees the new column too.
+    assert_eq!(
+        reader.query(&Filter::default()).unwrap()[0].stream,
+        Some(idle)
+    );
+    drop(store);
+    // Opening a migrated file again is a no-op.
+    let again = EventStore::open(dir.path(), 0).unwrap();
+    assert_eq!(again.count().unwrap(), 2);
+}
+
+#[test]
+fn writer_applies_amendments_after_their_insert() {
+    let dir = tempfile::tempdir().unwrap();
+    let (writer, handle) = EventWriter::spawn(WriterConfig::new(dir.path(), 0));
+    let e = simple("streamed", Decision::Allow, "openai", "x");
+    let closed = cut(StreamEnd::ClientClosed, None, 5);
+    // Queued back to back: both land in one batch, amendment second.
+    writer.record(e.clone());
+    writer.amend(amendment(&e, closed.clone()));
+    writer.amend(Amendment {
+        request_id: "never-recorded".into(),
+        time_ms: e.time_ms,
+        stream: closed.clone(),
+    });
+    assert!(writer.flush());
+    let s = writer.stats();
+    assert_eq!((s.written, s.amended, s.amend_lost), (1, 1, 1));
+    let reader = EventStore::open_read_only(dir.path()).unwrap().unwrap();
+    let got = reader.query(&Filter::default()).unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].stream, Some(closed.clone()));
+    assert!(handle.shutdown());
+    // After shutdown an amendment is a counted loss, not a hang.
+    writer.amend(amendment(&e, closed));
+    assert_eq!(writer.stats().amend_lost, 2);
+}
+
+#[test]
+fn amendments_to_an_unavailable_store_are_counted_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::write(&data, b"not a directory").unwrap();
+    let (writer, _handle) = EventWriter::spawn(WriterConfig::new(&data, 0));
+    let e = simple("r", Decision::Allow, "openai", "x");
+    writer.record(e.clone());
+    writer.amend(amendment(&e, cut(StreamEnd::ClientClosed, None, 0)));
+    assert!(writer.flush());
+    let s = writer.stats();
+    assert_eq!((s.failed, s.amended, s.amend_lost), (1, 0, 1));
+    assert!(!writer.healthy());
+}
+
+#[test]
+fn event_sink_amends_the_event_it_recorded() {
+    use crate::gateway::{self, ClientInfo, DecisionSink, StreamCut};
+    use std::time::SystemTime;
+    let dir = tempfile::tempdir().unwrap();
+    let (writer, handle) = EventWriter::spawn(WriterConfig::new(dir.path(), 0));
+    let sink = EventSink::new(writer.clone(), Default::default());
+    let decision = |id: &str| gateway::Decision {
+        request_id: id.into(),
+        // Not now: the amendment must find the event by the decision's time.
+        time: SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123),
+        client_addr: None,
+        client: ClientInfo::default(),
+        mode: "base_url",
+        provider: Some("openai".into()),
+        method: "POST".into(),
+        path: "/v1/chat/completions".into(),
+        tried: vec![],
+        chosen: Some("oa1".into()),
+        status: 200,
+        error_code: None,
+        latency: Duration::from_millis(3),
+        client_key_fingerprint: Some("sha256:0123456789ab".into()),
+        policy: vec![],
+    };
+    let a = decision("a");
+    sink.record(a.clone());
+    sink.record(decision("b"));
+    sink.amend(
+        "a",
+        a.time,
+        gateway::StreamOutcome {
+            cut: StreamCut::UpstreamFailed {
+                message: "error reading a body from connection".into(),
+            },
+            bytes: 120,
+        },
+    );
+    assert!(writer.flush());
+    let got = EventStore::open_read_only(dir.path())
+        .unwrap()
+        .unwrap()
+        .query(&Filter::default())
+        .unwrap();
+    assert_eq!(ids(&got), ["a", "b"]);
+    assert_eq!(got[0].status, Some(200), "the status stays what was sent");
+    assert_eq!(
+        got[0].stream,
+        Some(cut(
+            StreamEnd::UpstreamFailed,
+            Some("error reading a body from connection"),
+            120
+        ))
+    );
+    assert_eq!(got[1].stream, None);
+    assert!(handle.shutdown());
+}
+
+#[test]
+fn stream_cuts_convert_with_a_bounded_reason() {
+    use crate::gateway::{self, StreamCut};
+    let idle = to_stream_outcome(&gateway::StreamOutcome {
+        cut: StreamCut::IdleTimeout {
+            idle: Duration::from_secs(30),
+        },
+        bytes: 9,
+    });
+    assert_eq!(
+        idle,
+        cut(StreamEnd::IdleTimeout, Some("no data for 30s"), 9)
+    );
+    let closed = to_stream_outcome(&gateway::StreamOutcome {
+        cut: StreamCut::ClientClosed,
+        bytes: 0,
+    });
+    assert_eq!(closed, cut(StreamEnd::ClientClosed, None, 0));
+    let long = to_stream_outcome(&gateway::StreamOutcome {
+        cut: StreamCut::UpstreamFailed {
+            message: "é".repeat(500),
+        },
+        bytes: 0,
+    });
+    let reason = long.reason.unwrap();
+    assert!(reason.len() <= 203 && reason.ends_with("..."), "{reason}");
+}
+
+#[test]
+fn changes_since_a_cursor_show_new_events_and_later_amendments_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = EventStore::open(dir.path(), 0).unwrap();
+    let mut first = vec![
+        simple("r0", Decision::Allow, "openai", "x"),
+        simple("r1", Decision::Block, "openai", "x"),
+    ];
+    store.insert(&mut first).unwrap();
+    let reader = EventStore::open_read_only(dir.path()).unwrap().unwrap();
+    let cursor = reader.cursor().unwrap();
+    assert_eq!(cursor.event_id, first[1].id);
+
+    let cut0 = cut(StreamEnd::ClientClosed, None, 3);
+    store.amend(&[amendment(&first[0], cut0.clone())]).unwrap();
+    let mut second = vec![simple("r2", Decision::Allow, "openai", "x")];
+    store.insert(&mut second).unwrap();
+    // Inserted and amended between two looks: shown once, as new.
+    let cut2 = cut(StreamEnd::UpstreamFailed, Some("reset"), 9);
+    store.amend(&[amendment(&second[0], cut2.clone())]).unwrap();
+
+    let ch = reader.changes_since(&Filter::default(), cursor).unwrap();
+    assert_eq!(ids(&ch.new), ["r2"]);
+    assert_eq!(ch.new[0].stream, Some(cut2));
+    assert_eq!(ids(&ch.amended), ["r0"]);
+    assert_eq!(ch.amended[0].stream, Some(cut0));
+    assert_eq!(ch.cursor, reader.cursor().unwrap());
+    // Nothing changed since: nothing again.
+    let again = reader.changes_since(&Filter::default(), ch.cursor).unwrap();
+    assert!(
+        again.new.is_empty() && again.amended.is_empty(),
+        "{again:?}"
+    );
+
+    // Filters apply to amended events too.
+    let blocked = Filter {
+        decision: Some(Decision::Block),
+        ..Filter::default()
+    };
+    let ch = reader.changes_since(&blocked, cursor).unwrap();
+    assert!(ch.new.is_empty() && ch.amended.is_empty(), "{ch:?}");
+}
+
+#[test]
+fn pruning_drops_the_amendment_log_with_its_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = EventStore::open(dir.path(), 2).unwrap();
+    let mut batch = vec![simple("old", Decision::Allow, "openai", "x")];
+    store.insert(&mut batch).unwrap();
+    store
+        .amend(&[amendment(&batch[0], cut(StreamEnd::ClientClosed, None, 0))])
+        .unwrap();
+    let logged = |s: &EventStore| -> i64 {
+        s.conn
+            .query_row("SELECT COUNT(*) FROM event_amendments", [], |r| r.get(0))
+            .unwrap()
+    };
+    assert_eq!(logged(&store), 1);
+    let mut more: Vec<Event> = (0..2)
+        .map(|i| simple(&format!("new{i}"), Decision::Allow, "openai", "x"))
+        .collect();
+    store.insert(&mut more).unwrap();
+    assert_eq!(logged(&store), 0);
+    // The sequence keeps increasing after pruning: followers miss nothing.
+    let before = store.cursor().unwrap().amendment;
+    assert_eq!(before, 0, "no amendment of a stored event is left");
+    store
+        .amend(&[amendment(&more[1], cut(StreamEnd::ClientClosed, None, 0))])
+        .unwrap();
+    assert_eq!(store.cursor().unwrap().amendment, 2);
 }

@@ -1,5 +1,7 @@
 //! The background writer: events leave the request path through a bounded
 //! queue and a thread writes them in batches, one transaction per batch.
+//! Amendments (a stream cut after the event was recorded) take the same
+//! queue, so each is applied after its event's insert.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -8,7 +10,7 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::{Event, EventStore};
+use super::{Amendment, Event, EventStore};
 
 /// How the writer is set up.
 #[derive(Clone, Debug)]
@@ -50,11 +52,17 @@ pub struct WriterStats {
     pub dropped: u64,
     /// Events lost because the store was unavailable or a write failed.
     pub failed: u64,
+    /// Amendments applied to a stored event.
+    pub amended: u64,
+    /// Amendments not applied: dropped (queue full, writer stopped), lost
+    /// to an unavailable store, or whose event was not stored.
+    pub amend_lost: u64,
 }
 
 enum Msg {
     // Boxed so the preallocated queue stays small.
     Event(Box<Event>),
+    Amend(Box<Amendment>),
     Flush(SyncSender<()>),
     Stop,
 }
@@ -66,6 +74,8 @@ struct Shared {
     written: AtomicU64,
     dropped: AtomicU64,
     failed: AtomicU64,
+    amended: AtomicU64,
+    amend_lost: AtomicU64,
     /// Drops not yet reported in a log line.
     dropped_unlogged: AtomicU64,
     last_drop_log_ms: AtomicI64,
@@ -175,8 +185,29 @@ impl EventWriter {
         }
     }
 
+    /// Queues an amendment to an event recorded earlier through this writer
+    /// (or a clone): it is applied after that event's insert. Never blocks;
+    /// when the queue is full it is dropped, counted and reported like an
+    /// event.
+    pub fn amend(&self, amendment: Amendment) {
+        match self.tx.try_send(Msg::Amend(Box::new(amendment))) {
+            Ok(()) => {}
+            Err(e) => {
+                self.shared.amend_lost.fetch_add(1, Ordering::Relaxed);
+                self.log_drop(match e {
+                    TrySendError::Full(_) => "event queue full (stream amendment)",
+                    TrySendError::Disconnected(_) => "event writer stopped (stream amendment)",
+                });
+            }
+        }
+    }
+
     fn dropped(&self, reason: &'static str) {
         self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+        self.log_drop(reason);
+    }
+
+    fn log_drop(&self, reason: &'static str) {
         self.shared.dropped_unlogged.fetch_add(1, Ordering::Relaxed);
         let now = super::now_ms();
         let last = self.shared.last_drop_log_ms.load(Ordering::Relaxed);
@@ -289,6 +320,8 @@ fn stats(shared: &Shared) -> WriterStats {
         written: shared.written.load(Ordering::Relaxed),
         dropped: shared.dropped.load(Ordering::Relaxed),
         failed: shared.failed.load(Ordering::Relaxed),
+        amended: shared.amended.load(Ordering::Relaxed),
+        amend_lost: shared.amend_lost.load(Ordering::Relaxed),
     }
 }
 
@@ -325,6 +358,9 @@ struct Worker {
 impl Worker {
     fn run(mut self) {
         let mut batch: Vec<Event> = Vec::with_capacity(self.config.batch_max.max(1));
+        // Applied after `batch`: every amendment's event was queued before it,
+        // so it is in this batch or an earlier one.
+        let mut amends: Vec<Amendment> = Vec::new();
         let mut acks: Vec<SyncSender<()>> = Vec::new();
         let mut stopping = false;
         loop {
@@ -338,19 +374,23 @@ impl Worker {
             while let Some(msg) = next.take() {
                 match msg {
                     Msg::Event(e) => batch.push(*e),
+                    Msg::Amend(a) => amends.push(*a),
                     Msg::Flush(ack) => acks.push(ack),
                     Msg::Stop => stopping = true,
                 }
-                if batch.len() >= self.config.batch_max.max(1) {
+                if batch.len() + amends.len() >= self.config.batch_max.max(1) {
                     break;
                 }
                 next = self.rx.try_recv().ok();
             }
-            if batch.is_empty() && self.store.is_none() {
+            if batch.is_empty() && amends.is_empty() && self.store.is_none() {
                 self.reopen();
             }
             if !batch.is_empty() {
                 self.write(&mut batch);
+            }
+            if !amends.is_empty() {
+                self.amend(&mut amends);
             }
             for ack in acks.drain(..) {
                 let _ = ack.try_send(());
@@ -360,6 +400,7 @@ impl Worker {
                 while let Ok(msg) = self.rx.try_recv() {
                     match msg {
                         Msg::Event(e) => batch.push(*e),
+                        Msg::Amend(a) => amends.push(*a),
                         Msg::Flush(ack) => acks.push(ack),
                         Msg::Stop => {}
                     }
@@ -369,6 +410,9 @@ impl Worker {
                 }
                 if !batch.is_empty() {
                     self.write(&mut batch);
+                }
+                if !amends.is_empty() {
+                    self.amend(&mut amends);
                 }
                 for ack in acks.drain(..) {
                     let _ = ack.try_send(());
@@ -412,6 +456,42 @@ impl Worker {
             Err(e) => {
                 self.shared.failed.fetch_add(n, Ordering::Relaxed);
                 // Reopen before the next batch: the file may have been replaced.
+                self.store = None;
+                self.fail_log(&e);
+            }
+        }
+    }
+
+    fn amend(&mut self, amends: &mut Vec<Amendment>) {
+        if self.store.is_none() {
+            self.reopen();
+        }
+        let n = amends.len() as u64;
+        let result = match self.store.as_mut() {
+            Some(store) => store.amend(amends).map_err(|e| e.to_string()),
+            None => Err("event store is not open".to_string()),
+        };
+        amends.clear();
+        match result {
+            Ok(changed) => {
+                let changed = changed as u64;
+                self.shared.amended.fetch_add(changed, Ordering::Relaxed);
+                if changed < n {
+                    // Its event was pruned, or its insert was dropped or lost.
+                    self.shared
+                        .amend_lost
+                        .fetch_add(n - changed, Ordering::Relaxed);
+                    tracing::warn!(
+                        missing = n - changed,
+                        "stream outcome not recorded: its event is not in the store"
+                    );
+                }
+                if !self.shared.healthy.swap(true, Ordering::SeqCst) {
+                    tracing::warn!("event store healthy again");
+                }
+            }
+            Err(e) => {
+                self.shared.amend_lost.fetch_add(n, Ordering::Relaxed);
                 self.store = None;
                 self.fail_log(&e);
             }

@@ -67,10 +67,47 @@ pub struct Decision {
     pub policy: Vec<String>,
 }
 
+/// How a relayed response body was cut after its headers (and the
+/// decision) went out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StreamCut {
+    /// The upstream connection failed mid-body.
+    UpstreamFailed {
+        /// What broke: the HTTP library's error text (never a header or key).
+        message: String,
+    },
+    /// The upstream sent nothing for longer than `gateway.idle_timeout`.
+    IdleTimeout {
+        /// The configured gap.
+        idle: Duration,
+    },
+    /// The body was dropped before its end: the client went away, or the
+    /// gateway stopped before the stream finished.
+    ClientClosed,
+}
+
+/// A recorded request's response body that did not end cleanly.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StreamOutcome {
+    /// How it was cut.
+    pub cut: StreamCut,
+    /// Upstream body bytes handed on toward the client before the cut (the
+    /// gateway's own SSE error event not counted).
+    pub bytes: u64,
+}
+
 /// Receives every decision. Must not block for long: it runs on the request path.
 pub trait DecisionSink: Send + Sync {
-    /// Records one decision.
+    /// Records one decision (when the response headers go out).
     fn record(&self, d: Decision);
+
+    /// The response body of a decision recorded earlier was cut (a body that
+    /// ends cleanly is not reported). `request_id` and `time` are that
+    /// decision's. Called at most once per request, from the body's poll or
+    /// drop: must not block. Default: ignored.
+    fn amend(&self, request_id: &str, time: SystemTime, outcome: StreamOutcome) {
+        let _ = (request_id, time, outcome);
+    }
 }
 
 /// Drops every decision.
@@ -81,10 +118,12 @@ impl DecisionSink for NoopSink {
     fn record(&self, _d: Decision) {}
 }
 
-/// Keeps decisions in memory (tests, `kt gateway run` without a store).
+/// Keeps decisions (and stream cuts) in memory (tests, `kt gateway run`
+/// without a store).
 #[derive(Debug, Default)]
 pub struct MemorySink {
     decisions: Mutex<Vec<Decision>>,
+    cuts: Mutex<Vec<(String, StreamOutcome)>>,
 }
 
 impl MemorySink {
@@ -97,12 +136,23 @@ impl MemorySink {
     pub fn snapshot(&self) -> Vec<Decision> {
         self.decisions.lock().map(|d| d.clone()).unwrap_or_default()
     }
+
+    /// The stream cuts reported so far, as (request id, outcome), oldest first.
+    pub fn stream_cuts(&self) -> Vec<(String, StreamOutcome)> {
+        self.cuts.lock().map(|c| c.clone()).unwrap_or_default()
+    }
 }
 
 impl DecisionSink for MemorySink {
     fn record(&self, d: Decision) {
         if let Ok(mut v) = self.decisions.lock() {
             v.push(d);
+        }
+    }
+
+    fn amend(&self, request_id: &str, _time: SystemTime, outcome: StreamOutcome) {
+        if let Ok(mut v) = self.cuts.lock() {
+            v.push((request_id.to_string(), outcome));
         }
     }
 }

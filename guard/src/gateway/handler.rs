@@ -18,7 +18,7 @@ use hyper::body::Incoming;
 use super::Inner;
 use super::decision::{ClientInfo, Decision};
 use super::policy::{PolicyRequest, PolicyVerdict};
-use super::relay::{BoxError, Relay};
+use super::relay::{Amend, BoxError, Relay};
 use super::upstream::{ConnectError, find_connect_error};
 use crate::routing::{self, Outcome, Tried, Verdict, codes};
 
@@ -417,12 +417,23 @@ pub async fn handle(
                     // The SSE error event may be appended: the length would lie.
                     rp.headers.remove(CONTENT_LENGTH);
                 }
+                // The server never sends (nor polls) these bodies.
+                let bodyless = parts.method == Method::HEAD
+                    || rp.status.is_informational()
+                    || rp.status == StatusCode::NO_CONTENT
+                    || rp.status == StatusCode::NOT_MODIFIED;
+                let amend = (!bodyless).then(|| Amend {
+                    sink: inner.sink.clone(),
+                    request_id: request_id.clone(),
+                    time: rec.decision.time,
+                });
                 rec.finish(&inner, rp.status);
                 let relay = Relay::new(
                     rb,
                     sse,
                     route.target.id.clone(),
                     inner.config.gateway.idle_timeout,
+                    amend,
                 );
                 return Ok(Response::from_parts(rp, BodyExt::boxed(relay)));
             }

@@ -17,7 +17,8 @@ mod relay;
 mod upstream;
 
 pub use decision::{
-    ClientInfo, Decision, DecisionSink, Fingerprinter, MemorySink, NoopSink, default_fingerprint,
+    ClientInfo, Decision, DecisionSink, Fingerprinter, MemorySink, NoopSink, StreamCut,
+    StreamOutcome, default_fingerprint,
 };
 pub use handler::{ConnCtx, GwBody, Mode};
 pub use policy::{AllowAll, Policy, PolicyRequest, PolicyVerdict};

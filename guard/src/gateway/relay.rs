@@ -2,16 +2,22 @@
 //! one as they arrive, with an idle-gap timeout. A failure after the first
 //! byte never looks like a clean end: event streams get an SSE `error` event
 //! and then the stream is aborted; other bodies are aborted at once.
+//!
+//! The decision was recorded when the headers went out; a cut (upstream
+//! failure, idle gap, or the body dropped before its end because the client
+//! went away) is reported to the sink once, as an amendment to it.
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
 
+use super::decision::{DecisionSink, StreamCut, StreamOutcome};
 use crate::routing::codes;
 
 /// Boxed error type of relayed bodies.
@@ -50,6 +56,16 @@ enum State {
     Done,
 }
 
+/// Where a cut is reported: the recorded decision it amends.
+pub struct Amend {
+    /// The sink that recorded the decision.
+    pub sink: Arc<dyn DecisionSink>,
+    /// The decision's request id.
+    pub request_id: String,
+    /// The decision's time.
+    pub time: SystemTime,
+}
+
 /// Wraps an upstream body.
 pub struct Relay<B> {
     inner: B,
@@ -58,18 +74,63 @@ pub struct Relay<B> {
     idle: Duration,
     timer: Pin<Box<Sleep>>,
     state: State,
+    /// Taken by the first report, so a request is amended at most once.
+    amend: Option<Amend>,
+    /// Upstream data bytes passed on so far.
+    bytes: u64,
+    /// The upstream body's exact length, when it declared one.
+    expected: Option<u64>,
 }
 
-impl<B> Relay<B> {
-    /// `sse`: the response is `text/event-stream`.
-    pub fn new(inner: B, sse: bool, target: String, idle: Duration) -> Self {
+impl<B: Body> Relay<B> {
+    /// `sse`: the response is `text/event-stream`. `amend`: where to report
+    /// a cut; `None` for responses the server sends without a body (it drops
+    /// the body unread, which is no cut).
+    pub fn new(inner: B, sse: bool, target: String, idle: Duration, amend: Option<Amend>) -> Self {
+        // An upstream body already at its end: nothing to relay, nothing
+        // that could be cut.
+        let state = if inner.is_end_stream() {
+            State::Done
+        } else {
+            State::Streaming
+        };
+        let expected = inner.size_hint().exact();
         Relay {
             inner,
             sse,
             target,
             idle,
             timer: Box::pin(tokio::time::sleep(idle)),
-            state: State::Streaming,
+            state,
+            amend,
+            bytes: 0,
+            expected,
+        }
+    }
+}
+
+impl<B> Relay<B> {
+    fn report(&mut self, cut: StreamCut) {
+        if let Some(a) = self.amend.take() {
+            a.sink.amend(
+                &a.request_id,
+                a.time,
+                StreamOutcome {
+                    cut,
+                    bytes: self.bytes,
+                },
+            );
+        }
+    }
+}
+
+impl<B> Drop for Relay<B> {
+    fn drop(&mut self) {
+        // Dropped while still streaming: the server gave up on the body
+        // (client gone, or shutdown) before it ended. A body of declared
+        // length is dropped unpolled once that length went out: not a cut.
+        if matches!(self.state, State::Streaming) && self.expected != Some(self.bytes) {
+            self.report(StreamCut::ClientClosed);
         }
     }
 }
@@ -130,6 +191,14 @@ where
         let failure = match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 this.timer.as_mut().reset(Instant::now() + this.idle);
+                if let Some(d) = frame.data_ref() {
+                    this.bytes += d.len() as u64;
+                }
+                // A body of known length may be dropped by the server right
+                // after its last byte, without a final poll: it ended here.
+                if this.inner.is_end_stream() {
+                    this.state = State::Done;
+                }
                 return Poll::Ready(Some(Ok(frame)));
             }
             Poll::Ready(None) => {
@@ -149,6 +218,12 @@ where
             }
         };
         tracing::warn!(error = %failure, "upstream stream cut after the response started");
+        this.report(match &failure {
+            RelayError::Idle { idle, .. } => StreamCut::IdleTimeout { idle: *idle },
+            RelayError::Upstream { message, .. } => StreamCut::UpstreamFailed {
+                message: message.clone(),
+            },
+        });
         if this.sse {
             let event = sse_error_event(&failure.to_string());
             this.state = State::Aborting {
@@ -171,7 +246,10 @@ where
 
     fn size_hint(&self) -> SizeHint {
         match self.state {
-            State::Streaming => self.inner.size_hint(),
+            // An event stream may get the error event appended: the server
+            // must not announce the upstream's length (it would send a
+            // Content-Length of its own from an exact hint).
+            State::Streaming if !self.sse => self.inner.size_hint(),
             _ => SizeHint::default(),
         }
     }
