@@ -17,7 +17,10 @@ use guard_tests::fake_provider::{Behavior, FakeProvider, TestCa};
 
 const KT: &str = env!("CARGO_BIN_EXE_kt-under-test");
 const Q2: &str = "sk-runtest-new-q2-TUFOQUdFRF9ORVdfS0VZXzIwMjZRMg";
-const Q1: &str = "sk-runtest-old-q1-T0xEX0tFWV9TVElMTF9JTl9DSV9KT0I";
+/// Not key-shaped on purpose (no known prefix, one case): capture's argv
+/// masking does not recognise it, so only the gateway's exact redaction
+/// keeps it out of the recorded command line.
+const Q1: &str = "legacy-q1-token-4f1c9e2a77d0b3";
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -264,6 +267,14 @@ fn kt_run_swaps_a_legacy_process_key_and_names_the_process() {
     assert_eq!(e["target_chosen"], "openai-2026q2", "{e}");
     assert_eq!(e["decision"], "allow", "{e}");
     assert!(!out.contains(Q1) && !out.contains(Q2));
+    // curl had the key in its argv; the event keeps the shape, not the key.
+    assert!(
+        e["client"]["cmdline"]
+            .as_str()
+            .unwrap_or("")
+            .contains("Bearer [redacted]"),
+        "{e}"
+    );
 
     // The rotation question: who still uses the Q1 key?
     let keys = kt(&data, &["events", "--keys"], None);

@@ -227,8 +227,10 @@ impl Event {
 
     /// Replaces every occurrence of `secret` in the free-text fields (the
     /// client's command line, the message, the stream cut reason) with
-    /// `[redacted]`. The gateway calls it with the key the client presented: a key passed on a command
-    /// line (`curl -H "Authorization: Bearer sk-..."`) must not reach the store.
+    /// `[redacted]`, for events built outside the gateway (the gateway
+    /// already removes the presented key from the command line, see
+    /// `gateway::ClientInfo::redact`). A key passed on a command line
+    /// (`curl -H "Authorization: Bearer sk-..."`) must not reach the store.
     pub fn redact(&mut self, secret: &crate::secrets::SecretValue) {
         let value = secret.expose();
         // A very short value would blank out ordinary words.

@@ -32,6 +32,24 @@ pub struct ClientInfo {
     pub container_id: Option<String>,
 }
 
+impl ClientInfo {
+    /// Replaces every occurrence of `key` in the command line with
+    /// `[redacted]`. Capture masks key-shaped arguments, but a key of another
+    /// shape passed in argv (`curl -H "Authorization: Bearer …"`) would pass
+    /// that; the gateway knows the exact key the client presented.
+    pub fn redact(&mut self, key: &str) {
+        // A very short value would blank out ordinary words.
+        if key.len() < 8 {
+            return;
+        }
+        if let Some(line) = self.cmdline.as_mut()
+            && line.contains(key)
+        {
+            *line = line.replace(key, "[redacted]");
+        }
+    }
+}
+
 /// One request's outcome.
 #[derive(Clone, Debug)]
 pub struct Decision {

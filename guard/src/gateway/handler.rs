@@ -166,6 +166,7 @@ pub async fn handle(
     let (clean_pq, query_key) = routing::strip_credential_query(&raw_pq);
     if let Some(k) = header_key.or(query_key) {
         rec.decision.client_key_fingerprint = Some((inner.fingerprint)(&k));
+        rec.decision.client.redact(&k);
     }
 
     let matched = match &ctx.mode {
