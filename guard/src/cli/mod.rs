@@ -121,5 +121,6 @@ pub fn fingerprinter(global: &Global) -> anyhow::Result<DisplayFingerprint> {
 
 pub mod ca;
 pub mod gateway_run;
+pub mod hosts;
 pub mod run;
 pub mod serve;

@@ -7,20 +7,17 @@
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::Instant;
 
 use anyhow::{Context as _, bail};
 use tokio::net::TcpListener;
 
 use crate::capture::{self, Capture, CaptureSpec, GUARD_MARK};
+use crate::cli::hosts::{self as provider_hosts, SeenPrefixes};
 use crate::cli::serve::{self, Assembled};
 use crate::cli::{Global, exit};
 use crate::config::{Config, IpPrefix};
 use crate::gateway::{CaptureLookup, ClientInfo};
-
-/// How often provider host names are resolved again. getaddrinfo does not
-/// expose TTLs, so this is a fixed, short interval.
-const RESOLVE_EVERY: Duration = Duration::from_secs(60);
 
 /// Arguments of `kt run`.
 #[derive(Clone, Debug, clap::Args)]
@@ -119,8 +116,10 @@ pub fn run(args: RunArgs, global: &Global) -> anyhow::Result<u8> {
             _ => None,
         };
 
+        let mut seen = SeenPrefixes::new(provider_hosts::RETAIN, provider_hosts::MAX_KEPT);
+        seen.update(&provider_hosts::resolve(&hosts, &ports).await, Instant::now());
         let mut prefixes = static_prefixes.clone();
-        prefixes.extend(resolve(&hosts, &ports).await);
+        prefixes.extend(seen.prefixes());
         if prefixes.is_empty() {
             bail!("nothing to capture: capture.hosts did not resolve and capture.cidrs is empty");
         }
@@ -160,14 +159,18 @@ pub fn run(args: RunArgs, global: &Global) -> anyhow::Result<u8> {
                     return;
                 }
                 loop {
-                    tokio::time::sleep(RESOLVE_EVERY).await;
-                    let mut p = static_prefixes.clone();
-                    let resolved = resolve(&hosts, &ports).await;
+                    tokio::time::sleep(provider_hosts::RESOLVE_EVERY).await;
+                    let resolved = provider_hosts::resolve(&hosts, &ports).await;
                     if resolved.is_empty() {
                         tracing::warn!("provider hosts did not resolve; keeping the previous addresses");
                         continue;
                     }
-                    p.extend(resolved);
+                    let added = seen.update(&resolved, Instant::now());
+                    for p in &added {
+                        tracing::info!(addr = %p.addr, "provider address added to capture");
+                    }
+                    let mut p = static_prefixes.clone();
+                    p.extend(seen.prefixes());
                     if let Err(e) = capture.set_prefixes(&p) {
                         tracing::error!(error = %e, "could not update captured prefixes");
                     }
@@ -253,25 +256,6 @@ fn host_of(url: &str) -> Option<String> {
         return None;
     }
     Some(host.to_string())
-}
-
-async fn resolve(hosts: &[String], ports: &[u16]) -> Vec<IpPrefix> {
-    let port = ports.first().copied().unwrap_or(443);
-    let mut out = Vec::new();
-    for h in hosts {
-        match tokio::net::lookup_host((h.as_str(), port)).await {
-            Ok(addrs) => {
-                for a in addrs {
-                    let p = capture::prefix_of(a.ip());
-                    if !out.contains(&p) {
-                        out.push(p);
-                    }
-                }
-            }
-            Err(e) => tracing::warn!(host = %h, error = %e, "cannot resolve provider host"),
-        }
-    }
-    out
 }
 
 fn describe(prefixes: &[IpPrefix], hosts: &[String]) -> String {
