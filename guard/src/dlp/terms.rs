@@ -524,6 +524,9 @@ fn normalise_window(
 ) {
     chars.clear();
     spans.clear();
+    // At most one character per byte (lower-casing that expands is rare).
+    chars.reserve(b - a);
+    spans.reserve(b - a);
     let mut bi = bounds.partition_point(|&x| x <= a);
     let mut sep_start: Option<usize> = None;
     let mut pos = a;
