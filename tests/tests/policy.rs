@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use guard::ca::Ca;
 use guard::config::{DlpAction, DlpFilter, PolicyKind, Provider};
+use guard::events::{EventWriter, WriterConfig};
 use guard::gateway::MemorySink;
 use guard::gateway::chain::Chain;
 use guard_tests::fake_provider::{Behavior, FakeProvider, TestCa};
@@ -40,6 +41,14 @@ struct Setup {
 }
 
 async fn setup(action: DlpAction) -> Setup {
+    setup_with(action, None, false).await
+}
+
+async fn setup_with(
+    action: DlpAction,
+    writer: Option<EventWriter>,
+    refuse_when_unhealthy: bool,
+) -> Setup {
     let ca = TestCa::new();
     let up = FakeProvider::start(&ca, "upstream", Behavior::Ok).await;
     let mut cfg = config(vec![target(
@@ -50,7 +59,7 @@ async fn setup(action: DlpAction) -> Setup {
     )]);
     cfg.chain = vec![PolicyKind::DlpFilter, PolicyKind::AuditLogger];
     cfg.dlp = Some(seed_dlp(action));
-    let chain = Chain::new(&cfg, None, false).unwrap();
+    let chain = Chain::new(&cfg, writer, refuse_when_unhealthy).unwrap();
     let gca = Arc::new(Ca::ephemeral().unwrap());
     let sink = Arc::new(MemorySink::new());
     let gw = builder(cfg, MapResolver::of(&[("OA", MANAGED)]), gca.clone(), &ca)
@@ -145,6 +154,13 @@ async fn a_pasted_key_is_blocked_in_every_encoding_and_never_forwarded() {
             .iter()
             .any(|n| n.starts_with("dlp-filter: block rule="))
     }));
+    // The event names the same code the client saw.
+    assert!(
+        decisions
+            .iter()
+            .all(|d| d.error_code == Some("kt_dlp_blocked")),
+        "{decisions:?}"
+    );
     assert!(!format!("{decisions:?}").contains(&key));
 }
 
@@ -217,4 +233,35 @@ async fn audit_mode_forwards_unchanged_and_records_the_finding() {
         d.policy
     );
     assert!(!format!("{d:?}").contains(&key));
+}
+
+#[tokio::test]
+async fn with_the_event_store_down_traffic_follows_on_store_failure() {
+    // A regular file where the data directory should be: the store cannot open.
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::write(&data, b"not a directory").unwrap();
+
+    // on_store_failure: refuse: a 503 the client can read, nothing forwarded.
+    let (writer, _handle) = EventWriter::spawn(WriterConfig::new(&data, 0));
+    assert!(!writer.healthy());
+    let s = setup_with(DlpAction::Block, Some(writer.clone()), true).await;
+    let a = send_chat(&s, chat("summarise this paragraph"), &[]).await;
+    assert_eq!(a.status, 503, "{}", a.body);
+    let v: serde_json::Value = serde_json::from_str(&a.body).unwrap();
+    assert_eq!(v["error"]["code"], "kt_audit_unavailable", "{}", a.body);
+    assert!(
+        s.up.requests().is_empty(),
+        "a refused request reached the provider"
+    );
+    let d = s.gw.sink.snapshot();
+    assert_eq!(d[0].error_code, Some("kt_audit_unavailable"), "{d:?}");
+
+    // The default (log loudly): requests still follow the policy.
+    let s = setup_with(DlpAction::Block, Some(writer), false).await;
+    let a = send_chat(&s, chat("summarise this paragraph"), &[]).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let a = send_chat(&s, chat(&format!("key {}", aws_key())), &[]).await;
+    assert_blocked(&a, "aws-access-key-id", &aws_key());
+    assert_eq!(s.up.requests().len(), 1);
 }

@@ -5,7 +5,7 @@
 use bytes::Bytes;
 use http::StatusCode;
 
-use super::policy::{Policy, PolicyRequest, PolicyVerdict};
+use super::policy::{BlockCode, Policy, PolicyRequest, PolicyVerdict};
 use crate::config::{Config, DlpAction, PolicyKind, Provider};
 use crate::dlp::{Finding, Location, RequestView, Scanner};
 use crate::events::EventWriter;
@@ -13,6 +13,10 @@ use crate::routing::error_body;
 
 /// Error code of a request refused by the DLP filter.
 pub const DLP_BLOCKED: &str = "kt_dlp_blocked";
+
+/// Error code of a request refused because the audit log is down
+/// (`on_store_failure: refuse`).
+pub const AUDIT_UNAVAILABLE: &str = "kt_audit_unavailable";
 
 /// Errors compiling the chain.
 #[derive(Debug, thiserror::Error)]
@@ -220,6 +224,7 @@ fn response(provider: &Provider, status: StatusCode, message: &str) -> http::Res
     http::Response::builder()
         .status(status)
         .header("content-type", "application/json")
+        .extension(BlockCode(DLP_BLOCKED))
         .body(Bytes::from(body))
         .unwrap_or_else(|_| http::Response::new(Bytes::new()))
 }
@@ -228,11 +233,12 @@ fn unavailable() -> http::Response<Bytes> {
     let body = serde_json::json!({"error": {
         "message": "kt: the audit log is unavailable and this gateway is configured to refuse traffic until it recovers (policy.audit-logger.on_store_failure: refuse)",
         "type": "kt_gateway_error",
-        "code": "kt_audit_unavailable"
+        "code": AUDIT_UNAVAILABLE
     }});
     http::Response::builder()
         .status(503)
         .header("content-type", "application/json")
+        .extension(BlockCode(AUDIT_UNAVAILABLE))
         .body(Bytes::from(body.to_string()))
         .unwrap_or_else(|_| http::Response::new(Bytes::new()))
 }

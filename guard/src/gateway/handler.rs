@@ -17,7 +17,7 @@ use hyper::body::Incoming;
 
 use super::Inner;
 use super::decision::{ClientInfo, Decision};
-use super::policy::{PolicyRequest, PolicyVerdict};
+use super::policy::{BlockCode, PolicyRequest, PolicyVerdict};
 use super::relay::{Amend, BoxError, Relay};
 use super::upstream::{ConnectError, find_connect_error};
 use crate::routing::{self, Outcome, Tried, Verdict, codes};
@@ -304,7 +304,8 @@ pub async fn handle(
             if let Ok(v) = HeaderValue::from_str(&request_id) {
                 p.headers.insert("x-kt-request-id", v);
             }
-            rec.decision.error_code = Some(codes::POLICY_BLOCKED);
+            let code = p.extensions.get::<BlockCode>().map(|c| c.0);
+            rec.decision.error_code = Some(code.unwrap_or(codes::POLICY_BLOCKED));
             rec.finish(&inner, p.status);
             return Ok(Response::from_parts(p, full(b)));
         }

@@ -21,7 +21,7 @@ pub use decision::{
     StreamOutcome, default_fingerprint,
 };
 pub use handler::{ConnCtx, GwBody, Mode};
-pub use policy::{AllowAll, Policy, PolicyRequest, PolicyVerdict};
+pub use policy::{AllowAll, BlockCode, Policy, PolicyRequest, PolicyVerdict};
 pub use relay::sse_error_event;
 pub use upstream::{ConnectError, client_tls_config, connect_tcp};
 

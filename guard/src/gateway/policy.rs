@@ -21,12 +21,20 @@ pub struct PolicyRequest<'a> {
     pub client: &'a ClientInfo,
 }
 
+/// The error code a blocking response carries (`kt_dlp_blocked`, …), as a
+/// response extension, so the decision event names the same code the
+/// client saw.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockCode(pub &'static str);
+
 /// A policy's answer.
 #[derive(Debug)]
 pub enum PolicyVerdict {
     /// Forward as is.
     Allow,
-    /// Answer the client with this response; nothing is forwarded.
+    /// Answer the client with this response; nothing is forwarded. Put a
+    /// [`BlockCode`] in its extensions to name the reason in the event
+    /// (otherwise `kt_policy_blocked`).
     Block(http::Response<Bytes>),
     /// Forward this body instead (redaction).
     Rewrite(Bytes),
