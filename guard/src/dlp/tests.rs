@@ -851,3 +851,111 @@ fn every_builtin_rule_has_a_literal_prefix() {
         assert!(lits.iter().all(|l| l.len() >= 3), "{}: {lits:?}", r.id);
     }
 }
+
+/// A small deterministic generator (no dependency needed).
+struct Lcg(u64);
+impl Lcg {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 = self
+            .0
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        ((self.0 >> 33) as usize) % n.max(1)
+    }
+}
+
+/// Mutated request bodies (broken escapes, lone surrogates, stray quotes,
+/// truncation, invalid UTF-8, deep nesting) never make the scanner panic,
+/// and redaction of a valid JSON body always yields valid JSON without the
+/// key. The gateway runs this code on every request body it receives.
+#[test]
+fn mangled_bodies_never_panic_and_redaction_keeps_json_valid() {
+    let mut cfg = seed_policy(true);
+    cfg.action = DlpAction::Redact;
+    let scanner = Scanner::new(&cfg).unwrap();
+    let key = builtin_rules()[0].sample();
+    const PIECES: &[&str] = &[
+        "\\",
+        "\\u",
+        "\\ud800",
+        "\\udc00",
+        "\\ud83d\\ude00",
+        "\\n",
+        "\"",
+        "{",
+        "}",
+        "[",
+        "]",
+        ":",
+        ",",
+        "sk-",
+        "AKIA",
+        "-----BEGIN",
+        "openai",
+        "production key",
+        "\u{feff}",
+        "é",
+        "\\u00",
+        "\\x",
+        "\r\n",
+        "%",
+        "%4",
+        "%41",
+    ];
+    let mut rng = Lcg(5);
+    for round in 0..3000 {
+        let base = messages(&[
+            &format!("rotate the openai prodution key {key} now"),
+            "second\nline",
+        ]);
+        let mut body = base.clone();
+        for _ in 0..1 + rng.below(6) {
+            let at = rng.below(body.len() + 1);
+            match rng.below(4) {
+                0 => {
+                    let p = PIECES[rng.below(PIECES.len())].as_bytes();
+                    body.splice(at..at, p.iter().copied());
+                }
+                1 if at < body.len() => {
+                    body.remove(at);
+                }
+                2 => body.insert(at, rng.below(256) as u8),
+                _ => body.truncate(at.max(1)),
+            }
+        }
+        if round % 100 == 0 {
+            body = b"[".repeat(10_000);
+        }
+        let path = format!("/v1/x?q={}", PIECES[rng.below(PIECES.len())]);
+        let headers: [(&str, &[u8]); 1] = [("x-note", &body[..body.len().min(40)])];
+        let req = RequestView {
+            path_and_query: &path,
+            headers: &headers,
+            content_encoding: None,
+            body: &body,
+        };
+        let scan = scanner.scan(&req).unwrap();
+        let red = scanner.redact(&req).unwrap();
+        assert_eq!(scan.findings.len(), red.findings.len());
+        let valid = serde_json::from_slice::<serde_json::Value>(&body).is_ok();
+        if valid && String::from_utf8_lossy(&body).contains(&key) {
+            assert!(
+                red.body.is_some(),
+                "an intact key was not redacted in {:?}",
+                String::from_utf8_lossy(&body)
+            );
+        }
+        if valid && let Some(new) = &red.body {
+            assert!(
+                serde_json::from_slice::<serde_json::Value>(new).is_ok(),
+                "redaction broke the JSON of {:?}",
+                String::from_utf8_lossy(&body)
+            );
+            assert!(!String::from_utf8_lossy(new).contains(&key));
+        }
+    }
+    // Unmangled, the key and the phrase are both found and redacted.
+    let body = messages(&[&format!("rotate the openai prodution key {key} now")]);
+    let red = scanner.redact(&view(&body, None)).unwrap();
+    assert_eq!(red.findings.len(), 2, "{:?}", red.findings);
+}
