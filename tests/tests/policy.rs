@@ -265,3 +265,22 @@ async fn with_the_event_store_down_traffic_follows_on_store_failure() {
     assert_blocked(&a, "aws-access-key-id", &aws_key());
     assert_eq!(s.up.requests().len(), 1);
 }
+
+#[tokio::test]
+async fn a_base64_wrapped_key_in_a_pasted_secret_manifest_is_blocked() {
+    use base64::Engine as _;
+    let s = setup(DlpAction::Block).await;
+    let key = aws_key();
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&key);
+    let manifest = format!("kind: Secret\ndata:\n  AWS_ACCESS_KEY_ID: {b64}\n");
+    let a = send_chat(&s, chat(&manifest), &[]).await;
+    assert_blocked(&a, "aws-access-key-id", &key);
+    assert!(
+        !a.body.contains(&b64),
+        "the block response repeats the encoded key"
+    );
+    assert!(
+        s.up.requests().is_empty(),
+        "a blocked request reached the provider"
+    );
+}

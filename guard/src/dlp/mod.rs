@@ -50,6 +50,7 @@
 
 #![forbid(unsafe_code)]
 
+mod b64;
 mod decode;
 mod literals;
 mod rules;
@@ -304,6 +305,15 @@ struct Rule {
     line_bound: bool,
 }
 
+/// What a prefilter literal stands for.
+#[derive(Clone, Copy)]
+enum Lit {
+    /// A prefix of rule `.0`, as written.
+    Plain(usize),
+    /// A base64 spelling of a prefix of rule `.0` (see the `b64` module).
+    Base64(usize, b64::Spelling),
+}
+
 /// Which rule a hit belongs to.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum RuleRef {
@@ -315,8 +325,11 @@ enum RuleRef {
 /// (`Send + Sync`), call [`Scanner::scan`] per request.
 pub struct Scanner {
     rules: Vec<Rule>,
-    /// One literal search for every rule prefix: payload, the rule index.
-    prefilter: Option<LiteralSet<usize>>,
+    /// One literal search for every rule prefix.
+    prefilter: Option<LiteralSet<Lit>>,
+    /// A second one for their base64 spellings (kept apart: one search with
+    /// both sets of literals is slower than two).
+    base64_prefilter: Option<LiteralSet<Lit>>,
     fallback: Vec<usize>,
     fallback_set: Option<regex::bytes::RegexSet>,
     terms: terms::Terms,
@@ -341,6 +354,10 @@ impl std::fmt::Debug for Scanner {
 
 /// Shortest line or value a joined match may cover whole (see `Buffer::interior_ok`).
 const MIN_INTERIOR: usize = 16;
+
+/// Bytes looked at each way for the extent of a base64 run holding a
+/// secret (what redaction replaces).
+const BASE64_RUN_LIMIT: usize = 64 * 1024;
 
 /// Shortest literal prefix worth prefiltering on.
 const MIN_LITERAL: usize = 3;
@@ -386,6 +403,7 @@ impl Scanner {
         }
         let mut rules = Vec::new();
         let mut lits = Vec::new();
+        let mut b64_lits = Vec::new();
         let mut fallback = Vec::new();
         for (idx, (id, pattern)) in sources.into_iter().enumerate() {
             let regex = meta::Regex::new(pattern).map_err(|e| DlpError::Pattern {
@@ -393,7 +411,14 @@ impl Scanner {
                 reason: e.to_string(),
             })?;
             match prefix_literals(pattern) {
-                Some(ls) => lits.extend(ls.into_iter().map(|l| (l, idx))),
+                Some(ls) => {
+                    for l in ls {
+                        for (spelled, at) in b64::spellings(&l) {
+                            b64_lits.push((spelled, Lit::Base64(idx, at)));
+                        }
+                        lits.push((l, Lit::Plain(idx)));
+                    }
+                }
                 None => fallback.push(idx),
             }
             let line_bound = regex_syntax::Parser::new()
@@ -423,6 +448,7 @@ impl Scanner {
         Ok(Scanner {
             rules: rules.into_iter().map(|(r, _)| r).collect(),
             prefilter: LiteralSet::new(lits),
+            base64_prefilter: LiteralSet::new(b64_lits),
             fallback,
             fallback_set,
             terms,
@@ -728,22 +754,80 @@ impl Scanner {
         }
     }
 
+    /// Checks rule `r` at a base64 spelling of its prefix at `p` of `buf`:
+    /// decodes a window there and runs the rule over it. A match reports
+    /// the whole base64 run (it is the secret's container), fingerprinted
+    /// over the decoded match, so it correlates with the same key in clear.
+    fn base64_hit(
+        &self,
+        buf: &Buffer,
+        r: usize,
+        p: usize,
+        at: b64::Spelling,
+        last_end: &mut [usize],
+        hits: &mut Vec<Hit>,
+    ) {
+        let data = &buf.data[..];
+        let Some(pc) = buf.piece_at(p) else {
+            return;
+        };
+        // The line first (a value at a line end must not run on into the
+        // next line's words); across lines only in the joined view, for
+        // base64 wrapped over several lines.
+        let line = &data[..pc.at + pc.len];
+        let mut found = None;
+        for hay in [line, data] {
+            if let Some((_, decoded)) = b64::decode_at(hay, p, at)
+                && let Some(m) = anchored(&self.rules[r].regex, &decoded, at.byte_offset)
+            {
+                found = Some((hay.len(), decoded, m));
+                break;
+            }
+            if !buf.spanning {
+                return;
+            }
+        }
+        let Some((hay_len, decoded, m)) = found else {
+            return;
+        };
+        let (start, end) = b64::run_around(&data[..hay_len], p, BASE64_RUN_LIMIT);
+        let spans = buf.spans(start, end);
+        if spans.is_empty() || spans.len() > 1 && !buf.spanning {
+            return;
+        }
+        last_end[r] = end;
+        hits.push(Hit {
+            rule: RuleRef::Pattern(r),
+            spans,
+            fingerprint: self.fingerprint(&decoded[m.range()]),
+        });
+    }
+
     /// Runs every rule and term over one buffer.
     fn scan_buffer(&self, buf: &Buffer, sources: &[Source<'_>], hits: &mut Vec<Hit>) {
         let data = &buf.data[..];
         if data.is_empty() {
             return;
         }
-        if let Some(pre) = &self.prefilter {
-            // Per rule: where its last match ended, so a hit inside it is not
-            // re-reported (allocated on the first candidate only).
+        for pre in [&self.prefilter, &self.base64_prefilter]
+            .into_iter()
+            .flatten()
+        {
+            // Per rule: where its last match in this pass ended, so a hit
+            // inside it is not re-reported (allocated on the first candidate).
             let mut last_end: Vec<usize> = Vec::new();
-            pre.for_each(data, data.len(), |&rule, p| {
+            pre.for_each(data, data.len(), |&lit, p| {
                 if last_end.is_empty() {
                     last_end.resize(self.rules.len(), 0);
                 }
-                if p >= last_end[rule] {
-                    self.rule_hit(buf, sources, rule, p, &mut last_end, hits);
+                match lit {
+                    Lit::Plain(rule) if p >= last_end[rule] => {
+                        self.rule_hit(buf, sources, rule, p, &mut last_end, hits);
+                    }
+                    Lit::Base64(rule, at) if p >= last_end[rule] => {
+                        self.base64_hit(buf, rule, p, at, &mut last_end, hits);
+                    }
+                    _ => {}
                 }
             });
         }

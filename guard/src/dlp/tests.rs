@@ -959,3 +959,70 @@ fn mangled_bodies_never_panic_and_redaction_keeps_json_valid() {
     let red = scanner.redact(&view(&body, None)).unwrap();
     assert_eq!(red.findings.len(), 2, "{:?}", red.findings);
 }
+
+/// What `kubectl get secret -o yaml` prints: values base64-encoded.
+fn k8s_secret(value: &str) -> String {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(value);
+    format!(
+        "why does this fail?\napiVersion: v1\nkind: Secret\ndata:\n  api-key: {b64}\ntype: Opaque\n"
+    )
+}
+
+#[test]
+fn a_base64_wrapped_key_is_found_and_fingerprinted_like_the_key() {
+    use base64::Engine as _;
+    for (cfg, rule, key) in all_cases() {
+        let body = messages(&[&k8s_secret(&key)]);
+        let s = scan(&cfg, &view(&body, None));
+        assert_found(&s, &rule, &key, "base64 in a Kubernetes Secret");
+        let b64 = base64::engine::general_purpose::STANDARD.encode(&key);
+        assert!(
+            !format!("{s:?}").contains(&b64),
+            "{rule}: the encoded key leaked"
+        );
+        let f = s.findings.iter().find(|f| f.rule_id == rule).unwrap();
+        assert_eq!(
+            f.fingerprint,
+            fp(&key),
+            "{rule}: correlates with the clear key"
+        );
+    }
+}
+
+#[test]
+fn a_base64_wrapped_key_is_redacted_whole() {
+    use base64::Engine as _;
+    let key = builtin_rules()[0].sample();
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&key);
+    let mut cfg = builtin_only();
+    cfg.action = DlpAction::Redact;
+    let body = messages(&[&k8s_secret(&key)]);
+    let red = Scanner::new(&cfg)
+        .unwrap()
+        .redact(&view(&body, None))
+        .unwrap();
+    let new = String::from_utf8(red.body.expect("redacted")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&new).expect("still JSON");
+    let content = v["messages"][0]["content"].as_str().unwrap();
+    assert!(!content.contains(&b64[..20]), "{content}");
+    assert!(
+        content.contains("api-key: [REDACTED:openai-project-key]\n"),
+        "{content}"
+    );
+}
+
+#[test]
+fn random_base64_data_is_not_a_finding() {
+    use base64::Engine as _;
+    // An inline image: a long run of base64 that contains prefix spellings
+    // by chance only.
+    let mut rng = Lcg(9);
+    let bytes: Vec<u8> = (0..256 * 1024).map(|_| rng.below(256) as u8).collect();
+    let img = format!(
+        "data:image/png;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(&bytes)
+    );
+    let s = scan(&seed_policy(true), &view(&messages(&[&img]), None));
+    assert!(s.findings.is_empty(), "{:?}", s.findings);
+}
