@@ -34,15 +34,17 @@
 //! # Speed
 //! Every rule's required literal prefixes (`sk-`, `AKIA`, `ghp_`,
 //! `-----BEGIN`, …) are extracted from its regex and searched for in one
-//! pass with aho-corasick's packed SIMD searcher (the blocked terms have a
-//! second, case-insensitive pass of their own: see the `terms` module). A
-//! rule's regex then runs only at a candidate, anchored there: for rules with no look-around that cannot match a line break (all
-//! built-in rules but the PEM one), one anchored search in the joined view
-//! settles a candidate. A user pattern with no literal prefix of at least 3
-//! bytes cannot be prefiltered: those patterns go through one `RegexSet` pass
-//! over each view and, where the set matches, a full search
-//! (`coverage_warnings` points them out). Large working buffers are reused
-//! per thread. `cargo bench -p guard --bench dlp` prints the figures.
+//! pass with aho-corasick's packed SIMD searcher; their base64 spellings
+//! have a second pass (see the `b64` module) and the blocked terms a third,
+//! case-insensitive one (see the `terms` module). A rule's regex then runs
+//! only at a candidate, anchored there: for rules with no look-around that
+//! cannot match a line break (all built-in rules but the PEM one), one
+//! anchored search in the joined view settles a candidate. A user pattern
+//! with no literal prefix of at least 3 bytes cannot be prefiltered: those
+//! patterns go through one `RegexSet` pass over each view and, where the set
+//! matches, a full search (`coverage_warnings` points them out). Large
+//! working buffers are reused per thread. `cargo xtask bench dlp` prints the
+//! figures.
 //!
 //! # Findings
 //! A [`Finding`] names the rule, the place and a fingerprint of the matched
