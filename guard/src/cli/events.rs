@@ -136,6 +136,7 @@ fn run_inner(
     let mut printer = Printer {
         format: global.output,
         header_done: false,
+        widths: [0; 8],
     };
     // Taken before the listing: following starts after whichever is newer,
     // so an event written in between is neither lost nor printed twice.
@@ -210,6 +211,9 @@ fn run_inner(
 struct Printer {
     format: OutputFormat,
     header_done: bool,
+    /// Column widths, set from the header and the first batch (a live tail
+    /// keeps them, so its lines stay aligned with the header).
+    widths: [usize; 8],
 }
 
 impl Printer {
@@ -224,20 +228,14 @@ impl Printer {
                 if events.is_empty() {
                     return Ok(());
                 }
+                let rows: Vec<[String; 9]> = events.iter().map(human_row).collect();
                 if !self.header_done {
                     self.header_done = true;
-                    writeln!(
-                        out,
-                        "{}",
-                        line(
-                            "TIME", "DECISION", "PROVIDER", "TARGET", "STATUS", "LATENCY",
-                            "CLIENT", "KEY", "POLICY"
-                        )
-                        .trim_end()
-                    )?;
+                    self.widths = widths(HEADER, &rows);
+                    writeln!(out, "{}", render(&HEADER.map(String::from), &self.widths))?;
                 }
-                for e in events {
-                    writeln!(out, "{}", human_line(e).trim_end())?;
+                for r in &rows {
+                    writeln!(out, "{}", clean(&render(r, &self.widths)))?;
                 }
             }
         }
@@ -245,28 +243,44 @@ impl Printer {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn line(
-    time: &str,
-    decision: &str,
-    provider: &str,
-    target: &str,
-    status: &str,
-    latency: &str,
-    client: &str,
-    key: &str,
-    policy: &str,
-) -> String {
-    format!(
-        "{time:<24}  {decision:<8}  {provider:<10}  {target:<16}  {status:<6}  {latency:>7}  {client:<22}  {key:<28}  {policy}"
-    )
+/// The table's columns.
+const HEADER: [&str; 9] = [
+    "TIME", "DECISION", "PROVIDER", "TARGET", "STATUS", "LATENCY", "CLIENT", "KEY", "POLICY",
+];
+
+/// Width of each column but the last (which is never padded): the widest
+/// of the header and `rows`.
+fn widths(header: [&str; 9], rows: &[[String; 9]]) -> [usize; 8] {
+    let mut w = [0usize; 8];
+    for (i, width) in w.iter_mut().enumerate() {
+        *width = rows
+            .iter()
+            .map(|r| r[i].chars().count())
+            .chain(std::iter::once(header[i].len()))
+            .max()
+            .unwrap_or(0);
+    }
+    w
 }
 
-fn human_line(e: &Event) -> String {
-    clean(&human_line_raw(e))
+/// One table line: columns padded to `widths`, latency right-aligned.
+fn render(cols: &[String; 9], widths: &[usize; 8]) -> String {
+    let mut out = String::new();
+    for (i, c) in cols.iter().enumerate() {
+        if i > 0 {
+            out.push_str("  ");
+        }
+        match widths.get(i) {
+            Some(&w) if i == 5 => out.push_str(&format!("{c:>w$}")),
+            Some(&w) => out.push_str(&format!("{c:<w$}")),
+            None => out.push_str(c),
+        }
+    }
+    out.trim_end().to_string()
 }
 
-fn human_line_raw(e: &Event) -> String {
+/// The table cells of one event (not yet made safe for a terminal).
+fn human_row(e: &Event) -> [String; 9] {
     let dash = || "-".to_string();
     let mut status = e.status.map(|s| s.to_string()).unwrap_or_else(dash);
     // The status went out before the body was cut: mark it, say why below.
@@ -316,21 +330,21 @@ fn human_line_raw(e: &Event) -> String {
         .map(|s| format!("{}:{}", s.target, s.outcome))
         .collect();
     target.push(e.target_chosen.clone().unwrap_or_else(dash));
-    line(
-        &format_time(e.time_ms),
-        e.decision.as_str(),
-        e.provider.as_deref().unwrap_or("-"),
-        &target.join(">"),
-        &status,
-        &latency,
-        &client_label(
+    [
+        format_time(e.time_ms),
+        e.decision.as_str().to_string(),
+        e.provider.clone().unwrap_or_else(dash),
+        target.join(">"),
+        status,
+        latency,
+        client_label(
             e.client.exe.as_deref(),
             e.client.pid,
             e.client.addr.as_deref(),
         ),
-        &key,
-        &policy,
-    )
+        key,
+        policy,
+    ]
 }
 
 /// Text from processes and the network, made safe for a terminal: control
@@ -467,6 +481,7 @@ mod tests {
         Printer {
             format,
             header_done: false,
+            widths: [0; 8],
         }
         .print(&mut out, events)
         .unwrap();
@@ -591,5 +606,29 @@ mod tests {
         assert_eq!(rows[1]["stream"]["end"], "upstream_failed");
         assert_eq!(rows[1]["stream"]["bytes"], 87);
         assert_eq!(rows[1]["status"], 200);
+    }
+
+    #[test]
+    fn table_columns_line_up_when_a_fallback_makes_a_target_long() {
+        use crate::events::FallbackStep;
+        let mut direct = Event::new("a", Decision::Allow);
+        direct.target_chosen = Some("oa".into());
+        direct.status = Some(200);
+        let mut fell_back = Event::new("b", Decision::Allow);
+        fell_back.target_chosen = Some("openai-2026q1".into());
+        fell_back.fallback_steps = vec![FallbackStep {
+            target: "openai-2026q2".into(),
+            outcome: "status_503".into(),
+        }];
+        fell_back.status = Some(200);
+        let table = printed(OutputFormat::Human, &[direct, fell_back]);
+        let col = |l: &str| l.find("200").unwrap_or(usize::MAX);
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(
+            lines[2].contains("openai-2026q2:status_503>openai-2026q1"),
+            "{table}"
+        );
+        assert_eq!(col(lines[1]), col(lines[2]), "{table}");
+        assert_eq!(lines[0].find("STATUS"), Some(col(lines[1])), "{table}");
     }
 }
