@@ -63,6 +63,7 @@ mod tests;
 
 use std::cell::OnceCell;
 use std::collections::HashSet;
+use std::hash::{Hash as _, Hasher as _};
 use std::sync::Arc;
 
 use regex_automata::{Anchored, Input, meta};
@@ -857,6 +858,7 @@ impl Scanner {
         let mut term_state = self.terms.state();
         self.terms
             .scan(data, &buf.bounds, &mut term_state, &mut term_hits);
+        self.terms.give_back(term_state);
         for t in term_hits {
             let spans = buf.spans(t.start, t.end);
             if spans.len() > 1 && !buf.spanning || spans.is_empty() {
@@ -916,8 +918,8 @@ impl Scanner {
                 .unwrap_or_else(|| "$".to_string())
         };
 
-        let mut seen = HashSet::new();
-        let mut out = Vec::new();
+        let mut seen: HashSet<u64> = HashSet::new();
+        let mut out: Vec<Finding> = Vec::new();
         for hit in &a.hits {
             let (Some(first), Some(last)) = (hit.spans.first(), hit.spans.last()) else {
                 continue;
@@ -953,10 +955,19 @@ impl Scanner {
                     name: req.headers[h].0.to_string(),
                 },
             };
-            let rule_id = self.id(hit.rule).to_string();
-            if seen.insert((rule_id.clone(), location.clone())) {
+            // Deduplicate on a hash of (rule, location), confirmed against
+            // the findings only when the hash was seen: no cloned keys, and
+            // no quadratic scan when a body holds thousands of findings.
+            let rule_id = self.id(hit.rule);
+            let mut h = std::hash::DefaultHasher::new();
+            (rule_id, &location).hash(&mut h);
+            let dup = !seen.insert(h.finish())
+                && out
+                    .iter()
+                    .any(|f| f.rule_id == rule_id && f.location == location);
+            if !dup {
                 out.push(Finding {
-                    rule_id,
+                    rule_id: rule_id.to_string(),
                     location,
                     fingerprint: hit.fingerprint.clone(),
                 });
