@@ -858,7 +858,6 @@ impl Scanner {
         let mut term_state = self.terms.state();
         self.terms
             .scan(data, &buf.bounds, &mut term_state, &mut term_hits);
-        self.terms.give_back(term_state);
         for t in term_hits {
             let spans = buf.spans(t.start, t.end);
             if spans.len() > 1 && !buf.spanning || spans.is_empty() {

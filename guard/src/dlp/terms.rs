@@ -84,11 +84,6 @@ pub(crate) struct TermState {
     spans: Vec<(usize, usize)>,
 }
 
-thread_local! {
-    /// Reused [`TermState`]s (see [`Terms::state`]).
-    static STATES: std::cell::RefCell<Vec<TermState>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
 /// A term found in a buffer: byte range in that buffer.
 pub(crate) struct TermHit {
     pub term: usize,
@@ -223,34 +218,14 @@ impl Terms {
         self.terms.is_empty()
     }
 
-    /// Per-buffer state for [`Terms::on_hit`], on this thread's reused
-    /// allocations (hand it back with [`Terms::give_back`]): a fresh state
-    /// costs several allocations per request.
+    /// Per-buffer state for [`Terms::on_hit`].
     pub(crate) fn state(&self) -> TermState {
-        STATES
-            .try_with(|p| p.borrow_mut().pop())
-            .ok()
-            .flatten()
-            .unwrap_or_else(|| TermState {
-                last: Vec::new(),
-                cands: Vec::new(),
-                chars: Vec::new(),
-                spans: Vec::new(),
-            })
-    }
-
-    /// Keeps a state's allocations for the next scan on this thread (a
-    /// large candidate list is let go instead of pinned).
-    pub(crate) fn give_back(&self, state: TermState) {
-        if state.cands.capacity() > 64 * 1024 {
-            return;
+        TermState {
+            last: Vec::new(),
+            cands: Vec::new(),
+            chars: Vec::new(),
+            spans: Vec::new(),
         }
-        let _ = STATES.try_with(|p| {
-            let mut p = p.borrow_mut();
-            if p.len() < 2 {
-                p.push(state);
-            }
-        });
     }
 
     /// Finds every term in `buf`. `bounds` (sorted) are offsets where the
