@@ -31,6 +31,10 @@ pub struct EventsArgs {
     /// Only events for this provider.
     #[arg(long, value_name = "NAME")]
     pub provider: Option<String>,
+    /// Only requests whose response was cut after its headers went out
+    /// (upstream failure, idle timeout, client gone): shown as `200*`.
+    #[arg(long)]
+    pub cut: bool,
     /// Show the most recent N matching events (0: all).
     #[arg(long, value_name = "N", default_value_t = 100)]
     pub limit: usize,
@@ -132,6 +136,7 @@ fn run_inner(
         provider: args.provider.clone(),
         limit: (args.limit > 0).then_some(args.limit),
         after_id: None,
+        stream_cut: args.cut,
     };
     let mut printer = Printer {
         format: global.output,
@@ -152,7 +157,8 @@ fn run_inner(
         let filtered = filter.since.is_some()
             || filter.decision.is_some()
             || filter.target.is_some()
-            || filter.provider.is_some();
+            || filter.provider.is_some()
+            || filter.stream_cut;
         let total = match &store {
             Some(s) => s.count()?,
             None => 0,
@@ -524,6 +530,7 @@ mod tests {
             decision: None,
             target: None,
             provider: None,
+            cut: false,
             limit: 100,
             follow: true,
             keys: false,

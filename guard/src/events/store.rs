@@ -104,6 +104,8 @@ pub struct Filter {
     pub limit: Option<usize>,
     /// Only events with a larger id (for following).
     pub after_id: Option<i64>,
+    /// Only events whose response stream was cut after the headers.
+    pub stream_cut: bool,
 }
 
 /// Where a follower is: the newest event and the newest amendment it saw.
@@ -473,6 +475,13 @@ impl EventStore {
         if let Some(d) = filter.decision {
             sql.push_str(&format!(" AND {plus}decision = ?"));
             args.push(d.as_str().to_string().into());
+        }
+        if filter.stream_cut {
+            // A store from before cuts were recorded has none to show.
+            if columns == COLUMNS_V1 {
+                return Ok(Vec::new());
+            }
+            sql.push_str(&format!(" AND {plus}stream IS NOT NULL"));
         }
         if let Some(p) = &filter.provider {
             sql.push_str(&format!(" AND {plus}provider = ?"));

@@ -517,6 +517,7 @@ fn following_filters_combine_with_after_id() {
             provider: Some("openai".into()),
             since: Some(Duration::from_secs(60)),
             limit: None,
+            stream_cut: false,
         })
         .unwrap();
     assert_eq!(ids(&got), ["r4"]);
@@ -647,6 +648,14 @@ fn amend_sets_the_stream_outcome_of_that_request_only() {
     assert_eq!(got[0].stream, None);
     assert_eq!(got[1].stream, Some(up));
     assert_eq!(got[2].stream, None);
+    // `kt events --cut` lists only the cut one.
+    let only_cut = store
+        .query(&Filter {
+            stream_cut: true,
+            ..Filter::default()
+        })
+        .unwrap();
+    assert_eq!(ids(&only_cut), ["r1"]);
     // Everything else about the amended event is unchanged.
     let mut unamended = got[1].clone();
     unamended.stream = None;
