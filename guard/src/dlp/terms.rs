@@ -652,27 +652,10 @@ impl Peq {
     /// Calls `on_end(j, d)` for every index `j` of `t` where a match with
     /// `d <= k` edits (the fewest for that end) ends.
     fn ends(&self, t: &[char], k: usize, mut on_end: impl FnMut(usize, usize)) {
-        let m = self.m;
-        let mut pv: u64 = if m == 64 { !0 } else { (1u64 << m) - 1 };
-        let mut mv: u64 = 0;
-        let mut score = m;
-        let high = 1u64 << (m - 1);
+        // Text may start anywhere (substring search): no carry into row 0.
+        let mut col = Column::new(self.m, false);
         for (j, &c) in t.iter().enumerate() {
-            let eq = self.mask(c);
-            let xv = eq | mv;
-            let xh = ((eq & pv).wrapping_add(pv) ^ pv) | eq;
-            let mut ph = mv | !(xh | pv);
-            let mut mh = pv & xh;
-            if ph & high != 0 {
-                score += 1;
-            } else if mh & high != 0 {
-                score -= 1;
-            }
-            // Text may start anywhere (substring search): no carry into row 0.
-            ph <<= 1;
-            mh <<= 1;
-            pv = mh | !(xv | ph);
-            mv = ph & xv;
+            let score = col.step(self.mask(c));
             if score <= k {
                 on_end(j, score);
             }
@@ -684,32 +667,10 @@ impl Peq {
     /// Over a reversed text this finds where a match ending at a known
     /// place starts, keeping the match as short as the distance allows.
     fn anchored_within<'c>(&self, t: impl Iterator<Item = &'c char>, d: usize) -> Option<usize> {
-        let m = self.m;
-        let mut pv: u64 = if m == 64 { !0 } else { (1u64 << m) - 1 };
-        let mut mv: u64 = 0;
-        let mut score = m;
-        let high = 1u64 << (m - 1);
-        for (j, &c) in t.enumerate() {
-            let eq = self.mask(c);
-            let xv = eq | mv;
-            let xh = ((eq & pv).wrapping_add(pv) ^ pv) | eq;
-            let mut ph = mv | !(xh | pv);
-            let mut mh = pv & xh;
-            if ph & high != 0 {
-                score += 1;
-            } else if mh & high != 0 {
-                score -= 1;
-            }
-            // The text start is fixed: row 0 grows by one per character.
-            ph = (ph << 1) | 1;
-            mh <<= 1;
-            pv = mh | !(xv | ph);
-            mv = ph & xv;
-            if score <= d {
-                return Some(j);
-            }
-        }
-        None
+        // The text start is fixed: row 0 grows by one per character.
+        let mut col = Column::new(self.m, true);
+        t.enumerate()
+            .find_map(|(j, &c)| (col.step(self.mask(c)) <= d).then_some(j))
     }
 
     /// The match mask of character `c`.
@@ -722,6 +683,50 @@ impl Peq {
                 .find(|(oc, _)| *oc == c)
                 .map_or(0, |e| e.1)
         }
+    }
+}
+
+/// One column of Myers' bit-vector edit-distance matrix, advanced a text
+/// character at a time.
+struct Column {
+    pv: u64,
+    mv: u64,
+    score: usize,
+    high: u64,
+    /// Whether the text start is fixed (row 0 grows by one per character)
+    /// rather than free (substring search).
+    anchored: bool,
+}
+
+impl Column {
+    fn new(m: usize, anchored: bool) -> Column {
+        Column {
+            pv: if m == 64 { !0 } else { (1u64 << m) - 1 },
+            mv: 0,
+            score: m,
+            high: 1u64 << (m - 1),
+            anchored,
+        }
+    }
+
+    /// Advances over a character whose match mask is `eq`; returns the
+    /// distance of the whole pattern at this column.
+    fn step(&mut self, eq: u64) -> usize {
+        let (pv, mv) = (self.pv, self.mv);
+        let xv = eq | mv;
+        let xh = ((eq & pv).wrapping_add(pv) ^ pv) | eq;
+        let mut ph = mv | !(xh | pv);
+        let mut mh = pv & xh;
+        if ph & self.high != 0 {
+            self.score += 1;
+        } else if mh & self.high != 0 {
+            self.score -= 1;
+        }
+        ph = (ph << 1) | u64::from(self.anchored);
+        mh <<= 1;
+        self.pv = mh | !(xv | ph);
+        self.mv = ph & xv;
+        self.score
     }
 }
 
