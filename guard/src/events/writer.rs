@@ -436,65 +436,63 @@ impl Worker {
         }
     }
 
-    fn write(&mut self, batch: &mut Vec<Event>) {
+    /// Runs `op` on the store, reopening it first if it is closed. On
+    /// success the store is marked healthy; on failure it is closed (the
+    /// file may have been replaced: reopen before the next batch) and the
+    /// failure logged.
+    fn with_store<T>(
+        &mut self,
+        op: impl FnOnce(&mut EventStore) -> Result<T, super::EventError>,
+    ) -> Option<T> {
         if self.store.is_none() {
             self.reopen();
         }
-        let n = batch.len() as u64;
         let result = match self.store.as_mut() {
-            Some(store) => store.insert(batch).map_err(|e| e.to_string()),
+            Some(store) => op(store).map_err(|e| e.to_string()),
             None => Err("event store is not open".to_string()),
         };
-        batch.clear();
         match result {
-            Ok(()) => {
-                self.shared.written.fetch_add(n, Ordering::Relaxed);
+            Ok(v) => {
                 if !self.shared.healthy.swap(true, Ordering::SeqCst) {
                     tracing::warn!("event store healthy again");
                 }
+                Some(v)
             }
             Err(e) => {
-                self.shared.failed.fetch_add(n, Ordering::Relaxed);
-                // Reopen before the next batch: the file may have been replaced.
                 self.store = None;
                 self.fail_log(&e);
+                None
             }
         }
     }
 
-    fn amend(&mut self, amends: &mut Vec<Amendment>) {
-        if self.store.is_none() {
-            self.reopen();
-        }
-        let n = amends.len() as u64;
-        let result = match self.store.as_mut() {
-            Some(store) => store.amend(amends).map_err(|e| e.to_string()),
-            None => Err("event store is not open".to_string()),
+    fn write(&mut self, batch: &mut Vec<Event>) {
+        let n = batch.len() as u64;
+        let written = self.with_store(|store| store.insert(batch));
+        batch.clear();
+        let counter = match written {
+            Some(()) => &self.shared.written,
+            None => &self.shared.failed,
         };
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn amend(&mut self, amends: &mut Vec<Amendment>) {
+        let n = amends.len() as u64;
+        let changed = self.with_store(|store| store.amend(amends));
         amends.clear();
-        match result {
-            Ok(changed) => {
-                let changed = changed as u64;
-                self.shared.amended.fetch_add(changed, Ordering::Relaxed);
-                if changed < n {
-                    // Its event was pruned, or its insert was dropped or lost.
-                    self.shared
-                        .amend_lost
-                        .fetch_add(n - changed, Ordering::Relaxed);
-                    tracing::warn!(
-                        missing = n - changed,
-                        "stream outcome not recorded: its event is not in the store"
-                    );
-                }
-                if !self.shared.healthy.swap(true, Ordering::SeqCst) {
-                    tracing::warn!("event store healthy again");
-                }
-            }
-            Err(e) => {
-                self.shared.amend_lost.fetch_add(n, Ordering::Relaxed);
-                self.store = None;
-                self.fail_log(&e);
-            }
+        // A failed store lost them all (and the failure was logged).
+        let changed = changed.map_or(0, |c| c as u64);
+        self.shared.amended.fetch_add(changed, Ordering::Relaxed);
+        self.shared
+            .amend_lost
+            .fetch_add(n - changed, Ordering::Relaxed);
+        if changed < n && self.store.is_some() {
+            // Its event was pruned, or its insert was dropped or lost.
+            tracing::warn!(
+                missing = n - changed,
+                "stream outcome not recorded: its event is not in the store"
+            );
         }
     }
 
