@@ -48,6 +48,24 @@ fn all_header_text(r: &guard_tests::fake_provider::Recorded) -> String {
         + &r.path
 }
 
+/// Reads a response body to its end: the text, and whether it ended
+/// cleanly (false when the body failed, e.g. an aborted stream).
+async fn read_body(resp: http::Response<hyper::body::Incoming>) -> (String, bool) {
+    let mut body = resp.into_body();
+    let mut text = String::new();
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(f) => {
+                if let Some(d) = f.data_ref() {
+                    text.push_str(&String::from_utf8_lossy(d));
+                }
+            }
+            Err(_) => return (text, false),
+        }
+    }
+    (text, true)
+}
+
 #[tokio::test]
 async fn openai_client_key_is_replaced_by_managed_key() {
     let ca = TestCa::new();
@@ -352,22 +370,7 @@ async fn cut_mid_stream_ends_with_sse_error_and_no_fallback() {
         .unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["content-type"], "text/event-stream");
-    let mut body = resp.into_body();
-    let mut text = String::new();
-    let mut clean_end = true;
-    while let Some(frame) = body.frame().await {
-        match frame {
-            Ok(f) => {
-                if let Some(d) = f.data_ref() {
-                    text.push_str(&String::from_utf8_lossy(d));
-                }
-            }
-            Err(_) => {
-                clean_end = false;
-                break;
-            }
-        }
-    }
+    let (text, clean_end) = read_body(resp).await;
     assert!(text.contains("hello "), "first chunk arrived: {text}");
     assert!(text.contains("event: error"), "explicit SSE error: {text}");
     assert!(text.contains("kt_upstream_stream_failed"), "{text}");
@@ -828,22 +831,8 @@ async fn idle_gap_over_timeout_ends_stream_with_error_event() {
         .send_request(post("/openai/v1/chat/completions", &[], chat_body(true)))
         .await
         .unwrap();
-    let mut body = resp.into_body();
-    let mut text = String::new();
-    let mut errored = false;
-    while let Some(frame) = body.frame().await {
-        match frame {
-            Ok(f) => {
-                if let Some(d) = f.data_ref() {
-                    text.push_str(&String::from_utf8_lossy(d));
-                }
-            }
-            Err(_) => {
-                errored = true;
-                break;
-            }
-        }
-    }
+    let (text, clean) = read_body(resp).await;
+    let errored = !clean;
     assert!(text.contains("hello "));
     assert!(text.contains("event: error"), "{text}");
     assert!(text.contains("no data for"), "{text}");
@@ -922,22 +911,7 @@ async fn stream_cut_after_first_byte_is_recorded_in_that_requests_event() {
         .to_str()
         .unwrap()
         .to_string();
-    let mut body = resp.into_body();
-    let mut text = String::new();
-    let mut clean_end = true;
-    while let Some(frame) = body.frame().await {
-        match frame {
-            Ok(f) => {
-                if let Some(d) = f.data_ref() {
-                    text.push_str(&String::from_utf8_lossy(d));
-                }
-            }
-            Err(_) => {
-                clean_end = false;
-                break;
-            }
-        }
-    }
+    let (text, clean_end) = read_body(resp).await;
     assert!(text.contains("event: error"), "client saw the cut: {text}");
     assert!(!clean_end);
 
