@@ -529,28 +529,6 @@ fn normalise_window(
     spans.reserve(b - a);
     let mut bi = bounds.partition_point(|&x| x <= a);
     let mut sep_start: Option<usize> = None;
-    if buf[a..b].is_ascii() {
-        // The usual window: no UTF-8 decoding, no Unicode case tables.
-        for (at, &c) in buf.iter().enumerate().take(b).skip(a) {
-            while bi < bounds.len() && bounds[bi] <= at {
-                sep_start.get_or_insert(at);
-                bi += 1;
-            }
-            if c.is_ascii_alphanumeric() {
-                if let Some(s) = sep_start.take()
-                    && !chars.is_empty()
-                {
-                    chars.push(' ');
-                    spans.push((s, at));
-                }
-                chars.push(char::from(c.to_ascii_lowercase()));
-                spans.push((at, at + 1));
-            } else {
-                sep_start.get_or_insert(at);
-            }
-        }
-        return;
-    }
     let mut pos = a;
     for chunk in buf[a..b].utf8_chunks() {
         for (i, c) in chunk.valid().char_indices() {
