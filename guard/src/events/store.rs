@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior, params};
 
 use super::{Amendment, Client, Decision, Event, EventError, PresentedKey};
 
@@ -164,7 +164,7 @@ impl EventStore {
             path: path.clone(),
             source,
         };
-        let conn = Connection::open(&path).map_err(open_err)?;
+        let mut conn = Connection::open(&path).map_err(open_err)?;
         conn.busy_timeout(Duration::from_secs(5))
             .map_err(open_err)?;
         let mode: String = conn
@@ -180,8 +180,14 @@ impl EventStore {
         // a 16 MiB page cache keeps both ends of all of them warm.
         conn.pragma_update(None, "cache_size", -16_384)
             .map_err(open_err)?;
-        conn.execute_batch(SCHEMA).map_err(open_err)?;
-        migrate(&conn).map_err(open_err)?;
+        // One transaction: a reader opening the file meanwhile (`kt events
+        // --follow` started first) sees the whole schema or none of it.
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(open_err)?;
+        tx.execute_batch(SCHEMA).map_err(open_err)?;
+        migrate(&tx).map_err(open_err)?;
+        tx.commit().map_err(open_err)?;
         let rows: i64 = conn
             .query_row("SELECT COUNT(*) FROM events", [], |r| r.get(0))
             .map_err(open_err)?;
@@ -550,14 +556,11 @@ impl EventStore {
 }
 
 /// Brings a file written by an older kt up to [`SCHEMA_VERSION`]. Only adds
-/// (a column), so older readers keep working on the file.
+/// (a column), so older readers keep working on the file. Runs inside the
+/// open's immediate transaction, so two writers cannot both add the column.
 fn migrate(conn: &Connection) -> rusqlite::Result<()> {
-    if !has_column(conn, "events", "stream")?
-        && let Err(e) = conn.execute_batch("ALTER TABLE events ADD COLUMN stream TEXT")
-        // Another writer may have added it in the meantime.
-        && !has_column(conn, "events", "stream")?
-    {
-        return Err(e);
+    if !has_column(conn, "events", "stream")? {
+        conn.execute_batch("ALTER TABLE events ADD COLUMN stream TEXT")?;
     }
     conn.pragma_update(None, "user_version", SCHEMA_VERSION)
 }

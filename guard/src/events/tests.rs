@@ -929,3 +929,31 @@ fn pruning_drops_the_amendment_log_with_its_events() {
         .unwrap();
     assert_eq!(store.cursor().unwrap().amendment, 2);
 }
+
+#[test]
+fn a_reader_never_sees_a_half_created_store() {
+    // `kt events --follow` may open the file while the gateway's first open
+    // is creating the schema; it must see all of it or none of it.
+    for _ in 0..200 {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_path_buf();
+        let reader = std::thread::spawn(move || {
+            for _ in 0..2_000 {
+                let Some(s) = EventStore::open_read_only(&path).unwrap() else {
+                    std::thread::yield_now();
+                    continue;
+                };
+                if !s.has_schema() {
+                    continue;
+                }
+                s.cursor().unwrap();
+                s.changes_since(&Filter::default(), Cursor::default())
+                    .unwrap();
+                return true;
+            }
+            false
+        });
+        let _store = EventStore::open(dir.path(), 0).unwrap();
+        reader.join().unwrap();
+    }
+}
