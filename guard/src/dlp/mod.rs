@@ -855,9 +855,7 @@ impl Scanner {
             return;
         }
         let mut term_hits = Vec::new();
-        let mut term_state = self.terms.state();
-        self.terms
-            .scan(data, &buf.bounds, &mut term_state, &mut term_hits);
+        self.terms.scan(data, &buf.bounds, &mut term_hits);
         for t in term_hits {
             let spans = buf.spans(t.start, t.end);
             if spans.len() > 1 && !buf.spanning || spans.is_empty() {

@@ -21,8 +21,10 @@
 //! confirmed piece, a window just wide enough for a match is taken (sized by
 //! a count over the raw bytes that never exceeds the normalised characters
 //! there), a second piece must appear in it, then Myers' bit-parallel
-//! algorithm (masks built once per term) tests the normalised window and
-//! Sellers' dynamic programme finds where the match starts.
+//! algorithm (masks built once per term) finds the best match end in the
+//! normalised window and a second, reversed pass finds where it starts.
+//! ASCII windows (nearly all) are normalised inside the first pass, byte by
+//! byte; others are normalised to `char`s first.
 //!
 //! Cost: on text with no piece of any term the pass costs about 0.1 ns per
 //! byte; each confirmed piece costs roughly 120 ns more (the search restart,
@@ -74,7 +76,8 @@ struct Anchor {
 }
 
 /// Scratch state of one buffer's scan (see [`Terms::on_hit`]).
-pub(crate) struct TermState {
+#[derive(Default)]
+struct TermState {
     /// Per term: the last window checked, to skip a second piece of the same occurrence.
     last: Vec<(usize, usize)>,
     /// Confirmed pieces: (position, index into `Terms::searched`).
@@ -82,6 +85,31 @@ pub(crate) struct TermState {
     /// The normalised window being checked, and each character's byte range.
     chars: Vec<char>,
     spans: Vec<(usize, usize)>,
+    /// The same for ASCII windows: normalised bytes and where each starts.
+    norm: Vec<u8>,
+    starts: Vec<usize>,
+}
+
+impl TermState {
+    /// Frees what an unusually large scan left behind (candidates are a few
+    /// words per kilobyte of text; windows are term-sized).
+    fn trim(&mut self) {
+        const KEEP: usize = 64 * 1024;
+        for cap in [
+            self.cands.capacity(),
+            self.spans.capacity(),
+            self.starts.capacity(),
+        ] {
+            if cap > KEEP {
+                *self = TermState::default();
+                return;
+            }
+        }
+    }
+}
+
+thread_local! {
+    static STATE: std::cell::RefCell<TermState> = std::cell::RefCell::new(TermState::default());
 }
 
 /// A term found in a buffer: byte range in that buffer.
@@ -218,19 +246,21 @@ impl Terms {
         self.terms.is_empty()
     }
 
-    /// Per-buffer state for [`Terms::on_hit`].
-    pub(crate) fn state(&self) -> TermState {
-        TermState {
-            last: Vec::new(),
-            cands: Vec::new(),
-            chars: Vec::new(),
-            spans: Vec::new(),
-        }
-    }
-
     /// Finds every term in `buf`. `bounds` (sorted) are offsets where the
     /// buffer joins two separate texts; each counts as a separator.
-    pub(crate) fn scan(
+    pub(crate) fn scan(&self, buf: &[u8], bounds: &[usize], out: &mut Vec<TermHit>) {
+        // The scratch state is kept per thread: growing fresh vectors on
+        // every request's first candidate was a fifth of a match's cost.
+        STATE.with(|st| match st.try_borrow_mut() {
+            Ok(mut st) => {
+                self.scan_with(buf, bounds, &mut st, out);
+                st.trim();
+            }
+            Err(_) => self.scan_with(buf, bounds, &mut TermState::default(), out),
+        });
+    }
+
+    fn scan_with(
         &self,
         buf: &[u8],
         bounds: &[usize],
@@ -317,32 +347,30 @@ impl Terms {
                 return;
             }
         }
-        let (chars, spans) = (&mut state.chars, &mut state.spans);
-        normalise_window(buf, bounds, a, b, chars, spans);
         let found = match (&term.peq, &term.rpeq) {
-            (Some(peq), Some(rpeq)) => {
-                // Bit-parallel both ways: the best end (lowest distance,
-                // then earliest), then the latest start at that distance.
-                let mut best: Option<(usize, usize)> = None;
-                peq.ends(chars, term.k, |j, d| {
-                    if best.is_none_or(|(_, bd)| d < bd) {
-                        best = Some((j, d));
-                    }
-                });
-                best.and_then(|(e, d)| {
-                    let back = rpeq.anchored_within(chars[..=e].iter().rev(), d)?;
-                    Some((e - back, e + 1))
-                })
+            (Some(peq), Some(rpeq)) if buf[a..b].is_ascii() => {
+                ascii_match(buf, bounds, a..b, peq, rpeq, term.k, state)
             }
-            _ => best_match(&term.norm, chars, term.k).map(|(s, e, _)| (s, e)),
+            _ => {
+                let (chars, spans) = (&mut state.chars, &mut state.spans);
+                normalise_window(buf, bounds, a, b, chars, spans);
+                let found = match (&term.peq, &term.rpeq) {
+                    (Some(peq), Some(rpeq)) => peq.best(chars, term.k).and_then(|(e, d)| {
+                        let back = rpeq.anchored_within(chars[..=e].iter().copied().rev(), d)?;
+                        Some((e - back, e + 1))
+                    }),
+                    _ => best_match(&term.norm, chars, term.k).map(|(s, e, _)| (s, e)),
+                };
+                found
+                    .filter(|(s, e)| s < e)
+                    .map(|(s, e)| (spans[s].0, spans[e - 1].1))
+            }
         };
-        if let Some((s, e)) = found
-            && s < e
-        {
+        if let Some((start, end)) = found {
             out.push(TermHit {
                 term: piece.term,
-                start: spans[s].0,
-                end: spans[e - 1].1,
+                start,
+                end,
             });
         }
     }
@@ -511,6 +539,63 @@ fn contains_ignore_case(hay: &[u8], needle: &[u8]) -> bool {
         .any(|i| hay[i..i + needle.len()].eq_ignore_ascii_case(needle))
 }
 
+/// The match of a term in the ASCII `window` of `buf`, as a byte range:
+/// the window is normalised and fed to Myers' algorithm in the same loop,
+/// without building the `char` text and spans (which cost more than the
+/// match itself). Same result as [`normalise_window`] and [`Peq::best`].
+fn ascii_match(
+    buf: &[u8],
+    bounds: &[usize],
+    window: std::ops::Range<usize>,
+    peq: &Peq,
+    rpeq: &Peq,
+    k: usize,
+    state: &mut TermState,
+) -> Option<(usize, usize)> {
+    let (a, b) = (window.start, window.end);
+    let (norm, starts) = (&mut state.norm, &mut state.starts);
+    norm.clear();
+    starts.clear();
+    let mut bi = bounds.partition_point(|&x| x <= a);
+    let mut sep_start: Option<usize> = None;
+    let mut col = Column::new(peq.m, false);
+    let mut best: Option<(usize, usize)> = None;
+    let mut step = |c: u8, at: usize, norm: &mut Vec<u8>, starts: &mut Vec<usize>| {
+        let d = col.step(peq.ascii[usize::from(c)]);
+        if d <= k && best.is_none_or(|(_, bd)| d < bd) {
+            best = Some((norm.len(), d));
+        }
+        norm.push(c);
+        starts.push(at);
+    };
+    for (at, &c) in buf.iter().enumerate().take(b).skip(a) {
+        while bi < bounds.len() && bounds[bi] <= at {
+            sep_start.get_or_insert(at);
+            bi += 1;
+        }
+        if WORD[usize::from(c)] == 0 {
+            sep_start.get_or_insert(at);
+            continue;
+        }
+        if let Some(s) = sep_start.take()
+            && !norm.is_empty()
+        {
+            step(b' ', s, norm, starts);
+        }
+        step(c.to_ascii_lowercase(), at, norm, starts);
+    }
+    let (e, d) = best?;
+    let back = rpeq.anchored_within(norm[..=e].iter().map(|&c| char::from(c)).rev(), d)?;
+    // A separator is only ever emitted before a letter or digit, so the
+    // character after one exists and its start ends the separator run.
+    let end = if norm[e] == b' ' {
+        starts[e + 1]
+    } else {
+        starts[e] + 1
+    };
+    Some((starts[e - back], end))
+}
+
 /// Normalises `buf[a..b]` into `chars` and, for each character, its byte
 /// range in `buf` into `spans` (a separator spans its whole run). Invalid
 /// UTF-8 counts as separator.
@@ -529,33 +614,53 @@ fn normalise_window(
     spans.reserve(b - a);
     let mut bi = bounds.partition_point(|&x| x <= a);
     let mut sep_start: Option<usize> = None;
+    // One character `c` of `len` bytes at `at`; invalid UTF-8 comes in as
+    // U+FFFD, a separator.
+    let mut push = |at: usize, c: char, len: usize| {
+        while bi < bounds.len() && bounds[bi] <= at {
+            sep_start.get_or_insert(at);
+            bi += 1;
+        }
+        if !c.is_alphanumeric() {
+            sep_start.get_or_insert(at);
+            return;
+        }
+        if let Some(s) = sep_start.take()
+            && !chars.is_empty()
+        {
+            chars.push(' ');
+            spans.push((s, at));
+        }
+        if c.is_ascii() {
+            chars.push(c.to_ascii_lowercase());
+            spans.push((at, at + 1));
+        } else {
+            for lc in c.to_lowercase() {
+                chars.push(lc);
+                spans.push((at, at + len));
+            }
+        }
+    };
+    let window = &buf[a..b];
+    if window.is_ascii() {
+        // The usual window: no UTF-8 decoding (half the cost of this step).
+        for (i, &c) in window.iter().enumerate() {
+            push(a + i, char::from(c), 1);
+        }
+        return;
+    }
     let mut pos = a;
-    for chunk in buf[a..b].utf8_chunks() {
+    for chunk in window.utf8_chunks() {
         for (i, c) in chunk.valid().char_indices() {
-            let at = pos + i;
-            while bi < bounds.len() && bounds[bi] <= at {
-                sep_start.get_or_insert(at);
-                bi += 1;
-            }
-            if c.is_alphanumeric() {
-                if let Some(s) = sep_start.take()
-                    && !chars.is_empty()
-                {
-                    chars.push(' ');
-                    spans.push((s, at));
-                }
-                let end = at + c.len_utf8();
-                for lc in c.to_lowercase() {
-                    chars.push(lc);
-                    spans.push((at, end));
-                }
-            } else {
-                sep_start.get_or_insert(at);
-            }
+            push(pos + i, c, c.len_utf8());
         }
         let invalid_at = pos + chunk.valid().len();
         if !chunk.invalid().is_empty() {
-            sep_start.get_or_insert(invalid_at);
+            push(
+                invalid_at,
+                char::REPLACEMENT_CHARACTER,
+                chunk.invalid().len(),
+            );
         }
         pos = invalid_at + chunk.invalid().len();
     }
@@ -640,15 +745,27 @@ impl Peq {
         }
     }
 
+    /// The best end of a match in `t`: `(index, distance)` with the lowest
+    /// distance up to `k`, the earliest among those.
+    fn best(&self, t: &[char], k: usize) -> Option<(usize, usize)> {
+        let mut best: Option<(usize, usize)> = None;
+        self.ends(t, k, |j, d| {
+            if best.is_none_or(|(_, bd)| d < bd) {
+                best = Some((j, d));
+            }
+        });
+        best
+    }
+
     /// The first index `i` of `t` where the whole pattern is within `d`
     /// edits of `t[..=i]` (the text start is fixed, unlike [`Peq::ends`]).
     /// Over a reversed text this finds where a match ending at a known
     /// place starts, keeping the match as short as the distance allows.
-    fn anchored_within<'c>(&self, t: impl Iterator<Item = &'c char>, d: usize) -> Option<usize> {
+    fn anchored_within(&self, t: impl Iterator<Item = char>, d: usize) -> Option<usize> {
         // The text start is fixed: row 0 grows by one per character.
         let mut col = Column::new(self.m, true);
         t.enumerate()
-            .find_map(|(j, &c)| (col.step(self.mask(c)) <= d).then_some(j))
+            .find_map(|(j, c)| (col.step(self.mask(c)) <= d).then_some(j))
     }
 
     /// The match mask of character `c`.
@@ -831,18 +948,37 @@ mod unit {
         let mut found = 0;
         for k in 0..=2u8 {
             let terms = Terms::new(&raw, true, k).unwrap();
-            let mut state = terms.state();
             for _ in 0..4000 {
                 let text = random_text(&mut rng);
+                // Up to two joins between texts (each counts as a separator).
+                let mut bounds: Vec<usize> = (0..rng.below(3))
+                    .map(|_| rng.below(text.len() + 1))
+                    .filter(|&b| text.is_char_boundary(b))
+                    .collect();
+                bounds.sort_unstable();
                 let (mut chars, mut spans) = (Vec::new(), Vec::new());
-                normalise_window(text.as_bytes(), &[], 0, text.len(), &mut chars, &mut spans);
+                normalise_window(
+                    text.as_bytes(),
+                    &bounds,
+                    0,
+                    text.len(),
+                    &mut chars,
+                    &mut spans,
+                );
                 let mut out = Vec::new();
-                terms.scan(text.as_bytes(), &[], &mut state, &mut out);
+                terms.scan(text.as_bytes(), &bounds, &mut out);
                 // Every reported span really holds the term within its distance.
                 for h in &out {
                     let term = &terms.terms[h.term];
                     let (mut got, mut spans) = (Vec::new(), Vec::new());
-                    normalise_window(text.as_bytes(), &[], h.start, h.end, &mut got, &mut spans);
+                    normalise_window(
+                        text.as_bytes(),
+                        &bounds,
+                        h.start,
+                        h.end,
+                        &mut got,
+                        &mut spans,
+                    );
                     // A span that starts or ends on a separator run loses
                     // that space when normalised on its own.
                     let spaced = |pre: bool, post: bool| {
