@@ -71,6 +71,12 @@ impl<T> LiteralSet<T> {
         Some(LiteralSet { engine, groups })
     }
 
+    /// Whether the fast SIMD searcher is used (up to 64 literals after
+    /// grouping; beyond that the automaton is several times slower).
+    pub(crate) fn is_packed(&self) -> bool {
+        matches!(self.engine, Engine::Packed(_))
+    }
+
     /// Calls `f(payload, position)` for every occurrence of every literal in
     /// `hay` that starts before `limit`, in order of position.
     pub(crate) fn for_each(&self, hay: &[u8], limit: usize, mut f: impl FnMut(&T, usize)) {

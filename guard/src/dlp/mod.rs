@@ -333,6 +333,9 @@ pub struct Scanner {
     /// A second one for their base64 spellings (kept apart: one search with
     /// both sets of literals is slower than two).
     base64_prefilter: Option<LiteralSet<Lit>>,
+    /// Whether base64 is searched at group starts only (too many prefixes
+    /// to search for at every alignment quickly).
+    base64_group_starts_only: bool,
     fallback: Vec<usize>,
     fallback_set: Option<regex::bytes::RegexSet>,
     terms: terms::Terms,
@@ -436,6 +439,15 @@ impl Scanner {
                 pattern,
             ));
         }
+        // Past the packed searcher's limit (64 literals) the pass gets several
+        // times slower: then only keys at the start of encoded data are found.
+        let (base64_prefilter, base64_group_starts_only) = match LiteralSet::new(b64_lits.clone()) {
+            Some(set) if !set.is_packed() => {
+                b64_lits.retain(|(_, l)| matches!(l, Lit::Base64(_, at) if at.byte_offset == 0));
+                (LiteralSet::new(b64_lits), true)
+            }
+            set => (set, false),
+        };
         let fallback_set = if fallback.is_empty() {
             None
         } else {
@@ -451,7 +463,8 @@ impl Scanner {
         Ok(Scanner {
             rules: rules.into_iter().map(|(r, _)| r).collect(),
             prefilter: LiteralSet::new(lits),
-            base64_prefilter: LiteralSet::new(b64_lits),
+            base64_prefilter,
+            base64_group_starts_only,
             fallback,
             fallback_set,
             terms,
@@ -1332,6 +1345,12 @@ pub fn coverage_warnings(cfg: &DlpFilter) -> Vec<String> {
             ));
         }
         compiled.push(re);
+    }
+    if Scanner::new(cfg).is_ok_and(|s| s.base64_group_starts_only) {
+        out.push(String::from(
+            "the detect patterns have too many literal prefixes to search for base64-encoded keys \
+             at every position quickly: only keys at the start of encoded data are found",
+        ));
     }
     if !cfg.builtin_rules {
         for rule in builtin_rules() {

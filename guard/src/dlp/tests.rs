@@ -849,6 +849,13 @@ fn every_builtin_rule_has_a_literal_prefix() {
         let lits = super::prefix_literals(r.regex).unwrap_or_default();
         assert!(!lits.is_empty(), "{} has no literal prefix", r.id);
         assert!(lits.iter().all(|l| l.len() >= 3), "{}: {lits:?}", r.id);
+        // And each is searched for in base64 at every byte alignment.
+        if !SHORT_PREFIX.contains(&r.id) {
+            for l in &lits {
+                let n = super::b64::spellings(l).len();
+                assert_eq!(n, 3, "{}: {:?}", r.id, String::from_utf8_lossy(l));
+            }
+        }
     }
 }
 
@@ -988,6 +995,75 @@ fn a_base64_wrapped_key_is_found_and_fingerprinted_like_the_key() {
             "{rule}: correlates with the clear key"
         );
     }
+}
+
+/// Rules whose 3-byte prefix has no base64 spelling off a group start
+/// (see the `b64` module docs).
+const SHORT_PREFIX: &[&str] = &["openai-legacy-key", "slack-token"];
+
+#[test]
+fn a_key_anywhere_in_base64_data_is_found() {
+    use base64::Engine as _;
+    let enc = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    for r in builtin_rules() {
+        if SHORT_PREFIX.contains(&r.id) {
+            continue;
+        }
+        let key = r.sample();
+        // User names of 3..=5 bytes put the key at each byte of a group.
+        for user in ["bot", "ci-u", "build"] {
+            // A Docker `config.json` and a `.env` file, each base64 whole.
+            let docker = format!(
+                r#"{{"auths":{{"ghcr.io":{{"auth":"{}"}}}}}}"#,
+                enc(&format!("{user}:{key}"))
+            );
+            let env = format!(
+                "cat .env.b64\n{}",
+                enc(&format!("# {user}\nAPI_KEY={key}\n"))
+            );
+            for (how, text) in [("docker auth", docker), (".env", env)] {
+                let body = messages(&[&text]);
+                let s = scan(&builtin_only(), &view(&body, None));
+                let how = format!("{how} after {user:?}");
+                assert_found(&s, r.id, &key, &how);
+                let f = s.findings.iter().find(|f| f.rule_id == r.id).unwrap();
+                assert_eq!(f.fingerprint, fp(&key), "{}: {how}", r.id);
+            }
+        }
+    }
+}
+
+#[test]
+fn too_many_prefixes_keep_base64_to_group_starts_and_say_so() {
+    use base64::Engine as _;
+    // The seed policy with the pack stays under the limit: every alignment.
+    let seed = Scanner::new(&seed_policy(true)).unwrap();
+    assert!(!seed.base64_group_starts_only);
+    assert!(
+        !coverage_warnings(&seed_policy(true))
+            .iter()
+            .any(|w| w.contains("base64"))
+    );
+    // Twenty more prefixed patterns do not fit: keys at a group start are
+    // still found, and `kt gateway check --verbose` says what is not.
+    let mut cfg = seed_policy(true);
+    cfg.detect_patterns
+        .extend((0..20).map(|i| format!("tok{i:02}_[a-z0-9]{{24}}")));
+    let many = Scanner::new(&cfg).unwrap();
+    assert!(many.base64_group_starts_only);
+    let key = builtin_rules()[0].sample();
+    let body = messages(&[&k8s_secret(&key)]);
+    let s = many.scan(&view(&body, None)).unwrap();
+    assert!(s.findings.iter().any(|f| f.rule_id == "openai-project-key"));
+    let docker = base64::engine::general_purpose::STANDARD.encode(format!("bot:{key}"));
+    let s = many.scan(&view(&messages(&[&docker]), None)).unwrap();
+    assert!(s.findings.is_empty(), "{:?}", s.findings);
+    let w = coverage_warnings(&cfg);
+    assert!(
+        w.iter()
+            .any(|w| w.contains("only keys at the start of encoded data")),
+        "{w:?}"
+    );
 }
 
 #[test]
