@@ -50,8 +50,11 @@ struct Term {
     /// window is checked: 2 when it could be cut into `k + 2` pieces (then
     /// at least two survive any `k` edits), else 1.
     needed: usize,
-    /// Its pieces' text (lower case).
+    /// Its pieces' text (lower case), longest first.
     pieces: Vec<Vec<u8>>,
+    /// How many of `pieces`, from the first, are searched for (the rest are
+    /// only looked for inside a candidate's window).
+    searched: usize,
     /// Myers' match masks of `norm`, when it has at most 64 characters.
     peq: Option<Peq>,
     /// The same for `norm` reversed (finds where a match starts).
@@ -221,6 +224,7 @@ impl Terms {
                 k,
                 needed,
                 pieces: piece_bytes,
+                searched,
             });
         }
         Ok(Terms {
@@ -299,26 +303,28 @@ impl Terms {
             // Anchors sit at different offsets in their pieces: check the
             // pieces in the order they start.
             cands.sort_unstable();
-            for &(q, i) in &cands {
-                self.on_hit(buf, bounds, &self.searched[i], q, state, out);
+            for at in 0..cands.len() {
+                self.on_hit(buf, bounds, &cands, at, state, out);
             }
             state.cands = cands;
         }
         self.scan_full(buf, bounds, out);
     }
 
-    /// Checks a candidate: `piece` found at `q` in `buf` (ASCII case
-    /// ignored). `bounds` (sorted) are offsets where the buffer joins two
-    /// separate texts; each counts as a separator.
+    /// Checks candidate `at` of `cands` (every searched piece found in
+    /// `buf`, ASCII case ignored, sorted by position). `bounds` (sorted) are
+    /// offsets where the buffer joins two separate texts; each counts as a
+    /// separator.
     fn on_hit(
         &self,
         buf: &[u8],
         bounds: &[usize],
-        piece: &Piece,
-        q: usize,
+        cands: &[(usize, usize)],
+        at: usize,
         state: &mut TermState,
         out: &mut Vec<TermHit>,
     ) {
+        let (q, piece) = (cands[at].0, &self.searched[cands[at].1]);
         let last = &mut state.last;
         // Sized on the first candidate of a buffer only.
         if last.is_empty() {
@@ -336,13 +342,25 @@ impl Terms {
         }
         last[piece.term] = (a, b);
         if term.needed == 2 {
-            // A match would hold a second intact piece inside this window.
-            let window = &buf[a..b];
-            let another = term
-                .pieces
+            // A match would hold a second intact piece inside this window:
+            // a searched one is a neighbouring candidate (they are sorted by
+            // position); only the others need looking for in the text.
+            let inside = |&&(p, i): &&(usize, usize)| {
+                let other = &self.searched[i];
+                other.term == piece.term && other.idx != piece.idx && p + other.len <= b
+            };
+            let another = cands[..at]
                 .iter()
-                .enumerate()
-                .any(|(i, p)| i != piece.idx && contains_ignore_case(window, p));
+                .rev()
+                .take_while(|c| c.0 >= a)
+                .any(|c| inside(&c))
+                || cands[at + 1..]
+                    .iter()
+                    .take_while(|c| c.0 < b)
+                    .any(|c| inside(&c))
+                || term.pieces[term.searched..]
+                    .iter()
+                    .any(|p| contains_ignore_case(&buf[a..b], p));
             if !another {
                 return;
             }
