@@ -27,7 +27,7 @@
 //! byte; others are normalised to `char`s first.
 //!
 //! Cost: on text with no piece of any term the pass costs about 0.1 ns per
-//! byte; each confirmed piece costs roughly 120 ns more (the search restart,
+//! byte; each confirmed piece costs roughly 100 ns more (the search restart,
 //! the window, the second-piece test), so text dense in a term's words
 //! ("production", "billing", …) is where the time goes (`cargo xtask bench
 //! dlp`, `nearmiss` rows). Terms that cannot be cut into `k + 2` pieces of at least 3
@@ -345,7 +345,7 @@ impl Terms {
             // A match would hold a second intact piece inside this window:
             // a searched one is a neighbouring candidate (they are sorted by
             // position); only the others need looking for in the text.
-            let inside = |&&(p, i): &&(usize, usize)| {
+            let inside = |&(p, i): &(usize, usize)| {
                 let other = &self.searched[i];
                 other.term == piece.term && other.idx != piece.idx && p + other.len <= b
             };
@@ -353,11 +353,8 @@ impl Terms {
                 .iter()
                 .rev()
                 .take_while(|c| c.0 >= a)
-                .any(|c| inside(&c))
-                || cands[at + 1..]
-                    .iter()
-                    .take_while(|c| c.0 < b)
-                    .any(|c| inside(&c))
+                .any(inside)
+                || cands[at + 1..].iter().take_while(|c| c.0 < b).any(inside)
                 || term.pieces[term.searched..]
                     .iter()
                     .any(|p| contains_ignore_case(&buf[a..b], p));
