@@ -24,7 +24,7 @@
 //! `fuzzy` is the share of `kt` time spent on blocked terms (`kt` minus the
 //! same scanner without terms, over `kt`). Timing: see `measure_all`.
 //!
-//! Run: `cargo xtask bench dlp` (about 40 s).
+//! Run: `cargo xtask bench dlp` (about 25 s).
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -331,11 +331,13 @@ fn naive_full(body: &[u8], regexes: &[regex::Regex], terms: &[Vec<char>], k: usi
     n
 }
 
-/// Time per call of each job: the fastest of 9 interleaved rounds (each
+/// Time per call of each job: the fastest of 15 interleaved rounds (each
 /// round times one batch of about 20 ms of every job in turn). On a shared
 /// host noise only ever adds time, so the fastest round is the steadiest
-/// figure, and interleaving keeps the ratios between columns fair.
-fn measure_all(jobs: &mut [&mut dyn FnMut() -> usize]) -> Vec<Duration> {
+/// figure; interleaving keeps the ratios between columns fair, and taking
+/// every row's jobs in each round spreads a row's rounds over the whole run,
+/// so a burst of load on the host cannot spoil all of them.
+fn measure_all(jobs: &mut [Box<dyn FnMut() -> usize + '_>]) -> Vec<Duration> {
     let per_batch: Vec<u32> = jobs
         .iter_mut()
         .map(|f| {
@@ -349,7 +351,7 @@ fn measure_all(jobs: &mut [&mut dyn FnMut() -> usize]) -> Vec<Duration> {
         })
         .collect();
     let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); jobs.len()];
-    for _ in 0..9 {
+    for _ in 0..15 {
         for (i, f) in jobs.iter_mut().enumerate() {
             let t = Instant::now();
             for _ in 0..per_batch[i] {
@@ -430,30 +432,6 @@ fn main() {
         }
         return;
     }
-    // Warm up (page faults of the first large buffers, CPU clock ramp-up):
-    // without it the first row came out up to 40% low, baselines included.
-    let warm = body(1024 * 1024, Case::NearMissMatches);
-    let warm_req = RequestView {
-        path_and_query: "/",
-        headers: &[],
-        content_encoding: None,
-        body: &warm,
-    };
-    let t = Instant::now();
-    while t.elapsed() < Duration::from_secs(1) {
-        black_box(
-            scanner
-                .scan(&warm_req)
-                .map(|s| s.findings.len())
-                .unwrap_or(0),
-        );
-        black_box(
-            naive
-                .iter()
-                .map(|re| re.find_iter(&warm).count())
-                .sum::<usize>(),
-        );
-    }
     println!(
         "{:>6} {:>8} {:>5} {:>8} {:>9} {:>9} {:>8} {:>8} {:>6} {:>9}",
         "size",
@@ -467,49 +445,74 @@ fn main() {
         "fuzzy",
         "kt µs"
     );
-    for size in [1024, 64 * 1024, 1024 * 1024] {
-        for case in [
-            Case::Plain,
-            Case::PlainMatches,
-            Case::NearMiss,
-            Case::NearMissMatches,
-        ] {
-            let b = body(size, case);
-            let req = RequestView {
-                path_and_query: "/v1/chat/completions",
-                headers: &[
-                    ("content-type", b"application/json"),
-                    ("user-agent", b"bench/1.0"),
-                ],
-                content_encoding: None,
-                body: &b,
-            };
-            let findings = scanner.scan(&req).map(|s| s.findings.len()).unwrap_or(0);
-            let mut kt_job = || scanner.scan(&req).map(|s| s.findings.len()).unwrap_or(0);
-            let mut no_terms_job = || no_terms.scan(&req).map(|s| s.findings.len()).unwrap_or(0);
-            let mut rx_job = || naive.iter().map(|re| re.find_iter(&b).count()).sum();
-            let mut nv_job = || naive_full(&b, &naive_str, &terms, 1);
-            let times =
-                measure_all(&mut [&mut kt_job, &mut no_terms_job, &mut rx_job, &mut nv_job]);
-            let (kt, kt_no_terms, rx, nv) = (times[0], times[1], times[2], times[3]);
-            let fuzzy = (kt.as_secs_f64() - kt_no_terms.as_secs_f64()).max(0.0) / kt.as_secs_f64();
-            println!(
-                "{:>6} {:>8} {:>5} {:>8.0} {:>9.0} {:>9.0} {:>7.1}x {:>7.1}x {:>5.1}% {:>9.1}",
-                if size >= 1024 * 1024 {
-                    format!("{}MiB", size >> 20)
-                } else {
-                    format!("{}KiB", size >> 10)
-                },
-                case.label(),
-                findings,
-                mbps(b.len(), kt),
-                mbps(b.len(), rx),
-                mbps(b.len(), nv),
-                rx.as_secs_f64() / kt.as_secs_f64(),
-                nv.as_secs_f64() / kt.as_secs_f64(),
-                fuzzy * 100.0,
-                kt.as_secs_f64() * 1e6,
-            );
-        }
+    let cases = [
+        Case::Plain,
+        Case::PlainMatches,
+        Case::NearMiss,
+        Case::NearMissMatches,
+    ];
+    let rows: Vec<(usize, Case, Vec<u8>)> = [1024, 64 * 1024, 1024 * 1024]
+        .into_iter()
+        .flat_map(|size| cases.map(|case| (size, case, body(size, case))))
+        .collect();
+    let headers: &[(&str, &[u8])] = &[
+        ("content-type", b"application/json"),
+        ("user-agent", b"bench/1.0"),
+    ];
+    let reqs: Vec<RequestView<'_>> = rows
+        .iter()
+        .map(|(_, _, b)| RequestView {
+            path_and_query: "/v1/chat/completions",
+            headers,
+            content_encoding: None,
+            body: b,
+        })
+        .collect();
+    // Four jobs a row, all rows measured together (see `measure_all`).
+    let mut jobs: Vec<Box<dyn FnMut() -> usize + '_>> = Vec::new();
+    for (req, (_, _, b)) in reqs.iter().zip(&rows) {
+        let (scanner, no_terms) = (&scanner, &no_terms);
+        let (naive, naive_str, terms) = (&naive, &naive_str, &terms);
+        jobs.push(Box::new(move || {
+            scanner.scan(req).map(|s| s.findings.len()).unwrap_or(0)
+        }));
+        jobs.push(Box::new(move || {
+            no_terms.scan(req).map(|s| s.findings.len()).unwrap_or(0)
+        }));
+        jobs.push(Box::new(move || {
+            naive.iter().map(|re| re.find_iter(b).count()).sum()
+        }));
+        jobs.push(Box::new(move || naive_full(b, naive_str, terms, 1)));
+    }
+    let times = measure_all(&mut jobs);
+    for (i, (size, case, b)) in rows.iter().enumerate() {
+        let findings = scanner
+            .scan(&reqs[i])
+            .map(|s| s.findings.len())
+            .unwrap_or(0);
+        let (kt, kt_no_terms, rx, nv) = (
+            times[4 * i],
+            times[4 * i + 1],
+            times[4 * i + 2],
+            times[4 * i + 3],
+        );
+        let fuzzy = (kt.as_secs_f64() - kt_no_terms.as_secs_f64()).max(0.0) / kt.as_secs_f64();
+        println!(
+            "{:>6} {:>8} {:>5} {:>8.0} {:>9.0} {:>9.0} {:>7.1}x {:>7.1}x {:>5.1}% {:>9.1}",
+            if *size >= 1024 * 1024 {
+                format!("{}MiB", size >> 20)
+            } else {
+                format!("{}KiB", size >> 10)
+            },
+            case.label(),
+            findings,
+            mbps(b.len(), kt),
+            mbps(b.len(), rx),
+            mbps(b.len(), nv),
+            rx.as_secs_f64() / kt.as_secs_f64(),
+            nv.as_secs_f64() / kt.as_secs_f64(),
+            fuzzy * 100.0,
+            kt.as_secs_f64() * 1e6,
+        );
     }
 }
