@@ -965,16 +965,20 @@ impl Scanner {
                     name: req.headers[h].0.to_string(),
                 },
             };
-            // Deduplicate on a hash of (rule, location), confirmed against
-            // the findings only when the hash was seen: no cloned keys, and
-            // no quadratic scan when a body holds thousands of findings.
+            // Deduplicate: by comparison while there are few findings (the
+            // usual case: no hashing, no set), then on a hash of (rule,
+            // location) confirmed against the findings only when the hash was
+            // seen, so a body with thousands of findings is not quadratic.
             let rule_id = self.id(hit.rule);
-            let mut h = std::hash::DefaultHasher::new();
-            (rule_id, &location).hash(&mut h);
-            let dup = !seen.insert(h.finish())
-                && out
-                    .iter()
-                    .any(|f| f.rule_id == rule_id && f.location == location);
+            let same = |f: &Finding| f.rule_id == rule_id && f.location == location;
+            let dup = if out.len() < FEW_FINDINGS {
+                out.iter().any(same)
+            } else {
+                if seen.is_empty() {
+                    seen.extend(out.iter().map(|f| finding_hash(&f.rule_id, &f.location)));
+                }
+                !seen.insert(finding_hash(rule_id, &location)) && out.iter().any(same)
+            };
             if !dup {
                 out.push(Finding {
                     rule_id: rule_id.to_string(),
@@ -985,6 +989,15 @@ impl Scanner {
         }
         out
     }
+}
+
+/// Findings deduplicated by plain comparison, before a hash set is used.
+const FEW_FINDINGS: usize = 16;
+
+fn finding_hash(rule_id: &str, location: &Location) -> u64 {
+    let mut h = std::hash::DefaultHasher::new();
+    (rule_id, location).hash(&mut h);
+    h.finish()
 }
 
 /// Whether a regex has no look-around assertions and can match neither `\r`

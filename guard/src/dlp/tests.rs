@@ -352,6 +352,32 @@ fn credential_headers_are_skipped_and_others_scanned() {
 }
 
 #[test]
+fn findings_are_one_per_rule_and_place_however_many_there_are() {
+    // Two keys in each of 40 headers: one finding per header, in order,
+    // past the point where deduplication switches to hashing.
+    let key = builtin_rules()[0].sample();
+    let value = format!("{key} and again {key}");
+    let names: Vec<String> = (0..40).map(|i| format!("x-note-{i:02}")).collect();
+    let headers: Vec<(&str, &[u8])> = names
+        .iter()
+        .map(|n| (n.as_str(), value.as_bytes()))
+        .collect();
+    let req = RequestView {
+        path_and_query: "/v1/models",
+        headers: &headers,
+        content_encoding: None,
+        body: b"",
+    };
+    let s = scan(&builtin_only(), &req);
+    let got: Vec<&Location> = s.findings.iter().map(|f| &f.location).collect();
+    let want: Vec<Location> = names
+        .iter()
+        .map(|n| Location::Header { name: n.clone() })
+        .collect();
+    assert_eq!(got, want.iter().collect::<Vec<_>>());
+}
+
+#[test]
 fn url_is_percent_decoded_and_offsets_are_raw() {
     let key = format!("AKIA{}", filler(16, BASE32, 5));
     // Percent-encode the prefix so only the decoded URL shows it.
