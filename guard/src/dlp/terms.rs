@@ -843,6 +843,7 @@ impl Column {
 #[cfg(test)]
 mod unit {
     use super::*;
+    use crate::dlp::tests::Lcg;
 
     fn chars(s: &str) -> Vec<char> {
         s.chars().collect()
@@ -864,18 +865,6 @@ mod unit {
         let mut count = 0;
         peq.ends(&none, 1, |_, _| count += 1);
         assert_eq!(count, 0);
-    }
-
-    /// A small deterministic generator (no dependency needed).
-    struct Lcg(u64);
-    impl Lcg {
-        fn below(&mut self, n: usize) -> usize {
-            self.0 = self
-                .0
-                .wrapping_mul(6_364_136_223_846_793_005)
-                .wrapping_add(1_442_695_040_888_963_407);
-            ((self.0 >> 33) as usize) % n
-        }
     }
 
     /// Text made of the terms' words (some with one or two random edits,

@@ -885,10 +885,11 @@ fn every_builtin_rule_has_a_literal_prefix() {
     }
 }
 
-/// A small deterministic generator (no dependency needed).
-struct Lcg(u64);
+/// A small deterministic generator (no dependency needed); the `terms`
+/// unit tests use it too.
+pub(super) struct Lcg(pub(super) u64);
 impl Lcg {
-    fn below(&mut self, n: usize) -> usize {
+    pub(super) fn below(&mut self, n: usize) -> usize {
         self.0 = self
             .0
             .wrapping_mul(6_364_136_223_846_793_005)
