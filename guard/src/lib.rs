@@ -1,7 +1,28 @@
 //! kt: an eBPF-assisted egress guard for AI provider keys.
 //!
-//! Pure cores (`config`, `dlp`, `routing`) do no I/O; `gateway` is the async
-//! part; every `aya` call and all `unsafe` live in `capture`.
+//! # Layout
+//! Modules sit on floors; a module only imports modules on its own floor or
+//! below, never above.
+//!
+//! | floor | module | job |
+//! |---|---|---|
+//! | 1 | [`provider`] | the provider catalog: hosts, endpoints, credential style, error shapes |
+//! | 1 | [`record`] | the per-request record shared by gateway, policy and events (typed) |
+//! | 1 | [`config`] | YAML → typed model, every problem with file:line:column (pure) |
+//! | 1 | [`ca`] | the local CA and per-name leaves |
+//! | 2 | [`dlp`] | secret scanning and redaction of request bodies (pure) |
+//! | 2 | [`routing`] | which provider, which targets in what order, when to fall back (pure) |
+//! | 2 | [`secrets`] | secret backends (file store, keychain, env) and their resolver |
+//! | 2 | [`capture`] | every `aya` call and all `unsafe`: eBPF programs, maps, records |
+//! | 3 | [`policy`] | the policy chain (dlp-filter, audit-logger) with typed verdicts |
+//! | 3 | [`gateway`] | listeners, TLS, request steps, upstream, relay (async) |
+//! | 3 | [`events`] | event store, writer, record sink, key report |
+//! | 3 | [`preflight`] | the checks behind `kt gateway check` |
+//! | 5 | [`cli`] | the `kt` command line: parse, call, render |
+//!
+//! Pure cores (`config`, `dlp`, `routing`, `provider`, `record`) do no I/O;
+//! `gateway` is the async part; every `aya` call and all `unsafe` live in
+//! `capture`.
 
 // Input from users, files, the network and the kernel never panics the guard.
 #![cfg_attr(
@@ -16,6 +37,9 @@ pub mod config;
 pub mod dlp;
 pub mod events;
 pub mod gateway;
+pub mod policy;
 pub mod preflight;
+pub mod provider;
+pub mod record;
 pub mod routing;
 pub mod secrets;

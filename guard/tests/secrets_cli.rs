@@ -15,7 +15,8 @@ use std::time::SystemTime;
 
 use guard::cli::secrets::{TargetState, status_report};
 use guard::config::{
-    Capture, Config, Gateway, Pack, Provider, Providers, RoutingStrategy, SecretKeyRef, Target,
+    Capture, Config, GatewaySettings, Pack, Provider, Providers, RoutingStrategy, SecretKeyRef,
+    Target,
 };
 use guard::secrets::{
     FileStore, Fingerprinter, Keychain, Resolve, Resolver, SecretStore, SecretValue, Source,
@@ -51,7 +52,7 @@ fn seed_config(q2: &str, q1: &str) -> Config {
         chain: Vec::new(),
         dlp: None,
         audit: None,
-        gateway: Gateway::default(),
+        gateway: GatewaySettings::default(),
         capture: Capture::default(),
     }
 }

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use guard::ca::Ca;
 use guard::config::Provider;
-use guard::gateway::ClientInfo;
+use guard::record::ClientInfo;
 use guard_tests::fake_provider::{Behavior, FakeProvider, TestCa};
 use guard_tests::gateway_fixture::*;
 use http_body_util::{BodyExt, Full};

@@ -10,10 +10,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use guard::ca::Ca;
 use guard::config::{
-    Capture, Config, Gateway as GatewaySection, Pack, Provider, Providers, RoutingStrategy,
+    Capture, Config, GatewaySettings as GatewaySection, Pack, Provider, Providers, RoutingStrategy,
     SecretKeyRef, Target,
 };
-use guard::gateway::{CaptureLookup, ClientInfo, Gateway, GatewayBuilder, MemorySink};
+use guard::gateway::{CaptureLookup, Gateway, GatewayBuilder};
+use guard::record::{ClientInfo, MemorySink};
 use guard::secrets::{Resolve, Resolved, SecretValue, Source};
 use http::{HeaderMap, Request};
 use http_body_util::{BodyExt, Full};
@@ -110,7 +111,7 @@ pub async fn start(config: Config, resolver: MapResolver, upstream_ca: &TestCa) 
     let ca = Arc::new(Ca::ephemeral().unwrap());
     let sink = Arc::new(MemorySink::new());
     let gw = builder(config, resolver, ca.clone(), upstream_ca)
-        .decision_sink(sink.clone())
+        .record_sink(sink.clone())
         .build()
         .unwrap();
     serve(gw, ca, sink).await

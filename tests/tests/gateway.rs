@@ -6,8 +6,10 @@ use std::time::Duration;
 use guard::ca::Ca;
 use guard::config::{Provider, Target};
 use guard::events::{EventSink, EventStore, EventWriter, Filter, StreamEnd, WriterConfig};
-use guard::gateway::{
-    ClientInfo, GatewayError, MemorySink, Policy, PolicyRequest, PolicyVerdict, StreamCut,
+use guard::gateway::GatewayError;
+use guard::policy::{Policy, PolicyRequest, PolicyVerdict, Refusal};
+use guard::record::{
+    Arrival, ClientInfo, CutReason, MemorySink, Outcome, PolicyAction, PolicyId, PolicyNote,
 };
 use guard_tests::fake_provider::{Behavior, FakeProvider, TestCa, refused_addr};
 use guard_tests::gateway_fixture::*;
@@ -105,7 +107,7 @@ async fn openai_client_key_is_replaced_by_managed_key() {
     assert_eq!(d.len(), 1);
     assert_eq!(
         d[0].client_key_fingerprint.as_deref(),
-        Some(&*guard::gateway::default_fingerprint(CLIENT_KEY))
+        Some(&*guard::record::default_fingerprint(CLIENT_KEY))
     );
     assert_eq!(d[0].chosen.as_deref(), Some("oa1"));
 }
@@ -200,8 +202,8 @@ async fn falls_back(first: Behavior, first_byte_timeout: Option<Duration>) {
         Some(&*format!("Bearer {MANAGED_OA2}"))
     );
     let d = gw.sink.snapshot();
-    assert_eq!(d[0].tried.len(), 2, "{first:?}");
-    assert_eq!(d[0].tried[0].target, "oa1");
+    assert_eq!(d[0].attempts.len(), 2, "{first:?}");
+    assert_eq!(d[0].attempts[0].target, "oa1");
     assert_eq!(d[0].chosen.as_deref(), Some("oa2"));
     bad.release();
 }
@@ -274,7 +276,10 @@ async fn falls_back_on_tls_failure() {
     .await;
     assert_eq!(a.status, 200, "{}", a.body);
     assert!(untrusted.requests().is_empty());
-    assert_eq!(gw.sink.snapshot()[0].tried[0].outcome, "tls_failed");
+    assert_eq!(
+        gw.sink.snapshot()[0].attempts[0].outcome,
+        Outcome::TlsFailed
+    );
 }
 
 #[tokio::test]
@@ -449,7 +454,7 @@ async fn connect_mode_terminates_tls_and_swaps_key() {
         header(r, "authorization"),
         Some(&*format!("Bearer {MANAGED_OA}"))
     );
-    assert_eq!(gw.sink.snapshot()[0].mode, "connect");
+    assert_eq!(gw.sink.snapshot()[0].arrival, Arrival::Connect);
 }
 
 #[tokio::test]
@@ -501,7 +506,6 @@ async fn capture_listener_terminates_tls_by_sni_and_swaps_key() {
         pid: Some(4242),
         uid: Some(1000),
         cgroup_id: Some(7),
-        comm: Some("python3".into()),
         ..ClientInfo::default()
     };
     let dst = "127.0.0.2:443".parse().unwrap();
@@ -528,7 +532,7 @@ async fn capture_listener_terminates_tls_by_sni_and_swaps_key() {
         Some(&*format!("Bearer {MANAGED_OA}"))
     );
     let d = &gw.sink.snapshot()[0];
-    assert_eq!(d.mode, "capture");
+    assert_eq!(d.arrival, Arrival::Capture);
     assert_eq!(d.client, info);
 }
 
@@ -683,16 +687,24 @@ async fn malformed_and_oversized_requests_get_clear_errors() {
 
 struct BlockSecrets;
 
+fn aws_note() -> PolicyNote {
+    PolicyNote {
+        policy: PolicyId::DlpFilter,
+        action: PolicyAction::Block,
+        rule: "aws-key".into(),
+        location: None,
+    }
+}
+
 impl Policy for BlockSecrets {
-    fn check(&self, request: &PolicyRequest<'_>, notes: &mut Vec<String>) -> PolicyVerdict {
+    fn check(&self, request: &PolicyRequest<'_>, notes: &mut Vec<PolicyNote>) -> PolicyVerdict {
         if String::from_utf8_lossy(request.body).contains("AKIA") {
-            notes.push("test-policy: block rule=aws-key".into());
-            let body = bytes::Bytes::from_static(
-                br#"{"error":{"message":"blocked","code":"kt_policy_blocked"}}"#,
-            );
-            let mut r = http::Response::new(body);
-            *r.status_mut() = http::StatusCode::FORBIDDEN;
-            return PolicyVerdict::Block(r);
+            notes.push(aws_note());
+            return PolicyVerdict::Block(Refusal {
+                status: http::StatusCode::FORBIDDEN,
+                code: "kt_policy_blocked",
+                message: "blocked".into(),
+            });
         }
         PolicyVerdict::Allow
     }
@@ -711,7 +723,7 @@ async fn policy_hook_can_block_before_forwarding() {
         &ca,
     )
     .policy(Arc::new(BlockSecrets))
-    .decision_sink(sink.clone())
+    .record_sink(sink.clone())
     .build()
     .unwrap();
     let gw = serve(gw, gca, sink).await;
@@ -727,10 +739,7 @@ async fn policy_hook_can_block_before_forwarding() {
     .await;
     assert_eq!(a.status, 403);
     assert!(up.requests().is_empty());
-    assert_eq!(
-        gw.sink.snapshot()[0].policy,
-        vec!["test-policy: block rule=aws-key"]
-    );
+    assert_eq!(gw.sink.snapshot()[0].policy, vec![aws_note()]);
     let a = send(
         &mut c,
         post("/openai/v1/chat/completions", &[], chat_body(false)),
@@ -778,8 +787,8 @@ async fn last_target_retry_after_within_bound_is_retried_once() {
     assert_eq!(a.status, 429);
     assert_eq!(up.requests().len(), 2, "one retry after Retry-After");
     let d = &gw.sink.snapshot()[0];
-    assert_eq!(d.tried.len(), 2);
-    assert!(d.tried.iter().all(|t| t.target == "oa1"));
+    assert_eq!(d.attempts.len(), 2);
+    assert!(d.attempts.iter().all(|t| t.target == "oa1"));
 }
 
 #[tokio::test]
@@ -842,8 +851,8 @@ async fn idle_gap_over_timeout_ends_stream_with_error_event() {
     assert_eq!(cuts.len(), 1);
     assert_eq!(cuts[0].0, gw.sink.snapshot()[0].request_id);
     assert_eq!(
-        cuts[0].1.cut,
-        StreamCut::IdleTimeout {
+        cuts[0].1.reason,
+        CutReason::IdleTimeout {
             idle: Duration::from_millis(500)
         }
     );
@@ -862,7 +871,7 @@ async fn start_with_store(
     let sink = Arc::new(EventSink::new(writer.clone(), Default::default()));
     let gca = Arc::new(Ca::ephemeral().unwrap());
     let gw = builder(cfg, secrets(), gca.clone(), ca)
-        .decision_sink(sink)
+        .record_sink(sink)
         .build()
         .unwrap();
     // The fixture's memory sink stays empty: the store is the record here.
@@ -1033,4 +1042,52 @@ async fn streams_that_end_cleanly_are_not_amended() {
     assert_eq!(gw.sink.snapshot().len(), 6);
     let cuts = gw.sink.stream_cuts();
     assert!(cuts.is_empty(), "{cuts:?}");
+}
+
+/// Thousands of connections that never send a byte (a slowloris, or a
+/// leaked pool) must not lock a real client out, on either listener, and
+/// the gateway holds no more of them than its budget.
+#[tokio::test]
+async fn idle_connections_never_lock_out_a_new_client() {
+    const IDLE: usize = 5000;
+    let ca = TestCa::new();
+    let up = FakeProvider::start(&ca, "first", Behavior::Ok).await;
+    let mut cfg = config(vec![oa("oa1", &up, "OA1")]);
+    cfg.gateway.max_connections = 64;
+    let gw = start(cfg, secrets(), &ca).await;
+    let dst = "127.0.0.2:443".parse().unwrap();
+    let cap = start_capture(&gw.gw, Arc::new(FixedLookup(dst, ClientInfo::default()))).await;
+
+    let mut idle = Vec::with_capacity(IDLE);
+    for i in 0..IDLE {
+        let to = if i % 2 == 0 { cap } else { gw.addr };
+        idle.push(tokio::net::TcpStream::connect(to).await.unwrap());
+    }
+    // A real client on each listener is still served.
+    let mut conn = h1_tls(cap, "api.openai.com", gw.ca.cert_der()).await;
+    let a = send(
+        &mut conn,
+        post(
+            "/v1/chat/completions",
+            &[("host", "api.openai.com")],
+            chat_body(false),
+        ),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let mut c = h1_plain(gw.addr).await;
+    let b = send(
+        &mut c,
+        post("/openai/v1/chat/completions", &[], chat_body(false)),
+    )
+    .await;
+    assert_eq!(b.status, 200, "{}", b.body);
+    // Bounded: all but the budget's worth of idle connections were closed.
+    let (refused, evicted) = gw.gw.connection_budget_stats();
+    assert_eq!(refused, 0);
+    assert!(
+        evicted >= (IDLE + 2 - 64) as u64,
+        "only {evicted} idle connections were closed"
+    );
+    drop(idle);
 }

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use guard::ca::Ca;
 use guard::config::{DlpAction, DlpFilter, PolicyKind, Provider};
 use guard::events::{EventWriter, WriterConfig};
-use guard::gateway::MemorySink;
-use guard::gateway::chain::Chain;
+use guard::policy::Chain;
+use guard::record::{AuditHealth, MemorySink, PolicyAction, PolicyId};
 use guard_tests::fake_provider::{Behavior, FakeProvider, TestCa};
 use guard_tests::gateway_fixture::*;
 
@@ -59,12 +59,13 @@ async fn setup_with(
     )]);
     cfg.chain = vec![PolicyKind::DlpFilter, PolicyKind::AuditLogger];
     cfg.dlp = Some(seed_dlp(action));
-    let chain = Chain::new(&cfg, writer, refuse_when_unhealthy).unwrap();
+    let health = writer.map(|w| Arc::new(w) as Arc<dyn AuditHealth>);
+    let chain = Chain::new(&cfg, health, refuse_when_unhealthy).unwrap();
     let gca = Arc::new(Ca::ephemeral().unwrap());
     let sink = Arc::new(MemorySink::new());
     let gw = builder(cfg, MapResolver::of(&[("OA", MANAGED)]), gca.clone(), &ca)
         .policy(Arc::new(chain))
-        .decision_sink(sink.clone())
+        .record_sink(sink.clone())
         .build()
         .unwrap();
     Setup {
@@ -152,7 +153,7 @@ async fn a_pasted_key_is_blocked_in_every_encoding_and_never_forwarded() {
     assert!(decisions.iter().all(|d| {
         d.policy
             .iter()
-            .any(|n| n.starts_with("dlp-filter: block rule="))
+            .any(|n| n.policy == PolicyId::DlpFilter && n.action == PolicyAction::Block)
     }));
     // The event names the same code the client saw.
     assert!(
@@ -211,7 +212,9 @@ async fn redact_mode_forwards_valid_json_without_the_secret() {
     );
     let d = &s.gw.sink.snapshot()[0];
     assert!(
-        d.policy.iter().any(|n| n.starts_with("dlp-filter: redact")),
+        d.policy
+            .iter()
+            .any(|n| n.policy == PolicyId::DlpFilter && n.action == PolicyAction::Redact),
         "{:?}",
         d.policy
     );
@@ -228,7 +231,7 @@ async fn audit_mode_forwards_unchanged_and_records_the_finding() {
     assert!(
         d.policy
             .iter()
-            .any(|n| n.starts_with("dlp-filter: audit rule=")),
+            .any(|n| n.policy == PolicyId::DlpFilter && n.action == PolicyAction::Audit),
         "{:?}",
         d.policy
     );

@@ -17,7 +17,8 @@ use crate::cli::hosts::{self as provider_hosts, SeenPrefixes};
 use crate::cli::serve::{self, Assembled};
 use crate::cli::{Global, exit};
 use crate::config::{Config, IpPrefix};
-use crate::gateway::{CaptureLookup, ClientInfo};
+use crate::gateway::CaptureLookup;
+use crate::record::ClientInfo;
 
 /// Arguments of `kt run`.
 #[derive(Clone, Debug, clap::Args)]
@@ -298,7 +299,6 @@ impl CaptureLookup for Lookup {
                 pid: Some(origin.pid),
                 uid: Some(origin.uid),
                 cgroup_id: Some(origin.cgroup_id),
-                comm: None,
                 exe: p.exe,
                 cmdline: p.cmdline,
                 cgroup: p.cgroup,

@@ -640,7 +640,7 @@ fn write_table(out: &mut dyn Write, header: &[&str], rows: &[Vec<String>]) -> io
 mod tests {
     use super::*;
     use crate::config::{
-        Capture, Gateway, Pack, Provider, Providers, RoutingStrategy, SecretKeyRef, Target,
+        Capture, GatewaySettings, Pack, Provider, Providers, RoutingStrategy, SecretKeyRef, Target,
     };
     use crate::secrets::keychain_test::{TestName, require_keyring};
     use clap::Parser;
@@ -752,7 +752,7 @@ mod tests {
             chain: Vec::new(),
             dlp: None,
             audit: None,
-            gateway: Gateway::default(),
+            gateway: GatewaySettings::default(),
             capture: Capture::default(),
         }
     }

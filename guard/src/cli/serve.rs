@@ -58,7 +58,10 @@ pub fn assemble(
         (None, None)
     };
     let refuse_without_store = audit && audit_cfg.on_store_failure == StoreFailure::Refuse;
-    let policy = crate::gateway::chain::Chain::new(&config, writer.clone(), refuse_without_store)
+    let health = writer
+        .clone()
+        .map(|w| Arc::new(w) as Arc<dyn crate::record::AuditHealth>);
+    let policy = crate::policy::Chain::new(&config, health, refuse_without_store)
         .context("compiling the policy chain")?;
 
     let fp = Arc::new(fingerprinter);
@@ -67,7 +70,7 @@ pub fn assemble(
         .policy(Arc::new(policy))
         .fingerprint(Arc::new(move |v: &str| fp.fingerprint(v).to_string()));
     if let Some(w) = writer {
-        builder = builder.decision_sink(Arc::new(EventSink::new(w, known)));
+        builder = builder.record_sink(Arc::new(EventSink::new(w, known)));
     }
     match builder.build() {
         Ok(gateway) => {

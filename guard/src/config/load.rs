@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use super::error::{ConfigError, ConfigErrors, LoadError};
 use super::model::{
-    AuditLogger, Capture, Config, DlpAction, DlpFilter, Gateway, IpPrefix, MAX_FUZZY_DISTANCE,
-    Pack, PolicyKind, Provider, Providers, RoutingStrategy, SecretKeyRef, StoreFailure, Target,
+    AuditLogger, Capture, Config, DlpAction, DlpFilter, GatewaySettings, IpPrefix,
+    MAX_FUZZY_DISTANCE, Pack, PolicyKind, Provider, Providers, RoutingStrategy, SecretKeyRef,
+    StoreFailure, Target,
 };
 use super::tree::{self, Kind, Node, Pos};
 
@@ -658,7 +659,7 @@ impl Cx {
         out
     }
 
-    fn gateway(&mut self, node: Option<&Node>) -> Gateway {
+    fn gateway(&mut self, node: Option<&Node>) -> GatewaySettings {
         const KEYS: &[&str] = &[
             "listen",
             "capture_listen",
@@ -669,8 +670,9 @@ impl Cx {
             "max_body_bytes",
             "max_retry_after",
             "splice_unknown_sni",
+            "max_connections",
         ];
-        let mut out = Gateway::default();
+        let mut out = GatewaySettings::default();
         let Some(f) = node.and_then(|n| self.mapping(n, "gateway", KEYS)) else {
             return out;
         };
@@ -727,6 +729,17 @@ impl Cx {
             .and_then(|n| self.boolean(n, "gateway.splice_unknown_sni"))
         {
             out.splice_unknown = v;
+        }
+        if let Some(v) = f.get("max_connections").and_then(|n| {
+            self.int_in(
+                n,
+                "gateway.max_connections",
+                1,
+                1 << 20,
+                "a number of connections, e.g. 4096",
+            )
+        }) {
+            out.max_connections = usize::try_from(v).unwrap_or(usize::MAX);
         }
         out
     }

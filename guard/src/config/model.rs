@@ -6,6 +6,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use crate::provider::Provider;
+
 /// A whole, validated configuration file.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
@@ -23,7 +25,7 @@ pub struct Config {
     /// `policy.audit-logger`, when present; defaults when only the chain names it.
     pub audit: Option<AuditLogger>,
     /// `gateway`: listeners, timeouts and limits.
-    pub gateway: Gateway,
+    pub gateway: GatewaySettings,
     /// `capture`: what the eBPF programs send to the gateway.
     pub capture: Capture,
 }
@@ -74,46 +76,6 @@ pub struct Target {
     pub secret_key_ref: SecretKeyRef,
     /// `base_url`: where requests go (default: the provider's official endpoint).
     pub base_url: Option<String>,
-}
-
-/// A provider family; decides the credential header style and error shapes.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub enum Provider {
-    /// OpenAI (`Authorization: Bearer`).
-    OpenAi,
-    /// Anthropic (`x-api-key`).
-    Anthropic,
-    /// Another name; needs a `base_url`, spoken to OpenAI-style.
-    Other(String),
-}
-
-impl Provider {
-    /// The name as written in config files and shown to users.
-    pub fn name(&self) -> &str {
-        match self {
-            Provider::OpenAi => "openai",
-            Provider::Anthropic => "anthropic",
-            Provider::Other(name) => name,
-        }
-    }
-
-    /// The official API endpoint, when this is a known provider.
-    pub fn default_base_url(&self) -> Option<&'static str> {
-        match self {
-            Provider::OpenAi => Some("https://api.openai.com/v1"),
-            Provider::Anthropic => Some("https://api.anthropic.com"),
-            Provider::Other(_) => None,
-        }
-    }
-
-    /// Parses a provider name (case-insensitive).
-    pub fn parse(name: &str) -> Provider {
-        match name.to_ascii_lowercase().as_str() {
-            "openai" => Provider::OpenAi,
-            "anthropic" => Provider::Anthropic,
-            other => Provider::Other(other.to_string()),
-        }
-    }
 }
 
 /// `secret_key_ref`: a name, never a value.
@@ -243,7 +205,7 @@ pub enum StoreFailure {
 
 /// `gateway`.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Gateway {
+pub struct GatewaySettings {
     /// `listen` (default 127.0.0.1:8787): explicit clients (base URL, CONNECT).
     pub listen: SocketAddr,
     /// `capture_listen` (default 127.0.0.1:8788): redirected connections.
@@ -263,11 +225,16 @@ pub struct Gateway {
     /// `splice_unknown_sni` (default true): non-provider names on captured
     /// addresses, and CONNECT to non-provider hosts, pass untouched.
     pub splice_unknown: bool,
+    /// `max_connections` (default 4096): client connections served at once,
+    /// over all listeners. When full, the oldest connection that has not
+    /// sent a request yet is closed to make room; if there is none, the new
+    /// connection is closed.
+    pub max_connections: usize,
 }
 
-impl Default for Gateway {
+impl Default for GatewaySettings {
     fn default() -> Self {
-        Gateway {
+        GatewaySettings {
             listen: SocketAddr::from(([127, 0, 0, 1], 8787)),
             capture_listen: SocketAddr::from(([127, 0, 0, 1], 8788)),
             capture_listen6: Some(SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 8788))),
@@ -277,6 +244,7 @@ impl Default for Gateway {
             max_body_bytes: 16 * 1024 * 1024,
             max_retry_after: Duration::from_secs(10),
             splice_unknown: true,
+            max_connections: 4096,
         }
     }
 }

@@ -146,7 +146,7 @@ fn seed_loads_as_written() {
     assert_eq!(dlp.max_distance, 1);
     assert!(dlp.builtin_rules);
     assert_eq!(c.audit, Some(AuditLogger::default()));
-    assert_eq!(c.gateway, Gateway::default());
+    assert_eq!(c.gateway, GatewaySettings::default());
     assert_eq!(c.capture, Capture::default());
 }
 
@@ -360,7 +360,7 @@ fn unknown_key_lists_expected_and_suggests() {
         e.to_string(),
         "t.yaml:8:3: unknown key `listn` in `gateway` (expected one of: listen, capture_listen, \
          capture_listen6, connect_timeout, first_byte_timeout, idle_timeout, max_body_bytes, \
-         max_retry_after, splice_unknown_sni)\n  hint: did you mean `listen`?"
+         max_retry_after, splice_unknown_sni, max_connections)\n  hint: did you mean `listen`?"
     );
     let top = errs(&with("gatway: {}\n"));
     assert!(

@@ -191,14 +191,6 @@ pub fn fingerprint(matched: &[u8]) -> String {
     out
 }
 
-/// Header names never scanned: the gateway replaces them with the managed key.
-const CREDENTIAL_HEADERS: &[&str] = &[
-    "authorization",
-    "proxy-authorization",
-    "x-api-key",
-    "api-key",
-];
-
 /// What the scanner sees of a request.
 #[derive(Clone, Copy, Debug)]
 pub struct RequestView<'a> {
@@ -664,10 +656,7 @@ impl Scanner {
             sources.push(Source::plain(Origin::Url, false, url));
         }
         for (i, (name, value)) in req.headers.iter().enumerate() {
-            if CREDENTIAL_HEADERS
-                .iter()
-                .any(|c| name.eq_ignore_ascii_case(c))
-            {
+            if crate::provider::is_credential_header(name) {
                 continue;
             }
             sources.push(Source::plain(Origin::Header(i), false, value));

@@ -10,13 +10,13 @@ use super::{
     Amendment, Client, Decision, Event, EventWriter, FallbackStep, PolicyNote, PresentedKey,
     StreamEnd, StreamOutcome,
 };
-use crate::gateway::{self, DecisionSink, StreamCut};
+use crate::record::{self, CutReason, PolicyAction, RecordSink, RequestRecord};
 
 /// Longest stream cut reason kept, in bytes (the HTTP library's text is short;
 /// this only bounds the unexpected).
 const MAX_REASON: usize = 200;
 
-/// A [`DecisionSink`] that queues one [`Event`] per decision.
+/// A [`RecordSink`] that queues one [`Event`] per request record.
 pub struct EventSink {
     writer: EventWriter,
     /// Fingerprint → name of the stored secrets, to say which one a client
@@ -32,16 +32,16 @@ impl EventSink {
     }
 }
 
-impl DecisionSink for EventSink {
-    fn record(&self, d: gateway::Decision) {
-        self.writer.record(to_event(&d, &self.known));
+impl RecordSink for EventSink {
+    fn record(&self, r: RequestRecord) {
+        self.writer.record(to_event(&r, &self.known));
     }
 
-    fn amend(&self, request_id: &str, time: SystemTime, outcome: gateway::StreamOutcome) {
+    fn amend(&self, request_id: &str, time: SystemTime, cut: record::StreamCut) {
         self.writer.amend(Amendment {
             request_id: request_id.to_string(),
             time_ms: event_time_ms(time),
-            stream: to_stream_outcome(&outcome),
+            stream: to_stream_outcome(&cut),
         });
     }
 }
@@ -54,17 +54,17 @@ fn event_time_ms(time: SystemTime) -> i64 {
         .unwrap_or(0)
 }
 
-/// Converts a gateway stream cut into the stored outcome.
-pub fn to_stream_outcome(o: &gateway::StreamOutcome) -> StreamOutcome {
-    let (end, reason) = match &o.cut {
-        StreamCut::UpstreamFailed { message } => {
+/// Converts a stream cut into the stored outcome.
+pub fn to_stream_outcome(o: &record::StreamCut) -> StreamOutcome {
+    let (end, reason) = match &o.reason {
+        CutReason::UpstreamFailed { message } => {
             (StreamEnd::UpstreamFailed, Some(bounded(message)))
         }
-        StreamCut::IdleTimeout { idle } => (
+        CutReason::IdleTimeout { idle } => (
             StreamEnd::IdleTimeout,
             Some(format!("no data for {}", humantime::format_duration(*idle))),
         ),
-        StreamCut::ClientClosed => (StreamEnd::ClientClosed, None),
+        CutReason::ClientClosed => (StreamEnd::ClientClosed, None),
     };
     StreamOutcome {
         end,
@@ -84,12 +84,11 @@ fn bounded(s: &str) -> String {
     format!("{}...", &s[..end])
 }
 
-/// Converts a gateway decision into an event.
-pub fn to_event(d: &gateway::Decision, known: &HashMap<String, String>) -> Event {
-    let policy: Vec<PolicyNote> = d.policy.iter().map(|n| parse_note(n)).collect();
-    let decision = if policy.iter().any(|p| p.decision == "block") {
+/// Converts a request record into an event.
+pub fn to_event(d: &RequestRecord, known: &HashMap<String, String>) -> Event {
+    let decision = if d.policy.iter().any(|p| p.action == PolicyAction::Block) {
         Decision::Block
-    } else if policy.iter().any(|p| p.decision == "redact") {
+    } else if d.policy.iter().any(|p| p.action == PolicyAction::Redact) {
         Decision::Redact
     } else if d.error_code.is_some() || d.status >= 500 {
         Decision::Error
@@ -98,25 +97,34 @@ pub fn to_event(d: &gateway::Decision, known: &HashMap<String, String>) -> Event
     };
     let mut e = Event::new(d.request_id.clone(), decision);
     e.time_ms = event_time_ms(d.time);
-    e.provider = d.provider.clone();
-    e.target_tried = d.tried.iter().map(|t| t.target.clone()).collect();
-    e.target_chosen = d.chosen.clone();
+    e.provider.clone_from(&d.provider);
+    e.target_tried = d.attempts.iter().map(|t| t.target.clone()).collect();
+    e.target_chosen.clone_from(&d.chosen);
     e.fallback_steps = d
-        .tried
+        .attempts
         .iter()
         .map(|t| FallbackStep {
             target: t.target.clone(),
-            outcome: t.outcome.clone(),
+            outcome: t.outcome.label(),
         })
         .collect();
     e.status = Some(d.status);
-    e.latency_ms = Some(d.latency.as_millis() as u64);
-    e.policy = policy;
+    e.latency_ms = Some(u64::try_from(d.latency.as_millis()).unwrap_or(u64::MAX));
+    e.policy = d
+        .policy
+        .iter()
+        .map(|n| PolicyNote {
+            policy: n.policy.name().to_string(),
+            decision: n.action.label().to_string(),
+            rule_id: Some(n.rule.clone()),
+            location: n.location.clone(),
+        })
+        .collect();
     e.client = Client {
         addr: d.client_addr.map(|a| a.to_string()),
         pid: d.client.pid,
         uid: d.client.uid,
-        exe: d.client.exe.clone().or_else(|| d.client.comm.clone()),
+        exe: d.client.exe.clone(),
         cmdline: d.client.cmdline.clone(),
         cgroup: d.client.cgroup.clone(),
         container_id: d.client.container_id.clone(),
@@ -132,112 +140,114 @@ pub fn to_event(d: &gateway::Decision, known: &HashMap<String, String>) -> Event
     e.message = Some(match d.error_code {
         Some(code) => format!(
             "{} {} -> {} ({code}) via {}",
-            d.method, d.path, d.status, d.mode
+            d.method,
+            d.path,
+            d.status,
+            d.arrival.label()
         ),
-        None => format!("{} {} via {}", d.method, d.path, d.mode),
+        None => format!("{} {} via {}", d.method, d.path, d.arrival.label()),
     });
     e
-}
-
-/// `dlp-filter: block rule=openai-key at=body:$.messages[0].content` →
-/// a structured note. Unknown shapes keep the whole text as the decision.
-fn parse_note(note: &str) -> PolicyNote {
-    let (policy, rest) = note.split_once(':').unwrap_or(("policy", note));
-    let mut words = rest.split_whitespace();
-    let decision = words.next().unwrap_or("").to_string();
-    let mut rule_id = None;
-    let mut location = None;
-    for w in words {
-        if let Some(r) = w.strip_prefix("rule=") {
-            rule_id = Some(r.to_string());
-        } else if let Some(l) = w.strip_prefix("at=") {
-            location = Some(l.to_string());
-        }
-    }
-    PolicyNote {
-        policy: policy.trim().to_string(),
-        decision,
-        rule_id,
-        location,
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gateway::ClientInfo;
-    use crate::routing::Tried;
-    use std::time::{Duration, SystemTime};
+    use crate::record::{Arrival, Attempt, ClientInfo, Outcome, PolicyId};
+    use std::time::Duration;
 
-    fn decision(policy: Vec<String>, status: u16, fp: Option<&str>) -> gateway::Decision {
-        gateway::Decision {
-            request_id: "req-1".into(),
-            time: SystemTime::now(),
-            client_addr: Some("127.0.0.1:5000".parse().unwrap()),
-            client: ClientInfo {
+    fn record(policy: Vec<record::PolicyNote>, status: u16, fp: Option<&str>) -> RequestRecord {
+        let mut r = RequestRecord::new(
+            "req-1".into(),
+            Arrival::Capture,
+            Some("127.0.0.1:5000".parse().unwrap()),
+            ClientInfo {
                 pid: Some(42),
                 exe: Some("/usr/bin/python3".into()),
                 ..ClientInfo::default()
             },
-            mode: "capture",
-            provider: Some("openai".into()),
-            method: "POST".into(),
-            path: "/v1/chat/completions".into(),
-            tried: vec![
-                Tried {
-                    target: "q2".into(),
-                    outcome: "503".into(),
+            "POST".into(),
+        );
+        r.provider = Some("openai".into());
+        r.path = "/v1/chat/completions".into();
+        r.attempts = vec![
+            Attempt {
+                target: "q2".into(),
+                outcome: Outcome::Status {
+                    status: 503,
+                    retry_after: None,
                 },
-                Tried {
-                    target: "q1".into(),
-                    outcome: "200".into(),
+            },
+            Attempt {
+                target: "q1".into(),
+                outcome: Outcome::Status {
+                    status: 200,
+                    retry_after: None,
                 },
-            ],
-            chosen: Some("q1".into()),
-            status,
-            error_code: None,
-            latency: Duration::from_millis(12),
-            client_key_fingerprint: fp.map(str::to_string),
-            policy,
+            },
+        ];
+        r.chosen = Some("q1".into());
+        r.status = status;
+        r.latency = Duration::from_millis(12);
+        r.client_key_fingerprint = fp.map(str::to_string);
+        r.policy = policy;
+        r
+    }
+
+    fn note(action: PolicyAction, rule: &str, at: Option<&str>) -> record::PolicyNote {
+        record::PolicyNote {
+            policy: PolicyId::DlpFilter,
+            action,
+            rule: rule.into(),
+            location: at.map(String::from),
         }
     }
 
     #[test]
-    fn decisions_become_events_naming_the_process_and_the_key() {
+    fn records_become_events_naming_the_process_and_the_key() {
         let known = HashMap::from([("fp:aaa".to_string(), "OPENAI_API_KEY_2026Q1".to_string())]);
-        let e = to_event(&decision(vec![], 200, Some("fp:aaa")), &known);
+        let e = to_event(&record(vec![], 200, Some("fp:aaa")), &known);
         assert_eq!(e.decision, Decision::Allow);
         assert_eq!(e.target_tried, vec!["q2", "q1"]);
         assert_eq!(e.target_chosen.as_deref(), Some("q1"));
-        assert_eq!(e.fallback_steps[0].outcome, "503");
+        assert_eq!(e.fallback_steps[0].outcome, "status_503");
         assert_eq!(e.client.pid, Some(42));
         assert_eq!(e.client.exe.as_deref(), Some("/usr/bin/python3"));
         let key = e.key.unwrap();
         assert_eq!(key.matches_secret.as_deref(), Some("OPENAI_API_KEY_2026Q1"));
         assert!(key.managed);
 
-        let unknown = to_event(&decision(vec![], 200, Some("fp:zzz")), &known);
+        let unknown = to_event(&record(vec![], 200, Some("fp:zzz")), &known);
         assert_eq!(unknown.key.unwrap().matches_secret, None);
     }
 
     #[test]
     fn policy_notes_decide_block_and_redact() {
-        let notes =
-            vec!["dlp-filter: block rule=aws-access-key at=body:$.messages[0].content".to_string()];
-        let e = to_event(&decision(notes, 403, None), &HashMap::new());
+        let notes = vec![note(
+            PolicyAction::Block,
+            "aws-access-key",
+            Some("body:$.messages[0].content"),
+        )];
+        let e = to_event(&record(notes, 403, None), &HashMap::new());
         assert_eq!(e.decision, Decision::Block);
         assert_eq!(e.policy[0].policy, "dlp-filter");
+        assert_eq!(e.policy[0].decision, "block");
         assert_eq!(e.policy[0].rule_id.as_deref(), Some("aws-access-key"));
         assert_eq!(
             e.policy[0].location.as_deref(),
             Some("body:$.messages[0].content")
         );
         let r = to_event(
-            &decision(vec!["dlp-filter: redact rule=x".into()], 200, None),
+            &record(vec![note(PolicyAction::Redact, "x", None)], 200, None),
             &HashMap::new(),
         );
         assert_eq!(r.decision, Decision::Redact);
-        let err = to_event(&decision(vec![], 502, None), &HashMap::new());
+        let a = to_event(
+            &record(vec![note(PolicyAction::Audit, "x", None)], 200, None),
+            &HashMap::new(),
+        );
+        assert_eq!(a.decision, Decision::Allow);
+        let err = to_event(&record(vec![], 502, None), &HashMap::new());
         assert_eq!(err.decision, Decision::Error);
     }
 }

@@ -774,28 +774,28 @@ fn amendments_to_an_unavailable_store_are_counted_lost() {
 
 #[test]
 fn event_sink_amends_the_event_it_recorded() {
-    use crate::gateway::{self, ClientInfo, DecisionSink, StreamCut};
+    use crate::record::{Arrival, ClientInfo, CutReason, RecordSink, RequestRecord, StreamCut};
     use std::time::SystemTime;
     let dir = tempfile::tempdir().unwrap();
     let (writer, handle) = EventWriter::spawn(WriterConfig::new(dir.path(), 0));
     let sink = EventSink::new(writer.clone(), Default::default());
-    let decision = |id: &str| gateway::Decision {
-        request_id: id.into(),
-        // Not now: the amendment must find the event by the decision's time.
-        time: SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123),
-        client_addr: None,
-        client: ClientInfo::default(),
-        mode: "base_url",
-        provider: Some("openai".into()),
-        method: "POST".into(),
-        path: "/v1/chat/completions".into(),
-        tried: vec![],
-        chosen: Some("oa1".into()),
-        status: 200,
-        error_code: None,
-        latency: Duration::from_millis(3),
-        client_key_fingerprint: Some("sha256:0123456789ab".into()),
-        policy: vec![],
+    let decision = |id: &str| {
+        let mut r = RequestRecord::new(
+            id.into(),
+            Arrival::BaseUrl,
+            None,
+            ClientInfo::default(),
+            "POST".into(),
+        );
+        // Not now: the amendment must find the event by the record's time.
+        r.time = SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
+        r.provider = Some("openai".into());
+        r.path = "/v1/chat/completions".into();
+        r.chosen = Some("oa1".into());
+        r.status = 200;
+        r.latency = Duration::from_millis(3);
+        r.client_key_fingerprint = Some("sha256:0123456789ab".into());
+        r
     };
     let a = decision("a");
     sink.record(a.clone());
@@ -803,8 +803,8 @@ fn event_sink_amends_the_event_it_recorded() {
     sink.amend(
         "a",
         a.time,
-        gateway::StreamOutcome {
-            cut: StreamCut::UpstreamFailed {
+        StreamCut {
+            reason: CutReason::UpstreamFailed {
                 message: "error reading a body from connection".into(),
             },
             bytes: 120,
@@ -832,9 +832,9 @@ fn event_sink_amends_the_event_it_recorded() {
 
 #[test]
 fn stream_cuts_convert_with_a_bounded_reason() {
-    use crate::gateway::{self, StreamCut};
-    let idle = to_stream_outcome(&gateway::StreamOutcome {
-        cut: StreamCut::IdleTimeout {
+    use crate::record::{CutReason, StreamCut};
+    let idle = to_stream_outcome(&StreamCut {
+        reason: CutReason::IdleTimeout {
             idle: Duration::from_secs(30),
         },
         bytes: 9,
@@ -843,13 +843,13 @@ fn stream_cuts_convert_with_a_bounded_reason() {
         idle,
         cut(StreamEnd::IdleTimeout, Some("no data for 30s"), 9)
     );
-    let closed = to_stream_outcome(&gateway::StreamOutcome {
-        cut: StreamCut::ClientClosed,
+    let closed = to_stream_outcome(&StreamCut {
+        reason: CutReason::ClientClosed,
         bytes: 0,
     });
     assert_eq!(closed, cut(StreamEnd::ClientClosed, None, 0));
-    let long = to_stream_outcome(&gateway::StreamOutcome {
-        cut: StreamCut::UpstreamFailed {
+    let long = to_stream_outcome(&StreamCut {
+        reason: CutReason::UpstreamFailed {
             message: "é".repeat(500),
         },
         bytes: 0,

@@ -255,6 +255,12 @@ impl EventWriter {
     }
 }
 
+impl crate::record::AuditHealth for EventWriter {
+    fn healthy(&self) -> bool {
+        EventWriter::healthy(self)
+    }
+}
+
 impl WriterHandle {
     /// Writes everything recorded so far and stops the thread (bounded by the
     /// shutdown timeout). True when nothing was left behind.

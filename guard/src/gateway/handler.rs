@@ -1,26 +1,26 @@
-//! One HTTP request: identify the provider, strip the client's credentials,
-//! run the policy hook, then try the targets in order with the managed key.
+//! One HTTP request, as a short sequence of named steps: strip the client's
+//! credentials, identify the provider, read the body, run the policy chain,
+//! forward (see [`super::forward`]). Every step that refuses answers in the
+//! provider's error shape and finishes the record.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Instant;
 
 use bytes::Bytes;
-use http::header::{
-    CONTENT_LENGTH, CONTENT_TYPE, HOST, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER,
-};
-use http::{Method, Request, Response, StatusCode};
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 
 use super::Inner;
-use super::decision::{ClientInfo, Decision};
-use super::policy::{BlockCode, PolicyRequest, PolicyVerdict};
-use super::relay::{Amend, BoxError, Relay};
-use super::upstream::{ConnectError, find_connect_error};
-use crate::routing::{self, Outcome, Tried, Verdict, codes};
+use super::relay::BoxError;
+use crate::policy::{PolicyRequest, PolicyVerdict, Refusal};
+use crate::provider::{self, Provider};
+use crate::record::{Arrival, Attempt, ClientInfo, RequestRecord, codes};
+use crate::routing::{self, Matched};
 
 /// The body type every gateway response has.
 pub type GwBody = BoxBody<Bytes, BoxError>;
@@ -47,11 +47,11 @@ pub enum Mode {
 }
 
 impl Mode {
-    fn label(&self) -> &'static str {
+    fn arrival(&self) -> Arrival {
         match self {
-            Mode::BaseUrl => "base_url",
-            Mode::Connect { .. } => "connect",
-            Mode::Capture { .. } => "capture",
+            Mode::BaseUrl => Arrival::BaseUrl,
+            Mode::Connect { .. } => Arrival::Connect,
+            Mode::Capture { .. } => Arrival::Capture,
         }
     }
 }
@@ -81,7 +81,7 @@ const HOP_BY_HOP: &[&str] = &[
     "expect",
 ];
 
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Headers named in Connection are hop-by-hop too.
     let named: Vec<HeaderName> = headers
         .get_all(http::header::CONNECTION)
@@ -102,27 +102,68 @@ pub(crate) fn full(b: impl Into<Bytes>) -> GwBody {
     Full::new(b.into()).map_err(|never| match never {}).boxed()
 }
 
-fn json_response(status: StatusCode, body: Vec<u8>, request_id: &str) -> Response<GwBody> {
+/// A JSON response carrying the request id.
+pub(crate) fn json_response(
+    status: StatusCode,
+    body: Vec<u8>,
+    request_id: &str,
+) -> Response<GwBody> {
     let mut r = Response::new(full(body));
     *r.status_mut() = status;
     r.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    if let Ok(v) = HeaderValue::from_str(request_id) {
-        r.headers_mut().insert("x-kt-request-id", v);
-    }
+    set_request_id(r.headers_mut(), request_id);
     r
 }
 
-struct Record {
-    decision: Decision,
-    started: Instant,
+pub(crate) fn set_request_id(headers: &mut HeaderMap, request_id: &str) {
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        headers.insert("x-kt-request-id", v);
+    }
 }
 
-impl Record {
-    fn finish(mut self, inner: &Inner, status: StatusCode) {
-        self.decision.status = status.as_u16();
-        self.decision.latency = self.started.elapsed();
-        inner.sink.record(self.decision);
+/// A request in flight: its record, and the provider once known (which
+/// decides the shape of kt's own error bodies).
+pub(crate) struct Exchange {
+    pub(crate) rec: RequestRecord,
+    pub(crate) started: Instant,
+    pub(crate) provider: Option<Provider>,
+}
+
+impl Exchange {
+    /// Records the response status and hands the record to the sink.
+    pub(crate) fn finish(mut self, inner: &Inner, status: StatusCode) {
+        self.rec.status = status.as_u16();
+        self.rec.latency = self.started.elapsed();
+        inner.sink.record(self.rec);
+    }
+
+    /// Answers with kt's own error, in the provider's shape, and records it.
+    pub(crate) fn fail(
+        mut self,
+        inner: &Inner,
+        refusal: &Refusal,
+        tried: &[Attempt],
+    ) -> Response<GwBody> {
+        self.rec.error_code = Some(refusal.code);
+        let body = provider::error_body(
+            self.provider.as_ref(),
+            refusal.status,
+            refusal.code,
+            &refusal.message,
+            tried,
+        );
+        let id = self.rec.request_id.clone();
+        self.finish(inner, refusal.status);
+        json_response(refusal.status, body, &id)
+    }
+}
+
+fn refusal(status: StatusCode, code: &'static str, message: impl Into<String>) -> Refusal {
+    Refusal {
+        status,
+        code,
+        message: message.into(),
     }
 }
 
@@ -132,52 +173,79 @@ pub async fn handle(
     ctx: Arc<ConnCtx>,
     req: Request<Incoming>,
 ) -> Result<Response<GwBody>, std::convert::Infallible> {
-    let n = inner.counter.fetch_add(1, Ordering::Relaxed);
-    let request_id = format!("{}-{n:x}", inner.id_prefix);
-    let mut rec = Record {
-        decision: Decision {
-            request_id: request_id.clone(),
-            time: SystemTime::now(),
-            client_addr: ctx.peer,
-            client: ctx.client.clone(),
-            mode: ctx.mode.label(),
-            provider: None,
-            method: req.method().to_string(),
-            path: String::new(),
-            tried: Vec::new(),
-            chosen: None,
-            status: 0,
-            error_code: None,
-            latency: Duration::ZERO,
-            client_key_fingerprint: None,
-            policy: Vec::new(),
-        },
-        started: Instant::now(),
-    };
+    let mut ex = begin(&inner, &ctx, &req);
     let (mut parts, body) = req.into_parts();
+    let path_and_query = strip_credentials(&inner, &mut ex, &mut parts);
+    let Some(matched) = identify(&inner, &ctx, &parts, &path_and_query) else {
+        return Ok(unknown_provider(&inner, ex, path_and_query));
+    };
+    ex.provider = Some(matched.provider.clone());
+    ex.rec.provider = Some(matched.provider.name().to_string());
+    ex.rec.path.clone_from(&matched.api_path);
+    let body = match read_body(&inner, &parts, body).await {
+        Ok(b) => b,
+        Err(r) => return Ok(ex.fail(&inner, &r, &[])),
+    };
+    let body = match run_policy(&inner, &ctx, &mut ex, &mut parts, &matched, body) {
+        Ok(b) => b,
+        Err(r) => return Ok(ex.fail(&inner, &r, &[])),
+    };
+    strip_hop_by_hop(&mut parts.headers);
+    parts.headers.remove(HOST);
+    parts.headers.remove(CONTENT_LENGTH);
+    Ok(super::forward::forward(&inner, ex, &parts, &matched, body).await)
+}
 
-    // Credentials go first, before anything can log or forward them.
+/// Opens the record of a request arriving now.
+fn begin(inner: &Inner, ctx: &ConnCtx, req: &Request<Incoming>) -> Exchange {
+    let n = inner.counter.fetch_add(1, Ordering::Relaxed);
+    Exchange {
+        rec: RequestRecord::new(
+            format!("{}-{n:x}", inner.id_prefix),
+            ctx.mode.arrival(),
+            ctx.peer,
+            ctx.client.clone(),
+            req.method().to_string(),
+        ),
+        started: Instant::now(),
+        provider: None,
+    }
+}
+
+/// Removes every credential the client sent (headers and query keys),
+/// before anything can log or forward them; keeps only a fingerprint.
+/// Returns the cleaned `path?query`.
+fn strip_credentials(inner: &Inner, ex: &mut Exchange, parts: &mut http::request::Parts) -> String {
     let header_key = routing::strip_credential_headers(&mut parts.headers);
     let raw_pq = parts
         .uri
         .path_and_query()
-        .map(|pq| pq.as_str().to_string())
-        .unwrap_or_else(|| "/".into());
+        .map_or_else(|| "/".to_string(), |pq| pq.as_str().to_string());
     let (clean_pq, query_key) = routing::strip_credential_query(&raw_pq);
     if let Some(k) = header_key.or(query_key) {
-        rec.decision.client_key_fingerprint = Some((inner.fingerprint)(&k));
-        rec.decision.client.redact(&k);
+        ex.rec.client_key_fingerprint = Some((inner.fingerprint)(&k));
+        ex.rec.client.redact(&k);
     }
+    clean_pq
+}
 
-    let matched = match &ctx.mode {
+/// Which provider the request is for, and its API path.
+fn identify(
+    inner: &Inner,
+    ctx: &ConnCtx,
+    parts: &http::request::Parts,
+    clean_pq: &str,
+) -> Option<Matched> {
+    let router = &inner.router;
+    match &ctx.mode {
         // An absolute-form target (`POST http://api.openai.com/v1/...`) is a
         // plain-HTTP proxy request: route it by host like a tunnel.
         // HTTP/2 requests always carry an authority, so the path prefix wins.
-        Mode::BaseUrl => inner.router.match_path(&clean_pq).or_else(|| {
+        Mode::BaseUrl => router.match_path(clean_pq).or_else(|| {
             let h = parts.uri.host()?;
-            let provider = inner.router.match_host(h, parts.uri.port_u16())?;
-            Some(routing::Matched {
-                api_path: inner.router.api_path_for_host(&provider, h, &clean_pq),
+            let provider = router.match_host(h, parts.uri.port_u16())?;
+            Some(Matched {
+                api_path: router.api_path_for_host(&provider, h, clean_pq),
                 provider,
             })
         }),
@@ -186,296 +254,104 @@ pub async fn handle(
                 .headers
                 .get(HOST)
                 .and_then(|h| h.to_str().ok())
-                .map(|h| h.rsplit_once(':').map(|(h, _)| h).unwrap_or(h).to_string());
+                .map(|h| h.rsplit_once(':').map_or(h, |(h, _)| h).to_string());
             let candidates = [
                 Some(host.clone()),
                 host_header,
                 parts.uri.host().map(String::from),
             ];
             candidates.into_iter().flatten().find_map(|h| {
-                inner
-                    .router
-                    .match_host(&h, Some(*port))
-                    .map(|provider| routing::Matched {
-                        api_path: inner.router.api_path_for_host(&provider, &h, &clean_pq),
-                        provider,
-                    })
+                router.match_host(&h, Some(*port)).map(|provider| Matched {
+                    api_path: router.api_path_for_host(&provider, &h, clean_pq),
+                    provider,
+                })
             })
         }
-    };
-    let Some(matched) = matched else {
-        let prefixes = inner.router.known_prefixes();
-        let msg = format!(
-            "no provider for path {}; known prefixes: {}",
-            clean_pq.split('?').next().unwrap_or(""),
-            prefixes.join(", ")
-        );
-        rec.decision.path = clean_pq;
-        rec.decision.error_code = Some(codes::UNKNOWN_PROVIDER);
-        let body = routing::error_body(
-            None,
-            StatusCode::NOT_FOUND,
-            codes::UNKNOWN_PROVIDER,
-            &msg,
-            &[],
-        );
-        rec.finish(&inner, StatusCode::NOT_FOUND);
-        return Ok(json_response(StatusCode::NOT_FOUND, body, &request_id));
-    };
-    let provider = matched.provider.clone();
-    rec.decision.provider = Some(provider.name().to_string());
-    rec.decision.path = matched.api_path.clone();
-    let gw_error =
-        |rec: Record, status: StatusCode, code: &'static str, msg: &str, tried: &[Tried]| {
-            let mut rec = rec;
-            rec.decision.error_code = Some(code);
-            let body = routing::error_body(Some(&provider), status, code, msg, tried);
-            rec.finish(&inner, status);
-            Ok(json_response(status, body, &request_id))
-        };
+    }
+}
 
-    // Body: bounded, read whole (fallback may resend it; policies see it all).
+fn unknown_provider(inner: &Inner, mut ex: Exchange, clean_pq: String) -> Response<GwBody> {
+    let msg = format!(
+        "no provider for path {}; known prefixes: {}",
+        clean_pq.split('?').next().unwrap_or(""),
+        inner.router.known_prefixes().join(", ")
+    );
+    ex.rec.path = clean_pq;
+    ex.fail(
+        inner,
+        &refusal(StatusCode::NOT_FOUND, codes::UNKNOWN_PROVIDER, msg),
+        &[],
+    )
+}
+
+/// Reads the whole body, bounded by `gateway.max_body_bytes` (fallback may
+/// resend it; policies see all of it).
+async fn read_body(
+    inner: &Inner,
+    parts: &http::request::Parts,
+    body: Incoming,
+) -> Result<Bytes, Refusal> {
     let limit = inner.config.gateway.max_body_bytes;
+    let too_large = || {
+        refusal(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            codes::BODY_TOO_LARGE,
+            format!("request body over the {limit}-byte limit (gateway.max_body_bytes)"),
+        )
+    };
     let declared = parts
         .headers
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    let too_large = || format!("request body over the {limit}-byte limit (gateway.max_body_bytes)");
     if declared.is_some_and(|d| d > limit) {
-        return gw_error(
-            rec,
-            StatusCode::PAYLOAD_TOO_LARGE,
-            codes::BODY_TOO_LARGE,
-            &too_large(),
-            &[],
-        );
+        return Err(too_large());
     }
-    let body = match Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX))
+    match Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX))
         .collect()
         .await
     {
-        Ok(c) => c.to_bytes(),
+        Ok(c) => Ok(c.to_bytes()),
         Err(e)
             if e.downcast_ref::<http_body_util::LengthLimitError>()
                 .is_some() =>
         {
-            return gw_error(
-                rec,
-                StatusCode::PAYLOAD_TOO_LARGE,
-                codes::BODY_TOO_LARGE,
-                &too_large(),
-                &[],
-            );
+            Err(too_large())
         }
-        Err(_) => {
-            return gw_error(
-                rec,
-                StatusCode::BAD_REQUEST,
-                codes::BAD_REQUEST,
-                "request body could not be read",
-                &[],
-            );
-        }
-    };
+        Err(_) => Err(refusal(
+            StatusCode::BAD_REQUEST,
+            codes::BAD_REQUEST,
+            "request body could not be read",
+        )),
+    }
+}
 
-    // Policy hook.
-    let mut notes = Vec::new();
+/// Runs the policy chain; returns the body to forward (redacted bodies come
+/// back decoded, so their `Content-Encoding` goes).
+fn run_policy(
+    inner: &Inner,
+    ctx: &ConnCtx,
+    ex: &mut Exchange,
+    parts: &mut http::request::Parts,
+    matched: &Matched,
+    body: Bytes,
+) -> Result<Bytes, Refusal> {
     let verdict = inner.policy.check(
         &PolicyRequest {
-            parts: &parts,
-            provider: &provider,
+            parts,
+            provider: &matched.provider,
             api_path: &matched.api_path,
             body: &body,
             client: &ctx.client,
         },
-        &mut notes,
+        &mut ex.rec.policy,
     );
-    rec.decision.policy = notes;
-    let body = match verdict {
-        PolicyVerdict::Allow => body,
+    match verdict {
+        PolicyVerdict::Allow => Ok(body),
         PolicyVerdict::Rewrite(b) => {
-            // Redacted bodies come back decoded.
             parts.headers.remove(http::header::CONTENT_ENCODING);
-            b
+            Ok(b)
         }
-        PolicyVerdict::Block(resp) => {
-            let (mut p, b) = resp.into_parts();
-            if let Ok(v) = HeaderValue::from_str(&request_id) {
-                p.headers.insert("x-kt-request-id", v);
-            }
-            let code = p.extensions.get::<BlockCode>().map(|c| c.0);
-            rec.decision.error_code = Some(code.unwrap_or(codes::POLICY_BLOCKED));
-            rec.finish(&inner, p.status);
-            return Ok(Response::from_parts(p, full(b)));
-        }
-    };
-
-    strip_hop_by_hop(&mut parts.headers);
-    parts.headers.remove(HOST);
-    parts.headers.remove(CONTENT_LENGTH);
-
-    let routes: Vec<_> = inner
-        .router
-        .targets_for(&provider)
-        .filter_map(|r| inner.keys.get(&r.target.id).map(|k| (r, k)))
-        .collect();
-    if routes.is_empty() {
-        let msg = format!("no usable target for provider {}", provider.name());
-        return gw_error(rec, StatusCode::BAD_GATEWAY, codes::NO_TARGET, &msg, &[]);
+        PolicyVerdict::Block(r) => Err(r),
     }
-
-    let mut tried: Vec<Tried> = Vec::new();
-    let mut last_outcome = None;
-    let mut i = 0;
-    let mut retried_last = false;
-    while i < routes.len() {
-        let (route, key) = routes[i];
-        let uri = match inner.router.upstream_uri(route, &matched.api_path) {
-            Ok(u) => u,
-            Err(e) => {
-                return gw_error(
-                    rec,
-                    StatusCode::BAD_REQUEST,
-                    codes::BAD_REQUEST,
-                    &e.to_string(),
-                    &tried,
-                );
-            }
-        };
-        let send_body = match &route.target.model {
-            Some(m) => routing::override_model(&body, m)
-                .map(Bytes::from)
-                .unwrap_or_else(|| body.clone()),
-            None => body.clone(),
-        };
-        let mut up = Request::new(Full::new(send_body.clone()));
-        *up.method_mut() = parts.method.clone();
-        *up.uri_mut() = uri;
-        *up.headers_mut() = parts.headers.clone();
-        if !send_body.is_empty() || parts.method == Method::POST || parts.method == Method::PUT {
-            up.headers_mut()
-                .insert(CONTENT_LENGTH, HeaderValue::from(send_body.len()));
-        }
-        match routing::managed_key_header(&route.target, key.expose()) {
-            Ok((name, value)) => {
-                up.headers_mut().insert(name, value);
-            }
-            Err(e) => {
-                return gw_error(
-                    rec,
-                    StatusCode::BAD_GATEWAY,
-                    codes::NO_TARGET,
-                    &e.to_string(),
-                    &tried,
-                );
-            }
-        }
-        let outcome = match tokio::time::timeout(
-            inner.config.gateway.first_byte_timeout,
-            inner.client.request(up),
-        )
-        .await
-        {
-            Err(_) => Err(Outcome::FirstByteTimeout),
-            Ok(Err(e)) => Err(match find_connect_error(&e) {
-                Some(ConnectError::Tls { .. }) => Outcome::TlsFailed,
-                Some(_) => Outcome::ConnectFailed,
-                None if e.is_connect() => Outcome::ConnectFailed,
-                None => Outcome::UpstreamBroken,
-            }),
-            Ok(Ok(resp)) => Ok(resp),
-        };
-        let outcome_value = match &outcome {
-            Err(o) => o.clone(),
-            Ok(resp) => Outcome::Status {
-                status: resp.status().as_u16(),
-                retry_after: resp
-                    .headers()
-                    .get(RETRY_AFTER)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(routing::parse_retry_after),
-            },
-        };
-        tried.push(Tried {
-            target: route.target.id.clone(),
-            outcome: outcome_value.label(),
-        });
-        match (inner.router.classify(&outcome_value), outcome) {
-            (Verdict::Deliver, Ok(resp)) => {
-                rec.decision.tried = tried;
-                rec.decision.chosen = Some(route.target.id.clone());
-                let (mut rp, rb) = resp.into_parts();
-                strip_hop_by_hop(&mut rp.headers);
-                if let Ok(v) = HeaderValue::from_str(&request_id) {
-                    rp.headers.insert("x-kt-request-id", v);
-                }
-                let sse = rp
-                    .headers
-                    .get(CONTENT_TYPE)
-                    .and_then(|v| v.to_str().ok())
-                    .is_some_and(|v| v.starts_with("text/event-stream"));
-                if sse {
-                    // The SSE error event may be appended: the length would lie.
-                    rp.headers.remove(CONTENT_LENGTH);
-                }
-                // The server never sends (nor polls) these bodies.
-                let bodyless = parts.method == Method::HEAD
-                    || rp.status.is_informational()
-                    || rp.status == StatusCode::NO_CONTENT
-                    || rp.status == StatusCode::NOT_MODIFIED;
-                let amend = (!bodyless).then(|| Amend {
-                    sink: inner.sink.clone(),
-                    request_id: request_id.clone(),
-                    time: rec.decision.time,
-                });
-                rec.finish(&inner, rp.status);
-                let relay = Relay::new(
-                    rb,
-                    sse,
-                    route.target.id.clone(),
-                    inner.config.gateway.idle_timeout,
-                    amend,
-                );
-                return Ok(Response::from_parts(rp, BodyExt::boxed(relay)));
-            }
-            (Verdict::Fallback { retry_after }, _) => {
-                tracing::info!(target_id = %route.target.id, outcome = %outcome_value.label(), "target failed, falling back");
-                last_outcome = Some(outcome_value);
-                if i + 1 == routes.len()
-                    && !retried_last
-                    && let Some(wait) = retry_after
-                {
-                    // Last target asked to wait a bounded time: honour it once.
-                    retried_last = true;
-                    tokio::time::sleep(wait).await;
-                    continue;
-                }
-                i += 1;
-            }
-            (_, _) => {
-                last_outcome = Some(outcome_value);
-                break;
-            }
-        }
-    }
-    let all_429 = !tried.is_empty() && tried.iter().all(|t| t.outcome == "status_429");
-    let status = if all_429 {
-        StatusCode::TOO_MANY_REQUESTS
-    } else if matches!(last_outcome, Some(Outcome::FirstByteTimeout)) {
-        StatusCode::GATEWAY_TIMEOUT
-    } else {
-        StatusCode::BAD_GATEWAY
-    };
-    let summary: Vec<String> = tried
-        .iter()
-        .map(|t| format!("{} ({})", t.target, t.outcome))
-        .collect();
-    let msg = format!(
-        "every target for {} failed: {}",
-        provider.name(),
-        summary.join(", ")
-    );
-    rec.decision.tried = tried.clone();
-    gw_error(rec, status, codes::ALL_TARGETS_FAILED, &msg, &tried)
 }

@@ -17,8 +17,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
 
-use super::decision::{DecisionSink, StreamCut, StreamOutcome};
-use crate::routing::codes;
+use crate::record::{CutReason, RecordSink, StreamCut, codes};
 
 /// Boxed error type of relayed bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -59,7 +58,7 @@ enum State {
 /// Where a cut is reported: the recorded decision it amends.
 pub struct Amend {
     /// The sink that recorded the decision.
-    pub sink: Arc<dyn DecisionSink>,
+    pub sink: Arc<dyn RecordSink>,
     /// The decision's request id.
     pub request_id: String,
     /// The decision's time.
@@ -110,13 +109,13 @@ impl<B: Body> Relay<B> {
 }
 
 impl<B> Relay<B> {
-    fn report(&mut self, cut: StreamCut) {
+    fn report(&mut self, reason: CutReason) {
         if let Some(a) = self.amend.take() {
             a.sink.amend(
                 &a.request_id,
                 a.time,
-                StreamOutcome {
-                    cut,
+                StreamCut {
+                    reason,
                     bytes: self.bytes,
                 },
             );
@@ -130,7 +129,7 @@ impl<B> Drop for Relay<B> {
         // (client gone, or shutdown) before it ended. A body of declared
         // length is dropped unpolled once that length went out: not a cut.
         if matches!(self.state, State::Streaming) && self.expected != Some(self.bytes) {
-            self.report(StreamCut::ClientClosed);
+            self.report(CutReason::ClientClosed);
         }
     }
 }
@@ -219,8 +218,8 @@ where
         };
         tracing::warn!(error = %failure, "upstream stream cut after the response started");
         this.report(match &failure {
-            RelayError::Idle { idle, .. } => StreamCut::IdleTimeout { idle: *idle },
-            RelayError::Upstream { message, .. } => StreamCut::UpstreamFailed {
+            RelayError::Idle { idle, .. } => CutReason::IdleTimeout { idle: *idle },
+            RelayError::Upstream { message, .. } => CutReason::UpstreamFailed {
                 message: message.clone(),
             },
         });

@@ -5,10 +5,12 @@
 
 use std::time::Duration;
 
-use http::header::{AUTHORIZATION, HeaderMap, HeaderName, HeaderValue};
-use http::{StatusCode, Uri};
+use http::Uri;
+use http::header::{HeaderMap, HeaderName, HeaderValue};
 
-use crate::config::{Config, Provider, Target};
+use crate::config::{Config, Target};
+use crate::provider::{self, CREDENTIAL_HEADERS, CREDENTIAL_QUERY_KEYS, Provider};
+use crate::record::Outcome;
 
 /// Everything that can go wrong while routing.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -30,10 +32,13 @@ pub enum RoutingError {
         provider: String,
     },
     /// The managed key cannot be sent as an HTTP header value.
-    #[error("target {target}: managed key contains characters not allowed in a header")]
+    #[error("target {target}")]
     BadKey {
         /// Target id.
         target: String,
+        /// What is wrong with it.
+        #[source]
+        source: crate::provider::BadKey,
     },
     /// The upstream path built for a request is not a valid URI.
     #[error("target {target}: cannot build upstream uri for path {path:?}")]
@@ -44,27 +49,6 @@ pub enum RoutingError {
         path: String,
     },
 }
-
-/// Headers a client may carry credentials in; all are removed before forwarding.
-pub const CREDENTIAL_HEADERS: &[&str] = &[
-    "authorization",
-    "proxy-authorization",
-    "x-api-key",
-    "api-key",
-    "x-goog-api-key",
-    "openai-api-key",
-    "anthropic-api-key",
-];
-
-/// Query-string keys that carry credentials; all are removed before forwarding.
-pub const CREDENTIAL_QUERY_KEYS: &[&str] = &[
-    "key",
-    "api_key",
-    "api-key",
-    "apikey",
-    "access_token",
-    "token",
-];
 
 /// An upstream endpoint split into the parts routing needs.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -132,15 +116,6 @@ pub struct Route {
     pub endpoint: Endpoint,
 }
 
-/// How a request named its provider.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Via {
-    /// Base-URL mode: the first path segment (`/openai/...`).
-    PathPrefix,
-    /// CONNECT host, SNI or captured destination.
-    Host,
-}
-
 /// A request matched to a provider.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Matched {
@@ -158,12 +133,6 @@ pub struct Router {
     fallback: bool,
     max_retry_after: Duration,
 }
-
-/// Official API hosts, recognised even when no target points at them.
-const OFFICIAL_HOSTS: &[(&str, Provider)] = &[
-    ("api.openai.com", Provider::OpenAi),
-    ("api.anthropic.com", Provider::Anthropic),
-];
 
 impl Router {
     /// Builds the table; every target must have a usable endpoint.
@@ -244,7 +213,7 @@ impl Router {
         } else {
             tail.to_string()
         };
-        let api_path = strip_root(&tail, official_root(&provider));
+        let api_path = strip_root(&tail, provider.api_root());
         Some(Matched { provider, api_path })
     }
 
@@ -265,8 +234,8 @@ impl Router {
         {
             return Some(r.target.provider.clone());
         }
-        if let Some((_, p)) = OFFICIAL_HOSTS.iter().find(|(h, _)| *h == host) {
-            return Some(p.clone());
+        if let Some(p) = provider::for_official_host(&host) {
+            return Some(p);
         }
         if port.is_some() {
             // A known port must match exactly: a shared host (loopback) on
@@ -295,7 +264,7 @@ impl Router {
         {
             return strip_root(path_and_query, &r.endpoint.path);
         }
-        strip_root(path_and_query, official_root(provider))
+        strip_root(path_and_query, provider.api_root())
     }
 
     /// The absolute upstream URI for `api_path` on a route.
@@ -311,14 +280,6 @@ impl Router {
     /// What to do after an attempt (see [`classify`]).
     pub fn classify(&self, outcome: &Outcome) -> Verdict {
         classify(outcome, self.fallback, self.max_retry_after)
-    }
-}
-
-/// The path of the provider's official base URL (`/v1` for OpenAI).
-fn official_root(provider: &Provider) -> &'static str {
-    match provider {
-        Provider::OpenAi => "/v1",
-        Provider::Anthropic | Provider::Other(_) => "",
     }
 }
 
@@ -390,28 +351,15 @@ pub fn strip_credential_query(path_and_query: &str) -> (String, Option<String>) 
     }
 }
 
-/// The header carrying the managed key in the provider's own style, marked
-/// sensitive so HTTP/2 never indexes it.
+/// The header carrying `key` for `target`, in its provider's style.
 pub fn managed_key_header(
     target: &Target,
     key: &str,
 ) -> Result<(HeaderName, HeaderValue), RoutingError> {
-    let bad = || RoutingError::BadKey {
+    provider::managed_key_header(&target.provider, key).map_err(|source| RoutingError::BadKey {
         target: target.id.clone(),
-    };
-    let (name, value) = match target.provider {
-        Provider::Anthropic => (
-            HeaderName::from_static("x-api-key"),
-            HeaderValue::from_str(key).map_err(|_| bad())?,
-        ),
-        Provider::OpenAi | Provider::Other(_) => (
-            AUTHORIZATION,
-            HeaderValue::from_str(&format!("Bearer {key}")).map_err(|_| bad())?,
-        ),
-    };
-    let mut value = value;
-    value.set_sensitive(true);
-    Ok((name, value))
+        source,
+    })
 }
 
 /// Replaces the `model` field of a JSON object body with `model`. Returns
@@ -426,40 +374,6 @@ pub fn override_model(body: &[u8], model: &str) -> Option<Vec<u8>> {
     }
     *current = serde_json::Value::String(model.to_string());
     serde_json::to_vec(&value).ok()
-}
-
-/// What happened on one attempt against a target, before any response byte
-/// reached the client.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Outcome {
-    /// TCP connect failed (refused, unreachable, timed out).
-    ConnectFailed,
-    /// The TLS handshake failed (certificate, protocol).
-    TlsFailed,
-    /// No response headers within the first-byte timeout.
-    FirstByteTimeout,
-    /// The connection broke before response headers arrived.
-    UpstreamBroken,
-    /// Response headers arrived with this status.
-    Status {
-        /// HTTP status code.
-        status: u16,
-        /// `Retry-After` as given by the upstream, when present and parseable.
-        retry_after: Option<Duration>,
-    },
-}
-
-impl Outcome {
-    /// Short lowercase label for decision records and error bodies.
-    pub fn label(&self) -> String {
-        match self {
-            Outcome::ConnectFailed => "connect_failed".into(),
-            Outcome::TlsFailed => "tls_failed".into(),
-            Outcome::FirstByteTimeout => "first_byte_timeout".into(),
-            Outcome::UpstreamBroken => "upstream_broken".into(),
-            Outcome::Status { status, .. } => format!("status_{status}"),
-        }
-    }
 }
 
 /// What the gateway does next.
@@ -515,88 +429,6 @@ pub fn parse_retry_after(value: &str) -> Option<Duration> {
         .map(Duration::from_secs_f64)
 }
 
-/// One attempt as reported to the client in an error body.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct Tried {
-    /// Target id.
-    pub target: String,
-    /// What happened (see [`Outcome::label`]).
-    pub outcome: String,
-}
-
-/// Gateway error codes, stable strings clients and tests can match on.
-pub mod codes {
-    /// Every target failed.
-    pub const ALL_TARGETS_FAILED: &str = "kt_all_targets_failed";
-    /// No target is configured (or resolvable) for the provider.
-    pub const NO_TARGET: &str = "kt_no_target";
-    /// Unknown provider path.
-    pub const UNKNOWN_PROVIDER: &str = "kt_unknown_provider";
-    /// Request body over `gateway.max_body_bytes`.
-    pub const BODY_TOO_LARGE: &str = "kt_body_too_large";
-    /// The upstream failed after the response started.
-    pub const UPSTREAM_STREAM_FAILED: &str = "kt_upstream_stream_failed";
-    /// A policy refused the request.
-    pub const POLICY_BLOCKED: &str = "kt_policy_blocked";
-    /// The request could not be read or was malformed.
-    pub const BAD_REQUEST: &str = "kt_bad_request";
-    /// CONNECT to a host that is not a provider.
-    pub const NOT_A_PROVIDER: &str = "kt_not_a_provider";
-}
-
-/// A provider-shaped JSON error body. `provider` decides the shape (OpenAI's
-/// `{"error":{...}}` or Anthropic's `{"type":"error","error":{...}}`; unknown
-/// providers get the OpenAI shape). Never put a key in `message`.
-pub fn error_body(
-    provider: Option<&Provider>,
-    status: StatusCode,
-    code: &str,
-    message: &str,
-    tried: &[Tried],
-) -> Vec<u8> {
-    let value = match provider {
-        Some(Provider::Anthropic) => serde_json::json!({
-            "type": "error",
-            "error": {
-                "type": anthropic_error_type(status),
-                "message": message,
-                "code": code,
-                "targets_tried": tried,
-            }
-        }),
-        _ => serde_json::json!({
-            "error": {
-                "message": message,
-                "type": openai_error_type(status),
-                "code": code,
-                "targets_tried": tried,
-            }
-        }),
-    };
-    serde_json::to_vec(&value).unwrap_or_else(|_| b"{}".to_vec())
-}
-
-fn openai_error_type(status: StatusCode) -> &'static str {
-    match status.as_u16() {
-        400 | 404 | 413 => "invalid_request_error",
-        401 | 403 => "authentication_error",
-        429 => "rate_limit_error",
-        _ => "gateway_error",
-    }
-}
-
-fn anthropic_error_type(status: StatusCode) -> &'static str {
-    match status.as_u16() {
-        400 | 404 => "invalid_request_error",
-        413 => "request_too_large",
-        401 => "authentication_error",
-        403 => "permission_error",
-        429 => "rate_limit_error",
-        503 | 529 => "overloaded_error",
-        _ => "api_error",
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -629,7 +461,7 @@ mod tests {
             chain: vec![],
             dlp: None,
             audit: None,
-            gateway: Gateway::default(),
+            gateway: GatewaySettings::default(),
             capture: Capture::default(),
         }
     }
@@ -770,7 +602,7 @@ mod tests {
     fn managed_key_uses_provider_style() {
         let oa = target("a", Provider::OpenAi, None, None);
         let (n, v) = managed_key_header(&oa, "sk-managed").unwrap();
-        assert_eq!(n, AUTHORIZATION);
+        assert_eq!(n, http::header::AUTHORIZATION);
         assert_eq!(v, "Bearer sk-managed");
         assert!(v.is_sensitive());
         let an = target("b", Provider::Anthropic, None, None);
@@ -849,44 +681,5 @@ mod tests {
         assert_eq!(parse_retry_after("0.5"), Some(Duration::from_millis(500)));
         assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), None);
         assert_eq!(parse_retry_after("-1"), None);
-    }
-
-    #[test]
-    fn error_bodies_are_provider_shaped() {
-        let tried = vec![
-            Tried {
-                target: "oa1".into(),
-                outcome: "status_503".into(),
-            },
-            Tried {
-                target: "oa2".into(),
-                outcome: "connect_failed".into(),
-            },
-        ];
-        let b = error_body(
-            Some(&Provider::OpenAi),
-            StatusCode::BAD_GATEWAY,
-            codes::ALL_TARGETS_FAILED,
-            "all targets failed",
-            &tried,
-        );
-        let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
-        assert_eq!(v["error"]["code"], codes::ALL_TARGETS_FAILED);
-        assert_eq!(v["error"]["type"], "gateway_error");
-        assert_eq!(v["error"]["message"], "all targets failed");
-        assert_eq!(v["error"]["targets_tried"][1]["target"], "oa2");
-
-        let b = error_body(
-            Some(&Provider::Anthropic),
-            StatusCode::TOO_MANY_REQUESTS,
-            codes::ALL_TARGETS_FAILED,
-            "m",
-            &tried,
-        );
-        let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
-        assert_eq!(v["type"], "error");
-        assert_eq!(v["error"]["type"], "rate_limit_error");
-        assert_eq!(v["error"]["message"], "m");
-        assert_eq!(v["error"]["targets_tried"][0]["outcome"], "status_503");
     }
 }

@@ -2,28 +2,22 @@
 //! what a request carries and blocks, redacts or records; `audit-logger`
 //! refuses traffic while events cannot be recorded, when configured to.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use http::StatusCode;
 
-use super::policy::{BlockCode, Policy, PolicyRequest, PolicyVerdict};
-use crate::config::{Config, DlpAction, PolicyKind, Provider};
+use super::{Policy, PolicyRequest, PolicyVerdict, Refusal};
+use crate::config::{Config, DlpAction, PolicyKind};
 use crate::dlp::{Finding, Location, RequestView, Scanner};
-use crate::events::EventWriter;
-use crate::routing::error_body;
-
-/// Error code of a request refused by the DLP filter.
-pub const DLP_BLOCKED: &str = "kt_dlp_blocked";
-
-/// Error code of a request refused because the audit log is down
-/// (`on_store_failure: refuse`).
-pub const AUDIT_UNAVAILABLE: &str = "kt_audit_unavailable";
+use crate::record::{AuditHealth, PolicyAction, PolicyId, PolicyNote, codes};
 
 /// Errors compiling the chain.
 #[derive(Debug, thiserror::Error)]
 pub enum ChainError {
     /// The DLP filter did not compile.
-    #[error("dlp-filter: {0}")]
-    Dlp(String),
+    #[error("dlp-filter")]
+    Dlp(#[source] crate::dlp::DlpError),
 }
 
 /// The compiled chain, run in config order.
@@ -34,16 +28,18 @@ pub struct Chain {
 enum Step {
     Dlp(Box<Scanner>),
     Audit {
-        writer: Option<EventWriter>,
+        health: Option<Arc<dyn AuditHealth>>,
         refuse_when_unhealthy: bool,
     },
 }
 
 impl Chain {
-    /// Compiles the chain of `config`.
+    /// Compiles the chain of `config`. `health` says whether the audit log
+    /// is storing records; with `refuse_when_unhealthy` the audit-logger
+    /// step refuses requests while it is not.
     pub fn new(
         config: &Config,
-        writer: Option<EventWriter>,
+        health: Option<Arc<dyn AuditHealth>>,
         refuse_when_unhealthy: bool,
     ) -> Result<Chain, ChainError> {
         let mut steps = Vec::new();
@@ -51,11 +47,11 @@ impl Chain {
             match p {
                 PolicyKind::DlpFilter => {
                     let cfg = config.dlp.clone().unwrap_or_default();
-                    let scanner = Scanner::new(&cfg).map_err(|e| ChainError::Dlp(e.to_string()))?;
+                    let scanner = Scanner::new(&cfg).map_err(ChainError::Dlp)?;
                     steps.push(Step::Dlp(Box::new(scanner)));
                 }
                 PolicyKind::AuditLogger => steps.push(Step::Audit {
-                    writer: writer.clone(),
+                    health: health.clone(),
                     refuse_when_unhealthy,
                 }),
             }
@@ -65,7 +61,7 @@ impl Chain {
 }
 
 impl Policy for Chain {
-    fn check(&self, request: &PolicyRequest<'_>, notes: &mut Vec<String>) -> PolicyVerdict {
+    fn check(&self, request: &PolicyRequest<'_>, notes: &mut Vec<PolicyNote>) -> PolicyVerdict {
         let mut rewritten: Option<Bytes> = None;
         for step in &self.steps {
             match step {
@@ -78,13 +74,22 @@ impl Policy for Chain {
                     }
                 }
                 Step::Audit {
-                    writer,
+                    health,
                     refuse_when_unhealthy,
                 } => {
-                    let healthy = writer.as_ref().is_none_or(EventWriter::healthy);
+                    let healthy = health.as_ref().is_none_or(|h| h.healthy());
                     if !healthy && *refuse_when_unhealthy {
-                        notes.push("audit-logger: block rule=event-store-unavailable".into());
-                        return PolicyVerdict::Block(unavailable());
+                        notes.push(PolicyNote {
+                            policy: PolicyId::AuditLogger,
+                            action: PolicyAction::Block,
+                            rule: "event-store-unavailable".into(),
+                            location: None,
+                        });
+                        return PolicyVerdict::Block(Refusal {
+                            status: StatusCode::SERVICE_UNAVAILABLE,
+                            code: codes::AUDIT_UNAVAILABLE,
+                            message: "kt: the audit log is unavailable and this gateway is configured to refuse traffic until it recovers (policy.audit-logger.on_store_failure: refuse)".into(),
+                        });
                     }
                 }
             }
@@ -102,7 +107,7 @@ fn dlp(
     scanner: &Scanner,
     request: &PolicyRequest<'_>,
     body: &Bytes,
-    notes: &mut Vec<String>,
+    notes: &mut Vec<PolicyNote>,
 ) -> PolicyVerdict {
     let headers: Vec<(&str, &[u8])> = request
         .parts
@@ -119,8 +124,7 @@ fn dlp(
         .parts
         .uri
         .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
+        .map_or("/", |p| p.as_str());
     let view = RequestView {
         path_and_query: path,
         headers: &headers,
@@ -131,35 +135,39 @@ fn dlp(
         Ok(s) => s,
         Err(e) => {
             // Undecodable or oversized bodies cannot be checked: fail closed.
-            notes.push("dlp-filter: block rule=undecodable-body".into());
-            let status = StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::BAD_REQUEST);
-            return PolicyVerdict::Block(response(
-                request.provider,
-                status,
-                &format!("kt: the request body could not be checked for secrets: {e}"),
-            ));
+            notes.push(PolicyNote {
+                policy: PolicyId::DlpFilter,
+                action: PolicyAction::Block,
+                rule: "undecodable-body".into(),
+                location: None,
+            });
+            return PolicyVerdict::Block(Refusal {
+                status: StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::BAD_REQUEST),
+                code: codes::UNDECODABLE_BODY,
+                message: format!("kt: the request body could not be checked for secrets: {e}"),
+            });
         }
     };
     if scan.findings.is_empty() {
         return PolicyVerdict::Allow;
     }
-    let action = scanner.action();
-    let verb = match action {
-        DlpAction::Block => "block",
-        DlpAction::Redact => "redact",
-        DlpAction::Audit => "audit",
+    let action = match scanner.action() {
+        DlpAction::Block => PolicyAction::Block,
+        DlpAction::Redact => PolicyAction::Redact,
+        DlpAction::Audit => PolicyAction::Audit,
     };
     for f in &scan.findings {
-        notes.push(format!(
-            "dlp-filter: {verb} rule={} at={}",
-            f.rule_id,
-            where_(&f.location)
-        ));
+        notes.push(PolicyNote {
+            policy: PolicyId::DlpFilter,
+            action,
+            rule: f.rule_id.clone(),
+            location: Some(where_(&f.location)),
+        });
     }
     match action {
-        DlpAction::Audit => PolicyVerdict::Allow,
-        DlpAction::Block => PolicyVerdict::Block(blocked(request.provider, &scan.findings)),
-        DlpAction::Redact => {
+        PolicyAction::Audit => PolicyVerdict::Allow,
+        PolicyAction::Block => PolicyVerdict::Block(blocked(&scan.findings)),
+        PolicyAction::Redact => {
             // Only the body can be rewritten on the way out; a secret in the
             // URL or a header cannot be forwarded, so refuse those.
             if scan
@@ -167,14 +175,14 @@ fn dlp(
                 .iter()
                 .any(|f| !matches!(f.location, Location::Body { .. }))
             {
-                return PolicyVerdict::Block(blocked(request.provider, &scan.findings));
+                return PolicyVerdict::Block(blocked(&scan.findings));
             }
             match scanner.redact(&view) {
                 Ok(r) => match r.body {
                     Some(b) => PolicyVerdict::Rewrite(Bytes::from(b)),
                     None => PolicyVerdict::Allow,
                 },
-                Err(_) => PolicyVerdict::Block(blocked(request.provider, &scan.findings)),
+                Err(_) => PolicyVerdict::Block(blocked(&scan.findings)),
             }
         }
     }
@@ -200,7 +208,7 @@ fn where_(l: &Location) -> String {
     }
 }
 
-fn blocked(provider: &Provider, findings: &[Finding]) -> http::Response<Bytes> {
+fn blocked(findings: &[Finding]) -> Refusal {
     let list: Vec<String> = findings
         .iter()
         .take(5)
@@ -216,29 +224,9 @@ fn blocked(provider: &Provider, findings: &[Finding]) -> http::Response<Bytes> {
             String::new()
         }
     );
-    response(provider, StatusCode::FORBIDDEN, &message)
-}
-
-fn response(provider: &Provider, status: StatusCode, message: &str) -> http::Response<Bytes> {
-    let body = error_body(Some(provider), status, DLP_BLOCKED, message, &[]);
-    http::Response::builder()
-        .status(status)
-        .header("content-type", "application/json")
-        .extension(BlockCode(DLP_BLOCKED))
-        .body(Bytes::from(body))
-        .unwrap_or_else(|_| http::Response::new(Bytes::new()))
-}
-
-fn unavailable() -> http::Response<Bytes> {
-    let body = serde_json::json!({"error": {
-        "message": "kt: the audit log is unavailable and this gateway is configured to refuse traffic until it recovers (policy.audit-logger.on_store_failure: refuse)",
-        "type": "kt_gateway_error",
-        "code": AUDIT_UNAVAILABLE
-    }});
-    http::Response::builder()
-        .status(503)
-        .header("content-type", "application/json")
-        .extension(BlockCode(AUDIT_UNAVAILABLE))
-        .body(Bytes::from(body.to_string()))
-        .unwrap_or_else(|_| http::Response::new(Bytes::new()))
+    Refusal {
+        status: StatusCode::FORBIDDEN,
+        code: codes::DLP_BLOCKED,
+        message,
+    }
 }

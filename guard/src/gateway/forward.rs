@@ -1,0 +1,227 @@
+//! Forwarding: the provider's targets in order, each with its managed key,
+//! falling back before the first response byte reached the client; then the
+//! chosen response relayed, or kt's own error naming every target tried.
+
+use bytes::Bytes;
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+
+use super::Inner;
+use super::handler::{Exchange, GwBody, set_request_id, strip_hop_by_hop};
+use super::relay::{Amend, Relay};
+use super::upstream::{ConnectError, find_connect_error};
+use crate::policy::Refusal;
+use crate::record::{Attempt, Outcome, codes};
+use crate::routing::{self, Matched, Route, Verdict};
+use crate::secrets::SecretValue;
+
+/// Tries the targets of the matched provider and answers the client.
+pub(crate) async fn forward(
+    inner: &Inner,
+    mut ex: Exchange,
+    parts: &http::request::Parts,
+    matched: &Matched,
+    body: Bytes,
+) -> Response<GwBody> {
+    let routes: Vec<(&Route, &SecretValue)> = inner
+        .router
+        .targets_for(&matched.provider)
+        .filter_map(|r| inner.keys.get(&r.target.id).map(|k| (r, k)))
+        .collect();
+    if routes.is_empty() {
+        let msg = format!("no usable target for provider {}", matched.provider.name());
+        return ex.fail(
+            inner,
+            &refuse(StatusCode::BAD_GATEWAY, codes::NO_TARGET, msg),
+            &[],
+        );
+    }
+    let mut tried: Vec<Attempt> = Vec::new();
+    let mut i = 0;
+    let mut retried_last = false;
+    while i < routes.len() {
+        let (route, key) = routes[i];
+        let up = match upstream_request(inner, route, key, parts, matched, &body) {
+            Ok(up) => up,
+            Err(r) => return ex.fail(inner, &r, &tried),
+        };
+        let (outcome, response) = attempt(inner, up).await;
+        tried.push(Attempt {
+            target: route.target.id.clone(),
+            outcome: outcome.clone(),
+        });
+        match (inner.router.classify(&outcome), response) {
+            (Verdict::Deliver, Some(resp)) => {
+                ex.rec.attempts = tried;
+                ex.rec.chosen = Some(route.target.id.clone());
+                return deliver(inner, ex, parts, route, resp);
+            }
+            (Verdict::Fallback { retry_after }, _) => {
+                tracing::info!(target_id = %route.target.id, outcome = %outcome.label(), "target failed, falling back");
+                if i + 1 == routes.len()
+                    && !retried_last
+                    && let Some(wait) = retry_after
+                {
+                    // Last target asked to wait a bounded time: honour it once.
+                    retried_last = true;
+                    tokio::time::sleep(wait).await;
+                    continue;
+                }
+                i += 1;
+            }
+            _ => break,
+        }
+    }
+    all_failed(inner, ex, matched, tried)
+}
+
+fn refuse(status: StatusCode, code: &'static str, message: String) -> Refusal {
+    Refusal {
+        status,
+        code,
+        message,
+    }
+}
+
+/// The request for one target: its URI, the model override, the managed key.
+fn upstream_request(
+    inner: &Inner,
+    route: &Route,
+    key: &SecretValue,
+    parts: &http::request::Parts,
+    matched: &Matched,
+    body: &Bytes,
+) -> Result<Request<Full<Bytes>>, Refusal> {
+    let uri = inner
+        .router
+        .upstream_uri(route, &matched.api_path)
+        .map_err(|e| refuse(StatusCode::BAD_REQUEST, codes::BAD_REQUEST, e.to_string()))?;
+    let send_body = match &route.target.model {
+        Some(m) => routing::override_model(body, m).map_or_else(|| body.clone(), Bytes::from),
+        None => body.clone(),
+    };
+    let send_len = send_body.len();
+    let mut up = Request::new(Full::new(send_body));
+    *up.method_mut() = parts.method.clone();
+    *up.uri_mut() = uri;
+    *up.headers_mut() = parts.headers.clone();
+    if send_len > 0 || parts.method == Method::POST || parts.method == Method::PUT {
+        up.headers_mut()
+            .insert(CONTENT_LENGTH, HeaderValue::from(send_len));
+    }
+    let (name, value) = routing::managed_key_header(&route.target, key.expose())
+        .map_err(|e| refuse(StatusCode::BAD_GATEWAY, codes::NO_TARGET, e.to_string()))?;
+    up.headers_mut().insert(name, value);
+    Ok(up)
+}
+
+/// Sends one attempt; the response comes back only when headers arrived.
+async fn attempt(inner: &Inner, up: Request<Full<Bytes>>) -> (Outcome, Option<Response<Incoming>>) {
+    match tokio::time::timeout(
+        inner.config.gateway.first_byte_timeout,
+        inner.client.request(up),
+    )
+    .await
+    {
+        Err(_) => (Outcome::FirstByteTimeout, None),
+        Ok(Err(e)) => (
+            match find_connect_error(&e) {
+                Some(ConnectError::Tls { .. }) => Outcome::TlsFailed,
+                Some(_) => Outcome::ConnectFailed,
+                None if e.is_connect() => Outcome::ConnectFailed,
+                None => Outcome::UpstreamBroken,
+            },
+            None,
+        ),
+        Ok(Ok(resp)) => {
+            let outcome = Outcome::Status {
+                status: resp.status().as_u16(),
+                retry_after: resp
+                    .headers()
+                    .get(RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(routing::parse_retry_after),
+            };
+            (outcome, Some(resp))
+        }
+    }
+}
+
+/// Passes the chosen response on; its body is relayed with an idle bound
+/// and a cut reported as an amendment of the record.
+fn deliver(
+    inner: &Inner,
+    ex: Exchange,
+    parts: &http::request::Parts,
+    route: &Route,
+    resp: Response<Incoming>,
+) -> Response<GwBody> {
+    let (mut rp, rb) = resp.into_parts();
+    strip_hop_by_hop(&mut rp.headers);
+    set_request_id(&mut rp.headers, &ex.rec.request_id);
+    let sse = rp
+        .headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    if sse {
+        // The SSE error event may be appended: the length would lie.
+        rp.headers.remove(CONTENT_LENGTH);
+    }
+    // The server never sends (nor polls) these bodies.
+    let bodyless = parts.method == Method::HEAD
+        || rp.status.is_informational()
+        || rp.status == StatusCode::NO_CONTENT
+        || rp.status == StatusCode::NOT_MODIFIED;
+    let amend = (!bodyless).then(|| Amend {
+        sink: inner.sink.clone(),
+        request_id: ex.rec.request_id.clone(),
+        time: ex.rec.time,
+    });
+    ex.finish(inner, rp.status);
+    let relay = Relay::new(
+        rb,
+        sse,
+        route.target.id.clone(),
+        inner.config.gateway.idle_timeout,
+        amend,
+    );
+    Response::from_parts(rp, BodyExt::boxed(relay))
+}
+
+/// Every target failed (or one failed with fallback off): kt's own error.
+fn all_failed(
+    inner: &Inner,
+    mut ex: Exchange,
+    matched: &Matched,
+    tried: Vec<Attempt>,
+) -> Response<GwBody> {
+    let all_429 = !tried.is_empty() && tried.iter().all(|t| t.outcome.status() == Some(429));
+    let status = if all_429 {
+        StatusCode::TOO_MANY_REQUESTS
+    } else if tried
+        .last()
+        .is_some_and(|t| t.outcome == Outcome::FirstByteTimeout)
+    {
+        StatusCode::GATEWAY_TIMEOUT
+    } else {
+        StatusCode::BAD_GATEWAY
+    };
+    let summary: Vec<String> = tried
+        .iter()
+        .map(|t| format!("{} ({})", t.target, t.outcome.label()))
+        .collect();
+    let msg = format!(
+        "every target for {} failed: {}",
+        matched.provider.name(),
+        summary.join(", ")
+    );
+    ex.rec.attempts.clone_from(&tried);
+    ex.fail(
+        inner,
+        &refuse(status, codes::ALL_TARGETS_FAILED, msg),
+        &tried,
+    )
+}

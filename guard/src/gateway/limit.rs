@@ -1,0 +1,183 @@
+//! The connection budget shared by every listener. A slot is held for a
+//! connection's whole life, so memory is bounded by the budget. A connection
+//! that has not sent a request yet (no hello, a handshake in progress, no
+//! request headers) is *idle* and may be closed to make room: thousands of
+//! idle sockets cannot lock a real client out, they only push each other out.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+
+/// How long a new connection waits for an evicted one to give its slot back.
+const EVICT_WAIT: Duration = Duration::from_millis(500);
+
+/// Connections served at once, with eviction of idle ones.
+pub(crate) struct ConnLimit {
+    permits: Arc<Semaphore>,
+    idle: Mutex<Idle>,
+    next_id: AtomicU64,
+    refused: AtomicU64,
+    evicted: AtomicU64,
+}
+
+#[derive(Default)]
+struct Idle {
+    /// Ids oldest first; ids no longer in `wake` are skipped (lazy removal).
+    order: VecDeque<u64>,
+    wake: HashMap<u64, Arc<Notify>>,
+}
+
+/// One admitted connection. Dropping it frees the slot.
+pub(crate) struct Slot {
+    _permit: OwnedSemaphorePermit,
+    id: u64,
+    evict: Arc<Notify>,
+    limit: Arc<ConnLimit>,
+}
+
+impl ConnLimit {
+    /// A budget of `max` connections.
+    pub(crate) fn new(max: usize) -> Arc<ConnLimit> {
+        Arc::new(ConnLimit {
+            permits: Arc::new(Semaphore::new(max.max(1))),
+            idle: Mutex::new(Idle::default()),
+            next_id: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            evicted: AtomicU64::new(0),
+        })
+    }
+
+    /// A slot for a new connection: free, or taken from the oldest idle
+    /// connection. `None` when every slot is busy serving requests.
+    pub(crate) async fn admit(self: &Arc<Self>) -> Option<Slot> {
+        let permit = match Arc::clone(&self.permits).try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                if !self.evict_oldest_idle() {
+                    self.refused.fetch_add(1, Ordering::Relaxed);
+                    return None;
+                }
+                let wait = Arc::clone(&self.permits).acquire_owned();
+                match tokio::time::timeout(EVICT_WAIT, wait).await {
+                    Ok(Ok(p)) => p,
+                    _ => {
+                        self.refused.fetch_add(1, Ordering::Relaxed);
+                        return None;
+                    }
+                }
+            }
+        };
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let evict = Arc::new(Notify::new());
+        if let Ok(mut idle) = self.idle.lock() {
+            idle.order.push_back(id);
+            idle.wake.insert(id, Arc::clone(&evict));
+        }
+        Some(Slot {
+            _permit: permit,
+            id,
+            evict,
+            limit: Arc::clone(self),
+        })
+    }
+
+    fn evict_oldest_idle(&self) -> bool {
+        let Ok(mut idle) = self.idle.lock() else {
+            return false;
+        };
+        while let Some(id) = idle.order.pop_front() {
+            if let Some(wake) = idle.wake.remove(&id) {
+                // notify_one stores a permit, so a task not yet waiting still sees it.
+                wake.notify_one();
+                self.evicted.fetch_add(1, Ordering::Relaxed);
+                return true;
+            }
+        }
+        false
+    }
+
+    fn forget(&self, id: u64) {
+        if let Ok(mut idle) = self.idle.lock() {
+            idle.wake.remove(&id);
+            // Keep the queue from growing with ids of busy connections.
+            if idle.order.len() > 2 * idle.wake.len() + 64 {
+                let Idle { order, wake } = &mut *idle;
+                order.retain(|i| wake.contains_key(i));
+            }
+        }
+    }
+
+    /// Connections refused because every slot was busy.
+    pub(crate) fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+
+    /// Idle connections closed to make room.
+    pub(crate) fn evicted(&self) -> u64 {
+        self.evicted.load(Ordering::Relaxed)
+    }
+}
+
+impl Slot {
+    /// The connection sent a request: it is no longer closed to make room.
+    pub(crate) fn busy(&self) {
+        self.limit.forget(self.id);
+    }
+
+    /// Resolves when this connection was chosen to make room.
+    pub(crate) async fn evicted(&self) {
+        self.evict.notified().await;
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.limit.forget(self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Admits one more connection while the budget is full; the evicted
+    /// one (which must be `expect`) lets go of its slot when told.
+    async fn admit_over(limit: &Arc<ConnLimit>, expect: Slot) -> Slot {
+        let admitting = tokio::spawn({
+            let limit = Arc::clone(limit);
+            async move { limit.admit().await }
+        });
+        expect.evicted().await;
+        drop(expect);
+        admitting.await.unwrap().expect("admitted after eviction")
+    }
+
+    #[tokio::test]
+    async fn idle_connections_make_room_and_busy_ones_do_not() {
+        let limit = ConnLimit::new(2);
+        let a = limit.admit().await.unwrap();
+        let b = limit.admit().await.unwrap();
+        b.busy();
+        // Full: the idle one (a) is told to go, never the busy one (b).
+        let c = admit_over(&limit, a).await;
+        assert_eq!(limit.evicted(), 1);
+        let _d = admit_over(&limit, c).await;
+        assert_eq!(limit.evicted(), 2);
+        assert_eq!(limit.refused(), 0);
+        drop(b);
+    }
+
+    #[tokio::test]
+    async fn a_full_budget_of_busy_connections_refuses() {
+        let limit = ConnLimit::new(1);
+        let a = limit.admit().await.unwrap();
+        a.busy();
+        assert!(limit.admit().await.is_none());
+        assert_eq!(limit.refused(), 1);
+        drop(a);
+        assert!(limit.admit().await.is_some());
+    }
+}

@@ -1,0 +1,306 @@
+//! Accept loops. The loop only accepts and admits (the connection budget);
+//! everything that can wait — the capture record lookup with its `/proc`
+//! reads, the hello peek, the TLS handshake — runs in the connection's own
+//! task, so one slow client never holds up the next.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+
+use super::handler::{self, ConnCtx, Mode};
+use super::limit::Slot;
+use super::tls::{HANDSHAKE_TIMEOUT, Peeked, peek_client_hello, with_timeout};
+use super::{Gateway, GatewayError, stopped};
+use crate::provider;
+use crate::record::{ClientInfo, codes};
+
+/// Largest request head (request line + headers) accepted; larger gets 431.
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+
+/// Longest wait for the capture record of a connection (a map lookup and a
+/// few `/proc` reads, off the accept loop).
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Looks up a redirected connection's original destination and process
+/// (the capture module's records). `None` when unknown.
+pub trait CaptureLookup: Send + Sync {
+    /// `peer`: the client's address as accepted; `local`: the listener side.
+    /// May block briefly (it reads `/proc`); the gateway calls it off the
+    /// async workers.
+    fn lookup(&self, peer: SocketAddr, local: SocketAddr) -> Option<(SocketAddr, ClientInfo)>;
+
+    /// Whether connections without a record are refused (true for real
+    /// capture; tests feed plain connections with no record).
+    fn strict(&self) -> bool {
+        false
+    }
+}
+
+impl Gateway {
+    /// Accept loop for explicit clients (base-URL mode and CONNECT proxy
+    /// mode) until [`Gateway::shutdown`]; then drains in-flight requests.
+    pub async fn serve_explicit(&self, listener: TcpListener) -> Result<(), GatewayError> {
+        self.accept_loop(listener, |gw, stream, peer, slot| async move {
+            let _ = stream.set_nodelay(true);
+            let ctx = Arc::new(ConnCtx {
+                mode: Mode::BaseUrl,
+                peer: Some(peer),
+                client: ClientInfo::default(),
+            });
+            gw.serve_http(TokioIo::new(stream), ctx, true, slot).await;
+        })
+        .await
+    }
+
+    /// Accept loop for redirected connections until [`Gateway::shutdown`].
+    /// `lookup` gives each connection's original destination and process.
+    /// Without a record, a strict lookup (see [`CaptureLookup::strict`])
+    /// drops the connection; otherwise the listener's own address stands in
+    /// (tests feeding plain connections).
+    pub async fn serve_capture_listener(
+        &self,
+        listener: TcpListener,
+        lookup: Arc<dyn CaptureLookup>,
+    ) -> Result<(), GatewayError> {
+        self.accept_loop(listener, move |gw, stream, peer, slot| {
+            let lookup = Arc::clone(&lookup);
+            async move {
+                let local = stream.local_addr().unwrap_or(peer);
+                let strict = lookup.strict();
+                let found = tokio::time::timeout(
+                    LOOKUP_TIMEOUT,
+                    tokio::task::spawn_blocking(move || lookup.lookup(peer, local)),
+                )
+                .await;
+                let (dst, info) = match found {
+                    Ok(Ok(Some(found))) => found,
+                    // Not redirected by our programs: someone dialled the capture
+                    // port directly. Splicing it "back" to the listener would loop.
+                    _ if strict => {
+                        tracing::warn!(%peer, "connection to the capture listener without a capture record: closed");
+                        return;
+                    }
+                    _ => (local, ClientInfo::default()),
+                };
+                gw.serve_captured_slot(stream, dst, info, slot).await;
+            }
+        })
+        .await
+    }
+
+    /// Accepts until shutdown, admitting each connection into the budget
+    /// and running `handle` in its own task; then closes the listener and
+    /// drains in-flight requests.
+    async fn accept_loop<F, Fut>(
+        &self,
+        listener: TcpListener,
+        handle: F,
+    ) -> Result<(), GatewayError>
+    where
+        F: Fn(Gateway, TcpStream, SocketAddr, Arc<Slot>) -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let mut stop = self.shutting_down();
+        loop {
+            let (stream, peer) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                () = stopped(&mut stop) => break,
+            };
+            let Some(slot) = self.inner.limit.admit().await else {
+                tracing::warn!(%peer, "connection refused: every slot of gateway.max_connections is serving a request");
+                continue;
+            };
+            tokio::spawn(handle(self.clone(), stream, peer, Arc::new(slot)));
+        }
+        drop(listener);
+        self.drain().await;
+        Ok(())
+    }
+
+    /// Serves one redirected connection to completion (tests and callers
+    /// that accept themselves; counted in the connection budget).
+    pub async fn serve_captured(
+        &self,
+        stream: TcpStream,
+        original_dst: SocketAddr,
+        client: ClientInfo,
+    ) {
+        let Some(slot) = self.inner.limit.admit().await else {
+            return;
+        };
+        self.serve_captured_slot(stream, original_dst, client, Arc::new(slot))
+            .await;
+    }
+
+    /// TLS is terminated with a leaf for the SNI (or the original address
+    /// when there is none); a connection whose first byte is not a TLS
+    /// handshake is served as plain HTTP. A non-provider name is spliced to
+    /// `original_dst` untouched when `gateway.splice_unknown`, else closed.
+    async fn serve_captured_slot(
+        &self,
+        stream: TcpStream,
+        original_dst: SocketAddr,
+        client: ClientInfo,
+        slot: Arc<Slot>,
+    ) {
+        let _ = stream.set_nodelay(true);
+        let peer = stream.peer_addr().ok();
+        let hello = tokio::select! {
+            r = with_timeout("client hello", HANDSHAKE_TIMEOUT, peek_client_hello(&stream)) => r,
+            () = slot.evicted() => return,
+        };
+        let hello = match hello {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::debug!(error = %e, "captured connection closed before a request");
+                return;
+            }
+        };
+        let dst_host = original_dst.ip().to_string();
+        let port = original_dst.port();
+        match hello {
+            Peeked::Plain => {
+                let ctx = Arc::new(ConnCtx {
+                    mode: Mode::Capture {
+                        host: dst_host,
+                        port,
+                    },
+                    peer,
+                    client,
+                });
+                self.serve_http(TokioIo::new(stream), ctx, false, slot)
+                    .await;
+            }
+            Peeked::Tls { sni } => {
+                let host = sni.unwrap_or(dst_host);
+                if self.inner.router.match_host(&host, Some(port)).is_none() {
+                    if self.inner.config.gateway.splice_unknown {
+                        slot.busy();
+                        self.splice(stream, &original_dst.ip().to_string(), port)
+                            .await;
+                    } else {
+                        tracing::info!(host = %host, "captured connection to a non-provider name refused");
+                    }
+                    return;
+                }
+                let ctx = ConnCtx {
+                    mode: Mode::Capture { host, port },
+                    peer,
+                    client,
+                };
+                self.terminate(stream, ctx, slot).await;
+            }
+        }
+    }
+
+    /// The one TLS accept path (captured connections and CONNECT tunnels):
+    /// a leaf for the connection's provider name, then HTTP.
+    pub(crate) async fn terminate<IO>(&self, io: IO, ctx: ConnCtx, slot: Arc<Slot>)
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let host = match &ctx.mode {
+            Mode::Capture { host, .. } | Mode::Connect { host, .. } => host.clone(),
+            Mode::BaseUrl => return,
+        };
+        let tls = tokio::select! {
+            r = self.inner.certs.accept(io, &host) => r,
+            () = slot.evicted() => return,
+        };
+        match tls {
+            Ok(tls) => {
+                self.serve_http(TokioIo::new(tls), Arc::new(ctx), false, slot)
+                    .await;
+            }
+            Err(e) => tracing::debug!(error = %e, host = %host, "client tls failed"),
+        }
+    }
+
+    /// Serves HTTP/1.1 and HTTP/2 on one connection, watched for graceful
+    /// shutdown. The connection stops being idle (closable to make room)
+    /// at its first request.
+    pub(crate) async fn serve_http<I>(
+        &self,
+        io: TokioIo<I>,
+        ctx: Arc<ConnCtx>,
+        allow_connect: bool,
+        slot: Arc<Slot>,
+    ) where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let gw = self.clone();
+        let svc_slot = Arc::clone(&slot);
+        let svc = service_fn(move |req: Request<Incoming>| {
+            let gw = gw.clone();
+            let ctx = Arc::clone(&ctx);
+            svc_slot.busy();
+            let tunnel_slot = Arc::clone(&svc_slot);
+            async move {
+                if req.method() == Method::CONNECT {
+                    if allow_connect {
+                        return Ok(gw.connect(req, ctx.peer, tunnel_slot));
+                    }
+                    let body = provider::error_body(
+                        None,
+                        StatusCode::METHOD_NOT_ALLOWED,
+                        codes::BAD_REQUEST,
+                        "CONNECT inside a tunnel is not supported",
+                        &[],
+                    );
+                    let mut r = Response::new(handler::full(body));
+                    *r.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+                    return Ok(r);
+                }
+                handler::handle(Arc::clone(&gw.inner), ctx, req).await
+            }
+        });
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .max_buf_size(MAX_HEADER_BYTES)
+            .header_read_timeout(Duration::from_secs(30));
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(u32::try_from(MAX_HEADER_BYTES).unwrap_or(u32::MAX));
+        let conn = builder.serve_connection_with_upgrades(io, svc).into_owned();
+        let watched = match self.inner.graceful.lock() {
+            Ok(g) => g.as_ref().map(|g| g.watcher()),
+            Err(_) => None,
+        };
+        let served = async move {
+            match watched {
+                Some(w) => w.watch(conn).await,
+                // Already draining: serve this last connection unwatched.
+                None => conn.await,
+            }
+        };
+        tokio::select! {
+            r = served => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "client connection ended with an error");
+                }
+            }
+            () = slot.evicted() => {
+                tracing::debug!("idle connection closed to make room for a new one");
+            }
+        }
+    }
+}

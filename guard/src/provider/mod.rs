@@ -1,0 +1,336 @@
+//! The provider catalog: every fact kt knows about an AI provider, in one
+//! place. Which names a provider answers on, where its API lives, how the
+//! managed key goes on the wire, which client headers and query keys may
+//! carry a credential, and what its error bodies look like (so kt's own
+//! errors read as native to the client's SDK).
+//!
+//! Routing, the gateway, DLP, capture and the CLI ask this module; none of
+//! them spells a provider host or header name itself. Pure: no I/O.
+#![forbid(unsafe_code)]
+
+use http::StatusCode;
+use http::header::{AUTHORIZATION, HeaderName, HeaderValue};
+
+use crate::record::Attempt;
+
+/// A provider family; decides the credential style, hosts and error shape.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Provider {
+    /// OpenAI (`Authorization: Bearer`).
+    OpenAi,
+    /// Anthropic (`x-api-key`).
+    Anthropic,
+    /// Another name; needs a `base_url`, spoken to OpenAI-style.
+    Other(String),
+}
+
+/// How the managed key is put on an upstream request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyStyle {
+    /// `Authorization: Bearer <key>`.
+    Bearer,
+    /// `x-api-key: <key>`.
+    XApiKey,
+}
+
+/// Which JSON shape a provider's error bodies have.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorShape {
+    /// `{"error":{"message","type","code"}}`.
+    OpenAi,
+    /// `{"type":"error","error":{"type","message"}}`.
+    Anthropic,
+}
+
+/// Static facts about one known provider.
+#[derive(Clone, Copy, Debug)]
+pub struct Spec {
+    /// Official API host names (TLS names kt terminates for it).
+    pub hosts: &'static [&'static str],
+    /// The official endpoint, including its API root path.
+    pub base_url: &'static str,
+    /// The API root path in that endpoint (`/v1` for OpenAI), removed from
+    /// paths so a request can be re-rooted on any target.
+    pub api_root: &'static str,
+    /// How the managed key is sent.
+    pub key_style: KeyStyle,
+    /// The shape of its error bodies.
+    pub error_shape: ErrorShape,
+}
+
+// OpenAI: https://platform.openai.com/docs/api-reference/authentication
+// (Bearer; base https://api.openai.com/v1).
+const OPENAI: Spec = Spec {
+    hosts: &["api.openai.com"],
+    base_url: "https://api.openai.com/v1",
+    api_root: "/v1",
+    key_style: KeyStyle::Bearer,
+    error_shape: ErrorShape::OpenAi,
+};
+
+// Anthropic: https://docs.anthropic.com/en/api/overview (x-api-key header;
+// paths already carry /v1, so the root is empty).
+const ANTHROPIC: Spec = Spec {
+    hosts: &["api.anthropic.com"],
+    base_url: "https://api.anthropic.com",
+    api_root: "",
+    key_style: KeyStyle::XApiKey,
+    error_shape: ErrorShape::Anthropic,
+};
+
+/// The providers kt knows by name, in catalog order.
+pub const KNOWN: &[Provider] = &[Provider::OpenAi, Provider::Anthropic];
+
+impl Provider {
+    /// The name as written in config files and shown to users.
+    pub fn name(&self) -> &str {
+        match self {
+            Provider::OpenAi => "openai",
+            Provider::Anthropic => "anthropic",
+            Provider::Other(name) => name,
+        }
+    }
+
+    /// Parses a provider name (case-insensitive).
+    pub fn parse(name: &str) -> Provider {
+        match name.to_ascii_lowercase().as_str() {
+            "openai" => Provider::OpenAi,
+            "anthropic" => Provider::Anthropic,
+            other => Provider::Other(other.to_string()),
+        }
+    }
+
+    /// The catalog entry, when this is a known provider.
+    pub fn spec(&self) -> Option<&'static Spec> {
+        match self {
+            Provider::OpenAi => Some(&OPENAI),
+            Provider::Anthropic => Some(&ANTHROPIC),
+            Provider::Other(_) => None,
+        }
+    }
+
+    /// The official API endpoint, when this is a known provider.
+    pub fn default_base_url(&self) -> Option<&'static str> {
+        self.spec().map(|s| s.base_url)
+    }
+
+    /// The official API root path (`/v1` for OpenAI; "" when unknown).
+    pub fn api_root(&self) -> &'static str {
+        self.spec().map_or("", |s| s.api_root)
+    }
+
+    /// Official API host names ("" for none).
+    pub fn hosts(&self) -> &'static [&'static str] {
+        self.spec().map_or(&[], |s| s.hosts)
+    }
+
+    /// How the managed key is sent (unknown providers: OpenAI-style Bearer).
+    pub fn key_style(&self) -> KeyStyle {
+        self.spec().map_or(KeyStyle::Bearer, |s| s.key_style)
+    }
+
+    /// The error-body shape (unknown providers: OpenAI's).
+    pub fn error_shape(&self) -> ErrorShape {
+        self.spec().map_or(ErrorShape::OpenAi, |s| s.error_shape)
+    }
+}
+
+impl std::fmt::Display for Provider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The known provider whose official host `host` is (case and a trailing
+/// dot ignored).
+pub fn for_official_host(host: &str) -> Option<Provider> {
+    let host = host.trim_end_matches('.');
+    KNOWN
+        .iter()
+        .find(|p| p.hosts().iter().any(|h| h.eq_ignore_ascii_case(host)))
+        .cloned()
+}
+
+/// Every official host of every known provider.
+pub fn official_hosts() -> impl Iterator<Item = &'static str> {
+    KNOWN.iter().flat_map(|p| p.hosts().iter().copied())
+}
+
+/// Headers a client may carry a credential in. All are removed before a
+/// request is forwarded, and DLP does not scan them (their content is
+/// replaced by the managed key, and only its fingerprint is kept).
+pub const CREDENTIAL_HEADERS: &[&str] = &[
+    "authorization",
+    "proxy-authorization",
+    "x-api-key",
+    "api-key",
+    "x-goog-api-key",
+    "openai-api-key",
+    "anthropic-api-key",
+];
+
+/// Query-string keys that carry credentials; all are removed before forwarding.
+pub const CREDENTIAL_QUERY_KEYS: &[&str] = &[
+    "key",
+    "api_key",
+    "api-key",
+    "apikey",
+    "access_token",
+    "token",
+];
+
+/// Whether `name` (any case) is a credential header.
+pub fn is_credential_header(name: &str) -> bool {
+    CREDENTIAL_HEADERS
+        .iter()
+        .any(|c| c.eq_ignore_ascii_case(name))
+}
+
+/// The managed key does not fit in an HTTP header value.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("the managed key contains characters not allowed in a header")]
+pub struct BadKey;
+
+/// The header carrying the managed key in the provider's own style, marked
+/// sensitive so HTTP/2 never indexes it.
+pub fn managed_key_header(
+    provider: &Provider,
+    key: &str,
+) -> Result<(HeaderName, HeaderValue), BadKey> {
+    let (name, mut value) = match provider.key_style() {
+        KeyStyle::XApiKey => (
+            HeaderName::from_static("x-api-key"),
+            HeaderValue::from_str(key).map_err(|_| BadKey)?,
+        ),
+        KeyStyle::Bearer => (
+            AUTHORIZATION,
+            HeaderValue::from_str(&format!("Bearer {key}")).map_err(|_| BadKey)?,
+        ),
+    };
+    value.set_sensitive(true);
+    Ok((name, value))
+}
+
+/// A provider-shaped JSON error body (`None`: OpenAI's shape, the one most
+/// clients understand). Never put a key in `message`.
+pub fn error_body(
+    provider: Option<&Provider>,
+    status: StatusCode,
+    code: &str,
+    message: &str,
+    tried: &[Attempt],
+) -> Vec<u8> {
+    let tried: Vec<serde_json::Value> = tried
+        .iter()
+        .map(|a| serde_json::json!({"target": a.target, "outcome": a.outcome.label()}))
+        .collect();
+    let shape = provider.map_or(ErrorShape::OpenAi, Provider::error_shape);
+    let value = match shape {
+        ErrorShape::Anthropic => serde_json::json!({
+            "type": "error",
+            "error": {
+                "type": anthropic_error_type(status),
+                "message": message,
+                "code": code,
+                "targets_tried": tried,
+            }
+        }),
+        ErrorShape::OpenAi => serde_json::json!({
+            "error": {
+                "message": message,
+                "type": openai_error_type(status),
+                "code": code,
+                "targets_tried": tried,
+            }
+        }),
+    };
+    serde_json::to_vec(&value).unwrap_or_else(|_| b"{}".to_vec())
+}
+
+fn openai_error_type(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 | 404 | 413 => "invalid_request_error",
+        401 | 403 => "authentication_error",
+        429 => "rate_limit_error",
+        _ => "gateway_error",
+    }
+}
+
+fn anthropic_error_type(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 | 404 => "invalid_request_error",
+        413 => "request_too_large",
+        401 => "authentication_error",
+        403 => "permission_error",
+        429 => "rate_limit_error",
+        503 | 529 => "overloaded_error",
+        _ => "api_error",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::Outcome;
+
+    #[test]
+    fn official_hosts_name_their_provider() {
+        assert_eq!(for_official_host("API.OpenAI.com."), Some(Provider::OpenAi));
+        assert_eq!(
+            for_official_host("api.anthropic.com"),
+            Some(Provider::Anthropic)
+        );
+        assert_eq!(for_official_host("api.openai.com.evil"), None);
+        assert_eq!(
+            official_hosts().collect::<Vec<_>>(),
+            vec!["api.openai.com", "api.anthropic.com"]
+        );
+    }
+
+    #[test]
+    fn the_managed_key_goes_in_the_providers_style() {
+        let (n, v) = managed_key_header(&Provider::Anthropic, "k1").unwrap();
+        assert_eq!((n.as_str(), v.to_str().unwrap()), ("x-api-key", "k1"));
+        assert!(v.is_sensitive());
+        let (n, v) = managed_key_header(&Provider::Other("x".into()), "k2").unwrap();
+        assert_eq!(
+            (n.as_str(), v.to_str().unwrap()),
+            ("authorization", "Bearer k2")
+        );
+        assert_eq!(managed_key_header(&Provider::OpenAi, "a\nb"), Err(BadKey));
+    }
+
+    #[test]
+    fn error_bodies_have_the_providers_shape() {
+        let tried = [Attempt {
+            target: "q2".into(),
+            outcome: Outcome::Status {
+                status: 503,
+                retry_after: None,
+            },
+        }];
+        let a: serde_json::Value = serde_json::from_slice(&error_body(
+            Some(&Provider::Anthropic),
+            StatusCode::SERVICE_UNAVAILABLE,
+            "kt_x",
+            "m",
+            &tried,
+        ))
+        .unwrap();
+        assert_eq!(a["type"], "error");
+        assert_eq!(a["error"]["type"], "overloaded_error");
+        assert_eq!(a["error"]["targets_tried"][0]["outcome"], "status_503");
+        let o: serde_json::Value =
+            serde_json::from_slice(&error_body(None, StatusCode::FORBIDDEN, "kt_x", "m", &[]))
+                .unwrap();
+        assert_eq!(o["error"]["type"], "authentication_error");
+        assert_eq!(o["error"]["code"], "kt_x");
+    }
+
+    #[test]
+    fn credential_headers_are_recognised_in_any_case() {
+        assert!(is_credential_header("X-Api-Key"));
+        assert!(is_credential_header("authorization"));
+        assert!(!is_credential_header("content-type"));
+    }
+}
