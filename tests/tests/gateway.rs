@@ -457,44 +457,173 @@ async fn connect_mode_terminates_tls_and_swaps_key() {
     assert_eq!(gw.sink.snapshot()[0].arrival, Arrival::Connect);
 }
 
-#[tokio::test]
-async fn connect_to_non_provider_is_refused() {
-    let ca = TestCa::new();
-    let up = FakeProvider::start(&ca, "first", Behavior::Ok).await;
-    let mut cfg = config(vec![oa("oa1", &up, "OA1")]);
-    cfg.gateway.splice_unknown = false;
-    let gw = start(cfg, secrets(), &ca).await;
-    let (status, _) = via_connect(gw.addr, "example.com", 443, gw.ca.cert_der()).await;
-    assert_eq!(status, 403);
+/// The refusals the guard recorded, as (rule, target) pairs.
+fn guard_refusals(sink: &MemorySink) -> Vec<(String, String)> {
+    sink.snapshot()
+        .into_iter()
+        .flat_map(|r| {
+            let path = r.path.clone();
+            r.policy
+                .into_iter()
+                .filter(|n| n.policy == PolicyId::Guard)
+                .map(move |n| (n.rule, path.clone()))
+        })
+        .collect()
+}
+
+/// CONNECT through kt, then a TLS handshake naming `sni` (trusting the
+/// gateway's CA): the CONNECT status and whether the handshake succeeded.
+async fn connect_with_sni(
+    gw: std::net::SocketAddr,
+    authority: &str,
+    sni: &str,
+    ca: &rustls_pki_types::CertificateDer<'static>,
+) -> (u16, bool) {
+    let mut tcp = tokio::net::TcpStream::connect(gw).await.unwrap();
+    tcp.write_all(format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if tcp.read(&mut b).await.unwrap() == 0 {
+            break;
+        }
+        head.push(b[0]);
+    }
+    let status: u16 = String::from_utf8_lossy(&head)
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    if status != 200 {
+        return (status, false);
+    }
+    let tls = tokio_rustls::TlsConnector::from(client_tls(ca, false))
+        .connect(
+            rustls_pki_types::ServerName::try_from(sni.to_string()).unwrap(),
+            tcp,
+        )
+        .await;
+    (status, tls.is_ok())
 }
 
 #[tokio::test]
-async fn connect_to_non_provider_is_spliced_when_configured() {
+async fn connect_to_non_provider_is_refused_and_recorded() {
     let ca = TestCa::new();
     let up = FakeProvider::start(&ca, "first", Behavior::Ok).await;
-    // Another loopback TLS server that is not a target: spliced untouched,
-    // so the client sees the server's own certificate (from the fake CA).
+    let gw = start(config(vec![oa("oa1", &up, "OA1")]), secrets(), &ca).await;
+    let (status, _) = via_connect(gw.addr, "example.com", 443, gw.ca.cert_der()).await;
+    assert_eq!(status, 403);
+    assert_eq!(
+        guard_refusals(&gw.sink),
+        vec![(
+            "connect-not-allowed".to_string(),
+            "example.com:443".to_string()
+        )]
+    );
+}
+
+/// CONNECT to an address is decided by the hello inside: another name on
+/// it (a provider's address, reached with someone else's name) never goes
+/// anywhere, and the server behind it never sees a byte.
+#[tokio::test]
+async fn connect_to_an_address_with_another_name_is_refused_not_tunnelled() {
+    let ca = TestCa::new();
+    let up = FakeProvider::start(&ca, "first", Behavior::Ok).await;
     let other = FakeProvider::start(&ca, "other", Behavior::Ok).await;
-    let mut cfg = config(vec![oa("oa1", &up, "OA1")]);
-    cfg.gateway.splice_unknown = true;
-    let gw = start(cfg, secrets(), &ca).await;
-    let (status, conn) = via_connect(gw.addr, "localhost", other.addr.port(), &ca.der).await;
+    let gw = start(config(vec![oa("oa1", &up, "OA1")]), secrets(), &ca).await;
+    let authority = format!("127.0.0.1:{}", other.addr.port());
+    let (status, tls_ok) = connect_with_sni(gw.addr, &authority, "www.example.com", &ca.der).await;
     assert_eq!(status, 200);
-    let a = send(
-        &mut conn.unwrap(),
-        post(
-            "/v1/chat/completions",
-            &[("authorization", "Bearer untouched")],
-            chat_body(false),
-        ),
+    assert!(!tls_ok, "the tunnel reached a TLS server");
+    assert!(other.requests().is_empty());
+    assert_eq!(
+        guard_refusals(&gw.sink),
+        vec![("non-provider-name".to_string(), authority)]
+    );
+}
+
+/// An allowlisted name that resolves to this host (DNS rebinding, a
+/// metadata endpoint) is never dialled.
+#[tokio::test]
+async fn connect_allowlist_never_reaches_internal_addresses() {
+    let ca = TestCa::new();
+    let up = FakeProvider::start(&ca, "first", Behavior::Ok).await;
+    let mut cfg = config(vec![oa("oa1", &up, "OA1")]);
+    cfg.gateway.connect_allow = vec!["localhost".into()];
+    let gw = start(cfg, secrets(), &ca).await;
+    let (status, _) = via_connect(gw.addr, "localhost", 443, gw.ca.cert_der()).await;
+    assert_eq!(status, 403);
+    assert_eq!(
+        guard_refusals(&gw.sink),
+        vec![(
+            "connect-internal-address".to_string(),
+            "localhost:443".to_string()
+        )]
+    );
+}
+
+/// A captured connection kt cannot decide on is refused with a TLS alert
+/// and an event; the original destination never sees a byte.
+#[tokio::test]
+async fn captured_connections_kt_cannot_decide_on_are_refused_never_spliced() {
+    let ca = TestCa::new();
+    let up = FakeProvider::start(&ca, "first", Behavior::Ok).await;
+    // The "real" server at the original destination (a provider address).
+    let real = FakeProvider::start(&ca, "real", Behavior::Ok).await;
+    let gw = start(config(vec![oa("oa1", &up, "OA1")]), secrets(), &ca).await;
+    let cap = start_capture(
+        &gw.gw,
+        Arc::new(FixedLookup(real.addr, ClientInfo::default())),
     )
     .await;
-    assert!(a.body.contains("hello from other"));
+
+    // Another name (trusting the real server's CA: a splice would succeed).
+    let tcp = tokio::net::TcpStream::connect(cap).await.unwrap();
+    let named = tokio_rustls::TlsConnector::from(client_tls(&ca.der, false))
+        .connect(
+            rustls_pki_types::ServerName::try_from("www.example.com").unwrap(),
+            tcp,
+        )
+        .await;
+    assert!(named.is_err(), "a non-provider name was passed through");
+    // No SNI at all (an address as the name).
+    let tcp = tokio::net::TcpStream::connect(cap).await.unwrap();
+    let bare = tokio_rustls::TlsConnector::from(client_tls(&ca.der, false))
+        .connect(
+            rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap(),
+            tcp,
+        )
+        .await;
+    assert!(bare.is_err(), "a hello without SNI was passed through");
+    // A ClientHello larger than any real one (padding inside a valid record
+    // stream): refused once it passes the limit, never passed on.
+    let mut tcp = tokio::net::TcpStream::connect(cap).await.unwrap();
+    let mut big = vec![0x16, 3, 1, 0x40, 0x00, 1, 0xff, 0xff, 0xff];
+    big.resize(5 + 0x4000, 0);
+    for _ in 0..5 {
+        big.extend_from_slice(&[0x16, 3, 1, 0x40, 0x00]);
+        big.extend(std::iter::repeat_n(0u8, 0x4000));
+    }
+    let _ = tcp.write_all(&big).await;
+    let mut answer = Vec::new();
+    let _ = tcp.read_to_end(&mut answer).await;
     assert_eq!(
-        header(&other.requests()[0], "authorization"),
-        Some("Bearer untouched")
+        answer.first(),
+        Some(&0x15),
+        "expected a TLS alert, got {answer:?}"
     );
+
+    assert!(real.requests().is_empty());
     assert!(up.requests().is_empty());
+    let rules: Vec<String> = guard_refusals(&gw.sink).into_iter().map(|r| r.0).collect();
+    assert_eq!(rules[..2], ["non-provider-name", "no-sni"]);
+    // rustls already rejects a handshake message announced this large.
+    assert!(
+        ["oversized-hello", "unparseable-hello"].contains(&rules[2].as_str()),
+        "{rules:?}"
+    );
 }
 
 #[tokio::test]

@@ -670,6 +670,7 @@ impl Cx {
             "max_body_bytes",
             "max_retry_after",
             "splice_unknown_sni",
+            "connect_allow",
             "max_connections",
         ];
         let mut out = GatewaySettings::default();
@@ -724,11 +725,35 @@ impl Cx {
         }) {
             out.max_body_bytes = v;
         }
-        if let Some(v) = f
-            .get("splice_unknown_sni")
-            .and_then(|n| self.boolean(n, "gateway.splice_unknown_sni"))
+        // Kept so older files load: `false` is what kt always does now.
+        if let Some(n) = f.get("splice_unknown_sni")
+            && self.boolean(n, "gateway.splice_unknown_sni") == Some(true)
         {
-            out.splice_unknown = v;
+            self.error_hint(
+                n.pos,
+                "`gateway.splice_unknown_sni: true` is no longer supported: kt never passes a connection it has not decided on",
+                "remove it; to let CONNECT clients reach other hosts, list them in `gateway.connect_allow`",
+            );
+        }
+        if let Some(n) = f.get("connect_allow")
+            && !is_null(n)
+            && let Some(list) = self.list(n, "gateway.connect_allow")
+        {
+            for (i, h) in list.iter().enumerate() {
+                let path = format!("gateway.connect_allow[{i}]");
+                let Some(host) = self.string(h, &path) else {
+                    continue;
+                };
+                if is_host_name(host.strip_prefix("*.").unwrap_or(&host)) {
+                    out.connect_allow.push(host);
+                } else {
+                    self.error_hint(
+                        h.pos,
+                        format!("invalid host name `{host}` in `{path}`"),
+                        "use a DNS name such as pypi.org, or *.example.com for its subdomains",
+                    );
+                }
+            }
         }
         if let Some(v) = f.get("max_connections").and_then(|n| {
             self.int_in(

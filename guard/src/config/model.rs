@@ -222,9 +222,10 @@ pub struct GatewaySettings {
     pub max_body_bytes: u64,
     /// `max_retry_after` (default 10s): longest `Retry-After` honoured before falling back.
     pub max_retry_after: Duration,
-    /// `splice_unknown_sni` (default true): non-provider names on captured
-    /// addresses, and CONNECT to non-provider hosts, pass untouched.
-    pub splice_unknown: bool,
+    /// `connect_allow` (default none): host names (`*.` for subdomains) that
+    /// CONNECT clients may tunnel to on 443 besides the providers. Never
+    /// an internal address, whatever the name resolves to.
+    pub connect_allow: Vec<String>,
     /// `max_connections` (default 4096): client connections served at once,
     /// over all listeners. When full, the oldest connection that has not
     /// sent a request yet is closed to make room; if there is none, the new
@@ -243,7 +244,7 @@ impl Default for GatewaySettings {
             idle_timeout: Duration::from_secs(120),
             max_body_bytes: 16 * 1024 * 1024,
             max_retry_after: Duration::from_secs(10),
-            splice_unknown: true,
+            connect_allow: Vec::new(),
             max_connections: 4096,
         }
     }

@@ -276,7 +276,7 @@ fn full_example_sets_every_optional_section() {
     assert_eq!(g.idle_timeout, Duration::from_secs(90));
     assert_eq!(g.max_body_bytes, 1_048_576);
     assert_eq!(g.max_retry_after, Duration::ZERO);
-    assert!(!g.splice_unknown);
+    assert!(g.connect_allow.is_empty());
     let cap = &c.capture;
     assert_eq!(
         cap.cgroup.as_deref(),

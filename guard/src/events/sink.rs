@@ -108,7 +108,8 @@ pub fn to_event(d: &RequestRecord, known: &HashMap<String, String>) -> Event {
             outcome: t.outcome.label(),
         })
         .collect();
-    e.status = Some(d.status);
+    // 0: no HTTP status (a connection refused before any request).
+    e.status = (d.status != 0).then_some(d.status);
     e.latency_ms = Some(u64::try_from(d.latency.as_millis()).unwrap_or(u64::MAX));
     e.policy = d
         .policy

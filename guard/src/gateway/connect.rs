@@ -1,22 +1,37 @@
-//! CONNECT (explicit proxy clients): provider hosts are terminated with a
-//! leaf from the CA and served like captured connections; other hosts are
-//! spliced or refused per `gateway.splice_unknown`.
+//! CONNECT (explicit proxy clients). A tunnel is not a way around the
+//! guard: inside it kt decides exactly as on the capture listener (read the
+//! ClientHello, terminate provider names, refuse anything ambiguous).
+//! Authorities that are not providers are refused unless
+//! `gateway.connect_allow` names them, and even then never to loopback,
+//! private, link-local or other internal addresses (no SSRF through kt).
+//! kt's tunnel sockets carry no exemption from capture.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 use super::Gateway;
 use super::handler::{self, ConnCtx, GwBody, Mode};
 use super::limit::Slot;
-use super::upstream::connect_tcp;
+use super::serve::Refusal;
+use super::tls::{HANDSHAKE_TIMEOUT, Hello, Prefixed, read_client_hello};
 use crate::provider;
-use crate::record::{ClientInfo, codes};
+use crate::record::{Arrival, ClientInfo, codes};
+
+/// What a CONNECT authority gets.
+enum Tunnel {
+    /// Decide by the ClientHello inside: terminate a provider name, refuse the rest.
+    Decide,
+    /// Pass bytes to this allowlisted host's address (a splice kt makes).
+    Splice(SocketAddr),
+}
 
 impl Gateway {
     /// Answers a CONNECT request; the tunnel itself runs in its own task
@@ -25,36 +40,68 @@ impl Gateway {
         &self,
         req: Request<Incoming>,
         peer: Option<SocketAddr>,
+        client: ClientInfo,
+        slot: Arc<Slot>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Response<GwBody>> + Send>> {
+        // Boxed: the tunnel task it spawns serves HTTP again, and an `async
+        // fn` here would make that future's type contain itself.
+        let gw = self.clone();
+        Box::pin(async move { gw.connect_inner(req, peer, client, slot).await })
+    }
+
+    async fn connect_inner(
+        &self,
+        req: Request<Incoming>,
+        peer: Option<SocketAddr>,
+        client: ClientInfo,
         slot: Arc<Slot>,
     ) -> Response<GwBody> {
         let Some(authority) = req.uri().authority().cloned() else {
-            let mut r = Response::new(handler::full(Bytes::new()));
-            *r.status_mut() = StatusCode::BAD_REQUEST;
-            return r;
+            return plain_status(StatusCode::BAD_REQUEST);
         };
         let host = authority
             .host()
             .trim_start_matches('[')
             .trim_end_matches(']')
-            .to_string();
+            .to_ascii_lowercase();
         let port = authority.port_u16().unwrap_or(443);
-        let is_provider = self.inner.router.match_host(&host, Some(port)).is_some();
-        if !is_provider && !self.inner.config.gateway.splice_unknown {
+        let tunnel = if self.inner.router.match_host(&host, Some(port)).is_some()
+            || host.parse::<IpAddr>().is_ok()
+        {
+            // Provider names, and IP literals (which may be a provider's
+            // address): only what the hello inside says can be trusted.
+            Tunnel::Decide
+        } else if port == 443 && allowed(&self.inner.config.gateway.connect_allow, &host) {
+            match self.resolve_external(&host).await {
+                Some(addr) => Tunnel::Splice(addr),
+                None => {
+                    self.refuse_connection(Refusal {
+                        arrival: Arrival::Connect,
+                        peer,
+                        client,
+                        target: format!("{host}:{port}"),
+                        rule: "connect-internal-address",
+                    });
+                    let msg = format!(
+                        "kt: CONNECT to {host} refused: it does not resolve to an external address"
+                    );
+                    return forbidden(&msg);
+                }
+            }
+        } else {
+            self.refuse_connection(Refusal {
+                arrival: Arrival::Connect,
+                peer,
+                client,
+                target: format!("{host}:{port}"),
+                rule: "connect-not-allowed",
+            });
             let msg = format!(
-                "{host} is not a configured provider host; known: {}",
+                "kt: CONNECT to {host}:{port} refused: it is not a provider host ({}) and not in gateway.connect_allow",
                 self.known_hosts().join(", ")
             );
-            let body = provider::error_body(
-                None,
-                StatusCode::FORBIDDEN,
-                codes::NOT_A_PROVIDER,
-                &msg,
-                &[],
-            );
-            let mut r = Response::new(handler::full(body));
-            *r.status_mut() = StatusCode::FORBIDDEN;
-            return r;
-        }
+            return forbidden(&msg);
+        };
         let gw = self.clone();
         tokio::spawn(async move {
             let upgraded = match hyper::upgrade::on(req).await {
@@ -64,43 +111,100 @@ impl Gateway {
                     return;
                 }
             };
-            if !is_provider {
-                gw.splice(upgraded, &host, port).await;
-                return;
+            match tunnel {
+                Tunnel::Splice(addr) => {
+                    // No exemption: if this address is a captured provider's,
+                    // capture sends it back to kt, which refuses it there.
+                    let timeout = gw.inner.config.gateway.connect_timeout;
+                    match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+                        Ok(Ok(up)) => {
+                            tracing::info!(%host, %addr, "CONNECT to an allowlisted host spliced");
+                            splice_with_idle(upgraded, up, gw.inner.config.gateway.idle_timeout)
+                                .await;
+                        }
+                        _ => tracing::info!(%host, "allowlisted CONNECT target unreachable"),
+                    }
+                }
+                Tunnel::Decide => {
+                    gw.decide_tunnel(upgraded, host, port, peer, client, slot)
+                        .await
+                }
             }
-            let ctx = ConnCtx {
-                mode: Mode::Connect { host, port },
-                peer,
-                client: ClientInfo::default(),
-            };
-            gw.terminate(upgraded, ctx, slot).await;
         });
         Response::new(handler::full(Bytes::new()))
     }
 
-    /// Copies bytes both ways between a client and `host:port`.
-    pub(crate) async fn splice<S: AsyncRead + AsyncWrite + Unpin>(
+    /// Reads the ClientHello inside a tunnel; terminates a provider name,
+    /// refuses everything else with a TLS alert and an event.
+    async fn decide_tunnel<IO>(
         &self,
-        mut client: S,
-        host: &str,
+        mut io: IO,
+        authority: String,
         port: u16,
-    ) {
-        match tokio::time::timeout(
-            self.inner.config.gateway.connect_timeout,
-            connect_tcp(host, port, self.inner.so_mark),
-        )
-        .await
-        {
-            Ok(Ok(mut up)) => {
-                let _ = tokio::io::copy_bidirectional(&mut client, &mut up).await;
+        peer: Option<SocketAddr>,
+        client: ClientInfo,
+        slot: Arc<Slot>,
+    ) where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let mut buf = Vec::new();
+        let hello =
+            tokio::time::timeout(HANDSHAKE_TIMEOUT, read_client_hello(&mut io, &mut buf)).await;
+        let name = match &hello {
+            Ok(Ok(Hello::Tls {
+                sni: Some(sni),
+                ech: false,
+            })) if self.inner.router.match_host(sni, Some(port)).is_some() => Some(sni.clone()),
+            // An address target has no TLS name: fine when it is exactly a target.
+            Ok(Ok(Hello::Tls {
+                sni: None,
+                ech: false,
+            })) if self.inner.router.is_target_endpoint(&authority, port) => {
+                Some(authority.clone())
             }
-            Ok(Err(e)) => tracing::info!(error = %e, "splice connect failed"),
-            Err(_) => tracing::info!(host, "splice connect timed out"),
+            _ => None,
+        };
+        let rule = match hello {
+            _ if name.is_some() => {
+                let Some(sni) = name else { return };
+                let ctx = ConnCtx {
+                    mode: Mode::Connect { host: sni, port },
+                    peer,
+                    client,
+                };
+                self.terminate(Prefixed::new(buf, io), ctx, slot).await;
+                return;
+            }
+            Ok(Ok(Hello::Tls { ech: true, .. })) => "ech",
+            Ok(Ok(Hello::Tls { sni: None, .. })) => "no-sni",
+            Ok(Ok(Hello::Tls { .. })) => "non-provider-name",
+            Ok(Ok(Hello::Plain)) => "not-tls",
+            Ok(Err(e)) => e.rule(),
+            Err(_) => "hello-timeout",
+        };
+        self.refuse_connection(Refusal {
+            arrival: Arrival::Connect,
+            peer,
+            client,
+            target: format!("{authority}:{port}"),
+            rule,
+        });
+        let _ = io.write_all(&super::serve::ACCESS_DENIED_ALERT).await;
+        let _ = io.shutdown().await;
+    }
+
+    /// The first external address `host` resolves to on 443; `None` when
+    /// it does not resolve or only to internal addresses.
+    async fn resolve_external(&self, host: &str) -> Option<SocketAddr> {
+        let timeout = self.inner.config.gateway.connect_timeout;
+        match tokio::time::timeout(timeout, tokio::net::lookup_host((host, 443))).await {
+            Ok(Ok(mut addrs)) => addrs.find(|a| !is_internal(a.ip())),
+            _ => None,
         }
     }
 
     /// Provider host names, for messages.
-    fn known_hosts(&self) -> Vec<String> {
+    pub(crate) fn known_hosts(&self) -> Vec<String> {
         let mut hosts: Vec<String> = provider::official_hosts().map(String::from).collect();
         for r in self.inner.router.routes() {
             if !hosts.contains(&r.endpoint.host) {
@@ -108,5 +212,122 @@ impl Gateway {
             }
         }
         hosts
+    }
+}
+
+fn forbidden(msg: &str) -> Response<GwBody> {
+    let body = provider::error_body(None, StatusCode::FORBIDDEN, codes::NOT_A_PROVIDER, msg, &[]);
+    let mut r = Response::new(handler::full(body));
+    *r.status_mut() = StatusCode::FORBIDDEN;
+    r
+}
+
+fn plain_status(status: StatusCode) -> Response<GwBody> {
+    let mut r = Response::new(handler::full(Bytes::new()));
+    *r.status_mut() = status;
+    r
+}
+
+/// Whether `host` is in the allowlist (exact, or `*.suffix` for subdomains).
+fn allowed(list: &[String], host: &str) -> bool {
+    list.iter().any(|a| {
+        let a = a.trim_end_matches('.').to_ascii_lowercase();
+        match a.strip_prefix("*.") {
+            Some(suffix) => host.ends_with(&format!(".{suffix}")),
+            None => a == host,
+        }
+    })
+}
+
+/// Addresses a tunnel must never reach: this host, private networks,
+/// link-local (cloud metadata), shared, multicast and unspecified ranges.
+pub(crate) fn is_internal(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_multicast()
+                || v4.is_broadcast()
+                || o[0] == 0
+                || (o[0] == 100 && (o[1] & 0xc0) == 64)
+        }
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_internal(IpAddr::V4(v4));
+            }
+            let s = v6.segments();
+            v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (s[0] & 0xfe00) == 0xfc00
+                || (s[0] & 0xffc0) == 0xfe80
+        }
+    }
+}
+
+/// Copies both ways until both sides finished or nothing moved for `idle`.
+pub(crate) async fn splice_with_idle<A, B>(mut a: A, mut b: B, idle: Duration)
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut ab = vec![0u8; 16 * 1024];
+    let mut ba = vec![0u8; 16 * 1024];
+    let (mut a_open, mut b_open) = (true, true);
+    while a_open || b_open {
+        tokio::select! {
+            r = a.read(&mut ab), if a_open => match r {
+                Ok(0) | Err(_) => { a_open = false; let _ = b.shutdown().await; }
+                Ok(n) => if b.write_all(&ab[..n]).await.is_err() { break },
+            },
+            r = b.read(&mut ba), if b_open => match r {
+                Ok(0) | Err(_) => { b_open = false; let _ = a.shutdown().await; }
+                Ok(n) => if a.write_all(&ba[..n]).await.is_err() { break },
+            },
+            () = tokio::time::sleep(idle) => {
+                tracing::debug!(?idle, "spliced tunnel idle: closed");
+                break;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn internal_addresses_are_never_tunnel_targets() {
+        for ip in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "::1",
+            "fe80::1",
+            "fd00::1",
+            "::ffff:127.0.0.1",
+        ] {
+            assert!(is_internal(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in ["93.184.216.34", "2606:4700::1111"] {
+            assert!(!is_internal(ip.parse().unwrap()), "{ip}");
+        }
+    }
+
+    #[test]
+    fn the_allowlist_matches_names_and_subdomains_only() {
+        let list = vec!["pypi.org".to_string(), "*.github.com".to_string()];
+        assert!(allowed(&list, "pypi.org"));
+        assert!(allowed(&list, "api.github.com"));
+        assert!(!allowed(&list, "github.com"));
+        assert!(!allowed(&list, "evilpypi.org"));
+        assert!(!allowed(&list, "pypi.org.evil"));
     }
 }

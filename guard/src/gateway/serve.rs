@@ -17,10 +17,33 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::handler::{self, ConnCtx, Mode};
 use super::limit::Slot;
-use super::tls::{HANDSHAKE_TIMEOUT, Peeked, peek_client_hello, with_timeout};
+use super::tls::{HANDSHAKE_TIMEOUT, Hello, HelloError, Prefixed, read_client_hello};
 use super::{Gateway, GatewayError, stopped};
 use crate::provider;
-use crate::record::{ClientInfo, codes};
+use crate::record::{
+    Arrival, ClientInfo, PolicyAction, PolicyId, PolicyNote, RequestRecord, codes,
+};
+
+/// A connection kt refuses before any request: what the event says.
+pub(crate) struct Refusal {
+    pub(crate) arrival: Arrival,
+    pub(crate) peer: Option<SocketAddr>,
+    pub(crate) client: ClientInfo,
+    /// `host:port` the client wanted.
+    pub(crate) target: String,
+    /// Why (`no-sni`, `ech`, …).
+    pub(crate) rule: &'static str,
+}
+
+/// A fatal TLS `access_denied` alert, so the client's TLS library reports
+/// a refusal instead of a bare reset.
+pub(crate) const ACCESS_DENIED_ALERT: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x31];
+
+async fn send_alert<IO: AsyncWrite + Unpin>(io: &mut IO) {
+    use tokio::io::AsyncWriteExt as _;
+    let _ = io.write_all(&ACCESS_DENIED_ALERT).await;
+    let _ = io.shutdown().await;
+}
 
 /// Largest request head (request line + headers) accepted; larger gets 431.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
@@ -148,55 +171,91 @@ impl Gateway {
             .await;
     }
 
-    /// TLS is terminated with a leaf for the SNI (or the original address
-    /// when there is none); a connection whose first byte is not a TLS
-    /// handshake is served as plain HTTP. A non-provider name is spliced to
-    /// `original_dst` untouched when `gateway.splice_unknown`, else closed.
+    /// Decides a redirected connection by what the client says, and
+    /// either terminates it or refuses it: a TLS ClientHello naming a
+    /// provider host is terminated with a leaf for that name; plain HTTP is
+    /// served (the request's `Host` must then name a provider); everything
+    /// ambiguous — no SNI, an unparseable or oversized hello, ECH, another
+    /// name — is refused with a TLS alert and an event. Nothing is ever
+    /// passed on to the original destination undecided.
     async fn serve_captured_slot(
         &self,
-        stream: TcpStream,
+        mut stream: TcpStream,
         original_dst: SocketAddr,
         client: ClientInfo,
         slot: Arc<Slot>,
     ) {
         let _ = stream.set_nodelay(true);
         let peer = stream.peer_addr().ok();
+        let port = original_dst.port();
+        let mut buf = Vec::new();
         let hello = tokio::select! {
-            r = with_timeout("client hello", HANDSHAKE_TIMEOUT, peek_client_hello(&stream)) => r,
+            r = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_client_hello(&mut stream, &mut buf)) => r,
             () = slot.evicted() => return,
         };
+        let refuse = |rule: &'static str, host: Option<String>| Refusal {
+            arrival: Arrival::Capture,
+            peer,
+            client: client.clone(),
+            target: format!(
+                "{}:{port}",
+                host.unwrap_or_else(|| original_dst.ip().to_string())
+            ),
+            rule,
+        };
         let hello = match hello {
-            Ok(h) => h,
-            Err(e) => {
+            Ok(Ok(h)) => h,
+            Ok(Err(HelloError::Closed(e))) => {
                 tracing::debug!(error = %e, "captured connection closed before a request");
                 return;
             }
+            Ok(Err(e)) => {
+                self.refuse_connection(refuse(e.rule(), None));
+                send_alert(&mut stream).await;
+                return;
+            }
+            Err(_) => {
+                self.refuse_connection(refuse("hello-timeout", None));
+                return;
+            }
         };
-        let dst_host = original_dst.ip().to_string();
-        let port = original_dst.port();
+        let io = Prefixed::new(buf, stream);
         match hello {
-            Peeked::Plain => {
+            Hello::Plain => {
                 let ctx = Arc::new(ConnCtx {
                     mode: Mode::Capture {
-                        host: dst_host,
+                        host: original_dst.ip().to_string(),
                         port,
                     },
                     peer,
                     client,
                 });
-                self.serve_http(TokioIo::new(stream), ctx, false, slot)
-                    .await;
+                self.serve_http(TokioIo::new(io), ctx, false, slot).await;
             }
-            Peeked::Tls { sni } => {
-                let host = sni.unwrap_or(dst_host);
+            Hello::Tls { ech: true, sni } => {
+                self.refuse_connection(refuse("ech", sni));
+                send_alert(&mut io.into_inner()).await;
+            }
+            Hello::Tls { sni: None, .. } => {
+                let dst = original_dst.ip().to_string();
+                if self.inner.router.is_target_endpoint(&dst, port) {
+                    let ctx = ConnCtx {
+                        mode: Mode::Capture { host: dst, port },
+                        peer,
+                        client,
+                    };
+                    self.terminate(io, ctx, slot).await;
+                    return;
+                }
+                self.refuse_connection(refuse("no-sni", None));
+                send_alert(&mut io.into_inner()).await;
+            }
+            Hello::Tls {
+                sni: Some(host), ..
+            } => {
                 if self.inner.router.match_host(&host, Some(port)).is_none() {
-                    if self.inner.config.gateway.splice_unknown {
-                        slot.busy();
-                        self.splice(stream, &original_dst.ip().to_string(), port)
-                            .await;
-                    } else {
-                        tracing::info!(host = %host, "captured connection to a non-provider name refused");
-                    }
+                    self.refuse_connection(refuse("non-provider-name", Some(host)));
+                    send_alert(&mut io.into_inner()).await;
                     return;
                 }
                 let ctx = ConnCtx {
@@ -204,9 +263,34 @@ impl Gateway {
                     peer,
                     client,
                 };
-                self.terminate(stream, ctx, slot).await;
+                self.terminate(io, ctx, slot).await;
             }
         }
+    }
+
+    /// Records a connection refused before any request, as a `guard` block.
+    pub(crate) fn refuse_connection(&self, r: Refusal) {
+        tracing::info!(target_addr = %r.target, rule = r.rule, "connection refused");
+        let n = self
+            .inner
+            .counter
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut rec = RequestRecord::new(
+            format!("{}-{n:x}", self.inner.id_prefix),
+            r.arrival,
+            r.peer,
+            r.client,
+            "TLS".into(),
+        );
+        rec.path = r.target;
+        rec.error_code = Some(codes::CONNECTION_REFUSED);
+        rec.policy.push(PolicyNote {
+            policy: PolicyId::Guard,
+            action: PolicyAction::Block,
+            rule: r.rule.into(),
+            location: None,
+        });
+        self.inner.sink.record(rec);
     }
 
     /// The one TLS accept path (captured connections and CONNECT tunnels):
@@ -254,7 +338,9 @@ impl Gateway {
             async move {
                 if req.method() == Method::CONNECT {
                     if allow_connect {
-                        return Ok(gw.connect(req, ctx.peer, tunnel_slot));
+                        return Ok(gw
+                            .connect(req, ctx.peer, ctx.client.clone(), tunnel_slot)
+                            .await);
                     }
                     let body = provider::error_body(
                         None,

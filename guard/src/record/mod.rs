@@ -38,6 +38,14 @@ pub mod codes {
     pub const UNDECODABLE_BODY: &str = "kt_undecodable_body";
     /// The audit log is down and `on_store_failure: refuse` is set.
     pub const AUDIT_UNAVAILABLE: &str = "kt_audit_unavailable";
+    /// A connection kt could not decide on safely was refused (no SNI, an
+    /// unparseable or oversized hello, ECH, a non-provider name, a CONNECT
+    /// target that is not allowed, a client over budget).
+    pub const CONNECTION_REFUSED: &str = "kt_connection_refused";
+    /// A request to the explicit listener that a web page could have made
+    /// (foreign `Host`, cross-site `Origin`), or from a client not in
+    /// `gateway.clients`.
+    pub const CLIENT_REFUSED: &str = "kt_client_refused";
 }
 
 /// What is known about the process behind a connection (filled by capture;
@@ -158,6 +166,9 @@ pub enum PolicyId {
     DlpFilter,
     /// `audit-logger`.
     AuditLogger,
+    /// kt's own connection rules (capture, CONNECT, explicit clients,
+    /// budgets), which no config can turn into a pass-through.
+    Guard,
 }
 
 impl PolicyId {
@@ -166,6 +177,7 @@ impl PolicyId {
         match self {
             PolicyId::DlpFilter => "dlp-filter",
             PolicyId::AuditLogger => "audit-logger",
+            PolicyId::Guard => "guard",
         }
     }
 }

@@ -248,6 +248,19 @@ impl Router {
             .map(|r| r.target.provider.clone())
     }
 
+    /// Whether `host:port` is exactly the endpoint of a configured target
+    /// (a `base_url` that is an address has no TLS name, so a client
+    /// reaching it sends no SNI: that is not ambiguous).
+    pub fn is_target_endpoint(&self, host: &str, port: u16) -> bool {
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_ascii_lowercase();
+        self.routes
+            .iter()
+            .any(|r| r.endpoint.host == host && r.endpoint.port == port)
+    }
+
     /// Host mode: the API path of a request sent straight to `host`. The
     /// official root (`/v1` for OpenAI) or the matching target's base path is
     /// removed so the path can be re-rooted on any target.
