@@ -21,6 +21,8 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
+use crate::secrets::UnsafePath;
+
 /// File name of the CA certificate inside the CA directory.
 pub const CERT_FILE: &str = "ca.pem";
 /// File name of the CA private key inside the CA directory.
@@ -54,8 +56,12 @@ pub enum CaError {
         /// What rcgen or rustls said.
         message: String,
     },
+    /// A CA file, or a directory above it, that another user could replace
+    /// (wrong owner, or writable by others).
+    #[error(transparent)]
+    Untrusted(#[from] UnsafePath),
     /// The stored CA key file is readable by others.
-    #[error("ca key {path}: mode {mode:o} lets others read it, expected 600")]
+    #[error("ca key {path}: mode {mode:o} lets others read it; fix it with `chmod 600 {path}`")]
     KeyMode {
         /// The key file.
         path: PathBuf,
@@ -102,6 +108,27 @@ fn gen_err(name: &str) -> impl FnOnce(rcgen::Error) -> CaError + '_ {
     }
 }
 
+/// Reads a CA file after checking, on the open handle, that only kt's uid
+/// or root owns it and that others cannot write it (nor read it when
+/// `private`): a swapped certificate would be exported and installed as the
+/// trust anchor.
+fn read_checked(path: &Path, private: bool) -> Result<String, CaError> {
+    use std::io::Read;
+    let mut file = fs::File::open(path).map_err(io_err(path))?;
+    let meta = file.metadata().map_err(io_err(path))?;
+    let mode = meta.permissions().mode();
+    if private && mode & 0o077 != 0 {
+        return Err(CaError::KeyMode {
+            path: path.to_path_buf(),
+            mode: mode & 0o777,
+        });
+    }
+    crate::secrets::check_file(path, &meta)?;
+    let mut text = String::new();
+    file.read_to_string(&mut text).map_err(io_err(path))?;
+    Ok(text)
+}
+
 /// The CA's parameters; rebuilt identically on load so leaves signed with the
 /// stored key name the same issuer as the stored certificate.
 fn ca_params() -> CertificateParams {
@@ -133,23 +160,12 @@ impl Ca {
         let key_path = dir.join(KEY_FILE);
         let cert_path = dir.join(CERT_FILE);
         fs::create_dir_all(dir).map_err(io_err(dir))?;
-        let key = match fs::read_to_string(&key_path) {
-            Ok(pem) => {
-                let mode = fs::metadata(&key_path)
-                    .map_err(io_err(&key_path))?
-                    .permissions()
-                    .mode();
-                if mode & 0o077 != 0 {
-                    return Err(CaError::KeyMode {
-                        path: key_path,
-                        mode: mode & 0o777,
-                    });
-                }
-                KeyPair::from_pem(&pem).map_err(|_| CaError::BadKey {
-                    path: key_path.clone(),
-                })?
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+        crate::secrets::check_dirs(dir, dir)?;
+        let key = match read_checked(&key_path, true) {
+            Ok(pem) => KeyPair::from_pem(&pem).map_err(|_| CaError::BadKey {
+                path: key_path.clone(),
+            })?,
+            Err(CaError::Io { source: e, .. }) if e.kind() == std::io::ErrorKind::NotFound => {
                 let _ = fs::set_permissions(dir, fs::Permissions::from_mode(0o700));
                 let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
                     .map_err(gen_err("kt local CA"))?;
@@ -166,18 +182,18 @@ impl Ca {
                 let _ = fs::remove_file(&cert_path);
                 key
             }
-            Err(e) => return Err(io_err(&key_path)(e)),
+            Err(e) => return Err(e),
         };
         let params = ca_params();
-        let cert_pem = match fs::read_to_string(&cert_path) {
+        let cert_pem = match read_checked(&cert_path, false) {
             Ok(pem) => pem,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(CaError::Io { source: e, .. }) if e.kind() == std::io::ErrorKind::NotFound => {
                 let cert = params.self_signed(&key).map_err(gen_err("kt local CA"))?;
                 let pem = cert.pem();
                 fs::write(&cert_path, &pem).map_err(io_err(&cert_path))?;
                 pem
             }
-            Err(e) => return Err(io_err(&cert_path)(e)),
+            Err(e) => return Err(e),
         };
         let cert_der = pem_to_der(&cert_pem).ok_or_else(|| CaError::Generate {
             name: cert_path.display().to_string(),
@@ -365,6 +381,51 @@ mod tests {
             Ca::load_or_create(&dir),
             Err(CaError::KeyMode { .. })
         ));
+    }
+
+    #[test]
+    fn ca_files_another_user_could_replace_are_refused_with_the_fix() {
+        let tmp = tempfile::tempdir().unwrap();
+        let parent = tmp.path().join("data");
+        let dir = Ca::dir_in(&parent);
+        Ca::load_or_create(&dir).unwrap();
+
+        fs::set_permissions(&parent, fs::Permissions::from_mode(0o777)).unwrap();
+        let err = Ca::load_or_create(&dir).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains(&format!("`chmod go-w {}`", parent.display())),
+            "{text}"
+        );
+        assert!(
+            matches!(err, CaError::Untrusted(UnsafePath::WritableDir { .. })),
+            "{err:?}"
+        );
+        fs::set_permissions(&parent, fs::Permissions::from_mode(0o755)).unwrap();
+
+        // The certificate is what `kt ca install` trusts: writable by
+        // others, it could be swapped for someone else's CA.
+        let cert = dir.join(CERT_FILE);
+        fs::set_permissions(&cert, fs::Permissions::from_mode(0o666)).unwrap();
+        let text = Ca::load_or_create(&dir).unwrap_err().to_string();
+        assert!(
+            text.contains(&format!("`chmod go-w {}`", cert.display())),
+            "{text}"
+        );
+        fs::set_permissions(&cert, fs::Permissions::from_mode(0o644)).unwrap();
+        Ca::load_or_create(&dir).unwrap();
+
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("not root: skipping the part that chowns the key to another uid");
+            return;
+        }
+        let key = dir.join(KEY_FILE);
+        std::os::unix::fs::chown(&key, Some(65534), None).unwrap();
+        let text = Ca::load_or_create(&dir).unwrap_err().to_string();
+        assert!(
+            text.contains(&format!("`chown 0 {}`", key.display())),
+            "{text}"
+        );
     }
 
     #[test]
