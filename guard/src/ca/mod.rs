@@ -2,6 +2,14 @@
 //! (ECDSA P-256, private key readable by the owner only), and leaf
 //! certificates per server name, minted on demand and cached, served to
 //! rustls through [`LeafResolver`].
+//!
+//! A CA created by this version is name-constrained (X.509 NameConstraints,
+//! critical): it may only issue for the hosts kt terminates ([`Permitted`]),
+//! so its key, if it leaks, cannot mint certificates that clients trusting
+//! it accept for any other name. The permitted names are read back from the
+//! stored certificate; a name outside them needs a new CA
+//! ([`Ca::regenerate`]). A CA stored by an older version has no constraints
+//! and keeps working ([`Ca::permitted`] is `None`).
 #![forbid(unsafe_code)]
 
 use std::collections::HashMap;
@@ -13,18 +21,23 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType,
+    BasicConstraints, CertificateParams, CidrSubnet, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, GeneralSubtree, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    NameConstraints, PKCS_ECDSA_P256_SHA256, SanType,
 };
 use rustls::crypto::CryptoProvider;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
+use crate::secrets::UnsafePath;
+
 /// File name of the CA certificate inside the CA directory.
 pub const CERT_FILE: &str = "ca.pem";
 /// File name of the CA private key inside the CA directory.
 pub const KEY_FILE: &str = "ca.key";
+/// Provider API hosts every new CA permits, whatever else it is given.
+pub const DEFAULT_PERMITTED: &[&str] = &["api.openai.com", "api.anthropic.com"];
 /// Leaves kept in memory before the cache is emptied (bounds memory when
 /// clients send many distinct names).
 const LEAF_CACHE_MAX: usize = 4096;
@@ -54,8 +67,38 @@ pub enum CaError {
         /// What rcgen or rustls said.
         message: String,
     },
+    /// A CA file, or a directory above it, that another user could replace
+    /// (wrong owner, or writable by others).
+    #[error(transparent)]
+    Untrusted(#[from] UnsafePath),
+    /// A leaf was asked for a name the CA's name constraints do not permit.
+    #[error(
+        "the local CA may not issue a certificate for {name}: it is name-constrained to the \
+         hosts kt terminated when it was created; regenerate it with the new names \
+         (`kt ca regenerate --config FILE`) and trust the new certificate again \
+         (`kt ca install`)"
+    )]
+    NameNotPermitted {
+        /// The name asked for.
+        name: String,
+    },
+    /// A host given for the CA's name constraints is neither a DNS name nor
+    /// an IP address.
+    #[error("ca name constraints: {host:?} is neither a DNS host name nor an IP address")]
+    BadHost {
+        /// The host as given.
+        host: String,
+    },
+    /// The stored CA certificate's name constraints could not be read.
+    #[error("ca certificate {path}: cannot read its name constraints: {message}")]
+    BadCert {
+        /// The certificate file.
+        path: PathBuf,
+        /// What the parser said.
+        message: String,
+    },
     /// The stored CA key file is readable by others.
-    #[error("ca key {path}: mode {mode:o} lets others read it, expected 600")]
+    #[error("ca key {path}: mode {mode:o} lets others read it; fix it with `chmod 600 {path}`")]
     KeyMode {
         /// The key file.
         path: PathBuf,
@@ -72,6 +115,175 @@ pub struct Ca {
     issuer: Issuer<'static, KeyPair>,
     provider: Arc<CryptoProvider>,
     leaves: Mutex<HashMap<String, Arc<CertifiedKey>>>,
+    permitted: Option<Permitted>,
+}
+
+/// The names a CA may issue for: its X.509 NameConstraints permitted
+/// subtrees. A DNS entry permits the host and its subdomains (as X.509 name
+/// constraints match); an IP entry permits one network.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Permitted {
+    dns: Vec<String>,
+    ips: Vec<(IpAddr, u8)>,
+}
+
+impl Permitted {
+    /// [`DEFAULT_PERMITTED`], then `hosts` (DNS names or IP literals, e.g.
+    /// the provider catalog's API hosts, targets' `base_url` hosts and
+    /// `capture.hosts`), then loopback (127.0.0.0/8, ::1) so local tests
+    /// and local providers work.
+    pub fn for_hosts(hosts: &[String]) -> Result<Permitted, CaError> {
+        let mut p = Permitted::default();
+        for host in DEFAULT_PERMITTED
+            .iter()
+            .copied()
+            .chain(hosts.iter().map(String::as_str))
+        {
+            p.add(host)?;
+        }
+        p.add_ip(IpAddr::from([127, 0, 0, 0]), 8);
+        p.add_ip(IpAddr::from(std::net::Ipv6Addr::LOCALHOST), 128);
+        Ok(p)
+    }
+
+    fn add(&mut self, host: &str) -> Result<(), CaError> {
+        let h = host.trim().trim_end_matches('.').to_ascii_lowercase();
+        let h = h.strip_prefix("*.").unwrap_or(&h);
+        let h = h
+            .strip_prefix('[')
+            .and_then(|v| v.strip_suffix(']'))
+            .unwrap_or(h);
+        if let Ok(ip) = h.parse::<IpAddr>() {
+            self.add_ip(ip, if ip.is_ipv4() { 32 } else { 128 });
+            return Ok(());
+        }
+        let dns_ok = !h.is_empty()
+            && h.len() <= 253
+            && h.split('.').all(|label| {
+                !label.is_empty()
+                    && label.len() <= 63
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            });
+        if !dns_ok {
+            return Err(CaError::BadHost {
+                host: host.to_string(),
+            });
+        }
+        if !self.dns.iter().any(|d| d == h) {
+            self.dns.push(h.to_string());
+        }
+        Ok(())
+    }
+
+    fn add_ip(&mut self, ip: IpAddr, len: u8) {
+        if !self.ips.contains(&(ip, len)) {
+            self.ips.push((ip, len));
+        }
+    }
+
+    /// Whether a leaf for `name` (DNS name or IP literal) would be accepted
+    /// by clients that enforce the constraints.
+    pub fn allows(&self, name: &str) -> bool {
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        if let Ok(ip) = name.parse::<IpAddr>() {
+            return self.ips.iter().any(|&(net, len)| in_network(ip, net, len));
+        }
+        self.dns.iter().any(|d| {
+            name == *d
+                || name
+                    .strip_suffix(d.as_str())
+                    .is_some_and(|head| head.ends_with('.'))
+        })
+    }
+
+    /// The permitted DNS subtrees.
+    pub fn dns_names(&self) -> &[String] {
+        &self.dns
+    }
+
+    /// The permitted IP networks (address, prefix length).
+    pub fn networks(&self) -> &[(IpAddr, u8)] {
+        &self.ips
+    }
+
+    fn to_constraints(&self) -> NameConstraints {
+        let dns = self.dns.iter().map(|d| GeneralSubtree::DnsName(d.clone()));
+        let ips = self.ips.iter().map(|&(ip, len)| {
+            GeneralSubtree::IpAddress(match ip {
+                IpAddr::V4(a) => CidrSubnet::V4(a.octets(), mask::<4>(len)),
+                IpAddr::V6(a) => CidrSubnet::V6(a.octets(), mask::<16>(len)),
+            })
+        });
+        NameConstraints {
+            permitted_subtrees: dns.chain(ips).collect(),
+            excluded_subtrees: Vec::new(),
+        }
+    }
+
+    /// The permitted subtrees of a certificate; `None` when it has no name
+    /// constraints (a CA stored by an older kt).
+    fn from_cert(der: &[u8], path: &Path) -> Result<Option<Permitted>, CaError> {
+        let bad = |message: String| CaError::BadCert {
+            path: path.to_path_buf(),
+            message,
+        };
+        let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| bad(e.to_string()))?;
+        let Some(ext) = cert.name_constraints().map_err(|e| bad(e.to_string()))? else {
+            return Ok(None);
+        };
+        let mut p = Permitted::default();
+        for subtree in ext.value.permitted_subtrees.iter().flatten() {
+            match subtree.base {
+                x509_parser::extensions::GeneralName::DNSName(d) => {
+                    p.add(d).map_err(|e| bad(e.to_string()))?
+                }
+                x509_parser::extensions::GeneralName::IPAddress(b) => {
+                    let (ip, m): (IpAddr, &[u8]) = match b.len() {
+                        8 => (
+                            IpAddr::from(<[u8; 4]>::try_from(&b[..4]).unwrap_or_default()),
+                            &b[4..],
+                        ),
+                        32 => (
+                            IpAddr::from(<[u8; 16]>::try_from(&b[..16]).unwrap_or_default()),
+                            &b[16..],
+                        ),
+                        n => return Err(bad(format!("ip constraint of {n} bytes"))),
+                    };
+                    let len = m.iter().map(|x| x.count_ones()).sum::<u32>();
+                    p.add_ip(ip, u8::try_from(len).unwrap_or(0));
+                }
+                // Kinds kt never writes: still constrained, nothing to permit.
+                _ => {}
+            }
+        }
+        Ok(Some(p))
+    }
+}
+
+/// A netmask of `len` leading one bits over `N` bytes.
+fn mask<const N: usize>(len: u8) -> [u8; N] {
+    let mut m = [0u8; N];
+    for (i, byte) in m.iter_mut().enumerate() {
+        let bits = usize::from(len).saturating_sub(i * 8).min(8);
+        *byte = (0xff00u16 >> bits) as u8;
+    }
+    m
+}
+
+fn in_network(ip: IpAddr, net: IpAddr, len: u8) -> bool {
+    match (ip, net) {
+        (IpAddr::V4(a), IpAddr::V4(n)) => {
+            let m = u32::from_be_bytes(mask::<4>(len));
+            u32::from(a) & m == u32::from(n) & m
+        }
+        (IpAddr::V6(a), IpAddr::V6(n)) => {
+            let m = u128::from_be_bytes(mask::<16>(len));
+            u128::from(a) & m == u128::from(n) & m
+        }
+        _ => false,
+    }
 }
 
 impl std::fmt::Debug for Ca {
@@ -102,9 +314,30 @@ fn gen_err(name: &str) -> impl FnOnce(rcgen::Error) -> CaError + '_ {
     }
 }
 
+/// Reads a CA file after checking, on the open handle, that only kt's uid
+/// or root owns it and that others cannot write it (nor read it when
+/// `private`): a swapped certificate would be exported and installed as the
+/// trust anchor.
+fn read_checked(path: &Path, private: bool) -> Result<String, CaError> {
+    use std::io::Read;
+    let mut file = fs::File::open(path).map_err(io_err(path))?;
+    let meta = file.metadata().map_err(io_err(path))?;
+    let mode = meta.permissions().mode();
+    if private && mode & 0o077 != 0 {
+        return Err(CaError::KeyMode {
+            path: path.to_path_buf(),
+            mode: mode & 0o777,
+        });
+    }
+    crate::secrets::check_file(path, &meta)?;
+    let mut text = String::new();
+    file.read_to_string(&mut text).map_err(io_err(path))?;
+    Ok(text)
+}
+
 /// The CA's parameters; rebuilt identically on load so leaves signed with the
 /// stored key name the same issuer as the stored certificate.
-fn ca_params() -> CertificateParams {
+fn ca_params(permitted: Option<&Permitted>) -> CertificateParams {
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, "kt local CA");
@@ -119,6 +352,9 @@ fn ca_params() -> CertificateParams {
     let now = time::OffsetDateTime::now_utc();
     params.not_before = now - time::Duration::days(1);
     params.not_after = now + time::Duration::days(3650);
+    // rcgen marks the extension critical: a client that cannot enforce it
+    // must reject the CA rather than ignore the constraints.
+    params.name_constraints = permitted.map(Permitted::to_constraints);
     params
 }
 
@@ -128,28 +364,28 @@ impl Ca {
         data_dir.join("ca")
     }
 
-    /// Loads the CA from `dir` (see [`Ca::dir_in`]), creating it on first use.
+    /// Loads the CA from `dir` (see [`Ca::dir_in`]), creating it on first use
+    /// constrained to [`DEFAULT_PERMITTED`] and loopback. Prefer
+    /// [`Ca::load_or_create_for`] with the hosts kt terminates.
     pub fn load_or_create(dir: &Path) -> Result<Ca, CaError> {
+        Ca::load_or_create_for(dir, &[])
+    }
+
+    /// Loads the CA from `dir`, creating it on first use name-constrained to
+    /// [`Permitted::for_hosts`]`(hosts)`. An existing CA keeps the names it
+    /// was created with (clients already trust that certificate); see
+    /// [`Ca::not_permitted`] and [`Ca::regenerate`].
+    pub fn load_or_create_for(dir: &Path, hosts: &[String]) -> Result<Ca, CaError> {
+        let wanted = Permitted::for_hosts(hosts)?;
         let key_path = dir.join(KEY_FILE);
         let cert_path = dir.join(CERT_FILE);
         fs::create_dir_all(dir).map_err(io_err(dir))?;
-        let key = match fs::read_to_string(&key_path) {
-            Ok(pem) => {
-                let mode = fs::metadata(&key_path)
-                    .map_err(io_err(&key_path))?
-                    .permissions()
-                    .mode();
-                if mode & 0o077 != 0 {
-                    return Err(CaError::KeyMode {
-                        path: key_path,
-                        mode: mode & 0o777,
-                    });
-                }
-                KeyPair::from_pem(&pem).map_err(|_| CaError::BadKey {
-                    path: key_path.clone(),
-                })?
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+        crate::secrets::check_dirs(dir, dir)?;
+        let key = match read_checked(&key_path, true) {
+            Ok(pem) => KeyPair::from_pem(&pem).map_err(|_| CaError::BadKey {
+                path: key_path.clone(),
+            })?,
+            Err(CaError::Io { source: e, .. }) if e.kind() == std::io::ErrorKind::NotFound => {
                 let _ = fs::set_permissions(dir, fs::Permissions::from_mode(0o700));
                 let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
                     .map_err(gen_err("kt local CA"))?;
@@ -166,37 +402,70 @@ impl Ca {
                 let _ = fs::remove_file(&cert_path);
                 key
             }
-            Err(e) => return Err(io_err(&key_path)(e)),
+            Err(e) => return Err(e),
         };
-        let params = ca_params();
-        let cert_pem = match fs::read_to_string(&cert_path) {
+        let cert_pem = match read_checked(&cert_path, false) {
             Ok(pem) => pem,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let cert = params.self_signed(&key).map_err(gen_err("kt local CA"))?;
+            Err(CaError::Io { source: e, .. }) if e.kind() == std::io::ErrorKind::NotFound => {
+                let cert = ca_params(Some(&wanted))
+                    .self_signed(&key)
+                    .map_err(gen_err("kt local CA"))?;
                 let pem = cert.pem();
                 fs::write(&cert_path, &pem).map_err(io_err(&cert_path))?;
                 pem
             }
-            Err(e) => return Err(io_err(&cert_path)(e)),
+            Err(e) => return Err(e),
         };
         let cert_der = pem_to_der(&cert_pem).ok_or_else(|| CaError::Generate {
             name: cert_path.display().to_string(),
             message: "no certificate in file".into(),
         })?;
+        let permitted = Permitted::from_cert(&cert_der, &cert_path)?;
         Ok(Ca {
             dir: Some(dir.to_path_buf()),
             cert_pem,
             cert_der,
-            issuer: Issuer::new(params, key),
+            issuer: Issuer::new(ca_params(permitted.as_ref()), key),
             provider: crypto_provider(),
             leaves: Mutex::new(HashMap::new()),
+            permitted,
         })
     }
 
-    /// A CA that lives in memory only (tests, benchmarks).
+    /// Replaces the CA in `dir` with a new one constrained to
+    /// [`Permitted::for_hosts`]`(hosts)`. The old key and certificate are
+    /// kept beside it as `ca.key.old` and `ca.pem.old`. Clients must trust the
+    /// new certificate (`kt ca install`) before they accept its leaves.
+    pub fn regenerate(dir: &Path, hosts: &[String]) -> Result<Ca, CaError> {
+        Permitted::for_hosts(hosts)?;
+        if dir.exists() {
+            crate::secrets::check_dirs(dir, dir)?;
+        }
+        for file in [KEY_FILE, CERT_FILE] {
+            let path = dir.join(file);
+            match fs::rename(&path, dir.join(format!("{file}.old"))) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err(&path)(e)),
+            }
+        }
+        Ca::load_or_create_for(dir, hosts)
+    }
+
+    /// A CA that lives in memory only and issues for any name (tests,
+    /// benchmarks).
     pub fn ephemeral() -> Result<Ca, CaError> {
+        Ca::ephemeral_with(None)
+    }
+
+    /// A CA in memory only, name-constrained like one created on disk.
+    pub fn ephemeral_for(hosts: &[String]) -> Result<Ca, CaError> {
+        Ca::ephemeral_with(Some(Permitted::for_hosts(hosts)?))
+    }
+
+    fn ephemeral_with(permitted: Option<Permitted>) -> Result<Ca, CaError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(gen_err("kt local CA"))?;
-        let params = ca_params();
+        let params = ca_params(permitted.as_ref());
         let cert = params.self_signed(&key).map_err(gen_err("kt local CA"))?;
         Ok(Ca {
             dir: None,
@@ -205,7 +474,24 @@ impl Ca {
             issuer: Issuer::new(params, key),
             provider: crypto_provider(),
             leaves: Mutex::new(HashMap::new()),
+            permitted,
         })
+    }
+
+    /// The names this CA may issue for; `None` for an unconstrained CA
+    /// (created by an older kt, or [`Ca::ephemeral`]): `kt ca path` and
+    /// `gateway check --verbose` can say so and suggest [`Ca::regenerate`].
+    pub fn permitted(&self) -> Option<&Permitted> {
+        self.permitted.as_ref()
+    }
+
+    /// Those of `hosts` this CA may not issue for (empty when unconstrained):
+    /// a preflight can name them before a client fails its handshake.
+    pub fn not_permitted(&self, hosts: &[String]) -> Vec<String> {
+        match &self.permitted {
+            None => Vec::new(),
+            Some(p) => hosts.iter().filter(|h| !p.allows(h)).cloned().collect(),
+        }
     }
 
     /// Where the CA certificate is stored (None for an ephemeral CA).
@@ -231,6 +517,11 @@ impl Ca {
             && let Some(k) = cache.get(&name)
         {
             return Ok(k.clone());
+        }
+        if let Some(p) = &self.permitted
+            && !p.allows(&name)
+        {
+            return Err(CaError::NameNotPermitted { name });
         }
         let minted = Arc::new(self.mint(&name)?);
         if let Ok(mut cache) = self.leaves.lock() {
@@ -365,6 +656,207 @@ mod tests {
             Ca::load_or_create(&dir),
             Err(CaError::KeyMode { .. })
         ));
+    }
+
+    #[test]
+    fn ca_files_another_user_could_replace_are_refused_with_the_fix() {
+        let tmp = tempfile::tempdir().unwrap();
+        let parent = tmp.path().join("data");
+        let dir = Ca::dir_in(&parent);
+        Ca::load_or_create(&dir).unwrap();
+
+        fs::set_permissions(&parent, fs::Permissions::from_mode(0o777)).unwrap();
+        let err = Ca::load_or_create(&dir).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains(&format!("`chmod go-w {}`", parent.display())),
+            "{text}"
+        );
+        assert!(
+            matches!(err, CaError::Untrusted(UnsafePath::WritableDir { .. })),
+            "{err:?}"
+        );
+        fs::set_permissions(&parent, fs::Permissions::from_mode(0o755)).unwrap();
+
+        // The certificate is what `kt ca install` trusts: writable by
+        // others, it could be swapped for someone else's CA.
+        let cert = dir.join(CERT_FILE);
+        fs::set_permissions(&cert, fs::Permissions::from_mode(0o666)).unwrap();
+        let text = Ca::load_or_create(&dir).unwrap_err().to_string();
+        assert!(
+            text.contains(&format!("`chmod go-w {}`", cert.display())),
+            "{text}"
+        );
+        fs::set_permissions(&cert, fs::Permissions::from_mode(0o644)).unwrap();
+        Ca::load_or_create(&dir).unwrap();
+
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("not root: skipping the part that chowns the key to another uid");
+            return;
+        }
+        let key = dir.join(KEY_FILE);
+        std::os::unix::fs::chown(&key, Some(65534), None).unwrap();
+        let text = Ca::load_or_create(&dir).unwrap_err().to_string();
+        assert!(
+            text.contains(&format!("`chown 0 {}`", key.display())),
+            "{text}"
+        );
+    }
+
+    /// What a client trusting only `ca` says of `leaf` presented for `name`:
+    /// rustls's webpki verifier, as every rustls client runs it.
+    fn webpki_verify(ca: &Ca, leaf: &CertifiedKey, name: &str) -> Result<(), rustls::Error> {
+        use rustls::client::danger::ServerCertVerifier;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.cert_der().clone()).unwrap();
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            crypto_provider(),
+        )
+        .build()
+        .unwrap();
+        let server_name = rustls_pki_types::ServerName::try_from(name.to_string()).unwrap();
+        verifier
+            .verify_server_cert(
+                &leaf.cert[0],
+                &[],
+                &server_name,
+                &[],
+                rustls_pki_types::UnixTime::now(),
+            )
+            .map(|_| ())
+    }
+
+    fn hosts(list: &[&str]) -> Vec<String> {
+        list.iter().map(|h| h.to_string()).collect()
+    }
+
+    #[test]
+    fn constrained_ca_leaves_for_permitted_names_verify_with_webpki() {
+        let ca = Ca::ephemeral_for(&hosts(&["llm.corp.example", "10.1.2.3"])).unwrap();
+        for name in [
+            "api.openai.com",
+            "api.anthropic.com",
+            "llm.corp.example",
+            "eu.llm.corp.example",
+            "10.1.2.3",
+            "127.0.0.1",
+            "127.77.0.10",
+            "::1",
+        ] {
+            let leaf = ca.leaf(name).unwrap();
+            webpki_verify(&ca, &leaf, name).unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+    }
+
+    /// The point of the constraints: with the CA key in hand (kt's own check
+    /// bypassed), a certificate for another name is still refused by every
+    /// client that trusts the CA.
+    #[test]
+    fn a_leaf_minted_with_the_ca_key_for_another_name_is_rejected_by_webpki() {
+        let ca = Ca::ephemeral_for(&[]).unwrap();
+        let forged = ca.mint("www.example.com").unwrap();
+        let err = webpki_verify(&ca, &forged, "www.example.com").unwrap_err();
+        assert!(
+            format!("{err:?}").contains("NameConstraintViolation"),
+            "{err:?}"
+        );
+        let forged_ip = ca.mint("192.0.2.1").unwrap();
+        let err = webpki_verify(&ca, &forged_ip, "192.0.2.1").unwrap_err();
+        assert!(
+            format!("{err:?}").contains("NameConstraintViolation"),
+            "{err:?}"
+        );
+
+        // The same forgery under an unconstrained CA verifies: the
+        // constraints, not something else, make the difference.
+        let open = Ca::ephemeral().unwrap();
+        let leaf = open.mint("www.example.com").unwrap();
+        webpki_verify(&open, &leaf, "www.example.com").unwrap();
+
+        // And the extension is critical, so clients that cannot enforce it
+        // refuse the CA instead of ignoring it.
+        let (_, cert) = x509_parser::parse_x509_certificate(ca.cert_der()).unwrap();
+        assert!(cert.name_constraints().unwrap().unwrap().critical);
+    }
+
+    #[test]
+    fn kt_refuses_to_mint_outside_the_constraints_and_says_to_regenerate() {
+        let ca = Ca::ephemeral_for(&hosts(&["llm.corp.example"])).unwrap();
+        for name in [
+            "www.example.com",
+            "openai.com",
+            "evilapi.openai.com.example",
+            "192.0.2.1",
+        ] {
+            let err = ca.leaf(name).unwrap_err();
+            assert!(
+                matches!(&err, CaError::NameNotPermitted { name: n } if n == name),
+                "{name}: {err:?}"
+            );
+            assert!(err.to_string().contains("kt ca regenerate"), "{err}");
+        }
+        assert_eq!(
+            ca.not_permitted(&hosts(&["api.openai.com", "new.example.org"])),
+            hosts(&["new.example.org"])
+        );
+        assert!(matches!(
+            Ca::ephemeral_for(&hosts(&["bad host/with path"])),
+            Err(CaError::BadHost { .. })
+        ));
+    }
+
+    #[test]
+    fn constraints_are_read_back_from_disk_and_regenerate_replaces_them() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = Ca::dir_in(tmp.path());
+        let first = Ca::load_or_create_for(&dir, &hosts(&["llm.corp.example"])).unwrap();
+        // Reloaded without hosts: the stored certificate says what is permitted.
+        let again = Ca::load_or_create(&dir).unwrap();
+        assert_eq!(again.cert_pem(), first.cert_pem());
+        assert_eq!(again.permitted(), first.permitted());
+        assert!(again.leaf("llm.corp.example").is_ok());
+        assert!(again.not_permitted(&hosts(&["new.example.org"])).len() == 1);
+
+        let new = Ca::regenerate(&dir, &hosts(&["new.example.org"])).unwrap();
+        assert_ne!(new.cert_pem(), first.cert_pem());
+        let leaf = new.leaf("new.example.org").unwrap();
+        webpki_verify(&new, &leaf, "new.example.org").unwrap();
+        assert!(new.leaf("llm.corp.example").is_err());
+        assert_eq!(
+            fs::read_to_string(dir.join("ca.pem.old")).unwrap(),
+            first.cert_pem()
+        );
+        let old_key_mode = fs::metadata(dir.join("ca.key.old"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(old_key_mode & 0o777, 0o600);
+    }
+
+    /// A CA stored by an older kt (no constraints) keeps working, and says
+    /// it is unconstrained.
+    #[test]
+    fn an_unconstrained_ca_on_disk_still_loads_and_reports_none() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = Ca::dir_in(tmp.path());
+        fs::create_dir_all(&dir).unwrap();
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let cert = ca_params(None).self_signed(&key).unwrap();
+        fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(dir.join(KEY_FILE))
+            .unwrap()
+            .write_all(key.serialize_pem().as_bytes())
+            .unwrap();
+        fs::write(dir.join(CERT_FILE), cert.pem()).unwrap();
+        let ca = Ca::load_or_create_for(&dir, &hosts(&["llm.corp.example"])).unwrap();
+        assert_eq!(ca.permitted(), None);
+        assert!(ca.not_permitted(&hosts(&["www.example.com"])).is_empty());
+        let leaf = ca.leaf("www.example.com").unwrap();
+        webpki_verify(&ca, &leaf, "www.example.com").unwrap();
     }
 
     #[test]

@@ -11,6 +11,11 @@
 //! <data_dir>/secrets/.lock          serialises writers
 //! ```
 //!
+//! Every key and store file, and every directory above it, must belong to
+//! kt's uid or root, and no directory on the way may be writable by others
+//! unless sticky: otherwise another user could swap a file for their own
+//! ([`UnsafePath`] says which path and the `chown`/`chmod` that fixes it).
+//!
 //! Callers talk to backends through [`SecretStore`], so a centralized backend
 //! can replace [`FileStore`] later without touching them. [`Resolver`] turns
 //! a `secret_key_ref` into a value: `env` from the guard's environment,
@@ -27,6 +32,8 @@ mod value;
 
 pub use file::FileStore;
 pub use fingerprint::{Fingerprint, Fingerprinter};
+pub use fsutil::UnsafePath;
+pub(crate) use fsutil::{check_dirs, check_file};
 pub use keychain::Keychain;
 pub use memory::MemoryStore;
 pub use resolver::Resolver;
@@ -291,6 +298,10 @@ pub enum SecretsError {
         /// The mode to set (`600` for files, `700` for directories).
         fix: &'static str,
     },
+    /// A key or store file (or a directory above it) that another user
+    /// could replace: wrong owner, or a directory writable by others.
+    #[error(transparent)]
+    Untrusted(#[from] UnsafePath),
     /// A key file of the wrong size.
     #[error("key file {path} is damaged (expected 32 bytes, found {len})")]
     BadKeyFile {
