@@ -44,7 +44,16 @@ pub fn assemble(
             HashMap::new()
         }
     };
-    let ca = Ca::load_or_create(&Ca::dir_in(&global.data_dir)).context("opening the local CA")?;
+    let hosts = ca_hosts(&config);
+    let ca = Ca::load_or_create_for(&Ca::dir_in(&global.data_dir), &hosts)
+        .context("opening the local CA")?;
+    let missing = ca.not_permitted(&hosts);
+    if !missing.is_empty() {
+        eprintln!(
+            "kt: warning: the local CA may not issue certificates for {}; clients of those hosts will fail TLS. Replace the CA with `kt ca regenerate --config FILE`, then `kt ca install` again",
+            missing.join(", ")
+        );
+    }
 
     let audit = config.chain.contains(&PolicyKind::AuditLogger);
     let audit_cfg = config.audit.clone().unwrap_or_default();
@@ -135,4 +144,26 @@ async fn wait_for_signal() {
             let _ = tokio::signal::ctrl_c().await;
         }
     }
+}
+
+/// Names the local CA may issue for: every catalog provider host, the
+/// targets' API hosts and `capture.hosts` (the CA is name-constrained to
+/// them, so a leaked CA key cannot mint certificates for other names).
+pub fn ca_hosts(config: &Config) -> Vec<String> {
+    let mut hosts: Vec<String> = crate::provider::official_hosts()
+        .map(String::from)
+        .collect();
+    let targets = config
+        .providers
+        .targets
+        .iter()
+        .filter_map(|t| t.base_url.as_deref().or(t.provider.default_base_url()))
+        .filter_map(|u| u.parse::<http::Uri>().ok()?.host().map(str::to_string));
+    for h in targets.chain(config.capture.hosts.iter().flatten().cloned()) {
+        let h = h.trim_start_matches('[').trim_end_matches(']').to_string();
+        if !hosts.contains(&h) {
+            hosts.push(h);
+        }
+    }
+    hosts
 }
