@@ -1090,7 +1090,7 @@ async fn client_leaving_mid_stream_is_recorded_in_that_requests_event() {
     let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
     let body = chat_body(true);
     let req = format!(
-        "POST /openai/v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        "POST /openai/v1/chat/completions HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
         body.len()
     );
     s.write_all(req.as_bytes()).await.unwrap();
@@ -1161,7 +1161,7 @@ async fn streams_that_end_cleanly_are_not_amended() {
     let head = http::Request::builder()
         .method("HEAD")
         .uri("/openai/v1/models")
-        .header("host", "x")
+        .header("host", "localhost")
         .body(http_body_util::Full::new(bytes::Bytes::new()))
         .unwrap();
     assert_eq!(send(&mut c, head).await.status, 200);
@@ -1219,4 +1219,193 @@ async fn idle_connections_never_lock_out_a_new_client() {
         "only {evicted} idle connections were closed"
     );
     drop(idle);
+}
+
+/// A web page cannot spend the managed key: a DNS-rebinding request
+/// (foreign `Host`) and a cross-site `Origin` are refused and recorded;
+/// the provider sees nothing.
+#[tokio::test]
+async fn explicit_requests_a_web_page_could_make_are_refused() {
+    let ca = TestCa::new();
+    let up = FakeProvider::start(&ca, "first", Behavior::Ok).await;
+    let gw = start(config(vec![oa("oa1", &up, "OA1")]), secrets(), &ca).await;
+    let mut c = h1_plain(gw.addr).await;
+    let rebound = send(
+        &mut c,
+        post(
+            "/openai/v1/chat/completions",
+            &[("host", "attacker.example:8787")],
+            chat_body(false),
+        ),
+    )
+    .await;
+    assert_eq!(rebound.status, 403, "{}", rebound.body);
+    assert!(
+        rebound.body.contains("kt_client_refused"),
+        "{}",
+        rebound.body
+    );
+    let cross = send(
+        &mut c,
+        post(
+            "/openai/v1/chat/completions",
+            &[
+                ("host", "127.0.0.1:8787"),
+                ("origin", "https://evil.example"),
+            ],
+            chat_body(false),
+        ),
+    )
+    .await;
+    assert_eq!(cross.status, 403, "{}", cross.body);
+    let fetch = send(
+        &mut c,
+        post(
+            "/openai/v1/chat/completions",
+            &[("host", "localhost"), ("sec-fetch-site", "cross-site")],
+            chat_body(false),
+        ),
+    )
+    .await;
+    assert_eq!(fetch.status, 403, "{}", fetch.body);
+    assert!(up.requests().is_empty());
+    let rules: Vec<String> = guard_refusals(&gw.sink).into_iter().map(|r| r.0).collect();
+    assert_eq!(
+        rules,
+        ["foreign-host", "cross-site-origin", "cross-site-origin"]
+    );
+    // A local SDK client (no Origin) is served.
+    let ok = send(
+        &mut c,
+        post(
+            "/openai/v1/chat/completions",
+            &[("host", "localhost:8787")],
+            chat_body(false),
+        ),
+    )
+    .await;
+    assert_eq!(ok.status, 200, "{}", ok.body);
+}
+
+/// Explicit clients are named in their events (pid, uid, exe), and
+/// `gateway.clients` decides who may spend the managed keys.
+#[tokio::test]
+async fn explicit_clients_are_attributed_and_checked_against_gateway_clients() {
+    let ca = TestCa::new();
+    let up = FakeProvider::start(&ca, "first", Behavior::Ok).await;
+    let gw = start(config(vec![oa("oa1", &up, "OA1")]), secrets(), &ca).await;
+    let curl = |addr: std::net::SocketAddr| {
+        std::process::Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-H"])
+            .arg("content-type: application/json")
+            .arg("--data")
+            .arg(chat_body(false))
+            .arg(format!("http://{addr}/openai/v1/chat/completions"))
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("curl is installed by cargo xtask setup")
+    };
+    let child = curl(gw.addr);
+    let pid = child.id();
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
+    let rec = &gw.sink.snapshot()[0];
+    assert_eq!(rec.client.pid, Some(pid), "{:?}", rec.client);
+    assert!(
+        rec.client
+            .exe
+            .as_deref()
+            .is_some_and(|e| e.ends_with("curl")),
+        "{:?}",
+        rec.client
+    );
+    let my_uid = std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
+        .unwrap();
+    assert_eq!(rec.client.uid, Some(my_uid));
+
+    // Now only another uid may spend keys: this client is refused.
+    let mut cfg = config(vec![oa("oa1", &up, "OA1")]);
+    cfg.gateway.clients = Some(guard::config::ClientAllow {
+        uids: vec![my_uid.wrapping_add(4242)],
+        cgroups: vec![],
+    });
+    let strict = start(cfg, secrets(), &ca).await;
+    let child = curl(strict.addr);
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "403");
+    assert_eq!(
+        up.requests().len(),
+        1,
+        "only the first, allowed request arrived"
+    );
+    let rules: Vec<String> = guard_refusals(&strict.sink)
+        .into_iter()
+        .map(|r| r.0)
+        .collect();
+    assert_eq!(rules, ["client-not-allowed"]);
+}
+
+/// Small leaks: an upstream 401 body (it can quote the key's last
+/// characters) never reaches the client, a path with `..` is not sent
+/// under the managed key, and an encoded `?%6Bey=` or a client's billing
+/// headers never reach the provider.
+#[tokio::test]
+async fn rejected_keys_traversal_and_encoded_credentials_do_not_leak() {
+    let ca = TestCa::new();
+    let bad = FakeProvider::start(&ca, "first", Behavior::Status(401)).await;
+    let mut cfg = config(vec![oa("oa1", &bad, "OA1")]);
+    cfg.providers.fallback = false;
+    let gw = start(cfg, secrets(), &ca).await;
+    let mut c = h1_plain(gw.addr).await;
+    let a = send(
+        &mut c,
+        post("/openai/v1/chat/completions", &[], chat_body(false)),
+    )
+    .await;
+    assert_eq!(a.status, 401);
+    assert!(a.body.contains("kt_upstream_auth_failed"), "{}", a.body);
+    assert!(!a.body.contains("from first"), "{}", a.body);
+
+    let ca2 = TestCa::new();
+    let up = FakeProvider::start(&ca2, "second", Behavior::Ok).await;
+    let gw = start(config(vec![oa("oa1", &up, "OA1")]), secrets(), &ca2).await;
+    let mut c = h1_plain(gw.addr).await;
+    let t = send(
+        &mut c,
+        post("/openai/v1/files/%2e%2e/admin", &[], chat_body(false)),
+    )
+    .await;
+    assert_eq!(t.status, 400);
+    assert!(t.body.contains("kt_path_refused"), "{}", t.body);
+    assert!(up.requests().is_empty());
+    let k = send(
+        &mut c,
+        post(
+            "/openai/v1/chat/completions?%6Bey=AIzaCLIENTKEY&x=1",
+            &[
+                ("openai-organization", "org-attacker"),
+                ("openai-project", "proj_attacker"),
+                ("cookie", "session=abc"),
+                ("ocp-apim-subscription-key", "apim-CLIENT"),
+            ],
+            chat_body(false),
+        ),
+    )
+    .await;
+    assert_eq!(k.status, 200, "{}", k.body);
+    let r = &up.requests()[0];
+    assert_eq!(r.path, "/v1/chat/completions?x=1");
+    for h in [
+        "openai-organization",
+        "openai-project",
+        "cookie",
+        "ocp-apim-subscription-key",
+    ] {
+        assert_eq!(header(r, h), None, "{h} reached the provider");
+    }
 }

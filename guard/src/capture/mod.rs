@@ -6,12 +6,14 @@
 
 mod cgroup;
 mod loader;
+mod peer;
 mod prefix;
 mod process;
 mod support;
 
 pub use cgroup::{CgroupError, bpffs_mount, cgroup2_mount, cgroup2_mount_in};
 pub use loader::{Capture, CaptureSpec, ClientOrigin};
+pub use peer::{PeerProcess, find_socket, peer_process, peer_process_in};
 pub use prefix::{PrefixError, prefix_of};
 pub use process::{
     MAX_CMDLINE, ProcessInfo, cgroup_v2_path, container_id, format_cmdline, process_info,

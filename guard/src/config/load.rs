@@ -672,6 +672,8 @@ impl Cx {
             "splice_unknown_sni",
             "connect_allow",
             "max_connections",
+            "clients",
+            "allow_remote_clients",
         ];
         let mut out = GatewaySettings::default();
         let Some(f) = node.and_then(|n| self.mapping(n, "gateway", KEYS)) else {
@@ -754,6 +756,67 @@ impl Cx {
                     );
                 }
             }
+        }
+        if let Some(v) = f
+            .get("allow_remote_clients")
+            .and_then(|n| self.boolean(n, "gateway.allow_remote_clients"))
+        {
+            out.allow_remote_clients = v;
+        }
+        if let Some(n) = f.get("listen")
+            && !out.listen.ip().is_loopback()
+            && !out.allow_remote_clients
+        {
+            self.error_hint(
+                n.pos,
+                format!(
+                    "`gateway.listen` {} is not a loopback address: anyone who reaches it could spend the managed keys",
+                    out.listen
+                ),
+                "listen on 127.0.0.1 (or [::1]); if other hosts must reach kt, also set `gateway.allow_remote_clients: true` and list them in `gateway.clients`",
+            );
+        }
+        if let Some(n) = f.get("clients")
+            && !is_null(n)
+            && let Some(c) = self.mapping(n, "gateway.clients", &["uids", "cgroups"])
+        {
+            let mut allow = crate::config::ClientAllow::default();
+            if let Some(list) = c
+                .get("uids")
+                .and_then(|l| self.list(l, "gateway.clients.uids"))
+            {
+                for (i, u) in list.iter().enumerate() {
+                    if let Some(v) = self.int_in(
+                        u,
+                        &format!("gateway.clients.uids[{i}]"),
+                        0,
+                        u64::from(u32::MAX),
+                        "a numeric user id, e.g. 1001",
+                    ) {
+                        allow.uids.push(u32::try_from(v).unwrap_or(u32::MAX));
+                    }
+                }
+            }
+            if let Some(list) = c
+                .get("cgroups")
+                .and_then(|l| self.list(l, "gateway.clients.cgroups"))
+            {
+                for (i, g) in list.iter().enumerate() {
+                    let path = format!("gateway.clients.cgroups[{i}]");
+                    if let Some(v) = self.string(g, &path) {
+                        if v.starts_with('/') {
+                            allow.cgroups.push(v);
+                        } else {
+                            self.error_hint(
+                                g.pos,
+                                format!("`{path}` must be a cgroup path starting with `/`, found `{v}`"),
+                                "as /proc/PID/cgroup shows it, e.g. /system.slice/actions.runner.service",
+                            );
+                        }
+                    }
+                }
+            }
+            out.clients = Some(allow);
         }
         if let Some(v) = f.get("max_connections").and_then(|n| {
             self.int_in(

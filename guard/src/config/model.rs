@@ -231,6 +231,36 @@ pub struct GatewaySettings {
     /// sent a request yet is closed to make room; if there is none, the new
     /// connection is closed.
     pub max_connections: usize,
+    /// `clients` (default: anyone on this host): who may spend managed keys.
+    pub clients: Option<ClientAllow>,
+    /// `allow_remote_clients` (default false): `listen` may be a
+    /// non-loopback address. Off, such an address is a config error: the
+    /// explicit listener hands out managed keys to whoever reaches it.
+    pub allow_remote_clients: bool,
+}
+
+/// `gateway.clients`: processes allowed to spend managed keys. A request
+/// from a process that matches neither list (or whose process kt cannot
+/// tell) is refused.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClientAllow {
+    /// `uids`: user ids.
+    pub uids: Vec<u32>,
+    /// `cgroups`: cgroup-v2 paths; a process in one of them or below matches.
+    pub cgroups: Vec<String>,
+}
+
+impl ClientAllow {
+    /// Whether a process with `uid` in `cgroup` may spend managed keys.
+    pub fn allows(&self, uid: Option<u32>, cgroup: Option<&str>) -> bool {
+        uid.is_some_and(|u| self.uids.contains(&u))
+            || cgroup.is_some_and(|c| {
+                self.cgroups.iter().any(|a| {
+                    let a = a.trim_end_matches('/');
+                    c == a || c.starts_with(&format!("{a}/")) || a.is_empty()
+                })
+            })
+    }
 }
 
 impl Default for GatewaySettings {
@@ -246,6 +276,8 @@ impl Default for GatewaySettings {
             max_retry_after: Duration::from_secs(10),
             connect_allow: Vec::new(),
             max_connections: 4096,
+            clients: None,
+            allow_remote_clients: false,
         }
     }
 }

@@ -54,8 +54,20 @@ pub(crate) async fn forward(
         });
         match (inner.router.classify(&outcome), response) {
             (Verdict::Deliver, Some(resp)) => {
-                ex.rec.attempts = tried;
                 ex.rec.chosen = Some(route.target.id.clone());
+                if matches!(resp.status().as_u16(), 401 | 403) {
+                    // The provider's own body can quote the key's last
+                    // characters: answer with kt's own, in its shape.
+                    ex.rec.attempts.clone_from(&tried);
+                    let msg = format!(
+                        "kt: the provider rejected the managed key of target {} ({}); run `kt secrets status` to check it. The provider's answer is not passed on because it can name part of the key.",
+                        route.target.id,
+                        resp.status().as_u16()
+                    );
+                    let r = refuse(resp.status(), codes::UPSTREAM_AUTH_FAILED, msg);
+                    return ex.fail(inner, &r, &tried);
+                }
+                ex.rec.attempts = tried;
                 return deliver(inner, ex, parts, route, resp);
             }
             (Verdict::Fallback { retry_after }, _) => {

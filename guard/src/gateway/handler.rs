@@ -19,7 +19,9 @@ use super::Inner;
 use super::relay::BoxError;
 use crate::policy::{PolicyRequest, PolicyVerdict, Refusal};
 use crate::provider::{self, Provider};
-use crate::record::{Arrival, Attempt, ClientInfo, RequestRecord, codes};
+use crate::record::{
+    Arrival, Attempt, ClientInfo, PolicyAction, PolicyId, PolicyNote, RequestRecord, codes,
+};
 use crate::routing::{self, Matched};
 
 /// The body type every gateway response has.
@@ -175,6 +177,17 @@ pub async fn handle(
 ) -> Result<Response<GwBody>, std::convert::Infallible> {
     let mut ex = begin(&inner, &ctx, &req);
     let (mut parts, body) = req.into_parts();
+    if let Err(r) = check_client(&inner, &ctx, &parts) {
+        // Strip first anyway, so the record gets the key's fingerprint only.
+        let _ = strip_credentials(&inner, &mut ex, &mut parts);
+        ex.rec.policy.push(PolicyNote {
+            policy: PolicyId::Guard,
+            action: PolicyAction::Block,
+            rule: r.1.into(),
+            location: None,
+        });
+        return Ok(ex.fail(&inner, &r.0, &[]));
+    }
     let path_and_query = strip_credentials(&inner, &mut ex, &mut parts);
     let Some(matched) = identify(&inner, &ctx, &parts, &path_and_query) else {
         return Ok(unknown_provider(&inner, ex, path_and_query));
@@ -182,6 +195,14 @@ pub async fn handle(
     ex.provider = Some(matched.provider.clone());
     ex.rec.provider = Some(matched.provider.name().to_string());
     ex.rec.path.clone_from(&matched.api_path);
+    if routing::escapes_root(&matched.api_path) {
+        let r = refusal(
+            StatusCode::BAD_REQUEST,
+            codes::PATH_REFUSED,
+            "kt: the request path leaves the API root (a `..` or `.` segment, or an encoded slash); it is not sent under the managed key",
+        );
+        return Ok(ex.fail(&inner, &r, &[]));
+    }
     let body = match read_body(&inner, &parts, body).await {
         Ok(b) => b,
         Err(r) => return Ok(ex.fail(&inner, &r, &[])),
@@ -194,6 +215,102 @@ pub async fn handle(
     parts.headers.remove(HOST);
     parts.headers.remove(CONTENT_LENGTH);
     Ok(super::forward::forward(&inner, ex, &parts, &matched, body).await)
+}
+
+/// Who may spend managed keys: explicit requests must come from this host
+/// (a `Host` kt answers to, no cross-site `Origin`: a web page using DNS
+/// rebinding looks exactly like that), and every request from a process
+/// `gateway.clients` allows, when set.
+fn check_client(
+    inner: &Inner,
+    ctx: &ConnCtx,
+    parts: &http::request::Parts,
+) -> Result<(), (Refusal, &'static str)> {
+    let deny = |rule: &'static str, message: String| {
+        Err((
+            refusal(StatusCode::FORBIDDEN, codes::CLIENT_REFUSED, message),
+            rule,
+        ))
+    };
+    if matches!(ctx.mode, Mode::BaseUrl) {
+        // An absolute-form request (`POST http://api.openai.com/...`) is a
+        // proxy request: its Host is the provider's.
+        let proxied = parts
+            .uri
+            .host()
+            .is_some_and(|h| inner.router.match_host(h, parts.uri.port_u16()).is_some());
+        let host = parts
+            .headers
+            .get(HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_string)
+            .or_else(|| parts.uri.authority().map(|a| a.as_str().to_string()));
+        let host: Option<String> = host;
+        // No Host at all is no browser (they always send one): not rebinding.
+        if !proxied && host.as_deref().is_some_and(|h| !is_local_name(h, inner)) {
+            return deny(
+                "foreign-host",
+                format!(
+                    "kt: Host {} is not this gateway; requests must name localhost or the listen address (a web page cannot reach kt through DNS rebinding)",
+                    host.as_deref().unwrap_or("(none)")
+                ),
+            );
+        }
+        let origin = parts.headers.get("origin").and_then(|h| h.to_str().ok());
+        if let Some(o) = origin
+            && o != "null"
+            && !o
+                .split_once("://")
+                .is_some_and(|(_, rest)| is_local_name(rest.trim_end_matches('/'), inner))
+        {
+            return deny(
+                "cross-site-origin",
+                format!("kt: requests from web pages ({o}) may not use the managed keys"),
+            );
+        }
+        let site = parts
+            .headers
+            .get("sec-fetch-site")
+            .and_then(|h| h.to_str().ok());
+        if site.is_some_and(|s| {
+            s.eq_ignore_ascii_case("cross-site") || s.eq_ignore_ascii_case("same-site")
+        }) {
+            return deny(
+                "cross-site-origin",
+                "kt: cross-site browser requests may not use the managed keys".into(),
+            );
+        }
+    }
+    if let Some(allow) = &inner.config.gateway.clients
+        && !allow.allows(ctx.client.uid, ctx.client.cgroup.as_deref())
+    {
+        return deny(
+            "client-not-allowed",
+            format!(
+                "kt: this process (uid {}, cgroup {}) is not in gateway.clients",
+                ctx.client
+                    .uid
+                    .map_or_else(|| "unknown".into(), |u| u.to_string()),
+                ctx.client.cgroup.as_deref().unwrap_or("unknown")
+            ),
+        );
+    }
+    Ok(())
+}
+
+/// Whether `host[:port]` names this gateway: loopback, `localhost`, or the
+/// explicit listen address.
+fn is_local_name(host_port: &str, inner: &Inner) -> bool {
+    let host = match host_port.rsplit_once(':') {
+        Some((h, p)) if p.chars().all(|c| c.is_ascii_digit()) && !h.ends_with(':') => h,
+        _ => host_port,
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.eq_ignore_ascii_case("localhost") || host.to_ascii_lowercase().ends_with(".localhost") {
+        return true;
+    }
+    host.parse::<std::net::IpAddr>()
+        .is_ok_and(|ip| ip.is_loopback() || ip == inner.config.gateway.listen.ip())
 }
 
 /// Opens the record of a request arriving now.

@@ -67,16 +67,44 @@ pub trait CaptureLookup: Send + Sync {
     }
 }
 
+/// The process behind a connection to the explicit listener, from the
+/// kernel's socket table (loopback clients only; empty when not found).
+async fn explicit_client(peer: SocketAddr, local: SocketAddr) -> ClientInfo {
+    if !peer.ip().is_loopback() && peer.ip() != local.ip() {
+        return ClientInfo::default();
+    }
+    let found = tokio::time::timeout(
+        LOOKUP_TIMEOUT,
+        tokio::task::spawn_blocking(move || crate::capture::peer_process(peer, local)),
+    )
+    .await;
+    let Ok(Ok(Some(p))) = found else {
+        return ClientInfo::default();
+    };
+    let info = p.info.unwrap_or_default();
+    ClientInfo {
+        pid: p.pid,
+        uid: Some(p.uid),
+        cgroup_id: None,
+        exe: info.exe,
+        cmdline: info.cmdline,
+        cgroup: info.cgroup,
+        container_id: info.container_id,
+    }
+}
+
 impl Gateway {
     /// Accept loop for explicit clients (base-URL mode and CONNECT proxy
     /// mode) until [`Gateway::shutdown`]; then drains in-flight requests.
     pub async fn serve_explicit(&self, listener: TcpListener) -> Result<(), GatewayError> {
         self.accept_loop(listener, |gw, stream, peer, slot| async move {
             let _ = stream.set_nodelay(true);
+            let local = stream.local_addr().unwrap_or(peer);
+            let client = explicit_client(peer, local).await;
             let ctx = Arc::new(ConnCtx {
                 mode: Mode::BaseUrl,
                 peer: Some(peer),
-                client: ClientInfo::default(),
+                client,
             });
             gw.serve_http(TokioIo::new(stream), ctx, true, slot).await;
         })

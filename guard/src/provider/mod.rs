@@ -167,7 +167,15 @@ pub const CREDENTIAL_HEADERS: &[&str] = &[
     "x-goog-api-key",
     "openai-api-key",
     "anthropic-api-key",
+    // Azure API Management's key header, used in front of Azure OpenAI.
+    "ocp-apim-subscription-key",
+    // Browser and SDK sessions: never forwarded under the managed key.
+    "cookie",
 ];
+
+/// Client headers that choose which organisation or project the managed
+/// key bills; a client never gets to pick, so they are dropped.
+pub const BILLING_SCOPE_HEADERS: &[&str] = &["openai-organization", "openai-project"];
 
 /// Query-string keys that carry credentials; all are removed before forwarding.
 pub const CREDENTIAL_QUERY_KEYS: &[&str] = &[

@@ -38,6 +38,11 @@ pub mod codes {
     pub const UNDECODABLE_BODY: &str = "kt_undecodable_body";
     /// The audit log is down and `on_store_failure: refuse` is set.
     pub const AUDIT_UNAVAILABLE: &str = "kt_audit_unavailable";
+    /// The provider answered 401/403 to the managed key; its own body (which
+    /// can name the key's last characters) is not passed on.
+    pub const UPSTREAM_AUTH_FAILED: &str = "kt_upstream_auth_failed";
+    /// The request path tries to leave the API root (`..`, encoded slashes).
+    pub const PATH_REFUSED: &str = "kt_path_refused";
     /// A connection kt could not decide on safely was refused (no SNI, an
     /// unparseable or oversized hello, ECH, a non-provider name, a CONNECT
     /// target that is not allowed, a client over budget).

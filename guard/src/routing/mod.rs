@@ -313,6 +313,9 @@ fn strip_root(path: &str, root: &str) -> String {
 /// any `Bearer ` scheme removed) so a fingerprint of it can be recorded.
 pub fn strip_credential_headers(headers: &mut HeaderMap) -> Option<String> {
     let mut found = None;
+    for name in provider::BILLING_SCOPE_HEADERS {
+        headers.remove(*name);
+    }
     for name in CREDENTIAL_HEADERS {
         for value in headers.get_all(*name) {
             if found.is_none()
@@ -348,9 +351,11 @@ pub fn strip_credential_query(path_and_query: &str) -> (String, Option<String>) 
                 return false;
             }
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            // `?%6Bey=` is `?key=` to the server: compare decoded names.
+            let k = percent_decode(k);
             let is_cred = CREDENTIAL_QUERY_KEYS
                 .iter()
-                .any(|c| c.eq_ignore_ascii_case(k));
+                .any(|c| c.eq_ignore_ascii_case(k.trim()));
             if is_cred && found.is_none() && !v.is_empty() {
                 found = Some(v.to_string());
             }
@@ -362,6 +367,55 @@ pub fn strip_credential_query(path_and_query: &str) -> (String, Option<String>) 
     } else {
         (format!("{path}?{}", kept.join("&")), found)
     }
+}
+
+/// `%XX` sequences decoded (`+` too, as form encoding has it); invalid
+/// sequences are kept as written.
+pub fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' if i + 2 < b.len() => {
+                let hex = |c: u8| (c as char).to_digit(16);
+                match (hex(b[i + 1]), hex(b[i + 2])) {
+                    (Some(h), Some(l)) => {
+                        out.push(u8::try_from(h * 16 + l).unwrap_or(b'?'));
+                        i += 3;
+                    }
+                    _ => {
+                        out.push(b'%');
+                        i += 1;
+                    }
+                }
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Whether an API path tries to leave its root: a `.` or `..` segment,
+/// also percent-encoded, or a backslash or encoded slash that a server
+/// might treat as a separator. Such a path is refused before the managed
+/// key is attached.
+pub fn escapes_root(path_and_query: &str) -> bool {
+    let path = path_and_query.split('?').next().unwrap_or("");
+    let lower = path.to_ascii_lowercase();
+    if lower.contains("%2f") || lower.contains("%5c") || path.contains('\\') {
+        return true;
+    }
+    percent_decode(path)
+        .split('/')
+        .any(|seg| seg == "." || seg == "..")
 }
 
 /// The header carrying `key` for `target`, in its provider's style.
@@ -624,6 +678,50 @@ mod tests {
         assert_eq!(v, "sk-ant-managed");
         let err = managed_key_header(&an, "bad\nkey-SECRET").unwrap_err();
         assert!(!err.to_string().contains("SECRET"));
+    }
+
+    #[test]
+    fn encoded_credential_names_and_billing_headers_are_stripped() {
+        let (q, found) = strip_credential_query("/v1/models?%6Bey=AIzaSECRET&%61pi_key=x&limit=2");
+        assert_eq!(q, "/v1/models?limit=2");
+        assert_eq!(found.as_deref(), Some("AIzaSECRET"));
+        let mut h = HeaderMap::new();
+        h.insert(
+            "ocp-apim-subscription-key",
+            HeaderValue::from_static("apimSECRET"),
+        );
+        h.insert("cookie", HeaderValue::from_static("session=SECRET"));
+        h.insert(
+            "openai-organization",
+            HeaderValue::from_static("org-attacker"),
+        );
+        h.insert("openai-project", HeaderValue::from_static("proj_attacker"));
+        h.insert("content-type", HeaderValue::from_static("application/json"));
+        let found = strip_credential_headers(&mut h);
+        assert!(found.is_some());
+        assert_eq!(h.len(), 1, "{h:?}");
+    }
+
+    #[test]
+    fn paths_that_leave_their_root_are_recognised() {
+        for p in [
+            "/v1/../admin",
+            "/v1/%2e%2e/admin",
+            "/v1/%2E%2e/x?y=1",
+            "/v1/./x",
+            "/v1/a%2fb",
+            "/v1/a\\..\\b",
+        ] {
+            assert!(escapes_root(p), "{p}");
+        }
+        for p in [
+            "/v1/chat/completions",
+            "/v1/files/file-..abc",
+            "/v1/x?q=../y",
+        ] {
+            assert!(!escapes_root(p), "{p}");
+        }
+        assert_eq!(percent_decode("a%20b+c%zz%"), "a b c%zz%");
     }
 
     #[test]
