@@ -10,7 +10,7 @@
 //!   body is scanned as bytes (UTF-8 where it is valid).
 //! - The URL (`path_and_query`), percent-decoded.
 //! - Every header except the credential headers the gateway replaces anyway
-//!   (`authorization`, `proxy-authorization`, `x-api-key`, `api-key`).
+//!   (the provider catalog's `CREDENTIAL_HEADERS`).
 //!
 //! # The joined view
 //! A key split over several lines, or over several messages of a
@@ -28,8 +28,7 @@
 //! the end of a line is extended across the line break when the rule keeps
 //! matching there (for open-ended patterns such as `sk-[A-Za-z0-9]{20,}` a
 //! word at the start of the next line may be included: for redaction, the
-//! safer side). Fingerprints are taken with line breaks removed, so a split
-//! key correlates with the same key in one piece.
+//! safer side).
 //!
 //! # Speed
 //! Every rule's required literal prefixes (`sk-`, `AKIA`, `ghp_`,
@@ -47,8 +46,7 @@
 //! figures.
 //!
 //! # Findings
-//! A [`Finding`] names the rule, the place and a fingerprint of the matched
-//! text, never the text itself.
+//! A [`Finding`] names the rule and the place, never the matched text.
 
 #![forbid(unsafe_code)]
 
@@ -64,11 +62,9 @@ mod tests;
 use std::cell::OnceCell;
 use std::collections::HashSet;
 use std::hash::{Hash as _, Hasher as _};
-use std::sync::Arc;
 
 use regex_automata::{Anchored, Input, meta};
 use regex_syntax::hir::literal::{ExtractKind, Extractor};
-use sha2::{Digest, Sha256};
 
 use crate::config::{DlpAction, DlpFilter};
 use decode::Segment;
@@ -153,43 +149,6 @@ impl Default for DecodeLimits {
     }
 }
 
-/// Turns matched text into a short, non-reversible fingerprint, so two
-/// findings of the same secret can be correlated without storing it. The
-/// gateway may install a keyed one with [`Scanner::with_fingerprinter`].
-pub trait Fingerprinter: Send + Sync {
-    /// The fingerprint of `matched`.
-    fn fingerprint(&self, matched: &[u8]) -> String;
-}
-
-/// The default [`Fingerprinter`]: [`fingerprint`].
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Sha256Fingerprinter;
-
-impl Fingerprinter for Sha256Fingerprinter {
-    fn fingerprint(&self, matched: &[u8]) -> String {
-        fingerprint(matched)
-    }
-}
-
-/// Domain separation, so these hashes cannot be confused with any other
-/// SHA-256 of the same bytes.
-const FINGERPRINT_DOMAIN: &[u8] = b"kt-dlp-fingerprint-v1\0";
-
-/// The first 12 hex digits of SHA-256 over a fixed prefix and `matched`.
-pub fn fingerprint(matched: &[u8]) -> String {
-    let mut h = Sha256::new();
-    h.update(FINGERPRINT_DOMAIN);
-    h.update(matched);
-    let digest = h.finalize();
-    // Per-finding cost: a table, not `format!` per byte.
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(12);
-    for b in &digest[..6] {
-        out.push(char::from(HEX[usize::from(b >> 4)]));
-        out.push(char::from(HEX[usize::from(b & 15)]));
-    }
-    out
-}
 
 /// What the scanner sees of a request.
 #[derive(Clone, Copy, Debug)]
@@ -246,8 +205,6 @@ pub struct Finding {
     pub rule_id: String,
     /// Where it matched.
     pub location: Location,
-    /// Fingerprint of the matched text (see [`Fingerprinter`]).
-    pub fingerprint: String,
 }
 
 /// What the body turned out to be.
@@ -333,7 +290,6 @@ pub struct Scanner {
     terms: terms::Terms,
     action: DlpAction,
     limits: DecodeLimits,
-    fingerprinter: Arc<dyn Fingerprinter>,
 }
 
 impl std::fmt::Debug for Scanner {
@@ -462,14 +418,7 @@ impl Scanner {
             terms,
             action: cfg.action,
             limits: DecodeLimits::default(),
-            fingerprinter: Arc::new(Sha256Fingerprinter),
         })
-    }
-
-    /// Replaces the fingerprint function (e.g. with a keyed one).
-    pub fn with_fingerprinter(mut self, f: Arc<dyn Fingerprinter>) -> Scanner {
-        self.fingerprinter = f;
-        self
     }
 
     /// Replaces the decompression caps.
@@ -481,13 +430,6 @@ impl Scanner {
     /// The policy's `action`.
     pub fn action(&self) -> DlpAction {
         self.action
-    }
-
-    /// The ids of all compiled rules (patterns, then built-ins), then terms.
-    pub fn rule_ids(&self) -> Vec<String> {
-        let mut ids: Vec<String> = self.rules.iter().map(|r| r.id.clone()).collect();
-        ids.extend((0..self.terms.len()).map(|i| self.terms.id(i).to_string()));
-        ids
     }
 
     /// Scans a request. Errors only when the body cannot be decoded within
@@ -588,20 +530,6 @@ impl Scanner {
         Ok(out)
     }
 
-    /// Fingerprints matched bytes with line breaks removed, so a key split
-    /// over lines correlates with the same key in one piece.
-    fn fingerprint(&self, matched: &[u8]) -> String {
-        if memchr::memchr2(b'\n', b'\r', matched).is_none() {
-            return self.fingerprinter.fingerprint(matched);
-        }
-        let joined: Vec<u8> = matched
-            .iter()
-            .copied()
-            .filter(|c| *c != b'\n' && *c != b'\r')
-            .collect();
-        self.fingerprinter.fingerprint(&joined)
-    }
-
     fn id(&self, r: RuleRef) -> &str {
         match r {
             RuleRef::Pattern(i) => &self.rules[i].id,
@@ -695,7 +623,6 @@ impl Scanner {
         let joined_hit = |m: &regex_automata::Match| Hit {
             rule: RuleRef::Pattern(r),
             spans: buf.spans(m.start(), m.end()),
-            fingerprint: self.fingerprint(&data[m.range()]),
         };
         let value_hit = |m: &regex_automata::Match| Hit {
             rule: RuleRef::Pattern(r),
@@ -704,7 +631,6 @@ impl Scanner {
                 start: m.start(),
                 end: m.end(),
             }],
-            fingerprint: self.fingerprint(&src.text()[m.range()]),
         };
         if buf.spanning && rule.line_bound {
             // One search on the no-match path: with no look-around and
@@ -715,11 +641,7 @@ impl Scanner {
             };
             if m.end() <= piece_end {
                 last_end[r] = m.end();
-                hits.push(Hit {
-                    rule: RuleRef::Pattern(r),
-                    spans: buf.spans(m.start(), m.end()),
-                    fingerprint: self.fingerprint(&data[m.range()]),
-                });
+                hits.push(joined_hit(&m));
                 return;
             }
             let vm = anchored(&rule.regex, src.text(), off);
@@ -761,8 +683,7 @@ impl Scanner {
 
     /// Checks rule `r` at a base64 spelling of its prefix at `p` of `buf`:
     /// decodes a window there and runs the rule over it. A match reports
-    /// the whole base64 run (it is the secret's container), fingerprinted
-    /// over the decoded match, so it correlates with the same key in clear.
+    /// the whole base64 run (it is the secret's container).
     fn base64_hit(
         &self,
         buf: &Buffer,
@@ -783,16 +704,16 @@ impl Scanner {
         let mut found = None;
         for hay in [line, data] {
             if let Some((_, decoded)) = b64::decode_at(hay, p, at)
-                && let Some(m) = anchored(&self.rules[r].regex, &decoded, at.byte_offset)
+                && anchored(&self.rules[r].regex, &decoded, at.byte_offset).is_some()
             {
-                found = Some((hay.len(), decoded, m));
+                found = Some(hay.len());
                 break;
             }
             if !buf.spanning {
                 return;
             }
         }
-        let Some((hay_len, decoded, m)) = found else {
+        let Some(hay_len) = found else {
             return;
         };
         let (start, end) = b64::run_around(&data[..hay_len], p, BASE64_RUN_LIMIT);
@@ -804,7 +725,6 @@ impl Scanner {
         hits.push(Hit {
             rule: RuleRef::Pattern(r),
             spans,
-            fingerprint: self.fingerprint(&decoded[m.range()]),
         });
     }
 
@@ -848,7 +768,6 @@ impl Scanner {
                     hits.push(Hit {
                         rule: RuleRef::Pattern(r),
                         spans,
-                        fingerprint: self.fingerprint(&data[m.range()]),
                     });
                 }
             }
@@ -866,7 +785,6 @@ impl Scanner {
             hits.push(Hit {
                 rule: RuleRef::Term(t.term),
                 spans,
-                fingerprint: self.fingerprint(&data[t.start..t.end]),
             });
         }
     }
@@ -972,7 +890,6 @@ impl Scanner {
                 out.push(Finding {
                     rule_id: rule_id.to_string(),
                     location,
-                    fingerprint: hit.fingerprint.clone(),
                 });
             }
         }
@@ -1136,7 +1053,6 @@ struct Span {
 struct Hit {
     rule: RuleRef,
     spans: Vec<Span>,
-    fingerprint: String,
 }
 
 /// Everything found in one request.

@@ -252,7 +252,7 @@ static RULES: &[BuiltinRule] = &[
     BuiltinRule {
         id: "pem-private-key",
         description: "PEM private key (-----BEGIN … PRIVATE KEY-----)",
-        // Through the END line when there is one, so the fingerprint covers the key itself.
+        // Through the END line when there is one, so a finding (and a redaction) covers the whole key.
         regex: r"-----BEGIN[ A-Z0-9]{0,40} PRIVATE KEY(?: BLOCK)?-----(?:[A-Za-z0-9+/=\s:,.()-]*?-----END[ A-Z0-9]{0,40} PRIVATE KEY(?: BLOCK)?-----)?",
         make_sample: sample_pem,
     },

@@ -235,11 +235,6 @@ impl Terms {
         })
     }
 
-    /// How many terms there are.
-    pub(crate) fn len(&self) -> usize {
-        self.terms.len()
-    }
-
     /// The rule id of term `i`.
     pub(crate) fn id(&self, i: usize) -> &str {
         &self.terms[i].id

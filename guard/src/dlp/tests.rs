@@ -101,9 +101,26 @@ fn assert_found(s: &Scan, rule: &str, key: &str, how: &str) {
     assert_no_leak(s, key);
 }
 
-/// The fingerprint findings carry: over the key without line breaks.
-fn fp(key: &str) -> String {
-    fingerprint(key.replace(['\n', '\r'], "").as_bytes())
+/// The `content` strings of a `messages` body (e.g. a redacted one).
+fn contents(body: &[u8]) -> Vec<String> {
+    let v: serde_json::Value = serde_json::from_slice(body).unwrap();
+    v["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["content"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Asserts that no 8-byte stretch of `key` is left in `text` (line breaks
+/// ignored in both, so a half left on its own line is caught too).
+fn assert_key_gone(text: &str, key: &str, how: &str) {
+    let flat = |s: &str| s.replace(['\n', '\r'], "");
+    let (text, key) = (flat(text), flat(key));
+    for w in key.as_bytes().windows(8) {
+        let w = String::from_utf8_lossy(w);
+        assert!(!text.contains(w.as_ref()), "{how}: {w:?} left in {text:?}");
+    }
 }
 
 fn assert_no_leak(s: &Scan, key: &str) {
@@ -137,8 +154,6 @@ fn every_rule_found_in_a_plain_prompt() {
             }
             other => panic!("{rule}: unexpected location {other:?}"),
         }
-        assert_eq!(f.fingerprint, fp(&key));
-        assert_eq!(f.fingerprint.len(), 12);
     }
 }
 
@@ -222,15 +237,29 @@ fn every_rule_found_when_split_across_two_messages() {
         let body = messages(&[&format!("my key is {a}"), &format!("{b} thanks")]);
         let s = scan(&cfg, &view(&body, None));
         assert_found(&s, &rule, &key, "split across messages");
-        let f = s.findings.iter().find(|f| f.rule_id == rule).unwrap();
-        if let Location::Body {
-            json_path: Some(p), ..
-        } = &f.location
-        {
-            assert_eq!(p, "$.messages[0].content + $.messages[1].content", "{rule}");
-        }
-        // The same secret, split or not, has the same fingerprint.
-        assert_eq!(f.fingerprint, fp(&key), "{rule}");
+        // One finding for the whole key: from its first byte in the first
+        // message to its last byte in the second, not one per half.
+        let found: Vec<&Finding> = s.findings.iter().filter(|f| f.rule_id == rule).collect();
+        assert_eq!(
+            found.iter().map(|f| &f.location).collect::<Vec<_>>(),
+            vec![&Location::Body {
+                json_path: Some("$.messages[0].content + $.messages[1].content".into()),
+                start: "my key is ".len(),
+                end: b.len(),
+            }],
+            "{rule}"
+        );
+        // Redaction takes out both halves, and only them.
+        let red = Scanner::new(&cfg)
+            .unwrap()
+            .redact(&view(&body, None))
+            .unwrap();
+        let marker = format!("[REDACTED:{rule}]");
+        assert_eq!(
+            contents(&red.body.unwrap()),
+            vec![format!("my key is {marker}"), format!("{marker} thanks")],
+            "{rule}"
+        );
     }
 }
 
@@ -238,14 +267,66 @@ fn every_rule_found_when_split_across_two_messages() {
 fn every_rule_found_when_split_by_a_newline() {
     for (cfg, rule, key) in all_cases() {
         let (a, b) = key.split_at(key.len() / 2);
-        let body = messages(&[&format!("key:\n{a}\n{b}\nend")]);
+        let content = format!("key:\n{a}\n{b}\nend");
+        let body = messages(&[&content]);
         let s = scan(&cfg, &view(&body, None));
         assert_found(&s, &rule, &key, "split by newline");
+        // One finding from the key's first byte over both lines (an
+        // open-ended pattern may also take the word on the next line).
+        let key_end = "key:\n".len() + a.len() + 1 + b.len();
+        let found: Vec<&Finding> = s.findings.iter().filter(|f| f.rule_id == rule).collect();
+        assert_eq!(found.len(), 1, "{rule}: {found:?}");
+        match &found[0].location {
+            Location::Body {
+                json_path: Some(p),
+                start,
+                end,
+            } => {
+                assert_eq!(p, "$.messages[0].content", "{rule}");
+                assert_eq!(*start, "key:\n".len(), "{rule}");
+                assert!((key_end..=content.len()).contains(end), "{rule}: {end}");
+            }
+            other => panic!("{rule}: unexpected location {other:?}"),
+        }
+        let red = Scanner::new(&cfg)
+            .unwrap()
+            .redact(&view(&body, None))
+            .unwrap();
+        let redacted = contents(&red.body.unwrap()).remove(0);
+        assert!(
+            redacted.starts_with(&format!("key:\n[REDACTED:{rule}]")),
+            "{redacted:?}"
+        );
+        assert_key_gone(&redacted, &key, &rule);
         // A plain-text body joins lines the same way.
         let text = format!("key:\r\n{a}\r\n{b}\r\nend");
         let s = scan(&cfg, &view(text.as_bytes(), None));
         assert_eq!(s.body_kind, BodyKind::Text);
         assert_found(&s, &rule, &key, "text split by newline");
+        let found: Vec<&Finding> = s.findings.iter().filter(|f| f.rule_id == rule).collect();
+        assert_eq!(found.len(), 1, "{rule}: {found:?}");
+        let key_end = "key:\r\n".len() + a.len() + 2 + b.len();
+        match &found[0].location {
+            Location::Body {
+                json_path: None,
+                start,
+                end,
+            } => {
+                assert_eq!(*start, "key:\r\n".len(), "{rule}");
+                assert!((key_end..=text.len()).contains(end), "{rule}: {end}");
+            }
+            other => panic!("{rule}: unexpected location {other:?}"),
+        }
+        let red = Scanner::new(&cfg)
+            .unwrap()
+            .redact(&view(text.as_bytes(), None))
+            .unwrap();
+        let redacted = String::from_utf8(red.body.unwrap()).unwrap();
+        assert!(
+            redacted.starts_with(&format!("key:\r\n[REDACTED:{rule}]")),
+            "{redacted:?}"
+        );
+        assert_key_gone(&redacted, &key, &rule);
     }
 }
 
@@ -293,33 +374,30 @@ fn near_misses_are_not_found() {
 }
 
 #[test]
-fn same_secret_twice_correlates_by_fingerprint() {
+fn same_secret_twice_is_two_findings_at_its_two_places() {
+    let rule = builtin_rules()[6].id;
     let key = builtin_rules()[6].sample();
     let other = format!("AKIA{}", filler(16, BASE32, 77));
-    let body = messages(&[&format!("a {key}"), &format!("b {key} c {other}")]);
+    let second = format!("b {key} c {other}");
+    let body = messages(&[&format!("a {key}"), &second]);
     let s = scan(&builtin_only(), &view(&body, None));
-    let fps: Vec<&str> = s.findings.iter().map(|f| f.fingerprint.as_str()).collect();
-    assert_eq!(fps.len(), 3, "{:?}", s.findings);
-    assert_eq!(fps[0], fps[1]);
-    assert_ne!(fps[0], fps[2]);
-}
-
-#[test]
-fn a_keyed_fingerprinter_can_replace_the_default() {
-    struct Fixed;
-    impl Fingerprinter for Fixed {
-        fn fingerprint(&self, matched: &[u8]) -> String {
-            format!("len{}", matched.len())
-        }
-    }
-    let key = builtin_rules()[6].sample();
-    let body = messages(&[&key]);
-    let s = Scanner::new(&builtin_only())
-        .unwrap()
-        .with_fingerprinter(Arc::new(Fixed))
-        .scan(&view(&body, None))
-        .unwrap();
-    assert_eq!(s.findings[0].fingerprint, "len20");
+    let at = |msg: usize, start: usize, len: usize| Finding {
+        rule_id: rule.to_string(),
+        location: Location::Body {
+            json_path: Some(format!("$.messages[{msg}].content")),
+            start,
+            end: start + len,
+        },
+    };
+    let other_at = second.find(&other).unwrap();
+    assert_eq!(
+        s.findings,
+        vec![
+            at(0, 2, key.len()),
+            at(1, 2, key.len()),
+            at(1, other_at, other.len()),
+        ]
+    );
 }
 
 #[test]
@@ -859,16 +937,6 @@ fn arbitrary_bodies_never_panic() {
 }
 
 #[test]
-fn fingerprints_are_stable_domain_separated_hex() {
-    // Stored events compare fingerprints across versions: the format must not drift.
-    assert_eq!(super::fingerprint(b"sk-test"), "a40054cb6321");
-    assert_ne!(
-        super::fingerprint(b"sk-test"),
-        super::fingerprint(b"sk-tesu")
-    );
-}
-
-#[test]
 fn every_builtin_rule_has_a_literal_prefix() {
     // A rule without one runs over the whole text of every request.
     for r in builtin_rules() {
@@ -1004,10 +1072,11 @@ fn k8s_secret(value: &str) -> String {
 }
 
 #[test]
-fn a_base64_wrapped_key_is_found_and_fingerprinted_like_the_key() {
+fn a_base64_wrapped_key_is_found_over_its_whole_base64_run() {
     use base64::Engine as _;
     for (cfg, rule, key) in all_cases() {
-        let body = messages(&[&k8s_secret(&key)]);
+        let content = k8s_secret(&key);
+        let body = messages(&[&content]);
         let s = scan(&cfg, &view(&body, None));
         assert_found(&s, &rule, &key, "base64 in a Kubernetes Secret");
         let b64 = base64::engine::general_purpose::STANDARD.encode(&key);
@@ -1015,11 +1084,31 @@ fn a_base64_wrapped_key_is_found_and_fingerprinted_like_the_key() {
             !format!("{s:?}").contains(&b64),
             "{rule}: the encoded key leaked"
         );
-        let f = s.findings.iter().find(|f| f.rule_id == rule).unwrap();
+        // The finding is the whole encoded value, padding included.
+        let start = content.find(&b64).unwrap();
+        let found: Vec<&Location> = s
+            .findings
+            .iter()
+            .filter(|f| f.rule_id == rule)
+            .map(|f| &f.location)
+            .collect();
         assert_eq!(
-            f.fingerprint,
-            fp(&key),
-            "{rule}: correlates with the clear key"
+            found,
+            vec![&Location::Body {
+                json_path: Some("$.messages[0].content".into()),
+                start,
+                end: start + b64.len(),
+            }],
+            "{rule}"
+        );
+        let red = Scanner::new(&cfg)
+            .unwrap()
+            .redact(&view(&body, None))
+            .unwrap();
+        assert_eq!(
+            contents(&red.body.unwrap()),
+            vec![content.replace(&b64, &format!("[REDACTED:{rule}]"))],
+            "{rule}"
         );
     }
 }
@@ -1053,8 +1142,33 @@ fn a_key_anywhere_in_base64_data_is_found() {
                 let s = scan(&builtin_only(), &view(&body, None));
                 let how = format!("{how} after {user:?}");
                 assert_found(&s, r.id, &key, &how);
-                let f = s.findings.iter().find(|f| f.rule_id == r.id).unwrap();
-                assert_eq!(f.fingerprint, fp(&key), "{}: {how}", r.id);
+                // One finding, over the whole encoded run (it may start
+                // earlier: base64 letters just before a line break, here
+                // the `b64` of `.env.b64`, count as part of a wrapped run).
+                let run = text.rsplit(['"', '\n']).find(|t| t.len() > 20).unwrap();
+                let run_start = text.find(run).unwrap();
+                let found: Vec<&Finding> =
+                    s.findings.iter().filter(|f| f.rule_id == r.id).collect();
+                assert_eq!(found.len(), 1, "{}: {how}: {found:?}", r.id);
+                match &found[0].location {
+                    Location::Body {
+                        json_path: Some(p),
+                        start,
+                        end,
+                    } => {
+                        assert_eq!(p, "$.messages[0].content", "{}: {how}", r.id);
+                        let before = text.as_bytes().get(*start..run_start);
+                        assert!(
+                            before.is_some_and(|b| b
+                                .iter()
+                                .all(|c| c.is_ascii_alphanumeric() || b"+/\n".contains(c))),
+                            "{}: {how}: starts at {start}",
+                            r.id
+                        );
+                        assert_eq!(*end, run_start + run.len(), "{}: {how}", r.id);
+                    }
+                    other => panic!("{}: {how}: unexpected location {other:?}", r.id),
+                }
             }
         }
     }
