@@ -44,10 +44,12 @@ const THROUGHPUT_SECS: u64 = 3;
 const HANDSHAKE_SECS: u64 = 3;
 const IDLE_CONNS: usize = 500;
 /// Reverse-proxy comparison: rounds, each measuring every endpoint in a
-/// rotated order; latencies pooled over rounds, throughput the best round.
-const PROXY_ROUNDS: usize = 3;
+/// rotated order; latency figures the median over rounds (a burst of load
+/// from elsewhere on the host spoils a round, not the figure), throughput
+/// the best round.
+const PROXY_ROUNDS: usize = 5;
 const PROXY_LATENCY_REQUESTS: usize = 1000;
-const PROXY_WINDOW: Duration = Duration::from_millis(1500);
+const PROXY_WINDOW: Duration = Duration::from_secs(1);
 const PROXY_CONNS: [usize; 2] = [1, 32];
 const KT: &str = env!("CARGO_BIN_EXE_kt-under-test");
 
@@ -437,18 +439,18 @@ async fn start_kt(dir: &Path, upstream: &FakeProvider, ca_pem: &Path) -> (Stoppe
 /// One endpoint's figures over all rounds of the proxy comparison.
 #[derive(Default)]
 struct ProxyFigures {
-    latencies: Vec<Duration>,
+    /// p50 and p99 of each round.
+    rounds: Vec<(Duration, Duration)>,
     /// Best requests/s per entry of PROXY_CONNS.
     rps: [f64; PROXY_CONNS.len()],
     /// The proxy's CPU per request at the widest load (best round), µs.
     cpu_us: Option<f64>,
 }
 
-impl ProxyFigures {
-    fn p(&mut self, q: f64) -> Duration {
-        self.latencies.sort();
-        pct(&self.latencies, q)
-    }
+/// The median of per-round values.
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
 }
 
 /// nginx and `kt gateway run` side by side over the same upstream and load.
@@ -499,19 +501,18 @@ async fn proxy_comparison(
             let i = (k + round) % endpoints.len();
             let (_, ep, pid) = &endpoints[i];
             let f = &mut figs[i];
-            f.latencies
-                .extend(latency_samples(ep, &body, PROXY_LATENCY_REQUESTS).await);
+            let mut v = latency_samples(ep, &body, PROXY_LATENCY_REQUESTS).await;
+            v.sort();
+            f.rounds.push((pct(&v, 0.5), pct(&v, 0.99)));
             for (j, &n) in PROXY_CONNS.iter().enumerate() {
                 let cpu0 = pid.map(|p| cpu_seconds(Some(p)));
-                let t0 = Instant::now();
                 let rps = throughput_with(ep, &body, n, PROXY_WINDOW).await;
                 if rps > f.rps[j] {
                     f.rps[j] = rps;
                     if j == PROXY_CONNS.len() - 1
                         && let (Some(p), Some(c0)) = (pid, cpu0)
                     {
-                        let requests =
-                            rps * t0.elapsed().as_secs_f64().max(PROXY_WINDOW.as_secs_f64());
+                        let requests = rps * PROXY_WINDOW.as_secs_f64();
                         f.cpu_us = Some((cpu_seconds(Some(*p)) - c0) / requests.max(1.0) * 1e6);
                     }
                 }
@@ -522,15 +523,32 @@ async fn proxy_comparison(
     drop(nginx_proc);
     let _ = std::fs::remove_dir_all(&dir);
 
-    let (d50, d99) = (figs[0].p(0.5), figs[0].p(0.99));
+    let direct = &figs[0].rounds;
     println!(
         "  {:<30} {:>9} {:>9} {:>10} {:>10} {:>10} {:>10} {:>12}",
         "", "p50 ms", "p99 ms", "added p50", "added p99", "1 conn/s", "32 conn/s", "CPU us/req"
     );
     let mut added = Vec::new();
+    let mut spread = Vec::new();
     for (i, (name, _, _)) in endpoints.iter().enumerate() {
-        let (p50, p99) = (figs[i].p(0.5), figs[i].p(0.99));
-        let (a50, a99) = (p50.saturating_sub(d50), p99.saturating_sub(d99));
+        let r = &figs[i].rounds;
+        let p50 = median(r.iter().map(|x| x.0).collect());
+        let p99 = median(r.iter().map(|x| x.1).collect());
+        // Added latency against direct in the same round (close in time).
+        let mut a50s: Vec<Duration> = r
+            .iter()
+            .zip(direct)
+            .map(|(x, d)| x.0.saturating_sub(d.0))
+            .collect();
+        let a50 = median(a50s.clone());
+        let a99 = median(
+            r.iter()
+                .zip(direct)
+                .map(|(x, d)| x.1.saturating_sub(d.1))
+                .collect(),
+        );
+        a50s.sort();
+        spread.push((a50s[0], a50s[a50s.len() - 1]));
         added.push(a50);
         println!(
             "  {:<30} {:>9.3} {:>9.3} {:>10} {:>10} {:>10.0} {:>10.0} {:>12}",
@@ -552,6 +570,13 @@ async fn proxy_comparison(
             figs[i].cpu_us.map_or("-".into(), |c| format!("{c:.0}")),
         );
     }
+    println!(
+        "  added p50 over the {PROXY_ROUNDS} rounds: nginx {:.3}-{:.3} ms, kt {:.3}-{:.3} ms",
+        ms(spread[1].0),
+        ms(spread[1].1),
+        ms(spread[2].0),
+        ms(spread[2].1)
+    );
     let (n, k) = (&figs[1], &figs[2]);
     let lat_ratio = ms(added[2]) / ms(added[1]).max(1e-6);
     println!(
@@ -563,7 +588,7 @@ async fn proxy_comparison(
         met(k.rps[1] >= n.rps[1]),
     );
     println!(
-        "  (client, fake provider and proxy share the same 2 cores; {PROXY_ROUNDS} interleaved rounds: latencies pooled, throughput best round of {:.1} s; kt runs its default multi-threaded runtime)",
+        "  (client, fake provider and proxy share the same 2 cores; {PROXY_ROUNDS} interleaved rounds: latency medians of the rounds, throughput best round of {:.1} s; kt runs its default multi-threaded runtime)",
         PROXY_WINDOW.as_secs_f64()
     );
 }
