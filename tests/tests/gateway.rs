@@ -666,6 +666,57 @@ async fn capture_listener_terminates_tls_by_sni_and_swaps_key() {
 }
 
 #[tokio::test]
+async fn capture_listener_resumes_a_repeat_clients_tls_session() {
+    let ca = TestCa::new();
+    let up = FakeProvider::start(&ca, "first", Behavior::Ok).await;
+    let gw = start(config(vec![oa("oa1", &up, "OA1")]), secrets(), &ca).await;
+    let cap = start_capture(
+        &gw.gw,
+        Arc::new(FixedLookup(up.addr, ClientInfo::default())),
+    )
+    .await;
+    // One client config (rustls' default in-memory session cache) for both
+    // connections, as a long-lived SDK client would have.
+    let client = client_tls(gw.ca.cert_der(), false);
+    let mut kinds = Vec::new();
+    for _ in 0..2 {
+        let tcp = tokio::net::TcpStream::connect(cap).await.unwrap();
+        let tls = tokio_rustls::TlsConnector::from(client.clone())
+            .connect(
+                rustls_pki_types::ServerName::try_from("api.openai.com").unwrap(),
+                tcp,
+            )
+            .await
+            .unwrap();
+        kinds.push(tls.get_ref().1.handshake_kind());
+        // A request and its answer: the client reads the session tickets
+        // the gateway sent after the handshake.
+        let (mut conn, c) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+                .await
+                .unwrap();
+        tokio::spawn(c);
+        let a = send(
+            &mut conn,
+            post(
+                "/v1/chat/completions",
+                &[("authorization", &format!("Bearer {CLIENT_KEY}"))],
+                chat_body(false),
+            ),
+        )
+        .await;
+        assert_eq!(a.status, 200, "{}", a.body);
+    }
+    assert_eq!(
+        kinds,
+        [
+            Some(rustls::HandshakeKind::Full),
+            Some(rustls::HandshakeKind::Resumed)
+        ]
+    );
+}
+
+#[tokio::test]
 async fn capture_serves_plain_http_fed_directly() {
     let ca = TestCa::new();
     let up = FakeProvider::start(&ca, "first", Behavior::Ok).await;

@@ -58,6 +58,10 @@ fn main() -> anyhow::Result<()> {
                 "gateway" | "capture" => "guard-tests",
                 other => bail!("unknown benchmark {other}"),
             };
+            if name == "gateway" {
+                // The yardstick the gateway bench measures kt against.
+                setup::nginx();
+            }
             cargo(&["bench", "--locked", "-p", package, "--bench", &name])
         }
     }

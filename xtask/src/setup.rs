@@ -118,6 +118,49 @@ fn apt_packages() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `cargo xtask bench gateway` compares kt with nginx: installs Debian's
+/// `nginx-light` when no `nginx` is on PATH (or in /usr/sbin). Only warns
+/// when it cannot: the bench then skips the nginx row. The Debian package
+/// does not start a service where policy-rc.d forbids it (containers); the
+/// bench runs its own nginx from a temp config on loopback.
+pub fn nginx() {
+    let on_path = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .chain([PathBuf::from("/usr/sbin")])
+        .any(|d| d.join("nginx").is_file());
+    if on_path || std::env::var_os("KT_BENCH_NGINX").is_some() {
+        step("nginx", "present");
+        return;
+    }
+    if !Path::new("/usr/bin/apt-get").exists() {
+        step(
+            "nginx",
+            "missing and not Debian: install nginx to get the nginx row",
+        );
+        return;
+    }
+    step("nginx", "installing nginx-light");
+    let sudo = !is_root();
+    let install = || {
+        let mut c = with_sudo(sudo, "apt-get", &["install", "-y", "-qq", "nginx-light"]);
+        c.env("DEBIAN_FRONTEND", "noninteractive");
+        run_cmd(c, "apt-get install nginx-light")
+    };
+    // An old package list names versions the mirror no longer has.
+    let done = install().or_else(|_| {
+        run_cmd(
+            with_sudo(sudo, "apt-get", &["update", "-qq"]),
+            "apt-get update",
+        )?;
+        install()
+    });
+    match done {
+        Ok(()) => step("nginx", "installed"),
+        Err(e) => step("nginx", &format!("{e:#}: the bench skips the nginx row")),
+    }
+}
+
 fn link_debian_toolchain() -> anyhow::Result<()> {
     if has_src(DEBIAN_TOOLCHAIN) {
         step("rustup link", "toolchain `debian` present");
