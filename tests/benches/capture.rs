@@ -104,7 +104,6 @@ fn connect_rate(cg: &mut TestCgroup) {
             len: 16,
         }],
         ports: vec![443],
-        skip_mark: 0,
         refuse_udp: true,
         refuse_other_netns: true,
         pin_dir: None,

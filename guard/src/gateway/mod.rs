@@ -46,6 +46,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::ca::Ca;
+use crate::capture::{NoExemption, SocketExemption};
 use crate::config::Config;
 use crate::routing::{self, Router, RoutingError, codes};
 use crate::secrets::{Resolve, SecretValue};
@@ -90,7 +91,7 @@ pub struct GatewayBuilder {
     ca: Arc<Ca>,
     extra_roots: Vec<CertificateDer<'static>>,
     system_roots: bool,
-    so_mark: Option<u32>,
+    exemption: Arc<dyn SocketExemption>,
     policy: Arc<dyn Policy>,
     sink: Arc<dyn DecisionSink>,
     fingerprint: Fingerprinter,
@@ -106,7 +107,7 @@ impl GatewayBuilder {
             ca,
             extra_roots: Vec::new(),
             system_roots: true,
-            so_mark: None,
+            exemption: Arc::new(NoExemption),
             policy: Arc::new(AllowAll),
             sink: Arc::new(NoopSink),
             fingerprint: Arc::new(default_fingerprint),
@@ -139,10 +140,11 @@ impl GatewayBuilder {
         self
     }
 
-    /// `SO_MARK` set on every upstream socket before connect, so the capture
-    /// hook can skip the gateway's own traffic. Needs CAP_NET_ADMIN.
-    pub fn so_mark(mut self, mark: Option<u32>) -> GatewayBuilder {
-        self.so_mark = mark;
+    /// Exempts every upstream socket from capture before it connects, so
+    /// the hooks let the gateway's own traffic through (default: none, for
+    /// a gateway without capture).
+    pub fn socket_exemption(mut self, exemption: Arc<dyn SocketExemption>) -> GatewayBuilder {
+        self.exemption = exemption;
         self
     }
 
@@ -215,7 +217,7 @@ impl GatewayBuilder {
             .map_err(|e| GatewayError::Tls(e.to_string()))?;
         let connector = upstream::UpstreamConnector::new(
             Arc::new(tls),
-            self.so_mark,
+            self.exemption.clone(),
             self.config.gateway.connect_timeout,
         );
         let client = Client::builder(TokioExecutor::new())
@@ -241,7 +243,7 @@ impl GatewayBuilder {
                 policy: self.policy,
                 sink: self.sink,
                 fingerprint: self.fingerprint,
-                so_mark: self.so_mark,
+                exemption: self.exemption,
                 warnings,
                 counter: AtomicU64::new(0),
                 id_prefix,
@@ -264,7 +266,7 @@ pub(crate) struct Inner {
     policy: Arc<dyn Policy>,
     sink: Arc<dyn DecisionSink>,
     fingerprint: Fingerprinter,
-    so_mark: Option<u32>,
+    exemption: Arc<dyn SocketExemption>,
     warnings: Vec<String>,
     counter: AtomicU64,
     id_prefix: String,
@@ -498,7 +500,7 @@ impl Gateway {
         }
     }
 
-    /// Copies bytes both ways between a client and `host:port` (marked socket).
+    /// Copies bytes both ways between a client and `host:port` (exempt socket).
     async fn splice<S: AsyncRead + AsyncWrite + Unpin>(
         &self,
         mut client: S,
@@ -507,7 +509,7 @@ impl Gateway {
     ) {
         match tokio::time::timeout(
             self.inner.config.gateway.connect_timeout,
-            connect_tcp(host, port, self.inner.so_mark),
+            connect_tcp(host, port, self.inner.exemption.as_ref()),
         )
         .await
         {
