@@ -187,7 +187,10 @@ fn cold_client(cg: &mut TestCgroup) {
     )
     .unwrap();
     let log = dir.path().join("kt.log");
-    let mut kt = Command::new(KT)
+    // In a private mount namespace: the bpffs kt mounts to pin its links
+    // goes away with it, the host's mounts are never touched.
+    let mut kt = Command::new("unshare")
+        .args(["-m", "--propagation", "private", "--", KT])
         .args(["run", "--config", cfg.to_str().unwrap(), "--cgroup"])
         .arg(cg.path())
         .env("KT_DATA_DIR", &data)
