@@ -22,6 +22,11 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::sync::Arc;
+use std::time::Duration;
+
+/// Hang guard for reads (never a speed assertion): a peer that never
+/// answers ends the client with an error the test can show.
+const READ_TIMEOUT: Duration = Duration::from_secs(20);
 
 fn main() {
     if let Err(e) = run() {
@@ -105,6 +110,9 @@ fn tcp(addr: SocketAddr, mark: Option<u32>, serve: bool) -> Result<(), String> {
         return Ok(());
     }
     let stream: TcpStream = sock.into();
+    stream
+        .set_read_timeout(Some(READ_TIMEOUT))
+        .map_err(|e| e.to_string())?;
     let peer = stream
         .peer_addr()
         .map_err(|e| format!("getpeername: {e}"))?;
@@ -170,6 +178,8 @@ fn https(addr: SocketAddr, sni: &str, mark: Option<u32>) -> Result<(), String> {
         return Ok(());
     }
     let tcp: TcpStream = sock.into();
+    tcp.set_read_timeout(Some(READ_TIMEOUT))
+        .map_err(|e| e.to_string())?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
