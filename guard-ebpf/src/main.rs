@@ -1,14 +1,19 @@
 //! kt's eBPF programs.
 //!
-//! `connect4`/`connect6` send TCP connections whose destination is in the
-//! provider prefix tries (and port set) to the capture listener, recording
-//! the original destination and the caller by socket cookie; UDP to the same
-//! destinations is refused so QUIC clients fall back to TCP. `sock_ops`
-//! re-keys that record by the client's address once the connection is up, so
-//! the listener can read it after `accept()`. `getpeername4/6` show the
-//! process its original peer. Programs never panic: every hook goes through
-//! a `try_` function and unknown situations let the connection through
-//! untouched unless it matched (then they refuse: fail closed).
+//! `connect4`/`connect6` look at connections whose destination is in the
+//! provider prefix tries. In order: a socket from another network namespace
+//! is refused; a socket whose cookie kt wrote into `KT_EXEMPT` before
+//! connecting (kt's own upstream sockets; nothing a client sets can put it
+//! there) is let through; TCP to a captured port is sent to the capture
+//! listener, recording the original destination and the caller by socket
+//! cookie; anything else to a provider address (another port, UDP) is
+//! refused. `sendmsg4/6` refuse unconnected UDP to provider addresses.
+//! `sock_ops` re-keys the record by the client's address once the
+//! connection is up, so the listener can read it after `accept()`.
+//! `getpeername4/6` show the process its original peer. Programs never
+//! panic: every hook goes through a `try_` function, and a matched
+//! connection that cannot be handled is refused (fail closed); unmatched
+//! traffic is never touched.
 #![no_std]
 #![no_main]
 
@@ -25,7 +30,7 @@ use aya_ebpf::{
 };
 use guard_ebpf_common::{
     AF_INET, AF_INET6, CaptureConfig, FLAG_ENABLED, FLAG_REFUSE_OTHER_NETNS, FLAG_REFUSE_UDP,
-    MAX_PORTS, MAX_PREFIXES, MAX_RECORDS, Origin, PeerKey,
+    MAX_EXEMPT, MAX_PORTS, MAX_PREFIXES, MAX_RECORDS, Origin, PeerKey,
 };
 
 /// Let the operation proceed.
@@ -34,7 +39,6 @@ const ALLOW: i32 = 1;
 const DENY: i32 = 0;
 
 const SOCK_STREAM: u32 = 1;
-const SOCK_DGRAM: u32 = 2;
 
 #[map(name = "KT_CONFIG")]
 static KT_CONFIG: Array<CaptureConfig> = Array::with_max_entries(1, 0);
@@ -54,13 +58,17 @@ static KT_BY_COOKIE: LruHashMap<u64, Origin> = LruHashMap::with_max_entries(MAX_
 #[map(name = "KT_BY_PEER")]
 static KT_BY_PEER: LruHashMap<PeerKey, Origin> = LruHashMap::with_max_entries(MAX_RECORDS, 0);
 
+#[map(name = "KT_EXEMPT")]
+static KT_EXEMPT: LruHashMap<u64, u8> = LruHashMap::with_max_entries(MAX_EXEMPT, 0);
+
 /// What a hook decided about a destination.
 enum Verdict {
     /// Not ours: leave it alone.
     Pass,
     /// Ours, TCP: redirect.
     Capture,
-    /// Ours, but must not go out (UDP, foreign netns, no listener).
+    /// Ours, but must not go out (another port, UDP, foreign netns, no
+    /// listener).
     Refuse,
 }
 
@@ -139,22 +147,12 @@ fn v4_mapped(addr_be: &[u32; 4]) -> Option<u32> {
     }
 }
 
-/// Decides for a matched destination: skip the guard's own sockets, refuse
-/// UDP and foreign namespaces, capture TCP.
+/// Decides for a destination in the provider prefixes. The network
+/// namespace comes first, so no exemption ever applies across it; then kt's
+/// own sockets (by cookie, registered by kt before connect); then only TCP
+/// to a captured port is captured and everything else is refused.
 #[inline(always)]
-fn decide(ctx: &SockAddrContext, sa: &bpf_sock_addr, cfg: &CaptureConfig) -> Verdict {
-    if cfg.skip_mark != 0 {
-        // SAFETY: `sk` is a kernel-verified PTR_TO_SOCKET in sock_addr hooks.
-        let sk = unsafe { sa.__bindgen_anon_1.sk };
-        if !sk.is_null() && unsafe { (*sk).mark } == cfg.skip_mark {
-            return Verdict::Pass;
-        }
-    }
-    match sa.type_ {
-        SOCK_STREAM => {}
-        SOCK_DGRAM if cfg.flags & FLAG_REFUSE_UDP != 0 => return Verdict::Refuse,
-        _ => return Verdict::Pass,
-    }
+fn decide(ctx: &SockAddrContext, sa: &bpf_sock_addr, cfg: &CaptureConfig, port_be: u32) -> Verdict {
     if cfg.flags & FLAG_REFUSE_OTHER_NETNS != 0 && cfg.netns_cookie != 0 {
         // SAFETY: helper call on the program's own context.
         let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
@@ -162,7 +160,18 @@ fn decide(ctx: &SockAddrContext, sa: &bpf_sock_addr, cfg: &CaptureConfig) -> Ver
             return Verdict::Refuse;
         }
     }
-    Verdict::Capture
+    // SAFETY: helper call on the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: read-only lookup; the value is never dereferenced.
+    if unsafe { KT_EXEMPT.get(&cookie) }.is_some() {
+        return Verdict::Pass;
+    }
+    match sa.type_ {
+        SOCK_STREAM if port_matches(port_be) => Verdict::Capture,
+        SOCK_STREAM => Verdict::Refuse,
+        _ if cfg.flags & FLAG_REFUSE_UDP != 0 => Verdict::Refuse,
+        _ => Verdict::Pass,
+    }
 }
 
 #[inline(always)]
@@ -202,10 +211,10 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
     // SAFETY: the kernel hands a valid bpf_sock_addr for the program's life.
     let sa = unsafe { &mut *ctx.sock_addr };
     let (addr, port) = (sa.user_ip4, sa.user_port);
-    if !port_matches(port) || !v4_matches(addr) {
+    if !v4_matches(addr) {
         return Ok(ALLOW);
     }
-    match decide(ctx, sa, cfg) {
+    match decide(ctx, sa, cfg, port) {
         Verdict::Pass => Ok(ALLOW),
         Verdict::Refuse => Ok(DENY),
         Verdict::Capture => {
@@ -229,16 +238,13 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
     // SAFETY: as in connect4.
     let sa = unsafe { &mut *ctx.sock_addr };
     let port = sa.user_port;
-    if !port_matches(port) {
-        return Ok(ALLOW);
-    }
     let addr = read_ip6(sa);
     if let Some(v4) = v4_mapped(&addr) {
         // A dual-stack socket reaching an IPv4 provider address.
         if !v4_matches(v4) {
             return Ok(ALLOW);
         }
-        match decide(ctx, sa, cfg) {
+        match decide(ctx, sa, cfg, port) {
             Verdict::Pass => return Ok(ALLOW),
             Verdict::Refuse => return Ok(DENY),
             Verdict::Capture => {}
@@ -251,7 +257,7 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
     if !v6_matches(&addr) {
         return Ok(ALLOW);
     }
-    match decide(ctx, sa, cfg) {
+    match decide(ctx, sa, cfg, port) {
         Verdict::Pass => Ok(ALLOW),
         Verdict::Refuse => Ok(DENY),
         Verdict::Capture => {
@@ -272,7 +278,8 @@ pub fn kt_sendmsg4(ctx: SockAddrContext) -> i32 {
     let Some(cfg) = config() else { return ALLOW };
     // SAFETY: as in connect4.
     let sa = unsafe { &*ctx.sock_addr };
-    if cfg.flags & FLAG_REFUSE_UDP != 0 && port_matches(sa.user_port) && v4_matches(sa.user_ip4) {
+    // Any port: a provider address is reached through kt over TCP only.
+    if cfg.flags & FLAG_REFUSE_UDP != 0 && v4_matches(sa.user_ip4) {
         return DENY;
     }
     ALLOW
@@ -283,7 +290,7 @@ pub fn kt_sendmsg6(ctx: SockAddrContext) -> i32 {
     let Some(cfg) = config() else { return ALLOW };
     // SAFETY: as in connect4.
     let sa = unsafe { &*ctx.sock_addr };
-    if cfg.flags & FLAG_REFUSE_UDP == 0 || !port_matches(sa.user_port) {
+    if cfg.flags & FLAG_REFUSE_UDP == 0 {
         return ALLOW;
     }
     let addr = read_ip6(sa);

@@ -104,7 +104,6 @@ fn connect_rate(cg: &mut TestCgroup) {
             len: 16,
         }],
         ports: vec![443],
-        skip_mark: 0,
         refuse_udp: true,
         refuse_other_netns: true,
         pin_dir: None,
@@ -188,7 +187,10 @@ fn cold_client(cg: &mut TestCgroup) {
     )
     .unwrap();
     let log = dir.path().join("kt.log");
-    let mut kt = Command::new(KT)
+    // In a private mount namespace: the bpffs kt mounts to pin its links
+    // goes away with it, the host's mounts are never touched.
+    let mut kt = Command::new("unshare")
+        .args(["-m", "--propagation", "private", "--", KT])
         .args(["run", "--config", cfg.to_str().unwrap(), "--cgroup"])
         .arg(cg.path())
         .env("KT_DATA_DIR", &data)

@@ -48,6 +48,13 @@ impl TestCgroup {
         Ok(pid)
     }
 
+    /// Moves a process this test started (and ends itself) into the cgroup,
+    /// without taking it over; it must be gone before this is dropped.
+    pub fn enter(&self, pid: u32) -> anyhow::Result<()> {
+        std::fs::write(self.path.join("cgroup.procs"), pid.to_string())
+            .map_err(|e| anyhow::anyhow!("cannot move pid {pid} into {}: {e}", self.path.display()))
+    }
+
     /// Waits for an adopted child by pid and returns its output streams.
     pub fn wait(&mut self, pid: u32) -> anyhow::Result<std::process::Output> {
         let idx = self

@@ -1,6 +1,7 @@
-//! End-to-end fixtures for kt: child cgroups, the fake TLS provider and
-//! gateway helpers.
+//! End-to-end fixtures for kt: child cgroups, private mount namespaces,
+//! the fake TLS provider and gateway helpers.
 
 pub mod cgroup;
 pub mod fake_provider;
 pub mod gateway_fixture;
+pub mod mountns;

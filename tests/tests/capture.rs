@@ -11,14 +11,15 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use guard::capture::{Capture, CaptureSpec};
+use guard::capture::{Capture, CaptureSpec, SocketExemption};
 use guard::config::IpPrefix;
 use guard_tests::cgroup::TestCgroup;
 
 const CLIENT: &str = env!("CARGO_BIN_EXE_kt-test-client");
 /// Hang guard only (never a speed assertion).
 const WAIT: Duration = Duration::from_secs(20);
-const MARK: u32 = 0x6b74;
+/// The mark older kt versions exempted; now it must mean nothing.
+const OLD_GUARD_MARK: u32 = 0x6b74_0001;
 
 fn skip() -> bool {
     if std::env::var_os("KT_SKIP_EBPF_TESTS").is_some_and(|v| v == "1") {
@@ -74,7 +75,6 @@ fn setup(label: &str) -> Setup {
             },
         ],
         ports: vec![port],
-        skip_mark: MARK,
         refuse_udp: true,
         refuse_other_netns: true,
         pin_dir: None,
@@ -92,8 +92,12 @@ fn setup(label: &str) -> Setup {
 
 /// Starts the client outside the cgroup, moves it in, then lets it run.
 fn run_client(cgroup: &mut TestCgroup, args: &[&str]) -> u32 {
-    let mut child = Command::new(CLIENT)
-        .args(args)
+    run_in(cgroup, Command::new(CLIENT).args(args))
+}
+
+/// As [`run_client`], for a command that ends up exec'ing the client.
+fn run_in(cgroup: &mut TestCgroup, command: &mut Command) -> u32 {
+    let mut child = command
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -238,8 +242,53 @@ fn udp_to_a_captured_prefix_is_refused() {
     );
 }
 
+/// Takes a copy of descriptor `fd` of process `pid` (our own child).
+fn take_fd(pid: u32, fd: i32) -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain syscalls; the returned descriptors are checked and owned.
+    unsafe {
+        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) as libc::c_int;
+        assert!(
+            pidfd >= 0,
+            "pidfd_open: {}",
+            std::io::Error::last_os_error()
+        );
+        let pidfd = std::os::fd::OwnedFd::from_raw_fd(pidfd);
+        use std::os::fd::AsRawFd;
+        let got = libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) as libc::c_int;
+        assert!(got >= 0, "pidfd_getfd: {}", std::io::Error::last_os_error());
+        std::os::fd::OwnedFd::from_raw_fd(got)
+    }
+}
+
+/// A TCP socket created by a process in the cgroup (so the hooks apply to
+/// it), handed to this test. The process lives until the returned stdin
+/// is dropped.
+fn socket_from_cgroup(
+    cgroup: &mut TestCgroup,
+    dest: SocketAddr,
+) -> (socket2::Socket, std::process::ChildStdin) {
+    let mut child = Command::new(CLIENT)
+        .args(["hold", &dest.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let pid = cgroup.adopt(child).unwrap();
+    stdin.write_all(b"go\n").unwrap();
+    let fd = BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+        .find_map(|l| l.strip_prefix("fd=")?.parse::<i32>().ok())
+        .expect("the holder did not report its socket");
+    (socket2::Socket::from(take_fd(pid, fd)), stdin)
+}
+
 #[test]
-fn marked_sockets_and_processes_outside_the_cgroup_are_not_redirected() {
+fn only_sockets_whose_cookie_kt_registered_and_processes_outside_go_direct() {
     if skip() {
         return;
     }
@@ -247,15 +296,22 @@ fn marked_sockets_and_processes_outside_the_cgroup_are_not_redirected() {
     let dest: SocketAddr = format!("127.77.0.3:{}", s.port).parse().unwrap();
     let real = TcpListener::bind(dest).unwrap();
 
-    // The guard's own upstream sockets carry the mark.
-    let pid = run_client(
-        &mut s.cgroup,
-        &["tcp", &dest.to_string(), "--mark", &MARK.to_string()],
-    );
-    let (stream, _) = accept(&real).expect("marked connection did not reach its real destination");
-    reply(stream, "direct");
-    let out = output(&mut s.cgroup, pid);
-    assert_eq!(field(&out, "reply"), Some("direct"), "{out}");
+    // kt's own upstream sockets: cookie registered before connect.
+    let (own, _hold) = socket_from_cgroup(&mut s.cgroup, dest);
+    s.capture
+        .exemption()
+        .exempt(&own)
+        .expect("registering the socket cookie");
+    own.connect(&dest.into())
+        .expect("exempt socket could not connect");
+    let (stream, _) = accept(&real).expect("exempt connection did not reach its real destination");
+    drop(stream);
+
+    // The same kind of socket from the same cgroup, not registered: captured.
+    let (other, _hold2) = socket_from_cgroup(&mut s.cgroup, dest);
+    other.connect(&dest.into()).expect("captured connect");
+    let (_stream, peer) = accept(&s.listener4).expect("unregistered socket was not captured");
+    assert_eq!(s.capture.take_origin(peer).map(|o| o.original), Some(dest));
 
     // This test process is not in the cgroup.
     let mut direct = TcpStream::connect(dest).unwrap();
@@ -265,6 +321,109 @@ fn marked_sockets_and_processes_outside_the_cgroup_are_not_redirected() {
     let mut line = String::new();
     BufReader::new(direct).read_line(&mut line).unwrap();
     assert_eq!(line, "outside\n");
+}
+
+/// `setpriv` arguments: user nobody with CAP_NET_RAW as its only capability
+/// (what a default container has), which since Linux 5.17 may set SO_MARK.
+const NET_RAW_ONLY: [&str; 7] = [
+    "--reuid=65534",
+    "--regid=65534",
+    "--clear-groups",
+    "--inh-caps=-all,+net_raw",
+    "--ambient-caps=-all,+net_raw",
+    "--bounding-set=-all,+net_raw",
+    "--",
+];
+
+#[test]
+fn the_old_guard_mark_set_with_only_cap_net_raw_is_still_captured() {
+    if skip() {
+        return;
+    }
+    let mut s = setup("oldmark");
+    let dest: SocketAddr = format!("127.77.0.6:{}", s.port).parse().unwrap();
+    let real = TcpListener::bind(dest).unwrap();
+    real.set_nonblocking(true).unwrap();
+    let mark = OLD_GUARD_MARK.to_string();
+    let pid = run_in(
+        &mut s.cgroup,
+        Command::new("setpriv").args(NET_RAW_ONLY).args([
+            CLIENT,
+            "tcp",
+            &dest.to_string(),
+            "--mark",
+            &mark,
+        ]),
+    );
+    let (stream, peer) = accept(&s.listener4).expect("the marked connection was not captured");
+    assert_eq!(s.capture.take_origin(peer).map(|o| o.uid), Some(65534));
+    reply(stream, "captured");
+    let out = output(&mut s.cgroup, pid);
+    assert_eq!(field(&out, "marked"), Some(mark.as_str()), "{out}");
+    assert_eq!(field(&out, "reply"), Some("captured"), "{out}");
+    assert!(real.accept().is_err(), "the marked socket went direct");
+}
+
+#[test]
+fn other_ports_of_a_captured_prefix_are_refused_for_tcp_and_udp() {
+    if skip() {
+        return;
+    }
+    let mut s = setup("ports");
+    for ip in ["127.77.0.7", "::1"] {
+        // A plaintext server on another port of a provider address.
+        let other = free_port(ip);
+        let dest = SocketAddr::new(ip.parse().unwrap(), other);
+        let real = TcpListener::bind(dest).unwrap();
+        real.set_nonblocking(true).unwrap();
+        let pid = run_client(&mut s.cgroup, &["tcp", &dest.to_string()]);
+        let out = output(&mut s.cgroup, pid);
+        assert_eq!(
+            field(&out, "connect_error"),
+            Some(libc::EPERM.to_string().as_str()),
+            "{dest}: {out}"
+        );
+        assert!(real.accept().is_err(), "{dest}: the connection went direct");
+
+        let pid = run_client(&mut s.cgroup, &["udp", &dest.to_string()]);
+        let out = output(&mut s.cgroup, pid);
+        let eperm = libc::EPERM.to_string();
+        assert_eq!(
+            field(&out, "udp_error"),
+            Some(eperm.as_str()),
+            "{dest}: {out}"
+        );
+        assert_eq!(
+            field(&out, "udp_connect_error"),
+            Some(eperm.as_str()),
+            "{dest}: {out}"
+        );
+    }
+}
+
+#[test]
+fn another_network_namespace_is_refused_before_any_exemption() {
+    if skip() {
+        return;
+    }
+    let mut s = setup("netns");
+    // Inside its own network namespace the client listens on the provider
+    // address itself: a connect let through would land there.
+    let dest = format!("127.77.0.8:{}", s.port);
+    let mark = OLD_GUARD_MARK.to_string();
+    let script = format!("ip link set lo up && exec \"$0\" tcp {dest} --serve --mark {mark}");
+    let pid = run_in(
+        &mut s.cgroup,
+        Command::new("unshare").args(["-n", "sh", "-c", &script, CLIENT]),
+    );
+    let out = output(&mut s.cgroup, pid);
+    assert_eq!(field(&out, "marked"), Some(mark.as_str()), "{out}");
+    assert_eq!(field(&out, "served"), Some("0"), "{out}");
+    assert_eq!(
+        field(&out, "connect_error"),
+        Some(libc::EPERM.to_string().as_str()),
+        "{out}"
+    );
 }
 
 #[test]
@@ -369,7 +528,6 @@ fn pinned_links_stay_fail_closed_without_the_process_and_are_replaced_without_a_
             len: 16,
         }],
         ports: vec![port],
-        skip_mark: MARK,
         refuse_udp: true,
         refuse_other_netns: true,
         pin_dir: Some(pins.clone()),

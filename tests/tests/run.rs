@@ -2,10 +2,15 @@
 //! hard-coded old key talks to `api.openai.com` (resolved by curl itself to
 //! a loopback address in the capture prefixes), the kernel sends it to the
 //! gateway, the fake provider sees only the managed new key, and the event
-//! names the process and the old secret its key matched.
+//! names the process and the old secret its key matched. Other tests try
+//! to walk around capture (the old guard mark, another port, kt killed) and
+//! check the fake provider never sees the process's key.
 //!
-//! Only loopback: the fake providers listen on 127.77.0.x:443; no name is
-//! redirected for anyone but the curl in the test cgroup (`--resolve`).
+//! Only loopback: the fake providers listen on 127.77.N.x:443; no name is
+//! redirected for anyone but the clients in the test cgroup (`--resolve`).
+//! kt runs inside the test cgroup too (its own upstream sockets must pass
+//! by their registered cookies) and in a private mount namespace, where it
+//! mounts its own bpffs (never on the host).
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -14,13 +19,21 @@ use std::time::{Duration, Instant};
 
 use guard_tests::cgroup::TestCgroup;
 use guard_tests::fake_provider::{Behavior, FakeProvider, TestCa};
+use guard_tests::mountns::PrivateMounts;
 
 const KT: &str = env!("CARGO_BIN_EXE_kt-under-test");
+const CLIENT: &str = env!("CARGO_BIN_EXE_kt-test-client");
 const Q2: &str = "sk-runtest-new-q2-TUFOQUdFRF9ORVdfS0VZXzIwMjZRMg";
 /// Not key-shaped on purpose (no known prefix, one case): capture's argv
 /// masking does not recognise it, so only the gateway's exact redaction
 /// keeps it out of the recorded command line.
 const Q1: &str = "legacy-q1-token-4f1c9e2a77d0b3";
+/// The mark older kt versions exempted from capture.
+const OLD_GUARD_MARK: u32 = 0x6b74_0001;
+
+fn skip() -> bool {
+    std::env::var_os("KT_SKIP_EBPF_TESTS").is_some_and(|v| v == "1")
+}
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -73,8 +86,22 @@ fn wait_for(path: &Path, needle: &str) -> String {
     }
 }
 
-fn config(dir: &Path, q2: &FakeProvider, q1: &FakeProvider) -> (PathBuf, u16) {
-    let capture_port = free_port();
+/// The capture listener ports: chosen free ones, or kt's defaults.
+#[derive(Clone, Copy, PartialEq)]
+enum Listen {
+    Free,
+    Default,
+}
+
+fn config(dir: &Path, q2: &FakeProvider, q1: &FakeProvider, listen: Listen) -> PathBuf {
+    let capture = match listen {
+        Listen::Free => format!(
+            "  capture_listen: 127.0.0.1:{}\n  capture_listen6: \"[::1]:{}\"\n",
+            free_port(),
+            free_port()
+        ),
+        Listen::Default => String::new(),
+    };
     let yaml = format!(
         r#"pack:
   name: run-test
@@ -103,9 +130,7 @@ policies:
     - audit-logger
 gateway:
   listen: 127.0.0.1:{p1}
-  capture_listen: 127.0.0.1:{p2}
-  capture_listen6: "[::1]:{p3}"
-capture:
+{capture}capture:
   hosts: []
   cidrs: [127.77.0.0/16]
   ports: [443]
@@ -113,90 +138,172 @@ capture:
         q2 = q2.openai_base_url(),
         q1 = q1.openai_base_url(),
         p1 = free_port(),
-        p2 = capture_port,
-        p3 = free_port(),
     );
     let path = dir.join("kt.yaml");
     std::fs::write(&path, yaml).unwrap();
-    (path, capture_port)
+    path
 }
+
+/// A running `kt run` over a test cgroup, with two fake providers on
+/// `127.77.<net>.10` (primary) and `.11`. Field order is drop order: kt
+/// ends before its cgroup is removed and before its mount namespace goes.
+struct Scenario {
+    kt: Guard,
+    cgroup: TestCgroup,
+    mounts: PrivateMounts,
+    q2: FakeProvider,
+    q1: FakeProvider,
+    provider: String,
+    data: PathBuf,
+    cfg: PathBuf,
+    log: PathBuf,
+    ca_pem: PathBuf,
+    _rt: tokio::runtime::Runtime,
+    _dir: tempfile::TempDir,
+}
+
+impl Scenario {
+    fn start(label: &str, net: u8, listen: Listen) -> Scenario {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let ca = TestCa::new();
+        let provider = format!("127.77.{net}.10");
+        let q2 = rt.block_on(FakeProvider::start_at(
+            &ca,
+            "fake-q2",
+            Behavior::Ok,
+            format!("{provider}:443").parse().unwrap(),
+        ));
+        let q1 = rt.block_on(FakeProvider::start_at(
+            &ca,
+            "fake-q1",
+            Behavior::Ok,
+            format!("127.77.{net}.11:443").parse().unwrap(),
+        ));
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        for (name, value) in [("OPENAI_API_KEY_2026Q2", Q2), ("OPENAI_API_KEY_2026Q1", Q1)] {
+            let out = kt(&data, &["secrets", "add", name, "--store"], Some(value));
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let cfg = config(dir.path(), &q2, &q1, listen);
+        let ca_pem = dir.path().join("upstream-ca.pem");
+        std::fs::write(&ca_pem, &ca.pem).unwrap();
+        let mounts = PrivateMounts::new().expect("a private mount namespace (needs root)");
+        let cgroup = TestCgroup::new(label).expect("child cgroup (needs root and cgroup v2)");
+        let log = dir.path().join(format!("kt-{label}.log"));
+        let mut s = Scenario {
+            kt: Guard(None),
+            cgroup,
+            mounts,
+            q2,
+            q1,
+            provider,
+            data,
+            cfg,
+            log,
+            ca_pem,
+            _rt: rt,
+            _dir: dir,
+        };
+        s.run_kt();
+        s
+    }
+
+    /// Starts `kt run` (again) in the namespace, in the cgroup, and waits
+    /// until it captures.
+    fn run_kt(&mut self) {
+        let _ = std::fs::remove_file(&self.log);
+        let child = self
+            .mounts
+            .command(KT)
+            .args(["run", "--config", self.cfg.to_str().unwrap(), "--cgroup"])
+            .arg(self.cgroup.path())
+            .env("KT_DATA_DIR", &self.data)
+            .env("SSL_CERT_FILE", &self.ca_pem)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&self.log).unwrap())
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        self.kt = Guard(Some(child));
+        self.cgroup.enter(pid).unwrap();
+        wait_for(&self.log, "kt: capturing");
+    }
+
+    fn kt_log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL: kt gets no chance to detach anything.
+    fn kill_kt(&mut self) {
+        let mut child = self.kt.0.take().unwrap();
+        child.kill().unwrap();
+        let _ = child.wait();
+    }
+
+    /// curl in the cgroup with the process's own (old) key, as a legacy job:
+    /// `--resolve` sends `api.openai.com` to the primary fake. Returns the
+    /// exit status, stdout, stderr and pid.
+    fn curl(&mut self, url: &str, port: u16) -> (std::process::ExitStatus, String, String, u32) {
+        let kt_ca = self.data.join("ca/ca.pem");
+        let script = format!(
+            r#"read go; exec curl -sS --max-time 20 --resolve api.openai.com:{port}:{p} --cacert "$KT_CA" -H "Authorization: Bearer $OLD_KEY" -H 'content-type: application/json' -d '{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":"hi"}}]}}' {url}"#,
+            p = self.provider
+        );
+        let mut job = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .env("KT_CA", &kt_ca)
+            .env("OLD_KEY", Q1)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut go = job.stdin.take().unwrap();
+        let mut stdout = job.stdout.take().unwrap();
+        let mut stderr = job.stderr.take().unwrap();
+        let pid = self.cgroup.adopt(job).unwrap();
+        go.write_all(b"go\n").unwrap();
+        drop(go);
+        let mut body = String::new();
+        stdout.read_to_string(&mut body).unwrap();
+        let mut err = String::new();
+        stderr.read_to_string(&mut err).unwrap();
+        let status = self.cgroup.wait(pid).unwrap().status;
+        (status, body, err, pid)
+    }
+
+    /// Neither fake provider ever saw the process's own key.
+    fn assert_key_never_reached_a_provider(&self) {
+        for r in self.q2.requests().iter().chain(self.q1.requests().iter()) {
+            assert!(
+                !format!("{:?} {:?}", r.headers, r.path).contains(Q1),
+                "the process's own key reached a provider: {r:?}"
+            );
+        }
+    }
+}
+
+/// curl's exit code for "could not connect".
+const CURL_COULDNT_CONNECT: i32 = 7;
 
 #[test]
 fn kt_run_swaps_a_legacy_process_key_and_names_the_process() {
-    if std::env::var_os("KT_SKIP_EBPF_TESTS").is_some_and(|v| v == "1") {
+    if skip() {
         return;
     }
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let ca = TestCa::new();
-    let q2 = rt.block_on(FakeProvider::start_at(
-        &ca,
-        "fake-q2",
-        Behavior::Ok,
-        "127.77.0.10:443".parse().unwrap(),
-    ));
-    let q1 = rt.block_on(FakeProvider::start_at(
-        &ca,
-        "fake-q1",
-        Behavior::Ok,
-        "127.77.0.11:443".parse().unwrap(),
-    ));
-
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    for (name, value) in [("OPENAI_API_KEY_2026Q2", Q2), ("OPENAI_API_KEY_2026Q1", Q1)] {
-        let out = kt(&data, &["secrets", "add", name, "--store"], Some(value));
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let (cfg, capture_port) = config(dir.path(), &q2, &q1);
-    let ca_pem = dir.path().join("upstream-ca.pem");
-    std::fs::write(&ca_pem, &ca.pem).unwrap();
-
-    let mut cgroup = TestCgroup::new("run").expect("child cgroup (needs root and cgroup v2)");
-    let log = dir.path().join("kt.log");
-    let kt_run = Command::new(KT)
-        .args(["run", "--config", cfg.to_str().unwrap(), "--cgroup"])
-        .arg(cgroup.path())
-        .env("KT_DATA_DIR", &data)
-        .env("SSL_CERT_FILE", &ca_pem)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let mut guard = Guard(Some(kt_run));
-    wait_for(&log, "kt: capturing");
-
-    // The legacy job: a hard-coded old key, no proxy settings, the real name.
-    let kt_ca = data.join("ca/ca.pem");
-    let mut job = Command::new("sh")
-        .arg("-c")
-        .arg(r#"read go; exec curl -sS --max-time 20 --resolve api.openai.com:443:127.77.0.10 --cacert "$KT_CA" -H "Authorization: Bearer $OLD_KEY" -H 'content-type: application/json' -d '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}' https://api.openai.com/v1/chat/completions"#)
-        .env("KT_CA", &kt_ca)
-        .env("OLD_KEY", Q1)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut go = job.stdin.take().unwrap();
-    let mut stdout = job.stdout.take().unwrap();
-    let mut stderr = job.stderr.take().unwrap();
-    let pid = cgroup.adopt(job).unwrap();
-    go.write_all(b"go\n").unwrap();
-    drop(go);
-    let mut body = String::new();
-    stdout.read_to_string(&mut body).unwrap();
-    let mut err = String::new();
-    stderr.read_to_string(&mut err).unwrap();
-    let status = cgroup.wait(pid).unwrap().status;
+    let mut s = Scenario::start("run", 0, Listen::Free);
+    let (status, body, err, pid) = s.curl("https://api.openai.com/v1/chat/completions", 443);
     assert!(
         status.success(),
         "curl failed: {err}\nkt log:\n{}",
-        std::fs::read_to_string(&log).unwrap_or_default()
+        s.kt_log()
     );
     assert!(
         body.contains("fake-q2"),
@@ -204,7 +311,7 @@ fn kt_run_swaps_a_legacy_process_key_and_names_the_process() {
     );
 
     // The provider saw the managed new key, never the process's own.
-    let seen = q2.requests();
+    let seen = s.q2.requests();
     assert_eq!(seen.len(), 1, "{seen:?}");
     let auth = seen[0]
         .headers
@@ -218,10 +325,11 @@ fn kt_run_swaps_a_legacy_process_key_and_names_the_process() {
         seen.iter()
             .all(|r| !format!("{:?}", r.headers).contains(Q1))
     );
-    assert!(q1.requests().is_empty());
+    assert!(s.q1.requests().is_empty());
 
     // Dialling the capture port directly (no capture record) is closed,
     // never served or spliced back into the listener.
+    let capture_port = capture_port(&s.kt_log());
     let mut direct = std::net::TcpStream::connect(("127.0.0.1", capture_port)).unwrap();
     direct
         .set_read_timeout(Some(Duration::from_secs(10)))
@@ -234,7 +342,7 @@ fn kt_run_swaps_a_legacy_process_key_and_names_the_process() {
     );
 
     // SIGTERM: clean exit, programs detached.
-    let mut child = guard.0.take().unwrap();
+    let mut child = s.kt.0.take().unwrap();
     // By pid, the child we started.
     let killed = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
@@ -242,7 +350,7 @@ fn kt_run_swaps_a_legacy_process_key_and_names_the_process() {
         .unwrap();
     assert!(killed.success());
     let exit = child.wait().unwrap();
-    let text = std::fs::read_to_string(&log).unwrap();
+    let text = s.kt_log();
     assert_eq!(exit.code(), Some(0), "{text}");
     assert!(text.contains("capture detached"), "{text}");
     assert!(
@@ -251,7 +359,7 @@ fn kt_run_swaps_a_legacy_process_key_and_names_the_process() {
     );
 
     // The event names the process and the old secret its key matched.
-    let events = kt(&data, &["--output", "json", "events"], None);
+    let events = kt(&s.data, &["--output", "json", "events"], None);
     let out = String::from_utf8_lossy(&events.stdout).to_string();
     let line = out
         .lines()
@@ -277,10 +385,181 @@ fn kt_run_swaps_a_legacy_process_key_and_names_the_process() {
     );
 
     // The rotation question: who still uses the Q1 key?
-    let keys = kt(&data, &["events", "--keys"], None);
+    let keys = kt(&s.data, &["events", "--keys"], None);
     let report = String::from_utf8_lossy(&keys.stdout);
     assert!(
         report.contains("OPENAI_API_KEY_2026Q1") && report.contains("curl"),
         "{report}"
     );
+}
+
+/// The IPv4 capture listener port, from kt's "capturing" line.
+fn capture_port(log: &str) -> u16 {
+    log.split("(capture listener ")
+        .nth(1)
+        .and_then(|rest| rest.split([',', ')']).next())
+        .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
+        .map(|a| a.port())
+        .unwrap_or_else(|| panic!("no capture listener in kt's log:\n{log}"))
+}
+
+/// Runs the test client (outside the cgroup), lets it go, returns stdout.
+fn client(command: &mut Command) -> String {
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    String::from_utf8_lossy(&child.wait_with_output().unwrap().stdout).into_owned()
+}
+
+fn field<'a>(out: &'a str, key: &str) -> Option<&'a str> {
+    out.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+}
+
+#[test]
+fn a_cap_net_raw_process_setting_the_old_guard_mark_is_still_captured() {
+    if skip() {
+        return;
+    }
+    let mut s = Scenario::start("oldmark", 1, Listen::Free);
+    // User nobody with CAP_NET_RAW only (a default container has it; since
+    // Linux 5.17 it may set SO_MARK), the old mark on its socket.
+    let mark = OLD_GUARD_MARK.to_string();
+    let dest = format!("{}:443", s.provider);
+    let mut job = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all,+net_raw",
+            "--ambient-caps=-all,+net_raw",
+            "--bounding-set=-all,+net_raw",
+            "--",
+            CLIENT,
+            "https",
+            &dest,
+            "--sni",
+            "api.openai.com",
+            "--mark",
+            &mark,
+        ])
+        .env("KT_CLIENT_KEY", Q1)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut go = job.stdin.take().unwrap();
+    let pid = s.cgroup.adopt(job).unwrap();
+    go.write_all(b"go\n").unwrap();
+    drop(go);
+    let out = String::from_utf8_lossy(&s.cgroup.wait(pid).unwrap().stdout).into_owned();
+    assert_eq!(field(&out, "marked"), Some(mark.as_str()), "{out}");
+    s.assert_key_never_reached_a_provider();
+    // Captured: kt answered with the managed key's provider.
+    assert_eq!(field(&out, "status"), Some("200"), "{out}\n{}", s.kt_log());
+    assert!(
+        field(&out, "body").is_some_and(|b| b.contains("fake-q2")),
+        "{out}"
+    );
+    let seen = s.q2.requests();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(
+        seen[0]
+            .headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok()),
+        Some(format!("Bearer {Q2}").as_str())
+    );
+}
+
+#[test]
+fn plaintext_port_80_of_a_provider_address_is_refused() {
+    if skip() {
+        return;
+    }
+    let mut s = Scenario::start("port80", 2, Listen::Free);
+    let plain = std::net::TcpListener::bind(format!("{}:80", s.provider)).unwrap();
+    plain.set_nonblocking(true).unwrap();
+    let (status, _, err, _) = s.curl("http://api.openai.com/v1/chat/completions", 80);
+    assert_eq!(status.code(), Some(CURL_COULDNT_CONNECT), "{err}");
+    // A connection let through would be queued on the listener by now.
+    assert!(
+        plain.accept().is_err(),
+        "the plaintext request went to the provider address"
+    );
+    s.assert_key_never_reached_a_provider();
+    assert!(s.q2.requests().is_empty());
+}
+
+#[test]
+fn while_kt_is_down_no_unprivileged_process_can_take_the_capture_port() {
+    if skip() {
+        return;
+    }
+    // kt's default capture listeners.
+    let mut s = Scenario::start("squat", 3, Listen::Default);
+    let port = capture_port(&s.kt_log());
+    assert!(
+        port < 1024,
+        "the default capture port {port} needs no privilege"
+    );
+    s.kill_kt();
+    // Pinned programs still send provider connections to that port.
+    for addr in [format!("127.0.0.1:{port}"), format!("[::1]:{port}")] {
+        let out = client(Command::new("setpriv").args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--",
+            CLIENT,
+            "bind",
+            &addr,
+        ]));
+        assert_eq!(
+            field(&out, "bind_error"),
+            Some(libc::EACCES.to_string().as_str()),
+            "user nobody could bind {addr} while kt was down: {out}"
+        );
+    }
+    let (status, _, err, _) = s.curl("https://api.openai.com/v1/chat/completions", 443);
+    assert_eq!(status.code(), Some(CURL_COULDNT_CONNECT), "{err}");
+    s.assert_key_never_reached_a_provider();
+    assert!(s.q2.requests().is_empty() && s.q1.requests().is_empty());
+}
+
+#[test]
+fn sigkill_with_no_bpffs_mounted_beforehand_leaves_capture_refusing() {
+    if skip() {
+        return;
+    }
+    let mut s = Scenario::start("nobpffs", 4, Listen::Free);
+    // kt found no bpffs in its namespace (the fixture unmounted any) and
+    // mounted one to pin its links.
+    assert_eq!(
+        s.mounts.bpffs_mounts(),
+        vec![PathBuf::from(guard::capture::BPFFS_DEFAULT)],
+        "{}",
+        s.kt_log()
+    );
+    s.kill_kt();
+    let (status, _, err, _) = s.curl("https://api.openai.com/v1/chat/completions", 443);
+    assert_eq!(
+        status.code(),
+        Some(CURL_COULDNT_CONNECT),
+        "with kt killed, capture must refuse: {err}"
+    );
+    s.assert_key_never_reached_a_provider();
+    assert!(s.q2.requests().is_empty() && s.q1.requests().is_empty());
+
+    // The next run takes over the pinned links and serves again.
+    s.run_kt();
+    let (status, body, err, _) = s.curl("https://api.openai.com/v1/chat/completions", 443);
+    assert!(status.success(), "{err}\n{}", s.kt_log());
+    assert!(body.contains("fake-q2"), "{body}");
+    s.assert_key_never_reached_a_provider();
 }

@@ -235,7 +235,17 @@ fn story(kt_bin: &Path, bin: &Path, cleanup: &Arc<Mutex<Cleanup>>) -> anyhow::Re
         );
         None
     };
-    let kt_run = Command::new(kt_bin)
+    // Capture runs in a private mount namespace (unshare execs kt: same
+    // pid): the bpffs kt mounts to pin its links, if the host has none,
+    // goes away with it instead of staying on the host.
+    let mut kt_cmd = if cg.is_some() {
+        let mut c = Command::new("unshare");
+        c.args(["-m", "--propagation", "private", "--"]).arg(kt_bin);
+        c
+    } else {
+        Command::new(kt_bin)
+    };
+    let kt_run = kt_cmd
         .args(&run_args)
         .env("KT_DATA_DIR", &data)
         .env("SSL_CERT_FILE", &ca_pem)

@@ -18,6 +18,9 @@ use anyhow::{Context as _, bail};
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM: &str = "llvm-22";
 const DEBIAN_PACKAGES: [&str; 4] = ["rustc-web", "cargo-web", "rust-web-src", "llvm-22-dev"];
+/// What the capture tests run: `setpriv`, `unshare`, `nsenter` (util-linux),
+/// `ip` (iproute2) and `curl`.
+const TEST_PACKAGES: [&str; 3] = ["util-linux", "iproute2", "curl"];
 const DEBIAN_TOOLCHAIN: &str = "debian";
 
 pub fn run() -> anyhow::Result<()> {
@@ -47,8 +50,11 @@ pub fn run() -> anyhow::Result<()> {
     };
 
     if debian && route != Route::Nightly {
-        apt_packages()?;
+        apt_packages(&DEBIAN_PACKAGES)?;
         link_debian_toolchain()?;
+    }
+    if debian {
+        apt_packages(&TEST_PACKAGES)?;
     }
     bpf_linker(debian && route != Route::Nightly)?;
     step("setup", "done");
@@ -85,8 +91,8 @@ fn has_src(toolchain: &str) -> bool {
         .exists()
 }
 
-fn apt_packages() -> anyhow::Result<()> {
-    let missing: Vec<&str> = DEBIAN_PACKAGES
+fn apt_packages(packages: &[&str]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|p| {
@@ -95,7 +101,7 @@ fn apt_packages() -> anyhow::Result<()> {
         })
         .collect();
     if missing.is_empty() {
-        step("apt", &format!("{} present", DEBIAN_PACKAGES.join(" ")));
+        step("apt", &format!("{} present", packages.join(" ")));
         return Ok(());
     }
     step("apt", &format!("installing {}", missing.join(" ")));

@@ -53,11 +53,17 @@ pub mod map {
     pub const BY_COOKIE: &str = "KT_BY_COOKIE";
     /// `LruHashMap<PeerKey, Origin>`: the same records by the client's address.
     pub const BY_PEER: &str = "KT_BY_PEER";
+    /// `LruHashMap<u64, u8>`: socket cookies of kt's own upstream sockets,
+    /// written by kt before `connect()`; the only sockets never redirected.
+    pub const EXEMPT: &str = "KT_EXEMPT";
 }
 
 /// Entries in the per-connection maps; LRU so a guard that stops reading
 /// cannot exhaust kernel memory.
 pub const MAX_RECORDS: u32 = 65_536;
+/// Entries in the exempt-cookie map; LRU, and cookies are never reused, so
+/// entries of closed sockets simply age out.
+pub const MAX_EXEMPT: u32 = 16_384;
 /// Entries in each prefix trie.
 pub const MAX_PREFIXES: u32 = 4_096;
 /// Entries in the port set.
@@ -65,13 +71,13 @@ pub const MAX_PORTS: u32 = 64;
 
 /// `CaptureConfig::flags`: capture is on.
 pub const FLAG_ENABLED: u32 = 1;
-/// `CaptureConfig::flags`: refuse UDP to captured prefixes and ports.
+/// `CaptureConfig::flags`: refuse UDP (any port) to captured prefixes.
 pub const FLAG_REFUSE_UDP: u32 = 1 << 1;
 /// `CaptureConfig::flags`: refuse matched connections from other network
 /// namespaces, where a rewrite to loopback would land in the wrong place.
 pub const FLAG_REFUSE_OTHER_NETNS: u32 = 1 << 2;
 
-/// Where matched connections go, and which sockets are exempt.
+/// Where matched connections go.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CaptureConfig {
@@ -84,13 +90,8 @@ pub struct CaptureConfig {
     pub listen6_be: [u32; 4],
     /// IPv6 capture listener port, as `listen4_port_be`.
     pub listen6_port_be: u32,
-    /// Sockets with this `SO_MARK` are never redirected (the guard's own);
-    /// 0 disables the exemption.
-    pub skip_mark: u32,
     /// `FLAG_*` bits.
     pub flags: u32,
-    /// Explicit padding so the layout has no holes.
-    pub _pad: u32,
     /// Network namespace cookie of the guard; 0 when unknown.
     pub netns_cookie: u64,
 }
@@ -131,7 +132,7 @@ pub struct PeerKey {
     pub addr_be: [u32; 4],
 }
 
-const _: () = assert!(core::mem::size_of::<CaptureConfig>() == 48);
+const _: () = assert!(core::mem::size_of::<CaptureConfig>() == 40);
 const _: () = assert!(core::mem::size_of::<Origin>() == 56);
 const _: () = assert!(core::mem::size_of::<PeerKey>() == 24);
 

@@ -13,6 +13,15 @@ pub enum CgroupError {
         /// Why.
         source: std::io::Error,
     },
+    /// Mounting a bpffs failed.
+    #[error("cannot mount a bpffs on {path}: {source}")]
+    BpffsMount {
+        /// The mount point.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// No cgroup2 file system is mounted.
     #[error("no cgroup2 file system is mounted (see {path}); capture needs cgroup v2")]
     NotMounted {
@@ -42,6 +51,54 @@ pub fn cgroup2_mount_in(mounts: &str) -> Option<PathBuf> {
 pub fn bpffs_mount() -> Option<PathBuf> {
     let text = std::fs::read_to_string("/proc/mounts").ok()?;
     mount_of_type(&text, "bpf")
+}
+
+/// Where systemd mounts the BPF file system, and where kt mounts one when
+/// none is mounted.
+pub const BPFFS_DEFAULT: &str = "/sys/fs/bpf";
+
+/// The first bpffs mount, mounting one at [`BPFFS_DEFAULT`] first when none
+/// is mounted (as systemd does at boot), so capture links can be pinned and
+/// outlive kt. The bool says whether this call mounted it. The mount stays
+/// after kt exits: pins must outlive the process.
+pub fn ensure_bpffs() -> Result<(PathBuf, bool), CgroupError> {
+    if let Some(p) = bpffs_mount() {
+        return Ok((p, false));
+    }
+    let path = PathBuf::from(BPFFS_DEFAULT);
+    let err = |source| CgroupError::BpffsMount {
+        path: path.clone(),
+        source,
+    };
+    if !path.is_dir() {
+        std::fs::create_dir_all(&path).map_err(err)?;
+    }
+    mount_bpffs(&path).map_err(err)?;
+    Ok((path, true))
+}
+
+/// `mount -t bpf bpf PATH -o mode=0700`: pins readable by root only.
+fn mount_bpffs(path: &Path) -> std::io::Result<()> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let target = CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let (source, fstype, data) = (c"bpf", c"bpf", c"mode=0700");
+    // SAFETY: NUL-terminated strings that outlive the call.
+    let rc = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            data.as_ptr().cast(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 fn mount_of_type(mounts: &str, wanted: &str) -> Option<PathBuf> {

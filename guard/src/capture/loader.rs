@@ -4,7 +4,7 @@ use std::fs::File;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use aya::Ebpf;
 use aya::maps::lpm_trie::{Key, LpmTrie};
@@ -17,6 +17,7 @@ use guard_ebpf_common::{
 };
 
 use super::CaptureError;
+use super::exempt::CaptureExemption;
 use super::prefix::split;
 use crate::config::IpPrefix;
 
@@ -34,12 +35,10 @@ pub struct CaptureSpec {
     pub listen6: Option<SocketAddrV6>,
     /// Destination prefixes to capture.
     pub prefixes: Vec<IpPrefix>,
-    /// Destination ports to capture.
+    /// Destination ports to capture; TCP to other ports of the prefixes is
+    /// refused.
     pub ports: Vec<u16>,
-    /// Sockets carrying this `SO_MARK` are never redirected (the guard's own
-    /// upstream sockets); 0 disables.
-    pub skip_mark: u32,
-    /// Refuse UDP to captured destinations (QUIC), so clients use TCP.
+    /// Refuse UDP (any port) to captured prefixes (QUIC), so clients use TCP.
     pub refuse_udp: bool,
     /// Refuse matched connections from other network namespaces.
     pub refuse_other_netns: bool,
@@ -76,6 +75,7 @@ pub struct Capture {
     links: Vec<Link>,
     pins: Option<PinSet>,
     by_peer: Mutex<PeerMap>,
+    exempt: CaptureExemption,
     prefix4: Mutex<LpmTrie<MapData, [u8; 4], u32>>,
     prefix6: Mutex<LpmTrie<MapData, [u8; 16], u32>>,
     cgroup: PathBuf,
@@ -135,11 +135,16 @@ impl Capture {
             LpmTrie::try_from(take(&mut ebpf, map::PREFIX6)?).map_err(map_err(map::PREFIX6))?;
         let by_peer =
             HashMap::try_from(take(&mut ebpf, map::BY_PEER)?).map_err(map_err(map::BY_PEER))?;
+        let exempt =
+            HashMap::try_from(take(&mut ebpf, map::EXEMPT)?).map_err(map_err(map::EXEMPT))?;
 
         let capture = Capture {
             links: Vec::new(),
             pins: None,
             by_peer: Mutex::new(by_peer),
+            exempt: CaptureExemption {
+                map: Arc::new(Mutex::new(exempt)),
+            },
             prefix4: Mutex::new(prefix4),
             prefix6: Mutex::new(prefix6),
             cgroup: spec.cgroup.clone(),
@@ -237,6 +242,13 @@ impl Capture {
         replace_trie(&self.prefix4, map::PREFIX4, &v4)?;
         replace_trie(&self.prefix6, map::PREFIX6, &v6)?;
         Ok(())
+    }
+
+    /// The exemption for kt's own upstream sockets (their cookies go into
+    /// this capture's map before they connect). It keeps the map open, not
+    /// the programs: after this is dropped it exempts into a map nothing reads.
+    pub fn exemption(&self) -> CaptureExemption {
+        self.exempt.clone()
     }
 
     /// The cgroup this is attached to.
@@ -391,9 +403,7 @@ fn capture_config(spec: &CaptureSpec) -> CaptureConfig {
         listen4_port_be: u32::from(spec.listen4.port().to_be()),
         listen6_be,
         listen6_port_be,
-        skip_mark: spec.skip_mark,
         flags,
-        _pad: 0,
         netns_cookie,
     }
 }
@@ -509,7 +519,6 @@ mod tests {
             listen6: None,
             prefixes: vec![],
             ports: vec![443],
-            skip_mark: 7,
             refuse_udp: true,
             refuse_other_netns: false,
             pin_dir: None,

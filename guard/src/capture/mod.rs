@@ -1,17 +1,22 @@
 //! Transparent capture: loads the embedded eBPF object, attaches it to a
 //! cgroup-v2 directory, fills its maps, and answers "where was this accepted
-//! connection going, and who opened it?". Every `aya` call and all `unsafe`
+//! connection going, and who opened it?", and exempts kt's own upstream
+//! sockets by cookie. Every `aya` call and all `unsafe`
 //! of the guard live in this module. Dropping a [`Capture`] detaches
 //! everything.
 
 mod cgroup;
+mod exempt;
 mod loader;
 mod peer;
 mod prefix;
 mod process;
 mod support;
 
-pub use cgroup::{CgroupError, bpffs_mount, cgroup2_mount, cgroup2_mount_in};
+pub use cgroup::{
+    BPFFS_DEFAULT, CgroupError, bpffs_mount, cgroup2_mount, cgroup2_mount_in, ensure_bpffs,
+};
+pub use exempt::{CaptureExemption, ExemptionSlot, NoExemption, SocketExemption, socket_cookie};
 pub use loader::{Capture, CaptureSpec, ClientOrigin};
 pub use peer::{PeerProcess, find_socket, peer_process, peer_process_in};
 pub use prefix::{PrefixError, prefix_of};
@@ -19,12 +24,9 @@ pub use process::{
     MAX_CMDLINE, ProcessInfo, cgroup_v2_path, container_id, format_cmdline, process_info,
     process_info_in,
 };
-pub use support::{KernelSupport, kernel_support, loaded_capture_programs};
-
-/// `SO_MARK` the guard puts on its own upstream sockets; the connect hooks
-/// never redirect sockets carrying it (setting a mark needs CAP_NET_ADMIN,
-/// so ordinary processes cannot claim it).
-pub const GUARD_MARK: u32 = 0x6b74_0001;
+pub use support::{
+    KernelSupport, kernel_support, loaded_capture_programs, squat_warnings, unprivileged_port_start,
+};
 
 /// Errors from loading, attaching and reading the capture programs.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +67,12 @@ pub enum CaptureError {
         /// What went wrong.
         detail: String,
     },
+    /// A socket's cookie could not be read, so it cannot be exempted.
+    #[error("cannot read the socket cookie (SO_COOKIE): {0}")]
+    Cookie(#[source] std::io::Error),
+    /// A socket was to be exempted before the capture programs were attached.
+    #[error("capture is not attached yet: upstream sockets cannot be exempted")]
+    NotAttached,
     /// The capture spec cannot work as given.
     #[error("invalid capture setup: {0}")]
     Spec(String),

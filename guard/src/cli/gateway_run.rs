@@ -37,7 +37,11 @@ pub fn run_with(config: Config, listen: Option<SocketAddr>, global: &Global) -> 
     let runtime = serve::runtime()?;
     // The gateway's pool and the event writer start inside the runtime.
     let _guard = runtime.enter();
-    let Assembled { gateway, events } = match serve::assemble(config, global, None)? {
+    let Assembled { gateway, events } = match serve::assemble(
+        config,
+        global,
+        std::sync::Arc::new(crate::capture::NoExemption),
+    )? {
         Ok(a) => a,
         Err(code) => return Ok(code),
     };

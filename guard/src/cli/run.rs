@@ -12,7 +12,7 @@ use std::time::Instant;
 use anyhow::{Context as _, bail};
 use tokio::net::TcpListener;
 
-use crate::capture::{self, Capture, CaptureSpec, GUARD_MARK};
+use crate::capture::{self, Capture, CaptureSpec, ExemptionSlot};
 use crate::cli::hosts::{self as provider_hosts, SeenPrefixes};
 use crate::cli::serve::{self, Assembled};
 use crate::cli::{Global, exit};
@@ -34,9 +34,10 @@ pub struct RunArgs {
     #[arg(long)]
     pub listen: Option<SocketAddr>,
     /// Directory on a bpffs to pin the capture links in [default: the first
-    /// bpffs mount + `/kt/cg-<cgroup inode>`]. Pinned links outlive a crash
-    /// of kt (matched connections are then refused, never let through) and
-    /// are replaced without a gap by the next `kt run`.
+    /// bpffs mount + `/kt/cg-<cgroup inode>`; with no bpffs mounted, kt
+    /// mounts one on /sys/fs/bpf first, as systemd does]. Pinned links
+    /// outlive a crash of kt (matched connections are then refused, never
+    /// let through) and are replaced without a gap by the next `kt run`.
     #[arg(long)]
     pub pin_dir: Option<PathBuf>,
     /// On SIGINT/SIGTERM leave the pinned programs attached, so a planned
@@ -76,8 +77,13 @@ pub fn run(args: RunArgs, global: &Global) -> anyhow::Result<u8> {
     match &pin_dir {
         Some(d) => tracing::info!(dir = %d.display(), "capture links pinned"),
         None => tracing::warn!(
-            "no bpffs mounted: capture links are not pinned, so if kt dies capture is gone until it runs again (mount one: mount -t bpf bpf /sys/fs/bpf)"
+            "capture links are not pinned, so if kt dies capture is gone until it runs again (mount a bpffs: mount -t bpf bpf /sys/fs/bpf)"
         ),
+    }
+    let mut capture_addrs = vec![listen4];
+    capture_addrs.extend(listen6);
+    for w in capture::squat_warnings(&capture_addrs, capture::unprivileged_port_start()) {
+        eprintln!("kt: warning: {w}");
     }
     if args.keep_attached && pin_dir.is_none() {
         bail!(
@@ -87,7 +93,10 @@ pub fn run(args: RunArgs, global: &Global) -> anyhow::Result<u8> {
 
     let runtime = serve::runtime()?;
     let _guard = runtime.enter();
-    let Assembled { gateway, events } = match serve::assemble(config, global, Some(GUARD_MARK))? {
+    // The gateway exists before the programs attach; its upstream sockets
+    // are exempted through this slot once they are.
+    let exemption = Arc::new(ExemptionSlot::new());
+    let Assembled { gateway, events } = match serve::assemble(config, global, exemption.clone())? {
         Ok(a) => a,
         Err(code) => return Ok(code),
     };
@@ -130,7 +139,6 @@ pub fn run(args: RunArgs, global: &Global) -> anyhow::Result<u8> {
             listen6: l6,
             prefixes,
             ports: ports.clone(),
-            skip_mark: GUARD_MARK,
             refuse_udp: true,
             refuse_other_netns: true,
             pin_dir: pin_dir.clone(),
@@ -140,6 +148,7 @@ pub fn run(args: RunArgs, global: &Global) -> anyhow::Result<u8> {
             Capture::attach(&spec)
                 .with_context(|| format!("attaching capture to {}", cgroup.display()))?,
         );
+        exemption.install(Arc::new(capture.exemption()));
         let explicit_addr = explicit.local_addr()?;
         eprintln!(
             "kt: capturing {} port(s) {:?} for {} (capture listener {l4}{}); explicit clients on http://{explicit_addr}; targets: {}",
@@ -218,14 +227,32 @@ pub fn run(args: RunArgs, global: &Global) -> anyhow::Result<u8> {
     Ok(exit::OK)
 }
 
-/// `--pin-dir`, else `<bpffs>/kt/cg-<inode>` when a bpffs is mounted.
+/// `--pin-dir`, else `<bpffs>/kt/cg-<inode>`, mounting a bpffs when none
+/// is mounted; `None` (with a warning) when that fails.
 fn pin_dir_for(args: &RunArgs, cgroup: &std::path::Path) -> Option<PathBuf> {
     use std::os::unix::fs::MetadataExt;
     if let Some(d) = &args.pin_dir {
         return Some(d.clone());
     }
-    let ino = std::fs::metadata(cgroup).ok()?.ino();
-    Some(capture::bpffs_mount()?.join("kt").join(format!("cg-{ino}")))
+    let ino = match std::fs::metadata(cgroup) {
+        Ok(m) => m.ino(),
+        Err(e) => {
+            tracing::warn!(cgroup = %cgroup.display(), error = %e, "cannot stat the cgroup");
+            return None;
+        }
+    };
+    let bpffs = match capture::ensure_bpffs() {
+        Ok((dir, true)) => {
+            tracing::info!(dir = %dir.display(), "no bpffs was mounted: mounted one to pin capture links");
+            dir
+        }
+        Ok((dir, false)) => dir,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot mount a bpffs");
+            return None;
+        }
+    };
+    Some(bpffs.join("kt").join(format!("cg-{ino}")))
 }
 
 /// Hosts whose addresses are captured: `capture.hosts`, else the official

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 
 use crate::ca::Ca;
+use crate::capture::SocketExemption;
 use crate::cli::Global;
 use crate::config::{Config, PolicyKind, StoreFailure};
 use crate::events::{EventSink, EventWriter, WriterConfig, WriterHandle};
@@ -23,12 +24,13 @@ pub struct Assembled {
     pub events: Option<WriterHandle>,
 }
 
-/// Builds the gateway for `config`. `Ok(Err(code))` when it must not start
+/// Builds the gateway for `config`; `exemption` exempts its upstream
+/// sockets from capture. `Ok(Err(code))` when it must not start
 /// (a required secret is missing: fail closed), with the reason printed.
 pub fn assemble(
     config: Config,
     global: &Global,
-    so_mark: Option<u32>,
+    exemption: Arc<dyn SocketExemption>,
 ) -> anyhow::Result<Result<Assembled, u8>> {
     let resolver = Resolver::from_data_dir(&global.data_dir);
     let fingerprinter =
@@ -75,7 +77,7 @@ pub fn assemble(
 
     let fp = Arc::new(fingerprinter);
     let mut builder = GatewayBuilder::new(Arc::new(config), Arc::new(resolver), Arc::new(ca))
-        .so_mark(so_mark)
+        .socket_exemption(exemption)
         .policy(Arc::new(policy))
         .fingerprint(Arc::new(move |v: &str| fp.fingerprint(v).to_string()));
     if let Some(w) = writer {

@@ -690,7 +690,7 @@ impl Cx {
                 self.error_hint(
                     n.pos,
                     "`gateway.capture_listen` is the same address as `gateway.listen`",
-                    "give the capture listener its own port, e.g. 127.0.0.1:8788",
+                    "give the capture listener its own port, e.g. 127.0.0.1:709",
                 );
             }
         }

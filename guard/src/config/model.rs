@@ -208,9 +208,11 @@ pub enum StoreFailure {
 pub struct GatewaySettings {
     /// `listen` (default 127.0.0.1:8787): explicit clients (base URL, CONNECT).
     pub listen: SocketAddr,
-    /// `capture_listen` (default 127.0.0.1:8788): redirected connections.
+    /// `capture_listen` (default 127.0.0.1:709): redirected connections. A
+    /// port below 1024, so while kt is down (its programs pinned) no
+    /// unprivileged process can bind it and receive them.
     pub capture_listen: SocketAddr,
-    /// `capture_listen6` (default `[::1]:8788`): redirected IPv6 connections.
+    /// `capture_listen6` (default `[::1]:709`): redirected IPv6 connections.
     pub capture_listen6: Option<SocketAddr>,
     /// `connect_timeout` (default 5s).
     pub connect_timeout: Duration,
@@ -263,12 +265,19 @@ impl ClientAllow {
     }
 }
 
+/// Default port of the capture listeners: privileged (below 1024), so no
+/// unprivileged process can take it over while kt is not running.
+pub const CAPTURE_PORT: u16 = 709;
+
 impl Default for GatewaySettings {
     fn default() -> Self {
         GatewaySettings {
             listen: SocketAddr::from(([127, 0, 0, 1], 8787)),
-            capture_listen: SocketAddr::from(([127, 0, 0, 1], 8788)),
-            capture_listen6: Some(SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 8788))),
+            capture_listen: SocketAddr::from(([127, 0, 0, 1], CAPTURE_PORT)),
+            capture_listen6: Some(SocketAddr::from((
+                std::net::Ipv6Addr::LOCALHOST,
+                CAPTURE_PORT,
+            ))),
             connect_timeout: Duration::from_secs(5),
             first_byte_timeout: Duration::from_secs(60),
             idle_timeout: Duration::from_secs(120),

@@ -149,7 +149,6 @@ impl Default for DecodeLimits {
     }
 }
 
-
 /// What the scanner sees of a request.
 #[derive(Clone, Copy, Debug)]
 pub struct RequestView<'a> {

@@ -45,6 +45,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::ca::Ca;
+use crate::capture::{NoExemption, SocketExemption};
 use crate::config::Config;
 use crate::policy::{AllowAll, Policy};
 use crate::record::{KeyFingerprint, NoopSink, RecordSink, default_fingerprint};
@@ -89,7 +90,7 @@ pub struct GatewayBuilder {
     ca: Arc<Ca>,
     extra_roots: Vec<CertificateDer<'static>>,
     system_roots: bool,
-    so_mark: Option<u32>,
+    exemption: Arc<dyn SocketExemption>,
     policy: Arc<dyn Policy>,
     sink: Arc<dyn RecordSink>,
     fingerprint: KeyFingerprint,
@@ -105,7 +106,7 @@ impl GatewayBuilder {
             ca,
             extra_roots: Vec::new(),
             system_roots: true,
-            so_mark: None,
+            exemption: Arc::new(NoExemption),
             policy: Arc::new(AllowAll),
             sink: Arc::new(NoopSink),
             fingerprint: Arc::new(default_fingerprint),
@@ -138,10 +139,11 @@ impl GatewayBuilder {
         self
     }
 
-    /// `SO_MARK` set on every upstream socket before connect, so the capture
-    /// hook can skip the gateway's own traffic. Needs CAP_NET_ADMIN.
-    pub fn so_mark(mut self, mark: Option<u32>) -> GatewayBuilder {
-        self.so_mark = mark;
+    /// Exempts every upstream socket from capture before it connects, so
+    /// the hooks let the gateway's own traffic through (default: none, for
+    /// a gateway without capture).
+    pub fn socket_exemption(mut self, exemption: Arc<dyn SocketExemption>) -> GatewayBuilder {
+        self.exemption = exemption;
         self
     }
 
@@ -214,7 +216,7 @@ impl GatewayBuilder {
             .map_err(|e| GatewayError::Tls(e.to_string()))?;
         let connector = upstream::UpstreamConnector::new(
             Arc::new(tls),
-            self.so_mark,
+            self.exemption.clone(),
             self.config.gateway.connect_timeout,
         );
         let client = Client::builder(TokioExecutor::new())

@@ -1,5 +1,5 @@
-//! Upstream connections: TCP sockets created by hand so a `SO_MARK` can be
-//! set before `connect` (the eBPF hook skips marked sockets), then rustls
+//! Upstream connections: TCP sockets created by hand so capture can exempt
+//! each one (its cookie goes into the hooks' map) before `connect`, then rustls
 //! verifying against system roots, `SSL_CERT_FILE` and an extra bundle, with
 //! ALPN offering HTTP/2. Pooled by hyper-util's client.
 
@@ -19,6 +19,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
+
+use crate::capture::{CaptureError, SocketExemption};
 
 /// Why an upstream connection could not be made; the gateway tells TCP and
 /// TLS failures apart for its decision records.
@@ -46,9 +48,10 @@ pub enum ConnectError {
         /// The error from rustls.
         source: io::Error,
     },
-    /// The socket mark could not be set (needs CAP_NET_ADMIN).
-    #[error("set SO_MARK on upstream socket: {0}")]
-    Mark(io::Error),
+    /// The socket could not be exempted from capture, so it is not
+    /// connected (capture would send it back to kt).
+    #[error("exempting the upstream socket from capture: {0}")]
+    Exempt(#[source] CaptureError),
 }
 
 /// Builds the rustls client config for upstreams.
@@ -82,31 +85,31 @@ pub fn client_tls_config(
 #[derive(Clone)]
 pub struct UpstreamConnector {
     tls: TlsConnector,
-    mark: Option<u32>,
+    exemption: Arc<dyn SocketExemption>,
     connect_timeout: Duration,
 }
 
 impl UpstreamConnector {
-    /// A connector; `mark` is set on every socket before connect.
+    /// A connector; every socket is exempted from capture before connect.
     pub fn new(
         tls: Arc<rustls::ClientConfig>,
-        mark: Option<u32>,
+        exemption: Arc<dyn SocketExemption>,
         connect_timeout: Duration,
     ) -> Self {
         UpstreamConnector {
             tls: TlsConnector::from(tls),
-            mark,
+            exemption,
             connect_timeout,
         }
     }
 }
 
-/// Connects a TCP socket to `host:port` with an optional `SO_MARK`, trying
-/// each resolved address in turn.
+/// Connects a TCP socket to `host:port`, exempting it from capture before
+/// `connect`, trying each resolved address in turn.
 pub async fn connect_tcp(
     host: &str,
     port: u16,
-    mark: Option<u32>,
+    exemption: &dyn SocketExemption,
 ) -> Result<TcpStream, ConnectError> {
     let tcp_err = |source| ConnectError::Tcp {
         host: host.to_string(),
@@ -118,17 +121,15 @@ pub async fn connect_tcp(
         .collect();
     let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
     for addr in addrs {
-        let socket = if addr.is_ipv4() {
-            TcpSocket::new_v4()
-        } else {
-            TcpSocket::new_v6()
-        }
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM.cloexec(),
+            None,
+        )
         .map_err(tcp_err)?;
-        if let Some(mark) = mark {
-            socket2::SockRef::from(&socket)
-                .set_mark(mark)
-                .map_err(ConnectError::Mark)?;
-        }
+        exemption.exempt(&socket).map_err(ConnectError::Exempt)?;
+        socket.set_nonblocking(true).map_err(tcp_err)?;
+        let socket = TcpSocket::from_std_stream(socket.into());
         match socket.connect(addr).await {
             Ok(stream) => {
                 let _ = stream.set_nodelay(true);
@@ -160,10 +161,12 @@ impl tower_service::Service<Uri> for UpstreamConnector {
                 .to_string();
             let https = uri.scheme_str() == Some("https");
             let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
-            let tcp =
-                tokio::time::timeout(this.connect_timeout, connect_tcp(&host, port, this.mark))
-                    .await
-                    .map_err(|_| ConnectError::Timeout(host.clone()))??;
+            let tcp = tokio::time::timeout(
+                this.connect_timeout,
+                connect_tcp(&host, port, this.exemption.as_ref()),
+            )
+            .await
+            .map_err(|_| ConnectError::Timeout(host.clone()))??;
             if !https {
                 return Ok(UpstreamIo(TokioIo::new(Stream::Plain(tcp))));
             }

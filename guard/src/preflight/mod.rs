@@ -162,6 +162,14 @@ pub fn check(config: &Config, resolver: &dyn Resolve, opts: &Options<'_>) -> Rep
                 x.error.as_deref().unwrap_or("in use")
             ));
         }
+        if config.capture.enabled {
+            let mut capture = vec![config.gateway.capture_listen];
+            capture.extend(config.gateway.capture_listen6);
+            warnings.extend(crate::capture::squat_warnings(
+                &capture,
+                crate::capture::unprivileged_port_start(),
+            ));
+        }
         (Some(k), l)
     } else {
         (None, Vec::new())
