@@ -1460,3 +1460,85 @@ async fn rejected_keys_traversal_and_encoded_credentials_do_not_leak() {
         assert_eq!(header(r, h), None, "{h} reached the provider");
     }
 }
+
+/// Budgets: a body that never finishes arriving times out, bodies held at
+/// once are bounded (a client over it gets a clear 503, others carry on),
+/// and one uid cannot hold more than its share of connections.
+#[tokio::test]
+async fn budgets_refuse_clearly_and_keep_serving_everyone_else() {
+    let ca = TestCa::new();
+    let slow = FakeProvider::start(&ca, "first", Behavior::SlowFirstByte).await;
+    let mut cfg = config(vec![oa("oa1", &slow, "OA1")]);
+    cfg.gateway.body_timeout = Duration::from_millis(300);
+    cfg.gateway.max_body_bytes = 4096;
+    cfg.gateway.max_buffered_bytes = 4096;
+    cfg.gateway.max_connections_per_uid = 3;
+    let gw = start(cfg, secrets(), &ca).await;
+
+    // 1. A body that stalls: 408 with kt's code, nothing forwarded.
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(
+        b"POST /openai/v1/chat/completions HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"model\":",
+    )
+    .await
+    .unwrap();
+    let mut head = vec![0u8; 512];
+    let n = s.read(&mut head).await.unwrap();
+    let text = String::from_utf8_lossy(&head[..n]).to_string();
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    drop(s);
+
+    // 2. One request holds 3,000 body bytes (its upstream is slow); a
+    // second of 2,000 would pass the 4,096-byte budget: 503, not memory.
+    let big = format!(r#"{{"model":"m","pad":"{}"}}"#, "x".repeat(3000));
+    let mut c1 = h1_plain(gw.addr).await;
+    let held =
+        tokio::spawn(
+            async move { send(&mut c1, post("/openai/v1/chat/completions", &[], big)).await },
+        );
+    while slow.requests().is_empty() {
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut c2 = h1_plain(gw.addr).await;
+    let second = format!(r#"{{"model":"m","pad":"{}"}}"#, "y".repeat(2000));
+    let a = send(&mut c2, post("/openai/v1/chat/completions", &[], second)).await;
+    assert_eq!(a.status, 503, "{}", a.body);
+    assert!(a.body.contains("kt_over_budget"), "{}", a.body);
+    slow.set_behavior(Behavior::Ok);
+    slow.release();
+    assert_eq!(held.await.unwrap().status, 200);
+    let small = send(
+        &mut c2,
+        post("/openai/v1/chat/completions", &[], chat_body(false)),
+    )
+    .await;
+    assert_eq!(small.status, 200, "{}", small.body);
+    drop(c2);
+
+    // 3. This process (one uid) may hold 3 connections; the next is refused.
+    let mut conns = Vec::new();
+    for _ in 0..3 {
+        let mut c = h1_plain(gw.addr).await;
+        let ok = send(
+            &mut c,
+            post("/openai/v1/chat/completions", &[], chat_body(false)),
+        )
+        .await;
+        assert_eq!(ok.status, 200);
+        conns.push(c);
+    }
+    let mut extra = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let mut buf = [0u8; 16];
+    let _ = extra
+        .write_all(b"GET /openai/v1/models HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        .await;
+    assert_eq!(
+        extra.read(&mut buf).await.unwrap_or(0),
+        0,
+        "over-budget connection was served"
+    );
+    assert_eq!(gw.gw.uid_budget_refusals(), 1);
+    let rules: Vec<String> = guard_refusals(&gw.sink).into_iter().map(|r| r.0).collect();
+    assert_eq!(rules, ["uid-connection-budget"]);
+}

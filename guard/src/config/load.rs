@@ -672,6 +672,9 @@ impl Cx {
             "splice_unknown_sni",
             "connect_allow",
             "max_connections",
+            "max_connections_per_uid",
+            "body_timeout",
+            "max_buffered_bytes",
             "clients",
             "allow_remote_clients",
         ];
@@ -702,7 +705,8 @@ impl Cx {
                 out.capture_listen6 = Some(v);
             }
         }
-        let timeouts: [(&str, &mut Duration, bool); 4] = [
+        let timeouts: [(&str, &mut Duration, bool); 5] = [
+            ("body_timeout", &mut out.body_timeout, false),
             ("connect_timeout", &mut out.connect_timeout, false),
             ("first_byte_timeout", &mut out.first_byte_timeout, false),
             ("idle_timeout", &mut out.idle_timeout, false),
@@ -817,6 +821,28 @@ impl Cx {
                 }
             }
             out.clients = Some(allow);
+        }
+        if let Some(v) = f.get("max_connections_per_uid").and_then(|n| {
+            self.int_in(
+                n,
+                "gateway.max_connections_per_uid",
+                1,
+                1 << 20,
+                "a number of connections, e.g. 512",
+            )
+        }) {
+            out.max_connections_per_uid = usize::try_from(v).unwrap_or(usize::MAX);
+        }
+        if let Some(v) = f.get("max_buffered_bytes").and_then(|n| {
+            self.int_in(
+                n,
+                "gateway.max_buffered_bytes",
+                1024,
+                u64::from(u32::MAX),
+                "a size in bytes, e.g. 268435456 for 256 MiB",
+            )
+        }) {
+            out.max_buffered_bytes = v;
         }
         if let Some(v) = f.get("max_connections").and_then(|n| {
             self.int_in(

@@ -233,6 +233,15 @@ pub struct GatewaySettings {
     /// sent a request yet is closed to make room; if there is none, the new
     /// connection is closed.
     pub max_connections: usize,
+    /// `max_connections_per_uid` (default 512): connections one user id may
+    /// hold at once, so one job cannot take the whole budget.
+    pub max_connections_per_uid: usize,
+    /// `body_timeout` (default 60s): longest time to receive a request body.
+    pub body_timeout: Duration,
+    /// `max_buffered_bytes` (default 256 MiB): request bodies held at once
+    /// over all requests; past it a request gets 503 instead of kt's memory
+    /// growing.
+    pub max_buffered_bytes: u64,
     /// `clients` (default: anyone on this host): who may spend managed keys.
     pub clients: Option<ClientAllow>,
     /// `allow_remote_clients` (default false): `listen` may be a
@@ -285,6 +294,9 @@ impl Default for GatewaySettings {
             max_retry_after: Duration::from_secs(10),
             connect_allow: Vec::new(),
             max_connections: 4096,
+            max_connections_per_uid: 512,
+            body_timeout: Duration::from_secs(60),
+            max_buffered_bytes: 256 * 1024 * 1024,
             clients: None,
             allow_remote_clients: false,
         }

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 
 use super::Inner;
@@ -203,7 +203,8 @@ pub async fn handle(
         );
         return Ok(ex.fail(&inner, &r, &[]));
     }
-    let body = match read_body(&inner, &parts, body).await {
+    // The permit keeps the body counted until the request is done with it.
+    let (body, _held) = match read_body(&inner, &parts, body).await {
         Ok(b) => b,
         Err(r) => return Ok(ex.fail(&inner, &r, &[])),
     };
@@ -401,19 +402,28 @@ fn unknown_provider(inner: &Inner, mut ex: Exchange, clean_pq: String) -> Respon
     )
 }
 
-/// Reads the whole body, bounded by `gateway.max_body_bytes` (fallback may
-/// resend it; policies see all of it).
+/// Reads the whole body, bounded by `gateway.max_body_bytes` and
+/// `gateway.body_timeout` (fallback may resend it; policies see all of it).
+/// Its bytes count against `gateway.max_buffered_bytes` until the request
+/// is done (the returned permit).
 async fn read_body(
     inner: &Inner,
     parts: &http::request::Parts,
     body: Incoming,
-) -> Result<Bytes, Refusal> {
+) -> Result<(Bytes, tokio::sync::OwnedSemaphorePermit), Refusal> {
     let limit = inner.config.gateway.max_body_bytes;
     let too_large = || {
         refusal(
             StatusCode::PAYLOAD_TOO_LARGE,
             codes::BODY_TOO_LARGE,
             format!("request body over the {limit}-byte limit (gateway.max_body_bytes)"),
+        )
+    };
+    let over_budget = || {
+        refusal(
+            StatusCode::SERVICE_UNAVAILABLE,
+            codes::OVER_BUDGET,
+            "kt: too many request bodies are being held at once (gateway.max_buffered_bytes); retry shortly",
         )
     };
     let declared = parts
@@ -424,21 +434,46 @@ async fn read_body(
     if declared.is_some_and(|d| d > limit) {
         return Err(too_large());
     }
-    match Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX))
-        .collect()
-        .await
-    {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e)
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some() =>
-        {
-            Err(too_large())
+    let budget = Arc::clone(&inner.body_budget);
+    let mut permit = Arc::clone(&budget)
+        .try_acquire_many_owned(0)
+        .map_err(|_| over_budget())?;
+    let mut body = body;
+    let mut buf = bytes::BytesMut::new();
+    let read = async {
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|_| {
+                refusal(
+                    StatusCode::BAD_REQUEST,
+                    codes::BAD_REQUEST,
+                    "request body could not be read",
+                )
+            })?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            if (buf.len() + data.len()) as u64 > limit {
+                return Err(too_large());
+            }
+            let n = u32::try_from(data.len()).map_err(|_| too_large())?;
+            let more = Arc::clone(&budget)
+                .try_acquire_many_owned(n)
+                .map_err(|_| over_budget())?;
+            permit.merge(more);
+            buf.extend_from_slice(&data);
         }
+        Ok(())
+    };
+    match tokio::time::timeout(inner.config.gateway.body_timeout, read).await {
+        Ok(Ok(())) => Ok((buf.freeze(), permit)),
+        Ok(Err(r)) => Err(r),
         Err(_) => Err(refusal(
-            StatusCode::BAD_REQUEST,
-            codes::BAD_REQUEST,
-            "request body could not be read",
+            StatusCode::REQUEST_TIMEOUT,
+            codes::BODY_TIMEOUT,
+            format!(
+                "kt: the request body did not arrive within {} (gateway.body_timeout)",
+                humantime::format_duration(inner.config.gateway.body_timeout)
+            ),
         )),
     }
 }

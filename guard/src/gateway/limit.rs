@@ -181,3 +181,77 @@ mod tests {
         assert!(limit.admit().await.is_some());
     }
 }
+
+/// Connections per user id, so one job cannot take the whole budget.
+pub(crate) struct UidBudget {
+    max: usize,
+    held: Mutex<HashMap<u32, usize>>,
+    refused: AtomicU64,
+}
+
+/// One connection counted against its uid; dropping it gives it back.
+pub(crate) struct UidSlot {
+    uid: u32,
+    budget: Arc<UidBudget>,
+}
+
+impl UidBudget {
+    /// At most `max` connections per uid.
+    pub(crate) fn new(max: usize) -> Arc<UidBudget> {
+        Arc::new(UidBudget {
+            max: max.max(1),
+            held: Mutex::new(HashMap::new()),
+            refused: AtomicU64::new(0),
+        })
+    }
+
+    /// Counts a connection of `uid`; `None` when that uid is at its limit.
+    pub(crate) fn admit(self: &Arc<Self>, uid: u32) -> Option<UidSlot> {
+        let mut held = self.held.lock().ok()?;
+        let n = held.entry(uid).or_insert(0);
+        if *n >= self.max {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        *n += 1;
+        Some(UidSlot {
+            uid,
+            budget: Arc::clone(self),
+        })
+    }
+
+    /// Connections refused because their uid was at its limit.
+    pub(crate) fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for UidSlot {
+    fn drop(&mut self) {
+        if let Ok(mut held) = self.budget.held.lock()
+            && let Some(n) = held.get_mut(&self.uid)
+        {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                held.remove(&self.uid);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod uid_tests {
+    use super::*;
+
+    #[test]
+    fn one_uid_at_its_limit_does_not_block_another() {
+        let b = UidBudget::new(2);
+        let a1 = b.admit(1000).unwrap();
+        let _a2 = b.admit(1000).unwrap();
+        assert!(b.admit(1000).is_none());
+        assert!(b.admit(1001).is_some());
+        drop(a1);
+        assert!(b.admit(1000).is_some());
+        assert_eq!(b.refused(), 1);
+    }
+}

@@ -233,6 +233,18 @@ impl GatewayBuilder {
                 .unwrap_or(0)
         );
         let limit = limit::ConnLimit::new(self.config.gateway.max_connections);
+        let per_uid = limit::UidBudget::new(self.config.gateway.max_connections_per_uid);
+        // A single largest body must always fit.
+        let buffered = self
+            .config
+            .gateway
+            .max_buffered_bytes
+            .max(self.config.gateway.max_body_bytes);
+        let body_budget = Arc::new(tokio::sync::Semaphore::new(
+            usize::try_from(buffered)
+                .unwrap_or(usize::MAX)
+                .min(tokio::sync::Semaphore::MAX_PERMITS),
+        ));
         Ok(Gateway {
             inner: Arc::new(Inner {
                 config: self.config,
@@ -250,6 +262,8 @@ impl GatewayBuilder {
                 shutdown_grace: self.shutdown_grace,
                 certs: tls::CertCache::new(self.ca),
                 limit,
+                per_uid,
+                body_budget,
             }),
         })
     }
@@ -272,6 +286,9 @@ pub(crate) struct Inner {
     shutdown_grace: Duration,
     certs: tls::CertCache,
     limit: Arc<limit::ConnLimit>,
+    per_uid: Arc<limit::UidBudget>,
+    /// Bytes of request bodies held at once (`gateway.max_buffered_bytes`).
+    body_budget: Arc<tokio::sync::Semaphore>,
 }
 
 /// A built gateway; cheap to clone (all clones share state).
@@ -344,6 +361,12 @@ impl Gateway {
     /// was busy, and idle connections closed to make room.
     pub fn connection_budget_stats(&self) -> (u64, u64) {
         (self.inner.limit.refused(), self.inner.limit.evicted())
+    }
+
+    /// Connections refused because their uid held
+    /// `gateway.max_connections_per_uid` already.
+    pub fn uid_budget_refusals(&self) -> u64 {
+        self.inner.per_uid.refused()
     }
 }
 

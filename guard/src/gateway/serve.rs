@@ -48,6 +48,9 @@ async fn send_alert<IO: AsyncWrite + Unpin>(io: &mut IO) {
 /// Largest request head (request line + headers) accepted; larger gets 431.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 
+/// HTTP/2 streams served at once on one client connection.
+const MAX_H2_STREAMS: u32 = 32;
+
 /// Longest wait for the capture record of a connection (a map lookup and a
 /// few `/proc` reads, off the accept loop).
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
@@ -101,6 +104,9 @@ impl Gateway {
             let _ = stream.set_nodelay(true);
             let local = stream.local_addr().unwrap_or(peer);
             let client = explicit_client(peer, local).await;
+            let Some(_uid_slot) = gw.admit_uid(Arrival::BaseUrl, peer, &client) else {
+                return;
+            };
             let ctx = Arc::new(ConnCtx {
                 mode: Mode::BaseUrl,
                 peer: Some(peer),
@@ -140,6 +146,9 @@ impl Gateway {
                         return;
                     }
                     _ => (local, ClientInfo::default()),
+                };
+                let Some(_uid_slot) = gw.admit_uid(Arrival::Capture, peer, &info) else {
+                    return;
                 };
                 gw.serve_captured_slot(stream, dst, info, slot).await;
             }
@@ -296,6 +305,33 @@ impl Gateway {
         }
     }
 
+    /// Counts a connection against its uid (`gateway.max_connections_per_uid`);
+    /// over budget it is refused and recorded. Connections of unknown uid
+    /// are only bounded by the global budget.
+    fn admit_uid(
+        &self,
+        arrival: Arrival,
+        peer: SocketAddr,
+        client: &ClientInfo,
+    ) -> Option<Option<super::limit::UidSlot>> {
+        let Some(uid) = client.uid else {
+            return Some(None);
+        };
+        match self.inner.per_uid.admit(uid) {
+            Some(slot) => Some(Some(slot)),
+            None => {
+                self.refuse_connection(Refusal {
+                    arrival,
+                    peer: Some(peer),
+                    client: client.clone(),
+                    target: "-".into(),
+                    rule: "uid-connection-budget",
+                });
+                None
+            }
+        }
+    }
+
     /// Records a connection refused before any request, as a `guard` block.
     pub(crate) fn refuse_connection(&self, r: Refusal) {
         tracing::info!(target_addr = %r.target, rule = r.rule, "connection refused");
@@ -393,7 +429,9 @@ impl Gateway {
         builder
             .http2()
             .timer(TokioTimer::new())
-            .max_header_list_size(u32::try_from(MAX_HEADER_BYTES).unwrap_or(u32::MAX));
+            .max_header_list_size(u32::try_from(MAX_HEADER_BYTES).unwrap_or(u32::MAX))
+            // Each stream may buffer a whole body: bound them per connection.
+            .max_concurrent_streams(MAX_H2_STREAMS);
         let conn = builder.serve_connection_with_upgrades(io, svc).into_owned();
         let watched = match self.inner.graceful.lock() {
             Ok(g) => g.as_ref().map(|g| g.watcher()),

@@ -41,6 +41,10 @@ pub mod codes {
     /// The provider answered 401/403 to the managed key; its own body (which
     /// can name the key's last characters) is not passed on.
     pub const UPSTREAM_AUTH_FAILED: &str = "kt_upstream_auth_failed";
+    /// Request bodies held at once reached `gateway.max_buffered_bytes`.
+    pub const OVER_BUDGET: &str = "kt_over_budget";
+    /// The request body did not arrive within `gateway.body_timeout`.
+    pub const BODY_TIMEOUT: &str = "kt_body_timeout";
     /// The request path tries to leave the API root (`..`, encoded slashes).
     pub const PATH_REFUSED: &str = "kt_path_refused";
     /// A connection kt could not decide on safely was refused (no SNI, an
