@@ -1528,17 +1528,66 @@ async fn budgets_refuse_clearly_and_keep_serving_everyone_else() {
         assert_eq!(ok.status, 200);
         conns.push(c);
     }
-    let mut extra = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-    let mut buf = [0u8; 16];
-    let _ = extra
-        .write_all(b"GET /openai/v1/models HTTP/1.1\r\nhost: localhost\r\n\r\n")
-        .await;
-    assert_eq!(
-        extra.read(&mut buf).await.unwrap_or(0),
-        0,
-        "over-budget connection was served"
-    );
+    let mut extra = h1_plain(gw.addr).await;
+    let over = send(
+        &mut extra,
+        post("/openai/v1/chat/completions", &[], chat_body(false)),
+    )
+    .await;
+    assert_eq!(over.status, 429, "{}", over.body);
+    assert!(over.body.contains("kt_over_budget"), "{}", over.body);
     assert_eq!(gw.gw.uid_budget_refusals(), 1);
     let rules: Vec<String> = guard_refusals(&gw.sink).into_iter().map(|r| r.0).collect();
     assert_eq!(rules, ["uid-connection-budget"]);
+}
+
+/// Keep-alive connections that finished their requests are idle again:
+/// a pool of them cannot hold the budget against a new client, while a
+/// connection with a response still streaming is never the one closed.
+#[tokio::test]
+async fn idle_keep_alive_connections_make_room_but_streams_are_kept() {
+    let ca = TestCa::new();
+    let up = FakeProvider::start(&ca, "first", Behavior::Gated).await;
+    let mut cfg = config(vec![oa("oa1", &up, "OA1")]);
+    cfg.gateway.max_connections = 3;
+    let gw = start(cfg, secrets(), &ca).await;
+    // One streaming response in progress (the gated fake holds its end).
+    let mut streaming = h1_plain(gw.addr).await;
+    streaming.ready().await.unwrap();
+    let resp = streaming
+        .send_request(post("/openai/v1/chat/completions", &[], chat_body(true)))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    up.set_behavior(Behavior::Ok);
+    // Two keep-alive connections that are done and idle.
+    let mut pool = Vec::new();
+    for _ in 0..2 {
+        let mut c = h1_plain(gw.addr).await;
+        let a = send(
+            &mut c,
+            post("/openai/v1/chat/completions", &[], chat_body(false)),
+        )
+        .await;
+        assert_eq!(a.status, 200);
+        pool.push(c);
+    }
+    // The budget is full; new clients still get served, again and again
+    // (each stays open, so each one has to push an idle one out).
+    let mut newer = Vec::new();
+    for _ in 0..4 {
+        let mut c = h1_plain(gw.addr).await;
+        let a = send(
+            &mut c,
+            post("/openai/v1/chat/completions", &[], chat_body(false)),
+        )
+        .await;
+        assert_eq!(a.status, 200, "{}", a.body);
+        newer.push(c);
+    }
+    // The stream survived all of that.
+    up.release();
+    let (text, clean) = read_body(resp).await;
+    assert!(clean, "the streaming response was cut: {text}");
+    assert!(gw.gw.connection_budget_stats().1 >= 4);
 }

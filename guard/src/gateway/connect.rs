@@ -103,7 +103,10 @@ impl Gateway {
             return forbidden(&msg);
         };
         let gw = self.clone();
+        // The tunnel keeps its connection busy for as long as it lives.
+        let in_flight = slot.begin();
         tokio::spawn(async move {
+            let _in_flight = in_flight;
             let upgraded = match hyper::upgrade::on(req).await {
                 Ok(u) => TokioIo::new(u),
                 Err(e) => {
@@ -171,6 +174,7 @@ impl Gateway {
                     mode: Mode::Connect { host: sni, port },
                     peer,
                     client,
+                    explicit: None,
                 };
                 self.terminate(Prefixed::new(buf, io), ctx, slot).await;
                 return;

@@ -59,14 +59,52 @@ impl Mode {
 }
 
 /// Per-connection facts.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct ConnCtx {
     /// How the connection arrived.
     pub mode: Mode,
     /// Client socket address.
     pub peer: Option<SocketAddr>,
-    /// Process facts from capture.
+    /// Process facts from capture (explicit clients: see `explicit`).
     pub client: ClientInfo,
+    /// For explicit clients: the process is looked up at the first request
+    /// (a connection that never sends one costs no lookup).
+    pub(crate) explicit: Option<ExplicitPeer>,
+}
+
+/// The lazily resolved process of an explicit client connection.
+#[derive(Debug)]
+pub(crate) struct ExplicitPeer {
+    /// kt's end of the connection.
+    pub(crate) local: SocketAddr,
+    resolved: tokio::sync::OnceCell<Option<(ClientInfo, Option<super::limit::UidSlot>)>>,
+}
+
+impl ExplicitPeer {
+    pub(crate) fn new(local: SocketAddr) -> ExplicitPeer {
+        ExplicitPeer {
+            local,
+            resolved: tokio::sync::OnceCell::new(),
+        }
+    }
+}
+
+/// The process behind a connection: known from capture, or looked up
+/// once for an explicit client and counted against its uid. `None` when
+/// that uid is over `gateway.max_connections_per_uid` (recorded).
+pub(crate) async fn resolve_client(inner: &Arc<Inner>, ctx: &ConnCtx) -> Option<ClientInfo> {
+    let (Some(ex), Some(peer)) = (&ctx.explicit, ctx.peer) else {
+        return Some(ctx.client.clone());
+    };
+    let resolved = ex
+        .resolved
+        .get_or_init(|| async {
+            let client = super::serve::explicit_client(peer, ex.local).await;
+            let slot = super::serve::admit_uid(inner, Arrival::BaseUrl, peer, &client)?;
+            Some((client, slot))
+        })
+        .await;
+    resolved.as_ref().map(|(c, _)| c.clone())
 }
 
 /// Hop-by-hop headers never forwarded in either direction.
@@ -175,9 +213,18 @@ pub async fn handle(
     ctx: Arc<ConnCtx>,
     req: Request<Incoming>,
 ) -> Result<Response<GwBody>, std::convert::Infallible> {
-    let mut ex = begin(&inner, &ctx, &req);
+    let Some(client) = resolve_client(&inner, &ctx).await else {
+        let r = refusal(
+            StatusCode::TOO_MANY_REQUESTS,
+            codes::OVER_BUDGET,
+            "kt: this user has too many connections open to kt (gateway.max_connections_per_uid)",
+        );
+        let ex = begin(&inner, &ctx, ClientInfo::default(), &req);
+        return Ok(ex.fail(&inner, &r, &[]));
+    };
+    let mut ex = begin(&inner, &ctx, client, &req);
     let (mut parts, body) = req.into_parts();
-    if let Err(r) = check_client(&inner, &ctx, &parts) {
+    if let Err(r) = check_client(&inner, &ctx, &ex.rec.client, &parts) {
         // Strip first anyway, so the record gets the key's fingerprint only.
         let _ = strip_credentials(&inner, &mut ex, &mut parts);
         ex.rec.policy.push(PolicyNote {
@@ -208,7 +255,7 @@ pub async fn handle(
         Ok(b) => b,
         Err(r) => return Ok(ex.fail(&inner, &r, &[])),
     };
-    let body = match run_policy(&inner, &ctx, &mut ex, &mut parts, &matched, body) {
+    let body = match run_policy(&inner, &mut ex, &mut parts, &matched, body) {
         Ok(b) => b,
         Err(r) => return Ok(ex.fail(&inner, &r, &[])),
     };
@@ -225,6 +272,7 @@ pub async fn handle(
 fn check_client(
     inner: &Inner,
     ctx: &ConnCtx,
+    client: &ClientInfo,
     parts: &http::request::Parts,
 ) -> Result<(), (Refusal, &'static str)> {
     let deny = |rule: &'static str, message: String| {
@@ -283,16 +331,16 @@ fn check_client(
         }
     }
     if let Some(allow) = &inner.config.gateway.clients
-        && !allow.allows(ctx.client.uid, ctx.client.cgroup.as_deref())
+        && !allow.allows(client.uid, client.cgroup.as_deref())
     {
         return deny(
             "client-not-allowed",
             format!(
                 "kt: this process (uid {}, cgroup {}) is not in gateway.clients",
-                ctx.client
+                client
                     .uid
                     .map_or_else(|| "unknown".into(), |u| u.to_string()),
-                ctx.client.cgroup.as_deref().unwrap_or("unknown")
+                client.cgroup.as_deref().unwrap_or("unknown")
             ),
         );
     }
@@ -315,14 +363,14 @@ fn is_local_name(host_port: &str, inner: &Inner) -> bool {
 }
 
 /// Opens the record of a request arriving now.
-fn begin(inner: &Inner, ctx: &ConnCtx, req: &Request<Incoming>) -> Exchange {
+fn begin(inner: &Inner, ctx: &ConnCtx, client: ClientInfo, req: &Request<Incoming>) -> Exchange {
     let n = inner.counter.fetch_add(1, Ordering::Relaxed);
     Exchange {
         rec: RequestRecord::new(
             format!("{}-{n:x}", inner.id_prefix),
             ctx.mode.arrival(),
             ctx.peer,
-            ctx.client.clone(),
+            client,
             req.method().to_string(),
         ),
         started: Instant::now(),
@@ -482,7 +530,6 @@ async fn read_body(
 /// back decoded, so their `Content-Encoding` goes).
 fn run_policy(
     inner: &Inner,
-    ctx: &ConnCtx,
     ex: &mut Exchange,
     parts: &mut http::request::Parts,
     matched: &Matched,
@@ -494,7 +541,7 @@ fn run_policy(
             provider: &matched.provider,
             api_path: &matched.api_path,
             body: &body,
-            client: &ctx.client,
+            client: &ex.rec.client,
         },
         &mut ex.rec.policy,
     );

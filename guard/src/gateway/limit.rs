@@ -36,6 +36,15 @@ pub(crate) struct Slot {
     id: u64,
     evict: Arc<Notify>,
     limit: Arc<ConnLimit>,
+    /// Requests (and tunnels) in progress; at zero the connection is idle
+    /// again and may be closed to make room.
+    in_flight: std::sync::atomic::AtomicUsize,
+}
+
+/// One request in progress on a connection; dropped when its response
+/// body is done (or the tunnel it opened closed).
+pub(crate) struct InFlight {
+    slot: Arc<Slot>,
 }
 
 impl ConnLimit {
@@ -81,6 +90,7 @@ impl ConnLimit {
             id,
             evict,
             limit: Arc::clone(self),
+            in_flight: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
@@ -127,6 +137,26 @@ impl Slot {
         self.limit.forget(self.id);
     }
 
+    /// A request starts: busy until the returned guard is dropped, then
+    /// idle (closable to make room) again when nothing else is in flight.
+    pub(crate) fn begin(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        self.busy();
+        InFlight {
+            slot: Arc::clone(self),
+        }
+    }
+
+    fn idle_again(&self) {
+        if let Ok(mut idle) = self.limit.idle.lock() {
+            // Checked under the lock, so a request starting now is seen.
+            if self.in_flight.load(Ordering::SeqCst) == 0 {
+                idle.order.push_back(self.id);
+                idle.wake.insert(self.id, Arc::clone(&self.evict));
+            }
+        }
+    }
+
     /// Resolves when this connection was chosen to make room.
     pub(crate) async fn evicted(&self) {
         self.evict.notified().await;
@@ -136,6 +166,14 @@ impl Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         self.limit.forget(self.id);
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if self.slot.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.slot.idle_again();
+        }
     }
 }
 
@@ -171,6 +209,25 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_connection_is_idle_again_once_its_requests_are_done() {
+        let limit = ConnLimit::new(1);
+        let a = Arc::new(limit.admit().await.unwrap());
+        let req = a.begin();
+        assert!(
+            limit.admit().await.is_none(),
+            "a busy connection was evicted"
+        );
+        drop(req);
+        let admitting = tokio::spawn({
+            let limit = Arc::clone(&limit);
+            async move { limit.admit().await.is_some() }
+        });
+        a.evicted().await;
+        drop(a);
+        assert!(admitting.await.unwrap());
+    }
+
+    #[tokio::test]
     async fn a_full_budget_of_busy_connections_refuses() {
         let limit = ConnLimit::new(1);
         let a = limit.admit().await.unwrap();
@@ -183,6 +240,7 @@ mod tests {
 }
 
 /// Connections per user id, so one job cannot take the whole budget.
+#[derive(Debug)]
 pub(crate) struct UidBudget {
     max: usize,
     held: Mutex<HashMap<u32, usize>>,
@@ -190,6 +248,7 @@ pub(crate) struct UidBudget {
 }
 
 /// One connection counted against its uid; dropping it gives it back.
+#[derive(Debug)]
 pub(crate) struct UidSlot {
     uid: u32,
     budget: Arc<UidBudget>,

@@ -24,7 +24,7 @@ mod serve;
 mod tls;
 mod upstream;
 
-pub use handler::{ConnCtx, GwBody, Mode};
+pub use handler::{GwBody, Mode};
 pub use relay::sse_error_event;
 pub use serve::CaptureLookup;
 pub use upstream::{ConnectError, client_tls_config, connect_tcp};

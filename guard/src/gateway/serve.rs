@@ -48,6 +48,32 @@ async fn send_alert<IO: AsyncWrite + Unpin>(io: &mut IO) {
 /// Largest request head (request line + headers) accepted; larger gets 431.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 
+/// A response body that keeps its connection counted busy until it ends.
+struct Held {
+    inner: handler::GwBody,
+    _in_flight: super::limit::InFlight,
+}
+
+impl http_body::Body for Held {
+    type Data = bytes::Bytes;
+    type Error = super::relay::BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// HTTP/2 streams served at once on one client connection.
 const MAX_H2_STREAMS: u32 = 32;
 
@@ -72,7 +98,7 @@ pub trait CaptureLookup: Send + Sync {
 
 /// The process behind a connection to the explicit listener, from the
 /// kernel's socket table (loopback clients only; empty when not found).
-async fn explicit_client(peer: SocketAddr, local: SocketAddr) -> ClientInfo {
+pub(crate) async fn explicit_client(peer: SocketAddr, local: SocketAddr) -> ClientInfo {
     if !peer.ip().is_loopback() && peer.ip() != local.ip() {
         return ClientInfo::default();
     }
@@ -96,6 +122,36 @@ async fn explicit_client(peer: SocketAddr, local: SocketAddr) -> ClientInfo {
     }
 }
 
+/// Counts a connection against its uid (`gateway.max_connections_per_uid`);
+/// over budget it is refused and recorded. Connections of unknown uid
+/// are only bounded by the global budget.
+pub(crate) fn admit_uid(
+    inner: &Arc<super::Inner>,
+    arrival: Arrival,
+    peer: SocketAddr,
+    client: &ClientInfo,
+) -> Option<Option<super::limit::UidSlot>> {
+    let Some(uid) = client.uid else {
+        return Some(None);
+    };
+    match inner.per_uid.admit(uid) {
+        Some(slot) => Some(Some(slot)),
+        None => {
+            Gateway {
+                inner: Arc::clone(inner),
+            }
+            .refuse_connection(Refusal {
+                arrival,
+                peer: Some(peer),
+                client: client.clone(),
+                target: "-".into(),
+                rule: "uid-connection-budget",
+            });
+            None
+        }
+    }
+}
+
 impl Gateway {
     /// Accept loop for explicit clients (base-URL mode and CONNECT proxy
     /// mode) until [`Gateway::shutdown`]; then drains in-flight requests.
@@ -103,14 +159,11 @@ impl Gateway {
         self.accept_loop(listener, |gw, stream, peer, slot| async move {
             let _ = stream.set_nodelay(true);
             let local = stream.local_addr().unwrap_or(peer);
-            let client = explicit_client(peer, local).await;
-            let Some(_uid_slot) = gw.admit_uid(Arrival::BaseUrl, peer, &client) else {
-                return;
-            };
             let ctx = Arc::new(ConnCtx {
                 mode: Mode::BaseUrl,
                 peer: Some(peer),
-                client,
+                client: ClientInfo::default(),
+                explicit: Some(super::handler::ExplicitPeer::new(local)),
             });
             gw.serve_http(TokioIo::new(stream), ctx, true, slot).await;
         })
@@ -147,7 +200,7 @@ impl Gateway {
                     }
                     _ => (local, ClientInfo::default()),
                 };
-                let Some(_uid_slot) = gw.admit_uid(Arrival::Capture, peer, &info) else {
+                let Some(_uid_slot) = admit_uid(&gw.inner, Arrival::Capture, peer, &info) else {
                     return;
                 };
                 gw.serve_captured_slot(stream, dst, info, slot).await;
@@ -266,6 +319,7 @@ impl Gateway {
                     },
                     peer,
                     client,
+                    explicit: None,
                 });
                 self.serve_http(TokioIo::new(io), ctx, false, slot).await;
             }
@@ -280,6 +334,7 @@ impl Gateway {
                         mode: Mode::Capture { host: dst, port },
                         peer,
                         client,
+                        explicit: None,
                     };
                     self.terminate(io, ctx, slot).await;
                     return;
@@ -299,35 +354,9 @@ impl Gateway {
                     mode: Mode::Capture { host, port },
                     peer,
                     client,
+                    explicit: None,
                 };
                 self.terminate(io, ctx, slot).await;
-            }
-        }
-    }
-
-    /// Counts a connection against its uid (`gateway.max_connections_per_uid`);
-    /// over budget it is refused and recorded. Connections of unknown uid
-    /// are only bounded by the global budget.
-    fn admit_uid(
-        &self,
-        arrival: Arrival,
-        peer: SocketAddr,
-        client: &ClientInfo,
-    ) -> Option<Option<super::limit::UidSlot>> {
-        let Some(uid) = client.uid else {
-            return Some(None);
-        };
-        match self.inner.per_uid.admit(uid) {
-            Some(slot) => Some(Some(slot)),
-            None => {
-                self.refuse_connection(Refusal {
-                    arrival,
-                    peer: Some(peer),
-                    client: client.clone(),
-                    target: "-".into(),
-                    rule: "uid-connection-budget",
-                });
-                None
             }
         }
     }
@@ -397,14 +426,16 @@ impl Gateway {
         let svc = service_fn(move |req: Request<Incoming>| {
             let gw = gw.clone();
             let ctx = Arc::clone(&ctx);
-            svc_slot.busy();
+            // Busy from here until the response body is done.
+            let in_flight = svc_slot.begin();
             let tunnel_slot = Arc::clone(&svc_slot);
             async move {
                 if req.method() == Method::CONNECT {
                     if allow_connect {
-                        return Ok(gw
-                            .connect(req, ctx.peer, ctx.client.clone(), tunnel_slot)
-                            .await);
+                        let client = handler::resolve_client(&gw.inner, &ctx)
+                            .await
+                            .unwrap_or_default();
+                        return Ok(gw.connect(req, ctx.peer, client, tunnel_slot).await);
                     }
                     let body = provider::error_body(
                         None,
@@ -417,7 +448,13 @@ impl Gateway {
                     *r.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
                     return Ok(r);
                 }
-                handler::handle(Arc::clone(&gw.inner), ctx, req).await
+                let resp = handler::handle(Arc::clone(&gw.inner), ctx, req).await?;
+                Ok::<_, std::convert::Infallible>(resp.map(|b| {
+                    http_body_util::BodyExt::boxed(Held {
+                        inner: b,
+                        _in_flight: in_flight,
+                    })
+                }))
             }
         });
         let mut builder = auto::Builder::new(TokioExecutor::new());
