@@ -192,9 +192,12 @@ fn story(kt_bin: &Path, bin: &Path, cleanup: &Arc<Mutex<Cleanup>>) -> anyhow::Re
         print!("   {out}");
     }
 
-    let p = free_ports(3)?;
+    let p = free_ports(1)?;
+    // The capture port below 1024, as kt's default: only root can bind it,
+    // so nothing else could take it over while kt is down.
+    let cap = free_privileged_port().unwrap_or(free_ports(1)?[0]);
     let cfg = dir.join("demo.yaml");
-    std::fs::write(&cfg, config(p[0], p[1], p[2], &primary, &fallback))?;
+    std::fs::write(&cfg, config(p[0], cap, cap, &primary, &fallback))?;
     say("kt gateway check --verbose (the seed's preflight)");
     let (_, out) = kt(
         &[
@@ -435,6 +438,14 @@ fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
         .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
         .collect::<Result<_, _>>()?;
     ls.iter().map(|l| Ok(l.local_addr()?.port())).collect()
+}
+
+/// A port in 700..1000 free on both 127.0.0.1 and [::1] (root only).
+fn free_privileged_port() -> Option<u16> {
+    (700..1000).find(|port| {
+        std::net::TcpListener::bind(("127.0.0.1", *port)).is_ok()
+            && std::net::TcpListener::bind(("::1", *port)).is_ok()
+    })
 }
 
 fn is_root() -> bool {
