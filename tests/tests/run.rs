@@ -563,3 +563,55 @@ fn sigkill_with_no_bpffs_mounted_beforehand_leaves_capture_refusing() {
     assert!(body.contains("fake-q2"), "{body}");
     s.assert_key_never_reached_a_provider();
 }
+
+/// Class 1 (splice paths): another TLS name on a provider address, the way
+/// a job that pins its own name or resolver would reach it, is refused by
+/// kt with an alert and recorded; it is never passed on to the address,
+/// even to a client that skips certificate checks.
+#[test]
+fn another_name_on_a_provider_address_is_refused_not_spliced() {
+    if skip() {
+        return;
+    }
+    let mut s = Scenario::start("othername", 6, Listen::Free);
+    let script = format!(
+        r#"read go; exec curl -sSk --max-time 20 --resolve www.example.com:443:{p} -H "Authorization: Bearer $OLD_KEY" -d '{{}}' https://www.example.com/v1/chat/completions"#,
+        p = s.provider
+    );
+    let mut job = Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .env("OLD_KEY", Q1)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut go = job.stdin.take().unwrap();
+    let mut stderr = job.stderr.take().unwrap();
+    let pid = s.cgroup.adopt(job).unwrap();
+    go.write_all(b"go\n").unwrap();
+    drop(go);
+    let mut err = String::new();
+    stderr.read_to_string(&mut err).unwrap();
+    let status = s.cgroup.wait(pid).unwrap().status;
+    assert!(!status.success(), "the connection went through: {err}");
+    assert!(
+        s.q2.requests().is_empty(),
+        "the provider address was reached"
+    );
+    s.assert_key_never_reached_a_provider();
+    // The refusal is an event naming the rule (SIGTERM: kt writes its
+    // last events before it exits).
+    let mut child = s.kt.0.take().unwrap();
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+    let out = kt(&s.data, &["events", "--output", "json"], None);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("non-provider-name") && text.contains("www.example.com"),
+        "no refusal event: {text}"
+    );
+}
