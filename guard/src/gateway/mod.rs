@@ -65,11 +65,14 @@ pub enum GatewayError {
     #[error("{}", .0.join("; "))]
     MissingSecrets(Vec<String>),
     /// Upstream TLS setup failed.
-    #[error("upstream tls setup: {0}")]
-    Tls(String),
-    /// The extra root bundle has no usable certificate.
-    #[error("extra root bundle: {0}")]
-    Roots(String),
+    #[error("upstream tls setup")]
+    Tls(#[source] rustls::Error),
+    /// The extra root bundle does not parse.
+    #[error("extra root bundle")]
+    Roots(#[source] rustls_pki_types::pem::Error),
+    /// The extra root bundle has no certificate.
+    #[error("extra root bundle: no certificate in it")]
+    NoRoots,
     /// The local CA failed.
     #[error(transparent)]
     Ca(#[from] crate::ca::CaError),
@@ -119,9 +122,9 @@ impl GatewayBuilder {
         use rustls_pki_types::pem::PemObject;
         let certs: Vec<_> = CertificateDer::pem_slice_iter(pem)
             .collect::<Result<_, _>>()
-            .map_err(|e| GatewayError::Roots(e.to_string()))?;
+            .map_err(GatewayError::Roots)?;
         if certs.is_empty() {
-            return Err(GatewayError::Roots("no certificate in bundle".into()));
+            return Err(GatewayError::NoRoots);
         }
         self.extra_roots.extend(certs);
         Ok(self)
@@ -213,7 +216,7 @@ impl GatewayBuilder {
             return Err(GatewayError::MissingSecrets(missing));
         }
         let tls = client_tls_config(self.system_roots, &self.extra_roots)
-            .map_err(|e| GatewayError::Tls(e.to_string()))?;
+            .map_err(GatewayError::Tls)?;
         let connector = upstream::UpstreamConnector::new(
             Arc::new(tls),
             self.exemption.clone(),
