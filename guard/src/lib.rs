@@ -10,6 +10,7 @@
 //! | 1 | [`record`] | the per-request record shared by gateway, policy and events (typed) |
 //! | 1 | [`config`] | YAML → typed model, every problem with file:line:column (pure) |
 //! | 1 | [`ca`] | the local CA and per-name leaves |
+//! | 1 | [`datadir`] | the data dir's paths; private (0600/0700) file and directory creation |
 //! | 2 | [`dlp`] | secret scanning and redaction of request bodies (pure) |
 //! | 2 | [`routing`] | which provider, which targets in what order, when to fall back (pure) |
 //! | 2 | [`secrets`] | secret backends (file store, keychain, env) and their resolver |
@@ -34,6 +35,7 @@ pub mod ca;
 pub mod capture;
 pub mod cli;
 pub mod config;
+pub mod datadir;
 pub mod dlp;
 pub mod events;
 pub mod gateway;

@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::fs;
 use std::io::Write;
 use std::net::IpAddr;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -361,7 +361,7 @@ fn ca_params(permitted: Option<&Permitted>) -> CertificateParams {
 impl Ca {
     /// The CA directory under a data dir.
     pub fn dir_in(data_dir: &Path) -> PathBuf {
-        data_dir.join("ca")
+        crate::datadir::ca_dir(data_dir)
     }
 
     /// Loads the CA from `dir` (see [`Ca::dir_in`]), creating it on first use
@@ -379,7 +379,7 @@ impl Ca {
         let wanted = Permitted::for_hosts(hosts)?;
         let key_path = dir.join(KEY_FILE);
         let cert_path = dir.join(CERT_FILE);
-        fs::create_dir_all(dir).map_err(io_err(dir))?;
+        crate::datadir::create_private_dir(dir).map_err(io_err(dir))?;
         crate::secrets::check_dirs(dir, dir)?;
         let key = match read_checked(&key_path, true) {
             Ok(pem) => KeyPair::from_pem(&pem).map_err(|_| CaError::BadKey {
@@ -391,12 +391,8 @@ impl Ca {
                     .map_err(gen_err("kt local CA"))?;
                 // create_new + 0600 from the start: the key is never briefly
                 // world-readable, and a concurrent creator loses cleanly.
-                let mut f = fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(&key_path)
-                    .map_err(io_err(&key_path))?;
+                let mut f =
+                    crate::datadir::create_private_file(&key_path).map_err(io_err(&key_path))?;
                 f.write_all(key.serialize_pem().as_bytes())
                     .map_err(io_err(&key_path))?;
                 let _ = fs::remove_file(&cert_path);
@@ -629,6 +625,7 @@ impl ResolvesServerCert for LeafResolver {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::OpenOptionsExt;
 
     #[test]
     fn created_once_with_private_key_0600_and_reloaded() {

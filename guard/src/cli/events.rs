@@ -123,7 +123,7 @@ fn run_inner(
     err: &mut dyn Write,
     stop: &AtomicBool,
 ) -> anyhow::Result<u8> {
-    let path = crate::events::db_path(&global.data_dir);
+    let path = crate::datadir::events_db(&global.data_dir);
     let mut store = EventStore::open_read_only(&global.data_dir)
         .with_context(|| format!("reading events from {}", path.display()))?;
     if args.keys {
@@ -413,7 +413,7 @@ fn print_keys(
             args.since
                 .map(|d| format!(" in the last {}", humantime::format_duration(d)))
                 .unwrap_or_default(),
-            crate::events::db_path(&global.data_dir).display()
+            crate::datadir::events_db(&global.data_dir).display()
         )?;
         return Ok(exit::OK);
     }

@@ -36,28 +36,9 @@ pub mod exit {
     pub const FAILED: u8 = 2;
 }
 
-/// The default data directory: `/var/lib/kt` as root, else `$XDG_DATA_HOME/kt`
-/// or `~/.local/share/kt`.
+/// The default data directory (see [`crate::datadir::default_dir`]).
 pub fn default_data_dir() -> PathBuf {
-    // SAFETY-free check: geteuid through std is not available; read /proc.
-    if is_root() {
-        return PathBuf::from("/var/lib/kt");
-    }
-    if let Some(xdg) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
-        return PathBuf::from(xdg).join("kt");
-    }
-    if let Some(home) = std::env::var_os("HOME").filter(|v| !v.is_empty()) {
-        return PathBuf::from(home).join(".local/share/kt");
-    }
-    PathBuf::from(".kt")
-}
-
-fn is_root() -> bool {
-    use std::os::unix::fs::MetadataExt;
-    // The owner of /proc/self is the effective uid of this process.
-    std::fs::metadata("/proc/self")
-        .map(|m| m.uid() == 0)
-        .unwrap_or(false)
+    crate::datadir::default_dir()
 }
 
 mod app;

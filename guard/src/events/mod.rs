@@ -26,7 +26,7 @@ pub use model::{
 };
 pub use report::{KeyUsage, ProcessUsage};
 pub use sink::{EventSink, to_event, to_stream_outcome};
-pub use store::{Changes, Cursor, DB_FILE, EventStore, Filter, db_path};
+pub use store::{Changes, Cursor, EventStore, Filter};
 pub use writer::{EventWriter, WriterConfig, WriterHandle, WriterStats};
 
 use std::path::PathBuf;

@@ -7,14 +7,6 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, TransactionBehavio
 
 use super::{Amendment, Client, Decision, Event, EventError, PresentedKey};
 
-/// The database file name inside the data directory.
-pub const DB_FILE: &str = "events.db";
-
-/// The database path for a data directory.
-pub fn db_path(data_dir: &Path) -> PathBuf {
-    data_dir.join(DB_FILE)
-}
-
 // Lists (targets tried, fallback steps, policy notes) are JSON columns; the
 // targets tried and chosen are also spread into `event_targets`, the index
 // behind `--target` (so `target_chosen` needs none of its own).
@@ -158,7 +150,7 @@ impl EventStore {
     /// at most `max_events` events, pruning the oldest first; 0 means no bound.
     pub fn open(data_dir: &Path, max_events: u64) -> Result<EventStore, EventError> {
         create_private_dir(data_dir)?;
-        let path = db_path(data_dir);
+        let path = crate::datadir::events_db(data_dir);
         create_private_file(&path)?;
         let open_err = |source| EventError::Open {
             path: path.clone(),
@@ -204,7 +196,7 @@ impl EventStore {
     /// Opens the store in `data_dir` for reading only; `Ok(None)` when there
     /// is no store yet (no events were ever recorded there).
     pub fn open_read_only(data_dir: &Path) -> Result<Option<EventStore>, EventError> {
-        let path = db_path(data_dir);
+        let path = crate::datadir::events_db(data_dir);
         if !path.exists() {
             return Ok(None);
         }
@@ -655,34 +647,19 @@ fn read_row(r: &Row<'_>) -> rusqlite::Result<Result<Event, EventError>> {
 }
 
 fn create_private_dir(dir: &Path) -> Result<(), EventError> {
-    use std::os::unix::fs::DirBuilderExt;
     // The store names processes and command lines: keep it to the owner.
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|source| EventError::Io {
-            what: "create event store directory",
-            path: dir.to_path_buf(),
-            source,
-        })
+    crate::datadir::create_private_dir(dir).map_err(|source| EventError::Io {
+        what: "create event store directory",
+        path: dir.to_path_buf(),
+        source,
+    })
 }
 
 fn create_private_file(path: &Path) -> Result<(), EventError> {
-    use std::os::unix::fs::OpenOptionsExt;
     // SQLite gives its -wal and -shm files the database file's mode.
-    match std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-    {
-        Ok(_) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-        Err(source) => Err(EventError::Io {
-            what: "create event store",
-            path: path.to_path_buf(),
-            source,
-        }),
-    }
+    crate::datadir::ensure_private_file(path).map_err(|source| EventError::Io {
+        what: "create event store",
+        path: path.to_path_buf(),
+        source,
+    })
 }

@@ -688,7 +688,7 @@ fn stream_outcomes_serialize_snake_case_and_default_to_none() {
 #[test]
 fn a_store_written_before_stream_outcomes_opens_and_is_migrated() {
     let dir = tempfile::tempdir().unwrap();
-    let path = db_path(dir.path());
+    let path = crate::datadir::events_db(dir.path());
     {
         let conn = rusqlite::Connection::open(&path).unwrap();
         conn.execute_batch(V1_SCHEMA).unwrap();

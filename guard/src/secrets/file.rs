@@ -29,8 +29,6 @@ const HEADER_LEN: usize = MAGIC.len() + KEY_ID_LEN + NONCE_LEN;
 /// A store larger than this is not ours (thousands of maximal secrets).
 const MAX_STORE_BYTES: u64 = 64 * 1024 * 1024;
 
-/// Name of the store directory inside the data dir.
-pub const SECRETS_DIR: &str = "secrets";
 /// Name of the encrypted store file.
 pub const STORE_FILE: &str = "store.bin";
 /// Name of the store's key file.
@@ -69,7 +67,7 @@ impl FileStore {
     /// The store of `data_dir`. Touches nothing until used.
     pub fn new(data_dir: &Path) -> FileStore {
         FileStore {
-            dir: data_dir.join(SECRETS_DIR),
+            dir: crate::datadir::secrets_dir(data_dir),
         }
     }
 

@@ -11,9 +11,6 @@ use sha2::Sha256;
 
 use super::{SecretsError, fsutil};
 
-/// File name of the fingerprint key inside the data dir.
-pub const FINGERPRINT_KEY_FILE: &str = "fingerprint.key";
-
 /// Bytes of the HMAC kept in a fingerprint (12 hex characters).
 const FP_BYTES: usize = 6;
 
@@ -76,7 +73,7 @@ impl Fingerprinter {
 
     /// Where [`Fingerprinter::open`] keeps the key.
     pub fn key_path(data_dir: &Path) -> PathBuf {
-        data_dir.join(FINGERPRINT_KEY_FILE)
+        crate::datadir::fingerprint_key(data_dir)
     }
 
     /// A fingerprinter with a given key (tests, or a key held elsewhere).

@@ -1,9 +1,9 @@
 //! Private-file helpers shared by the store, the keychain index and the key
 //! files: permission checks, atomic writes, exclusive creation, locking.
 
-use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{ErrorKind, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -155,10 +155,7 @@ const STICKY: u32 = 0o1000;
 
 /// Creates `dir` (and missing parents) with mode 0700.
 pub(crate) fn ensure_dir(dir: &Path) -> Result<(), SecretsError> {
-    DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
+    crate::datadir::create_private_dir(dir)
         .map_err(|e| SecretsError::io("cannot create directory", dir, e))
 }
 
@@ -249,11 +246,7 @@ fn write_temp(path: &Path, bytes: &[u8]) -> Result<PathBuf, SecretsError> {
         ".{file_name}.tmp-{}-{suffix:016x}",
         std::process::id()
     ));
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
+    let mut file = crate::datadir::create_private_file(&tmp)
         .map_err(|e| SecretsError::io("cannot create", &tmp, e))?;
     let written = file
         .write_all(bytes)
@@ -311,13 +304,7 @@ pub(crate) fn create_exclusive(path: &Path, bytes: &[u8]) -> Result<bool, Secret
 /// Takes the writers' lock of a secrets directory (released on drop).
 pub(crate) fn lock(dir: &Path) -> Result<File, SecretsError> {
     let path = dir.join(".lock");
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(&path)
+    let file = crate::datadir::open_private_file(&path)
         .map_err(|e| SecretsError::io("cannot open lock file", &path, e))?;
     file.lock()
         .map_err(|e| SecretsError::io("cannot lock", &path, e))?;

@@ -31,7 +31,6 @@ use std::time::SystemTime;
 
 use linux_keyutils::{KeyError, KeyPermissionsBuilder, KeyRing, KeyRingIdentifier, Permission};
 
-use super::file::SECRETS_DIR;
 use super::{
     EntryMeta, PutOutcome, SecretStore, SecretValue, SecretsError, Source, fsutil, validate_name,
     validate_value,
@@ -96,7 +95,7 @@ impl Keychain {
     /// The keychain as seen from `data_dir` (which holds its index).
     pub fn new(data_dir: &Path) -> Keychain {
         Keychain {
-            dir: data_dir.join(SECRETS_DIR),
+            dir: crate::datadir::secrets_dir(data_dir),
         }
     }
 
