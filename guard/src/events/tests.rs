@@ -937,23 +937,34 @@ fn a_reader_never_sees_a_half_created_store() {
     for _ in 0..200 {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().to_path_buf();
-        let reader = std::thread::spawn(move || {
-            for _ in 0..2_000 {
-                let Some(s) = EventStore::open_read_only(&path).unwrap() else {
+        let created = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reader = {
+            let created = created.clone();
+            std::thread::spawn(move || {
+                loop {
+                    // Read before looking: once creation is done, this round's
+                    // open must see the whole store.
+                    let done = created.load(std::sync::atomic::Ordering::SeqCst);
+                    if let Some(s) = EventStore::open_read_only(&path).unwrap()
+                        && s.has_schema()
+                    {
+                        s.cursor().unwrap();
+                        s.changes_since(&Filter::default(), Cursor::default())
+                            .unwrap();
+                        return true;
+                    }
+                    if done {
+                        return false;
+                    }
                     std::thread::yield_now();
-                    continue;
-                };
-                if !s.has_schema() {
-                    continue;
                 }
-                s.cursor().unwrap();
-                s.changes_since(&Filter::default(), Cursor::default())
-                    .unwrap();
-                return true;
-            }
-            false
-        });
+            })
+        };
         let _store = EventStore::open(dir.path(), 0).unwrap();
-        reader.join().unwrap();
+        created.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(
+            reader.join().unwrap(),
+            "the reader never saw the finished store"
+        );
     }
 }
