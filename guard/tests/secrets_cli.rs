@@ -1,5 +1,5 @@
-//! The seed's secrets workflow through the public API only, as the CLI glue
-//! and the gateway will use it:
+//! The seed's secrets workflow through the public API only, as the CLI and
+//! the gateway use it:
 //!
 //! ```text
 //! kt secrets add OPENAI_API_KEY_2026Q2 --store
@@ -13,11 +13,11 @@
 use std::path::PathBuf;
 use std::time::SystemTime;
 
-use guard::cli::secrets::{TargetState, status_report};
 use guard::config::{
     Capture, Config, GatewaySettings, Pack, Provider, Providers, RoutingStrategy, SecretKeyRef,
     Target,
 };
+use guard::secrets::status::{StatusReport, TargetState};
 use guard::secrets::{
     FileStore, Fingerprinter, Keychain, Resolve, Resolver, SecretStore, SecretValue, Source,
 };
@@ -85,10 +85,10 @@ fn seed_workflow_store_then_keychain_then_status() {
     let fp = Fingerprinter::open(data).unwrap();
 
     // Before anything is added: the required target fails closed.
-    let report = status_report(&config, &resolver, &fp);
+    let report = StatusReport::build(&config, &resolver, Some(&fp));
     assert!(!report.ok());
     assert_eq!(report.targets[0].state, TargetState::Missing);
-    let reason = report.targets[0].reason.as_deref().unwrap();
+    let reason = report.targets[0].problem.as_ref().unwrap().to_string();
     assert!(
         reason.contains("kt secrets add OPENAI_API_KEY_2026Q2 --store"),
         "{reason}"
@@ -103,7 +103,7 @@ fn seed_workflow_store_then_keychain_then_status() {
         .put(&q1, &SecretValue::new("sk-seed-q1-value"))
         .unwrap();
 
-    let report = status_report(&config, &resolver, &fp);
+    let report = StatusReport::build(&config, &resolver, Some(&fp));
     assert!(report.ok());
     assert_eq!(report.targets[0].source, Some("store"));
     assert_eq!(report.targets[1].source, Some("keychain"));

@@ -23,13 +23,14 @@ pub fn run(args: &CheckArgs, global: &Global) -> anyhow::Result<u8> {
         Err(code) => return Ok(code),
     };
     let resolver = super::resolver(global)?;
-    let fp = super::fingerprinter(global)?;
+    // Read-only: a check never creates the host's fingerprint key.
+    let fp = crate::secrets::Fingerprinter::open_existing(&global.data_dir)?;
     let mut report = preflight::check(
         &config,
         resolver.as_ref(),
         &preflight::Options {
             verbose: args.verbose,
-            fingerprint: &*fp,
+            fingerprinter: fp.as_ref(),
         },
     );
     if args.verbose

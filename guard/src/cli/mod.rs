@@ -86,20 +86,6 @@ pub fn resolver(global: &Global) -> anyhow::Result<Arc<dyn crate::secrets::Resol
     )))
 }
 
-/// A fingerprint function for display.
-pub type DisplayFingerprint = Box<dyn Fn(&str) -> String>;
-
-/// Fingerprints values for display. Read-only commands must not create the
-/// host key, so without one they show no fingerprint.
-pub fn fingerprinter(global: &Global) -> anyhow::Result<DisplayFingerprint> {
-    let path = crate::secrets::Fingerprinter::key_path(&global.data_dir);
-    if !path.exists() {
-        return Ok(Box::new(|_| "fp:(no host key yet)".to_string()));
-    }
-    let fp = crate::secrets::Fingerprinter::open(&global.data_dir)?;
-    Ok(Box::new(move |v| fp.fingerprint(v).to_string()))
-}
-
 pub mod ca;
 pub mod gateway_run;
 pub mod hosts;

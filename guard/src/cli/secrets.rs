@@ -10,10 +10,10 @@ use std::time::SystemTime;
 use anyhow::Context;
 
 use crate::cli::{Global, OutputFormat, exit};
-use crate::config::Config;
+use crate::secrets::status::{StatusReport, TargetState};
 use crate::secrets::{
-    FileStore, Fingerprint, Fingerprinter, Keychain, MAX_VALUE_LEN, PutOutcome, Resolve, Resolver,
-    SecretStore, SecretValue, SecretsError, Source, validate_name, validate_value,
+    FileStore, Fingerprinter, Keychain, MAX_VALUE_LEN, PutOutcome, Resolver, SecretStore,
+    SecretValue, SecretsError, Source, validate_name, validate_value,
 };
 
 /// `kt secrets ...`.
@@ -147,8 +147,10 @@ fn run_with(cmd: SecretsCmd, global: &Global, con: &mut dyn Console) -> anyhow::
                 Err(code) => return Ok(code),
             };
             let resolver = Resolver::from_data_dir(&global.data_dir);
-            let fp = fingerprinter(global)?;
-            let report = status_report(&config, &resolver, &fp);
+            // Read-only: without a host key yet, show no fingerprints.
+            let fp = Fingerprinter::open_existing(&global.data_dir)
+                .context("cannot read the fingerprint key")?;
+            let report = StatusReport::build(&config, &resolver, fp.as_ref());
             let (out, err) = con.streams();
             Ok(write_status(&report, global.output, out, err))
         }
@@ -441,104 +443,6 @@ fn rm(name: &str, global: &Global, con: &mut dyn Console) -> anyhow::Result<u8> 
     Ok(exit::PROBLEM)
 }
 
-/// How one target's secret resolved.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum TargetState {
-    /// A value was found.
-    Resolved,
-    /// Nothing under that name.
-    Missing,
-    /// A backend failed (damaged store, keyring refused).
-    Error,
-}
-
-/// One row of `kt secrets status`.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct TargetStatus {
-    /// The target's `id`.
-    pub id: String,
-    /// The reference as written, e.g. `store:OPENAI_API_KEY_2026Q2`.
-    pub reference: String,
-    /// The target's `required` flag.
-    pub required: bool,
-    /// Resolved, missing or error.
-    pub state: TargetState,
-    /// Where it resolved (`env`, `store`, `keychain`).
-    pub source: Option<&'static str>,
-    /// Fingerprint of the resolved value.
-    pub fingerprint: Option<Fingerprint>,
-    /// Why it did not resolve, and how to fix it.
-    pub reason: Option<String>,
-}
-
-/// The result of `kt secrets status` for one config.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct StatusReport {
-    /// The config file.
-    pub config: PathBuf,
-    /// One row per target, in config order.
-    pub targets: Vec<TargetStatus>,
-}
-
-impl StatusReport {
-    /// True when every `required` target resolved.
-    pub fn ok(&self) -> bool {
-        self.targets
-            .iter()
-            .all(|t| !t.required || t.state == TargetState::Resolved)
-    }
-}
-
-/// Resolves every target of `config`. Pure apart from what the resolver does.
-pub fn status_report(config: &Config, resolver: &dyn Resolve, fp: &Fingerprinter) -> StatusReport {
-    let targets = config
-        .providers
-        .targets
-        .iter()
-        .map(|target| {
-            let reference = &target.secret_key_ref;
-            let mut row = TargetStatus {
-                id: target.id.clone(),
-                reference: reference.to_string(),
-                required: target.required,
-                state: TargetState::Missing,
-                source: None,
-                fingerprint: None,
-                reason: None,
-            };
-            match resolver.resolve(reference) {
-                Ok(Some(resolved)) => {
-                    row.state = TargetState::Resolved;
-                    row.source = Some(resolved.source.name());
-                    row.fingerprint = Some(fp.fingerprint(resolved.value.expose()));
-                }
-                Ok(None) => row.reason = Some(resolver.explain_missing(reference)),
-                Err(reason) => {
-                    row.state = TargetState::Error;
-                    row.reason = Some(reason);
-                }
-            }
-            row
-        })
-        .collect();
-    StatusReport {
-        config: config.source.clone(),
-        targets,
-    }
-}
-
-/// Prints a status report (table or JSON on stdout, problems on stderr) and
-/// returns the exit code: 1 when a required target does not resolve.
-pub fn print_status(report: &StatusReport, global: &Global) -> u8 {
-    write_status(
-        report,
-        global.output,
-        &mut io::stdout().lock(),
-        &mut io::stderr().lock(),
-    )
-}
-
 fn write_status(
     report: &StatusReport,
     format: OutputFormat,
@@ -579,8 +483,11 @@ fn write_status_inner(
                             TargetState::Missing => "missing".to_string(),
                             TargetState::Error => "error".to_string(),
                         },
-                        t.fingerprint
-                            .map_or_else(|| "-".to_string(), |f| f.to_string()),
+                        match (t.state, t.fingerprint) {
+                            (_, Some(f)) => f.to_string(),
+                            (TargetState::Resolved, None) => "(no host key yet)".to_string(),
+                            _ => "-".to_string(),
+                        },
                     ]
                 })
                 .collect();
@@ -591,21 +498,9 @@ fn write_status_inner(
             )?;
         }
     }
-    for t in &report.targets {
-        let Some(reason) = &t.reason else { continue };
-        if t.required {
-            writeln!(
-                err,
-                "error: required target {} ({}) does not resolve: {reason}",
-                t.id, t.reference
-            )?;
-        } else {
-            writeln!(
-                err,
-                "warning: optional target {} ({}) will be skipped: {reason}",
-                t.id, t.reference
-            )?;
-        }
+    for p in report.problems() {
+        let level = if p.required { "error" } else { "warning" };
+        writeln!(err, "{level}: {p}")?;
     }
     Ok(())
 }
@@ -639,9 +534,11 @@ fn write_table(out: &mut dyn Write, header: &[&str], rows: &[Vec<String>]) -> io
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Config;
     use crate::config::{
         Capture, GatewaySettings, Pack, Provider, Providers, RoutingStrategy, SecretKeyRef, Target,
     };
+    use crate::secrets::Resolve;
     use crate::secrets::keychain_test::{TestName, require_keyring};
     use clap::Parser;
     use std::path::Path;
@@ -1000,7 +897,7 @@ mod tests {
     }
 
     #[test]
-    fn status_rows_and_exit_codes() {
+    fn status_renders_the_report_and_exits_1_when_a_required_target_is_missing() {
         let dir = tempfile::tempdir().unwrap();
         let store = FileStore::new(dir.path());
         store.put("Q2", &SecretValue::new("sk-q2")).unwrap();
@@ -1010,20 +907,8 @@ mod tests {
         let cfg = config(vec![
             target("primary", SecretKeyRef::Store("Q2".into()), true),
             target("backup", SecretKeyRef::Store("Q1".into()), false),
-            target(
-                "envkey",
-                SecretKeyRef::Env("KT_TEST_UNSET_ENV_KEY".into()),
-                false,
-            ),
         ]);
-        let report = status_report(&cfg, &resolver, &fp);
-        assert!(report.ok(), "only optional targets are missing");
-        assert_eq!(report.targets[0].state, TargetState::Resolved);
-        assert_eq!(report.targets[0].source, Some("store"));
-        assert_eq!(report.targets[0].fingerprint, Some(fp.fingerprint("sk-q2")));
-        assert_eq!(report.targets[1].reference, "store:Q1");
-        assert_eq!(report.targets[1].state, TargetState::Missing);
-
+        let report = StatusReport::build(&cfg, &resolver, Some(&fp));
         let (mut out, mut err) = (Vec::new(), Vec::new());
         assert_eq!(
             write_status(&report, OutputFormat::Human, &mut out, &mut err),
@@ -1034,19 +919,17 @@ mod tests {
         assert!(out.lines().next().unwrap().starts_with("TARGET"), "{out}");
         assert!(out.contains("primary  store:Q2"), "{out}");
         assert!(out.contains(&fp.fingerprint("sk-q2").to_string()), "{out}");
-        assert!(err.contains("warning: optional target backup"), "{err}");
-        assert!(err.contains("kt secrets add Q1 --store"), "{err}");
-        assert!(
-            err.contains("environment variable KT_TEST_UNSET_ENV_KEY"),
-            "{err}"
+        assert_eq!(
+            err,
+            "warning: target backup: secret store:Q1 is not set; add it with \
+             `kt secrets add Q1 --store` (optional target skipped)\n"
         );
 
         let cfg = config(vec![
             target("primary", SecretKeyRef::Store("Q2".into()), true),
             target("must", SecretKeyRef::Store("Q1".into()), true),
         ]);
-        let report = status_report(&cfg, &resolver, &fp);
-        assert!(!report.ok());
+        let report = StatusReport::build(&cfg, &resolver, Some(&fp));
         let (mut out, mut err) = (Vec::new(), Vec::new());
         assert_eq!(
             write_status(&report, OutputFormat::Json, &mut out, &mut err),
@@ -1054,40 +937,31 @@ mod tests {
         );
         let doc: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(doc["ok"], false);
-        assert_eq!(doc["targets"][0]["state"], "resolved");
-        assert_eq!(
-            doc["targets"][0]["fingerprint"],
-            fp.fingerprint("sk-q2").to_string()
-        );
         assert_eq!(doc["targets"][1]["id"], "must");
         assert_eq!(doc["targets"][1]["state"], "missing");
-        assert_eq!(doc["targets"][1]["required"], true);
-        assert!(doc["targets"][1]["reason"].as_str().unwrap().contains("Q1"));
         let err = String::from_utf8(err).unwrap();
         assert!(
-            err.contains("error: required target must (store:Q1) does not resolve"),
+            err.starts_with("error: target must: secret store:Q1 is not set"),
             "{err}"
         );
     }
 
     #[test]
-    fn a_damaged_store_shows_as_an_error_row() {
+    fn status_is_read_only_and_creates_no_fingerprint_key() {
         let dir = tempfile::tempdir().unwrap();
-        let store = FileStore::new(dir.path());
-        store.put("Q2", &SecretValue::new("sk-q2")).unwrap();
-        std::fs::write(store.store_path(), b"KTSTORE1 not really").unwrap();
-        let resolver = Resolver::from_data_dir(dir.path());
-        let cfg = config(vec![target("p", SecretKeyRef::Store("Q2".into()), true)]);
-        let report = status_report(&cfg, &resolver, &Fingerprinter::from_key([0; 32]));
-        assert_eq!(report.targets[0].state, TargetState::Error);
-        assert!(
-            report.targets[0]
-                .reason
-                .as_deref()
-                .unwrap()
-                .contains("integrity")
-        );
-        assert!(!report.ok());
+        let data = dir.path().join("data");
+        let cfg = dir.path().join("policy.yaml");
+        std::fs::write(
+            &cfg,
+            "providers:\n  targets:\n    - id: a\n      provider: openai\n      secret_key_ref: {env: PATH}\n    - id: b\n      provider: openai\n      secret_key_ref: {store: KT_TEST_NOT_THERE}\n",
+        )
+        .unwrap();
+        let g = global(&data, OutputFormat::Human);
+        let mut con = Fake::default();
+        let code = run_with(SecretsCmd::Status { config: cfg }, &g, &mut con).unwrap();
+        assert_eq!(code, 1, "{}", con.err());
+        assert!(con.out().contains("(no host key yet)"), "{}", con.out());
+        assert!(!data.exists(), "status created {}", data.display());
     }
 
     /// Adds a known value and searches every output, error, Debug dump and
@@ -1146,7 +1020,7 @@ mod tests {
                 target("a", SecretKeyRef::Store("LEAKY".into()), true),
                 target("b", SecretKeyRef::Store(kc_name.0.clone()), true),
             ]);
-            let report = status_report(&cfg, &resolver, &fp);
+            let report = StatusReport::build(&cfg, &resolver, Some(&fp));
             assert!(report.ok());
             let (mut out, mut err) = (Vec::new(), Vec::new());
             write_status(&report, output, &mut out, &mut err);

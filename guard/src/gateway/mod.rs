@@ -50,7 +50,7 @@ use crate::config::Config;
 use crate::policy::{AllowAll, Policy};
 use crate::record::{KeyFingerprint, NoopSink, RecordSink, default_fingerprint};
 use crate::routing::{Router, RoutingError};
-use crate::secrets::{Resolve, SecretValue};
+use crate::secrets::{Resolve, SecretValue, resolve_target};
 
 /// Largest request head (request line + headers) accepted; larger gets 431.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
@@ -184,32 +184,15 @@ impl GatewayBuilder {
         let mut missing = Vec::new();
         let mut warnings = Vec::new();
         for route in router.routes() {
-            let t = &route.target;
-            let r = &t.secret_key_ref;
-            let why = match self.resolver.resolve(r) {
-                Ok(Some(resolved)) => {
-                    keys.insert(t.id.clone(), resolved.value);
-                    continue;
+            match resolve_target(&route.target, self.resolver.as_ref()) {
+                Ok(resolved) => {
+                    keys.insert(route.target.id.clone(), resolved.value);
                 }
-                Ok(None) => "is not set".to_string(),
-                Err(e) => format!("cannot be read ({e})"),
-            };
-            let how = match r {
-                crate::config::SecretKeyRef::Store(n) => {
-                    format!("add it with `kt secrets add {n} --store`")
+                Err(problem) if problem.required => missing.push(problem.to_string()),
+                Err(problem) => {
+                    tracing::warn!("{problem}");
+                    warnings.push(problem.to_string());
                 }
-                crate::config::SecretKeyRef::Env(n) => {
-                    format!(
-                        "set {n} in the guard's environment or add it with `kt secrets add {n} --store`"
-                    )
-                }
-            };
-            let line = format!("target {}: secret {} {why}; {how}", t.id, r);
-            if t.required {
-                missing.push(line);
-            } else {
-                tracing::warn!("{line} (optional target skipped)");
-                warnings.push(format!("{line} (optional target skipped)"));
             }
         }
         if !missing.is_empty() {

@@ -7,8 +7,9 @@ use std::net::TcpListener;
 
 use serde::Serialize;
 
-use crate::config::{Config, SecretKeyRef};
-use crate::secrets::Resolve;
+use crate::config::Config;
+use crate::secrets::status::{StatusReport, TargetState};
+use crate::secrets::{Fingerprinter, Resolve};
 
 /// The result of a preflight check.
 #[derive(Clone, Debug, Serialize)]
@@ -84,49 +85,46 @@ pub struct ListenerCheck {
 pub struct Options<'a> {
     /// Also probe the kernel and listen ports.
     pub verbose: bool,
-    /// Fingerprints resolved values (never shows the value).
-    pub fingerprint: &'a dyn Fn(&str) -> String,
+    /// Fingerprints resolved values (never shows the value); `None` when
+    /// the host has no fingerprint key yet (a check creates nothing).
+    pub fingerprinter: Option<&'a Fingerprinter>,
 }
+
+/// Shown instead of a fingerprint before the host key exists.
+const NO_HOST_KEY: &str = "fp:(no host key yet)";
 
 /// Runs the check.
 pub fn check(config: &Config, resolver: &dyn Resolve, opts: &Options<'_>) -> Report {
     let mut problems = Vec::new();
     let mut warnings = Vec::new();
-    let mut targets = Vec::new();
-    for t in &config.providers.targets {
-        let reference = t.secret_key_ref.to_string();
-        let mut check = TargetCheck {
-            id: t.id.clone(),
-            provider: t.provider.name().to_string(),
-            reference: reference.clone(),
-            required: t.required,
-            source: None,
-            fingerprint: None,
-            usable: false,
-            problem: None,
-        };
-        match resolver.resolve(&t.secret_key_ref) {
-            Ok(Some(r)) => {
-                check.source = Some(r.source.name().to_string());
-                check.fingerprint = Some((opts.fingerprint)(r.value.expose()));
-                check.usable = true;
+    let status = StatusReport::build(config, resolver, opts.fingerprinter);
+    let targets: Vec<TargetCheck> = status
+        .targets
+        .into_iter()
+        .map(|t| {
+            let usable = t.state == TargetState::Resolved;
+            if let Some(p) = &t.problem {
+                if t.required {
+                    problems.push(p.to_string());
+                } else {
+                    warnings.push(p.to_string());
+                }
             }
-            Ok(None) => check.problem = Some(missing_hint(&t.secret_key_ref)),
-            Err(e) => check.problem = Some(format!("cannot read {reference}: {e}")),
-        }
-        if !check.usable {
-            let why = check.problem.clone().unwrap_or_default();
-            if t.required {
-                problems.push(format!(
-                    "target {} is required but its secret does not resolve: {why}",
-                    t.id
-                ));
-            } else {
-                warnings.push(format!("optional target {} will be skipped: {why}", t.id));
+            TargetCheck {
+                id: t.id,
+                provider: t.provider,
+                reference: t.reference,
+                required: t.required,
+                source: t.source.map(str::to_string),
+                fingerprint: usable.then(|| {
+                    t.fingerprint
+                        .map_or_else(|| NO_HOST_KEY.to_string(), |f| f.to_string())
+                }),
+                usable,
+                problem: t.problem.map(|p| p.to_string()),
             }
-        }
-        targets.push(check);
-    }
+        })
+        .collect();
     if !targets.iter().any(|t| t.usable) && problems.is_empty() {
         problems.push("no target has a resolvable secret: nothing could be forwarded".into());
     }
@@ -185,20 +183,6 @@ pub fn check(config: &Config, resolver: &dyn Resolve, opts: &Options<'_>) -> Rep
         kernel,
         capture_programs,
         listeners,
-    }
-}
-
-/// What to do about a reference that does not resolve.
-pub fn missing_hint(r: &SecretKeyRef) -> String {
-    match r {
-        SecretKeyRef::Env(n) => {
-            format!(
-                "environment variable {n} is not set in the guard's environment (export it before starting kt)"
-            )
-        }
-        SecretKeyRef::Store(n) => format!(
-            "{n} is not in the secret store or the keychain (add it: `kt secrets add {n} --store`)"
-        ),
     }
 }
 

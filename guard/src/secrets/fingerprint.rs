@@ -71,6 +71,13 @@ impl Fingerprinter {
         Ok(Fingerprinter { key })
     }
 
+    /// Loads the key if this host has one, creating nothing: for read-only
+    /// commands, which show no fingerprints before the first secret is added.
+    pub fn open_existing(data_dir: &Path) -> Result<Option<Fingerprinter>, SecretsError> {
+        let key = fsutil::load_key(&Self::key_path(data_dir), "fingerprint key file", false)?;
+        Ok(key.map(|key| Fingerprinter { key }))
+    }
+
     /// Where [`Fingerprinter::open`] keeps the key.
     pub fn key_path(data_dir: &Path) -> PathBuf {
         crate::datadir::fingerprint_key(data_dir)
@@ -121,6 +128,20 @@ mod tests {
         // Hex of the value itself ("abcdef" is also valid hex) must not show.
         assert!(!s.contains("abcdef"));
         assert!(!format!("{:?}", Fingerprinter::from_key([7; 32])).contains("07"));
+    }
+
+    #[test]
+    fn open_existing_creates_nothing_and_then_reads_the_same_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("fresh");
+        assert!(Fingerprinter::open_existing(&data).unwrap().is_none());
+        assert!(
+            !data.exists(),
+            "a read-only open must not create the data dir"
+        );
+        let created = Fingerprinter::open(&data).unwrap();
+        let read = Fingerprinter::open_existing(&data).unwrap().unwrap();
+        assert_eq!(created.fingerprint("sk-x"), read.fingerprint("sk-x"));
     }
 
     #[test]

@@ -28,6 +28,7 @@ mod fsutil;
 mod keychain;
 mod memory;
 mod resolver;
+pub mod status;
 mod value;
 
 pub use file::FileStore;
@@ -37,6 +38,7 @@ pub(crate) use fsutil::{check_dirs, check_file};
 pub use keychain::Keychain;
 pub use memory::MemoryStore;
 pub use resolver::Resolver;
+pub use status::{StatusReport, TargetProblem, resolve_target};
 pub use value::SecretValue;
 
 /// Keyring helpers shared with other modules' tests.
@@ -84,20 +86,6 @@ pub struct Resolved {
 pub trait Resolve: Send + Sync {
     /// Looks a reference up; `Ok(None)` when it is simply not there.
     fn resolve(&self, reference: &SecretKeyRef) -> Result<Option<Resolved>, String>;
-
-    /// Why `reference` did not resolve, for messages: where it looked and how
-    /// to add it. Never contains a value.
-    fn explain_missing(&self, reference: &SecretKeyRef) -> String {
-        match reference {
-            SecretKeyRef::Env(name) => {
-                format!("environment variable {name} is not set in the guard's environment")
-            }
-            SecretKeyRef::Store(name) => format!(
-                "{name} is in neither the secret store nor the keychain; \
-                 add it with `kt secrets add {name} --store`"
-            ),
-        }
-    }
 }
 
 /// Metadata of one stored secret (never its value).

@@ -1,0 +1,317 @@
+//! How each target's `secret_key_ref` resolves, and the one message for a
+//! target whose secret does not: used by the gateway builder (a required
+//! target stops startup), `kt gateway check` and `kt secrets status`, so all
+//! three say the same thing and give the same fix.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+use super::{Fingerprint, Fingerprinter, Resolve, Resolved};
+use crate::config::{Config, SecretKeyRef, Target};
+
+/// Why a target's secret is not usable.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Unresolved {
+    /// Nothing under that name.
+    NotSet,
+    /// A backend failed (damaged store, keyring refused, not UTF-8).
+    Unreadable(String),
+}
+
+/// A target whose managed key does not resolve. Its `Display` is the one
+/// message: `target ID: secret REF is not set; add it with ...`, followed by
+/// `(optional target skipped)` for optional targets. Never holds a value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TargetProblem {
+    /// The target's `id`.
+    pub target: String,
+    /// Its `secret_key_ref`.
+    pub reference: SecretKeyRef,
+    /// The target's `required` flag.
+    pub required: bool,
+    /// What went wrong.
+    pub cause: Unresolved,
+}
+
+impl fmt::Display for TargetProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "target {}: secret {} ", self.target, self.reference)?;
+        match &self.cause {
+            Unresolved::NotSet => f.write_str("is not set")?,
+            Unresolved::Unreadable(e) => write!(f, "cannot be read ({e})")?,
+        }
+        match &self.reference {
+            SecretKeyRef::Store(n) => write!(f, "; add it with `kt secrets add {n} --store`")?,
+            SecretKeyRef::Env(n) => write!(
+                f,
+                "; set {n} in the guard's environment or add it with \
+                 `kt secrets add {n} --store` (and reference it as `store: {n}`)"
+            )?,
+        }
+        if !self.required {
+            f.write_str(" (optional target skipped)")?;
+        }
+        Ok(())
+    }
+}
+
+impl Serialize for TargetProblem {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// Resolves one target's managed key.
+pub fn resolve_target(target: &Target, resolver: &dyn Resolve) -> Result<Resolved, TargetProblem> {
+    let cause = match resolver.resolve(&target.secret_key_ref) {
+        Ok(Some(resolved)) => return Ok(resolved),
+        Ok(None) => Unresolved::NotSet,
+        Err(e) => Unresolved::Unreadable(e),
+    };
+    Err(TargetProblem {
+        target: target.id.clone(),
+        reference: target.secret_key_ref.clone(),
+        required: target.required,
+        cause,
+    })
+}
+
+/// How one target's secret resolved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TargetState {
+    /// A value was found.
+    Resolved,
+    /// Nothing under that name.
+    Missing,
+    /// A backend failed (damaged store, keyring refused).
+    Error,
+}
+
+/// One target of a [`StatusReport`]. Carries a fingerprint, never the value.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct TargetStatus {
+    /// The target's `id`.
+    pub id: String,
+    /// The provider's name.
+    #[serde(skip)]
+    pub provider: String,
+    /// The reference as written, e.g. `store:OPENAI_API_KEY_2026Q2`.
+    pub reference: String,
+    /// The target's `required` flag.
+    pub required: bool,
+    /// Resolved, missing or error.
+    pub state: TargetState,
+    /// Where it resolved (`env`, `store`, `keychain`).
+    pub source: Option<&'static str>,
+    /// Fingerprint of the resolved value (`None` without a host key).
+    pub fingerprint: Option<Fingerprint>,
+    /// Why it did not resolve, and how to fix it.
+    #[serde(rename = "reason")]
+    pub problem: Option<TargetProblem>,
+}
+
+/// How every target of a config resolves.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct StatusReport {
+    /// The config file.
+    pub config: PathBuf,
+    /// One row per target, in config order.
+    pub targets: Vec<TargetStatus>,
+}
+
+impl StatusReport {
+    /// Resolves every target of `config`. `fingerprinter` is `None` when the
+    /// host has no fingerprint key yet (read-only callers never create it):
+    /// then no fingerprints are shown.
+    pub fn build(
+        config: &Config,
+        resolver: &dyn Resolve,
+        fingerprinter: Option<&Fingerprinter>,
+    ) -> StatusReport {
+        let targets = config
+            .providers
+            .targets
+            .iter()
+            .map(|target| {
+                let mut row = TargetStatus {
+                    id: target.id.clone(),
+                    provider: target.provider.name().to_string(),
+                    reference: target.secret_key_ref.to_string(),
+                    required: target.required,
+                    state: TargetState::Resolved,
+                    source: None,
+                    fingerprint: None,
+                    problem: None,
+                };
+                match resolve_target(target, resolver) {
+                    Ok(resolved) => {
+                        row.source = Some(resolved.source.name());
+                        row.fingerprint =
+                            fingerprinter.map(|fp| fp.fingerprint(resolved.value.expose()));
+                    }
+                    Err(problem) => {
+                        row.state = match problem.cause {
+                            Unresolved::NotSet => TargetState::Missing,
+                            Unresolved::Unreadable(_) => TargetState::Error,
+                        };
+                        row.problem = Some(problem);
+                    }
+                }
+                row
+            })
+            .collect();
+        StatusReport {
+            config: config.source.clone(),
+            targets,
+        }
+    }
+
+    /// True when every `required` target resolved.
+    pub fn ok(&self) -> bool {
+        self.targets
+            .iter()
+            .all(|t| !t.required || t.state == TargetState::Resolved)
+    }
+
+    /// The problems of targets that do not resolve, in config order.
+    pub fn problems(&self) -> impl Iterator<Item = &TargetProblem> {
+        self.targets.iter().filter_map(|t| t.problem.as_ref())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Capture, GatewaySettings, Pack, Provider, Providers, RoutingStrategy};
+    use crate::secrets::{FileStore, Resolver, SecretStore, SecretValue, Source};
+
+    fn target(id: &str, reference: SecretKeyRef, required: bool) -> Target {
+        Target {
+            id: id.to_string(),
+            provider: Provider::OpenAi,
+            model: None,
+            required,
+            secret_key_ref: reference,
+            base_url: None,
+        }
+    }
+
+    pub(crate) fn config(targets: Vec<Target>) -> Config {
+        Config {
+            source: PathBuf::from("policy-config.yaml"),
+            pack: Pack {
+                name: "test".into(),
+                version: "1".into(),
+                enabled: true,
+            },
+            providers: Providers {
+                strategy: RoutingStrategy::Ordered,
+                fallback: true,
+                targets,
+            },
+            chain: Vec::new(),
+            dlp: None,
+            audit: None,
+            gateway: GatewaySettings::default(),
+            capture: Capture::default(),
+        }
+    }
+
+    #[test]
+    fn rows_say_where_each_secret_resolved_and_how_to_fix_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::new(dir.path());
+        store.put("Q2", &SecretValue::new("sk-q2")).unwrap();
+        let resolver = Resolver::with_stores(vec![std::sync::Arc::new(store)]);
+        let fp = Fingerprinter::from_key([3; 32]);
+        let cfg = config(vec![
+            target("primary", SecretKeyRef::Store("Q2".into()), true),
+            target("backup", SecretKeyRef::Store("Q1".into()), false),
+            target(
+                "envkey",
+                SecretKeyRef::Env("KT_TEST_UNSET_ENV_KEY".into()),
+                false,
+            ),
+        ]);
+        let report = StatusReport::build(&cfg, &resolver, Some(&fp));
+        assert!(report.ok(), "only optional targets are missing");
+        let t = &report.targets;
+        assert_eq!(t[0].state, TargetState::Resolved);
+        assert_eq!(t[0].source, Some("store"));
+        assert_eq!(t[0].fingerprint, Some(fp.fingerprint("sk-q2")));
+        assert_eq!(t[0].provider, "openai");
+        assert_eq!(t[1].reference, "store:Q1");
+        assert_eq!(t[1].state, TargetState::Missing);
+        assert_eq!(
+            t[1].problem.as_ref().unwrap().to_string(),
+            "target backup: secret store:Q1 is not set; add it with \
+             `kt secrets add Q1 --store` (optional target skipped)"
+        );
+        let env = t[2].problem.as_ref().unwrap().to_string();
+        assert!(
+            env.starts_with("target envkey: secret env:KT_TEST_UNSET_ENV_KEY is not set; set KT_TEST_UNSET_ENV_KEY in the guard's environment"),
+            "{env}"
+        );
+        assert_eq!(report.problems().count(), 2);
+
+        // Without a host key: resolved, but no fingerprint.
+        let report = StatusReport::build(&cfg, &resolver, None);
+        assert_eq!(report.targets[0].state, TargetState::Resolved);
+        assert_eq!(report.targets[0].fingerprint, None);
+
+        let cfg = config(vec![
+            target("primary", SecretKeyRef::Store("Q2".into()), true),
+            target("must", SecretKeyRef::Store("Q1".into()), true),
+        ]);
+        let report = StatusReport::build(&cfg, &resolver, Some(&fp));
+        assert!(!report.ok());
+        let doc = serde_json::to_value(&report).unwrap();
+        assert_eq!(doc["targets"][0]["state"], "resolved");
+        assert_eq!(
+            doc["targets"][0]["fingerprint"],
+            fp.fingerprint("sk-q2").to_string()
+        );
+        assert_eq!(doc["targets"][1]["state"], "missing");
+        assert_eq!(doc["targets"][1]["required"], true);
+        assert_eq!(
+            doc["targets"][1]["reason"],
+            "target must: secret store:Q1 is not set; add it with `kt secrets add Q1 --store`"
+        );
+    }
+
+    #[test]
+    fn a_damaged_store_is_an_error_row_not_a_missing_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::new(dir.path());
+        store.put("Q2", &SecretValue::new("sk-q2")).unwrap();
+        std::fs::write(store.store_path(), b"KTSTORE1 not really").unwrap();
+        let resolver = Resolver::from_data_dir(dir.path());
+        let cfg = config(vec![target("p", SecretKeyRef::Store("Q2".into()), true)]);
+        let report = StatusReport::build(&cfg, &resolver, Some(&Fingerprinter::from_key([0; 32])));
+        assert_eq!(report.targets[0].state, TargetState::Error);
+        let why = report.targets[0].problem.as_ref().unwrap().to_string();
+        assert!(
+            why.starts_with("target p: secret store:Q2 cannot be read ("),
+            "{why}"
+        );
+        assert!(why.contains("integrity"), "{why}");
+        assert!(!report.ok());
+    }
+
+    #[test]
+    fn a_resolved_target_hands_over_its_value() {
+        let resolver = Resolver::with_stores(vec![std::sync::Arc::new(
+            crate::secrets::MemoryStore::with_entries(Source::Store, [("K", "sk-k")]).unwrap(),
+        )]);
+        let t = target("a", SecretKeyRef::Store("K".into()), true);
+        let got = resolve_target(&t, &resolver).unwrap();
+        assert_eq!(got.value.expose(), "sk-k");
+        let t = target("b", SecretKeyRef::Store("NOPE".into()), true);
+        let problem = resolve_target(&t, &resolver).unwrap_err();
+        assert_eq!(problem.cause, Unresolved::NotSet);
+        assert!(!format!("{problem:?}{problem}").contains("sk-k"));
+    }
+}
