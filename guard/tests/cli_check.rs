@@ -136,3 +136,36 @@ fn a_missing_config_file_is_a_command_failure_exit_2() {
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert!(text(&out).contains("/nonexistent/kt.yaml"));
 }
+
+/// `kt ... | head` closes stdout before kt is done writing: every command
+/// ends with exit 0 and no error, never a panic.
+#[test]
+fn a_closed_stdout_is_success_for_every_command() {
+    let data = temp_dir("closed-stdout");
+    let seed = repo("config/provider-key-rotation.yaml");
+    let commands: [&[&str]; 5] = [
+        &["ca", "path"],
+        &["ca", "export"],
+        &["secrets", "list"],
+        &["--output", "json", "secrets", "list"],
+        &["gateway", "check", "--config", seed.to_str().unwrap()],
+    ];
+    for args in commands {
+        let mut child = Command::new(KT)
+            .args(args)
+            .env("KT_DATA_DIR", &data)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("running kt");
+        // The reader is gone before kt writes a byte.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {err}");
+        assert!(
+            !err.contains("error") && !err.contains("panicked"),
+            "{args:?}: {err}"
+        );
+    }
+}

@@ -1,5 +1,5 @@
 //! `kt events` end to end: events written with the library into a temp data
-//! dir, then listed through `guard::cli::events::run_with`.
+//! dir, then listed through `guard::cli::commands::events::run_with`.
 
 use std::io::Write;
 use std::path::Path;
@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use guard::cli::events::{EventsArgs, run_with};
-use guard::cli::{Global, OutputFormat};
+use guard::cli::commands::events::{EventsArgs, run_with};
+use guard::cli::{ExitStatus, Global, OutputFormat};
 use guard::events::{
     Client, Decision, Event, EventStore, EventWriter, PolicyNote, PresentedKey, WriterConfig,
 };
@@ -35,7 +35,7 @@ fn global(dir: &Path, output: OutputFormat) -> Global {
 }
 
 /// Runs the command; returns (exit code, stdout, stderr).
-fn kt_events(dir: &Path, output: OutputFormat, argv: &[&str]) -> (u8, String, String) {
+fn kt_events(dir: &Path, output: OutputFormat, argv: &[&str]) -> (ExitStatus, String, String) {
     let (mut out, mut err) = (Vec::new(), Vec::new());
     let code = run_with(
         &args(argv),
@@ -125,7 +125,7 @@ fn json_output_is_one_event_per_line_newest_last() {
     let dir = tempfile::tempdir().unwrap();
     sample(dir.path());
     let (code, out, err) = kt_events(dir.path(), OutputFormat::Json, &[]);
-    assert_eq!(code, 0, "{err}");
+    assert_eq!(code, ExitStatus::Success, "{err}");
     let events: Vec<Event> = out
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
@@ -149,7 +149,7 @@ fn filters_and_limit_through_the_cli() {
     sample(dir.path());
     let ids = |argv: &[&str]| {
         let (code, out, _) = kt_events(dir.path(), OutputFormat::Json, argv);
-        assert_eq!(code, 0);
+        assert_eq!(code, ExitStatus::Success);
         out.lines()
             .map(|l| serde_json::from_str::<Event>(l).unwrap().request_id)
             .collect::<Vec<_>>()
@@ -167,7 +167,7 @@ fn human_output_is_one_readable_line_per_event() {
     let dir = tempfile::tempdir().unwrap();
     sample(dir.path());
     let (code, out, _) = kt_events(dir.path(), OutputFormat::Human, &[]);
-    assert_eq!(code, 0);
+    assert_eq!(code, ExitStatus::Success);
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines.len(), 5, "header + 4 events:\n{out}");
     assert!(lines[0].starts_with("TIME"));
@@ -206,7 +206,7 @@ fn human_output_escapes_control_characters_from_processes() {
     write_events(dir.path(), vec![e]);
     for argv in [&[][..], &["--keys"][..]] {
         let (code, out, _) = kt_events(dir.path(), OutputFormat::Human, argv);
-        assert_eq!(code, 0);
+        assert_eq!(code, ExitStatus::Success);
         assert!(!out.contains('\u{1b}'), "{out:?}");
         assert!(out.contains("\\u{1b}[2Jevil\\nline"), "{out}");
     }
@@ -217,7 +217,7 @@ fn a_missing_store_is_no_events_not_a_crash() {
     let dir = tempfile::tempdir().unwrap();
     for output in [OutputFormat::Human, OutputFormat::Json] {
         let (code, out, err) = kt_events(dir.path(), output, &[]);
-        assert_eq!(code, 0);
+        assert_eq!(code, ExitStatus::Success);
         assert_eq!(out, "");
         assert!(err.contains("no events yet"), "{err}");
     }
@@ -226,7 +226,7 @@ fn a_missing_store_is_no_events_not_a_crash() {
         "reading creates nothing"
     );
     let (code, _, err) = kt_events(dir.path(), OutputFormat::Human, &["--keys"]);
-    assert_eq!(code, 0);
+    assert_eq!(code, ExitStatus::Success);
     assert!(err.contains("no presented keys"), "{err}");
 }
 
@@ -235,7 +235,7 @@ fn an_empty_result_says_whether_filters_excluded_everything() {
     let dir = tempfile::tempdir().unwrap();
     sample(dir.path());
     let (code, out, err) = kt_events(dir.path(), OutputFormat::Human, &["--target", "nope"]);
-    assert_eq!(code, 0);
+    assert_eq!(code, ExitStatus::Success);
     assert_eq!(out, "");
     assert!(
         err.contains("no events match the filters (4 event(s)"),
@@ -281,7 +281,7 @@ fn key_report_lists_processes_per_secret_and_unmanaged_keys() {
         ],
     );
     let (code, out, _) = kt_events(dir.path(), OutputFormat::Human, &["--keys"]);
-    assert_eq!(code, 0);
+    assert_eq!(code, ExitStatus::Success);
     let (managed, unmanaged) = out.split_once("Keys the guard does not manage:").unwrap();
     assert!(
         managed.contains("openai-q1 fp:7e3a91c0  3 request(s)"),
@@ -293,7 +293,7 @@ fn key_report_lists_processes_per_secret_and_unmanaged_keys() {
     assert!(unmanaged.contains("/opt/tool/bin/agent[900]"), "{out}");
 
     let (code, out, _) = kt_events(dir.path(), OutputFormat::Json, &["--keys"]);
-    assert_eq!(code, 0);
+    assert_eq!(code, ExitStatus::Success);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["keys"][0]["matches_secret"], "openai-q1");
     assert_eq!(v["keys"][0]["processes"].as_array().unwrap().len(), 2);
@@ -369,7 +369,7 @@ fn follow_prints_new_events_as_they_arrive() {
         std::thread::sleep(Duration::from_millis(50));
     }
     stop.store(true, Ordering::SeqCst);
-    assert_eq!(runner.join().unwrap().unwrap(), 0);
+    assert_eq!(runner.join().unwrap().unwrap(), ExitStatus::Success);
     drop(handle);
     let ids: Vec<String> = out
         .text()
@@ -392,13 +392,14 @@ fn a_closed_pipe_ends_the_listing_quietly() {
     }
     let dir = tempfile::tempdir().unwrap();
     sample(dir.path());
-    let code = run_with(
+    let result = run_with(
         &args(&["--follow"]),
         &global(dir.path(), OutputFormat::Human),
         &mut Closed,
         &mut std::io::sink(),
         &AtomicBool::new(false),
-    )
-    .unwrap();
-    assert_eq!(code, 0);
+    );
+    let mut err = Vec::new();
+    assert_eq!(guard::cli::finish(result, &mut err), ExitStatus::Success);
+    assert!(err.is_empty(), "{}", String::from_utf8_lossy(&err));
 }

@@ -1,20 +1,42 @@
-//! The `kt` command line: argument parsing and dispatch. Each subcommand
-//! lives in its own file; they return an exit code (0 ok, 1 the command ran
-//! and found a problem, 2 the command itself failed).
+//! The `kt` command line: parse, call the library, render. The command tree
+//! and dispatch are here; each command group lives in [`commands`], all
+//! printing goes through [`output`], and every command ends in one
+//! [`ExitStatus`] (0 ok, 1 the command ran and found a problem, 2 the
+//! command itself failed).
 #![forbid(unsafe_code)]
 
+use std::io::Write;
 use std::path::PathBuf;
 
-pub mod secrets;
+use clap::{Parser, Subcommand};
 
-/// `--output`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
-pub enum OutputFormat {
-    /// For people.
-    #[default]
-    Human,
-    /// For machines: one JSON document (or JSON Lines for streams).
-    Json,
+pub mod commands;
+pub mod hosts;
+pub mod output;
+pub mod serve;
+
+pub use output::{Output, OutputFormat};
+
+/// How a command ended; the process exit code per the CLI contract.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExitStatus {
+    /// It did what was asked (exit 0).
+    Success,
+    /// It ran and found a problem: a check failed, a secret does not
+    /// resolve, the config is invalid (exit 1).
+    Failure,
+    /// The command itself failed: usage, I/O (exit 2).
+    Error,
+}
+
+impl From<ExitStatus> for std::process::ExitCode {
+    fn from(status: ExitStatus) -> std::process::ExitCode {
+        std::process::ExitCode::from(match status {
+            ExitStatus::Success => 0,
+            ExitStatus::Failure => 1,
+            ExitStatus::Error => 2,
+        })
+    }
 }
 
 /// Options every subcommand gets.
@@ -26,68 +48,122 @@ pub struct Global {
     pub data_dir: PathBuf,
 }
 
-/// Exit codes of the CLI contract.
-pub mod exit {
-    /// Success.
-    pub const OK: u8 = 0;
-    /// The command ran and found a problem.
-    pub const PROBLEM: u8 = 1;
-    /// The command itself failed (usage, I/O).
-    pub const FAILED: u8 = 2;
+/// kt: an eBPF-assisted egress guard for AI provider keys.
+#[derive(Debug, Parser)]
+#[command(name = "kt", version, about, long_about = None)]
+pub struct Cli {
+    /// Output format.
+    #[arg(long, global = true, value_enum, default_value_t = OutputFormat::Human)]
+    pub output: OutputFormat,
+    /// Data directory (secret store, CA, events) [default: /var/lib/kt as root, else the XDG data dir].
+    #[arg(long, global = true, env = "KT_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
 }
 
-/// The default data directory (see [`crate::datadir::default_dir`]).
-pub fn default_data_dir() -> PathBuf {
-    crate::datadir::default_dir()
+/// Top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Gateway plus eBPF capture of every provider-bound connection in a cgroup (foreground).
+    Run(commands::run::RunArgs),
+    /// Manage provider secrets (values never on the command line).
+    Secrets {
+        /// What to do.
+        #[command(subcommand)]
+        cmd: commands::secrets::SecretsCmd,
+    },
+    /// The local CA that signs the gateway's certificates.
+    Ca {
+        /// What to do.
+        #[command(subcommand)]
+        cmd: commands::ca::CaCmd,
+    },
+    /// Decision events, newest last (`--keys`: who still uses which key).
+    Events(commands::events::EventsArgs),
+    /// The gateway: check a config, or run it for explicit clients.
+    Gateway {
+        /// What to do.
+        #[command(subcommand)]
+        cmd: commands::gateway::GatewayCmd,
+    },
 }
 
-mod app;
-pub mod events;
-pub mod gateway_check;
+/// Parses the command line, runs it, and returns how it ended.
+pub fn main() -> ExitStatus {
+    let cli = Cli::parse();
+    let global = Global {
+        output: cli.output,
+        data_dir: cli
+            .data_dir
+            .clone()
+            .unwrap_or_else(crate::datadir::default_dir),
+    };
+    let result = match cli.command {
+        Command::Run(args) => commands::run::run(args, &global),
+        Command::Secrets { cmd } => commands::secrets::run(cmd, &global),
+        Command::Ca { cmd } => commands::ca::run(cmd, &global),
+        Command::Events(args) => commands::events::run(&args, &global),
+        Command::Gateway { cmd } => commands::gateway::run(cmd, &global),
+    };
+    finish(result, &mut std::io::stderr())
+}
 
-pub use app::{Cli, main};
+/// The one place a command's result becomes its exit status: a closed
+/// stdout (`kt events | head`) is success, any other error is printed to
+/// `err` and is [`ExitStatus::Error`].
+pub fn finish(result: anyhow::Result<ExitStatus>, err: &mut dyn Write) -> ExitStatus {
+    match result {
+        Ok(status) => status,
+        Err(e) if output::is_broken_pipe(&e) => ExitStatus::Success,
+        Err(e) => {
+            let _ = writeln!(err, "error: {e:#}");
+            ExitStatus::Error
+        }
+    }
+}
 
-use std::sync::Arc;
+/// A config file that does not load: every problem, with file, line and
+/// column.
+#[derive(serde::Serialize)]
+struct InvalidConfig<'a> {
+    config: String,
+    valid: bool,
+    errors: &'a crate::config::ConfigErrors,
+}
 
-/// Loads a config for a command. Invalid files are reported (every problem,
-/// with file, line and column) and give `Err(exit::PROBLEM)`; unreadable
-/// files are an error of the command itself.
+/// Loads a config for a command. `Ok(None)` when it is invalid: every
+/// problem has been reported (JSON on stdout, or text on stderr) and the
+/// command ends with [`ExitStatus::Failure`]. An unreadable file is an error
+/// of the command itself.
 pub fn load_config(
     path: &std::path::Path,
-    global: &Global,
-) -> anyhow::Result<Result<crate::config::Config, u8>> {
+    out: &mut Output<'_>,
+) -> anyhow::Result<Option<crate::config::Config>> {
     match crate::config::load(path) {
-        Ok(c) => Ok(Ok(c)),
+        Ok(c) => Ok(Some(c)),
         Err(crate::config::LoadError::Invalid(errors)) => {
-            match global.output {
-                OutputFormat::Json => println!(
-                    "{}",
-                    serde_json::to_string_pretty(&serde_json::json!({
-                        "config": path.display().to_string(),
-                        "valid": false,
-                        "errors": errors,
-                    }))?
-                ),
+            let doc = InvalidConfig {
+                config: path.display().to_string(),
+                valid: false,
+                errors: &errors,
+            };
+            match out.format() {
+                OutputFormat::Json => out.data(&doc, |_| Ok(()))?,
                 OutputFormat::Human => {
-                    eprintln!("{errors}");
-                    eprintln!("{} problem(s) in {}", errors.len(), path.display());
+                    out.note(&errors)?;
+                    out.note(format!("{} problem(s) in {}", errors.len(), path.display()))?;
                 }
             }
-            Ok(Err(exit::PROBLEM))
+            Ok(None)
         }
         Err(e) => Err(anyhow::Error::new(e)),
     }
 }
 
-/// The resolver for `secret_key_ref`s: env, then the store, then the keychain.
-pub fn resolver(global: &Global) -> anyhow::Result<Arc<dyn crate::secrets::Resolve>> {
-    Ok(Arc::new(crate::secrets::Resolver::from_data_dir(
-        &global.data_dir,
-    )))
+/// Runs `f` with an [`Output`] over the process's stdout and stderr.
+pub fn with_std_output<T>(global: &Global, f: impl FnOnce(&mut Output<'_>) -> T) -> T {
+    let (mut out, mut err) = (std::io::stdout().lock(), std::io::stderr().lock());
+    f(&mut Output::new(global.output, &mut out, &mut err))
 }
-
-pub mod ca;
-pub mod gateway_run;
-pub mod hosts;
-pub mod run;
-pub mod serve;

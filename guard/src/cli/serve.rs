@@ -25,13 +25,13 @@ pub struct Assembled {
 }
 
 /// Builds the gateway for `config`; `exemption` exempts its upstream
-/// sockets from capture. `Ok(Err(code))` when it must not start
+/// sockets from capture. `Ok(None)` when it must not start
 /// (a required secret is missing: fail closed), with the reason printed.
 pub fn assemble(
     config: Config,
     global: &Global,
     exemption: Arc<dyn SocketExemption>,
-) -> anyhow::Result<Result<Assembled, u8>> {
+) -> anyhow::Result<Option<Assembled>> {
     let resolver = Resolver::from_data_dir(&global.data_dir);
     let fingerprinter =
         Fingerprinter::open(&global.data_dir).context("opening the fingerprint key")?;
@@ -88,14 +88,14 @@ pub fn assemble(
             for w in gateway.warnings() {
                 eprintln!("kt: warning: {w}");
             }
-            Ok(Ok(Assembled {
+            Ok(Some(Assembled {
                 gateway,
                 events: handle,
             }))
         }
         Err(e @ GatewayError::MissingSecrets(_)) => {
             eprintln!("kt: {e}");
-            Ok(Err(crate::cli::exit::PROBLEM))
+            Ok(None)
         }
         Err(e) => Err(e).context("starting the gateway"),
     }

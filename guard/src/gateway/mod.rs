@@ -198,8 +198,8 @@ impl GatewayBuilder {
         if !missing.is_empty() {
             return Err(GatewayError::MissingSecrets(missing));
         }
-        let tls = client_tls_config(self.system_roots, &self.extra_roots)
-            .map_err(GatewayError::Tls)?;
+        let tls =
+            client_tls_config(self.system_roots, &self.extra_roots).map_err(GatewayError::Tls)?;
         let connector = upstream::UpstreamConnector::new(
             Arc::new(tls),
             self.exemption.clone(),

@@ -15,7 +15,7 @@ use tokio::net::TcpListener;
 use crate::capture::{self, Capture, CaptureSpec, ExemptionSlot};
 use crate::cli::hosts::{self as provider_hosts, SeenPrefixes};
 use crate::cli::serve::{self, Assembled};
-use crate::cli::{Global, exit};
+use crate::cli::{ExitStatus, Global};
 use crate::config::{Config, IpPrefix};
 use crate::gateway::CaptureLookup;
 use crate::record::ClientInfo;
@@ -48,14 +48,15 @@ pub struct RunArgs {
 }
 
 /// Runs `kt run`.
-pub fn run(args: RunArgs, global: &Global) -> anyhow::Result<u8> {
-    let config = match crate::cli::load_config(&args.config, global)? {
-        Ok(c) => c,
-        Err(code) => return Ok(code),
+pub fn run(args: RunArgs, global: &Global) -> anyhow::Result<ExitStatus> {
+    let Some(config) =
+        crate::cli::with_std_output(global, |out| crate::cli::load_config(&args.config, out))?
+    else {
+        return Ok(ExitStatus::Failure);
     };
     if !config.capture.enabled {
         eprintln!("kt: capture.enabled is false: serving explicit clients only");
-        return crate::cli::gateway_run::run_with(config, args.listen, global);
+        return super::gateway::serve_explicit(config, args.listen, global);
     }
     let cgroup = match args
         .cgroup
@@ -96,9 +97,9 @@ pub fn run(args: RunArgs, global: &Global) -> anyhow::Result<u8> {
     // The gateway exists before the programs attach; its upstream sockets
     // are exempted through this slot once they are.
     let exemption = Arc::new(ExemptionSlot::new());
-    let Assembled { gateway, events } = match serve::assemble(config, global, exemption.clone())? {
-        Ok(a) => a,
-        Err(code) => return Ok(code),
+    let Some(Assembled { gateway, events }) = serve::assemble(config, global, exemption.clone())?
+    else {
+        return Ok(ExitStatus::Failure);
     };
 
     let result = runtime.block_on(async {
@@ -224,7 +225,7 @@ pub fn run(args: RunArgs, global: &Global) -> anyhow::Result<u8> {
     } else {
         eprintln!("kt: stopped; capture detached");
     }
-    Ok(exit::OK)
+    Ok(ExitStatus::Success)
 }
 
 /// `--pin-dir`, else `<bpffs>/kt/cg-<inode>`, mounting a bpffs when none

@@ -1,12 +1,13 @@
 //! `kt ca path|export|install`: the local CA and trust-store helpers.
 
+use std::io;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::Context;
 
 use crate::ca::Ca;
-use crate::cli::{Global, OutputFormat, exit};
+use crate::cli::{ExitStatus, Global, Output};
 
 /// `kt ca` subcommands.
 #[derive(Clone, Debug, clap::Subcommand)]
@@ -33,8 +34,40 @@ const SYSTEM_BUNDLES: &[&str] = &[
     "/etc/pki/tls/certs/ca-bundle.crt",
 ];
 
+/// `kt ca path`.
+#[derive(serde::Serialize)]
+struct CaPath<'a> {
+    path: &'a Path,
+}
+
+/// `kt ca export`.
+#[derive(serde::Serialize)]
+struct CaExport<'a> {
+    path: &'a Path,
+    pem: &'a str,
+}
+
+/// The variables runtimes with their own roots need (`kt ca install`).
+#[derive(serde::Serialize)]
+struct EnvHints {
+    path: String,
+    env: EnvVars,
+}
+
+#[derive(serde::Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+struct EnvVars {
+    requests_ca_bundle: String,
+    ssl_cert_file: String,
+    node_extra_ca_certs: String,
+}
+
 /// Runs a `kt ca` subcommand.
-pub fn run(cmd: CaCmd, global: &Global) -> anyhow::Result<u8> {
+pub fn run(cmd: CaCmd, global: &Global) -> anyhow::Result<ExitStatus> {
+    crate::cli::with_std_output(global, |out| run_with(cmd, global, out))
+}
+
+fn run_with(cmd: CaCmd, global: &Global, out: &mut Output<'_>) -> anyhow::Result<ExitStatus> {
     let dir = Ca::dir_in(&global.data_dir);
     let ca = Ca::load_or_create(&dir).context("opening the local CA")?;
     let cert_path = ca
@@ -42,40 +75,35 @@ pub fn run(cmd: CaCmd, global: &Global) -> anyhow::Result<u8> {
         .unwrap_or_else(|| dir.join(crate::ca::CERT_FILE));
     match cmd {
         CaCmd::Path => {
-            match global.output {
-                OutputFormat::Human => println!("{}", cert_path.display()),
-                OutputFormat::Json => println!("{}", serde_json::json!({ "path": cert_path })),
-            }
-            Ok(exit::OK)
+            out.data(&CaPath { path: &cert_path }, |w| {
+                writeln!(w, "{}", cert_path.display())
+            })?;
+            Ok(ExitStatus::Success)
         }
         CaCmd::Export => {
-            match global.output {
-                OutputFormat::Human => print!("{}", ca.cert_pem()),
-                OutputFormat::Json => {
-                    println!(
-                        "{}",
-                        serde_json::json!({ "path": cert_path, "pem": ca.cert_pem() })
-                    )
-                }
-            }
-            Ok(exit::OK)
+            let doc = CaExport {
+                path: &cert_path,
+                pem: ca.cert_pem(),
+            };
+            out.data(&doc, |w| write!(w, "{}", ca.cert_pem()))?;
+            Ok(ExitStatus::Success)
         }
-        CaCmd::Install => install(&ca, &cert_path, global),
+        CaCmd::Install => install(&ca, &cert_path, out),
     }
 }
 
-fn install(ca: &Ca, cert_path: &Path, global: &Global) -> anyhow::Result<u8> {
+fn install(ca: &Ca, cert_path: &Path, out: &mut Output<'_>) -> anyhow::Result<ExitStatus> {
     let Some((anchor_dir, refresh)) = SYSTEM_STORES
         .iter()
         .find(|(d, _)| Path::new(d).is_dir())
         .map(|(d, c)| (PathBuf::from(d), *c))
     else {
-        eprintln!(
+        out.note(format!(
             "no known system trust store directory found; trust {} by hand",
             cert_path.display()
-        );
-        print_env_hints(cert_path, false, global);
-        return Ok(exit::PROBLEM);
+        ))?;
+        print_env_hints(cert_path, false, out)?;
+        return Ok(ExitStatus::Failure);
     };
     let dest = anchor_dir.join("kt-local-ca.crt");
     std::fs::write(&dest, ca.cert_pem())
@@ -88,15 +116,18 @@ fn install(ca: &Ca, cert_path: &Path, global: &Global) -> anyhow::Result<u8> {
         .status()
         .with_context(|| format!("running {refresh}"))?;
     if !status.success() {
-        eprintln!(
+        out.note(format!(
             "{refresh} failed ({status}); the certificate is at {}",
             dest.display()
-        );
-        return Ok(exit::PROBLEM);
+        ))?;
+        return Ok(ExitStatus::Failure);
     }
-    eprintln!("installed {} into the system trust store", dest.display());
-    print_env_hints(cert_path, true, global);
-    Ok(exit::OK)
+    out.note(format!(
+        "installed {} into the system trust store",
+        dest.display()
+    ))?;
+    print_env_hints(cert_path, true, out)?;
+    Ok(ExitStatus::Success)
 }
 
 /// Python (requests/certifi) and Node ship their own roots and ignore the
@@ -104,38 +135,37 @@ fn install(ca: &Ca, cert_path: &Path, global: &Global) -> anyhow::Result<u8> {
 /// `REQUESTS_CA_BUNDLE`/`SSL_CERT_FILE` replace the whole bundle, so they
 /// point at the system bundle (which now holds the kt CA) when there is one;
 /// `NODE_EXTRA_CA_CERTS` adds to Node's roots, so it names the kt CA alone.
-fn print_env_hints(cert_path: &Path, installed: bool, global: &Global) {
+fn print_env_hints(cert_path: &Path, installed: bool, out: &mut Output<'_>) -> io::Result<()> {
     let p = cert_path.display().to_string();
     let bundle = SYSTEM_BUNDLES
         .iter()
         .find(|b| installed && Path::new(b).is_file())
         .map(|b| b.to_string())
         .unwrap_or_else(|| p.clone());
-    match global.output {
-        OutputFormat::Human => {
-            println!("# Python (requests, httpx via certifi) and curl/OpenSSL-based tools:");
-            println!("export REQUESTS_CA_BUNDLE={bundle}");
-            println!("export SSL_CERT_FILE={bundle}");
-            println!("# Node.js:");
-            println!("export NODE_EXTRA_CA_CERTS={p}");
-        }
-        OutputFormat::Json => println!(
-            "{}",
-            serde_json::json!({
-                "path": p,
-                "env": {
-                    "REQUESTS_CA_BUNDLE": bundle,
-                    "SSL_CERT_FILE": bundle,
-                    "NODE_EXTRA_CA_CERTS": p,
-                }
-            })
-        ),
-    }
+    let hints = EnvHints {
+        path: p.clone(),
+        env: EnvVars {
+            requests_ca_bundle: bundle.clone(),
+            ssl_cert_file: bundle.clone(),
+            node_extra_ca_certs: p.clone(),
+        },
+    };
+    out.data(&hints, |w| {
+        writeln!(
+            w,
+            "# Python (requests, httpx via certifi) and curl/OpenSSL-based tools:"
+        )?;
+        writeln!(w, "export REQUESTS_CA_BUNDLE={bundle}")?;
+        writeln!(w, "export SSL_CERT_FILE={bundle}")?;
+        writeln!(w, "# Node.js:")?;
+        writeln!(w, "export NODE_EXTRA_CA_CERTS={p}")
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cli::OutputFormat;
     use std::os::unix::fs::PermissionsExt;
 
     #[test]
@@ -145,13 +175,26 @@ mod tests {
             output: OutputFormat::Json,
             data_dir: tmp.path().to_path_buf(),
         };
-        assert_eq!(run(CaCmd::Path, &global).unwrap(), exit::OK);
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let mut o = Output::new(OutputFormat::Json, &mut out, &mut err);
+        assert_eq!(
+            run_with(CaCmd::Path, &global, &mut o).unwrap(),
+            ExitStatus::Success
+        );
         let cert = tmp.path().join("ca").join(crate::ca::CERT_FILE);
         let key = tmp.path().join("ca").join(crate::ca::KEY_FILE);
         let pem = std::fs::read_to_string(&cert).unwrap();
         let mode = std::fs::metadata(&key).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
-        assert_eq!(run(CaCmd::Export, &global).unwrap(), exit::OK);
+        assert_eq!(
+            run_with(CaCmd::Export, &global, &mut o).unwrap(),
+            ExitStatus::Success
+        );
         assert_eq!(std::fs::read_to_string(&cert).unwrap(), pem);
+        let text = String::from_utf8(out).unwrap();
+        let mut docs = serde_json::Deserializer::from_str(&text).into_iter::<serde_json::Value>();
+        let path = docs.next().unwrap().unwrap();
+        assert_eq!(path["path"], cert.display().to_string());
+        assert_eq!(docs.next().unwrap().unwrap()["pem"], pem);
     }
 }

@@ -7,7 +7,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::Context;
 
-use super::{Global, OutputFormat, exit};
+use crate::cli::{ExitStatus, Global, Output, OutputFormat};
 use crate::events::{Cursor, Decision, Event, EventStore, Filter, KeyUsage, ProcessUsage};
 
 /// The `--since` forms, for error messages and help.
@@ -83,7 +83,7 @@ pub fn parse_since(s: &str) -> Result<Duration, String> {
 
 /// Runs `kt events` on stdout and stderr until done (or interrupted, for
 /// `--follow`).
-pub fn run(args: &EventsArgs, global: &Global) -> anyhow::Result<u8> {
+pub fn run(args: &EventsArgs, global: &Global) -> anyhow::Result<ExitStatus> {
     let stdout = std::io::stdout();
     let stderr = std::io::stderr();
     run_with(
@@ -96,38 +96,21 @@ pub fn run(args: &EventsArgs, global: &Global) -> anyhow::Result<u8> {
 }
 
 /// Runs `kt events`, printing data to `out` and notices to `err`. `--follow`
-/// stops when `stop` is set or `out` is closed.
+/// stops when `stop` is set or `out` is closed (an error that
+/// [`crate::cli::finish`] turns into success).
 pub fn run_with(
     args: &EventsArgs,
     global: &Global,
     out: &mut dyn Write,
     err: &mut dyn Write,
     stop: &AtomicBool,
-) -> anyhow::Result<u8> {
-    match run_inner(args, global, out, err, stop) {
-        // A closed pipe (`kt events | head`) is the reader being done.
-        Err(e)
-            if e.downcast_ref::<std::io::Error>()
-                .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe) =>
-        {
-            Ok(exit::OK)
-        }
-        other => other,
-    }
-}
-
-fn run_inner(
-    args: &EventsArgs,
-    global: &Global,
-    out: &mut dyn Write,
-    err: &mut dyn Write,
-    stop: &AtomicBool,
-) -> anyhow::Result<u8> {
+) -> anyhow::Result<ExitStatus> {
+    let out = &mut Output::new(global.output, out, err);
     let path = crate::datadir::events_db(&global.data_dir);
     let mut store = EventStore::open_read_only(&global.data_dir)
         .with_context(|| format!("reading events from {}", path.display()))?;
     if args.keys {
-        return print_keys(args, global, store.as_ref(), out, err);
+        return print_keys(args, global, store.as_ref(), out);
     }
     let mut filter = Filter {
         since: args.since,
@@ -139,7 +122,6 @@ fn run_inner(
         stream_cut: args.cut,
     };
     let mut printer = Printer {
-        format: global.output,
         header_done: false,
         widths: [0; 8],
     };
@@ -164,25 +146,23 @@ fn run_inner(
             None => 0,
         };
         if store.is_none() {
-            writeln!(
-                err,
+            out.note(format_args!(
                 "no events yet: no event store at {} (the gateway creates it on its first request)",
                 path.display()
-            )?;
+            ))?;
         } else if total == 0 || !filtered {
-            writeln!(err, "no events yet in {}", path.display())?;
+            out.note(format_args!("no events yet in {}", path.display()))?;
         } else {
-            writeln!(
-                err,
+            out.note(format_args!(
                 "no events match the filters ({total} event(s) in {})",
                 path.display()
-            )?;
+            ))?;
         }
     }
     printer.print(out, &events)?;
-    out.flush()?;
+    out.out().flush()?;
     if !args.follow {
-        return Ok(exit::OK);
+        return Ok(ExitStatus::Success);
     }
     // Follow: new events in full, and events already listed again when
     // their stream is cut later (marked `*`).
@@ -209,13 +189,12 @@ fn run_inner(
         cursor = changes.cursor;
         printer.print(out, &changes.amended)?;
         printer.print(out, &changes.new)?;
-        out.flush()?;
+        out.out().flush()?;
     }
-    Ok(exit::OK)
+    Ok(ExitStatus::Success)
 }
 
 struct Printer {
-    format: OutputFormat,
     header_done: bool,
     /// Column widths, set from the header and the first batch (a live tail
     /// keeps them, so its lines stay aligned with the header).
@@ -223,11 +202,11 @@ struct Printer {
 }
 
 impl Printer {
-    fn print(&mut self, out: &mut dyn Write, events: &[Event]) -> anyhow::Result<()> {
-        match self.format {
+    fn print(&mut self, out: &mut Output<'_>, events: &[Event]) -> std::io::Result<()> {
+        match out.format() {
             OutputFormat::Json => {
                 for e in events {
-                    writeln!(out, "{}", serde_json::to_string(e)?)?;
+                    out.json_line(e)?;
                 }
             }
             OutputFormat::Human => {
@@ -235,13 +214,14 @@ impl Printer {
                     return Ok(());
                 }
                 let rows: Vec<[String; 9]> = events.iter().map(human_row).collect();
+                let w = out.out();
                 if !self.header_done {
                     self.header_done = true;
                     self.widths = widths(HEADER, &rows);
-                    writeln!(out, "{}", render(&HEADER.map(String::from), &self.widths))?;
+                    writeln!(w, "{}", render(&HEADER.map(String::from), &self.widths))?;
                 }
                 for r in &rows {
-                    writeln!(out, "{}", clean(&render(r, &self.widths)))?;
+                    writeln!(w, "{}", clean(&render(r, &self.widths)))?;
                 }
             }
         }
@@ -387,36 +367,37 @@ fn format_time(ms: i64) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
 
+/// `kt events --keys --output json`.
+#[derive(serde::Serialize)]
+struct KeyReport<'a> {
+    keys: &'a [KeyUsage],
+}
+
 fn print_keys(
     args: &EventsArgs,
     global: &Global,
     store: Option<&EventStore>,
-    out: &mut dyn Write,
-    err: &mut dyn Write,
-) -> anyhow::Result<u8> {
+    out: &mut Output<'_>,
+) -> anyhow::Result<ExitStatus> {
     let keys = match store {
         Some(s) => s.key_report(args.since)?,
         None => Vec::new(),
     };
-    if global.output == OutputFormat::Json {
-        writeln!(
-            out,
-            "{}",
-            serde_json::to_string_pretty(&serde_json::json!({ "keys": keys }))?
-        )?;
-        return Ok(exit::OK);
+    if out.format() == OutputFormat::Json {
+        out.data(&KeyReport { keys: &keys }, |_| Ok(()))?;
+        return Ok(ExitStatus::Success);
     }
     if keys.is_empty() {
-        writeln!(
-            err,
+        out.note(format_args!(
             "no presented keys recorded{} in {}",
             args.since
                 .map(|d| format!(" in the last {}", humantime::format_duration(d)))
                 .unwrap_or_default(),
             crate::datadir::events_db(&global.data_dir).display()
-        )?;
-        return Ok(exit::OK);
+        ))?;
+        return Ok(ExitStatus::Success);
     }
+    let out = out.out();
     let (matched, unmanaged): (Vec<&KeyUsage>, Vec<&KeyUsage>) =
         keys.iter().partition(|k| k.matches_secret.is_some());
     if !matched.is_empty() {
@@ -434,7 +415,7 @@ fn print_keys(
             print_key(out, k)?;
         }
     }
-    Ok(exit::OK)
+    Ok(ExitStatus::Success)
 }
 
 fn print_key(out: &mut dyn Write, k: &KeyUsage) -> anyhow::Result<()> {
@@ -485,11 +466,13 @@ mod tests {
     fn printed(format: OutputFormat, events: &[Event]) -> String {
         let mut out = Vec::new();
         Printer {
-            format,
             header_done: false,
             widths: [0; 8],
         }
-        .print(&mut out, events)
+        .print(
+            &mut Output::new(format, &mut out, &mut std::io::sink()),
+            events,
+        )
         .unwrap();
         String::from_utf8(out).unwrap()
     }

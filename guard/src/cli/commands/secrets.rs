@@ -9,11 +9,12 @@ use std::time::SystemTime;
 
 use anyhow::Context;
 
-use crate::cli::{Global, OutputFormat, exit};
+use crate::cli::output::write_table;
+use crate::cli::{ExitStatus, Global, Output, OutputFormat};
 use crate::secrets::status::{StatusReport, TargetState};
 use crate::secrets::{
-    FileStore, Fingerprinter, Keychain, MAX_VALUE_LEN, PutOutcome, Resolver, SecretStore,
-    SecretValue, SecretsError, Source, validate_name, validate_value,
+    FileStore, Fingerprint, Fingerprinter, Keychain, MAX_VALUE_LEN, PutOutcome, Resolver,
+    SecretStore, SecretValue, SecretsError, Source, validate_name, validate_value,
 };
 
 /// `kt secrets ...`.
@@ -55,9 +56,9 @@ pub enum SecretsCmd {
     },
 }
 
-/// Runs a `kt secrets` command. `Ok(code)` per [`crate::cli::exit`]; `Err`
-/// means the command itself failed (exit 2), and its message is safe to print.
-pub fn run(cmd: SecretsCmd, global: &Global) -> anyhow::Result<u8> {
+/// Runs a `kt secrets` command. `Err` means the command itself failed
+/// (exit 2), and its message is safe to print.
+pub fn run(cmd: SecretsCmd, global: &Global) -> anyhow::Result<ExitStatus> {
     run_with(
         cmd,
         global,
@@ -80,13 +81,14 @@ trait Console {
     fn confirm(&mut self, question: &str) -> io::Result<bool>;
     /// Data output and messages (stdout, stderr).
     fn streams(&mut self) -> (&mut dyn Write, &mut dyn Write);
-    /// Data output.
-    fn out(&mut self) -> &mut dyn Write {
-        self.streams().0
-    }
     /// Messages, warnings.
     fn err(&mut self) -> &mut dyn Write {
         self.streams().1
+    }
+    /// Data and messages in the format of `--output`.
+    fn output(&mut self, format: OutputFormat) -> Output<'_> {
+        let (out, err) = self.streams();
+        Output::new(format, out, err)
     }
 }
 
@@ -124,7 +126,7 @@ impl Console for StdConsole {
     }
 }
 
-fn run_with(cmd: SecretsCmd, global: &Global, con: &mut dyn Console) -> anyhow::Result<u8> {
+fn run_with(cmd: SecretsCmd, global: &Global, con: &mut dyn Console) -> anyhow::Result<ExitStatus> {
     match cmd {
         SecretsCmd::Add {
             name,
@@ -142,17 +144,16 @@ fn run_with(cmd: SecretsCmd, global: &Global, con: &mut dyn Console) -> anyhow::
         SecretsCmd::List => list(global, con),
         SecretsCmd::Rm { name } => rm(&name, global, con),
         SecretsCmd::Status { config } => {
-            let config = match crate::cli::load_config(&config, global)? {
-                Ok(c) => c,
-                Err(code) => return Ok(code),
+            let mut out = con.output(global.output);
+            let Some(config) = crate::cli::load_config(&config, &mut out)? else {
+                return Ok(ExitStatus::Failure);
             };
             let resolver = Resolver::from_data_dir(&global.data_dir);
             // Read-only: without a host key yet, show no fingerprints.
             let fp = Fingerprinter::open_existing(&global.data_dir)
                 .context("cannot read the fingerprint key")?;
             let report = StatusReport::build(&config, &resolver, fp.as_ref());
-            let (out, err) = con.streams();
-            Ok(write_status(&report, global.output, out, err))
+            Ok(write_status(&report, &mut out)?)
         }
     }
 }
@@ -228,7 +229,7 @@ fn add(
     force: bool,
     global: &Global,
     con: &mut dyn Console,
-) -> anyhow::Result<u8> {
+) -> anyhow::Result<ExitStatus> {
     validate_name(name)?;
     let store = backend(source, global);
     let where_ = source.name();
@@ -245,11 +246,11 @@ fn add(
                     con.err(),
                     "error: not replacing {name}: pass --force to replace it without a terminal"
                 )?;
-                return Ok(exit::PROBLEM);
+                return Ok(ExitStatus::Failure);
             }
             if !con.confirm(&format!("Replace {name} in the {where_}?"))? {
                 writeln!(con.err(), "{name} left unchanged")?;
-                return Ok(exit::PROBLEM);
+                return Ok(ExitStatus::Failure);
             }
         }
     }
@@ -261,23 +262,19 @@ fn add(
     let fingerprint = fp.fingerprint(value.expose());
     let replaced = outcome == PutOutcome::Replaced;
 
-    match global.output {
-        OutputFormat::Human => writeln!(
-            con.out(),
+    let doc = Added {
+        name,
+        backend: where_,
+        fingerprint,
+        replaced,
+    };
+    con.output(global.output).data(&doc, |w| {
+        writeln!(
+            w,
             "{} {name} in the {where_} ({fingerprint})",
             if replaced { "replaced" } else { "added" }
-        )?,
-        OutputFormat::Json => writeln!(
-            con.out(),
-            "{}",
-            serde_json::json!({
-                "name": name,
-                "backend": where_,
-                "fingerprint": fingerprint,
-                "replaced": replaced,
-            })
-        )?,
-    }
+        )
+    })?;
 
     // Say when the other backend also has the name: `store:` references
     // read the store first, so one of the two values is shadowed.
@@ -305,17 +302,58 @@ fn add(
             "note: keychain entries live in the kernel user keyring and are lost at reboot"
         )?;
     }
-    Ok(exit::OK)
+    Ok(ExitStatus::Success)
 }
 
 fn time(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
-fn list(global: &Global, con: &mut dyn Console) -> anyhow::Result<u8> {
+/// `kt secrets add --output json`.
+#[derive(serde::Serialize)]
+struct Added<'a> {
+    name: &'a str,
+    backend: &'static str,
+    fingerprint: Fingerprint,
+    replaced: bool,
+}
+
+/// `kt secrets list --output json`.
+#[derive(serde::Serialize)]
+struct SecretList {
+    secrets: Vec<ListedSecret>,
+}
+
+/// One stored secret: never its value.
+#[derive(serde::Serialize)]
+struct ListedSecret {
+    name: String,
+    backend: &'static str,
+    fingerprint: Option<Fingerprint>,
+    present: bool,
+    created: String,
+    updated: String,
+}
+
+/// `kt secrets rm --output json`.
+#[derive(serde::Serialize)]
+struct Removed<'a> {
+    name: &'a str,
+    removed: &'a [&'static str],
+}
+
+/// `kt secrets status --output json`.
+#[derive(serde::Serialize)]
+struct StatusDoc<'a> {
+    config: &'a std::path::Path,
+    ok: bool,
+    targets: &'a [crate::secrets::status::TargetStatus],
+}
+
+fn list(global: &Global, con: &mut dyn Console) -> anyhow::Result<ExitStatus> {
     let fp = fingerprinter(global)?;
     let mut rows = Vec::new();
-    let mut code = exit::OK;
+    let mut code = ExitStatus::Success;
     for store in backends(global) {
         match store.entries() {
             Ok(entries) => {
@@ -334,7 +372,7 @@ fn list(global: &Global, con: &mut dyn Console) -> anyhow::Result<u8> {
                     "error: cannot list the {}: {e}",
                     store.source().name()
                 )?;
-                code = exit::PROBLEM;
+                code = ExitStatus::Failure;
             }
         }
     }
@@ -351,56 +389,53 @@ fn list(global: &Global, con: &mut dyn Console) -> anyhow::Result<u8> {
         }
     }
 
-    match global.output {
-        OutputFormat::Json => {
-            let secrets: Vec<_> = rows
-                .iter()
-                .map(|(meta, source, fingerprint)| {
-                    serde_json::json!({
-                        "name": meta.name,
-                        "backend": source.name(),
-                        "fingerprint": fingerprint,
-                        "present": fingerprint.is_some(),
-                        "created": time(meta.created),
-                        "updated": time(meta.updated),
-                    })
-                })
-                .collect();
-            writeln!(con.out(), "{}", serde_json::json!({ "secrets": secrets }))?;
-        }
+    let doc = SecretList {
+        secrets: rows
+            .iter()
+            .map(|(meta, source, fingerprint)| ListedSecret {
+                name: meta.name.clone(),
+                backend: source.name(),
+                fingerprint: *fingerprint,
+                present: fingerprint.is_some(),
+                created: time(meta.created),
+                updated: time(meta.updated),
+            })
+            .collect(),
+    };
+    con.output(global.output).data(&doc, |out| {
         // After a backend error "no secrets" would be wrong; the error said it.
-        OutputFormat::Human if rows.is_empty() && code != exit::OK => {}
-        OutputFormat::Human if rows.is_empty() => {
-            writeln!(
-                con.out(),
+        if rows.is_empty() && code != ExitStatus::Success {
+            return Ok(());
+        }
+        if rows.is_empty() {
+            return writeln!(
+                out,
                 "no secrets stored (data dir {})",
                 global.data_dir.display()
-            )?;
+            );
         }
-        OutputFormat::Human => {
-            let table: Vec<Vec<String>> = rows
-                .iter()
-                .map(|(meta, source, fingerprint)| {
-                    vec![
-                        meta.name.clone(),
-                        source.name().to_string(),
-                        fingerprint.map_or_else(|| "missing".to_string(), |f| f.to_string()),
-                        time(meta.created),
-                        time(meta.updated),
-                    ]
-                })
-                .collect();
-            write_table(
-                con.out(),
-                &["NAME", "BACKEND", "FINGERPRINT", "CREATED", "UPDATED"],
-                &table,
-            )?;
-        }
-    }
+        let table: Vec<Vec<String>> = rows
+            .iter()
+            .map(|(meta, source, fingerprint)| {
+                vec![
+                    meta.name.clone(),
+                    source.name().to_string(),
+                    fingerprint.map_or_else(|| "missing".to_string(), |f| f.to_string()),
+                    time(meta.created),
+                    time(meta.updated),
+                ]
+            })
+            .collect();
+        write_table(
+            out,
+            &["NAME", "BACKEND", "FINGERPRINT", "CREATED", "UPDATED"],
+            &table,
+        )
+    })?;
     Ok(code)
 }
 
-fn rm(name: &str, global: &Global, con: &mut dyn Console) -> anyhow::Result<u8> {
+fn rm(name: &str, global: &Global, con: &mut dyn Console) -> anyhow::Result<ExitStatus> {
     validate_name(name)?;
     let mut removed = Vec::new();
     let mut failures = Vec::new();
@@ -414,23 +449,21 @@ fn rm(name: &str, global: &Global, con: &mut dyn Console) -> anyhow::Result<u8> 
     for failure in &failures {
         writeln!(con.err(), "error: {failure}")?;
     }
-    match global.output {
-        OutputFormat::Json => writeln!(
-            con.out(),
-            "{}",
-            serde_json::json!({ "name": name, "removed": removed })
-        )?,
-        OutputFormat::Human => {
-            for backend in &removed {
-                writeln!(con.out(), "removed {name} from the {backend}")?;
-            }
+    let doc = Removed {
+        name,
+        removed: &removed,
+    };
+    con.output(global.output).data(&doc, |out| {
+        for backend in &removed {
+            writeln!(out, "removed {name} from the {backend}")?;
         }
-    }
+        Ok(())
+    })?;
     if !removed.is_empty() {
         return Ok(if failures.is_empty() {
-            exit::OK
+            ExitStatus::Success
         } else {
-            exit::PROBLEM
+            ExitStatus::Failure
         });
     }
     if !failures.is_empty() {
@@ -440,95 +473,54 @@ fn rm(name: &str, global: &Global, con: &mut dyn Console) -> anyhow::Result<u8> 
         con.err(),
         "error: no secret named {name} in the store or the keychain"
     )?;
-    Ok(exit::PROBLEM)
+    Ok(ExitStatus::Failure)
 }
 
-fn write_status(
-    report: &StatusReport,
-    format: OutputFormat,
-    out: &mut dyn Write,
-    err: &mut dyn Write,
-) -> u8 {
-    // A closed stdout (e.g. `| head`) must not turn a result into a panic.
-    let _ = write_status_inner(report, format, out, err);
-    if report.ok() { exit::OK } else { exit::PROBLEM }
-}
-
-fn write_status_inner(
-    report: &StatusReport,
-    format: OutputFormat,
-    out: &mut dyn Write,
-    err: &mut dyn Write,
-) -> io::Result<()> {
-    match format {
-        OutputFormat::Json => {
-            let doc = serde_json::json!({
-                "config": report.config,
-                "ok": report.ok(),
-                "targets": report.targets,
-            });
-            writeln!(out, "{doc}")?;
-        }
-        OutputFormat::Human => {
-            let rows: Vec<Vec<String>> = report
-                .targets
-                .iter()
-                .map(|t| {
-                    vec![
-                        t.id.clone(),
-                        t.reference.clone(),
-                        if t.required { "yes" } else { "no" }.to_string(),
-                        match t.state {
-                            TargetState::Resolved => t.source.unwrap_or("?").to_string(),
-                            TargetState::Missing => "missing".to_string(),
-                            TargetState::Error => "error".to_string(),
-                        },
-                        match (t.state, t.fingerprint) {
-                            (_, Some(f)) => f.to_string(),
-                            (TargetState::Resolved, None) => "(no host key yet)".to_string(),
-                            _ => "-".to_string(),
-                        },
-                    ]
-                })
-                .collect();
-            write_table(
-                out,
-                &["TARGET", "REFERENCE", "REQUIRED", "RESOLVED", "FINGERPRINT"],
-                &rows,
-            )?;
-        }
-    }
+/// Shows a status report (table or JSON on stdout, problems on stderr);
+/// failure when a required target does not resolve.
+fn write_status(report: &StatusReport, out: &mut Output<'_>) -> std::io::Result<ExitStatus> {
+    let doc = StatusDoc {
+        config: &report.config,
+        ok: report.ok(),
+        targets: &report.targets,
+    };
+    out.data(&doc, |w| {
+        let rows: Vec<Vec<String>> = report
+            .targets
+            .iter()
+            .map(|t| {
+                vec![
+                    t.id.clone(),
+                    t.reference.clone(),
+                    if t.required { "yes" } else { "no" }.to_string(),
+                    match t.state {
+                        TargetState::Resolved => t.source.unwrap_or("?").to_string(),
+                        TargetState::Missing => "missing".to_string(),
+                        TargetState::Error => "error".to_string(),
+                    },
+                    match (t.state, t.fingerprint) {
+                        (_, Some(f)) => f.to_string(),
+                        (TargetState::Resolved, None) => "(no host key yet)".to_string(),
+                        _ => "-".to_string(),
+                    },
+                ]
+            })
+            .collect();
+        write_table(
+            w,
+            &["TARGET", "REFERENCE", "REQUIRED", "RESOLVED", "FINGERPRINT"],
+            &rows,
+        )
+    })?;
     for p in report.problems() {
         let level = if p.required { "error" } else { "warning" };
-        writeln!(err, "{level}: {p}")?;
+        out.note(format_args!("{level}: {p}"))?;
     }
-    Ok(())
-}
-
-/// Left-aligned columns separated by two spaces.
-fn write_table(out: &mut dyn Write, header: &[&str], rows: &[Vec<String>]) -> io::Result<()> {
-    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
-    for row in rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let line = |cells: Vec<&str>| {
-        let mut s = String::new();
-        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
-            if i + 1 == cells.len() {
-                s.push_str(cell);
-            } else {
-                s.push_str(&format!("{cell:<w$}  "));
-            }
-        }
-        s
-    };
-    writeln!(out, "{}", line(header.to_vec()))?;
-    for row in rows {
-        writeln!(out, "{}", line(row.iter().map(String::as_str).collect()))?;
-    }
-    Ok(())
+    Ok(if report.ok() {
+        ExitStatus::Success
+    } else {
+        ExitStatus::Failure
+    })
 }
 
 #[cfg(test)]
@@ -684,7 +676,7 @@ mod tests {
         let mut con = Fake::piped("sk-round-trip\n");
         assert_eq!(
             run_with(add_cmd("OPENAI_API_KEY_2026Q2", false, false), &g, &mut con).unwrap(),
-            0
+            ExitStatus::Success
         );
         let fp = Fingerprinter::open(dir.path())
             .unwrap()
@@ -699,7 +691,10 @@ mod tests {
         );
 
         let mut con = Fake::default();
-        assert_eq!(run_with(SecretsCmd::List, &g, &mut con).unwrap(), 0);
+        assert_eq!(
+            run_with(SecretsCmd::List, &g, &mut con).unwrap(),
+            ExitStatus::Success
+        );
         let out = con.out();
         let lines: Vec<_> = out.lines().collect();
         assert!(lines[0].starts_with("NAME"), "{out}");
@@ -711,7 +706,10 @@ mod tests {
 
         let mut con = Fake::default();
         let g_json = global(dir.path(), OutputFormat::Json);
-        assert_eq!(run_with(SecretsCmd::List, &g_json, &mut con).unwrap(), 0);
+        assert_eq!(
+            run_with(SecretsCmd::List, &g_json, &mut con).unwrap(),
+            ExitStatus::Success
+        );
         let doc: serde_json::Value = serde_json::from_str(&con.out()).unwrap();
         assert_eq!(doc["secrets"][0]["name"], "OPENAI_API_KEY_2026Q2");
         assert_eq!(doc["secrets"][0]["backend"], "store");
@@ -721,12 +719,19 @@ mod tests {
             name: "OPENAI_API_KEY_2026Q2".into(),
         };
         let mut con = Fake::default();
-        assert_eq!(run_with(rm.clone(), &g, &mut con).unwrap(), 0);
+        assert_eq!(
+            run_with(rm.clone(), &g, &mut con).unwrap(),
+            ExitStatus::Success
+        );
         assert_eq!(con.out(), "removed OPENAI_API_KEY_2026Q2 from the store\n");
         assert_eq!(stored(dir.path(), "OPENAI_API_KEY_2026Q2"), None);
 
         let mut con = Fake::default();
-        assert_eq!(run_with(rm, &g, &mut con).unwrap(), 1, "unknown name");
+        assert_eq!(
+            run_with(rm, &g, &mut con).unwrap(),
+            ExitStatus::Failure,
+            "unknown name"
+        );
         assert!(
             con.err().contains("no secret named OPENAI_API_KEY_2026Q2"),
             "{}",
@@ -742,7 +747,7 @@ mod tests {
         let rm = SecretsCmd::Rm {
             name: "KT_TEST_NEVER_ADDED_ANYWHERE".into(),
         };
-        assert_eq!(run_with(rm, &g, &mut con).unwrap(), 1);
+        assert_eq!(run_with(rm, &g, &mut con).unwrap(), ExitStatus::Failure);
     }
 
     #[test]
@@ -808,7 +813,7 @@ mod tests {
         let mut con = Fake::piped("sk-new");
         assert_eq!(
             run_with(add_cmd("K", false, false), &g, &mut con).unwrap(),
-            1
+            ExitStatus::Failure
         );
         assert!(
             con.err().contains("already exists in the store"),
@@ -821,7 +826,7 @@ mod tests {
         let mut con = Fake::terminal("sk-new", false);
         assert_eq!(
             run_with(add_cmd("K", false, false), &g, &mut con).unwrap(),
-            1
+            ExitStatus::Failure
         );
         assert_eq!(stored(dir.path(), "K").as_deref(), Some("sk-old"));
         assert!(con.prompts[0].contains("Replace K"), "{:?}", con.prompts);
@@ -829,7 +834,7 @@ mod tests {
         let mut con = Fake::terminal("sk-new", true);
         assert_eq!(
             run_with(add_cmd("K", false, false), &g, &mut con).unwrap(),
-            0
+            ExitStatus::Success
         );
         assert!(con.prompts[1].contains("input hidden"), "{:?}", con.prompts);
         assert!(
@@ -842,7 +847,7 @@ mod tests {
         let mut con = Fake::piped("sk-newer\n");
         assert_eq!(
             run_with(add_cmd("K", false, true), &g, &mut con).unwrap(),
-            0
+            ExitStatus::Success
         );
         assert!(con.out().starts_with("replaced K"), "{}", con.out());
         assert_eq!(stored(dir.path(), "K").as_deref(), Some("sk-newer"));
@@ -858,7 +863,7 @@ mod tests {
         let mut con = Fake::piped("sk-in-keychain\n");
         assert_eq!(
             run_with(add_cmd(&t.0, true, false), &g, &mut con).unwrap(),
-            0
+            ExitStatus::Success
         );
         assert!(
             con.out()
@@ -869,7 +874,7 @@ mod tests {
         let mut con = Fake::piped("sk-in-store\n");
         assert_eq!(
             run_with(add_cmd(&t.0, false, false), &g, &mut con).unwrap(),
-            0
+            ExitStatus::Success
         );
         assert!(
             con.err().contains("is also in the keychain"),
@@ -886,7 +891,7 @@ mod tests {
 
         let mut con = Fake::default();
         let rm = SecretsCmd::Rm { name: t.0.clone() };
-        assert_eq!(run_with(rm, &g, &mut con).unwrap(), 0);
+        assert_eq!(run_with(rm, &g, &mut con).unwrap(), ExitStatus::Success);
         assert_eq!(
             con.out(),
             format!(
@@ -911,8 +916,12 @@ mod tests {
         let report = StatusReport::build(&cfg, &resolver, Some(&fp));
         let (mut out, mut err) = (Vec::new(), Vec::new());
         assert_eq!(
-            write_status(&report, OutputFormat::Human, &mut out, &mut err),
-            0
+            write_status(
+                &report,
+                &mut Output::new(OutputFormat::Human, &mut out, &mut err)
+            )
+            .unwrap(),
+            ExitStatus::Success
         );
         let out = String::from_utf8(out).unwrap();
         let err = String::from_utf8(err).unwrap();
@@ -932,8 +941,12 @@ mod tests {
         let report = StatusReport::build(&cfg, &resolver, Some(&fp));
         let (mut out, mut err) = (Vec::new(), Vec::new());
         assert_eq!(
-            write_status(&report, OutputFormat::Json, &mut out, &mut err),
-            1
+            write_status(
+                &report,
+                &mut Output::new(OutputFormat::Json, &mut out, &mut err)
+            )
+            .unwrap(),
+            ExitStatus::Failure
         );
         let doc: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(doc["ok"], false);
@@ -959,7 +972,7 @@ mod tests {
         let g = global(&data, OutputFormat::Human);
         let mut con = Fake::default();
         let code = run_with(SecretsCmd::Status { config: cfg }, &g, &mut con).unwrap();
-        assert_eq!(code, 1, "{}", con.err());
+        assert_eq!(code, ExitStatus::Failure, "{}", con.err());
         assert!(con.out().contains("(no host key yet)"), "{}", con.out());
         assert!(!data.exists(), "status created {}", data.display());
     }
@@ -983,7 +996,7 @@ mod tests {
                     result,
                     result
                         .as_ref()
-                        .map_or_else(|e| format!("{e:#}"), |c| c.to_string())
+                        .map_or_else(|e| format!("{e:#}"), |c| format!("{c:?}"))
                 ));
                 con.prompts.iter().for_each(|p| seen.push_str(p));
             };
@@ -1023,7 +1036,7 @@ mod tests {
             let report = StatusReport::build(&cfg, &resolver, Some(&fp));
             assert!(report.ok());
             let (mut out, mut err) = (Vec::new(), Vec::new());
-            write_status(&report, output, &mut out, &mut err);
+            write_status(&report, &mut Output::new(output, &mut out, &mut err)).unwrap();
             seen.push_str(&format!(
                 "{report:?}{resolver:?}{fp:?}{}{}",
                 String::from_utf8_lossy(&out),
@@ -1056,7 +1069,11 @@ mod tests {
         let g = global(dir.path(), OutputFormat::Json);
         let mut con = Fake::default();
         let code = run_with(SecretsCmd::List, &g, &mut con).unwrap();
-        assert_eq!(code, 1, "a damaged store makes list report a problem");
+        assert_eq!(
+            code,
+            ExitStatus::Failure,
+            "a damaged store makes list report a problem"
+        );
         seen.push_str(&con.out());
         seen.push_str(&con.err());
 

@@ -1,0 +1,233 @@
+//! `kt gateway check|run`: preflight a config, or run the gateway alone in
+//! the foreground for explicit clients (base URL and CONNECT).
+
+use std::io::{self, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+
+use crate::cli::serve::{self, Assembled};
+use crate::cli::{ExitStatus, Global, Output};
+use crate::config::Config;
+use crate::preflight::{self, Report};
+use crate::secrets::{Fingerprinter, Resolver};
+
+/// `kt gateway ...`.
+#[derive(Debug, clap::Subcommand)]
+pub enum GatewayCmd {
+    /// Preflight: config, secrets of required targets, policy chain, kernel support, ports.
+    Check(CheckArgs),
+    /// Run the gateway in the foreground for explicit clients (base URL, CONNECT proxy).
+    Run(GatewayRunArgs),
+}
+
+/// Arguments of `kt gateway check`.
+#[derive(Debug, clap::Args)]
+pub struct CheckArgs {
+    /// The policy config file.
+    #[arg(long, short)]
+    pub config: PathBuf,
+    /// Also report kernel support for capture and whether ports are free.
+    #[arg(long, short)]
+    pub verbose: bool,
+}
+
+/// Arguments of `kt gateway run`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct GatewayRunArgs {
+    /// The configuration file.
+    #[arg(long, short)]
+    pub config: PathBuf,
+    /// Listen address for explicit clients (overrides `gateway.listen`).
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+}
+
+/// Runs a `kt gateway` command.
+pub fn run(cmd: GatewayCmd, global: &Global) -> anyhow::Result<ExitStatus> {
+    match cmd {
+        GatewayCmd::Check(args) => {
+            crate::cli::with_std_output(global, |out| check(&args, global, out))
+        }
+        GatewayCmd::Run(args) => {
+            let config = match crate::cli::with_std_output(global, |out| {
+                crate::cli::load_config(&args.config, out)
+            })? {
+                Some(c) => c,
+                None => return Ok(ExitStatus::Failure),
+            };
+            serve_explicit(config, args.listen, global)
+        }
+    }
+}
+
+/// Runs the check; success when the gateway would start, failure when not.
+pub fn check(
+    args: &CheckArgs,
+    global: &Global,
+    out: &mut Output<'_>,
+) -> anyhow::Result<ExitStatus> {
+    let Some(config) = crate::cli::load_config(&args.config, out)? else {
+        return Ok(ExitStatus::Failure);
+    };
+    let resolver = Resolver::from_data_dir(&global.data_dir);
+    // Read-only: a check never creates the host's fingerprint key.
+    let fp = Fingerprinter::open_existing(&global.data_dir)?;
+    let mut report = preflight::check(
+        &config,
+        &resolver,
+        &preflight::Options {
+            verbose: args.verbose,
+            fingerprinter: fp.as_ref(),
+        },
+    );
+    if args.verbose
+        && let Some(dlp) = config.dlp.as_ref()
+    {
+        report.warnings.extend(crate::dlp::coverage_warnings(dlp));
+    }
+    out.data(&report, |w| print_human(w, &report, args.verbose))?;
+    Ok(if report.would_start {
+        ExitStatus::Success
+    } else {
+        ExitStatus::Failure
+    })
+}
+
+/// Runs the gateway over an already-loaded config until SIGINT/SIGTERM:
+/// stop accepting, let in-flight requests finish (bounded), exit 0.
+/// Failure when a required target's secret is missing (fail closed).
+pub fn serve_explicit(
+    config: Config,
+    listen: Option<SocketAddr>,
+    global: &Global,
+) -> anyhow::Result<ExitStatus> {
+    let runtime = serve::runtime()?;
+    // The gateway's pool and the event writer start inside the runtime.
+    let _guard = runtime.enter();
+    let Some(Assembled { gateway, events }) = serve::assemble(
+        config,
+        global,
+        std::sync::Arc::new(crate::capture::NoExemption),
+    )?
+    else {
+        return Ok(ExitStatus::Failure);
+    };
+    let result = runtime.block_on(async move {
+        let listener = gateway.bind(listen).await.context("binding the listener")?;
+        let addr = listener.local_addr().context("reading the listen address")?;
+        eprintln!(
+            "kt: gateway listening on http://{addr} (OPENAI_BASE_URL=http://{addr}/openai/v1, ANTHROPIC_BASE_URL=http://{addr}/anthropic, HTTPS_PROXY=http://{addr}); targets: {}",
+            gateway.active_targets().join(", ")
+        );
+        serve::stop_on_signal(&gateway, "finishing in-flight requests");
+        gateway.serve_explicit(listener).await.context("serving")?;
+        Ok::<_, anyhow::Error>(())
+    });
+    serve::close_events(events);
+    result?;
+    Ok(ExitStatus::Success)
+}
+
+fn print_human(w: &mut dyn Write, r: &Report, verbose: bool) -> io::Result<()> {
+    writeln!(w, "config   {}", r.config)?;
+    writeln!(w, "targets")?;
+    for t in &r.targets {
+        let state = if t.usable {
+            "ok"
+        } else if t.required {
+            "MISSING"
+        } else {
+            "skipped"
+        };
+        writeln!(
+            w,
+            "  {:<8} {:<20} {:<10} {:<32} {}{}",
+            state,
+            t.id,
+            t.provider,
+            t.reference,
+            if t.required { "required" } else { "optional" },
+            match (&t.source, &t.fingerprint) {
+                (Some(s), Some(f)) => format!("  from {s} {f}"),
+                _ => String::new(),
+            }
+        )?;
+        if let Some(p) = &t.problem {
+            writeln!(w, "           {p}")?;
+        }
+    }
+    writeln!(w, "policy chain")?;
+    for (i, p) in r.chain.iter().enumerate() {
+        writeln!(w, "  {}. {:<13} {}", i + 1, p.name, p.detail)?;
+    }
+    if verbose {
+        if let Some(k) = &r.kernel {
+            writeln!(w, "capture support")?;
+            writeln!(
+                w,
+                "  cgroup2   {}",
+                k.cgroup2
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|| "not mounted".into())
+            )?;
+            writeln!(
+                w,
+                "  bpf       {}",
+                if k.bpf_permitted {
+                    "permitted (root)"
+                } else {
+                    "not permitted (run as root)"
+                }
+            )?;
+            writeln!(
+                w,
+                "  btf       {}",
+                if k.btf { "present" } else { "absent" }
+            )?;
+            if let Some(rel) = &k.kernel_release {
+                writeln!(w, "  kernel    {rel}")?;
+            }
+        }
+        if let Some(p) = &r.capture_programs {
+            if p.is_empty() {
+                writeln!(
+                    w,
+                    "  attached  no (no kt capture programs loaded; start `kt run`)"
+                )?;
+            } else {
+                writeln!(w, "  attached  yes ({} loaded)", p.join(", "))?;
+            }
+        }
+        if !r.listeners.is_empty() {
+            writeln!(w, "listeners")?;
+            for l in &r.listeners {
+                writeln!(
+                    w,
+                    "  {:<17} {:<22} {}",
+                    l.role,
+                    l.address,
+                    if l.free { "free" } else { "IN USE" }
+                )?;
+            }
+        }
+    }
+    for warning in &r.warnings {
+        writeln!(w, "warning: {warning}")?;
+    }
+    for p in &r.problems {
+        writeln!(w, "problem: {p}")?;
+    }
+    if r.would_start {
+        writeln!(w, "result   the gateway would start")?;
+    } else {
+        writeln!(
+            w,
+            "result   the gateway would NOT start ({} problem(s))",
+            r.problems.len()
+        )?;
+    }
+    Ok(())
+}

@@ -1,0 +1,8 @@
+//! One file per command group; each parses its arguments (clap), calls the
+//! library and renders the result through [`crate::cli::output`].
+
+pub mod ca;
+pub mod events;
+pub mod gateway;
+pub mod run;
+pub mod secrets;
