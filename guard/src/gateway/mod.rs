@@ -322,7 +322,9 @@ impl Gateway {
     /// Starts a graceful shutdown: listeners stop accepting, in-flight
     /// requests get up to the grace period, then the serve calls return.
     pub fn shutdown(&self) {
-        let _ = self.inner.shutdown.send(true);
+        // send_replace: `send` drops the value while nobody subscribed yet,
+        // and a shutdown asked for before the listeners start must hold.
+        self.inner.shutdown.send_replace(true);
     }
 
     fn shutting_down(&self) -> watch::Receiver<bool> {
