@@ -11,9 +11,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 pub mod commands;
-pub mod hosts;
 pub mod output;
-pub mod serve;
 
 pub use output::{Output, OutputFormat};
 

@@ -7,9 +7,10 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 
-use crate::cli::serve::{self, Assembled};
+use crate::app::{self, App, AppError, Notice};
 use crate::cli::{ExitStatus, Global, Output};
 use crate::config::Config;
+use crate::gateway::Gateway;
 use crate::preflight::{self, Report};
 use crate::secrets::{Fingerprinter, Resolver};
 
@@ -103,31 +104,75 @@ pub fn serve_explicit(
     listen: Option<SocketAddr>,
     global: &Global,
 ) -> anyhow::Result<ExitStatus> {
-    let runtime = serve::runtime()?;
+    let runtime = app::runtime().context("starting the async runtime")?;
     // The gateway's pool and the event writer start inside the runtime.
     let _guard = runtime.enter();
-    let Some(Assembled { gateway, events }) = serve::assemble(
-        config,
-        global,
-        std::sync::Arc::new(crate::capture::NoExemption),
-    )?
-    else {
+    let Some(app) = build(config, global, false)? else {
         return Ok(ExitStatus::Failure);
     };
-    let result = runtime.block_on(async move {
-        let listener = gateway.bind(listen).await.context("binding the listener")?;
-        let addr = listener.local_addr().context("reading the listen address")?;
-        eprintln!(
-            "kt: gateway listening on http://{addr} (OPENAI_BASE_URL=http://{addr}/openai/v1, ANTHROPIC_BASE_URL=http://{addr}/anthropic, HTTPS_PROXY=http://{addr}); targets: {}",
-            gateway.active_targets().join(", ")
-        );
-        serve::stop_on_signal(&gateway, "finishing in-flight requests");
-        gateway.serve_explicit(listener).await.context("serving")?;
-        Ok::<_, anyhow::Error>(())
-    });
-    serve::close_events(events);
-    result?;
+    stop_on_signal(app.gateway(), "finishing in-flight requests");
+    let stopped = runtime.block_on(app.run_explicit(listen, &render_notice))?;
+    if !stopped.events_flushed {
+        eprintln!("kt: warning: some events could not be written before exit");
+    }
     Ok(ExitStatus::Success)
+}
+
+/// Builds the guard and shows its warnings. `Ok(None)` when it must not
+/// start (a required secret is missing: fail closed), with the reason shown.
+pub(crate) fn build(config: Config, global: &Global, capture: bool) -> anyhow::Result<Option<App>> {
+    match App::build(config, &global.data_dir, capture) {
+        Ok(app) => {
+            for w in app.warnings() {
+                eprintln!("kt: warning: {w}");
+            }
+            Ok(Some(app))
+        }
+        Err(AppError::MissingSecrets(e)) => {
+            eprintln!("kt: {e}");
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// On SIGINT or SIGTERM, says `message` and starts the gateway's graceful
+/// shutdown. Call inside the runtime.
+pub(crate) fn stop_on_signal(gateway: &Gateway, message: &'static str) {
+    let stopper = gateway.clone();
+    tokio::spawn(async move {
+        app::wait_for_signal().await;
+        eprintln!("kt: stopping: {message}");
+        stopper.shutdown();
+    });
+}
+
+/// Shows the guard's progress on stderr.
+pub(crate) fn render_notice(notice: Notice) {
+    match notice {
+        Notice::Listening { explicit, targets } => eprintln!(
+            "kt: gateway listening on http://{explicit} (OPENAI_BASE_URL=http://{explicit}/openai/v1, ANTHROPIC_BASE_URL=http://{explicit}/anthropic, HTTPS_PROXY=http://{explicit}); targets: {}",
+            targets.join(", ")
+        ),
+        Notice::Capturing {
+            prefixes,
+            hosts,
+            ports,
+            cgroup,
+            listen4,
+            listen6,
+            explicit,
+            targets,
+        } => eprintln!(
+            "kt: capturing {} port(s) {:?} for {} (capture listener {listen4}{}); explicit clients on http://{explicit}; targets: {}",
+            super::run::describe(&prefixes, &hosts),
+            ports,
+            cgroup.display(),
+            listen6.map(|a| format!(", {a}")).unwrap_or_default(),
+            targets.join(", ")
+        ),
+        Notice::Drained => {}
+    }
 }
 
 fn print_human(w: &mut dyn Write, r: &Report, verbose: bool) -> io::Result<()> {

@@ -10,13 +10,12 @@
 //! still escapes; `capture.cidrs` with the provider's published ranges
 //! closes that too.
 
-#![forbid(unsafe_code)]
-
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use crate::capture;
-use crate::config::IpPrefix;
+use crate::config::{Config, IpPrefix};
 
 /// How often provider host names are resolved again. getaddrinfo does not
 /// expose TTLs, so this is a fixed, short interval; retention (not the
@@ -103,6 +102,37 @@ pub async fn resolve(hosts: &[String], ports: &[u16]) -> Vec<IpPrefix> {
     out
 }
 
+/// Hosts whose addresses are captured: `capture.hosts`, else the official
+/// hosts of the providers in use and the hosts of targets' `base_url`s.
+pub fn capture_hosts(config: &Config) -> Vec<String> {
+    if let Some(h) = &config.capture.hosts {
+        return h.clone();
+    }
+    let mut hosts = Vec::new();
+    for t in &config.providers.targets {
+        let url = t
+            .base_url
+            .clone()
+            .or_else(|| t.provider.default_base_url().map(str::to_string));
+        if let Some(host) = url.as_deref().and_then(host_of)
+            && !hosts.contains(&host)
+        {
+            hosts.push(host);
+        }
+    }
+    hosts
+}
+
+fn host_of(url: &str) -> Option<String> {
+    let uri: http::Uri = url.parse().ok()?;
+    let host = uri.host()?.trim_start_matches('[').trim_end_matches(']');
+    // Loopback targets (tests, local models) are never captured by name.
+    if host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback()) || host == "localhost" {
+        return None;
+    }
+    Some(host.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -145,5 +175,20 @@ mod tests {
         s.update(&[p("192.0.2.2")], t0 + Duration::from_secs(1));
         s.update(&[p("192.0.2.3")], t0 + Duration::from_secs(2));
         assert_eq!(s.prefixes(), vec![p("192.0.2.2"), p("192.0.2.3")]);
+    }
+
+    #[test]
+    fn default_capture_hosts_are_provider_hosts_not_loopback() {
+        let mut c = crate::config::parse(
+            "providers:\n  targets:\n    - id: a\n      provider: openai\n      secret_key_ref: {env: A}\n    - id: b\n      provider: anthropic\n      secret_key_ref: {env: B}\n    - id: c\n      provider: openai\n      base_url: https://127.0.0.1:9999/v1\n      secret_key_ref: {env: C}\n",
+            std::path::Path::new("t.yaml"),
+        )
+        .unwrap();
+        assert_eq!(
+            capture_hosts(&c),
+            vec!["api.openai.com", "api.anthropic.com"]
+        );
+        c.capture.hosts = Some(vec![]);
+        assert!(capture_hosts(&c).is_empty());
     }
 }

@@ -1,0 +1,594 @@
+//! The composition root: builds everything a running guard needs from a
+//! [`Config`] (secret resolver, local CA, event writer, policy chain,
+//! gateway, capture), runs it, and shuts it down in order: stop accepting,
+//! drain the gateway, detach capture, flush events. It prints nothing: it
+//! returns typed results and reports progress as [`Notice`]s; the CLI
+//! renders them.
+//!
+//! [`App`] holds the running set (gateway and event writer), so a later live
+//! reload can build a new set from a new config and swap it in here.
+#![forbid(unsafe_code)]
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+
+use crate::ca::{Ca, CaError};
+use crate::capture::{
+    self, CaptureError, CaptureSpec, ExemptionSlot, NoExemption, Programs, SocketExemption,
+    Supervisor, Targets,
+};
+use crate::config::{Config, IpPrefix, PolicyKind, StoreFailure};
+use crate::events::{EventSink, EventWriter, WriterConfig, WriterHandle};
+use crate::gateway::{CaptureLookup, Gateway, GatewayBuilder, GatewayError};
+use crate::record::ClientInfo;
+use crate::secrets::{Fingerprinter, Resolver, SecretsError};
+
+/// Why the guard could not be built or run.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// A required target's secret does not resolve: the gateway must not
+    /// start (fail closed). The message names each secret and how to add it.
+    #[error("{0}")]
+    MissingSecrets(#[source] GatewayError),
+    /// The fingerprint key could not be opened or created.
+    #[error("opening the fingerprint key")]
+    Fingerprint(#[source] SecretsError),
+    /// The local CA could not be opened or created.
+    #[error("opening the local CA")]
+    Ca(#[source] CaError),
+    /// The policy chain did not compile.
+    #[error("compiling the policy chain")]
+    Policy(#[source] crate::policy::ChainError),
+    /// The gateway could not be built or failed while serving.
+    #[error("starting the gateway")]
+    Gateway(#[source] GatewayError),
+    /// A listener could not be bound or read.
+    #[error("binding the {what} {addr}")]
+    Bind {
+        /// Which listener.
+        what: &'static str,
+        /// Its address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The configured capture listener is not an IPv4 address.
+    #[error("gateway.capture_listen must be an IPv4 address (got {0})")]
+    CaptureListenNotV4(SocketAddr),
+    /// Attaching or running capture failed.
+    #[error("attaching capture to {}", cgroup.display())]
+    Capture {
+        /// The cgroup.
+        cgroup: PathBuf,
+        /// Why.
+        #[source]
+        source: CaptureError,
+    },
+    /// The cgroup2 mount could not be found.
+    #[error("finding the cgroup2 mount")]
+    Cgroup(#[source] capture::CgroupError),
+    /// [`App::run_with_capture`] on an app built without capture: its
+    /// upstream sockets would be captured by its own programs.
+    #[error("the guard was built without capture: its upstream sockets cannot be exempted")]
+    BuiltWithoutCapture,
+    /// `--keep-attached` without a bpffs to pin on.
+    #[error(
+        "--keep-attached needs pinned links: mount a bpffs (mount -t bpf bpf /sys/fs/bpf) or pass --pin-dir"
+    )]
+    KeepAttachedWithoutPins,
+}
+
+/// Progress of a running guard, for the CLI to show.
+#[derive(Clone, Debug)]
+pub enum Notice {
+    /// The explicit listener is bound; nothing is captured.
+    Listening {
+        /// The explicit clients' address.
+        explicit: SocketAddr,
+        /// Targets in use, in order.
+        targets: Vec<String>,
+    },
+    /// Capture is attached and every listener is bound.
+    Capturing {
+        /// The prefixes captured at start.
+        prefixes: Vec<IpPrefix>,
+        /// The host names they came from.
+        hosts: Vec<String>,
+        /// Captured ports.
+        ports: Vec<u16>,
+        /// The cgroup captured.
+        cgroup: PathBuf,
+        /// The IPv4 capture listener.
+        listen4: SocketAddrV4,
+        /// The IPv6 capture listener, if bound.
+        listen6: Option<SocketAddrV6>,
+        /// The explicit clients' address.
+        explicit: SocketAddr,
+        /// Targets in use, in order.
+        targets: Vec<String>,
+    },
+    /// Every listener closed and in-flight requests finished (or the grace
+    /// period ended): next, capture detaches.
+    Drained,
+}
+
+/// How a run ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stopped {
+    /// Capture was detached (false: not attached, kept attached on purpose,
+    /// or still referenced).
+    pub detached: bool,
+    /// Every queued event was written before exit.
+    pub events_flushed: bool,
+}
+
+/// Where and how to capture (`kt run`).
+#[derive(Clone, Debug)]
+pub struct CapturePlan {
+    /// The cgroup-v2 directory.
+    pub cgroup: PathBuf,
+    /// Hosts, prefixes and ports.
+    pub targets: Targets,
+    /// Where the links are pinned (`None`: no bpffs).
+    pub pin_dir: Option<PathBuf>,
+    /// Leave the pinned links attached on exit.
+    pub keep_attached: bool,
+    /// Things that work but deserve attention (a capture listener on a
+    /// port other users may bind first).
+    pub warnings: Vec<String>,
+}
+
+impl CapturePlan {
+    /// The plan for `config`: `cgroup` (else `capture.cgroup`, else the
+    /// cgroup2 mount), `pin_dir` (else `<bpffs>/kt/cg-<inode>`, mounting a
+    /// bpffs when none is).
+    pub fn for_config(
+        config: &Config,
+        cgroup: Option<PathBuf>,
+        pin_dir: Option<PathBuf>,
+        keep_attached: bool,
+    ) -> Result<CapturePlan, AppError> {
+        let cgroup = match cgroup.or_else(|| config.capture.cgroup.clone()) {
+            Some(c) => c,
+            None => capture::cgroup2_mount().map_err(AppError::Cgroup)?,
+        };
+        let pin_dir = pin_dir_for(pin_dir, &cgroup);
+        match &pin_dir {
+            Some(d) => tracing::info!(dir = %d.display(), "capture links pinned"),
+            None => tracing::warn!(
+                "capture links are not pinned, so if kt dies capture is gone until it runs again (mount a bpffs: mount -t bpf bpf /sys/fs/bpf)"
+            ),
+        }
+        let mut capture_addrs = vec![config.gateway.capture_listen];
+        capture_addrs.extend(config.gateway.capture_listen6);
+        let warnings = capture::squat_warnings(&capture_addrs, capture::unprivileged_port_start());
+        if keep_attached && pin_dir.is_none() {
+            return Err(AppError::KeepAttachedWithoutPins);
+        }
+        Ok(CapturePlan {
+            cgroup,
+            targets: Targets {
+                hosts: capture::hosts::capture_hosts(config),
+                static_prefixes: config.capture.cidrs.clone(),
+                ports: config.capture.ports.clone(),
+            },
+            pin_dir,
+            keep_attached,
+            warnings,
+        })
+    }
+}
+
+/// `--pin-dir`, else `<bpffs>/kt/cg-<inode>`, mounting a bpffs when none
+/// is mounted; `None` (with a warning) when that fails.
+fn pin_dir_for(pin_dir: Option<PathBuf>, cgroup: &Path) -> Option<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    if let Some(d) = pin_dir {
+        return Some(d);
+    }
+    let ino = match std::fs::metadata(cgroup) {
+        Ok(m) => m.ino(),
+        Err(e) => {
+            tracing::warn!(cgroup = %cgroup.display(), error = %e, "cannot stat the cgroup");
+            return None;
+        }
+    };
+    let bpffs = match capture::ensure_bpffs() {
+        Ok((dir, true)) => {
+            tracing::info!(dir = %dir.display(), "no bpffs was mounted: mounted one to pin capture links");
+            dir
+        }
+        Ok((dir, false)) => dir,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot mount a bpffs");
+            return None;
+        }
+    };
+    Some(bpffs.join("kt").join(format!("cg-{ino}")))
+}
+
+/// A built guard: the gateway and what must be closed after it.
+pub struct App {
+    config: Arc<Config>,
+    gateway: Gateway,
+    events: Option<WriterHandle>,
+    warnings: Vec<String>,
+    /// Where capture's exemption of the gateway's upstream sockets goes
+    /// once the programs are attached (`None`: built without capture).
+    exemption: Option<Arc<ExemptionSlot>>,
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App")
+            .field("gateway", &self.gateway)
+            .finish_non_exhaustive()
+    }
+}
+
+impl App {
+    /// Builds the guard for `config` over the data dir: resolver, CA,
+    /// event writer, policy chain, gateway. With `capture`, the gateway's
+    /// upstream sockets are exempted from the programs once
+    /// [`App::run_with_capture`] attached them. Call inside the runtime (the
+    /// gateway's pool and the event writer start there).
+    pub fn build(config: Config, data_dir: &Path, capture: bool) -> Result<App, AppError> {
+        let resolver = Resolver::from_data_dir(data_dir);
+        let fingerprinter = Fingerprinter::open(data_dir).map_err(AppError::Fingerprint)?;
+        // Which stored secret a client presented: fingerprints of every stored value.
+        let known: HashMap<String, String> = match resolver.known_secrets(&fingerprinter) {
+            Ok(list) => list
+                .into_iter()
+                .filter_map(|k| Some((k.fingerprint?.to_string(), k.meta.name)))
+                .collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list stored secrets; events will not name them");
+                HashMap::new()
+            }
+        };
+        let mut warnings = Vec::new();
+        let hosts = ca_hosts(&config);
+        let ca = Ca::load_or_create_for(&Ca::dir_in(data_dir), &hosts).map_err(AppError::Ca)?;
+        let missing = ca.not_permitted(&hosts);
+        if !missing.is_empty() {
+            warnings.push(format!(
+                "the local CA may not issue certificates for {}; clients of those hosts will fail TLS. Replace the CA with `kt ca regenerate --config FILE`, then `kt ca install` again",
+                missing.join(", ")
+            ));
+        }
+
+        let audit = config.chain.contains(&PolicyKind::AuditLogger);
+        let audit_cfg = config.audit.clone().unwrap_or_default();
+        let (writer, handle) = if audit {
+            let (w, h) = EventWriter::spawn(WriterConfig::new(
+                data_dir.to_path_buf(),
+                audit_cfg.max_events,
+            ));
+            (Some(w), Some(h))
+        } else {
+            (None, None)
+        };
+        let refuse_without_store = audit && audit_cfg.on_store_failure == StoreFailure::Refuse;
+        let health = writer
+            .clone()
+            .map(|w| Arc::new(w) as Arc<dyn crate::record::AuditHealth>);
+        let policy = crate::policy::Chain::new(&config, health, refuse_without_store)
+            .map_err(AppError::Policy)?;
+
+        let config = Arc::new(config);
+        // The gateway exists before the programs attach; its upstream
+        // sockets are exempted through this slot once they are.
+        let slot = capture.then(|| Arc::new(ExemptionSlot::new()));
+        let exemption: Arc<dyn SocketExemption> = match &slot {
+            Some(s) => s.clone(),
+            None => Arc::new(NoExemption),
+        };
+        let fp = Arc::new(fingerprinter);
+        let mut builder = GatewayBuilder::new(config.clone(), Arc::new(resolver), Arc::new(ca))
+            .socket_exemption(exemption)
+            .policy(Arc::new(policy))
+            .fingerprint(Arc::new(move |v: &str| fp.fingerprint(v).to_string()));
+        if let Some(w) = writer {
+            builder = builder.record_sink(Arc::new(EventSink::new(w, known)));
+        }
+        let gateway = builder.build().map_err(|e| match e {
+            e @ GatewayError::MissingSecrets(_) => AppError::MissingSecrets(e),
+            e => AppError::Gateway(e),
+        })?;
+        warnings.extend(gateway.warnings().iter().cloned());
+        Ok(App {
+            config,
+            gateway,
+            events: handle,
+            warnings,
+            exemption: slot,
+        })
+    }
+
+    /// Things that work but deserve attention (optional targets skipped, a
+    /// CA that cannot issue for a configured host).
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
+    }
+
+    /// The running gateway (clone it to call [`Gateway::shutdown`] from a
+    /// signal handler).
+    pub fn gateway(&self) -> &Gateway {
+        &self.gateway
+    }
+
+    /// Serves explicit clients on `listen` (else `gateway.listen`) until
+    /// [`Gateway::shutdown`]; then drains and flushes events.
+    pub async fn run_explicit(
+        self,
+        listen: Option<SocketAddr>,
+        notify: &dyn Fn(Notice),
+    ) -> Result<Stopped, AppError> {
+        let result = async {
+            let addr = listen.unwrap_or(self.config.gateway.listen);
+            let listener = self
+                .gateway
+                .bind(listen)
+                .await
+                .map_err(|e| bind_err("listener", addr, e))?;
+            let explicit = local_addr(&listener, "listener", addr)?;
+            notify(Notice::Listening {
+                explicit,
+                targets: self.gateway.active_targets(),
+            });
+            self.gateway
+                .serve_explicit(listener)
+                .await
+                .map_err(AppError::Gateway)?;
+            notify(Notice::Drained);
+            Ok(())
+        }
+        .await;
+        let events_flushed = close_events(self.events);
+        result.map(|()| Stopped {
+            detached: false,
+            events_flushed,
+        })
+    }
+
+    /// Binds every listener, attaches capture with `attach`, serves until
+    /// [`Gateway::shutdown`], and then, in this order: stops accepting,
+    /// drains, detaches capture, flushes events. Capture is attached only
+    /// after the listeners are bound and detached only after the gateway
+    /// drained, so matched connections are never let through.
+    pub async fn run_with_capture<P: Programs>(
+        self,
+        plan: CapturePlan,
+        listen: Option<SocketAddr>,
+        attach: impl FnOnce(&CaptureSpec) -> Result<P, CaptureError>,
+        notify: &dyn Fn(Notice),
+    ) -> Result<Stopped, AppError> {
+        let result = self.capture_lifecycle(plan, listen, attach, notify).await;
+        let events_flushed = close_events(self.events);
+        result.map(|detached| Stopped {
+            detached,
+            events_flushed,
+        })
+    }
+
+    async fn capture_lifecycle<P: Programs>(
+        &self,
+        plan: CapturePlan,
+        listen: Option<SocketAddr>,
+        attach: impl FnOnce(&CaptureSpec) -> Result<P, CaptureError>,
+        notify: &dyn Fn(Notice),
+    ) -> Result<bool, AppError> {
+        let Some(slot) = &self.exemption else {
+            return Err(AppError::BuiltWithoutCapture);
+        };
+        let gateway = &self.gateway;
+        let (listen4, listen6) = (
+            self.config.gateway.capture_listen,
+            self.config.gateway.capture_listen6,
+        );
+        // Listeners first: from the moment the programs attach, matched
+        // connections land here (or are refused), never on the real address.
+        let explicit_addr = listen.unwrap_or(self.config.gateway.listen);
+        let explicit = gateway
+            .bind(listen)
+            .await
+            .map_err(|e| bind_err("explicit listener", explicit_addr, e))?;
+        let cap4 = TcpListener::bind(listen4)
+            .await
+            .map_err(|source| AppError::Bind {
+                what: "capture listener",
+                addr: listen4,
+                source,
+            })?;
+        let cap6 = match listen6 {
+            Some(a) => match TcpListener::bind(a).await {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    tracing::warn!(addr = %a, error = %e, "no IPv6 capture listener: matched IPv6 connections will be refused");
+                    None
+                }
+            },
+            None => None,
+        };
+        let SocketAddr::V4(l4) = local_addr(&cap4, "capture listener", listen4)? else {
+            return Err(AppError::CaptureListenNotV4(listen4));
+        };
+        let l6 = match cap6.as_ref().map(TcpListener::local_addr).transpose() {
+            Ok(Some(SocketAddr::V6(a))) => Some(a),
+            _ => None,
+        };
+
+        let CapturePlan {
+            cgroup,
+            targets,
+            pin_dir,
+            keep_attached,
+            warnings: _,
+        } = plan;
+        let hosts = targets.hosts.clone();
+        let ports = targets.ports.clone();
+        let mut attached_prefixes = Vec::new();
+        let supervisor = Supervisor::start(targets, |prefixes| {
+            attached_prefixes.clone_from(&prefixes);
+            let spec = CaptureSpec {
+                cgroup: cgroup.clone(),
+                listen4: l4,
+                listen6: l6,
+                prefixes,
+                ports: ports.clone(),
+                refuse_udp: true,
+                refuse_other_netns: true,
+                pin_dir: pin_dir.clone(),
+                keep_attached: keep_attached && pin_dir.is_some(),
+            };
+            let programs = attach(&spec)?;
+            slot.install(programs.exemption());
+            Ok(programs)
+        })
+        .await
+        .map_err(|source| AppError::Capture {
+            cgroup: cgroup.clone(),
+            source,
+        })?;
+        let explicit_addr = local_addr(&explicit, "explicit listener", explicit_addr)?;
+        notify(Notice::Capturing {
+            prefixes: attached_prefixes,
+            hosts,
+            ports: ports.clone(),
+            cgroup: cgroup.clone(),
+            listen4: l4,
+            listen6: l6,
+            explicit: explicit_addr,
+            targets: gateway.active_targets(),
+        });
+
+        let lookup: Arc<dyn CaptureLookup> = Arc::new(Lookup(supervisor.programs().clone()));
+        let g4 = gateway.clone();
+        let lk4 = lookup.clone();
+        let t4 = tokio::spawn(async move { g4.serve_capture_listener(cap4, lk4).await });
+        let t6 = cap6.map(|l| {
+            let g = gateway.clone();
+            let lk = lookup.clone();
+            tokio::spawn(async move { g.serve_capture_listener(l, lk).await })
+        });
+        let served = gateway.serve_explicit(explicit).await;
+        if served.is_err() {
+            // The explicit listener failed: stop the capture listeners too.
+            gateway.shutdown();
+        }
+        let _ = t4.await;
+        if let Some(t) = t6 {
+            let _ = t.await;
+        }
+        drop(lookup);
+        notify(Notice::Drained);
+        // Detach only after every listener is closed: fail closed to the end.
+        let detached = supervisor.detach().await && !keep_attached;
+        served.map_err(AppError::Gateway)?;
+        Ok(detached)
+    }
+}
+
+fn bind_err(what: &'static str, addr: SocketAddr, e: GatewayError) -> AppError {
+    match e {
+        GatewayError::Listen { source, .. } => AppError::Bind { what, addr, source },
+        e => AppError::Gateway(e),
+    }
+}
+
+fn local_addr(
+    l: &TcpListener,
+    what: &'static str,
+    addr: SocketAddr,
+) -> Result<SocketAddr, AppError> {
+    l.local_addr()
+        .map_err(|source| AppError::Bind { what, addr, source })
+}
+
+/// Writes the events still queued (bounded) after the gateway drained;
+/// false when some could not be written.
+fn close_events(events: Option<WriterHandle>) -> bool {
+    events.is_none_or(WriterHandle::shutdown)
+}
+
+/// The multi-threaded runtime the guard serves on.
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+}
+
+/// Waits for SIGINT or SIGTERM.
+pub async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(mut int), Ok(mut term)) => {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// Names the local CA may issue for: every catalog provider host, the
+/// targets' API hosts and `capture.hosts` (the CA is name-constrained to
+/// them, so a leaked CA key cannot mint certificates for other names).
+pub fn ca_hosts(config: &Config) -> Vec<String> {
+    let mut hosts: Vec<String> = crate::provider::official_hosts()
+        .map(String::from)
+        .collect();
+    let targets = config
+        .providers
+        .targets
+        .iter()
+        .filter_map(|t| t.base_url.as_deref().or(t.provider.default_base_url()))
+        .filter_map(|u| u.parse::<http::Uri>().ok()?.host().map(str::to_string));
+    for h in targets.chain(config.capture.hosts.iter().flatten().cloned()) {
+        let h = h.trim_start_matches('[').trim_end_matches(']').to_string();
+        if !hosts.contains(&h) {
+            hosts.push(h);
+        }
+    }
+    hosts
+}
+
+/// Answers the gateway's "who is this?" from the kernel's record and /proc.
+struct Lookup<P: Programs>(Arc<P>);
+
+impl<P: Programs> CaptureLookup for Lookup<P> {
+    fn strict(&self) -> bool {
+        true
+    }
+
+    fn lookup(&self, peer: SocketAddr, _local: SocketAddr) -> Option<(SocketAddr, ClientInfo)> {
+        let origin = self.0.take_origin(peer)?;
+        let p = capture::process_info(origin.pid);
+        Some((
+            origin.original,
+            ClientInfo {
+                pid: Some(origin.pid),
+                uid: Some(origin.uid),
+                cgroup_id: Some(origin.cgroup_id),
+                exe: p.exe,
+                cmdline: p.cmdline,
+                cgroup: p.cgroup,
+                container_id: p.container_id,
+            },
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests;
