@@ -14,9 +14,9 @@
 //! `~/.local/share/kt` ([`default_dir`]).
 #![forbid(unsafe_code)]
 
-use std::fs::{DirBuilder, File, OpenOptions};
+use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 /// The local CA's directory name inside the data dir.
@@ -109,6 +109,148 @@ pub fn open_private_file(path: &Path) -> io::Result<File> {
         .mode(0o600)
         .open(path)
 }
+
+/// Why a private file, or a directory above it, cannot be trusted: someone
+/// other than kt's uid and root could replace or rewrite it. Messages name
+/// the file kt was about to use, the unsafe path, and the exact command
+/// that fixes it.
+#[derive(Debug, thiserror::Error)]
+pub enum UnsafePath {
+    /// The file or a directory above it belongs to another uid.
+    #[error(
+        "refusing {file}: {path} belongs to uid {owner}, not to kt's uid {uid} or root; \
+         fix it with `chown {uid} {path}`{hint}"
+    )]
+    Owner {
+        /// The file kt was about to use.
+        file: PathBuf,
+        /// The file itself or a directory above it.
+        path: PathBuf,
+        /// Its owner.
+        owner: u32,
+        /// kt's effective uid.
+        uid: u32,
+        /// Extra advice when the path is a parent directory.
+        hint: &'static str,
+    },
+    /// A directory on the way that other users can write to, without the
+    /// sticky bit: they could rename the file away and put their own there.
+    #[error(
+        "refusing {file}: directory {path} is writable by other users (mode {mode:04o}), \
+         who could replace what is inside; fix it with `chmod go-w {path}`{hint}"
+    )]
+    WritableDir {
+        /// The file kt was about to use.
+        file: PathBuf,
+        /// The directory.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+        /// Extra advice when the path is a parent directory.
+        hint: &'static str,
+    },
+    /// A file other users can write to.
+    #[error(
+        "refusing {file}: it is writable by other users (mode {mode:04o}); \
+         fix it with `chmod go-w {file}`"
+    )]
+    WritableFile {
+        /// The file.
+        file: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// A directory above the file could not be inspected.
+    #[error("refusing {file}: cannot inspect {path}: {source}")]
+    Io {
+        /// The file kt was about to use.
+        file: PathBuf,
+        /// The path that could not be inspected.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// Advice for a parent directory the user may not want to change.
+const PARENT_HINT: &str = ", or choose a data dir (--data-dir / KT_DATA_DIR) whose parents \
+                           only kt's uid or root can change";
+
+/// The uid whose files kt trusts besides root's.
+fn own_uid() -> u32 {
+    rustix::process::geteuid().as_raw()
+}
+
+/// Refuses `meta` (of `path`, on the way to `file`) when it belongs to
+/// neither kt's uid nor root.
+pub(crate) fn check_owner(
+    file: &Path,
+    path: &Path,
+    meta: &fs::Metadata,
+    hint: &'static str,
+) -> Result<(), UnsafePath> {
+    let uid = own_uid();
+    if meta.uid() == uid || meta.uid() == 0 {
+        return Ok(());
+    }
+    Err(UnsafePath::Owner {
+        file: file.to_path_buf(),
+        path: path.to_path_buf(),
+        owner: meta.uid(),
+        uid,
+        hint,
+    })
+}
+
+/// Refuses a file (`meta` from its open handle) that another uid owns or
+/// that others could write to.
+pub(crate) fn check_file(file: &Path, meta: &fs::Metadata) -> Result<(), UnsafePath> {
+    check_owner(file, file, meta, "")?;
+    if meta.mode() & OTHERS_WRITE != 0 {
+        return Err(UnsafePath::WritableFile {
+            file: file.to_path_buf(),
+            mode: meta.mode() & 0o7777,
+        });
+    }
+    Ok(())
+}
+
+/// Checks `dir` and every directory above it (symlinks resolved) before
+/// `file` inside it is used: each must belong to kt's uid or root and must
+/// not be writable by group or others unless sticky (like /tmp). Otherwise
+/// another user could swap a key, the store or the CA for their own,
+/// whatever the files' own modes say.
+pub(crate) fn check_dirs(dir: &Path, file: &Path) -> Result<(), UnsafePath> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| UnsafePath::Io {
+            file: file.to_path_buf(),
+            path,
+            source,
+        }
+    };
+    let real = fs::canonicalize(dir).map_err(io(dir))?;
+    for (depth, d) in real.ancestors().enumerate() {
+        let meta = fs::metadata(d).map_err(io(d))?;
+        let hint = if depth == 0 { "" } else { PARENT_HINT };
+        check_owner(file, d, &meta, hint)?;
+        let mode = meta.mode();
+        if mode & OTHERS_WRITE != 0 && mode & STICKY == 0 {
+            return Err(UnsafePath::WritableDir {
+                file: file.to_path_buf(),
+                path: d.to_path_buf(),
+                mode: mode & 0o7777,
+                hint,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Permission bits other users must not have on a private directory.
+pub(crate) const OTHERS_WRITE: u32 = 0o022;
+/// The sticky bit: in such a directory only an entry's owner may rename it.
+const STICKY: u32 = 0o1000;
 
 #[cfg(test)]
 mod tests {

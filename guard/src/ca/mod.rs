@@ -30,7 +30,7 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
-use crate::secrets::UnsafePath;
+use crate::datadir::UnsafePath;
 
 /// File name of the CA certificate inside the CA directory.
 pub const CERT_FILE: &str = "ca.pem";
@@ -329,7 +329,7 @@ fn read_checked(path: &Path, private: bool) -> Result<String, CaError> {
             mode: mode & 0o777,
         });
     }
-    crate::secrets::check_file(path, &meta)?;
+    crate::datadir::check_file(path, &meta)?;
     let mut text = String::new();
     file.read_to_string(&mut text).map_err(io_err(path))?;
     Ok(text)
@@ -380,7 +380,7 @@ impl Ca {
         let key_path = dir.join(KEY_FILE);
         let cert_path = dir.join(CERT_FILE);
         crate::datadir::create_private_dir(dir).map_err(io_err(dir))?;
-        crate::secrets::check_dirs(dir, dir)?;
+        crate::datadir::check_dirs(dir, dir)?;
         let key = match read_checked(&key_path, true) {
             Ok(pem) => KeyPair::from_pem(&pem).map_err(|_| CaError::BadKey {
                 path: key_path.clone(),
@@ -435,7 +435,7 @@ impl Ca {
     pub fn regenerate(dir: &Path, hosts: &[String]) -> Result<Ca, CaError> {
         Permitted::for_hosts(hosts)?;
         if dir.exists() {
-            crate::secrets::check_dirs(dir, dir)?;
+            crate::datadir::check_dirs(dir, dir)?;
         }
         for file in [KEY_FILE, CERT_FILE] {
             let path = dir.join(file);

@@ -830,3 +830,39 @@ fn byte_order_mark_and_crlf_line_ends_load() {
     let e = errs(&with("gateway:\n  listn: x\n").replace('\n', "\r\n"));
     assert_eq!((e.as_slice()[0].line, e.as_slice()[0].column), (8, 3));
 }
+
+#[test]
+fn the_guard_rules_load_and_refuse_unsafe_values() {
+    let e = errs(&with(
+        "gateway:\n  listen: 0.0.0.0:8787\n  splice_unknown_sni: true\n  connect_allow: [\"not a host\"]\n",
+    ));
+    let text = e.to_string();
+    assert!(
+        text.contains("t.yaml:8:11: `gateway.listen` 0.0.0.0:8787 is not a loopback address"),
+        "{text}"
+    );
+    assert!(text.contains("allow_remote_clients: true"), "{text}");
+    assert!(
+        text.contains("t.yaml:9:23: `gateway.splice_unknown_sni: true` is no longer supported"),
+        "{text}"
+    );
+    assert!(
+        text.contains("invalid host name `not a host` in `gateway.connect_allow[0]`"),
+        "{text}"
+    );
+    let c = parse(
+        &with("gateway:\n  listen: 10.0.0.5:8787\n  allow_remote_clients: true\n  clients: {uids: [1001], cgroups: [/ci.slice]}\n  connect_allow: [pypi.org, \"*.github.com\"]\n  body_timeout: 5s\n  max_connections_per_uid: 8\n  splice_unknown_sni: false\n"),
+        Path::new("t.yaml"),
+    )
+    .unwrap();
+    let g = &c.gateway;
+    assert!(g.allow_remote_clients);
+    assert_eq!(g.connect_allow, ["pypi.org", "*.github.com"]);
+    assert_eq!(g.body_timeout, Duration::from_secs(5));
+    assert_eq!(g.max_connections_per_uid, 8);
+    let allow = g.clients.as_ref().unwrap();
+    assert!(allow.allows(Some(1001), None));
+    assert!(allow.allows(Some(0), Some("/ci.slice/job-1.scope")));
+    assert!(!allow.allows(Some(0), Some("/ci.slicer")));
+    assert!(!allow.allows(None, None));
+}

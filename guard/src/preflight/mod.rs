@@ -138,6 +138,17 @@ pub fn check(config: &Config, resolver: &dyn Resolve, opts: &Options<'_>) -> Rep
         })
         .collect();
 
+    if !config.gateway.listen.ip().is_loopback() {
+        warnings.push(format!(
+            "gateway.listen {} is reachable from other hosts (gateway.allow_remote_clients): anyone who reaches it can spend the managed keys unless gateway.clients limits who{}",
+            config.gateway.listen,
+            if config.gateway.clients.is_some() {
+                " (it is set)"
+            } else {
+                "; it is not set"
+            }
+        ));
+    }
     let capture_programs = opts.verbose.then(crate::capture::loaded_capture_programs);
     let (kernel, listeners) = if opts.verbose {
         let k = crate::capture::kernel_support();

@@ -31,10 +31,9 @@ mod resolver;
 pub mod status;
 mod value;
 
+pub use crate::datadir::UnsafePath;
 pub use file::FileStore;
 pub use fingerprint::{Fingerprint, Fingerprinter};
-pub use fsutil::UnsafePath;
-pub(crate) use fsutil::{check_dirs, check_file};
 pub use keychain::Keychain;
 pub use memory::MemoryStore;
 pub use resolver::Resolver;

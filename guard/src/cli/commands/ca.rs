@@ -1,4 +1,4 @@
-//! `kt ca path|export|install`: the local CA and trust-store helpers.
+//! `kt ca path|export|install|regenerate`: the local CA and trust-store helpers.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -19,6 +19,21 @@ pub enum CaCmd {
     /// Copy the CA certificate into the system trust store (needs root) and
     /// print the variables for runtimes that do not read it.
     Install,
+    /// Replace the CA with a new one name-constrained to the provider hosts,
+    /// the config's target hosts and `capture.hosts` (the old files are kept
+    /// as `*.old`); trust it again with `kt ca install` afterwards.
+    Regenerate {
+        /// The config whose hosts the new CA may issue for.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+}
+
+/// `kt ca regenerate`.
+#[derive(serde::Serialize)]
+struct Regenerated<'a> {
+    path: &'a Path,
+    permitted: Vec<String>,
 }
 
 /// System stores this knows how to update: (anchor directory, refresh command).
@@ -69,7 +84,40 @@ pub fn run(cmd: CaCmd, global: &Global) -> anyhow::Result<ExitStatus> {
 
 fn run_with(cmd: CaCmd, global: &Global, out: &mut Output<'_>) -> anyhow::Result<ExitStatus> {
     let dir = Ca::dir_in(&global.data_dir);
+    if let CaCmd::Regenerate { config } = &cmd {
+        let mut hosts: Vec<String> = crate::provider::official_hosts()
+            .map(String::from)
+            .collect();
+        if let Some(path) = config {
+            let Some(c) = crate::cli::load_config(path, out)? else {
+                return Ok(ExitStatus::Failure);
+            };
+            hosts = crate::app::ca_hosts(&c);
+        }
+        let ca = Ca::regenerate(&dir, &hosts).context("regenerating the local CA")?;
+        let path = ca
+            .cert_path()
+            .unwrap_or_else(|| dir.join(crate::ca::CERT_FILE));
+        let doc = Regenerated {
+            path: &path,
+            permitted: hosts.clone(),
+        };
+        out.data(&doc, |w| {
+            writeln!(
+                w,
+                "new local CA {} (may issue for: {}); trust it again with `kt ca install`",
+                path.display(),
+                hosts.join(", ")
+            )
+        })?;
+        return Ok(ExitStatus::Success);
+    }
     let ca = Ca::load_or_create(&dir).context("opening the local CA")?;
+    if ca.permitted().is_none() {
+        out.note(
+            "the local CA has no name constraints (made by an older kt); `kt ca regenerate --config FILE` replaces it",
+        )?;
+    }
     let cert_path = ca
         .cert_path()
         .unwrap_or_else(|| dir.join(crate::ca::CERT_FILE));
@@ -89,6 +137,8 @@ fn run_with(cmd: CaCmd, global: &Global, out: &mut Output<'_>) -> anyhow::Result
             Ok(ExitStatus::Success)
         }
         CaCmd::Install => install(&ca, &cert_path, out),
+        // Handled above, before an existing CA is opened.
+        CaCmd::Regenerate { .. } => Ok(ExitStatus::Success),
     }
 }
 
