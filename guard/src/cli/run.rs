@@ -16,8 +16,8 @@ use crate::capture::{self, Capture, CaptureSpec, ExemptionSlot};
 use crate::cli::hosts::{self as provider_hosts, SeenPrefixes};
 use crate::cli::serve::{self, Assembled};
 use crate::cli::{Global, exit};
-use crate::config::{Config, IpPrefix};
-use crate::gateway::CaptureLookup;
+use crate::config::{CaptureScope, Config, IpPrefix};
+use crate::gateway::{CaptureLookup, Captured};
 use crate::record::ClientInfo;
 
 /// Arguments of `kt run`.
@@ -68,6 +68,7 @@ pub fn run(args: RunArgs, global: &Global) -> anyhow::Result<u8> {
     let static_prefixes = config.capture.cidrs.clone();
     let hosts = capture_hosts(&config);
     let ports = config.capture.ports.clone();
+    let scope = config.capture.scope;
     let (listen4, listen6) = (
         config.gateway.capture_listen,
         config.gateway.capture_listen6,
@@ -139,6 +140,8 @@ pub fn run(args: RunArgs, global: &Global) -> anyhow::Result<u8> {
             listen6: l6,
             prefixes,
             ports: ports.clone(),
+            port_wide: scope == CaptureScope::Port,
+            own_ports: vec![explicit.local_addr()?.port()],
             refuse_udp: true,
             refuse_other_netns: true,
             pin_dir: pin_dir.clone(),
@@ -150,9 +153,15 @@ pub fn run(args: RunArgs, global: &Global) -> anyhow::Result<u8> {
         );
         exemption.install(Arc::new(capture.exemption()));
         let explicit_addr = explicit.local_addr()?;
+        let what = match scope {
+            CaptureScope::Provider => describe(&spec.prefixes, &hosts),
+            CaptureScope::Port => format!(
+                "every destination (port-wide; provider prefixes {})",
+                describe(&spec.prefixes, &hosts)
+            ),
+        };
         eprintln!(
-            "kt: capturing {} port(s) {:?} for {} (capture listener {l4}{}); explicit clients on http://{explicit_addr}; targets: {}",
-            describe(&spec.prefixes, &hosts),
+            "kt: capturing {what} port(s) {:?} for {} (capture listener {l4}{}); explicit clients on http://{explicit_addr}; targets: {}",
             ports,
             cgroup.display(),
             l6.map(|a| format!(", {a}")).unwrap_or_default(),
@@ -317,12 +326,13 @@ impl CaptureLookup for Lookup {
         true
     }
 
-    fn lookup(&self, peer: SocketAddr, _local: SocketAddr) -> Option<(SocketAddr, ClientInfo)> {
+    fn lookup(&self, peer: SocketAddr, _local: SocketAddr) -> Option<Captured> {
         let origin = self.0.take_origin(peer)?;
         let p = capture::process_info(origin.pid);
-        Some((
-            origin.original,
-            ClientInfo {
+        Some(Captured {
+            original: origin.original,
+            provider_prefix: origin.provider_prefix,
+            client: ClientInfo {
                 pid: Some(origin.pid),
                 uid: Some(origin.uid),
                 cgroup_id: Some(origin.cgroup_id),
@@ -331,7 +341,7 @@ impl CaptureLookup for Lookup {
                 cgroup: p.cgroup,
                 container_id: p.container_id,
             },
-        ))
+        })
     }
 }
 

@@ -26,7 +26,7 @@ mod upstream;
 
 pub use handler::{ConnCtx, GwBody, Mode};
 pub use relay::sse_error_event;
-pub use serve::CaptureLookup;
+pub use serve::{CaptureLookup, Captured};
 pub use upstream::{ConnectError, client_tls_config, connect_tcp};
 
 use std::collections::HashMap;
@@ -216,7 +216,7 @@ impl GatewayBuilder {
             .map_err(|e| GatewayError::Tls(e.to_string()))?;
         let connector = upstream::UpstreamConnector::new(
             Arc::new(tls),
-            self.exemption.clone(),
+            Arc::clone(&self.exemption),
             self.config.gateway.connect_timeout,
         );
         let client = Client::builder(TokioExecutor::new())
@@ -250,6 +250,7 @@ impl GatewayBuilder {
                 shutdown_grace: self.shutdown_grace,
                 certs: tls::CertCache::new(self.ca),
                 limit,
+                exemption: self.exemption,
             }),
         })
     }
@@ -272,6 +273,9 @@ pub(crate) struct Inner {
     shutdown_grace: Duration,
     certs: tls::CertCache,
     limit: Arc<limit::ConnLimit>,
+    /// Exempts the sockets of port-wide splices from capture, as upstream
+    /// sockets are.
+    exemption: Arc<dyn SocketExemption>,
 }
 
 /// A built gateway; cheap to clone (all clones share state).
