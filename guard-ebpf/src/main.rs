@@ -1,7 +1,10 @@
 //! kt's eBPF programs.
 //!
 //! `connect4`/`connect6` look at connections whose destination is in the
-//! provider prefix tries. In order: a socket from another network namespace
+//! provider prefix tries, and with port-wide scope also at TCP to a
+//! captured port whatever its destination (except loopback addresses on
+//! kt's own listening ports); the record says which of the two it was, so
+//! kt refuses a non-provider name only on a provider address. In order: a socket from another network namespace
 //! is refused; a socket whose cookie kt wrote into `KT_EXEMPT` before
 //! connecting (kt's own upstream sockets; nothing a client sets can put it
 //! there) is let through; TCP to a captured port is sent to the capture
@@ -29,8 +32,9 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockOpsContext},
 };
 use guard_ebpf_common::{
-    AF_INET, AF_INET6, CaptureConfig, FLAG_ENABLED, FLAG_REFUSE_OTHER_NETNS, FLAG_REFUSE_UDP,
-    MAX_EXEMPT, MAX_PORTS, MAX_PREFIXES, MAX_RECORDS, Origin, PeerKey,
+    AF_INET, AF_INET6, CaptureConfig, FLAG_ENABLED, FLAG_PORT_SCOPE, FLAG_REFUSE_OTHER_NETNS,
+    FLAG_REFUSE_UDP, MAX_EXEMPT, MAX_OWN_PORTS, MAX_PORTS, MAX_PREFIXES, MAX_RECORDS,
+    ORIGIN_PROVIDER_PREFIX, Origin, PeerKey,
 };
 
 /// Let the operation proceed.
@@ -61,6 +65,9 @@ static KT_BY_PEER: LruHashMap<PeerKey, Origin> = LruHashMap::with_max_entries(MA
 #[map(name = "KT_EXEMPT")]
 static KT_EXEMPT: LruHashMap<u64, u8> = LruHashMap::with_max_entries(MAX_EXEMPT, 0);
 
+#[map(name = "KT_OWN_PORTS")]
+static KT_OWN_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(MAX_OWN_PORTS, 0);
+
 /// What a hook decided about a destination.
 enum Verdict {
     /// Not ours: leave it alone.
@@ -86,6 +93,29 @@ fn port_matches(port_be: u32) -> bool {
     let port = u16::from_be(port_be as u16);
     // SAFETY: the value is a plain u8 read by the helper; never written through.
     unsafe { KT_PORTS.get(&port) }.is_some()
+}
+
+/// With port-wide scope: whether a destination outside the provider
+/// prefixes is captured too (TCP to a captured port, and not a loopback
+/// address on one of kt's own listening ports, which would loop).
+#[inline(always)]
+fn port_wide(cfg: &CaptureConfig, sa: &bpf_sock_addr, port_be: u32, loopback: bool) -> bool {
+    if cfg.flags & FLAG_PORT_SCOPE == 0 || sa.type_ != SOCK_STREAM || !port_matches(port_be) {
+        return false;
+    }
+    if loopback {
+        let port = u16::from_be(port_be as u16);
+        // SAFETY: as in port_matches.
+        if unsafe { KT_OWN_PORTS.get(&port) }.is_some() {
+            return false;
+        }
+    }
+    true
+}
+
+#[inline(always)]
+fn v4_loopback(addr_be: u32) -> bool {
+    addr_be.to_ne_bytes()[0] == 127
 }
 
 #[inline(always)]
@@ -147,7 +177,8 @@ fn v4_mapped(addr_be: &[u32; 4]) -> Option<u32> {
     }
 }
 
-/// Decides for a destination in the provider prefixes. The network
+/// Decides for a destination in the provider prefixes (or, port-wide, on a
+/// captured port). The network
 /// namespace comes first, so no exemption ever applies across it; then kt's
 /// own sockets (by cookie, registered by kt before connect); then only TCP
 /// to a captured port is captured and everything else is refused.
@@ -175,7 +206,13 @@ fn decide(ctx: &SockAddrContext, sa: &bpf_sock_addr, cfg: &CaptureConfig, port_b
 }
 
 #[inline(always)]
-fn record(ctx: &SockAddrContext, family: u32, addr_be: [u32; 4], port_be: u32) -> Result<(), i32> {
+fn record(
+    ctx: &SockAddrContext,
+    family: u32,
+    addr_be: [u32; 4],
+    port_be: u32,
+    provider: bool,
+) -> Result<(), i32> {
     // SAFETY: helper calls on the program's own context.
     let (cookie, netns) = unsafe {
         (
@@ -193,6 +230,8 @@ fn record(ctx: &SockAddrContext, family: u32, addr_be: [u32; 4], port_be: u32) -
         family,
         tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
         uid: bpf_get_current_uid_gid() as u32,
+        flags: if provider { ORIGIN_PROVIDER_PREFIX } else { 0 },
+        _pad: 0,
     };
     KT_BY_COOKIE.insert(&cookie, &origin, 0)
 }
@@ -211,14 +250,15 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
     // SAFETY: the kernel hands a valid bpf_sock_addr for the program's life.
     let sa = unsafe { &mut *ctx.sock_addr };
     let (addr, port) = (sa.user_ip4, sa.user_port);
-    if !v4_matches(addr) {
+    let provider = v4_matches(addr);
+    if !provider && !port_wide(cfg, sa, port, v4_loopback(addr)) {
         return Ok(ALLOW);
     }
     match decide(ctx, sa, cfg, port) {
         Verdict::Pass => Ok(ALLOW),
         Verdict::Refuse => Ok(DENY),
         Verdict::Capture => {
-            record(ctx, AF_INET, [addr, 0, 0, 0], port).map_err(|_| DENY)?;
+            record(ctx, AF_INET, [addr, 0, 0, 0], port, provider).map_err(|_| DENY)?;
             sa.user_ip4 = cfg.listen4_be;
             sa.user_port = cfg.listen4_port_be;
             Ok(ALLOW)
@@ -240,8 +280,9 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
     let port = sa.user_port;
     let addr = read_ip6(sa);
     if let Some(v4) = v4_mapped(&addr) {
-        // A dual-stack socket reaching an IPv4 provider address.
-        if !v4_matches(v4) {
+        // A dual-stack socket reaching an IPv4 address.
+        let provider = v4_matches(v4);
+        if !provider && !port_wide(cfg, sa, port, v4_loopback(v4)) {
             return Ok(ALLOW);
         }
         match decide(ctx, sa, cfg, port) {
@@ -249,12 +290,14 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
             Verdict::Refuse => return Ok(DENY),
             Verdict::Capture => {}
         }
-        record(ctx, AF_INET, [v4, 0, 0, 0], port).map_err(|_| DENY)?;
+        record(ctx, AF_INET, [v4, 0, 0, 0], port, provider).map_err(|_| DENY)?;
         write_ip6(sa, [0, 0, 0xffffu32.to_be(), cfg.listen4_be]);
         sa.user_port = cfg.listen4_port_be;
         return Ok(ALLOW);
     }
-    if !v6_matches(&addr) {
+    let provider = v6_matches(&addr);
+    let loopback = addr[0] == 0 && addr[1] == 0 && addr[2] == 0 && u32::from_be(addr[3]) == 1;
+    if !provider && !port_wide(cfg, sa, port, loopback) {
         return Ok(ALLOW);
     }
     match decide(ctx, sa, cfg, port) {
@@ -265,7 +308,7 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
                 // No IPv6 listener: fail closed.
                 return Ok(DENY);
             }
-            record(ctx, AF_INET6, addr, port).map_err(|_| DENY)?;
+            record(ctx, AF_INET6, addr, port, provider).map_err(|_| DENY)?;
             write_ip6(sa, cfg.listen6_be);
             sa.user_port = cfg.listen6_port_be;
             Ok(ALLOW)

@@ -104,6 +104,8 @@ fn connect_rate(cg: &mut TestCgroup) {
             len: 16,
         }],
         ports: vec![443],
+        port_wide: false,
+        own_ports: vec![],
         refuse_udp: true,
         refuse_other_netns: true,
         pin_dir: None,

@@ -59,8 +59,19 @@ impl TestCa {
 
     /// As [`TestCa::server_config`], valid for `ip` too.
     pub fn server_config_for(&self, ip: std::net::IpAddr) -> rustls::ServerConfig {
+        self.server_config_named(ip, &[])
+    }
+
+    /// As [`TestCa::server_config_for`], valid for the DNS `names` too.
+    pub fn server_config_named(
+        &self,
+        ip: std::net::IpAddr,
+        names: &[&str],
+    ) -> rustls::ServerConfig {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
-        let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        let mut all = vec!["localhost".to_string()];
+        all.extend(names.iter().map(|n| n.to_string()));
+        let mut params = CertificateParams::new(all).unwrap();
         params
             .subject_alt_names
             .push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
@@ -121,6 +132,8 @@ pub struct Recorded {
     pub headers: HeaderMap,
     /// Body.
     pub body: Bytes,
+    /// The address the connection came from.
+    pub peer: SocketAddr,
 }
 
 struct State {
@@ -171,6 +184,18 @@ impl FakeProvider {
         behavior: Behavior,
         bind: SocketAddr,
     ) -> FakeProvider {
+        FakeProvider::start_named(ca, name, behavior, bind, &[]).await
+    }
+
+    /// As [`FakeProvider::start_at`], its certificate valid for the DNS
+    /// `names` too (a non-provider site: any HTTPS server).
+    pub async fn start_named(
+        ca: &TestCa,
+        name: &str,
+        behavior: Behavior,
+        bind: SocketAddr,
+        names: &[&str],
+    ) -> FakeProvider {
         let listener = TcpListener::bind(bind).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(State {
@@ -181,11 +206,12 @@ impl FakeProvider {
             gate: Semaphore::new(0),
             sent_last: std::sync::atomic::AtomicBool::new(false),
         });
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(ca.server_config_for(addr.ip())));
+        let acceptor =
+            tokio_rustls::TlsAcceptor::from(Arc::new(ca.server_config_named(addr.ip(), names)));
         let st = state.clone();
         let task = tokio::spawn(async move {
             loop {
-                let Ok((tcp, _)) = listener.accept().await else {
+                let Ok((tcp, peer)) = listener.accept().await else {
                     continue;
                 };
                 let _ = tcp.set_nodelay(true);
@@ -201,7 +227,7 @@ impl FakeProvider {
                     };
                     let svc = service_fn(move |req| {
                         let st = st.clone();
-                        async move { Ok::<_, Infallible>(answer(st, req).await) }
+                        async move { Ok::<_, Infallible>(answer(st, req, peer).await) }
                     });
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(tls), svc)
@@ -273,7 +299,7 @@ impl Body for ChanBody {
     }
 }
 
-async fn answer(st: Arc<State>, req: Request<Incoming>) -> Response<FakeBody> {
+async fn answer(st: Arc<State>, req: Request<Incoming>, peer: SocketAddr) -> Response<FakeBody> {
     let rtt = st.rtt_ms.load(std::sync::atomic::Ordering::Relaxed);
     if rtt > 0 {
         tokio::time::sleep(std::time::Duration::from_millis(rtt)).await;
@@ -294,6 +320,7 @@ async fn answer(st: Arc<State>, req: Request<Incoming>) -> Response<FakeBody> {
         path: path.clone(),
         headers: parts.headers.clone(),
         body: body.clone(),
+        peer,
     });
     let behavior = st.behavior.lock().unwrap().clone();
     let anthropic = path.starts_with("/v1/messages");

@@ -13,7 +13,7 @@ use guard::config::{
     Capture, Config, GatewaySettings as GatewaySection, Pack, Provider, Providers, RoutingStrategy,
     SecretKeyRef, Target,
 };
-use guard::gateway::{CaptureLookup, Gateway, GatewayBuilder};
+use guard::gateway::{CaptureLookup, Captured, Gateway, GatewayBuilder};
 use guard::record::{ClientInfo, MemorySink};
 use guard::secrets::{Resolve, Resolved, SecretValue, Source};
 use http::{HeaderMap, Request};
@@ -147,12 +147,17 @@ pub async fn serve(gw: Gateway, ca: Arc<Ca>, sink: Arc<MemorySink>) -> Running {
     }
 }
 
-/// A capture lookup that reports one fixed original destination.
+/// A capture lookup that reports one fixed original destination, inside
+/// the provider prefixes.
 pub struct FixedLookup(pub SocketAddr, pub ClientInfo);
 
 impl CaptureLookup for FixedLookup {
-    fn lookup(&self, _peer: SocketAddr, _local: SocketAddr) -> Option<(SocketAddr, ClientInfo)> {
-        Some((self.0, self.1.clone()))
+    fn lookup(&self, _peer: SocketAddr, _local: SocketAddr) -> Option<Captured> {
+        Some(Captured {
+            original: self.0,
+            client: self.1.clone(),
+            provider_prefix: true,
+        })
     }
 }
 

@@ -47,6 +47,11 @@ struct Setup {
 }
 
 fn setup(label: &str) -> Setup {
+    setup_with(label, |_| {})
+}
+
+/// As [`setup`], with the spec adjusted by `adjust` before attaching.
+fn setup_with(label: &str, adjust: impl FnOnce(&mut CaptureSpec)) -> Setup {
     let cgroup = TestCgroup::new(label).expect(
         "creating a child cgroup of the cgroup2 mount failed: these tests need root and cgroup v2 \
          (set KT_SKIP_EBPF_TESTS=1 to opt out explicitly)",
@@ -60,7 +65,7 @@ fn setup(label: &str) -> Setup {
     let SocketAddr::V6(l6) = listener6.local_addr().unwrap() else {
         unreachable!()
     };
-    let spec = CaptureSpec {
+    let mut spec = CaptureSpec {
         cgroup: cgroup.path().to_path_buf(),
         listen4: l4,
         listen6: Some(l6),
@@ -75,11 +80,14 @@ fn setup(label: &str) -> Setup {
             },
         ],
         ports: vec![port],
+        port_wide: false,
+        own_ports: vec![],
         refuse_udp: true,
         refuse_other_netns: true,
         pin_dir: None,
         keep_attached: false,
     };
+    adjust(&mut spec);
     let capture = Capture::attach(&spec).expect("attaching the capture programs to a child cgroup");
     Setup {
         capture,
@@ -528,6 +536,8 @@ fn pinned_links_stay_fail_closed_without_the_process_and_are_replaced_without_a_
             len: 16,
         }],
         ports: vec![port],
+        port_wide: false,
+        own_ports: vec![],
         refuse_udp: true,
         refuse_other_netns: true,
         pin_dir: Some(pins.clone()),
@@ -570,4 +580,76 @@ fn pinned_links_stay_fail_closed_without_the_process_and_are_replaced_without_a_
     let (stream, _) = accept(&real).expect("after detach the connection should go direct");
     reply(stream, "direct");
     assert_eq!(field(&output(&mut s.cgroup, pid), "reply"), Some("direct"));
+}
+
+#[test]
+fn port_wide_scope_captures_any_destination_on_the_port_and_says_which() {
+    if skip() {
+        return;
+    }
+    let own = free_port("127.0.0.1");
+    let mut s = setup_with("portwide", |spec| {
+        spec.port_wide = true;
+        spec.ports.push(own);
+        spec.own_ports = vec![own];
+    });
+    // Outside the provider prefixes, on the captured port: captured, and
+    // the record says it was not a provider address.
+    let other = format!("127.79.0.1:{}", s.port);
+    let pid = run_client(&mut s.cgroup, &["tcp", &other]);
+    let (stream, peer) = accept(&s.listener4).expect("non-provider destination not captured");
+    let origin = s.capture.take_origin(peer).expect("no origin record");
+    assert_eq!(origin.original, other.parse::<SocketAddr>().unwrap());
+    assert!(!origin.provider_prefix);
+    reply(stream, "wide-ok");
+    let out = output(&mut s.cgroup, pid);
+    assert_eq!(field(&out, "peer"), Some(other.as_str()), "{out}");
+
+    // A provider address: captured as before, marked as one.
+    let provider = format!("127.77.0.1:{}", s.port);
+    let pid = run_client(&mut s.cgroup, &["tcp", &provider]);
+    let (stream, peer) = accept(&s.listener4).expect("provider destination not captured");
+    assert!(
+        s.capture
+            .take_origin(peer)
+            .expect("no record")
+            .provider_prefix
+    );
+    reply(stream, "provider-ok");
+    output(&mut s.cgroup, pid);
+
+    // kt's own loopback listener on a captured port is left alone.
+    let own_listener = TcpListener::bind(("127.0.0.1", own)).unwrap();
+    let pid = run_client(&mut s.cgroup, &["tcp", &format!("127.0.0.1:{own}")]);
+    let (stream, _) = accept(&own_listener).expect("kt's own listener was not reached directly");
+    reply(stream, "own-ok");
+    assert_eq!(field(&output(&mut s.cgroup, pid), "reply"), Some("own-ok"));
+
+    // Another port outside the prefixes: not kt's business.
+    let direct = TcpListener::bind("127.79.0.2:0").unwrap();
+    let dest = direct.local_addr().unwrap().to_string();
+    let pid = run_client(&mut s.cgroup, &["tcp", &dest]);
+    let (stream, _) = accept(&direct).expect("another port was not let through");
+    reply(stream, "direct-ok");
+    assert_eq!(
+        field(&output(&mut s.cgroup, pid), "reply"),
+        Some("direct-ok")
+    );
+}
+
+#[test]
+fn provider_scope_leaves_other_destinations_on_the_port_alone() {
+    if skip() {
+        return;
+    }
+    let mut s = setup("provscope");
+    let direct = TcpListener::bind(("127.79.0.3", s.port)).unwrap();
+    let dest = direct.local_addr().unwrap().to_string();
+    let pid = run_client(&mut s.cgroup, &["tcp", &dest]);
+    let (stream, _) = accept(&direct).expect("a non-provider destination was captured");
+    reply(stream, "untouched");
+    assert_eq!(
+        field(&output(&mut s.cgroup, pid), "reply"),
+        Some("untouched")
+    );
 }

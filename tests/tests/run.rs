@@ -93,7 +93,13 @@ enum Listen {
     Default,
 }
 
-fn config(dir: &Path, q2: &FakeProvider, q1: &FakeProvider, listen: Listen) -> PathBuf {
+fn config(
+    dir: &Path,
+    q2: &FakeProvider,
+    q1: &FakeProvider,
+    listen: Listen,
+    scope: &str,
+) -> PathBuf {
     let capture = match listen {
         Listen::Free => format!(
             "  capture_listen: 127.0.0.1:{}\n  capture_listen6: \"[::1]:{}\"\n",
@@ -134,6 +140,7 @@ gateway:
   hosts: []
   cidrs: [127.77.0.0/16]
   ports: [443]
+  scope: {scope}
 "#,
         q2 = q2.openai_base_url(),
         q1 = q1.openai_base_url(),
@@ -158,12 +165,18 @@ struct Scenario {
     cfg: PathBuf,
     log: PathBuf,
     ca_pem: PathBuf,
+    upstream_ca: TestCa,
     _rt: tokio::runtime::Runtime,
     _dir: tempfile::TempDir,
 }
 
 impl Scenario {
     fn start(label: &str, net: u8, listen: Listen) -> Scenario {
+        Scenario::start_scoped(label, net, listen, "provider")
+    }
+
+    /// As [`Scenario::start`] with `capture.scope` set to `scope`.
+    fn start_scoped(label: &str, net: u8, listen: Listen, scope: &str) -> Scenario {
         let rt = tokio::runtime::Runtime::new().unwrap();
         let ca = TestCa::new();
         let provider = format!("127.77.{net}.10");
@@ -189,7 +202,7 @@ impl Scenario {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        let cfg = config(dir.path(), &q2, &q1, listen);
+        let cfg = config(dir.path(), &q2, &q1, listen, scope);
         let ca_pem = dir.path().join("upstream-ca.pem");
         std::fs::write(&ca_pem, &ca.pem).unwrap();
         let mounts = PrivateMounts::new().expect("a private mount namespace (needs root)");
@@ -206,6 +219,7 @@ impl Scenario {
             cfg,
             log,
             ca_pem,
+            upstream_ca: ca,
             _rt: rt,
             _dir: dir,
         };
@@ -277,6 +291,43 @@ impl Scenario {
         stderr.read_to_string(&mut err).unwrap();
         let status = self.cgroup.wait(pid).unwrap().status;
         (status, body, err, pid)
+    }
+
+    /// curl in the cgroup to `https://{name}/` at `addr:443`, trusting only
+    /// the upstream test CA (not kt's). Returns the exit status, curl's
+    /// local port (what a server reached directly sees as its peer), and
+    /// stderr.
+    fn curl_site(&mut self, name: &str, addr: &str) -> (std::process::ExitStatus, u16, String) {
+        let script = format!(
+            r#"read go; exec curl -sS -o /dev/null -w '%{{local_port}}' --max-time 20 --resolve {name}:443:{addr} --cacert "$UPSTREAM_CA" -H 'x-probe: {name}' https://{name}/"#
+        );
+        let mut job = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .env("UPSTREAM_CA", &self.ca_pem)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut go = job.stdin.take().unwrap();
+        let mut stdout = job.stdout.take().unwrap();
+        let mut stderr = job.stderr.take().unwrap();
+        let pid = self.cgroup.adopt(job).unwrap();
+        go.write_all(b"go\n").unwrap();
+        drop(go);
+        let mut out = String::new();
+        stdout.read_to_string(&mut out).unwrap();
+        let mut err = String::new();
+        stderr.read_to_string(&mut err).unwrap();
+        let status = self.cgroup.wait(pid).unwrap().status;
+        (status, out.trim().parse().unwrap_or(0), err)
+    }
+
+    /// The events kt recorded, one JSON line each.
+    fn events(&self) -> String {
+        let out = kt(&self.data, &["--output", "json", "events"], None);
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// Neither fake provider ever saw the process's own key.
@@ -614,4 +665,106 @@ fn another_name_on_a_provider_address_is_refused_not_spliced() {
         text.contains("non-provider-name") && text.contains("www.example.com"),
         "no refusal event: {text}"
     );
+}
+
+/// A non-provider HTTPS server on the capture port, outside the provider
+/// prefixes, with its own certificate for `site.kt-test`.
+fn site(s: &Scenario, net: u8) -> FakeProvider {
+    s._rt.block_on(FakeProvider::start_named(
+        &s.upstream_ca,
+        "site",
+        Behavior::Ok,
+        format!("127.78.{net}.20:443").parse().unwrap(),
+        &["site.kt-test"],
+    ))
+}
+
+#[test]
+fn port_wide_capture_splices_a_non_provider_site_and_records_it() {
+    if skip() {
+        return;
+    }
+    let mut s = Scenario::start_scoped("portwide", 5, Listen::Free, "port");
+    let site = site(&s, 5);
+    let addr = site.addr.ip().to_string();
+    let (status, local_port, err) = s.curl_site("site.kt-test", &addr);
+    // curl trusted only the site's own CA: kt did not terminate it.
+    assert!(
+        status.success(),
+        "curl failed: {err}\nkt log:\n{}",
+        s.kt_log()
+    );
+    let seen = site.requests();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(
+        seen[0].headers.get("x-probe").and_then(|v| v.to_str().ok()),
+        Some("site.kt-test")
+    );
+    // The site's peer is kt's socket, not curl's: capture took it.
+    assert_ne!(
+        seen[0].peer.port(),
+        local_port,
+        "the connection went direct"
+    );
+    let events = s.events();
+    let line = events
+        .lines()
+        .find(|l| l.contains("spliced-non-provider"))
+        .unwrap_or_else(|| panic!("no splice event: {events}\nkt log:\n{}", s.kt_log()));
+    assert!(line.contains("site.kt-test:443"), "{line}");
+    assert!(line.contains(&addr), "{line}");
+    let e: serde_json::Value = serde_json::from_str(line).unwrap();
+    assert!(
+        e["client"]["exe"].as_str().unwrap_or("").ends_with("curl"),
+        "{e}"
+    );
+
+    // A provider name still gets the managed key.
+    let (status, body, err, _) = s.curl("https://api.openai.com/v1/chat/completions", 443);
+    assert!(status.success(), "{err}\n{}", s.kt_log());
+    assert!(body.contains("fake-q2"), "{body}");
+    let auth: Vec<_> =
+        s.q2.requests()
+            .iter()
+            .map(|r| r.headers.get("authorization").cloned())
+            .collect();
+    assert_eq!(auth.len(), 1);
+    assert_eq!(
+        auth[0].as_ref().and_then(|v| v.to_str().ok()),
+        Some(format!("Bearer {Q2}").as_str())
+    );
+
+    // A non-provider name on a provider address is still refused.
+    let provider = s.provider.clone();
+    let (status, _, err) = s.curl_site("site.kt-test", &provider);
+    assert!(!status.success(), "{err}");
+    assert_eq!(s.q2.requests().len(), 1);
+    s.assert_key_never_reached_a_provider();
+    drop(site);
+}
+
+#[test]
+fn provider_scope_leaves_a_non_provider_site_alone() {
+    if skip() {
+        return;
+    }
+    let mut s = Scenario::start_scoped("provscope", 6, Listen::Free, "provider");
+    let site = site(&s, 6);
+    let addr = site.addr.ip().to_string();
+    let (status, local_port, err) = s.curl_site("site.kt-test", &addr);
+    assert!(
+        status.success(),
+        "curl failed: {err}\nkt log:\n{}",
+        s.kt_log()
+    );
+    let seen = site.requests();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    // Direct: the site's peer is curl's own socket.
+    assert_eq!(seen[0].peer.port(), local_port);
+    let events = s.events();
+    assert!(
+        !events.contains("site.kt-test") && !events.contains(&addr),
+        "kt saw a connection it should not have: {events}"
+    );
+    drop(site);
 }

@@ -56,6 +56,10 @@ pub mod map {
     /// `LruHashMap<u64, u8>`: socket cookies of kt's own upstream sockets,
     /// written by kt before `connect()`; the only sockets never redirected.
     pub const EXEMPT: &str = "KT_EXEMPT";
+    /// `HashMap<u16, u8>`: ports kt itself listens on (host byte order).
+    /// With port-wide capture, a loopback destination on one of these is
+    /// kt's own listener and is left alone.
+    pub const OWN_PORTS: &str = "KT_OWN_PORTS";
 }
 
 /// Entries in the per-connection maps; LRU so a guard that stops reading
@@ -68,6 +72,8 @@ pub const MAX_EXEMPT: u32 = 16_384;
 pub const MAX_PREFIXES: u32 = 4_096;
 /// Entries in the port set.
 pub const MAX_PORTS: u32 = 64;
+/// Entries in the set of kt's own listening ports.
+pub const MAX_OWN_PORTS: u32 = 8;
 
 /// `CaptureConfig::flags`: capture is on.
 pub const FLAG_ENABLED: u32 = 1;
@@ -76,6 +82,13 @@ pub const FLAG_REFUSE_UDP: u32 = 1 << 1;
 /// `CaptureConfig::flags`: refuse matched connections from other network
 /// namespaces, where a rewrite to loopback would land in the wrong place.
 pub const FLAG_REFUSE_OTHER_NETNS: u32 = 1 << 2;
+/// `CaptureConfig::flags`: port-wide scope. TCP to a captured port is
+/// captured whatever the destination (not only the provider prefixes),
+/// except loopback destinations on kt's own listening ports.
+pub const FLAG_PORT_SCOPE: u32 = 1 << 3;
+
+/// `Origin::flags`: the destination was inside the provider prefixes.
+pub const ORIGIN_PROVIDER_PREFIX: u32 = 1;
 
 /// Where matched connections go.
 #[repr(C)]
@@ -117,6 +130,10 @@ pub struct Origin {
     pub tgid: u32,
     /// User id of the connecting task.
     pub uid: u32,
+    /// `ORIGIN_*` bits.
+    pub flags: u32,
+    /// Keeps the size a multiple of 8 with no implicit padding.
+    pub _pad: u32,
 }
 
 /// A client's socket address as the capture listener sees it as peer.
@@ -133,7 +150,7 @@ pub struct PeerKey {
 }
 
 const _: () = assert!(core::mem::size_of::<CaptureConfig>() == 40);
-const _: () = assert!(core::mem::size_of::<Origin>() == 56);
+const _: () = assert!(core::mem::size_of::<Origin>() == 64);
 const _: () = assert!(core::mem::size_of::<PeerKey>() == 24);
 
 #[cfg(feature = "user")]

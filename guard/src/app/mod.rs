@@ -23,7 +23,7 @@ use crate::capture::{
 };
 use crate::config::{Config, IpPrefix, PolicyKind, StoreFailure};
 use crate::events::{EventSink, EventWriter, WriterConfig, WriterHandle};
-use crate::gateway::{CaptureLookup, Gateway, GatewayBuilder, GatewayError};
+use crate::gateway::{CaptureLookup, Captured, Gateway, GatewayBuilder, GatewayError};
 use crate::record::ClientInfo;
 use crate::secrets::{Fingerprinter, Resolver, SecretsError};
 
@@ -95,6 +95,8 @@ pub enum Notice {
     },
     /// Capture is attached and every listener is bound.
     Capturing {
+        /// `capture.scope: port`: every destination on the capture ports.
+        port_wide: bool,
         /// The prefixes captured at start.
         prefixes: Vec<IpPrefix>,
         /// The host names they came from.
@@ -432,6 +434,9 @@ impl App {
         } = plan;
         let hosts = targets.hosts.clone();
         let ports = targets.ports.clone();
+        let port_wide = self.config.capture.scope == crate::config::CaptureScope::Port;
+        // kt's own listeners are never captured, even port-wide.
+        let own_ports = vec![local_addr(&explicit, "explicit listener", explicit_addr)?.port()];
         let mut attached_prefixes = Vec::new();
         let supervisor = Supervisor::start(targets, |prefixes| {
             attached_prefixes.clone_from(&prefixes);
@@ -441,6 +446,8 @@ impl App {
                 listen6: l6,
                 prefixes,
                 ports: ports.clone(),
+                port_wide,
+                own_ports: own_ports.clone(),
                 refuse_udp: true,
                 refuse_other_netns: true,
                 pin_dir: pin_dir.clone(),
@@ -457,6 +464,7 @@ impl App {
         })?;
         let explicit_addr = local_addr(&explicit, "explicit listener", explicit_addr)?;
         notify(Notice::Capturing {
+            port_wide,
             prefixes: attached_prefixes,
             hosts,
             ports: ports.clone(),
@@ -572,12 +580,13 @@ impl<P: Programs> CaptureLookup for Lookup<P> {
         true
     }
 
-    fn lookup(&self, peer: SocketAddr, _local: SocketAddr) -> Option<(SocketAddr, ClientInfo)> {
+    fn lookup(&self, peer: SocketAddr, _local: SocketAddr) -> Option<Captured> {
         let origin = self.0.take_origin(peer)?;
         let p = capture::process_info(origin.pid);
-        Some((
-            origin.original,
-            ClientInfo {
+        Some(Captured {
+            original: origin.original,
+            provider_prefix: origin.provider_prefix,
+            client: ClientInfo {
                 pid: Some(origin.pid),
                 uid: Some(origin.uid),
                 cgroup_id: Some(origin.cgroup_id),
@@ -586,7 +595,7 @@ impl<P: Programs> CaptureLookup for Lookup<P> {
                 cgroup: p.cgroup,
                 container_id: p.container_id,
             },
-        ))
+        })
     }
 }
 

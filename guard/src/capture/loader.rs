@@ -12,8 +12,8 @@ use aya::maps::{Array, HashMap, MapData};
 use aya::programs::links::{CgroupAttachMode, FdLink, PinnedLink};
 use aya::programs::{CgroupSockAddr, SockOps};
 use guard_ebpf_common::{
-    AF_INET, AF_INET6, CaptureConfig, FLAG_ENABLED, FLAG_REFUSE_OTHER_NETNS, FLAG_REFUSE_UDP,
-    Origin, PeerKey, map, prog,
+    AF_INET, AF_INET6, CaptureConfig, FLAG_ENABLED, FLAG_PORT_SCOPE, FLAG_REFUSE_OTHER_NETNS,
+    FLAG_REFUSE_UDP, MAX_OWN_PORTS, ORIGIN_PROVIDER_PREFIX, Origin, PeerKey, map, prog,
 };
 
 use super::CaptureError;
@@ -38,6 +38,13 @@ pub struct CaptureSpec {
     /// Destination ports to capture; TCP to other ports of the prefixes is
     /// refused.
     pub ports: Vec<u16>,
+    /// Port-wide scope: TCP to `ports` is captured whatever the destination,
+    /// not only the prefixes (the record says which it was).
+    pub port_wide: bool,
+    /// Ports kt itself listens on besides the capture listeners (the
+    /// explicit listener): with `port_wide`, loopback connections to them
+    /// are left alone.
+    pub own_ports: Vec<u16>,
     /// Refuse UDP (any port) to captured prefixes (QUIC), so clients use TCP.
     pub refuse_udp: bool,
     /// Refuse matched connections from other network namespaces.
@@ -65,6 +72,9 @@ pub struct ClientOrigin {
     pub cgroup_id: u64,
     /// Its network namespace cookie.
     pub netns_cookie: u64,
+    /// Whether `original` was inside the provider prefixes (always true
+    /// unless capture is port-wide).
+    pub provider_prefix: bool,
 }
 
 type PeerMap = HashMap<MapData, PeerKey, Origin>;
@@ -127,6 +137,23 @@ impl Capture {
         .map_err(map_err(map::PORTS))?;
         for port in &spec.ports {
             ports.insert(port, 1, 0).map_err(map_err(map::PORTS))?;
+        }
+        let own = own_ports(spec);
+        if own.len() > MAX_OWN_PORTS as usize {
+            return Err(CaptureError::Spec(format!(
+                "kt listens on {} ports; at most {MAX_OWN_PORTS} can be told apart",
+                own.len()
+            )));
+        }
+        let mut own_map: HashMap<_, u16, u8> = HashMap::try_from(
+            ebpf.map_mut(map::OWN_PORTS)
+                .ok_or_else(|| missing(map::OWN_PORTS))?,
+        )
+        .map_err(map_err(map::OWN_PORTS))?;
+        for port in &own {
+            own_map
+                .insert(port, 1, 0)
+                .map_err(map_err(map::OWN_PORTS))?;
         }
 
         let prefix4 =
@@ -381,6 +408,16 @@ fn replace_trie<const N: usize>(
     Ok(())
 }
 
+/// Every port kt listens on: the capture listeners' and `own_ports`.
+fn own_ports(spec: &CaptureSpec) -> Vec<u16> {
+    let mut v = vec![spec.listen4.port()];
+    v.extend(spec.listen6.map(|a| a.port()));
+    v.extend(&spec.own_ports);
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
 fn capture_config(spec: &CaptureSpec) -> CaptureConfig {
     let (listen6_be, listen6_port_be) = match spec.listen6 {
         Some(a) => (words(a.ip().octets()), u32::from(a.port().to_be())),
@@ -389,6 +426,9 @@ fn capture_config(spec: &CaptureSpec) -> CaptureConfig {
     let mut flags = FLAG_ENABLED;
     if spec.refuse_udp {
         flags |= FLAG_REFUSE_UDP;
+    }
+    if spec.port_wide {
+        flags |= FLAG_PORT_SCOPE;
     }
     let netns_cookie = if spec.refuse_other_netns {
         own_netns_cookie()
@@ -478,6 +518,7 @@ fn decode_origin(o: &Origin) -> Option<ClientOrigin> {
         uid: o.uid,
         cgroup_id: o.cgroup_id,
         netns_cookie: o.netns_cookie,
+        provider_prefix: o.flags & ORIGIN_PROVIDER_PREFIX != 0,
     })
 }
 
@@ -504,11 +545,15 @@ mod tests {
             port_be: u32::from(9443u16.to_be()),
             family: AF_INET,
             tgid: 42,
+            flags: ORIGIN_PROVIDER_PREFIX,
             ..Origin::default()
         };
         let d = decode_origin(&o).unwrap();
         assert_eq!(d.original, "127.77.0.1:9443".parse().unwrap());
         assert_eq!(d.pid, 42);
+        assert!(d.provider_prefix);
+        let other = decode_origin(&Origin { flags: 0, ..o }).unwrap();
+        assert!(!other.provider_prefix);
     }
 
     #[test]
@@ -519,6 +564,8 @@ mod tests {
             listen6: None,
             prefixes: vec![],
             ports: vec![443],
+            port_wide: false,
+            own_ports: vec![8787, 8788],
             refuse_udp: true,
             refuse_other_netns: false,
             pin_dir: None,
@@ -529,5 +576,11 @@ mod tests {
         assert_eq!(c.listen4_be.to_ne_bytes(), [127, 0, 0, 1]);
         assert_eq!(c.flags, FLAG_ENABLED | FLAG_REFUSE_UDP);
         assert_eq!(c.listen6_port_be, 0);
+        assert_eq!(own_ports(&spec), vec![8787, 8788]);
+        let wide = capture_config(&CaptureSpec {
+            port_wide: true,
+            ..spec
+        });
+        assert_eq!(wide.flags, FLAG_ENABLED | FLAG_REFUSE_UDP | FLAG_PORT_SCOPE);
     }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use super::error::{ConfigError, ConfigErrors, LoadError};
 use super::model::{
-    AuditLogger, Capture, Config, DlpAction, DlpFilter, GatewaySettings, IpPrefix,
+    AuditLogger, Capture, CaptureScope, Config, DlpAction, DlpFilter, GatewaySettings, IpPrefix,
     MAX_FUZZY_DISTANCE, Pack, PolicyKind, Provider, Providers, RoutingStrategy, SecretKeyRef,
     StoreFailure, Target,
 };
@@ -859,7 +859,7 @@ impl Cx {
     }
 
     fn capture(&mut self, node: Option<&Node>) -> Capture {
-        const KEYS: &[&str] = &["enabled", "cgroup", "hosts", "cidrs", "ports"];
+        const KEYS: &[&str] = &["enabled", "cgroup", "hosts", "cidrs", "ports", "scope"];
         let mut out = Capture::default();
         let Some(f) = node.and_then(|n| self.mapping(n, "capture", KEYS)) else {
             return out;
@@ -939,6 +939,20 @@ impl Cx {
                     "`capture.ports` is empty: nothing would be captured",
                     "list at least one port, e.g. `ports: [443]`, or set `capture.enabled: false`",
                 );
+            }
+        }
+        if let Some(n) = f.get("scope")
+            && let Some(v) = self.string(n, "capture.scope")
+        {
+            match v.as_str() {
+                "provider" => out.scope = CaptureScope::Provider,
+                "port" => out.scope = CaptureScope::Port,
+                other => self.error_hint(
+                    n.pos,
+                    format!("unknown capture scope `{other}` in `capture.scope` (expected provider or port)"),
+                    "`provider` captures connections to provider addresses only; `port` captures every \
+                     connection to the capture ports and splices non-provider names",
+                ),
             }
         }
         out

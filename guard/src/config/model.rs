@@ -325,6 +325,33 @@ pub struct Capture {
     pub cidrs: Vec<IpPrefix>,
     /// `ports` (default `[443]`).
     pub ports: Vec<u16>,
+    /// `scope` (default `provider`): which connections to the ports go
+    /// through kt.
+    pub scope: CaptureScope,
+}
+
+/// `capture.scope`: which TCP connections to the capture ports kt sees.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CaptureScope {
+    /// `provider`: only those to the provider prefixes (resolved hosts and
+    /// `cidrs`); everything else never reaches kt.
+    #[default]
+    Provider,
+    /// `port`: every outbound connection to a capture port. Provider names
+    /// are terminated; other names on addresses outside the provider
+    /// prefixes are spliced by kt and recorded, so a provider edge kt never
+    /// resolved (DoH, `--resolve`, a hard-coded IP) is covered too.
+    Port,
+}
+
+impl CaptureScope {
+    /// The name written in the config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CaptureScope::Provider => "provider",
+            CaptureScope::Port => "port",
+        }
+    }
 }
 
 impl Default for Capture {
@@ -335,6 +362,7 @@ impl Default for Capture {
             hosts: None,
             cidrs: Vec::new(),
             ports: vec![443],
+            scope: CaptureScope::Provider,
         }
     }
 }

@@ -305,6 +305,7 @@ fn full_example_sets_every_optional_section() {
         ]
     );
     assert_eq!(cap.ports, vec![443, 8443]);
+    assert_eq!(cap.scope, CaptureScope::Port);
 }
 
 #[test]
@@ -569,6 +570,9 @@ fn addresses_durations_cidrs_ports() {
     assert_eq!(c.capture.cidrs[0].len, 32);
     assert_eq!(c.capture.cidrs[1].len, 0);
     assert_eq!(c.capture.ports, vec![1, 65535]);
+    assert_eq!(c.capture.scope, CaptureScope::Provider);
+    let port_wide = ok(&with("capture:\n  scope: port\n"));
+    assert_eq!(port_wide.capture.scope, CaptureScope::Port);
 
     let bad = [
         (
@@ -605,6 +609,11 @@ fn addresses_durations_cidrs_ports() {
             "capture:\n  hosts: ['api.openai.com:443']\n",
             "invalid host name",
         ),
+        (
+            "capture:\n  scope: everything\n",
+            "unknown capture scope `everything` in `capture.scope` (expected provider or port)",
+        ),
+        ("capture:\n  scope: 443\n", "capture.scope"),
     ];
     for (extra, want) in bad {
         let e = errs(&with(extra));

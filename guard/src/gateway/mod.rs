@@ -26,7 +26,7 @@ mod upstream;
 
 pub use handler::{GwBody, Mode};
 pub use relay::sse_error_event;
-pub use serve::CaptureLookup;
+pub use serve::{CaptureLookup, Captured};
 pub use upstream::{ConnectError, client_tls_config, connect_tcp};
 
 use std::collections::HashMap;
@@ -202,7 +202,7 @@ impl GatewayBuilder {
             client_tls_config(self.system_roots, &self.extra_roots).map_err(GatewayError::Tls)?;
         let connector = upstream::UpstreamConnector::new(
             Arc::new(tls),
-            self.exemption.clone(),
+            Arc::clone(&self.exemption),
             self.config.gateway.connect_timeout,
         );
         let client = Client::builder(TokioExecutor::new())
@@ -250,6 +250,7 @@ impl GatewayBuilder {
                 limit,
                 per_uid,
                 body_budget,
+                exemption: self.exemption,
             }),
         })
     }
@@ -275,6 +276,9 @@ pub(crate) struct Inner {
     per_uid: Arc<limit::UidBudget>,
     /// Bytes of request bodies held at once (`gateway.max_buffered_bytes`).
     body_budget: Arc<tokio::sync::Semaphore>,
+    /// Exempts the sockets of port-wide splices from capture, as upstream
+    /// sockets are.
+    exemption: Arc<dyn SocketExemption>,
 }
 
 /// A built gateway; cheap to clone (all clones share state).

@@ -15,10 +15,12 @@ use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 
+use super::connect::splice_with_idle;
 use super::handler::{self, ConnCtx, Mode};
 use super::limit::Slot;
 use super::tls::{HANDSHAKE_TIMEOUT, Hello, HelloError, Prefixed, read_client_hello};
 use super::{Gateway, GatewayError, stopped};
+use crate::config::CaptureScope;
 use crate::provider;
 use crate::record::{
     Arrival, ClientInfo, PolicyAction, PolicyId, PolicyNote, RequestRecord, codes,
@@ -33,6 +35,15 @@ pub(crate) struct Refusal {
     pub(crate) target: String,
     /// Why (`no-sni`, `ech`, …).
     pub(crate) rule: &'static str,
+}
+
+/// Where a port-wide splice goes and for whom.
+struct Splice {
+    dst: SocketAddr,
+    /// The name the client asked for (SNI).
+    host: String,
+    peer: Option<SocketAddr>,
+    client: ClientInfo,
 }
 
 /// A fatal TLS `access_denied` alert, so the client's TLS library reports
@@ -81,13 +92,25 @@ const MAX_H2_STREAMS: u32 = 32;
 /// few `/proc` reads, off the accept loop).
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// What the capture record says about a redirected connection.
+#[derive(Clone, Debug)]
+pub struct Captured {
+    /// The destination the client asked for.
+    pub original: SocketAddr,
+    /// The process behind it.
+    pub client: ClientInfo,
+    /// Whether `original` is inside the provider prefixes. Only a
+    /// connection outside them (port-wide capture) may ever be spliced.
+    pub provider_prefix: bool,
+}
+
 /// Looks up a redirected connection's original destination and process
 /// (the capture module's records). `None` when unknown.
 pub trait CaptureLookup: Send + Sync {
     /// `peer`: the client's address as accepted; `local`: the listener side.
     /// May block briefly (it reads `/proc`); the gateway calls it off the
     /// async workers.
-    fn lookup(&self, peer: SocketAddr, local: SocketAddr) -> Option<(SocketAddr, ClientInfo)>;
+    fn lookup(&self, peer: SocketAddr, local: SocketAddr) -> Option<Captured>;
 
     /// Whether connections without a record are refused (true for real
     /// capture; tests feed plain connections with no record).
@@ -190,7 +213,7 @@ impl Gateway {
                     tokio::task::spawn_blocking(move || lookup.lookup(peer, local)),
                 )
                 .await;
-                let (dst, info) = match found {
+                let found = match found {
                     Ok(Ok(Some(found))) => found,
                     // Not redirected by our programs: someone dialled the capture
                     // port directly. Splicing it "back" to the listener would loop.
@@ -198,12 +221,17 @@ impl Gateway {
                         tracing::warn!(%peer, "connection to the capture listener without a capture record: closed");
                         return;
                     }
-                    _ => (local, ClientInfo::default()),
+                    _ => Captured {
+                        original: local,
+                        client: ClientInfo::default(),
+                        provider_prefix: true,
+                    },
                 };
-                let Some(_uid_slot) = admit_uid(&gw.inner, Arrival::Capture, peer, &info) else {
+                let Some(_uid_slot) = admit_uid(&gw.inner, Arrival::Capture, peer, &found.client)
+                else {
                     return;
                 };
-                gw.serve_captured_slot(stream, dst, info, slot).await;
+                gw.serve_captured_slot(stream, found, slot).await;
             }
         })
         .await
@@ -247,7 +275,8 @@ impl Gateway {
     }
 
     /// Serves one redirected connection to completion (tests and callers
-    /// that accept themselves; counted in the connection budget).
+    /// that accept themselves; counted in the connection budget). The
+    /// destination counts as a provider address: never spliced.
     pub async fn serve_captured(
         &self,
         stream: TcpStream,
@@ -257,24 +286,31 @@ impl Gateway {
         let Some(slot) = self.inner.limit.admit().await else {
             return;
         };
-        self.serve_captured_slot(stream, original_dst, client, Arc::new(slot))
+        let found = Captured {
+            original: original_dst,
+            client,
+            provider_prefix: true,
+        };
+        self.serve_captured_slot(stream, found, Arc::new(slot))
             .await;
     }
 
     /// Decides a redirected connection by what the client says, and
-    /// either terminates it or refuses it: a TLS ClientHello naming a
-    /// provider host is terminated with a leaf for that name; plain HTTP is
-    /// served (the request's `Host` must then name a provider); everything
-    /// ambiguous — no SNI, an unparseable or oversized hello, ECH, another
-    /// name — is refused with a TLS alert and an event. Nothing is ever
-    /// passed on to the original destination undecided.
-    async fn serve_captured_slot(
-        &self,
-        mut stream: TcpStream,
-        original_dst: SocketAddr,
-        client: ClientInfo,
-        slot: Arc<Slot>,
-    ) {
+    /// either terminates it, refuses it, or (port-wide capture only)
+    /// splices it: a TLS ClientHello naming a provider host is terminated
+    /// with a leaf for that name; plain HTTP is served (the request's
+    /// `Host` must then name a provider); another name is spliced to its
+    /// original destination when capture is port-wide and that destination
+    /// is outside the provider prefixes; everything else — no SNI, an
+    /// unparseable or oversized hello, ECH, another name on a provider
+    /// address — is refused with a TLS alert and an event. Nothing reaches
+    /// a provider address undecided.
+    async fn serve_captured_slot(&self, mut stream: TcpStream, found: Captured, slot: Arc<Slot>) {
+        let Captured {
+            original: original_dst,
+            client,
+            provider_prefix,
+        } = found;
         let _ = stream.set_nodelay(true);
         let peer = stream.peer_addr().ok();
         let port = original_dst.port();
@@ -309,7 +345,6 @@ impl Gateway {
                 return;
             }
         };
-        let io = Prefixed::new(buf, stream);
         match hello {
             Hello::Plain => {
                 let ctx = Arc::new(ConnCtx {
@@ -321,11 +356,12 @@ impl Gateway {
                     client,
                     explicit: None,
                 });
+                let io = Prefixed::new(buf, stream);
                 self.serve_http(TokioIo::new(io), ctx, false, slot).await;
             }
             Hello::Tls { ech: true, sni } => {
                 self.refuse_connection(refuse("ech", sni));
-                send_alert(&mut io.into_inner()).await;
+                send_alert(&mut stream).await;
             }
             Hello::Tls { sni: None, .. } => {
                 let dst = original_dst.ip().to_string();
@@ -336,29 +372,104 @@ impl Gateway {
                         client,
                         explicit: None,
                     };
-                    self.terminate(io, ctx, slot).await;
+                    self.terminate(Prefixed::new(buf, stream), ctx, slot).await;
                     return;
                 }
                 self.refuse_connection(refuse("no-sni", None));
-                send_alert(&mut io.into_inner()).await;
+                send_alert(&mut stream).await;
             }
             Hello::Tls {
                 sni: Some(host), ..
             } => {
-                if self.inner.router.match_host(&host, Some(port)).is_none() {
-                    self.refuse_connection(refuse("non-provider-name", Some(host)));
-                    send_alert(&mut io.into_inner()).await;
+                if self.inner.router.match_host(&host, Some(port)).is_some() {
+                    let ctx = ConnCtx {
+                        mode: Mode::Capture { host, port },
+                        peer,
+                        client,
+                        explicit: None,
+                    };
+                    self.terminate(Prefixed::new(buf, stream), ctx, slot).await;
                     return;
                 }
-                let ctx = ConnCtx {
-                    mode: Mode::Capture { host, port },
-                    peer,
-                    client,
-                    explicit: None,
-                };
-                self.terminate(io, ctx, slot).await;
+                if self.inner.config.capture.scope == CaptureScope::Port && !provider_prefix {
+                    let to = Splice {
+                        dst: original_dst,
+                        host,
+                        peer,
+                        client,
+                    };
+                    self.splice_non_provider(stream, buf, to, slot).await;
+                    return;
+                }
+                self.refuse_connection(refuse("non-provider-name", Some(host)));
+                send_alert(&mut stream).await;
             }
         }
+    }
+
+    /// Port-wide capture: passes a connection that names no provider on to
+    /// the address it was going to, through a socket kt makes (exempted from
+    /// capture like kt's upstream sockets), the hello bytes already read
+    /// first, until both sides end or it is idle for `gateway.idle_timeout`.
+    /// Recorded as a `guard` audit event.
+    async fn splice_non_provider(
+        &self,
+        client_io: TcpStream,
+        hello: Vec<u8>,
+        to: Splice,
+        slot: Arc<Slot>,
+    ) {
+        use tokio::io::AsyncWriteExt as _;
+        // A decided connection: no longer idle, not evicted to make room.
+        slot.busy();
+        let started = std::time::Instant::now();
+        let gw = &self.inner.config.gateway;
+        let ip = to.dst.ip().to_string();
+        let upstream = tokio::time::timeout(
+            gw.connect_timeout,
+            super::connect_tcp(&ip, to.dst.port(), &*self.inner.exemption),
+        )
+        .await;
+        let upstream = match upstream {
+            Ok(Ok(mut up)) => match up.write_all(&hello).await {
+                Ok(()) => Ok(up),
+                Err(e) => Err(e.to_string()),
+            },
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("connect timed out".to_string()),
+        };
+        let n = self
+            .inner
+            .counter
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut rec = RequestRecord::new(
+            format!("{}-{n:x}", self.inner.id_prefix),
+            Arrival::Capture,
+            to.peer,
+            to.client,
+            "TLS".into(),
+        );
+        rec.path = format!("{}:{} ({})", to.host, to.dst.port(), to.dst);
+        rec.latency = started.elapsed();
+        rec.policy.push(PolicyNote {
+            policy: PolicyId::Guard,
+            action: PolicyAction::Audit,
+            rule: "spliced-non-provider".into(),
+            location: None,
+        });
+        let up = match upstream {
+            Ok(up) => up,
+            Err(e) => {
+                tracing::info!(host = %to.host, dst = %to.dst, error = %e, "non-provider splice: destination unreachable");
+                rec.error_code = Some(codes::SPLICE_FAILED);
+                self.inner.sink.record(rec);
+                return;
+            }
+        };
+        tracing::info!(host = %to.host, dst = %to.dst, "non-provider connection spliced (port-wide capture)");
+        self.inner.sink.record(rec);
+        splice_with_idle(client_io, up, gw.idle_timeout).await;
+        drop(slot);
     }
 
     /// Records a connection refused before any request, as a `guard` block.

@@ -239,13 +239,6 @@ impl<IO> Prefixed<IO> {
     }
 }
 
-impl<IO> Prefixed<IO> {
-    /// The stream underneath (unread prefix bytes are dropped).
-    pub(crate) fn into_inner(self) -> IO {
-        self.inner
-    }
-}
-
 impl<IO: AsyncRead + Unpin> AsyncRead for Prefixed<IO> {
     fn poll_read(
         mut self: std::pin::Pin<&mut Self>,

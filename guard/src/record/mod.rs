@@ -55,6 +55,9 @@ pub mod codes {
     /// (foreign `Host`, cross-site `Origin`), or from a client not in
     /// `gateway.clients`.
     pub const CLIENT_REFUSED: &str = "kt_client_refused";
+    /// Port-wide capture: a non-provider connection kt was to splice to its
+    /// original destination could not be connected there.
+    pub const SPLICE_FAILED: &str = "kt_splice_failed";
 }
 
 /// What is known about the process behind a connection (filled by capture;

@@ -155,6 +155,7 @@ pub(crate) fn render_notice(notice: Notice) {
             targets.join(", ")
         ),
         Notice::Capturing {
+            port_wide,
             prefixes,
             hosts,
             ports,
@@ -165,7 +166,14 @@ pub(crate) fn render_notice(notice: Notice) {
             targets,
         } => eprintln!(
             "kt: capturing {} port(s) {:?} for {} (capture listener {listen4}{}); explicit clients on http://{explicit}; targets: {}",
-            super::run::describe(&prefixes, &hosts),
+            if port_wide {
+                format!(
+                    "every destination (port-wide; provider prefixes {})",
+                    super::run::describe(&prefixes, &hosts)
+                )
+            } else {
+                super::run::describe(&prefixes, &hosts)
+            },
             ports,
             cgroup.display(),
             listen6.map(|a| format!(", {a}")).unwrap_or_default(),
