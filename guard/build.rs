@@ -15,8 +15,7 @@ fn has_toolchain(name: &str) -> bool {
     Command::new("rustup")
         .args(["run", name, "rustc", "--version"])
         .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
+        .is_ok_and(|o| o.status.success())
 }
 
 fn main() -> anyhow::Result<()> {

@@ -428,7 +428,7 @@ fn main() {
         }
         let t = Instant::now();
         while t.elapsed() < Duration::from_secs(5) {
-            black_box(scanner.scan(&req).map(|s| s.findings.len()).unwrap_or(0));
+            black_box(scanner.scan(&req).map_or(0, |s| s.findings.len()));
         }
         return;
     }
@@ -474,10 +474,10 @@ fn main() {
         let (scanner, no_terms) = (&scanner, &no_terms);
         let (naive, naive_str, terms) = (&naive, &naive_str, &terms);
         jobs.push(Box::new(move || {
-            scanner.scan(req).map(|s| s.findings.len()).unwrap_or(0)
+            scanner.scan(req).map_or(0, |s| s.findings.len())
         }));
         jobs.push(Box::new(move || {
-            no_terms.scan(req).map(|s| s.findings.len()).unwrap_or(0)
+            no_terms.scan(req).map_or(0, |s| s.findings.len())
         }));
         jobs.push(Box::new(move || {
             naive.iter().map(|re| re.find_iter(b).count()).sum()
@@ -486,10 +486,7 @@ fn main() {
     }
     let times = measure_all(&mut jobs);
     for (i, (size, case, b)) in rows.iter().enumerate() {
-        let findings = scanner
-            .scan(&reqs[i])
-            .map(|s| s.findings.len())
-            .unwrap_or(0);
+        let findings = scanner.scan(&reqs[i]).map_or(0, |s| s.findings.len());
         let (kt, kt_no_terms, rx, nv) = (
             times[4 * i],
             times[4 * i + 1],

@@ -46,9 +46,7 @@ pub fn default_dir() -> PathBuf {
 fn is_root() -> bool {
     use std::os::unix::fs::MetadataExt;
     // geteuid is not in std; the owner of /proc/self is the effective uid.
-    std::fs::metadata("/proc/self")
-        .map(|m| m.uid() == 0)
-        .unwrap_or(false)
+    fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
 }
 
 /// The local CA's directory.
@@ -168,7 +166,7 @@ pub enum UnsafePath {
         /// The path that could not be inspected.
         path: PathBuf,
         /// The OS error.
-        source: std::io::Error,
+        source: io::Error,
     },
 }
 
@@ -258,7 +256,7 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     fn mode(p: &Path) -> u32 {
-        std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+        fs::metadata(p).unwrap().permissions().mode() & 0o777
     }
 
     #[test]
@@ -272,9 +270,9 @@ mod tests {
         let db = events_db(&data);
         ensure_private_file(&db).unwrap();
         assert_eq!(mode(&db), 0o600);
-        std::fs::write(&db, b"kept").unwrap();
+        fs::write(&db, b"kept").unwrap();
         ensure_private_file(&db).unwrap();
-        assert_eq!(std::fs::read(&db).unwrap(), b"kept");
+        assert_eq!(fs::read(&db).unwrap(), b"kept");
 
         let key = fingerprint_key(&data);
         create_private_file(&key).unwrap();

@@ -70,7 +70,7 @@ impl TestCa {
     ) -> rustls::ServerConfig {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
         let mut all = vec!["localhost".to_string()];
-        all.extend(names.iter().map(|n| n.to_string()));
+        all.extend(names.iter().map(ToString::to_string));
         let mut params = CertificateParams::new(all).unwrap();
         params
             .subject_alt_names
@@ -220,7 +220,7 @@ impl FakeProvider {
                 tokio::spawn(async move {
                     let rtt = st.rtt_ms.load(std::sync::atomic::Ordering::Relaxed);
                     if rtt > 0 {
-                        tokio::time::sleep(std::time::Duration::from_millis(2 * rtt)).await;
+                        tokio::time::sleep(Duration::from_millis(2 * rtt)).await;
                     }
                     let Ok(tls) = acceptor.accept(tcp).await else {
                         return;
@@ -250,7 +250,7 @@ impl FakeProvider {
     }
 
     /// Simulates a round-trip time to this provider (see `State::rtt_ms`).
-    pub fn set_rtt(&self, rtt: std::time::Duration) {
+    pub fn set_rtt(&self, rtt: Duration) {
         self.state
             .rtt_ms
             .store(rtt.as_millis() as u64, std::sync::atomic::Ordering::Relaxed);
@@ -302,13 +302,13 @@ impl Body for ChanBody {
 async fn answer(st: Arc<State>, req: Request<Incoming>, peer: SocketAddr) -> Response<FakeBody> {
     let rtt = st.rtt_ms.load(std::sync::atomic::Ordering::Relaxed);
     if rtt > 0 {
-        tokio::time::sleep(std::time::Duration::from_millis(rtt)).await;
+        tokio::time::sleep(Duration::from_millis(rtt)).await;
     }
     let (parts, body) = req.into_parts();
     let body = body
         .collect()
         .await
-        .map(|c| c.to_bytes())
+        .map(http_body_util::Collected::to_bytes)
         .unwrap_or_default();
     let path = parts
         .uri
@@ -347,7 +347,11 @@ async fn answer(st: Arc<State>, req: Request<Incoming>, peer: SocketAddr) -> Res
             return Response::new(ChanBody(rx).boxed());
         }
         Behavior::SlowFirstByte => {
-            let _ = st.gate.acquire().await.map(|p| p.forget());
+            let _ = st
+                .gate
+                .acquire()
+                .await
+                .map(tokio::sync::SemaphorePermit::forget);
         }
         _ => {}
     }
@@ -407,7 +411,11 @@ async fn answer(st: Arc<State>, req: Request<Incoming>, peer: SocketAddr) -> Res
                 return;
             }
             Behavior::Gated => {
-                let _ = st2.gate.acquire().await.map(|p| p.forget());
+                let _ = st2
+                    .gate
+                    .acquire()
+                    .await
+                    .map(tokio::sync::SemaphorePermit::forget);
             }
             _ => {}
         }

@@ -166,7 +166,7 @@ struct Scenario {
     log: PathBuf,
     ca_pem: PathBuf,
     upstream_ca: TestCa,
-    _rt: tokio::runtime::Runtime,
+    rt: tokio::runtime::Runtime,
     _dir: tempfile::TempDir,
 }
 
@@ -220,7 +220,7 @@ impl Scenario {
             log,
             ca_pem,
             upstream_ca: ca,
-            _rt: rt,
+            rt,
             _dir: dir,
         };
         s.run_kt();
@@ -450,8 +450,10 @@ fn capture_port(log: &str) -> u16 {
         .nth(1)
         .and_then(|rest| rest.split([',', ')']).next())
         .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
-        .map(|a| a.port())
-        .unwrap_or_else(|| panic!("no capture listener in kt's log:\n{log}"))
+        .map_or_else(
+            || panic!("no capture listener in kt's log:\n{log}"),
+            |a| a.port(),
+        )
 }
 
 /// Runs the test client (outside the cgroup), lets it go, returns stdout.
@@ -670,7 +672,7 @@ fn another_name_on_a_provider_address_is_refused_not_spliced() {
 /// A non-provider HTTPS server on the capture port, outside the provider
 /// prefixes, with its own certificate for `site.kt-test`.
 fn site(s: &Scenario, net: u8) -> FakeProvider {
-    s._rt.block_on(FakeProvider::start_named(
+    s.rt.block_on(FakeProvider::start_named(
         &s.upstream_ca,
         "site",
         Behavior::Ok,

@@ -182,7 +182,7 @@ fn story(kt_bin: &Path, bin: &Path, cleanup: &Arc<Mutex<Cleanup>>) -> anyhow::Re
         });
     }
     wait_until(
-        || fake_lines.lock().map(|v| v.len() >= 2).unwrap_or(false),
+        || fake_lines.lock().is_ok_and(|v| v.len() >= 2),
         "the fake provider",
     )?;
 
@@ -265,11 +265,7 @@ fn story(kt_bin: &Path, bin: &Path, cleanup: &Arc<Mutex<Cleanup>>) -> anyhow::Re
         "kt: gateway listening"
     };
     wait_until(
-        || {
-            std::fs::read_to_string(&log)
-                .map(|t| t.contains(ready))
-                .unwrap_or(false)
-        },
+        || std::fs::read_to_string(&log).is_ok_and(|t| t.contains(ready)),
         "kt",
     )?;
     for l in std::fs::read_to_string(&log)?.lines() {
@@ -307,8 +303,7 @@ fn story(kt_bin: &Path, bin: &Path, cleanup: &Arc<Mutex<Cleanup>>) -> anyhow::Re
     wait_until(
         || {
             std::fs::read_to_string(&log)
-                .map(|t| t.contains("kt: stopped") || t.contains("stopping"))
-                .unwrap_or(false)
+                .is_ok_and(|t| t.contains("kt: stopped") || t.contains("stopping"))
         },
         "kt to stop",
     )?;
@@ -419,7 +414,7 @@ capture:
 }
 
 fn lock(c: &Arc<Mutex<Cleanup>>) -> std::sync::MutexGuard<'_, Cleanup> {
-    c.lock().unwrap_or_else(|p| p.into_inner())
+    c.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn wait_until(mut f: impl FnMut() -> bool, what: &str) -> anyhow::Result<()> {
@@ -452,8 +447,7 @@ fn is_root() -> bool {
     Command::new("id")
         .arg("-u")
         .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
 
 fn cgroup2() -> Option<PathBuf> {

@@ -149,9 +149,9 @@ pub struct PeerKey {
     pub addr_be: [u32; 4],
 }
 
-const _: () = assert!(core::mem::size_of::<CaptureConfig>() == 40);
-const _: () = assert!(core::mem::size_of::<Origin>() == 64);
-const _: () = assert!(core::mem::size_of::<PeerKey>() == 24);
+const _: () = assert!(size_of::<CaptureConfig>() == 40);
+const _: () = assert!(size_of::<Origin>() == 64);
+const _: () = assert!(size_of::<PeerKey>() == 24);
 
 #[cfg(feature = "user")]
 mod pod {

@@ -25,7 +25,7 @@ impl Programs for FakeCapture {
         None
     }
     fn exemption(&self) -> Arc<dyn SocketExemption> {
-        Arc::new(crate::capture::NoExemption)
+        Arc::new(NoExemption)
     }
 }
 

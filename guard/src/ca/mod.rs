@@ -237,7 +237,7 @@ impl Permitted {
         for subtree in ext.value.permitted_subtrees.iter().flatten() {
             match subtree.base {
                 x509_parser::extensions::GeneralName::DNSName(d) => {
-                    p.add(d).map_err(|e| bad(e.to_string()))?
+                    p.add(d).map_err(|e| bad(e.to_string()))?;
                 }
                 x509_parser::extensions::GeneralName::IPAddress(b) => {
                     let (ip, m): (IpAddr, &[u8]) = match b.len() {
@@ -589,7 +589,7 @@ pub fn pem_to_der(pem: &str) -> Option<CertificateDer<'static>> {
     use rustls_pki_types::pem::PemObject;
     CertificateDer::pem_slice_iter(pem.as_bytes())
         .next()
-        .and_then(|r| r.ok())
+        .and_then(Result::ok)
 }
 
 /// Picks the leaf by SNI (or the fallback name), minting it when needed.
@@ -725,7 +725,7 @@ mod tests {
     }
 
     fn hosts(list: &[&str]) -> Vec<String> {
-        list.iter().map(|h| h.to_string()).collect()
+        list.iter().map(ToString::to_string).collect()
     }
 
     #[test]

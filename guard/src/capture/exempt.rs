@@ -96,7 +96,7 @@ impl SocketExemption for ExemptionSlot {
 /// programs see through `bpf_get_socket_cookie`.
 pub fn socket_cookie(socket: &impl AsFd) -> io::Result<u64> {
     let mut cookie: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    let mut len = size_of::<u64>() as libc::socklen_t;
     // SAFETY: a valid fd for the duration of the call, an out-pointer to a
     // u64 and its length.
     let rc = unsafe {
@@ -111,7 +111,7 @@ pub fn socket_cookie(socket: &impl AsFd) -> io::Result<u64> {
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    if len as usize != std::mem::size_of::<u64>() {
+    if len as usize != size_of::<u64>() {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             "SO_COOKIE returned an unexpected length",

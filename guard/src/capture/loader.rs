@@ -210,8 +210,7 @@ impl Capture {
                 // never collides with the pins it is about to replace.
                 let nanos = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
-                    .map(|t| t.as_nanos())
-                    .unwrap_or(0);
+                    .map_or(0, |t| t.as_nanos());
                 let own = d.join(format!("{}-{nanos}", std::process::id()));
                 std::fs::create_dir_all(&own).map_err(|e| {
                     CaptureError::Spec(format!(
@@ -299,7 +298,13 @@ impl Capture {
 /// An attached program's link: dropping an `Fd` detaches it; a `Pinned`
 /// one is unpinned first unless the capture keeps its pins.
 enum Link {
-    Fd(#[allow(dead_code)] FdLink),
+    Fd(
+        #[allow(
+            dead_code,
+            reason = "held only so the link stays attached until dropped"
+        )]
+        FdLink,
+    ),
     Pinned(PinnedLink),
 }
 
@@ -354,20 +359,20 @@ fn remove_pins(dir: &Path) {
             Ok(link) => match link.unpin() {
                 Ok(fd) => drop(fd),
                 Err(e) => {
-                    tracing::warn!(path = %entry.path().display(), error = %e, "cannot unpin a stale capture link")
+                    tracing::warn!(path = %entry.path().display(), error = %e, "cannot unpin a stale capture link");
                 }
             },
             Err(e) => {
-                tracing::warn!(path = %entry.path().display(), error = %e, "not a capture link; left alone")
+                tracing::warn!(path = %entry.path().display(), error = %e, "not a capture link; left alone");
             }
         }
     }
     match std::fs::remove_dir(dir) {
         Ok(()) => {
-            tracing::info!(dir = %dir.display(), "replaced capture links left by an earlier run")
+            tracing::info!(dir = %dir.display(), "replaced capture links left by an earlier run");
         }
         Err(e) => {
-            tracing::warn!(dir = %dir.display(), error = %e, "cannot remove an old pin directory")
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot remove an old pin directory");
         }
     }
 }
@@ -455,7 +460,7 @@ fn own_netns_cookie() -> u64 {
         return 0;
     };
     let mut cookie: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    let mut len = size_of::<u64>() as libc::socklen_t;
     // SAFETY: valid fd, out-pointer to a u64 and its length.
     let rc = unsafe {
         libc::getsockopt(

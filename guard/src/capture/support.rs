@@ -28,9 +28,7 @@ pub fn kernel_support() -> KernelSupport {
     use std::os::unix::fs::MetadataExt;
     KernelSupport {
         cgroup2: super::cgroup2_mount().ok(),
-        bpf_permitted: std::fs::metadata("/proc/self")
-            .map(|m| m.uid() == 0)
-            .unwrap_or(false),
+        bpf_permitted: std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0),
         btf: Path::new("/sys/kernel/btf/vmlinux").exists(),
         kernel_release: std::fs::read_to_string("/proc/sys/kernel/osrelease")
             .ok()

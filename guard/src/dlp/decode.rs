@@ -112,10 +112,10 @@ fn read_capped(
 /// matches map back to the raw URL. With no `%` in `s` (the usual case)
 /// nothing is copied and the map is empty, meaning offsets are unchanged
 /// (see [`url_offset`]).
-pub(crate) fn percent_decode(s: &str) -> (std::borrow::Cow<'_, [u8]>, Vec<usize>) {
+pub(crate) fn percent_decode(s: &str) -> (Cow<'_, [u8]>, Vec<usize>) {
     let b = s.as_bytes();
     if memchr::memchr(b'%', b).is_none() {
-        return (std::borrow::Cow::Borrowed(b), Vec::new());
+        return (Cow::Borrowed(b), Vec::new());
     }
     let mut out = Vec::with_capacity(b.len());
     let mut map = Vec::with_capacity(b.len() + 1);
@@ -137,7 +137,7 @@ pub(crate) fn percent_decode(s: &str) -> (std::borrow::Cow<'_, [u8]>, Vec<usize>
         i += 1;
     }
     map.push(b.len());
-    (std::borrow::Cow::Owned(out), map)
+    (Cow::Owned(out), map)
 }
 
 /// The raw URL offset of decoded offset `i` (see [`percent_decode`]).

@@ -756,7 +756,7 @@ impl Scanner {
             });
         }
         if let Some(set) = &self.fallback_set {
-            for set_idx in set.matches(data).iter() {
+            for set_idx in &set.matches(data) {
                 let r = self.fallback[set_idx];
                 for m in self.rules[r].regex.find_iter(data) {
                     let spans = buf.spans(m.start(), m.end());
@@ -1135,7 +1135,7 @@ impl Buffer {
             // Valid JSON strings hold no raw line breaks: copy in one go.
             Some(_) if !s.escaped => sink(Segment::Bytes(s.raw)),
             Some(start) => {
-                decode::segments_at(body, start..start + s.raw.len(), escapes, &mut sink)
+                decode::segments_at(body, start..start + s.raw.len(), escapes, &mut sink);
             }
             None => decode::segments(s.raw, false, &mut sink),
         }

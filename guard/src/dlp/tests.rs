@@ -940,13 +940,13 @@ fn arbitrary_bodies_never_panic() {
 fn every_builtin_rule_has_a_literal_prefix() {
     // A rule without one runs over the whole text of every request.
     for r in builtin_rules() {
-        let lits = super::prefix_literals(r.regex).unwrap_or_default();
+        let lits = prefix_literals(r.regex).unwrap_or_default();
         assert!(!lits.is_empty(), "{} has no literal prefix", r.id);
         assert!(lits.iter().all(|l| l.len() >= 3), "{}: {lits:?}", r.id);
         // And each is searched for in base64 at every byte alignment.
         if !SHORT_PREFIX.contains(&r.id) {
             for l in &lits {
-                let n = super::b64::spellings(l).len();
+                let n = b64::spellings(l).len();
                 assert_eq!(n, 3, "{}: {:?}", r.id, String::from_utf8_lossy(l));
             }
         }

@@ -57,7 +57,7 @@ impl EventStore {
         if !self.has_schema() {
             return Ok(Vec::new());
         }
-        let cutoff = since.map(since_cutoff_ms).unwrap_or(i64::MIN);
+        let cutoff = since.map_or(i64::MIN, since_cutoff_ms);
         // Uncaptured clients have no pid: fall back to the address so that
         // two such clients are not merged into one anonymous row.
         let mut stmt = self

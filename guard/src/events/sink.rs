@@ -50,8 +50,7 @@ impl RecordSink for EventSink {
 /// insert and any later amendment, which finds the event by it.
 fn event_time_ms(time: SystemTime) -> i64 {
     time.duration_since(std::time::UNIX_EPOCH)
-        .map(|t| i64::try_from(t.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
+        .map_or(0, |t| i64::try_from(t.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// Converts a stream cut into the stored outcome.

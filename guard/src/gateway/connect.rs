@@ -42,7 +42,7 @@ impl Gateway {
         peer: Option<SocketAddr>,
         client: ClientInfo,
         slot: Arc<Slot>,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Response<GwBody>> + Send>> {
+    ) -> std::pin::Pin<Box<dyn Future<Output = Response<GwBody>> + Send>> {
         // Boxed: the tunnel task it spawns serves HTTP again, and an `async
         // fn` here would make that future's type contain itself.
         let gw = self.clone();
@@ -130,7 +130,7 @@ impl Gateway {
                 }
                 Tunnel::Decide => {
                     gw.decide_tunnel(upgraded, host, port, peer, client, slot)
-                        .await
+                        .await;
                 }
             }
         });

@@ -215,8 +215,7 @@ impl GatewayBuilder {
             "{:x}",
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_micros())
-                .unwrap_or(0)
+                .map_or(0, |d| d.as_micros())
         );
         let limit = limit::ConnLimit::new(self.config.gateway.max_connections);
         let per_uid = limit::UidBudget::new(self.config.gateway.max_connections_per_uid);

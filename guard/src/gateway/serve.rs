@@ -186,7 +186,7 @@ impl Gateway {
                 mode: Mode::BaseUrl,
                 peer: Some(peer),
                 client: ClientInfo::default(),
-                explicit: Some(super::handler::ExplicitPeer::new(local)),
+                explicit: Some(handler::ExplicitPeer::new(local)),
             });
             gw.serve_http(TokioIo::new(stream), ctx, true, slot).await;
         })
@@ -247,7 +247,7 @@ impl Gateway {
     ) -> Result<(), GatewayError>
     where
         F: Fn(Gateway, TcpStream, SocketAddr, Arc<Slot>) -> Fut,
-        Fut: std::future::Future<Output = ()> + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
     {
         let mut stop = self.shutting_down();
         loop {
@@ -582,7 +582,9 @@ impl Gateway {
             .max_concurrent_streams(MAX_H2_STREAMS);
         let conn = builder.serve_connection_with_upgrades(io, svc).into_owned();
         let watched = match self.inner.graceful.lock() {
-            Ok(g) => g.as_ref().map(|g| g.watcher()),
+            Ok(g) => g
+                .as_ref()
+                .map(hyper_util::server::graceful::GracefulShutdown::watcher),
             Err(_) => None,
         };
         let served = async move {

@@ -38,7 +38,7 @@ pub enum RoutingError {
         target: String,
         /// What is wrong with it.
         #[source]
-        source: crate::provider::BadKey,
+        source: provider::BadKey,
     },
     /// The upstream path built for a request is not a valid URI.
     #[error("target {target}: cannot build upstream uri for path {path:?}")]

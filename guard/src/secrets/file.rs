@@ -91,7 +91,7 @@ impl FileStore {
     }
 
     fn key_id(key: &[u8; 32]) -> [u8; KEY_ID_LEN] {
-        let mut mac = <Hmac<Sha256> as hmac::KeyInit>::new_from_slice(key)
+        let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(key)
             .unwrap_or_else(|_| unreachable!("HMAC accepts keys of any length"));
         mac.update(b"kt secret store key id v1");
         let digest = mac.finalize().into_bytes();

@@ -41,7 +41,9 @@ impl MemoryStore {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, (EntryMeta, SecretValue)>> {
         // A panic while holding the lock cannot leave a map half-written.
-        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+        self.entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 

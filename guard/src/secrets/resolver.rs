@@ -50,7 +50,7 @@ impl Resolver {
         &self,
         fingerprinter: &Fingerprinter,
     ) -> Result<Vec<KnownSecret>, SecretsError> {
-        let stores: Vec<&dyn SecretStore> = self.stores.iter().map(|s| s.as_ref()).collect();
+        let stores: Vec<&dyn SecretStore> = self.stores.iter().map(AsRef::as_ref).collect();
         known_secrets(&stores, fingerprinter)
     }
 

@@ -210,7 +210,7 @@ fn https(addr: SocketAddr, sni: &str, mark: Option<u32>) -> Result<(), String> {
         .and_then(|l| l.split_whitespace().nth(1))
         .unwrap_or("none");
     println!("status={status}");
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
     println!("body={}", body.replace(['\r', '\n'], " "));
     Ok(())
 }
@@ -275,7 +275,7 @@ fn connect_loop(addr: SocketAddr, n: u32) -> Result<(), String> {
         .map_err(|e| format!("socket: {e}"))?;
         // Close with RST: no TIME_WAIT, so thousands of runs do not exhaust
         // ephemeral ports and slow later runs down.
-        s.set_linger(Some(std::time::Duration::ZERO))
+        s.set_linger(Some(Duration::ZERO))
             .map_err(|e| format!("SO_LINGER: {e}"))?;
         s.connect(&addr.into())
             .map_err(|e| format!("connect: {e}"))?;

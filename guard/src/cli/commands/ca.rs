@@ -190,8 +190,7 @@ fn print_env_hints(cert_path: &Path, installed: bool, out: &mut Output<'_>) -> i
     let bundle = SYSTEM_BUNDLES
         .iter()
         .find(|b| installed && Path::new(b).is_file())
-        .map(|b| b.to_string())
-        .unwrap_or_else(|| p.clone());
+        .map_or_else(|| p.clone(), ToString::to_string);
     let hints = EnvHints {
         path: p.clone(),
         env: EnvVars {

@@ -268,21 +268,20 @@ fn render(cols: &[String; 9], widths: &[usize; 8]) -> String {
 /// The table cells of one event (not yet made safe for a terminal).
 fn human_row(e: &Event) -> [String; 9] {
     let dash = || "-".to_string();
-    let mut status = e.status.map(|s| s.to_string()).unwrap_or_else(dash);
+    let mut status = e.status.map_or_else(dash, |s| s.to_string());
     // The status went out before the body was cut: mark it, say why below.
     if e.stream.is_some() {
         status.push('*');
     }
-    let latency = e.latency_ms.map(|l| format!("{l}ms")).unwrap_or_else(dash);
+    let latency = e.latency_ms.map_or_else(dash, |l| format!("{l}ms"));
     let key = e
         .key
         .as_ref()
-        .map(|k| match (&k.matches_secret, k.managed) {
+        .map_or_else(dash, |k| match (&k.matches_secret, k.managed) {
             (Some(name), _) => format!("{} ({name})", k.fingerprint),
             (None, true) => k.fingerprint.clone(),
             (None, false) => format!("{} (unmanaged)", k.fingerprint),
-        })
-        .unwrap_or_else(dash);
+        });
     let rules: Vec<String> = e
         .policy
         .iter()

@@ -52,11 +52,11 @@ pub fn run(cmd: GatewayCmd, global: &Global) -> anyhow::Result<ExitStatus> {
             crate::cli::with_std_output(global, |out| check(&args, global, out))
         }
         GatewayCmd::Run(args) => {
-            let config = match crate::cli::with_std_output(global, |out| {
+            let Some(config) = crate::cli::with_std_output(global, |out| {
                 crate::cli::load_config(&args.config, out)
-            })? {
-                Some(c) => c,
-                None => return Ok(ExitStatus::Failure),
+            })?
+            else {
+                return Ok(ExitStatus::Failure);
             };
             serve_explicit(config, args.listen, global)
         }
@@ -223,8 +223,7 @@ fn print_human(w: &mut dyn Write, r: &Report, verbose: bool) -> io::Result<()> {
                 "  cgroup2   {}",
                 k.cgroup2
                     .as_ref()
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_else(|| "not mounted".into())
+                    .map_or_else(|| "not mounted".into(), |p| p.display().to_string())
             )?;
             writeln!(
                 w,

@@ -478,7 +478,7 @@ fn rm(name: &str, global: &Global, con: &mut dyn Console) -> anyhow::Result<Exit
 
 /// Shows a status report (table or JSON on stdout, problems on stderr);
 /// failure when a required target does not resolve.
-fn write_status(report: &StatusReport, out: &mut Output<'_>) -> std::io::Result<ExitStatus> {
+fn write_status(report: &StatusReport, out: &mut Output<'_>) -> io::Result<ExitStatus> {
     let doc = StatusDoc {
         config: &report.config,
         ok: report.ok(),
