@@ -48,11 +48,11 @@ impl SocketExemption for CaptureExemption {
         let cookie = socket_cookie(socket).map_err(CaptureError::Cookie)?;
         let mut map = self.map.lock().map_err(|_| CaptureError::Map {
             name: map::EXEMPT,
-            detail: "lock poisoned".into(),
+            source: super::MapFault::Poisoned,
         })?;
         map.insert(cookie, 1, 0).map_err(|e| CaptureError::Map {
             name: map::EXEMPT,
-            detail: e.to_string(),
+            source: super::MapFault::Kernel(e),
         })
     }
 }

@@ -16,9 +16,9 @@ use guard_ebpf_common::{
     FLAG_REFUSE_UDP, MAX_OWN_PORTS, ORIGIN_PROVIDER_PREFIX, Origin, PeerKey, map, prog,
 };
 
-use super::CaptureError;
 use super::exempt::CaptureExemption;
 use super::prefix::split;
+use super::{BoxError, CaptureError, MapFault};
 use crate::config::IpPrefix;
 
 /// The eBPF object built by `build.rs` from `guard-ebpf`.
@@ -103,7 +103,7 @@ impl std::fmt::Debug for Capture {
 fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> CaptureError {
     move |e| CaptureError::Map {
         name,
-        detail: e.to_string(),
+        source: MapFault::Kernel(e),
     }
 }
 
@@ -119,7 +119,7 @@ impl Capture {
         })?;
         let mut ebpf = Ebpf::load(OBJECT).map_err(|e| CaptureError::Load {
             name: "guard-ebpf".into(),
-            detail: e.to_string(),
+            source: Box::new(e),
         })?;
 
         // Maps first, so no program ever runs with an empty config.
@@ -194,15 +194,15 @@ impl Capture {
     }
 
     fn attach_all(&mut self, cgroup: &File, spec: &CaptureSpec) -> Result<(), CaptureError> {
-        let load_err = |name: &str, e: &dyn std::fmt::Display| CaptureError::Load {
+        let load_err = |name: &str, e: BoxError| CaptureError::Load {
             name: name.to_string(),
-            detail: e.to_string(),
+            source: e,
         };
         let cgroup_path = self.cgroup.clone();
-        let attach_err = |name: &str, e: &dyn std::fmt::Display| CaptureError::Attach {
+        let attach_err = |name: &str, e: BoxError| CaptureError::Attach {
             name: name.to_string(),
             cgroup: cgroup_path.clone(),
-            detail: e.to_string(),
+            source: e,
         };
         let pin_dir = match &spec.pin_dir {
             Some(d) => {
@@ -228,24 +228,32 @@ impl Capture {
         };
         for name in prog::ALL {
             let Some(program) = self.ebpf.program_mut(name) else {
-                return Err(load_err(name, &"missing from the object"));
+                return Err(load_err(name, "missing from the object".into()));
             };
             // On kernels with BPF links (5.7+, what aya uses there) the kernel
             // requires flags 0 and link attachments always coexist with other
             // tools' programs; `Single` is the variant that passes 0.
             let mode = CgroupAttachMode::Single;
             let fd_link: FdLink = if name == prog::SOCK_OPS {
-                let p: &mut SockOps = program.try_into().map_err(|e| load_err(name, &e))?;
-                p.load().map_err(|e| load_err(name, &e))?;
-                let id = p.attach(cgroup, mode).map_err(|e| attach_err(name, &e))?;
-                let link = p.take_link(id).map_err(|e| attach_err(name, &e))?;
-                FdLink::try_from(link).map_err(|e| attach_err(name, &e))?
+                let p: &mut SockOps = program
+                    .try_into()
+                    .map_err(|e: aya::programs::ProgramError| load_err(name, e.into()))?;
+                p.load().map_err(|e| load_err(name, e.into()))?;
+                let id = p
+                    .attach(cgroup, mode)
+                    .map_err(|e| attach_err(name, e.into()))?;
+                let link = p.take_link(id).map_err(|e| attach_err(name, e.into()))?;
+                FdLink::try_from(link).map_err(|e| attach_err(name, e.into()))?
             } else {
-                let p: &mut CgroupSockAddr = program.try_into().map_err(|e| load_err(name, &e))?;
-                p.load().map_err(|e| load_err(name, &e))?;
-                let id = p.attach(cgroup, mode).map_err(|e| attach_err(name, &e))?;
-                let link = p.take_link(id).map_err(|e| attach_err(name, &e))?;
-                FdLink::try_from(link).map_err(|e| attach_err(name, &e))?
+                let p: &mut CgroupSockAddr = program
+                    .try_into()
+                    .map_err(|e: aya::programs::ProgramError| load_err(name, e.into()))?;
+                p.load().map_err(|e| load_err(name, e.into()))?;
+                let id = p
+                    .attach(cgroup, mode)
+                    .map_err(|e| attach_err(name, e.into()))?;
+                let link = p.take_link(id).map_err(|e| attach_err(name, e.into()))?;
+                FdLink::try_from(link).map_err(|e| attach_err(name, e.into()))?
             };
             // An early return drops `self`, and with it every link attached
             // so far (and its pin, see Drop).
@@ -253,7 +261,7 @@ impl Capture {
                 Some(dir) => Link::Pinned(
                     fd_link
                         .pin(dir.join(name))
-                        .map_err(|e| attach_err(name, &e))?,
+                        .map_err(|e| attach_err(name, e.into()))?,
                 ),
                 None => Link::Fd(fd_link),
             };
@@ -380,7 +388,7 @@ fn remove_pins(dir: &Path) {
 fn missing(name: &'static str) -> CaptureError {
     CaptureError::Map {
         name,
-        detail: "missing from the eBPF object".into(),
+        source: MapFault::Missing,
     }
 }
 
@@ -395,7 +403,7 @@ fn replace_trie<const N: usize>(
 ) -> Result<(), CaptureError> {
     let mut trie = trie.lock().map_err(|_| CaptureError::Map {
         name,
-        detail: "lock poisoned".into(),
+        source: MapFault::Poisoned,
     })?;
     let old: Vec<Key<[u8; N]>> = trie.keys().filter_map(Result::ok).collect();
     // Insert the new set before removing stale keys so no address that stays

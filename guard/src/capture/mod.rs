@@ -31,6 +31,23 @@ pub use support::{
     KernelSupport, kernel_support, loaded_capture_programs, squat_warnings, unprivileged_port_start,
 };
 
+/// A boxed cause from aya (its program, object and link errors differ in type).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What went wrong with an eBPF map.
+#[derive(Debug, thiserror::Error)]
+pub enum MapFault {
+    /// The object has no map of that name.
+    #[error("missing from the eBPF object")]
+    Missing,
+    /// A thread panicked while holding the map.
+    #[error("its lock was poisoned by a panic")]
+    Poisoned,
+    /// The kernel refused an operation on it.
+    #[error(transparent)]
+    Kernel(#[from] aya::maps::MapError),
+}
+
 /// Errors from loading, attaching and reading the capture programs.
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
@@ -44,31 +61,34 @@ pub enum CaptureError {
     },
     /// The kernel refused to load the object or a program.
     #[error(
-        "cannot load eBPF program {name}: {detail} (needs root or CAP_BPF+CAP_NET_ADMIN, and a kernel with cgroup-v2 BPF hooks)"
+        "cannot load eBPF program {name} (needs root or CAP_BPF+CAP_NET_ADMIN, and a kernel with cgroup-v2 BPF hooks)"
     )]
     Load {
         /// Program or object name.
         name: String,
-        /// The loader's message.
-        detail: String,
+        /// The loader's error.
+        #[source]
+        source: BoxError,
     },
     /// Attaching a program to the cgroup failed.
-    #[error("cannot attach eBPF program {name} to {cgroup}: {detail}")]
+    #[error("cannot attach eBPF program {name} to {cgroup}")]
     Attach {
         /// Program name.
         name: String,
         /// The cgroup directory.
         cgroup: std::path::PathBuf,
-        /// The loader's message.
-        detail: String,
+        /// The loader's error.
+        #[source]
+        source: BoxError,
     },
     /// A map was missing from the object or could not be updated.
-    #[error("eBPF map {name}: {detail}")]
+    #[error("eBPF map {name}")]
     Map {
         /// Map name.
         name: &'static str,
         /// What went wrong.
-        detail: String,
+        #[source]
+        source: MapFault,
     },
     /// A socket's cookie could not be read, so it cannot be exempted.
     #[error("cannot read the socket cookie (SO_COOKIE): {0}")]
