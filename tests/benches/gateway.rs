@@ -436,6 +436,63 @@ async fn start_kt(dir: &Path, upstream: &FakeProvider, ca_pem: &Path) -> (Stoppe
     (p, addr)
 }
 
+/// RSS of process `pid`, KiB.
+fn rss_of(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// 5,000 connections that never send a byte against `kt gateway run` with
+/// its default budget (4,096): kt's memory stays bounded and a new client is
+/// still served.
+async fn idle_flood(upstream: &FakeProvider, upstream_ca: &TestCa) {
+    const FLOOD: usize = 5000;
+    let dir = std::env::temp_dir().join(format!("kt-bench-flood-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca_pem = dir.join("upstream-ca.pem");
+    std::fs::write(&ca_pem, &upstream_ca.pem).unwrap();
+    let (kt, addr) = start_kt(&dir, upstream, &ca_pem).await;
+    let pid = kt.child.id();
+    let ep = Endpoint::plain(addr, "/openai/v1/chat/completions");
+    let body = body_of(1024);
+    let mut warm = conn(&ep).await;
+    one(&mut warm, &body).await;
+    drop(warm);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = rss_of(pid);
+    let mut idle = Vec::with_capacity(FLOOD);
+    for _ in 0..FLOOD {
+        match TcpStream::connect(addr).await {
+            Ok(s) => idle.push(s),
+            Err(_) => break,
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let t0 = Instant::now();
+    let mut c = conn(&ep).await;
+    one(&mut c, &body).await;
+    let served_in = t0.elapsed();
+    let after = rss_of(pid);
+    println!(
+        "idle flood: {} connections that send nothing against kt gateway run (max_connections 4096): kt RSS {} -> {} KiB (+{} KiB); a new client was served in {:.1} ms",
+        idle.len(),
+        before,
+        after,
+        after.saturating_sub(before),
+        served_in.as_secs_f64() * 1e3
+    );
+    drop(idle);
+    drop(kt);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// One endpoint's figures over all rounds of the proxy comparison.
 #[derive(Default)]
 struct ProxyFigures {
@@ -745,6 +802,7 @@ async fn main() {
     }
 
     proxy_comparison(&fake, &upstream_ca, &direct_cfg).await;
+    idle_flood(&fake, &upstream_ca).await;
     println!();
 
     // Handshakes on the capture listener, from a child process so the

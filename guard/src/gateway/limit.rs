@@ -7,12 +7,8 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
-
-/// How long a new connection waits for an evicted one to give its slot back.
-const EVICT_WAIT: Duration = Duration::from_millis(500);
 
 /// Connections served at once, with eviction of idle ones.
 pub(crate) struct ConnLimit {
@@ -27,14 +23,21 @@ pub(crate) struct ConnLimit {
 struct Idle {
     /// Ids oldest first; ids no longer in `wake` are skipped (lazy removal).
     order: VecDeque<u64>,
-    wake: HashMap<u64, Arc<Notify>>,
+    wake: HashMap<u64, Arc<Shared>>,
+}
+
+/// What an idle connection shares with the budget: its permit, which a new
+/// connection takes over directly (no waiting for the old task to run), and
+/// the signal that tells the old task to close.
+struct Shared {
+    permit: Mutex<Option<OwnedSemaphorePermit>>,
+    evict: Notify,
 }
 
 /// One admitted connection. Dropping it frees the slot.
 pub(crate) struct Slot {
-    _permit: OwnedSemaphorePermit,
+    shared: Arc<Shared>,
     id: u64,
-    evict: Arc<Notify>,
     limit: Arc<ConnLimit>,
     /// Requests (and tunnels) in progress; at zero the connection is idle
     /// again and may be closed to make room.
@@ -65,48 +68,45 @@ impl ConnLimit {
         let permit = match Arc::clone(&self.permits).try_acquire_owned() {
             Ok(p) => p,
             Err(_) => {
-                if !self.evict_oldest_idle() {
+                let Some(p) = self.evict_oldest_idle() else {
                     self.refused.fetch_add(1, Ordering::Relaxed);
                     return None;
-                }
-                let wait = Arc::clone(&self.permits).acquire_owned();
-                match tokio::time::timeout(EVICT_WAIT, wait).await {
-                    Ok(Ok(p)) => p,
-                    _ => {
-                        self.refused.fetch_add(1, Ordering::Relaxed);
-                        return None;
-                    }
-                }
+                };
+                p
             }
         };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let evict = Arc::new(Notify::new());
+        let shared = Arc::new(Shared {
+            permit: Mutex::new(Some(permit)),
+            evict: Notify::new(),
+        });
         if let Ok(mut idle) = self.idle.lock() {
             idle.order.push_back(id);
-            idle.wake.insert(id, Arc::clone(&evict));
+            idle.wake.insert(id, Arc::clone(&shared));
         }
         Some(Slot {
-            _permit: permit,
+            shared,
             id,
-            evict,
             limit: Arc::clone(self),
             in_flight: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
-    fn evict_oldest_idle(&self) -> bool {
-        let Ok(mut idle) = self.idle.lock() else {
-            return false;
-        };
+    /// Takes the slot of the oldest idle connection and tells it to close.
+    fn evict_oldest_idle(&self) -> Option<OwnedSemaphorePermit> {
+        let mut idle = self.idle.lock().ok()?;
         while let Some(id) = idle.order.pop_front() {
-            if let Some(wake) = idle.wake.remove(&id) {
+            if let Some(victim) = idle.wake.remove(&id) {
+                let permit = victim.permit.lock().ok().and_then(|mut p| p.take());
                 // notify_one stores a permit, so a task not yet waiting still sees it.
-                wake.notify_one();
-                self.evicted.fetch_add(1, Ordering::Relaxed);
-                return true;
+                victim.evict.notify_one();
+                if let Some(p) = permit {
+                    self.evicted.fetch_add(1, Ordering::Relaxed);
+                    return Some(p);
+                }
             }
         }
-        false
+        None
     }
 
     fn forget(&self, id: u64) {
@@ -152,14 +152,14 @@ impl Slot {
             // Checked under the lock, so a request starting now is seen.
             if self.in_flight.load(Ordering::SeqCst) == 0 {
                 idle.order.push_back(self.id);
-                idle.wake.insert(self.id, Arc::clone(&self.evict));
+                idle.wake.insert(self.id, Arc::clone(&self.shared));
             }
         }
     }
 
     /// Resolves when this connection was chosen to make room.
     pub(crate) async fn evicted(&self) {
-        self.evict.notified().await;
+        self.shared.evict.notified().await;
     }
 }
 
