@@ -7,8 +7,15 @@
 //!    provider versus through `kt run` capture, with 20 ms of simulated
 //!    round-trip time on the provider: the guard pools upstream connections,
 //!    so it should be no slower.
+//! 3. The splice path of `capture.scope: port`: a non-provider HTTPS site
+//!    on loopback, reached by a new curl per request either straight (on a
+//!    port that is not captured) or through kt's port-wide capture (on the
+//!    captured port: kt reads the hello, connects itself and splices),
+//!    alternately in the same run: time to first byte of a small answer
+//!    (the added latency) and the rate of 1 MiB and 64 MiB downloads.
 //!
 //! Prints figures and ratios; asserts nothing about speed.
+//! `KT_BENCH_SPLICE_ONLY=1` runs part 3 alone.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
@@ -26,11 +33,16 @@ const KT: &str = env!("CARGO_BIN_EXE_kt-under-test");
 const CONNECTS: u32 = 10_000;
 const ROUNDS: usize = 4;
 const COLD_REQUESTS: usize = 10;
+/// Requests of each kind on the splice path, straight and through kt.
+const SPLICE_RUNS: usize = 15;
 
 fn main() {
     let mut cg = TestCgroup::new("bench").expect("needs root and cgroup v2");
-    connect_rate(&mut cg);
-    cold_client(&mut cg);
+    if std::env::var_os("KT_BENCH_SPLICE_ONLY").is_none() {
+        connect_rate(&mut cg);
+        cold_client(&mut cg);
+    }
+    splice_path(&mut cg);
 }
 
 fn run_in(
@@ -280,4 +292,268 @@ fn cold_client(cg: &mut TestCgroup) {
         "  ratio through/straight: {:.2} (below 1.0: the guard is faster thanks to pooled upstream connections)",
         med(&through) / med(&direct)
     );
+}
+
+/// A plain HTTPS site for the splice bench: answers `GET /<bytes>` with
+/// that many bytes (HTTP/1.1, then closes). Its certificate names
+/// `site.kt-test` and is signed by `ca`, which kt does not hold.
+async fn serve_site(listener: tokio::net::TcpListener, cfg: std::sync::Arc<rustls::ServerConfig>) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
+    let chunk = vec![b'x'; 256 * 1024];
+    let chunk = std::sync::Arc::new(chunk);
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            continue;
+        };
+        let acceptor = acceptor.clone();
+        let chunk = chunk.clone();
+        tokio::spawn(async move {
+            let _ = tcp.set_nodelay(true);
+            let Ok(mut tls) = acceptor.accept(tcp).await else {
+                return;
+            };
+            let mut head = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match tls.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+            }
+            let line = String::from_utf8_lossy(&head);
+            let size: usize = line
+                .split_whitespace()
+                .nth(1)
+                .and_then(|p| p.trim_start_matches('/').parse().ok())
+                .unwrap_or(0);
+            let hdr =
+                format!("HTTP/1.1 200 OK\r\ncontent-length: {size}\r\nconnection: close\r\n\r\n");
+            if tls.write_all(hdr.as_bytes()).await.is_err() {
+                return;
+            }
+            let mut left = size;
+            while left > 0 {
+                let n = left.min(chunk.len());
+                if tls.write_all(&chunk[..n]).await.is_err() {
+                    return;
+                }
+                left -= n;
+            }
+            let _ = tls.shutdown().await;
+        });
+    }
+}
+
+/// One curl in the cgroup: (time to first byte, total time, bytes).
+fn curl_site(cg: &mut TestCgroup, port: u16, size: usize, ca: &Path) -> (f64, f64, f64) {
+    let (out, _) = run_in(
+        cg,
+        "curl",
+        &[
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{time_starttransfer} %{time_total} %{size_download}",
+            "--resolve",
+            &format!("site.kt-test:{port}:127.78.0.40"),
+            "--cacert",
+            ca.to_str().unwrap(),
+            &format!("https://site.kt-test:{port}/{size}"),
+        ],
+        &[],
+    );
+    let v: Vec<f64> = out
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    assert_eq!(v.len(), 3, "{out}");
+    assert_eq!(v[2] as usize, size, "short download: {out}");
+    (v[0], v[1], v[2])
+}
+
+fn splice_path(cg: &mut TestCgroup) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let ca = TestCa::new();
+    // The same site on the captured port (443) and on one that is not.
+    let captured = rt
+        .block_on(tokio::net::TcpListener::bind("127.78.0.40:443"))
+        .unwrap();
+    let straight = rt
+        .block_on(tokio::net::TcpListener::bind("127.78.0.40:0"))
+        .unwrap();
+    let straight_port = straight.local_addr().unwrap().port();
+    let mut cfg = ca.server_config_named("127.78.0.40".parse().unwrap(), &["site.kt-test"]);
+    // The site speaks HTTP/1.1 only.
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let cfg = std::sync::Arc::new(cfg);
+    rt.spawn(serve_site(captured, cfg.clone()));
+    rt.spawn(serve_site(straight, cfg));
+    // kt needs one provider target to start; it is never called here.
+    let provider = rt.block_on(FakeProvider::start_at(
+        &ca,
+        "bench",
+        Behavior::Ok,
+        "127.77.0.32:443".parse().unwrap(),
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let ca_pem = dir.path().join("site-ca.pem");
+    std::fs::write(&ca_pem, &ca.pem).unwrap();
+    let mut kt = KtRun::start(
+        cg,
+        dir.path(),
+        &ca_pem,
+        &format!(
+            "capture:\n  hosts: []\n  cidrs: [{}/32]\n  scope: port\n",
+            provider.addr.ip()
+        ),
+        &provider.openai_base_url(),
+    );
+    const SIZES: [(usize, &str); 2] = [(1 << 20, "1 MiB"), (64 << 20, "64 MiB")];
+    let mut ttfb = (Vec::new(), Vec::new());
+    let mut rate: Vec<(Vec<f64>, Vec<f64>)> =
+        SIZES.iter().map(|_| (Vec::new(), Vec::new())).collect();
+    // Warm both paths once (kt's first connection, page cache of curl).
+    curl_site(cg, 443, 0, &ca_pem);
+    curl_site(cg, straight_port, 0, &ca_pem);
+    for round in 0..SPLICE_RUNS {
+        // Alternate which goes first.
+        let order = if round % 2 == 0 {
+            [straight_port, 443]
+        } else {
+            [443, straight_port]
+        };
+        for port in order {
+            let through = port == 443;
+            let (first, _, _) = curl_site(cg, port, 0, &ca_pem);
+            if through { &mut ttfb.1 } else { &mut ttfb.0 }.push(first * 1e3);
+            for (i, (size, _)) in SIZES.iter().enumerate() {
+                let (first, total, bytes) = curl_site(cg, port, *size, &ca_pem);
+                // Transfer rate after the first byte, in MiB/s.
+                let mibs = bytes / f64::from(1 << 20) / (total - first).max(1e-6);
+                if through {
+                    &mut rate[i].1
+                } else {
+                    &mut rate[i].0
+                }
+                .push(mibs);
+            }
+        }
+    }
+    let spliced = kt.stop();
+    drop(kt);
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    println!(
+        "non-provider HTTPS site, port-wide capture (kt splices) vs straight, new curl per request, {SPLICE_RUNS} each:"
+    );
+    let (d, t) = (med(&mut ttfb.0), med(&mut ttfb.1));
+    println!(
+        "  time to first byte     straight {d:>7.2} ms   through kt {t:>7.2} ms   added {:>6.2} ms  ratio {:.2}",
+        t - d,
+        t / d
+    );
+    for (i, (_, label)) in SIZES.iter().enumerate() {
+        let (d, t) = (med(&mut rate[i].0), med(&mut rate[i].1));
+        println!(
+            "  {label:<6} download rate  straight {d:>7.0} MiB/s through kt {t:>7.0} MiB/s ratio {:.2}",
+            t / d
+        );
+    }
+    println!("  splices recorded by kt: {spliced}");
+    drop(provider);
+}
+
+/// A `kt run` over the bench cgroup in a private mount namespace, with a
+/// managed key for one target at `base_url` and the `capture` section given.
+struct KtRun {
+    child: std::process::Child,
+    data: std::path::PathBuf,
+}
+
+impl Drop for KtRun {
+    /// A bench that fails half way still ends the kt it started (by pid).
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl KtRun {
+    fn start(cg: &TestCgroup, dir: &Path, ca_pem: &Path, capture: &str, base_url: &str) -> KtRun {
+        let data = dir.join("data");
+        let mut add = Command::new(KT)
+            .args(["secrets", "add", "BENCH_KEY", "--store"])
+            .env("KT_DATA_DIR", &data)
+            .stdin(Stdio::piped())
+            .spawn()
+            .unwrap();
+        add.stdin
+            .take()
+            .unwrap()
+            .write_all(b"sk-bench-managed-key-000000000000")
+            .unwrap();
+        assert!(add.wait().unwrap().success());
+        let port = || {
+            TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        };
+        let cfg = dir.join("kt.yaml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "providers:\n  targets:\n    - id: bench\n      provider: openai\n      base_url: {base_url}\n      secret_key_ref: {{store: BENCH_KEY}}\npolicies:\n  chain: [dlp-filter, audit-logger]\ngateway:\n  listen: 127.0.0.1:{}\n  capture_listen: 127.0.0.1:{}\n  capture_listen6: \"[::1]:{}\"\n{capture}",
+                port(),
+                port(),
+                port()
+            ),
+        )
+        .unwrap();
+        let log = dir.join("kt.log");
+        let child = Command::new("unshare")
+            .args(["-m", "--propagation", "private", "--", KT])
+            .args(["run", "--config", cfg.to_str().unwrap(), "--cgroup"])
+            .arg(cg.path())
+            .env("KT_DATA_DIR", &data)
+            .env("SSL_CERT_FILE", ca_pem)
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let start = Instant::now();
+        while !std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("kt: capturing")
+        {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "kt run did not start: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        KtRun { child, data }
+    }
+
+    /// SIGTERM, wait, and count the splice events kt recorded.
+    fn stop(&mut self) -> usize {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+        let out = Command::new(KT)
+            .args(["--output", "json", "events", "--limit", "0"])
+            .env("KT_DATA_DIR", &self.data)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.contains("spliced-non-provider"))
+            .count()
+    }
 }

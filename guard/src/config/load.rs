@@ -738,7 +738,8 @@ impl Cx {
             self.error_hint(
                 n.pos,
                 "`gateway.splice_unknown_sni: true` is no longer supported: kt never passes a connection it has not decided on",
-                "remove it; to let CONNECT clients reach other hosts, list them in `gateway.connect_allow`",
+                "remove it; to let CONNECT clients reach other hosts, list them in `gateway.connect_allow`; \
+                 `capture.scope: port` has kt splice (and record) non-provider names itself",
             );
         }
         if let Some(n) = f.get("connect_allow")
