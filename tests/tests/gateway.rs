@@ -1591,3 +1591,23 @@ async fn idle_keep_alive_connections_make_room_but_streams_are_kept() {
     assert!(clean, "the streaming response was cut: {text}");
     assert!(gw.gw.connection_budget_stats().1 >= 4);
 }
+
+/// A provider's own name as Host on the explicit listener is a local tool
+/// (`curl --resolve api.openai.com:…:127.0.0.1`), never a rebinding page.
+#[tokio::test]
+async fn a_provider_name_as_host_on_the_explicit_listener_is_served() {
+    let ca = TestCa::new();
+    let up = FakeProvider::start(&ca, "first", Behavior::Ok).await;
+    let gw = start(config(vec![oa("oa1", &up, "OA1")]), secrets(), &ca).await;
+    let mut c = h1_plain(gw.addr).await;
+    let a = send(
+        &mut c,
+        post(
+            "/openai/v1/chat/completions",
+            &[("host", "api.openai.com")],
+            chat_body(false),
+        ),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+}

@@ -295,8 +295,18 @@ fn check_client(
             .map(str::to_string)
             .or_else(|| parts.uri.authority().map(|a| a.as_str().to_string()));
         let host: Option<String> = host;
-        // No Host at all is no browser (they always send one): not rebinding.
-        if !proxied && host.as_deref().is_some_and(|h| !is_local_name(h, inner)) {
+        // No Host at all is no browser (they always send one): not
+        // rebinding. A provider's own name is not either: a page cannot make
+        // a browser send it to this address (`curl --resolve` can).
+        let provider_name = |h: &str| {
+            let name = h.rsplit_once(':').map_or(h, |(n, _)| n);
+            inner.router.match_host(name, None).is_some()
+        };
+        if !proxied
+            && host
+                .as_deref()
+                .is_some_and(|h| !is_local_name(h, inner) && !provider_name(h))
+        {
             return deny(
                 "foreign-host",
                 format!(
