@@ -43,7 +43,7 @@ pub fn peer_process_in(
     };
     let text = std::fs::read_to_string(proc_root.join(table)).ok()?;
     let (uid, inode) = find_socket(&text, peer, local)?;
-    let pid = find_inode_owner(proc_root, inode);
+    let pid = find_inode_owner(proc_root, inode, uid);
     let info = pid.map(|p| process_info_in(proc_root, p));
     Some(PeerProcess { uid, pid, info })
 }
@@ -90,22 +90,27 @@ fn parse_addr(s: &str) -> Option<SocketAddr> {
 }
 
 /// The first process with an fd on `socket:[inode]`, within the budget.
-fn find_inode_owner(proc_root: &Path, inode: u64) -> Option<u32> {
+fn find_inode_owner(proc_root: &Path, inode: u64, uid: u32) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt as _;
     let want = format!("socket:[{inode}]");
     let deadline = Instant::now() + FD_SCAN_BUDGET;
     let me = std::process::id();
-    for entry in std::fs::read_dir(proc_root).ok()?.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if pid == me {
+    let mut pids: Vec<u32> = std::fs::read_dir(proc_root)
+        .ok()?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
+        .filter(|pid| *pid != me)
+        .collect();
+    // A client that just connected is usually a recent process: look at
+    // the newest first, and only at processes of the socket's uid (root's
+    // sockets can be any process's).
+    pids.sort_unstable_by(|a, b| b.cmp(a));
+    for pid in pids {
+        let dir = proc_root.join(pid.to_string());
+        if uid != 0 && std::fs::metadata(&dir).is_ok_and(|m| m.uid() != uid && m.uid() != 0) {
             continue;
         }
-        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
+        let Ok(fds) = std::fs::read_dir(dir.join("fd")) else {
             continue;
         };
         for fd in fds.flatten() {
