@@ -20,6 +20,26 @@ pub enum Provider {
     OpenAi,
     /// Anthropic (`x-api-key`).
     Anthropic,
+    /// Mistral AI (Bearer).
+    Mistral,
+    /// Groq (Bearer, OpenAI-compatible under `/openai/v1`).
+    Groq,
+    /// DeepSeek (Bearer).
+    DeepSeek,
+    /// xAI (Bearer).
+    XAi,
+    /// OpenRouter (Bearer).
+    OpenRouter,
+    /// Together AI (Bearer).
+    Together,
+    /// Fireworks AI (Bearer).
+    Fireworks,
+    /// Perplexity (Bearer).
+    Perplexity,
+    /// Cohere (Bearer; its own `/v1` and `/v2` paths).
+    Cohere,
+    /// Hugging Face Inference Providers router (Bearer).
+    HuggingFace,
     /// Another name; needs a `base_url`, spoken to OpenAI-style.
     Other(String),
 }
@@ -78,8 +98,111 @@ const ANTHROPIC: Spec = Spec {
     error_shape: ErrorShape::Anthropic,
 };
 
+// The OpenAI-compatible Bearer providers below differ only in where their
+// API lives; their error bodies are OpenAI-shaped.
+const fn bearer(
+    hosts: &'static [&'static str],
+    base_url: &'static str,
+    api_root: &'static str,
+) -> Spec {
+    Spec {
+        hosts,
+        base_url,
+        api_root,
+        key_style: KeyStyle::Bearer,
+        error_shape: ErrorShape::OpenAi,
+    }
+}
+
+// Mistral: https://docs.mistral.ai/api/ and the @ai-sdk/mistral default
+// (https://tessl.io/registry/tessl/npm-ai-sdk--mistral/2.0.0/files/docs/provider-configuration.md:
+// "The default prefix is `https://api.mistral.ai/v1`", key in `Authorization`).
+const MISTRAL: Spec = bearer(&["api.mistral.ai"], "https://api.mistral.ai/v1", "/v1");
+
+// Groq: https://console.groq.com/docs/openai ("change the base_url to
+// https://api.groq.com/openai/v1").
+const GROQ: Spec = bearer(
+    &["api.groq.com"],
+    "https://api.groq.com/openai/v1",
+    "/openai/v1",
+);
+
+// DeepSeek: https://api-docs.deepseek.com/ (base_url https://api.deepseek.com,
+// `Authorization: Bearer`; `/v1` is also accepted and "has nothing to do with
+// the model version", so the root is empty and both path forms pass through).
+const DEEPSEEK: Spec = bearer(&["api.deepseek.com"], "https://api.deepseek.com", "");
+
+// xAI: https://docs.x.ai/developers/rest-api-reference ("The base for all
+// routes is at https://api.x.ai ... Authorization: Bearer"); OpenAI-style
+// routes under /v1 (langchain-xai default https://api.x.ai/v1/).
+const XAI: Spec = bearer(&["api.x.ai"], "https://api.x.ai/v1", "/v1");
+
+// OpenRouter: https://docs.boundaryml.com/ref/llm-client-providers/openai-generic-open-router
+// (base_url https://openrouter.ai/api/v1, Bearer `sk-or-v1-` keys).
+const OPENROUTER: Spec = bearer(
+    &["openrouter.ai"],
+    "https://openrouter.ai/api/v1",
+    "/api/v1",
+);
+
+// Together: https://docs.together.ai/docs/inference/openai-compatibility
+// (base_url https://api.together.ai/v1); its SDKs' long-standing default is
+// https://api.together.xyz/v1 (e.g. https://docs.pipecat.ai/server/services/llm/together).
+const TOGETHER: Spec = bearer(
+    &["api.together.xyz", "api.together.ai"],
+    "https://api.together.xyz/v1",
+    "/v1",
+);
+
+// Fireworks: https://strandsagents.com/docs/community/model-providers/fireworksai/
+// ("base_url: https://api.fireworks.ai/inference/v1", OpenAI SDK, Bearer).
+const FIREWORKS: Spec = bearer(
+    &["api.fireworks.ai"],
+    "https://api.fireworks.ai/inference/v1",
+    "/inference/v1",
+);
+
+// Perplexity: https://rdrr.io/cran/ellmer/man/chat_perplexity.html (base_url
+// https://api.perplexity.ai/, OpenAI-style `/chat/completions` at the root).
+const PERPLEXITY: Spec = bearer(&["api.perplexity.ai"], "https://api.perplexity.ai", "");
+
+// Cohere: https://docs.cohere.com/docs/migrating-v1-to-v2 (native /v1 and /v2
+// paths, so the root is empty); `POST https://api.cohere.com/v2/chat` with
+// `Authorization: Bearer` (https://rdrr.io/cran/gptstudio/man/request_base_cohere.html).
+const COHERE: Spec = bearer(&["api.cohere.com"], "https://api.cohere.com", "");
+
+// Hugging Face Inference Providers: https://huggingface.co/changelog/inference-providers-openai-compatible
+// ("point to router.huggingface.co/v1"), HF token as Bearer.
+const HUGGINGFACE: Spec = bearer(
+    &["router.huggingface.co"],
+    "https://router.huggingface.co/v1",
+    "/v1",
+);
+
 /// The providers kt knows by name, in catalog order.
-pub const KNOWN: &[Provider] = &[Provider::OpenAi, Provider::Anthropic];
+pub const KNOWN: &[Provider] = &[
+    Provider::OpenAi,
+    Provider::Anthropic,
+    Provider::Mistral,
+    Provider::Groq,
+    Provider::DeepSeek,
+    Provider::XAi,
+    Provider::OpenRouter,
+    Provider::Together,
+    Provider::Fireworks,
+    Provider::Perplexity,
+    Provider::Cohere,
+    Provider::HuggingFace,
+];
+
+/// The names of every known provider, for messages ("openai, anthropic, ...").
+pub fn known_names() -> String {
+    KNOWN
+        .iter()
+        .map(Provider::name)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
 
 impl Provider {
     /// The name as written in config files and shown to users.
@@ -87,17 +210,28 @@ impl Provider {
         match self {
             Provider::OpenAi => "openai",
             Provider::Anthropic => "anthropic",
+            Provider::Mistral => "mistral",
+            Provider::Groq => "groq",
+            Provider::DeepSeek => "deepseek",
+            Provider::XAi => "xai",
+            Provider::OpenRouter => "openrouter",
+            Provider::Together => "together",
+            Provider::Fireworks => "fireworks",
+            Provider::Perplexity => "perplexity",
+            Provider::Cohere => "cohere",
+            Provider::HuggingFace => "huggingface",
             Provider::Other(name) => name,
         }
     }
 
     /// Parses a provider name (case-insensitive).
     pub fn parse(name: &str) -> Provider {
-        match name.to_ascii_lowercase().as_str() {
-            "openai" => Provider::OpenAi,
-            "anthropic" => Provider::Anthropic,
-            other => Provider::Other(other.to_string()),
-        }
+        let lower = name.to_ascii_lowercase();
+        KNOWN
+            .iter()
+            .find(|p| p.name() == lower)
+            .cloned()
+            .unwrap_or(Provider::Other(lower))
     }
 
     /// The catalog entry, when this is a known provider.
@@ -105,6 +239,16 @@ impl Provider {
         match self {
             Provider::OpenAi => Some(&OPENAI),
             Provider::Anthropic => Some(&ANTHROPIC),
+            Provider::Mistral => Some(&MISTRAL),
+            Provider::Groq => Some(&GROQ),
+            Provider::DeepSeek => Some(&DEEPSEEK),
+            Provider::XAi => Some(&XAI),
+            Provider::OpenRouter => Some(&OPENROUTER),
+            Provider::Together => Some(&TOGETHER),
+            Provider::Fireworks => Some(&FIREWORKS),
+            Provider::Perplexity => Some(&PERPLEXITY),
+            Provider::Cohere => Some(&COHERE),
+            Provider::HuggingFace => Some(&HUGGINGFACE),
             Provider::Other(_) => None,
         }
     }
@@ -289,10 +433,33 @@ mod tests {
             Some(Provider::Anthropic)
         );
         assert_eq!(for_official_host("api.openai.com.evil"), None);
+        assert_eq!(for_official_host("api.groq.com"), Some(Provider::Groq));
         assert_eq!(
-            official_hosts().collect::<Vec<_>>(),
-            vec!["api.openai.com", "api.anthropic.com"]
+            for_official_host("api.together.ai"),
+            Some(Provider::Together)
         );
+        assert_eq!(
+            official_hosts().take(3).collect::<Vec<_>>(),
+            vec!["api.openai.com", "api.anthropic.com", "api.mistral.ai"]
+        );
+    }
+
+    #[test]
+    fn every_catalog_provider_parses_by_name_and_has_an_endpoint() {
+        for p in KNOWN {
+            assert_eq!(&Provider::parse(&p.name().to_ascii_uppercase()), p);
+            let spec = p.spec().expect("known providers have a spec");
+            let base: http::Uri = spec.base_url.parse().unwrap();
+            assert_eq!(base.scheme_str(), Some("https"), "{p}");
+            assert!(spec.hosts.contains(&base.host().unwrap()), "{p}");
+            assert_eq!(base.path().trim_end_matches('/'), spec.api_root, "{p}");
+        }
+        assert_eq!(Provider::parse("vllm"), Provider::Other("vllm".into()));
+        assert_eq!(
+            Provider::Groq.default_base_url(),
+            Some("https://api.groq.com/openai/v1")
+        );
+        assert!(known_names().starts_with("openai, anthropic, mistral, groq"));
     }
 
     #[test]
