@@ -488,7 +488,7 @@ fn unknown_provider_needs_base_url_and_base_url_is_http() {
         e.to_string(),
         "t.yaml:4:17: unknown provider `Acme` in `providers.targets[0]` has no `base_url`\n  \
          hint: known providers are openai, anthropic, mistral, groq, deepseek, xai, openrouter, \
-         together, fireworks, perplexity, cohere, huggingface; for another (OpenAI-compatible) \
+         together, fireworks, perplexity, cohere, huggingface, gemini; for another (OpenAI-compatible) \
          endpoint add `base_url: https://...`"
     );
     let c = ok(&target("      base_url: https://llm.acme.example/v1\n"));

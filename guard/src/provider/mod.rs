@@ -40,6 +40,8 @@ pub enum Provider {
     Cohere,
     /// Hugging Face Inference Providers router (Bearer).
     HuggingFace,
+    /// Google Gemini API (`x-goog-api-key`).
+    Gemini,
     /// Another name; needs a `base_url`, spoken to OpenAI-style.
     Other(String),
 }
@@ -51,6 +53,9 @@ pub enum KeyStyle {
     Bearer,
     /// `x-api-key: <key>`.
     XApiKey,
+    /// `x-goog-api-key: <key>` (Google APIs). Never `?key=`: a query string
+    /// ends up in access logs and proxies' caches.
+    XGoogApiKey,
 }
 
 /// Which JSON shape a provider's error bodies have.
@@ -60,6 +65,8 @@ pub enum ErrorShape {
     OpenAi,
     /// `{"type":"error","error":{"type","message"}}`.
     Anthropic,
+    /// Google's `{"error":{"code":<http status>,"message","status"}}`.
+    Google,
 }
 
 /// Static facts about one known provider.
@@ -179,6 +186,21 @@ const HUGGINGFACE: Spec = bearer(
     "/v1",
 );
 
+// Gemini API: https://ai.google.dev/api (REST calls on
+// https://generativelanguage.googleapis.com/v1beta/models/...:generateContent)
+// and `x-goog-api-key` as the header form of the key (e.g. the Elixir client
+// https://hexdocs.pm/gemini_ex/0.9.0/Gemini.Auth.GeminiStrategy.html). Its
+// paths carry their version (`/v1beta/...`, `/v1/...`, and the
+// OpenAI-compatible `/v1beta/openai/...`), so, as for Anthropic, the root is
+// empty and every form passes through unchanged.
+const GEMINI: Spec = Spec {
+    hosts: &["generativelanguage.googleapis.com"],
+    base_url: "https://generativelanguage.googleapis.com",
+    api_root: "",
+    key_style: KeyStyle::XGoogApiKey,
+    error_shape: ErrorShape::Google,
+};
+
 /// The providers kt knows by name, in catalog order.
 pub const KNOWN: &[Provider] = &[
     Provider::OpenAi,
@@ -193,6 +215,7 @@ pub const KNOWN: &[Provider] = &[
     Provider::Perplexity,
     Provider::Cohere,
     Provider::HuggingFace,
+    Provider::Gemini,
 ];
 
 /// The names of every known provider, for messages ("openai, anthropic, ...").
@@ -220,6 +243,7 @@ impl Provider {
             Provider::Perplexity => "perplexity",
             Provider::Cohere => "cohere",
             Provider::HuggingFace => "huggingface",
+            Provider::Gemini => "gemini",
             Provider::Other(name) => name,
         }
     }
@@ -249,6 +273,7 @@ impl Provider {
             Provider::Perplexity => Some(&PERPLEXITY),
             Provider::Cohere => Some(&COHERE),
             Provider::HuggingFace => Some(&HUGGINGFACE),
+            Provider::Gemini => Some(&GEMINI),
             Provider::Other(_) => None,
         }
     }
@@ -354,6 +379,10 @@ pub fn managed_key_header(
             HeaderName::from_static("x-api-key"),
             HeaderValue::from_str(key).map_err(|_| BadKey)?,
         ),
+        KeyStyle::XGoogApiKey => (
+            HeaderName::from_static("x-goog-api-key"),
+            HeaderValue::from_str(key).map_err(|_| BadKey)?,
+        ),
         KeyStyle::Bearer => (
             AUTHORIZATION,
             HeaderValue::from_str(&format!("Bearer {key}")).map_err(|_| BadKey)?,
@@ -395,6 +424,17 @@ pub fn error_body(
                 "targets_tried": tried,
             }
         }),
+        // Google's SDKs read `code` as the HTTP status and `status` as the
+        // canonical code name, so kt's own code goes in `reason`.
+        ErrorShape::Google => serde_json::json!({
+            "error": {
+                "code": status.as_u16(),
+                "message": message,
+                "status": google_status(status),
+                "reason": code,
+                "targets_tried": tried,
+            }
+        }),
     };
     serde_json::to_vec(&value).unwrap_or_else(|_| b"{}".to_vec())
 }
@@ -405,6 +445,19 @@ fn openai_error_type(status: StatusCode) -> &'static str {
         401 | 403 => "authentication_error",
         429 => "rate_limit_error",
         _ => "gateway_error",
+    }
+}
+
+fn google_status(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 | 413 => "INVALID_ARGUMENT",
+        401 => "UNAUTHENTICATED",
+        403 => "PERMISSION_DENIED",
+        404 => "NOT_FOUND",
+        429 => "RESOURCE_EXHAUSTED",
+        503 => "UNAVAILABLE",
+        504 => "DEADLINE_EXCEEDED",
+        _ => "INTERNAL",
     }
 }
 
@@ -472,6 +525,11 @@ mod tests {
             (n.as_str(), v.to_str().unwrap()),
             ("authorization", "Bearer k2")
         );
+        let (n, v) = managed_key_header(&Provider::Gemini, "k3").unwrap();
+        assert_eq!((n.as_str(), v.to_str().unwrap()), ("x-goog-api-key", "k3"));
+        assert!(v.is_sensitive());
+        let (n, _) = managed_key_header(&Provider::Groq, "k4").unwrap();
+        assert_eq!(n.as_str(), "authorization");
         assert_eq!(managed_key_header(&Provider::OpenAi, "a\nb"), Err(BadKey));
     }
 
@@ -500,6 +558,17 @@ mod tests {
                 .unwrap();
         assert_eq!(o["error"]["type"], "authentication_error");
         assert_eq!(o["error"]["code"], "kt_x");
+        let g: serde_json::Value = serde_json::from_slice(&error_body(
+            Some(&Provider::Gemini),
+            StatusCode::TOO_MANY_REQUESTS,
+            "kt_x",
+            "m",
+            &[],
+        ))
+        .unwrap();
+        assert_eq!(g["error"]["code"], 429);
+        assert_eq!(g["error"]["status"], "RESOURCE_EXHAUSTED");
+        assert_eq!(g["error"]["reason"], "kt_x");
     }
 
     #[test]
