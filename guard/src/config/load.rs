@@ -356,8 +356,11 @@ impl Cx {
                     self.error_hint(
                         pos,
                         format!("unknown provider `{name}` in `{path}` has no `base_url`"),
-                        "known providers are openai and anthropic; for another \
-                         (OpenAI-compatible) endpoint add `base_url: https://...`",
+                        format!(
+                            "known providers are {}; for another (OpenAI-compatible) \
+                             endpoint add `base_url: https://...`",
+                            crate::provider::known_names()
+                        ),
                     );
                 }
                 provider

@@ -480,19 +480,21 @@ fn chain_names_must_be_known_and_unique() {
 fn unknown_provider_needs_base_url_and_base_url_is_http() {
     let target = |extra: &str| {
         format!(
-            "providers:\n  targets:\n    - id: a\n      provider: Mistral\n      secret_key_ref: {{env: K}}\n{extra}"
+            "providers:\n  targets:\n    - id: a\n      provider: Acme\n      secret_key_ref: {{env: K}}\n{extra}"
         )
     };
     let e = errs(&target(""));
     assert_eq!(
         e.to_string(),
-        "t.yaml:4:17: unknown provider `Mistral` in `providers.targets[0]` has no `base_url`\n  \
-         hint: known providers are openai and anthropic; for another (OpenAI-compatible) endpoint add `base_url: https://...`"
+        "t.yaml:4:17: unknown provider `Acme` in `providers.targets[0]` has no `base_url`\n  \
+         hint: known providers are openai, anthropic, mistral, groq, deepseek, xai, openrouter, \
+         together, fireworks, perplexity, cohere, huggingface, gemini; for another (OpenAI-compatible) \
+         endpoint add `base_url: https://...`"
     );
-    let c = ok(&target("      base_url: https://api.mistral.ai/v1\n"));
+    let c = ok(&target("      base_url: https://llm.acme.example/v1\n"));
     assert_eq!(
         c.providers.targets[0].provider,
-        Provider::Other("mistral".into())
+        Provider::Other("acme".into())
     );
     for bad in ["ftp://x/v1", "api.mistral.ai/v1", "https://", "http://a b"] {
         let e = errs(&target(&format!("      base_url: \"{bad}\"\n")));
@@ -623,7 +625,7 @@ fn addresses_durations_cidrs_ports() {
 
 #[test]
 fn every_problem_is_reported_together_in_file_order() {
-    let text = "pack:\n  enabled: false\nproviders:\n  routing: {strategy: random}\n  targets:\n    - id: a\n      provider: groq\n      secret_key_ref: {store: OPENAI-KEY}\npolicy:\n  dlp-filter:\n    max_distance: 9\ngateway:\n  listn: x\n";
+    let text = "pack:\n  enabled: false\nproviders:\n  routing: {strategy: random}\n  targets:\n    - id: a\n      provider: acme\n      secret_key_ref: {store: OPENAI-KEY}\npolicy:\n  dlp-filter:\n    max_distance: 9\ngateway:\n  listn: x\n";
     let e = errs(text);
     let at: Vec<(usize, &str)> = e
         .iter()
@@ -874,4 +876,14 @@ fn the_guard_rules_load_and_refuse_unsafe_values() {
     assert!(allow.allows(Some(0), Some("/ci.slice/job-1.scope")));
     assert!(!allow.allows(Some(0), Some("/ci.slicer")));
     assert!(!allow.allows(None, None));
+}
+
+#[test]
+fn a_catalog_provider_needs_no_base_url() {
+    let c = ok(
+        "providers:\n  targets:\n    - id: g\n      provider: Groq\n      secret_key_ref: {env: GROQ_API_KEY}\n    - id: h\n      provider: huggingface\n      secret_key_ref: {env: HF_TOKEN}\n",
+    );
+    assert_eq!(c.providers.targets[0].provider, Provider::Groq);
+    assert_eq!(c.providers.targets[0].base_url, None);
+    assert_eq!(c.providers.targets[1].provider, Provider::HuggingFace);
 }

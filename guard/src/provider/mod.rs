@@ -20,6 +20,28 @@ pub enum Provider {
     OpenAi,
     /// Anthropic (`x-api-key`).
     Anthropic,
+    /// Mistral AI (Bearer).
+    Mistral,
+    /// Groq (Bearer, OpenAI-compatible under `/openai/v1`).
+    Groq,
+    /// DeepSeek (Bearer).
+    DeepSeek,
+    /// xAI (Bearer).
+    XAi,
+    /// OpenRouter (Bearer).
+    OpenRouter,
+    /// Together AI (Bearer).
+    Together,
+    /// Fireworks AI (Bearer).
+    Fireworks,
+    /// Perplexity (Bearer).
+    Perplexity,
+    /// Cohere (Bearer; its own `/v1` and `/v2` paths).
+    Cohere,
+    /// Hugging Face Inference Providers router (Bearer).
+    HuggingFace,
+    /// Google Gemini API (`x-goog-api-key`).
+    Gemini,
     /// Another name; needs a `base_url`, spoken to OpenAI-style.
     Other(String),
 }
@@ -31,6 +53,9 @@ pub enum KeyStyle {
     Bearer,
     /// `x-api-key: <key>`.
     XApiKey,
+    /// `x-goog-api-key: <key>` (Google APIs). Never `?key=`: a query string
+    /// ends up in access logs and proxies' caches.
+    XGoogApiKey,
 }
 
 /// Which JSON shape a provider's error bodies have.
@@ -40,6 +65,8 @@ pub enum ErrorShape {
     OpenAi,
     /// `{"type":"error","error":{"type","message"}}`.
     Anthropic,
+    /// Google's `{"error":{"code":<http status>,"message","status"}}`.
+    Google,
 }
 
 /// Static facts about one known provider.
@@ -78,8 +105,127 @@ const ANTHROPIC: Spec = Spec {
     error_shape: ErrorShape::Anthropic,
 };
 
+// The OpenAI-compatible Bearer providers below differ only in where their
+// API lives; their error bodies are OpenAI-shaped.
+const fn bearer(
+    hosts: &'static [&'static str],
+    base_url: &'static str,
+    api_root: &'static str,
+) -> Spec {
+    Spec {
+        hosts,
+        base_url,
+        api_root,
+        key_style: KeyStyle::Bearer,
+        error_shape: ErrorShape::OpenAi,
+    }
+}
+
+// Mistral: https://docs.mistral.ai/api/ and the @ai-sdk/mistral default
+// (https://tessl.io/registry/tessl/npm-ai-sdk--mistral/2.0.0/files/docs/provider-configuration.md:
+// "The default prefix is `https://api.mistral.ai/v1`", key in `Authorization`).
+const MISTRAL: Spec = bearer(&["api.mistral.ai"], "https://api.mistral.ai/v1", "/v1");
+
+// Groq: https://console.groq.com/docs/openai ("change the base_url to
+// https://api.groq.com/openai/v1").
+const GROQ: Spec = bearer(
+    &["api.groq.com"],
+    "https://api.groq.com/openai/v1",
+    "/openai/v1",
+);
+
+// DeepSeek: https://api-docs.deepseek.com/ (base_url https://api.deepseek.com,
+// `Authorization: Bearer`; `/v1` is also accepted and "has nothing to do with
+// the model version", so the root is empty and both path forms pass through).
+const DEEPSEEK: Spec = bearer(&["api.deepseek.com"], "https://api.deepseek.com", "");
+
+// xAI: https://docs.x.ai/developers/rest-api-reference ("The base for all
+// routes is at https://api.x.ai ... Authorization: Bearer"); OpenAI-style
+// routes under /v1 (langchain-xai default https://api.x.ai/v1/).
+const XAI: Spec = bearer(&["api.x.ai"], "https://api.x.ai/v1", "/v1");
+
+// OpenRouter: https://docs.boundaryml.com/ref/llm-client-providers/openai-generic-open-router
+// (base_url https://openrouter.ai/api/v1, Bearer `sk-or-v1-` keys).
+const OPENROUTER: Spec = bearer(
+    &["openrouter.ai"],
+    "https://openrouter.ai/api/v1",
+    "/api/v1",
+);
+
+// Together: https://docs.together.ai/docs/inference/openai-compatibility
+// (base_url https://api.together.ai/v1); its SDKs' long-standing default is
+// https://api.together.xyz/v1 (e.g. https://docs.pipecat.ai/server/services/llm/together).
+const TOGETHER: Spec = bearer(
+    &["api.together.xyz", "api.together.ai"],
+    "https://api.together.xyz/v1",
+    "/v1",
+);
+
+// Fireworks: https://strandsagents.com/docs/community/model-providers/fireworksai/
+// ("base_url: https://api.fireworks.ai/inference/v1", OpenAI SDK, Bearer).
+const FIREWORKS: Spec = bearer(
+    &["api.fireworks.ai"],
+    "https://api.fireworks.ai/inference/v1",
+    "/inference/v1",
+);
+
+// Perplexity: https://rdrr.io/cran/ellmer/man/chat_perplexity.html (base_url
+// https://api.perplexity.ai/, OpenAI-style `/chat/completions` at the root).
+const PERPLEXITY: Spec = bearer(&["api.perplexity.ai"], "https://api.perplexity.ai", "");
+
+// Cohere: https://docs.cohere.com/docs/migrating-v1-to-v2 (native /v1 and /v2
+// paths, so the root is empty); `POST https://api.cohere.com/v2/chat` with
+// `Authorization: Bearer` (https://rdrr.io/cran/gptstudio/man/request_base_cohere.html).
+const COHERE: Spec = bearer(&["api.cohere.com"], "https://api.cohere.com", "");
+
+// Hugging Face Inference Providers: https://huggingface.co/changelog/inference-providers-openai-compatible
+// ("point to router.huggingface.co/v1"), HF token as Bearer.
+const HUGGINGFACE: Spec = bearer(
+    &["router.huggingface.co"],
+    "https://router.huggingface.co/v1",
+    "/v1",
+);
+
+// Gemini API: https://ai.google.dev/api (REST calls on
+// https://generativelanguage.googleapis.com/v1beta/models/...:generateContent)
+// and `x-goog-api-key` as the header form of the key (e.g. the Elixir client
+// https://hexdocs.pm/gemini_ex/0.9.0/Gemini.Auth.GeminiStrategy.html). Its
+// paths carry their version (`/v1beta/...`, `/v1/...`, and the
+// OpenAI-compatible `/v1beta/openai/...`), so, as for Anthropic, the root is
+// empty and every form passes through unchanged.
+const GEMINI: Spec = Spec {
+    hosts: &["generativelanguage.googleapis.com"],
+    base_url: "https://generativelanguage.googleapis.com",
+    api_root: "",
+    key_style: KeyStyle::XGoogApiKey,
+    error_shape: ErrorShape::Google,
+};
+
 /// The providers kt knows by name, in catalog order.
-pub const KNOWN: &[Provider] = &[Provider::OpenAi, Provider::Anthropic];
+pub const KNOWN: &[Provider] = &[
+    Provider::OpenAi,
+    Provider::Anthropic,
+    Provider::Mistral,
+    Provider::Groq,
+    Provider::DeepSeek,
+    Provider::XAi,
+    Provider::OpenRouter,
+    Provider::Together,
+    Provider::Fireworks,
+    Provider::Perplexity,
+    Provider::Cohere,
+    Provider::HuggingFace,
+    Provider::Gemini,
+];
+
+/// The names of every known provider, for messages ("openai, anthropic, ...").
+pub fn known_names() -> String {
+    KNOWN
+        .iter()
+        .map(Provider::name)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
 
 impl Provider {
     /// The name as written in config files and shown to users.
@@ -87,17 +233,29 @@ impl Provider {
         match self {
             Provider::OpenAi => "openai",
             Provider::Anthropic => "anthropic",
+            Provider::Mistral => "mistral",
+            Provider::Groq => "groq",
+            Provider::DeepSeek => "deepseek",
+            Provider::XAi => "xai",
+            Provider::OpenRouter => "openrouter",
+            Provider::Together => "together",
+            Provider::Fireworks => "fireworks",
+            Provider::Perplexity => "perplexity",
+            Provider::Cohere => "cohere",
+            Provider::HuggingFace => "huggingface",
+            Provider::Gemini => "gemini",
             Provider::Other(name) => name,
         }
     }
 
     /// Parses a provider name (case-insensitive).
     pub fn parse(name: &str) -> Provider {
-        match name.to_ascii_lowercase().as_str() {
-            "openai" => Provider::OpenAi,
-            "anthropic" => Provider::Anthropic,
-            other => Provider::Other(other.to_string()),
-        }
+        let lower = name.to_ascii_lowercase();
+        KNOWN
+            .iter()
+            .find(|p| p.name() == lower)
+            .cloned()
+            .unwrap_or(Provider::Other(lower))
     }
 
     /// The catalog entry, when this is a known provider.
@@ -105,6 +263,17 @@ impl Provider {
         match self {
             Provider::OpenAi => Some(&OPENAI),
             Provider::Anthropic => Some(&ANTHROPIC),
+            Provider::Mistral => Some(&MISTRAL),
+            Provider::Groq => Some(&GROQ),
+            Provider::DeepSeek => Some(&DEEPSEEK),
+            Provider::XAi => Some(&XAI),
+            Provider::OpenRouter => Some(&OPENROUTER),
+            Provider::Together => Some(&TOGETHER),
+            Provider::Fireworks => Some(&FIREWORKS),
+            Provider::Perplexity => Some(&PERPLEXITY),
+            Provider::Cohere => Some(&COHERE),
+            Provider::HuggingFace => Some(&HUGGINGFACE),
+            Provider::Gemini => Some(&GEMINI),
             Provider::Other(_) => None,
         }
     }
@@ -210,6 +379,10 @@ pub fn managed_key_header(
             HeaderName::from_static("x-api-key"),
             HeaderValue::from_str(key).map_err(|_| BadKey)?,
         ),
+        KeyStyle::XGoogApiKey => (
+            HeaderName::from_static("x-goog-api-key"),
+            HeaderValue::from_str(key).map_err(|_| BadKey)?,
+        ),
         KeyStyle::Bearer => (
             AUTHORIZATION,
             HeaderValue::from_str(&format!("Bearer {key}")).map_err(|_| BadKey)?,
@@ -251,6 +424,17 @@ pub fn error_body(
                 "targets_tried": tried,
             }
         }),
+        // Google's SDKs read `code` as the HTTP status and `status` as the
+        // canonical code name, so kt's own code goes in `reason`.
+        ErrorShape::Google => serde_json::json!({
+            "error": {
+                "code": status.as_u16(),
+                "message": message,
+                "status": google_status(status),
+                "reason": code,
+                "targets_tried": tried,
+            }
+        }),
     };
     serde_json::to_vec(&value).unwrap_or_else(|_| b"{}".to_vec())
 }
@@ -261,6 +445,19 @@ fn openai_error_type(status: StatusCode) -> &'static str {
         401 | 403 => "authentication_error",
         429 => "rate_limit_error",
         _ => "gateway_error",
+    }
+}
+
+fn google_status(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 | 413 => "INVALID_ARGUMENT",
+        401 => "UNAUTHENTICATED",
+        403 => "PERMISSION_DENIED",
+        404 => "NOT_FOUND",
+        429 => "RESOURCE_EXHAUSTED",
+        503 => "UNAVAILABLE",
+        504 => "DEADLINE_EXCEEDED",
+        _ => "INTERNAL",
     }
 }
 
@@ -289,10 +486,33 @@ mod tests {
             Some(Provider::Anthropic)
         );
         assert_eq!(for_official_host("api.openai.com.evil"), None);
+        assert_eq!(for_official_host("api.groq.com"), Some(Provider::Groq));
         assert_eq!(
-            official_hosts().collect::<Vec<_>>(),
-            vec!["api.openai.com", "api.anthropic.com"]
+            for_official_host("api.together.ai"),
+            Some(Provider::Together)
         );
+        assert_eq!(
+            official_hosts().take(3).collect::<Vec<_>>(),
+            vec!["api.openai.com", "api.anthropic.com", "api.mistral.ai"]
+        );
+    }
+
+    #[test]
+    fn every_catalog_provider_parses_by_name_and_has_an_endpoint() {
+        for p in KNOWN {
+            assert_eq!(&Provider::parse(&p.name().to_ascii_uppercase()), p);
+            let spec = p.spec().expect("known providers have a spec");
+            let base: http::Uri = spec.base_url.parse().unwrap();
+            assert_eq!(base.scheme_str(), Some("https"), "{p}");
+            assert!(spec.hosts.contains(&base.host().unwrap()), "{p}");
+            assert_eq!(base.path().trim_end_matches('/'), spec.api_root, "{p}");
+        }
+        assert_eq!(Provider::parse("vllm"), Provider::Other("vllm".into()));
+        assert_eq!(
+            Provider::Groq.default_base_url(),
+            Some("https://api.groq.com/openai/v1")
+        );
+        assert!(known_names().starts_with("openai, anthropic, mistral, groq"));
     }
 
     #[test]
@@ -305,6 +525,11 @@ mod tests {
             (n.as_str(), v.to_str().unwrap()),
             ("authorization", "Bearer k2")
         );
+        let (n, v) = managed_key_header(&Provider::Gemini, "k3").unwrap();
+        assert_eq!((n.as_str(), v.to_str().unwrap()), ("x-goog-api-key", "k3"));
+        assert!(v.is_sensitive());
+        let (n, _) = managed_key_header(&Provider::Groq, "k4").unwrap();
+        assert_eq!(n.as_str(), "authorization");
         assert_eq!(managed_key_header(&Provider::OpenAi, "a\nb"), Err(BadKey));
     }
 
@@ -333,6 +558,17 @@ mod tests {
                 .unwrap();
         assert_eq!(o["error"]["type"], "authentication_error");
         assert_eq!(o["error"]["code"], "kt_x");
+        let g: serde_json::Value = serde_json::from_slice(&error_body(
+            Some(&Provider::Gemini),
+            StatusCode::TOO_MANY_REQUESTS,
+            "kt_x",
+            "m",
+            &[],
+        ))
+        .unwrap();
+        assert_eq!(g["error"]["code"], 429);
+        assert_eq!(g["error"]["status"], "RESOURCE_EXHAUSTED");
+        assert_eq!(g["error"]["reason"], "kt_x");
     }
 
     #[test]

@@ -614,6 +614,33 @@ mod tests {
     }
 
     #[test]
+    fn a_catalog_target_without_base_url_goes_to_its_official_endpoint() {
+        let r = Router::new(&config(vec![
+            target("g", Provider::Groq, None, None),
+            target("f", Provider::Fireworks, None, None),
+        ]))
+        .unwrap();
+        assert_eq!(
+            r.match_host("API.GROQ.COM", Some(443)),
+            Some(Provider::Groq)
+        );
+        let p = r.api_path_for_host(
+            &Provider::Groq,
+            "api.groq.com",
+            "/openai/v1/chat/completions",
+        );
+        assert_eq!(p, "/chat/completions");
+        let route = r.targets_for(&Provider::Groq).next().unwrap();
+        assert_eq!(
+            r.upstream_uri(route, &p).unwrap().to_string(),
+            "https://api.groq.com/openai/v1/chat/completions"
+        );
+        let m = r.match_path("/fireworks/inference/v1/completions").unwrap();
+        assert_eq!(m.provider, Provider::Fireworks);
+        assert_eq!(m.api_path, "/completions");
+    }
+
+    #[test]
     fn targets_keep_config_order_per_provider() {
         let r = router();
         let ids: Vec<_> = r
