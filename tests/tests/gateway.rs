@@ -1611,3 +1611,57 @@ async fn a_provider_name_as_host_on_the_explicit_listener_is_served() {
     .await;
     assert_eq!(a.status, 200, "{}", a.body);
 }
+
+/// Catalog providers get the managed key in their own style: Gemini in
+/// `x-goog-api-key` (never in the query, a client's `?key=` stripped),
+/// Groq as a Bearer token; nothing the client sent reaches the provider.
+#[tokio::test]
+async fn catalog_providers_get_the_managed_key_in_their_own_style() {
+    let ca = TestCa::new();
+    let up = FakeProvider::start(&ca, "first", Behavior::Ok).await;
+    let root = format!("https://127.0.0.1:{}", up.addr.port());
+    let cfg = config(vec![
+        target("gem", Provider::Gemini, &root, "OA1"),
+        target("groq", Provider::Groq, &up.openai_base_url(), "OA2"),
+    ]);
+    let gw = start(cfg, secrets(), &ca).await;
+    let mut c = h1_plain(gw.addr).await;
+    let g = send(
+        &mut c,
+        post(
+            &format!(
+                "/gemini/v1beta/models/gemini-2.0-flash:generateContent?key={CLIENT_KEY}&alt=sse"
+            ),
+            &[("x-goog-api-key", CLIENT_KEY)],
+            r#"{"contents":[{"parts":[{"text":"hi"}]}]}"#,
+        ),
+    )
+    .await;
+    assert_eq!(g.status, 200, "{}", g.body);
+    let r = &up.requests()[0];
+    assert_eq!(
+        r.path,
+        "/v1beta/models/gemini-2.0-flash:generateContent?alt=sse"
+    );
+    assert_eq!(header(r, "x-goog-api-key"), Some(MANAGED_OA));
+    assert_eq!(header(r, "authorization"), None);
+    let q = send(
+        &mut c,
+        post(
+            "/groq/openai/v1/chat/completions",
+            &[("authorization", &format!("Bearer {CLIENT_KEY}"))],
+            chat_body(false),
+        ),
+    )
+    .await;
+    assert_eq!(q.status, 200, "{}", q.body);
+    let r = &up.requests()[1];
+    assert_eq!(r.path, "/v1/chat/completions");
+    assert_eq!(
+        header(r, "authorization"),
+        Some(&*format!("Bearer {MANAGED_OA2}"))
+    );
+    for r in up.requests() {
+        assert!(!format!("{:?}{}", r.headers, r.path).contains(CLIENT_KEY));
+    }
+}
