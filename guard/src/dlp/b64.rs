@@ -19,6 +19,13 @@
 //! keeps the group-start spellings only, and `kt gateway check --verbose`
 //! says so.
 //!
+//! The built-in rules added with the provider catalog (Groq, xAI,
+//! OpenRouter, Perplexity, Hugging Face, Anthropic OAuth) are searched for
+//! at a group start only (`BuiltinRule::base64_every_alignment`): at every
+//! alignment they would take the set past 64 literals. A key base64-encoded
+//! alone, or after a prefix of 3, 6, ... bytes, is found; one after 1 or 2
+//! bytes more is not.
+//!
 //! Not covered: URL-safe base64 (`-` and `_`), and a 3-byte prefix off a
 //! group start, where its spelling would be shorter than `MIN_SPELLING`:
 //! the bare `sk-` of a legacy OpenAI key and of the seed's pattern, and

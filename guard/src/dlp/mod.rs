@@ -345,20 +345,25 @@ impl Scanner {
     /// Compiles a policy: `detect_patterns` (rule ids `detect-pattern-N`),
     /// the built-in pack when `builtin_rules` is on, and `blocked_terms`.
     pub fn new(cfg: &DlpFilter) -> Result<Scanner, DlpError> {
-        let mut sources: Vec<(String, &str)> = cfg
+        // (id, pattern, base64 at every alignment)
+        let mut sources: Vec<(String, &str, bool)> = cfg
             .detect_patterns
             .iter()
             .enumerate()
-            .map(|(i, p)| (format!("detect-pattern-{i}"), p.as_str()))
+            .map(|(i, p)| (format!("detect-pattern-{i}"), p.as_str(), true))
             .collect();
         if cfg.builtin_rules {
-            sources.extend(builtin_rules().iter().map(|r| (r.id.to_string(), r.regex)));
+            sources.extend(
+                builtin_rules()
+                    .iter()
+                    .map(|r| (r.id.to_string(), r.regex, r.base64_every_alignment)),
+            );
         }
         let mut rules = Vec::new();
         let mut lits = Vec::new();
         let mut b64_lits = Vec::new();
         let mut fallback = Vec::new();
-        for (idx, (id, pattern)) in sources.into_iter().enumerate() {
+        for (idx, (id, pattern, every_alignment)) in sources.into_iter().enumerate() {
             let regex = meta::Regex::new(pattern).map_err(|e| DlpError::Pattern {
                 id: id.clone(),
                 reason: e.to_string(),
@@ -367,7 +372,9 @@ impl Scanner {
                 Some(ls) => {
                     for l in ls {
                         for (spelled, at) in b64::spellings(&l) {
-                            b64_lits.push((spelled, Lit::Base64(idx, at)));
+                            if every_alignment || at.byte_offset == 0 {
+                                b64_lits.push((spelled, Lit::Base64(idx, at)));
+                            }
                         }
                         lits.push((l, Lit::Plain(idx)));
                     }

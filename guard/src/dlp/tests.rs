@@ -1115,14 +1115,14 @@ fn a_base64_wrapped_key_is_found_over_its_whole_base64_run() {
 
 /// Rules whose 3-byte prefix has no base64 spelling off a group start
 /// (see the `b64` module docs).
-const SHORT_PREFIX: &[&str] = &["openai-legacy-key", "slack-token"];
+const SHORT_PREFIX: &[&str] = &["openai-legacy-key", "slack-token", "huggingface-token"];
 
 #[test]
 fn a_key_anywhere_in_base64_data_is_found() {
     use base64::Engine as _;
     let enc = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
     for r in builtin_rules() {
-        if SHORT_PREFIX.contains(&r.id) {
+        if SHORT_PREFIX.contains(&r.id) || !r.base64_every_alignment {
             continue;
         }
         let key = r.sample();
@@ -1242,4 +1242,44 @@ fn random_base64_data_is_not_a_finding() {
     );
     let s = scan(&seed_policy(true), &view(&messages(&[&img]), None));
     assert!(s.findings.is_empty(), "{:?}", s.findings);
+}
+
+#[test]
+fn provider_keys_of_the_catalog_are_found_pasted_and_in_base64() {
+    use base64::Engine as _;
+    let enc = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let ids = [
+        "groq-api-key",
+        "xai-api-key",
+        "openrouter-api-key",
+        "perplexity-api-key",
+        "huggingface-token",
+        "anthropic-oauth-token",
+    ];
+    for id in ids {
+        let r = builtin_rules().iter().find(|r| r.id == id).unwrap();
+        let key = r.sample();
+        // Pasted into a JSON prompt.
+        let body = messages(&[&format!("here is my key {key} please debug")]);
+        let s = scan(&builtin_only(), &view(&body, None));
+        assert_found(&s, id, &key, "pasted");
+        // Base64 with the key at a 3-byte group start: alone, after a
+        // 3-byte user name (`Basic` style), and after `TOKEN=` (6 bytes).
+        for text in [
+            enc(&key),
+            enc(&format!("ci:{key}")),
+            enc(&format!("TOKEN={key}")),
+        ] {
+            let body = messages(&[&format!("decode this: {text}")]);
+            let s = scan(&builtin_only(), &view(&body, None));
+            assert_found(&s, id, &key, "base64");
+        }
+        // A near miss (one character short) is not this rule's.
+        let short = &key[..key.len() - 1];
+        if !id.starts_with("anthropic") {
+            let body = messages(&[short]);
+            let s = scan(&builtin_only(), &view(&body, None));
+            assert!(!s.findings.iter().any(|f| f.rule_id == id), "{id}: {short}");
+        }
+    }
 }
