@@ -83,7 +83,40 @@ pub struct Spec {
     pub key_style: KeyStyle,
     /// The shape of its error bodies.
     pub error_shape: ErrorShape,
+    /// An unbilled request that proves a key works (`None`: no such
+    /// endpoint is documented, or it would not check the key).
+    pub probe: Option<Probe>,
 }
+
+/// An unbilled health request for a provider: one request with the managed
+/// key that answers 2xx for a good key and 401/403 for a bad one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Probe {
+    /// HTTP method (`GET`).
+    pub method: &'static str,
+    /// Path relative to the target's base URL (after its API root), as
+    /// requests are re-rooted on a target.
+    pub path: &'static str,
+    /// Extra headers the endpoint needs (never a credential).
+    pub headers: &'static [(&'static str, &'static str)],
+}
+
+/// `GET path`, no extra headers: the list-models call of most APIs.
+const fn get(path: &'static str) -> Option<Probe> {
+    Some(Probe {
+        method: "GET",
+        path,
+        headers: &[],
+    })
+}
+
+/// The probe of providers kt does not know: the OpenAI-compatible
+/// list-models call under the target's base URL.
+pub const OPENAI_COMPATIBLE_PROBE: Probe = Probe {
+    method: "GET",
+    path: "/models",
+    headers: &[],
+};
 
 // OpenAI: https://platform.openai.com/docs/api-reference/authentication
 // (Bearer; base https://api.openai.com/v1).
@@ -93,6 +126,8 @@ const OPENAI: Spec = Spec {
     api_root: "/v1",
     key_style: KeyStyle::Bearer,
     error_shape: ErrorShape::OpenAi,
+    // https://platform.openai.com/docs/api-reference/models/list
+    probe: get("/models"),
 };
 
 // Anthropic: https://docs.anthropic.com/en/api/overview (x-api-key header;
@@ -103,6 +138,13 @@ const ANTHROPIC: Spec = Spec {
     api_root: "",
     key_style: KeyStyle::XApiKey,
     error_shape: ErrorShape::Anthropic,
+    // https://docs.anthropic.com/en/api/models-list (`GET /v1/models`, needs
+    // the `anthropic-version` header like every call).
+    probe: Some(Probe {
+        method: "GET",
+        path: "/v1/models",
+        headers: &[("anthropic-version", "2023-06-01")],
+    }),
 };
 
 // The OpenAI-compatible Bearer providers below differ only in where their
@@ -111,6 +153,7 @@ const fn bearer(
     hosts: &'static [&'static str],
     base_url: &'static str,
     api_root: &'static str,
+    probe: Option<Probe>,
 ) -> Spec {
     Spec {
         hosts,
@@ -118,72 +161,112 @@ const fn bearer(
         api_root,
         key_style: KeyStyle::Bearer,
         error_shape: ErrorShape::OpenAi,
+        probe,
     }
 }
 
 // Mistral: https://docs.mistral.ai/api/ and the @ai-sdk/mistral default
 // (https://tessl.io/registry/tessl/npm-ai-sdk--mistral/2.0.0/files/docs/provider-configuration.md:
 // "The default prefix is `https://api.mistral.ai/v1`", key in `Authorization`).
-const MISTRAL: Spec = bearer(&["api.mistral.ai"], "https://api.mistral.ai/v1", "/v1");
+// Probe: `GET /v1/models` (https://docs.mistral.ai/api/#tag/models).
+const MISTRAL: Spec = bearer(
+    &["api.mistral.ai"],
+    "https://api.mistral.ai/v1",
+    "/v1",
+    get("/models"),
+);
 
 // Groq: https://console.groq.com/docs/openai ("change the base_url to
 // https://api.groq.com/openai/v1").
+// Probe: `GET /openai/v1/models` (https://console.groq.com/docs/api-reference#models-list).
 const GROQ: Spec = bearer(
     &["api.groq.com"],
     "https://api.groq.com/openai/v1",
     "/openai/v1",
+    get("/models"),
 );
 
 // DeepSeek: https://api-docs.deepseek.com/ (base_url https://api.deepseek.com,
 // `Authorization: Bearer`; `/v1` is also accepted and "has nothing to do with
 // the model version", so the root is empty and both path forms pass through).
-const DEEPSEEK: Spec = bearer(&["api.deepseek.com"], "https://api.deepseek.com", "");
+// Probe: `GET /models` (https://api-docs.deepseek.com/api/list-models).
+const DEEPSEEK: Spec = bearer(
+    &["api.deepseek.com"],
+    "https://api.deepseek.com",
+    "",
+    get("/models"),
+);
 
 // xAI: https://docs.x.ai/developers/rest-api-reference ("The base for all
 // routes is at https://api.x.ai ... Authorization: Bearer"); OpenAI-style
 // routes under /v1 (langchain-xai default https://api.x.ai/v1/).
-const XAI: Spec = bearer(&["api.x.ai"], "https://api.x.ai/v1", "/v1");
+// Probe: `GET /v1/models` (https://docs.x.ai/docs/api-reference#list-models).
+const XAI: Spec = bearer(&["api.x.ai"], "https://api.x.ai/v1", "/v1", get("/models"));
 
 // OpenRouter: https://docs.boundaryml.com/ref/llm-client-providers/openai-generic-open-router
 // (base_url https://openrouter.ai/api/v1, Bearer `sk-or-v1-` keys).
+// Probe: `GET /api/v1/key`, the current key's details
+// (https://openrouter.ai/docs/api/api-reference/api-keys/get-current-key);
+// its `/models` answers without a key, so it would prove nothing.
 const OPENROUTER: Spec = bearer(
     &["openrouter.ai"],
     "https://openrouter.ai/api/v1",
     "/api/v1",
+    get("/key"),
 );
 
 // Together: https://docs.together.ai/docs/inference/openai-compatibility
 // (base_url https://api.together.ai/v1); its SDKs' long-standing default is
 // https://api.together.xyz/v1 (e.g. https://docs.pipecat.ai/server/services/llm/together).
+// Probe: `GET /v1/models` (https://docs.together.ai/reference/models-1).
 const TOGETHER: Spec = bearer(
     &["api.together.xyz", "api.together.ai"],
     "https://api.together.xyz/v1",
     "/v1",
+    get("/models"),
 );
 
 // Fireworks: https://strandsagents.com/docs/community/model-providers/fireworksai/
 // ("base_url: https://api.fireworks.ai/inference/v1", OpenAI SDK, Bearer).
+// No probe: its documented model list lives under
+// `/v1/accounts/{account}/models`, which needs the account id.
 const FIREWORKS: Spec = bearer(
     &["api.fireworks.ai"],
     "https://api.fireworks.ai/inference/v1",
     "/inference/v1",
+    None,
 );
 
 // Perplexity: https://rdrr.io/cran/ellmer/man/chat_perplexity.html (base_url
 // https://api.perplexity.ai/, OpenAI-style `/chat/completions` at the root).
-const PERPLEXITY: Spec = bearer(&["api.perplexity.ai"], "https://api.perplexity.ai", "");
+// No probe: no unbilled endpoint that checks the key is documented.
+const PERPLEXITY: Spec = bearer(
+    &["api.perplexity.ai"],
+    "https://api.perplexity.ai",
+    "",
+    None,
+);
 
 // Cohere: https://docs.cohere.com/docs/migrating-v1-to-v2 (native /v1 and /v2
 // paths, so the root is empty); `POST https://api.cohere.com/v2/chat` with
 // `Authorization: Bearer` (https://rdrr.io/cran/gptstudio/man/request_base_cohere.html).
-const COHERE: Spec = bearer(&["api.cohere.com"], "https://api.cohere.com", "");
+// Probe: `GET /v1/models` (https://docs.cohere.com/reference/list-models).
+const COHERE: Spec = bearer(
+    &["api.cohere.com"],
+    "https://api.cohere.com",
+    "",
+    get("/v1/models"),
+);
 
 // Hugging Face Inference Providers: https://huggingface.co/changelog/inference-providers-openai-compatible
 // ("point to router.huggingface.co/v1"), HF token as Bearer.
+// No probe: it is not documented whether the router's `/v1/models` checks
+// the token.
 const HUGGINGFACE: Spec = bearer(
     &["router.huggingface.co"],
     "https://router.huggingface.co/v1",
     "/v1",
+    None,
 );
 
 // Gemini API: https://ai.google.dev/api (REST calls on
@@ -199,6 +282,8 @@ const GEMINI: Spec = Spec {
     api_root: "",
     key_style: KeyStyle::XGoogApiKey,
     error_shape: ErrorShape::Google,
+    // https://ai.google.dev/api/models#method:-models.list
+    probe: get("/v1beta/models"),
 };
 
 /// The providers kt knows by name, in catalog order.
@@ -296,6 +381,15 @@ impl Provider {
     /// How the managed key is sent (unknown providers: OpenAI-style Bearer).
     pub fn key_style(&self) -> KeyStyle {
         self.spec().map_or(KeyStyle::Bearer, |s| s.key_style)
+    }
+
+    /// The unbilled health probe (unknown providers: the OpenAI-compatible
+    /// `GET /models`; `None`: a known provider without one).
+    pub fn probe(&self) -> Option<Probe> {
+        match self.spec() {
+            Some(s) => s.probe,
+            None => Some(OPENAI_COMPATIBLE_PROBE),
+        }
     }
 
     /// The error-body shape (unknown providers: OpenAI's).
@@ -513,6 +607,28 @@ mod tests {
             Some("https://api.groq.com/openai/v1")
         );
         assert!(known_names().starts_with("openai, anthropic, mistral, groq"));
+    }
+
+    #[test]
+    fn probes_are_unbilled_reads_and_unknown_providers_get_the_openai_one() {
+        let p = Provider::OpenAi.probe().unwrap();
+        assert_eq!((p.method, p.path), ("GET", "/models"));
+        let p = Provider::Anthropic.probe().unwrap();
+        assert_eq!((p.method, p.path), ("GET", "/v1/models"));
+        assert_eq!(p.headers, &[("anthropic-version", "2023-06-01")]);
+        assert_eq!(Provider::OpenRouter.probe().unwrap().path, "/key");
+        assert_eq!(Provider::Gemini.probe().unwrap().path, "/v1beta/models");
+        assert_eq!(Provider::Fireworks.probe(), None);
+        assert_eq!(
+            Provider::Other("vllm".into()).probe(),
+            Some(OPENAI_COMPATIBLE_PROBE)
+        );
+        for p in KNOWN {
+            if let Some(probe) = p.probe() {
+                assert_eq!(probe.method, "GET", "{p}: a probe must not create anything");
+                assert!(probe.path.starts_with('/'), "{p}");
+            }
+        }
     }
 
     #[test]
