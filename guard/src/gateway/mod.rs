@@ -19,12 +19,14 @@ mod connect;
 mod forward;
 mod handler;
 mod limit;
+mod probe;
 mod relay;
 mod serve;
 mod tls;
 mod upstream;
 
 pub use handler::{GwBody, Mode};
+pub use probe::{ProbeReport, ProbeResult, Prober, all_required_pass};
 pub use relay::sse_error_event;
 pub use serve::{CaptureLookup, Captured};
 pub use upstream::{ConnectError, client_tls_config, connect_tcp};
@@ -174,6 +176,24 @@ impl GatewayBuilder {
         self
     }
 
+    fn upstream_client(&self) -> Result<UpstreamClient, GatewayError> {
+        upstream_client(
+            &self.config,
+            self.system_roots,
+            &self.extra_roots,
+            Arc::clone(&self.exemption),
+        )
+    }
+
+    /// A prober with this builder's upstream path (roots, exemption,
+    /// timeouts), without resolving any key or starting a gateway: for
+    /// `kt secrets verify` and `kt gateway check --probe`. Call inside the
+    /// runtime.
+    pub fn prober(&self) -> Result<Prober, GatewayError> {
+        let router = Router::new(&self.config)?;
+        Ok(Prober::new(router, self.upstream_client()?, &self.config))
+    }
+
     /// Resolves every target's managed key and builds the gateway. A
     /// required target whose key does not resolve is an error naming the
     /// secret and how to add it; an optional one is skipped with a warning
@@ -198,18 +218,7 @@ impl GatewayBuilder {
         if !missing.is_empty() {
             return Err(GatewayError::MissingSecrets(missing));
         }
-        let tls =
-            client_tls_config(self.system_roots, &self.extra_roots).map_err(GatewayError::Tls)?;
-        let connector = upstream::UpstreamConnector::new(
-            Arc::new(tls),
-            Arc::clone(&self.exemption),
-            self.config.gateway.connect_timeout,
-        );
-        let client = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .build(connector);
+        let client = self.upstream_client()?;
         let (shutdown_tx, _) = watch::channel(false);
         let id_prefix = format!(
             "{:x}",
@@ -255,12 +264,45 @@ impl GatewayBuilder {
     }
 }
 
+type UpstreamClient = Client<upstream::UpstreamConnector, Full<Bytes>>;
+
+/// The upstream client every request (and probe) goes through: system
+/// roots (with `SSL_CERT_FILE`) when asked, the extra roots, the capture
+/// exemption, `gateway.connect_timeout`.
+fn upstream_client(
+    config: &Config,
+    system_roots: bool,
+    extra_roots: &[CertificateDer<'static>],
+    exemption: Arc<dyn SocketExemption>,
+) -> Result<UpstreamClient, GatewayError> {
+    let tls = client_tls_config(system_roots, extra_roots).map_err(GatewayError::Tls)?;
+    let connector =
+        upstream::UpstreamConnector::new(Arc::new(tls), exemption, config.gateway.connect_timeout);
+    Ok(Client::builder(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .build(connector))
+}
+
+impl Prober {
+    /// A prober for `config` with the upstream path of a gateway built with
+    /// [`GatewayBuilder`]'s defaults (system roots and `SSL_CERT_FILE`, no
+    /// capture exemption), as `kt run` and `kt gateway run` build theirs;
+    /// resolves no key and needs no CA. Call inside the runtime.
+    pub fn for_config(config: &Config) -> Result<Prober, GatewayError> {
+        let router = Router::new(config)?;
+        let client = upstream_client(config, true, &[], Arc::new(NoExemption))?;
+        Ok(Prober::new(router, client, config))
+    }
+}
+
 /// Shared state of a running gateway.
 pub(crate) struct Inner {
     config: Arc<Config>,
     router: Router,
     keys: HashMap<String, SecretValue>,
-    client: Client<upstream::UpstreamConnector, Full<Bytes>>,
+    client: UpstreamClient,
     policy: Arc<dyn Policy>,
     sink: Arc<dyn RecordSink>,
     fingerprint: KeyFingerprint,
@@ -298,6 +340,16 @@ impl Gateway {
     /// Warnings from startup (optional targets skipped).
     pub fn warnings(&self) -> &[String] {
         &self.inner.warnings
+    }
+
+    /// A prober over this gateway's own upstream client (its pool, roots
+    /// and exemption).
+    pub fn prober(&self) -> Prober {
+        Prober::new(
+            self.inner.router.clone(),
+            self.inner.client.clone(),
+            &self.inner.config,
+        )
     }
 
     /// The ids of the targets that will be used, in order.
