@@ -36,6 +36,10 @@ pub struct Report {
     /// Whether the listen addresses are free (with `--verbose`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub listeners: Vec<ListenerCheck>,
+    /// Credential probes, one per target (with `--probe`; filled by the
+    /// caller, as they need the network).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub probe: Option<Vec<crate::gateway::ProbeReport>>,
 }
 
 /// Secret resolution for one target.
@@ -194,6 +198,7 @@ pub fn check(config: &Config, resolver: &dyn Resolve, opts: &Options<'_>) -> Rep
         kernel,
         capture_programs,
         listeners,
+        probe: None,
     }
 }
 

@@ -32,6 +32,10 @@ pub struct CheckArgs {
     /// Also report kernel support for capture and whether ports are free.
     #[arg(long, short)]
     pub verbose: bool,
+    /// Also prove each target's key works: one unbilled request per target
+    /// (as `kt secrets verify`); exit 1 when a required target is not ok.
+    #[arg(long)]
+    pub probe: bool,
 }
 
 /// Arguments of `kt gateway run`.
@@ -88,8 +92,15 @@ pub fn check(
     {
         report.warnings.extend(crate::dlp::coverage_warnings(dlp));
     }
+    if args.probe {
+        report.probe = Some(super::probe::run(&config, global, &|_| true)?);
+    }
     out.data(&report, |w| print_human(w, &report, args.verbose))?;
-    Ok(if report.would_start {
+    let probes_pass = report
+        .probe
+        .as_deref()
+        .is_none_or(crate::gateway::all_required_pass);
+    Ok(if report.would_start && probes_pass {
         ExitStatus::Success
     } else {
         ExitStatus::Failure
@@ -266,6 +277,17 @@ fn print_human(w: &mut dyn Write, r: &Report, verbose: bool) -> io::Result<()> {
             }
         }
     }
+    if let Some(probes) = &r.probe {
+        writeln!(w, "probe")?;
+        let mut table = Vec::new();
+        super::probe::write(&mut table, probes)?;
+        for line in String::from_utf8_lossy(&table).lines() {
+            writeln!(w, "  {line}")?;
+        }
+        for line in super::probe::details(probes) {
+            writeln!(w, "  {line}")?;
+        }
+    }
     for warning in &r.warnings {
         writeln!(w, "warning: {warning}")?;
     }
@@ -280,6 +302,13 @@ fn print_human(w: &mut dyn Write, r: &Report, verbose: bool) -> io::Result<()> {
             "result   the gateway would NOT start ({} problem(s))",
             r.problems.len()
         )?;
+    }
+    if let Some(probes) = &r.probe {
+        if crate::gateway::all_required_pass(probes) {
+            writeln!(w, "probe    every required target's key works")?;
+        } else {
+            writeln!(w, "probe    a required target's key is NOT ok")?;
+        }
     }
     Ok(())
 }

@@ -4,5 +4,6 @@
 pub mod ca;
 pub mod events;
 pub mod gateway;
+mod probe;
 pub mod run;
 pub mod secrets;

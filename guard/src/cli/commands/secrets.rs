@@ -1,5 +1,5 @@
-//! `kt secrets add|list|rm|status`: manage stored secrets and show how each
-//! target's `secret_key_ref` resolves. Values come from standard input or a
+//! `kt secrets add|list|rm|status|verify`: manage stored secrets, show how
+//! each target's `secret_key_ref` resolves, and prove the keys work. Values come from standard input or a
 //! no-echo prompt, never from argv, and are never printed: output carries
 //! names, backends and fingerprints only.
 
@@ -50,6 +50,16 @@ pub enum SecretsCmd {
     },
     /// Show, per target of a config file, where its secret resolves.
     Status {
+        /// The policy config file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Prove keys work: per target, one unbilled request (a list-models
+    /// call) with its managed key through the gateway's upstream path.
+    /// Exit 1 when a required target is not ok.
+    Verify {
+        /// Only the targets whose secret has one of these names (default: all).
+        names: Vec<String>,
         /// The policy config file.
         #[arg(long, short)]
         config: PathBuf,
@@ -155,7 +165,65 @@ fn run_with(cmd: SecretsCmd, global: &Global, con: &mut dyn Console) -> anyhow::
             let report = StatusReport::build(&config, &resolver, fp.as_ref());
             Ok(write_status(&report, &mut out)?)
         }
+        SecretsCmd::Verify { names, config } => verify(&names, &config, global, con),
     }
+}
+
+/// `kt secrets verify --output json`.
+#[derive(serde::Serialize)]
+struct VerifyDoc<'a> {
+    config: &'a std::path::Path,
+    ok: bool,
+    targets: &'a [crate::gateway::ProbeReport],
+}
+
+fn verify(
+    names: &[String],
+    config: &std::path::Path,
+    global: &Global,
+    con: &mut dyn Console,
+) -> anyhow::Result<ExitStatus> {
+    let mut out = con.output(global.output);
+    let Some(config) = crate::cli::load_config(config, &mut out)? else {
+        return Ok(ExitStatus::Failure);
+    };
+    let unused: Vec<&str> = names
+        .iter()
+        .filter(|n| {
+            !config
+                .providers
+                .targets
+                .iter()
+                .any(|t| t.secret_key_ref.name() == n.as_str())
+        })
+        .map(String::as_str)
+        .collect();
+    if !unused.is_empty() {
+        out.note(format_args!(
+            "error: no target of {} uses secret {}",
+            config.source.display(),
+            unused.join(", ")
+        ))?;
+        return Ok(ExitStatus::Failure);
+    }
+    let reports = super::probe::run(&config, global, &|t| {
+        names.is_empty() || names.iter().any(|n| n == t.secret_key_ref.name())
+    })?;
+    let ok = crate::gateway::all_required_pass(&reports);
+    let doc = VerifyDoc {
+        config: &config.source,
+        ok,
+        targets: &reports,
+    };
+    out.data(&doc, |w| super::probe::write(w, &reports))?;
+    for line in super::probe::details(&reports) {
+        out.note(line)?;
+    }
+    Ok(if ok {
+        ExitStatus::Success
+    } else {
+        ExitStatus::Failure
+    })
 }
 
 fn fingerprinter(global: &Global) -> anyhow::Result<Fingerprinter> {
