@@ -137,15 +137,21 @@ pub fn to_event(d: &RequestRecord, known: &HashMap<String, String>) -> Event {
             matches_secret,
         }
     });
-    e.message = Some(match d.error_code {
-        Some(code) => format!(
-            "{} {} -> {} ({code}) via {}",
+    e.message = Some(match (d.error_code, d.status) {
+        // Refused before any HTTP exchange: there is no status to show.
+        (Some(code), 0) => format!(
+            "{} {} refused ({code}) via {}",
             d.method,
             d.path,
-            d.status,
             d.arrival.label()
         ),
-        None => format!("{} {} via {}", d.method, d.path, d.arrival.label()),
+        (Some(code), status) => format!(
+            "{} {} -> {status} ({code}) via {}",
+            d.method,
+            d.path,
+            d.arrival.label()
+        ),
+        (None, _) => format!("{} {} via {}", d.method, d.path, d.arrival.label()),
     });
     e
 }

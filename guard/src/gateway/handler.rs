@@ -226,7 +226,8 @@ pub async fn handle(
     let (mut parts, body) = req.into_parts();
     if let Err(r) = check_client(&inner, &ctx, &ex.rec.client, &parts) {
         // Strip first anyway, so the record gets the key's fingerprint only.
-        let _ = strip_credentials(&inner, &mut ex, &mut parts);
+        let clean = strip_credentials(&inner, &mut ex, &mut parts);
+        ex.rec.path = clean;
         ex.rec.policy.push(PolicyNote {
             policy: PolicyId::Guard,
             action: PolicyAction::Block,
