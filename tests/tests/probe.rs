@@ -314,3 +314,21 @@ async fn an_untrusted_upstream_certificate_is_unreachable_not_ok() {
     assert!(good["detail"].as_str().unwrap().contains("tls"), "{good}");
     assert!(s.good.requests().is_empty());
 }
+
+/// A provider that rate-limits the probe is neither ok nor a revoked key:
+/// `rate_limited`, and a required target in that state fails the check.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rate_limited_probe_is_reported_as_such() {
+    let s = Setup::new(false).await;
+    s.good.set_behavior(Behavior::RateLimited(1));
+    let out = s.kt(
+        &["secrets", "verify", "--config", s.cfg(), "--output", "json"],
+        None,
+    );
+    assert_no_key(&out);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let doc = json(&out);
+    let good = row(&doc, "targets", "good");
+    assert_eq!(good["result"], "rate_limited", "{good}");
+    assert_eq!(good["status"], 429);
+}
