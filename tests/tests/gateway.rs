@@ -1665,3 +1665,43 @@ async fn catalog_providers_get_the_managed_key_in_their_own_style() {
         assert!(!format!("{:?}{}", r.headers, r.path).contains(CLIENT_KEY));
     }
 }
+
+/// A primary that keeps failing is tried `cooldown_after` times, then
+/// skipped for its cool-down (requests stop paying for it); the moment is
+/// recorded.
+#[tokio::test]
+async fn a_dead_primary_is_skipped_during_its_cool_down() {
+    let ca = TestCa::new();
+    let dead = FakeProvider::start(&ca, "first", Behavior::Status(503)).await;
+    let good = FakeProvider::start(&ca, "second", Behavior::Ok).await;
+    let mut cfg = config(vec![oa("oa1", &dead, "OA1"), oa("oa2", &good, "OA2")]);
+    cfg.gateway.cooldown_after = 3;
+    cfg.gateway.cooldown = Duration::from_secs(600);
+    let gw = start(cfg, secrets(), &ca).await;
+    let mut c = h1_plain(gw.addr).await;
+    for _ in 0..6 {
+        let a = send(
+            &mut c,
+            post("/openai/v1/chat/completions", &[], chat_body(false)),
+        )
+        .await;
+        assert_eq!(a.status, 200, "{}", a.body);
+    }
+    assert_eq!(
+        dead.requests().len(),
+        3,
+        "the cooled-down primary was tried again"
+    );
+    assert_eq!(good.requests().len(), 6);
+    let recs = gw.sink.snapshot();
+    let cooled: Vec<_> = recs
+        .iter()
+        .filter(|r| r.policy.iter().any(|n| n.rule == "target-cooled-down"))
+        .collect();
+    assert_eq!(cooled.len(), 1);
+    assert_eq!(cooled[0].path, "oa1");
+    // Requests after the cool-down started went straight to the fallback.
+    let last = recs.iter().rev().find(|r| r.method == "POST").unwrap();
+    assert_eq!(last.attempts.len(), 1);
+    assert_eq!(last.attempts[0].target, "oa2");
+}

@@ -678,6 +678,8 @@ impl Cx {
             "max_connections_per_uid",
             "body_timeout",
             "max_buffered_bytes",
+            "cooldown_after",
+            "cooldown",
             "clients",
             "allow_remote_clients",
         ];
@@ -708,8 +710,9 @@ impl Cx {
                 out.capture_listen6 = Some(v);
             }
         }
-        let timeouts: [(&str, &mut Duration, bool); 5] = [
+        let timeouts: [(&str, &mut Duration, bool); 6] = [
             ("body_timeout", &mut out.body_timeout, false),
+            ("cooldown", &mut out.cooldown, false),
             ("connect_timeout", &mut out.connect_timeout, false),
             ("first_byte_timeout", &mut out.first_byte_timeout, false),
             ("idle_timeout", &mut out.idle_timeout, false),
@@ -836,6 +839,17 @@ impl Cx {
             )
         }) {
             out.max_connections_per_uid = usize::try_from(v).unwrap_or(usize::MAX);
+        }
+        if let Some(v) = f.get("cooldown_after").and_then(|n| {
+            self.int_in(
+                n,
+                "gateway.cooldown_after",
+                0,
+                1000,
+                "a number of failures in a row, e.g. 3 (0 turns cool-downs off)",
+            )
+        }) {
+            out.cooldown_after = u32::try_from(v).unwrap_or(u32::MAX);
         }
         if let Some(v) = f.get("max_buffered_bytes").and_then(|n| {
             self.int_in(

@@ -242,6 +242,12 @@ pub struct GatewaySettings {
     /// over all requests; past it a request gets 503 instead of kt's memory
     /// growing.
     pub max_buffered_bytes: u64,
+    /// `cooldown_after` (default 3; 0 turns it off): consecutive failures
+    /// (connect, TLS, timeout, 500/502/503/504) after which a target is
+    /// skipped for `cooldown`.
+    pub cooldown_after: u32,
+    /// `cooldown` (default 30s): how long a failing target is skipped.
+    pub cooldown: Duration,
     /// `clients` (default: anyone on this host): who may spend managed keys.
     pub clients: Option<ClientAllow>,
     /// `allow_remote_clients` (default false): `listen` may be a
@@ -297,6 +303,8 @@ impl Default for GatewaySettings {
             max_connections_per_uid: 512,
             body_timeout: Duration::from_secs(60),
             max_buffered_bytes: 256 * 1024 * 1024,
+            cooldown_after: 3,
+            cooldown: Duration::from_secs(30),
             clients: None,
             allow_remote_clients: false,
         }

@@ -10,10 +10,13 @@ use hyper::body::Incoming;
 
 use super::Inner;
 use super::handler::{Exchange, GwBody, set_request_id, strip_hop_by_hop};
+use super::health::Transition;
 use super::relay::{Amend, Relay};
 use super::upstream::{ConnectError, find_connect_error};
 use crate::policy::Refusal;
-use crate::record::{Attempt, Outcome, codes};
+use crate::record::{
+    Arrival, Attempt, ClientInfo, Outcome, PolicyAction, PolicyId, PolicyNote, RequestRecord, codes,
+};
 use crate::routing::{self, Matched, Route, Verdict};
 use crate::secrets::SecretValue;
 
@@ -25,11 +28,18 @@ pub(crate) async fn forward(
     matched: &Matched,
     body: Bytes,
 ) -> Response<GwBody> {
-    let routes: Vec<(&Route, &SecretValue)> = inner
+    let all: Vec<(&Route, &SecretValue)> = inner
         .router
         .targets_for(&matched.provider)
         .filter_map(|r| inner.keys.get(&r.target.id).map(|k| (r, k)))
         .collect();
+    // Targets in their cool-down are skipped while another one is left.
+    let live: Vec<(&Route, &SecretValue)> = all
+        .iter()
+        .copied()
+        .filter(|(r, _)| !inner.health.cooling(&r.target.id))
+        .collect();
+    let routes = if live.is_empty() { all } else { live };
     if routes.is_empty() {
         let msg = format!("no usable target for provider {}", matched.provider.name());
         return ex.fail(
@@ -48,6 +58,9 @@ pub(crate) async fn forward(
             Err(r) => return ex.fail(inner, &r, &tried),
         };
         let (outcome, response) = attempt(inner, up).await;
+        if let Some(t) = inner.health.record(&route.target.id, &outcome) {
+            health_event(inner, &route.target.id, t, &outcome);
+        }
         tried.push(Attempt {
             target: route.target.id.clone(),
             outcome: outcome.clone(),
@@ -87,6 +100,42 @@ pub(crate) async fn forward(
         }
     }
     all_failed(inner, ex, matched, tried)
+}
+
+/// A target went into or came out of its cool-down: logged and recorded.
+fn health_event(inner: &Inner, target: &str, t: Transition, outcome: &Outcome) {
+    let rule = match t {
+        Transition::CooledDown => {
+            tracing::warn!(target_id = %target, outcome = %outcome.label(), cooldown = ?inner.config.gateway.cooldown, "target failed repeatedly: skipped for its cool-down");
+            "target-cooled-down"
+        }
+        Transition::Recovered => {
+            tracing::info!(target_id = %target, "target answers again");
+            "target-recovered"
+        }
+    };
+    let n = inner
+        .counter
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut rec = RequestRecord::new(
+        format!("{}-{n:x}", inner.id_prefix),
+        Arrival::BaseUrl,
+        None,
+        ClientInfo::default(),
+        "HEALTH".into(),
+    );
+    rec.path = target.to_string();
+    rec.attempts.push(Attempt {
+        target: target.to_string(),
+        outcome: outcome.clone(),
+    });
+    rec.policy.push(PolicyNote {
+        policy: PolicyId::Guard,
+        action: PolicyAction::Audit,
+        rule: rule.into(),
+        location: None,
+    });
+    inner.sink.record(rec);
 }
 
 fn refuse(status: StatusCode, code: &'static str, message: String) -> Refusal {

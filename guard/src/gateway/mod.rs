@@ -18,6 +18,7 @@
 mod connect;
 mod forward;
 mod handler;
+mod health;
 mod limit;
 mod probe;
 mod relay;
@@ -228,6 +229,10 @@ impl GatewayBuilder {
         );
         let limit = limit::ConnLimit::new(self.config.gateway.max_connections);
         let per_uid = limit::UidBudget::new(self.config.gateway.max_connections_per_uid);
+        let health = health::Health::new(
+            self.config.gateway.cooldown_after,
+            self.config.gateway.cooldown,
+        );
         // A single largest body must always fit.
         let buffered = self
             .config
@@ -258,6 +263,7 @@ impl GatewayBuilder {
                 limit,
                 per_uid,
                 body_budget,
+                health,
                 exemption: self.exemption,
             }),
         })
@@ -315,6 +321,8 @@ pub(crate) struct Inner {
     certs: tls::CertCache,
     limit: Arc<limit::ConnLimit>,
     per_uid: Arc<limit::UidBudget>,
+    /// Targets that failed in a row and are skipped for a while.
+    health: health::Health,
     /// Bytes of request bodies held at once (`gateway.max_buffered_bytes`).
     body_budget: Arc<tokio::sync::Semaphore>,
     /// Exempts the sockets of port-wide splices from capture, as upstream
