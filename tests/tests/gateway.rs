@@ -1705,3 +1705,45 @@ async fn a_dead_primary_is_skipped_during_its_cool_down() {
     assert_eq!(last.attempts.len(), 1);
     assert_eq!(last.attempts[0].target, "oa2");
 }
+
+/// The rotation alarm: the new key is rejected (401) while the old one on
+/// the fallback keeps traffic flowing; the event says so, a plain
+/// fallback for an outage does not.
+#[tokio::test]
+async fn a_rejected_primary_key_served_by_the_fallback_raises_the_rotation_alarm() {
+    let ca = TestCa::new();
+    let revoked = FakeProvider::start(&ca, "first", Behavior::Status(401)).await;
+    let old = FakeProvider::start(&ca, "second", Behavior::Ok).await;
+    let gw = start(
+        config(vec![oa("q2", &revoked, "OA1"), oa("q1", &old, "OA2")]),
+        secrets(),
+        &ca,
+    )
+    .await;
+    let mut c = h1_plain(gw.addr).await;
+    let a = send(
+        &mut c,
+        post("/openai/v1/chat/completions", &[], chat_body(false)),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    revoked.set_behavior(Behavior::Status(503));
+    let b = send(
+        &mut c,
+        post("/openai/v1/chat/completions", &[], chat_body(false)),
+    )
+    .await;
+    assert_eq!(b.status, 200, "{}", b.body);
+    let recs = gw.sink.snapshot();
+    let alarm = |r: &guard::record::RequestRecord| {
+        r.policy
+            .iter()
+            .find(|n| n.rule == "rotation-alarm")
+            .and_then(|n| n.location.clone())
+    };
+    assert_eq!(
+        alarm(&recs[0]).as_deref(),
+        Some("target q2 rejected its key (401); served by q1")
+    );
+    assert_eq!(alarm(&recs[1]), None, "an outage is not a rotation alarm");
+}

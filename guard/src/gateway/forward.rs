@@ -80,6 +80,7 @@ pub(crate) async fn forward(
                     let r = refuse(resp.status(), codes::UPSTREAM_AUTH_FAILED, msg);
                     return ex.fail(inner, &r, &tried);
                 }
+                rotation_alarm(&mut ex, &tried, &route.target.id);
                 ex.rec.attempts = tried;
                 return deliver(inner, ex, parts, route, resp);
             }
@@ -100,6 +101,56 @@ pub(crate) async fn forward(
         }
     }
     all_failed(inner, ex, matched, tried)
+}
+
+/// Seconds since the Unix epoch of the last rotation-alarm warning (the log
+/// gets at most one a minute; every event carries the alarm).
+static LAST_ALARM: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// A fallback served a request because an earlier target rejected its key
+/// (401/403): the rotation is broken while the old key keeps traffic
+/// flowing. Make it loud: a note on the event, and a (rate-limited) warning.
+fn rotation_alarm(ex: &mut Exchange, tried: &[Attempt], served_by: &str) {
+    let Some(rejected) = tried
+        .iter()
+        .find(|a| matches!(a.outcome.status(), Some(401 | 403)))
+    else {
+        return;
+    };
+    if rejected.target == served_by {
+        return;
+    }
+    let status = rejected.outcome.status().unwrap_or(0);
+    ex.rec.policy.push(PolicyNote {
+        policy: PolicyId::Guard,
+        action: PolicyAction::Audit,
+        rule: "rotation-alarm".into(),
+        location: Some(format!(
+            "target {} rejected its key ({status}); served by {served_by}",
+            rejected.target
+        )),
+    });
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let last = LAST_ALARM.load(std::sync::atomic::Ordering::Relaxed);
+    if now >= last + 60
+        && LAST_ALARM
+            .compare_exchange(
+                last,
+                now,
+                std::sync::atomic::Ordering::Relaxed,
+                std::sync::atomic::Ordering::Relaxed,
+            )
+            .is_ok()
+    {
+        tracing::warn!(
+            rejected = %rejected.target,
+            status,
+            served_by,
+            "rotation alarm: a target's managed key is rejected and a fallback keeps traffic flowing; check it with `kt secrets verify`"
+        );
+    }
 }
 
 /// A target went into or came out of its cool-down: logged and recorded.
