@@ -183,12 +183,12 @@ impl StatusReport {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::config::{Capture, GatewaySettings, Pack, Provider, Providers, RoutingStrategy};
     use crate::secrets::{FileStore, Resolver, SecretStore, SecretValue, Source};
 
-    fn target(id: &str, reference: SecretKeyRef, required: bool) -> Target {
+    pub(crate) fn target(id: &str, reference: SecretKeyRef, required: bool) -> Target {
         Target {
             id: id.to_string(),
             provider: Provider::OpenAi,

@@ -594,10 +594,7 @@ fn write_status(report: &StatusReport, out: &mut Output<'_>) -> io::Result<ExitS
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
-    use crate::config::{
-        Capture, GatewaySettings, Pack, Provider, Providers, RoutingStrategy, SecretKeyRef, Target,
-    };
+    use crate::config::SecretKeyRef;
     use crate::secrets::Resolve;
     use crate::secrets::keychain_test::{TestName, require_keyring};
     use clap::Parser;
@@ -682,37 +679,7 @@ mod tests {
             .map(|v| v.expose().to_string())
     }
 
-    fn target(id: &str, reference: SecretKeyRef, required: bool) -> Target {
-        Target {
-            id: id.to_string(),
-            provider: Provider::OpenAi,
-            model: None,
-            required,
-            secret_key_ref: reference,
-            base_url: None,
-        }
-    }
-
-    fn config(targets: Vec<Target>) -> Config {
-        Config {
-            source: PathBuf::from("policy-config.yaml"),
-            pack: Pack {
-                name: "test".into(),
-                version: "1".into(),
-                enabled: true,
-            },
-            providers: Providers {
-                strategy: RoutingStrategy::Ordered,
-                fallback: true,
-                targets,
-            },
-            chain: Vec::new(),
-            dlp: None,
-            audit: None,
-            gateway: GatewaySettings::default(),
-            capture: Capture::default(),
-        }
-    }
+    use crate::secrets::status::tests::{config, target};
 
     #[derive(Parser, Debug)]
     struct Cli {
