@@ -223,15 +223,7 @@ async fn throughput_with(ep: &Endpoint, body: &Bytes, conns: usize, window: Dura
 }
 
 fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
+    rss_of(std::process::id())
 }
 
 fn ms(d: Duration) -> f64 {

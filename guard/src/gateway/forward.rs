@@ -15,7 +15,7 @@ use super::relay::{Amend, Relay};
 use super::upstream::{ConnectError, find_connect_error};
 use crate::policy::Refusal;
 use crate::record::{
-    Arrival, Attempt, ClientInfo, Outcome, PolicyAction, PolicyId, PolicyNote, RequestRecord, codes,
+    Arrival, Attempt, ClientInfo, Outcome, PolicyAction, PolicyId, PolicyNote, codes,
 };
 use crate::routing::{self, Matched, Route, Verdict};
 use crate::secrets::SecretValue;
@@ -165,26 +165,18 @@ fn health_event(inner: &Inner, target: &str, t: Transition, outcome: &Outcome) {
             "target-recovered"
         }
     };
-    let n = inner
-        .counter
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let mut rec = RequestRecord::new(
-        format!("{}-{n:x}", inner.id_prefix),
+    let mut rec = inner.guard_record(
         Arrival::BaseUrl,
         None,
         ClientInfo::default(),
-        "HEALTH".into(),
+        "HEALTH",
+        PolicyAction::Audit,
+        rule,
     );
     rec.path = target.to_string();
     rec.attempts.push(Attempt {
         target: target.to_string(),
         outcome: outcome.clone(),
-    });
-    rec.policy.push(PolicyNote {
-        policy: PolicyId::Guard,
-        action: PolicyAction::Audit,
-        rule: rule.into(),
-        location: None,
     });
     inner.sink.record(rec);
 }

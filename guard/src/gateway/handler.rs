@@ -5,7 +5,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -375,10 +374,9 @@ fn is_local_name(host_port: &str, inner: &Inner) -> bool {
 
 /// Opens the record of a request arriving now.
 fn begin(inner: &Inner, ctx: &ConnCtx, client: ClientInfo, req: &Request<Incoming>) -> Exchange {
-    let n = inner.counter.fetch_add(1, Ordering::Relaxed);
     Exchange {
         rec: RequestRecord::new(
-            format!("{}-{n:x}", inner.id_prefix),
+            inner.next_request_id(),
             ctx.mode.arrival(),
             ctx.peer,
             client,

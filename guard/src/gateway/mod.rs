@@ -330,6 +330,44 @@ pub(crate) struct Inner {
     exemption: Arc<dyn SocketExemption>,
 }
 
+impl Inner {
+    /// A new request id, also sent to the client as `x-kt-request-id`.
+    pub(crate) fn next_request_id(&self) -> String {
+        let n = self
+            .counter
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        format!("{}-{n:x}", self.id_prefix)
+    }
+
+    /// A record of something kt's own rules decided outside any HTTP
+    /// exchange (a refused or spliced connection, a target's health): one
+    /// `guard` note with `action` and `rule`; the caller sets the path.
+    pub(crate) fn guard_record(
+        &self,
+        arrival: crate::record::Arrival,
+        peer: Option<SocketAddr>,
+        client: crate::record::ClientInfo,
+        what: &str,
+        action: crate::record::PolicyAction,
+        rule: &str,
+    ) -> crate::record::RequestRecord {
+        let mut rec = crate::record::RequestRecord::new(
+            self.next_request_id(),
+            arrival,
+            peer,
+            client,
+            what.to_string(),
+        );
+        rec.policy.push(crate::record::PolicyNote {
+            policy: crate::record::PolicyId::Guard,
+            action,
+            rule: rule.to_string(),
+            location: None,
+        });
+        rec
+    }
+}
+
 /// A built gateway; cheap to clone (all clones share state).
 #[derive(Clone)]
 pub struct Gateway {

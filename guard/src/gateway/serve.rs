@@ -22,9 +22,7 @@ use super::tls::{HANDSHAKE_TIMEOUT, Hello, HelloError, Prefixed, read_client_hel
 use super::{Gateway, GatewayError, stopped};
 use crate::config::CaptureScope;
 use crate::provider;
-use crate::record::{
-    Arrival, ClientInfo, PolicyAction, PolicyId, PolicyNote, RequestRecord, codes,
-};
+use crate::record::{Arrival, ClientInfo, PolicyAction, codes};
 
 /// A connection kt refuses before any request: what the event says.
 pub(crate) struct Refusal {
@@ -438,25 +436,16 @@ impl Gateway {
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err("connect timed out".to_string()),
         };
-        let n = self
-            .inner
-            .counter
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let mut rec = RequestRecord::new(
-            format!("{}-{n:x}", self.inner.id_prefix),
+        let mut rec = self.inner.guard_record(
             Arrival::Capture,
             to.peer,
             to.client,
-            "TLS".into(),
+            "TLS",
+            PolicyAction::Audit,
+            "spliced-non-provider",
         );
         rec.path = format!("{}:{} ({})", to.host, to.dst.port(), to.dst);
         rec.latency = started.elapsed();
-        rec.policy.push(PolicyNote {
-            policy: PolicyId::Guard,
-            action: PolicyAction::Audit,
-            rule: "spliced-non-provider".into(),
-            location: None,
-        });
         let up = match upstream {
             Ok(up) => up,
             Err(e) => {
@@ -475,25 +464,16 @@ impl Gateway {
     /// Records a connection refused before any request, as a `guard` block.
     pub(crate) fn refuse_connection(&self, r: Refusal) {
         tracing::info!(target_addr = %r.target, rule = r.rule, "connection refused");
-        let n = self
-            .inner
-            .counter
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let mut rec = RequestRecord::new(
-            format!("{}-{n:x}", self.inner.id_prefix),
+        let mut rec = self.inner.guard_record(
             r.arrival,
             r.peer,
             r.client,
-            "TLS".into(),
+            "TLS",
+            PolicyAction::Block,
+            r.rule,
         );
         rec.path = r.target;
         rec.error_code = Some(codes::CONNECTION_REFUSED);
-        rec.policy.push(PolicyNote {
-            policy: PolicyId::Guard,
-            action: PolicyAction::Block,
-            rule: r.rule.into(),
-            location: None,
-        });
         self.inner.sink.record(rec);
     }
 
