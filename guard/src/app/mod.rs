@@ -9,6 +9,13 @@
 //! reload can build a new set from a new config and swap it in here.
 #![forbid(unsafe_code)]
 
+mod control;
+mod reload;
+mod watch;
+
+pub use control::{ControlError, ControlSocket, Reply, request_reload, socket_path};
+pub use reload::{ReloadRefused, Reloaded, Reloader, Trigger};
+
 use std::collections::HashMap;
 use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::path::{Path, PathBuf};
@@ -223,6 +230,9 @@ pub struct App {
     /// Where capture's exemption of the gateway's upstream sockets goes
     /// once the programs are attached (`None`: built without capture).
     exemption: Option<Arc<ExemptionSlot>>,
+    /// Live reloads of this guard.
+    reloader: Arc<Reloader>,
+    data_dir: PathBuf,
 }
 
 impl std::fmt::Debug for App {
@@ -279,9 +289,10 @@ impl App {
         let health = writer
             .clone()
             .map(|w| Arc::new(w) as Arc<dyn crate::record::AuditHealth>);
-        let policy = crate::policy::Chain::new(&config, health, refuse_without_store)
+        let policy = crate::policy::Chain::new(&config, health.clone(), refuse_without_store)
             .map_err(AppError::Policy)?;
 
+        let config_path = config.source.clone();
         let config = Arc::new(config);
         // The gateway exists before the programs attach; its upstream
         // sockets are exempted through this slot once they are.
@@ -291,7 +302,9 @@ impl App {
             None => Arc::new(NoExemption),
         };
         let fp = Arc::new(fingerprinter);
-        let mut builder = GatewayBuilder::new(config.clone(), Arc::new(resolver), Arc::new(ca))
+        let resolver = Arc::new(resolver);
+        let ca = Arc::new(ca);
+        let mut builder = GatewayBuilder::new(config.clone(), resolver.clone(), ca.clone())
             .socket_exemption(exemption)
             .policy(Arc::new(policy))
             .fingerprint(Arc::new(move |v: &str| fp.fingerprint(v).to_string()));
@@ -302,13 +315,23 @@ impl App {
             e @ GatewayError::MissingSecrets(_) => AppError::MissingSecrets(e),
             e => AppError::Gateway(e),
         })?;
-        warnings.extend(gateway.warnings().iter().cloned());
+        warnings.extend(gateway.warnings());
+        let reloader = Arc::new(Reloader::new(
+            Some(config_path),
+            resolver,
+            ca,
+            health,
+            gateway.clone(),
+            Box::new(|_| {}),
+        ));
         Ok(App {
             config,
             gateway,
             events: handle,
             warnings,
             exemption: slot,
+            reloader,
+            data_dir: data_dir.to_path_buf(),
         })
     }
 
@@ -318,10 +341,62 @@ impl App {
         &self.warnings
     }
 
+    /// Live reloads (clone it for the control socket, SIGHUP and the
+    /// secret watcher).
+    pub fn reloader(&self) -> &Arc<Reloader> {
+        &self.reloader
+    }
+
     /// The running gateway (clone it to call [`Gateway::shutdown`] from a
     /// signal handler).
     pub fn gateway(&self) -> &Gateway {
         &self.gateway
+    }
+
+    /// Starts what keeps a serving guard current: the control socket
+    /// (`kt gateway reload`), SIGHUP, and the watcher of secret files. They
+    /// end when the gateway shuts down. A control socket that cannot be
+    /// bound is a warning: the guard serves, reloads come by SIGHUP.
+    fn start_live(&self) {
+        let gw = self.gateway.clone();
+        let stop = move || {
+            let gw = gw.clone();
+            async move { gw.shutdown_requested().await }
+        };
+        match ControlSocket::bind(&self.data_dir) {
+            Ok(sock) => {
+                tokio::spawn(sock.serve(Arc::clone(&self.reloader), stop()));
+            }
+            Err(e) => tracing::warn!(
+                "no control socket, so `kt gateway reload` cannot reach this kt (SIGHUP still reloads): {}",
+                causes(&e)
+            ),
+        }
+        let reloader = Arc::clone(&self.reloader);
+        let hup_stop = stop();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let mut hup = match signal(SignalKind::hangup()) {
+                Ok(h) => h,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen for SIGHUP; reload with `kt gateway reload`");
+                    return;
+                }
+            };
+            tokio::pin!(hup_stop);
+            loop {
+                tokio::select! {
+                    () = &mut hup_stop => return,
+                    got = hup.recv() => if got.is_none() { return },
+                }
+                let _ = reloader.reload(Trigger::Signal).await;
+            }
+        });
+        tokio::spawn(watch::watch_secrets(
+            Arc::clone(&self.reloader),
+            self.data_dir.clone(),
+            stop(),
+        ));
     }
 
     /// Serves explicit clients on `listen` (else `gateway.listen`) until
@@ -339,6 +414,7 @@ impl App {
                 .await
                 .map_err(|e| bind_err("listener", addr, e))?;
             let explicit = local_addr(&listener, "listener", addr)?;
+            self.start_live();
             notify(Notice::Listening {
                 explicit,
                 targets: self.gateway.active_targets(),
@@ -463,6 +539,7 @@ impl App {
             source,
         })?;
         let explicit_addr = local_addr(&explicit, "explicit listener", explicit_addr)?;
+        self.start_live();
         notify(Notice::Capturing {
             port_wide,
             prefixes: attached_prefixes,
@@ -516,6 +593,18 @@ fn local_addr(
 ) -> Result<SocketAddr, AppError> {
     l.local_addr()
         .map_err(|source| AppError::Bind { what, addr, source })
+}
+
+/// An error and its causes on one line (`a: b: c`).
+pub(crate) fn causes(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
 }
 
 /// Writes the events still queued (bounded) after the gateway drained;

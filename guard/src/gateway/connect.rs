@@ -65,13 +65,13 @@ impl Gateway {
             .trim_end_matches(']')
             .to_ascii_lowercase();
         let port = authority.port_u16().unwrap_or(443);
-        let tunnel = if self.inner.router.match_host(&host, Some(port)).is_some()
+        let tunnel = if self.inner().router.match_host(&host, Some(port)).is_some()
             || host.parse::<IpAddr>().is_ok()
         {
             // Provider names, and IP literals (which may be a provider's
             // address): only what the hello inside says can be trusted.
             Tunnel::Decide
-        } else if port == 443 && allowed(&self.inner.config.gateway.connect_allow, &host) {
+        } else if port == 443 && allowed(&self.inner().config.gateway.connect_allow, &host) {
             match self.resolve_external(&host).await {
                 Some(addr) => Tunnel::Splice(addr),
                 None => {
@@ -118,11 +118,11 @@ impl Gateway {
                 Tunnel::Splice(addr) => {
                     // No exemption: if this address is a captured provider's,
                     // capture sends it back to kt, which refuses it there.
-                    let timeout = gw.inner.config.gateway.connect_timeout;
+                    let timeout = gw.inner().config.gateway.connect_timeout;
                     match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
                         Ok(Ok(up)) => {
                             tracing::info!(%host, %addr, "CONNECT to an allowlisted host spliced");
-                            splice_with_idle(upgraded, up, gw.inner.config.gateway.idle_timeout)
+                            splice_with_idle(upgraded, up, gw.inner().config.gateway.idle_timeout)
                                 .await;
                         }
                         _ => tracing::info!(%host, "allowlisted CONNECT target unreachable"),
@@ -157,12 +157,12 @@ impl Gateway {
             Ok(Ok(Hello::Tls {
                 sni: Some(sni),
                 ech: false,
-            })) if self.inner.router.match_host(sni, Some(port)).is_some() => Some(sni.clone()),
+            })) if self.inner().router.match_host(sni, Some(port)).is_some() => Some(sni.clone()),
             // An address target has no TLS name: fine when it is exactly a target.
             Ok(Ok(Hello::Tls {
                 sni: None,
                 ech: false,
-            })) if self.inner.router.is_target_endpoint(&authority, port) => {
+            })) if self.inner().router.is_target_endpoint(&authority, port) => {
                 Some(authority.clone())
             }
             _ => None,
@@ -200,7 +200,7 @@ impl Gateway {
     /// The first external address `host` resolves to on 443; `None` when
     /// it does not resolve or only to internal addresses.
     async fn resolve_external(&self, host: &str) -> Option<SocketAddr> {
-        let timeout = self.inner.config.gateway.connect_timeout;
+        let timeout = self.inner().config.gateway.connect_timeout;
         match tokio::time::timeout(timeout, tokio::net::lookup_host((host, 443))).await {
             Ok(Ok(mut addrs)) => addrs.find(|a| !is_internal(a.ip())),
             _ => None,
@@ -210,7 +210,7 @@ impl Gateway {
     /// Provider host names, for messages.
     pub(crate) fn known_hosts(&self) -> Vec<String> {
         let mut hosts: Vec<String> = provider::official_hosts().map(String::from).collect();
-        for r in self.inner.router.routes() {
+        for r in self.inner().router.routes() {
             if !hosts.contains(&r.endpoint.host) {
                 hosts.push(r.endpoint.host.clone());
             }

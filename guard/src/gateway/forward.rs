@@ -166,7 +166,7 @@ fn health_event(inner: &Inner, target: &str, t: Transition, outcome: &Outcome) {
         }
     };
     let mut rec = inner.guard_record(
-        Arrival::BaseUrl,
+        Arrival::Internal,
         None,
         ClientInfo::default(),
         "HEALTH",

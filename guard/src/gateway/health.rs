@@ -6,7 +6,7 @@
 //! something about the key, not the endpoint, and stay visible.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::record::Outcome;
@@ -20,11 +20,13 @@ pub(crate) enum Transition {
     Recovered,
 }
 
-/// Consecutive failures and cool-downs per target id.
+/// Consecutive failures and cool-downs per target id. The state outlives a
+/// reload (a target cooled down stays cooled down); the settings are the
+/// generation's.
 pub(crate) struct Health {
     after: u32,
     cooldown: Duration,
-    state: Mutex<HashMap<String, State>>,
+    state: Arc<Mutex<HashMap<String, State>>>,
 }
 
 #[derive(Default)]
@@ -41,7 +43,16 @@ impl Health {
         Health {
             after,
             cooldown,
-            state: Mutex::new(HashMap::new()),
+            state: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    /// The same per-target state under new settings (a reloaded config).
+    pub(crate) fn with_settings(&self, after: u32, cooldown: Duration) -> Health {
+        Health {
+            after,
+            cooldown,
+            state: Arc::clone(&self.state),
         }
     }
 

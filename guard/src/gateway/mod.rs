@@ -17,6 +17,7 @@
 
 mod connect;
 mod forward;
+mod generation;
 mod handler;
 mod health;
 mod limit;
@@ -26,6 +27,7 @@ mod serve;
 mod tls;
 mod upstream;
 
+pub use generation::{ReloadDiff, Staged};
 pub use handler::{GwBody, Mode};
 pub use probe::{ProbeReport, ProbeResult, Prober, all_required_pass};
 pub use relay::sse_error_event;
@@ -35,7 +37,7 @@ pub use upstream::{ConnectError, client_tls_config, connect_tcp};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -201,24 +203,7 @@ impl GatewayBuilder {
     /// (see [`Gateway::warnings`]).
     pub fn build(self) -> Result<Gateway, GatewayError> {
         let router = Router::new(&self.config)?;
-        let mut keys = HashMap::new();
-        let mut missing = Vec::new();
-        let mut warnings = Vec::new();
-        for route in router.routes() {
-            match resolve_target(&route.target, self.resolver.as_ref()) {
-                Ok(resolved) => {
-                    keys.insert(route.target.id.clone(), resolved.value);
-                }
-                Err(problem) if problem.required => missing.push(problem.to_string()),
-                Err(problem) => {
-                    tracing::warn!("{problem}");
-                    warnings.push(problem.to_string());
-                }
-            }
-        }
-        if !missing.is_empty() {
-            return Err(GatewayError::MissingSecrets(missing));
-        }
+        let keys = resolve_keys(&router, self.resolver.as_ref(), None)?;
         let client = self.upstream_client()?;
         let (shutdown_tx, _) = watch::channel(false);
         let id_prefix = format!(
@@ -244,29 +229,101 @@ impl GatewayBuilder {
                 .unwrap_or(usize::MAX)
                 .min(tokio::sync::Semaphore::MAX_PERMITS),
         ));
+        let shared = Arc::new(Shared {
+            client,
+            sink: self.sink,
+            fingerprint: self.fingerprint,
+            counter: AtomicU64::new(0),
+            id_prefix,
+            shutdown: shutdown_tx,
+            graceful: Mutex::new(Some(GracefulShutdown::new())),
+            shutdown_grace: self.shutdown_grace,
+            certs: tls::CertCache::new(self.ca),
+            limit,
+            per_uid,
+            body_budget,
+            exemption: self.exemption,
+        });
+        let inner = Inner {
+            shared,
+            config: self.config,
+            router,
+            keys: keys.keys,
+            policy: self.policy,
+            warnings: keys.warnings,
+            health,
+            generation: 1,
+        };
         Ok(Gateway {
-            inner: Arc::new(Inner {
-                config: self.config,
-                router,
-                keys,
-                client,
-                policy: self.policy,
-                sink: self.sink,
-                fingerprint: self.fingerprint,
-                warnings,
-                counter: AtomicU64::new(0),
-                id_prefix,
-                shutdown: shutdown_tx,
-                graceful: Mutex::new(Some(GracefulShutdown::new())),
-                shutdown_grace: self.shutdown_grace,
-                certs: tls::CertCache::new(self.ca),
-                limit,
-                per_uid,
-                body_budget,
-                health,
-                exemption: self.exemption,
-            }),
+            current: Arc::new(RwLock::new(Arc::new(inner))),
         })
+    }
+}
+
+/// The managed keys of a generation, and what was said about them.
+struct ResolvedKeys {
+    keys: HashMap<String, SecretValue>,
+    warnings: Vec<String>,
+    /// Targets whose secret no longer resolved cleanly, served with the
+    /// value they had (never downgraded to nothing).
+    kept: Vec<String>,
+}
+
+/// Resolves every target's managed key. A required target whose key does
+/// not resolve is an error; an optional one is skipped with a warning.
+/// With `previous` (a reload), a secret that now fails to read — a damaged
+/// store, an empty or unreadable `file:` — keeps the value the target had
+/// under the same reference, with a warning: a rotation hiccup must never
+/// turn into an empty key or a dropped target.
+fn resolve_keys(
+    router: &Router,
+    resolver: &dyn Resolve,
+    previous: Option<&Inner>,
+) -> Result<ResolvedKeys, GatewayError> {
+    let mut out = ResolvedKeys {
+        keys: HashMap::new(),
+        warnings: Vec::new(),
+        kept: Vec::new(),
+    };
+    let mut missing = Vec::new();
+    for route in router.routes() {
+        let problem = match resolve_target(&route.target, resolver) {
+            Ok(resolved) => {
+                out.keys.insert(route.target.id.clone(), resolved.value);
+                continue;
+            }
+            Err(problem) => problem,
+        };
+        // A store entry removed on purpose is a change; an unreadable
+        // backend or an emptied file is a fault, where the old value stays.
+        let fault = matches!(
+            problem.cause,
+            crate::secrets::status::Unresolved::Unreadable(_)
+        ) || !matches!(problem.reference, crate::config::SecretKeyRef::Store(_));
+        let old = previous.filter(|_| fault).and_then(|p| {
+            let same_ref = p.router.routes().iter().any(|r| {
+                r.target.id == route.target.id
+                    && r.target.secret_key_ref == route.target.secret_key_ref
+            });
+            same_ref.then(|| p.keys.get(&route.target.id)).flatten()
+        });
+        if let Some(old) = old {
+            let w = format!("{problem}; keeping the value kt already had");
+            tracing::warn!("{w}");
+            out.warnings.push(w);
+            out.kept.push(route.target.id.clone());
+            out.keys.insert(route.target.id.clone(), old.clone());
+        } else if problem.required {
+            missing.push(problem.to_string());
+        } else {
+            tracing::warn!("{problem}");
+            out.warnings.push(problem.to_string());
+        }
+    }
+    if missing.is_empty() {
+        Ok(out)
+    } else {
+        Err(GatewayError::MissingSecrets(missing))
     }
 }
 
@@ -303,16 +360,13 @@ impl Prober {
     }
 }
 
-/// Shared state of a running gateway.
-pub(crate) struct Inner {
-    config: Arc<Config>,
-    router: Router,
-    keys: HashMap<String, SecretValue>,
+/// What every generation of a running gateway shares: the upstream pool,
+/// where records go, the listeners' budgets and shutdown, the certificate
+/// cache. A reload never replaces these.
+pub(crate) struct Shared {
     client: UpstreamClient,
-    policy: Arc<dyn Policy>,
     sink: Arc<dyn RecordSink>,
     fingerprint: KeyFingerprint,
-    warnings: Vec<String>,
     counter: AtomicU64,
     id_prefix: String,
     shutdown: watch::Sender<bool>,
@@ -321,13 +375,37 @@ pub(crate) struct Inner {
     certs: tls::CertCache,
     limit: Arc<limit::ConnLimit>,
     per_uid: Arc<limit::UidBudget>,
-    /// Targets that failed in a row and are skipped for a while.
-    health: health::Health,
     /// Bytes of request bodies held at once (`gateway.max_buffered_bytes`).
     body_budget: Arc<tokio::sync::Semaphore>,
     /// Exempts the sockets of port-wide splices from capture, as upstream
     /// sockets are.
     exemption: Arc<dyn SocketExemption>,
+}
+
+/// One generation of a running gateway: the config, routes, managed keys
+/// and policy chain a request is served with. A reload builds a new one
+/// and swaps it in; a request keeps the generation it started with to its
+/// end. Derefs to [`Shared`] for what outlives generations.
+pub(crate) struct Inner {
+    shared: Arc<Shared>,
+    config: Arc<Config>,
+    router: Router,
+    keys: HashMap<String, SecretValue>,
+    policy: Arc<dyn Policy>,
+    warnings: Vec<String>,
+    /// Targets that failed in a row and are skipped for a while (state
+    /// shared across generations, settings from this one's config).
+    health: health::Health,
+    /// 1 at start, +1 per reload.
+    generation: u64,
+}
+
+impl std::ops::Deref for Inner {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.shared
+    }
 }
 
 impl Inner {
@@ -368,50 +446,65 @@ impl Inner {
     }
 }
 
-/// A built gateway; cheap to clone (all clones share state).
+/// A built gateway; cheap to clone (all clones share state, including the
+/// current generation).
 #[derive(Clone)]
 pub struct Gateway {
-    inner: Arc<Inner>,
+    current: Arc<RwLock<Arc<Inner>>>,
 }
 
 impl std::fmt::Debug for Gateway {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Gateway")
-            .field("targets", &self.inner.keys.len())
+            .field("targets", &self.inner().keys.len())
             .finish_non_exhaustive()
     }
 }
 
 impl Gateway {
-    /// Warnings from startup (optional targets skipped).
-    pub fn warnings(&self) -> &[String] {
-        &self.inner.warnings
+    /// The generation new requests are served with.
+    pub(crate) fn inner(&self) -> Arc<Inner> {
+        // A poisoned lock still holds a complete generation: swaps replace
+        // the Arc in one assignment.
+        match self.current.read() {
+            Ok(g) => Arc::clone(&g),
+            Err(p) => Arc::clone(&p.into_inner()),
+        }
+    }
+
+    /// Warnings of the current generation (optional targets skipped,
+    /// secrets kept from before a reload).
+    pub fn warnings(&self) -> Vec<String> {
+        self.inner().warnings.clone()
+    }
+
+    /// The current config.
+    pub fn config(&self) -> Arc<Config> {
+        Arc::clone(&self.inner().config)
     }
 
     /// A prober over this gateway's own upstream client (its pool, roots
-    /// and exemption).
+    /// and exemption) and the current routes.
     pub fn prober(&self) -> Prober {
-        Prober::new(
-            self.inner.router.clone(),
-            self.inner.client.clone(),
-            &self.inner.config,
-        )
+        let inner = self.inner();
+        Prober::new(inner.router.clone(), inner.client.clone(), &inner.config)
     }
 
     /// The ids of the targets that will be used, in order.
     pub fn active_targets(&self) -> Vec<String> {
-        self.inner
+        let inner = self.inner();
+        inner
             .router
             .routes()
             .iter()
-            .filter(|r| self.inner.keys.contains_key(&r.target.id))
+            .filter(|r| inner.keys.contains_key(&r.target.id))
             .map(|r| r.target.id.clone())
             .collect()
     }
 
     /// Binds `addr` (or `gateway.listen` when `None`).
     pub async fn bind(&self, addr: Option<SocketAddr>) -> Result<TcpListener, GatewayError> {
-        let addr = addr.unwrap_or(self.inner.config.gateway.listen);
+        let addr = addr.unwrap_or(self.inner().config.gateway.listen);
         TcpListener::bind(addr)
             .await
             .map_err(|source| GatewayError::Listen {
@@ -425,20 +518,27 @@ impl Gateway {
     pub fn shutdown(&self) {
         // send_replace: `send` drops the value while nobody subscribed yet,
         // and a shutdown asked for before the listeners start must hold.
-        self.inner.shutdown.send_replace(true);
+        self.inner().shutdown.send_replace(true);
+    }
+
+    /// Resolves once [`Gateway::shutdown`] was called.
+    pub async fn shutdown_requested(&self) {
+        let mut rx = self.shutting_down();
+        stopped(&mut rx).await;
     }
 
     fn shutting_down(&self) -> watch::Receiver<bool> {
-        self.inner.shutdown.subscribe()
+        self.inner().shutdown.subscribe()
     }
 
     /// Waits until every connection watched for graceful shutdown has ended
     /// (bounded by the grace period). Call after [`Gateway::shutdown`] when
     /// driving listeners yourself; the `serve_*` loops call it.
     pub async fn drain(&self) {
-        let g = self.inner.graceful.lock().ok().and_then(|mut g| g.take());
+        let inner = self.inner();
+        let g = inner.graceful.lock().ok().and_then(|mut g| g.take());
         if let Some(g) = g
-            && tokio::time::timeout(self.inner.shutdown_grace, g.shutdown())
+            && tokio::time::timeout(inner.shutdown_grace, g.shutdown())
                 .await
                 .is_err()
         {
@@ -449,13 +549,14 @@ impl Gateway {
     /// Connections refused because every slot of `gateway.max_connections`
     /// was busy, and idle connections closed to make room.
     pub fn connection_budget_stats(&self) -> (u64, u64) {
-        (self.inner.limit.refused(), self.inner.limit.evicted())
+        let inner = self.inner();
+        (inner.limit.refused(), inner.limit.evicted())
     }
 
     /// Connections refused because their uid held
     /// `gateway.max_connections_per_uid` already.
     pub fn uid_budget_refusals(&self) -> u64 {
-        self.inner.per_uid.refused()
+        self.inner().per_uid.refused()
     }
 }
 

@@ -158,10 +158,7 @@ pub(crate) fn admit_uid(
     match inner.per_uid.admit(uid) {
         Some(slot) => Some(Some(slot)),
         None => {
-            Gateway {
-                inner: Arc::clone(inner),
-            }
-            .refuse_connection(Refusal {
+            Gateway::pinned(Arc::clone(inner)).refuse_connection(Refusal {
                 arrival,
                 peer: Some(peer),
                 client: client.clone(),
@@ -225,7 +222,7 @@ impl Gateway {
                         provider_prefix: true,
                     },
                 };
-                let Some(_uid_slot) = admit_uid(&gw.inner, Arrival::Capture, peer, &found.client)
+                let Some(_uid_slot) = admit_uid(&gw.inner(), Arrival::Capture, peer, &found.client)
                 else {
                     return;
                 };
@@ -261,7 +258,7 @@ impl Gateway {
                 },
                 () = stopped(&mut stop) => break,
             };
-            let Some(slot) = self.inner.limit.admit().await else {
+            let Some(slot) = self.inner().limit.admit().await else {
                 tracing::warn!(%peer, "connection refused: every slot of gateway.max_connections is serving a request");
                 continue;
             };
@@ -281,7 +278,7 @@ impl Gateway {
         original_dst: SocketAddr,
         client: ClientInfo,
     ) {
-        let Some(slot) = self.inner.limit.admit().await else {
+        let Some(slot) = self.inner().limit.admit().await else {
             return;
         };
         let found = Captured {
@@ -363,7 +360,7 @@ impl Gateway {
             }
             Hello::Tls { sni: None, .. } => {
                 let dst = original_dst.ip().to_string();
-                if self.inner.router.is_target_endpoint(&dst, port) {
+                if self.inner().router.is_target_endpoint(&dst, port) {
                     let ctx = ConnCtx {
                         mode: Mode::Capture { host: dst, port },
                         peer,
@@ -379,7 +376,7 @@ impl Gateway {
             Hello::Tls {
                 sni: Some(host), ..
             } => {
-                if self.inner.router.match_host(&host, Some(port)).is_some() {
+                if self.inner().router.match_host(&host, Some(port)).is_some() {
                     let ctx = ConnCtx {
                         mode: Mode::Capture { host, port },
                         peer,
@@ -389,7 +386,7 @@ impl Gateway {
                     self.terminate(Prefixed::new(buf, stream), ctx, slot).await;
                     return;
                 }
-                if self.inner.config.capture.scope == CaptureScope::Port && !provider_prefix {
+                if self.inner().config.capture.scope == CaptureScope::Port && !provider_prefix {
                     let to = Splice {
                         dst: original_dst,
                         host,
@@ -421,11 +418,11 @@ impl Gateway {
         // A decided connection: no longer idle, not evicted to make room.
         slot.busy();
         let started = std::time::Instant::now();
-        let gw = &self.inner.config.gateway;
+        let gw = &self.inner().config.gateway;
         let ip = to.dst.ip().to_string();
         let upstream = tokio::time::timeout(
             gw.connect_timeout,
-            super::connect_tcp(&ip, to.dst.port(), &*self.inner.exemption),
+            super::connect_tcp(&ip, to.dst.port(), &*self.inner().exemption),
         )
         .await;
         let upstream = match upstream {
@@ -436,7 +433,7 @@ impl Gateway {
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err("connect timed out".to_string()),
         };
-        let mut rec = self.inner.guard_record(
+        let mut rec = self.inner().guard_record(
             Arrival::Capture,
             to.peer,
             to.client,
@@ -451,12 +448,12 @@ impl Gateway {
             Err(e) => {
                 tracing::info!(host = %to.host, dst = %to.dst, error = %e, "non-provider splice: destination unreachable");
                 rec.error_code = Some(codes::SPLICE_FAILED);
-                self.inner.sink.record(rec);
+                self.inner().sink.record(rec);
                 return;
             }
         };
         tracing::info!(host = %to.host, dst = %to.dst, "non-provider connection spliced (port-wide capture)");
-        self.inner.sink.record(rec);
+        self.inner().sink.record(rec);
         splice_with_idle(client_io, up, gw.idle_timeout).await;
         drop(slot);
     }
@@ -464,7 +461,7 @@ impl Gateway {
     /// Records a connection refused before any request, as a `guard` block.
     pub(crate) fn refuse_connection(&self, r: Refusal) {
         tracing::info!(target_addr = %r.target, rule = r.rule, "connection refused");
-        let mut rec = self.inner.guard_record(
+        let mut rec = self.inner().guard_record(
             r.arrival,
             r.peer,
             r.client,
@@ -474,7 +471,7 @@ impl Gateway {
         );
         rec.path = r.target;
         rec.error_code = Some(codes::CONNECTION_REFUSED);
-        self.inner.sink.record(rec);
+        self.inner().sink.record(rec);
     }
 
     /// The one TLS accept path (captured connections and CONNECT tunnels):
@@ -487,8 +484,9 @@ impl Gateway {
             Mode::Capture { host, .. } | Mode::Connect { host, .. } => host.clone(),
             Mode::BaseUrl => return,
         };
+        let inner = self.inner();
         let tls = tokio::select! {
-            r = self.inner.certs.accept(io, &host) => r,
+            r = inner.certs.accept(io, &host) => r,
             () = slot.evicted() => return,
         };
         match tls {
@@ -523,7 +521,7 @@ impl Gateway {
             async move {
                 if req.method() == Method::CONNECT {
                     if allow_connect {
-                        let client = handler::resolve_client(&gw.inner, &ctx)
+                        let client = handler::resolve_client(&gw.inner(), &ctx)
                             .await
                             .unwrap_or_default();
                         return Ok(gw.connect(req, ctx.peer, client, tunnel_slot).await);
@@ -539,7 +537,7 @@ impl Gateway {
                     *r.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
                     return Ok(r);
                 }
-                let resp = handler::handle(Arc::clone(&gw.inner), ctx, req).await?;
+                let resp = handler::handle(Arc::clone(&gw.inner()), ctx, req).await?;
                 Ok::<_, std::convert::Infallible>(resp.map(|b| {
                     http_body_util::BodyExt::boxed(Held {
                         inner: b,
@@ -561,7 +559,7 @@ impl Gateway {
             // Each stream may buffer a whole body: bound them per connection.
             .max_concurrent_streams(MAX_H2_STREAMS);
         let conn = builder.serve_connection_with_upgrades(io, svc).into_owned();
-        let watched = match self.inner.graceful.lock() {
+        let watched = match self.inner().graceful.lock() {
             Ok(g) => g
                 .as_ref()
                 .map(hyper_util::server::graceful::GracefulShutdown::watcher),

@@ -36,6 +36,8 @@ pub mod codes {
     pub const DLP_BLOCKED: &str = "kt_dlp_blocked";
     /// The request body could not be decoded, so it could not be scanned.
     pub const UNDECODABLE_BODY: &str = "kt_undecodable_body";
+    /// A reload was refused: the running config stays in place.
+    pub const RELOAD_REFUSED: &str = "kt_reload_refused";
     /// The audit log is down and `on_store_failure: refuse` is set.
     pub const AUDIT_UNAVAILABLE: &str = "kt_audit_unavailable";
     /// The provider answered 401/403 to the managed key; its own body (which
@@ -107,15 +109,19 @@ pub enum Arrival {
     Connect,
     /// A connection redirected by capture.
     Capture,
+    /// Not a client's request: kt's own decision (a target's health, a
+    /// reload, a probe).
+    Internal,
 }
 
 impl Arrival {
-    /// The stored label: `base_url`, `connect` or `capture`.
+    /// The stored label: `base_url`, `connect`, `capture` or `kt`.
     pub fn label(self) -> &'static str {
         match self {
             Arrival::BaseUrl => "base_url",
             Arrival::Connect => "connect",
             Arrival::Capture => "capture",
+            Arrival::Internal => "kt",
         }
     }
 }

@@ -21,6 +21,11 @@ pub enum GatewayCmd {
     Check(CheckArgs),
     /// Run the gateway in the foreground for explicit clients (base URL, CONNECT proxy).
     Run(GatewayRunArgs),
+    /// Ask the running kt (same --data-dir) to re-read its config file and
+    /// every secret, and switch to them without dropping a connection. On
+    /// any problem nothing changes: exit 1 with every problem. SIGHUP does
+    /// the same.
+    Reload,
 }
 
 /// Arguments of `kt gateway check`.
@@ -64,7 +69,45 @@ pub fn run(cmd: GatewayCmd, global: &Global) -> anyhow::Result<ExitStatus> {
             };
             serve_explicit(config, args.listen, global)
         }
+        GatewayCmd::Reload => crate::cli::with_std_output(global, |out| reload(global, out)),
     }
+}
+
+/// `kt gateway reload`: success when applied, failure when refused (the
+/// running config stays), `Err` when no kt answers.
+pub fn reload(global: &Global, out: &mut Output<'_>) -> anyhow::Result<ExitStatus> {
+    let reply = app::request_reload(&global.data_dir)?;
+    let applied = matches!(reply, app::Reply::Reloaded { .. });
+    out.data(&reply, |w| match &reply {
+        app::Reply::Reloaded {
+            generation,
+            summary,
+            warnings,
+            ..
+        } => {
+            writeln!(w, "reloaded (generation {generation}): {summary}")?;
+            for warning in warnings {
+                writeln!(w, "warning: {warning}")?;
+            }
+            Ok(())
+        }
+        app::Reply::Refused { problems } => {
+            for p in problems {
+                writeln!(w, "{p}")?;
+            }
+            writeln!(
+                w,
+                "reload refused: {} problem(s); the running config stays in place",
+                problems.len()
+            )
+        }
+        app::Reply::Error { message } => writeln!(w, "{message}"),
+    })?;
+    Ok(if applied {
+        ExitStatus::Success
+    } else {
+        ExitStatus::Failure
+    })
 }
 
 /// Runs the check; success when the gateway would start, failure when not.

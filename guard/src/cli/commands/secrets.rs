@@ -37,8 +37,9 @@ pub enum SecretsCmd {
         /// Keep it in the kernel user keyring (lost at reboot).
         #[arg(long)]
         keychain: bool,
-        /// Replace an existing value without asking.
-        #[arg(long)]
+        /// Replace an existing value without asking (rotation in place; a
+        /// running kt switches to it within a second or two).
+        #[arg(long = "replace", alias = "force")]
         force: bool,
     },
     /// List stored secrets: name, backend, fingerprint, created and updated times.
@@ -312,7 +313,7 @@ fn add(
             if !con.interactive() {
                 writeln!(
                     con.err(),
-                    "error: not replacing {name}: pass --force to replace it without a terminal"
+                    "error: not replacing {name}: pass --replace to replace it without a terminal"
                 )?;
                 return Ok(ExitStatus::Failure);
             }
