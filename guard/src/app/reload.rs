@@ -308,7 +308,7 @@ fn read_config(path: &std::path::Path) -> Result<Config, ReloadRefused> {
     match crate::config::load(path) {
         Ok(c) => Ok(c),
         Err(crate::config::LoadError::Invalid(errors)) => Err(ReloadRefused {
-            problems: errors.to_string().lines().map(str::to_string).collect(),
+            problems: errors.iter().map(ToString::to_string).collect(),
         }),
         Err(e @ crate::config::LoadError::Io { .. }) => {
             let cause = std::error::Error::source(&e).map(ToString::to_string);

@@ -856,7 +856,7 @@ mod tests {
             "{}",
             con.err()
         );
-        assert!(con.err().contains("--force"), "{}", con.err());
+        assert!(con.err().contains("--replace"), "{}", con.err());
         assert_eq!(stored(dir.path(), "K").as_deref(), Some("sk-old"));
 
         let mut con = Fake::terminal("sk-new", false);
@@ -1119,7 +1119,7 @@ mod tests {
             "line break",
             "not valid UTF-8",
             "invalid secret name",
-            "--force",
+            "--replace",
         ] {
             assert!(seen.contains(error), "the error paths ran: {error}");
         }
