@@ -1747,3 +1747,95 @@ async fn a_rejected_primary_key_served_by_the_fallback_raises_the_rotation_alarm
     );
     assert_eq!(alarm(&recs[1]), None, "an outage is not a rotation alarm");
 }
+
+/// Active health: a probe round proves each key, records each result,
+/// cools down a target that does not answer (requests then skip it
+/// without paying for it), and a later good probe brings it back.
+#[tokio::test]
+async fn periodic_probes_record_results_and_drive_the_cool_down() {
+    let ca = TestCa::new();
+    let flaky = FakeProvider::start(&ca, "first", Behavior::Status(503)).await;
+    let revoked = FakeProvider::start(&ca, "second", Behavior::Status(401)).await;
+    let good = FakeProvider::start(&ca, "third", Behavior::Ok).await;
+    let mut cfg = config(vec![
+        oa("oa1", &flaky, "OA1"),
+        oa("oa2", &revoked, "OA2"),
+        oa("oa3", &good, "ANT"),
+    ]);
+    cfg.gateway.cooldown_after = 1;
+    cfg.gateway.cooldown = Duration::from_secs(600);
+    let gw = start(cfg, secrets(), &ca).await;
+
+    let reports = gw.gw.probe_now().await;
+    let result = |id: &str| {
+        reports
+            .iter()
+            .find(|r| r.target == id)
+            .map(|r| r.result.label())
+    };
+    assert_eq!(result("oa1"), Some("error"));
+    assert_eq!(result("oa2"), Some("rejected"));
+    assert_eq!(result("oa3"), Some("ok"));
+    assert_eq!(gw.gw.last_probes().len(), 3);
+    let recs = gw.sink.snapshot();
+    for (id, rule) in [
+        ("oa1", "probe-error"),
+        ("oa2", "probe-rejected"),
+        ("oa3", "probe-ok"),
+    ] {
+        assert!(
+            recs.iter().any(|r| r.chosen.as_deref() == Some(id)
+                && r.policy.iter().any(|n| n.rule == rule)),
+            "no {rule} event for {id}"
+        );
+    }
+    assert!(
+        recs.iter()
+            .any(|r| r.path == "oa1" && r.policy.iter().any(|n| n.rule == "target-cooled-down")),
+        "the failed probe cooled oa1 down"
+    );
+
+    // A request now skips the cooled primary; the rejected key is not a
+    // reason to skip (it must stay loud), so oa2 is tried and oa3 serves.
+    let probes_seen = flaky.requests().len();
+    let mut c = h1_plain(gw.addr).await;
+    let a = send(
+        &mut c,
+        post("/openai/v1/chat/completions", &[], chat_body(false)),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(
+        flaky.requests().len(),
+        probes_seen,
+        "the cooled primary was tried"
+    );
+    assert_eq!(
+        good.requests()
+            .iter()
+            .filter(|r| r.method == "POST")
+            .count(),
+        1
+    );
+
+    // It answers again: the next probe ends the cool-down.
+    flaky.set_behavior(Behavior::Ok);
+    gw.gw.probe_now().await;
+    assert!(
+        gw.sink
+            .snapshot()
+            .iter()
+            .any(|r| r.path == "oa1" && r.policy.iter().any(|n| n.rule == "target-recovered"))
+    );
+    let a = send(
+        &mut c,
+        post("/openai/v1/chat/completions", &[], chat_body(false)),
+    )
+    .await;
+    assert_eq!(a.status, 200);
+    assert_eq!(
+        flaky.requests().last().map(|r| r.method.as_str()),
+        Some("POST"),
+        "the recovered primary serves again"
+    );
+}

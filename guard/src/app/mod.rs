@@ -392,6 +392,8 @@ impl App {
                 let _ = reloader.reload(Trigger::Signal).await;
             }
         });
+        let monitor = self.gateway.clone();
+        tokio::spawn(async move { monitor.monitor().await });
         tokio::spawn(watch::watch_secrets(
             Arc::clone(&self.reloader),
             self.data_dir.clone(),

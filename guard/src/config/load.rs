@@ -680,6 +680,7 @@ impl Cx {
             "max_buffered_bytes",
             "cooldown_after",
             "cooldown",
+            "probe_interval",
             "clients",
             "allow_remote_clients",
         ];
@@ -710,13 +711,14 @@ impl Cx {
                 out.capture_listen6 = Some(v);
             }
         }
-        let timeouts: [(&str, &mut Duration, bool); 6] = [
+        let timeouts: [(&str, &mut Duration, bool); 7] = [
             ("body_timeout", &mut out.body_timeout, false),
             ("cooldown", &mut out.cooldown, false),
             ("connect_timeout", &mut out.connect_timeout, false),
             ("first_byte_timeout", &mut out.first_byte_timeout, false),
             ("idle_timeout", &mut out.idle_timeout, false),
             ("max_retry_after", &mut out.max_retry_after, true),
+            ("probe_interval", &mut out.probe_interval, true),
         ];
         for (key, slot, zero_ok) in timeouts {
             if let Some(v) = f

@@ -248,6 +248,11 @@ pub struct GatewaySettings {
     pub cooldown_after: u32,
     /// `cooldown` (default 30s): how long a failing target is skipped.
     pub cooldown: Duration,
+    /// `probe_interval` (default 0: off): how often the running gateway
+    /// proves each target's key with its provider's unbilled probe. Off by
+    /// default: every host of a fleet would call every provider on that
+    /// beat, and a rate-limited probe is still a request.
+    pub probe_interval: Duration,
     /// `clients` (default: anyone on this host): who may spend managed keys.
     pub clients: Option<ClientAllow>,
     /// `allow_remote_clients` (default false): `listen` may be a
@@ -305,6 +310,7 @@ impl Default for GatewaySettings {
             max_buffered_bytes: 256 * 1024 * 1024,
             cooldown_after: 3,
             cooldown: Duration::from_secs(30),
+            probe_interval: Duration::ZERO,
             clients: None,
             allow_remote_clients: false,
         }

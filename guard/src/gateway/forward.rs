@@ -154,7 +154,7 @@ fn rotation_alarm(ex: &mut Exchange, tried: &[Attempt], served_by: &str) {
 }
 
 /// A target went into or came out of its cool-down: logged and recorded.
-fn health_event(inner: &Inner, target: &str, t: Transition, outcome: &Outcome) {
+pub(super) fn health_event(inner: &Inner, target: &str, t: Transition, outcome: &Outcome) {
     let rule = match t {
         Transition::CooledDown => {
             tracing::warn!(target_id = %target, outcome = %outcome.label(), cooldown = ?inner.config.gateway.cooldown, "target failed repeatedly: skipped for its cool-down");

@@ -21,6 +21,7 @@ mod generation;
 mod handler;
 mod health;
 mod limit;
+mod monitor;
 mod probe;
 mod relay;
 mod serve;
@@ -243,6 +244,7 @@ impl GatewayBuilder {
             per_uid,
             body_budget,
             exemption: self.exemption,
+            last_probe: Mutex::new(HashMap::new()),
         });
         let inner = Inner {
             shared,
@@ -380,6 +382,8 @@ pub(crate) struct Shared {
     /// Exempts the sockets of port-wide splices from capture, as upstream
     /// sockets are.
     exemption: Arc<dyn SocketExemption>,
+    /// The last periodic probe of each target.
+    last_probe: Mutex<HashMap<String, ProbeReport>>,
 }
 
 /// One generation of a running gateway: the config, routes, managed keys
