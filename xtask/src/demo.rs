@@ -124,6 +124,8 @@ fn story(kt_bin: &Path, bin: &Path, cleanup: &Arc<Mutex<Cleanup>>) -> anyhow::Re
         let mut c = Command::new(kt_bin)
             .args(args)
             .env("KT_DATA_DIR", &data)
+            // Probes trust the fake provider's CA, as `kt run` below does.
+            .env("SSL_CERT_FILE", dir.join("fake-provider-ca.pem"))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -296,6 +298,55 @@ fn story(kt_bin: &Path, bin: &Path, cleanup: &Arc<Mutex<Cleanup>>) -> anyhow::Re
     )?;
     println!("   job got: {answer}");
 
+    say("kt events --keys: who still uses the Q1 key? (kt is still running)");
+    let (_, out) = kt(&["events", "--keys"], None)?;
+    for l in out.lines() {
+        println!("   {l}");
+    }
+
+    say(
+        "the Q2 key's endpoint is fixed; kt secrets verify proves both keys with an unbilled probe",
+    );
+    let mut fake_stdin = fake_stdin;
+    if let Some(i) = fake_stdin.as_mut() {
+        i.write_all(b"primary=ok\n")?;
+        i.flush()?;
+    }
+    wait_until(
+        || {
+            fake_lines
+                .lock()
+                .is_ok_and(|v| v.iter().any(|l| l.contains("now answers ok")))
+        },
+        "the fake primary to recover",
+    )?;
+    let cfg_s = cfg.to_str().unwrap_or_default();
+    let (_, out) = kt(&["secrets", "verify", "--config", cfg_s], None)?;
+    for l in out.lines() {
+        println!("   {l}");
+    }
+
+    say("retire Q1: drop the fallback from the config and reload, without a restart");
+    std::fs::write(
+        &cfg,
+        config_without_fallback(&config(p[0], cap, cap, &primary, &fallback)),
+    )?;
+    let (code, out) = kt(&["gateway", "reload"], None)?;
+    for l in out.lines() {
+        println!("   {l}");
+    }
+    anyhow::ensure!(code == 0, "kt gateway reload failed");
+
+    say("the legacy job, unchanged (still the old key hard coded), keeps working on the Q2 key");
+    let answer = job(cg.as_deref(), &kt_ca, &url, "say hello again")?;
+    println!("   job got: {answer}");
+
+    say("kt secrets status: per target, its key, its traffic and who still presents the old key");
+    let (_, out) = kt(&["secrets", "status", "--config", cfg_s], None)?;
+    for l in out.lines() {
+        println!("   {l}");
+    }
+
     say("stopping kt (SIGTERM): it drains, detaches the programs, writes the last events");
     let _ = Command::new("kill")
         .args(["-TERM", &kt_pid.to_string()])
@@ -312,11 +363,6 @@ fn story(kt_bin: &Path, bin: &Path, cleanup: &Arc<Mutex<Cleanup>>) -> anyhow::Re
 
     say("kt events: every decision, naming the process and the key it tried");
     let (_, out) = kt(&["events"], None)?;
-    for l in out.lines() {
-        println!("   {l}");
-    }
-    say("kt events --keys: who still uses the Q1 key?");
-    let (_, out) = kt(&["events", "--keys"], None)?;
     for l in out.lines() {
         println!("   {l}");
     }
@@ -411,6 +457,16 @@ capture:
   ports: [443]
 "#
     )
+}
+
+/// The demo config with the Q1 fallback target removed (the rotation's
+/// last step).
+fn config_without_fallback(full: &str) -> String {
+    let start = full.find("    - id: openai-2026q1").unwrap_or(full.len());
+    let end = full[start..]
+        .find("policies:")
+        .map_or(full.len(), |i| start + i);
+    format!("{}{}", &full[..start], &full[end..])
 }
 
 fn lock(c: &Arc<Mutex<Cleanup>>) -> std::sync::MutexGuard<'_, Cleanup> {

@@ -44,11 +44,19 @@ impl Trigger {
 
     fn caller(self) -> ClientInfo {
         match self {
-            Trigger::Command { uid, pid } => ClientInfo {
-                uid: Some(uid),
-                pid,
-                ..ClientInfo::default()
-            },
+            Trigger::Command { uid, pid } => {
+                // Who ran `kt gateway reload`: its exe and cgroup too.
+                let p = pid.map(crate::capture::process_info).unwrap_or_default();
+                ClientInfo {
+                    uid: Some(uid),
+                    pid,
+                    exe: p.exe,
+                    cmdline: p.cmdline,
+                    cgroup: p.cgroup,
+                    container_id: p.container_id,
+                    ..ClientInfo::default()
+                }
+            }
             Trigger::Signal | Trigger::SecretsChanged => ClientInfo::default(),
         }
     }

@@ -69,7 +69,7 @@ pub struct ReloadDiff {
     /// Targets whose secret could not be read and that keep serving the
     /// value they had.
     pub secrets_kept: Vec<String>,
-    /// The config differs from the one served before (any setting).
+    /// A setting other than the targets changed (policy, timeouts, capture).
     pub config_changed: bool,
 }
 
@@ -202,6 +202,14 @@ impl Gateway {
     }
 }
 
+/// Whether anything but the targets differs (those are reported one by one).
+fn settings_differ(a: &Config, b: &Config) -> bool {
+    let (mut a, mut b) = (a.clone(), b.clone());
+    a.providers.targets.clear();
+    b.providers.targets.clear();
+    a != b
+}
+
 fn active(inner: &Inner) -> Vec<&str> {
     inner
         .router
@@ -240,7 +248,7 @@ fn diff(old: &Inner, new: &Inner) -> ReloadDiff {
         reordered: kept_old != kept_new,
         secrets_changed,
         secrets_kept: Vec::new(),
-        config_changed: *old.config != *new.config,
+        config_changed: settings_differ(&old.config, &new.config),
     }
 }
 

@@ -2,7 +2,8 @@
 //! test CA, OpenAI- and Anthropic-shaped answers. Writes the CA certificate
 //! to `--ca-out`, prints one line per request it receives (the last 6
 //! characters of the key it was given, so a person can see which key
-//! arrived), and stops when its standard input closes.
+//! arrived), and stops when its standard input closes. A line `NAME=BEHAVIOR`
+//! on its standard input changes how that fake answers from then on.
 //!
 //! Usage: `kt-fake-provider --ca-out FILE NAME=ADDR=BEHAVIOR...`
 //! with BEHAVIOR `ok` or an HTTP status such as `503`.
@@ -47,20 +48,35 @@ async fn run() -> Result<(), String> {
         if !addr.ip().is_loopback() {
             return Err(format!("{addr} is not a loopback address"));
         }
-        let behavior = match behavior {
-            "ok" => Behavior::Ok,
-            s => Behavior::Status(s.parse().map_err(|_| format!("bad behavior {s}"))?),
-        };
+        let behavior = parse_behavior(behavior)?;
         let fake = FakeProvider::start_at(&ca, name, behavior, addr).await;
         println!("fake {name} listening on {}", fake.addr);
         fakes.push((name.to_string(), fake, 0usize));
     }
     let mut stdin = tokio::io::stdin();
     let mut buf = [0u8; 64];
+    let mut pending = Vec::new();
     loop {
         tokio::select! {
-            r = stdin.read(&mut buf) => if matches!(r, Ok(0) | Err(_)) { break },
+            r = stdin.read(&mut buf) => match r {
+                Ok(0) | Err(_) => break,
+                Ok(n) => pending.extend_from_slice(&buf[..n]),
+            },
             _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+        while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=end).collect();
+            let line = String::from_utf8_lossy(&line).trim().to_string();
+            let Some((name, behavior)) = line.split_once('=') else {
+                continue;
+            };
+            match (fakes.iter().find(|f| f.0 == name), parse_behavior(behavior)) {
+                (Some((_, fake, _)), Ok(b)) => {
+                    fake.set_behavior(b);
+                    println!("fake {name} now answers {behavior}");
+                }
+                _ => eprintln!("kt-fake-provider: ignoring {line:?}"),
+            }
         }
         for (name, fake, seen) in &mut fakes {
             let reqs = fake.requests();
@@ -88,4 +104,13 @@ async fn run() -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+fn parse_behavior(s: &str) -> Result<Behavior, String> {
+    match s {
+        "ok" => Ok(Behavior::Ok),
+        s => Ok(Behavior::Status(
+            s.parse().map_err(|_| format!("bad behavior {s}"))?,
+        )),
+    }
 }
