@@ -689,10 +689,22 @@ mod tests {
         dns.set("new.example", "192.0.2.4/32");
         dns.set("old.example", "192.0.2.9/32");
         let want = "prefixes 192.0.2.3/32,192.0.2.4/32";
-        // Each refresh round asks the resolver; wait round by round.
-        while !calls(&log).iter().any(|c| c == want) {
-            dns.asked.recv().await.unwrap();
-        }
+        // Each refresh round asks the resolver; wait round by round (the
+        // timeout only turns a refresher stuck on the old hosts into a
+        // failure instead of a hang).
+        let rounds = async {
+            while !calls(&log).iter().any(|c| c == want) {
+                dns.asked.recv().await.unwrap();
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(20), rounds)
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "the refresher never captured the new host's new address: {:?}",
+                    calls(&log)
+                )
+            });
         let log = calls(&log);
         let after: Vec<&String> = log
             .iter()
