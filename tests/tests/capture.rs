@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use guard::capture::{Capture, CaptureSpec, SocketExemption};
+use guard::capture::{Capture, CaptureSpec, Retargeted, SocketExemption, Supervisor, Targets};
 use guard::config::IpPrefix;
 use guard_tests::cgroup::TestCgroup;
 
@@ -652,4 +652,464 @@ fn provider_scope_leaves_other_destinations_on_the_port_alone() {
         field(&output(&mut s.cgroup, pid), "reply"),
         Some("untouched")
     );
+}
+
+/// A loopback server answering each connection's hello with a line made by
+/// `answer` from the peer, until dropped.
+struct Server {
+    listener: TcpListener,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Server {
+    fn start(
+        listener: TcpListener,
+        answer: impl Fn(SocketAddr) -> String + Send + 'static,
+    ) -> Server {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let l = listener.try_clone().unwrap();
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            loop {
+                let (stream, peer) = match l.accept() {
+                    Ok(c) => c,
+                    Err(_) if s.load(Ordering::SeqCst) => return,
+                    Err(_) => continue,
+                };
+                let _ = stream.set_read_timeout(Some(WAIT));
+                let mut line = String::new();
+                if BufReader::new(&stream).read_line(&mut line).is_ok() && line == "hello\n" {
+                    let _ = (&stream).write_all(format!("{}\n", answer(peer)).as_bytes());
+                }
+            }
+        });
+        Server {
+            listener,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// A server on `addr` that stands for the real destination.
+    fn direct(addr: SocketAddr) -> Server {
+        Server::start(TcpListener::bind(addr).unwrap(), move |_| direct_at(addr))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        // Wakes the blocked accept (it fails with EINVAL).
+        let _ = socket2::SockRef::from(&self.listener).shutdown(std::net::Shutdown::Both);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One connection of the looping client.
+#[derive(Debug)]
+struct Conn {
+    /// How many retargets had returned when it began (at least).
+    phase: u32,
+    dest: SocketAddr,
+    /// `captured:ORIGINAL`, `direct:ADDR`, `connect_error:ERRNO`, ...
+    result: String,
+}
+
+/// A client in the test cgroup connecting to `dests` in a loop (see the
+/// client's `loop` mode), and what it reported so far.
+struct Looper {
+    stdin: Option<std::process::ChildStdin>,
+    conns: mpsc::Receiver<Conn>,
+    pid: u32,
+    phase: u32,
+}
+
+impl Looper {
+    fn start(cgroup: &mut TestCgroup, dests: &[SocketAddr]) -> Looper {
+        let mut child = Command::new(CLIENT)
+            .arg("loop")
+            .args(dests.iter().map(SocketAddr::to_string))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let pid = cgroup.adopt(child).unwrap();
+        let (tx, conns) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let Some(rest) = line.strip_prefix("conn ") else {
+                    eprintln!("client: {line}");
+                    continue;
+                };
+                let get = |k: &str| {
+                    rest.split(' ')
+                        .find_map(|kv| kv.strip_prefix(k)?.strip_prefix('='))
+                        .unwrap_or_default()
+                        .to_string()
+                };
+                let conn = Conn {
+                    phase: get("phase").parse().unwrap(),
+                    dest: get("dest").parse().unwrap(),
+                    result: get("result"),
+                };
+                if tx.send(conn).is_err() {
+                    return;
+                }
+            }
+        });
+        stdin.write_all(b"go\n").unwrap();
+        Looper {
+            stdin: Some(stdin),
+            conns,
+            pid,
+            phase: 0,
+        }
+    }
+
+    /// Tells the client a retarget has returned: connections it begins
+    /// from now on are in the next phase.
+    fn next_phase(&mut self) {
+        self.stdin.as_mut().unwrap().write_all(b"next\n").unwrap();
+        self.phase += 1;
+    }
+
+    /// Reads connections until each destination has `n` that began in the
+    /// current phase; returns every connection read.
+    fn settle(&mut self, dests: &[SocketAddr], n: usize) -> Vec<Conn> {
+        let mut read = Vec::new();
+        while !dests.iter().all(|d| {
+            read.iter()
+                .filter(|c: &&Conn| c.dest == *d && c.phase == self.phase)
+                .count()
+                >= n
+        }) {
+            read.push(
+                self.conns
+                    .recv_timeout(WAIT)
+                    .expect("the looping client stopped reporting"),
+            );
+        }
+        read
+    }
+
+    /// Starts a new phase and calls `change` again and again until `n`
+    /// connections to `dest` begun in that phase were read, so they were
+    /// made while the maps were being changed; returns every connection
+    /// read.
+    fn during(&mut self, dest: SocketAddr, n: usize, mut change: impl FnMut()) -> Vec<Conn> {
+        self.next_phase();
+        let started = std::time::Instant::now();
+        let mut read = Vec::new();
+        loop {
+            change();
+            read.extend(self.conns.try_iter());
+            let overlapping = read
+                .iter()
+                .filter(|c| c.dest == dest && c.phase == self.phase)
+                .count();
+            if overlapping >= n {
+                return read;
+            }
+            assert!(
+                started.elapsed() < WAIT,
+                "the looping client stopped reporting"
+            );
+        }
+    }
+
+    /// Stops the client; returns the connections not read yet.
+    fn stop(mut self, cgroup: &mut TestCgroup) -> Vec<Conn> {
+        drop(self.stdin.take());
+        let rest: Vec<Conn> = self.conns.iter().collect();
+        cgroup.wait(self.pid).unwrap();
+        rest
+    }
+}
+
+fn captured_at(dest: SocketAddr) -> String {
+    format!("captured:{dest}")
+}
+
+fn direct_at(dest: SocketAddr) -> String {
+    format!("direct:{dest}")
+}
+
+/// Capture driven by a [`Supervisor`] (what kt runs), attached to the
+/// test cgroup with its capture listener answering `captured:ORIGINAL`.
+struct Supervised {
+    rt: tokio::runtime::Runtime,
+    sup: Supervisor<Capture>,
+    capture_server: Server,
+    cgroup: TestCgroup,
+}
+
+fn supervised(label: &str, targets: Targets) -> Supervised {
+    let cgroup =
+        TestCgroup::new(label).expect("creating a child cgroup (needs root and cgroup v2)");
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let SocketAddr::V4(l4) = listener.local_addr().unwrap() else {
+        unreachable!()
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let ports = targets.ports.clone();
+    let dir = cgroup.path().to_path_buf();
+    let sup = rt
+        .block_on(Supervisor::start(targets, |prefixes| {
+            Capture::attach(&CaptureSpec {
+                cgroup: dir,
+                listen4: l4,
+                listen6: None,
+                prefixes,
+                ports,
+                port_wide: false,
+                own_ports: vec![],
+                refuse_udp: true,
+                refuse_other_netns: true,
+                pin_dir: None,
+                keep_attached: false,
+            })
+        }))
+        .expect("attaching the capture programs to a child cgroup");
+    let capture = sup.programs().clone();
+    let capture_server = Server::start(listener, move |peer| match capture.take_origin(peer) {
+        Some(o) => captured_at(o.original),
+        None => "captured:without-origin".into(),
+    });
+    Supervised {
+        rt,
+        sup,
+        capture_server,
+        cgroup,
+    }
+}
+
+impl Supervised {
+    fn retarget(&self, targets: Targets) -> Retargeted {
+        self.rt
+            .block_on(self.sup.retarget(targets))
+            .expect("retarget")
+    }
+
+    /// Detaches (the capture listener's handle on the programs goes first).
+    fn finish(self) {
+        let Supervised {
+            rt,
+            sup,
+            capture_server,
+            cgroup,
+        } = self;
+        drop(capture_server);
+        assert!(rt.block_on(sup.detach()), "capture still referenced");
+        drop(cgroup);
+    }
+}
+
+fn host(addr: SocketAddr) -> IpPrefix {
+    guard::capture::prefix_of(addr.ip())
+}
+
+#[test]
+fn prefixes_changed_in_place_while_a_client_loops_none_kept_goes_direct_or_is_refused() {
+    if skip() {
+        return;
+    }
+    let port = free_port("127.77.1.1");
+    let [a, b, c]: [SocketAddr; 3] = ["127.77.1.1", "127.77.1.2", "127.77.1.3"]
+        .map(|ip| SocketAddr::new(ip.parse().unwrap(), port));
+    let servers: Vec<Server> = [a, b, c].into_iter().map(Server::direct).collect();
+    let targets = |cidrs: [SocketAddr; 2]| Targets {
+        hosts: vec![],
+        static_prefixes: cidrs.into_iter().map(host).collect(),
+        ports: vec![port],
+    };
+    let mut s = supervised("retarget-prefixes", targets([a, b]));
+    let dests = [a, b, c];
+    let mut looper = Looper::start(&mut s.cgroup, &dests);
+    let mut all = Vec::new();
+
+    // Before any change: A and B captured, C direct.
+    let before = looper.settle(&dests, 2);
+    for conn in &before {
+        let want = if conn.dest == c {
+            direct_at(c)
+        } else {
+            captured_at(conn.dest)
+        };
+        assert_eq!(conn.result, want, "before the retarget: {conn:?}");
+    }
+    all.extend(before);
+
+    // Between {A, B} and {B, C}: first many times over while the client
+    // loops, then once more and let it settle.
+    for round in 1..=4u32 {
+        let (now, gone) = if round % 2 == 1 { (c, a) } else { (a, c) };
+        let mut there = false;
+        all.extend(looper.during(b, 60, || {
+            let (to, from) = if there { (gone, now) } else { (now, gone) };
+            let change = s.retarget(targets([b, to]));
+            assert_eq!(change.prefixes_added, vec![host(to)], "{change:?}");
+            assert_eq!(change.prefixes_removed, vec![host(from)], "{change:?}");
+            assert!(change.ports_added.is_empty() && change.ports_removed.is_empty());
+            there = !there;
+        }));
+        if !there {
+            s.retarget(targets([b, now]));
+        }
+        looper.next_phase();
+        let read = looper.settle(&dests, 2);
+        // Connections begun after the last retarget returned (and read
+        // before the next one starts) see exactly the new set.
+        for conn in read.iter().filter(|conn| conn.phase == looper.phase) {
+            let want = if conn.dest == gone {
+                direct_at(gone)
+            } else {
+                captured_at(conn.dest)
+            };
+            assert_eq!(conn.result, want, "after round {round}: {conn:?}");
+        }
+        all.extend(read);
+    }
+    all.extend(looper.stop(&mut s.cgroup));
+
+    // B stayed in the set throughout: every connection to it was captured,
+    // also those made while the maps were being changed.
+    let to_b: Vec<&Conn> = all.iter().filter(|conn| conn.dest == b).collect();
+    assert!(to_b.len() >= 80, "{} connections to B", to_b.len());
+    for conn in to_b {
+        assert_eq!(conn.result, captured_at(b), "{conn:?}");
+    }
+    drop(servers);
+    s.finish();
+}
+
+#[test]
+fn ports_changed_in_place_while_a_client_loops_none_kept_goes_direct_or_is_refused() {
+    if skip() {
+        return;
+    }
+    let ip: std::net::IpAddr = "127.77.2.1".parse().unwrap();
+    let [(d1, s1), (d2, s2)] = [(); 2].map(|()| {
+        let l = TcpListener::bind((ip, 0)).unwrap();
+        let addr = l.local_addr().unwrap();
+        (addr, Server::start(l, move |_| direct_at(addr)))
+    });
+    let (p1, p2) = (d1.port(), d2.port());
+    let servers = [s1, s2];
+    let targets = |ports: &[u16]| Targets {
+        hosts: vec![],
+        static_prefixes: vec![guard::capture::prefix_of(ip)],
+        ports: ports.to_vec(),
+    };
+    let refused = format!("connect_error:{}", libc::EPERM);
+    let mut s = supervised("retarget-ports", targets(&[p1]));
+    let dests = [d1, d2];
+    let mut looper = Looper::start(&mut s.cgroup, &dests);
+
+    // Port 1 captured; another port of a captured prefix is refused.
+    let mut first = looper.settle(&dests, 2);
+    for conn in &first {
+        let want = if conn.dest == d1 {
+            captured_at(d1)
+        } else {
+            refused.clone()
+        };
+        assert_eq!(conn.result, want, "before: {conn:?}");
+    }
+
+    // Add port 2, many times over while the client loops (and removing it
+    // again in between), then let it settle: both captured.
+    let mut there = false;
+    first.extend(looper.during(d1, 60, || {
+        let change = if there {
+            s.retarget(targets(&[p1]))
+        } else {
+            s.retarget(targets(&[p1, p2]))
+        };
+        let flipped = (vec![p2], vec![]);
+        let (added, removed) = (change.ports_added, change.ports_removed);
+        if there {
+            assert_eq!((removed, added), flipped);
+        } else {
+            assert_eq!((added, removed), flipped);
+        }
+        assert!(change.prefixes_added.is_empty() && change.prefixes_removed.is_empty());
+        there = !there;
+    }));
+    if !there {
+        s.retarget(targets(&[p1, p2]));
+    }
+    looper.next_phase();
+    let both = looper.phase;
+    let added = looper.settle(&dests, 2);
+    for conn in added.iter().filter(|c| c.phase == both) {
+        assert_eq!(
+            conn.result,
+            captured_at(conn.dest),
+            "after adding: {conn:?}"
+        );
+    }
+    first.extend(added);
+    // Port 1 was kept: captured in every connection read up to now,
+    // including those made while port 2 came and went.
+    let kept: Vec<&Conn> = first.iter().filter(|c| c.dest == d1).collect();
+    assert!(kept.len() >= 20, "{} connections to port 1", kept.len());
+    for conn in kept {
+        assert_eq!(conn.result, captured_at(d1), "{conn:?}");
+    }
+
+    // Remove port 1 the same way: refused from then on, port 2 kept.
+    let mut there = false;
+    let mut rest = looper.during(d2, 60, || {
+        let change = if there {
+            s.retarget(targets(&[p1, p2]))
+        } else {
+            s.retarget(targets(&[p2]))
+        };
+        let flipped = (vec![], vec![p1]);
+        let (added, removed) = (change.ports_added, change.ports_removed);
+        if there {
+            assert_eq!((removed, added), flipped);
+        } else {
+            assert_eq!((added, removed), flipped);
+        }
+        there = !there;
+    });
+    if !there {
+        s.retarget(targets(&[p2]));
+    }
+    looper.next_phase();
+    let only_2 = looper.phase;
+    let removed = looper.settle(&dests, 2);
+    for conn in removed.iter().filter(|c| c.phase == only_2) {
+        let want = if conn.dest == d1 {
+            refused.clone()
+        } else {
+            captured_at(d2)
+        };
+        assert_eq!(conn.result, want, "after removing: {conn:?}");
+    }
+    rest.extend(removed);
+    rest.extend(looper.stop(&mut s.cgroup));
+    // Port 2 was kept since it settled in: captured throughout the removals.
+    let kept: Vec<&Conn> = first
+        .iter()
+        .chain(&rest)
+        .filter(|c| c.dest == d2 && c.phase >= both)
+        .collect();
+    assert!(kept.len() >= 20, "{} connections to port 2", kept.len());
+    for conn in kept {
+        assert_eq!(conn.result, captured_at(d2), "{conn:?}");
+    }
+    drop(servers);
+    s.finish();
 }

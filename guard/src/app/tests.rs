@@ -21,6 +21,10 @@ impl Programs for FakeCapture {
         self.log.lock().unwrap().push("set_prefixes".into());
         Ok(())
     }
+    fn set_ports(&self, _: &[u16]) -> Result<(), CaptureError> {
+        self.log.lock().unwrap().push("set_ports".into());
+        Ok(())
+    }
     fn take_origin(&self, _: SocketAddr) -> Option<ClientOrigin> {
         None
     }

@@ -9,6 +9,10 @@
 //! key, unseen. A process that caches an address for longer than `RETAIN`
 //! still escapes; `capture.cidrs` with the provider's published ranges
 //! closes that too.
+//!
+//! A host dropped from the list (a reload) releases its addresses at once,
+//! unless a host still listed returned them too: retention protects against
+//! stale DNS caches, not against the operator's decision to stop capturing.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -29,11 +33,15 @@ pub const RETAIN: Duration = Duration::from_secs(24 * 60 * 60);
 /// configured CIDRs need room too). Past this, the least recently seen go.
 pub const MAX_KEPT: usize = 1024;
 
-/// Resolved addresses and when each was last seen. Pure: the caller passes
-/// the clock.
-#[derive(Debug)]
+/// One host's answer in a round of resolution: its addresses, empty when it
+/// did not resolve.
+pub type HostAddrs = (String, Vec<IpPrefix>);
+
+/// Resolved addresses, which hosts returned each and when each host last
+/// did. Pure: the caller passes the clock.
+#[derive(Clone, Debug)]
 pub struct SeenPrefixes {
-    seen: HashMap<IpPrefix, Instant>,
+    seen: HashMap<IpPrefix, HashMap<String, Instant>>,
     retain: Duration,
     max: usize,
 }
@@ -49,55 +57,90 @@ impl SeenPrefixes {
     }
 
     /// Records one round of resolution at `now`; returns the addresses newly
-    /// added (for the log). An empty round (DNS down) changes nothing, so an
-    /// outage never releases addresses early.
-    pub fn update(&mut self, resolved: &[IpPrefix], now: Instant) -> Vec<IpPrefix> {
-        if resolved.is_empty() {
+    /// added (for the log). A round in which nothing resolved (DNS down)
+    /// changes nothing, so an outage never releases addresses early.
+    pub fn update(&mut self, resolved: &[HostAddrs], now: Instant) -> Vec<IpPrefix> {
+        if resolved.iter().all(|(_, addrs)| addrs.is_empty()) {
             return Vec::new();
         }
         let mut added = Vec::new();
-        for p in resolved {
-            if self.seen.insert(*p, now).is_none() {
-                added.push(*p);
+        for (host, addrs) in resolved {
+            for p in addrs {
+                let by_host = self.seen.entry(*p).or_default();
+                if by_host.is_empty() {
+                    added.push(*p);
+                }
+                by_host.insert(host.clone(), now);
             }
         }
         let retain = self.retain;
-        self.seen
-            .retain(|_, last| now.saturating_duration_since(*last) <= retain);
+        self.seen.retain(|_, by_host| {
+            by_host.retain(|_, last| now.saturating_duration_since(*last) <= retain);
+            !by_host.is_empty()
+        });
         if self.seen.len() > self.max {
-            let mut by_age: Vec<(IpPrefix, Instant)> =
-                self.seen.iter().map(|(p, t)| (*p, *t)).collect();
+            let mut by_age: Vec<(IpPrefix, Instant)> = self
+                .seen
+                .iter()
+                .filter_map(|(p, by_host)| Some((*p, *by_host.values().max()?)))
+                .collect();
             by_age.sort_by_key(|(_, t)| std::cmp::Reverse(*t));
-            self.seen = by_age.into_iter().take(self.max).collect();
+            for (p, _) in by_age.into_iter().skip(self.max) {
+                self.seen.remove(&p);
+            }
         }
         added
+    }
+
+    /// Forgets what hosts not in `hosts` returned (they are no longer
+    /// captured by name); an address another listed host returned stays.
+    /// Returns the addresses no longer kept.
+    pub fn keep_hosts(&mut self, hosts: &[String]) -> Vec<IpPrefix> {
+        let mut dropped = Vec::new();
+        self.seen.retain(|p, by_host| {
+            by_host.retain(|h, _| hosts.contains(h));
+            if by_host.is_empty() {
+                dropped.push(*p);
+            }
+            !by_host.is_empty()
+        });
+        sort_prefixes(&mut dropped);
+        dropped
     }
 
     /// Every address kept, in a stable order.
     pub fn prefixes(&self) -> Vec<IpPrefix> {
         let mut v: Vec<IpPrefix> = self.seen.keys().copied().collect();
-        v.sort_by_key(|p| (p.addr, p.len));
+        sort_prefixes(&mut v);
         v
     }
 }
 
-/// Resolves `hosts` (A and AAAA) to host prefixes; failures are logged and
-/// skipped.
-pub async fn resolve(hosts: &[String], ports: &[u16]) -> Vec<IpPrefix> {
+/// Sorts prefixes by address, then length (a stable order for logs, events
+/// and comparisons).
+pub fn sort_prefixes(v: &mut [IpPrefix]) {
+    v.sort_by_key(|p| (p.addr, p.len));
+}
+
+/// Resolves `hosts` (A and AAAA) to host prefixes, one entry per host in
+/// order; a host that does not resolve is logged and has no addresses.
+pub async fn resolve(hosts: &[String], ports: &[u16]) -> Vec<HostAddrs> {
     let port = ports.first().copied().unwrap_or(443);
     let mut out = Vec::new();
     for h in hosts {
+        let mut addrs_of = Vec::new();
         match tokio::net::lookup_host((h.as_str(), port)).await {
             Ok(addrs) => {
                 for a in addrs {
                     let p = capture::prefix_of(a.ip());
-                    if !out.contains(&p) {
-                        out.push(p);
+                    if !addrs_of.contains(&p) {
+                        addrs_of.push(p);
                     }
                 }
             }
             Err(e) => tracing::warn!(host = %h, error = %e, "cannot resolve provider host"),
         }
+        out.push((h.clone(), addrs_of));
     }
     out
 }
@@ -144,17 +187,25 @@ mod tests {
         }
     }
 
+    fn round(host: &str, addrs: &[&str]) -> HostAddrs {
+        (host.to_string(), addrs.iter().map(|a| p(a)).collect())
+    }
+
     #[test]
     fn an_address_dns_stops_returning_stays_captured_until_retention_ends() {
         let t0 = Instant::now();
         let mut s = SeenPrefixes::new(Duration::from_secs(100), 10);
-        assert_eq!(s.update(&[p("192.0.2.1"), p("192.0.2.2")], t0).len(), 2);
+        assert_eq!(
+            s.update(&[round("h", &["192.0.2.1", "192.0.2.2"])], t0)
+                .len(),
+            2
+        );
         // DNS rotated to .3: .1 and .2 are still captured.
-        let added = s.update(&[p("192.0.2.3")], t0 + Duration::from_secs(60));
+        let added = s.update(&[round("h", &["192.0.2.3"])], t0 + Duration::from_secs(60));
         assert_eq!(added, vec![p("192.0.2.3")]);
         assert_eq!(s.prefixes().len(), 3);
         // Past retention, only what was seen recently remains.
-        s.update(&[p("192.0.2.3")], t0 + Duration::from_secs(150));
+        s.update(&[round("h", &["192.0.2.3"])], t0 + Duration::from_secs(150));
         assert_eq!(s.prefixes(), vec![p("192.0.2.3")]);
     }
 
@@ -162,8 +213,11 @@ mod tests {
     fn a_dns_outage_releases_nothing() {
         let t0 = Instant::now();
         let mut s = SeenPrefixes::new(Duration::from_secs(10), 10);
-        s.update(&[p("192.0.2.1")], t0);
-        assert!(s.update(&[], t0 + Duration::from_secs(1000)).is_empty());
+        s.update(&[round("h", &["192.0.2.1"])], t0);
+        assert!(
+            s.update(&[round("h", &[])], t0 + Duration::from_secs(1000))
+                .is_empty()
+        );
         assert_eq!(s.prefixes(), vec![p("192.0.2.1")]);
     }
 
@@ -171,10 +225,29 @@ mod tests {
     fn past_the_cap_the_least_recently_seen_go() {
         let t0 = Instant::now();
         let mut s = SeenPrefixes::new(Duration::from_secs(1000), 2);
-        s.update(&[p("192.0.2.1")], t0);
-        s.update(&[p("192.0.2.2")], t0 + Duration::from_secs(1));
-        s.update(&[p("192.0.2.3")], t0 + Duration::from_secs(2));
+        s.update(&[round("h", &["192.0.2.1"])], t0);
+        s.update(&[round("h", &["192.0.2.2"])], t0 + Duration::from_secs(1));
+        s.update(&[round("h", &["192.0.2.3"])], t0 + Duration::from_secs(2));
         assert_eq!(s.prefixes(), vec![p("192.0.2.2"), p("192.0.2.3")]);
+    }
+
+    #[test]
+    fn a_host_no_longer_listed_releases_its_addresses_unless_another_host_returned_them() {
+        let t0 = Instant::now();
+        let mut s = SeenPrefixes::new(Duration::from_secs(1000), 10);
+        s.update(
+            &[
+                round("old", &["192.0.2.1", "192.0.2.2"]),
+                round("kept", &["192.0.2.2", "192.0.2.3"]),
+            ],
+            t0,
+        );
+        let dropped = s.keep_hosts(&["kept".to_string()]);
+        assert_eq!(dropped, vec![p("192.0.2.1")]);
+        assert_eq!(s.prefixes(), vec![p("192.0.2.2"), p("192.0.2.3")]);
+        // The shared address now belongs to the kept host alone.
+        assert_eq!(s.keep_hosts(&[]), vec![p("192.0.2.2"), p("192.0.2.3")]);
+        assert!(s.prefixes().is_empty());
     }
 
     #[test]

@@ -13,7 +13,7 @@ use aya::programs::links::{CgroupAttachMode, FdLink, PinnedLink};
 use aya::programs::{CgroupSockAddr, SockOps};
 use guard_ebpf_common::{
     AF_INET, AF_INET6, CaptureConfig, FLAG_ENABLED, FLAG_PORT_SCOPE, FLAG_REFUSE_OTHER_NETNS,
-    FLAG_REFUSE_UDP, MAX_OWN_PORTS, ORIGIN_PROVIDER_PREFIX, Origin, PeerKey, map, prog,
+    FLAG_REFUSE_UDP, MAX_OWN_PORTS, MAX_PORTS, ORIGIN_PROVIDER_PREFIX, Origin, PeerKey, map, prog,
 };
 
 use super::exempt::CaptureExemption;
@@ -78,6 +78,7 @@ pub struct ClientOrigin {
 }
 
 type PeerMap = HashMap<MapData, PeerKey, Origin>;
+type PortMap = HashMap<MapData, u16, u8>;
 
 /// Attached capture programs. Dropping this detaches them.
 pub struct Capture {
@@ -88,6 +89,7 @@ pub struct Capture {
     exempt: CaptureExemption,
     prefix4: Mutex<LpmTrie<MapData, [u8; 4], u32>>,
     prefix6: Mutex<LpmTrie<MapData, [u8; 16], u32>>,
+    ports: Mutex<PortMap>,
     cgroup: PathBuf,
     ebpf: Ebpf,
 }
@@ -130,14 +132,6 @@ impl Capture {
         )
         .map_err(map_err(map::CONFIG))?;
         cfg_map.set(0, config, 0).map_err(map_err(map::CONFIG))?;
-        let mut ports: HashMap<_, u16, u8> = HashMap::try_from(
-            ebpf.map_mut(map::PORTS)
-                .ok_or_else(|| missing(map::PORTS))?,
-        )
-        .map_err(map_err(map::PORTS))?;
-        for port in &spec.ports {
-            ports.insert(port, 1, 0).map_err(map_err(map::PORTS))?;
-        }
         let own = own_ports(spec);
         if own.len() > MAX_OWN_PORTS as usize {
             return Err(CaptureError::Spec(format!(
@@ -160,6 +154,7 @@ impl Capture {
             LpmTrie::try_from(take(&mut ebpf, map::PREFIX4)?).map_err(map_err(map::PREFIX4))?;
         let prefix6 =
             LpmTrie::try_from(take(&mut ebpf, map::PREFIX6)?).map_err(map_err(map::PREFIX6))?;
+        let ports = HashMap::try_from(take(&mut ebpf, map::PORTS)?).map_err(map_err(map::PORTS))?;
         let by_peer =
             HashMap::try_from(take(&mut ebpf, map::BY_PEER)?).map_err(map_err(map::BY_PEER))?;
         let exempt =
@@ -174,9 +169,11 @@ impl Capture {
             },
             prefix4: Mutex::new(prefix4),
             prefix6: Mutex::new(prefix6),
+            ports: Mutex::new(ports),
             cgroup: spec.cgroup.clone(),
             ebpf,
         };
+        capture.set_ports(&spec.ports)?;
         capture.set_prefixes(&spec.prefixes)?;
         let mut capture = capture;
         // Links left pinned by an earlier run (a crash, or keep_attached)
@@ -270,11 +267,61 @@ impl Capture {
         Ok(())
     }
 
-    /// Replaces the captured prefixes (used when provider hosts re-resolve).
+    /// Replaces the captured prefixes in place, on the attached programs
+    /// (when provider hosts re-resolve, and on reload). New entries go in
+    /// before stale ones come out, so an address in both sets is never let
+    /// through.
     pub fn set_prefixes(&self, prefixes: &[IpPrefix]) -> Result<(), CaptureError> {
         let (v4, v6) = split(prefixes).map_err(|e| CaptureError::Spec(e.to_string()))?;
         replace_trie(&self.prefix4, map::PREFIX4, &v4)?;
         replace_trie(&self.prefix6, map::PREFIX6, &v6)?;
+        Ok(())
+    }
+
+    /// Replaces the captured ports in place, on the attached programs (on
+    /// reload). A port in both sets is never removed, so its connections are
+    /// captured throughout.
+    pub fn set_ports(&self, ports: &[u16]) -> Result<(), CaptureError> {
+        let mut wanted = ports.to_vec();
+        wanted.sort_unstable();
+        wanted.dedup();
+        if wanted.is_empty() {
+            return Err(CaptureError::Spec("no ports to capture".into()));
+        }
+        if wanted.len() > MAX_PORTS as usize {
+            return Err(CaptureError::Spec(format!(
+                "{} ports to capture; at most {MAX_PORTS} fit",
+                wanted.len()
+            )));
+        }
+        let mut map = self.ports.lock().map_err(|_| CaptureError::Map {
+            name: map::PORTS,
+            source: MapFault::Poisoned,
+        })?;
+        let old: Vec<u16> = map.keys().filter_map(Result::ok).collect();
+        let stale: Vec<u16> = old
+            .iter()
+            .copied()
+            .filter(|p| !wanted.contains(p))
+            .collect();
+        let fresh: Vec<u16> = wanted
+            .iter()
+            .copied()
+            .filter(|p| !old.contains(p))
+            .collect();
+        // New ports first, as for prefixes. If old and new together do not
+        // fit the map, the stale ones go first: kept ports are untouched
+        // either way, and a port on its way out is only let go earlier.
+        let room = old.len() + fresh.len() <= MAX_PORTS as usize;
+        if !room {
+            remove_ports(&mut map, &stale);
+        }
+        for port in &fresh {
+            map.insert(port, 1, 0).map_err(map_err(map::PORTS))?;
+        }
+        if room {
+            remove_ports(&mut map, &stale);
+        }
         Ok(())
     }
 
@@ -382,6 +429,13 @@ fn remove_pins(dir: &Path) {
         Err(e) => {
             tracing::warn!(dir = %dir.display(), error = %e, "cannot remove an old pin directory");
         }
+    }
+}
+
+fn remove_ports(map: &mut PortMap, ports: &[u16]) {
+    for port in ports {
+        // Already gone is what was wanted.
+        let _ = map.remove(port);
     }
 }
 

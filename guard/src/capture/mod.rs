@@ -26,7 +26,7 @@ pub use process::{
     MAX_CMDLINE, ProcessInfo, cgroup_v2_path, container_id, format_cmdline, process_info,
     process_info_in,
 };
-pub use supervisor::{Programs, Supervisor, Targets};
+pub use supervisor::{Programs, Retargeted, Supervisor, Targets};
 pub use support::{
     KernelSupport, kernel_support, loaded_capture_programs, squat_warnings, unprivileged_port_start,
 };

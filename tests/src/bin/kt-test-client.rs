@@ -16,6 +16,12 @@
 //!   TLS (certificate not verified: it plays a process that wants to reach
 //!   the provider directly) with `Authorization: Bearer $KT_CLIENT_KEY`;
 //!   prints `status=` and `body=`.
+//! - `kt-test-client loop ADDR...`: connect to each ADDR in turn, say
+//!   hello, and again, until stdin closes; one line per connection,
+//!   `conn phase=P dest=ADDR result=R` (R: the reply, or
+//!   `connect_error:ERRNO`). P counts the lines read from stdin before the
+//!   connection began: a test writes one after it changed what is captured,
+//!   so connections of that phase began after the change.
 //! - `kt-test-client connect-loop ADDR N` (benchmark: N connects, prints
 //!   nanoseconds per connect).
 
@@ -64,6 +70,12 @@ fn run() -> Result<(), String> {
         "hold" => hold(addr),
         "bind" => bind(addr),
         "https" => https(addr, opt("--sni").ok_or("missing --sni")?, mark),
+        "loop" => looping(
+            args.iter()
+                .skip(2)
+                .map(|a| a.parse().map_err(|e| format!("bad address {a}: {e}")))
+                .collect::<Result<Vec<SocketAddr>, String>>()?,
+        ),
         "connect-loop" => connect_loop(
             addr,
             args.get(3).and_then(|n| n.parse().ok()).unwrap_or(10_000),
@@ -129,6 +141,48 @@ fn tcp(addr: SocketAddr, mark: Option<u32>, serve: bool) -> Result<(), String> {
         .map_err(|e| format!("read: {e}"))?;
     println!("reply={}", reply.trim_end());
     Ok(())
+}
+
+fn looping(addrs: Vec<SocketAddr>) -> Result<(), String> {
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+    let phase = Arc::new(AtomicU32::new(0));
+    let done = Arc::new(AtomicBool::new(false));
+    {
+        let (phase, done) = (phase.clone(), done.clone());
+        std::thread::spawn(move || {
+            for line in std::io::stdin().lines() {
+                if line.is_err() {
+                    break;
+                }
+                phase.fetch_add(1, Ordering::SeqCst);
+            }
+            done.store(true, Ordering::SeqCst);
+        });
+    }
+    while !done.load(Ordering::SeqCst) {
+        for addr in &addrs {
+            let p = phase.load(Ordering::SeqCst);
+            let result = hello(*addr);
+            println!("conn phase={p} dest={addr} result={result}");
+        }
+    }
+    Ok(())
+}
+
+/// One connection: the reply to hello, or why there was none.
+fn hello(addr: SocketAddr) -> String {
+    let stream = match TcpStream::connect(addr) {
+        Ok(s) => s,
+        Err(e) => return format!("connect_error:{}", e.raw_os_error().unwrap_or(0)),
+    };
+    let exchange = || -> std::io::Result<String> {
+        stream.set_read_timeout(Some(READ_TIMEOUT))?;
+        (&stream).write_all(b"hello\n")?;
+        let mut reply = String::new();
+        BufReader::new(&stream).read_line(&mut reply)?;
+        Ok(reply.trim_end().to_string())
+    };
+    exchange().unwrap_or_else(|e| format!("io_error:{e}"))
 }
 
 fn udp(addr: SocketAddr) -> Result<(), String> {
