@@ -264,10 +264,20 @@ impl Scenario {
     /// `--resolve` sends `api.openai.com` to the primary fake. Returns the
     /// exit status, stdout, stderr and pid.
     fn curl(&mut self, url: &str, port: u16) -> (std::process::ExitStatus, String, String, u32) {
+        let provider = self.provider.clone();
+        self.curl_at(url, port, &provider)
+    }
+
+    /// As [`Scenario::curl`], `api.openai.com` resolved to `addr`.
+    fn curl_at(
+        &mut self,
+        url: &str,
+        port: u16,
+        addr: &str,
+    ) -> (std::process::ExitStatus, String, String, u32) {
         let kt_ca = self.data.join("ca/ca.pem");
         let script = format!(
-            r#"read go; exec curl -sS --max-time 20 --resolve api.openai.com:{port}:{p} --cacert "$KT_CA" -H "Authorization: Bearer $OLD_KEY" -H 'content-type: application/json' -d '{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":"hi"}}]}}' {url}"#,
-            p = self.provider
+            r#"read go; exec curl -sS --max-time 20 --resolve api.openai.com:{port}:{addr} --cacert "$KT_CA" -H "Authorization: Bearer $OLD_KEY" -H 'content-type: application/json' -d '{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":"hi"}}]}}' {url}"#
         );
         let mut job = Command::new("sh")
             .arg("-c")
@@ -769,4 +779,64 @@ fn provider_scope_leaves_a_non_provider_site_alone() {
         "kt saw a connection it should not have: {events}"
     );
     drop(site);
+}
+
+/// `kt gateway reload` with new `capture.cidrs`: the running programs are
+/// retargeted in place (kt is not restarted, capture never detaches): an
+/// address added is captured from then on, the provider's own address
+/// stays captured, and the reload event says what moved.
+#[test]
+fn a_reload_moves_capture_prefixes_in_place() {
+    if skip() {
+        return;
+    }
+    let mut s = Scenario::start("reload", 9, Listen::Free);
+    let url = "https://api.openai.com/v1/chat/completions";
+    let edge = "127.79.9.10";
+    // Not captured yet: nothing listens there, so the job cannot connect.
+    let (status, _, _, _) = s.curl_at(url, 443, edge);
+    assert_eq!(status.code(), Some(CURL_COULDNT_CONNECT));
+
+    let cfg = std::fs::read_to_string(&s.cfg).unwrap();
+    let moved = cfg.replace(
+        "cidrs: [127.77.0.0/16]",
+        &format!("cidrs: [{}/32, 127.79.9.0/24]", s.provider),
+    );
+    assert_ne!(cfg, moved);
+    std::fs::write(&s.cfg, moved).unwrap();
+    let out = kt(&s.data, &["gateway", "reload"], None);
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{said}{}\nkt log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        s.kt_log()
+    );
+    assert!(
+        said.contains("capture:") && said.contains("127.79.9.0/24"),
+        "{said}"
+    );
+
+    // Now captured: the job reaches the primary through kt, with the
+    // managed key; the provider's own address is still captured.
+    for addr in [edge.to_string(), s.provider.clone()] {
+        let (status, body, err, _) = s.curl_at(url, 443, &addr);
+        assert!(status.success(), "{addr}: {err}\nkt log:\n{}", s.kt_log());
+        assert!(body.contains("fake-q2"), "{addr}: {body}");
+    }
+    assert!(s.q2.requests().iter().all(|r| {
+        r.headers
+            .get("authorization")
+            .is_some_and(|v| v == &format!("Bearer {Q2}"))
+    }));
+    s.assert_key_never_reached_a_provider();
+    assert!(
+        !s.kt_log().contains("capture detached"),
+        "kt restarted capture"
+    );
+    let events = s.events();
+    assert!(
+        events.contains("\"rule_id\":\"reload\"") && events.contains("127.79.9.0/24"),
+        "{events}"
+    );
 }

@@ -512,6 +512,7 @@ impl App {
         } = plan;
         let hosts = targets.hosts.clone();
         let ports = targets.ports.clone();
+        let started_with = targets.clone();
         let port_wide = self.config.capture.scope == crate::config::CaptureScope::Port;
         // kt's own listeners are never captured, even port-wide.
         let own_ports = vec![local_addr(&explicit, "explicit listener", explicit_addr)?.port()];
@@ -555,6 +556,23 @@ impl App {
         });
 
         let lookup: Arc<dyn CaptureLookup> = Arc::new(Lookup(supervisor.programs().clone()));
+        // Reloads retarget the attached programs in place.
+        let supervisor = Arc::new(supervisor);
+        let sup = Arc::downgrade(&supervisor);
+        let retarget: reload::Retarget = Arc::new(move |targets| {
+            let sup = sup.clone();
+            Box::pin(async move {
+                let Some(sup) = sup.upgrade() else {
+                    return Err("capture is detaching".to_string());
+                };
+                match sup.retarget(targets).await {
+                    Ok(r) if r.is_empty() => Ok(None),
+                    Ok(r) => Ok(Some(describe_retarget(&r))),
+                    Err(e) => Err(causes(&e)),
+                }
+            })
+        });
+        self.reloader.set_capture(retarget, started_with);
         let g4 = gateway.clone();
         let lk4 = lookup.clone();
         let t4 = tokio::spawn(async move { g4.serve_capture_listener(cap4, lk4).await });
@@ -575,7 +593,16 @@ impl App {
         drop(lookup);
         notify(Notice::Drained);
         // Detach only after every listener is closed: fail closed to the end.
-        let detached = supervisor.detach().await && !keep_attached;
+        self.reloader.clear_capture().await;
+        let detached = match Arc::try_unwrap(supervisor) {
+            Ok(s) => s.detach().await && !keep_attached,
+            Err(_) => {
+                tracing::warn!(
+                    "capture still referenced at exit; programs detach when the process ends"
+                );
+                false
+            }
+        };
         served.map_err(AppError::Gateway)?;
         Ok(detached)
     }
@@ -595,6 +622,44 @@ fn local_addr(
 ) -> Result<SocketAddr, AppError> {
     l.local_addr()
         .map_err(|source| AppError::Bind { what, addr, source })
+}
+
+/// What a retarget changed, for the reload's log line and event.
+fn describe_retarget(r: &capture::Retargeted) -> String {
+    let mut parts = Vec::new();
+    let list = |v: &[String]| v.join(" ");
+    if !r.hosts_added.is_empty() {
+        parts.push(format!("hosts +{}", list(&r.hosts_added)));
+    }
+    if !r.hosts_removed.is_empty() {
+        parts.push(format!("hosts -{}", list(&r.hosts_removed)));
+    }
+    let prefixes = |v: &[IpPrefix]| {
+        v.iter()
+            .map(|p| format!("{}/{}", p.addr, p.len))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    if !r.prefixes_added.is_empty() {
+        parts.push(format!("prefixes +{}", prefixes(&r.prefixes_added)));
+    }
+    if !r.prefixes_removed.is_empty() {
+        parts.push(format!("prefixes -{}", prefixes(&r.prefixes_removed)));
+    }
+    let ports = |v: &[u16]| v.iter().map(u16::to_string).collect::<Vec<_>>().join(" ");
+    if !r.ports_added.is_empty() {
+        parts.push(format!("ports +{}", ports(&r.ports_added)));
+    }
+    if !r.ports_removed.is_empty() {
+        parts.push(format!("ports -{}", ports(&r.ports_removed)));
+    }
+    if !r.hosts_unresolved.is_empty() {
+        parts.push(format!(
+            "not resolved now (tried again): {}",
+            list(&r.hosts_unresolved)
+        ));
+    }
+    parts.join(", ")
 }
 
 /// An error and its causes on one line (`a: b: c`).

@@ -122,10 +122,6 @@ impl std::fmt::Debug for Reloader {
     }
 }
 
-#[allow(
-    dead_code,
-    reason = "set_capture/clear_capture are wired when the supervisor can retarget in place"
-)]
 impl Reloader {
     pub(crate) fn new(
         config_path: Option<PathBuf>,
