@@ -19,7 +19,8 @@
 //! Callers talk to backends through [`SecretStore`], so a centralized backend
 //! can replace [`FileStore`] later without touching them. [`Resolver`] turns
 //! a `secret_key_ref` into a value: `env` from the guard's environment,
-//! `store` from the store first and then the keychain.
+//! `store` from the store first and then the keychain, `file` from a file
+//! only kt's uid or root can change.
 #![forbid(unsafe_code)]
 
 mod file;
@@ -36,7 +37,7 @@ pub use file::FileStore;
 pub use fingerprint::{Fingerprint, Fingerprinter};
 pub use keychain::Keychain;
 pub use memory::MemoryStore;
-pub use resolver::Resolver;
+pub use resolver::{Resolver, read_key_file};
 pub use status::{StatusReport, TargetProblem, resolve_target};
 pub use value::SecretValue;
 
@@ -58,6 +59,8 @@ pub enum Source {
     Store,
     /// The operating system keychain.
     Keychain,
+    /// A file named by `secret_key_ref.file`.
+    File,
 }
 
 impl Source {
@@ -67,6 +70,7 @@ impl Source {
             Source::Env => "env",
             Source::Store => "store",
             Source::Keychain => "keychain",
+            Source::File => "file",
         }
     }
 }
@@ -345,6 +349,14 @@ pub enum SecretsError {
         name: String,
         /// The kernel's answer.
         detail: String,
+    },
+    /// A `secret_key_ref.file` whose content is not a usable key.
+    #[error("key file {path} {problem}")]
+    KeyFileContent {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it (never its content).
+        problem: &'static str,
     },
     /// A file or directory operation failed.
     #[error("{op} {path}: {source}")]

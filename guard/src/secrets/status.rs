@@ -38,9 +38,10 @@ pub struct TargetProblem {
 impl fmt::Display for TargetProblem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "target {}: secret {} ", self.target, self.reference)?;
-        match &self.cause {
-            Unresolved::NotSet => f.write_str("is not set")?,
-            Unresolved::Unreadable(e) => write!(f, "cannot be read ({e})")?,
+        match (&self.cause, &self.reference) {
+            (Unresolved::NotSet, SecretKeyRef::File(_)) => f.write_str("is empty")?,
+            (Unresolved::NotSet, _) => f.write_str("is not set")?,
+            (Unresolved::Unreadable(e), _) => write!(f, "cannot be read ({e})")?,
         }
         match &self.reference {
             SecretKeyRef::Store(n) => write!(f, "; add it with `kt secrets add {n} --store`")?,
@@ -48,6 +49,12 @@ impl fmt::Display for TargetProblem {
                 f,
                 "; set {n} in the guard's environment or add it with \
                  `kt secrets add {n} --store` (and reference it as `store: {n}`)"
+            )?,
+            SecretKeyRef::File(p) => write!(
+                f,
+                "; the file must hold the key (a trailing newline is ignored), belong to \
+                 kt's user or root and be writable by no one else; check what writes {}",
+                p.display()
             )?,
         }
         if !self.required {

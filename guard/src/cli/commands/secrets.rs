@@ -207,7 +207,7 @@ fn verify(
         return Ok(ExitStatus::Failure);
     }
     let reports = super::probe::run(&config, global, &|t| {
-        names.is_empty() || names.iter().any(|n| n == t.secret_key_ref.name())
+        names.is_empty() || names.iter().any(|n| *n == t.secret_key_ref.name())
     })?;
     let ok = crate::gateway::all_required_pass(&reports);
     let doc = VerifyDoc {
@@ -233,7 +233,7 @@ fn fingerprinter(global: &Global) -> anyhow::Result<Fingerprinter> {
 fn backend(source: Source, global: &Global) -> Box<dyn SecretStore> {
     match source {
         Source::Keychain => Box::new(Keychain::new(&global.data_dir)),
-        Source::Store | Source::Env => Box::new(FileStore::new(&global.data_dir)),
+        Source::Store | Source::Env | Source::File => Box::new(FileStore::new(&global.data_dir)),
     }
 }
 
