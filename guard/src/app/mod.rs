@@ -9,7 +9,6 @@
 //! reload can build a new set from a new config and swap it in here.
 #![forbid(unsafe_code)]
 
-use std::collections::HashMap;
 use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -242,17 +241,13 @@ impl App {
     pub fn build(config: Config, data_dir: &Path, capture: bool) -> Result<App, AppError> {
         let resolver = Resolver::from_data_dir(data_dir);
         let fingerprinter = Fingerprinter::open(data_dir).map_err(AppError::Fingerprint)?;
-        // Which stored secret a client presented: fingerprints of every stored value.
-        let known: HashMap<String, String> = match resolver.known_secrets(&fingerprinter) {
-            Ok(list) => list
-                .into_iter()
-                .filter_map(|k| Some((k.fingerprint?.to_string(), k.meta.name)))
-                .collect(),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot list stored secrets; events will not name them");
-                HashMap::new()
-            }
-        };
+        // Which managed secret a client presented: fingerprints of every
+        // stored value and of every target's resolved reference.
+        let known = crate::secrets::known_keys(&config, &resolver, &fingerprinter);
+        for problem in &known.problems {
+            tracing::warn!(%problem, "events will not recognise this secret when a client presents it");
+        }
+        let known = known.by_fingerprint;
         let mut warnings = Vec::new();
         let hosts = ca_hosts(&config);
         let ca = Ca::load_or_create_for(&Ca::dir_in(data_dir), &hosts).map_err(AppError::Ca)?;

@@ -831,6 +831,59 @@ fn event_sink_amends_the_event_it_recorded() {
 }
 
 #[test]
+fn event_sink_names_keys_by_the_map_it_was_last_given() {
+    use crate::record::{Arrival, ClientInfo, RecordSink, RequestRecord};
+    let dir = tempfile::tempdir().unwrap();
+    let (writer, handle) = EventWriter::spawn(WriterConfig::new(dir.path(), 0));
+    let sink = EventSink::new(
+        writer.clone(),
+        [("fp:000000000001".to_string(), "Q1".to_string())].into(),
+    );
+    let presenting = |id: &str, fp: &str| {
+        let mut r = RequestRecord::new(
+            id.into(),
+            Arrival::Capture,
+            None,
+            ClientInfo::default(),
+            "POST".into(),
+        );
+        r.client_key_fingerprint = Some(fp.into());
+        r
+    };
+    sink.record(presenting("before", "fp:000000000002"));
+    // The secrets changed (a reload): Q2 is managed now.
+    sink.set_known([("fp:000000000002".to_string(), "Q2".to_string())].into());
+    sink.record(presenting("after", "fp:000000000002"));
+    sink.record(presenting("old", "fp:000000000001"));
+    assert!(writer.flush());
+    let got = EventStore::open_read_only(dir.path())
+        .unwrap()
+        .unwrap()
+        .query(&Filter::default())
+        .unwrap();
+    let keys: Vec<_> = got
+        .iter()
+        .map(|e| {
+            let k = e.key.as_ref().unwrap();
+            (
+                e.request_id.as_str(),
+                k.matches_secret.as_deref(),
+                k.managed,
+            )
+        })
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            ("before", None, false),
+            ("after", Some("Q2"), true),
+            ("old", None, false)
+        ]
+    );
+    assert!(handle.shutdown());
+}
+
+#[test]
 fn stream_cuts_convert_with_a_bounded_reason() {
     use crate::record::{CutReason, StreamCut};
     let idle = to_stream_outcome(&StreamCut {
