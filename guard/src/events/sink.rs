@@ -159,21 +159,22 @@ pub fn to_event(d: &RequestRecord, known: &HashMap<String, String>) -> Event {
             matches_secret,
         }
     });
-    e.message = Some(match (d.error_code, d.status) {
+    e.message = Some(match (&d.note, d.error_code, d.status) {
+        (Some(note), _, _) => note.clone(),
         // Refused before any HTTP exchange: there is no status to show.
-        (Some(code), 0) => format!(
+        (None, Some(code), 0) => format!(
             "{} {} refused ({code}) via {}",
             d.method,
             d.path,
             d.arrival.label()
         ),
-        (Some(code), status) => format!(
+        (None, Some(code), status) => format!(
             "{} {} -> {status} ({code}) via {}",
             d.method,
             d.path,
             d.arrival.label()
         ),
-        (None, _) => format!("{} {} via {}", d.method, d.path, d.arrival.label()),
+        (None, None, _) => format!("{} {} via {}", d.method, d.path, d.arrival.label()),
     });
     e
 }

@@ -58,6 +58,9 @@ pub mod codes {
     /// Port-wide capture: a non-provider connection kt was to splice to its
     /// original destination could not be connected there.
     pub const SPLICE_FAILED: &str = "kt_splice_failed";
+    /// A credential probe found the managed key not working (rejected,
+    /// throttled, unreachable, another status, or not set).
+    pub const PROBE_FAILED: &str = "kt_probe_failed";
 }
 
 /// What is known about the process behind a connection (filled by capture;
@@ -262,6 +265,10 @@ pub struct RequestRecord {
     pub client_key_fingerprint: Option<String>,
     /// What the policy chain decided.
     pub policy: Vec<PolicyNote>,
+    /// When set, the event's message instead of the one composed from the
+    /// method, path and status (a probe's result and the provider's error
+    /// code). Never a secret.
+    pub note: Option<String>,
 }
 
 impl RequestRecord {
@@ -289,6 +296,7 @@ impl RequestRecord {
             latency: Duration::ZERO,
             client_key_fingerprint: None,
             policy: Vec::new(),
+            note: None,
         }
     }
 }

@@ -209,6 +209,12 @@ fn verify(
     let reports = super::probe::run(&config, global, &|t| {
         names.is_empty() || names.iter().any(|n| *n == t.secret_key_ref.name())
     })?;
+    if let Err(e) = super::probe::record(&config, global, &reports) {
+        out.note(format_args!(
+            "warning: the probe results were not recorded, so `kt secrets status` \
+             will not show them: {e}"
+        ))?;
+    }
     let ok = crate::gateway::all_required_pass(&reports);
     let doc = VerifyDoc {
         config: &config.source,
