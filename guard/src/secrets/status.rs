@@ -1,15 +1,19 @@
 //! How each target's `secret_key_ref` resolves, and the one message for a
 //! target whose secret does not: used by the gateway builder (a required
 //! target stops startup), `kt gateway check` and `kt secrets status`, so all
-//! three say the same thing and give the same fix.
+//! three say the same thing and give the same fix. `kt secrets status` adds
+//! each target's retirement evidence from the event store
+//! ([`StatusReport::add_evidence`]).
 
 use std::fmt;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde::Serialize;
 
 use super::{Fingerprint, Fingerprinter, Resolve, Resolved};
 use crate::config::{Config, SecretKeyRef, Target};
+use crate::events::{EventError, EventStore, LastProbe, ProcessUsage, RotationAlarm};
 
 /// Why a target's secret is not usable.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -118,7 +122,25 @@ pub struct TargetStatus {
     /// Why it did not resolve, and how to fix it.
     #[serde(rename = "reason")]
     pub problem: Option<TargetProblem>,
+    /// Requests this target served in the last 24 hours (probes not
+    /// counted); `None` when there is no event store.
+    pub served_24h: Option<u64>,
+    /// Processes that presented this target's secret in the last 7 days,
+    /// most recent first: who still uses this key.
+    pub presented_by: Vec<ProcessUsage>,
+    /// The last rotation alarm this target was part of (it rejected its
+    /// key, or served because another one did).
+    pub last_rotation_alarm: Option<RotationAlarm>,
+    /// Its last recorded credential probe and the result.
+    pub last_verified: Option<LastProbe>,
 }
+
+/// How far back [`TargetStatus::served_24h`] counts.
+pub const SERVED_WINDOW: Duration = Duration::from_secs(24 * 3600);
+
+/// How far back [`TargetStatus::presented_by`] looks: longer than a day, so
+/// a weekly job still using an old key is found before the key is removed.
+pub const PRESENTED_WINDOW: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// How every target of a config resolves.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -152,6 +174,10 @@ impl StatusReport {
                     source: None,
                     fingerprint: None,
                     problem: None,
+                    served_24h: None,
+                    presented_by: Vec::new(),
+                    last_rotation_alarm: None,
+                    last_verified: None,
                 };
                 match resolve_target(target, resolver) {
                     Ok(resolved) => {
@@ -174,6 +200,27 @@ impl StatusReport {
             config: config.source.clone(),
             targets,
         }
+    }
+
+    /// Fills each target's retirement evidence from `store`: requests
+    /// served in the last [`SERVED_WINDOW`], processes that presented its
+    /// secret (by the name events give it, see
+    /// [`known_keys`](super::known_keys)) in the last [`PRESENTED_WINDOW`],
+    /// its last rotation alarm and its last probe.
+    pub fn add_evidence(&mut self, config: &Config, store: &EventStore) -> Result<(), EventError> {
+        for (row, target) in self.targets.iter_mut().zip(&config.providers.targets) {
+            let e = store.target_evidence(
+                &target.id,
+                &target.secret_key_ref.name(),
+                SERVED_WINDOW,
+                PRESENTED_WINDOW,
+            )?;
+            row.served_24h = Some(e.served);
+            row.presented_by = e.presented_by;
+            row.last_rotation_alarm = e.last_rotation_alarm;
+            row.last_verified = e.last_verified;
+        }
+        Ok(())
     }
 
     /// True when every `required` target resolved.
