@@ -45,7 +45,7 @@ impl MapResolver {
 
 impl Resolve for MapResolver {
     fn resolve(&self, reference: &SecretKeyRef) -> Result<Option<Resolved>, String> {
-        Ok(self.0.get(reference.name()).map(|v| Resolved {
+        Ok(self.0.get(&*reference.name()).map(|v| Resolved {
             value: SecretValue::new(v.clone()),
             source: Source::Store,
         }))

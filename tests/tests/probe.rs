@@ -206,6 +206,85 @@ async fn verify_tells_a_good_key_from_a_rejected_one_and_a_dead_endpoint() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn each_probe_is_recorded_and_secrets_status_shows_the_last_one() {
+    let s = Setup::new(false).await;
+    let status = |s: &Setup| {
+        let out = s.kt(
+            &["secrets", "status", "--config", s.cfg(), "--output", "json"],
+            None,
+        );
+        assert_no_key(&out);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+        json(&out)
+    };
+    let by_id = |doc: &serde_json::Value, id: &str| {
+        doc["targets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["id"] == id)
+            .cloned()
+            .unwrap_or_else(|| panic!("no row for {id} in {doc}"))
+    };
+    // Nothing verified yet.
+    let before = status(&s);
+    assert_eq!(
+        by_id(&before, "good")["last_verified"],
+        serde_json::Value::Null
+    );
+
+    let out = s.kt(&["secrets", "verify", "--config", s.cfg()], None);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let after = status(&s);
+    let good = by_id(&after, "good");
+    assert_eq!(good["last_verified"]["result"], "ok");
+    assert_eq!(good["last_verified"]["status"], 200);
+    assert!(good["last_verified"]["latency_ms"].is_u64(), "{good}");
+    // A probe is not a request the target served.
+    assert_eq!(good["served_24h"], 0);
+    let bad = by_id(&after, "bad");
+    assert_eq!(bad["last_verified"]["result"], "rejected");
+    assert_eq!(bad["last_verified"]["status"], 401);
+    let message = bad["last_verified"]["message"].as_str().unwrap();
+    assert!(message.contains("provider code fake"), "{message}");
+    assert_eq!(
+        by_id(&after, "dead")["last_verified"]["result"],
+        "unreachable"
+    );
+
+    // Human output: the last verdict in the table, the failed probe below.
+    let out = s.kt(&["secrets", "status", "--config", s.cfg()], None);
+    assert_no_key(&out);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.lines().next().unwrap().contains("LAST VERIFIED"),
+        "{stdout}"
+    );
+    let bad_row = stdout
+        .lines()
+        .find(|l| l.starts_with("bad "))
+        .unwrap_or_else(|| panic!("no bad row:\n{stdout}"));
+    assert!(
+        bad_row.contains(" rejected ") && bad_row.ends_with(" ago"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("bad: last probe "), "{stdout}");
+
+    // The store holds no key, nor a key's tail.
+    let db = std::fs::read(s.data.join("events.db")).unwrap();
+    let wal = std::fs::read(s.data.join("events.db-wal")).unwrap_or_default();
+    for bytes in [db, wal] {
+        let all = String::from_utf8_lossy(&bytes);
+        for key in [GOOD, BAD, DEAD] {
+            assert!(
+                !all.contains(&key[key.len() - 8..]),
+                "a key reached the store"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_rejected_required_key_fails_verify_and_the_probe_check() {
     let s = Setup::new(true).await;
     let out = s.kt(&["secrets", "verify", "--config", s.cfg()], None);

@@ -491,3 +491,79 @@ async fn sighup_reloads_and_no_kt_running_is_a_clear_error() {
         "SIGHUP must not stop kt"
     );
 }
+
+/// `secret_key_ref.file` (Vault Agent, a Kubernetes secret volume): a new
+/// value written to the file is used within a second or two, without a
+/// reload command; a file that becomes empty never downgrades the key —
+/// kt keeps the value it had, warns, and `kt secrets status` counts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_secret_rotates_live_and_is_never_downgraded_to_empty() {
+    let s = Setup::new().await;
+    let key_file = s.dir.path().join("openai.key");
+    let write_key = |v: &str| {
+        // As Vault Agent and kubelet do: a new file renamed over the old.
+        let tmp = s.dir.path().join("openai.key.tmp");
+        std::fs::write(&tmp, v).unwrap();
+        std::fs::rename(&tmp, &key_file).unwrap();
+    };
+    write_key(&format!("{OLD}\n"));
+    let cfg = std::fs::read_to_string(&s.cfg).unwrap().replace(
+        "store: OPENAI_PRIMARY",
+        &format!("file: {}", key_file.display()),
+    );
+    std::fs::write(&s.cfg, cfg).unwrap();
+    let _kt = s.start_gateway();
+    let mut conn = h1_plain(s.listen).await;
+    assert_eq!(chat(&mut conn).await, 200);
+    assert_eq!(
+        s.primary.requests().last().map(bearer),
+        Some(format!("Bearer {OLD}")),
+        "the trailing newline is not part of the key"
+    );
+
+    write_key(NEW);
+    let mut sent = 0;
+    loop {
+        assert_eq!(chat(&mut conn).await, 200);
+        if s.primary.requests().last().map(bearer) == Some(format!("Bearer {NEW}")) {
+            break;
+        }
+        sent += 1;
+        assert!(
+            sent < 5000,
+            "the new file value was never used\n{}",
+            s.log()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+
+    // Emptied (a half-done rotation): the key stays, loudly.
+    write_key("");
+    s.wait_log("keeping the value kt already had");
+    for _ in 0..20 {
+        assert_eq!(chat(&mut conn).await, 200);
+    }
+    assert!(
+        s.primary
+            .requests()
+            .iter()
+            .rev()
+            .take(20)
+            .all(|r| bearer(r) == format!("Bearer {NEW}")),
+        "an emptied file must not change the key"
+    );
+    let out = s.kt(
+        &["secrets", "status", "--config", s.cfg.to_str().unwrap()],
+        None,
+    );
+    let said = text(&out);
+    assert!(
+        said.contains("primary: its secret could not be read at 1 reload(s)"),
+        "{said}"
+    );
+    assert!(said.contains("is empty"), "{said}");
+    for v in [OLD, NEW] {
+        assert!(!s.log().contains(v));
+        assert!(!said.contains(v));
+    }
+}

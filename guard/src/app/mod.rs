@@ -16,7 +16,6 @@ mod watch;
 pub use control::{ControlError, ControlSocket, Reply, request_reload, socket_path};
 pub use reload::{ReloadRefused, Reloaded, Reloader, Trigger};
 
-use std::collections::HashMap;
 use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -252,17 +251,13 @@ impl App {
     pub fn build(config: Config, data_dir: &Path, capture: bool) -> Result<App, AppError> {
         let resolver = Resolver::from_data_dir(data_dir);
         let fingerprinter = Fingerprinter::open(data_dir).map_err(AppError::Fingerprint)?;
-        // Which stored secret a client presented: fingerprints of every stored value.
-        let known: HashMap<String, String> = match resolver.known_secrets(&fingerprinter) {
-            Ok(list) => list
-                .into_iter()
-                .filter_map(|k| Some((k.fingerprint?.to_string(), k.meta.name)))
-                .collect(),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot list stored secrets; events will not name them");
-                HashMap::new()
-            }
-        };
+        // Which managed secret a client presented: fingerprints of every
+        // stored value and of every target's resolved reference.
+        let known = crate::secrets::known_keys(&config, &resolver, &fingerprinter);
+        for problem in &known.problems {
+            tracing::warn!(%problem, "events will not recognise this secret when a client presents it");
+        }
+        let known = known.by_fingerprint;
         let mut warnings = Vec::new();
         let hosts = ca_hosts(&config);
         let ca = Ca::load_or_create_for(&Ca::dir_in(data_dir), &hosts).map_err(AppError::Ca)?;
@@ -303,13 +298,16 @@ impl App {
         };
         let fp = Arc::new(fingerprinter);
         let resolver = Arc::new(resolver);
+        let resolver_for_known = Arc::clone(&resolver);
         let ca = Arc::new(ca);
+        let fpc = fp.clone();
         let mut builder = GatewayBuilder::new(config.clone(), resolver.clone(), ca.clone())
             .socket_exemption(exemption)
             .policy(Arc::new(policy))
-            .fingerprint(Arc::new(move |v: &str| fp.fingerprint(v).to_string()));
-        if let Some(w) = writer {
-            builder = builder.record_sink(Arc::new(EventSink::new(w, known)));
+            .fingerprint(Arc::new(move |v: &str| fpc.fingerprint(v).to_string()));
+        let sink = writer.map(|w| Arc::new(EventSink::new(w, known)));
+        if let Some(sink) = &sink {
+            builder = builder.record_sink(sink.clone());
         }
         let gateway = builder.build().map_err(|e| match e {
             e @ GatewayError::MissingSecrets(_) => AppError::MissingSecrets(e),
@@ -322,7 +320,7 @@ impl App {
             ca,
             health,
             gateway.clone(),
-            Box::new(|_| {}),
+            known_refresher(sink, Arc::clone(&resolver_for_known), fp),
         ));
         Ok(App {
             config,
@@ -622,6 +620,24 @@ fn local_addr(
 ) -> Result<SocketAddr, AppError> {
     l.local_addr()
         .map_err(|source| AppError::Bind { what, addr, source })
+}
+
+/// After each reload: the events learn the fingerprints of the secrets
+/// now managed, so a client presenting a rotated-in value is named.
+fn known_refresher(
+    sink: Option<Arc<EventSink>>,
+    resolver: Arc<Resolver>,
+    fp: Arc<Fingerprinter>,
+) -> Box<dyn Fn(&Config) + Send + Sync> {
+    Box::new(move |config| {
+        if let Some(sink) = &sink {
+            let known = crate::secrets::known_keys(config, &resolver, &fp);
+            for problem in &known.problems {
+                tracing::warn!(%problem, "events will not recognise this secret when a client presents it");
+            }
+            sink.set_known(known.by_fingerprint);
+        }
+    })
 }
 
 /// What a retarget changed, for the reload's log line and event.

@@ -163,8 +163,19 @@ impl Reloader {
     /// The files the current config's secrets are read from
     /// (`secret_key_ref.file`).
     pub fn secret_files(&self) -> Vec<PathBuf> {
-        // Filled in with `file:` references.
-        Vec::new()
+        let config = self.gateway.config();
+        let mut files: Vec<PathBuf> = config
+            .providers
+            .targets
+            .iter()
+            .filter_map(|t| match &t.secret_key_ref {
+                crate::config::SecretKeyRef::File(p) => Some(p.clone()),
+                _ => None,
+            })
+            .collect();
+        files.sort();
+        files.dedup();
+        files
     }
 
     /// The config being served.
@@ -190,15 +201,20 @@ impl Reloader {
                 for w in &r.warnings {
                     tracing::warn!("{w}");
                 }
-                self.gateway.record_reload(trigger.caller(), true, &summary);
+                self.gateway
+                    .record_reload(trigger.caller(), true, &summary, &r.diff.secrets_kept);
             }
             Err(refused) => {
                 tracing::error!(
                     by = %trigger.label(),
                     "reload refused, the running config stays in place:\n{refused}"
                 );
-                self.gateway
-                    .record_reload(trigger.caller(), false, &refused.problems.join("; "));
+                self.gateway.record_reload(
+                    trigger.caller(),
+                    false,
+                    &refused.problems.join("; "),
+                    &[],
+                );
             }
         }
         result

@@ -18,8 +18,15 @@ use super::tree::{self, Kind, Node, Pos};
 const EXAMPLE_HINT: &str = "see config/provider-key-rotation.yaml for a complete example";
 
 /// Parses and validates config text. `source` names the file in messages
-/// and in [`Config::source`]; nothing is read from it.
+/// and in [`Config::source`]; nothing is read from it. A relative
+/// `secret_key_ref.file` is resolved against `source`'s directory.
 pub fn parse(text: &str, source: &Path) -> Result<Config, ConfigErrors> {
+    let base = source.parent().unwrap_or(Path::new("")).to_path_buf();
+    parse_in(text, source, base)
+}
+
+/// [`parse`] with relative `secret_key_ref.file` paths resolved against `base`.
+fn parse_in(text: &str, source: &Path, base: PathBuf) -> Result<Config, ConfigErrors> {
     let root = match tree::parse(text) {
         Ok(Some(root)) => root,
         Ok(None) => {
@@ -47,6 +54,7 @@ pub fn parse(text: &str, source: &Path) -> Result<Config, ConfigErrors> {
     };
     let mut cx = Cx {
         file: source.to_path_buf(),
+        base,
         errors: Vec::new(),
     };
     let config = cx.config(&root);
@@ -62,8 +70,14 @@ pub fn load(path: &Path) -> Result<Config, LoadError> {
         path: path.to_path_buf(),
         source,
     })?;
+    // Relative key files are relative to the config file wherever kt runs
+    // from: anchor them to an absolute directory now.
+    let base = std::path::absolute(path)
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        .unwrap_or_else(|| path.parent().unwrap_or(Path::new("")).to_path_buf());
     match String::from_utf8(bytes) {
-        Ok(text) => parse(&text, path).map_err(LoadError::Invalid),
+        Ok(text) => parse_in(&text, path, base).map_err(LoadError::Invalid),
         Err(e) => {
             let valid = String::from_utf8_lossy(&e.as_bytes()[..e.utf8_error().valid_up_to()]);
             let line = valid.matches('\n').count() + 1;
@@ -96,9 +110,11 @@ impl<'n> Fields<'n> {
     }
 }
 
-/// The converter's state: the file name for messages and the problems so far.
+/// The converter's state: the file name for messages, the directory relative
+/// key files are resolved against, and the problems so far.
 struct Cx {
     file: PathBuf,
+    base: PathBuf,
     errors: Vec<ConfigError>,
 }
 
@@ -378,7 +394,7 @@ impl Cx {
                 &f,
                 &path,
                 "secret_key_ref",
-                "add `secret_key_ref:` with `env: NAME` or `store: NAME`",
+                "add `secret_key_ref:` with `env: NAME`, `store: NAME` or `file: PATH`",
             )
             .and_then(|n| self.secret_ref(n, &secret_path));
 
@@ -396,28 +412,68 @@ impl Cx {
     }
 
     fn secret_ref(&mut self, node: &Node, path: &str) -> Option<SecretKeyRef> {
-        let f = self.mapping(node, path, &["env", "store"])?;
-        let hint = "use `env: NAME` (the guard's environment) or `store: NAME` (the secret store)";
-        match (f.get("env"), f.get("store")) {
-            (Some(_), Some(_)) => {
+        let f = self.mapping(node, path, &["env", "store", "file"])?;
+        let hint = "use `env: NAME` (the guard's environment), `store: NAME` (the secret \
+                    store) or `file: PATH` (a file holding only the key)";
+        let given: Vec<(&str, &Node)> = ["env", "store", "file"]
+            .into_iter()
+            .filter_map(|k| f.get(k).map(|n| (k, n)))
+            .collect();
+        match given.as_slice() {
+            [] => {
+                self.error_hint(f.pos, format!("`{path}` names no secret"), hint);
+                None
+            }
+            [("env", n)] => self
+                .secret_name(n, &format!("{path}.env"))
+                .map(SecretKeyRef::Env),
+            [("store", n)] => self
+                .secret_name(n, &format!("{path}.store"))
+                .map(SecretKeyRef::Store),
+            [(_, n)] => self
+                .key_file(n, &format!("{path}.file"))
+                .map(SecretKeyRef::File),
+            many => {
+                let keys: Vec<String> = many.iter().map(|(k, _)| format!("`{k}`")).collect();
                 self.error_hint(
                     f.pos,
-                    format!("`{path}` sets both `env` and `store`; it takes exactly one"),
+                    format!("`{path}` sets {}; it takes exactly one", join_and(&keys)),
                     hint,
                 );
                 None
             }
-            (None, None) => {
-                self.error_hint(f.pos, format!("`{path}` names no secret"), hint);
-                None
-            }
-            (Some(n), None) => self
-                .secret_name(n, &format!("{path}.env"))
-                .map(SecretKeyRef::Env),
-            (None, Some(n)) => self
-                .secret_name(n, &format!("{path}.store"))
-                .map(SecretKeyRef::Store),
         }
+    }
+
+    /// A key file's path; a relative one is resolved against the config
+    /// file's directory. Like a name, a value that looks like a key is not
+    /// echoed and is refused.
+    fn key_file(&mut self, node: &Node, path: &str) -> Option<PathBuf> {
+        let text = self.string(node, path)?;
+        if looks_like_key(&text) {
+            self.error_hint(
+                node.pos,
+                format!("`{path}` looks like a key itself, not the path of a file holding one"),
+                "write the key to a file only kt's user (or root) can change and give its \
+                 path here; rotate the key, it is now in this file",
+            );
+            return None;
+        }
+        if text.contains('\0') || text.ends_with('/') {
+            self.error_hint(
+                node.pos,
+                format!("`{path}` is not a file path"),
+                "give the path of a file holding only the key, e.g. \
+                 `/run/credentials/kt.service/openai`",
+            );
+            return None;
+        }
+        let file = Path::new(&text);
+        Some(if file.is_absolute() {
+            file.to_path_buf()
+        } else {
+            self.base.join(file)
+        })
     }
 
     /// A secret's name. The value is never echoed when it is rejected: a
@@ -1267,6 +1323,15 @@ fn regex_reason(e: &regex::Error) -> String {
 }
 
 /// Well-known key formats, so a pasted key is caught instead of stored as a name.
+/// "both A and B", or "A, B and C".
+fn join_and(items: &[String]) -> String {
+    match items {
+        [a, b] => format!("both {a} and {b}"),
+        [init @ .., last] => format!("{} and {last}", init.join(", ")),
+        [] => String::new(),
+    }
+}
+
 fn looks_like_key(s: &str) -> bool {
     const PREFIXES: &[&str] = &[
         "sk-",

@@ -78,28 +78,36 @@ pub struct Target {
     pub base_url: Option<String>,
 }
 
-/// `secret_key_ref`: a name, never a value.
+/// `secret_key_ref`: a name or a path, never a value.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum SecretKeyRef {
     /// `env: NAME`: the guard's own environment.
     Env(String),
     /// `store: NAME`: the guard's secret store, then the keychain.
     Store(String),
+    /// `file: PATH`: a file holding only the key (written by Vault Agent, a
+    /// Kubernetes secret volume, systemd `LoadCredential`). Absolute: a
+    /// relative path in the config file is resolved against the config
+    /// file's directory when it is loaded.
+    File(PathBuf),
 }
 
 impl SecretKeyRef {
-    /// The referenced name.
-    pub fn name(&self) -> &str {
+    /// The referenced name: the secret's name, or the file's path. Events
+    /// name a presented managed key by this.
+    pub fn name(&self) -> std::borrow::Cow<'_, str> {
         match self {
-            SecretKeyRef::Env(n) | SecretKeyRef::Store(n) => n,
+            SecretKeyRef::Env(n) | SecretKeyRef::Store(n) => std::borrow::Cow::Borrowed(n),
+            SecretKeyRef::File(p) => p.to_string_lossy(),
         }
     }
 
-    /// `env` or `store`, as written in config files.
+    /// `env`, `store` or `file`, as written in config files.
     pub fn kind(&self) -> &'static str {
         match self {
             SecretKeyRef::Env(_) => "env",
             SecretKeyRef::Store(_) => "store",
+            SecretKeyRef::File(_) => "file",
         }
     }
 }

@@ -361,7 +361,7 @@ fn unknown_key_lists_expected_and_suggests() {
         e.to_string(),
         "t.yaml:8:3: unknown key `listn` in `gateway` (expected one of: listen, capture_listen, \
          capture_listen6, connect_timeout, first_byte_timeout, idle_timeout, max_body_bytes, \
-         max_retry_after, splice_unknown_sni, connect_allow, max_connections, max_connections_per_uid, body_timeout, max_buffered_bytes, cooldown_after, cooldown, clients, allow_remote_clients)\n  hint: did you mean `listen`?"
+         max_retry_after, splice_unknown_sni, connect_allow, max_connections, max_connections_per_uid, body_timeout, max_buffered_bytes, cooldown_after, cooldown, probe_interval, clients, allow_remote_clients)\n  hint: did you mean `listen`?"
     );
     let top = errs(&with("gatway: {}\n"));
     assert!(
@@ -424,6 +424,57 @@ fn secret_key_ref_needs_exactly_one_valid_name() {
         let c = ok(&target(&format!("{{store: {good}}}")));
         assert_eq!(c.providers.targets[0].secret_key_ref.name(), good);
     }
+}
+
+#[test]
+fn secret_key_ref_file_takes_a_path_relative_to_the_config_file() {
+    let target = |r: &str| {
+        format!(
+            "providers:\n  targets:\n    - id: a\n      provider: openai\n      secret_key_ref: {r}\n"
+        )
+    };
+    let parse_at = |text: &str, at: &str| parse(text, Path::new(at)).unwrap();
+    let abs = parse_at(
+        &target("{file: /run/credentials/kt.service/openai}"),
+        "t.yaml",
+    );
+    let r = &abs.providers.targets[0].secret_key_ref;
+    assert_eq!(
+        *r,
+        SecretKeyRef::File("/run/credentials/kt.service/openai".into())
+    );
+    assert_eq!(r.kind(), "file");
+    assert_eq!(r.to_string(), "file:/run/credentials/kt.service/openai");
+    assert_eq!(r.name(), "/run/credentials/kt.service/openai");
+    let rel = parse_at(&target("{file: keys/openai}"), "/etc/kt/policy.yaml");
+    assert_eq!(
+        rel.providers.targets[0].secret_key_ref,
+        SecretKeyRef::File("/etc/kt/keys/openai".into())
+    );
+
+    let two = errs(&target("{env: A, file: /k}"));
+    assert!(
+        two.to_string().contains("sets both `env` and `file`"),
+        "{two}"
+    );
+    let three = errs(&target("{env: A, store: B, file: /k}"));
+    assert!(
+        three.to_string().contains("sets `env`, `store` and `file`"),
+        "{three}"
+    );
+    let e = errs(&target("{file: ''}"));
+    assert!(e.to_string().contains("is empty"), "{e}");
+    let e = errs(&target("{file: /run/keys/}"));
+    assert!(e.to_string().contains("is not a file path"), "{e}");
+    let pasted = "sk-proj-abcdefghijklmnopqrstuvwxyz0123456789";
+    let e = errs(&target(&format!("{{file: {pasted}}}")));
+    assert!(e.to_string().contains("looks like a key itself"), "{e}");
+    assert!(!e.to_string().contains(pasted), "{e}");
+    // Unknown keys stay errors, with the position.
+    let e = errs(&target("{file: /k, mode: 0600}"));
+    let first = e.iter().next().unwrap();
+    assert!(first.message.contains("mode"), "{e}");
+    assert_eq!(first.line, 5);
 }
 
 #[test]

@@ -16,6 +16,7 @@
 
 mod model;
 mod report;
+mod retirement;
 mod sink;
 mod store;
 mod writer;
@@ -25,6 +26,7 @@ pub use model::{
     StreamOutcome,
 };
 pub use report::{KeyUsage, ProcessUsage};
+pub use retirement::{LastProbe, RotationAlarm, TargetEvidence};
 pub use sink::{EventSink, to_event, to_stream_outcome};
 pub use store::{Changes, Cursor, EventStore, Filter};
 pub use writer::{EventWriter, WriterConfig, WriterHandle, WriterStats};
@@ -87,4 +89,4 @@ pub fn now_ms() -> i64 {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -102,8 +102,10 @@ pub struct Client {
 pub struct PresentedKey {
     /// Short fingerprint of the presented value; never the value.
     pub fingerprint: String,
-    /// Name of the stored secret the presented key equals, if any (an old,
-    /// rotated key still hard-coded somewhere shows up here).
+    /// Name of the managed secret the presented key equals, if any: a
+    /// stored secret's name, or a target's reference name (`env`/`store`
+    /// name, `file` path). An old, rotated key still hard-coded somewhere
+    /// shows up here.
     pub matches_secret: Option<String>,
     /// Whether the guard manages this key (as decided by the gateway).
     pub managed: bool,

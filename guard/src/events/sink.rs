@@ -3,7 +3,7 @@
 //! the writer thread does the I/O.
 
 use std::collections::HashMap;
-
+use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
 
 use super::{
@@ -19,22 +19,44 @@ const MAX_REASON: usize = 200;
 /// A [`RecordSink`] that queues one [`Event`] per request record.
 pub struct EventSink {
     writer: EventWriter,
-    /// Fingerprint → name of the stored secrets, to say which one a client
-    /// presented.
-    known: HashMap<String, String>,
+    /// Fingerprint → name of the managed secrets, to say which one a client
+    /// presented. Replaced whole when secrets change (a reload, a rotated
+    /// store value); requests read a snapshot.
+    known: RwLock<Arc<HashMap<String, String>>>,
 }
 
 impl EventSink {
-    /// A sink writing through `writer`; `known` maps fingerprints of stored
-    /// secrets to their names.
+    /// A sink writing through `writer`; `known` maps fingerprints of managed
+    /// secrets to their names (see [`crate::secrets::known_keys`]).
     pub fn new(writer: EventWriter, known: HashMap<String, String>) -> EventSink {
-        EventSink { writer, known }
+        EventSink {
+            writer,
+            known: RwLock::new(Arc::new(known)),
+        }
+    }
+
+    /// Replaces the fingerprint → name map: records from now on are matched
+    /// against `known`.
+    pub fn set_known(&self, known: HashMap<String, String>) {
+        let known = Arc::new(known);
+        match self.known.write() {
+            Ok(mut k) => *k = known,
+            // A panic elsewhere cannot leave a half-written Arc: take it over.
+            Err(poisoned) => *poisoned.into_inner() = known,
+        }
+    }
+
+    fn known(&self) -> Arc<HashMap<String, String>> {
+        match self.known.read() {
+            Ok(k) => Arc::clone(&k),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
     }
 }
 
 impl RecordSink for EventSink {
     fn record(&self, r: RequestRecord) {
-        self.writer.record(to_event(&r, &self.known));
+        self.writer.record(to_event(&r, &self.known()));
     }
 
     fn amend(&self, request_id: &str, time: SystemTime, cut: record::StreamCut) {
@@ -137,21 +159,22 @@ pub fn to_event(d: &RequestRecord, known: &HashMap<String, String>) -> Event {
             matches_secret,
         }
     });
-    e.message = Some(match (d.error_code, d.status) {
+    e.message = Some(match (&d.note, d.error_code, d.status) {
+        (Some(note), _, _) => note.clone(),
         // Refused before any HTTP exchange: there is no status to show.
-        (Some(code), 0) => format!(
+        (None, Some(code), 0) => format!(
             "{} {} refused ({code}) via {}",
             d.method,
             d.path,
             d.arrival.label()
         ),
-        (Some(code), status) => format!(
+        (None, Some(code), status) => format!(
             "{} {} -> {status} ({code}) via {}",
             d.method,
             d.path,
             d.arrival.label()
         ),
-        (None, _) => format!("{} {} via {}", d.method, d.path, d.arrival.label()),
+        (None, None, _) => format!("{} {} via {}", d.method, d.path, d.arrival.label()),
     });
     e
 }

@@ -831,6 +831,59 @@ fn event_sink_amends_the_event_it_recorded() {
 }
 
 #[test]
+fn event_sink_names_keys_by_the_map_it_was_last_given() {
+    use crate::record::{Arrival, ClientInfo, RecordSink, RequestRecord};
+    let dir = tempfile::tempdir().unwrap();
+    let (writer, handle) = EventWriter::spawn(WriterConfig::new(dir.path(), 0));
+    let sink = EventSink::new(
+        writer.clone(),
+        [("fp:000000000001".to_string(), "Q1".to_string())].into(),
+    );
+    let presenting = |id: &str, fp: &str| {
+        let mut r = RequestRecord::new(
+            id.into(),
+            Arrival::Capture,
+            None,
+            ClientInfo::default(),
+            "POST".into(),
+        );
+        r.client_key_fingerprint = Some(fp.into());
+        r
+    };
+    sink.record(presenting("before", "fp:000000000002"));
+    // The secrets changed (a reload): Q2 is managed now.
+    sink.set_known([("fp:000000000002".to_string(), "Q2".to_string())].into());
+    sink.record(presenting("after", "fp:000000000002"));
+    sink.record(presenting("old", "fp:000000000001"));
+    assert!(writer.flush());
+    let got = EventStore::open_read_only(dir.path())
+        .unwrap()
+        .unwrap()
+        .query(&Filter::default())
+        .unwrap();
+    let keys: Vec<_> = got
+        .iter()
+        .map(|e| {
+            let k = e.key.as_ref().unwrap();
+            (
+                e.request_id.as_str(),
+                k.matches_secret.as_deref(),
+                k.managed,
+            )
+        })
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            ("before", None, false),
+            ("after", Some("Q2"), true),
+            ("old", None, false)
+        ]
+    );
+    assert!(handle.shutdown());
+}
+
+#[test]
 fn stream_cuts_convert_with_a_bounded_reason() {
     use crate::record::{CutReason, StreamCut};
     let idle = to_stream_outcome(&StreamCut {
@@ -967,4 +1020,139 @@ fn a_reader_never_sees_a_half_created_store() {
             "the reader never saw the finished store"
         );
     }
+}
+
+/// An event of `target` serving a request at `ago` before now.
+fn served_at(id: &str, target: &str, ago: Duration) -> Event {
+    let mut e = simple(id, Decision::Allow, "openai", target);
+    e.time_ms = now_ms() - i64::try_from(ago.as_millis()).unwrap();
+    e
+}
+
+fn guard_note(rule: &str, location: Option<&str>) -> PolicyNote {
+    PolicyNote {
+        policy: "guard".into(),
+        decision: "audit".into(),
+        rule_id: Some(rule.into()),
+        location: location.map(String::from),
+    }
+}
+
+/// A fixture store for the retirement evidence: `q2` is the new primary,
+/// `q1` the old fallback whose key two processes still present.
+pub(crate) fn retirement_fixture(data_dir: &std::path::Path) {
+    let mut store = EventStore::open(data_dir, 0).unwrap();
+    let hour = Duration::from_secs(3600);
+    let mut events = Vec::new();
+    // q2 served three requests today, q1 one; one q1 request is two days old.
+    for i in 0..3 {
+        events.push(served_at(&format!("q2-{i}"), "q2", hour));
+    }
+    events.push(served_at("q1-today", "q1", 2 * hour));
+    events.push(served_at("q1-old", "q1", 48 * hour));
+    // A legacy job presents the old key (Q1), twice; a container once, three
+    // days ago; someone presented Q1 ten days ago (outside the window).
+    for (id, pid, ago) in [("p1", 4242, hour), ("p2", 4242, 3 * hour)] {
+        let mut e = served_at(id, "q2", ago);
+        e.client.pid = Some(pid);
+        e.client.uid = Some(1000);
+        e.client.exe = Some("/usr/bin/python3".into());
+        e.key = Some(PresentedKey {
+            fingerprint: "fp:0000000000q1".into(),
+            matches_secret: Some("Q1".into()),
+            managed: true,
+        });
+        events.push(e);
+    }
+    let mut c = served_at("p3", "q2", 72 * hour);
+    c.client.pid = Some(77);
+    c.client.container_id = Some("c0ffee".into());
+    c.key = Some(PresentedKey {
+        fingerprint: "fp:0000000000q1".into(),
+        matches_secret: Some("Q1".into()),
+        managed: true,
+    });
+    events.push(c);
+    let mut ancient = served_at("p4", "q2", 240 * hour);
+    ancient.client.pid = Some(1);
+    ancient.key = c_key("Q1");
+    events.push(ancient);
+    // q2 rejected its key once (a rotation alarm), q1 served instead.
+    let mut alarm = served_at("alarm", "q1", 5 * hour);
+    alarm.target_tried = vec!["q2".into(), "q1".into()];
+    alarm.policy = vec![guard_note(
+        "rotation-alarm",
+        Some("target q2 rejected its key (401); served by q1"),
+    )];
+    events.push(alarm);
+    // Probes: q2 ok (newest), q1 rejected before that and ok even earlier.
+    for (id, target, rule, status, ago) in [
+        ("probe-a", "q1", "probe-ok", 200, 30 * hour),
+        ("probe-b", "q1", "probe-rejected", 401, 20 * hour),
+        ("probe-c", "q2", "probe-ok", 200, hour / 2),
+    ] {
+        let mut p = served_at(id, target, ago);
+        p.status = Some(status);
+        p.latency_ms = Some(40);
+        p.policy = vec![guard_note(rule, None)];
+        p.message = Some(format!("probe of target {target}: {rule}"));
+        events.push(p);
+    }
+    // Inserted oldest first, as the writer would.
+    events.sort_by_key(|e| e.time_ms);
+    store.insert(&mut events).unwrap();
+}
+
+fn c_key(secret: &str) -> Option<PresentedKey> {
+    Some(PresentedKey {
+        fingerprint: "fp:000000000000".into(),
+        matches_secret: Some(secret.into()),
+        managed: true,
+    })
+}
+
+#[test]
+fn target_evidence_answers_whether_a_key_can_be_retired() {
+    let dir = tempfile::tempdir().unwrap();
+    retirement_fixture(dir.path());
+    let store = EventStore::open_read_only(dir.path()).unwrap().unwrap();
+    let day = Duration::from_secs(24 * 3600);
+    let week = 7 * day;
+
+    let q1 = store.target_evidence("q1", "Q1", day, week).unwrap();
+    // The request served today and the alarm's; not the old one, not probes.
+    assert_eq!(q1.served, 2);
+    let who: Vec<_> = q1
+        .presented_by
+        .iter()
+        .map(|p| (p.pid, p.count, p.container_id.as_deref()))
+        .collect();
+    assert_eq!(who, [(Some(4242), 2, None), (Some(77), 1, Some("c0ffee"))]);
+    assert_eq!(q1.presented_by[0].exe.as_deref(), Some("/usr/bin/python3"));
+    let alarm = q1.last_rotation_alarm.as_ref().unwrap();
+    assert_eq!(
+        (
+            alarm.rejected.as_str(),
+            alarm.status,
+            alarm.served_by.as_deref()
+        ),
+        ("q2", Some(401), Some("q1"))
+    );
+    let probe = q1.last_verified.as_ref().unwrap();
+    assert_eq!(
+        (probe.result.as_str(), probe.status),
+        ("rejected", Some(401))
+    );
+
+    let q2 = store.target_evidence("q2", "Q2", day, week).unwrap();
+    // Three requests plus the two legacy ones; the 3-day-old one is out.
+    assert_eq!(q2.served, 5);
+    assert!(q2.presented_by.is_empty());
+    assert_eq!(q2.last_rotation_alarm.as_ref().unwrap().rejected, "q2");
+    let probe = q2.last_verified.as_ref().unwrap();
+    assert_eq!((probe.result.as_str(), probe.latency_ms), ("ok", Some(40)));
+
+    // A target nothing is known about.
+    let none = store.target_evidence("q3", "Q3", day, week).unwrap();
+    assert_eq!(none, TargetEvidence::default());
 }

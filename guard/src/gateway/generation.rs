@@ -170,7 +170,13 @@ impl Gateway {
     /// Records a reload as an event: who asked (`caller`: uid and pid
     /// when known), whether it was applied, and `summary` (what changed, or
     /// why nothing did). Names only, never a value.
-    pub fn record_reload(&self, caller: ClientInfo, applied: bool, summary: &str) {
+    pub fn record_reload(
+        &self,
+        caller: ClientInfo,
+        applied: bool,
+        summary: &str,
+        secrets_kept: &[String],
+    ) {
         let inner = self.inner();
         let (action, rule) = if applied {
             (PolicyAction::Audit, "reload")
@@ -179,6 +185,15 @@ impl Gateway {
         };
         let mut rec = inner.guard_record(Arrival::Internal, None, caller, "RELOAD", action, rule);
         rec.path = summary.to_string();
+        // One note per target that kept its previous key, for `kt secrets status`.
+        for target in secrets_kept {
+            rec.policy.push(crate::record::PolicyNote {
+                policy: crate::record::PolicyId::Guard,
+                action: PolicyAction::Audit,
+                rule: crate::record::rules::SECRET_KEPT.to_string(),
+                location: Some(target.clone()),
+            });
+        }
         if !applied {
             rec.error_code = Some(crate::record::codes::RELOAD_REFUSED);
         }

@@ -30,7 +30,10 @@ mod upstream;
 
 pub use generation::{ReloadDiff, Staged};
 pub use handler::{GwBody, Mode};
-pub use probe::{ProbeReport, ProbeResult, Prober, all_required_pass};
+pub use probe::{
+    PROBE_PATH, PROBE_RULE_PREFIX, ProbeReport, ProbeResult, Prober, all_required_pass,
+    probe_record,
+};
 pub use relay::sse_error_event;
 pub use serve::{CaptureLookup, Captured};
 pub use upstream::{ConnectError, client_tls_config, connect_tcp};

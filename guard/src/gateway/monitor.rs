@@ -11,7 +11,7 @@ use std::time::Duration;
 use super::forward::health_event;
 use super::probe::{ProbeReport, ProbeResult, Prober};
 use super::{Gateway, Inner};
-use crate::record::{Arrival, Attempt, ClientInfo, Outcome, PolicyAction};
+use crate::record::{Attempt, Outcome};
 
 /// How often a gateway with probes off looks whether a reload turned them on.
 const IDLE_CHECK: Duration = Duration::from_secs(5);
@@ -113,22 +113,8 @@ fn record_probe(inner: &Inner, report: &ProbeReport) {
             "probe of a target's key did not pass"
         );
     }
-    let mut rec = inner.guard_record(
-        Arrival::Internal,
-        None,
-        ClientInfo::default(),
-        "PROBE",
-        PolicyAction::Audit,
-        &format!("probe-{}", report.result.label()),
-    );
-    rec.provider = Some(report.provider.clone());
-    rec.path = match &report.provider_code {
-        Some(code) => format!("{} ({code})", report.target),
-        None => report.target.clone(),
-    };
-    rec.status = report.status.unwrap_or(0);
-    rec.latency = Duration::from_millis(report.latency_ms.unwrap_or(0));
-    rec.chosen = Some(report.target.clone());
+    let mut rec = super::probe::probe_record(report);
+    rec.request_id = inner.next_request_id();
     rec.attempts.push(Attempt {
         target: report.target.clone(),
         outcome,

@@ -17,6 +17,9 @@ use serde::Serialize;
 
 use super::upstream::{ConnectError, UpstreamConnector, find_connect_error};
 use crate::config::{Config, Target};
+use crate::record::{
+    Arrival, ClientInfo, PolicyAction, PolicyId, PolicyNote, RequestRecord, codes,
+};
 use crate::routing::{self, Route, Router};
 use crate::secrets::{Resolve, SecretValue, resolve_target};
 
@@ -262,6 +265,64 @@ impl Prober {
     }
 }
 
+/// The path of a probe's record (and event).
+pub const PROBE_PATH: &str = "probe";
+
+/// The rule of the guard note on a probe's record: `probe-` and the
+/// result's label (`probe-ok`, `probe-rejected`, `probe-rate_limited`,
+/// `probe-unreachable`, `probe-error`, `probe-missing`, `probe-not_probed`).
+pub const PROBE_RULE_PREFIX: &str = "probe-";
+
+/// The record of one probe, in the shape every probe is stored in (`kt
+/// secrets verify`, `kt gateway check --probe`, the running gateway's
+/// periodic probes), so `kt secrets status` finds the last one: path
+/// [`PROBE_PATH`], method `PROBE`, `chosen` the target id, one `guard` note
+/// whose rule is [`PROBE_RULE_PREFIX`] and the result, the status and
+/// latency, and a message with the result, the provider's error code and
+/// why. A probe that does not pass carries [`codes::PROBE_FAILED`], so its
+/// event's decision is `error`. Never the key: a report holds none.
+///
+/// [`codes::PROBE_FAILED`]: crate::record::codes::PROBE_FAILED
+pub fn probe_record(report: &ProbeReport) -> RequestRecord {
+    let mut rec = RequestRecord::new(
+        format!("probe-{:x}-{}", crate::events::now_ms(), report.target),
+        Arrival::Internal,
+        None,
+        ClientInfo::default(),
+        "PROBE".into(),
+    );
+    rec.provider = Some(report.provider.clone());
+    rec.path = PROBE_PATH.into();
+    rec.chosen = Some(report.target.clone());
+    rec.status = report.status.unwrap_or(0);
+    rec.latency = Duration::from_millis(report.latency_ms.unwrap_or(0));
+    if !report.passes() {
+        rec.error_code = Some(codes::PROBE_FAILED);
+    }
+    rec.policy.push(PolicyNote {
+        policy: PolicyId::Guard,
+        action: PolicyAction::Audit,
+        rule: format!("{PROBE_RULE_PREFIX}{}", report.result.label()),
+        location: None,
+    });
+    let mut note = format!(
+        "probe of target {}: {}",
+        report.target,
+        report.result.label()
+    );
+    if let Some(status) = report.status {
+        note.push_str(&format!(" ({status})"));
+    }
+    if let Some(code) = &report.provider_code {
+        note.push_str(&format!(", provider code {code}"));
+    }
+    if let Some(detail) = &report.detail {
+        note.push_str(&format!("; {detail}"));
+    }
+    rec.note = Some(note);
+    rec
+}
+
 fn blank(target: &Target, result: ProbeResult) -> ProbeReport {
     ProbeReport {
         target: target.id.clone(),
@@ -342,6 +403,53 @@ mod tests {
         let odd = br#"{"error":{"code":"your key sk-live-1 is bad","type":"sk-live-1"}}"#;
         assert_eq!(provider_code(odd, "sk-live-1"), None);
         assert_eq!(provider_code(b"<html>401</html>", "k"), None);
+    }
+
+    #[test]
+    fn a_probe_record_names_the_target_result_and_code_never_the_key() {
+        let report = ProbeReport {
+            target: "primary".into(),
+            provider: "openai".into(),
+            reference: "store:Q2".into(),
+            required: true,
+            result: ProbeResult::Rejected,
+            status: Some(401),
+            latency_ms: Some(42),
+            provider_code: Some("invalid_api_key".into()),
+            detail: Some("the provider rejected the key (401)".into()),
+        };
+        let e = crate::events::to_event(&probe_record(&report), &Default::default());
+        assert_eq!(e.target_chosen.as_deref(), Some("primary"));
+        assert_eq!(e.provider.as_deref(), Some("openai"));
+        assert_eq!(e.status, Some(401));
+        assert_eq!(e.latency_ms, Some(42));
+        assert_eq!(e.decision, crate::events::Decision::Error);
+        assert_eq!(e.policy.len(), 1);
+        assert_eq!(e.policy[0].policy, "guard");
+        assert_eq!(e.policy[0].rule_id.as_deref(), Some("probe-rejected"));
+        assert_eq!(
+            e.message.as_deref(),
+            Some(
+                "probe of target primary: rejected (401), provider code invalid_api_key; \
+                 the provider rejected the key (401)"
+            )
+        );
+        assert!(e.key.is_none());
+
+        let ok = ProbeReport {
+            result: ProbeResult::Ok,
+            status: Some(200),
+            provider_code: None,
+            detail: None,
+            ..report
+        };
+        let e = crate::events::to_event(&probe_record(&ok), &Default::default());
+        assert_eq!(e.decision, crate::events::Decision::Allow);
+        assert_eq!(e.policy[0].rule_id.as_deref(), Some("probe-ok"));
+        assert_eq!(
+            e.message.as_deref(),
+            Some("probe of target primary: ok (200)")
+        );
     }
 
     #[test]

@@ -53,7 +53,7 @@ pub struct TargetCheck {
     pub reference: String,
     /// `required` from the config.
     pub required: bool,
-    /// Where the secret was found (`env`, `store`, `keychain`), if it was.
+    /// Where the secret was found (`env`, `store`, `keychain`, `file`), if it was.
     pub source: Option<String>,
     /// Fingerprint of the resolved value.
     pub fingerprint: Option<String>,

@@ -14,6 +14,13 @@ use std::time::{Duration, SystemTime};
 
 use sha2::{Digest, Sha256};
 
+/// Rules of `guard` notes that readers of the event store look for.
+pub mod rules {
+    /// A reload kept a target's previous key: its secret could not be
+    /// read (the note's location is the target id).
+    pub const SECRET_KEPT: &str = "secret-kept";
+}
+
 /// kt's own error codes: stable strings clients and tests can match on.
 pub mod codes {
     /// Every target failed.
@@ -60,6 +67,9 @@ pub mod codes {
     /// Port-wide capture: a non-provider connection kt was to splice to its
     /// original destination could not be connected there.
     pub const SPLICE_FAILED: &str = "kt_splice_failed";
+    /// A credential probe found the managed key not working (rejected,
+    /// throttled, unreachable, another status, or not set).
+    pub const PROBE_FAILED: &str = "kt_probe_failed";
 }
 
 /// What is known about the process behind a connection (filled by capture;
@@ -268,6 +278,10 @@ pub struct RequestRecord {
     pub client_key_fingerprint: Option<String>,
     /// What the policy chain decided.
     pub policy: Vec<PolicyNote>,
+    /// When set, the event's message instead of the one composed from the
+    /// method, path and status (a probe's result and the provider's error
+    /// code). Never a secret.
+    pub note: Option<String>,
 }
 
 impl RequestRecord {
@@ -295,6 +309,7 @@ impl RequestRecord {
             latency: Duration::ZERO,
             client_key_fingerprint: None,
             policy: Vec::new(),
+            note: None,
         }
     }
 }

@@ -19,13 +19,15 @@
 //! Callers talk to backends through [`SecretStore`], so a centralized backend
 //! can replace [`FileStore`] later without touching them. [`Resolver`] turns
 //! a `secret_key_ref` into a value: `env` from the guard's environment,
-//! `store` from the store first and then the keychain.
+//! `store` from the store first and then the keychain, `file` from a file
+//! only kt's uid or root can change.
 #![forbid(unsafe_code)]
 
 mod file;
 mod fingerprint;
 mod fsutil;
 mod keychain;
+mod known;
 mod memory;
 mod resolver;
 pub mod status;
@@ -35,8 +37,9 @@ pub use crate::datadir::UnsafePath;
 pub use file::FileStore;
 pub use fingerprint::{Fingerprint, Fingerprinter};
 pub use keychain::Keychain;
+pub use known::{KnownKeys, known_keys};
 pub use memory::MemoryStore;
-pub use resolver::Resolver;
+pub use resolver::{Resolver, read_key_file};
 pub use status::{StatusReport, TargetProblem, resolve_target};
 pub use value::SecretValue;
 
@@ -58,6 +61,8 @@ pub enum Source {
     Store,
     /// The operating system keychain.
     Keychain,
+    /// A file named by `secret_key_ref.file`.
+    File,
 }
 
 impl Source {
@@ -67,6 +72,7 @@ impl Source {
             Source::Env => "env",
             Source::Store => "store",
             Source::Keychain => "keychain",
+            Source::File => "file",
         }
     }
 }
@@ -345,6 +351,14 @@ pub enum SecretsError {
         name: String,
         /// The kernel's answer.
         detail: String,
+    },
+    /// A `secret_key_ref.file` whose content is not a usable key.
+    #[error("key file {path} {problem}")]
+    KeyFileContent {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it (never its content).
+        problem: &'static str,
     },
     /// A file or directory operation failed.
     #[error("{op} {path}: {source}")]

@@ -1,15 +1,19 @@
 //! How each target's `secret_key_ref` resolves, and the one message for a
 //! target whose secret does not: used by the gateway builder (a required
 //! target stops startup), `kt gateway check` and `kt secrets status`, so all
-//! three say the same thing and give the same fix.
+//! three say the same thing and give the same fix. `kt secrets status` adds
+//! each target's retirement evidence from the event store
+//! ([`StatusReport::add_evidence`]).
 
 use std::fmt;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde::Serialize;
 
 use super::{Fingerprint, Fingerprinter, Resolve, Resolved};
 use crate::config::{Config, SecretKeyRef, Target};
+use crate::events::{EventError, EventStore, LastProbe, ProcessUsage, RotationAlarm};
 
 /// Why a target's secret is not usable.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -38,9 +42,10 @@ pub struct TargetProblem {
 impl fmt::Display for TargetProblem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "target {}: secret {} ", self.target, self.reference)?;
-        match &self.cause {
-            Unresolved::NotSet => f.write_str("is not set")?,
-            Unresolved::Unreadable(e) => write!(f, "cannot be read ({e})")?,
+        match (&self.cause, &self.reference) {
+            (Unresolved::NotSet, SecretKeyRef::File(_)) => f.write_str("is empty")?,
+            (Unresolved::NotSet, _) => f.write_str("is not set")?,
+            (Unresolved::Unreadable(e), _) => write!(f, "cannot be read ({e})")?,
         }
         match &self.reference {
             SecretKeyRef::Store(n) => write!(f, "; add it with `kt secrets add {n} --store`")?,
@@ -48,6 +53,12 @@ impl fmt::Display for TargetProblem {
                 f,
                 "; set {n} in the guard's environment or add it with \
                  `kt secrets add {n} --store` (and reference it as `store: {n}`)"
+            )?,
+            SecretKeyRef::File(p) => write!(
+                f,
+                "; the file must hold the key (a trailing newline is ignored), belong to \
+                 kt's user or root and be writable by no one else; check what writes {}",
+                p.display()
             )?,
         }
         if !self.required {
@@ -111,7 +122,29 @@ pub struct TargetStatus {
     /// Why it did not resolve, and how to fix it.
     #[serde(rename = "reason")]
     pub problem: Option<TargetProblem>,
+    /// Requests this target served in the last 24 hours (probes not
+    /// counted); `None` when there is no event store.
+    pub served_24h: Option<u64>,
+    /// Processes that presented this target's secret in the last 7 days,
+    /// most recent first: who still uses this key.
+    pub presented_by: Vec<ProcessUsage>,
+    /// The last rotation alarm this target was part of (it rejected its
+    /// key, or served because another one did).
+    pub last_rotation_alarm: Option<RotationAlarm>,
+    /// Its last recorded credential probe and the result.
+    pub last_verified: Option<LastProbe>,
+    /// Reloads in the last 24 hours that kept serving this target's previous
+    /// key because its secret could not be read (never downgraded to
+    /// nothing).
+    pub secret_kept_24h: Option<u64>,
 }
+
+/// How far back [`TargetStatus::served_24h`] counts.
+pub const SERVED_WINDOW: Duration = Duration::from_secs(24 * 3600);
+
+/// How far back [`TargetStatus::presented_by`] looks: longer than a day, so
+/// a weekly job still using an old key is found before the key is removed.
+pub const PRESENTED_WINDOW: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// How every target of a config resolves.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -145,6 +178,11 @@ impl StatusReport {
                     source: None,
                     fingerprint: None,
                     problem: None,
+                    served_24h: None,
+                    presented_by: Vec::new(),
+                    last_rotation_alarm: None,
+                    last_verified: None,
+                    secret_kept_24h: None,
                 };
                 match resolve_target(target, resolver) {
                     Ok(resolved) => {
@@ -167,6 +205,28 @@ impl StatusReport {
             config: config.source.clone(),
             targets,
         }
+    }
+
+    /// Fills each target's retirement evidence from `store`: requests
+    /// served in the last [`SERVED_WINDOW`], processes that presented its
+    /// secret (by the name events give it, see
+    /// [`known_keys`](super::known_keys)) in the last [`PRESENTED_WINDOW`],
+    /// its last rotation alarm and its last probe.
+    pub fn add_evidence(&mut self, config: &Config, store: &EventStore) -> Result<(), EventError> {
+        for (row, target) in self.targets.iter_mut().zip(&config.providers.targets) {
+            let e = store.target_evidence(
+                &target.id,
+                &target.secret_key_ref.name(),
+                SERVED_WINDOW,
+                PRESENTED_WINDOW,
+            )?;
+            row.served_24h = Some(e.served);
+            row.presented_by = e.presented_by;
+            row.last_rotation_alarm = e.last_rotation_alarm;
+            row.last_verified = e.last_verified;
+            row.secret_kept_24h = Some(e.secret_kept);
+        }
+        Ok(())
     }
 
     /// True when every `required` target resolved.

@@ -334,7 +334,7 @@ fn human_row(e: &Event) -> [String; 9] {
 
 /// Text from processes and the network, made safe for a terminal: control
 /// characters (escape sequences, newlines) are shown escaped.
-fn clean(s: &str) -> String {
+pub(super) fn clean(s: &str) -> String {
     if !s.chars().any(char::is_control) {
         return s.to_string();
     }
@@ -435,7 +435,8 @@ fn print_key(out: &mut dyn Write, k: &KeyUsage) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn process_line(p: &ProcessUsage) -> String {
+/// One process of a key report (`kt events --keys`, `kt secrets status`).
+pub(super) fn process_line(p: &ProcessUsage) -> String {
     let mut s = match (&p.exe, p.pid) {
         (Some(exe), Some(pid)) => format!("{exe}[{pid}]"),
         (Some(exe), None) => exe.clone(),

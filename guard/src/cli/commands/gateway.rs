@@ -136,7 +136,13 @@ pub fn check(
         report.warnings.extend(crate::dlp::coverage_warnings(dlp));
     }
     if args.probe {
-        report.probe = Some(super::probe::run(&config, global, &|_| true)?);
+        let probes = super::probe::run(&config, global, &|_| true)?;
+        if let Err(e) = super::probe::record(&config, global, &probes) {
+            report
+                .warnings
+                .push(format!("the probe results were not recorded: {e}"));
+        }
+        report.probe = Some(probes);
     }
     out.data(&report, |w| print_human(w, &report, args.verbose))?;
     let probes_pass = report

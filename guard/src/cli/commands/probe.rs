@@ -8,8 +8,9 @@ use anyhow::Context;
 use crate::app;
 use crate::cli::Global;
 use crate::cli::output::write_table;
-use crate::config::{Config, Target};
-use crate::gateway::{ProbeReport, ProbeResult, Prober};
+use crate::config::{Config, PolicyKind, Target};
+use crate::events::EventStore;
+use crate::gateway::{ProbeReport, ProbeResult, Prober, probe_record};
 use crate::secrets::Resolver;
 
 /// Probes the targets of `config` that `select` picks, with their managed
@@ -25,6 +26,29 @@ pub(crate) fn run(
         let prober = Prober::for_config(config).context("setting up the upstream client")?;
         Ok(prober.probe_targets(&resolver, select).await)
     })
+}
+
+/// Stores one event per probe in the data dir's event store (created if
+/// needed), so `kt secrets status` can say when each target was last
+/// verified. Only when the config's chain has the audit-logger: without it
+/// the gateway keeps no events either. Returns how many were written.
+pub(crate) fn record(
+    config: &Config,
+    global: &Global,
+    reports: &[ProbeReport],
+) -> Result<usize, crate::events::EventError> {
+    if reports.is_empty() || !config.chain.contains(&PolicyKind::AuditLogger) {
+        return Ok(0);
+    }
+    let max_events = config.audit.clone().unwrap_or_default().max_events;
+    let mut store = EventStore::open(&global.data_dir, max_events)?;
+    let none = std::collections::HashMap::new();
+    let mut events: Vec<_> = reports
+        .iter()
+        .map(|r| crate::events::to_event(&probe_record(r), &none))
+        .collect();
+    store.insert(&mut events)?;
+    Ok(events.len())
 }
 
 /// The probe table: one row per target.

@@ -11,6 +11,7 @@ use anyhow::Context;
 
 use crate::cli::output::write_table;
 use crate::cli::{ExitStatus, Global, Output, OutputFormat};
+use crate::events::EventStore;
 use crate::secrets::status::{StatusReport, TargetState};
 use crate::secrets::{
     FileStore, Fingerprint, Fingerprinter, Keychain, MAX_VALUE_LEN, PutOutcome, Resolver,
@@ -163,7 +164,25 @@ fn run_with(cmd: SecretsCmd, global: &Global, con: &mut dyn Console) -> anyhow::
             // Read-only: without a host key yet, show no fingerprints.
             let fp = Fingerprinter::open_existing(&global.data_dir)
                 .context("cannot read the fingerprint key")?;
-            let report = StatusReport::build(&config, &resolver, fp.as_ref());
+            let mut report = StatusReport::build(&config, &resolver, fp.as_ref());
+            // Read-only too: without an event store the evidence stays empty.
+            let events = crate::datadir::events_db(&global.data_dir);
+            let evidence = match EventStore::open_read_only(&global.data_dir) {
+                Ok(Some(store)) => report.add_evidence(&config, &store).map(|()| true),
+                Ok(None) => Ok(false),
+                Err(e) => Err(e),
+            };
+            match evidence {
+                Ok(true) => {}
+                Ok(false) => out.note(format_args!(
+                    "note: no event store at {} yet: requests served, key users, \
+                     rotation alarms and probes are not known",
+                    events.display()
+                ))?,
+                Err(e) => out.note(format_args!(
+                    "warning: cannot read the event store, so usage evidence is missing: {e}"
+                ))?,
+            }
             Ok(write_status(&report, &mut out)?)
         }
         SecretsCmd::Verify { names, config } => verify(&names, &config, global, con),
@@ -208,8 +227,14 @@ fn verify(
         return Ok(ExitStatus::Failure);
     }
     let reports = super::probe::run(&config, global, &|t| {
-        names.is_empty() || names.iter().any(|n| n == t.secret_key_ref.name())
+        names.is_empty() || names.iter().any(|n| *n == t.secret_key_ref.name())
     })?;
+    if let Err(e) = super::probe::record(&config, global, &reports) {
+        out.note(format_args!(
+            "warning: the probe results were not recorded, so `kt secrets status` \
+             will not show them: {e}"
+        ))?;
+    }
     let ok = crate::gateway::all_required_pass(&reports);
     let doc = VerifyDoc {
         config: &config.source,
@@ -234,7 +259,7 @@ fn fingerprinter(global: &Global) -> anyhow::Result<Fingerprinter> {
 fn backend(source: Source, global: &Global) -> Box<dyn SecretStore> {
     match source {
         Source::Keychain => Box::new(Keychain::new(&global.data_dir)),
-        Source::Store | Source::Env => Box::new(FileStore::new(&global.data_dir)),
+        Source::Store | Source::Env | Source::File => Box::new(FileStore::new(&global.data_dir)),
     }
 }
 
@@ -553,6 +578,7 @@ fn write_status(report: &StatusReport, out: &mut Output<'_>) -> io::Result<ExitS
         ok: report.ok(),
         targets: &report.targets,
     };
+    let now = crate::events::now_ms();
     out.data(&doc, |w| {
         let rows: Vec<Vec<String>> = report
             .targets
@@ -572,14 +598,28 @@ fn write_status(report: &StatusReport, out: &mut Output<'_>) -> io::Result<ExitS
                         (TargetState::Resolved, None) => "(no host key yet)".to_string(),
                         _ => "-".to_string(),
                     },
+                    t.served_24h.map_or_else(|| "-".into(), |n| n.to_string()),
+                    t.last_verified.as_ref().map_or_else(
+                        || "never".into(),
+                        |p| format!("{} {}", p.result, ago(now, p.time_ms)),
+                    ),
                 ]
             })
             .collect();
         write_table(
             w,
-            &["TARGET", "REFERENCE", "REQUIRED", "RESOLVED", "FINGERPRINT"],
+            &[
+                "TARGET",
+                "REFERENCE",
+                "REQUIRED",
+                "RESOLVED",
+                "FINGERPRINT",
+                "SERVED 24H",
+                "LAST VERIFIED",
+            ],
             &rows,
-        )
+        )?;
+        write_evidence(w, report, now)
     })?;
     for p in report.problems() {
         let level = if p.required { "error" } else { "warning" };
@@ -590,6 +630,85 @@ fn write_status(report: &StatusReport, out: &mut Output<'_>) -> io::Result<ExitS
     } else {
         ExitStatus::Failure
     })
+}
+
+/// Below the status table, per target: its last rotation alarm, a probe
+/// that did not pass, and who still presents its key. Nothing when no
+/// event store was read.
+fn write_evidence(w: &mut dyn Write, report: &StatusReport, now: i64) -> io::Result<()> {
+    if report.targets.iter().all(|t| t.served_24h.is_none()) {
+        return Ok(());
+    }
+    writeln!(w)?;
+    for t in &report.targets {
+        if let Some(a) = &t.last_rotation_alarm {
+            let status = a.status.map(|s| format!(" ({s})")).unwrap_or_default();
+            let served = a
+                .served_by
+                .as_deref()
+                .map(|s| format!(", served by {s}"))
+                .unwrap_or_default();
+            writeln!(
+                w,
+                "{}: rotation alarm {}: {} rejected its key{status}{served}",
+                t.id,
+                ago(now, a.time_ms),
+                a.rejected
+            )?;
+        }
+        if let Some(n) = t.secret_kept_24h.filter(|n| *n > 0) {
+            writeln!(
+                w,
+                "{}: its secret could not be read at {n} reload(s) in the last 24 h; the running kt kept the previous key (see `kt events`)",
+                t.id
+            )?;
+        }
+        if let Some(p) = t.last_verified.as_ref().filter(|p| p.result != "ok") {
+            writeln!(
+                w,
+                "{}: last probe {}: {}",
+                t.id,
+                ago(now, p.time_ms),
+                p.message
+                    .as_deref()
+                    .map_or_else(|| p.result.clone(), super::events::clean)
+            )?;
+        }
+        if t.presented_by.is_empty() {
+            writeln!(
+                w,
+                "{}: no process presented its key in the last 7 days",
+                t.id
+            )?;
+        } else {
+            let n: u64 = t.presented_by.iter().map(|p| p.count).sum();
+            writeln!(
+                w,
+                "{}: key presented by {} process(es) in the last 7 days ({n} request(s)):",
+                t.id,
+                t.presented_by.len()
+            )?;
+            for p in &t.presented_by {
+                writeln!(
+                    w,
+                    "  {}",
+                    super::events::clean(&super::events::process_line(p))
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `42s ago`, `5m ago`, `3h ago`, `2d ago`.
+fn ago(now_ms: i64, then_ms: i64) -> String {
+    let s = (now_ms.saturating_sub(then_ms) / 1000).max(0);
+    match s {
+        0..60 => format!("{s}s ago"),
+        60..3600 => format!("{}m ago", s / 60),
+        3600..86_400 => format!("{}h ago", s / 3600),
+        _ => format!("{}d ago", s / 86_400),
+    }
 }
 
 #[cfg(test)]
@@ -1011,6 +1130,92 @@ mod tests {
         assert_eq!(code, ExitStatus::Failure, "{}", con.err());
         assert!(con.out().contains("(no host key yet)"), "{}", con.out());
         assert!(!data.exists(), "status created {}", data.display());
+    }
+
+    #[test]
+    fn status_shows_who_still_uses_each_key_and_when_it_was_last_verified() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let store = FileStore::new(&data);
+        store.put("Q2", &SecretValue::new("sk-q2-new")).unwrap();
+        store.put("Q1", &SecretValue::new("sk-q1-old")).unwrap();
+        let cfg = dir.path().join("policy.yaml");
+        std::fs::write(
+            &cfg,
+            "providers:\n  targets:\n    - id: q2\n      provider: openai\n      secret_key_ref: {store: Q2}\n    - id: q1\n      provider: openai\n      required: false\n      secret_key_ref: {store: Q1}\n",
+        )
+        .unwrap();
+        let status = || SecretsCmd::Status {
+            config: cfg.clone(),
+        };
+
+        // No event store yet: no evidence, no error, nothing created.
+        let mut con = Fake::default();
+        let code = run_with(status(), &global(&data, OutputFormat::Json), &mut con).unwrap();
+        assert_eq!(code, ExitStatus::Success, "{}", con.err());
+        let doc: serde_json::Value = serde_json::from_str(&con.out()).unwrap();
+        assert_eq!(doc["targets"][1]["served_24h"], serde_json::Value::Null);
+        assert_eq!(doc["targets"][1]["presented_by"], serde_json::json!([]));
+        assert_eq!(doc["targets"][1]["last_verified"], serde_json::Value::Null);
+        assert!(con.err().contains("no event store"), "{}", con.err());
+        assert!(!crate::datadir::events_db(&data).exists());
+
+        crate::events::tests::retirement_fixture(&data);
+        let mut con = Fake::default();
+        let code = run_with(status(), &global(&data, OutputFormat::Human), &mut con).unwrap();
+        assert_eq!(code, ExitStatus::Success, "{}", con.err());
+        let out = con.out();
+        let lines: Vec<&str> = out.lines().collect();
+        assert!(lines[0].ends_with("SERVED 24H  LAST VERIFIED"), "{out}");
+        assert!(lines[1].starts_with("q2 "), "{out}");
+        assert!(lines[1].contains(" store:Q2 "), "{out}");
+        assert!(lines[1].contains(" 5 "), "{out}");
+        assert!(
+            lines[1].ends_with("ok 30m ago") || lines[1].ends_with("ok 29m ago"),
+            "{out}"
+        );
+        assert!(lines[2].contains(" 2 "), "{out}");
+        assert!(lines[2].ends_with("rejected 20h ago"), "{out}");
+        assert!(
+            out.contains("q2: rotation alarm 5h ago: q2 rejected its key (401), served by q1"),
+            "{out}"
+        );
+        // The fallback's row says it is still rescuing traffic.
+        assert!(
+            out.contains("q1: rotation alarm 5h ago: q2 rejected its key (401), served by q1"),
+            "{out}"
+        );
+        assert!(
+            out.contains("q1: last probe 20h ago: probe of target q1: probe-rejected"),
+            "{out}"
+        );
+        assert!(
+            out.contains("q2: no process presented its key in the last 7 days"),
+            "{out}"
+        );
+        assert!(
+            out.contains("q1: key presented by 2 process(es) in the last 7 days (3 request(s)):"),
+            "{out}"
+        );
+        assert!(out.contains("  /usr/bin/python3[4242] uid 1000"), "{out}");
+        assert!(out.contains("  [77] container c0ffee"), "{out}");
+        assert!(out.lines().count() <= 12, "one screen:\n{out}");
+        assert!(!out.contains("sk-q"), "{out}");
+
+        let mut con = Fake::default();
+        run_with(status(), &global(&data, OutputFormat::Json), &mut con).unwrap();
+        let doc: serde_json::Value = serde_json::from_str(&con.out()).unwrap();
+        let q1 = &doc["targets"][1];
+        assert_eq!(q1["served_24h"], 2);
+        assert_eq!(q1["presented_by"][0]["pid"], 4242);
+        assert_eq!(q1["presented_by"][0]["count"], 2);
+        assert_eq!(q1["presented_by"][1]["container_id"], "c0ffee");
+        assert_eq!(q1["last_rotation_alarm"]["rejected"], "q2");
+        assert_eq!(q1["last_rotation_alarm"]["served_by"], "q1");
+        assert_eq!(q1["last_verified"]["result"], "rejected");
+        assert_eq!(q1["last_verified"]["status"], 401);
+        assert_eq!(doc["targets"][0]["served_24h"], 5);
+        assert_eq!(doc["targets"][0]["last_verified"]["result"], "ok");
     }
 
     /// Adds a known value and searches every output, error, Debug dump and
