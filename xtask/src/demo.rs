@@ -326,6 +326,14 @@ fn story(kt_bin: &Path, bin: &Path, cleanup: &Arc<Mutex<Cleanup>>) -> anyhow::Re
         println!("   {l}");
     }
 
+    say(
+        "kt secrets status: is it safe to remove the Q1 fallback? (traffic, probes, who still presents each key)",
+    );
+    let (_, out) = kt(&["secrets", "status", "--config", cfg_s], None)?;
+    for l in out.lines() {
+        println!("   {l}");
+    }
+
     say("retire Q1: drop the fallback from the config and reload, without a restart");
     std::fs::write(
         &cfg,
@@ -340,12 +348,6 @@ fn story(kt_bin: &Path, bin: &Path, cleanup: &Arc<Mutex<Cleanup>>) -> anyhow::Re
     say("the legacy job, unchanged (still the old key hard coded), keeps working on the Q2 key");
     let answer = job(cg.as_deref(), &kt_ca, &url, "say hello again")?;
     println!("   job got: {answer}");
-
-    say("kt secrets status: per target, its key, its traffic and who still presents the old key");
-    let (_, out) = kt(&["secrets", "status", "--config", cfg_s], None)?;
-    for l in out.lines() {
-        println!("   {l}");
-    }
 
     say("stopping kt (SIGTERM): it drains, detaches the programs, writes the last events");
     let _ = Command::new("kill")
