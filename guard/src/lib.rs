@@ -14,6 +14,7 @@
 //! | 2 | [`dlp`] | secret scanning and redaction of request bodies (pure) |
 //! | 2 | [`routing`] | which provider, which targets in what order, when to fall back (pure) |
 //! | 2 | [`secrets`] | secret backends (file store, keychain, env), their resolver, the one target-resolution report |
+//! | 2 | [`metrics`] | Prometheus metrics counted from request records, plus gauges read at scrape |
 //! | 2 | [`capture`] | every `aya` call and all `unsafe`: eBPF programs, maps, records; provider host tracking and the capture supervisor |
 //! | 3 | [`policy`] | the policy chain (dlp-filter, audit-logger) with typed verdicts |
 //! | 3 | [`gateway`] | listeners, TLS, request steps, upstream, relay (async) |
@@ -41,6 +42,7 @@ pub mod datadir;
 pub mod dlp;
 pub mod events;
 pub mod gateway;
+pub mod metrics;
 pub mod policy;
 pub mod preflight;
 pub mod provider;

@@ -18,9 +18,10 @@ use anyhow::{Context as _, bail};
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM: &str = "llvm-22";
 const DEBIAN_PACKAGES: [&str; 4] = ["rustc-web", "cargo-web", "rust-web-src", "llvm-22-dev"];
-/// What the capture tests run: `setpriv`, `unshare`, `nsenter` (util-linux),
-/// `ip` (iproute2) and `curl`.
-const TEST_PACKAGES: [&str; 3] = ["util-linux", "iproute2", "curl"];
+/// What the tests run: `setpriv`, `unshare`, `nsenter` (util-linux), `ip`
+/// (iproute2), `curl`, and `promtool` (prometheus; its server is not
+/// started) to check the metrics exposition.
+const TEST_PACKAGES: [&str; 4] = ["util-linux", "iproute2", "curl", "prometheus"];
 const DEBIAN_TOOLCHAIN: &str = "debian";
 
 pub fn run() -> anyhow::Result<()> {

@@ -30,6 +30,7 @@ use crate::capture::{
 use crate::config::{Config, IpPrefix, PolicyKind, StoreFailure};
 use crate::events::{EventSink, EventWriter, WriterConfig, WriterHandle};
 use crate::gateway::{CaptureLookup, Captured, Gateway, GatewayBuilder, GatewayError};
+use crate::metrics::{Metrics, MetricsSink};
 use crate::record::ClientInfo;
 use crate::secrets::{Fingerprinter, Resolver, SecretsError};
 
@@ -232,6 +233,8 @@ pub struct App {
     /// Live reloads of this guard.
     reloader: Arc<Reloader>,
     data_dir: PathBuf,
+    /// The Prometheus metrics (`gateway.metrics`), when on.
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl std::fmt::Debug for App {
@@ -301,14 +304,28 @@ impl App {
         let resolver_for_known = Arc::clone(&resolver);
         let ca = Arc::new(ca);
         let fpc = fp.clone();
-        let mut builder = GatewayBuilder::new(config.clone(), resolver.clone(), ca.clone())
+        let builder = GatewayBuilder::new(config.clone(), resolver.clone(), ca.clone())
             .socket_exemption(exemption)
             .policy(Arc::new(policy))
             .fingerprint(Arc::new(move |v: &str| fpc.fingerprint(v).to_string()));
-        let sink = writer.map(|w| Arc::new(EventSink::new(w, known)));
-        if let Some(sink) = &sink {
-            builder = builder.record_sink(sink.clone());
+        let metrics = config
+            .gateway
+            .metrics
+            .is_some()
+            .then(|| Arc::new(Metrics::new()));
+        if let Some(m) = &metrics {
+            m.set_known(known.clone());
         }
+        let sink = writer.map(|w| Arc::new(EventSink::new(w, known)));
+        let events: Arc<dyn crate::record::RecordSink> = match &sink {
+            Some(s) => s.clone(),
+            None => Arc::new(crate::record::NoopSink),
+        };
+        let builder = builder.record_sink(match &metrics {
+            // Counted from the same records the events get.
+            Some(m) => Arc::new(MetricsSink::new(Arc::clone(m), events)),
+            None => events,
+        });
         let gateway = builder.build().map_err(|e| match e {
             e @ GatewayError::MissingSecrets(_) => AppError::MissingSecrets(e),
             e => AppError::Gateway(e),
@@ -320,9 +337,14 @@ impl App {
             ca,
             health,
             gateway.clone(),
-            known_refresher(sink, Arc::clone(&resolver_for_known), fp),
+            known_refresher(sink, metrics.clone(), Arc::clone(&resolver_for_known), fp),
         ));
+        if let Some(m) = &metrics {
+            let gw = gateway.clone();
+            m.set_snapshot(Box::new(move || gw.metrics_snapshot()));
+        }
         Ok(App {
+            metrics,
             config,
             gateway,
             events: handle,
@@ -355,7 +377,19 @@ impl App {
     /// (`kt gateway reload`), SIGHUP, and the watcher of secret files. They
     /// end when the gateway shuts down. A control socket that cannot be
     /// bound is a warning: the guard serves, reloads come by SIGHUP.
-    fn start_live(&self) {
+    fn start_live(&self) -> Result<(), AppError> {
+        if let (Some(m), Some(addr)) = (&self.metrics, self.config.gateway.metrics) {
+            let std = std::net::TcpListener::bind(addr)
+                .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                .and_then(TcpListener::from_std)
+                .map_err(|source| AppError::Bind {
+                    what: "metrics listener",
+                    addr,
+                    source,
+                })?;
+            let (gw, m) = (self.gateway.clone(), Arc::clone(m));
+            tokio::spawn(async move { gw.serve_metrics(std, m).await });
+        }
         let gw = self.gateway.clone();
         let stop = move || {
             let gw = gw.clone();
@@ -397,6 +431,7 @@ impl App {
             self.data_dir.clone(),
             stop(),
         ));
+        Ok(())
     }
 
     /// Serves explicit clients on `listen` (else `gateway.listen`) until
@@ -414,7 +449,7 @@ impl App {
                 .await
                 .map_err(|e| bind_err("listener", addr, e))?;
             let explicit = local_addr(&listener, "listener", addr)?;
-            self.start_live();
+            self.start_live()?;
             notify(Notice::Listening {
                 explicit,
                 targets: self.gateway.active_targets(),
@@ -540,7 +575,10 @@ impl App {
             source,
         })?;
         let explicit_addr = local_addr(&explicit, "explicit listener", explicit_addr)?;
-        self.start_live();
+        self.start_live()?;
+        if let Some(m) = &self.metrics {
+            m.set_capture_attached(true);
+        }
         notify(Notice::Capturing {
             port_wide,
             prefixes: attached_prefixes,
@@ -592,6 +630,9 @@ impl App {
         notify(Notice::Drained);
         // Detach only after every listener is closed: fail closed to the end.
         self.reloader.clear_capture().await;
+        if let Some(m) = &self.metrics {
+            m.set_capture_attached(false);
+        }
         let detached = match Arc::try_unwrap(supervisor) {
             Ok(s) => s.detach().await && !keep_attached,
             Err(_) => {
@@ -626,15 +667,22 @@ fn local_addr(
 /// now managed, so a client presenting a rotated-in value is named.
 fn known_refresher(
     sink: Option<Arc<EventSink>>,
+    metrics: Option<Arc<Metrics>>,
     resolver: Arc<Resolver>,
     fp: Arc<Fingerprinter>,
 ) -> Box<dyn Fn(&Config) + Send + Sync> {
     Box::new(move |config| {
+        if sink.is_none() && metrics.is_none() {
+            return;
+        }
+        let known = crate::secrets::known_keys(config, &resolver, &fp);
+        for problem in &known.problems {
+            tracing::warn!(%problem, "events will not recognise this secret when a client presents it");
+        }
+        if let Some(m) = &metrics {
+            m.set_known(known.by_fingerprint.clone());
+        }
         if let Some(sink) = &sink {
-            let known = crate::secrets::known_keys(config, &resolver, &fp);
-            for problem in &known.problems {
-                tracing::warn!(%problem, "events will not recognise this secret when a client presents it");
-            }
             sink.set_known(known.by_fingerprint);
         }
     })

@@ -384,6 +384,11 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
         humantime::format_duration(g.connect_timeout).to_string(),
         humantime::format_duration(h.connect_timeout).to_string(),
     );
+    check(
+        "gateway.metrics",
+        format!("{:?}", g.metrics),
+        format!("{:?}", h.metrics),
+    );
     let (c, d) = (&old.capture, &new.capture);
     check(
         "capture.enabled",

@@ -739,6 +739,8 @@ impl Cx {
             "probe_interval",
             "clients",
             "allow_remote_clients",
+            "metrics",
+            "allow_remote_metrics",
         ];
         let mut out = GatewaySettings::default();
         let Some(f) = node.and_then(|n| self.mapping(n, "gateway", KEYS)) else {
@@ -831,6 +833,45 @@ impl Cx {
             .and_then(|n| self.boolean(n, "gateway.allow_remote_clients"))
         {
             out.allow_remote_clients = v;
+        }
+        if let Some(n) = f.get("metrics")
+            && !is_null(n)
+            && let Some(v) = self.addr(n, "gateway.metrics")
+        {
+            out.metrics = Some(v);
+        }
+        if let Some(v) = f
+            .get("allow_remote_metrics")
+            .and_then(|n| self.boolean(n, "gateway.allow_remote_metrics"))
+        {
+            out.allow_remote_metrics = v;
+        }
+        if let (Some(n), Some(m)) = (f.get("metrics"), out.metrics)
+            && !m.ip().is_loopback()
+            && !out.allow_remote_metrics
+        {
+            self.error_hint(
+                n.pos,
+                format!(
+                    "`gateway.metrics` {m} is not a loopback address: metrics name targets, secrets and processes"
+                ),
+                "serve them on 127.0.0.1 (scrape through a local agent), or set `gateway.allow_remote_metrics: true`",
+            );
+        }
+        for (name, addr) in [
+            ("gateway.listen", Some(out.listen)),
+            ("gateway.capture_listen", Some(out.capture_listen)),
+            ("gateway.capture_listen6", out.capture_listen6),
+        ] {
+            if let (Some(n), Some(m)) = (f.get("metrics"), out.metrics)
+                && addr == Some(m)
+            {
+                self.error_hint(
+                    n.pos,
+                    format!("`gateway.metrics` is the same address as `{name}`"),
+                    "give the metrics endpoint its own port, e.g. 127.0.0.1:9787",
+                );
+            }
         }
         if let Some(n) = f.get("listen")
             && !out.listen.ip().is_loopback()

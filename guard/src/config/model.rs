@@ -267,6 +267,13 @@ pub struct GatewaySettings {
     /// non-loopback address. Off, such an address is a config error: the
     /// explicit listener hands out managed keys to whoever reaches it.
     pub allow_remote_clients: bool,
+    /// `metrics` (default off): where the Prometheus endpoint listens
+    /// (`GET /metrics`), e.g. `127.0.0.1:9787`; loopback unless
+    /// `allow_remote_metrics`.
+    pub metrics: Option<SocketAddr>,
+    /// `allow_remote_metrics` (default false): `metrics` may be a
+    /// non-loopback address.
+    pub allow_remote_metrics: bool,
 }
 
 /// `gateway.clients`: processes allowed to spend managed keys. A request
@@ -321,6 +328,8 @@ impl Default for GatewaySettings {
             probe_interval: Duration::ZERO,
             clients: None,
             allow_remote_clients: false,
+            metrics: None,
+            allow_remote_metrics: false,
         }
     }
 }

@@ -57,7 +57,9 @@ pub(crate) async fn forward(
             Ok(up) => up,
             Err(r) => return ex.fail(inner, &r, &tried),
         };
+        let sent = std::time::Instant::now();
         let (outcome, response) = attempt(inner, up).await;
+        let upstream_time = sent.elapsed();
         if let Some(t) = inner.health.record(&route.target.id, &outcome) {
             health_event(inner, &route.target.id, t, &outcome);
         }
@@ -68,6 +70,7 @@ pub(crate) async fn forward(
         match (inner.router.classify(&outcome), response) {
             (Verdict::Deliver, Some(resp)) => {
                 ex.rec.chosen = Some(route.target.id.clone());
+                ex.rec.upstream_first_byte = Some(upstream_time);
                 if matches!(resp.status().as_u16(), 401 | 403) {
                     // The provider's own body can quote the key's last
                     // characters: answer with kt's own, in its shape.

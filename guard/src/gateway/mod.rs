@@ -16,6 +16,7 @@
 #![forbid(unsafe_code)]
 
 mod connect;
+mod exposition;
 mod forward;
 mod generation;
 mod handler;

@@ -274,6 +274,9 @@ pub struct RequestRecord {
     pub error_code: Option<&'static str>,
     /// Time until the response headers went to the client.
     pub latency: Duration,
+    /// Of that, the serving upstream's time from request to response
+    /// headers (the rest is what kt and any failed attempts added).
+    pub upstream_first_byte: Option<Duration>,
     /// Fingerprint of the credential the client sent (never the credential).
     pub client_key_fingerprint: Option<String>,
     /// What the policy chain decided.
@@ -307,6 +310,7 @@ impl RequestRecord {
             status: 0,
             error_code: None,
             latency: Duration::ZERO,
+            upstream_first_byte: None,
             client_key_fingerprint: None,
             policy: Vec::new(),
             note: None,
