@@ -48,6 +48,7 @@ const IDLE_CONNS: usize = 500;
 /// from elsewhere on the host spoils a round, not the figure), throughput
 /// the best round.
 const PROXY_ROUNDS: usize = 5;
+const METRICS_ROUNDS: usize = 6;
 const PROXY_LATENCY_REQUESTS: usize = 1000;
 const PROXY_WINDOW: Duration = Duration::from_secs(1);
 const PROXY_CONNS: [usize; 2] = [1, 32];
@@ -642,6 +643,61 @@ async fn proxy_comparison(
     );
 }
 
+/// The request path with metrics on (a `MetricsSink` counting every
+/// record) against the same gateway without, interleaved rounds in one
+/// run: throughput ratio (target >= 0.98).
+async fn metrics_cost(fake: &FakeProvider, upstream_ca: &TestCa, off: &Endpoint) {
+    use guard::metrics::{Metrics, MetricsSink};
+    let gca = Arc::new(Ca::ephemeral().unwrap());
+    let metrics = Arc::new(Metrics::new());
+    let gw = builder(
+        config(vec![target(
+            "oa1",
+            Provider::OpenAi,
+            &fake.openai_base_url(),
+            "OA1",
+        )]),
+        MapResolver::of(&[("OA1", "sk-managed-bench")]),
+        gca.clone(),
+        upstream_ca,
+    )
+    .record_sink(Arc::new(MetricsSink::new(
+        metrics.clone(),
+        Arc::new(guard::record::NoopSink),
+    )))
+    .build()
+    .unwrap();
+    let cap = start_capture(&gw, Arc::new(FixedLookup(fake.addr, ClientInfo::default()))).await;
+    let cfg = tls_config(gca.cert_der(), true);
+    let on = Endpoint::tls(cap, "api.openai.com", &cfg);
+    let body = body_of(1024);
+    let (mut ratios, mut best) = (Vec::new(), (0.0f64, 0.0f64));
+    for round in 0..METRICS_ROUNDS {
+        let (a, b) = if round % 2 == 0 {
+            let a = throughput(off, &body).await;
+            (a, throughput(&on, &body).await)
+        } else {
+            let b = throughput(&on, &body).await;
+            (throughput(off, &body).await, b)
+        };
+        ratios.push(b / a.max(1e-9));
+        best = (best.0.max(a), best.1.max(b));
+    }
+    ratios.sort_by(f64::total_cmp);
+    let median = ratios[ratios.len() / 2];
+    println!(
+        "metrics on vs off ({} B, {THROUGHPUT_CONNS} conns, {METRICS_ROUNDS} interleaved rounds): best {:.0}/s vs {:.0}/s, median ratio {:.3} (rounds {:.3}-{:.3}; target >= 0.98: {}); {} records counted",
+        body.len(),
+        best.1,
+        best.0,
+        median,
+        ratios[0],
+        ratios[ratios.len() - 1],
+        met(median >= 0.98),
+        metrics.recorded(),
+    );
+}
+
 fn met(ok: bool) -> &'static str {
     if ok { "met" } else { "NOT met" }
 }
@@ -793,6 +849,7 @@ async fn main() {
         );
     }
 
+    metrics_cost(&fake, &upstream_ca, &via_gw).await;
     proxy_comparison(&fake, &upstream_ca, &direct_cfg).await;
     idle_flood(&fake, &upstream_ca).await;
     println!();
