@@ -80,11 +80,26 @@ pub enum Command {
     },
     /// Decision events, newest last (`--keys`: who still uses which key).
     Events(commands::events::EventsArgs),
-    /// The gateway: check a config, or run it for explicit clients.
+    /// The gateway: check a config, run it for explicit clients, reload the running one.
     Gateway {
         /// What to do.
         #[command(subcommand)]
         cmd: commands::gateway::GatewayCmd,
+    },
+    /// A summary of what kt decided (a CI job summary with `--format markdown`).
+    Report(commands::report::ReportArgs),
+    /// Print a shell completion script: `kt completions bash > /etc/bash_completion.d/kt`.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff): `kt man | man -l -`; with `--dir`,
+    /// write kt.1 and one page per subcommand there.
+    Man {
+        /// Write the pages into this directory instead.
+        #[arg(long)]
+        dir: Option<PathBuf>,
     },
 }
 
@@ -104,8 +119,32 @@ pub fn main() -> ExitStatus {
         Command::Ca { cmd } => commands::ca::run(cmd, &global),
         Command::Events(args) => commands::events::run(&args, &global),
         Command::Gateway { cmd } => commands::gateway::run(cmd, &global),
+        Command::Report(args) => {
+            with_std_output(&global, |out| commands::report::run(&args, &global, out))
+        }
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "kt", &mut std::io::stdout());
+            Ok(ExitStatus::Success)
+        }
+        Command::Man { dir } => man(dir.as_deref()),
     };
     finish(result, &mut std::io::stderr())
+}
+
+/// `kt man`: the page on stdout, or every page into `dir`.
+fn man(dir: Option<&std::path::Path>) -> anyhow::Result<ExitStatus> {
+    let cmd = <Cli as clap::CommandFactory>::command();
+    match dir {
+        None => clap_mangen::Man::new(cmd).render(&mut std::io::stdout())?,
+        Some(d) => {
+            std::fs::create_dir_all(d)
+                .map_err(|e| anyhow::anyhow!("creating {}: {e}", d.display()))?;
+            clap_mangen::generate_to(cmd, d)
+                .map_err(|e| anyhow::anyhow!("writing the pages into {}: {e}", d.display()))?;
+        }
+    }
+    Ok(ExitStatus::Success)
 }
 
 /// The one place a command's result becomes its exit status: a closed

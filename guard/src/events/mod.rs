@@ -19,6 +19,7 @@ mod report;
 mod retirement;
 mod sink;
 mod store;
+mod summary;
 mod writer;
 
 pub use model::{
@@ -29,6 +30,7 @@ pub use report::{KeyUsage, ProcessUsage};
 pub use retirement::{LastProbe, RotationAlarm, TargetEvidence};
 pub use sink::{EventSink, to_event, to_stream_outcome};
 pub use store::{Changes, Cursor, EventStore, Filter};
+pub use summary::{FailOn, Summary};
 pub use writer::{EventWriter, WriterConfig, WriterHandle, WriterStats};
 
 use std::path::PathBuf;

@@ -5,5 +5,6 @@ pub mod ca;
 pub mod events;
 pub mod gateway;
 mod probe;
+pub mod report;
 pub mod run;
 pub mod secrets;
