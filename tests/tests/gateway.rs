@@ -1624,15 +1624,18 @@ async fn catalog_providers_get_the_managed_key_in_their_own_style() {
         target("gem", Provider::Gemini, &root, "OA1"),
         target("groq", Provider::Groq, &up.openai_base_url(), "OA2"),
     ]);
+    // A key of no known provider's format (an OpenAI key sent to Gemini
+    // would be refused as another provider's: gateway.credentials).
+    const LEGACY_KEY: &str = "legacy-ci-token-hardcoded-0001";
     let gw = start(cfg, secrets(), &ca).await;
     let mut c = h1_plain(gw.addr).await;
     let g = send(
         &mut c,
         post(
             &format!(
-                "/gemini/v1beta/models/gemini-2.0-flash:generateContent?key={CLIENT_KEY}&alt=sse"
+                "/gemini/v1beta/models/gemini-2.0-flash:generateContent?key={LEGACY_KEY}&alt=sse"
             ),
-            &[("x-goog-api-key", CLIENT_KEY)],
+            &[("x-goog-api-key", LEGACY_KEY)],
             r#"{"contents":[{"parts":[{"text":"hi"}]}]}"#,
         ),
     )
@@ -1649,7 +1652,7 @@ async fn catalog_providers_get_the_managed_key_in_their_own_style() {
         &mut c,
         post(
             "/groq/openai/v1/chat/completions",
-            &[("authorization", &format!("Bearer {CLIENT_KEY}"))],
+            &[("authorization", &format!("Bearer {LEGACY_KEY}"))],
             chat_body(false),
         ),
     )
@@ -1662,7 +1665,7 @@ async fn catalog_providers_get_the_managed_key_in_their_own_style() {
         Some(&*format!("Bearer {MANAGED_OA2}"))
     );
     for r in up.requests() {
-        assert!(!format!("{:?}{}", r.headers, r.path).contains(CLIENT_KEY));
+        assert!(!format!("{:?}{}", r.headers, r.path).contains(LEGACY_KEY));
     }
 }
 

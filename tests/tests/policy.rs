@@ -287,3 +287,169 @@ async fn a_base64_wrapped_key_in_a_pasted_secret_manifest_is_blocked() {
         "a blocked request reached the provider"
     );
 }
+
+/// A gateway with the seed's DLP (block) and `edit` applied to the config.
+async fn setup_cfg(edit: impl FnOnce(&mut guard::config::Config)) -> Setup {
+    let ca = TestCa::new();
+    let up = FakeProvider::start(&ca, "upstream", Behavior::Ok).await;
+    let mut cfg = config(vec![
+        target("oa", Provider::OpenAi, &up.openai_base_url(), "OA"),
+        target("ant", Provider::Anthropic, &up.anthropic_base_url(), "OA"),
+    ]);
+    cfg.chain = vec![PolicyKind::DlpFilter, PolicyKind::AuditLogger];
+    cfg.dlp = Some(seed_dlp(DlpAction::Block));
+    edit(&mut cfg);
+    let chain = Chain::new(&cfg, None, false).unwrap();
+    let gca = Arc::new(Ca::ephemeral().unwrap());
+    let sink = Arc::new(MemorySink::new());
+    let gw = builder(cfg, MapResolver::of(&[("OA", MANAGED)]), gca.clone(), &ca)
+        .policy(Arc::new(chain))
+        .record_sink(sink.clone())
+        .build()
+        .unwrap();
+    Setup {
+        up,
+        gw: serve(gw, gca, sink).await,
+    }
+}
+
+fn guard_note(s: &Setup, rule: &str) -> Option<guard::record::PolicyNote> {
+    s.gw.sink
+        .snapshot()
+        .last()
+        .and_then(|r| r.policy.iter().find(|n| n.rule == rule).cloned())
+}
+
+/// Claude Code on a developer machine sends its subscription's OAuth
+/// token: by default it is passed as sent (never swapped onto the
+/// organisation's API key), and the event says so.
+#[tokio::test]
+async fn an_oauth_subscription_token_is_passed_not_swapped_by_default() {
+    let s = setup_cfg(|_| {}).await;
+    let token = "sk-ant-oat01-claudecode-subscription-T0FVVEg";
+    let mut c = h1_plain(s.gw.addr).await;
+    let auth = format!("Bearer {token}");
+    let a = send(
+        &mut c,
+        post(
+            "/anthropic/v1/messages",
+            &[
+                ("authorization", auth.as_str()),
+                ("anthropic-beta", "oauth-2025-04-20"),
+                ("anthropic-version", "2023-06-01"),
+            ],
+            r#"{"model":"claude-x","max_tokens":5,"messages":[{"role":"user","content":"hi"}]}"#,
+        ),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let r = s.up.requests().pop().unwrap();
+    assert_eq!(r.headers.get("authorization").unwrap(), auth.as_str());
+    assert!(
+        r.headers.get("x-api-key").is_none(),
+        "the managed key was added"
+    );
+    assert!(!format!("{:?}", r.headers).contains(MANAGED));
+    let n = guard_note(&s, "credential-oauth").expect("the event names the kind");
+    assert_eq!(
+        (n.action, n.location.as_deref()),
+        (PolicyAction::Audit, Some("pass"))
+    );
+    // An ordinary key to the same provider is still swapped.
+    let a = send(
+        &mut c,
+        post(
+            "/anthropic/v1/messages",
+            &[
+                ("x-api-key", "sk-ant-api03-someones-own-key"),
+                ("anthropic-version", "2023-06-01"),
+            ],
+            r#"{"model":"claude-x","max_tokens":5,"messages":[{"role":"user","content":"hi"}]}"#,
+        ),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let r = s.up.requests().pop().unwrap();
+    assert_eq!(r.headers.get("x-api-key").unwrap(), MANAGED);
+    assert!(guard_note(&s, "credential-api-key").is_none());
+}
+
+/// A key of another provider (a Groq key sent to OpenAI) is refused by
+/// default, in the provider's shape; `other_provider: swap` lets it be
+/// swapped instead.
+#[tokio::test]
+async fn another_providers_key_is_refused_by_default() {
+    let s = setup_cfg(|_| {}).await;
+    let groq = |s: &Setup| {
+        let addr = s.gw.addr;
+        async move {
+            let mut c = h1_plain(addr).await;
+            send(
+                &mut c,
+                post(
+                    "/openai/v1/chat/completions",
+                    &[("authorization", "Bearer gsk_someonesgroqkey0000000000")],
+                    chat("hi"),
+                ),
+            )
+            .await
+        }
+    };
+    let a = groq(&s).await;
+    assert_eq!(a.status, 403, "{}", a.body);
+    let v: serde_json::Value = serde_json::from_str(&a.body).unwrap();
+    assert_eq!(v["error"]["code"], "kt_credential_refused");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("groq key sent to openai")
+    );
+    assert!(s.up.requests().is_empty());
+    let n = guard_note(&s, "credential-other-provider").unwrap();
+    assert_eq!(n.action, PolicyAction::Block);
+
+    let s = setup_cfg(|c| {
+        c.gateway.credentials.other_provider = guard::config::CredentialAction::Swap;
+        c.gateway.credentials.none = guard::config::CredentialAction::Block;
+    })
+    .await;
+    let a = groq(&s).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    // No credential at all, with `none: block`.
+    let mut c = h1_plain(s.gw.addr).await;
+    let a = send(&mut c, post("/openai/v1/chat/completions", &[], chat("hi"))).await;
+    assert_eq!(a.status, 403, "{}", a.body);
+    assert!(guard_note(&s, "credential-none").is_some());
+}
+
+/// Observe mode: the client's own key goes upstream unchanged, a pasted
+/// secret is recorded as would-block and forwarded, the key is recorded.
+#[tokio::test]
+async fn observe_mode_forwards_the_clients_key_and_records_would_block() {
+    let s = setup_cfg(|c| c.gateway.mode = guard::config::GatewayMode::Observe).await;
+    let key = aws_key();
+    let a = send_chat(&s, chat(&format!("my key is {key}")), &[]).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let r = s.up.requests().pop().unwrap();
+    assert_eq!(
+        r.headers.get("authorization").unwrap(),
+        "Bearer sk-client-own-key-000000000000"
+    );
+    assert!(
+        String::from_utf8_lossy(&r.body).contains(&key),
+        "forwarded unchanged"
+    );
+    let rec = s.gw.sink.snapshot().pop().unwrap();
+    assert!(rec.client_key_fingerprint.is_some());
+    assert!(
+        rec.policy
+            .iter()
+            .any(|n| n.policy == PolicyId::DlpFilter && n.action == PolicyAction::WouldBlock),
+        "{:?}",
+        rec.policy
+    );
+    assert!(rec.policy.iter().all(|n| n.action != PolicyAction::Block));
+    let n = guard_note(&s, "credential-api-key").unwrap();
+    assert_eq!(n.location.as_deref(), Some("pass (observe mode)"));
+}

@@ -112,6 +112,8 @@ pub struct Reloader {
     on_installed: Box<dyn Fn(&Config) + Send + Sync>,
     capture: Mutex<Option<(Retarget, Targets)>>,
     one_at_a_time: tokio::sync::Mutex<()>,
+    /// Started in observe mode by the command line: reloads keep it.
+    observe_pinned: bool,
 }
 
 impl std::fmt::Debug for Reloader {
@@ -131,7 +133,14 @@ impl Reloader {
         gateway: Gateway,
         on_installed: Box<dyn Fn(&Config) + Send + Sync>,
     ) -> Reloader {
+        let observe_pinned = {
+            let started = gateway.config();
+            started.gateway.mode == crate::config::GatewayMode::Observe
+                && crate::config::load(&started.source)
+                    .is_ok_and(|f| f.gateway.mode != crate::config::GatewayMode::Observe)
+        };
         Reloader {
+            observe_pinned,
             config_path,
             resolver,
             ca,
@@ -223,7 +232,14 @@ impl Reloader {
     async fn reload_locked(&self, trigger: Trigger) -> Result<Reloaded, ReloadRefused> {
         let current = self.gateway.config();
         let config = match (&self.config_path, trigger.rereads_config()) {
-            (Some(path), true) => Arc::new(read_config(path)?),
+            (Some(path), true) => {
+                let mut c = read_config(path)?;
+                // `--observe` on the command line outlives the file.
+                if self.observe_pinned {
+                    c.gateway.mode = crate::config::GatewayMode::Observe;
+                }
+                Arc::new(c)
+            }
             _ => Arc::clone(&current),
         };
         let problems = needs_restart(&current, &config);

@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use super::error::{ConfigError, ConfigErrors, LoadError};
 use super::model::{
-    AuditLogger, Capture, CaptureScope, Config, DlpAction, DlpFilter, GatewaySettings, IpPrefix,
-    MAX_FUZZY_DISTANCE, Pack, PolicyKind, Provider, Providers, RoutingStrategy, SecretKeyRef,
-    StoreFailure, Target,
+    AuditLogger, Capture, CaptureScope, Config, CredentialAction, DlpAction, DlpFilter,
+    GatewayMode, GatewaySettings, IpPrefix, MAX_FUZZY_DISTANCE, Pack, PolicyKind, Provider,
+    Providers, RoutingStrategy, SecretKeyRef, StoreFailure, Target,
 };
 use super::tree::{self, Kind, Node, Pos};
 
@@ -741,6 +741,8 @@ impl Cx {
             "allow_remote_clients",
             "metrics",
             "allow_remote_metrics",
+            "mode",
+            "credentials",
         ];
         let mut out = GatewaySettings::default();
         let Some(f) = node.and_then(|n| self.mapping(n, "gateway", KEYS)) else {
@@ -833,6 +835,56 @@ impl Cx {
             .and_then(|n| self.boolean(n, "gateway.allow_remote_clients"))
         {
             out.allow_remote_clients = v;
+        }
+        if let Some(n) = f.get("mode")
+            && let Some(v) = self.string(n, "gateway.mode")
+        {
+            match v.as_str() {
+                "enforce" => out.mode = GatewayMode::Enforce,
+                "observe" => out.mode = GatewayMode::Observe,
+                other => self.error_hint(
+                    n.pos,
+                    format!("unknown mode `{other}` in `gateway.mode` (expected enforce or observe)"),
+                    "`observe` records who presents which key without swapping or blocking; `enforce` (the default) swaps and blocks",
+                ),
+            }
+        }
+        if let Some(n) = f.get("credentials")
+            && !is_null(n)
+            && let Some(c) = self.mapping(
+                n,
+                "gateway.credentials",
+                &["api_key", "oauth", "none", "other_provider"],
+            )
+        {
+            let slots: [(&str, &mut CredentialAction); 4] = [
+                ("api_key", &mut out.credentials.api_key),
+                ("oauth", &mut out.credentials.oauth),
+                ("none", &mut out.credentials.none),
+                ("other_provider", &mut out.credentials.other_provider),
+            ];
+            for (key, slot) in slots {
+                let Some(n) = c.get(key) else { continue };
+                let path = format!("gateway.credentials.{key}");
+                let Some(v) = self.string(n, &path) else {
+                    continue;
+                };
+                match (v.as_str(), key) {
+                    ("pass", "none") => self.error_hint(
+                        n.pos,
+                        format!("`{path}` cannot be `pass`: a request without a credential has nothing to pass"),
+                        "use `swap` (send the managed key) or `block`",
+                    ),
+                    ("swap", _) => *slot = CredentialAction::Swap,
+                    ("pass", _) => *slot = CredentialAction::Pass,
+                    ("block", _) => *slot = CredentialAction::Block,
+                    (other, _) => self.error_hint(
+                        n.pos,
+                        format!("unknown action `{other}` in `{path}` (expected swap, pass or block)"),
+                        "`swap` sends the managed key, `pass` the client's own credential, `block` refuses",
+                    ),
+                }
+            }
         }
         if let Some(n) = f.get("metrics")
             && !is_null(n)

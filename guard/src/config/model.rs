@@ -201,6 +201,69 @@ impl Default for AuditLogger {
     }
 }
 
+/// `gateway.mode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum GatewayMode {
+    /// Swap keys, block by policy (the default).
+    #[default]
+    Enforce,
+    /// Record only: the client's own credential goes upstream, nothing is
+    /// blocked or rewritten.
+    Observe,
+}
+
+/// What kt does with one kind of presented credential.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CredentialAction {
+    /// Throw it away and send the target's managed key.
+    Swap,
+    /// Forward the client's own credential (still scanned and recorded).
+    Pass,
+    /// Refuse the request.
+    Block,
+}
+
+impl CredentialAction {
+    /// `swap`, `pass` or `block`.
+    pub fn label(self) -> &'static str {
+        match self {
+            CredentialAction::Swap => "swap",
+            CredentialAction::Pass => "pass",
+            CredentialAction::Block => "block",
+        }
+    }
+}
+
+/// `gateway.credentials`: the action per kind of presented credential.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CredentialPolicy {
+    /// `api_key` (default swap): an API key of the provider called, or a
+    /// key kt does not recognise (a legacy key).
+    pub api_key: CredentialAction,
+    /// `oauth` (default pass): an Anthropic OAuth/subscription token
+    /// (`sk-ant-oat01-…`, Claude Code on a developer machine). Never swap
+    /// by default: that would move a subscription's traffic onto the
+    /// organisation's API bill.
+    pub oauth: CredentialAction,
+    /// `none` (default swap): no credential at all (`pass` is not allowed:
+    /// there is nothing to pass).
+    pub none: CredentialAction,
+    /// `other_provider` (default block): a key of another provider (a Groq
+    /// key sent to OpenAI).
+    pub other_provider: CredentialAction,
+}
+
+impl Default for CredentialPolicy {
+    fn default() -> Self {
+        CredentialPolicy {
+            api_key: CredentialAction::Swap,
+            oauth: CredentialAction::Pass,
+            none: CredentialAction::Swap,
+            other_provider: CredentialAction::Block,
+        }
+    }
+}
+
 /// `policy.audit-logger.on_store_failure`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum StoreFailure {
@@ -267,6 +330,14 @@ pub struct GatewaySettings {
     /// non-loopback address. Off, such an address is a config error: the
     /// explicit listener hands out managed keys to whoever reaches it.
     pub allow_remote_clients: bool,
+    /// `mode` (default `enforce`): `observe` records everything but
+    /// forwards each client's own credential and blocks nothing (DLP
+    /// findings are recorded as would-block): map the legacy keys first,
+    /// enforce later.
+    pub mode: GatewayMode,
+    /// `credentials`: what to do with each kind of credential a client
+    /// presents.
+    pub credentials: CredentialPolicy,
     /// `metrics` (default off): where the Prometheus endpoint listens
     /// (`GET /metrics`), e.g. `127.0.0.1:9787`; loopback unless
     /// `allow_remote_metrics`.
@@ -328,6 +399,8 @@ impl Default for GatewaySettings {
             probe_interval: Duration::ZERO,
             clients: None,
             allow_remote_clients: false,
+            mode: GatewayMode::Enforce,
+            credentials: CredentialPolicy::default(),
             metrics: None,
             allow_remote_metrics: false,
         }

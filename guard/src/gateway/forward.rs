@@ -14,6 +14,7 @@ use super::health::Transition;
 use super::relay::{Amend, Relay};
 use super::upstream::{ConnectError, find_connect_error};
 use crate::policy::Refusal;
+use crate::provider;
 use crate::record::{
     Arrival, Attempt, ClientInfo, Outcome, PolicyAction, PolicyId, PolicyNote, codes,
 };
@@ -28,13 +29,25 @@ pub(crate) async fn forward(
     matched: &Matched,
     body: Bytes,
 ) -> Response<GwBody> {
-    let all: Vec<(&Route, &SecretValue)> = inner
-        .router
-        .targets_for(&matched.provider)
-        .filter_map(|r| inner.keys.get(&r.target.id).map(|k| (r, k)))
-        .collect();
+    // `pass`: the client's own credential goes to every target of the
+    // provider (managed key or not); otherwise each target's managed key.
+    let passed = ex.pass.then(|| ex.presented.take()).flatten();
+    let all: Vec<(&Route, Option<&SecretValue>)> = if ex.pass {
+        inner
+            .router
+            .targets_for(&matched.provider)
+            .map(|r| (r, passed.as_ref()))
+            .collect()
+    } else {
+        inner
+            .router
+            .targets_for(&matched.provider)
+            .filter_map(|r| inner.keys.get(&r.target.id).map(|k| (r, Some(k))))
+            .collect()
+    };
+    ex.presented = None;
     // Targets in their cool-down are skipped while another one is left.
-    let live: Vec<(&Route, &SecretValue)> = all
+    let live: Vec<(&Route, Option<&SecretValue>)> = all
         .iter()
         .copied()
         .filter(|(r, _)| !inner.health.cooling(&r.target.id))
@@ -54,7 +67,19 @@ pub(crate) async fn forward(
     while i < routes.len() {
         let (route, key) = routes[i];
         let up = match upstream_request(inner, route, key, parts, matched, &body) {
-            Ok(up) => up,
+            Ok(mut up) => {
+                if ex.pass && !ex.presented_headers.is_empty() {
+                    // The client's own credential, as it sent it (an OAuth
+                    // token stays `Authorization: Bearer`).
+                    for name in provider::CREDENTIAL_HEADERS {
+                        up.headers_mut().remove(*name);
+                    }
+                    for (n, v) in &ex.presented_headers {
+                        up.headers_mut().append(n.clone(), v.clone());
+                    }
+                }
+                up
+            }
             Err(r) => return ex.fail(inner, &r, &tried),
         };
         let sent = std::time::Instant::now();
@@ -83,7 +108,9 @@ pub(crate) async fn forward(
                     let r = refuse(resp.status(), codes::UPSTREAM_AUTH_FAILED, msg);
                     return ex.fail(inner, &r, &tried);
                 }
-                rotation_alarm(&mut ex, &tried, &route.target.id);
+                if !ex.pass {
+                    rotation_alarm(&mut ex, &tried, &route.target.id);
+                }
                 ex.rec.attempts = tried;
                 return deliver(inner, ex, parts, route, resp);
             }
@@ -196,7 +223,7 @@ fn refuse(status: StatusCode, code: &'static str, message: String) -> Refusal {
 fn upstream_request(
     inner: &Inner,
     route: &Route,
-    key: &SecretValue,
+    key: Option<&SecretValue>,
     parts: &http::request::Parts,
     matched: &Matched,
     body: &Bytes,
@@ -218,9 +245,11 @@ fn upstream_request(
         up.headers_mut()
             .insert(CONTENT_LENGTH, HeaderValue::from(send_len));
     }
-    let (name, value) = routing::managed_key_header(&route.target, key.expose())
-        .map_err(|e| refuse(StatusCode::BAD_GATEWAY, codes::NO_TARGET, e.to_string()))?;
-    up.headers_mut().insert(name, value);
+    if let Some(key) = key {
+        let (name, value) = routing::managed_key_header(&route.target, key.expose())
+            .map_err(|e| refuse(StatusCode::BAD_GATEWAY, codes::NO_TARGET, e.to_string()))?;
+        up.headers_mut().insert(name, value);
+    }
     Ok(up)
 }
 

@@ -16,12 +16,14 @@ use hyper::body::Incoming;
 
 use super::Inner;
 use super::relay::BoxError;
+use crate::config::{CredentialAction, GatewayMode};
 use crate::policy::{PolicyRequest, PolicyVerdict, Refusal};
 use crate::provider::{self, Provider};
 use crate::record::{
     Arrival, Attempt, ClientInfo, PolicyAction, PolicyId, PolicyNote, RequestRecord, codes,
 };
 use crate::routing::{self, Matched};
+use crate::secrets::SecretValue;
 
 /// The body type every gateway response has.
 pub type GwBody = BoxBody<Bytes, BoxError>;
@@ -167,6 +169,14 @@ pub(crate) struct Exchange {
     pub(crate) rec: RequestRecord,
     pub(crate) started: Instant,
     pub(crate) provider: Option<Provider>,
+    /// The credential the client sent, held only until the request is
+    /// sent (for `pass`); never logged or recorded.
+    pub(crate) presented: Option<SecretValue>,
+    /// Send the client's own credential instead of the managed key.
+    pub(crate) pass: bool,
+    /// The client's credential headers as sent (marked sensitive), put
+    /// back unchanged when its credential is passed.
+    pub(crate) presented_headers: Vec<(HeaderName, HeaderValue)>,
 }
 
 impl Exchange {
@@ -242,6 +252,9 @@ pub async fn handle(
     ex.provider = Some(matched.provider.clone());
     ex.rec.provider = Some(matched.provider.name().to_string());
     ex.rec.path.clone_from(&matched.api_path);
+    if let Err(r) = decide_credential(&inner, &mut ex, &matched) {
+        return Ok(ex.fail(&inner, &r, &[]));
+    }
     if routing::escapes_root(&matched.api_path) {
         let r = refusal(
             StatusCode::BAD_REQUEST,
@@ -384,6 +397,9 @@ fn begin(inner: &Inner, ctx: &ConnCtx, client: ClientInfo, req: &Request<Incomin
         ),
         started: Instant::now(),
         provider: None,
+        presented: None,
+        pass: false,
+        presented_headers: Vec::new(),
     }
 }
 
@@ -391,6 +407,18 @@ fn begin(inner: &Inner, ctx: &ConnCtx, client: ClientInfo, req: &Request<Incomin
 /// before anything can log or forward them; keeps only a fingerprint.
 /// Returns the cleaned `path?query`.
 fn strip_credentials(inner: &Inner, ex: &mut Exchange, parts: &mut http::request::Parts) -> String {
+    for name in provider::CREDENTIAL_HEADERS
+        .iter()
+        .chain(provider::BILLING_SCOPE_HEADERS)
+    {
+        for v in parts.headers.get_all(*name) {
+            let mut v = v.clone();
+            v.set_sensitive(true);
+            if let Ok(n) = HeaderName::from_bytes(name.as_bytes()) {
+                ex.presented_headers.push((n, v));
+            }
+        }
+    }
     let header_key = routing::strip_credential_headers(&mut parts.headers);
     let raw_pq = parts
         .uri
@@ -400,8 +428,75 @@ fn strip_credentials(inner: &Inner, ex: &mut Exchange, parts: &mut http::request
     if let Some(k) = header_key.or(query_key) {
         ex.rec.client_key_fingerprint = Some((inner.fingerprint)(&k));
         ex.rec.client.redact(&k);
+        ex.presented = Some(SecretValue::new(k));
     }
     clean_pq
+}
+
+/// What to do with the credential the client presented, by its kind
+/// (`gateway.credentials`; in observe mode always its own). Anything but
+/// an API key (or no credential) swapped for the managed key is noted in
+/// the record (`credential-<kind>`).
+fn decide_credential(inner: &Inner, ex: &mut Exchange, matched: &Matched) -> Result<(), Refusal> {
+    let kind = provider::classify_credential(
+        ex.presented.as_ref().map(SecretValue::expose),
+        &matched.provider,
+    );
+    let policy = &inner.config.gateway.credentials;
+    let observe = inner.config.gateway.mode == GatewayMode::Observe;
+    let action = if observe {
+        CredentialAction::Pass
+    } else {
+        match kind {
+            provider::CredentialKind::None => policy.none,
+            provider::CredentialKind::ApiKey => policy.api_key,
+            provider::CredentialKind::OAuth => policy.oauth,
+            provider::CredentialKind::OtherProvider(_) => policy.other_provider,
+        }
+    };
+    ex.pass = action == CredentialAction::Pass;
+    let ordinary = matches!(
+        kind,
+        provider::CredentialKind::ApiKey | provider::CredentialKind::None
+    ) && action == CredentialAction::Swap;
+    if !ordinary || observe {
+        let mut location = action.label().to_string();
+        if let provider::CredentialKind::OtherProvider(p) = &kind {
+            location = format!("{location}: a {} key", p.name());
+        }
+        if observe {
+            location.push_str(" (observe mode)");
+        }
+        ex.rec.policy.push(PolicyNote {
+            policy: PolicyId::Guard,
+            action: if action == CredentialAction::Block {
+                PolicyAction::Block
+            } else {
+                PolicyAction::Audit
+            },
+            rule: format!("credential-{}", kind.label()),
+            location: Some(location),
+        });
+    }
+    if action != CredentialAction::Block {
+        return Ok(());
+    }
+    let what = match &kind {
+        provider::CredentialKind::None => "a request without a credential".to_string(),
+        provider::CredentialKind::ApiKey => "an API key".to_string(),
+        provider::CredentialKind::OAuth => {
+            "an OAuth/subscription token (it is not swapped for the organisation's API key)"
+                .to_string()
+        }
+        provider::CredentialKind::OtherProvider(p) => {
+            format!("a {} key sent to {}", p.name(), matched.provider.name())
+        }
+    };
+    Err(refusal(
+        StatusCode::FORBIDDEN,
+        codes::CREDENTIAL_REFUSED,
+        format!("kt: {what} is refused here (gateway.credentials)"),
+    ))
 }
 
 /// Which provider the request is for, and its API path.
@@ -554,6 +649,23 @@ fn run_policy(
         },
         &mut ex.rec.policy,
     );
+    let unaudited =
+        matches!(&verdict, PolicyVerdict::Block(r) if r.code == codes::AUDIT_UNAVAILABLE);
+    if inner.config.gateway.mode == GatewayMode::Observe && !unaudited {
+        // Record what enforcement would have done; change nothing. (A
+        // request that cannot be recorded is still refused: observing is
+        // recording.)
+        for n in &mut ex.rec.policy {
+            if n.policy == PolicyId::DlpFilter {
+                n.action = match n.action {
+                    PolicyAction::Block => PolicyAction::WouldBlock,
+                    PolicyAction::Redact => PolicyAction::WouldRedact,
+                    a => a,
+                };
+            }
+        }
+        return Ok(body);
+    }
     match verdict {
         PolicyVerdict::Allow => Ok(body),
         PolicyVerdict::Rewrite(b) => {

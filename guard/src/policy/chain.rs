@@ -165,7 +165,10 @@ fn dlp(
         });
     }
     match action {
-        PolicyAction::Audit => PolicyVerdict::Allow,
+        // The observe-mode actions are set by the gateway afterwards.
+        PolicyAction::Audit | PolicyAction::WouldBlock | PolicyAction::WouldRedact => {
+            PolicyVerdict::Allow
+        }
         PolicyAction::Block => PolicyVerdict::Block(blocked(&scan.findings)),
         PolicyAction::Redact => {
             // Only the body can be rewritten on the way out; a secret in the

@@ -419,6 +419,68 @@ pub fn official_hosts() -> impl Iterator<Item = &'static str> {
     KNOWN.iter().flat_map(|p| p.hosts().iter().copied())
 }
 
+/// What kind of credential a client presented, as kt decides what to do
+/// with it (`gateway.credentials`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CredentialKind {
+    /// No credential at all.
+    None,
+    /// An API key of the provider called, or one kt does not recognise
+    /// (a legacy key).
+    ApiKey,
+    /// An Anthropic OAuth/subscription token (`sk-ant-oat01-…`,
+    /// `sk-ant-ort01-…`): Claude Code on a developer machine.
+    OAuth,
+    /// A key whose format belongs to another provider.
+    OtherProvider(Provider),
+}
+
+impl CredentialKind {
+    /// `none`, `api-key`, `oauth` or `other-provider`, for events.
+    pub fn label(&self) -> &'static str {
+        match self {
+            CredentialKind::None => "none",
+            CredentialKind::ApiKey => "api-key",
+            CredentialKind::OAuth => "oauth",
+            CredentialKind::OtherProvider(_) => "other-provider",
+        }
+    }
+}
+
+/// Prefixes only one provider issues (from the providers' documentation and
+/// the gitleaks/trufflehog rules the DLP pack cites): enough to tell a key
+/// of another provider apart. Shared `sk-` keys (DeepSeek, Mistral, …)
+/// are not distinctive and stay [`CredentialKind::ApiKey`].
+const DISTINCT_PREFIXES: &[(&str, Provider)] = &[
+    ("sk-proj-", Provider::OpenAi),
+    ("sk-svcacct-", Provider::OpenAi),
+    ("sk-admin-", Provider::OpenAi),
+    ("sk-ant-api", Provider::Anthropic),
+    ("sk-ant-admin", Provider::Anthropic),
+    ("gsk_", Provider::Groq),
+    ("xai-", Provider::XAi),
+    ("sk-or-", Provider::OpenRouter),
+    ("pplx-", Provider::Perplexity),
+    ("hf_", Provider::HuggingFace),
+    ("api_org_", Provider::HuggingFace),
+    ("AIza", Provider::Gemini),
+];
+
+/// Classifies the credential a client sent to `called` (`None`: it sent
+/// none). Pure: looks at the value's shape only, never stores it.
+pub fn classify_credential(value: Option<&str>, called: &Provider) -> CredentialKind {
+    let Some(v) = value.map(str::trim).filter(|v| !v.is_empty()) else {
+        return CredentialKind::None;
+    };
+    if v.starts_with("sk-ant-oat") || v.starts_with("sk-ant-ort") {
+        return CredentialKind::OAuth;
+    }
+    match DISTINCT_PREFIXES.iter().find(|(p, _)| v.starts_with(p)) {
+        Some((_, owner)) if owner != called => CredentialKind::OtherProvider(owner.clone()),
+        _ => CredentialKind::ApiKey,
+    }
+}
+
 /// Headers a client may carry a credential in. All are removed before a
 /// request is forwarded, and DLP does not scan them (their content is
 /// replaced by the managed key, and only its fingerprint is kept).
@@ -571,6 +633,40 @@ fn anthropic_error_type(status: StatusCode) -> &'static str {
 mod tests {
     use super::*;
     use crate::record::Outcome;
+
+    #[test]
+    fn credentials_are_told_apart_by_their_shape() {
+        use CredentialKind as K;
+        let oa = Provider::OpenAi;
+        assert_eq!(classify_credential(None, &oa), K::None);
+        assert_eq!(classify_credential(Some("  "), &oa), K::None);
+        assert_eq!(classify_credential(Some("sk-proj-abc"), &oa), K::ApiKey);
+        assert_eq!(
+            classify_credential(Some("legacy-token-123"), &oa),
+            K::ApiKey
+        );
+        assert_eq!(
+            classify_credential(Some("sk-ant-oat01-xyz"), &Provider::Anthropic),
+            K::OAuth
+        );
+        assert_eq!(
+            classify_credential(Some("sk-ant-api03-xyz"), &Provider::Anthropic),
+            K::ApiKey
+        );
+        assert_eq!(
+            classify_credential(Some("gsk_abc"), &oa),
+            K::OtherProvider(Provider::Groq)
+        );
+        assert_eq!(
+            classify_credential(Some("gsk_abc"), &Provider::Groq),
+            K::ApiKey
+        );
+        // Shared `sk-` shapes are not another provider's.
+        assert_eq!(
+            classify_credential(Some("sk-0123abcd"), &Provider::DeepSeek),
+            K::ApiKey
+        );
+    }
 
     #[test]
     fn official_hosts_name_their_provider() {

@@ -43,6 +43,9 @@ pub mod codes {
     pub const DLP_BLOCKED: &str = "kt_dlp_blocked";
     /// The request body could not be decoded, so it could not be scanned.
     pub const UNDECODABLE_BODY: &str = "kt_undecodable_body";
+    /// The kind of credential the client presented is refused
+    /// (`gateway.credentials`).
+    pub const CREDENTIAL_REFUSED: &str = "kt_credential_refused";
     /// A reload was refused: the running config stays in place.
     pub const RELOAD_REFUSED: &str = "kt_reload_refused";
     /// The audit log is down and `on_store_failure: refuse` is set.
@@ -219,15 +222,22 @@ pub enum PolicyAction {
     Redact,
     /// Forwarded and recorded.
     Audit,
+    /// Observe mode: would have been refused; forwarded unchanged.
+    WouldBlock,
+    /// Observe mode: would have been redacted; forwarded unchanged.
+    WouldRedact,
 }
 
 impl PolicyAction {
-    /// The stored label: `block`, `redact` or `audit`.
+    /// The stored label: `block`, `redact`, `audit`, `would-block` or
+    /// `would-redact`.
     pub fn label(self) -> &'static str {
         match self {
             PolicyAction::Block => "block",
             PolicyAction::Redact => "redact",
             PolicyAction::Audit => "audit",
+            PolicyAction::WouldBlock => "would-block",
+            PolicyAction::WouldRedact => "would-redact",
         }
     }
 }

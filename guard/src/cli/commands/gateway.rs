@@ -52,6 +52,9 @@ pub struct GatewayRunArgs {
     /// Listen address for explicit clients (overrides `gateway.listen`).
     #[arg(long)]
     pub listen: Option<SocketAddr>,
+    /// Observe only (overrides `gateway.mode`, also across reloads).
+    #[arg(long)]
+    pub observe: bool,
 }
 
 /// Runs a `kt gateway` command.
@@ -61,12 +64,15 @@ pub fn run(cmd: GatewayCmd, global: &Global) -> anyhow::Result<ExitStatus> {
             crate::cli::with_std_output(global, |out| check(&args, global, out))
         }
         GatewayCmd::Run(args) => {
-            let Some(config) = crate::cli::with_std_output(global, |out| {
+            let Some(mut config) = crate::cli::with_std_output(global, |out| {
                 crate::cli::load_config(&args.config, out)
             })?
             else {
                 return Ok(ExitStatus::Failure);
             };
+            if args.observe {
+                config.gateway.mode = crate::config::GatewayMode::Observe;
+            }
             serve_explicit(config, args.listen, global)
         }
         GatewayCmd::Reload => crate::cli::with_std_output(global, |out| reload(global, out)),

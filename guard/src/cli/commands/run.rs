@@ -39,15 +39,23 @@ pub struct RunArgs {
     /// runs again).
     #[arg(long)]
     pub keep_attached: bool,
+    /// Observe only (overrides `gateway.mode`, also across reloads): record
+    /// who presents which key, forward each client's own credential, block
+    /// nothing (DLP findings recorded as would-block).
+    #[arg(long)]
+    pub observe: bool,
 }
 
 /// Runs `kt run`.
 pub fn run(args: RunArgs, global: &Global) -> anyhow::Result<ExitStatus> {
-    let Some(config) =
+    let Some(mut config) =
         crate::cli::with_std_output(global, |out| crate::cli::load_config(&args.config, out))?
     else {
         return Ok(ExitStatus::Failure);
     };
+    if args.observe {
+        config.gateway.mode = crate::config::GatewayMode::Observe;
+    }
     if !config.capture.enabled {
         eprintln!("kt: capture.enabled is false: serving explicit clients only");
         return super::gateway::serve_explicit(config, args.listen, global);
