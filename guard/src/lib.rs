@@ -20,7 +20,7 @@
 //! | 3 | [`gateway`] | listeners, TLS, request steps, upstream, relay (async) |
 //! | 3 | [`events`] | event store, writer, record sink, key report |
 //! | 3 | [`preflight`] | the checks behind `kt gateway check` |
-//! | 4 | [`app`] | the composition root: build from a config, run, shut down in order (prints nothing) |
+//! | 4 | [`app`] | the composition root: build from a config, run, reload (control socket, SIGHUP, secret watcher), shut down in order (prints nothing) |
 //! | 5 | [`cli`] | the `kt` command line: parse, call, render |
 //!
 //! Pure cores (`config`, `dlp`, `routing`, `provider`, `record`) do no I/O;
