@@ -167,6 +167,9 @@ pub fn check(config: &Config, resolver: &dyn Resolve, opts: &Options<'_>) -> Rep
         if let Some(a) = config.gateway.capture_listen6 {
             l.push(listener("capture (IPv6)", a));
         }
+        if let Some(a) = config.gateway.metrics {
+            l.push(listener("metrics", a));
+        }
         for x in l.iter().filter(|x| !x.free) {
             warnings.push(format!(
                 "{} address {} is not free: {}",
