@@ -394,6 +394,18 @@ async fn the_file_sink_rotates_under_load_and_on_sigusr1_without_losing_or_dupli
         }
     }
     assert!(files > 10, "only {files} files: no rotation?");
+    let bytes: u64 = std::fs::read_dir(s.dir.path())
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with("events.jsonl"))
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .sum();
+    eprintln!(
+        "{} events in {files} files, {} bytes per event",
+        ids.len(),
+        bytes / u64::try_from(ids.len()).unwrap()
+    );
     assert!(s.path("events.jsonl").exists(), "reopened after the move");
     assert_eq!(ids.len(), 2000);
     for id in &ids {

@@ -264,6 +264,16 @@ fn full_example_sets_every_optional_section() {
     let audit = c.audit.unwrap();
     assert_eq!(audit.max_events, 50_000);
     assert_eq!(audit.on_store_failure, StoreFailure::Refuse);
+    let sinks: Vec<String> = audit.sinks.iter().map(SinkConfig::name).collect();
+    assert_eq!(
+        sinks,
+        [
+            "file:/var/log/kt/events.jsonl",
+            "stdout",
+            "syslog:udp://127.0.0.1:514"
+        ]
+    );
+    assert_eq!(audit.sinks[0].queue, 20_000);
     let g = &c.gateway;
     assert_eq!(g.listen, "127.0.0.1:9787".parse::<SocketAddr>().unwrap());
     assert_eq!(
