@@ -1,13 +1,14 @@
-//! Event writer throughput: `cargo bench -p guard --bench events`.
+//! Event writer and file sink throughput: `cargo bench -p guard --bench events`.
 //!
 //! Prints figures, asserts nothing about speed (shared, noisy machines).
 //! Target (issue 5): 50,000 events/s sustained without slowing requests.
 
 use std::time::{Duration, Instant};
 
+use guard::config::{SinkConfig, SinkKind, StoreFailure};
 use guard::events::{
     Client, Decision, Event, EventStore, EventWriter, FallbackStep, PolicyNote, PresentedKey,
-    WriterConfig,
+    Sinks, WriterConfig,
 };
 
 const N: usize = 200_000;
@@ -156,4 +157,39 @@ fn main() {
         s.written,
         start.elapsed().as_secs_f64(),
     );
+
+    // A JSON Lines file sink rotating every 100 MiB, queue large enough for
+    // the burst: what record() costs the request path (one clone and one
+    // queue push per sink) and how fast its thread writes.
+    let dir4 = tempfile::tempdir().expect("temp dir");
+    let sink = SinkConfig {
+        kind: SinkKind::File {
+            path: dir4.path().join("events.jsonl"),
+            rotate_bytes: Some(100 << 20),
+            rotate_age: None,
+            max_files: 5,
+        },
+        on_failure: StoreFailure::Log,
+        queue: N,
+    };
+    let sinks = Sinks::spawn(&[sink], None);
+    let events: Vec<Event> = (0..N).map(event).collect();
+    let start = Instant::now();
+    for e in &events {
+        sinks.record(e);
+    }
+    let queued = start.elapsed();
+    assert!(sinks.flush(Duration::from_secs(300)), "flush timed out");
+    let total = start.elapsed();
+    let s = &sinks.stats()[0];
+    println!(
+        "file sink burst: {N} events, record() {:.0} ns/call (caller side), written in {:.2} s = {:.0} events/s (written {}, dropped {}, failed {})",
+        queued.as_nanos() as f64 / N as f64,
+        total.as_secs_f64(),
+        N as f64 / total.as_secs_f64(),
+        s.written,
+        s.queue_full,
+        s.failed,
+    );
+    sinks.shutdown(Duration::from_secs(30));
 }

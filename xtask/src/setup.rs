@@ -19,9 +19,11 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM: &str = "llvm-22";
 const DEBIAN_PACKAGES: [&str; 4] = ["rustc-web", "cargo-web", "rust-web-src", "llvm-22-dev"];
 /// What the tests run: `setpriv`, `unshare`, `nsenter` (util-linux), `ip`
-/// (iproute2), `curl`, and `promtool` (prometheus; its server is not
-/// started) to check the metrics exposition.
-const TEST_PACKAGES: [&str; 4] = ["util-linux", "iproute2", "curl", "prometheus"];
+/// (iproute2), `curl`, `promtool` (prometheus; its server is not
+/// started) to check the metrics exposition, and `rsyslogd` (rsyslog; the
+/// tests start their own daemon on a loopback port, never the system one)
+/// to receive the syslog event sink.
+const TEST_PACKAGES: [&str; 5] = ["util-linux", "iproute2", "curl", "prometheus", "rsyslog"];
 const DEBIAN_TOOLCHAIN: &str = "debian";
 
 pub fn run() -> anyhow::Result<()> {

@@ -19,6 +19,7 @@ pub use reload::{ReloadRefused, Reloaded, Reloader, Trigger};
 use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 
@@ -28,7 +29,7 @@ use crate::capture::{
     Supervisor, Targets,
 };
 use crate::config::{Config, IpPrefix, PolicyKind, StoreFailure};
-use crate::events::{EventSink, EventWriter, WriterConfig, WriterHandle};
+use crate::events::{EventSink, EventWriter, Sinks, WriterConfig, WriterHandle};
 use crate::gateway::{CaptureLookup, Captured, Gateway, GatewayBuilder, GatewayError};
 use crate::metrics::{Metrics, MetricsSink};
 use crate::record::ClientInfo;
@@ -226,6 +227,8 @@ pub struct App {
     config: Arc<Config>,
     gateway: Gateway,
     events: Option<WriterHandle>,
+    /// `policy.audit-logger.sinks`, closed after the store.
+    sinks: Option<Sinks>,
     warnings: Vec<String>,
     /// Where capture's exemption of the gateway's upstream sockets goes
     /// once the programs are attached (`None`: built without capture).
@@ -283,12 +286,18 @@ impl App {
         } else {
             (None, None)
         };
+        let sinks = (audit && !audit_cfg.sinks.is_empty())
+            .then(|| Sinks::spawn(&audit_cfg.sinks, writer.clone()));
+        let sink_health = sinks
+            .clone()
+            .map(|s| Arc::new(s) as Arc<dyn crate::record::SinkHealth>);
         let refuse_without_store = audit && audit_cfg.on_store_failure == StoreFailure::Refuse;
         let health = writer
             .clone()
             .map(|w| Arc::new(w) as Arc<dyn crate::record::AuditHealth>);
         let policy = crate::policy::Chain::new(&config, health.clone(), refuse_without_store)
-            .map_err(AppError::Policy)?;
+            .map_err(AppError::Policy)?
+            .with_sinks(sink_health.clone());
 
         let config_path = config.source.clone();
         let config = Arc::new(config);
@@ -316,7 +325,16 @@ impl App {
         if let Some(m) = &metrics {
             m.set_known(known.clone());
         }
-        let sink = writer.map(|w| Arc::new(EventSink::new(w, known)));
+        if let (Some(m), Some(s)) = (&metrics, &sinks) {
+            s.set_observer(Arc::clone(m) as Arc<dyn crate::events::SinkObserver>);
+        }
+        let sink = writer.map(|w| {
+            let s = EventSink::new(w, known);
+            Arc::new(match &sinks {
+                Some(sinks) => s.with_sinks(sinks.clone()),
+                None => s,
+            })
+        });
         let events: Arc<dyn crate::record::RecordSink> = match &sink {
             Some(s) => s.clone(),
             None => Arc::new(crate::record::NoopSink),
@@ -331,14 +349,17 @@ impl App {
             e => AppError::Gateway(e),
         })?;
         warnings.extend(gateway.warnings());
-        let reloader = Arc::new(Reloader::new(
-            Some(config_path),
-            resolver,
-            ca,
-            health,
-            gateway.clone(),
-            known_refresher(sink, metrics.clone(), Arc::clone(&resolver_for_known), fp),
-        ));
+        let reloader = Arc::new(
+            Reloader::new(
+                Some(config_path),
+                resolver,
+                ca,
+                health,
+                gateway.clone(),
+                known_refresher(sink, metrics.clone(), Arc::clone(&resolver_for_known), fp),
+            )
+            .with_sink_health(sink_health),
+        );
         if let Some(m) = &metrics {
             let gw = gateway.clone();
             m.set_snapshot(Box::new(move || gw.metrics_snapshot()));
@@ -348,6 +369,7 @@ impl App {
             config,
             gateway,
             events: handle,
+            sinks,
             warnings,
             exemption: slot,
             reloader,
@@ -424,6 +446,31 @@ impl App {
                 let _ = reloader.reload(Trigger::Signal).await;
             }
         });
+        // SIGUSR1: reopen the event sinks' files (after logrotate moved
+        // them). Always listened to, so the signal never ends kt.
+        let sinks = self.sinks.clone();
+        let usr1_stop = stop();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let mut usr1 = match signal(SignalKind::user_defined1()) {
+                Ok(h) => h,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen for SIGUSR1; event sink files are not reopened on it");
+                    return;
+                }
+            };
+            tokio::pin!(usr1_stop);
+            loop {
+                tokio::select! {
+                    () = &mut usr1_stop => return,
+                    got = usr1.recv() => if got.is_none() { return },
+                }
+                if let Some(s) = &sinks {
+                    tracing::info!("SIGUSR1: reopening event sink files");
+                    s.reopen();
+                }
+            }
+        });
         let monitor = self.gateway.clone();
         tokio::spawn(async move { monitor.monitor().await });
         tokio::spawn(watch::watch_secrets(
@@ -462,7 +509,7 @@ impl App {
             Ok(())
         }
         .await;
-        let events_flushed = close_events(self.events);
+        let events_flushed = close_events(self.events, self.sinks);
         result.map(|()| Stopped {
             detached: false,
             events_flushed,
@@ -482,7 +529,7 @@ impl App {
         notify: &dyn Fn(Notice),
     ) -> Result<Stopped, AppError> {
         let result = self.capture_lifecycle(plan, listen, attach, notify).await;
-        let events_flushed = close_events(self.events);
+        let events_flushed = close_events(self.events, self.sinks);
         result.map(|detached| Stopped {
             detached,
             events_flushed,
@@ -738,10 +785,13 @@ pub(crate) fn causes(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// Writes the events still queued (bounded) after the gateway drained;
-/// false when some could not be written.
-fn close_events(events: Option<WriterHandle>) -> bool {
-    events.is_none_or(WriterHandle::shutdown)
+/// Writes the events still queued (bounded) after the gateway drained,
+/// to the store and then to the sinks; false when some could not be
+/// written.
+fn close_events(events: Option<WriterHandle>, sinks: Option<Sinks>) -> bool {
+    let stored = events.is_none_or(WriterHandle::shutdown);
+    let sent = sinks.is_none_or(|s| s.shutdown(Duration::from_secs(5)));
+    stored && sent
 }
 
 /// The multi-threaded runtime the guard serves on.

@@ -107,6 +107,8 @@ pub struct Reloader {
     resolver: Arc<Resolver>,
     ca: Arc<crate::ca::Ca>,
     audit_health: Option<Arc<dyn AuditHealth>>,
+    /// The event sinks (restart-only), asked by every reloaded chain.
+    sink_health: Option<Arc<dyn crate::record::SinkHealth>>,
     gateway: Gateway,
     /// Refreshes the events' fingerprint → secret name map.
     on_installed: Box<dyn Fn(&Config) + Send + Sync>,
@@ -145,11 +147,21 @@ impl Reloader {
             resolver,
             ca,
             audit_health,
+            sink_health: None,
             gateway,
             on_installed,
             capture: Mutex::new(None),
             one_at_a_time: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// Reloaded chains refuse while a refusing event sink is down.
+    pub(crate) fn with_sink_health(
+        mut self,
+        sinks: Option<Arc<dyn crate::record::SinkHealth>>,
+    ) -> Reloader {
+        self.sink_health = sinks;
+        self
     }
 
     /// From now on reloads also retarget capture (`current`: what is
@@ -257,14 +269,15 @@ impl Reloader {
         } else {
             None
         };
-        let policy =
-            crate::policy::Chain::new(&config, health, refuse_without_store).map_err(|e| {
+        let policy = crate::policy::Chain::new(&config, health, refuse_without_store)
+            .map_err(|e| {
                 refused(format!(
                     "{}: {}",
                     config.source.display(),
                     super::causes(&e)
                 ))
-            })?;
+            })?
+            .with_sinks(self.sink_health.clone());
         let staged = self
             .gateway
             .stage(
@@ -432,6 +445,17 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
         format!("{:?}", old.audit.as_ref().map(|a| a.max_events)),
         format!("{:?}", new.audit.as_ref().map(|a| a.max_events)),
     );
+    // Each sink owns a thread, a file or a connection opened at start.
+    let sinks = |c: &Config| {
+        let list: Vec<String> = c
+            .audit
+            .iter()
+            .flat_map(|a| &a.sinks)
+            .map(|s| format!("{s:?}"))
+            .collect();
+        format!("[{}]", list.join(", "))
+    };
+    check("policy.audit-logger.sinks", sinks(old), sinks(new));
     out
 }
 

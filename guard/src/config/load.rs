@@ -11,7 +11,8 @@ use super::error::{ConfigError, ConfigErrors, LoadError};
 use super::model::{
     AuditLogger, Capture, CaptureScope, Config, CredentialAction, DlpAction, DlpFilter,
     GatewayMode, GatewaySettings, IpPrefix, MAX_FUZZY_DISTANCE, Pack, PolicyKind, Provider,
-    Providers, RoutingStrategy, SecretKeyRef, StoreFailure, Target,
+    Providers, RoutingStrategy, SecretKeyRef, SinkConfig, SinkKind, StoreFailure, SyslogAddress,
+    Target,
 };
 use super::tree::{self, Kind, Node, Pos};
 
@@ -686,9 +687,33 @@ impl Cx {
     fn audit(&mut self, node: &Node) -> AuditLogger {
         const P: &str = "policy.audit-logger";
         let mut out = AuditLogger::default();
-        let Some(f) = self.mapping(node, P, &["max_events", "on_store_failure"]) else {
+        let Some(f) = self.mapping(node, P, &["max_events", "on_store_failure", "sinks"]) else {
             return out;
         };
+        if let Some(n) = f.get("sinks")
+            && let Some(items) = self.list(n, &format!("{P}.sinks"))
+        {
+            let mut names: HashMap<String, Pos> = HashMap::new();
+            for (i, item) in items.iter().enumerate() {
+                let Some(sink) = self.sink(item, &format!("{P}.sinks[{i}]")) else {
+                    continue;
+                };
+                let name = sink.name();
+                if let Some(first) = names.get(&name) {
+                    self.error_hint(
+                        item.pos,
+                        format!(
+                            "`{P}.sinks[{i}]` is the same sink as the one on line {} ({name})",
+                            first.line
+                        ),
+                        "keep one of them: two writers of one destination would interleave",
+                    );
+                    continue;
+                }
+                names.insert(name, item.pos);
+                out.sinks.push(sink);
+            }
+        }
         if let Some(v) = f.get("max_events").and_then(|n| {
             self.int_in(
                 n,
@@ -701,21 +726,228 @@ impl Cx {
             out.max_events = v;
         }
         if let Some(n) = f.get("on_store_failure")
-            && let Some(v) = self.string(n, &format!("{P}.on_store_failure"))
+            && let Some(v) = self.failure(n, &format!("{P}.on_store_failure"))
         {
-            match v.as_str() {
-                "log" => out.on_store_failure = StoreFailure::Log,
-                "refuse" => out.on_store_failure = StoreFailure::Refuse,
-                other => self.error(
-                    n.pos,
-                    format!(
-                        "unknown value `{other}` in `{P}.on_store_failure` \
-                         (expected one of: log, refuse)"
-                    ),
-                ),
-            }
+            out.on_store_failure = v;
         }
         out
+    }
+
+    /// `log` or `refuse`.
+    fn failure(&mut self, node: &Node, path: &str) -> Option<StoreFailure> {
+        let v = self.string(node, path)?;
+        match v.as_str() {
+            "log" => Some(StoreFailure::Log),
+            "refuse" => Some(StoreFailure::Refuse),
+            other => {
+                self.error(
+                    node.pos,
+                    format!("unknown value `{other}` in `{path}` (expected one of: log, refuse)"),
+                );
+                None
+            }
+        }
+    }
+
+    /// One entry of `policy.audit-logger.sinks`.
+    fn sink(&mut self, node: &Node, path: &str) -> Option<SinkConfig> {
+        const KEYS: &[&str] = &[
+            "type",
+            "on_failure",
+            "queue",
+            "path",
+            "rotate_bytes",
+            "rotate_age",
+            "max_files",
+            "address",
+            "facility",
+        ];
+        let f = self.mapping(node, path, KEYS)?;
+        let kind_node =
+            self.required(&f, path, "type", "add `type: file`, `stdout` or `syslog`")?;
+        let kind = self.string(kind_node, &format!("{path}.type"))?;
+        let only = |kind: &str| -> &'static [&'static str] {
+            match kind {
+                "file" => &["path", "rotate_bytes", "rotate_age", "max_files"],
+                "syslog" => &["address", "facility"],
+                _ => &[],
+            }
+        };
+        if !matches!(kind.as_str(), "file" | "stdout" | "syslog") {
+            self.error_hint(
+                kind_node.pos,
+                format!("unknown sink type `{kind}` in `{path}.type` (expected one of: file, stdout, syslog)"),
+                closest(&kind, &["file", "stdout", "syslog"])
+                    .map_or_else(|| "use file, stdout or syslog".into(), |a| format!("did you mean `{a}`?")),
+            );
+            return None;
+        }
+        for (key, n) in &f.entries {
+            let common = matches!(*key, "type" | "on_failure" | "queue");
+            if !common && !only(&kind).contains(key) {
+                self.error_hint(
+                    n.pos,
+                    format!("`{path}.{key}` does not apply to a {kind} sink"),
+                    "remove it",
+                );
+            }
+        }
+        let mut out = SinkConfig {
+            kind: SinkKind::Stdout,
+            on_failure: StoreFailure::Log,
+            queue: 10_000,
+        };
+        if let Some(n) = f.get("on_failure")
+            && let Some(v) = self.failure(n, &format!("{path}.on_failure"))
+        {
+            out.on_failure = v;
+        }
+        if let Some(v) = f.get("queue").and_then(|n| {
+            self.int_in(
+                n,
+                &format!("{path}.queue"),
+                1,
+                10_000_000,
+                "events held for this sink at most, e.g. 10000",
+            )
+        }) {
+            out.queue = usize::try_from(v).unwrap_or(usize::MAX);
+        }
+        out.kind = match kind.as_str() {
+            "file" => {
+                let p = self.required(&f, path, "path", "add `path: /var/log/kt/events.jsonl`")?;
+                let text = self.string(p, &format!("{path}.path"))?;
+                if text.contains('\0') || text.ends_with('/') {
+                    self.error_hint(
+                        p.pos,
+                        format!("`{path}.path` is not a file path"),
+                        "give a file's path, e.g. /var/log/kt/events.jsonl",
+                    );
+                    return None;
+                }
+                let file = Path::new(&text);
+                let file = if file.is_absolute() {
+                    file.to_path_buf()
+                } else {
+                    self.base.join(file)
+                };
+                let rotate_bytes = f.get("rotate_bytes").and_then(|n| {
+                    self.int_in(
+                        n,
+                        &format!("{path}.rotate_bytes"),
+                        1024,
+                        u64::MAX,
+                        "a size in bytes, e.g. 104857600 for 100 MiB",
+                    )
+                });
+                let rotate_age = f
+                    .get("rotate_age")
+                    .and_then(|n| self.duration(n, &format!("{path}.rotate_age"), false));
+                let max_files = f
+                    .get("max_files")
+                    .and_then(|n| {
+                        self.int_in(
+                            n,
+                            &format!("{path}.max_files"),
+                            1,
+                            1000,
+                            "how many rotated files to keep, e.g. 5",
+                        )
+                    })
+                    .map_or(5, |v| u32::try_from(v).unwrap_or(5));
+                SinkKind::File {
+                    path: file,
+                    rotate_bytes,
+                    rotate_age,
+                    max_files,
+                }
+            }
+            "syslog" => {
+                let address = match f.get("address") {
+                    None => SyslogAddress::Unix(PathBuf::from("/dev/log")),
+                    Some(n) => self.syslog_address(n, &format!("{path}.address"))?,
+                };
+                let facility = match f.get("facility") {
+                    None => 16,
+                    Some(n) => self.facility(n, &format!("{path}.facility"))?,
+                };
+                SinkKind::Syslog { address, facility }
+            }
+            _ => SinkKind::Stdout,
+        };
+        Some(out)
+    }
+
+    fn syslog_address(&mut self, node: &Node, path: &str) -> Option<SyslogAddress> {
+        let text = self.string(node, path)?;
+        let hint = "write unix:///dev/log, udp://HOST:PORT or tcp://HOST:PORT";
+        let hostport = |rest: &str| {
+            rest.rsplit_once(':').is_some_and(|(h, p)| {
+                !h.is_empty() && !h.contains('/') && p.parse::<u16>().is_ok_and(|p| p != 0)
+            })
+        };
+        let addr = if let Some(rest) = text.strip_prefix("unix://") {
+            rest.starts_with('/')
+                .then(|| SyslogAddress::Unix(PathBuf::from(rest)))
+        } else if let Some(rest) = text.strip_prefix("udp://") {
+            hostport(rest).then(|| SyslogAddress::Udp(rest.to_string()))
+        } else if let Some(rest) = text.strip_prefix("tcp://") {
+            hostport(rest).then(|| SyslogAddress::Tcp(rest.to_string()))
+        } else {
+            None
+        };
+        if addr.is_none() {
+            self.error_hint(
+                node.pos,
+                format!("invalid syslog address `{text}` in `{path}`"),
+                hint,
+            );
+        }
+        addr
+    }
+
+    fn facility(&mut self, node: &Node, path: &str) -> Option<u8> {
+        const NAMES: [&str; 24] = [
+            "kern",
+            "user",
+            "mail",
+            "daemon",
+            "auth",
+            "syslog",
+            "lpr",
+            "news",
+            "uucp",
+            "cron",
+            "authpriv",
+            "ftp",
+            "ntp",
+            "security",
+            "console",
+            "solaris-cron",
+            "local0",
+            "local1",
+            "local2",
+            "local3",
+            "local4",
+            "local5",
+            "local6",
+            "local7",
+        ];
+        let text = self.string(node, path)?;
+        match NAMES.iter().position(|n| *n == text) {
+            Some(i) => u8::try_from(i).ok(),
+            None => {
+                self.error_hint(
+                    node.pos,
+                    format!("unknown syslog facility `{text}` in `{path}`"),
+                    closest(&text, &NAMES).map_or_else(
+                        || "use e.g. local0 … local7, auth, authpriv, daemon".into(),
+                        |a| format!("did you mean `{a}`?"),
+                    ),
+                );
+                None
+            }
+        }
     }
 
     fn gateway(&mut self, node: Option<&Node>) -> GatewaySettings {

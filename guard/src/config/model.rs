@@ -190,6 +190,8 @@ pub struct AuditLogger {
     pub max_events: u64,
     /// `on_store_failure` (default `log`): what to do when events cannot be written.
     pub on_store_failure: StoreFailure,
+    /// `sinks` (default none): where events go besides the SQLite store.
+    pub sinks: Vec<SinkConfig>,
 }
 
 impl Default for AuditLogger {
@@ -197,6 +199,78 @@ impl Default for AuditLogger {
         AuditLogger {
             max_events: 1_000_000,
             on_store_failure: StoreFailure::Log,
+            sinks: Vec::new(),
+        }
+    }
+}
+
+/// One entry of `policy.audit-logger.sinks`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SinkConfig {
+    /// `type` and its options.
+    pub kind: SinkKind,
+    /// `on_failure` (default `log`): `refuse` refuses requests while this
+    /// sink cannot take events.
+    pub on_failure: StoreFailure,
+    /// `queue` (default 10,000): events waiting for this sink at most;
+    /// beyond it they are dropped and counted, never waited for.
+    pub queue: usize,
+}
+
+impl SinkConfig {
+    /// The sink's name in logs, metrics labels and drop events:
+    /// `file:PATH`, `stdout`, `syslog:ADDRESS`.
+    pub fn name(&self) -> String {
+        match &self.kind {
+            SinkKind::File { path, .. } => format!("file:{}", path.display()),
+            SinkKind::Stdout => "stdout".into(),
+            SinkKind::Syslog { address, .. } => format!("syslog:{address}"),
+        }
+    }
+}
+
+/// `type` of a sink and the options that go with it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SinkKind {
+    /// `type: file`: JSON Lines appended to `path`.
+    File {
+        /// `path` (absolute; relative to the config file's directory otherwise).
+        path: PathBuf,
+        /// `rotate_bytes`: rotate before the file would grow past this.
+        rotate_bytes: Option<u64>,
+        /// `rotate_age`: rotate a file opened longer ago than this.
+        rotate_age: Option<Duration>,
+        /// `max_files` (default 5): rotated files kept (`PATH.1` newest).
+        max_files: u32,
+    },
+    /// `type: stdout`: JSON Lines on kt's standard output.
+    Stdout,
+    /// `type: syslog`: RFC 5424 messages, the event's JSON as MSG.
+    Syslog {
+        /// `address` (default `unix:///dev/log`).
+        address: SyslogAddress,
+        /// `facility` (default `local0`), as its number (0-23).
+        facility: u8,
+    },
+}
+
+/// Where a syslog sink sends.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SyslogAddress {
+    /// `unix:///dev/log`: the local daemon's datagram socket.
+    Unix(PathBuf),
+    /// `udp://HOST:PORT`: one datagram per event (RFC 5426).
+    Udp(String),
+    /// `tcp://HOST:PORT`: octet-counted frames (RFC 6587).
+    Tcp(String),
+}
+
+impl std::fmt::Display for SyslogAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SyslogAddress::Unix(p) => write!(f, "unix://{}", p.display()),
+            SyslogAddress::Udp(a) => write!(f, "udp://{a}"),
+            SyslogAddress::Tcp(a) => write!(f, "tcp://{a}"),
         }
     }
 }

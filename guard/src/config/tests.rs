@@ -264,6 +264,16 @@ fn full_example_sets_every_optional_section() {
     let audit = c.audit.unwrap();
     assert_eq!(audit.max_events, 50_000);
     assert_eq!(audit.on_store_failure, StoreFailure::Refuse);
+    let sinks: Vec<String> = audit.sinks.iter().map(SinkConfig::name).collect();
+    assert_eq!(
+        sinks,
+        [
+            "file:/var/log/kt/events.jsonl",
+            "stdout",
+            "syslog:udp://127.0.0.1:514"
+        ]
+    );
+    assert_eq!(audit.sinks[0].queue, 20_000);
     let g = &c.gateway;
     assert_eq!(g.listen, "127.0.0.1:9787".parse::<SocketAddr>().unwrap());
     assert_eq!(
@@ -937,4 +947,80 @@ fn a_catalog_provider_needs_no_base_url() {
     assert_eq!(c.providers.targets[0].provider, Provider::Groq);
     assert_eq!(c.providers.targets[0].base_url, None);
     assert_eq!(c.providers.targets[1].provider, Provider::HuggingFace);
+}
+
+#[test]
+fn event_sinks_take_file_stdout_and_syslog_with_their_options() {
+    let c = ok(&with(
+        "policy:\n  audit-logger:\n    sinks:\n      - type: file\n        path: events.jsonl\n        \
+         rotate_bytes: 1048576\n        rotate_age: 24h\n        max_files: 3\n        on_failure: refuse\n      \
+         - type: stdout\n        queue: 50\n      - type: syslog\n        address: tcp://127.0.0.1:6514\n        \
+         facility: authpriv\n      - type: syslog\n",
+    ));
+    let sinks = c.audit.unwrap().sinks;
+    assert_eq!(sinks.len(), 4);
+    assert_eq!(
+        sinks[0].kind,
+        SinkKind::File {
+            path: PathBuf::from("events.jsonl"),
+            rotate_bytes: Some(1_048_576),
+            rotate_age: Some(Duration::from_secs(86_400)),
+            max_files: 3,
+        }
+    );
+    assert_eq!(sinks[0].on_failure, StoreFailure::Refuse);
+    assert_eq!(
+        (sinks[1].kind.clone(), sinks[1].queue),
+        (SinkKind::Stdout, 50)
+    );
+    assert_eq!(sinks[1].on_failure, StoreFailure::Log);
+    assert_eq!(
+        sinks[2].kind,
+        SinkKind::Syslog {
+            address: SyslogAddress::Tcp("127.0.0.1:6514".into()),
+            facility: 10,
+        }
+    );
+    assert_eq!(sinks[3].name(), "syslog:unix:///dev/log");
+}
+
+#[test]
+fn event_sink_mistakes_are_errors_with_their_position() {
+    let e = errs(&with(
+        "policy:\n  audit-logger:\n    sinks:\n      - type: fiel\n      - type: stdout\n        path: x\n      \
+         - type: syslog\n        address: udp://collector\n      - type: file\n      \
+         - type: stdout\n        on_failure: block\n      - type: stdout\n",
+    ));
+    let text = e.to_string();
+    assert!(
+        text.contains(
+            "t.yaml:10:15: unknown sink type `fiel` in `policy.audit-logger.sinks[0].type`"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("did you mean `file`?"), "{text}");
+    assert!(
+        text.contains(
+            "t.yaml:12:15: `policy.audit-logger.sinks[1].path` does not apply to a stdout sink"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "invalid syslog address `udp://collector` in `policy.audit-logger.sinks[2].address`"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("missing `path` in `policy.audit-logger.sinks[3]`"),
+        "{text}"
+    );
+    assert!(
+        text.contains("unknown value `block` in `policy.audit-logger.sinks[4].on_failure`"),
+        "{text}"
+    );
+    assert!(
+        text.contains("sinks[5]` is the same sink as the one on line 11 (stdout)"),
+        "{text}"
+    );
 }

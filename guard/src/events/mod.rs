@@ -18,17 +18,19 @@ mod model;
 mod report;
 mod retirement;
 mod sink;
+mod sinks;
 mod store;
 mod summary;
 mod writer;
 
 pub use model::{
-    Amendment, Client, Decision, Event, FallbackStep, PolicyNote, PresentedKey, StreamEnd,
-    StreamOutcome,
+    Amendment, Client, Decision, Event, EventJson, FallbackStep, PolicyNote, PresentedKey,
+    SCHEMA_VERSION, StreamEnd, StreamOutcome,
 };
 pub use report::{KeyUsage, ProcessUsage};
 pub use retirement::{LastProbe, RotationAlarm, TargetEvidence};
 pub use sink::{EventSink, to_event, to_stream_outcome};
+pub use sinks::{SINK_DROPPED, SinkObserver, SinkStats, Sinks};
 pub use store::{Changes, Cursor, EventStore, Filter};
 pub use summary::{FailOn, Summary};
 pub use writer::{EventWriter, WriterConfig, WriterHandle, WriterStats};

@@ -167,6 +167,21 @@ pub struct Amendment {
     pub stream: StreamOutcome,
 }
 
+/// The version of the events' JSON shape: the `schema` field of every
+/// event `kt events --output json` prints and every sink writes. Raised
+/// when a field is renamed or removed or changes meaning (added fields do
+/// not raise it).
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// An event as JSON: `{"schema": 1, ...the event's fields}`, the one shape
+/// of `kt events --output json` and of every sink.
+#[derive(Debug, Serialize)]
+pub struct EventJson<'a> {
+    schema: u32,
+    #[serde(flatten)]
+    event: &'a Event,
+}
+
 /// One decision event: what happened to one request.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Event {
@@ -206,6 +221,14 @@ pub struct Event {
 }
 
 impl Event {
+    /// This event in its versioned JSON shape (see [`SCHEMA_VERSION`]).
+    pub fn json(&self) -> EventJson<'_> {
+        EventJson {
+            schema: SCHEMA_VERSION,
+            event: self,
+        }
+    }
+
     /// An event stamped now, with every optional field empty.
     pub fn new(request_id: impl Into<String>, decision: Decision) -> Event {
         Event {

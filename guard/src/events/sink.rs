@@ -7,7 +7,7 @@ use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
 
 use super::{
-    Amendment, Client, Decision, Event, EventWriter, FallbackStep, PolicyNote, PresentedKey,
+    Amendment, Client, Decision, Event, EventWriter, FallbackStep, PolicyNote, PresentedKey, Sinks,
     StreamEnd, StreamOutcome,
 };
 use crate::record::{self, CutReason, PolicyAction, RecordSink, RequestRecord};
@@ -23,6 +23,8 @@ pub struct EventSink {
     /// presented. Replaced whole when secrets change (a reload, a rotated
     /// store value); requests read a snapshot.
     known: RwLock<Arc<HashMap<String, String>>>,
+    /// `policy.audit-logger.sinks`, when any.
+    sinks: Option<Sinks>,
 }
 
 impl EventSink {
@@ -32,7 +34,14 @@ impl EventSink {
         EventSink {
             writer,
             known: RwLock::new(Arc::new(known)),
+            sinks: None,
         }
+    }
+
+    /// Also hands every event to `sinks` (stream cuts stay in the store).
+    pub fn with_sinks(mut self, sinks: Sinks) -> EventSink {
+        self.sinks = Some(sinks);
+        self
     }
 
     /// Replaces the fingerprint → name map: records from now on are matched
@@ -56,7 +65,11 @@ impl EventSink {
 
 impl RecordSink for EventSink {
     fn record(&self, r: RequestRecord) {
-        self.writer.record(to_event(&r, &self.known()));
+        let event = to_event(&r, &self.known());
+        if let Some(sinks) = &self.sinks {
+            sinks.record(&event);
+        }
+        self.writer.record(event);
     }
 
     fn amend(&self, request_id: &str, time: SystemTime, cut: record::StreamCut) {

@@ -67,6 +67,8 @@ pub struct Metrics {
     target_probe: Family<Labels<2>, Gauge>,
     generation: Gauge,
     budget: Family<Labels<1>, Counter>,
+    sink_dropped: Family<Labels<2>, Counter>,
+    sink_up: Family<Labels<1>, Gauge>,
     budget_seen: Mutex<[u64; 3]>,
     /// Fingerprint → managed secret name, refreshed on reload.
     known: RwLock<Arc<HashMap<String, String>>>,
@@ -185,6 +187,18 @@ impl Metrics {
             "Connections refused or closed by a budget, by which",
             budget.clone(),
         );
+        let sink_dropped = Family::<Labels<2>, Counter>::default();
+        registry.register(
+            "event_sink_dropped",
+            "Events that did not reach an event sink, by sink and reason (queue_full, sink_down)",
+            sink_dropped.clone(),
+        );
+        let sink_up = Family::<Labels<1>, Gauge>::default();
+        registry.register(
+            "event_sink_up",
+            "1 while an event sink takes events, 0 while it is down",
+            sink_up.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -201,6 +215,8 @@ impl Metrics {
             target_probe,
             generation,
             budget,
+            sink_dropped,
+            sink_up,
             budget_seen: Mutex::new([0; 3]),
             known: RwLock::new(Arc::new(HashMap::new())),
             snapshot: RwLock::new(None),
@@ -441,5 +457,22 @@ impl RecordSink for MetricsSink {
             .get_or_create(&[("reason", cut_label(&cut.reason).to_string())])
             .inc();
         self.next.amend(request_id, time, cut);
+    }
+}
+
+/// Event sinks count their losses here (`kt_event_sink_dropped_total`) and
+/// say whether they are up (`kt_event_sink_up`). Sink names come from the
+/// config, so the label values are bounded.
+impl crate::events::SinkObserver for Metrics {
+    fn dropped(&self, sink: &str, reason: &'static str, n: u64) {
+        self.sink_dropped
+            .get_or_create(&[("sink", sink.to_string()), ("reason", reason.to_string())])
+            .inc_by(n);
+    }
+
+    fn up(&self, sink: &str, up: bool) {
+        self.sink_up
+            .get_or_create(&[("sink", sink.to_string())])
+            .set(i64::from(up));
     }
 }

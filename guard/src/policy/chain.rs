@@ -1,6 +1,7 @@
 //! The policy chain as configured (`policies.chain`): `dlp-filter` scans
 //! what a request carries and blocks, redacts or records; `audit-logger`
-//! refuses traffic while events cannot be recorded, when configured to.
+//! refuses traffic while events cannot be recorded (in the store, or by an
+//! event sink with `on_failure: refuse`), when configured to.
 
 use std::sync::Arc;
 
@@ -10,7 +11,7 @@ use http::StatusCode;
 use super::{Policy, PolicyRequest, PolicyVerdict, Refusal};
 use crate::config::{Config, DlpAction, PolicyKind};
 use crate::dlp::{Finding, Location, RequestView, Scanner};
-use crate::record::{AuditHealth, PolicyAction, PolicyId, PolicyNote, codes};
+use crate::record::{AuditHealth, PolicyAction, PolicyId, PolicyNote, SinkHealth, codes};
 
 /// Errors compiling the chain.
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +31,7 @@ enum Step {
     Audit {
         health: Option<Arc<dyn AuditHealth>>,
         refuse_when_unhealthy: bool,
+        sinks: Option<Arc<dyn SinkHealth>>,
     },
 }
 
@@ -53,10 +55,22 @@ impl Chain {
                 PolicyKind::AuditLogger => steps.push(Step::Audit {
                     health: health.clone(),
                     refuse_when_unhealthy,
+                    sinks: None,
                 }),
             }
         }
         Ok(Chain { steps })
+    }
+
+    /// The audit-logger also refuses requests while `sinks` names an event
+    /// sink with `on_failure: refuse` that is down.
+    pub fn with_sinks(mut self, sinks: Option<Arc<dyn SinkHealth>>) -> Chain {
+        for step in &mut self.steps {
+            if let Step::Audit { sinks: s, .. } = step {
+                s.clone_from(&sinks);
+            }
+        }
+        self
     }
 }
 
@@ -76,7 +90,21 @@ impl Policy for Chain {
                 Step::Audit {
                     health,
                     refuse_when_unhealthy,
+                    sinks,
                 } => {
+                    if let Some(down) = sinks.as_ref().and_then(|s| s.refusing()) {
+                        notes.push(PolicyNote {
+                            policy: PolicyId::AuditLogger,
+                            action: PolicyAction::Block,
+                            rule: "event-sink-unavailable".into(),
+                            location: Some(down.to_string()),
+                        });
+                        return PolicyVerdict::Block(Refusal {
+                            status: StatusCode::SERVICE_UNAVAILABLE,
+                            code: codes::AUDIT_UNAVAILABLE,
+                            message: "kt: an event sink is unavailable and this gateway is configured to refuse traffic until it recovers (policy.audit-logger.sinks: on_failure: refuse)".into(),
+                        });
+                    }
                     let healthy = health.as_ref().is_none_or(|h| h.healthy());
                     if !healthy && *refuse_when_unhealthy {
                         notes.push(PolicyNote {

@@ -377,6 +377,13 @@ pub trait AuditHealth: Send + Sync {
     fn healthy(&self) -> bool;
 }
 
+/// Whether every event sink that must not miss events can take them (the
+/// sinks answer it; the audit-logger policy asks).
+pub trait SinkHealth: Send + Sync {
+    /// The name of a sink with `on_failure: refuse` that is down now, if any.
+    fn refusing(&self) -> Option<Arc<str>>;
+}
+
 /// Drops every record.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct NoopSink;

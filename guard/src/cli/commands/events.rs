@@ -206,7 +206,7 @@ impl Printer {
         match out.format() {
             OutputFormat::Json => {
                 for e in events {
-                    out.json_line(e)?;
+                    out.json_line(&e.json())?;
                 }
             }
             OutputFormat::Human => {
