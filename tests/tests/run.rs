@@ -156,6 +156,8 @@ gateway:
 /// ends before its cgroup is removed and before its mount namespace goes.
 struct Scenario {
     kt: Guard,
+    /// Arguments of `setpriv` to start kt under (none: kt directly).
+    setpriv: Vec<String>,
     cgroup: TestCgroup,
     mounts: PrivateMounts,
     q2: FakeProvider,
@@ -177,6 +179,17 @@ impl Scenario {
 
     /// As [`Scenario::start`] with `capture.scope` set to `scope`.
     fn start_scoped(label: &str, net: u8, listen: Listen, scope: &str) -> Scenario {
+        Scenario::start_full(label, net, listen, scope, Vec::new())
+    }
+
+    /// As [`Scenario::start`], kt started through `setpriv WRAP... kt`.
+    fn start_full(
+        label: &str,
+        net: u8,
+        listen: Listen,
+        scope: &str,
+        setpriv: Vec<String>,
+    ) -> Scenario {
         let rt = tokio::runtime::Runtime::new().unwrap();
         let ca = TestCa::new();
         let provider = format!("127.77.{net}.10");
@@ -210,6 +223,7 @@ impl Scenario {
         let log = dir.path().join(format!("kt-{label}.log"));
         let mut s = Scenario {
             kt: Guard(None),
+            setpriv,
             cgroup,
             mounts,
             q2,
@@ -231,9 +245,14 @@ impl Scenario {
     /// until it captures.
     fn run_kt(&mut self) {
         let _ = std::fs::remove_file(&self.log);
-        let child = self
-            .mounts
-            .command(KT)
+        let mut command = if self.setpriv.is_empty() {
+            self.mounts.command(KT)
+        } else {
+            let mut c = self.mounts.command("setpriv");
+            c.args(&self.setpriv).arg("--").arg(KT);
+            c
+        };
+        let child = command
             .args(["run", "--config", self.cfg.to_str().unwrap(), "--cgroup"])
             .arg(self.cgroup.path())
             .env("KT_DATA_DIR", &self.data)
@@ -451,6 +470,47 @@ fn kt_run_swaps_a_legacy_process_key_and_names_the_process() {
     assert!(
         report.contains("OPENAI_API_KEY_2026Q1") && report.contains("curl"),
         "{report}"
+    );
+}
+
+/// The capability bound of the systemd unit (`kt service unit`, what the
+/// .deb and `kt service install` ship) is enough for `kt run`: under
+/// exactly that bounding set and no_new_privs, capture attaches, and a
+/// legacy process's request is captured and sent with the managed key.
+/// (The unit's file-system sandboxing is systemd's and is not applied here.)
+#[test]
+fn kt_run_works_within_the_units_capability_bound() {
+    if skip() {
+        return;
+    }
+    let unit = Command::new(KT).args(["service", "unit"]).output().unwrap();
+    let unit = String::from_utf8(unit.stdout).unwrap();
+    let caps = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .unwrap_or_else(|| panic!("no capability bound in the unit:\n{unit}"));
+    let bound: Vec<String> = caps
+        .split_whitespace()
+        .map(|c| format!("+{}", c.trim_start_matches("CAP_").to_lowercase()))
+        .collect();
+    let setpriv = vec![
+        "--bounding-set".to_string(),
+        format!("-all,{}", bound.join(",")),
+        "--no-new-privs".to_string(),
+    ];
+    let mut s = Scenario::start_full("unitcaps", 10, Listen::Free, "provider", setpriv);
+    let (status, body, err, _) = s.curl("https://api.openai.com/v1/chat/completions", 443);
+    assert!(
+        status.success(),
+        "curl failed: {err}\nkt log:\n{}",
+        s.kt_log()
+    );
+    assert!(body.contains("fake-q2"), "{body}");
+    let seen = s.q2.requests();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(
+        seen[0].headers.get("authorization").unwrap(),
+        &format!("Bearer {Q2}")
     );
 }
 

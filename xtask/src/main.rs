@@ -1,9 +1,10 @@
-//! Project tasks: `cargo xtask setup | test | bench NAME`.
+//! Project tasks: `cargo xtask setup | test | demo | bench NAME | dist`.
 //!
 //! xtask does not depend on `guard`, so it builds on a fresh machine before
 //! the eBPF toolchain exists.
 
 mod demo;
+mod dist;
 mod setup;
 
 use std::process::Command;
@@ -36,6 +37,9 @@ enum Cmd {
         #[arg(value_parser = ["dlp", "gateway", "events", "capture"])]
         name: String,
     },
+    /// Release artefacts in target/dist: a static musl `kt`, a tarball
+    /// (binary, README, man pages, completions) and a .deb.
+    Dist,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -43,9 +47,11 @@ fn main() -> anyhow::Result<()> {
         Cmd::Setup => setup::run(),
         Cmd::Test { args } => {
             setup::run()?;
+            dist_test_notice();
             // Default members: everything but guard-ebpf, which only builds for BPF.
             cargo(&[&["test", "--locked"], &as_strs(&args)[..]].concat())
         }
+        Cmd::Dist => dist::run(),
         Cmd::Demo => {
             setup::run()?;
             demo::run()
@@ -64,6 +70,24 @@ fn main() -> anyhow::Result<()> {
             }
             cargo(&["bench", "--locked", "-p", package, "--bench", &name])
         }
+    }
+}
+
+/// The dist tests (guard-tests `--test dist`) check the release artefacts
+/// only when they exist or `KT_TEST_DIST=1` asks for a build (a musl build
+/// of the standard library takes long); say so here, where it is seen.
+fn dist_test_notice() {
+    let (bin, _, deb) = dist::names();
+    let dir = dist::dist_dir(&dist::workspace_root());
+    if std::env::var_os("KT_TEST_DIST").is_some_and(|v| v == "1") {
+        println!(
+            "test: dist         KT_TEST_DIST=1: the dist tests build the artefacts (cargo xtask dist)"
+        );
+    } else if !dir.join(&bin).exists() || !dir.join(&deb).exists() {
+        println!(
+            "test: dist         SKIPPED: no {bin} / {deb} in {}; run `cargo xtask dist` first or set KT_TEST_DIST=1",
+            dir.display()
+        );
     }
 }
 

@@ -71,11 +71,11 @@ enum Route {
     Nightly,
 }
 
-fn step(name: &str, what: &str) {
+pub(crate) fn step(name: &str, what: &str) {
     println!("setup: {name:<12} {what}");
 }
 
-fn output(cmd: &mut Command) -> Option<String> {
+pub(crate) fn output(cmd: &mut Command) -> Option<String> {
     let out = cmd.stderr(Stdio::null()).output().ok()?;
     out.status
         .success()
@@ -94,7 +94,7 @@ fn has_src(toolchain: &str) -> bool {
         .exists()
 }
 
-fn apt_packages(packages: &[&str]) -> anyhow::Result<()> {
+pub(crate) fn apt_packages(packages: &[&str]) -> anyhow::Result<()> {
     let missing: Vec<&str> = packages
         .iter()
         .copied()
@@ -241,7 +241,7 @@ fn with_sudo(sudo: bool, program: &str, args: &[&str]) -> Command {
     }
 }
 
-fn run_cmd(mut cmd: Command, what: &str) -> anyhow::Result<()> {
+pub(crate) fn run_cmd(mut cmd: Command, what: &str) -> anyhow::Result<()> {
     let status = cmd.status().with_context(|| format!("cannot run {what}"))?;
     if !status.success() {
         bail!("{what} failed ({status})");

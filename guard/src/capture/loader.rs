@@ -403,8 +403,29 @@ fn earlier_pins(dir: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
-/// Detaches and removes the links pinned in `dir`.
-fn remove_pins(dir: &Path) {
+/// Detaches every capture link pinned under `root` (the `kt` directory on
+/// a bpffs: `<root>/cg-<cgroup inode>/<pid>-<nanos>/<program>`, the layout
+/// `kt run` pins in) and removes the directories. What `kt service
+/// uninstall` runs after stopping kt, whose `--keep-attached` left the links
+/// in place. Returns how many links were detached; a missing `root` is zero.
+pub fn remove_pinned_capture(root: &Path) -> usize {
+    let mut detached = 0;
+    for cgroup_dir in earlier_pins(root) {
+        for run_dir in earlier_pins(&cgroup_dir) {
+            detached += remove_pins(&run_dir);
+        }
+        if let Err(e) = std::fs::remove_dir(&cgroup_dir) {
+            tracing::warn!(dir = %cgroup_dir.display(), error = %e, "cannot remove a pin directory");
+        }
+    }
+    // Already gone, or something else lives there: either way not ours to force.
+    let _ = std::fs::remove_dir(root);
+    detached
+}
+
+/// Detaches and removes the links pinned in `dir`; how many.
+fn remove_pins(dir: &Path) -> usize {
+    let mut detached = 0;
     for entry in std::fs::read_dir(dir)
         .into_iter()
         .flatten()
@@ -412,7 +433,10 @@ fn remove_pins(dir: &Path) {
     {
         match PinnedLink::from_pin(entry.path()) {
             Ok(link) => match link.unpin() {
-                Ok(fd) => drop(fd),
+                Ok(fd) => {
+                    detached += 1;
+                    drop(fd);
+                }
                 Err(e) => {
                     tracing::warn!(path = %entry.path().display(), error = %e, "cannot unpin a stale capture link");
                 }
@@ -430,6 +454,7 @@ fn remove_pins(dir: &Path) {
             tracing::warn!(dir = %dir.display(), error = %e, "cannot remove an old pin directory");
         }
     }
+    detached
 }
 
 fn remove_ports(map: &mut PortMap, ports: &[u16]) {

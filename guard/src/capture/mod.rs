@@ -19,7 +19,7 @@ pub use cgroup::{
     BPFFS_DEFAULT, CgroupError, bpffs_mount, cgroup2_mount, cgroup2_mount_in, ensure_bpffs,
 };
 pub use exempt::{CaptureExemption, ExemptionSlot, NoExemption, SocketExemption, socket_cookie};
-pub use loader::{Capture, CaptureSpec, ClientOrigin};
+pub use loader::{Capture, CaptureSpec, ClientOrigin, remove_pinned_capture};
 pub use peer::{PeerProcess, find_socket, peer_process, peer_process_in};
 pub use prefix::{PrefixError, prefix_of};
 pub use process::{

@@ -86,6 +86,12 @@ pub enum Command {
         #[command(subcommand)]
         cmd: commands::gateway::GatewayCmd,
     },
+    /// kt as a systemd service: install (enable, start) or uninstall the unit.
+    Service {
+        /// What to do.
+        #[command(subcommand)]
+        cmd: commands::service::ServiceCmd,
+    },
     /// A summary of what kt decided (a CI job summary with `--format markdown`).
     Report(commands::report::ReportArgs),
     /// Print a shell completion script: `kt completions bash > /etc/bash_completion.d/kt`.
@@ -119,6 +125,7 @@ pub fn main() -> ExitStatus {
         Command::Ca { cmd } => commands::ca::run(cmd, &global),
         Command::Events(args) => commands::events::run(&args, &global),
         Command::Gateway { cmd } => commands::gateway::run(cmd, &global),
+        Command::Service { cmd } => commands::service::run(cmd, &global),
         Command::Report(args) => {
             with_std_output(&global, |out| commands::report::run(&args, &global, out))
         }

@@ -8,3 +8,4 @@ mod probe;
 pub mod report;
 pub mod run;
 pub mod secrets;
+pub mod service;
