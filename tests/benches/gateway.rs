@@ -508,7 +508,7 @@ async fn proxy_comparison(
     fake: &FakeProvider,
     upstream_ca: &TestCa,
     direct_cfg: &Arc<rustls::ClientConfig>,
-) {
+) -> Option<f64> {
     let body = body_of(1024);
     println!();
     println!(
@@ -519,7 +519,7 @@ async fn proxy_comparison(
         println!(
             "  skipped: no nginx found (`cargo xtask bench gateway` installs nginx-light; or set KT_BENCH_NGINX)"
         );
-        return;
+        return None;
     };
     let dir = std::env::temp_dir().join(format!("kt-bench-proxy-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -641,12 +641,18 @@ async fn proxy_comparison(
         "  (client, fake provider and proxy share the same 2 cores; {PROXY_ROUNDS} interleaved rounds: latency medians of the rounds, throughput best round of {:.1} s; kt runs its default multi-threaded runtime)",
         PROXY_WINDOW.as_secs_f64()
     );
+    figs[2].cpu_us
 }
 
 /// The request path with metrics on (a `MetricsSink` counting every
 /// record) against the same gateway without, interleaved rounds in one
 /// run: throughput ratio (target >= 0.98).
-async fn metrics_cost(fake: &FakeProvider, upstream_ca: &TestCa, off: &Endpoint) {
+async fn metrics_cost(
+    fake: &FakeProvider,
+    upstream_ca: &TestCa,
+    off: &Endpoint,
+    kt_cpu_us: Option<f64>,
+) {
     use guard::metrics::{Metrics, MetricsSink};
     let gca = Arc::new(Ca::ephemeral().unwrap());
     let metrics = Arc::new(Metrics::new());
@@ -696,6 +702,54 @@ async fn metrics_cost(fake: &FakeProvider, upstream_ca: &TestCa, off: &Endpoint)
         met(median >= 0.98),
         metrics.recorded(),
     );
+    // The same cost without the noise of shared cores: what counting one
+    // typical record takes, against kt's CPU per request (measured above,
+    // `kt gateway run` with DLP and events).
+    let rec = typical_record();
+    let n = 200_000u32;
+    let t = Instant::now();
+    for _ in 0..n {
+        metrics.observe(std::hint::black_box(&rec));
+    }
+    let per = t.elapsed().as_secs_f64() * 1e9 / f64::from(n);
+    match kt_cpu_us {
+        Some(cpu) => println!(
+            "metrics: {per:.0} ns to count one request = {:.2}% of kt's {cpu:.0} us CPU per request (target < 2%: {})",
+            per / (cpu * 1e3) * 100.0,
+            met(per / (cpu * 1e3) < 0.02)
+        ),
+        None => println!(
+            "metrics: {per:.0} ns to count one request (kt's CPU per request not measured: no nginx run)"
+        ),
+    }
+}
+
+/// A request record as the gateway makes one: provider, target, status,
+/// a presented key, an upstream latency, one attempt.
+fn typical_record() -> guard::record::RequestRecord {
+    use guard::record::{Arrival, Attempt, Outcome, RequestRecord};
+    let mut r = RequestRecord::new(
+        "bench-1".into(),
+        Arrival::Capture,
+        None,
+        ClientInfo::default(),
+        "POST".into(),
+    );
+    r.provider = Some("openai".into());
+    r.path = "/chat/completions".into();
+    r.chosen = Some("oa1".into());
+    r.status = 200;
+    r.latency = Duration::from_millis(12);
+    r.upstream_first_byte = Some(Duration::from_millis(11));
+    r.client_key_fingerprint = Some("fp:0123456789ab".into());
+    r.attempts.push(Attempt {
+        target: "oa1".into(),
+        outcome: Outcome::Status {
+            status: 200,
+            retry_after: None,
+        },
+    });
+    r
 }
 
 fn met(ok: bool) -> &'static str {
@@ -849,8 +903,8 @@ async fn main() {
         );
     }
 
-    metrics_cost(&fake, &upstream_ca, &via_gw).await;
-    proxy_comparison(&fake, &upstream_ca, &direct_cfg).await;
+    let kt_cpu_us = proxy_comparison(&fake, &upstream_ca, &direct_cfg).await;
+    metrics_cost(&fake, &upstream_ca, &via_gw, kt_cpu_us).await;
     idle_flood(&fake, &upstream_ca).await;
     println!();
 
