@@ -40,6 +40,8 @@ pub mod config;
 pub mod datadir;
 pub mod dlp;
 pub mod events;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod gateway;
 pub mod policy;
 pub mod preflight;

@@ -1,9 +1,10 @@
-//! Project tasks: `cargo xtask setup | test | bench NAME`.
+//! Project tasks: `cargo xtask setup | test | demo | bench NAME | fuzz [TARGET]`.
 //!
 //! xtask does not depend on `guard`, so it builds on a fresh machine before
 //! the eBPF toolchain exists.
 
 mod demo;
+mod fuzz;
 mod setup;
 
 use std::process::Command;
@@ -36,6 +37,16 @@ enum Cmd {
         #[arg(value_parser = ["dlp", "gateway", "events", "capture"])]
         name: String,
     },
+    /// Runs the fuzz targets of tests/fuzz (cargo-fuzz, libFuzzer) and
+    /// prints executions and coverage; new crashes go to tests/fuzz/regressions.
+    Fuzz {
+        /// One target (default: all, one after the other).
+        #[arg(value_parser = fuzz::TARGETS.map(|(n, _)| n))]
+        target: Option<String>,
+        /// How long each target runs.
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -49,6 +60,10 @@ fn main() -> anyhow::Result<()> {
         Cmd::Demo => {
             setup::run()?;
             demo::run()
+        }
+        Cmd::Fuzz { target, seconds } => {
+            setup::run()?;
+            fuzz::run(target.as_deref(), seconds)
         }
         Cmd::Bench { name } => {
             setup::run()?;

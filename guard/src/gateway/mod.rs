@@ -15,15 +15,15 @@
 //! `upstream` (connections to providers).
 #![forbid(unsafe_code)]
 
-mod connect;
+pub(crate) mod connect;
 mod forward;
 mod handler;
 mod health;
 mod limit;
 mod probe;
-mod relay;
+pub(crate) mod relay;
 mod serve;
-mod tls;
+pub(crate) mod tls;
 mod upstream;
 
 pub use handler::{GwBody, Mode};
