@@ -156,6 +156,7 @@ fn fuzz_cmd(toolchain: &setup::FuzzToolchain, target_dir: &Path) -> Command {
     // cargo set for xtask's own toolchain must not leak in.
     let mut cmd = Command::new("cargo");
     cmd.arg(format!("+{}", toolchain.name))
+        .arg("fuzz")
         .env_remove("RUSTUP_TOOLCHAIN")
         .env_remove("RUSTC")
         .env_remove("CARGO")
