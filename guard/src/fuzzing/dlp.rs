@@ -46,7 +46,7 @@ fn fixture() -> &'static Fixture {
                 "sk-[A-Za-z0-9]{20,}".into(),
                 "ghp_[0-9A-Za-z]{36}".into(),
                 // No literal prefix: goes through the RegexSet fallback.
-                "[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[0-9a-f]{12}".into(),
+                "[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[0-9a-f]{4}-[0-9a-f]{12}".into(),
             ],
             blocked_terms: vec!["openai production key".into(), "billing token".into()],
             action: DlpAction::Redact,
