@@ -2,6 +2,10 @@
 //! same harness the fuzz target runs (`guard::fuzzing`), on stable, with no
 //! cargo-fuzz: `tests/fuzz/corpus/<target>/` and
 //! `tests/fuzz/regressions/<target>/`. `cargo xtask fuzz` grows them.
+//!
+//! A regression named `open-*` is a finding not fixed yet (described in
+//! `tests/fuzz/RESULTS.md`): it must still fail, so fixing it makes this
+//! test say to drop the `open-` prefix.
 
 use std::path::{Path, PathBuf};
 
@@ -36,7 +40,20 @@ fn replay(target: &str) {
         let data = std::fs::read(&path).expect("read a corpus file");
         // The path names the failing input when a harness asserts.
         eprintln!("replaying {}", path.display());
-        harness(&data);
+        let open = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("open-"));
+        if open {
+            let failed = std::panic::catch_unwind(|| harness(&data)).is_err();
+            assert!(
+                failed,
+                "{} passes now: drop its `open-` prefix and update RESULTS.md",
+                path.display()
+            );
+        } else {
+            harness(&data);
+        }
     }
 }
 
