@@ -7,6 +7,9 @@
 //! then operations: `0-3 n bytes…` data of `n` bytes, `4 …0` a failure
 //! with that message, `5` not ready once, `6` a stall (the idle timeout
 //! fires), `7` trailers.
+//!
+//! The relay's idle timer runs on the wall clock: a script without a stall
+//! gets an idle timeout of an hour, one with a stall 1 ms.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -137,7 +140,19 @@ pub fn relay(data: &[u8]) {
     };
     let sse = flags & 1 != 0;
     let stop_after = usize::from((flags >> 3) & 0x0f);
-    let ops = parse_ops(rest);
+    let mut ops = parse_ops(rest);
+    // The idle timer runs on the wall clock: only a script with a stall
+    // gets a short one, and then no "not ready" steps, whose real time
+    // could add up to it before the stall.
+    let stalls = ops.iter().any(|o| matches!(o, Op::Stall));
+    if stalls {
+        ops.retain(|o| !matches!(o, Op::NotReady));
+    }
+    let idle = if stalls {
+        IDLE
+    } else {
+        Duration::from_secs(3600)
+    };
     let total: u64 = ops
         .iter()
         .map(|o| match o {
@@ -171,7 +186,7 @@ pub fn relay(data: &[u8]) {
     };
 
     let (end, out, frames) = runtime().block_on(async {
-        let mut relay = Relay::new(upstream, sse, "t1".into(), IDLE, Some(amend));
+        let mut relay = Relay::new(upstream, sse, "t1".into(), idle, Some(amend));
         let mut out = Vec::new();
         let mut frames: Vec<Bytes> = Vec::new();
         let mut n = 0;
