@@ -41,6 +41,8 @@ pub mod config;
 pub mod datadir;
 pub mod dlp;
 pub mod events;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod gateway;
 pub mod metrics;
 pub mod policy;

@@ -1,10 +1,11 @@
-//! Project tasks: `cargo xtask setup | test | demo | bench NAME | dist`.
+//! Project tasks: `cargo xtask setup | test | demo | bench NAME | dist | fuzz [TARGET]`.
 //!
 //! xtask does not depend on `guard`, so it builds on a fresh machine before
 //! the eBPF toolchain exists.
 
 mod demo;
 mod dist;
+mod fuzz;
 mod setup;
 
 use std::process::Command;
@@ -40,6 +41,16 @@ enum Cmd {
     /// Release artefacts in target/dist: a static musl `kt`, a tarball
     /// (binary, README, man pages, completions) and a .deb.
     Dist,
+    /// Runs the fuzz targets of tests/fuzz (cargo-fuzz, libFuzzer) and
+    /// prints executions and coverage; new crashes go to tests/fuzz/regressions.
+    Fuzz {
+        /// One target (default: all, one after the other).
+        #[arg(value_parser = fuzz::TARGETS.map(|(n, _)| n))]
+        target: Option<String>,
+        /// How long each target runs.
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -55,6 +66,10 @@ fn main() -> anyhow::Result<()> {
         Cmd::Demo => {
             setup::run()?;
             demo::run()
+        }
+        Cmd::Fuzz { target, seconds } => {
+            setup::run()?;
+            fuzz::run(target.as_deref(), seconds)
         }
         Cmd::Bench { name } => {
             setup::run()?;

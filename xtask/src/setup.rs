@@ -16,6 +16,8 @@ use std::process::{Command, Stdio};
 use anyhow::{Context as _, bail};
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// What `cargo xtask fuzz` runs the targets with (optional: nothing else needs it).
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
 const LLVM: &str = "llvm-22";
 const DEBIAN_PACKAGES: [&str; 4] = ["rustc-web", "cargo-web", "rust-web-src", "llvm-22-dev"];
 /// What the tests run: `setpriv`, `unshare`, `nsenter` (util-linux), `ip`
@@ -246,5 +248,61 @@ pub(crate) fn run_cmd(mut cmd: Command, what: &str) -> anyhow::Result<()> {
     if !status.success() {
         bail!("{what} failed ({status})");
     }
+    Ok(())
+}
+
+/// The toolchain `cargo xtask fuzz` builds with: the one this setup gives
+/// the eBPF build (libFuzzer needs the same nightly flags).
+pub struct FuzzToolchain {
+    /// The rustup toolchain name (`cargo +name`).
+    pub name: String,
+    /// Whether it is a stable compiler that needs `RUSTC_BOOTSTRAP=1`.
+    pub bootstrap: bool,
+}
+
+/// Picks the fuzzing toolchain: `KT_EBPF_TOOLCHAIN`, else `debian`, else a
+/// rustup nightly.
+pub fn fuzz_toolchain() -> anyhow::Result<FuzzToolchain> {
+    let exists = |name: &str| {
+        output(Command::new("rustup").args(["run", name, "rustc", "--version"])).is_some()
+    };
+    let chosen = match std::env::var("KT_EBPF_TOOLCHAIN") {
+        Ok(name) if !name.is_empty() => FuzzToolchain {
+            name,
+            bootstrap: true,
+        },
+        _ if exists(DEBIAN_TOOLCHAIN) => FuzzToolchain {
+            name: DEBIAN_TOOLCHAIN.into(),
+            bootstrap: true,
+        },
+        _ if exists("nightly") => FuzzToolchain {
+            name: "nightly".into(),
+            bootstrap: false,
+        },
+        _ => bail!("no toolchain for fuzzing: run `cargo xtask setup` first"),
+    };
+    step("fuzz", &format!("toolchain `{}`", chosen.name));
+    Ok(chosen)
+}
+
+/// Installs cargo-fuzz when missing (only `cargo xtask fuzz` calls this).
+pub fn cargo_fuzz() -> anyhow::Result<()> {
+    let version = output(Command::new("cargo").args(["fuzz", "--version"])).unwrap_or_default();
+    if version.contains(CARGO_FUZZ_VERSION) {
+        step("cargo-fuzz", &format!("{version} present"));
+        return Ok(());
+    }
+    step("cargo-fuzz", &format!("installing {CARGO_FUZZ_VERSION}"));
+    let mut cmd = Command::new("cargo");
+    cmd.args([
+        "install",
+        "--locked",
+        "cargo-fuzz",
+        "--version",
+        CARGO_FUZZ_VERSION,
+    ]);
+    run_cmd(cmd, "cargo install cargo-fuzz")
+        .context("could not install cargo-fuzz; `cargo xtask fuzz` needs it (nothing else does)")?;
+    step("cargo-fuzz", "installed");
     Ok(())
 }

@@ -637,8 +637,20 @@ impl Cx {
             .and_then(|n| self.list(n, &format!("{P}.blocked_terms")))
         {
             for (i, n) in list.iter().enumerate() {
-                if let Some(term) = self.string(n, &format!("{P}.blocked_terms[{i}]")) {
+                let path = format!("{P}.blocked_terms[{i}]");
+                let Some(term) = self.string(n, &path) else {
+                    continue;
+                };
+                // Terms are matched on their letters and digits only: one
+                // without any would match nothing (and the scanner refuses it).
+                if term.chars().any(char::is_alphanumeric) {
                     out.blocked_terms.push(term);
+                } else {
+                    self.error_hint(
+                        n.pos,
+                        format!("blocked term `{term}` in `{path}` has no letters or digits"),
+                        "a blocked term is matched on its words; give it at least one letter or digit",
+                    );
                 }
             }
         }

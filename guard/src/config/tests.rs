@@ -523,6 +523,30 @@ fn invalid_regex_names_pattern_and_reason() {
     assert_eq!(text.lines().count(), 4, "{text}");
 }
 
+/// Found by the config fuzz target: the loader took such a term and the
+/// DLP scanner then refused it at start-up, with no position.
+#[test]
+fn blocked_term_without_letters_or_digits_is_refused_with_its_position() {
+    let e = errs(&with(
+        "policy:\n  dlp-filter:\n    blocked_terms: ['billing token', '!!! ...']\n",
+    ));
+    let text = e.to_string();
+    assert_eq!(e.len(), 1, "{text}");
+    assert!(
+        text.contains(
+            "blocked term `!!! ...` in `policy.dlp-filter.blocked_terms[1]` has no letters or digits"
+        ),
+        "{text}"
+    );
+    let lines = with("policy:\n  dlp-filter:\n    blocked_terms: ['billing token', '!!! ...']\n");
+    let line = lines
+        .lines()
+        .position(|l| l.contains("blocked_terms"))
+        .unwrap()
+        + 1;
+    assert_eq!(e.iter().next().unwrap().line, line, "{text}");
+}
+
 #[test]
 fn chain_names_must_be_known_and_unique() {
     let e = errs(&with(

@@ -56,15 +56,9 @@ impl Gateway {
         client: ClientInfo,
         slot: Arc<Slot>,
     ) -> Response<GwBody> {
-        let Some(authority) = req.uri().authority().cloned() else {
+        let Some((host, port)) = connect_target(req.uri()) else {
             return plain_status(StatusCode::BAD_REQUEST);
         };
-        let host = authority
-            .host()
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_ascii_lowercase();
-        let port = authority.port_u16().unwrap_or(443);
         let tunnel = if self.inner().router.match_host(&host, Some(port)).is_some()
             || host.parse::<IpAddr>().is_ok()
         {
@@ -232,8 +226,21 @@ fn plain_status(status: StatusCode) -> Response<GwBody> {
     r
 }
 
+/// The host (lower case, IPv6 brackets removed) and port (443 when not
+/// given) a CONNECT request's authority-form target names; `None` without
+/// an authority.
+pub(crate) fn connect_target(uri: &http::Uri) -> Option<(String, u16)> {
+    let authority = uri.authority()?;
+    let host = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_ascii_lowercase();
+    Some((host, authority.port_u16().unwrap_or(443)))
+}
+
 /// Whether `host` is in the allowlist (exact, or `*.suffix` for subdomains).
-fn allowed(list: &[String], host: &str) -> bool {
+pub(crate) fn allowed(list: &[String], host: &str) -> bool {
     list.iter().any(|a| {
         let a = a.trim_end_matches('.').to_ascii_lowercase();
         match a.strip_prefix("*.") {

@@ -15,7 +15,7 @@
 //! `upstream` (connections to providers).
 #![forbid(unsafe_code)]
 
-mod connect;
+pub(crate) mod connect;
 mod exposition;
 mod forward;
 mod generation;
@@ -24,9 +24,9 @@ mod health;
 mod limit;
 mod monitor;
 mod probe;
-mod relay;
+pub(crate) mod relay;
 mod serve;
-mod tls;
+pub(crate) mod tls;
 mod upstream;
 
 pub use generation::{ReloadDiff, Staged};

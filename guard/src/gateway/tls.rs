@@ -157,10 +157,18 @@ where
 /// parses the hello for kt but does not expose unknown extensions, so this
 /// walks the few length-prefixed fields itself, bounds-checked.
 pub(crate) fn hello_has_extension(records: &[u8], ext: u16) -> Option<bool> {
-    // Defragment the handshake records.
+    // Defragment the handshake records, up to the end of the hello: what
+    // the client sent after it (a ChangeCipherSpec, early data) may be in
+    // the same read or not, and must not change the verdict.
     let mut hs = Vec::new();
     let mut rest = records;
-    while rest.len() >= 5 {
+    let whole = |hs: &[u8]| match hs {
+        [_, a, b, c, body @ ..] => {
+            body.len() >= usize::from(*a) << 16 | usize::from(*b) << 8 | usize::from(*c)
+        }
+        _ => false,
+    };
+    while rest.len() >= 5 && !whole(&hs) {
         let len = usize::from(u16::from_be_bytes([rest[3], rest[4]]));
         let body = rest.get(5..5 + len)?;
         if rest[0] != 0x16 {
@@ -459,6 +467,23 @@ mod tests {
         assert_eq!(hello_has_extension(&v, EXT_ECH), Some(true));
         assert_eq!(hello_has_extension(&h, EXT_ECH), Some(false));
         assert_eq!(hello_has_extension(&v[..20], EXT_ECH), None);
+    }
+
+    #[tokio::test]
+    async fn what_follows_the_hello_in_the_same_read_does_not_change_the_verdict() {
+        // A ChangeCipherSpec record and the start of early data right behind
+        // the hello (TLS 1.3 clients may send them without waiting), once in
+        // the same read and once not. Found by the client_hello fuzz target.
+        let h = client_hello("api.openai.com");
+        let mut v = h.clone();
+        v.extend_from_slice(&[0x14, 3, 3, 0, 1, 1, 0x17, 3, 3, 0, 40, 1, 2]);
+        let expected = Hello::Tls {
+            sni: Some("api.openai.com".into()),
+            ech: false,
+        };
+        assert_eq!(read_all_at_once(&h).await.unwrap(), expected);
+        assert_eq!(read_all_at_once(&v).await.unwrap(), expected);
+        assert_eq!(hello_has_extension(&v, EXT_ECH), Some(false));
     }
 
     #[tokio::test]
