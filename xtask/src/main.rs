@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | test | bench NAME`.
+//! Project tasks: `cargo xtask setup | test | demo | bench NAME | soak`.
 //!
 //! xtask does not depend on `guard`, so it builds on a fresh machine before
 //! the eBPF toolchain exists.
@@ -36,6 +36,17 @@ enum Cmd {
         #[arg(value_parser = ["dlp", "gateway", "events", "capture"])]
         name: String,
     },
+    /// The real kt under steady mixed traffic against misbehaving fake
+    /// providers (loopback only); prints memory, fds, threads, events vs
+    /// requests and added latency per minute; exits 1 on a failed criterion.
+    Soak {
+        /// How long the traffic runs.
+        #[arg(long, default_value_t = 3.0)]
+        minutes: f64,
+        /// Requests started per second.
+        #[arg(long, default_value_t = 20)]
+        rate: u32,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -63,6 +74,23 @@ fn main() -> anyhow::Result<()> {
                 setup::nginx();
             }
             cargo(&["bench", "--locked", "-p", package, "--bench", &name])
+        }
+        Cmd::Soak { minutes, rate } => {
+            setup::run()?;
+            // Release build (the bench profile), as kt is deployed.
+            cargo(&[
+                "bench",
+                "--locked",
+                "-p",
+                "guard-tests",
+                "--bench",
+                "soak",
+                "--",
+                "--minutes",
+                &minutes.to_string(),
+                "--rate",
+                &rate.to_string(),
+            ])
         }
     }
 }
