@@ -101,7 +101,25 @@ fn as_strs(v: &[String]) -> Vec<&str> {
 
 pub(crate) fn cargo(args: &[&str]) -> anyhow::Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(&cargo)
+    let mut command = Command::new(&cargo);
+    // `cargo xtask` runs us with xtask's own package variables set; build
+    // scripts that watch them (ring's do) would see them change against a
+    // plain `cargo build` and rebuild every crate above them each time.
+    for (name, _) in std::env::vars_os() {
+        let n = name.to_string_lossy();
+        if n.starts_with("CARGO_PKG_")
+            || n.starts_with("CARGO_MANIFEST_")
+            || [
+                "CARGO_CRATE_NAME",
+                "CARGO_BIN_NAME",
+                "CARGO_PRIMARY_PACKAGE",
+            ]
+            .contains(&&*n)
+        {
+            command.env_remove(&name);
+        }
+    }
+    let status = command
         .args(args)
         .status()
         .with_context(|| format!("running {cargo} {}", args.join(" ")))?;
