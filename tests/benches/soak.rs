@@ -22,7 +22,9 @@
 //! Not covered: a captured (`kt run`) client population; see README.
 //!
 //! Run: `cargo xtask soak [--minutes N] [--rate R]` (default 3 minutes,
-//! 20 requests/s).
+//! 20 requests/s). To chase a finding down, `cargo bench -p guard-tests
+//! --bench soak -- --only Short,Connect --no-reload` runs only those kinds
+//! of request, without reloads and rotations.
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::Write as _;
@@ -109,10 +111,17 @@ const MIX: &[(Kind, u32)] = &[
     (Kind::Connect, 10),
 ];
 
-/// The mix as a fixed shuffled cycle of 100.
-fn schedule() -> Vec<Kind> {
+/// The mix as a fixed shuffled cycle of 100 (only the kinds named in
+/// `only`, when given: for chasing a finding down).
+fn schedule(only: &[String]) -> Vec<Kind> {
     let mut v: Vec<Kind> = MIX
         .iter()
+        .filter(|(k, _)| {
+            only.is_empty()
+                || only
+                    .iter()
+                    .any(|o| o.eq_ignore_ascii_case(&format!("{k:?}")))
+        })
         .flat_map(|(k, n)| std::iter::repeat_n(*k, *n as usize))
         .collect();
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
@@ -128,12 +137,18 @@ fn schedule() -> Vec<Kind> {
 struct Args {
     minutes: f64,
     rate: u32,
+    /// `--only KIND,KIND`: just these kinds of request.
+    only: Vec<String>,
+    /// `--no-reload`: no reloads and no rotations.
+    no_reload: bool,
 }
 
 fn args() -> Args {
     let mut a = Args {
         minutes: 3.0,
         rate: 20,
+        only: Vec::new(),
+        no_reload: false,
     };
     let v: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -147,6 +162,14 @@ fn args() -> Args {
                 a.rate = v.get(i + 1).and_then(|s| s.parse().ok()).unwrap_or(20);
                 i += 1;
             }
+            "--only" => {
+                a.only = v
+                    .get(i + 1)
+                    .map(|s| s.split(',').map(str::to_string).collect())
+                    .unwrap_or_default();
+                i += 1;
+            }
+            "--no-reload" => a.no_reload = true,
             // `cargo bench` passes `--bench`; anything else is ignored too.
             _ => {}
         }
@@ -849,7 +872,12 @@ async fn main() {
         next_id: AtomicU64::new(0),
     });
 
-    let plan = schedule();
+    let plan = schedule(&a.only);
+    assert!(
+        !plan.is_empty(),
+        "--only names no kind of request: {:?}",
+        a.only
+    );
     let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
     let mut tasks = tokio::task::JoinSet::new();
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(a.rate)));
@@ -912,7 +940,7 @@ async fn main() {
                 stats.unexpected_count.load(Ordering::Relaxed)
             );
         }
-        if now >= next_reload {
+        if now >= next_reload && !a.no_reload {
             next_reload += Duration::from_secs(60);
             reloads.0 += 1;
             s.write_config(&fakes, reloads.0);
@@ -924,7 +952,7 @@ async fn main() {
                 stats.unexpected(Kind::Short, format!("kt gateway reload: {said}"));
             }
         }
-        if now >= next_rotation {
+        if now >= next_rotation && !a.no_reload {
             next_rotation += Duration::from_secs(120);
             rotation += 1;
             let value = primary_key(rotation);
