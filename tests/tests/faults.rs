@@ -1140,3 +1140,69 @@ fn events_out_of_wall_clock_order_list_in_insertion_order_and_since_uses_stored_
     let rows = table.lines().filter(|l| l.contains("/v1/chat")).count();
     assert_eq!(rows, 3, "{table}");
 }
+
+fn threads_of(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Threads:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// A burst of new loopback clients at once: kt looks each one's process up
+/// in /proc off its async threads. The lookups wait their turn on a bounded
+/// set of threads instead of starting one each (threads that a steady
+/// trickle of lookups then keeps alive, each with its own stack and
+/// allocator arena), and every client is still answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_new_clients_does_not_multiply_kt_threads() {
+    const CLIENTS: usize = 300;
+    let ca = TestCa::new();
+    let up = FakeProvider::start(&ca, "primary", Behavior::Ok).await;
+    up.stop_recording();
+    let s = Setup::new(&ca);
+    s.add_secret("OPENAI_PRIMARY", MANAGED, false);
+    s.write_config(&up, "", "");
+    let kt = s.start();
+    let pid = kt.0.id();
+    let mut warm = h1_plain(s.listen).await;
+    assert_eq!(chat(&mut warm).await.status, 200);
+    let before = threads_of(pid);
+
+    let peak = Arc::new(AtomicU64::new(before));
+    let sampling = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sampler = std::thread::spawn({
+        let (peak, sampling) = (peak.clone(), sampling.clone());
+        move || {
+            while sampling.load(Ordering::Relaxed) {
+                peak.fetch_max(threads_of(pid), Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+    });
+    let mut clients = tokio::task::JoinSet::new();
+    for _ in 0..CLIENTS {
+        let addr = s.listen;
+        clients.spawn(async move {
+            let mut c = h1_plain(addr).await;
+            chat(&mut c).await.status
+        });
+    }
+    let mut statuses = Vec::new();
+    while let Some(r) = clients.join_next().await {
+        statuses.push(r.unwrap());
+    }
+    sampling.store(false, Ordering::Relaxed);
+    sampler.join().unwrap();
+    let peak = peak.load(Ordering::Relaxed);
+    eprintln!("kt threads: {before} before, {peak} at most during the burst");
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    assert!(
+        peak <= before + 16,
+        "kt went from {before} to {peak} threads for a burst of {CLIENTS} clients"
+    );
+}
