@@ -119,7 +119,63 @@ pub enum Behavior {
     Gated,
     /// A normal answer sent whole, with a `Content-Length`.
     Sized,
+    /// A normal answer whose headers leave after this many milliseconds
+    /// (injected latency, a slow first byte without a gate).
+    Delay(u64),
+    /// An event stream of `chunks` deltas, `every_ms` apart, then its
+    /// proper end (a long stream when there are many); a JSON answer for
+    /// a request without `stream: true`.
+    Drip {
+        /// Deltas before the end.
+        chunks: u32,
+        /// Milliseconds between two deltas.
+        every_ms: u64,
+    },
 }
+
+impl Behavior {
+    /// Parses `ok`, `sized`, `close`, `cut`, `gated`, `slow`, an HTTP
+    /// status (`503`), `ratelimit:SECS`, `delay:MS` or `drip:CHUNKS:MS`.
+    pub fn parse(s: &str) -> Result<Behavior, String> {
+        let bad = || format!("bad behavior {s:?}");
+        let num = |v: &str| v.parse::<u64>().map_err(|_| bad());
+        let mut parts = s.split(':');
+        let head = parts.next().unwrap_or_default();
+        let rest: Vec<&str> = parts.collect();
+        Ok(match (head, rest.as_slice()) {
+            ("ok", []) => Behavior::Ok,
+            ("sized", []) => Behavior::Sized,
+            ("close", []) => Behavior::Close,
+            ("cut", []) => Behavior::CutMidStream,
+            ("gated", []) => Behavior::Gated,
+            ("slow", []) => Behavior::SlowFirstByte,
+            ("ratelimit", [secs]) => Behavior::RateLimited(num(secs)?),
+            ("delay", [ms]) => Behavior::Delay(num(ms)?),
+            ("drip", [n, ms]) => Behavior::Drip {
+                chunks: u32::try_from(num(n)?).map_err(|_| bad())?,
+                every_ms: num(ms)?,
+            },
+            (status, []) => Behavior::Status(
+                status
+                    .parse()
+                    .ok()
+                    .filter(|s| (100..600).contains(s))
+                    .ok_or_else(bad)?,
+            ),
+            _ => return Err(bad()),
+        })
+    }
+}
+
+/// A request header that overrides the behaviour of the fake named NAME
+/// for this one request: `x-fake-NAME: BEHAVIOR` (see [`Behavior::parse`]).
+/// It goes through kt like any other header, so one client can steer each
+/// target of a fallback chain on its own.
+pub const OVERRIDE_PREFIX: &str = "x-fake-";
+
+/// A request header whose value keys the fake's own handling time (see
+/// [`FakeProvider::take_timing`]).
+pub const TIMING_HEADER: &str = "x-soak-id";
 
 /// One request as the fake received it.
 #[derive(Clone, Debug)]
@@ -145,6 +201,17 @@ struct State {
     requests: Mutex<Vec<Recorded>>,
     gate: Semaphore,
     sent_last: std::sync::atomic::AtomicBool,
+    /// Whether requests are kept for [`FakeProvider::requests`] (a long soak
+    /// turns it off and looks at the counters below instead).
+    keep: std::sync::atomic::AtomicBool,
+    /// How long the fake itself took to answer, by [`TIMING_HEADER`].
+    timings: Mutex<std::collections::HashMap<String, Duration>>,
+    /// Requests per credential header value (`authorization` or
+    /// `x-api-key`; "" when there was none).
+    keys: Mutex<std::collections::HashMap<String, u64>>,
+    /// Text that must never arrive, and how often it did.
+    needle: Mutex<Option<String>>,
+    sightings: std::sync::atomic::AtomicU64,
 }
 
 /// A running fake provider. Stops when dropped.
@@ -205,6 +272,11 @@ impl FakeProvider {
             requests: Mutex::new(Vec::new()),
             gate: Semaphore::new(0),
             sent_last: std::sync::atomic::AtomicBool::new(false),
+            keep: std::sync::atomic::AtomicBool::new(true),
+            timings: Mutex::default(),
+            keys: Mutex::default(),
+            needle: Mutex::new(None),
+            sightings: std::sync::atomic::AtomicU64::new(0),
         });
         let acceptor =
             tokio_rustls::TlsAcceptor::from(Arc::new(ca.server_config_named(addr.ip(), names)));
@@ -277,6 +349,38 @@ impl FakeProvider {
     pub fn requests(&self) -> Vec<Recorded> {
         self.state.requests.lock().unwrap().clone()
     }
+
+    /// Stops keeping requests for [`FakeProvider::requests`] (the counters
+    /// still count).
+    pub fn stop_recording(&self) {
+        self.state
+            .keep
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The fake's own time for the request that carried [`TIMING_HEADER`]
+    /// `id`: from its head arriving to the answer's headers leaving (for
+    /// a JSON answer the whole body is ready then). Taken once.
+    pub fn take_timing(&self, id: &str) -> Option<Duration> {
+        self.state.timings.lock().unwrap().remove(id)
+    }
+
+    /// Requests per credential value received (`""`: none).
+    pub fn keys_seen(&self) -> std::collections::HashMap<String, u64> {
+        self.state.keys.lock().unwrap().clone()
+    }
+
+    /// Counts requests whose body contains `needle` from now on.
+    pub fn watch_for(&self, needle: &str) {
+        *self.state.needle.lock().unwrap() = Some(needle.to_string());
+    }
+
+    /// Requests whose body contained the needle of [`FakeProvider::watch_for`].
+    pub fn sightings(&self) -> u64 {
+        self.state
+            .sightings
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 fn full(b: impl Into<Bytes>) -> FakeBody {
@@ -300,6 +404,24 @@ impl Body for ChanBody {
 }
 
 async fn answer(st: Arc<State>, req: Request<Incoming>, peer: SocketAddr) -> Response<FakeBody> {
+    let started = std::time::Instant::now();
+    let timing = req
+        .headers()
+        .get(TIMING_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let resp = answer_inner(st.clone(), req, peer).await;
+    if let Some(id) = timing {
+        st.timings.lock().unwrap().insert(id, started.elapsed());
+    }
+    resp
+}
+
+async fn answer_inner(
+    st: Arc<State>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<FakeBody> {
     let rtt = st.rtt_ms.load(std::sync::atomic::Ordering::Relaxed);
     if rtt > 0 {
         tokio::time::sleep(Duration::from_millis(rtt)).await;
@@ -315,14 +437,35 @@ async fn answer(st: Arc<State>, req: Request<Incoming>, peer: SocketAddr) -> Res
         .path_and_query()
         .map(|p| p.as_str().to_string())
         .unwrap_or_default();
-    st.requests.lock().unwrap().push(Recorded {
-        method: parts.method.to_string(),
-        path: path.clone(),
-        headers: parts.headers.clone(),
-        body: body.clone(),
-        peer,
-    });
-    let behavior = st.behavior.lock().unwrap().clone();
+    let key = parts
+        .headers
+        .get("authorization")
+        .or_else(|| parts.headers.get("x-api-key"))
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    *st.keys.lock().unwrap().entry(key).or_default() += 1;
+    if let Some(n) = st.needle.lock().unwrap().as_deref()
+        && String::from_utf8_lossy(&body).contains(n)
+    {
+        st.sightings
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    if st.keep.load(std::sync::atomic::Ordering::Relaxed) {
+        st.requests.lock().unwrap().push(Recorded {
+            method: parts.method.to_string(),
+            path: path.clone(),
+            headers: parts.headers.clone(),
+            body: body.clone(),
+            peer,
+        });
+    }
+    let overridden = parts
+        .headers
+        .get(format!("{OVERRIDE_PREFIX}{}", st.name))
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| Behavior::parse(v).ok());
+    let behavior = overridden.unwrap_or_else(|| st.behavior.lock().unwrap().clone());
     let anthropic = path.starts_with("/v1/messages");
     let json: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
     let stream = json["stream"].as_bool().unwrap_or(false);
@@ -353,9 +496,10 @@ async fn answer(st: Arc<State>, req: Request<Incoming>, peer: SocketAddr) -> Res
                 .await
                 .map(tokio::sync::SemaphorePermit::forget);
         }
+        Behavior::Delay(ms) => tokio::time::sleep(Duration::from_millis(ms)).await,
         _ => {}
     }
-    let chunks: Vec<String> = if stream {
+    let mut chunks: Vec<String> = if stream {
         if anthropic {
             vec![
                 format!(
@@ -390,6 +534,23 @@ async fn answer(st: Arc<State>, req: Request<Incoming>, peer: SocketAddr) -> Res
         let mid = s.len() / 2;
         vec![s[..mid].to_string(), s[mid..].to_string()]
     };
+    let mut every = Duration::ZERO;
+    if let (
+        Behavior::Drip {
+            chunks: n,
+            every_ms,
+        },
+        true,
+    ) = (&behavior, stream)
+    {
+        // The first chunk (the start), `n` deltas, then the proper end.
+        let delta = chunks[1].clone();
+        let end = chunks[chunks.len() - 1].clone();
+        chunks.truncate(1);
+        chunks.extend(std::iter::repeat_n(delta, *n as usize));
+        chunks.push(end);
+        every = Duration::from_millis(*every_ms);
+    }
     if behavior == Behavior::Sized {
         let mut r = Response::new(full(chunks.concat()));
         let ct = if stream {
@@ -420,7 +581,13 @@ async fn answer(st: Arc<State>, req: Request<Incoming>, peer: SocketAddr) -> Res
             _ => {}
         }
         for c in &chunks[1..] {
-            let _ = tx.send(Ok(Bytes::from(c.clone()))).await;
+            if !every.is_zero() {
+                tokio::time::sleep(every).await;
+            }
+            if tx.send(Ok(Bytes::from(c.clone()))).await.is_err() {
+                // The reader went away (kt relayed a client's close).
+                return;
+            }
         }
         st2.sent_last
             .store(true, std::sync::atomic::Ordering::SeqCst);

@@ -23,8 +23,12 @@ const SETUP: &str = r#"for m in $(awk '$3 == "bpf" { print $2 }' /proc/self/moun
 impl PrivateMounts {
     /// Makes the namespace; fails if it cannot be made (needs root).
     pub fn new() -> anyhow::Result<PrivateMounts> {
+        PrivateMounts::run(SETUP)
+    }
+
+    fn run(setup: &str) -> anyhow::Result<PrivateMounts> {
         let mut holder = Command::new("unshare")
-            .args(["-m", "--propagation", "private", "sh", "-c", SETUP])
+            .args(["-m", "--propagation", "private", "sh", "-c", setup])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -40,6 +44,26 @@ impl PrivateMounts {
             "the private mount namespace could not be set up"
         );
         Ok(mounts)
+    }
+
+    /// As [`PrivateMounts::new`], with a tmpfs of `size` (a `mount -o
+    /// size=` value such as `4m`) mounted on `dir` inside the namespace
+    /// only: a small disk a test can fill.
+    pub fn with_tmpfs(dir: &std::path::Path, size: &str) -> anyhow::Result<PrivateMounts> {
+        let setup = SETUP.replace(
+            "echo ready",
+            &format!(
+                "mount -t tmpfs -o size={size},mode=0700 kt-test-tmpfs '{}' || exit 1; echo ready",
+                dir.display()
+            ),
+        );
+        PrivateMounts::run(&setup)
+    }
+
+    /// Where a process outside reaches `path` as seen inside.
+    pub fn outside(&self, path: &std::path::Path) -> PathBuf {
+        let rel = path.strip_prefix("/").unwrap_or(path);
+        PathBuf::from(format!("/proc/{}/root", self.holder.id())).join(rel)
     }
 
     /// A command that runs `program` inside the namespace (nsenter execs

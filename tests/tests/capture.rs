@@ -582,6 +582,95 @@ fn pinned_links_stay_fail_closed_without_the_process_and_are_replaced_without_a_
     assert_eq!(field(&output(&mut s.cgroup, pid), "reply"), Some("direct"));
 }
 
+/// A new run takes over links a crashed run left pinned while a captured
+/// client connects in a tight loop: every connection is refused (before) or
+/// captured by the new run (after); none in between reaches the real
+/// destination, which answers `direct:` to anything that gets there.
+#[test]
+fn a_new_run_takes_over_pinned_links_while_a_client_loops_and_none_goes_direct() {
+    if skip() {
+        return;
+    }
+    let bpffs = Bpffs::mount();
+    let pins = bpffs.0.path().join("kt");
+    let mut cgroup =
+        TestCgroup::new("takeover").expect("creating a child cgroup (needs root and cgroup v2)");
+    let port = free_port("127.77.0.6");
+    let dest: SocketAddr = format!("127.77.0.6:{port}").parse().unwrap();
+    let _real = Server::direct(dest);
+    let dir = cgroup.path().to_path_buf();
+    let spec = |listen4: std::net::SocketAddrV4, keep: bool| CaptureSpec {
+        cgroup: dir.clone(),
+        listen4,
+        listen6: None,
+        prefixes: vec![IpPrefix {
+            addr: "127.77.0.0".parse().unwrap(),
+            len: 16,
+        }],
+        ports: vec![port],
+        port_wide: false,
+        own_ports: vec![],
+        refuse_udp: true,
+        refuse_other_netns: true,
+        pin_dir: Some(pins.clone()),
+        keep_attached: keep,
+    };
+    let v4 = |l: &TcpListener| match l.local_addr().unwrap() {
+        SocketAddr::V4(a) => a,
+        SocketAddr::V6(_) => unreachable!(),
+    };
+
+    // The first run pins its links and dies; nothing listens any more.
+    let first_listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    drop(Capture::attach(&spec(v4(&first_listener), true)).unwrap());
+    drop(first_listener);
+    let mut looper = Looper::start(&mut cgroup, &[dest]);
+    let mut conns = looper.settle(&[dest], 20);
+
+    // The next run attaches while the client keeps connecting.
+    looper.next_phase();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let second = std::sync::Arc::new(Capture::attach(&spec(v4(&listener), false)).unwrap());
+    let origin = second.clone();
+    let capture_server = Server::start(listener, move |peer| match origin.take_origin(peer) {
+        Some(o) => captured_at(o.original),
+        None => "captured:without-origin".into(),
+    });
+    looper.next_phase();
+    conns.extend(looper.settle(&[dest], 20));
+    conns.extend(looper.stop(&mut cgroup));
+
+    let refused = format!("connect_error:{}", libc::ECONNREFUSED);
+    for phase in 0..3 {
+        let of: Vec<&Conn> = conns.iter().filter(|c| c.phase == phase).collect();
+        eprintln!(
+            "phase {phase}: {} connections, {} refused, {} captured",
+            of.len(),
+            of.iter().filter(|c| c.result == refused).count(),
+            of.iter().filter(|c| c.result == captured_at(dest)).count()
+        );
+    }
+    let odd: Vec<&Conn> = conns
+        .iter()
+        .filter(|c| c.result != refused && c.result != captured_at(dest))
+        .collect();
+    assert!(odd.is_empty(), "neither refused nor captured: {odd:?}");
+    assert!(conns.iter().any(|c| c.phase == 0 && c.result == refused));
+    assert!(
+        conns
+            .iter()
+            .any(|c| c.phase == 2 && c.result == captured_at(dest))
+    );
+    assert!(
+        conns
+            .iter()
+            .all(|c| c.phase < 2 || c.result == captured_at(dest)),
+        "refused after the new run attached"
+    );
+    drop(capture_server);
+    drop(second);
+}
+
 #[test]
 fn port_wide_scope_captures_any_destination_on_the_port_and_says_which() {
     if skip() {

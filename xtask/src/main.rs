@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | test | demo | bench NAME | dist | fuzz [TARGET]`.
+//! Project tasks: `cargo xtask setup | test | demo | bench NAME | dist | fuzz [TARGET] | soak`.
 //!
 //! xtask does not depend on `guard`, so it builds on a fresh machine before
 //! the eBPF toolchain exists.
@@ -51,6 +51,17 @@ enum Cmd {
         #[arg(long, default_value_t = 30)]
         seconds: u64,
     },
+    /// The real kt under steady mixed traffic against misbehaving fake
+    /// providers (loopback only); prints memory, fds, threads, events vs
+    /// requests and added latency per minute; exits 1 on a failed criterion.
+    Soak {
+        /// How long the traffic runs.
+        #[arg(long, default_value_t = 3.0)]
+        minutes: f64,
+        /// Requests started per second.
+        #[arg(long, default_value_t = 20)]
+        rate: u32,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -85,6 +96,23 @@ fn main() -> anyhow::Result<()> {
             }
             cargo(&["bench", "--locked", "-p", package, "--bench", &name])
         }
+        Cmd::Soak { minutes, rate } => {
+            setup::run()?;
+            // Release build (the bench profile), as kt is deployed.
+            cargo(&[
+                "bench",
+                "--locked",
+                "-p",
+                "guard-tests",
+                "--bench",
+                "soak",
+                "--",
+                "--minutes",
+                &minutes.to_string(),
+                "--rate",
+                &rate.to_string(),
+            ])
+        }
     }
 }
 
@@ -112,7 +140,25 @@ fn as_strs(v: &[String]) -> Vec<&str> {
 
 pub(crate) fn cargo(args: &[&str]) -> anyhow::Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(&cargo)
+    let mut command = Command::new(&cargo);
+    // `cargo xtask` runs us with xtask's own package variables set; build
+    // scripts that watch them (ring's do) would see them change against a
+    // plain `cargo build` and rebuild every crate above them each time.
+    for (name, _) in std::env::vars_os() {
+        let n = name.to_string_lossy();
+        if n.starts_with("CARGO_PKG_")
+            || n.starts_with("CARGO_MANIFEST_")
+            || [
+                "CARGO_CRATE_NAME",
+                "CARGO_BIN_NAME",
+                "CARGO_PRIMARY_PACKAGE",
+            ]
+            .contains(&&*n)
+        {
+            command.env_remove(&name);
+        }
+    }
+    let status = command
         .args(args)
         .status()
         .with_context(|| format!("running {cargo} {}", args.join(" ")))?;

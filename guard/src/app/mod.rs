@@ -794,10 +794,19 @@ fn close_events(events: Option<WriterHandle>, sinks: Option<Sinks>) -> bool {
     stored && sent
 }
 
+/// Threads for blocking work: each new loopback client's process lookup in
+/// /proc (which reads the whole socket table), capture lookups, file stats.
+/// Tokio's default (512) let a burst of new clients start a thread per
+/// lookup, tens of them, each with its stack and allocator arena, and a
+/// steady trickle of lookups then kept them all alive. Past this many the
+/// lookups wait their turn (each is bounded by its own timeout).
+const MAX_BLOCKING_THREADS: usize = 16;
+
 /// The multi-threaded runtime the guard serves on.
 pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .max_blocking_threads(MAX_BLOCKING_THREADS)
         .build()
 }
 

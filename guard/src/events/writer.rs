@@ -389,8 +389,12 @@ impl Worker {
                 }
                 next = self.rx.try_recv().ok();
             }
-            if batch.is_empty() && amends.is_empty() && self.store.is_none() {
-                self.reopen();
+            if batch.is_empty()
+                && amends.is_empty()
+                && self.store.is_none()
+                && let Err(e) = self.reopen()
+            {
+                self.fail_log(&e);
             }
             if !batch.is_empty() {
                 self.write(&mut batch);
@@ -428,30 +432,31 @@ impl Worker {
         }
     }
 
-    fn reopen(&mut self) {
+    /// Opens the store again, at most once per [`RETRY_OPEN`]; an error only
+    /// when an attempt failed (the caller logs it, after counting what it
+    /// lost, so the log line's total includes it).
+    fn reopen(&mut self) -> Result<(), String> {
         if self.last_open_attempt.elapsed() < RETRY_OPEN {
-            return;
+            return Ok(());
         }
         self.last_open_attempt = Instant::now();
-        match EventStore::open(&self.config.data_dir, self.config.max_events) {
-            Ok(s) => {
-                self.store = Some(s);
-                tracing::warn!("event store available again");
-            }
-            Err(e) => self.fail_log(&e.to_string()),
-        }
+        let s = EventStore::open(&self.config.data_dir, self.config.max_events)
+            .map_err(|e| e.to_string())?;
+        self.store = Some(s);
+        tracing::warn!("event store available again");
+        Ok(())
     }
 
     /// Runs `op` on the store, reopening it first if it is closed. On
     /// success the store is marked healthy; on failure it is closed (the
     /// file may have been replaced: reopen before the next batch) and the
-    /// failure logged.
+    /// error returned for the caller to count and log.
     fn with_store<T>(
         &mut self,
         op: impl FnOnce(&mut EventStore) -> Result<T, super::EventError>,
-    ) -> Option<T> {
+    ) -> Result<T, String> {
         if self.store.is_none() {
-            self.reopen();
+            self.reopen()?;
         }
         let result = match self.store.as_mut() {
             Some(store) => op(store).map_err(|e| e.to_string()),
@@ -462,12 +467,11 @@ impl Worker {
                 if !self.shared.healthy.swap(true, Ordering::SeqCst) {
                     tracing::warn!("event store healthy again");
                 }
-                Some(v)
+                Ok(v)
             }
             Err(e) => {
                 self.store = None;
-                self.fail_log(&e);
-                None
+                Err(e)
             }
         }
     }
@@ -476,19 +480,30 @@ impl Worker {
         let n = batch.len() as u64;
         let written = self.with_store(|store| store.insert(batch));
         batch.clear();
-        let counter = match written {
-            Some(()) => &self.shared.written,
-            None => &self.shared.failed,
-        };
-        counter.fetch_add(n, Ordering::Relaxed);
+        match written {
+            Ok(()) => {
+                self.shared.written.fetch_add(n, Ordering::Relaxed);
+            }
+            Err(e) => {
+                // Counted before the log line, which reports the total.
+                self.shared.failed.fetch_add(n, Ordering::Relaxed);
+                self.fail_log(&e);
+            }
+        }
     }
 
     fn amend(&mut self, amends: &mut Vec<Amendment>) {
         let n = amends.len() as u64;
         let changed = self.with_store(|store| store.amend(amends));
         amends.clear();
-        // A failed store lost them all (and the failure was logged).
-        let changed = changed.map_or(0, |c| c as u64);
+        // A failed store lost them all.
+        let changed = match changed {
+            Ok(c) => c as u64,
+            Err(e) => {
+                self.fail_log(&e);
+                0
+            }
+        };
         self.shared.amended.fetch_add(changed, Ordering::Relaxed);
         self.shared
             .amend_lost
