@@ -1842,3 +1842,60 @@ async fn periodic_probes_record_results_and_drive_the_cool_down() {
         "the recovered primary serves again"
     );
 }
+
+/// A client that leaves before its answer (kt waiting on a slow first
+/// byte) is still recorded: the request reached the provider with the
+/// managed key, so "who used which key" must count it.
+#[tokio::test]
+async fn a_client_that_leaves_before_the_answer_is_recorded_as_499() {
+    let ca = TestCa::new();
+    let slow = FakeProvider::start(&ca, "first", Behavior::SlowFirstByte).await;
+    let gw = start(config(vec![oa("oa1", &slow, "OA1")]), secrets(), &ca).await;
+    let mut c = h1_plain(gw.addr).await;
+    c.ready().await.unwrap();
+    let auth = format!("Bearer {CLIENT_KEY}");
+    let pending = c.send_request(post(
+        "/openai/v1/chat/completions",
+        &[("authorization", auth.as_str())],
+        chat_body(false),
+    ));
+    // Wait until the request is at the provider, then hang up.
+    let start = std::time::Instant::now();
+    while slow.requests().is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "never reached the provider"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    drop(pending);
+    drop(c);
+    let start = std::time::Instant::now();
+    let rec = loop {
+        if let Some(r) = gw.sink.snapshot().into_iter().find(|r| r.status == 499) {
+            break r;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no record of the abandoned request"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    slow.release();
+    assert_eq!(rec.error_code, Some("kt_client_closed"));
+    assert!(
+        rec.client_key_fingerprint.is_some(),
+        "the key it presented is named"
+    );
+    assert_eq!(rec.provider.as_deref(), Some("openai"));
+    let note = rec
+        .policy
+        .iter()
+        .find(|n| n.rule == "client-closed")
+        .unwrap();
+    assert_eq!(
+        note.location.as_deref(),
+        Some("while waiting for target oa1")
+    );
+    assert_eq!(gw.sink.snapshot().len(), 1, "recorded once");
+}

@@ -82,8 +82,12 @@ pub(crate) async fn forward(
             }
             Err(r) => return ex.fail(inner, &r, &tried),
         };
+        // If the client leaves now, its record says how far it got.
+        ex.rec.attempts.clone_from(&tried);
+        ex.in_flight = Some(route.target.id.clone());
         let sent = std::time::Instant::now();
         let (outcome, response) = attempt(inner, up).await;
+        ex.in_flight = None;
         let upstream_time = sent.elapsed();
         if let Some(t) = inner.health.record(&route.target.id, &outcome) {
             health_event(inner, &route.target.id, t, &outcome);

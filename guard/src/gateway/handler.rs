@@ -177,6 +177,39 @@ pub(crate) struct Exchange {
     /// The client's credential headers as sent (marked sensitive), put
     /// back unchanged when its credential is passed.
     pub(crate) presented_headers: Vec<(HeaderName, HeaderValue)>,
+    /// The target a request is in flight to (for the record of a client
+    /// that leaves before the answer).
+    pub(crate) in_flight: Option<String>,
+    /// Where the record goes if the exchange is dropped unfinished.
+    sink: Arc<dyn crate::record::RecordSink>,
+    /// The record went to the sink.
+    done: bool,
+}
+
+impl Drop for Exchange {
+    /// A client that leaves before its answer (kt waiting on a slow first
+    /// byte, a fallback or a Retry-After) drops the request's future: the
+    /// request may already have reached the provider with the managed key,
+    /// so it is recorded all the same, as 499 `kt_client_closed`.
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let mut rec = std::mem::replace(&mut self.rec, RequestRecord::placeholder());
+        rec.status = 499;
+        rec.error_code = Some(codes::CLIENT_CLOSED);
+        rec.latency = self.started.elapsed();
+        rec.policy.push(PolicyNote {
+            policy: PolicyId::Guard,
+            action: PolicyAction::Audit,
+            rule: "client-closed".into(),
+            location: self
+                .in_flight
+                .as_ref()
+                .map(|t| format!("while waiting for target {t}")),
+        });
+        self.sink.record(rec);
+    }
 }
 
 impl Exchange {
@@ -184,7 +217,9 @@ impl Exchange {
     pub(crate) fn finish(mut self, inner: &Inner, status: StatusCode) {
         self.rec.status = status.as_u16();
         self.rec.latency = self.started.elapsed();
-        inner.sink.record(self.rec);
+        self.done = true;
+        let rec = std::mem::replace(&mut self.rec, RequestRecord::placeholder());
+        inner.sink.record(rec);
     }
 
     /// Answers with kt's own error, in the provider's shape, and records it.
@@ -400,6 +435,9 @@ fn begin(inner: &Inner, ctx: &ConnCtx, client: ClientInfo, req: &Request<Incomin
         presented: None,
         pass: false,
         presented_headers: Vec::new(),
+        in_flight: None,
+        sink: Arc::clone(&inner.sink),
+        done: false,
     }
 }
 

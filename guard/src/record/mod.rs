@@ -46,6 +46,9 @@ pub mod codes {
     /// The kind of credential the client presented is refused
     /// (`gateway.credentials`).
     pub const CREDENTIAL_REFUSED: &str = "kt_credential_refused";
+    /// The client closed the connection before its answer (recorded as
+    /// status 499).
+    pub const CLIENT_CLOSED: &str = "kt_client_closed";
     /// A reload was refused: the running config stays in place.
     pub const RELOAD_REFUSED: &str = "kt_reload_refused";
     /// The audit log is down and `on_store_failure: refuse` is set.
@@ -298,6 +301,18 @@ pub struct RequestRecord {
 }
 
 impl RequestRecord {
+    /// An empty record that allocates nothing (left behind when a record is
+    /// moved out of its holder).
+    pub fn placeholder() -> RequestRecord {
+        RequestRecord::new(
+            String::new(),
+            Arrival::Internal,
+            None,
+            ClientInfo::default(),
+            String::new(),
+        )
+    }
+
     /// A fresh record for a request arriving now.
     pub fn new(
         request_id: String,
