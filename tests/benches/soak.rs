@@ -187,9 +187,23 @@ struct Sample {
     rss_kib: u64,
     fds: u64,
     threads: u64,
+    /// The event store's size (database and write-ahead log), KiB.
+    store_kib: u64,
 }
 
-fn sample(pid: u32, at: Duration) -> Sample {
+/// kt's event store keeps up to this much of it cached in memory (SQLite's
+/// `cache_size`): resident memory that grows with the store until full.
+const STORE_CACHE_KIB: f64 = 16.0 * 1024.0;
+
+fn store_kib(data: &Path) -> u64 {
+    ["events.db", "events.db-wal"]
+        .iter()
+        .filter_map(|f| std::fs::metadata(data.join(f)).ok())
+        .map(|m| m.len() / 1024)
+        .sum()
+}
+
+fn sample(pid: u32, at: Duration, data: &Path) -> Sample {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let field = |name: &str| {
         status
@@ -205,6 +219,7 @@ fn sample(pid: u32, at: Duration) -> Sample {
         rss_kib: field("VmRSS:"),
         fds,
         threads: field("Threads:"),
+        store_kib: store_kib(data),
     }
 }
 
@@ -902,7 +917,7 @@ async fn main() {
         let now = start.elapsed();
         if now >= next_sample {
             next_sample += SAMPLE_EVERY;
-            samples.push(sample(pid, now));
+            samples.push(sample(pid, now, &s.data));
             if warm.is_none() && now >= warmup {
                 warm = samples.last().copied();
                 println!(
@@ -926,7 +941,7 @@ async fn main() {
                 .map(|(_, d)| *d)
                 .collect();
             lat.sort();
-            let last = samples.last().copied().unwrap_or(sample(pid, now));
+            let last = samples.last().copied().unwrap_or(sample(pid, now, &s.data));
             println!(
                 "{:>4} {:>8} {:>8} {:>9.1} {:>5} {:>7} {:>9.2} {:>9.2} {:>10}",
                 minute + 1,
@@ -989,12 +1004,12 @@ async fn main() {
         }
         while tasks.try_join_next().is_some() {}
     }
-    let end_sample = sample(pid, start.elapsed());
+    let end_sample = sample(pid, start.elapsed(), &s.data);
     println!("traffic stopped; waiting for the streams still open");
     while tasks.join_next().await.is_some() {}
     drop(ctx);
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let drained = sample(pid, start.elapsed());
+    let drained = sample(pid, start.elapsed(), &s.data);
 
     // Every request's event, then the rest.
     let sent = stats.sent.load(Ordering::Relaxed);
@@ -1050,6 +1065,11 @@ async fn main() {
         fd1,
         th0,
         th1
+    );
+    println!(
+        "event store: {:.1} -> {:.1} MiB (its page cache may take up to 16 MiB of that growth)",
+        mean(first, |x| x.store_kib) / 1024.0,
+        mean(last, |x| x.store_kib) / 1024.0
     );
     println!("tokio task count: not sampled (kt does not expose runtime metrics)");
     let by_kind = stats.by_kind.lock().unwrap().clone();
@@ -1137,7 +1157,11 @@ async fn main() {
     }
 
     // Criteria.
-    let rss_ok = rss1 <= rss0 * 1.10 + 8.0 * 1024.0;
+    // The store's cache fills as the store grows (it holds at most the
+    // store, at most its bound): that much growth is not a trend.
+    let cache =
+        (mean(last, |x| x.store_kib) - mean(first, |x| x.store_kib)).clamp(0.0, STORE_CACHE_KIB);
+    let rss_ok = rss1 <= rss0 * 1.10 + 8.0 * 1024.0 + cache;
     let fds_ok = fd1 <= fd0 * 1.25 + 16.0;
     let threads_ok = th1 <= th0 + 4.0;
     // A request the client abandons before its answer is recorded by no
@@ -1149,7 +1173,7 @@ async fn main() {
     let extra = tally.requests().saturating_sub(sent);
     let checks = [
         (
-            "RSS: last-quarter mean <= first-quarter mean x1.10 + 8 MiB",
+            "RSS: last-quarter mean <= first-quarter mean x1.10 + 8 MiB + the event store's growth up to its 16 MiB cache",
             rss_ok,
         ),
         (
