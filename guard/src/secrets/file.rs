@@ -144,7 +144,16 @@ impl FileStore {
         let plain = Self::cipher(key)
             .decrypt(&nonce, Payload { msg: sealed, aad })
             .map_err(|_| tampered("authentication failed"))?;
-        serde_json::from_slice(&plain).map_err(|_| tampered("unreadable contents"))
+        let plain: Plain =
+            serde_json::from_slice(&plain).map_err(|_| tampered("unreadable contents"))?;
+        // Sealed with our key but not written by `put` (another tool, an
+        // edited copy): an entry kt would refuse to store is never served.
+        for (name, entry) in &plain.entries {
+            validate_name(name).map_err(|_| tampered("an entry has an invalid name"))?;
+            validate_value(&SecretValue::new(entry.value.as_str()))
+                .map_err(|_| tampered("an entry has an empty or invalid value"))?;
+        }
+        Ok(plain)
     }
 
     fn seal(plain: &Plain, key: &[u8; 32]) -> Result<Vec<u8>, SecretsError> {
@@ -369,6 +378,36 @@ mod tests {
         // A truncated file too.
         fs::write(store.store_path(), &good[..10]).unwrap();
         assert!(matches!(store.get("A"), Err(SecretsError::Tampered { .. })));
+    }
+
+    /// Found by the secret_store fuzz target: contents sealed with the right
+    /// key were served as they were, empty names and values included.
+    #[test]
+    fn a_sealed_store_with_an_entry_put_would_refuse_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::new(dir.path());
+        store.put("A", &SecretValue::new("sk-a")).unwrap();
+        let key = fsutil::load_key(&store.key_path(), "key", false)
+            .unwrap()
+            .unwrap();
+        for (name, value) in [("B", ""), ("", "sk-b"), ("C", "sk-\nc"), ("1D", "sk-d")] {
+            let mut plain = Plain::default();
+            plain.entries.insert(
+                name.to_string(),
+                PlainEntry {
+                    value: value.to_string(),
+                    created: 1,
+                    updated: 1,
+                },
+            );
+            fs::write(store.store_path(), FileStore::seal(&plain, &key).unwrap()).unwrap();
+            let err = store.list().unwrap_err();
+            assert!(
+                matches!(err, SecretsError::Tampered { .. }),
+                "{name:?}={value:?}: {err}"
+            );
+            assert!(store.get(name).is_err(), "{name:?}={value:?}");
+        }
     }
 
     #[test]
