@@ -5,3 +5,4 @@ pub mod cgroup;
 pub mod fake_provider;
 pub mod gateway_fixture;
 pub mod mountns;
+pub mod process;

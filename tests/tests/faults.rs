@@ -19,7 +19,7 @@
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -29,6 +29,7 @@ use guard::events::{EventStore, Filter};
 use guard_tests::fake_provider::{Behavior, FakeProvider, TestCa};
 use guard_tests::gateway_fixture::{chat_body, h1_plain, post, send};
 use guard_tests::mountns::PrivateMounts;
+use guard_tests::process::{KtChild, free_addr, text, wait_until};
 use http_body_util::BodyExt as _;
 
 const KT: &str = env!("CARGO_BIN_EXE_kt-under-test");
@@ -36,15 +37,6 @@ const MANAGED: &str = "sk-faults-managed-TUFOQUdFRF9LRVlfMDE";
 const NEW_MANAGED: &str = "sk-faults-rotated-Uk9UQVRFRF9LRVlfMDI";
 /// What the client sends: never reaches a provider.
 const HARDCODED: &str = "sk-faults-hardcoded-in-the-job-SEFSRA";
-
-/// Ends the kt we started (by pid) if the test fails half way.
-struct KtChild(Child);
-impl Drop for KtChild {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// A data dir, config and log for one `kt gateway run`, optionally inside
 /// a private mount namespace.
@@ -57,36 +49,6 @@ struct Setup {
     log: PathBuf,
     listen: SocketAddr,
     ns: Option<PrivateMounts>,
-}
-
-fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "stdout:\n{}\nstderr:\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-/// Polls `f` (every 20 ms, up to 30 s) until it gives a value.
-fn wait_until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "waited 30 s for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 impl Setup {

@@ -5,31 +5,17 @@
 
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use guard_tests::fake_provider::{Behavior, FakeProvider, TestCa};
 use guard_tests::gateway_fixture::{chat_body, h1_plain, post, send};
+use guard_tests::process::{KtChild, free_addr};
 
 const KT: &str = env!("CARGO_BIN_EXE_kt-under-test");
 const PRIMARY: &str = "sk-metrics-primary-UFJJTUFSWV9LRVlfMDE";
 const BACKUP: &str = "sk-metrics-backup-QkFDS1VQX0tFWV8wMg";
 const UNMANAGED: &str = "sk-metrics-unmanaged-VU5NQU5BR0VEXzAz";
-
-struct Kt(Child);
-impl Drop for Kt {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
 
 /// `GET path` over plain HTTP/1.0: status line and body.
 fn get(addr: SocketAddr, path: &str, accept: &str) -> (String, String, String) {
@@ -100,18 +86,20 @@ gateway:
     )
     .unwrap();
     let log = dir.path().join("kt.log");
-    let kt = Kt(Command::new(KT)
-        .args(["gateway", "run", "--config"])
-        .arg(&cfg)
-        .env("KT_DATA_DIR", dir.path().join("data"))
-        .env("SSL_CERT_FILE", &ca_pem)
-        .env("KT_METRICS_PRIMARY", PRIMARY)
-        .env("KT_METRICS_BACKUP", BACKUP)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap());
+    let kt = KtChild(
+        Command::new(KT)
+            .args(["gateway", "run", "--config"])
+            .arg(&cfg)
+            .env("KT_DATA_DIR", dir.path().join("data"))
+            .env("SSL_CERT_FILE", &ca_pem)
+            .env("KT_METRICS_PRIMARY", PRIMARY)
+            .env("KT_METRICS_BACKUP", BACKUP)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
     let start = Instant::now();
     while !std::fs::read_to_string(&log)
         .unwrap_or_default()

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 
 use guard_tests::fake_provider::{Behavior, FakeProvider, TestCa, refused_addr};
+use guard_tests::process::text;
 
 const KT: &str = env!("CARGO_BIN_EXE_kt-under-test");
 const GOOD: &str = "sk-probe-good-UHJvYmVHb29kS2V5XzIwMjY";
@@ -111,14 +112,6 @@ policies:
     fn cfg(&self) -> &str {
         self.cfg.to_str().unwrap()
     }
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "stdout:\n{}\nstderr:\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 fn assert_no_key(out: &Output) {

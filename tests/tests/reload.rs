@@ -12,11 +12,12 @@
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
 
 use guard_tests::fake_provider::{Behavior, FakeProvider, TestCa};
 use guard_tests::gateway_fixture::{chat_body, h1_plain, post, send};
+use guard_tests::process::{KtChild, free_addr, text, wait_until};
 use http_body_util::BodyExt as _;
 
 const KT: &str = env!("CARGO_BIN_EXE_kt-under-test");
@@ -26,15 +27,6 @@ const FALLBACK: &str = "sk-reload-fallback-RkFMTEJBQ0tfS0VZ";
 const CLAUDE: &str = "sk-ant-reload-claude-Q0xBVURFX0tFWQ";
 /// What the client sends: never reaches a provider.
 const HARDCODED: &str = "sk-hardcoded-in-the-job-SEFSRENPREVE";
-
-/// Ends the kt we started (by pid) if the test fails half way.
-struct Kt(Child);
-impl Drop for Kt {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 struct Setup {
     dir: tempfile::TempDir,
@@ -46,21 +38,6 @@ struct Setup {
     primary: FakeProvider,
     fallback: FakeProvider,
     claude: FakeProvider,
-}
-
-fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "stdout:\n{}\nstderr:\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 impl Setup {
@@ -156,7 +133,7 @@ gateway:
         c.wait_with_output().unwrap()
     }
 
-    fn start_gateway(&self) -> Kt {
+    fn start_gateway(&self) -> KtChild {
         let log = std::fs::File::create(&self.log).unwrap();
         let child = Command::new(KT)
             .args(["gateway", "run", "--config"])
@@ -169,7 +146,7 @@ gateway:
             .stderr(log)
             .spawn()
             .unwrap();
-        let kt = Kt(child);
+        let kt = KtChild(child);
         self.wait_log("gateway listening on");
         kt
     }
@@ -183,21 +160,6 @@ gateway:
 
     fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-/// Polls `f` (every 20 ms, up to 30 s) until it gives a value.
-fn wait_until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "waited 30 s for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use guard_tests::fake_provider::{Behavior, FakeProvider, TestCa};
 use guard_tests::gateway_fixture::{chat_body, h1_plain, post, send};
+use guard_tests::process::free_addr;
 
 const KT: &str = env!("CARGO_BIN_EXE_kt-under-test");
 const KEY: &str = "sk-sinks-managed-U0lOS1NfS0VZXzAx";
@@ -44,13 +45,6 @@ fn signal(child: &Child, name: &str) {
         .unwrap()
         .success();
     assert!(ok, "kill -{name} failed");
-}
-
-fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
 }
 
 fn free_udp() -> SocketAddr {
