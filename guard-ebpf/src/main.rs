@@ -5,7 +5,10 @@
 //! captured port whatever its destination (except loopback addresses on
 //! kt's own listening ports); the record says which of the two it was, so
 //! kt refuses a non-provider name only on a provider address. In order: a socket from another network namespace
-//! is refused; a socket whose cookie kt wrote into `KT_EXEMPT` before
+//! is refused, unless kt captures containers too: then TCP to a captured
+//! port goes to the foreign listener, an address of the host the
+//! container reaches through its default route (its own loopback
+//! destinations are left alone there); a socket whose cookie kt wrote into `KT_EXEMPT` before
 //! connecting (kt's own upstream sockets; nothing a client sets can put it
 //! there) is let through; TCP to a captured port is sent to the capture
 //! listener, recording the original destination and the caller by socket
@@ -32,9 +35,9 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockOpsContext},
 };
 use guard_ebpf_common::{
-    AF_INET, AF_INET6, CaptureConfig, FLAG_ENABLED, FLAG_PORT_SCOPE, FLAG_REFUSE_OTHER_NETNS,
-    FLAG_REFUSE_UDP, MAX_EXEMPT, MAX_OWN_PORTS, MAX_PORTS, MAX_PREFIXES, MAX_RECORDS,
-    ORIGIN_PROVIDER_PREFIX, Origin, PeerKey,
+    AF_INET, AF_INET6, CaptureConfig, FLAG_CAPTURE_OTHER_NETNS, FLAG_ENABLED, FLAG_PORT_SCOPE,
+    FLAG_REFUSE_OTHER_NETNS, FLAG_REFUSE_UDP, MAX_EXEMPT, MAX_OWN_PORTS, MAX_PORTS, MAX_PREFIXES,
+    MAX_RECORDS, ORIGIN_PROVIDER_PREFIX, Origin, PeerKey,
 };
 
 /// Let the operation proceed.
@@ -74,6 +77,9 @@ enum Verdict {
     Pass,
     /// Ours, TCP: redirect.
     Capture,
+    /// Ours, TCP, from another network namespace: redirect to the foreign
+    /// listener (the container's loopback is not kt's).
+    CaptureForeign,
     /// Ours, but must not go out (another port, UDP, foreign netns, no
     /// listener).
     Refuse,
@@ -182,13 +188,23 @@ fn v4_mapped(addr_be: &[u32; 4]) -> Option<u32> {
 /// namespace comes first, so no exemption ever applies across it; then kt's
 /// own sockets (by cookie, registered by kt before connect); then only TCP
 /// to a captured port is captured and everything else is refused.
+/// `provider`/`loopback` describe the destination: from another namespace
+/// a loopback destination outside the provider prefixes is that
+/// namespace's own (port-wide scope) and is left alone.
 #[inline(always)]
-fn decide(ctx: &SockAddrContext, sa: &bpf_sock_addr, cfg: &CaptureConfig, port_be: u32) -> Verdict {
+fn decide(
+    ctx: &SockAddrContext,
+    sa: &bpf_sock_addr,
+    cfg: &CaptureConfig,
+    port_be: u32,
+    provider: bool,
+    loopback: bool,
+) -> Verdict {
     if cfg.flags & FLAG_REFUSE_OTHER_NETNS != 0 && cfg.netns_cookie != 0 {
         // SAFETY: helper call on the program's own context.
         let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
         if netns != cfg.netns_cookie {
-            return Verdict::Refuse;
+            return foreign(sa, cfg, port_be, provider, loopback);
         }
     }
     // SAFETY: helper call on the program's own context.
@@ -199,6 +215,31 @@ fn decide(ctx: &SockAddrContext, sa: &bpf_sock_addr, cfg: &CaptureConfig, port_b
     }
     match sa.type_ {
         SOCK_STREAM if port_matches(port_be) => Verdict::Capture,
+        SOCK_STREAM => Verdict::Refuse,
+        _ if cfg.flags & FLAG_REFUSE_UDP != 0 => Verdict::Refuse,
+        _ => Verdict::Pass,
+    }
+}
+
+/// A destination matched from another network namespace: captured to the
+/// foreign listener when kt captures containers (TCP to a captured port),
+/// else refused.
+#[inline(always)]
+fn foreign(
+    sa: &bpf_sock_addr,
+    cfg: &CaptureConfig,
+    port_be: u32,
+    provider: bool,
+    loopback: bool,
+) -> Verdict {
+    if cfg.flags & FLAG_CAPTURE_OTHER_NETNS == 0 {
+        return Verdict::Refuse;
+    }
+    if loopback && !provider {
+        return Verdict::Pass;
+    }
+    match sa.type_ {
+        SOCK_STREAM if port_matches(port_be) => Verdict::CaptureForeign,
         SOCK_STREAM => Verdict::Refuse,
         _ if cfg.flags & FLAG_REFUSE_UDP != 0 => Verdict::Refuse,
         _ => Verdict::Pass,
@@ -251,19 +292,23 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
     let sa = unsafe { &mut *ctx.sock_addr };
     let (addr, port) = (sa.user_ip4, sa.user_port);
     let provider = v4_matches(addr);
-    if !provider && !port_wide(cfg, sa, port, v4_loopback(addr)) {
+    let loopback = v4_loopback(addr);
+    if !provider && !port_wide(cfg, sa, port, loopback) {
         return Ok(ALLOW);
     }
-    match decide(ctx, sa, cfg, port) {
-        Verdict::Pass => Ok(ALLOW),
-        Verdict::Refuse => Ok(DENY),
-        Verdict::Capture => {
-            record(ctx, AF_INET, [addr, 0, 0, 0], port, provider).map_err(|_| DENY)?;
-            sa.user_ip4 = cfg.listen4_be;
-            sa.user_port = cfg.listen4_port_be;
-            Ok(ALLOW)
+    let (ip, to_port) = match decide(ctx, sa, cfg, port, provider, loopback) {
+        Verdict::Pass => return Ok(ALLOW),
+        Verdict::Refuse => return Ok(DENY),
+        Verdict::Capture => (cfg.listen4_be, cfg.listen4_port_be),
+        Verdict::CaptureForeign if cfg.foreign4_port_be != 0 => {
+            (cfg.foreign4_be, cfg.foreign4_port_be)
         }
-    }
+        Verdict::CaptureForeign => return Ok(DENY),
+    };
+    record(ctx, AF_INET, [addr, 0, 0, 0], port, provider).map_err(|_| DENY)?;
+    sa.user_ip4 = ip;
+    sa.user_port = to_port;
+    Ok(ALLOW)
 }
 
 #[cgroup_sock_addr(connect6)]
@@ -282,17 +327,22 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
     if let Some(v4) = v4_mapped(&addr) {
         // A dual-stack socket reaching an IPv4 address.
         let provider = v4_matches(v4);
-        if !provider && !port_wide(cfg, sa, port, v4_loopback(v4)) {
+        let loopback = v4_loopback(v4);
+        if !provider && !port_wide(cfg, sa, port, loopback) {
             return Ok(ALLOW);
         }
-        match decide(ctx, sa, cfg, port) {
+        let (ip, to_port) = match decide(ctx, sa, cfg, port, provider, loopback) {
             Verdict::Pass => return Ok(ALLOW),
             Verdict::Refuse => return Ok(DENY),
-            Verdict::Capture => {}
-        }
+            Verdict::Capture => (cfg.listen4_be, cfg.listen4_port_be),
+            Verdict::CaptureForeign if cfg.foreign4_port_be != 0 => {
+                (cfg.foreign4_be, cfg.foreign4_port_be)
+            }
+            Verdict::CaptureForeign => return Ok(DENY),
+        };
         record(ctx, AF_INET, [v4, 0, 0, 0], port, provider).map_err(|_| DENY)?;
-        write_ip6(sa, [0, 0, 0xffffu32.to_be(), cfg.listen4_be]);
-        sa.user_port = cfg.listen4_port_be;
+        write_ip6(sa, [0, 0, 0xffffu32.to_be(), ip]);
+        sa.user_port = to_port;
         return Ok(ALLOW);
     }
     let provider = v6_matches(&addr);
@@ -300,20 +350,20 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
     if !provider && !port_wide(cfg, sa, port, loopback) {
         return Ok(ALLOW);
     }
-    match decide(ctx, sa, cfg, port) {
-        Verdict::Pass => Ok(ALLOW),
-        Verdict::Refuse => Ok(DENY),
-        Verdict::Capture => {
-            if cfg.listen6_port_be == 0 {
-                // No IPv6 listener: fail closed.
-                return Ok(DENY);
-            }
-            record(ctx, AF_INET6, addr, port, provider).map_err(|_| DENY)?;
-            write_ip6(sa, cfg.listen6_be);
-            sa.user_port = cfg.listen6_port_be;
-            Ok(ALLOW)
-        }
+    let (ip, to_port) = match decide(ctx, sa, cfg, port, provider, loopback) {
+        Verdict::Pass => return Ok(ALLOW),
+        Verdict::Refuse => return Ok(DENY),
+        Verdict::Capture => (cfg.listen6_be, cfg.listen6_port_be),
+        Verdict::CaptureForeign => (cfg.foreign6_be, cfg.foreign6_port_be),
+    };
+    if to_port == 0 {
+        // No IPv6 listener of that kind: fail closed.
+        return Ok(DENY);
     }
+    record(ctx, AF_INET6, addr, port, provider).map_err(|_| DENY)?;
+    write_ip6(sa, ip);
+    sa.user_port = to_port;
+    Ok(ALLOW)
 }
 
 #[cgroup_sock_addr(sendmsg4)]

@@ -53,6 +53,7 @@ fn event(i: usize) -> Event {
         cmdline: Some("python3 scripts/legacy_eval.py --model gpt-4o --batch 64".into()),
         cgroup: Some("/system.slice/ci-runner.service/job-1234".into()),
         container_id: None,
+        context: Default::default(),
     };
     e.key = Some(PresentedKey {
         fingerprint: format!("fp:{:08x}", i % 3),

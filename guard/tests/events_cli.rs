@@ -83,6 +83,7 @@ fn event(request_id: &str, decision: Decision, target: &str, pid: u32) -> Event 
         cmdline: Some("python3 legacy.py".into()),
         cgroup: Some("/ci/job".into()),
         container_id: None,
+        context: Default::default(),
     };
     e.key = Some(PresentedKey {
         fingerprint: fingerprint(OLD_KEY),

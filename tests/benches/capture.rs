@@ -120,6 +120,7 @@ fn connect_rate(cg: &mut TestCgroup) {
         own_ports: vec![],
         refuse_udp: true,
         refuse_other_netns: true,
+        containers: None,
         pin_dir: None,
         keep_attached: false,
     };

@@ -84,6 +84,7 @@ fn setup_with(label: &str, adjust: impl FnOnce(&mut CaptureSpec)) -> Setup {
         own_ports: vec![],
         refuse_udp: true,
         refuse_other_netns: true,
+        containers: None,
         pin_dir: None,
         keep_attached: false,
     };
@@ -540,6 +541,7 @@ fn pinned_links_stay_fail_closed_without_the_process_and_are_replaced_without_a_
         own_ports: vec![],
         refuse_udp: true,
         refuse_other_netns: true,
+        containers: None,
         pin_dir: Some(pins.clone()),
         keep_attached: keep,
     };
@@ -612,6 +614,7 @@ fn a_new_run_takes_over_pinned_links_while_a_client_loops_and_none_goes_direct()
         own_ports: vec![],
         refuse_udp: true,
         refuse_other_netns: true,
+        containers: None,
         pin_dir: Some(pins.clone()),
         keep_attached: keep,
     };
@@ -964,6 +967,7 @@ fn supervised(label: &str, targets: Targets) -> Supervised {
                 own_ports: vec![],
                 refuse_udp: true,
                 refuse_other_netns: true,
+                containers: None,
                 pin_dir: None,
                 keep_attached: false,
             })

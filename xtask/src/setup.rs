@@ -24,8 +24,17 @@ const DEBIAN_PACKAGES: [&str; 4] = ["rustc-web", "cargo-web", "rust-web-src", "l
 /// (iproute2), `curl`, `promtool` (prometheus; its server is not
 /// started) to check the metrics exposition, and `rsyslogd` (rsyslog; the
 /// tests start their own daemon on a loopback port, never the system one)
-/// to receive the syslog event sink.
-const TEST_PACKAGES: [&str; 5] = ["util-linux", "iproute2", "curl", "prometheus", "rsyslog"];
+/// to receive the syslog event sink, and `nft` (nftables) for the
+/// masquerade rule of the container tests (a table of their own, removed
+/// after; the system ruleset is never loaded or changed).
+const TEST_PACKAGES: [&str; 6] = [
+    "util-linux",
+    "iproute2",
+    "curl",
+    "prometheus",
+    "rsyslog",
+    "nftables",
+];
 const DEBIAN_TOOLCHAIN: &str = "debian";
 
 pub fn run() -> anyhow::Result<()> {

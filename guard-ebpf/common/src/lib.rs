@@ -86,6 +86,12 @@ pub const FLAG_REFUSE_OTHER_NETNS: u32 = 1 << 2;
 /// captured whatever the destination (not only the provider prefixes),
 /// except loopback destinations on kt's own listening ports.
 pub const FLAG_PORT_SCOPE: u32 = 1 << 3;
+/// `CaptureConfig::flags`: capture matched connections from other network
+/// namespaces (containers on bridges) too, to the `foreign*` listener: an
+/// address of the host that a container reaches through its default
+/// route. Without this flag (or without a foreign listener of the
+/// family) they are refused.
+pub const FLAG_CAPTURE_OTHER_NETNS: u32 = 1 << 4;
 
 /// `Origin::flags`: the destination was inside the provider prefixes.
 pub const ORIGIN_PROVIDER_PREFIX: u32 = 1;
@@ -107,6 +113,18 @@ pub struct CaptureConfig {
     pub flags: u32,
     /// Network namespace cookie of the guard; 0 when unknown.
     pub netns_cookie: u64,
+    /// IPv4 listener for connections from other network namespaces
+    /// (`FLAG_CAPTURE_OTHER_NETNS`); 0 port: none.
+    pub foreign4_be: u32,
+    /// Its port, as `listen4_port_be`.
+    pub foreign4_port_be: u32,
+    /// IPv6 listener for connections from other network namespaces.
+    pub foreign6_be: [u32; 4],
+    /// Its port, as `listen4_port_be`; 0: none (matched IPv6 from other
+    /// namespaces is refused).
+    pub foreign6_port_be: u32,
+    /// Keeps the size a multiple of 8 with no implicit padding.
+    pub _pad: u32,
 }
 
 /// What the connect hook saw: the original destination and who connected.
@@ -149,7 +167,7 @@ pub struct PeerKey {
     pub addr_be: [u32; 4],
 }
 
-const _: () = assert!(size_of::<CaptureConfig>() == 40);
+const _: () = assert!(size_of::<CaptureConfig>() == 72);
 const _: () = assert!(size_of::<Origin>() == 64);
 const _: () = assert!(size_of::<PeerKey>() == 24);
 

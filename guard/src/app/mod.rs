@@ -65,6 +65,9 @@ pub enum AppError {
         #[source]
         source: std::io::Error,
     },
+    /// `capture.containers` is on and its address cannot be added.
+    #[error("capture.containers")]
+    ContainerAddress(#[source] capture::HostAddressError),
     /// The configured capture listener is not an IPv4 address.
     #[error("gateway.capture_listen must be an IPv4 address (got {0})")]
     CaptureListenNotV4(SocketAddr),
@@ -117,6 +120,9 @@ pub enum Notice {
         listen4: SocketAddrV4,
         /// The IPv6 capture listener, if bound.
         listen6: Option<SocketAddrV6>,
+        /// The listeners for containers (other network namespaces), when
+        /// `capture.containers` is on.
+        containers: Option<capture::ForeignListen>,
         /// The explicit clients' address.
         explicit: SocketAddr,
         /// Targets in use, in order.
@@ -583,6 +589,9 @@ impl App {
             _ => None,
         };
 
+        let containers = bind_containers(&self.config.capture.containers, &l4, l6).await?;
+        let foreign = containers.as_ref().map(|c| c.listen);
+
         let CapturePlan {
             cgroup,
             targets,
@@ -609,6 +618,7 @@ impl App {
                 own_ports: own_ports.clone(),
                 refuse_udp: true,
                 refuse_other_netns: true,
+                containers: foreign,
                 pin_dir: pin_dir.clone(),
                 keep_attached: keep_attached && pin_dir.is_some(),
             };
@@ -634,6 +644,7 @@ impl App {
             cgroup: cgroup.clone(),
             listen4: l4,
             listen6: l6,
+            containers: foreign,
             explicit: explicit_addr,
             targets: gateway.active_targets(),
         });
@@ -664,6 +675,21 @@ impl App {
             let lk = lookup.clone();
             tokio::spawn(async move { g.serve_capture_listener(l, lk).await })
         });
+        // Containers' connections: the same lookup (the record is keyed by
+        // the client's address, which arrives unchanged: no NAT on the way
+        // to a local address).
+        let (container_listeners, container_addrs) = match containers {
+            Some(c) => (c.listeners, c.addrs),
+            None => (Vec::new(), Vec::new()),
+        };
+        let tc: Vec<_> = container_listeners
+            .into_iter()
+            .map(|l| {
+                let g = gateway.clone();
+                let lk = lookup.clone();
+                tokio::spawn(async move { g.serve_capture_listener(l, lk).await })
+            })
+            .collect();
         let served = gateway.serve_explicit(explicit).await;
         if served.is_err() {
             // The explicit listener failed: stop the capture listeners too.
@@ -671,6 +697,9 @@ impl App {
         }
         let _ = t4.await;
         if let Some(t) = t6 {
+            let _ = t.await;
+        }
+        for t in tc {
             let _ = t.await;
         }
         drop(lookup);
@@ -689,9 +718,76 @@ impl App {
                 false
             }
         };
+        // After the programs: while they were attached the address took
+        // containers' connections (or refused them once the listeners
+        // closed).
+        drop(container_addrs);
         served.map_err(AppError::Gateway)?;
         Ok(detached)
     }
+}
+
+/// What `capture.containers` set up: the addresses kt added to `lo` (removed
+/// on drop) and the listeners bound on them.
+struct ContainerListen {
+    listen: capture::ForeignListen,
+    listeners: Vec<TcpListener>,
+    addrs: Vec<capture::HostAddress>,
+}
+
+/// Adds the containers' addresses to `lo` and binds a capture listener on
+/// each, on the capture listeners' ports. IPv4 must work (the setting was
+/// asked for); IPv6 falls back to refusing, as the loopback IPv6 listener
+/// does.
+async fn bind_containers(
+    c: &crate::config::Containers,
+    l4: &SocketAddrV4,
+    l6: Option<SocketAddrV6>,
+) -> Result<Option<ContainerListen>, AppError> {
+    if !c.enabled {
+        return Ok(None);
+    }
+    let a4 = capture::HostAddress::add(c.address.into()).map_err(AppError::ContainerAddress)?;
+    let at4 = SocketAddr::new(c.address.into(), l4.port());
+    let cap4 = TcpListener::bind(at4)
+        .await
+        .map_err(|source| AppError::Bind {
+            what: "container capture listener",
+            addr: at4,
+            source,
+        })?;
+    let mut listen = capture::ForeignListen {
+        listen4: Some(SocketAddrV4::new(c.address, l4.port())),
+        listen6: None,
+    };
+    let mut listeners = vec![cap4];
+    let mut addrs = vec![a4];
+    if let Some(a) = c.address6 {
+        let port = l6.map_or(l4.port(), |l| l.port());
+        match capture::HostAddress::add(a.into()) {
+            Ok(host) => {
+                let at6 = SocketAddr::new(a.into(), port);
+                match TcpListener::bind(at6).await {
+                    Ok(l) => {
+                        listen.listen6 = Some(SocketAddrV6::new(a, port, 0, 0));
+                        listeners.push(l);
+                    }
+                    Err(e) => {
+                        tracing::warn!(addr = %at6, error = %e, "no IPv6 listener for containers: their matched IPv6 connections will be refused");
+                    }
+                }
+                addrs.push(host);
+            }
+            Err(e) => {
+                tracing::warn!(error = %causes(&e), "no IPv6 address for containers: their matched IPv6 connections will be refused");
+            }
+        }
+    }
+    Ok(Some(ContainerListen {
+        listen,
+        listeners,
+        addrs,
+    }))
 }
 
 fn bind_err(what: &'static str, addr: SocketAddr, e: GatewayError) -> AppError {
@@ -869,6 +965,7 @@ impl<P: Programs> CaptureLookup for Lookup<P> {
                 pid: Some(origin.pid),
                 uid: Some(origin.uid),
                 cgroup_id: Some(origin.cgroup_id),
+                context: p.context(),
                 exe: p.exe,
                 cmdline: p.cmdline,
                 cgroup: p.cgroup,

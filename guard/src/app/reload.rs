@@ -50,6 +50,7 @@ impl Trigger {
                 ClientInfo {
                     uid: Some(uid),
                     pid,
+                    context: p.context(),
                     exe: p.exe,
                     cmdline: p.cmdline,
                     cgroup: p.cgroup,
@@ -433,6 +434,11 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
         "capture.cgroup",
         format!("{:?}", c.cgroup),
         format!("{:?}", d.cgroup),
+    );
+    check(
+        "capture.containers",
+        format!("{:?}", c.containers),
+        format!("{:?}", d.containers),
     );
     let audit = |c: &Config| c.chain.contains(&PolicyKind::AuditLogger);
     check(

@@ -12,8 +12,9 @@ use aya::maps::{Array, HashMap, MapData};
 use aya::programs::links::{CgroupAttachMode, FdLink, PinnedLink};
 use aya::programs::{CgroupSockAddr, SockOps};
 use guard_ebpf_common::{
-    AF_INET, AF_INET6, CaptureConfig, FLAG_ENABLED, FLAG_PORT_SCOPE, FLAG_REFUSE_OTHER_NETNS,
-    FLAG_REFUSE_UDP, MAX_OWN_PORTS, MAX_PORTS, ORIGIN_PROVIDER_PREFIX, Origin, PeerKey, map, prog,
+    AF_INET, AF_INET6, CaptureConfig, FLAG_CAPTURE_OTHER_NETNS, FLAG_ENABLED, FLAG_PORT_SCOPE,
+    FLAG_REFUSE_OTHER_NETNS, FLAG_REFUSE_UDP, MAX_OWN_PORTS, MAX_PORTS, ORIGIN_PROVIDER_PREFIX,
+    Origin, PeerKey, map, prog,
 };
 
 use super::exempt::CaptureExemption;
@@ -47,8 +48,13 @@ pub struct CaptureSpec {
     pub own_ports: Vec<u16>,
     /// Refuse UDP (any port) to captured prefixes (QUIC), so clients use TCP.
     pub refuse_udp: bool,
-    /// Refuse matched connections from other network namespaces.
+    /// Refuse matched connections from other network namespaces (unless
+    /// `containers` captures them).
     pub refuse_other_netns: bool,
+    /// Capture matched connections from other network namespaces
+    /// (containers on bridges) to these listeners instead of refusing them;
+    /// needs `refuse_other_netns` (which tells kt's own namespace apart).
+    pub containers: Option<ForeignListen>,
     /// A directory on a bpffs where the links are pinned, so the programs
     /// outlive a crash of this process (matched connections are then
     /// refused, never let through) and a restart replaces them without a
@@ -57,6 +63,17 @@ pub struct CaptureSpec {
     /// Leave the pinned links in place when this is dropped (a planned
     /// restart stays fail-closed); only meaningful with `pin_dir`.
     pub keep_attached: bool,
+}
+
+/// Listeners for connections from other network namespaces: addresses of
+/// the host that a container reaches through its default route (never
+/// loopback: that would be the container's own).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ForeignListen {
+    /// IPv4 (and IPv4-mapped) destinations go here; `None`: refused.
+    pub listen4: Option<SocketAddrV4>,
+    /// IPv6 destinations go here; `None`: refused.
+    pub listen6: Option<SocketAddrV6>,
 }
 
 /// Who opened a captured connection and where it was going.
@@ -504,6 +521,10 @@ fn replace_trie<const N: usize>(
 fn own_ports(spec: &CaptureSpec) -> Vec<u16> {
     let mut v = vec![spec.listen4.port()];
     v.extend(spec.listen6.map(|a| a.port()));
+    if let Some(c) = &spec.containers {
+        v.extend(c.listen4.map(|a| a.port()));
+        v.extend(c.listen6.map(|a| a.port()));
+    }
     v.extend(&spec.own_ports);
     v.sort_unstable();
     v.dedup();
@@ -530,6 +551,21 @@ fn capture_config(spec: &CaptureSpec) -> CaptureConfig {
     if netns_cookie != 0 {
         flags |= FLAG_REFUSE_OTHER_NETNS;
     }
+    let foreign = spec.containers.unwrap_or_default();
+    if netns_cookie != 0 && spec.containers.is_some() {
+        flags |= FLAG_CAPTURE_OTHER_NETNS;
+    }
+    let (foreign4_be, foreign4_port_be) = match foreign.listen4 {
+        Some(a) => (
+            u32::from_ne_bytes(a.ip().octets()),
+            u32::from(a.port().to_be()),
+        ),
+        None => (0, 0),
+    };
+    let (foreign6_be, foreign6_port_be) = match foreign.listen6 {
+        Some(a) => (words(a.ip().octets()), u32::from(a.port().to_be())),
+        None => ([0; 4], 0),
+    };
     CaptureConfig {
         listen4_be: u32::from_ne_bytes(spec.listen4.ip().octets()),
         listen4_port_be: u32::from(spec.listen4.port().to_be()),
@@ -537,6 +573,11 @@ fn capture_config(spec: &CaptureSpec) -> CaptureConfig {
         listen6_port_be,
         flags,
         netns_cookie,
+        foreign4_be,
+        foreign4_port_be,
+        foreign6_be,
+        foreign6_port_be,
+        _pad: 0,
     }
 }
 
@@ -660,6 +701,7 @@ mod tests {
             own_ports: vec![8787, 8788],
             refuse_udp: true,
             refuse_other_netns: false,
+            containers: None,
             pin_dir: None,
             keep_attached: false,
         };

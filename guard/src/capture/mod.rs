@@ -7,6 +7,7 @@
 
 mod cgroup;
 mod exempt;
+mod hostaddr;
 pub mod hosts;
 mod loader;
 mod peer;
@@ -19,7 +20,8 @@ pub use cgroup::{
     BPFFS_DEFAULT, CgroupError, bpffs_mount, cgroup2_mount, cgroup2_mount_in, ensure_bpffs,
 };
 pub use exempt::{CaptureExemption, ExemptionSlot, NoExemption, SocketExemption, socket_cookie};
-pub use loader::{Capture, CaptureSpec, ClientOrigin, remove_pinned_capture};
+pub use hostaddr::{HostAddress, HostAddressError};
+pub use loader::{Capture, CaptureSpec, ClientOrigin, ForeignListen, remove_pinned_capture};
 pub use peer::{PeerProcess, find_socket, peer_process, peer_process_in};
 pub use prefix::{PrefixError, prefix_of};
 pub use process::{

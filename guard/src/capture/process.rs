@@ -1,5 +1,10 @@
 //! Who is behind a captured connection: executable, command line, cgroup
-//! and container id, read from `/proc/<pid>` right after `accept()`.
+//! and container id, read from `/proc/<pid>` right after `accept()`; the
+//! parent process, the network namespace when it is not kt's, CI context
+//! (a fixed list of variable names from `/proc/<pid>/environ`, never the
+//! rest of the environment), and the container's name and image when the
+//! runtime's files say so (Docker's `config.v2.json`, Podman's
+//! `containers.json`; readable by root only).
 //!
 //! The pid comes from the kernel (the connect hook's tgid), never from the
 //! process itself. A process that exited before we looked still has its
@@ -26,6 +31,56 @@ pub struct ProcessInfo {
     pub cgroup: Option<String>,
     /// Container id, when the cgroup path shows one.
     pub container_id: Option<String>,
+    /// Container name, from the runtime's files.
+    pub container_name: Option<String>,
+    /// Container image, from the runtime's files.
+    pub container_image: Option<String>,
+    /// Parent process id.
+    pub ppid: Option<u32>,
+    /// Parent's executable path.
+    pub parent_exe: Option<String>,
+    /// Network namespace (inode of `/proc/<pid>/ns/net`), only when it is
+    /// not kt's own.
+    pub netns: Option<u64>,
+    /// CI context: [`CI_VARS`] found in the process environment, in that
+    /// order, values bounded to [`MAX_CI_VALUE`] bytes.
+    pub ci: Vec<(String, String)>,
+}
+
+/// The only environment variables ever read from a client process: CI job
+/// identifiers, never credentials.
+pub const CI_VARS: [&str; 7] = [
+    "GITHUB_REPOSITORY",
+    "GITHUB_WORKFLOW",
+    "GITHUB_JOB",
+    "GITHUB_RUN_ID",
+    "CI_PROJECT_PATH",
+    "CI_PIPELINE_ID",
+    "CI_JOB_ID",
+];
+
+/// Longest CI value kept, in bytes.
+pub const MAX_CI_VALUE: usize = 200;
+
+/// Largest runtime file read for a container's name and image.
+const MAX_RUNTIME_FILE: u64 = 4 << 20;
+
+/// Where the container runtimes keep their per-container files.
+#[derive(Clone, Debug)]
+pub struct RuntimeRoots {
+    /// Docker's data root (`/var/lib/docker`).
+    pub docker: std::path::PathBuf,
+    /// Podman's (containers/storage) root (`/var/lib/containers/storage`).
+    pub podman: std::path::PathBuf,
+}
+
+impl Default for RuntimeRoots {
+    fn default() -> Self {
+        RuntimeRoots {
+            docker: "/var/lib/docker".into(),
+            podman: "/var/lib/containers/storage".into(),
+        }
+    }
 }
 
 /// Reads what `/proc` still knows about `pid`.
@@ -35,6 +90,11 @@ pub fn process_info(pid: u32) -> ProcessInfo {
 
 /// As [`process_info`], with another procfs root (tests).
 pub fn process_info_in(proc_root: &Path, pid: u32) -> ProcessInfo {
+    process_info_with(proc_root, &RuntimeRoots::default(), pid)
+}
+
+/// As [`process_info`], with other procfs and runtime roots (tests).
+pub fn process_info_with(proc_root: &Path, runtimes: &RuntimeRoots, pid: u32) -> ProcessInfo {
     let dir = proc_root.join(pid.to_string());
     let exe = std::fs::read_link(dir.join("exe"))
         .ok()
@@ -47,13 +107,137 @@ pub fn process_info_in(proc_root: &Path, pid: u32) -> ProcessInfo {
         .ok()
         .and_then(|t| cgroup_v2_path(&t));
     let container_id = cgroup.as_deref().and_then(container_id);
+    let (container_name, container_image) = container_id
+        .as_deref()
+        .map(|id| container_details(runtimes, id))
+        .unwrap_or_default();
+    let ppid = std::fs::read_to_string(dir.join("status"))
+        .ok()
+        .and_then(|t| parent_pid(&t));
+    let parent_exe = ppid.and_then(|p| {
+        std::fs::read_link(proc_root.join(p.to_string()).join("exe"))
+            .ok()
+            .map(|p| p.display().to_string())
+    });
+    let netns = ns_inode(&dir.join("ns/net"))
+        .filter(|n| Some(*n) != ns_inode(&proc_root.join("self/ns/net")));
+    let ci = std::fs::read(dir.join("environ"))
+        .map(|b| ci_context(&b))
+        .unwrap_or_default();
     ProcessInfo {
         pid,
         exe,
         cmdline,
         cgroup,
         container_id,
+        container_name,
+        container_image,
+        ppid,
+        parent_exe,
+        netns,
+        ci,
     }
+}
+
+impl ProcessInfo {
+    /// What goes into an event's client beyond exe, command line and cgroup.
+    pub fn context(&self) -> crate::record::ClientContext {
+        crate::record::ClientContext {
+            container_name: self.container_name.clone(),
+            container_image: self.container_image.clone(),
+            ppid: self.ppid,
+            parent_exe: self.parent_exe.clone(),
+            netns: self.netns,
+            ci: self.ci.iter().cloned().collect(),
+        }
+    }
+}
+
+/// `PPid:` from the text of `/proc/<pid>/status`.
+fn parent_pid(status: &str) -> Option<u32> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("PPid:"))
+        .and_then(|v| v.trim().parse().ok())
+        .filter(|p| *p != 0)
+}
+
+/// The inode in a namespace link (`net:[4026531840]`).
+fn ns_inode(link: &Path) -> Option<u64> {
+    let target = std::fs::read_link(link).ok()?;
+    let text = target.to_str()?;
+    text.split_once('[')?.1.strip_suffix(']')?.parse().ok()
+}
+
+/// The [`CI_VARS`] in a NUL-separated environment block, in that order;
+/// every other variable is skipped without being kept anywhere.
+pub fn ci_context(environ: &[u8]) -> Vec<(String, String)> {
+    let mut found: Vec<(String, String)> = Vec::new();
+    for entry in environ.split(|b| *b == 0) {
+        let Some(eq) = entry.iter().position(|b| *b == b'=') else {
+            continue;
+        };
+        let (name, value) = (&entry[..eq], &entry[eq + 1..]);
+        let Some(var) = CI_VARS.iter().find(|v| v.as_bytes() == name) else {
+            continue;
+        };
+        if value.is_empty() || found.iter().any(|(n, _)| n == var) {
+            continue;
+        }
+        let mut v = String::from_utf8_lossy(value).into_owned();
+        if v.len() > MAX_CI_VALUE {
+            let mut cut = MAX_CI_VALUE;
+            while !v.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            v.truncate(cut);
+        }
+        found.push(((*var).to_string(), v));
+    }
+    found.sort_by_key(|(n, _)| CI_VARS.iter().position(|v| v == n));
+    found
+}
+
+/// A container's name and image from its runtime's files: Docker's
+/// `containers/<id>/config.v2.json` (`Name`, `Config.Image`), else Podman's
+/// `overlay-containers/containers.json` (`names`; its image is an id only).
+pub fn container_details(roots: &RuntimeRoots, id: &str) -> (Option<String>, Option<String>) {
+    let read = |path: std::path::PathBuf| -> Option<serde_json::Value> {
+        use std::io::Read as _;
+        let mut text = Vec::new();
+        std::fs::File::open(path)
+            .ok()?
+            .take(MAX_RUNTIME_FILE)
+            .read_to_end(&mut text)
+            .ok()?;
+        serde_json::from_slice(&text).ok()
+    };
+    let text = |v: Option<&serde_json::Value>| {
+        v.and_then(serde_json::Value::as_str)
+            .filter(|s| !s.is_empty())
+            .map(|s| s.chars().take(MAX_CI_VALUE).collect::<String>())
+    };
+    if let Some(v) = read(
+        roots
+            .docker
+            .join("containers")
+            .join(id)
+            .join("config.v2.json"),
+    ) {
+        let name = text(v.get("Name")).map(|n| n.trim_start_matches('/').to_string());
+        let image = text(v.get("Config").and_then(|c| c.get("Image")));
+        return (name, image);
+    }
+    if let Some(serde_json::Value::Array(list)) =
+        read(roots.podman.join("overlay-containers/containers.json"))
+        && let Some(c) = list
+            .iter()
+            .find(|c| c.get("id").and_then(serde_json::Value::as_str) == Some(id))
+    {
+        let name = text(c.get("names").and_then(|n| n.get(0)));
+        return (name, None);
+    }
+    (None, None)
 }
 
 /// The cgroup-v2 path from the text of `/proc/<pid>/cgroup`.
@@ -192,6 +376,67 @@ mod tests {
             cgroup_v2_path("1:cpu:/\n0::/kt/job-1\n").as_deref(),
             Some("/kt/job-1")
         );
+    }
+
+    #[test]
+    fn only_the_ci_variables_are_taken_from_the_environment() {
+        let secret = "sk-proj-SECRETSECRETSECRETSECRET1234";
+        let env = format!(
+            "PATH=/usr/bin\0OPENAI_API_KEY={secret}\0GITHUB_JOB=test\0CI_JOB_ID=77\0\
+             GITHUB_RUN_ID=12345\0GITHUB_JOBX=no\0XGITHUB_JOB=no\0GITHUB_RUN_ID=dup\0\
+             CI_PIPELINE_ID=\0GITHUB_WORKFLOW={}\0",
+            "w".repeat(500)
+        );
+        let ci = ci_context(env.as_bytes());
+        let names: Vec<&str> = ci.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "GITHUB_WORKFLOW",
+                "GITHUB_JOB",
+                "GITHUB_RUN_ID",
+                "CI_JOB_ID"
+            ]
+        );
+        assert_eq!(ci[2].1, "12345");
+        assert_eq!(ci[0].1.len(), MAX_CI_VALUE);
+        assert!(!format!("{ci:?}").contains(secret));
+    }
+
+    #[test]
+    fn container_name_and_image_come_from_the_runtime_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let roots = RuntimeRoots {
+            docker: dir.path().join("docker"),
+            podman: dir.path().join("podman"),
+        };
+        let id = "ab".repeat(32);
+        assert_eq!(container_details(&roots, &id), (None, None));
+        let c = roots.docker.join("containers").join(&id);
+        std::fs::create_dir_all(&c).unwrap();
+        std::fs::write(
+            c.join("config.v2.json"),
+            r#"{"Name":"/ci-job-1","Config":{"Image":"python:3.12","Env":["OPENAI_API_KEY=sk-x"]}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            container_details(&roots, &id),
+            (Some("ci-job-1".into()), Some("python:3.12".into()))
+        );
+        let other = "cd".repeat(32);
+        let p = roots.podman.join("overlay-containers");
+        std::fs::create_dir_all(&p).unwrap();
+        std::fs::write(
+            p.join("containers.json"),
+            format!(r#"[{{"id":"{other}","names":["web"],"image":"1234"}}]"#),
+        )
+        .unwrap();
+        assert_eq!(
+            container_details(&roots, &other),
+            (Some("web".into()), None)
+        );
+        assert_eq!(parent_pid("Name:\tx\nPPid:\t42\n"), Some(42));
+        assert_eq!(parent_pid("PPid:\t0\n"), None);
     }
 
     #[test]

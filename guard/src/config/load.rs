@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use super::error::{ConfigError, ConfigErrors, LoadError};
 use super::model::{
-    AuditLogger, Capture, CaptureScope, Config, CredentialAction, DlpAction, DlpFilter,
+    AuditLogger, Capture, CaptureScope, Config, Containers, CredentialAction, DlpAction, DlpFilter,
     GatewayMode, GatewaySettings, IpPrefix, MAX_FUZZY_DISTANCE, Pack, PolicyKind, Provider,
     Providers, RoutingStrategy, SecretKeyRef, SinkConfig, SinkKind, StoreFailure, SyslogAddress,
     Target,
@@ -1272,7 +1272,15 @@ impl Cx {
     }
 
     fn capture(&mut self, node: Option<&Node>) -> Capture {
-        const KEYS: &[&str] = &["enabled", "cgroup", "hosts", "cidrs", "ports", "scope"];
+        const KEYS: &[&str] = &[
+            "enabled",
+            "cgroup",
+            "hosts",
+            "cidrs",
+            "ports",
+            "scope",
+            "containers",
+        ];
         let mut out = Capture::default();
         let Some(f) = node.and_then(|n| self.mapping(n, "capture", KEYS)) else {
             return out;
@@ -1366,6 +1374,70 @@ impl Cx {
                     "`provider` captures connections to provider addresses only; `port` captures every \
                      connection to the capture ports and splices non-provider names",
                 ),
+            }
+        }
+        if let Some(n) = f.get("containers") {
+            out.containers = self.containers(n);
+        }
+        out
+    }
+
+    /// `capture.containers`: `true`/`false`, or a mapping with `enabled`,
+    /// `address` and `address6`.
+    fn containers(&mut self, node: &Node) -> Containers {
+        const KEYS: &[&str] = &["enabled", "address", "address6"];
+        let mut out = Containers::default();
+        if let Kind::Scalar { .. } = &node.kind {
+            if let Some(v) = self.boolean(node, "capture.containers") {
+                out.enabled = v;
+            }
+            return out;
+        }
+        let Some(f) = self.mapping(node, "capture.containers", KEYS) else {
+            return out;
+        };
+        // A mapping means "on" unless it says otherwise.
+        out.enabled = true;
+        if let Some(v) = f
+            .get("enabled")
+            .and_then(|n| self.boolean(n, "capture.containers.enabled"))
+        {
+            out.enabled = v;
+        }
+        let hint = "an address of this host that containers reach through their default route, \
+                    never loopback; leave it out for the default";
+        if let Some(n) = f.get("address")
+            && let Some(v) = self.string(n, "capture.containers.address")
+        {
+            match v.parse::<std::net::Ipv4Addr>() {
+                Ok(a) if !a.is_loopback() && !a.is_unspecified() && !a.is_multicast() => {
+                    out.address = a;
+                }
+                _ => self.error_hint(
+                    n.pos,
+                    format!(
+                        "`capture.containers.address` must be a usable IPv4 address, found `{v}`"
+                    ),
+                    hint,
+                ),
+            }
+        }
+        if let Some(n) = f.get("address6") {
+            if is_null(n) {
+                out.address6 = None;
+            } else if let Some(v) = self.string(n, "capture.containers.address6") {
+                match v.parse::<std::net::Ipv6Addr>() {
+                    Ok(a) if !a.is_loopback() && !a.is_unspecified() && !a.is_multicast() => {
+                        out.address6 = Some(a);
+                    }
+                    _ => self.error_hint(
+                        n.pos,
+                        format!(
+                            "`capture.containers.address6` must be a usable IPv6 address, found `{v}`"
+                        ),
+                        hint,
+                    ),
+                }
             }
         }
         out

@@ -506,6 +506,42 @@ pub struct Capture {
     /// `scope` (default `provider`): which connections to the ports go
     /// through kt.
     pub scope: CaptureScope,
+    /// `containers`: connections from other network namespaces (containers
+    /// on bridges); default off (refused).
+    pub containers: Containers,
+}
+
+/// `capture.containers` (`true`/`false`, or a mapping).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Containers {
+    /// `enabled` (default false): capture them instead of refusing them.
+    pub enabled: bool,
+    /// `address` (default `169.254.107.116`, "kt" in ASCII): the IPv4
+    /// address kt adds to the host's `lo` and listens on for them.
+    pub address: std::net::Ipv4Addr,
+    /// `address6` (default `fd6b:7400:6b74::1`; null: no IPv6 listener,
+    /// matched IPv6 from containers is refused).
+    pub address6: Option<std::net::Ipv6Addr>,
+}
+
+impl Containers {
+    /// The default IPv4 address: link-local (never routed off a link),
+    /// unlikely to be used by anything else (cloud metadata services live at
+    /// .169.254 and .170.2, Calico's gateway at 169.254.1.1).
+    pub const ADDRESS: std::net::Ipv4Addr = std::net::Ipv4Addr::new(169, 254, 107, 116);
+    /// The default IPv6 address: unique local (fd00::/8), `6b74` is "kt".
+    pub const ADDRESS6: std::net::Ipv6Addr =
+        std::net::Ipv6Addr::new(0xfd6b, 0x7400, 0x6b74, 0, 0, 0, 0, 1);
+}
+
+impl Default for Containers {
+    fn default() -> Self {
+        Containers {
+            enabled: false,
+            address: Containers::ADDRESS,
+            address6: Some(Containers::ADDRESS6),
+        }
+    }
 }
 
 /// `capture.scope`: which TCP connections to the capture ports kt sees.
@@ -541,6 +577,7 @@ impl Default for Capture {
             cidrs: Vec::new(),
             ports: vec![443],
             scope: CaptureScope::Provider,
+            containers: Containers::default(),
         }
     }
 }

@@ -95,6 +95,10 @@ pub struct Client {
     pub cgroup: Option<String>,
     /// Container id, when the cgroup path shows one.
     pub container_id: Option<String>,
+    /// Container name and image, parent process, network namespace, CI
+    /// context (each field left out when unknown).
+    #[serde(flatten, default)]
+    pub context: crate::record::ClientContext,
 }
 
 /// The key the client presented (and the guard threw away).

@@ -163,6 +163,7 @@ pub fn to_event(d: &RequestRecord, known: &HashMap<String, String>) -> Event {
         cmdline: d.client.cmdline.clone(),
         cgroup: d.client.cgroup.clone(),
         container_id: d.client.container_id.clone(),
+        context: d.client.context.clone(),
     };
     e.key = d.client_key_fingerprint.as_ref().map(|fp| {
         let matches_secret = known.get(fp).cloned();

@@ -39,7 +39,8 @@ CREATE TABLE IF NOT EXISTS events (
     key_matches_secret TEXT,
     key_managed INTEGER,
     message TEXT,
-    stream TEXT
+    stream TEXT,
+    client_context TEXT
 );
 CREATE INDEX IF NOT EXISTS events_time ON events(time_ms);
 CREATE INDEX IF NOT EXISTS events_decision ON events(decision);
@@ -59,18 +60,18 @@ CREATE TABLE IF NOT EXISTS event_amendments (
 ";
 
 /// The schema version this code writes (`PRAGMA user_version`).
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 const COLUMNS: &str = "id, time_ms, request_id, decision, provider, target_tried, target_chosen, \
     fallback_steps, status, latency_ms, policy, client_addr, client_pid, client_uid, client_exe, \
     client_cmdline, client_cgroup, client_container_id, key_fingerprint, key_matches_secret, \
-    key_managed, message, stream";
+    key_managed, message, stream, client_context";
 
 /// As [`COLUMNS`], for a version-1 file opened read-only (no `stream` yet).
 const COLUMNS_V1: &str = "id, time_ms, request_id, decision, provider, target_tried, target_chosen, \
     fallback_steps, status, latency_ms, policy, client_addr, client_pid, client_uid, client_exe, \
     client_cmdline, client_cgroup, client_container_id, key_fingerprint, key_matches_secret, \
-    key_managed, message, NULL AS stream";
+    key_managed, message, NULL AS stream, NULL AS client_context";
 
 // `time_ms` first: the time index finds the row, the request id confirms it.
 const FIND_EVENT: &str = "SELECT id FROM events WHERE time_ms = ?1 AND request_id = ?2";
@@ -78,8 +79,8 @@ const FIND_EVENT: &str = "SELECT id FROM events WHERE time_ms = ?1 AND request_i
 const INSERT: &str = "INSERT INTO events (time_ms, request_id, decision, provider, target_tried, \
     target_chosen, fallback_steps, status, latency_ms, policy, client_addr, client_pid, client_uid, \
     client_exe, client_cmdline, client_cgroup, client_container_id, key_fingerprint, \
-    key_matches_secret, key_managed, message, stream) \
-    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22)";
+    key_matches_secret, key_managed, message, stream, client_context) \
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23)";
 
 /// Which events to list. The default lists everything.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -278,6 +279,7 @@ impl EventStore {
                     key.map(|k| k.managed),
                     e.message,
                     e.stream.as_ref().map(to_json),
+                    (!e.client.context.is_empty()).then(|| to_json(&e.client.context)),
                 ])
                 .map_err(EventError::sql("insert"))?;
                 e.id = tx.last_insert_rowid();
@@ -449,7 +451,16 @@ impl EventStore {
         } else {
             COLUMNS_V1
         };
-        let mut sql = format!("SELECT {columns} FROM events WHERE 1 = 1");
+        // A version-2 file read before any new writer migrated it.
+        let listed = if columns == COLUMNS
+            && !has_column(&self.conn, "events", "client_context")
+                .map_err(EventError::sql("schema check"))?
+        {
+            COLUMNS.replace(", client_context", ", NULL AS client_context")
+        } else {
+            columns.to_string()
+        };
+        let mut sql = format!("SELECT {listed} FROM events WHERE 1 = 1");
         let mut args: Vec<rusqlite::types::Value> = Vec::new();
         // When following, the new rows are a short range at the end of the
         // table, and amended ones a handful: `+column` keeps SQLite from
@@ -554,6 +565,9 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     if !has_column(conn, "events", "stream")? {
         conn.execute_batch("ALTER TABLE events ADD COLUMN stream TEXT")?;
     }
+    if !has_column(conn, "events", "client_context")? {
+        conn.execute_batch("ALTER TABLE events ADD COLUMN client_context TEXT")?;
+    }
     conn.pragma_update(None, "user_version", SCHEMA_VERSION)
 }
 
@@ -613,7 +627,9 @@ fn read_row(r: &Row<'_>) -> rusqlite::Result<Result<Event, EventError>> {
         cmdline: r.get(15)?,
         cgroup: r.get(16)?,
         container_id: r.get(17)?,
+        context: crate::record::ClientContext::default(),
     };
+    let context: Option<String> = r.get(23)?;
     let message: Option<String> = r.get(21)?;
     let stream: Option<String> = r.get(22)?;
     Ok((|| {
@@ -634,7 +650,14 @@ fn read_row(r: &Row<'_>) -> rusqlite::Result<Result<Event, EventError>> {
             status,
             latency_ms: latency.map(|l| u64::try_from(l).unwrap_or(0)),
             policy: from_json(id, "policy", &policy)?,
-            client,
+            client: Client {
+                // Extra attribution; an unreadable one is not worth losing
+                // the event over.
+                context: context
+                    .and_then(|c| serde_json::from_str(&c).ok())
+                    .unwrap_or_default(),
+                ..client
+            },
             key: fingerprint.map(|fingerprint| PresentedKey {
                 fingerprint,
                 matches_secret,

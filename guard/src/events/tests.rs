@@ -47,6 +47,14 @@ fn full_event(request_id: &str) -> Event {
             cmdline: Some("python3 legacy.py --model gpt".into()),
             cgroup: Some("/system.slice/ci-job-7.scope".into()),
             container_id: Some("c0ffee".into()),
+            context: crate::record::ClientContext {
+                container_name: Some("ci-job-7".into()),
+                container_image: Some("python:3.12".into()),
+                ppid: Some(4200),
+                parent_exe: Some("/bin/sh".into()),
+                netns: Some(4026532999),
+                ci: [("GITHUB_RUN_ID".to_string(), "4242".to_string())].into(),
+            },
         },
         key: Some(PresentedKey {
             fingerprint: "fp:1a2b3c4d".into(),
@@ -710,7 +718,7 @@ fn a_store_written_before_stream_outcomes_opens_and_is_migrated() {
         .conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 2);
+    assert_eq!(version, 3);
     let idle = cut(StreamEnd::IdleTimeout, Some("no data for 30s"), 10);
     assert_eq!(store.amend(&[amendment(&got[0], idle.clone())]).unwrap(), 1);
     let mut fresh = vec![simple("new-1", Decision::Allow, "openai", "x")];
@@ -728,6 +736,41 @@ fn a_store_written_before_stream_outcomes_opens_and_is_migrated() {
     // Opening a migrated file again is a no-op.
     let again = EventStore::open(dir.path(), 0).unwrap();
     assert_eq!(again.count().unwrap(), 2);
+}
+
+#[test]
+fn a_store_written_before_client_context_opens_and_is_migrated() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let mut store = EventStore::open(dir.path(), 0).unwrap();
+        store
+            .insert(&mut vec![simple("v2-1", Decision::Allow, "openai", "x")])
+            .unwrap();
+        // What a version-2 kt wrote: no client_context column.
+        store
+            .conn
+            .execute_batch(
+                "ALTER TABLE events DROP COLUMN client_context; PRAGMA user_version = 2;",
+            )
+            .unwrap();
+    }
+    let reader = EventStore::open_read_only(dir.path()).unwrap().unwrap();
+    let got = reader.query(&Filter::default()).unwrap();
+    assert_eq!(ids(&got), ["v2-1"]);
+    assert!(got[0].client.context.is_empty());
+    let mut store = EventStore::open(dir.path(), 0).unwrap();
+    let mut e = simple("v3-1", Decision::Allow, "openai", "x");
+    e.client.context.netns = Some(4026532001);
+    e.client.context.ci.insert("CI_JOB_ID".into(), "99".into());
+    store.insert(&mut vec![e]).unwrap();
+    let all = reader.query(&Filter::default()).unwrap();
+    assert_eq!(ids(&all), ["v2-1", "v3-1"]);
+    assert_eq!(all[1].client.context.netns, Some(4026532001));
+    assert_eq!(all[1].client.context.ci["CI_JOB_ID"], "99");
+    let json = serde_json::to_value(all[1].json()).unwrap();
+    assert_eq!(json["client"]["netns"], 4026532001u64);
+    assert_eq!(json["client"]["ci"]["CI_JOB_ID"], "99");
+    assert!(json["client"].get("container_name").is_none());
 }
 
 #[test]

@@ -50,7 +50,7 @@ pub enum Mode {
 }
 
 impl Mode {
-    fn arrival(&self) -> Arrival {
+    pub(crate) fn arrival(&self) -> Arrival {
         match self {
             Mode::BaseUrl => Arrival::BaseUrl,
             Mode::Connect { .. } => Arrival::Connect,

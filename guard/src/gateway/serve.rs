@@ -132,12 +132,14 @@ pub(crate) async fn explicit_client(peer: SocketAddr, local: SocketAddr) -> Clie
         return ClientInfo::default();
     };
     let info = p.info.unwrap_or_default();
+    let context = info.context();
     ClientInfo {
         pid: p.pid,
         uid: Some(p.uid),
         cgroup_id: None,
         exe: info.exe,
         cmdline: info.cmdline,
+        context,
         cgroup: info.cgroup,
         container_id: info.container_id,
     }
@@ -493,6 +495,28 @@ impl Gateway {
             Ok(tls) => {
                 self.serve_http(TokioIo::new(tls), Arc::new(ctx), false, slot)
                     .await;
+            }
+            Err(e) if super::tls::client_rejected_ca(&e) => {
+                // "My job now fails TLS": the client does not trust kt's CA
+                // (a container without it, a runtime with its own roots).
+                tracing::info!(host = %host, error = %e, "client rejected kt's certificate: it does not trust kt's CA");
+                let port = match &ctx.mode {
+                    Mode::Capture { port, .. } | Mode::Connect { port, .. } => *port,
+                    Mode::BaseUrl => 0,
+                };
+                let mut rec = inner.guard_record(
+                    ctx.mode.arrival(),
+                    ctx.peer,
+                    ctx.client.clone(),
+                    "TLS",
+                    PolicyAction::Audit,
+                    super::tls::CLIENT_REJECTED_CA,
+                );
+                rec.path = format!("{host}:{port}");
+                rec.note = Some(format!(
+                    "client rejected kt's certificate for {host}: it does not trust kt's CA (`kt ca export`)"
+                ));
+                inner.sink.record(rec);
             }
             Err(e) => tracing::debug!(error = %e, host = %host, "client tls failed"),
         }

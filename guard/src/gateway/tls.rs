@@ -331,6 +331,8 @@ impl CertCache {
     }
 
     /// Terminates TLS on `io` as `host`, bounded by [`HANDSHAKE_TIMEOUT`].
+    /// A client that does not trust kt's CA ends it with an alert or by
+    /// closing: see [`client_rejected_ca`].
     pub(crate) async fn accept<IO>(&self, io: IO, host: &str) -> Result<TlsStream<IO>, TlsError>
     where
         IO: AsyncRead + AsyncWrite + Unpin,
@@ -343,6 +345,40 @@ impl CertCache {
         )
         .await
     }
+}
+
+/// Rule of the event recorded when a client aborted the handshake over
+/// kt's certificate.
+pub(crate) const CLIENT_REJECTED_CA: &str = "client-rejected-ca";
+
+/// Whether a failed client handshake means the client does not trust
+/// kt's certificate: it sent an `unknown_ca`, `bad_certificate`,
+/// `certificate_unknown` (or another certificate) alert, or closed the
+/// connection after kt's certificate went out (some clients close without
+/// an alert). The hello was read before the handshake started, so an EOF
+/// here comes after kt's answer.
+pub(crate) fn client_rejected_ca(e: &TlsError) -> bool {
+    use rustls::AlertDescription as A;
+    let TlsError::Io { source, .. } = e else {
+        return false;
+    };
+    if source.kind() == std::io::ErrorKind::UnexpectedEof {
+        return true;
+    }
+    let alert = source
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+    matches!(
+        alert,
+        Some(rustls::Error::AlertReceived(
+            A::UnknownCA
+                | A::BadCertificate
+                | A::CertificateUnknown
+                | A::UnsupportedCertificate
+                | A::CertificateExpired
+                | A::CertificateRevoked
+        ))
+    )
 }
 
 #[cfg(test)]

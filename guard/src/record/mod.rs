@@ -96,6 +96,41 @@ pub struct ClientInfo {
     pub cgroup: Option<String>,
     /// Its container id, when the cgroup path shows one.
     pub container_id: Option<String>,
+    /// Container name and image, parent process, network namespace and CI
+    /// context, where known.
+    pub context: ClientContext,
+}
+
+/// More about a client process (captured connections): all optional,
+/// left out of JSON when unknown.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ClientContext {
+    /// Container name, from the runtime's files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_name: Option<String>,
+    /// Container image, from the runtime's files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_image: Option<String>,
+    /// Parent process id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ppid: Option<u32>,
+    /// Parent's executable path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_exe: Option<String>,
+    /// Network namespace inode, only when it is not kt's own (a container).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<u64>,
+    /// CI job identifiers from the process environment (a fixed list of
+    /// names: `GITHUB_RUN_ID`, `CI_JOB_ID`...; never other variables).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub ci: std::collections::BTreeMap<String, String>,
+}
+
+impl ClientContext {
+    /// Whether nothing is known.
+    pub fn is_empty(&self) -> bool {
+        self == &ClientContext::default()
+    }
 }
 
 impl ClientInfo {

@@ -14,8 +14,20 @@ use crate::cli::{ExitStatus, Global, Output};
 pub enum CaCmd {
     /// Print where the CA certificate is (created on first use).
     Path,
-    /// Print the CA certificate (PEM) to stdout.
-    Export,
+    /// Print the CA certificate (PEM) to stdout; for containers, a bundle
+    /// with the host's roots, or the variables that point a job at it.
+    Export {
+        /// Print the host's system roots followed by kt's CA: one file to
+        /// mount into containers, which replaces their own bundle (so the
+        /// job still reaches every other HTTPS site).
+        #[arg(long, conflicts_with = "env")]
+        bundle: bool,
+        /// Print `NAME=PATH` lines (a `docker run --env-file`, GitLab
+        /// `environment`) pointing OpenSSL, curl, Python, Node and git at
+        /// PATH, where the job's container mounts the file (`--bundle`).
+        #[arg(long, value_name = "PATH")]
+        env: Option<PathBuf>,
+    },
     /// Copy the CA certificate into the system trust store (needs root) and
     /// print the variables for runtimes that do not read it.
     Install,
@@ -60,6 +72,46 @@ struct CaPath<'a> {
 struct CaExport<'a> {
     path: &'a Path,
     pem: &'a str,
+}
+
+/// `kt ca export --bundle`.
+#[derive(serde::Serialize)]
+struct CaBundle<'a> {
+    path: &'a Path,
+    system: &'a Path,
+    pem: &'a str,
+}
+
+/// Variables that make a job's TLS libraries trust the bundle mounted at
+/// `path`: OpenSSL (and Go, Ruby, PHP through it) `SSL_CERT_FILE`, Python
+/// requests `REQUESTS_CA_BUNDLE`, Node `NODE_EXTRA_CA_CERTS` (adds to its
+/// roots), curl `CURL_CA_BUNDLE`, git `GIT_SSL_CAINFO`.
+pub(crate) fn container_env(path: &Path) -> std::collections::BTreeMap<&'static str, String> {
+    let p = path.display().to_string();
+    [
+        "SSL_CERT_FILE",
+        "REQUESTS_CA_BUNDLE",
+        "NODE_EXTRA_CA_CERTS",
+        "CURL_CA_BUNDLE",
+        "GIT_SSL_CAINFO",
+    ]
+    .into_iter()
+    .map(|k| (k, p.clone()))
+    .collect()
+}
+
+/// The system roots and kt's CA, each ending in a newline.
+fn bundle_pem(roots: &str, ca: &str) -> String {
+    let mut pem = roots.to_string();
+    if !pem.is_empty() && !pem.ends_with('\n') {
+        pem.push('\n');
+    }
+    pem.push_str("# kt local CA\n");
+    pem.push_str(ca);
+    if !pem.ends_with('\n') {
+        pem.push('\n');
+    }
+    pem
 }
 
 /// The variables runtimes with their own roots need (`kt ca install`).
@@ -128,7 +180,39 @@ fn run_with(cmd: CaCmd, global: &Global, out: &mut Output<'_>) -> anyhow::Result
             })?;
             Ok(ExitStatus::Success)
         }
-        CaCmd::Export => {
+        CaCmd::Export {
+            env: Some(mounted), ..
+        } => {
+            let vars = container_env(&mounted);
+            out.data(&vars, |w| {
+                for (k, v) in &vars {
+                    writeln!(w, "{k}={v}")?;
+                }
+                Ok(())
+            })?;
+            Ok(ExitStatus::Success)
+        }
+        CaCmd::Export { bundle: true, .. } => {
+            let Some((system, roots)) = SYSTEM_BUNDLES
+                .iter()
+                .find_map(|b| Some((*b, std::fs::read_to_string(b).ok()?)))
+            else {
+                out.note(format!(
+                    "no system CA bundle found ({}); a bundle of kt's CA alone would cut the job off every other HTTPS site",
+                    SYSTEM_BUNDLES.join(", ")
+                ))?;
+                return Ok(ExitStatus::Failure);
+            };
+            let pem = bundle_pem(&roots, ca.cert_pem());
+            let doc = CaBundle {
+                path: &cert_path,
+                system: Path::new(system),
+                pem: &pem,
+            };
+            out.data(&doc, |w| write!(w, "{pem}"))?;
+            Ok(ExitStatus::Success)
+        }
+        CaCmd::Export { .. } => {
             let doc = CaExport {
                 path: &cert_path,
                 pem: ca.cert_pem(),
@@ -236,7 +320,15 @@ mod tests {
         let mode = std::fs::metadata(&key).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         assert_eq!(
-            run_with(CaCmd::Export, &global, &mut o).unwrap(),
+            run_with(
+                CaCmd::Export {
+                    bundle: false,
+                    env: None
+                },
+                &global,
+                &mut o
+            )
+            .unwrap(),
             ExitStatus::Success
         );
         assert_eq!(std::fs::read_to_string(&cert).unwrap(), pem);
@@ -245,5 +337,40 @@ mod tests {
         let path = docs.next().unwrap().unwrap();
         assert_eq!(path["path"], cert.display().to_string());
         assert_eq!(docs.next().unwrap().unwrap()["pem"], pem);
+    }
+
+    #[test]
+    fn containers_get_a_bundle_and_the_variables_pointing_at_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let global = Global {
+            output: OutputFormat::Human,
+            data_dir: tmp.path().to_path_buf(),
+        };
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let mut o = Output::new(OutputFormat::Human, &mut out, &mut err);
+        let export = CaCmd::Export {
+            bundle: false,
+            env: Some(PathBuf::from("/etc/kt/ca-bundle.pem")),
+        };
+        assert_eq!(
+            run_with(export, &global, &mut o).unwrap(),
+            ExitStatus::Success
+        );
+        let text = String::from_utf8(out).unwrap();
+        for var in [
+            "SSL_CERT_FILE",
+            "REQUESTS_CA_BUNDLE",
+            "NODE_EXTRA_CA_CERTS",
+            "CURL_CA_BUNDLE",
+            "GIT_SSL_CAINFO",
+        ] {
+            assert!(
+                text.lines()
+                    .any(|l| l == format!("{var}=/etc/kt/ca-bundle.pem")),
+                "{text}"
+            );
+        }
+        let b = bundle_pem("-----ROOT-----", "-----KT-----\n");
+        assert_eq!(b, "-----ROOT-----\n# kt local CA\n-----KT-----\n");
     }
 }

@@ -326,7 +326,7 @@ fn human_row(e: &Event) -> [String; 9] {
             e.client.exe.as_deref(),
             e.client.pid,
             e.client.addr.as_deref(),
-        ),
+        ) + &client_where(&e.client),
         key,
         policy,
     ]
@@ -347,6 +347,29 @@ pub(super) fn clean(s: &str) -> String {
             }
         })
         .collect()
+}
+
+/// Where a captured client ran, when not simply on the host: ` ctr:NAME`
+/// (or the container id's first 12 digits, or ` netns:INODE` for another
+/// network namespace without a container id), then CI job identifiers
+/// (` ci:GITHUB_RUN_ID=…,GITHUB_JOB=…`).
+fn client_where(c: &crate::events::Client) -> String {
+    let mut out = String::new();
+    let ctx = &c.context;
+    match (&ctx.container_name, &c.container_id, ctx.netns) {
+        (Some(n), _, _) => out.push_str(&format!(" ctr:{n}")),
+        (None, Some(id), _) => out.push_str(&format!(" ctr:{}", id.get(..12).unwrap_or(id))),
+        (None, None, Some(ns)) => out.push_str(&format!(" netns:{ns}")),
+        (None, None, None) => {}
+    }
+    if let Some(i) = &ctx.container_image {
+        out.push_str(&format!("({i})"));
+    }
+    if !ctx.ci.is_empty() {
+        let vars: Vec<String> = ctx.ci.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        out.push_str(&format!(" ci:{}", vars.join(",")));
+    }
+    clean(&out)
 }
 
 /// `python3[4242]`, or the address for clients that were not captured.

@@ -3,7 +3,7 @@
 
 use std::io::{self, Write};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 
@@ -141,6 +141,15 @@ pub fn check(
     {
         report.warnings.extend(crate::dlp::coverage_warnings(dlp));
     }
+    if args.verbose
+        && config.capture.enabled
+        && !config.capture.containers.enabled
+        && let Some(bridges) = bridges_with_addresses(Path::new("/sys/class/net"))
+    {
+        report.warnings.push(format!(
+            "container bridges on this host ({bridges}) and `capture.containers` is off: provider connections from containers on them are refused; set `capture.containers: true` and give the jobs kt's CA (`kt ca export --bundle`, `kt ca export --env PATH`)"
+        ));
+    }
     if args.probe {
         let probes = super::probe::run(&config, global, &|_| true)?;
         if let Err(e) = super::probe::record(&config, global, &probes) {
@@ -213,6 +222,19 @@ pub(crate) fn stop_on_signal(gateway: &Gateway, message: &'static str) {
     });
 }
 
+/// Linux bridges on the host (the shape of docker0, Docker networks,
+/// podman and CNI), by name; `None` when there are none.
+fn bridges_with_addresses(sys_class_net: &Path) -> Option<String> {
+    let mut names: Vec<String> = std::fs::read_dir(sys_class_net)
+        .ok()?
+        .filter_map(Result::ok)
+        .filter(|e| e.path().join("bridge").is_dir())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect();
+    names.sort();
+    (!names.is_empty()).then(|| names.join(", "))
+}
+
 /// Shows the guard's progress on stderr.
 pub(crate) fn render_notice(notice: Notice) {
     match notice {
@@ -228,10 +250,11 @@ pub(crate) fn render_notice(notice: Notice) {
             cgroup,
             listen4,
             listen6,
+            containers,
             explicit,
             targets,
         } => eprintln!(
-            "kt: capturing {} port(s) {:?} for {} (capture listener {listen4}{}); explicit clients on http://{explicit}; targets: {}",
+            "kt: capturing {} port(s) {:?} for {} (capture listener {listen4}{}){}; explicit clients on http://{explicit}; targets: {}",
             if port_wide {
                 format!(
                     "every destination (port-wide; provider prefixes {})",
@@ -243,6 +266,14 @@ pub(crate) fn render_notice(notice: Notice) {
             ports,
             cgroup.display(),
             listen6.map(|a| format!(", {a}")).unwrap_or_default(),
+            match containers {
+                Some(c) => format!(
+                    "; containers: {}{}",
+                    c.listen4.map(|a| a.to_string()).unwrap_or_default(),
+                    c.listen6.map(|a| format!(", {a}")).unwrap_or_default()
+                ),
+                None => "; other network namespaces refused".to_string(),
+            },
             targets.join(", ")
         ),
         Notice::Drained => {}
