@@ -717,4 +717,48 @@ mod tests {
         });
         assert_eq!(wide.flags, FLAG_ENABLED | FLAG_REFUSE_UDP | FLAG_PORT_SCOPE);
     }
+
+    #[test]
+    fn containers_get_their_listeners_only_where_namespaces_are_told_apart() {
+        let spec = CaptureSpec {
+            cgroup: PathBuf::from("/nonexistent"),
+            listen4: "127.0.0.1:709".parse().unwrap(),
+            listen6: None,
+            prefixes: vec![],
+            ports: vec![443],
+            port_wide: false,
+            own_ports: vec![],
+            refuse_udp: true,
+            refuse_other_netns: true,
+            containers: Some(ForeignListen {
+                listen4: Some("169.254.107.116:709".parse().unwrap()),
+                listen6: Some("[fd6b:7400:6b74::1]:709".parse().unwrap()),
+            }),
+            pin_dir: None,
+            keep_attached: false,
+        };
+        let c = capture_config(&spec);
+        // This process has a network namespace cookie on any kernel kt runs on.
+        assert_ne!(c.netns_cookie, 0);
+        assert_ne!(c.flags & FLAG_REFUSE_OTHER_NETNS, 0);
+        assert_ne!(c.flags & FLAG_CAPTURE_OTHER_NETNS, 0);
+        assert_eq!(c.foreign4_be.to_ne_bytes(), [169, 254, 107, 116]);
+        assert_eq!(u16::from_be(c.foreign4_port_be as u16), 709);
+        assert_eq!(
+            Ipv6Addr::from(octets(c.foreign6_be)),
+            "fd6b:7400:6b74::1".parse::<Ipv6Addr>().unwrap()
+        );
+        // Without telling namespaces apart there is nothing to send anywhere.
+        let blind = capture_config(&CaptureSpec {
+            refuse_other_netns: false,
+            ..spec.clone()
+        });
+        assert_eq!(blind.flags & FLAG_CAPTURE_OTHER_NETNS, 0);
+        let off = capture_config(&CaptureSpec {
+            containers: None,
+            ..spec
+        });
+        assert_eq!(off.flags & FLAG_CAPTURE_OTHER_NETNS, 0);
+        assert_eq!(off.foreign4_port_be, 0);
+    }
 }

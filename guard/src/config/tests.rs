@@ -661,6 +661,27 @@ fn addresses_durations_cidrs_ports() {
     let port_wide = ok(&with("capture:\n  scope: port\n"));
     assert_eq!(port_wide.capture.scope, CaptureScope::Port);
 
+    // Containers: off by default; a boolean or a mapping (which means on).
+    assert!(!c.capture.containers.enabled);
+    let on = ok(&with("capture:\n  containers: true\n"))
+        .capture
+        .containers;
+    assert!(on.enabled);
+    assert_eq!(on.address, Containers::ADDRESS);
+    assert_eq!(on.address6, Some(Containers::ADDRESS6));
+    let chosen = ok(&with(
+        "capture:\n  containers:\n    address: 169.254.9.9\n    address6: null\n",
+    ))
+    .capture
+    .containers;
+    assert!(chosen.enabled);
+    assert_eq!(chosen.address.to_string(), "169.254.9.9");
+    assert_eq!(chosen.address6, None);
+    let off = ok(&with("capture:\n  containers:\n    enabled: false\n"))
+        .capture
+        .containers;
+    assert!(!off.enabled);
+
     let bad = [
         (
             "gateway:\n  listen: 127.0.0.1\n",
@@ -701,6 +722,19 @@ fn addresses_durations_cidrs_ports() {
             "unknown capture scope `everything` in `capture.scope` (expected provider or port)",
         ),
         ("capture:\n  scope: 443\n", "capture.scope"),
+        (
+            "capture:\n  containers: yes please\n",
+            "`capture.containers` must be true or false",
+        ),
+        (
+            "capture:\n  containers:\n    address: 127.0.0.2\n",
+            "`capture.containers.address` must be a usable IPv4 address",
+        ),
+        (
+            "capture:\n  containers:\n    address6: '::1'\n",
+            "`capture.containers.address6` must be a usable IPv6 address",
+        ),
+        ("capture:\n  containers:\n    bridge: docker0\n", "bridge"),
     ];
     for (extra, want) in bad {
         let e = errs(&with(extra));

@@ -744,7 +744,7 @@ fn a_store_written_before_client_context_opens_and_is_migrated() {
     {
         let mut store = EventStore::open(dir.path(), 0).unwrap();
         store
-            .insert(&mut vec![simple("v2-1", Decision::Allow, "openai", "x")])
+            .insert(&mut [simple("v2-1", Decision::Allow, "openai", "x")])
             .unwrap();
         // What a version-2 kt wrote: no client_context column.
         store
@@ -762,7 +762,7 @@ fn a_store_written_before_client_context_opens_and_is_migrated() {
     let mut e = simple("v3-1", Decision::Allow, "openai", "x");
     e.client.context.netns = Some(4026532001);
     e.client.context.ci.insert("CI_JOB_ID".into(), "99".into());
-    store.insert(&mut vec![e]).unwrap();
+    store.insert(&mut [e]).unwrap();
     let all = reader.query(&Filter::default()).unwrap();
     assert_eq!(ids(&all), ["v2-1", "v3-1"]);
     assert_eq!(all[1].client.context.netns, Some(4026532001));
