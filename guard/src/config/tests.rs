@@ -316,6 +316,8 @@ fn full_example_sets_every_optional_section() {
     );
     assert_eq!(cap.ports, vec![443, 8443]);
     assert_eq!(cap.scope, CaptureScope::Port);
+    assert!(cap.containers.enabled);
+    assert_eq!(cap.containers.address, Containers::ADDRESS);
 }
 
 #[test]
