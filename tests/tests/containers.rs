@@ -33,6 +33,7 @@ use guard_tests::mountns::PrivateMounts;
 use guard_tests::process::{KtChild, text, wait_until};
 
 const KT: &str = env!("CARGO_BIN_EXE_kt-under-test");
+const CLIENT: &str = env!("CARGO_BIN_EXE_kt-test-client");
 const MANAGED: &str = "sk-ctrtest-managed-TUFOQUdFRF9DT05UQUlORVI";
 /// The key hard-coded in the job (not key-shaped on purpose: only the
 /// gateway's exact redaction keeps it out of the recorded command line).
@@ -379,12 +380,12 @@ fn free_port() -> u16 {
 
 impl Scenario {
     fn start(label: &str) -> Scenario {
-        Scenario::start_with(label, true)
+        Scenario::start_with(label, true, "provider")
     }
 
     /// As [`Scenario::start`]; `ipv6`: false sets `address6: null` (no
-    /// IPv6 listener for containers).
-    fn start_with(label: &str, ipv6: bool) -> Scenario {
+    /// IPv6 listener for containers); `scope` is `capture.scope`.
+    fn start_with(label: &str, ipv6: bool, scope: &str) -> Scenario {
         let rt = tokio::runtime::Runtime::new().unwrap();
         let ca = TestCa::new();
         let mut net = BridgeNet::new();
@@ -432,6 +433,7 @@ capture:
   hosts: []
   cidrs: [{v4}/32, {v6}/128]
   ports: [443]
+  scope: {scope}
   containers:
     address: {kt_addr4}
     address6: {addr6}
@@ -539,6 +541,24 @@ capture:
         stderr.read_to_string(&mut err).unwrap();
         let status = self.cgroup.wait(pid).unwrap().status;
         (status.success(), body, err)
+    }
+
+    /// The test client inside the namespace and the container cgroup;
+    /// its `key=value` output.
+    fn test_client(&mut self, args: &[&str]) -> String {
+        // It waits for a line on stdin before it does anything.
+        let mut c = self.net.command(CLIENT);
+        c.args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = c.spawn().unwrap();
+        let mut go = child.stdin.take().unwrap();
+        let pid = self.cgroup.adopt(child).unwrap();
+        self.container.enter(pid);
+        go.write_all(b"go\n").unwrap();
+        drop(go);
+        String::from_utf8_lossy(&self.cgroup.wait(pid).unwrap().stdout).into_owned()
     }
 
     fn events(&self) -> Vec<serde_json::Value> {
@@ -669,7 +689,7 @@ fn without_an_ipv6_listener_for_containers_their_ipv6_is_refused_never_direct() 
     if skip() {
         return;
     }
-    let mut s = Scenario::start_with("ctrno6", false);
+    let mut s = Scenario::start_with("ctrno6", false, "provider");
     assert!(!on_lo(&s.kt_addr6));
     let (ok, _, err) = s.curl("api.openai.com", "-6");
     assert!(!ok);
@@ -680,6 +700,22 @@ fn without_an_ipv6_listener_for_containers_their_ipv6_is_refused_never_direct() 
     );
     assert!(s.provider.requests().is_empty());
     // IPv4 from the same namespace still goes through kt.
+    s.check_captured("api.openai.com", "-4");
+}
+
+#[test]
+fn port_wide_capture_leaves_a_containers_own_loopback_alone() {
+    if skip() {
+        return;
+    }
+    let mut s = Scenario::start_with("ctrport", true, "port");
+    // Port 443 of the namespace's own loopback is the container's own
+    // service: captured, it would be sent to kt (and spliced to the host's
+    // loopback, the wrong place).
+    let out = s.test_client(&["tcp", "127.0.0.1:443", "--serve"]);
+    assert!(out.contains("served=1"), "{out}");
+    assert!(!out.contains("connect_error"), "{out}");
+    // Provider connections from it still go through kt.
     s.check_captured("api.openai.com", "-4");
 }
 

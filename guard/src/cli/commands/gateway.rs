@@ -144,7 +144,7 @@ pub fn check(
     if args.verbose
         && config.capture.enabled
         && !config.capture.containers.enabled
-        && let Some(bridges) = bridges_with_addresses(Path::new("/sys/class/net"))
+        && let Some(bridges) = host_bridges(Path::new("/sys/class/net"))
     {
         report.warnings.push(format!(
             "container bridges on this host ({bridges}) and `capture.containers` is off: provider connections from containers on them are refused; set `capture.containers: true` and give the jobs kt's CA (`kt ca export --bundle`, `kt ca export --env PATH`)"
@@ -224,7 +224,7 @@ pub(crate) fn stop_on_signal(gateway: &Gateway, message: &'static str) {
 
 /// Linux bridges on the host (the shape of docker0, Docker networks,
 /// podman and CNI), by name; `None` when there are none.
-fn bridges_with_addresses(sys_class_net: &Path) -> Option<String> {
+fn host_bridges(sys_class_net: &Path) -> Option<String> {
     let mut names: Vec<String> = std::fs::read_dir(sys_class_net)
         .ok()?
         .filter_map(Result::ok)
@@ -397,4 +397,25 @@ fn print_human(w: &mut dyn Write, r: &Report, verbose: bool) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bridges_are_the_interfaces_with_a_bridge_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(host_bridges(dir.path()), None);
+        std::fs::create_dir_all(dir.path().join("eth0")).unwrap();
+        assert_eq!(host_bridges(dir.path()), None);
+        for br in ["docker0", "br-1a2b3c"] {
+            std::fs::create_dir_all(dir.path().join(br).join("bridge")).unwrap();
+        }
+        assert_eq!(
+            host_bridges(dir.path()).as_deref(),
+            Some("br-1a2b3c, docker0")
+        );
+        assert_eq!(host_bridges(&dir.path().join("missing")), None);
+    }
 }
