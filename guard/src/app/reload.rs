@@ -493,7 +493,11 @@ mod tests {
         assert!(problems[1].contains("gateway.max_connections changed"));
         // Timeouts, cool-downs, DLP and targets apply live.
         let live = config("gateway:\n  first_byte_timeout: 3s\n  cooldown_after: 2\n");
-        assert!(needs_restart(&old, &live).is_empty());
+        assert!(needs_restart(&old, &live).is_empty()); // The container address is added and listened on at start.
+        let containers = config("capture:\n  containers: true\n");
+        let problems = needs_restart(&old, &containers);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].contains("capture.containers changed"));
     }
 
     #[test]
