@@ -4,13 +4,14 @@
 //! provider prefix tries, and with port-wide scope also at TCP to a
 //! captured port whatever its destination (except loopback addresses on
 //! kt's own listening ports); the record says which of the two it was, so
-//! kt refuses a non-provider name only on a provider address. In order: a socket from another network namespace
-//! is refused, unless kt captures containers too: then TCP to a captured
-//! port goes to the foreign listener, an address of the host the
-//! container reaches through its default route (its own loopback
-//! destinations are left alone there); a socket whose cookie kt wrote into `KT_EXEMPT` before
-//! connecting (kt's own upstream sockets; nothing a client sets can put it
-//! there) is let through; TCP to a captured port is sent to the capture
+//! kt refuses a non-provider name only on a provider address. In order: a
+//! socket from another network namespace is refused, unless kt captures
+//! containers too: then TCP to a captured port goes to the foreign
+//! listener, an address of the host the container reaches through its
+//! default route (its own loopback destinations are left alone there); a
+//! socket whose cookie kt wrote into `KT_EXEMPT` before connecting (kt's
+//! own upstream sockets; nothing a client sets can put it there) is let
+//! through; TCP to a captured port is sent to the capture
 //! listener, recording the original destination and the caller by socket
 //! cookie; anything else to a provider address (another port, UDP) is
 //! refused. `sendmsg4/6` refuse unconnected UDP to provider addresses.
