@@ -10,7 +10,9 @@
 //! installed (as Docker does; it must not touch kt's connections, which
 //! stay on the host). A curl inside, in the test's child cgroup, with a
 //! hard-coded old key and CI variables (and a secret) in its environment,
-//! calls `https://api.openai.com`; kt redirects it to its container address
+//! calls `https://api.openai.com`, trusting kt's CA the way the README
+//! tells container jobs to (`kt ca export --bundle` and `--env PATH`); kt
+//! redirects it to its container address
 //! on `lo`, swaps the key, and the fake provider (on host loopback) sees
 //! only the managed key; the event names the namespace, the container id
 //! (from a `docker-<id>.scope` cgroup the test makes) and the CI variables,
@@ -503,22 +505,51 @@ capture:
 
     /// curl inside the namespace and the container cgroup, with the job's
     /// own key and CI variables (and a secret) in its environment.
+    /// It trusts kt's CA the way the README tells container jobs to: the
+    /// file `kt ca export --bundle` writes, through the variables `kt ca
+    /// export --env PATH` prints (curl reads `CURL_CA_BUNDLE`).
     fn curl(&mut self, host: &str, family: &str) -> (bool, String, String) {
-        self.curl_trusting(host, family, &self.data.join("ca/ca.pem"))
+        let bundle = self.data.with_file_name("ca-bundle.pem");
+        let out = kt(&self.data, &["ca", "export", "--bundle"], None);
+        assert!(out.status.success(), "{}", text(&out));
+        std::fs::write(&bundle, &out.stdout).unwrap();
+        let out = kt(
+            &self.data,
+            &["ca", "export", "--env", bundle.to_str().unwrap()],
+            None,
+        );
+        assert!(out.status.success(), "{}", text(&out));
+        let env: Vec<(String, String)> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        assert!(env.iter().any(|(k, _)| k == "CURL_CA_BUNDLE"), "{env:?}");
+        self.curl_with(host, family, None, &env)
     }
 
     /// As [`Scenario::curl`], trusting the CA in `ca` only.
     fn curl_trusting(&mut self, host: &str, family: &str, ca: &Path) -> (bool, String, String) {
-        let kt_ca = ca.to_path_buf();
+        self.curl_with(host, family, Some(ca), &[])
+    }
+
+    fn curl_with(
+        &mut self,
+        host: &str,
+        family: &str,
+        cacert: Option<&Path>,
+        env: &[(String, String)],
+    ) -> (bool, String, String) {
+        let cacert = cacert.map_or_else(String::new, |c| format!("--cacert '{}'", c.display()));
         let script = format!(
-            r#"read go; exec curl {family} -sS --max-time 20 --cacert "$KT_CA" -H "Authorization: Bearer $OLD_KEY" -H 'content-type: application/json' -d '{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":"hi"}}]}}' https://{host}/v1/chat/completions"#
+            r#"read go; exec curl {family} -sS --max-time 20 {cacert} -H "Authorization: Bearer $OLD_KEY" -H 'content-type: application/json' -d '{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":"hi"}}]}}' https://{host}/v1/chat/completions"#
         );
         let mut job = self.net.command("sh");
         job.arg("-c")
             .arg(script)
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("KT_CA", &kt_ca)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .env("OLD_KEY", OLD)
             .env("GITHUB_RUN_ID", "4242")
             .env("GITHUB_JOB", "containers")
