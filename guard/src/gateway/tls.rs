@@ -443,6 +443,36 @@ mod tests {
         drop(writer.await.unwrap());
     }
 
+    #[test]
+    fn a_client_rejecting_the_certificate_is_told_apart_from_other_failures() {
+        use rustls::AlertDescription as A;
+        let io = |e: std::io::Error| TlsError::Io {
+            phase: "client tls handshake",
+            source: e,
+        };
+        let alert = |a: A| {
+            io(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                rustls::Error::AlertReceived(a),
+            ))
+        };
+        for a in [A::UnknownCA, A::BadCertificate, A::CertificateUnknown] {
+            assert!(client_rejected_ca(&alert(a)), "{a:?}");
+        }
+        assert!(client_rejected_ca(&io(
+            std::io::ErrorKind::UnexpectedEof.into()
+        )));
+        assert!(!client_rejected_ca(&alert(A::ProtocolVersion)));
+        assert!(!client_rejected_ca(&alert(A::HandshakeFailure)));
+        assert!(!client_rejected_ca(&io(
+            std::io::ErrorKind::ConnectionReset.into()
+        )));
+        assert!(!client_rejected_ca(&TlsError::Timeout {
+            phase: "client tls handshake",
+            after: Duration::from_secs(1),
+        }));
+    }
+
     #[tokio::test]
     async fn garbage_after_a_handshake_byte_is_unparseable_not_passed() {
         let mut bad = vec![0x16, 3, 1, 0, 8];
