@@ -504,11 +504,12 @@ capture:
     }
 
     /// curl inside the namespace and the container cgroup, with the job's
-    /// own key and CI variables (and a secret) in its environment.
+    /// own key and CI variables (and a secret) in its environment; `opts`
+    /// are more curl options (`-4`, `-6`, `--resolve …`).
     /// It trusts kt's CA the way the README tells container jobs to: the
     /// file `kt ca export --bundle` writes, through the variables `kt ca
     /// export --env PATH` prints (curl reads `CURL_CA_BUNDLE`).
-    fn curl(&mut self, host: &str, family: &str) -> (bool, String, String) {
+    fn curl(&mut self, host: &str, opts: &str) -> (bool, String, String) {
         let bundle = self.data.with_file_name("ca-bundle.pem");
         let out = kt(&self.data, &["ca", "export", "--bundle"], None);
         assert!(out.status.success(), "{}", text(&out));
@@ -525,24 +526,24 @@ capture:
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         assert!(env.iter().any(|(k, _)| k == "CURL_CA_BUNDLE"), "{env:?}");
-        self.curl_with(host, family, None, &env)
+        self.curl_with(host, opts, None, &env)
     }
 
     /// As [`Scenario::curl`], trusting the CA in `ca` only.
-    fn curl_trusting(&mut self, host: &str, family: &str, ca: &Path) -> (bool, String, String) {
-        self.curl_with(host, family, Some(ca), &[])
+    fn curl_trusting(&mut self, host: &str, opts: &str, ca: &Path) -> (bool, String, String) {
+        self.curl_with(host, opts, Some(ca), &[])
     }
 
     fn curl_with(
         &mut self,
         host: &str,
-        family: &str,
+        opts: &str,
         cacert: Option<&Path>,
         env: &[(String, String)],
     ) -> (bool, String, String) {
         let cacert = cacert.map_or_else(String::new, |c| format!("--cacert '{}'", c.display()));
         let script = format!(
-            r#"read go; exec curl {family} -sS --max-time 20 {cacert} -H "Authorization: Bearer $OLD_KEY" -H 'content-type: application/json' -d '{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":"hi"}}]}}' https://{host}/v1/chat/completions"#
+            r#"read go; exec curl {opts} -sS --max-time 20 {cacert} -H "Authorization: Bearer $OLD_KEY" -H 'content-type: application/json' -d '{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":"hi"}}]}}' https://{host}/v1/chat/completions"#
         );
         let mut job = self.net.command("sh");
         job.arg("-c")
@@ -600,8 +601,8 @@ capture:
             .collect()
     }
 
-    fn check_captured(&mut self, host: &str, family: &str) {
-        let (ok, body, err) = self.curl(host, family);
+    fn check_captured(&mut self, host: &str, opts: &str) {
+        let (ok, body, err) = self.curl(host, opts);
         assert!(
             ok,
             "curl in the namespace failed: {err}\nkt log:\n{}",
@@ -799,6 +800,12 @@ fn a_job_in_another_network_namespace_is_captured_over_ipv4_and_named() {
     let mut s = Scenario::start("ctr4");
     assert!(on_lo(&s.kt_addr4), "kt did not add its container address");
     s.check_captured("api.openai.com", "-4");
+    // A dual-stack socket reaching the IPv4 address (IPv4-mapped).
+    let mapped = format!(
+        "--resolve 'api.openai.com:443:[::ffff:{}]'",
+        s.net.provider4()
+    );
+    s.check_captured("api.openai.com", &mapped);
     let log = s.stop();
     assert!(
         !on_lo(&s.kt_addr4) && !on_lo(&s.kt_addr6),
