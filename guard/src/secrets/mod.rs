@@ -32,6 +32,7 @@ mod memory;
 mod resolver;
 pub mod status;
 mod value;
+pub mod vault;
 
 pub use crate::datadir::UnsafePath;
 pub use file::FileStore;
@@ -63,6 +64,8 @@ pub enum Source {
     Keychain,
     /// A file named by `secret_key_ref.file`.
     File,
+    /// The central store (`secrets.store`, Vault's KV API).
+    Vault,
 }
 
 impl Source {
@@ -73,6 +76,7 @@ impl Source {
             Source::Store => "store",
             Source::Keychain => "keychain",
             Source::File => "file",
+            Source::Vault => "vault",
         }
     }
 }
@@ -91,6 +95,17 @@ pub struct Resolved {
 pub trait Resolve: Send + Sync {
     /// Looks a reference up; `Ok(None)` when it is simply not there.
     fn resolve(&self, reference: &SecretKeyRef) -> Result<Option<Resolved>, String>;
+
+    /// [`Resolve::resolve`] telling a value that may no longer be used (a
+    /// central store unreachable past `max_stale`: fail closed, never keep
+    /// it) from one that cannot be read now.
+    fn resolve_checked(
+        &self,
+        reference: &SecretKeyRef,
+    ) -> Result<Option<Resolved>, status::Unresolved> {
+        self.resolve(reference)
+            .map_err(status::Unresolved::Unreadable)
+    }
 }
 
 /// Metadata of one stored secret (never its value).
@@ -360,6 +375,9 @@ pub enum SecretsError {
         /// What is wrong with it (never its content).
         problem: &'static str,
     },
+    /// The central store failed.
+    #[error(transparent)]
+    Vault(#[from] vault::VaultError),
     /// A file or directory operation failed.
     #[error("{op} {path}: {source}")]
     Io {
