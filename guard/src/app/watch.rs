@@ -97,7 +97,8 @@ pub(crate) async fn watch_store(
         return;
     };
     tokio::pin!(stop);
-    let mut was_up = true;
+    // Said once per distinct problem, not once per refresh.
+    let mut last_problem: Option<String> = None;
     loop {
         tokio::select! {
             () = &mut stop => return,
@@ -113,18 +114,18 @@ pub(crate) async fn watch_store(
         if let Some(m) = &metrics {
             m.set_secret_store(&health);
         }
-        match (&refreshed.problem, was_up) {
-            (Some(problem), true) => tracing::warn!(
+        match (&refreshed.problem, &last_problem) {
+            (Some(problem), before) if before.as_ref() != Some(problem) => tracing::warn!(
                 store = %health.address,
                 stale = %health.stale.join(", "),
                 "secret store refresh failed, serving the last good values until max_stale: {problem}"
             ),
-            (None, false) => {
-                tracing::info!(store = %health.address, "secret store reachable again")
+            (None, Some(_)) => {
+                tracing::info!(store = %health.address, "secret store reachable again");
             }
             _ => {}
         }
-        was_up = refreshed.problem.is_none();
+        last_problem.clone_from(&refreshed.problem);
         if !refreshed.expiry_changed.is_empty() {
             tracing::error!(
                 store = %health.address,

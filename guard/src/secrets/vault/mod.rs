@@ -157,6 +157,9 @@ struct Entry {
     problem: Option<String>,
     /// Since when reads fail.
     failing_since: Option<SystemTime>,
+    /// Past `max_stale` as of the last refresh (expiry is reported once,
+    /// when it begins and when it ends).
+    expired: bool,
 }
 
 /// What one refresh found.
@@ -310,7 +313,7 @@ impl VaultStore {
         let mut entries = lock(&self.entries);
         let now = Instant::now();
         let before = entries.get(name).cloned();
-        let was_expired = before.as_ref().is_some_and(|e| self.expired(e));
+        let was_expired = before.as_ref().is_some_and(|e| e.expired);
         match read {
             Ok(r) => {
                 let value = match r {
@@ -332,6 +335,7 @@ impl VaultStore {
                         confirmed: now,
                         problem: None,
                         failing_since: None,
+                        expired: false,
                     },
                 );
             }
@@ -347,10 +351,13 @@ impl VaultStore {
                     confirmed: now,
                     problem: None,
                     failing_since: None,
+                    expired: false,
                 });
                 entry.problem = Some(text);
                 entry.failing_since.get_or_insert_with(SystemTime::now);
-                if !was_expired && self.expired(entry) {
+                let now_expired = self.expired(entry);
+                if now_expired != was_expired {
+                    entry.expired = now_expired;
                     out.expiry_changed.push(name.to_string());
                 }
             }
