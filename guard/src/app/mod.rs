@@ -341,7 +341,7 @@ impl App {
             s.set_observer(Arc::clone(m) as Arc<dyn crate::events::SinkObserver>);
         }
         let sink = writer.map(|w| {
-            let s = EventSink::new(w, known);
+            let s = EventSink::new(w, known).with_host(crate::events::Host::local(data_dir));
             Arc::new(match &sinks {
                 Some(sinks) => s.with_sinks(sinks.clone()),
                 None => s,

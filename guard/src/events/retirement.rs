@@ -163,6 +163,7 @@ impl EventStore {
                 ],
                 |r| {
                     Ok(ProcessUsage {
+                        host: None,
                         exe: r.get(0)?,
                         pid: r.get(1)?,
                         uid: r.get(2)?,
