@@ -25,7 +25,7 @@ struct Host {
     data: PathBuf,
     log: PathBuf,
     listen: SocketAddr,
-    _kt: KtChild,
+    kt: KtChild,
 }
 
 fn wait_for(what: &str, mut f: impl FnMut() -> bool, log: impl Fn() -> String) {
@@ -112,7 +112,7 @@ async fn a_rotation_reaches_three_hosts_and_the_merged_report_names_the_laggard(
             data,
             log,
             listen,
-            _kt: KtChild(child),
+            kt: KtChild(child),
         };
         wait_for(
             "a gateway to listen",
@@ -172,9 +172,9 @@ async fn a_rotation_reaches_three_hosts_and_the_merged_report_names_the_laggard(
     assert_eq!(chat(hosts[1].listen, STRAY).await, 200);
     // Every event reached the shared sink (flushed by a clean stop).
     for h in &mut hosts {
-        let pid = h._kt.0.id().to_string();
+        let pid = h.kt.0.id().to_string();
         let _ = Command::new("kill").args(["-TERM", &pid]).status();
-        let _ = h._kt.0.wait();
+        let _ = h.kt.0.wait();
     }
     let lines = std::fs::read_to_string(&sink).unwrap();
     assert!(!lines.contains(OLD) && !lines.contains(NEW) && !lines.contains(STRAY));

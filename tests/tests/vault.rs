@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use guard_tests::fake_provider::{Behavior, FakeProvider, TestCa};
 use guard_tests::gateway_fixture::{chat_body, h1_plain, post, send};
-use guard_tests::process::{KtChild, free_addr, text, wait_until};
+use guard_tests::process::{KtChild, free_addr, text};
 use guard_tests::vault::{ROOT_TOKEN, VaultServer, server_or_skip};
 
 const KT: &str = env!("CARGO_BIN_EXE_kt-under-test");
@@ -176,9 +176,7 @@ impl Setup {
     /// Every byte under the data dir: nothing of a value may be there.
     fn data_dir_holds(&self, value: &str) -> bool {
         self.files_in_data_dir().iter().any(|f| {
-            std::fs::read(f)
-                .map(|b| b.windows(value.len()).any(|w| w == value.as_bytes()))
-                .unwrap_or(false)
+            std::fs::read(f).is_ok_and(|b| b.windows(value.len()).any(|w| w == value.as_bytes()))
         })
     }
 }
@@ -484,20 +482,12 @@ async fn an_unreachable_server_serves_the_last_value_then_fails_closed_past_max_
 
     // Back: served again, without a restart.
     s.vault.pause(false);
-    wait_until("the target to serve again", || {
-        let ok = std::thread::scope(|_| ());
-        let _ = ok;
-        s.log()
-            .contains("secret store reachable again")
-            .then_some(())
-    });
-    let mut c3 = h1_plain(s.listen).await;
-    let ok = wait_until_async(|| async {
+    s.wait_log("secret store reachable again");
+    wait_until_async(|| async {
         let mut c = h1_plain(s.listen).await;
         (chat(&mut c).await == 200).then_some(())
     })
     .await;
-    let _ = (ok, &mut c3);
     assert!(s.seen().len() > before);
     assert!(s.seen().iter().all(|b| b == V1));
 }

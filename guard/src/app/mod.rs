@@ -755,7 +755,7 @@ fn known_refresher(
     // rotation is the question events must answer.
     let previous: std::sync::Mutex<std::collections::HashMap<String, String>> =
         std::sync::Mutex::new(
-            crate::secrets::known_keys(&config_at_start, &resolver, &fp).by_fingerprint,
+            crate::secrets::known_keys(config_at_start, &resolver, &fp).by_fingerprint,
         );
     Box::new(move |config| {
         if sink.is_none() && metrics.is_none() {

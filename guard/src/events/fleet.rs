@@ -161,7 +161,7 @@ impl Acc {
 
     fn processes(self) -> Vec<ProcessUsage> {
         let mut v: Vec<ProcessUsage> = self.procs.into_values().collect();
-        v.sort_by(|a, b| b.last_seen_ms.cmp(&a.last_seen_ms));
+        v.sort_by_key(|b| std::cmp::Reverse(b.last_seen_ms));
         v
     }
 }
@@ -206,7 +206,7 @@ pub fn fleet_keys(events: &[Event], since_ms: Option<i64>) -> FleetKeys {
                     processes: acc.processes(),
                 })
                 .collect();
-            hosts.sort_by(|a, b| b.last_seen_ms.cmp(&a.last_seen_ms));
+            hosts.sort_by_key(|b| std::cmp::Reverse(b.last_seen_ms));
             FleetSecret {
                 name,
                 count: hosts.iter().map(|h| h.count).sum(),
@@ -228,7 +228,7 @@ pub fn fleet_keys(events: &[Event], since_ms: Option<i64>) -> FleetKeys {
                     processes: acc.processes(),
                 })
                 .collect();
-            keys.sort_by(|a, b| b.last_seen_ms.cmp(&a.last_seen_ms));
+            keys.sort_by_key(|b| std::cmp::Reverse(b.last_seen_ms));
             ProviderKeys { provider, keys }
         })
         .collect();
@@ -279,6 +279,6 @@ pub fn key_usage(events: &[Event], since_ms: Option<i64>) -> Vec<super::KeyUsage
             }
         })
         .collect();
-    out.sort_by(|a, b| b.last_seen_ms.cmp(&a.last_seen_ms));
+    out.sort_by_key(|b| std::cmp::Reverse(b.last_seen_ms));
     out
 }

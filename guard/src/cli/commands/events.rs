@@ -625,6 +625,7 @@ mod tests {
             limit: 100,
             follow: true,
             keys: false,
+            from: Vec::new(),
         };
         let global = Global {
             output: OutputFormat::Json,

@@ -285,6 +285,97 @@ mod tests {
         assert!(vault_address("ftp://v").is_err());
     }
 
+    const TARGETS: &str = "providers:\n  targets:\n    - id: a\n      provider: openai\n      secret_key_ref: {store: K}\n";
+
+    fn parse(extra: &str) -> Result<crate::config::Config, crate::config::ConfigErrors> {
+        crate::config::parse(
+            &format!("{TARGETS}{extra}"),
+            std::path::Path::new("/etc/kt/policy.yaml"),
+        )
+    }
+
+    #[test]
+    fn a_vault_store_loads_with_defaults_and_every_key() {
+        let c = parse(
+            "secrets:\n  store:\n    backend: vault\n    address: https://vault.example:8200\n",
+        )
+        .unwrap();
+        let s = c.secrets.store.unwrap();
+        assert_eq!(s.address, "https://vault.example:8200");
+        assert_eq!((s.mount.as_str(), s.prefix.as_str()), ("secret", "kt"));
+        assert_eq!(s.kv_version, KvVersion::V2);
+        assert_eq!(s.auth, VaultAuth::Token { file: None });
+        assert_eq!(
+            (s.refresh, s.max_stale),
+            (DEFAULT_REFRESH, DEFAULT_MAX_STALE)
+        );
+
+        let c = parse(
+            "secrets:\n  store:\n    backend: vault\n    address: https://v:8200\n    mount: kv\n    \
+             prefix: ci/kt\n    kv_version: 1\n    ca_file: ca.pem\n    namespace: team-a\n    \
+             refresh: 10s\n    max_stale: 15m\n    timeout: 2s\n    auth:\n      approle:\n        \
+             role_id_file: role\n        secret_id_file: /run/secret\n",
+        )
+        .unwrap();
+        let s = c.secrets.store.unwrap();
+        assert_eq!((s.mount.as_str(), s.prefix.as_str()), ("kv", "ci/kt"));
+        assert_eq!(s.kv_version, KvVersion::V1);
+        assert_eq!(
+            s.ca_file.as_deref(),
+            Some(std::path::Path::new("/etc/kt/ca.pem"))
+        );
+        assert_eq!(s.namespace.as_deref(), Some("team-a"));
+        assert_eq!(s.max_stale, std::time::Duration::from_secs(900));
+        assert_eq!(
+            s.auth,
+            VaultAuth::AppRole {
+                role_id_file: "/etc/kt/role".into(),
+                secret_id_file: "/run/secret".into(),
+                mount: "approle".into(),
+            }
+        );
+        // No section: the local store, as before.
+        assert_eq!(parse("").unwrap().secrets.store, None);
+    }
+
+    #[test]
+    fn every_problem_of_the_section_is_reported_with_its_position() {
+        let err = parse(
+            "secrets:\n  store:\n    backend: consul\n    address: http://vault.example\n    \
+             kv_version: 3\n    refresh: 1m\n    max_stale: 10s\n    bogus: 1\n    auth:\n      \
+             token_file: t\n      approle: {role_id_file: r}\n",
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        for (line, needle) in [
+            (13, "unknown key `bogus` in `secrets.store`"),
+            (8, "unknown secret store backend `consul`"),
+            (9, "would send the token unencrypted"),
+            (10, "`secrets.store.kv_version` is 3, out of range (1 to 2)"),
+            (
+                12,
+                "`secrets.store.max_stale` is shorter than `secrets.store.refresh`",
+            ),
+            (16, "has both `token_file` and `approle`"),
+        ] {
+            assert!(
+                text.contains(&format!("/etc/kt/policy.yaml:{line}:")) && text.contains(needle),
+                "line {line}, {needle}: {text}"
+            );
+        }
+        let err = parse("secrets:\n  store:\n    backend: vault\n").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("missing `address` in `secrets.store`"),
+            "{err}"
+        );
+        let err = parse("secrets:\n  vault: {}\n").unwrap_err();
+        assert!(
+            err.to_string().contains("unknown key `vault` in `secrets`"),
+            "{err}"
+        );
+    }
+
     #[test]
     fn paths_are_plain_segments() {
         assert_eq!(vault_path("/kt/ci/").as_deref(), Some("kt/ci"));

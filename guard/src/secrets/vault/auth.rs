@@ -3,7 +3,7 @@
 //! `VAULT_TOKEN`, or from an AppRole login (role id and secret id from
 //! files), renewed by logging in again before the lease ends.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -137,8 +137,8 @@ impl Auth {
 fn approle_login(
     client: &Client,
     mount: &str,
-    role_id_file: &PathBuf,
-    secret_id_file: &PathBuf,
+    role_id_file: &Path,
+    secret_id_file: &Path,
 ) -> Result<Held, VaultError> {
     let role_id = read_credential(role_id_file, "AppRole role id file")?;
     let secret_id = read_credential(secret_id_file, "AppRole secret id file")?;

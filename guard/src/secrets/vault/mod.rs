@@ -493,6 +493,3 @@ impl SecretStore for VaultStore {
             .collect()
     }
 }
-
-#[cfg(test)]
-mod tests;
