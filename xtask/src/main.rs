@@ -32,7 +32,8 @@ enum Cmd {
     },
     /// The whole story offline: capture, key swap, fallback, DLP block, events.
     Demo,
-    /// Benchmarks that print figures and ratios (dlp, gateway, events, capture).
+    /// Benchmarks that print figures and ratios (dlp, gateway, events, capture,
+    /// store_refresh).
     Bench {
         /// Which benchmark.
         #[arg(value_parser = ["dlp", "gateway", "events", "capture"])]
@@ -87,7 +88,7 @@ fn main() -> anyhow::Result<()> {
             // Each bench lives with the package it measures.
             let package = match name.as_str() {
                 "dlp" | "events" => "guard",
-                "gateway" | "capture" => "guard-tests",
+                "gateway" | "capture" | "store_refresh" => "guard-tests",
                 other => bail!("unknown benchmark {other}"),
             };
             if name == "gateway" {
