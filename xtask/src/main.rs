@@ -31,12 +31,18 @@ enum Cmd {
         args: Vec<String>,
     },
     /// The whole story offline: capture, key swap, fallback, DLP block, events.
-    Demo,
+    Demo {
+        /// Keep the secrets in a Vault-API server (an OpenBao dev server on
+        /// loopback, which `cargo xtask setup` installs) instead of the
+        /// local store: connected mode.
+        #[arg(long)]
+        vault: bool,
+    },
     /// Benchmarks that print figures and ratios (dlp, gateway, events, capture,
     /// store_refresh).
     Bench {
         /// Which benchmark.
-        #[arg(value_parser = ["dlp", "gateway", "events", "capture"])]
+        #[arg(value_parser = ["dlp", "gateway", "events", "capture", "store_refresh"])]
         name: String,
     },
     /// Release artefacts in target/dist: a static musl `kt`, a tarball
@@ -75,9 +81,9 @@ fn main() -> anyhow::Result<()> {
             cargo(&[&["test", "--locked"], &as_strs(&args)[..]].concat())
         }
         Cmd::Dist => dist::run(),
-        Cmd::Demo => {
+        Cmd::Demo { vault } => {
             setup::run()?;
-            demo::run()
+            demo::run(vault)
         }
         Cmd::Fuzz { target, seconds } => {
             setup::run()?;

