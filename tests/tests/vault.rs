@@ -285,6 +285,32 @@ async fn kt_secrets_write_to_the_server_over_tls_and_nothing_lands_in_the_data_d
     );
     assert!(!s.data_dir_holds(V1) && !s.data_dir_holds(V2));
 
+    // Without `ca_file` the server's certificate is not trusted: refused.
+    let untrusted = s.dir.path().join("untrusted.yaml");
+    let cfg_text = std::fs::read_to_string(&s.cfg).unwrap();
+    let without_ca: String = cfg_text
+        .lines()
+        .filter(|l| !l.contains("ca_file"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&untrusted, without_ca).unwrap();
+    let out = s.kt(
+        &[
+            "secrets",
+            "list",
+            "--config",
+            &untrusted.display().to_string(),
+        ],
+        None,
+        Some(ROOT_TOKEN),
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("is unreachable") && err.contains("UnknownIssuer"),
+        "{err}"
+    );
+
     // Without a token: a clear error, exit 1, nothing printed of a value.
     let out = s.kt(&["secrets", "list", "--config", &cfg], None, None);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
@@ -293,6 +319,47 @@ async fn kt_secrets_write_to_the_server_over_tls_and_nothing_lands_in_the_data_d
         "{}",
         text(&out)
     );
+
+    // A namespace: the header takes kt's requests there, and only there.
+    s.vault.must(&["namespace", "create", "team-a"]);
+    s.vault
+        .must(&["secrets", "enable", "-ns=team-a", "-path=secret", "kv-v2"]);
+    let ns_cfg = s.dir.path().join("ns.yaml");
+    std::fs::write(
+        &ns_cfg,
+        format!(
+            "{}    namespace: team-a\n",
+            std::fs::read_to_string(&s.cfg).unwrap()
+        ),
+    )
+    .unwrap();
+    let out = s.kt(
+        &[
+            "secrets",
+            "add",
+            "NS_KEY",
+            "--store",
+            "--config",
+            &ns_cfg.display().to_string(),
+        ],
+        Some(V1),
+        Some(ROOT_TOKEN),
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        s.vault
+            .cli(&[
+                "kv",
+                "get",
+                "-ns=team-a",
+                "-field=value",
+                "secret/kt/NS_KEY"
+            ])
+            .ok()
+            .as_deref(),
+        Some(V1)
+    );
+    assert_eq!(s.vault.get("secret/kt/NS_KEY"), None);
 
     // rm deletes it in the server; a second rm is exit 1.
     let out = s.kt(

@@ -282,3 +282,67 @@ pub fn key_usage(events: &[Event], since_ms: Option<i64>) -> Vec<super::KeyUsage
     out.sort_by_key(|b| std::cmp::Reverse(b.last_seen_ms));
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::{Decision, PresentedKey};
+
+    fn event(host: &str, t: i64, secret: Option<&str>, fp: &str, pid: u32) -> Event {
+        let mut e = Event::new(format!("r{t}"), Decision::Allow);
+        e.time_ms = t;
+        e.provider = Some("openai".into());
+        e.client.pid = Some(pid);
+        e.client.exe = Some("/usr/bin/job".into());
+        e.key = Some(PresentedKey {
+            fingerprint: fp.into(),
+            matches_secret: secret.map(str::to_string),
+            managed: secret.is_some(),
+        });
+        e.host = Some(Host {
+            name: host.into(),
+            id: format!("id-{host}"),
+        });
+        e
+    }
+
+    #[test]
+    fn lines_of_many_hosts_merge_into_one_answer_per_secret() {
+        let mut lines = String::new();
+        for e in [
+            event("a", 10, Some("K"), "fp:1", 1),
+            event("b", 20, Some("K"), "fp:2", 2),
+            event("b", 30, Some("K (previous value)"), "fp:3", 3),
+            event("a", 40, None, "fp:9", 4),
+            event("a", 41, None, "fp:9", 4),
+        ] {
+            lines.push_str(&serde_json::to_string(&e.json()).unwrap());
+            lines.push('\n');
+        }
+        lines.push_str("<14>1 2026-01-01T00:00:00Z host kt - - - syslog line\n\n");
+        let mut loaded = Loaded::default();
+        read_json_lines(lines.as_bytes(), &mut loaded).unwrap();
+        assert_eq!((loaded.events.len(), loaded.skipped), (5, 1));
+        let r = fleet_keys(&loaded.events, None);
+        assert_eq!((r.hosts, r.events), (2, 5));
+        assert_eq!(r.managed.len(), 2);
+        let k = &r.managed[0];
+        assert_eq!((k.name.as_str(), k.count, k.last_seen_ms), ("K", 2, 20));
+        assert_eq!(
+            k.hosts[0].host.as_ref().unwrap().name,
+            "b",
+            "most recent first"
+        );
+        let old = &r.managed[1];
+        assert_eq!(old.hosts.len(), 1);
+        assert_eq!(old.hosts[0].host.as_ref().unwrap().id, "id-b");
+        assert_eq!(old.hosts[0].processes[0].pid, Some(3));
+        assert_eq!(r.unmanaged[0].provider, "openai");
+        assert_eq!(r.unmanaged[0].keys[0].count, 2);
+        // A window leaves older events out.
+        assert_eq!(fleet_keys(&loaded.events, Some(25)).events, 3);
+        let usage = key_usage(&loaded.events, None);
+        assert_eq!(usage.len(), 4);
+        assert!(usage.iter().all(|u| u.processes[0].host.is_some()));
+    }
+}

@@ -200,9 +200,20 @@ impl Resolve for Resolver {
     fn resolve_checked(&self, reference: &SecretKeyRef) -> Result<Option<Resolved>, Unresolved> {
         if let SecretKeyRef::Store(name) = reference
             && let Some(vault) = &self.vault
-            && let Err(SecretsError::Vault(e @ VaultError::Expired { .. })) = vault.get(name)
         {
-            return Err(Unresolved::Expired(e.to_string()));
+            match vault.get(name) {
+                Ok(Some(value)) => {
+                    return Ok(Some(Resolved {
+                        value,
+                        source: Source::Vault,
+                    }));
+                }
+                Err(SecretsError::Vault(e @ VaultError::Expired { .. })) => {
+                    return Err(Unresolved::Expired(e.to_string()));
+                }
+                // Not there, or unreadable: the usual order decides.
+                _ => {}
+            }
         }
         self.resolve(reference).map_err(Unresolved::Unreadable)
     }

@@ -190,6 +190,25 @@ fn run_with(cmd: SecretsCmd, global: &Global, con: &mut dyn Console) -> anyhow::
             };
             let resolver = Resolver::live_for_config(&config, &global.data_dir)
                 .context("cannot set up the central secret store")?;
+            if let (Some(vault), Some(store)) = (resolver.vault(), &config.secrets.store) {
+                // One pass over the store says whether it answers at all.
+                let checked = resolver.refresh(&config).unwrap_or_default();
+                match &checked.problem {
+                    None => out.note(format_args!(
+                        "central store: vault at {} answers ({} entries under {})",
+                        vault.address(),
+                        vault.list().map_or(0, |l| l.len()),
+                        vault.entry_path("")
+                    ))?,
+                    Some(p) => out.note(format_args!(
+                        "central store: vault at {} does NOT answer: {p}\nA running gateway serves \
+                         its last good values for up to max_stale ({}), then fails closed; see its \
+                         log and the kt_secret_store metrics",
+                        vault.address(),
+                        humantime::format_duration(store.max_stale)
+                    ))?,
+                }
+            }
             // Read-only: without a host key yet, show no fingerprints.
             let fp = Fingerprinter::open_existing(&global.data_dir)
                 .context("cannot read the fingerprint key")?;
