@@ -486,11 +486,7 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
         };
         let (a, b) = (short(old), short(new));
         if a == b {
-            check(
-                "secrets.store",
-                format!("{a}"),
-                format!("{b}, other settings"),
-            );
+            check("secrets.store", a, format!("{b}, other settings"));
         } else {
             check("secrets.store", a, b);
         }
