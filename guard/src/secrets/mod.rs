@@ -16,11 +16,13 @@
 //! unless sticky: otherwise another user could swap a file for their own
 //! ([`UnsafePath`] says which path and the `chown`/`chmod` that fixes it).
 //!
-//! Callers talk to backends through [`SecretStore`], so a centralized backend
-//! can replace [`FileStore`] later without touching them. [`Resolver`] turns
-//! a `secret_key_ref` into a value: `env` from the guard's environment,
-//! `store` from the store first and then the keychain, `file` from a file
-//! only kt's uid or root can change.
+//! Callers talk to backends through [`SecretStore`]; with `secrets.store` in
+//! the config the central store ([`vault::VaultStore`], Vault's KV API)
+//! takes the file store's place and nothing of a secret is written to the
+//! data dir. [`Resolver`] turns a `secret_key_ref` into a value: `env` from
+//! the guard's environment, `store` from the store (file or central) first
+//! and then the keychain, `file` from a file only kt's uid or root can
+//! change.
 #![forbid(unsafe_code)]
 
 mod file;
