@@ -546,6 +546,29 @@ async fn an_unreachable_server_serves_the_last_value_then_fails_closed_past_max_
     assert_eq!(r.status, 502, "{}", r.body);
     assert!(r.body.contains("no usable target"), "{}", r.body);
     let before = s.seen().len();
+    // The events and `kt secrets status` say so too.
+    let out = s.kt(
+        &[
+            "secrets",
+            "status",
+            "--config",
+            &s.cfg.display().to_string(),
+        ],
+        None,
+        Some(ROOT_TOKEN),
+    );
+    let said = text(&out);
+    assert!(
+        said.contains("does NOT answer")
+            && said.contains("the gateway's last word on the central store: secret-store-expired"),
+        "{said}"
+    );
+    let out = s.kt(&["events", "--limit", "0"], None, None);
+    let events = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        events.contains("secret-store-down") && events.contains("secret-store-expired"),
+        "{events}"
+    );
 
     // Back: served again, without a restart.
     s.vault.pause(false);

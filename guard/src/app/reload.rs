@@ -206,6 +206,11 @@ impl Reloader {
         files
     }
 
+    /// Records a change in the central secret store's health as an event.
+    pub(crate) fn record_secret_store(&self, rule: &str, summary: &str) {
+        self.gateway.record_secret_store(rule, summary);
+    }
+
     /// The config being served.
     pub fn config(&self) -> Arc<Config> {
         self.gateway.config()

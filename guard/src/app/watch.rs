@@ -115,17 +115,47 @@ pub(crate) async fn watch_store(
             m.set_secret_store(&health);
         }
         match (&refreshed.problem, &last_problem) {
-            (Some(problem), before) if before.as_ref() != Some(problem) => tracing::warn!(
-                store = %health.address,
-                stale = %health.stale.join(", "),
-                "secret store refresh failed, serving the last good values until max_stale: {problem}"
-            ),
+            (Some(problem), before) if before.as_ref() != Some(problem) => {
+                tracing::warn!(
+                    store = %health.address,
+                    stale = %health.stale.join(", "),
+                    "secret store refresh failed, serving the last good values until max_stale: {problem}"
+                );
+                if before.is_none() {
+                    reloader.record_secret_store(
+                        crate::record::rules::SECRET_STORE_DOWN,
+                        &format!(
+                            "{}: serving the last good values until max_stale: {problem}",
+                            health.address
+                        ),
+                    );
+                }
+            }
             (None, Some(_)) => {
                 tracing::info!(store = %health.address, "secret store reachable again");
+                reloader.record_secret_store(
+                    crate::record::rules::SECRET_STORE_UP,
+                    &format!("{}: reachable again", health.address),
+                );
             }
             _ => {}
         }
         last_problem.clone_from(&refreshed.problem);
+        if !health.expired.is_empty()
+            && refreshed
+                .expiry_changed
+                .iter()
+                .any(|n| health.expired.contains(n))
+        {
+            reloader.record_secret_store(
+                crate::record::rules::SECRET_STORE_EXPIRED,
+                &format!(
+                    "{}: past max_stale, no longer served (targets fail closed): {}",
+                    health.address,
+                    health.expired.join(", ")
+                ),
+            );
+        }
         if !refreshed.expiry_changed.is_empty() {
             tracing::error!(
                 store = %health.address,

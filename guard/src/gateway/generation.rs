@@ -209,6 +209,23 @@ impl Gateway {
         inner.sink.record(rec);
     }
 
+    /// Records a change in the central secret store's health as an event
+    /// (`rule`: one of the `secret-store-*` rules; `summary`: the server and
+    /// the problem, never a value).
+    pub fn record_secret_store(&self, rule: &str, summary: &str) {
+        let inner = self.inner();
+        let mut rec = inner.guard_record(
+            Arrival::Internal,
+            None,
+            ClientInfo::default(),
+            "SECRET_STORE",
+            PolicyAction::Audit,
+            rule,
+        );
+        rec.path = summary.to_string();
+        inner.sink.record(rec);
+    }
+
     /// A handle that serves `inner` only (for acting on behalf of a
     /// request's own generation).
     pub(crate) fn pinned(inner: Arc<Inner>) -> Gateway {

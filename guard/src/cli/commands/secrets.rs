@@ -216,7 +216,23 @@ fn run_with(cmd: SecretsCmd, global: &Global, con: &mut dyn Console) -> anyhow::
             // Read-only too: without an event store the evidence stays empty.
             let events = crate::datadir::events_db(&global.data_dir);
             let evidence = match EventStore::open_read_only(&global.data_dir) {
-                Ok(Some(store)) => report.add_evidence(&config, &store).map(|()| true),
+                Ok(Some(store)) => {
+                    // What the gateway of this data dir last said about the store.
+                    if config.secrets.store.is_some()
+                        && let Ok(Some((t, rule, message))) = store.last_secret_store_event()
+                    {
+                        out.note(format_args!(
+                            "the gateway's last word on the central store: {rule} at {}: {message}",
+                            humantime::format_rfc3339_millis(
+                                std::time::UNIX_EPOCH
+                                    + std::time::Duration::from_millis(
+                                        u64::try_from(t).unwrap_or(0)
+                                    )
+                            )
+                        ))?;
+                    }
+                    report.add_evidence(&config, &store).map(|()| true)
+                }
                 Ok(None) => Ok(false),
                 Err(e) => Err(e),
             };
