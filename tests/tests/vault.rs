@@ -686,3 +686,37 @@ async fn a_token_rotated_on_disk_is_picked_up_and_permission_denied_keeps_the_go
     assert!(s.seen()[before..].iter().all(|b| b == V2), "{}", s.log());
     assert!(!s.log().contains("sk-not-the-field"));
 }
+
+#[test]
+fn a_gateway_whose_store_cannot_be_read_at_start_refuses_to_start_and_says_why() {
+    // No server at all: nothing to start, so this runs everywhere.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("policy.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "providers:\n  targets:\n    - id: primary\n      provider: openai\n      secret_key_ref: {{store: OPENAI_KEY}}\ngateway:\n  listen: {}\nsecrets:\n  store:\n    backend: vault\n    address: http://{}\n    timeout: 1s\n",
+            free_addr(),
+            free_addr()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(KT)
+        .args(["gateway", "run", "--config"])
+        .arg(&cfg)
+        .env("KT_DATA_DIR", dir.path().join("data"))
+        .env("VAULT_TOKEN", "kt-test-token")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("target primary: secret store:OPENAI_KEY cannot be read")
+            && err.contains("is unreachable")
+            && err.contains("kt secrets add OPENAI_KEY --store"),
+        "{err}"
+    );
+    // Nothing of a secret store was created locally.
+    assert!(!dir.path().join("data/secrets").exists());
+}
