@@ -76,8 +76,7 @@ async fn a_rotation_reaches_three_hosts_and_the_merged_report_names_the_laggard(
             .unwrap_or_default()
     };
 
-    let mut hosts = Vec::new();
-    for i in 1..=3 {
+    let start_host = |i: usize| -> Host {
         let name = format!("runner-{i}");
         let data = dir.path().join(&name);
         let cfg = dir.path().join(format!("{name}.yaml"));
@@ -123,8 +122,9 @@ async fn a_rotation_reaches_three_hosts_and_the_merged_report_names_the_laggard(
             },
             || std::fs::read_to_string(&h.log).unwrap_or_default(),
         );
-        hosts.push(h);
-    }
+        h
+    };
+    let mut hosts: Vec<Host> = (1..=3).map(start_host).collect();
     let logs = |hosts: &[Host]| {
         hosts
             .iter()
@@ -161,6 +161,17 @@ async fn a_rotation_reaches_three_hosts_and_the_merged_report_names_the_laggard(
         assert_eq!(chat(h.listen, NEW).await, 200);
         assert_eq!(last_bearer(), format!("Bearer {NEW}"), "{}", h.name);
     }
+
+    // Runner 3 restarts after the rotation: it learns the old value from
+    // the store's previous version (KV v2), not from having seen it change.
+    {
+        let h = &mut hosts[2];
+        let _ = Command::new("kill")
+            .args(["-TERM", &h.kt.0.id().to_string()])
+            .status();
+        let _ = h.kt.0.wait();
+    }
+    hosts[2] = start_host(3);
 
     // After it: runners 1 and 2 present the new key (and runner 2 a
     // stray key of its own); runner 3's legacy job still has the old one.

@@ -778,8 +778,7 @@ fn known_refresher(
     })
 }
 
-/// Suffix of the name events give a managed secret's replaced value.
-pub const PREVIOUS_VALUE: &str = " (previous value)";
+pub use crate::secrets::PREVIOUS_VALUE;
 
 /// Most replaced values remembered.
 const MAX_PREVIOUS: usize = 256;

@@ -199,6 +199,11 @@ pub fn known_secrets(
     Ok(out)
 }
 
+/// Suffix of the name events give a managed secret's replaced value
+/// (`OPENAI_KEY (previous value)`): who still presents the old key after a
+/// rotation.
+pub const PREVIOUS_VALUE: &str = " (previous value)";
+
 /// Longest accepted secret name.
 pub const MAX_NAME_LEN: usize = 128;
 

@@ -148,12 +148,40 @@ impl Client {
     /// Reads `NAME`. An entry without a usable `value` field (missing,
     /// empty, not text, several lines) is an error, never a value.
     pub fn read(&self, name: &str) -> Result<Read, VaultError> {
-        let path = self.api_path("data", name);
+        self.read_version(name, None).map(|(r, _)| r)
+    }
+
+    /// [`Client::read`] of one version (KV v2; `None`: the current one),
+    /// with the version read (KV v2 only).
+    pub fn read_version(
+        &self,
+        name: &str,
+        version: Option<u64>,
+    ) -> Result<(Read, Option<u64>), VaultError> {
+        let mut path = self.api_path("data", name);
+        if let Some(v) = version.filter(|_| self.kv == KvVersion::V2) {
+            path.push_str(&format!("?version={v}"));
+        }
         let a = self.call("GET", &path, None)?;
+        let read_version = a
+            .body
+            .get("data")
+            .and_then(|d| d.get("metadata"))
+            .and_then(|m| m.get("version"))
+            .and_then(Value::as_u64);
+        self.parse_read(name, &path, &a).map(|r| (r, read_version))
+    }
+
+    /// Whether entries keep earlier versions (KV v2).
+    pub fn versioned(&self) -> bool {
+        self.kv == KvVersion::V2
+    }
+
+    fn parse_read(&self, name: &str, path: &str, a: &Answer) -> Result<Read, VaultError> {
         match a.status {
             200 => {}
             404 => return Ok(Read::Absent),
-            s => return Err(self.status_error("read", &path, s, &a.body)),
+            s => return Err(self.status_error("read", path, s, &a.body)),
         }
         let data = match self.kv {
             KvVersion::V1 => a.body.get("data"),

@@ -218,6 +218,11 @@ pub struct VaultStore {
     counters: Mutex<Counters>,
     /// Names seen in the last listing (`entries()` in cached mode).
     listed: Mutex<BTreeSet<String>>,
+    /// Cached mode: the value each name had before its current one (KV v2
+    /// keeps it as the previous version; a change seen while running
+    /// remembers it), so events still recognise an old key after a
+    /// rotation, also after a restart.
+    previous: Mutex<BTreeMap<String, SecretValue>>,
 }
 
 impl std::fmt::Debug for VaultStore {
@@ -262,6 +267,7 @@ impl VaultStore {
             entries: Mutex::new(BTreeMap::new()),
             counters: Mutex::new(Counters::default()),
             listed: Mutex::new(BTreeSet::new()),
+            previous: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -294,8 +300,36 @@ impl VaultStore {
             }
         }
         for name in &names {
-            let read = self.client.read(name);
+            let known = lock(&self.entries).get(name).and_then(|e| e.value.clone());
+            let read = self.client.read_version(name, None);
+            let version = read.as_ref().ok().and_then(|(_, v)| *v);
+            let read = read.map(|(r, _)| r);
+            let now = match &read {
+                Ok(Read::Value(v)) => Some(v.clone()),
+                _ => None,
+            };
             self.apply(name, read, &mut out);
+            if !self.cached {
+                continue;
+            }
+            match (known, now) {
+                // Seen to change: the value before is the previous one.
+                (Some(old), Some(new)) if old != new => {
+                    lock(&self.previous).insert(name.clone(), old);
+                }
+                // First read: ask the engine for the version before (KV v2).
+                (None, Some(_))
+                    if self.client.versioned() && !lock(&self.previous).contains_key(name) =>
+                {
+                    if let Some(v) = version.filter(|v| *v > 1)
+                        && let Ok((Read::Value(old), _)) =
+                            self.client.read_version(name, Some(v - 1))
+                    {
+                        lock(&self.previous).insert(name.clone(), old);
+                    }
+                }
+                _ => {}
+            }
         }
         let mut c = lock(&self.counters);
         c.up = out.failed.is_empty() && listing.is_ok();
@@ -429,6 +463,38 @@ impl VaultStore {
 }
 
 impl SecretStore for VaultStore {
+    /// Cached mode adds each name's previous value as `NAME (previous
+    /// value)` (see [`super::PREVIOUS_VALUE`]), so the events name an old
+    /// key presented after a rotation; live mode lists the store as it is.
+    fn entries(&self) -> Result<Vec<(EntryMeta, Option<SecretValue>)>, SecretsError> {
+        let mut out: Vec<(EntryMeta, Option<SecretValue>)> = self
+            .list()?
+            .into_iter()
+            .map(|meta| {
+                // Cached: one unusable name must not hide the others.
+                let value = if self.cached {
+                    self.get(&meta.name).ok().flatten()
+                } else {
+                    self.get(&meta.name)?
+                };
+                Ok((meta, value))
+            })
+            .collect::<Result<_, SecretsError>>()?;
+        if self.cached {
+            for (name, value) in lock(&self.previous).iter() {
+                out.push((
+                    EntryMeta {
+                        name: format!("{name}{}", super::PREVIOUS_VALUE),
+                        created: SystemTime::UNIX_EPOCH,
+                        updated: SystemTime::UNIX_EPOCH,
+                    },
+                    Some(value.clone()),
+                ));
+            }
+        }
+        Ok(out)
+    }
+
     fn source(&self) -> Source {
         Source::Vault
     }
