@@ -505,7 +505,8 @@ async fn an_unreachable_server_serves_the_last_value_then_fails_closed_past_max_
         return;
     };
     s.vault.put("secret/kt/OPENAI_KEY", V1);
-    s.write_config("    refresh: 1s\n    max_stale: 4s\n    timeout: 500ms\n");
+    // Generous against a loaded machine: a healthy read never nears 1 s.
+    s.write_config("    refresh: 1s\n    max_stale: 6s\n    timeout: 1s\n");
     let _kt = s.start_gateway(Some(ROOT_TOKEN));
     let metrics_addr = {
         let cfg = std::fs::read_to_string(&s.cfg).unwrap();
