@@ -13,12 +13,12 @@
 //! | 1 | [`datadir`] | the data dir's paths; private (0600/0700) file and directory creation |
 //! | 2 | [`dlp`] | secret scanning and redaction of request bodies (pure) |
 //! | 2 | [`routing`] | which provider, which targets in what order, when to fall back (pure) |
-//! | 2 | [`secrets`] | secret backends (file store, keychain, env), their resolver, the one target-resolution report |
+//! | 2 | [`secrets`] | secret backends (file store, keychain, env, file, central Vault KV store), their resolver, the one target-resolution report |
 //! | 2 | [`metrics`] | Prometheus metrics counted from request records, plus gauges read at scrape |
 //! | 2 | [`capture`] | every `aya` call and all `unsafe`: eBPF programs, maps, records; provider host tracking and the capture supervisor |
 //! | 3 | [`policy`] | the policy chain (dlp-filter, audit-logger) with typed verdicts |
 //! | 3 | [`gateway`] | listeners, TLS, request steps, upstream, relay (async) |
-//! | 3 | [`events`] | event store, writer, record sink, key report |
+//! | 3 | [`events`] | event store, writer, record sink, key report, host identity, fleet-wide key report |
 //! | 3 | [`preflight`] | the checks behind `kt gateway check` |
 //! | 4 | [`app`] | the composition root: build from a config, run, reload (control socket, SIGHUP, secret watcher), shut down in order (prints nothing) |
 //! | 5 | [`cli`] | the `kt` command line: parse, call, render |

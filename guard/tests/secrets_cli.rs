@@ -54,6 +54,7 @@ fn seed_config(q2: &str, q1: &str) -> Config {
         audit: None,
         gateway: GatewaySettings::default(),
         capture: Capture::default(),
+        secrets: Default::default(),
     }
 }
 

@@ -89,6 +89,7 @@ pub fn config(targets: Vec<Target>) -> Config {
             ..GatewaySection::default()
         },
         capture: Capture::default(),
+        secrets: Default::default(),
     }
 }
 

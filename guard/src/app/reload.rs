@@ -33,13 +33,17 @@ pub enum Trigger {
     /// The secret store or a `file:` secret changed on disk: secrets are
     /// re-resolved, the config file is not re-read.
     SecretsChanged,
+    /// A refresh of the central secret store (`secrets.store`) found a
+    /// value changed, gone, or past `max_stale`: secrets are re-resolved
+    /// from memory, the config file is not re-read.
+    StoreChanged,
 }
 
 impl Trigger {
     /// Whether the config file is read again (secret changes keep the
     /// config being served, even if its file was edited meanwhile).
     fn rereads_config(self) -> bool {
-        !matches!(self, Trigger::SecretsChanged)
+        !matches!(self, Trigger::SecretsChanged | Trigger::StoreChanged)
     }
 
     fn caller(self) -> ClientInfo {
@@ -58,7 +62,9 @@ impl Trigger {
                     ..ClientInfo::default()
                 }
             }
-            Trigger::Signal | Trigger::SecretsChanged => ClientInfo::default(),
+            Trigger::Signal | Trigger::SecretsChanged | Trigger::StoreChanged => {
+                ClientInfo::default()
+            }
         }
     }
 
@@ -70,6 +76,7 @@ impl Trigger {
             },
             Trigger::Signal => "SIGHUP".to_string(),
             Trigger::SecretsChanged => "a secret changed on disk".to_string(),
+            Trigger::StoreChanged => "a secret changed in the central store".to_string(),
         }
     }
 }
@@ -200,6 +207,11 @@ impl Reloader {
         files
     }
 
+    /// Records a change in the central secret store's health as an event.
+    pub(crate) fn record_secret_store(&self, rule: &str, summary: &str) {
+        self.gateway.record_secret_store(rule, summary);
+    }
+
     /// The config being served.
     pub fn config(&self) -> Arc<Config> {
         self.gateway.config()
@@ -258,6 +270,18 @@ impl Reloader {
         let problems = needs_restart(&current, &config);
         if !problems.is_empty() {
             return Err(ReloadRefused { problems });
+        }
+        // `kt gateway reload` and SIGHUP read the central store again
+        // first (off the async workers: its client blocks).
+        if trigger.rereads_config() && self.resolver.vault().is_some() {
+            let (r, c) = (Arc::clone(&self.resolver), Arc::clone(&config));
+            if let Ok(Some(refreshed)) = tokio::task::spawn_blocking(move || r.refresh(&c)).await
+                && let Some(problem) = refreshed.problem
+            {
+                tracing::warn!(
+                    "secret store refresh failed, serving the last good values until max_stale: {problem}"
+                );
+            }
         }
         let audit = config.chain.contains(&PolicyKind::AuditLogger);
         let refuse_without_store = audit
@@ -462,6 +486,22 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
         format!("[{}]", list.join(", "))
     };
     check("policy.audit-logger.sinks", sinks(old), sinks(new));
+    // The central store's client (address, auth, TLS) is built at start.
+    if old.secrets.store != new.secrets.store {
+        // Named by where it points; auth, TLS and timings are compared too.
+        let short = |c: &Config| {
+            c.secrets
+                .store
+                .as_ref()
+                .map_or_else(|| "none".to_string(), |s| format!("vault at {}", s.address))
+        };
+        let (a, b) = (short(old), short(new));
+        if a == b {
+            check("secrets.store", a, format!("{b}, other settings"));
+        } else {
+            check("secrets.store", a, b);
+        }
+    }
     out
 }
 

@@ -165,3 +165,25 @@ fn a_missing_required_secret_refuses_to_build() {
         "{err}"
     );
 }
+
+#[test]
+fn replaced_values_stay_known_as_the_previous_value_of_their_secret() {
+    use std::collections::HashMap;
+    let before: HashMap<String, String> = [
+        ("fp:old".to_string(), "K".to_string()),
+        ("fp:older".to_string(), "K (previous value)".to_string()),
+        ("fp:same".to_string(), "J".to_string()),
+    ]
+    .into();
+    let mut now: HashMap<String, String> = [
+        ("fp:new".to_string(), "K".to_string()),
+        ("fp:same".to_string(), "J".to_string()),
+    ]
+    .into();
+    retain_previous(&mut now, &before);
+    assert_eq!(now["fp:new"], "K");
+    assert_eq!(now["fp:old"], "K (previous value)");
+    assert_eq!(now["fp:older"], "K (previous value)");
+    assert_eq!(now["fp:same"], "J");
+    assert_eq!(now.len(), 4);
+}

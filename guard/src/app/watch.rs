@@ -80,3 +80,93 @@ pub(crate) async fn watch_secrets(
         let _ = reloader.reload(Trigger::SecretsChanged).await;
     }
 }
+
+/// Reads the central secret store again every `secrets.store.refresh`
+/// (off the async workers: the client blocks) and reloads the secrets when
+/// a value changed, appeared, went away, or passed `max_stale`. Says when
+/// the store goes down and comes back (log, metrics); values stay in
+/// memory.
+pub(crate) async fn watch_store(
+    reloader: Arc<Reloader>,
+    resolver: Arc<crate::secrets::Resolver>,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
+    every: Duration,
+    stop: impl Future<Output = ()>,
+) {
+    let Some(vault) = resolver.vault().cloned() else {
+        return;
+    };
+    tokio::pin!(stop);
+    // Said once per distinct problem, not once per refresh.
+    let mut last_problem: Option<String> = None;
+    loop {
+        tokio::select! {
+            () = &mut stop => return,
+            () = tokio::time::sleep(every) => {}
+        }
+        let config = reloader.config();
+        let r = Arc::clone(&resolver);
+        let Ok(Some(refreshed)) = tokio::task::spawn_blocking(move || r.refresh(&config)).await
+        else {
+            continue;
+        };
+        let health = vault.health();
+        if let Some(m) = &metrics {
+            m.set_secret_store(&health);
+        }
+        match (&refreshed.problem, &last_problem) {
+            (Some(problem), before) if before.as_ref() != Some(problem) => {
+                tracing::warn!(
+                    store = %health.address,
+                    stale = %health.stale.join(", "),
+                    "secret store refresh failed, serving the last good values until max_stale: {problem}"
+                );
+                if before.is_none() {
+                    reloader.record_secret_store(
+                        crate::record::rules::SECRET_STORE_DOWN,
+                        &format!(
+                            "{}: serving the last good values until max_stale: {problem}",
+                            health.address
+                        ),
+                    );
+                }
+            }
+            (None, Some(_)) => {
+                tracing::info!(store = %health.address, "secret store reachable again");
+                reloader.record_secret_store(
+                    crate::record::rules::SECRET_STORE_UP,
+                    &format!("{}: reachable again", health.address),
+                );
+            }
+            _ => {}
+        }
+        last_problem.clone_from(&refreshed.problem);
+        if !health.expired.is_empty()
+            && refreshed
+                .expiry_changed
+                .iter()
+                .any(|n| health.expired.contains(n))
+        {
+            reloader.record_secret_store(
+                crate::record::rules::SECRET_STORE_EXPIRED,
+                &format!(
+                    "{}: past max_stale, no longer served (targets fail closed): {}",
+                    health.address,
+                    health.expired.join(", ")
+                ),
+            );
+        }
+        if !refreshed.expiry_changed.is_empty() {
+            tracing::error!(
+                store = %health.address,
+                names = %refreshed.expiry_changed.join(", "),
+                expired = %health.expired.join(", "),
+                "secret store values passed max_stale or came back"
+            );
+        }
+        if refreshed.needs_reload() {
+            tracing::info!(names = %refreshed.changed.join(", "), "secret store values changed: re-resolving secrets");
+            let _ = reloader.reload(Trigger::StoreChanged).await;
+        }
+    }
+}

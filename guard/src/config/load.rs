@@ -16,6 +16,8 @@ use super::model::{
 };
 use super::tree::{self, Kind, Node, Pos};
 
+mod store;
+
 const EXAMPLE_HINT: &str = "see config/provider-key-rotation.yaml for a complete example";
 
 /// Parses and validates config text. `source` names the file in messages
@@ -148,6 +150,7 @@ impl Cx {
             "policy",
             "gateway",
             "capture",
+            "secrets",
         ];
         // Anything but a mapping at the top would only cascade into noise.
         let top = self.mapping(root, "", TOP)?;
@@ -168,6 +171,7 @@ impl Cx {
         }
         let gateway = self.gateway(top.get("gateway"));
         let capture = self.capture(top.get("capture"));
+        let secrets = self.secrets(top.get("secrets"));
         Some(Config {
             source: self.file.clone(),
             pack,
@@ -177,6 +181,7 @@ impl Cx {
             audit,
             gateway,
             capture,
+            secrets,
         })
     }
 

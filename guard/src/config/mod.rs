@@ -9,6 +9,7 @@
 mod error;
 mod load;
 mod model;
+mod store;
 #[cfg(test)]
 mod tests;
 mod tree;
@@ -16,3 +17,4 @@ mod tree;
 pub use error::{ConfigError, ConfigErrors, LoadError};
 pub use load::{load, parse};
 pub use model::*;
+pub use store::*;

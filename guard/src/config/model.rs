@@ -28,6 +28,8 @@ pub struct Config {
     pub gateway: GatewaySettings,
     /// `capture`: what the eBPF programs send to the gateway.
     pub capture: Capture,
+    /// `secrets`: a central secret store for `store:` references.
+    pub secrets: super::SecretsSettings,
 }
 
 /// `pack` (default when absent: the file's stem as name, version `0.0.0`, enabled).

@@ -14,6 +14,8 @@
 
 #![forbid(unsafe_code)]
 
+mod fleet;
+mod host;
 mod model;
 mod report;
 mod retirement;
@@ -23,6 +25,11 @@ mod store;
 mod summary;
 mod writer;
 
+pub use fleet::{
+    FleetKeys, FleetSecret, HostUsage, Loaded, ProviderKeys, UnmanagedKey, fleet_keys, key_usage,
+    read_json_lines,
+};
+pub use host::Host;
 pub use model::{
     Amendment, Client, Decision, Event, EventJson, FallbackStep, PolicyNote, PresentedKey,
     SCHEMA_VERSION, StreamEnd, StreamOutcome,

@@ -222,6 +222,11 @@ pub struct Event {
     /// cleanly, when there was no relayed body, or when kt stopped first.
     #[serde(default)]
     pub stream: Option<StreamOutcome>,
+    /// The host that made the decision (`{"name", "id"}`), so the events of
+    /// many hosts can be merged; absent in events written before kt named
+    /// hosts. Added field: the schema version stays 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<super::Host>,
 }
 
 impl Event {
@@ -251,6 +256,7 @@ impl Event {
             key: None,
             message: None,
             stream: None,
+            host: None,
         }
     }
 

@@ -11,6 +11,9 @@ use super::{EventError, EventStore};
 /// One process (as far as it was identified) that presented a key.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProcessUsage {
+    /// The host's name, in a fleet report merged from many hosts' events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
     /// Executable path.
     pub exe: Option<String>,
     /// Process id.
@@ -82,6 +85,7 @@ impl EventStore {
                     r.get::<_, bool>(2)?,
                     r.get::<_, i64>(10)?,
                     ProcessUsage {
+                        host: None,
                         exe: r.get(3)?,
                         pid: r.get(4)?,
                         uid: r.get(5)?,

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use rusqlite::params;
+use rusqlite::{OptionalExtension as _, params};
 use serde::{Deserialize, Serialize};
 
 use super::store::since_cutoff_ms;
@@ -107,6 +107,37 @@ impl EventStore {
         })
     }
 
+    /// The newest event about the central secret store's health (a
+    /// `secret-store-*` rule): when, which rule, its message.
+    pub fn last_secret_store_event(&self) -> Result<Option<(i64, String, String)>, EventError> {
+        if !self.has_schema() {
+            return Ok(None);
+        }
+        let row = self
+            .conn
+            .query_row(
+                "SELECT time_ms, policy, COALESCE(message, '') FROM events
+                 WHERE policy LIKE '%\"rule_id\":\"secret-store-%' ORDER BY id DESC LIMIT 1",
+                [],
+                |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                    ))
+                },
+            )
+            .optional()
+            .map_err(EventError::sql("secret store query"))?;
+        Ok(row.map(|(t, policy, message)| {
+            let rule = serde_json::from_str::<Vec<PolicyNote>>(&policy)
+                .ok()
+                .and_then(|notes| notes.into_iter().find_map(|n| n.rule_id))
+                .unwrap_or_default();
+            (t, rule, message)
+        }))
+    }
+
     /// Reload events since `since` whose `secret-kept` note names `target`.
     fn kept(&self, target: &str, since: Duration) -> Result<(u64, Option<i64>), EventError> {
         let like = format!(
@@ -163,6 +194,7 @@ impl EventStore {
                 ],
                 |r| {
                     Ok(ProcessUsage {
+                        host: None,
                         exe: r.get(0)?,
                         pid: r.get(1)?,
                         uid: r.get(2)?,

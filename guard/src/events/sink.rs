@@ -25,6 +25,8 @@ pub struct EventSink {
     known: RwLock<Arc<HashMap<String, String>>>,
     /// `policy.audit-logger.sinks`, when any.
     sinks: Option<Sinks>,
+    /// This host, stamped on every event.
+    host: Option<super::Host>,
 }
 
 impl EventSink {
@@ -35,7 +37,14 @@ impl EventSink {
             writer,
             known: RwLock::new(Arc::new(known)),
             sinks: None,
+            host: None,
         }
+    }
+
+    /// Stamps every event with `host` (see [`super::Host::local`]).
+    pub fn with_host(mut self, host: super::Host) -> EventSink {
+        self.host = Some(host);
+        self
     }
 
     /// Also hands every event to `sinks` (stream cuts stay in the store).
@@ -65,7 +74,8 @@ impl EventSink {
 
 impl RecordSink for EventSink {
     fn record(&self, r: RequestRecord) {
-        let event = to_event(&r, &self.known());
+        let mut event = to_event(&r, &self.known());
+        event.host.clone_from(&self.host);
         if let Some(sinks) = &self.sinks {
             sinks.record(&event);
         }

@@ -665,6 +665,7 @@ fn read_row(r: &Row<'_>) -> rusqlite::Result<Result<Event, EventError>> {
             }),
             message,
             stream: stream.map(|s| from_json(id, "stream", &s)).transpose()?,
+            host: None,
         })
     })())
 }

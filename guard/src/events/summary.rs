@@ -205,6 +205,7 @@ mod tests {
                 first_seen_ms: 1,
                 last_seen_ms: 2,
                 processes: vec![ProcessUsage {
+                    host: None,
                     exe: Some("/usr/bin/curl".into()),
                     pid: Some(42),
                     uid: Some(1000),

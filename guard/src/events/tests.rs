@@ -67,6 +67,7 @@ fn full_event(request_id: &str) -> Event {
             reason: Some("error reading a body from connection".into()),
             bytes: 87,
         }),
+        host: None,
     }
 }
 

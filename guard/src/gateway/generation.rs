@@ -66,6 +66,9 @@ pub struct ReloadDiff {
     /// References (`store:NAME`, `env:NAME`, …) whose value changed, by
     /// fingerprint.
     pub secrets_changed: Vec<String>,
+    /// For each of `secrets_changed`, in order: `fp:OLD -> fp:NEW`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub fingerprint_changes: Vec<String>,
     /// Targets whose secret could not be read and that keep serving the
     /// value they had.
     pub secrets_kept: Vec<String>,
@@ -97,10 +100,16 @@ impl ReloadDiff {
             parts.push("targets reordered".to_string());
         }
         if !self.secrets_changed.is_empty() {
-            parts.push(format!(
-                "secrets changed: {}",
-                self.secrets_changed.join(", ")
-            ));
+            let named: Vec<String> = self
+                .secrets_changed
+                .iter()
+                .enumerate()
+                .map(|(i, r)| match self.fingerprint_changes.get(i) {
+                    Some(fp) => format!("{r} ({fp})"),
+                    None => r.clone(),
+                })
+                .collect();
+            parts.push(format!("secrets changed: {}", named.join(", ")));
         }
         if !self.secrets_kept.is_empty() {
             parts.push(format!(
@@ -200,6 +209,23 @@ impl Gateway {
         inner.sink.record(rec);
     }
 
+    /// Records a change in the central secret store's health as an event
+    /// (`rule`: one of the `secret-store-*` rules; `summary`: the server and
+    /// the problem, never a value).
+    pub fn record_secret_store(&self, rule: &str, summary: &str) {
+        let inner = self.inner();
+        let mut rec = inner.guard_record(
+            Arrival::Internal,
+            None,
+            ClientInfo::default(),
+            "SECRET_STORE",
+            PolicyAction::Audit,
+            rule,
+        );
+        rec.path = summary.to_string();
+        inner.sink.record(rec);
+    }
+
     /// A handle that serves `inner` only (for acting on behalf of a
     /// request's own generation).
     pub(crate) fn pinned(inner: Arc<Inner>) -> Gateway {
@@ -241,11 +267,15 @@ fn diff(old: &Inner, new: &Inner) -> ReloadDiff {
     let kept_new: Vec<&str> = b.iter().copied().filter(|t| a.contains(t)).collect();
     let fp = |inner: &Inner, id: &str| inner.keys.get(id).map(|k| (old.fingerprint)(k.expose()));
     let mut secrets_changed = Vec::new();
+    let mut fingerprint_changes = Vec::new();
     for route in new.router.routes() {
         let id = route.target.id.as_str();
         let reference = route.target.secret_key_ref.to_string();
-        if a.contains(&id) && fp(old, id) != fp(new, id) && !secrets_changed.contains(&reference) {
+        let (was, now) = (fp(old, id), fp(new, id));
+        if a.contains(&id) && was != now && !secrets_changed.contains(&reference) {
             secrets_changed.push(reference);
+            let show = |f: Option<String>| f.unwrap_or_else(|| "none".to_string());
+            fingerprint_changes.push(format!("{} -> {}", show(was), show(now)));
         }
     }
     ReloadDiff {
@@ -262,6 +292,7 @@ fn diff(old: &Inner, new: &Inner) -> ReloadDiff {
             .collect(),
         reordered: kept_old != kept_new,
         secrets_changed,
+        fingerprint_changes,
         secrets_kept: Vec::new(),
         config_changed: settings_differ(&old.config, &new.config),
     }
@@ -281,6 +312,7 @@ mod tests {
             targets_removed: vec!["a".into()],
             reordered: true,
             secrets_changed: vec!["store:K".into()],
+            fingerprint_changes: Vec::new(),
             secrets_kept: vec!["c".into()],
             config_changed: true,
         };

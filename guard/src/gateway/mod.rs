@@ -300,6 +300,22 @@ fn resolve_keys(
             }
             Err(problem) => problem,
         };
+        // Past the central store's max_stale: the value is not used any
+        // more, neither kept nor a reason to refuse the reload (which would
+        // keep serving it): the target fails closed until the store answers.
+        if matches!(
+            problem.cause,
+            crate::secrets::status::Unresolved::Expired(_)
+        ) {
+            let w = if problem.required {
+                format!("{problem}; requests for this target fail closed until the store answers")
+            } else {
+                problem.to_string()
+            };
+            tracing::error!("{w}");
+            out.warnings.push(w);
+            continue;
+        }
         // A store entry removed on purpose is a change; an unreadable
         // backend or an emptied file is a fault, where the old value stays.
         let fault = matches!(

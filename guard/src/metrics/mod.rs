@@ -69,6 +69,8 @@ pub struct Metrics {
     budget: Family<Labels<1>, Counter>,
     sink_dropped: Family<Labels<2>, Counter>,
     sink_up: Family<Labels<1>, Gauge>,
+    /// The central secret store (`secrets.store`), when configured.
+    store: Family<Labels<1>, Gauge>,
     budget_seen: Mutex<[u64; 3]>,
     /// Fingerprint → managed secret name, refreshed on reload.
     known: RwLock<Arc<HashMap<String, String>>>,
@@ -199,7 +201,15 @@ impl Metrics {
             "1 while an event sink takes events, 0 while it is down",
             sink_up.clone(),
         );
+        let store = Family::<Labels<1>, Gauge>::default();
+        registry.register(
+            "secret_store",
+            "The central secret store (secrets.store): up (1/0), stale_secrets (served past a failed refresh), \
+             expired_secrets (past max_stale, not served), last_success_seconds (Unix time), failed_refreshes",
+            store.clone(),
+        );
         Metrics {
+            store,
             registry,
             requests,
             fallbacks,
@@ -222,6 +232,27 @@ impl Metrics {
             snapshot: RwLock::new(None),
             recorded: AtomicU64::new(0),
         }
+    }
+
+    /// The central secret store's health after a refresh.
+    pub fn set_secret_store(&self, h: &crate::secrets::vault::StoreHealth) {
+        let gauge = |what: &str, v: i64| {
+            self.store
+                .get_or_create(&[("what", what.to_string())])
+                .set(v);
+        };
+        let n = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
+        gauge("up", i64::from(h.up));
+        gauge("stale_secrets", n(h.stale.len()));
+        gauge("expired_secrets", n(h.expired.len()));
+        gauge(
+            "last_success_seconds",
+            h.last_success_ms.map_or(0, |ms| ms / 1000),
+        );
+        gauge(
+            "failed_refreshes",
+            i64::try_from(h.failed_refreshes).unwrap_or(i64::MAX),
+        );
     }
 
     /// Which managed secret a presented key's fingerprint is (refreshed

@@ -19,6 +19,12 @@ pub mod rules {
     /// A reload kept a target's previous key: its secret could not be
     /// read (the note's location is the target id).
     pub const SECRET_KEPT: &str = "secret-kept";
+    /// The central secret store could not be read: last good values served.
+    pub const SECRET_STORE_DOWN: &str = "secret-store-down";
+    /// Values of the central store passed `max_stale`: no longer served.
+    pub const SECRET_STORE_EXPIRED: &str = "secret-store-expired";
+    /// The central secret store answers again.
+    pub const SECRET_STORE_UP: &str = "secret-store-up";
 }
 
 /// kt's own error codes: stable strings clients and tests can match on.

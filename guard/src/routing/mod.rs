@@ -530,6 +530,7 @@ mod tests {
             audit: None,
             gateway: GatewaySettings::default(),
             capture: Capture::default(),
+            secrets: Default::default(),
         }
     }
 

@@ -16,11 +16,13 @@
 //! unless sticky: otherwise another user could swap a file for their own
 //! ([`UnsafePath`] says which path and the `chown`/`chmod` that fixes it).
 //!
-//! Callers talk to backends through [`SecretStore`], so a centralized backend
-//! can replace [`FileStore`] later without touching them. [`Resolver`] turns
-//! a `secret_key_ref` into a value: `env` from the guard's environment,
-//! `store` from the store first and then the keychain, `file` from a file
-//! only kt's uid or root can change.
+//! Callers talk to backends through [`SecretStore`]; with `secrets.store` in
+//! the config the central store ([`vault::VaultStore`], Vault's KV API)
+//! takes the file store's place and nothing of a secret is written to the
+//! data dir. [`Resolver`] turns a `secret_key_ref` into a value: `env` from
+//! the guard's environment, `store` from the store (file or central) first
+//! and then the keychain, `file` from a file only kt's uid or root can
+//! change.
 #![forbid(unsafe_code)]
 
 mod file;
@@ -32,6 +34,7 @@ mod memory;
 mod resolver;
 pub mod status;
 mod value;
+pub mod vault;
 
 pub use crate::datadir::UnsafePath;
 pub use file::FileStore;
@@ -63,6 +66,8 @@ pub enum Source {
     Keychain,
     /// A file named by `secret_key_ref.file`.
     File,
+    /// The central store (`secrets.store`, Vault's KV API).
+    Vault,
 }
 
 impl Source {
@@ -73,6 +78,7 @@ impl Source {
             Source::Store => "store",
             Source::Keychain => "keychain",
             Source::File => "file",
+            Source::Vault => "vault",
         }
     }
 }
@@ -91,6 +97,17 @@ pub struct Resolved {
 pub trait Resolve: Send + Sync {
     /// Looks a reference up; `Ok(None)` when it is simply not there.
     fn resolve(&self, reference: &SecretKeyRef) -> Result<Option<Resolved>, String>;
+
+    /// [`Resolve::resolve`] telling a value that may no longer be used (a
+    /// central store unreachable past `max_stale`: fail closed, never keep
+    /// it) from one that cannot be read now.
+    fn resolve_checked(
+        &self,
+        reference: &SecretKeyRef,
+    ) -> Result<Option<Resolved>, status::Unresolved> {
+        self.resolve(reference)
+            .map_err(status::Unresolved::Unreadable)
+    }
 }
 
 /// Metadata of one stored secret (never its value).
@@ -181,6 +198,11 @@ pub fn known_secrets(
     }
     Ok(out)
 }
+
+/// Suffix of the name events give a managed secret's replaced value
+/// (`OPENAI_KEY (previous value)`): who still presents the old key after a
+/// rotation.
+pub const PREVIOUS_VALUE: &str = " (previous value)";
 
 /// Longest accepted secret name.
 pub const MAX_NAME_LEN: usize = 128;
@@ -360,6 +382,9 @@ pub enum SecretsError {
         /// What is wrong with it (never its content).
         problem: &'static str,
     },
+    /// The central store failed.
+    #[error(transparent)]
+    Vault(#[from] vault::VaultError),
     /// A file or directory operation failed.
     #[error("{op} {path}: {source}")]
     Io {

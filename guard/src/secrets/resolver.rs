@@ -8,11 +8,13 @@ use std::io::Read;
 use std::path::Path;
 use std::sync::Arc;
 
+use super::status::Unresolved;
+use super::vault::{Refreshed, VaultError, VaultStore};
 use super::{
     FileStore, Fingerprinter, Keychain, KnownSecret, MAX_VALUE_LEN, Resolve, Resolved, SecretStore,
     SecretValue, SecretsError, Source, known_secrets,
 };
-use crate::config::SecretKeyRef;
+use crate::config::{Config, SecretKeyRef};
 use crate::datadir::{check_dirs, check_file};
 
 /// Room for trailing whitespace after a key of the longest accepted length.
@@ -79,6 +81,8 @@ pub fn read_key_file(path: &Path) -> Result<Option<SecretValue>, SecretsError> {
 #[derive(Clone)]
 pub struct Resolver {
     stores: Vec<Arc<dyn SecretStore>>,
+    /// The central store among `stores`, when the config has one.
+    vault: Option<Arc<VaultStore>>,
 }
 
 impl std::fmt::Debug for Resolver {
@@ -98,9 +102,68 @@ impl Resolver {
         ])
     }
 
+    /// The resolver of a running gateway for `config`: with a central store
+    /// (`secrets.store`), `store:` references read it (from memory, see
+    /// [`VaultStore::cached`]) and then the keychain, and the data dir's
+    /// file store is not used; without one, [`Resolver::from_data_dir`].
+    pub fn for_config(config: &Config, data_dir: &Path) -> Result<Resolver, VaultError> {
+        let Some(cfg) = &config.secrets.store else {
+            return Ok(Resolver::from_data_dir(data_dir));
+        };
+        let vault = Arc::new(VaultStore::cached(cfg)?);
+        Ok(Resolver {
+            stores: vec![
+                Arc::clone(&vault) as Arc<dyn SecretStore>,
+                Arc::new(Keychain::new(data_dir)),
+            ],
+            vault: Some(vault),
+        })
+    }
+
+    /// [`Resolver::for_config`] for one-shot commands (`kt secrets status`,
+    /// `kt gateway check`): the central store is asked on every lookup.
+    pub fn live_for_config(config: &Config, data_dir: &Path) -> Result<Resolver, VaultError> {
+        let Some(cfg) = &config.secrets.store else {
+            return Ok(Resolver::from_data_dir(data_dir));
+        };
+        let vault = Arc::new(VaultStore::live(cfg)?);
+        Ok(Resolver {
+            stores: vec![
+                Arc::clone(&vault) as Arc<dyn SecretStore>,
+                Arc::new(Keychain::new(data_dir)),
+            ],
+            vault: Some(vault),
+        })
+    }
+
     /// A resolver over any stores, tried in the order given.
     pub fn with_stores(stores: Vec<Arc<dyn SecretStore>>) -> Resolver {
-        Resolver { stores }
+        Resolver {
+            stores,
+            vault: None,
+        }
+    }
+
+    /// The central store, when the config has one.
+    pub fn vault(&self) -> Option<&Arc<VaultStore>> {
+        self.vault.as_ref()
+    }
+
+    /// Reads the central store again (blocking; nothing without one):
+    /// every name under its prefix and every `store:` reference of
+    /// `config`.
+    pub fn refresh(&self, config: &Config) -> Option<Refreshed> {
+        let vault = self.vault.as_ref()?;
+        let wanted: Vec<String> = config
+            .providers
+            .targets
+            .iter()
+            .filter_map(|t| match &t.secret_key_ref {
+                SecretKeyRef::Store(n) => Some(n.clone()),
+                _ => None,
+            })
+            .collect();
+        Some(vault.refresh(&wanted))
     }
 
     /// The stores, in lookup order.
@@ -134,6 +197,27 @@ impl Resolver {
 }
 
 impl Resolve for Resolver {
+    fn resolve_checked(&self, reference: &SecretKeyRef) -> Result<Option<Resolved>, Unresolved> {
+        if let SecretKeyRef::Store(name) = reference
+            && let Some(vault) = &self.vault
+        {
+            match vault.get(name) {
+                Ok(Some(value)) => {
+                    return Ok(Some(Resolved {
+                        value,
+                        source: Source::Vault,
+                    }));
+                }
+                Err(SecretsError::Vault(e @ VaultError::Expired { .. })) => {
+                    return Err(Unresolved::Expired(e.to_string()));
+                }
+                // Not there, or unreadable: the usual order decides.
+                _ => {}
+            }
+        }
+        self.resolve(reference).map_err(Unresolved::Unreadable)
+    }
+
     fn resolve(&self, reference: &SecretKeyRef) -> Result<Option<Resolved>, String> {
         let name = match reference {
             SecretKeyRef::Env(name) => return Self::from_env(name),

@@ -22,6 +22,9 @@ pub enum Unresolved {
     NotSet,
     /// A backend failed (damaged store, keyring refused, not UTF-8).
     Unreadable(String),
+    /// The central store has not confirmed the value for longer than
+    /// `max_stale`: it is not used (fail closed), not kept.
+    Expired(String),
 }
 
 /// A target whose managed key does not resolve. Its `Display` is the one
@@ -46,6 +49,7 @@ impl fmt::Display for TargetProblem {
             (Unresolved::NotSet, SecretKeyRef::File(_)) => f.write_str("is empty")?,
             (Unresolved::NotSet, _) => f.write_str("is not set")?,
             (Unresolved::Unreadable(e), _) => write!(f, "cannot be read ({e})")?,
+            (Unresolved::Expired(e), _) => write!(f, "is no longer served ({e})")?,
         }
         match &self.reference {
             SecretKeyRef::Store(n) => write!(f, "; add it with `kt secrets add {n} --store`")?,
@@ -76,10 +80,10 @@ impl Serialize for TargetProblem {
 
 /// Resolves one target's managed key.
 pub fn resolve_target(target: &Target, resolver: &dyn Resolve) -> Result<Resolved, TargetProblem> {
-    let cause = match resolver.resolve(&target.secret_key_ref) {
+    let cause = match resolver.resolve_checked(&target.secret_key_ref) {
         Ok(Some(resolved)) => return Ok(resolved),
         Ok(None) => Unresolved::NotSet,
-        Err(e) => Unresolved::Unreadable(e),
+        Err(e) => e,
     };
     Err(TargetProblem {
         target: target.id.clone(),
@@ -193,7 +197,9 @@ impl StatusReport {
                     Err(problem) => {
                         row.state = match problem.cause {
                             Unresolved::NotSet => TargetState::Missing,
-                            Unresolved::Unreadable(_) => TargetState::Error,
+                            Unresolved::Unreadable(_) | Unresolved::Expired(_) => {
+                                TargetState::Error
+                            }
                         };
                         row.problem = Some(problem);
                     }
@@ -277,6 +283,7 @@ pub(crate) mod tests {
             audit: None,
             gateway: GatewaySettings::default(),
             capture: Capture::default(),
+            secrets: Default::default(),
         }
     }
 

@@ -2,6 +2,7 @@
 //! print the key report (who presented which key).
 
 use std::io::Write;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -45,6 +46,12 @@ pub struct EventsArgs {
     /// Print the key report instead: per presented key, which processes used it and when.
     #[arg(long)]
     pub keys: bool,
+    /// With `--keys`: the fleet-wide report from these JSON Lines files
+    /// (the event sinks of many hosts; `-` for standard input) instead of
+    /// this host's store: per managed secret, the hosts and processes that
+    /// presented it and when last; then unmanaged keys by provider.
+    #[arg(long, value_name = "FILE", num_args = 1.., requires = "keys")]
+    pub from: Vec<PathBuf>,
 }
 
 /// `--decision`.
@@ -106,6 +113,9 @@ pub fn run_with(
     stop: &AtomicBool,
 ) -> anyhow::Result<ExitStatus> {
     let out = &mut Output::new(global.output, out, err);
+    if !args.from.is_empty() {
+        return print_fleet_keys(args, out);
+    }
     let path = crate::datadir::events_db(&global.data_dir);
     let mut store = EventStore::open_read_only(&global.data_dir)
         .with_context(|| format!("reading events from {}", path.display()))?;
@@ -389,6 +399,104 @@ fn format_time(ms: i64) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
 
+/// Reads every `--from` file (`-`: standard input) as JSON Lines events.
+pub(crate) fn load_from(files: &[PathBuf]) -> anyhow::Result<crate::events::Loaded> {
+    let mut loaded = crate::events::Loaded::default();
+    for f in files {
+        if f.as_os_str() == "-" {
+            crate::events::read_json_lines(std::io::stdin().lock(), &mut loaded)
+                .context("reading events from standard input")?;
+        } else {
+            let file =
+                std::fs::File::open(f).with_context(|| format!("cannot open {}", f.display()))?;
+            crate::events::read_json_lines(std::io::BufReader::new(file), &mut loaded)
+                .with_context(|| format!("reading events from {}", f.display()))?;
+        }
+    }
+    Ok(loaded)
+}
+
+fn host_label(h: Option<&crate::events::Host>) -> String {
+    match h {
+        Some(h) => format!("{} ({})", h.name, h.id),
+        None => "host not named".to_string(),
+    }
+}
+
+/// `kt events --keys --from FILE…`.
+fn print_fleet_keys(args: &EventsArgs, out: &mut Output<'_>) -> anyhow::Result<ExitStatus> {
+    let loaded = load_from(&args.from)?;
+    let since = args
+        .since
+        .map(|d| crate::events::now_ms() - i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+    let report = crate::events::fleet_keys(&loaded.events, since);
+    if loaded.skipped > 0 {
+        out.note(format_args!(
+            "note: {} line(s) were not kt events and were skipped",
+            loaded.skipped
+        ))?;
+    }
+    if out.format() == OutputFormat::Json {
+        out.data(&report, |_| Ok(()))?;
+        return Ok(ExitStatus::Success);
+    }
+    let w = out.out();
+    writeln!(
+        w,
+        "{} event(s) from {} host(s)",
+        report.events, report.hosts
+    )?;
+    if report.managed.is_empty() && report.unmanaged.is_empty() {
+        writeln!(w, "no presented keys recorded")?;
+        return Ok(ExitStatus::Success);
+    }
+    if !report.managed.is_empty() {
+        writeln!(w, "\nManaged secrets: who presented each, per host")?;
+        for s in &report.managed {
+            writeln!(
+                w,
+                "  {}  {} request(s) on {} host(s), last seen {}",
+                clean(&s.name),
+                s.count,
+                s.hosts.len(),
+                format_time(s.last_seen_ms)
+            )?;
+            for h in &s.hosts {
+                writeln!(
+                    w,
+                    "    {}  {} request(s), last seen {}",
+                    clean(&host_label(h.host.as_ref())),
+                    h.count,
+                    format_time(h.last_seen_ms)
+                )?;
+                for p in &h.processes {
+                    writeln!(w, "      {}", clean(&process_line(p)))?;
+                }
+            }
+        }
+    }
+    if !report.unmanaged.is_empty() {
+        writeln!(w, "\nKeys the guard does not manage, by provider")?;
+        for p in &report.unmanaged {
+            writeln!(w, "  {}", clean(&p.provider))?;
+            for k in &p.keys {
+                writeln!(
+                    w,
+                    "    {} {}  {} request(s), last seen {}",
+                    clean(&host_label(k.host.as_ref())),
+                    k.fingerprint,
+                    k.count,
+                    format_time(k.last_seen_ms)
+                )?;
+                for pr in &k.processes {
+                    writeln!(w, "      {}", clean(&process_line(pr)))?;
+                }
+            }
+        }
+    }
+    Ok(ExitStatus::Success)
+}
+
 /// `kt events --keys --output json`.
 #[derive(serde::Serialize)]
 struct KeyReport<'a> {
@@ -540,6 +648,7 @@ mod tests {
             limit: 100,
             follow: true,
             keys: false,
+            from: Vec::new(),
         };
         let global = Global {
             output: OutputFormat::Json,

@@ -125,7 +125,8 @@ pub fn check(
     let Some(config) = crate::cli::load_config(&args.config, out)? else {
         return Ok(ExitStatus::Failure);
     };
-    let resolver = Resolver::from_data_dir(&global.data_dir);
+    let resolver = Resolver::live_for_config(&config, &global.data_dir)
+        .context("cannot set up the central secret store")?;
     // Read-only: a check never creates the host's fingerprint key.
     let fp = Fingerprinter::open_existing(&global.data_dir)?;
     let mut report = preflight::check(

@@ -21,7 +21,8 @@ pub(crate) fn run(
     select: &dyn Fn(&Target) -> bool,
 ) -> anyhow::Result<Vec<ProbeReport>> {
     let runtime = app::runtime().context("starting the async runtime")?;
-    let resolver = Resolver::from_data_dir(&global.data_dir);
+    let resolver = Resolver::live_for_config(config, &global.data_dir)
+        .context("cannot set up the central secret store")?;
     runtime.block_on(async {
         let prober = Prober::for_config(config).context("setting up the upstream client")?;
         Ok(prober.probe_targets(&resolver, select).await)

@@ -25,6 +25,10 @@ pub struct ReportArgs {
     /// `rotation-alarm`, `error`.
     #[arg(long, value_enum, value_name = "CONDITION")]
     pub fail_on: Vec<FailOnArg>,
+    /// Report on these JSON Lines files (the event sinks of many hosts;
+    /// `-` for standard input) instead of this host's store.
+    #[arg(long, value_name = "FILE", num_args = 1..)]
+    pub from: Vec<std::path::PathBuf>,
 }
 
 /// How the report is written.
@@ -72,8 +76,25 @@ struct Doc<'a> {
 
 /// Runs `kt report`.
 pub fn run(args: &ReportArgs, global: &Global, out: &mut Output<'_>) -> anyhow::Result<ExitStatus> {
-    let store = EventStore::open_read_only(&global.data_dir)?;
+    let store = if args.from.is_empty() {
+        EventStore::open_read_only(&global.data_dir)?
+    } else {
+        None
+    };
     let (events, keys) = match &store {
+        None if !args.from.is_empty() => {
+            let loaded = super::events::load_from(&args.from)?;
+            let since = args.since.map(|d| {
+                crate::events::now_ms() - i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+            });
+            let keys = crate::events::key_usage(&loaded.events, since);
+            let events: Vec<_> = loaded
+                .events
+                .into_iter()
+                .filter(|e| since.is_none_or(|s| e.time_ms >= s))
+                .collect();
+            (events, keys)
+        }
         Some(s) => (
             s.query(&Filter {
                 since: args.since,
@@ -127,6 +148,11 @@ fn who(k: &KeyUsage) -> Vec<String> {
                 .and_then(|e| e.rsplit('/').next())
                 .unwrap_or("?");
             let pid = p.pid.map(|x| format!("[{x}]")).unwrap_or_default();
+            let host = p
+                .host
+                .as_deref()
+                .map(|h| format!("{h}: "))
+                .unwrap_or_default();
             let place = p
                 .container_id
                 .as_deref()
@@ -134,7 +160,7 @@ fn who(k: &KeyUsage) -> Vec<String> {
                 .or_else(|| p.cgroup.as_deref().map(|c| format!(" {c}")))
                 .or_else(|| p.addr.as_deref().map(|a| format!(" {a}")))
                 .unwrap_or_default();
-            format!("{exe}{pid}{place} ×{}", p.count)
+            format!("{host}{exe}{pid}{place} ×{}", p.count)
         })
         .collect()
 }
@@ -277,6 +303,7 @@ mod tests {
             first_seen_ms: 1,
             last_seen_ms: 2,
             processes: vec![crate::events::ProcessUsage {
+                host: None,
                 exe: Some("/usr/bin/python3".into()),
                 pid: Some(7),
                 uid: Some(1001),

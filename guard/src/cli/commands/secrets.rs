@@ -13,6 +13,7 @@ use crate::cli::output::write_table;
 use crate::cli::{ExitStatus, Global, Output, OutputFormat};
 use crate::events::EventStore;
 use crate::secrets::status::{StatusReport, TargetState};
+use crate::secrets::vault::VaultStore;
 use crate::secrets::{
     FileStore, Fingerprint, Fingerprinter, Keychain, MAX_VALUE_LEN, PutOutcome, Resolver,
     SecretStore, SecretValue, SecretsError, Source, validate_name, validate_value,
@@ -42,13 +43,26 @@ pub enum SecretsCmd {
         /// running kt switches to it within a second or two).
         #[arg(long = "replace", alias = "force")]
         force: bool,
+        /// A config whose `secrets.store` names a central store: `--store`
+        /// writes there (connected mode), nothing goes to the data dir.
+        #[arg(long, short, env = "KT_CONFIG")]
+        config: Option<PathBuf>,
     },
     /// List stored secrets: name, backend, fingerprint, created and updated times.
-    List,
+    List {
+        /// A config whose `secrets.store` names a central store: list it
+        /// (and the keychain) instead of the local store.
+        #[arg(long, short, env = "KT_CONFIG")]
+        config: Option<PathBuf>,
+    },
     /// Remove a secret from the store and the keychain; exit 1 when it did not exist.
     Rm {
         /// Secret name.
         name: String,
+        /// A config whose `secrets.store` names a central store: remove it
+        /// there (and from the keychain) instead of the local store.
+        #[arg(long, short, env = "KT_CONFIG")]
+        config: Option<PathBuf>,
     },
     /// Show, per target of a config file, where its secret resolves.
     Status {
@@ -145,22 +159,56 @@ fn run_with(cmd: SecretsCmd, global: &Global, con: &mut dyn Console) -> anyhow::
             store,
             keychain,
             force,
+            config,
         } => {
             let backend = match (store, keychain) {
                 (true, false) => Source::Store,
                 (false, true) => Source::Keychain,
                 _ => anyhow::bail!("give exactly one of --store or --keychain"),
             };
-            add(&name, backend, force, global, con)
+            let Some(stores) = Stores::open(config.as_deref(), global, con)? else {
+                return Ok(ExitStatus::Failure);
+            };
+            add(&name, backend, force, &stores, global, con)
         }
-        SecretsCmd::List => list(global, con),
-        SecretsCmd::Rm { name } => rm(&name, global, con),
+        SecretsCmd::List { config } => {
+            let Some(stores) = Stores::open(config.as_deref(), global, con)? else {
+                return Ok(ExitStatus::Failure);
+            };
+            list(&stores, global, con)
+        }
+        SecretsCmd::Rm { name, config } => {
+            let Some(stores) = Stores::open(config.as_deref(), global, con)? else {
+                return Ok(ExitStatus::Failure);
+            };
+            rm(&name, &stores, global, con)
+        }
         SecretsCmd::Status { config } => {
             let mut out = con.output(global.output);
             let Some(config) = crate::cli::load_config(&config, &mut out)? else {
                 return Ok(ExitStatus::Failure);
             };
-            let resolver = Resolver::from_data_dir(&global.data_dir);
+            let resolver = Resolver::live_for_config(&config, &global.data_dir)
+                .context("cannot set up the central secret store")?;
+            if let (Some(vault), Some(store)) = (resolver.vault(), &config.secrets.store) {
+                // One pass over the store says whether it answers at all.
+                let checked = resolver.refresh(&config).unwrap_or_default();
+                match &checked.problem {
+                    None => out.note(format_args!(
+                        "central store: vault at {} answers ({} entries under {})",
+                        vault.address(),
+                        vault.list().map_or(0, |l| l.len()),
+                        vault.entry_path("")
+                    ))?,
+                    Some(p) => out.note(format_args!(
+                        "central store: vault at {} does NOT answer: {p}\nA running gateway serves \
+                         its last good values for up to max_stale ({}), then fails closed; see its \
+                         log and the kt_secret_store metrics",
+                        vault.address(),
+                        humantime::format_duration(store.max_stale)
+                    ))?,
+                }
+            }
             // Read-only: without a host key yet, show no fingerprints.
             let fp = Fingerprinter::open_existing(&global.data_dir)
                 .context("cannot read the fingerprint key")?;
@@ -168,7 +216,23 @@ fn run_with(cmd: SecretsCmd, global: &Global, con: &mut dyn Console) -> anyhow::
             // Read-only too: without an event store the evidence stays empty.
             let events = crate::datadir::events_db(&global.data_dir);
             let evidence = match EventStore::open_read_only(&global.data_dir) {
-                Ok(Some(store)) => report.add_evidence(&config, &store).map(|()| true),
+                Ok(Some(store)) => {
+                    // What the gateway of this data dir last said about the store.
+                    if config.secrets.store.is_some()
+                        && let Ok(Some((t, rule, message))) = store.last_secret_store_event()
+                    {
+                        out.note(format_args!(
+                            "the gateway's last word on the central store: {rule} at {}: {message}",
+                            humantime::format_rfc3339_millis(
+                                std::time::UNIX_EPOCH
+                                    + std::time::Duration::from_millis(
+                                        u64::try_from(t).unwrap_or(0)
+                                    )
+                            )
+                        ))?;
+                    }
+                    report.add_evidence(&config, &store).map(|()| true)
+                }
                 Ok(None) => Ok(false),
                 Err(e) => Err(e),
             };
@@ -256,19 +320,80 @@ fn fingerprinter(global: &Global) -> anyhow::Result<Fingerprinter> {
     Fingerprinter::open(&global.data_dir).context("cannot set up fingerprints")
 }
 
-fn backend(source: Source, global: &Global) -> Box<dyn SecretStore> {
-    match source {
-        Source::Keychain => Box::new(Keychain::new(&global.data_dir)),
-        Source::Store | Source::Env | Source::File => Box::new(FileStore::new(&global.data_dir)),
+/// Where `--store` goes: the data dir's file store, or the central store
+/// a config names (connected mode). `--keychain` is always local.
+struct Stores {
+    vault: Option<std::sync::Arc<VaultStore>>,
+}
+
+impl Stores {
+    /// The stores for `config` (`--config` / `KT_CONFIG`); `None` after
+    /// an invalid config was reported.
+    fn open(
+        config: Option<&std::path::Path>,
+        global: &Global,
+        con: &mut dyn Console,
+    ) -> anyhow::Result<Option<Stores>> {
+        let Some(path) = config else {
+            return Ok(Some(Stores { vault: None }));
+        };
+        let mut out = con.output(global.output);
+        let Some(config) = crate::cli::load_config(path, &mut out)? else {
+            return Ok(None);
+        };
+        let vault = match &config.secrets.store {
+            Some(cfg) => Some(std::sync::Arc::new(
+                VaultStore::live(cfg).context("cannot set up the central secret store")?,
+            )),
+            None => None,
+        };
+        Ok(Some(Stores { vault }))
+    }
+
+    fn backend(&self, source: Source, global: &Global) -> Box<dyn SecretStore> {
+        match (source, &self.vault) {
+            (Source::Keychain, _) => Box::new(Keychain::new(&global.data_dir)),
+            (_, Some(v)) => Box::new(SharedStore(std::sync::Arc::clone(v))),
+            (_, None) => Box::new(FileStore::new(&global.data_dir)),
+        }
+    }
+
+    /// Both backends, in resolution order.
+    fn backends(&self, global: &Global) -> [Box<dyn SecretStore>; 2] {
+        [
+            self.backend(Source::Store, global),
+            self.backend(Source::Keychain, global),
+        ]
+    }
+
+    /// What `--store` is called in messages.
+    fn store_name(&self) -> String {
+        match &self.vault {
+            Some(v) => format!("vault at {}", v.address()),
+            None => "store".to_string(),
+        }
     }
 }
 
-/// Both backends, in resolution order.
-fn backends(global: &Global) -> [Box<dyn SecretStore>; 2] {
-    [
-        Box::new(FileStore::new(&global.data_dir)),
-        Box::new(Keychain::new(&global.data_dir)),
-    ]
+/// The central store behind a box.
+struct SharedStore(std::sync::Arc<VaultStore>);
+
+impl SecretStore for SharedStore {
+    fn source(&self) -> Source {
+        self.0.source()
+    }
+    fn get(&self, name: &str) -> Result<Option<SecretValue>, SecretsError> {
+        self.0.get(name)
+    }
+    fn put(&self, name: &str, value: &SecretValue) -> Result<PutOutcome, SecretsError> {
+        self.0.put(name, value)
+    }
+    fn remove(&self, name: &str) -> Result<bool, SecretsError> {
+        self.0.remove(name)
+    }
+    fn list(&self) -> Result<Vec<crate::secrets::EntryMeta>, SecretsError> {
+        self.0.list()
+    }
 }
 
 /// A value read from a pipe: UTF-8, one trailing newline (`\n` or `\r\n`)
@@ -321,12 +446,17 @@ fn add(
     name: &str,
     source: Source,
     force: bool,
+    stores: &Stores,
     global: &Global,
     con: &mut dyn Console,
 ) -> anyhow::Result<ExitStatus> {
     validate_name(name)?;
-    let store = backend(source, global);
-    let where_ = source.name();
+    let store = stores.backend(source, global);
+    let store_name = stores.store_name();
+    let where_ = match source {
+        Source::Keychain => "keychain",
+        _ => store_name.as_str(),
+    };
 
     if let Some(old) = existing(store.as_ref(), name)? {
         let old_fp = fingerprinter(global)?.fingerprint(old.expose());
@@ -358,7 +488,7 @@ fn add(
 
     let doc = Added {
         name,
-        backend: where_,
+        backend: store.source().name(),
         fingerprint,
         replaced,
     };
@@ -376,17 +506,20 @@ fn add(
         Source::Keychain => Source::Store,
         _ => Source::Keychain,
     };
-    if let Ok(Some(v)) = existing(backend(other, global).as_ref(), name) {
+    let other_name = match other {
+        Source::Keychain => "keychain",
+        _ => store_name.as_str(),
+    };
+    if let Ok(Some(v)) = existing(stores.backend(other, global).as_ref(), name) {
         let (first, second) = if source == Source::Store {
-            (where_, other.name())
+            (where_, other_name)
         } else {
-            (other.name(), where_)
+            (other_name, where_)
         };
         writeln!(
             con.err(),
-            "note: {name} is also in the {} ({}); `store:` references use the {first} \
+            "note: {name} is also in the {other_name} ({}); `store:` references use the {first} \
              value before the {second} one",
-            other.name(),
             fp.fingerprint(v.expose())
         )?;
     }
@@ -444,11 +577,11 @@ struct StatusDoc<'a> {
     targets: &'a [crate::secrets::status::TargetStatus],
 }
 
-fn list(global: &Global, con: &mut dyn Console) -> anyhow::Result<ExitStatus> {
+fn list(stores: &Stores, global: &Global, con: &mut dyn Console) -> anyhow::Result<ExitStatus> {
     let fp = fingerprinter(global)?;
     let mut rows = Vec::new();
     let mut code = ExitStatus::Success;
-    for store in backends(global) {
+    for store in stores.backends(global) {
         match store.entries() {
             Ok(entries) => {
                 for (meta, value) in entries {
@@ -529,11 +662,16 @@ fn list(global: &Global, con: &mut dyn Console) -> anyhow::Result<ExitStatus> {
     Ok(code)
 }
 
-fn rm(name: &str, global: &Global, con: &mut dyn Console) -> anyhow::Result<ExitStatus> {
+fn rm(
+    name: &str,
+    stores: &Stores,
+    global: &Global,
+    con: &mut dyn Console,
+) -> anyhow::Result<ExitStatus> {
     validate_name(name)?;
     let mut removed = Vec::new();
     let mut failures = Vec::new();
-    for store in backends(global) {
+    for store in stores.backends(global) {
         match store.remove(name) {
             Ok(true) => removed.push(store.source().name()),
             Ok(false) | Err(SecretsError::StoreMissing { .. }) => {}
@@ -789,6 +927,7 @@ mod tests {
             store: !keychain,
             keychain,
             force,
+            config: None,
         }
     }
 
@@ -847,7 +986,7 @@ mod tests {
 
         let mut con = Fake::default();
         assert_eq!(
-            run_with(SecretsCmd::List, &g, &mut con).unwrap(),
+            run_with(SecretsCmd::List { config: None }, &g, &mut con).unwrap(),
             ExitStatus::Success
         );
         let out = con.out();
@@ -862,7 +1001,7 @@ mod tests {
         let mut con = Fake::default();
         let g_json = global(dir.path(), OutputFormat::Json);
         assert_eq!(
-            run_with(SecretsCmd::List, &g_json, &mut con).unwrap(),
+            run_with(SecretsCmd::List { config: None }, &g_json, &mut con).unwrap(),
             ExitStatus::Success
         );
         let doc: serde_json::Value = serde_json::from_str(&con.out()).unwrap();
@@ -872,6 +1011,7 @@ mod tests {
 
         let rm = SecretsCmd::Rm {
             name: "OPENAI_API_KEY_2026Q2".into(),
+            config: None,
         };
         let mut con = Fake::default();
         assert_eq!(
@@ -901,6 +1041,7 @@ mod tests {
         let mut con = Fake::default();
         let rm = SecretsCmd::Rm {
             name: "KT_TEST_NEVER_ADDED_ANYWHERE".into(),
+            config: None,
         };
         assert_eq!(run_with(rm, &g, &mut con).unwrap(), ExitStatus::Failure);
     }
@@ -1038,14 +1179,17 @@ mod tests {
         );
 
         let mut con = Fake::default();
-        run_with(SecretsCmd::List, &g, &mut con).unwrap();
+        run_with(SecretsCmd::List { config: None }, &g, &mut con).unwrap();
         let rows: Vec<_> = con.out().lines().skip(1).map(str::to_string).collect();
         assert_eq!(rows.len(), 2, "{}", con.out());
         assert!(rows[0].contains(" store "), "{rows:?}");
         assert!(rows[1].contains(" keychain "), "{rows:?}");
 
         let mut con = Fake::default();
-        let rm = SecretsCmd::Rm { name: t.0.clone() };
+        let rm = SecretsCmd::Rm {
+            name: t.0.clone(),
+            config: None,
+        };
         assert_eq!(run_with(rm, &g, &mut con).unwrap(), ExitStatus::Success);
         assert_eq!(
             con.out(),
@@ -1266,7 +1410,7 @@ mod tests {
                 },
             );
             run(add_cmd("9bad", false, false), Fake::piped(KNOWN));
-            run(SecretsCmd::List, Fake::default());
+            run(SecretsCmd::List { config: None }, Fake::default());
 
             let resolver = Resolver::from_data_dir(dir.path());
             let fp = Fingerprinter::open(dir.path()).unwrap();
@@ -1309,7 +1453,7 @@ mod tests {
         std::fs::write(store.store_path(), sealed).unwrap();
         let g = global(dir.path(), OutputFormat::Json);
         let mut con = Fake::default();
-        let code = run_with(SecretsCmd::List, &g, &mut con).unwrap();
+        let code = run_with(SecretsCmd::List { config: None }, &g, &mut con).unwrap();
         assert_eq!(
             code,
             ExitStatus::Failure,
