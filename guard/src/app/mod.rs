@@ -842,7 +842,17 @@ pub fn ca_hosts(config: &Config) -> Vec<String> {
         .iter()
         .filter_map(|t| t.base_url.as_deref().or(t.provider.default_base_url()))
         .filter_map(|u| u.parse::<http::Uri>().ok()?.host().map(str::to_string));
-    for h in targets.chain(config.capture.hosts.iter().flatten().cloned()) {
+    // Config-defined providers' names (`*.` patterns become the subtree).
+    let custom = config
+        .providers
+        .targets
+        .iter()
+        .filter(|t| matches!(t.provider, crate::provider::Provider::Custom(_)))
+        .flat_map(|t| t.provider.host_patterns());
+    for h in targets
+        .chain(custom)
+        .chain(config.capture.hosts.iter().flatten().cloned())
+    {
         let h = h.trim_start_matches('[').trim_end_matches(']').to_string();
         if !hosts.contains(&h) {
             hosts.push(h);

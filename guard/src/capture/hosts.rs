@@ -19,7 +19,7 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use crate::capture;
-use crate::config::{Config, IpPrefix};
+use crate::config::{CaptureProviders, Config, IpPrefix};
 
 /// How often provider host names are resolved again. getaddrinfo does not
 /// expose TTLs, so this is a fixed, short interval; retention (not the
@@ -145,25 +145,58 @@ pub async fn resolve(hosts: &[String], ports: &[u16]) -> Vec<HostAddrs> {
     out
 }
 
-/// Hosts whose addresses are captured: `capture.hosts`, else the official
-/// hosts of the providers in use and the hosts of targets' `base_url`s.
+/// Hosts whose addresses are captured: `capture.hosts`, else the hosts
+/// of targets' endpoints, every catalog host of the providers in use
+/// (`capture.providers: all`: of every catalog provider), and custom
+/// providers' `hosts`.
+///
+/// Wildcard names (`*.openai.azure.com`) cannot be resolved in advance and
+/// are left out here: their concrete names are captured through the
+/// targets' endpoints (an Azure target's resource host), and the gateway
+/// accepts any name under a wildcard when a captured connection (or a
+/// CONNECT tunnel) names it; with `capture.scope: port` every connection
+/// on the capture ports reaches that decision.
 pub fn capture_hosts(config: &Config) -> Vec<String> {
     if let Some(h) = &config.capture.hosts {
         return h.clone();
     }
     let mut hosts = Vec::new();
+    let mut push = |host: String| {
+        if !hosts.contains(&host) {
+            hosts.push(host);
+        }
+    };
     for t in &config.providers.targets {
         let url = t
             .base_url
             .clone()
             .or_else(|| t.provider.default_base_url().map(str::to_string));
-        if let Some(host) = url.as_deref().and_then(host_of)
-            && !hosts.contains(&host)
-        {
-            hosts.push(host);
+        if let Some(host) = url.as_deref().and_then(host_of) {
+            push(host);
+        }
+    }
+    let mut providers: Vec<crate::provider::Provider> = config
+        .providers
+        .targets
+        .iter()
+        .map(|t| t.provider.clone())
+        .collect();
+    if config.capture.providers == CaptureProviders::All {
+        providers.extend(crate::provider::KNOWN.iter().cloned());
+    }
+    for p in providers {
+        for h in p.host_patterns() {
+            if !crate::provider::is_wildcard(&h) && !is_loopback_name(&h) {
+                push(h.to_ascii_lowercase());
+            }
         }
     }
     hosts
+}
+
+fn is_loopback_name(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback()) || host == "localhost"
 }
 
 fn host_of(url: &str) -> Option<String> {
@@ -263,5 +296,31 @@ mod tests {
         );
         c.capture.hosts = Some(vec![]);
         assert!(capture_hosts(&c).is_empty());
+    }
+
+    #[test]
+    fn every_catalog_host_is_captured_under_providers_all_but_no_wildcard_is_resolved() {
+        let text = "providers:\n  targets:\n    - id: az\n      provider: azure\n      resource: myres\n      secret_key_ref: {env: A}\n    - id: t\n      provider: together\n      secret_key_ref: {env: B}\n";
+        let mut c = crate::config::parse(text, std::path::Path::new("t.yaml")).unwrap();
+        // Routed only: the Azure resource's own host, and both Together hosts.
+        assert_eq!(
+            capture_hosts(&c),
+            vec![
+                "myres.openai.azure.com",
+                "api.together.xyz",
+                "api.together.ai"
+            ]
+        );
+        c.capture.providers = CaptureProviders::All;
+        let all = capture_hosts(&c);
+        for h in [
+            "api.groq.com",
+            "generativelanguage.googleapis.com",
+            "api-inference.huggingface.co",
+            "bedrock-runtime.us-east-1.amazonaws.com",
+        ] {
+            assert!(all.iter().any(|a| a == h), "{h} missing from {all:?}");
+        }
+        assert!(all.iter().all(|h| !h.contains('*')), "{all:?}");
     }
 }

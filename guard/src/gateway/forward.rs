@@ -74,6 +74,9 @@ pub(crate) async fn forward(
                     for name in provider::CREDENTIAL_HEADERS {
                         up.headers_mut().remove(*name);
                     }
+                    for name in inner.router.custom_credential_headers() {
+                        up.headers_mut().remove(name.as_str());
+                    }
                     for (n, v) in &ex.presented_headers {
                         up.headers_mut().append(n.clone(), v.clone());
                     }
@@ -250,8 +253,9 @@ fn upstream_request(
             .insert(CONTENT_LENGTH, HeaderValue::from(send_len));
     }
     if let Some(key) = key {
-        let (name, value) = routing::managed_key_header(&route.target, key.expose())
-            .map_err(|e| refuse(StatusCode::BAD_GATEWAY, codes::NO_TARGET, e.to_string()))?;
+        let (name, value) =
+            routing::managed_key_header_for(&route.target, &matched.api_path, key.expose())
+                .map_err(|e| refuse(StatusCode::BAD_GATEWAY, codes::NO_TARGET, e.to_string()))?;
         up.headers_mut().insert(name, value);
     }
     Ok(up)

@@ -287,6 +287,9 @@ pub async fn handle(
     ex.provider = Some(matched.provider.clone());
     ex.rec.provider = Some(matched.provider.name().to_string());
     ex.rec.path.clone_from(&matched.api_path);
+    if !inner.router.is_routed(&matched.provider) {
+        return Ok(not_routed(&inner, ex, &ctx, &matched.provider));
+    }
     if let Err(r) = decide_credential(&inner, &mut ex, &matched) {
         return Ok(ex.fail(&inner, &r, &[]));
     }
@@ -457,7 +460,25 @@ fn strip_credentials(inner: &Inner, ex: &mut Exchange, parts: &mut http::request
             }
         }
     }
-    let header_key = routing::strip_credential_headers(&mut parts.headers);
+    let mut header_key = routing::strip_credential_headers(&mut parts.headers);
+    for name in inner.router.custom_credential_headers() {
+        for v in parts.headers.get_all(name.as_str()) {
+            let mut v = v.clone();
+            if header_key.is_none() {
+                header_key = v
+                    .to_str()
+                    .ok()
+                    .map(str::trim)
+                    .filter(|k| !k.is_empty())
+                    .map(str::to_string);
+            }
+            v.set_sensitive(true);
+            if let Ok(n) = HeaderName::from_bytes(name.as_bytes()) {
+                ex.presented_headers.push((n, v));
+            }
+        }
+        parts.headers.remove(name.as_str());
+    }
     let raw_pq = parts
         .uri
         .path_and_query()
@@ -490,6 +511,8 @@ fn decide_credential(inner: &Inner, ex: &mut Exchange, matched: &Matched) -> Res
             provider::CredentialKind::ApiKey => policy.api_key,
             provider::CredentialKind::OAuth => policy.oauth,
             provider::CredentialKind::OtherProvider(_) => policy.other_provider,
+            provider::CredentialKind::Entra => policy.entra,
+            provider::CredentialKind::SigV4 => policy.sigv4,
         }
     };
     ex.pass = action == CredentialAction::Pass;
@@ -528,6 +551,12 @@ fn decide_credential(inner: &Inner, ex: &mut Exchange, matched: &Matched) -> Res
         }
         provider::CredentialKind::OtherProvider(p) => {
             format!("a {} key sent to {}", p.name(), matched.provider.name())
+        }
+        provider::CredentialKind::Entra => {
+            "a Microsoft Entra ID token (it is not swapped for the managed key)".to_string()
+        }
+        provider::CredentialKind::SigV4 => {
+            "an AWS SigV4-signed request (a signature made with the job's own IAM credentials cannot be swapped for a managed key; use a Bedrock API key, or set gateway.credentials.sigv4: pass to let signed requests through)".to_string()
         }
     };
     Err(refusal(
@@ -576,6 +605,43 @@ fn identify(
             })
         }
     }
+}
+
+/// A catalog provider this config routes nowhere (its hosts captured by
+/// `capture.providers: all`): refused in that provider's shape and
+/// recorded with its name, so the job is found rather than let through
+/// with whatever key it carries.
+fn not_routed(
+    inner: &Inner,
+    mut ex: Exchange,
+    ctx: &ConnCtx,
+    provider: &Provider,
+) -> Response<GwBody> {
+    let host = match &ctx.mode {
+        Mode::Connect { host, .. } | Mode::Capture { host, .. } => host.clone(),
+        Mode::BaseUrl => String::new(),
+    };
+    let location = if host.is_empty() {
+        provider.name().to_string()
+    } else {
+        format!("{} ({host})", provider.name())
+    };
+    ex.rec.policy.push(PolicyNote {
+        policy: PolicyId::Guard,
+        action: PolicyAction::Block,
+        rule: "provider-not-routed".into(),
+        location: Some(location),
+    });
+    let msg = format!(
+        "kt: this config has no target for provider {}; the request is refused, not sent with the key it carried. Add a target for {} (providers.targets) to serve it with a managed key",
+        provider.name(),
+        provider.name()
+    );
+    ex.fail(
+        inner,
+        &refusal(StatusCode::FORBIDDEN, codes::PROVIDER_NOT_ROUTED, msg),
+        &[],
+    )
 }
 
 fn unknown_provider(inner: &Inner, mut ex: Exchange, clean_pq: String) -> Response<GwBody> {

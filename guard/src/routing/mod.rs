@@ -237,6 +237,13 @@ impl Router {
         if let Some(p) = provider::for_official_host(&host) {
             return Some(p);
         }
+        if let Some(p) = self.custom_providers().into_iter().find(|p| {
+            p.host_patterns()
+                .iter()
+                .any(|h| provider::host_matches(h, &host))
+        }) {
+            return Some(p);
+        }
         if port.is_some() {
             // A known port must match exactly: a shared host (loopback) on
             // another port is some other service.
@@ -246,6 +253,35 @@ impl Router {
             .iter()
             .find(|r| r.endpoint.host == host)
             .map(|r| r.target.provider.clone())
+    }
+
+    /// The config-defined providers that have a target.
+    pub fn custom_providers(&self) -> Vec<Provider> {
+        self.providers()
+            .into_iter()
+            .filter(|p| matches!(p, Provider::Custom(_)))
+            .collect()
+    }
+
+    /// Headers config-defined providers take their key in (`credential:
+    /// {header: NAME}`): credentials like the catalog's, stripped from
+    /// every request and never forwarded under a managed key.
+    pub fn custom_credential_headers(&self) -> Vec<String> {
+        self.custom_providers()
+            .iter()
+            .filter_map(|p| match p {
+                Provider::Custom(c) => match &c.credential {
+                    provider::CustomCredential::Header(h) => Some(h.clone()),
+                    provider::CustomCredential::Style(_) => None,
+                },
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Whether `provider` has at least one target.
+    pub fn is_routed(&self, provider: &Provider) -> bool {
+        self.targets_for(provider).next().is_some()
     }
 
     /// Whether `host:port` is exactly the endpoint of a configured target
@@ -276,6 +312,15 @@ impl Router {
             .find(|r| r.endpoint.host == host && !r.endpoint.path.is_empty())
         {
             return strip_root(path_and_query, &r.endpoint.path);
+        }
+        // A legacy host folded into the official endpoint under a prefix
+        // (Hugging Face's api-inference host: `/hf-inference/...`).
+        let prefix = provider.host_path_prefix(&host);
+        if !prefix.is_empty() && !self.targets_for(provider).any(|r| r.endpoint.host == host) {
+            return format!(
+                "{prefix}{}",
+                strip_root(path_and_query, provider.api_root())
+            );
         }
         strip_root(path_and_query, provider.api_root())
     }
@@ -423,9 +468,22 @@ pub fn managed_key_header(
     target: &Target,
     key: &str,
 ) -> Result<(HeaderName, HeaderValue), RoutingError> {
-    provider::managed_key_header(&target.provider, key).map_err(|source| RoutingError::BadKey {
-        target: target.id.clone(),
-        source,
+    managed_key_header_for(target, "", key)
+}
+
+/// As [`managed_key_header`], for a request on `api_path` (a provider
+/// may take its key differently on one of its paths: Gemini's
+/// OpenAI-compatible one takes a Bearer token).
+pub fn managed_key_header_for(
+    target: &Target,
+    api_path: &str,
+    key: &str,
+) -> Result<(HeaderName, HeaderValue), RoutingError> {
+    provider::managed_key_header_for(&target.provider, api_path, key).map_err(|source| {
+        RoutingError::BadKey {
+            target: target.id.clone(),
+            source,
+        }
     })
 }
 
