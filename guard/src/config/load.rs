@@ -469,10 +469,16 @@ impl Cx {
             let (Some(credential), Some(error_shape)) = (credential, error_shape) else {
                 continue;
             };
+            let api_root = base_url
+                .as_deref()
+                .and_then(|u| u.parse::<http::Uri>().ok())
+                .map(|u| u.path().trim_end_matches('/').to_string())
+                .unwrap_or_default();
             let def = CustomProvider {
                 name: lower.clone(),
                 hosts,
                 base_url,
+                api_root,
                 credential,
                 error_shape,
             };

@@ -65,6 +65,9 @@ pub struct CustomProvider {
     pub hosts: Vec<String>,
     /// `base_url`: the default endpoint of its targets.
     pub base_url: Option<String>,
+    /// The path of `base_url` ("" without one): removed from requests sent
+    /// to its hosts so they can be re-rooted on any target.
+    pub api_root: String,
     /// `credential`: how the managed key goes on the wire.
     pub credential: CustomCredential,
     /// `error_shape` (default OpenAI's).
@@ -610,9 +613,13 @@ impl Provider {
         self.spec().map(|s| s.base_url).filter(|u| !u.is_empty())
     }
 
-    /// The official API root path (`/v1` for OpenAI; "" when unknown).
-    pub fn api_root(&self) -> &'static str {
-        self.spec().map_or("", |s| s.api_root)
+    /// The official API root path (`/v1` for OpenAI; "" when unknown; a
+    /// custom provider's `base_url` path).
+    pub fn api_root(&self) -> &str {
+        match self {
+            Provider::Custom(c) => &c.api_root,
+            _ => self.spec().map_or("", |s| s.api_root),
+        }
     }
 
     /// Official API host names ("" for none).
@@ -1258,6 +1265,7 @@ mod tests {
             name: "vllm".into(),
             hosts: vec!["llm.internal".into()],
             base_url: None,
+            api_root: String::new(),
             credential: CustomCredential::Header("x-llm-key".into()),
             error_shape: ErrorShape::Anthropic,
         }));
