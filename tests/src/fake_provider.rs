@@ -570,7 +570,7 @@ async fn answer_inner(
         // Split the JSON in two so cut/gated behaviours have a middle.
         let s = v.to_string();
         let mid = s.len() / 2;
-        vec![s[..mid].as_bytes().to_vec(), s[mid..].as_bytes().to_vec()]
+        vec![s.as_bytes()[..mid].to_vec(), s.as_bytes()[mid..].to_vec()]
     };
     let content_type = if bedrock_stream {
         "application/vnd.amazon.eventstream"
