@@ -562,8 +562,15 @@ async fn answer_inner(
         };
         v.into_iter().map(String::into_bytes).collect()
     } else {
+        let text = format!("hello from {}", st.name);
         let v = if anthropic {
-            serde_json::json!({"type":"message","model":model,"content":[{"type":"text","text":format!("hello from {}", st.name)}]})
+            serde_json::json!({"type":"message","model":model,"content":[{"type":"text","text":text}]})
+        } else if route.ends_with(":generateContent") {
+            // Gemini's GenerateContentResponse.
+            serde_json::json!({"candidates":[{"content":{"parts":[{"text":text}],"role":"model"},"finishReason":"STOP","index":0}],"modelVersion":"fake"})
+        } else if route.ends_with("/converse") {
+            // Bedrock's ConverseResponse.
+            serde_json::json!({"output":{"message":{"role":"assistant","content":[{"text":text}]}},"stopReason":"end_turn","usage":{"inputTokens":1,"outputTokens":3,"totalTokens":4}})
         } else {
             serde_json::json!({"object":"chat.completion","model":model,"choices":[{"message":{"role":"assistant","content":format!("hello from {}", st.name)}}]})
         };

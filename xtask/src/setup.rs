@@ -62,6 +62,8 @@ pub fn run() -> anyhow::Result<()> {
         apt_packages(&TEST_PACKAGES)?;
     }
     bpf_linker(debian && route != Route::Nightly)?;
+    // The real provider SDKs the SDK tests drive kt with (never fails setup).
+    super::sdk::venv();
     step("setup", "done");
     Ok(())
 }
