@@ -316,6 +316,17 @@ fn full_example_sets_every_optional_section() {
     );
     assert_eq!(cap.ports, vec![443, 8443]);
     assert_eq!(cap.scope, CaptureScope::Port);
+    assert_eq!(cap.providers, CaptureProviders::All);
+    assert_eq!(
+        t[2].base_url.as_deref(),
+        Some("https://contoso-eu.openai.azure.com")
+    );
+    assert_eq!(
+        t[3].base_url.as_deref(),
+        Some("https://bedrock-runtime.eu-west-1.amazonaws.com")
+    );
+    assert_eq!(t[4].provider.name(), "vllm");
+    assert_eq!(t[4].base_url.as_deref(), Some("https://llm.internal/v1"));
 }
 
 #[test]
