@@ -381,10 +381,11 @@ const HUGGINGFACE: Spec = Spec {
 // paths carry their version (`/v1beta/...`, `/v1/...`, and the
 // OpenAI-compatible `/v1beta/openai/...`), so, as for Anthropic, the root is
 // empty and every form passes through unchanged. The OpenAI-compatible
-// path takes the key as `Authorization: Bearer`
-// (https://ai.google.dev/gemini-api/docs/openai: base_url
-// ".../v1beta/openai/", `api_key="GEMINI_API_KEY"` in the OpenAI SDK), so
-// kt sends it that way there ([`Provider::key_style_for`]).
+// path (base URL `https://generativelanguage.googleapis.com/v1beta/openai/`,
+// e.g. https://docs.rs/aptu-core/0.2.4/aptu_core/ai/constant.GEMINI_API_URL.html
+// and https://pub.dev/documentation/phoenixdb/4.1.0/ai/OpenAICompatibleChatModel/OpenAICompatibleChatModel.gemini.html)
+// is used with the OpenAI SDKs, which send the key as `Authorization:
+// Bearer`, so kt sends it that way there ([`Provider::key_style_for`]).
 const GEMINI: Spec = Spec {
     hosts: &["generativelanguage.googleapis.com"],
     base_url: "https://generativelanguage.googleapis.com",
@@ -403,21 +404,27 @@ const GEMINI_OPENAI_ROOT: &str = "/v1beta/openai/";
 // Azure OpenAI: resource endpoints `https://{resource}.openai.azure.com`
 // (and `https://{resource}.cognitiveservices.azure.com` for resources made
 // as Azure AI services / Foundry), the key in the `api-key` header
-// (https://learn.microsoft.com/azure/ai-services/openai/reference
-// "api-key: Provide Azure OpenAI API key here"; BAML's provider reference
-// https://www.mintlify.com/BoundaryML/baml/reference/providers/azure
+// (https://learn.microsoft.com/en-us/rest/api/azureopenai/models/list:
+// "api-key ... Provide your Cognitive Services Azure OpenAI account key
+// here", endpoint "https://aoairesource.openai.azure.com"; BAML's provider
+// reference https://www.mintlify.com/BoundaryML/baml/reference/providers/azure:
 // "Injected via the API-KEY header", base URL
 // `https://${resource_name}.openai.azure.com/openai/deployments/${deployment_id}`),
-// or a Microsoft Entra ID token as `Authorization: Bearer` (recognised as
-// the `entra` credential kind: passed, never swapped). Paths:
+// or a Microsoft Entra ID token as `Authorization: Bearer` (scope
+// `https://cognitiveservices.azure.com/.default`; recognised as the `entra`
+// credential kind: passed, never swapped). Paths:
 // `/openai/deployments/{deployment}/chat/completions?api-version=...` and
-// the v1 API `/openai/v1/...` (Azure-Samples/template-samples
-// `generated-samples/python-v1`: the OpenAI SDK on `{endpoint}/openai/v1/`).
+// the v1 API under `{endpoint}/openai/v1`
+// (https://learn.microsoft.com/en-us/rest/api/microsoft-foundry/azureopenai/models:
+// "Server: {endpoint}/openai/v1", key in `api-key` or `authorization`).
 // Both carry their own root, so the root is empty and `api-version` stays
 // in the query. There is no common endpoint: a target names its
 // `resource` (or a `base_url`). SSE streams, OpenAI-shaped errors.
+// `*.cognitiveservices.azure.com` also names other Azure AI services'
+// resources (Speech, Vision): a connection kt terminates there is still
+// routed to the Azure OpenAI target, so do not capture those jobs' names.
 // Probe: `GET /openai/models?api-version=2024-10-21`, the data-plane model
-// list (https://learn.microsoft.com/rest/api/azureopenai/models/list).
+// list (the Models - List page above).
 const AZURE: Spec = Spec {
     hosts: &["*.openai.azure.com", "*.cognitiveservices.azure.com"],
     base_url: "",
@@ -461,9 +468,12 @@ macro_rules! bedrock_hosts {
 // ("Authorization: Bearer $AWS_BEARER_TOKEN_BEDROCK",
 // https://docs.aws.amazon.com/bedrock/latest/userguide/api-keys-use.html);
 // SigV4-signed requests (`AWS4-HMAC-SHA256`) are another credential kind,
-// refused unless `gateway.credentials.sigv4: pass`. Streams are AWS
-// event-stream frames, errors REST-JSON `{"message"}` with the exception
-// name. There is no common endpoint: a target names its `region`.
+// refused unless `gateway.credentials.sigv4: pass`. Streams
+// (`converse-stream`, `invoke-with-response-stream`) are AWS event-stream
+// frames whose events are `messageStart`, `contentBlockDelta`,
+// `messageStop`, ... (https://docs.aws.amazon.com/bedrock/latest/APIReference/API_runtime_ConverseStreamOutput.html;
+// aws-sdk-bedrockruntime decodes them in `shape_converse_stream.rs`);
+// errors are REST-JSON `{"message"}` with the exception name. There is no common endpoint: a target names its `region`.
 // No probe: the unbilled `ListFoundationModels` lives on the control-plane
 // host, not on the runtime endpoint requests are re-rooted on.
 const BEDROCK: Spec = Spec {
@@ -999,8 +1009,12 @@ fn google_status(status: StatusCode) -> &'static str {
     }
 }
 
-/// Bedrock's exception names by status
-/// (https://docs.aws.amazon.com/bedrock/latest/APIReference/API_runtime_Converse.html#API_runtime_Converse_Errors).
+/// Bedrock's exception names by status (the runtime's errors and their
+/// statuses: https://docs.aws.amazon.com/bedrock/latest/APIReference/API_runtime_ResponseStream.html
+/// and API_runtime_ConverseStreamOutput.html: validationException 400,
+/// modelTimeoutException 408, throttlingException 429,
+/// serviceUnavailableException 503, internalServerException 500; access
+/// refusals are AccessDeniedException, 403).
 fn aws_error_type(status: StatusCode) -> &'static str {
     match status.as_u16() {
         400 | 413 => "ValidationException",
