@@ -536,6 +536,13 @@ async fn azure_keeps_api_version_passes_entra_tokens_and_terminates_any_resource
         "/openai/deployments/d/chat/completions?api-version=2024-06-01"
     );
     assert_eq!(header(&r, "api-key"), Some("managed-MANAGEDVALUE-4242"));
+    // A name seen only through the wildcard is learned: capture resolves
+    // it from now on.
+    let learned = guard::capture::hosts::LEARNED.snapshot();
+    assert!(
+        learned.iter().any(|n| n == "other-res.openai.azure.com"),
+        "{learned:?}"
+    );
     // Not a name under it: refused before TLS.
     let (status, _) = via_connect(
         gw.addr,

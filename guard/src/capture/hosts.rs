@@ -33,6 +33,63 @@ pub const RETAIN: Duration = Duration::from_secs(24 * 60 * 60);
 /// configured CIDRs need room too). Past this, the least recently seen go.
 pub const MAX_KEPT: usize = 1024;
 
+/// Most names learned from what clients named ([`LearnedNames`]).
+pub const MAX_LEARNED: usize = 256;
+
+/// Concrete names under a provider's wildcard host (`res2.openai.azure.com`
+/// under `*.openai.azure.com`) that clients named to the gateway (CONNECT,
+/// SNI): a wildcard cannot be resolved in advance, so such a name, once
+/// seen, is resolved with the listed hosts from then on and its addresses
+/// captured, for every other process that calls it directly. Bounded
+/// ([`MAX_LEARNED`], first come; a full set learns nothing more) so a client
+/// naming random subdomains cannot grow kt's resolution without limit.
+#[derive(Debug, Default)]
+pub struct LearnedNames {
+    names: std::sync::Mutex<Vec<String>>,
+}
+
+impl LearnedNames {
+    /// An empty set.
+    pub const fn new() -> LearnedNames {
+        LearnedNames {
+            names: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Adds `name` (lower case); true when it is new and there was room.
+    pub fn learn(&self, name: &str) -> bool {
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        let Ok(mut names) = self.names.lock() else {
+            return false;
+        };
+        if names.len() >= MAX_LEARNED || names.contains(&name) {
+            return false;
+        }
+        names.push(name);
+        true
+    }
+
+    /// Every name learned so far, in the order learned.
+    pub fn snapshot(&self) -> Vec<String> {
+        self.names.lock().map(|n| n.clone()).unwrap_or_default()
+    }
+}
+
+/// The gateway's learned names, resolved by the capture supervisor of the
+/// same process.
+pub static LEARNED: LearnedNames = LearnedNames::new();
+
+/// `hosts` followed by the learned names not among them.
+pub fn with_learned(hosts: &[String], learned: &[String]) -> Vec<String> {
+    let mut all = hosts.to_vec();
+    for l in learned {
+        if !all.contains(l) {
+            all.push(l.clone());
+        }
+    }
+    all
+}
+
 /// One host's answer in a round of resolution: its addresses, empty when it
 /// did not resolve.
 pub type HostAddrs = (String, Vec<IpPrefix>);
@@ -281,6 +338,23 @@ mod tests {
         // The shared address now belongs to the kept host alone.
         assert_eq!(s.keep_hosts(&[]), vec![p("192.0.2.2"), p("192.0.2.3")]);
         assert!(s.prefixes().is_empty());
+    }
+
+    #[test]
+    fn learned_names_are_bounded_and_deduplicated() {
+        let l = LearnedNames::new();
+        assert!(l.learn("Res2.OpenAI.Azure.com."));
+        assert!(!l.learn("res2.openai.azure.com"));
+        for i in 1..MAX_LEARNED {
+            assert!(l.learn(&format!("r{i}.openai.azure.com")));
+        }
+        assert!(!l.learn("one-too-many.openai.azure.com"));
+        assert_eq!(l.snapshot().len(), MAX_LEARNED);
+        assert_eq!(l.snapshot()[0], "res2.openai.azure.com");
+        assert_eq!(
+            with_learned(&["a".into()], &["a".into(), "b".into()]),
+            vec!["a", "b"]
+        );
     }
 
     #[test]

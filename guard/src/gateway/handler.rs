@@ -287,6 +287,7 @@ pub async fn handle(
     ex.provider = Some(matched.provider.clone());
     ex.rec.provider = Some(matched.provider.name().to_string());
     ex.rec.path.clone_from(&matched.api_path);
+    learn_wildcard_name(&inner, &ctx);
     if !inner.router.is_routed(&matched.provider) {
         return Ok(not_routed(&inner, ex, &ctx, &matched.provider));
     }
@@ -604,6 +605,18 @@ fn identify(
                 })
             })
         }
+    }
+}
+
+/// A name a client reached a provider by only through a wildcard host
+/// (`res2.openai.azure.com`): remembered for capture, which resolves it
+/// from then on (see `capture::hosts::LearnedNames`).
+fn learn_wildcard_name(inner: &Inner, ctx: &ConnCtx) {
+    let (Mode::Connect { host, .. } | Mode::Capture { host, .. }) = &ctx.mode else {
+        return;
+    };
+    if inner.router.learnable(host) && crate::capture::hosts::LEARNED.learn(host) {
+        tracing::info!(%host, "a name under a provider's wildcard host: resolved and captured from now on");
     }
 }
 

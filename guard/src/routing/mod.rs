@@ -279,6 +279,35 @@ impl Router {
             .collect()
     }
 
+    /// Whether `host` is a provider's only through a wildcard
+    /// (`res2.openai.azure.com` under `*.openai.azure.com`): not a listed
+    /// host, not a target's endpoint. Such a name, once a client names it,
+    /// is worth resolving for capture (it could not be in advance).
+    pub fn learnable(&self, host: &str) -> bool {
+        let host = host.trim_end_matches('.').to_ascii_lowercase();
+        if host.parse::<std::net::IpAddr>().is_ok()
+            || self.routes.iter().any(|r| r.endpoint.host == host)
+        {
+            return false;
+        }
+        // Per request: no allocation for the catalog's (long) host list.
+        let custom: Vec<String> = self
+            .custom_providers()
+            .iter()
+            .flat_map(Provider::host_patterns)
+            .collect();
+        let (mut wild, mut exact) = (false, false);
+        let catalog = provider::official_hosts().map(|h| -> &str { h });
+        for h in catalog.chain(custom.iter().map(String::as_str)) {
+            if provider::is_wildcard(h) {
+                wild |= provider::host_matches(h, &host);
+            } else {
+                exact |= h.eq_ignore_ascii_case(&host);
+            }
+        }
+        wild && !exact
+    }
+
     /// Whether `provider` has at least one target.
     pub fn is_routed(&self, provider: &Provider) -> bool {
         self.targets_for(provider).next().is_some()
@@ -609,6 +638,25 @@ mod tests {
             ),
         ]))
         .unwrap()
+    }
+
+    #[test]
+    fn only_names_under_a_wildcard_are_learnable() {
+        let mut t = target(
+            "az",
+            Provider::Azure,
+            Some("https://res1.openai.azure.com"),
+            None,
+        );
+        t.secret_key_ref = SecretKeyRef::Env("A".into());
+        let r = Router::new(&config(vec![t])).unwrap();
+        assert!(r.learnable("Res2.openai.azure.com."));
+        assert!(r.learnable("x.cognitiveservices.azure.com"));
+        // The target's own host is resolved anyway; listed hosts too.
+        assert!(!r.learnable("res1.openai.azure.com"));
+        assert!(!r.learnable("api.openai.com"));
+        assert!(!r.learnable("example.com"));
+        assert!(!r.learnable("127.0.0.1"));
     }
 
     #[test]
