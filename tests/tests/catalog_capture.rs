@@ -145,11 +145,13 @@ fn a_job_calling_a_provider_without_a_target_is_refused_and_named_under_capture_
         Behavior::Ok,
         format!("{ROUTED}:443").parse().unwrap(),
     ));
-    let direct = rt.block_on(FakeProvider::start_at(
+    // Valid for the names the jobs call: only observe mode may reach it.
+    let direct = rt.block_on(FakeProvider::start_named(
         &ca,
         "direct",
         Behavior::Ok,
         format!("{DIRECT}:443").parse().unwrap(),
+        &["api.groq.com"],
     ));
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
@@ -196,21 +198,25 @@ capture:
         .expect("a private mount namespace with its own /etc/hosts (needs root)");
     let mut cgroup = TestCgroup::new("catalog").expect("child cgroup (needs root and cgroup v2)");
     let log = dir.path().join("kt.log");
-    let child = mounts
-        .command(KT)
-        .args(["run", "--config", cfg.to_str().unwrap(), "--cgroup"])
-        .arg(cgroup.path())
-        .env("KT_DATA_DIR", &data)
-        .env("SSL_CERT_FILE", &ca_pem)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let pid = child.id();
-    let mut kt_run = Guard(Some(child));
-    cgroup.enter(pid).unwrap();
-    wait_for(&log, "kt: capturing");
+    let start_kt = |cgroup: &TestCgroup, extra: &[&str]| {
+        let child = mounts
+            .command(KT)
+            .args(["run", "--config", cfg.to_str().unwrap()])
+            .args(extra)
+            .arg("--cgroup")
+            .arg(cgroup.path())
+            .env("KT_DATA_DIR", &data)
+            .env("SSL_CERT_FILE", &ca_pem)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        cgroup.enter(child.id()).unwrap();
+        wait_for(&log, "kt: capturing");
+        Guard(Some(child))
+    };
+    let mut kt_run = start_kt(&cgroup, &[]);
     let kt_ca = data.join("ca/ca.pem");
 
     // Providers with no target: refused in their own shape, named.
@@ -278,9 +284,47 @@ capture:
             "{e}"
         );
     }
-    let mut child = kt_run.0.take().unwrap();
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let _ = child.wait();
+    stop(&mut kt_run);
+
+    // Observe mode blocks nothing: the job's request goes on to where it
+    // was going, with its own key, and is recorded with the provider.
+    let _observe = start_kt(&cgroup, &["--observe"]);
+    let own = "gsk_JOBOWNKEY00000000000000000000000000";
+    let (status, body, err) = curl(
+        &mounts,
+        &mut cgroup,
+        &kt_ca,
+        "https://api.groq.com/openai/v1/chat/completions",
+        &format!("Authorization: Bearer {own}"),
+    );
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(status, 200, "{body} {err}\nkt log:\n{text}");
+    assert!(body.contains("hello from direct"), "{body}");
+    let seen = direct.requests();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].path, "/openai/v1/chat/completions");
+    assert_eq!(
+        seen[0].headers.get("authorization").unwrap(),
+        &format!("Bearer {own}")
+    );
+    let events = kt(&data, &["--output", "json", "events"], None);
+    let out = String::from_utf8_lossy(&events.stdout).to_string();
+    let observed = out
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|e| e["provider"] == "groq" && e["status"] == 200)
+        .unwrap_or_else(|| panic!("no observed groq event in:\n{out}"));
+    let notes = observed["policy"].to_string();
+    assert!(notes.contains("provider-not-routed"), "{observed}");
+    assert!(notes.contains("observe mode"), "{observed}");
+}
+
+/// SIGTERM to the `kt run` we started, and wait for it.
+fn stop(kt_run: &mut Guard) {
+    if let Some(mut child) = kt_run.0.take() {
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let _ = child.wait();
+    }
 }

@@ -288,8 +288,14 @@ pub async fn handle(
     ex.rec.provider = Some(matched.provider.name().to_string());
     ex.rec.path.clone_from(&matched.api_path);
     learn_wildcard_name(&inner, &ctx);
+    let mut direct = None;
     if !inner.router.is_routed(&matched.provider) {
-        return Ok(not_routed(&inner, ex, &ctx, &matched.provider));
+        // Observe mode blocks nothing: the job goes on to where it was
+        // going, with its own credential, and is recorded.
+        match observe_direct(&inner, &mut ex, &ctx, &matched.provider) {
+            Some(route) => direct = Some(route),
+            None => return Ok(not_routed(&inner, ex, &ctx, &matched.provider)),
+        }
     }
     if let Err(r) = decide_credential(&inner, &mut ex, &matched) {
         return Ok(ex.fail(&inner, &r, &[]));
@@ -314,7 +320,7 @@ pub async fn handle(
     strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(HOST);
     parts.headers.remove(CONTENT_LENGTH);
-    Ok(super::forward::forward(&inner, ex, &parts, &matched, body).await)
+    Ok(super::forward::forward(&inner, ex, &parts, &matched, body, direct).await)
 }
 
 /// Who may spend managed keys: explicit requests must come from this host
@@ -618,6 +624,57 @@ fn learn_wildcard_name(inner: &Inner, ctx: &ConnCtx) {
     if inner.router.learnable(host) && crate::capture::hosts::LEARNED.learn(host) {
         tracing::info!(%host, "a name under a provider's wildcard host: resolved and captured from now on");
     }
+}
+
+/// Observe mode, a provider without a target, reached by name (CONNECT or
+/// SNI): the route to where the client was going — the provider's official
+/// endpoint when the name is one of its listed hosts, else that name on
+/// its port — noted as `provider-not-routed` (audit). `None` outside
+/// observe mode or without a name.
+fn observe_direct(
+    inner: &Inner,
+    ex: &mut Exchange,
+    ctx: &ConnCtx,
+    provider: &Provider,
+) -> Option<routing::Route> {
+    if inner.config.gateway.mode != GatewayMode::Observe {
+        return None;
+    }
+    let (Mode::Connect { host, port } | Mode::Capture { host, port }) = &ctx.mode else {
+        return None;
+    };
+    if host.parse::<std::net::IpAddr>().is_ok() {
+        return None;
+    }
+    let listed = provider
+        .hosts()
+        .iter()
+        .any(|h| !provider::is_wildcard(h) && h.eq_ignore_ascii_case(host));
+    let url = match provider.default_base_url() {
+        Some(official) if listed => official.to_string(),
+        _ => format!("https://{host}:{port}{}", provider.api_root()),
+    };
+    let endpoint = routing::Endpoint::parse(&url)?;
+    ex.rec.policy.push(PolicyNote {
+        policy: PolicyId::Guard,
+        action: PolicyAction::Audit,
+        rule: "provider-not-routed".into(),
+        location: Some(format!(
+            "{} ({host}): observe mode, sent on as the client sent it",
+            provider.name()
+        )),
+    });
+    Some(routing::Route {
+        target: crate::config::Target {
+            id: format!("{}-direct", provider.name()),
+            provider: provider.clone(),
+            model: None,
+            required: false,
+            secret_key_ref: crate::config::SecretKeyRef::Store(String::new()),
+            base_url: Some(url),
+        },
+        endpoint,
+    })
 }
 
 /// A catalog provider this config routes nowhere (its hosts captured by
