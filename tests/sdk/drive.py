@@ -42,6 +42,27 @@ def run_openai(stream):
         return failure(e)
 
 
+def run_azure(stream):
+    import openai
+
+    # AZURE_OPENAI_ENDPOINT, AZURE_OPENAI_API_KEY and OPENAI_API_VERSION
+    # from the environment, as the SDK documents; the model is the deployment.
+    client = openai.AzureOpenAI()
+    try:
+        if not stream:
+            r = client.chat.completions.create(model="gpt-4o", messages=PROMPT)
+            return {"text": r.choices[0].message.content}
+        parts = []
+        for chunk in client.chat.completions.create(
+            model="gpt-4o", messages=PROMPT, stream=True
+        ):
+            if chunk.choices and chunk.choices[0].delta.content:
+                parts.append(chunk.choices[0].delta.content)
+        return {"text": "".join(parts)}
+    except openai.APIError as e:
+        return failure(e)
+
+
 def run_anthropic(stream):
     import anthropic
 
@@ -87,7 +108,12 @@ def run_gemini(stream):
         return failure(e)
 
 
-RUNNERS = {"openai": run_openai, "anthropic": run_anthropic, "gemini": run_gemini}
+RUNNERS = {
+    "openai": run_openai,
+    "anthropic": run_anthropic,
+    "gemini": run_gemini,
+    "azure": run_azure,
+}
 
 if __name__ == "__main__":
     for name in sys.argv[1:]:

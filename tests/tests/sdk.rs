@@ -34,10 +34,19 @@ const KT: &str = env!("CARGO_BIN_EXE_kt-under-test");
 const MANAGED_OA: &str = "sk-sdk-managed-openai-MANAGEDVALUE-1";
 const MANAGED_ANT: &str = "sk-ant-sdk-managed-MANAGEDVALUE-2";
 const MANAGED_GEM: &str = "gemini-sdk-managed-MANAGEDVALUE-3";
+const MANAGED_AZ: &str = "azure-sdk-managed-MANAGEDVALUE-4";
 /// The jobs' own keys: of no known format, so kt swaps them.
 const OWN_OA: &str = "legacy-openai-JOBKEY-0001";
 const OWN_ANT: &str = "legacy-anthropic-JOBKEY-0002";
 const OWN_GEM: &str = "legacy-gemini-JOBKEY-0003";
+const OWN_AZ: &str = "0123456789abcdef0123456789abcdef";
+const SDKS: [&str; 4] = ["openai", "anthropic", "gemini", "azure"];
+const ANSWERS: [(&str, &str); 4] = [
+    ("openai", "fake-openai"),
+    ("anthropic", "fake-anthropic"),
+    ("gemini", "fake-gemini"),
+    ("azure", "fake-azure"),
+];
 
 /// The venv's python, or why there is none. Panics when setup never ran
 /// (no venv and no recorded reason): that is a broken setup, not a skip.
@@ -103,7 +112,16 @@ fn assert_answers(rs: &[serde_json::Value], fakes: &[(&str, &str)], log: &str) {
 }
 
 /// The fakes saw only the managed keys, each in its provider's style.
-fn assert_keys(oa: &FakeProvider, ant: &FakeProvider, gem: &FakeProvider) {
+fn assert_keys(oa: &FakeProvider, ant: &FakeProvider, gem: &FakeProvider, az: &FakeProvider) {
+    for r in az.requests() {
+        assert_eq!(header(&r, "api-key"), Some(MANAGED_AZ));
+        assert!(
+            r.path
+                .starts_with("/openai/deployments/gpt-4o/chat/completions?api-version="),
+            "{}",
+            r.path
+        );
+    }
     for r in oa.requests() {
         assert_eq!(
             header(&r, "authorization"),
@@ -118,11 +136,11 @@ fn assert_keys(oa: &FakeProvider, ant: &FakeProvider, gem: &FakeProvider) {
         assert_eq!(header(&r, "x-goog-api-key"), Some(MANAGED_GEM));
         assert!(!r.path.contains("key="), "{}", r.path);
     }
-    for f in [oa, ant, gem] {
+    for f in [oa, ant, gem, az] {
         assert!(!f.requests().is_empty());
         for r in f.requests() {
             let seen = format!("{:?}{}", r.headers, r.path);
-            for own in [OWN_OA, OWN_ANT, OWN_GEM] {
+            for own in [OWN_OA, OWN_ANT, OWN_GEM, OWN_AZ] {
                 assert!(!seen.contains(own), "a job's own key reached a provider");
             }
         }
@@ -144,6 +162,9 @@ fn assert_refusals(rs: &[serde_json::Value]) {
             .contains("kt_credential_refused"),
         "{ant}"
     );
+    let az = find(rs, "azure", false);
+    assert_eq!(az["error"], "PermissionDeniedError", "{az}");
+    assert_eq!(az["code"], "kt_credential_refused", "{az}");
     let gem = find(rs, "gemini", false);
     assert_eq!(gem["error"], "ClientError", "{gem}");
     assert_eq!(gem["status"], 403, "{gem}");
@@ -161,74 +182,91 @@ fn keys() -> MapResolver {
         ("OA", MANAGED_OA),
         ("ANT", MANAGED_ANT),
         ("GEM", MANAGED_GEM),
+        ("AZ", MANAGED_AZ),
     ])
 }
 
 /// The SDKs' environment: their key variables (own keys, or another
 /// provider's when `foreign`) and nothing else of ours.
 fn key_env(cmd: &mut Command, foreign: bool) {
-    let (oa, ant, gem) = if foreign {
-        (
-            "gsk_FOREIGNKEY0000000000000000000000000",
-            "gsk_FOREIGNKEY0000000000000000000000000",
-            "gsk_FOREIGNKEY0000000000000000000000000",
-        )
+    let foreign_key = "gsk_FOREIGNKEY0000000000000000000000000";
+    let (oa, ant, gem, az) = if foreign {
+        (foreign_key, foreign_key, foreign_key, foreign_key)
     } else {
-        (OWN_OA, OWN_ANT, OWN_GEM)
+        (OWN_OA, OWN_ANT, OWN_GEM, OWN_AZ)
     };
     cmd.env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("HOME", std::env::temp_dir())
         .env("OPENAI_API_KEY", oa)
         .env("ANTHROPIC_API_KEY", ant)
-        .env("GEMINI_API_KEY", gem);
+        .env("GEMINI_API_KEY", gem)
+        .env("AZURE_OPENAI_API_KEY", az)
+        // The Azure client needs its API version (no default in the SDK).
+        .env("OPENAI_API_VERSION", "2024-10-21");
 }
 
+/// Base URL, then CONNECT (`HTTPS_PROXY`, kt's CA trusted): the SDKs'
+/// own defaults otherwise.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn real_sdks_with_default_settings_through_base_url() {
+async fn real_sdks_with_default_settings_through_base_url_and_connect() {
     let Some(python) = sdk_python() else { return };
     let ca = TestCa::new();
     let oa = FakeProvider::start(&ca, "fake-openai", Behavior::Ok).await;
     let ant = FakeProvider::start(&ca, "fake-anthropic", Behavior::Ok).await;
     let gem = FakeProvider::start(&ca, "fake-gemini", Behavior::Ok).await;
+    let az = FakeProvider::start(&ca, "fake-azure", Behavior::Ok).await;
     let cfg = config(vec![
         target("oa", Provider::OpenAi, &oa.openai_base_url(), "OA"),
         target("ant", Provider::Anthropic, &ant.anthropic_base_url(), "ANT"),
         target("gem", Provider::Gemini, &gem.anthropic_base_url(), "GEM"),
+        target("az", Provider::Azure, &az.anthropic_base_url(), "AZ"),
     ]);
     let gw = start(cfg, keys(), &ca).await;
     let dir = tempfile::tempdir().unwrap();
     let script = dir.path().join("drive.py");
     std::fs::write(&script, DRIVE).unwrap();
+    let kt_ca = dir.path().join("kt-ca.pem");
+    std::fs::write(&kt_ca, gw.ca.cert_pem()).unwrap();
     let base = format!("http://{}", gw.addr);
-    let mut runs = Vec::new();
-    for foreign in [false, true] {
-        let mut cmd = Command::new(&python);
-        key_env(&mut cmd, foreign);
-        cmd.arg(&script)
-            .args(["openai", "anthropic", "gemini"])
-            .env("OPENAI_BASE_URL", format!("{base}/openai/v1"))
-            .env("ANTHROPIC_BASE_URL", format!("{base}/anthropic"))
-            .env("KT_TEST_GEMINI_BASE_URL", format!("{base}/gemini"));
-        let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
-            .await
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-        assert!(out.status.success(), "{stdout}\n{stderr}");
-        runs.push((results(&stdout), stderr));
+    for mode in ["base-url", "connect"] {
+        let mut runs = Vec::new();
+        for foreign in [false, true] {
+            let mut cmd = Command::new(&python);
+            key_env(&mut cmd, foreign);
+            cmd.arg(&script).args(SDKS);
+            if mode == "base-url" {
+                cmd.env("OPENAI_BASE_URL", format!("{base}/openai/v1"))
+                    .env("ANTHROPIC_BASE_URL", format!("{base}/anthropic"))
+                    .env("KT_TEST_GEMINI_BASE_URL", format!("{base}/gemini"))
+                    .env("AZURE_OPENAI_ENDPOINT", format!("{base}/azure"));
+            } else {
+                // The SDKs' own hosts, through kt as an HTTPS proxy: kt
+                // answers CONNECT for provider names (no DNS by the client).
+                cmd.env("HTTPS_PROXY", &base)
+                    .env("SSL_CERT_FILE", &kt_ca)
+                    .env("AZURE_OPENAI_ENDPOINT", "https://myres.openai.azure.com");
+            }
+            let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+                .await
+                .unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+            let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+            assert!(out.status.success(), "{mode}: {stdout}\n{stderr}");
+            runs.push((results(&stdout), format!("{mode}: {stdout}\n{stderr}")));
+        }
+        assert_answers(&runs[0].0, &ANSWERS, &runs[0].1);
+        assert_refusals(&runs[1].0);
     }
-    assert_answers(
-        &runs[0].0,
-        &[
-            ("openai", "fake-openai"),
-            ("anthropic", "fake-anthropic"),
-            ("gemini", "fake-gemini"),
-        ],
-        &runs[0].1,
-    );
-    assert_keys(&oa, &ant, &gem);
-    assert_refusals(&runs[1].0);
+    assert_keys(&oa, &ant, &gem, &az);
+    let arrivals: Vec<String> = gw
+        .sink
+        .snapshot()
+        .iter()
+        .map(|r| format!("{:?}", r.arrival))
+        .collect();
+    assert!(arrivals.iter().any(|a| a == "BaseUrl"), "{arrivals:?}");
+    assert!(arrivals.iter().any(|a| a == "Connect"), "{arrivals:?}");
 }
 
 fn skip_ebpf() -> bool {
@@ -306,6 +344,15 @@ fn real_sdks_with_default_settings_through_capture() {
     let oa = at("fake-openai", "127.77.93.10:443");
     let ant = at("fake-anthropic", "127.77.93.11:443");
     let gem = at("fake-gemini", "127.77.93.12:443");
+    // The Azure target names only its resource: kt calls
+    // myres.openai.azure.com, which the test's /etc/hosts points here.
+    let az = rt.block_on(FakeProvider::start_named(
+        &ca,
+        "fake-azure",
+        Behavior::Ok,
+        "127.77.93.13:443".parse().unwrap(),
+        &["myres.openai.azure.com"],
+    ));
     // Where the SDKs' default hosts point (captured; must never be reached).
     let direct = at("direct", "127.77.93.20:443");
     let dir = tempfile::tempdir().unwrap();
@@ -314,6 +361,7 @@ fn real_sdks_with_default_settings_through_capture() {
         ("OA", MANAGED_OA),
         ("ANT", MANAGED_ANT),
         ("GEM", MANAGED_GEM),
+        ("AZ", MANAGED_AZ),
     ] {
         kt_cli(&data, &["secrets", "add", name, "--store"], value);
     }
@@ -335,6 +383,10 @@ fn real_sdks_with_default_settings_through_capture() {
       provider: gemini
       base_url: https://127.77.93.12
       secret_key_ref: {{store: GEM}}
+    - id: az
+      provider: azure
+      resource: myres
+      secret_key_ref: {{store: AZ}}
 policies:
   chain: [audit-logger]
 gateway:
@@ -355,7 +407,7 @@ capture:
     let hosts = dir.path().join("hosts");
     std::fs::write(
         &hosts,
-        "127.0.0.1 localhost\n::1 localhost\n127.77.93.20 api.openai.com\n127.77.93.20 api.anthropic.com\n127.77.93.20 generativelanguage.googleapis.com\n",
+        "127.0.0.1 localhost\n::1 localhost\n127.77.93.20 api.openai.com\n127.77.93.20 api.anthropic.com\n127.77.93.20 generativelanguage.googleapis.com\n127.77.93.13 myres.openai.azure.com\n",
     )
     .unwrap();
     let mounts = PrivateMounts::with_hosts_file(&hosts)
@@ -390,7 +442,8 @@ capture:
         cmd.args(["-c", r#"read go; exec "$@""#, "sh"])
             .arg(&python)
             .arg(&script)
-            .args(["openai", "anthropic", "gemini"])
+            .args(SDKS)
+            .env("AZURE_OPENAI_ENDPOINT", "https://myres.openai.azure.com")
             .env("SSL_CERT_FILE", &kt_ca)
             .env("REQUESTS_CA_BUNDLE", &kt_ca)
             .stdin(Stdio::piped())
@@ -411,16 +464,8 @@ capture:
         let log_text = std::fs::read_to_string(&log).unwrap_or_default();
         runs.push((results(&out), format!("{out}\n{err}\nkt log:\n{log_text}")));
     }
-    assert_answers(
-        &runs[0].0,
-        &[
-            ("openai", "fake-openai"),
-            ("anthropic", "fake-anthropic"),
-            ("gemini", "fake-gemini"),
-        ],
-        &runs[0].1,
-    );
-    assert_keys(&oa, &ant, &gem);
+    assert_answers(&runs[0].0, &ANSWERS, &runs[0].1);
+    assert_keys(&oa, &ant, &gem, &az);
     assert_refusals(&runs[1].0);
     assert!(
         direct.requests().is_empty(),
