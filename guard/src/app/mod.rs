@@ -271,7 +271,7 @@ impl App {
         if !missing.is_empty() {
             warnings.push(format!(
                 "the local CA may not issue certificates for {}; clients of those hosts will fail TLS. Replace the CA with `kt ca regenerate --config FILE`, then `kt ca install` again",
-                missing.join(", ")
+                some_names(&missing)
             ));
         }
 
@@ -827,6 +827,21 @@ pub async fn wait_for_signal() {
             let _ = tokio::signal::ctrl_c().await;
         }
     }
+}
+
+/// `a, b, c and N more`: a list of host names short enough for one log
+/// line (the catalog has dozens: a CA made before a catalog update misses
+/// them all).
+pub(crate) fn some_names(names: &[String]) -> String {
+    const SHOWN: usize = 8;
+    if names.len() <= SHOWN {
+        return names.join(", ");
+    }
+    format!(
+        "{} and {} more",
+        names[..SHOWN].join(", "),
+        names.len() - SHOWN
+    )
 }
 
 /// Names the local CA may issue for: every catalog provider host, the
