@@ -181,25 +181,43 @@ pub fn sort_prefixes(v: &mut [IpPrefix]) {
 
 /// Resolves `hosts` (A and AAAA) to host prefixes, one entry per host in
 /// order; a host that does not resolve is logged and has no addresses.
+/// The lookups run at once (`capture.providers: all` lists about a
+/// hundred names: one after the other, a slow resolver would hold kt's
+/// start for minutes); the blocking pool bounds how many are in flight.
 pub async fn resolve(hosts: &[String], ports: &[u16]) -> Vec<HostAddrs> {
     let port = ports.first().copied().unwrap_or(443);
-    let mut out = Vec::new();
-    for h in hosts {
-        let mut addrs_of = Vec::new();
-        match tokio::net::lookup_host((h.as_str(), port)).await {
-            Ok(addrs) => {
-                for a in addrs {
-                    let p = capture::prefix_of(a.ip());
-                    if !addrs_of.contains(&p) {
-                        addrs_of.push(p);
+    let mut set = tokio::task::JoinSet::new();
+    for (i, h) in hosts.iter().enumerate() {
+        let h = h.clone();
+        set.spawn(async move {
+            let mut addrs_of = Vec::new();
+            match tokio::net::lookup_host((h.as_str(), port)).await {
+                Ok(addrs) => {
+                    for a in addrs {
+                        let p = capture::prefix_of(a.ip());
+                        if !addrs_of.contains(&p) {
+                            addrs_of.push(p);
+                        }
                     }
                 }
+                Err(e) => tracing::warn!(host = %h, error = %e, "cannot resolve provider host"),
             }
-            Err(e) => tracing::warn!(host = %h, error = %e, "cannot resolve provider host"),
-        }
-        out.push((h.clone(), addrs_of));
+            (i, (h, addrs_of))
+        });
     }
-    out
+    let mut out: Vec<Option<HostAddrs>> = vec![None; hosts.len()];
+    while let Some(done) = set.join_next().await {
+        if let Ok((i, r)) = done
+            && let Some(slot) = out.get_mut(i)
+        {
+            *slot = Some(r);
+        }
+    }
+    // A lookup task that panicked counts as a host that did not resolve.
+    out.into_iter()
+        .zip(hosts)
+        .map(|(r, h)| r.unwrap_or_else(|| (h.clone(), Vec::new())))
+        .collect()
 }
 
 /// Hosts whose addresses are captured: `capture.hosts`, else the hosts
@@ -338,6 +356,19 @@ mod tests {
         // The shared address now belongs to the kept host alone.
         assert_eq!(s.keep_hosts(&[]), vec![p("192.0.2.2"), p("192.0.2.3")]);
         assert!(s.prefixes().is_empty());
+    }
+
+    /// Addresses only (no DNS query leaves the machine): the answers come
+    /// back in the order asked, each with its own address.
+    #[tokio::test]
+    async fn hosts_are_resolved_at_once_and_answered_in_order() {
+        let hosts: Vec<String> = (2..40).map(|i| format!("127.0.0.{i}")).collect();
+        let got = resolve(&hosts, &[443]).await;
+        assert_eq!(got.len(), hosts.len());
+        for ((h, addrs), want) in got.iter().zip(&hosts) {
+            assert_eq!(h, want);
+            assert_eq!(addrs, &vec![p(want)]);
+        }
     }
 
     #[test]
