@@ -643,17 +643,7 @@ fn observe_direct(
     let (Mode::Connect { host, port } | Mode::Capture { host, port }) = &ctx.mode else {
         return None;
     };
-    if host.parse::<std::net::IpAddr>().is_ok() {
-        return None;
-    }
-    let listed = provider
-        .hosts()
-        .iter()
-        .any(|h| !provider::is_wildcard(h) && h.eq_ignore_ascii_case(host));
-    let url = match provider.default_base_url() {
-        Some(official) if listed => official.to_string(),
-        _ => format!("https://{host}:{port}{}", provider.api_root()),
-    };
+    let url = routing::direct_url(provider, host, *port)?;
     let endpoint = routing::Endpoint::parse(&url)?;
     ex.rec.policy.push(PolicyNote {
         policy: PolicyId::Guard,

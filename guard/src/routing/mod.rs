@@ -370,6 +370,25 @@ impl Router {
     }
 }
 
+/// Where a request for `provider` named `host:port` goes when no target
+/// serves it (observe mode): the official endpoint when `host` is one of
+/// the provider's listed names (requests are re-rooted on it, as on a
+/// target), else that name itself under the provider's API root. `None`
+/// for an address: only a name says where a client meant to go.
+pub fn direct_url(provider: &Provider, host: &str, port: u16) -> Option<String> {
+    if host.parse::<std::net::IpAddr>().is_ok() {
+        return None;
+    }
+    let listed = provider
+        .hosts()
+        .iter()
+        .any(|h| !provider::is_wildcard(h) && h.eq_ignore_ascii_case(host));
+    Some(match provider.default_base_url() {
+        Some(official) if listed => official.to_string(),
+        _ => format!("https://{host}:{port}{}", provider.api_root()),
+    })
+}
+
 /// Removes `root` from the front of `path` when it is a whole segment prefix.
 fn strip_root(path: &str, root: &str) -> String {
     if root.is_empty() {
@@ -638,6 +657,34 @@ mod tests {
             ),
         ]))
         .unwrap()
+    }
+
+    #[test]
+    fn direct_urls_go_where_the_client_meant() {
+        assert_eq!(
+            direct_url(&Provider::Groq, "API.groq.com", 443).as_deref(),
+            Some("https://api.groq.com/openai/v1")
+        );
+        // The legacy host's paths are re-rooted on the router.
+        assert_eq!(
+            direct_url(&Provider::HuggingFace, "api-inference.huggingface.co", 443).as_deref(),
+            Some("https://router.huggingface.co")
+        );
+        // No common endpoint: the name itself.
+        assert_eq!(
+            direct_url(&Provider::Azure, "res9.openai.azure.com", 443).as_deref(),
+            Some("https://res9.openai.azure.com:443")
+        );
+        assert_eq!(
+            direct_url(
+                &Provider::Bedrock,
+                "bedrock-runtime.eu-west-1.amazonaws.com",
+                443
+            )
+            .as_deref(),
+            Some("https://bedrock-runtime.eu-west-1.amazonaws.com:443")
+        );
+        assert_eq!(direct_url(&Provider::Groq, "203.0.113.9", 443), None);
     }
 
     #[test]
