@@ -179,6 +179,22 @@ pub fn sort_prefixes(v: &mut [IpPrefix]) {
     v.sort_by_key(|p| (p.addr, p.len));
 }
 
+/// Whether `host` failed to resolve for the first time in this run.
+fn first_failure(host: &str) -> bool {
+    static FAILED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let Ok(mut failed) = FAILED.lock() else {
+        return true;
+    };
+    if failed.iter().any(|h| h == host) {
+        return false;
+    }
+    // Bounded like the learned names: past it, every failure is new.
+    if failed.len() < 4 * MAX_LEARNED {
+        failed.push(host.to_string());
+    }
+    true
+}
+
 /// Resolves `hosts` (A and AAAA) to host prefixes, one entry per host in
 /// order; a host that does not resolve is logged and has no addresses.
 /// The lookups run at once (`capture.providers: all` lists about a
@@ -200,7 +216,11 @@ pub async fn resolve(hosts: &[String], ports: &[u16]) -> Vec<HostAddrs> {
                         }
                     }
                 }
-                Err(e) => tracing::warn!(host = %h, error = %e, "cannot resolve provider host"),
+                // Once per host and run: the catalog lists names (a region
+                // where a service is not offered) that may never resolve,
+                // and this runs every minute.
+                Err(e) if first_failure(&h) => tracing::warn!(host = %h, error = %e, "cannot resolve provider host (tried again every minute; further failures are logged at debug level)"),
+                Err(e) => tracing::debug!(host = %h, error = %e, "cannot resolve provider host"),
             }
             (i, (h, addrs_of))
         });

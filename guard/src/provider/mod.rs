@@ -450,6 +450,7 @@ macro_rules! bedrock_hosts {
             "bedrock-runtime-fips.us-gov-east-1.amazonaws.com",
             "bedrock-fips.us-east-1.amazonaws.com",
             "bedrock-fips.us-east-2.amazonaws.com",
+            "bedrock-fips.us-west-1.amazonaws.com",
             "bedrock-fips.us-west-2.amazonaws.com",
             "bedrock-fips.us-gov-west-1.amazonaws.com",
             "bedrock-fips.us-gov-east-1.amazonaws.com",
@@ -462,7 +463,11 @@ macro_rules! bedrock_hosts {
 // `/invoke-with-response-stream`, and the OpenAI-compatible
 // `/openai/v1/chat/completions`) and `bedrock.{region}.amazonaws.com`
 // (control plane), FIPS variants in the US regions
-// (https://docs.aws.amazon.com/general/latest/gr/bedrock.html). Every name
+// (https://docs.aws.amazon.com/general/latest/gr/bedrock.html; the regions:
+// https://docs.aws.amazon.com/bedrock/latest/userguide/endpoints-region-availability.html,
+// "The bedrock-runtime endpoint is available in every AWS Region where
+// Amazon Bedrock is offered"). The OpenAI-compatible `bedrock-mantle`
+// endpoint is not in the catalog yet. Every name
 // is listed (no wildcard: `*.amazonaws.com` would make kt's CA able to
 // issue for all of AWS). Bedrock API keys go as `Authorization: Bearer`
 // ("Authorization: Bearer $AWS_BEARER_TOKEN_BEDROCK",
@@ -507,6 +512,7 @@ const BEDROCK: Spec = Spec {
         "ap-southeast-3",
         "ap-southeast-4",
         "ap-southeast-5",
+        "ap-southeast-6",
         "ap-southeast-7",
         "me-central-1",
         "me-south-1",
