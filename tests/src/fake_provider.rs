@@ -212,6 +212,8 @@ struct State {
     /// Text that must never arrive, and how often it did.
     needle: Mutex<Option<String>>,
     sightings: std::sync::atomic::AtomicU64,
+    /// The whole body of the last answer, as sent (streams included).
+    last_body: Mutex<Vec<u8>>,
 }
 
 /// A running fake provider. Stops when dropped.
@@ -277,6 +279,7 @@ impl FakeProvider {
             keys: Mutex::default(),
             needle: Mutex::new(None),
             sightings: std::sync::atomic::AtomicU64::new(0),
+            last_body: Mutex::default(),
         });
         let acceptor =
             tokio_rustls::TlsAcceptor::from(Arc::new(ca.server_config_named(addr.ip(), names)));
@@ -375,6 +378,12 @@ impl FakeProvider {
         *self.state.needle.lock().unwrap() = Some(needle.to_string());
     }
 
+    /// The whole body of the last normal answer, byte for byte as the fake
+    /// sent it (an event stream's frames included).
+    pub fn last_body(&self) -> Vec<u8> {
+        self.state.last_body.lock().unwrap().clone()
+    }
+
     /// Requests whose body contained the needle of [`FakeProvider::watch_for`].
     pub fn sightings(&self) -> u64 {
         self.state
@@ -467,8 +476,14 @@ async fn answer_inner(
         .and_then(|v| Behavior::parse(v).ok());
     let behavior = overridden.unwrap_or_else(|| st.behavior.lock().unwrap().clone());
     let anthropic = path.starts_with("/v1/messages");
+    let route = path.split('?').next().unwrap_or_default();
+    // Gemini's native streaming method, and Bedrock's streaming operations
+    // (AWS event-stream frames, not SSE).
+    let gemini_stream = route.ends_with(":streamGenerateContent");
+    let bedrock_stream =
+        route.ends_with("/converse-stream") || route.ends_with("/invoke-with-response-stream");
     let json: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-    let stream = json["stream"].as_bool().unwrap_or(false);
+    let stream = json["stream"].as_bool().unwrap_or(false) || gemini_stream || bedrock_stream;
     let model = json["model"].as_str().unwrap_or("none").to_string();
     let error = |status: u16, retry: Option<u64>| {
         let mut r = Response::new(full(
@@ -499,8 +514,30 @@ async fn answer_inner(
         Behavior::Delay(ms) => tokio::time::sleep(Duration::from_millis(ms)).await,
         _ => {}
     }
-    let mut chunks: Vec<String> = if stream {
-        if anthropic {
+    let mut chunks: Vec<Vec<u8>> = if bedrock_stream {
+        [
+            r#"{"messageStart":{"role":"assistant"}}"#.to_string(),
+            format!(
+                r#"{{"contentBlockDelta":{{"delta":{{"text":"hello from {}"}},"contentBlockIndex":0}}}}"#,
+                st.name
+            ),
+            r#"{"messageStop":{"stopReason":"end_turn"}}"#.to_string(),
+        ]
+        .iter()
+        .zip(["messageStart", "contentBlockDelta", "messageStop"])
+        .map(|(payload, event)| event_stream_frame(event, payload.as_bytes()))
+        .collect()
+    } else if gemini_stream {
+        vec![
+            b"data: {\"candidates\":[{\"content\":{\"parts\":[{\"text\":\"hello \"}],\"role\":\"model\"}}]}\r\n\r\n".to_vec(),
+            format!(
+                "data: {{\"candidates\":[{{\"content\":{{\"parts\":[{{\"text\":\"from {}\"}}],\"role\":\"model\"}},\"finishReason\":\"STOP\"}}]}}\r\n\r\n",
+                st.name
+            )
+            .into_bytes(),
+        ]
+    } else if stream {
+        let v: Vec<String> = if anthropic {
             vec![
                 format!(
                     "event: message_start\ndata: {{\"type\":\"message_start\",\"message\":{{\"model\":\"{model}\"}}}}\n\n"
@@ -522,17 +559,32 @@ async fn answer_inner(
                 ),
                 "data: [DONE]\n\n".to_string(),
             ]
-        }
+        };
+        v.into_iter().map(String::into_bytes).collect()
     } else {
+        let text = format!("hello from {}", st.name);
         let v = if anthropic {
-            serde_json::json!({"type":"message","model":model,"content":[{"type":"text","text":format!("hello from {}", st.name)}]})
+            serde_json::json!({"type":"message","model":model,"content":[{"type":"text","text":text}]})
+        } else if route.ends_with(":generateContent") {
+            // Gemini's GenerateContentResponse.
+            serde_json::json!({"candidates":[{"content":{"parts":[{"text":text}],"role":"model"},"finishReason":"STOP","index":0}],"modelVersion":"fake"})
+        } else if route.ends_with("/converse") {
+            // Bedrock's ConverseResponse.
+            serde_json::json!({"output":{"message":{"role":"assistant","content":[{"text":text}]}},"stopReason":"end_turn","usage":{"inputTokens":1,"outputTokens":3,"totalTokens":4}})
         } else {
             serde_json::json!({"object":"chat.completion","model":model,"choices":[{"message":{"role":"assistant","content":format!("hello from {}", st.name)}}]})
         };
         // Split the JSON in two so cut/gated behaviours have a middle.
         let s = v.to_string();
         let mid = s.len() / 2;
-        vec![s[..mid].to_string(), s[mid..].to_string()]
+        vec![s.as_bytes()[..mid].to_vec(), s.as_bytes()[mid..].to_vec()]
+    };
+    let content_type = if bedrock_stream {
+        "application/vnd.amazon.eventstream"
+    } else if stream {
+        "text/event-stream"
+    } else {
+        "application/json"
     };
     let mut every = Duration::ZERO;
     if let (
@@ -551,14 +603,11 @@ async fn answer_inner(
         chunks.push(end);
         every = Duration::from_millis(*every_ms);
     }
+    *st.last_body.lock().unwrap() = chunks.concat();
     if behavior == Behavior::Sized {
         let mut r = Response::new(full(chunks.concat()));
-        let ct = if stream {
-            "text/event-stream"
-        } else {
-            "application/json"
-        };
-        r.headers_mut().insert("content-type", ct.parse().unwrap());
+        r.headers_mut()
+            .insert("content-type", content_type.parse().unwrap());
         return r;
     }
     let (tx, rx) = mpsc::channel(8);
@@ -593,11 +642,90 @@ async fn answer_inner(
             .store(true, std::sync::atomic::Ordering::SeqCst);
     });
     let mut r = Response::new(ChanBody(rx).boxed());
-    let ct = if stream {
-        "text/event-stream"
-    } else {
-        "application/json"
-    };
-    r.headers_mut().insert("content-type", ct.parse().unwrap());
+    r.headers_mut()
+        .insert("content-type", content_type.parse().unwrap());
     r
+}
+
+/// CRC-32 (IEEE), as AWS event-stream frames carry it.
+pub fn crc32(data: &[u8]) -> u32 {
+    let mut crc = 0xffff_ffffu32;
+    for &b in data {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xedb8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// One AWS event-stream message (`vnd.amazon.eventstream`): prelude (total
+/// and header lengths, their CRC), string headers `:event-type`,
+/// `:content-type`, `:message-type`, the payload, the message CRC.
+pub fn event_stream_frame(event: &str, payload: &[u8]) -> Vec<u8> {
+    let mut headers = Vec::new();
+    for (name, value) in [
+        (":event-type", event),
+        (":content-type", "application/json"),
+        (":message-type", "event"),
+    ] {
+        headers.push(name.len() as u8);
+        headers.extend_from_slice(name.as_bytes());
+        headers.push(7); // string
+        headers.extend_from_slice(&(value.len() as u16).to_be_bytes());
+        headers.extend_from_slice(value.as_bytes());
+    }
+    let total = 12 + headers.len() + payload.len() + 4;
+    let mut out = Vec::with_capacity(total);
+    out.extend_from_slice(&(total as u32).to_be_bytes());
+    out.extend_from_slice(&(headers.len() as u32).to_be_bytes());
+    let prelude_crc = crc32(&out);
+    out.extend_from_slice(&prelude_crc.to_be_bytes());
+    out.extend_from_slice(&headers);
+    out.extend_from_slice(payload);
+    let crc = crc32(&out);
+    out.extend_from_slice(&crc.to_be_bytes());
+    out
+}
+
+/// Splits AWS event-stream bytes into `(event type, payload)` messages,
+/// checking both CRCs of each; `Err` names what is wrong.
+pub fn parse_event_stream(mut b: &[u8]) -> Result<Vec<(String, Vec<u8>)>, String> {
+    let be = |s: &[u8]| u32::from_be_bytes([s[0], s[1], s[2], s[3]]);
+    let mut out = Vec::new();
+    while !b.is_empty() {
+        if b.len() < 16 {
+            return Err(format!("{} trailing bytes", b.len()));
+        }
+        let total = be(&b[0..4]) as usize;
+        let hlen = be(&b[4..8]) as usize;
+        if total > b.len() || total < 16 + hlen {
+            return Err(format!("frame of {total} bytes, {} left", b.len()));
+        }
+        if crc32(&b[..8]) != be(&b[8..12]) {
+            return Err("prelude crc".into());
+        }
+        if crc32(&b[..total - 4]) != be(&b[total - 4..total]) {
+            return Err("message crc".into());
+        }
+        let mut h = &b[12..12 + hlen];
+        let mut event = String::new();
+        while !h.is_empty() {
+            let n = h[0] as usize;
+            let name = String::from_utf8_lossy(&h[1..1 + n]).to_string();
+            let len = u16::from_be_bytes([h[2 + n], h[3 + n]]) as usize;
+            let value = String::from_utf8_lossy(&h[4 + n..4 + n + len]).to_string();
+            if name == ":event-type" {
+                event = value;
+            }
+            h = &h[4 + n + len..];
+        }
+        out.push((event, b[12 + hlen..total - 4].to_vec()));
+        b = &b[total..];
+    }
+    Ok(out)
 }

@@ -60,6 +60,21 @@ impl PrivateMounts {
         PrivateMounts::run(&setup)
     }
 
+    /// As [`PrivateMounts::new`], with `hosts` bind-mounted over
+    /// `/etc/hosts` inside the namespace only: the test's own resolver for
+    /// every process started there (kt and its clients), the host's file
+    /// untouched.
+    pub fn with_hosts_file(hosts: &std::path::Path) -> anyhow::Result<PrivateMounts> {
+        let setup = SETUP.replace(
+            "echo ready",
+            &format!(
+                "mount --bind '{}' /etc/hosts || exit 1; echo ready",
+                hosts.display()
+            ),
+        );
+        PrivateMounts::run(&setup)
+    }
+
     /// Where a process outside reaches `path` as seen inside.
     pub fn outside(&self, path: &std::path::Path) -> PathBuf {
         let rel = path.strip_prefix("/").unwrap_or(path);

@@ -6,6 +6,7 @@
 mod demo;
 mod dist;
 mod fuzz;
+mod sdk;
 mod setup;
 
 use std::process::Command;

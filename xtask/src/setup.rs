@@ -72,6 +72,8 @@ pub fn run() -> anyhow::Result<()> {
     }
     bpf_linker(debian && route != Route::Nightly)?;
     vault_server();
+    // The real provider SDKs the SDK tests drive kt with (never fails setup).
+    super::sdk::venv();
     step("setup", "done");
     Ok(())
 }

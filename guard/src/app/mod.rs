@@ -288,7 +288,7 @@ impl App {
         if !missing.is_empty() {
             warnings.push(format!(
                 "the local CA may not issue certificates for {}; clients of those hosts will fail TLS. Replace the CA with `kt ca regenerate --config FILE`, then `kt ca install` again",
-                missing.join(", ")
+                some_names(&missing)
             ));
         }
 
@@ -1000,6 +1000,21 @@ pub async fn wait_for_signal() {
     }
 }
 
+/// `a, b, c and N more`: a list of host names short enough for one log
+/// line (the catalog has dozens: a CA made before a catalog update misses
+/// them all).
+pub(crate) fn some_names(names: &[String]) -> String {
+    const SHOWN: usize = 8;
+    if names.len() <= SHOWN {
+        return names.join(", ");
+    }
+    format!(
+        "{} and {} more",
+        names[..SHOWN].join(", "),
+        names.len() - SHOWN
+    )
+}
+
 /// Names the local CA may issue for: every catalog provider host, the
 /// targets' API hosts and `capture.hosts` (the CA is name-constrained to
 /// them, so a leaked CA key cannot mint certificates for other names).
@@ -1013,7 +1028,17 @@ pub fn ca_hosts(config: &Config) -> Vec<String> {
         .iter()
         .filter_map(|t| t.base_url.as_deref().or(t.provider.default_base_url()))
         .filter_map(|u| u.parse::<http::Uri>().ok()?.host().map(str::to_string));
-    for h in targets.chain(config.capture.hosts.iter().flatten().cloned()) {
+    // Config-defined providers' names (`*.` patterns become the subtree).
+    let custom = config
+        .providers
+        .targets
+        .iter()
+        .filter(|t| matches!(t.provider, crate::provider::Provider::Custom(_)))
+        .flat_map(|t| t.provider.host_patterns());
+    for h in targets
+        .chain(custom)
+        .chain(config.capture.hosts.iter().flatten().cloned())
+    {
         let h = h.trim_start_matches('[').trim_end_matches(']').to_string();
         if !hosts.contains(&h) {
             hosts.push(h);

@@ -319,7 +319,7 @@ impl Reloader {
         if !ca_missing.is_empty() {
             warnings.push(format!(
                 "the local CA may not issue certificates for {}; clients of those hosts will fail TLS until `kt ca regenerate --config FILE` and a restart",
-                ca_missing.join(", ")
+                super::some_names(&ca_missing)
             ));
         }
         let diff = staged.diff().clone();

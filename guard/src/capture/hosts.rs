@@ -19,7 +19,7 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use crate::capture;
-use crate::config::{Config, IpPrefix};
+use crate::config::{CaptureProviders, Config, IpPrefix};
 
 /// How often provider host names are resolved again. getaddrinfo does not
 /// expose TTLs, so this is a fixed, short interval; retention (not the
@@ -32,6 +32,63 @@ pub const RETAIN: Duration = Duration::from_secs(24 * 60 * 60);
 /// Most resolved addresses kept (the kernel prefix maps hold 4,096 each;
 /// configured CIDRs need room too). Past this, the least recently seen go.
 pub const MAX_KEPT: usize = 1024;
+
+/// Most names learned from what clients named ([`LearnedNames`]).
+pub const MAX_LEARNED: usize = 256;
+
+/// Concrete names under a provider's wildcard host (`res2.openai.azure.com`
+/// under `*.openai.azure.com`) that clients named to the gateway (CONNECT,
+/// SNI): a wildcard cannot be resolved in advance, so such a name, once
+/// seen, is resolved with the listed hosts from then on and its addresses
+/// captured, for every other process that calls it directly. Bounded
+/// ([`MAX_LEARNED`], first come; a full set learns nothing more) so a client
+/// naming random subdomains cannot grow kt's resolution without limit.
+#[derive(Debug, Default)]
+pub struct LearnedNames {
+    names: std::sync::Mutex<Vec<String>>,
+}
+
+impl LearnedNames {
+    /// An empty set.
+    pub const fn new() -> LearnedNames {
+        LearnedNames {
+            names: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Adds `name` (lower case); true when it is new and there was room.
+    pub fn learn(&self, name: &str) -> bool {
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        let Ok(mut names) = self.names.lock() else {
+            return false;
+        };
+        if names.len() >= MAX_LEARNED || names.contains(&name) {
+            return false;
+        }
+        names.push(name);
+        true
+    }
+
+    /// Every name learned so far, in the order learned.
+    pub fn snapshot(&self) -> Vec<String> {
+        self.names.lock().map(|n| n.clone()).unwrap_or_default()
+    }
+}
+
+/// The gateway's learned names, resolved by the capture supervisor of the
+/// same process.
+pub static LEARNED: LearnedNames = LearnedNames::new();
+
+/// `hosts` followed by the learned names not among them.
+pub fn with_learned(hosts: &[String], learned: &[String]) -> Vec<String> {
+    let mut all = hosts.to_vec();
+    for l in learned {
+        if !all.contains(l) {
+            all.push(l.clone());
+        }
+    }
+    all
+}
 
 /// One host's answer in a round of resolution: its addresses, empty when it
 /// did not resolve.
@@ -122,48 +179,119 @@ pub fn sort_prefixes(v: &mut [IpPrefix]) {
     v.sort_by_key(|p| (p.addr, p.len));
 }
 
-/// Resolves `hosts` (A and AAAA) to host prefixes, one entry per host in
-/// order; a host that does not resolve is logged and has no addresses.
-pub async fn resolve(hosts: &[String], ports: &[u16]) -> Vec<HostAddrs> {
-    let port = ports.first().copied().unwrap_or(443);
-    let mut out = Vec::new();
-    for h in hosts {
-        let mut addrs_of = Vec::new();
-        match tokio::net::lookup_host((h.as_str(), port)).await {
-            Ok(addrs) => {
-                for a in addrs {
-                    let p = capture::prefix_of(a.ip());
-                    if !addrs_of.contains(&p) {
-                        addrs_of.push(p);
-                    }
-                }
-            }
-            Err(e) => tracing::warn!(host = %h, error = %e, "cannot resolve provider host"),
-        }
-        out.push((h.clone(), addrs_of));
+/// Whether `host` failed to resolve for the first time in this run.
+fn first_failure(host: &str) -> bool {
+    static FAILED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let Ok(mut failed) = FAILED.lock() else {
+        return true;
+    };
+    if failed.iter().any(|h| h == host) {
+        return false;
     }
-    out
+    // Bounded like the learned names: past it, every failure is new.
+    if failed.len() < 4 * MAX_LEARNED {
+        failed.push(host.to_string());
+    }
+    true
 }
 
-/// Hosts whose addresses are captured: `capture.hosts`, else the official
-/// hosts of the providers in use and the hosts of targets' `base_url`s.
+/// Resolves `hosts` (A and AAAA) to host prefixes, one entry per host in
+/// order; a host that does not resolve is logged and has no addresses.
+/// The lookups run at once (`capture.providers: all` lists about a
+/// hundred names: one after the other, a slow resolver would hold kt's
+/// start for minutes); the blocking pool bounds how many are in flight.
+pub async fn resolve(hosts: &[String], ports: &[u16]) -> Vec<HostAddrs> {
+    let port = ports.first().copied().unwrap_or(443);
+    let mut set = tokio::task::JoinSet::new();
+    for (i, h) in hosts.iter().enumerate() {
+        let h = h.clone();
+        set.spawn(async move {
+            let mut addrs_of = Vec::new();
+            match tokio::net::lookup_host((h.as_str(), port)).await {
+                Ok(addrs) => {
+                    for a in addrs {
+                        let p = capture::prefix_of(a.ip());
+                        if !addrs_of.contains(&p) {
+                            addrs_of.push(p);
+                        }
+                    }
+                }
+                // Once per host and run: the catalog lists names (a region
+                // where a service is not offered) that may never resolve,
+                // and this runs every minute.
+                Err(e) if first_failure(&h) => tracing::warn!(host = %h, error = %e, "cannot resolve provider host (tried again every minute; further failures are logged at debug level)"),
+                Err(e) => tracing::debug!(host = %h, error = %e, "cannot resolve provider host"),
+            }
+            (i, (h, addrs_of))
+        });
+    }
+    let mut out: Vec<Option<HostAddrs>> = vec![None; hosts.len()];
+    while let Some(done) = set.join_next().await {
+        if let Ok((i, r)) = done
+            && let Some(slot) = out.get_mut(i)
+        {
+            *slot = Some(r);
+        }
+    }
+    // A lookup task that panicked counts as a host that did not resolve.
+    out.into_iter()
+        .zip(hosts)
+        .map(|(r, h)| r.unwrap_or_else(|| (h.clone(), Vec::new())))
+        .collect()
+}
+
+/// Hosts whose addresses are captured: `capture.hosts`, else the hosts
+/// of targets' endpoints, every catalog host of the providers in use
+/// (`capture.providers: all`: of every catalog provider), and custom
+/// providers' `hosts`.
+///
+/// Wildcard names (`*.openai.azure.com`) cannot be resolved in advance and
+/// are left out here: their concrete names are captured through the
+/// targets' endpoints (an Azure target's resource host), and the gateway
+/// accepts any name under a wildcard when a captured connection (or a
+/// CONNECT tunnel) names it; with `capture.scope: port` every connection
+/// on the capture ports reaches that decision.
 pub fn capture_hosts(config: &Config) -> Vec<String> {
     if let Some(h) = &config.capture.hosts {
         return h.clone();
     }
     let mut hosts = Vec::new();
+    let mut push = |host: String| {
+        if !hosts.contains(&host) {
+            hosts.push(host);
+        }
+    };
     for t in &config.providers.targets {
         let url = t
             .base_url
             .clone()
             .or_else(|| t.provider.default_base_url().map(str::to_string));
-        if let Some(host) = url.as_deref().and_then(host_of)
-            && !hosts.contains(&host)
-        {
-            hosts.push(host);
+        if let Some(host) = url.as_deref().and_then(host_of) {
+            push(host);
+        }
+    }
+    let mut providers: Vec<crate::provider::Provider> = config
+        .providers
+        .targets
+        .iter()
+        .map(|t| t.provider.clone())
+        .collect();
+    if config.capture.providers == CaptureProviders::All {
+        providers.extend(crate::provider::KNOWN.iter().cloned());
+    }
+    for p in providers {
+        for h in p.host_patterns() {
+            if !crate::provider::is_wildcard(&h) && !is_loopback_name(&h) {
+                push(h.to_ascii_lowercase());
+            }
         }
     }
     hosts
+}
+
+fn is_loopback_name(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback()) || host == "localhost"
 }
 
 fn host_of(url: &str) -> Option<String> {
@@ -250,6 +378,36 @@ mod tests {
         assert!(s.prefixes().is_empty());
     }
 
+    /// Addresses only (no DNS query leaves the machine): the answers come
+    /// back in the order asked, each with its own address.
+    #[tokio::test]
+    async fn hosts_are_resolved_at_once_and_answered_in_order() {
+        let hosts: Vec<String> = (2..40).map(|i| format!("127.0.0.{i}")).collect();
+        let got = resolve(&hosts, &[443]).await;
+        assert_eq!(got.len(), hosts.len());
+        for ((h, addrs), want) in got.iter().zip(&hosts) {
+            assert_eq!(h, want);
+            assert_eq!(addrs, &vec![p(want)]);
+        }
+    }
+
+    #[test]
+    fn learned_names_are_bounded_and_deduplicated() {
+        let l = LearnedNames::new();
+        assert!(l.learn("Res2.OpenAI.Azure.com."));
+        assert!(!l.learn("res2.openai.azure.com"));
+        for i in 1..MAX_LEARNED {
+            assert!(l.learn(&format!("r{i}.openai.azure.com")));
+        }
+        assert!(!l.learn("one-too-many.openai.azure.com"));
+        assert_eq!(l.snapshot().len(), MAX_LEARNED);
+        assert_eq!(l.snapshot()[0], "res2.openai.azure.com");
+        assert_eq!(
+            with_learned(&["a".into()], &["a".into(), "b".into()]),
+            vec!["a", "b"]
+        );
+    }
+
     #[test]
     fn default_capture_hosts_are_provider_hosts_not_loopback() {
         let mut c = crate::config::parse(
@@ -263,5 +421,31 @@ mod tests {
         );
         c.capture.hosts = Some(vec![]);
         assert!(capture_hosts(&c).is_empty());
+    }
+
+    #[test]
+    fn every_catalog_host_is_captured_under_providers_all_but_no_wildcard_is_resolved() {
+        let text = "providers:\n  targets:\n    - id: az\n      provider: azure\n      resource: myres\n      secret_key_ref: {env: A}\n    - id: t\n      provider: together\n      secret_key_ref: {env: B}\n";
+        let mut c = crate::config::parse(text, std::path::Path::new("t.yaml")).unwrap();
+        // Routed only: the Azure resource's own host, and both Together hosts.
+        assert_eq!(
+            capture_hosts(&c),
+            vec![
+                "myres.openai.azure.com",
+                "api.together.xyz",
+                "api.together.ai"
+            ]
+        );
+        c.capture.providers = CaptureProviders::All;
+        let all = capture_hosts(&c);
+        for h in [
+            "api.groq.com",
+            "generativelanguage.googleapis.com",
+            "api-inference.huggingface.co",
+            "bedrock-runtime.us-east-1.amazonaws.com",
+        ] {
+            assert!(all.iter().any(|a| a == h), "{h} missing from {all:?}");
+        }
+        assert!(all.iter().all(|h| !h.contains('*')), "{all:?}");
     }
 }

@@ -152,7 +152,16 @@ pub struct Supervisor<P: Programs> {
     programs: Arc<P>,
     state: Arc<Mutex<State>>,
     resolve: ResolveFn,
+    learned: LearnedFn,
     refresher: JoinHandle<()>,
+}
+
+/// Names learned under wildcard hosts (see [`hosts::LearnedNames`]),
+/// resolved with the listed hosts.
+type LearnedFn = fn() -> Vec<String>;
+
+fn learned_names() -> Vec<String> {
+    hosts::LEARNED.snapshot()
 }
 
 impl<P: Programs> std::fmt::Debug for Supervisor<P> {
@@ -168,7 +177,7 @@ impl<P: Programs> Supervisor<P> {
         targets: Targets,
         attach: impl FnOnce(Vec<IpPrefix>) -> Result<P, CaptureError>,
     ) -> Result<Supervisor<P>, CaptureError> {
-        Supervisor::start_with(targets, attach, dns(), hosts::RESOLVE_EVERY).await
+        Supervisor::start_with(targets, attach, dns(), hosts::RESOLVE_EVERY, learned_names).await
     }
 
     async fn start_with(
@@ -176,6 +185,7 @@ impl<P: Programs> Supervisor<P> {
         attach: impl FnOnce(Vec<IpPrefix>) -> Result<P, CaptureError>,
         resolve: ResolveFn,
         every: Duration,
+        learned: LearnedFn,
     ) -> Result<Supervisor<P>, CaptureError> {
         let Targets {
             hosts,
@@ -202,11 +212,13 @@ impl<P: Programs> Supervisor<P> {
             state.clone(),
             resolve.clone(),
             every,
+            learned,
         ));
         Ok(Supervisor {
             programs,
             state,
             resolve,
+            learned,
             refresher,
         })
     }
@@ -252,7 +264,8 @@ impl<P: Programs> Supervisor<P> {
         split(&static_prefixes).map_err(|e| CaptureError::Spec(e.to_string()))?;
         let resolved = (self.resolve)(hosts.clone(), ports.clone()).await;
         let mut seen = state.seen.clone();
-        seen.keep_hosts(&hosts);
+        // Learned names are not the config's to drop.
+        seen.keep_hosts(&hosts::with_learned(&hosts, &(self.learned)()));
         seen.update(&resolved, Instant::now());
         let prefixes = captured(&static_prefixes, &seen);
         if prefixes.is_empty() {
@@ -356,12 +369,17 @@ async fn refresh<P: Programs>(
     state: Arc<Mutex<State>>,
     resolve: ResolveFn,
     every: Duration,
+    learned: LearnedFn,
 ) {
     loop {
         tokio::time::sleep(every).await;
         let (hosts, ports, generation) = {
             let s = state.lock().await;
-            (s.hosts.clone(), s.ports.clone(), s.generation)
+            (
+                hosts::with_learned(&s.hosts, &learned()),
+                s.ports.clone(),
+                s.generation,
+            )
         };
         if hosts.is_empty() {
             continue;
@@ -512,6 +530,7 @@ mod tests {
             },
             dns.resolve.clone(),
             every,
+            Vec::new,
         )
         .await
         .unwrap();
@@ -715,6 +734,55 @@ mod tests {
                 .iter()
                 .all(|c| !c.contains("192.0.2.1") && !c.contains("192.0.2.9")),
             "{log:?}"
+        );
+    }
+
+    static TEST_LEARNED: hosts::LearnedNames = hosts::LearnedNames::new();
+    fn test_learned() -> Vec<String> {
+        TEST_LEARNED.snapshot()
+    }
+
+    /// A name the gateway saw under a wildcard is resolved from then on
+    /// and its address captured; a retarget does not drop it.
+    #[tokio::test]
+    async fn learned_wildcard_names_are_resolved_and_captured() {
+        let mut dns = FakeDns::new(&[
+            ("res1.openai.azure.com", "192.0.2.1/32"),
+            ("res2.openai.azure.com", "192.0.2.2/32"),
+        ]);
+        let log: Log = Arc::new(StdMutex::new(Vec::new()));
+        let l = log.clone();
+        let sup = Supervisor::start_with(
+            targets(&["res1.openai.azure.com"], &[], &[443]),
+            |p| {
+                l.lock().unwrap().push(format!("attach {}", show(&p)));
+                Ok(Fake(l.clone()))
+            },
+            dns.resolve.clone(),
+            Duration::from_millis(5),
+            test_learned,
+        )
+        .await
+        .unwrap();
+        assert_eq!(dns.asked.recv().await.unwrap(), ["res1.openai.azure.com"]);
+        assert!(TEST_LEARNED.learn("res2.openai.azure.com"));
+        let want = "prefixes 192.0.2.1/32,192.0.2.2/32";
+        let rounds = async {
+            while !calls(&log).iter().any(|c| c == want) {
+                dns.asked.recv().await.unwrap();
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(20), rounds)
+            .await
+            .unwrap_or_else(|_| panic!("the learned name was never captured: {:?}", calls(&log)));
+        sup.retarget(targets(&["res1.openai.azure.com"], &[], &[443]))
+            .await
+            .unwrap();
+        let state = sup.state.lock().await;
+        assert!(
+            state.prefixes.contains(&prefix("192.0.2.2/32")),
+            "{:?}",
+            state.prefixes
         );
     }
 }

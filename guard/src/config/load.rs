@@ -9,12 +9,13 @@ use std::time::Duration;
 
 use super::error::{ConfigError, ConfigErrors, LoadError};
 use super::model::{
-    AuditLogger, Capture, CaptureScope, Config, Containers, CredentialAction, DlpAction, DlpFilter,
-    GatewayMode, GatewaySettings, IpPrefix, MAX_FUZZY_DISTANCE, Pack, PolicyKind, Provider,
-    Providers, RoutingStrategy, SecretKeyRef, SinkConfig, SinkKind, StoreFailure, SyslogAddress,
-    Target,
+    AuditLogger, Capture, CaptureProviders, CaptureScope, Config, Containers, CredentialAction, DlpAction,
+    DlpFilter, GatewayMode, GatewaySettings, IpPrefix, MAX_FUZZY_DISTANCE, Pack, PolicyKind,
+    Provider, Providers, RoutingStrategy, SecretKeyRef, SinkConfig, SinkKind, StoreFailure,
+    SyslogAddress, Target,
 };
 use super::tree::{self, Kind, Node, Pos};
+use crate::provider::{CustomCredential, CustomProvider, ErrorShape, KeyStyle};
 
 mod store;
 
@@ -59,6 +60,7 @@ fn parse_in(text: &str, source: &Path, base: PathBuf) -> Result<Config, ConfigEr
         file: source.to_path_buf(),
         base,
         errors: Vec::new(),
+        custom: HashMap::new(),
     };
     let config = cx.config(&root);
     match config {
@@ -119,6 +121,9 @@ struct Cx {
     file: PathBuf,
     base: PathBuf,
     errors: Vec<ConfigError>,
+    /// `providers.custom`, by name: the definition, where it is, and
+    /// whether a target uses it.
+    custom: HashMap<String, (std::sync::Arc<CustomProvider>, Pos, bool)>,
 }
 
 impl Cx {
@@ -235,9 +240,17 @@ impl Cx {
             );
             return out;
         };
-        let Some(f) = self.mapping(node, "providers", &["routing", "fallback", "targets"]) else {
+        let Some(f) = self.mapping(
+            node,
+            "providers",
+            &["routing", "fallback", "targets", "custom"],
+        ) else {
             return out;
         };
+        // Definitions first: targets name them.
+        if let Some(n) = f.get("custom") {
+            self.custom_providers(n);
+        }
 
         let mut in_routing = None;
         if let Some(r) = f.get("routing")
@@ -313,7 +326,222 @@ impl Cx {
                 }
             }
         }
+        let mut unused: Vec<(String, Pos)> = self
+            .custom
+            .iter()
+            .filter(|(_, (_, _, used))| !used)
+            .map(|(name, (_, pos, _))| (name.clone(), *pos))
+            .collect();
+        unused.sort_by_key(|(_, p)| (p.line, p.column));
+        for (name, pos) in unused {
+            self.error_hint(
+                pos,
+                format!("provider `{name}` is defined in `providers.custom` but no target uses it"),
+                format!("add a target with `provider: {name}`, or remove the definition"),
+            );
+        }
         out
+    }
+
+    /// `providers.custom`: providers the config defines itself.
+    fn custom_providers(&mut self, node: &Node) {
+        let Some(items) = self.list(node, "providers.custom") else {
+            return;
+        };
+        for (i, item) in items.iter().enumerate() {
+            let path = format!("providers.custom[{i}]");
+            let Some(f) = self.mapping(
+                item,
+                &path,
+                &["name", "hosts", "base_url", "credential", "error_shape"],
+            ) else {
+                continue;
+            };
+            let name = self
+                .required(
+                    &f,
+                    &path,
+                    "name",
+                    "name the provider, e.g. `name: vllm`; targets use it as `provider: vllm`",
+                )
+                .and_then(|n| self.string(n, &format!("{path}.name")).map(|s| (n.pos, s)));
+            let base_url = f
+                .get("base_url")
+                .and_then(|n| self.base_url(n, &format!("{path}.base_url")));
+            let mut hosts = Vec::new();
+            if let Some(list) = f
+                .get("hosts")
+                .and_then(|n| self.list(n, &format!("{path}.hosts")))
+            {
+                for (j, h) in list.iter().enumerate() {
+                    let hpath = format!("{path}.hosts[{j}]");
+                    let Some(host) = self.string(h, &hpath) else {
+                        continue;
+                    };
+                    let host = host.to_ascii_lowercase();
+                    if is_host_name(host.strip_prefix("*.").unwrap_or(&host)) {
+                        hosts.push(host);
+                    } else {
+                        self.error_hint(
+                            h.pos,
+                            format!("invalid host name `{host}` in `{hpath}`"),
+                            "write a bare host name such as llm.example.com, or `*.example.com` \
+                             for every name under it (no scheme, port or path)",
+                        );
+                    }
+                }
+            }
+            if f.get("hosts").is_none()
+                && let Some(h) = base_url
+                    .as_deref()
+                    .and_then(|u| u.parse::<http::Uri>().ok())
+                    .and_then(|u| u.host().map(str::to_ascii_lowercase))
+            {
+                hosts.push(h.trim_start_matches('[').trim_end_matches(']').to_string());
+            }
+            let credential = match f.get("credential") {
+                None => Some(CustomCredential::Style(KeyStyle::Bearer)),
+                Some(n) => self.custom_credential(n, &format!("{path}.credential")),
+            };
+            let error_shape = match f.get("error_shape") {
+                None => Some(ErrorShape::OpenAi),
+                Some(n) => {
+                    let p = format!("{path}.error_shape");
+                    self.string(n, &p).and_then(|v| {
+                        let shape = [
+                            ErrorShape::OpenAi,
+                            ErrorShape::Anthropic,
+                            ErrorShape::Google,
+                            ErrorShape::Aws,
+                        ]
+                        .into_iter()
+                        .find(|s| s.name() == v);
+                        if shape.is_none() {
+                            self.error_hint(
+                                n.pos,
+                                format!("unknown error shape `{v}` in `{p}` (expected openai, anthropic, google or aws)"),
+                                "the JSON shape of the provider's error bodies; kt answers its own errors in it",
+                            );
+                        }
+                        shape
+                    })
+                }
+            };
+            let Some((pos, name)) = name else { continue };
+            let lower = name.to_ascii_lowercase();
+            if !matches!(Provider::parse(&lower), Provider::Other(_)) {
+                self.error_hint(
+                    pos,
+                    format!("`{lower}` in `{path}.name` is a catalog provider"),
+                    format!(
+                        "catalog providers need no definition ({}); pick another name",
+                        crate::provider::known_names()
+                    ),
+                );
+                continue;
+            }
+            if !lower
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            {
+                self.error_hint(
+                    pos,
+                    format!("`{path}.name` is not a valid provider name"),
+                    "use letters, digits, `-` and `_`: it is also the base-URL path prefix (`/NAME/...`)",
+                );
+                continue;
+            }
+            if let Some((_, first, _)) = self.custom.get(&lower) {
+                let line = first.line;
+                self.error_hint(
+                    pos,
+                    format!("provider `{lower}` is defined twice in `providers.custom` (first on line {line})"),
+                    "keep one definition",
+                );
+                continue;
+            }
+            if hosts.is_empty() && f.get("hosts").is_some_and(|n| !is_null(n)) {
+                continue; // every host was reported above
+            }
+            if hosts.is_empty() {
+                self.error_hint(
+                    f.pos,
+                    format!("`{path}` has neither `hosts` nor `base_url`"),
+                    "give the host names it answers on (`hosts: [llm.example.com]`) and/or its `base_url`",
+                );
+                continue;
+            }
+            let (Some(credential), Some(error_shape)) = (credential, error_shape) else {
+                continue;
+            };
+            let api_root = base_url
+                .as_deref()
+                .and_then(|u| u.parse::<http::Uri>().ok())
+                .map(|u| u.path().trim_end_matches('/').to_string())
+                .unwrap_or_default();
+            let def = CustomProvider {
+                name: lower.clone(),
+                hosts,
+                base_url,
+                api_root,
+                credential,
+                error_shape,
+            };
+            self.custom
+                .insert(lower, (std::sync::Arc::new(def), pos, false));
+        }
+    }
+
+    /// `credential: bearer | x-api-key | api-key | x-goog-api-key` or
+    /// `credential: {header: NAME}`.
+    fn custom_credential(&mut self, node: &Node, path: &str) -> Option<CustomCredential> {
+        let hint = "write `bearer`, `x-api-key`, `api-key`, `x-goog-api-key`, or `{header: NAME}` \
+                    for the key alone in header NAME";
+        if let Kind::Map(_) = &node.kind {
+            let f = self.mapping(node, path, &["header"])?;
+            let n = self.required(&f, path, "header", hint)?;
+            let name = self
+                .string(n, &format!("{path}.header"))?
+                .to_ascii_lowercase();
+            const RESERVED: &[&str] = &[
+                "host",
+                "content-length",
+                "content-type",
+                "transfer-encoding",
+                "connection",
+                "te",
+                "upgrade",
+                "cookie",
+            ];
+            if http::HeaderName::from_bytes(name.as_bytes()).is_err()
+                || RESERVED.contains(&name.as_str())
+            {
+                self.error_hint(
+                    n.pos,
+                    format!("`{path}.header` is not a header kt can put a key in"),
+                    "name a header such as x-llm-key",
+                );
+                return None;
+            }
+            return Some(CustomCredential::Header(name));
+        }
+        let v = self.string(node, path)?;
+        let style = [
+            KeyStyle::Bearer,
+            KeyStyle::XApiKey,
+            KeyStyle::ApiKey,
+            KeyStyle::XGoogApiKey,
+        ]
+        .into_iter()
+        .find(|s| s.name() == v.to_ascii_lowercase());
+        if style.is_none() {
+            self.error_hint(
+                node.pos,
+                format!("unknown credential style `{v}` in `{path}`"),
+                hint,
+            );
+        }
+        style.map(CustomCredential::Style)
     }
 
     /// `fallback: {enabled: bool}`; writing the section means enabled unless it says otherwise.
@@ -335,6 +563,8 @@ impl Cx {
             "required",
             "secret_key_ref",
             "base_url",
+            "resource",
+            "region",
         ];
         let path = format!("providers.targets[{i}]");
         let f = self.mapping(node, &path, KEYS)?;
@@ -373,20 +603,40 @@ impl Cx {
             )
             .and_then(|n| self.string(n, &format!("{path}.provider")).map(|s| (n.pos, s)))
             .map(|(pos, name)| {
-                let provider = Provider::parse(&name);
+                let mut provider = Provider::parse(&name);
+                if let Provider::Other(n) = &provider
+                    && let Some((def, _, used)) = self.custom.get_mut(n)
+                {
+                    *used = true;
+                    provider = Provider::Custom(def.clone());
+                }
+                let own_default = match &provider {
+                    Provider::Custom(c) => c.base_url.is_some(),
+                    _ => false,
+                };
                 if matches!(provider, Provider::Other(_)) && base_url_node.is_none() {
                     self.error_hint(
                         pos,
                         format!("unknown provider `{name}` in `{path}` has no `base_url`"),
                         format!(
                             "known providers are {}; for another (OpenAI-compatible) \
-                             endpoint add `base_url: https://...`",
+                             endpoint add `base_url: https://...`, or define it in \
+                             `providers.custom`",
                             crate::provider::known_names()
                         ),
                     );
                 }
+                if matches!(provider, Provider::Custom(_)) && !own_default && base_url_node.is_none()
+                {
+                    self.error_hint(
+                        pos,
+                        format!("provider `{name}` in `{path}` has no `base_url`, and its definition in `providers.custom` gives none"),
+                        "add `base_url: https://...` to the target or to the definition",
+                    );
+                }
                 provider
             });
+        let located = self.located_endpoint(&f, &path, provider.as_ref(), base_url_node.is_some());
         let model = f
             .get("model")
             .and_then(|n| self.string(n, &format!("{path}.model")));
@@ -404,17 +654,115 @@ impl Cx {
             )
             .and_then(|n| self.secret_ref(n, &secret_path));
 
+        let provider = provider?;
+        let base_url = match base_url_node {
+            Some(_) => Some(base_url?),
+            None => match (located?, &provider) {
+                (Some(url), _) => Some(url),
+                (None, Provider::Custom(c)) => c.base_url.clone(),
+                (None, _) => None,
+            },
+        };
         Some(Target {
             id: id?.1,
-            provider: provider?,
+            provider,
             model,
             required,
             secret_key_ref: secret_key_ref?,
-            base_url: match base_url_node {
-                Some(_) => Some(base_url?),
-                None => None,
-            },
+            base_url,
         })
+    }
+
+    /// A target's endpoint from `resource` (Azure OpenAI) or `region`
+    /// (Bedrock): `Some(None)` when neither applies, `None` on an error.
+    fn located_endpoint(
+        &mut self,
+        f: &Fields<'_>,
+        path: &str,
+        provider: Option<&Provider>,
+        has_base_url: bool,
+    ) -> Option<Option<String>> {
+        let label_ok = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 63
+                && !s.starts_with('-')
+                && !s.ends_with('-')
+                && s.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        };
+        let mut out = Some(None);
+        for (key, wants, make, example) in [
+            (
+                "resource",
+                Provider::Azure,
+                crate::provider::azure_endpoint as fn(&str) -> String,
+                "resource: my-openai (for https://my-openai.openai.azure.com)",
+            ),
+            (
+                "region",
+                Provider::Bedrock,
+                crate::provider::bedrock_endpoint as fn(&str) -> String,
+                "region: us-east-1",
+            ),
+        ] {
+            let Some(n) = f.get(key) else { continue };
+            let p = format!("{path}.{key}");
+            let Some(v) = self.string(n, &p) else {
+                out = None;
+                continue;
+            };
+            if provider.is_some_and(|pr| *pr != wants) {
+                self.error_hint(
+                    n.pos,
+                    format!("`{p}` is only for `provider: {}`", wants.name()),
+                    "remove it; other providers take a `base_url` when not the official one",
+                );
+                out = None;
+            } else if has_base_url {
+                self.error_hint(
+                    n.pos,
+                    format!("`{p}` and `{path}.base_url` both say where requests go"),
+                    format!(
+                        "keep one: `{key}` builds the official endpoint, `base_url` names any other"
+                    ),
+                );
+                out = None;
+            } else if !label_ok(&v.to_ascii_lowercase()) {
+                self.error_hint(
+                    n.pos,
+                    format!("`{p}` is not a valid {key} name"),
+                    format!("e.g. `{example}`"),
+                );
+                out = None;
+            } else if out.is_some() {
+                out = Some(Some(make(&v.to_ascii_lowercase())));
+            }
+        }
+        if let Some(pr) = provider
+            && matches!(pr, Provider::Azure | Provider::Bedrock)
+            && !has_base_url
+            && f.get("resource").is_none()
+            && f.get("region").is_none()
+        {
+            let (key, example) = if *pr == Provider::Azure {
+                (
+                    "resource",
+                    "resource: my-openai (for https://my-openai.openai.azure.com)",
+                )
+            } else {
+                ("region", "region: us-east-1")
+            };
+            self.error_hint(
+                f.pos,
+                format!(
+                    "`{path}` (provider {}) needs `{key}` or `base_url`",
+                    pr.name()
+                ),
+                format!("there is no endpoint common to all customers; e.g. `{example}`"),
+            );
+            return None;
+        }
+        out
     }
 
     fn secret_ref(&mut self, node: &Node, path: &str) -> Option<SecretKeyRef> {
@@ -1103,14 +1451,23 @@ impl Cx {
             && let Some(c) = self.mapping(
                 n,
                 "gateway.credentials",
-                &["api_key", "oauth", "none", "other_provider"],
+                &[
+                    "api_key",
+                    "oauth",
+                    "none",
+                    "other_provider",
+                    "entra",
+                    "sigv4",
+                ],
             )
         {
-            let slots: [(&str, &mut CredentialAction); 4] = [
+            let slots: [(&str, &mut CredentialAction); 6] = [
                 ("api_key", &mut out.credentials.api_key),
                 ("oauth", &mut out.credentials.oauth),
                 ("none", &mut out.credentials.none),
                 ("other_provider", &mut out.credentials.other_provider),
+                ("entra", &mut out.credentials.entra),
+                ("sigv4", &mut out.credentials.sigv4),
             ];
             for (key, slot) in slots {
                 let Some(n) = c.get(key) else { continue };
@@ -1123,6 +1480,11 @@ impl Cx {
                         n.pos,
                         format!("`{path}` cannot be `pass`: a request without a credential has nothing to pass"),
                         "use `swap` (send the managed key) or `block`",
+                    ),
+                    ("swap", "entra" | "sigv4") => self.error_hint(
+                        n.pos,
+                        format!("`{path}` cannot be `swap`: this credential is the client's own identity (an Entra ID token, an AWS signature over the request), never replaced by a managed key"),
+                        "use `pass` (forward it as sent) or `block`",
                     ),
                     ("swap", _) => *slot = CredentialAction::Swap,
                     ("pass", _) => *slot = CredentialAction::Pass,
@@ -1285,6 +1647,7 @@ impl Cx {
             "ports",
             "scope",
             "containers",
+            "providers",
         ];
         let mut out = Capture::default();
         let Some(f) = node.and_then(|n| self.mapping(n, "capture", KEYS)) else {
@@ -1378,6 +1741,22 @@ impl Cx {
                     format!("unknown capture scope `{other}` in `capture.scope` (expected provider or port)"),
                     "`provider` captures connections to provider addresses only; `port` captures every \
                      connection to the capture ports and splices non-provider names",
+                ),
+            }
+        }
+        if let Some(n) = f.get("providers")
+            && let Some(v) = self.string(n, "capture.providers")
+        {
+            match v.as_str() {
+                "routed" => out.providers = CaptureProviders::Routed,
+                "all" => out.providers = CaptureProviders::All,
+                other => self.error_hint(
+                    n.pos,
+                    format!(
+                        "unknown value `{other}` in `capture.providers` (expected routed or all)"
+                    ),
+                    "`routed` captures the hosts of providers with a target; `all` every catalog \
+                     host, so a job calling a provider without a target is refused and recorded",
                 ),
             }
         }

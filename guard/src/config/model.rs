@@ -327,6 +327,14 @@ pub struct CredentialPolicy {
     /// `other_provider` (default block): a key of another provider (a Groq
     /// key sent to OpenAI).
     pub other_provider: CredentialAction,
+    /// `entra` (default pass; `swap` is not allowed): a Microsoft Entra
+    /// ID token sent to Azure OpenAI (`Authorization: Bearer <JWT>`), a
+    /// person's or workload's own identity.
+    pub entra: CredentialAction,
+    /// `sigv4` (default block; `swap` is not allowed): an AWS SigV4-signed
+    /// request (`Authorization: AWS4-HMAC-SHA256 ...`), signed with the
+    /// job's own IAM credentials over the request itself.
+    pub sigv4: CredentialAction,
 }
 
 impl Default for CredentialPolicy {
@@ -336,6 +344,8 @@ impl Default for CredentialPolicy {
             oauth: CredentialAction::Pass,
             none: CredentialAction::Swap,
             other_provider: CredentialAction::Block,
+            entra: CredentialAction::Pass,
+            sigv4: CredentialAction::Block,
         }
     }
 }
@@ -511,6 +521,22 @@ pub struct Capture {
     /// `containers`: connections from other network namespaces (containers
     /// on bridges); default off (refused).
     pub containers: Containers,
+    /// `providers` (default `routed`): whose hosts are captured when
+    /// `hosts` is not given.
+    pub providers: CaptureProviders,
+}
+
+/// `capture.providers`: which catalog providers' hosts are captured by
+/// default.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CaptureProviders {
+    /// `routed`: the hosts of every provider that has a target.
+    #[default]
+    Routed,
+    /// `all`: every catalog host as well, so a job calling a provider this
+    /// config does not route is refused and recorded (the provider named)
+    /// instead of going direct.
+    All,
 }
 
 /// `capture.containers` (`true`/`false`, or a mapping).
@@ -580,6 +606,7 @@ impl Default for Capture {
             ports: vec![443],
             scope: CaptureScope::Provider,
             containers: Containers::default(),
+            providers: CaptureProviders::Routed,
         }
     }
 }

@@ -318,6 +318,17 @@ fn full_example_sets_every_optional_section() {
     assert_eq!(cap.scope, CaptureScope::Port);
     assert!(cap.containers.enabled);
     assert_eq!(cap.containers.address, Containers::ADDRESS);
+    assert_eq!(cap.providers, CaptureProviders::All);
+    assert_eq!(
+        t[2].base_url.as_deref(),
+        Some("https://contoso-eu.openai.azure.com")
+    );
+    assert_eq!(
+        t[3].base_url.as_deref(),
+        Some("https://bedrock-runtime.eu-west-1.amazonaws.com")
+    );
+    assert_eq!(t[4].provider.name(), "vllm");
+    assert_eq!(t[4].base_url.as_deref(), Some("https://llm.internal/v1"));
 }
 
 #[test]
@@ -575,8 +586,8 @@ fn unknown_provider_needs_base_url_and_base_url_is_http() {
         e.to_string(),
         "t.yaml:4:17: unknown provider `Acme` in `providers.targets[0]` has no `base_url`\n  \
          hint: known providers are openai, anthropic, mistral, groq, deepseek, xai, openrouter, \
-         together, fireworks, perplexity, cohere, huggingface, gemini; for another (OpenAI-compatible) \
-         endpoint add `base_url: https://...`"
+         together, fireworks, perplexity, cohere, huggingface, gemini, azure, bedrock; for another \
+         (OpenAI-compatible) endpoint add `base_url: https://...`, or define it in `providers.custom`"
     );
     let c = ok(&target("      base_url: https://llm.acme.example/v1\n"));
     assert_eq!(
@@ -1082,5 +1093,174 @@ fn event_sink_mistakes_are_errors_with_their_position() {
     assert!(
         text.contains("sinks[5]` is the same sink as the one on line 11 (stdout)"),
         "{text}"
+    );
+}
+
+/// A target of a catalog provider needs no `base_url`: Azure takes its
+/// `resource`, Bedrock its `region`; everything else has one endpoint.
+#[test]
+fn catalog_targets_need_no_base_url_azure_and_bedrock_name_where() {
+    let mut text = String::from("providers:\n  targets:\n");
+    for p in crate::provider::KNOWN {
+        let place = match p {
+            Provider::Azure => "      resource: myres\n",
+            Provider::Bedrock => "      region: eu-west-1\n",
+            _ => "",
+        };
+        text.push_str(&format!(
+            "    - id: {n}\n      provider: {n}\n{place}      secret_key_ref: {{env: K}}\n",
+            n = p.name()
+        ));
+    }
+    let c = ok(&text);
+    let router = crate::routing::Router::new(&c).unwrap();
+    for r in router.routes() {
+        assert_eq!(r.endpoint.scheme, "https", "{}", r.target.id);
+    }
+    let host = |id: &str| {
+        router
+            .routes()
+            .iter()
+            .find(|r| r.target.id == id)
+            .unwrap()
+            .endpoint
+            .host
+            .clone()
+    };
+    assert_eq!(host("azure"), "myres.openai.azure.com");
+    assert_eq!(host("bedrock"), "bedrock-runtime.eu-west-1.amazonaws.com");
+    assert_eq!(host("gemini"), "generativelanguage.googleapis.com");
+
+    let t = |extra: &str| {
+        format!("providers:\n  targets:\n    - id: a\n      secret_key_ref: {{env: K}}\n{extra}")
+    };
+    let e = errs(&t("      provider: azure\n")).to_string();
+    assert!(
+        e.starts_with(
+            "t.yaml:3:7: `providers.targets[0]` (provider azure) needs `resource` or `base_url`"
+        ),
+        "{e}"
+    );
+    let e = errs(&t("      provider: bedrock\n")).to_string();
+    assert!(
+        e.contains("(provider bedrock) needs `region` or `base_url`"),
+        "{e}"
+    );
+    let e = errs(&t("      provider: openai\n      region: us-east-1\n")).to_string();
+    assert!(
+        e.starts_with("t.yaml:6:15: `providers.targets[0].region` is only for `provider: bedrock`"),
+        "{e}"
+    );
+    let e = errs(&t(
+        "      provider: azure\n      resource: a\n      base_url: https://x.example\n",
+    ))
+    .to_string();
+    assert!(e.contains("both say where requests go"), "{e}");
+    let e = errs(&t("      provider: azure\n      resource: \"my res\"\n")).to_string();
+    assert!(e.contains("is not a valid resource name"), "{e}");
+    // An Azure target behind a gateway of its own keeps its base_url.
+    let c = ok(&t(
+        "      provider: azure\n      base_url: https://apim.example/openai-proxy\n",
+    ));
+    assert_eq!(
+        c.providers.targets[0].base_url.as_deref(),
+        Some("https://apim.example/openai-proxy")
+    );
+}
+
+/// `providers.custom`: a provider the config defines (hosts with
+/// wildcards, base URL, credential style, error shape); unknown keys and
+/// bad values are errors with line and column.
+#[test]
+fn config_defined_providers() {
+    let c = ok(
+        "providers:\n  custom:\n    - name: VLLM\n      hosts: [llm.internal, \"*.llm.example\"]\n      base_url: https://llm.internal/v1\n      credential: {header: X-LLM-Key}\n      error_shape: anthropic\n  targets:\n    - id: a\n      provider: vllm\n      secret_key_ref: {env: K}\n",
+    );
+    let t = &c.providers.targets[0];
+    let Provider::Custom(def) = &t.provider else {
+        panic!("{:?}", t.provider)
+    };
+    assert_eq!(def.name, "vllm");
+    assert_eq!(def.hosts, vec!["llm.internal", "*.llm.example"]);
+    assert_eq!(
+        def.credential,
+        crate::provider::CustomCredential::Header("x-llm-key".into())
+    );
+    assert_eq!(def.error_shape, crate::provider::ErrorShape::Anthropic);
+    assert_eq!(t.base_url.as_deref(), Some("https://llm.internal/v1"));
+    let router = crate::routing::Router::new(&c).unwrap();
+    assert_eq!(
+        router.match_host("gpu1.llm.example", Some(443)),
+        Some(t.provider.clone())
+    );
+    assert_eq!(
+        router.match_host("llm.internal", None),
+        Some(t.provider.clone())
+    );
+    assert_eq!(router.custom_credential_headers(), vec!["x-llm-key"]);
+
+    // Hosts default to the base URL's; the credential to Bearer.
+    let c = ok(
+        "providers:\n  custom:\n    - name: local\n      base_url: https://gpu.lan:8443/api\n  targets:\n    - id: a\n      provider: local\n      secret_key_ref: {env: K}\n",
+    );
+    let Provider::Custom(def) = &c.providers.targets[0].provider else {
+        panic!()
+    };
+    assert_eq!(def.hosts, vec!["gpu.lan"]);
+    assert_eq!(
+        def.credential,
+        crate::provider::CustomCredential::Style(crate::provider::KeyStyle::Bearer)
+    );
+
+    let e = errs("providers:\n  custom:\n    - name: x\n      hosts: [a.example]\n      credentail: bearer\n      credential: basic\n      error_shape: xml\n    - name: openai\n      hosts: [b.example]\n    - name: y\n      hosts: [\"bad host\"]\n    - name: z\n  targets:\n    - id: a\n      provider: x\n      secret_key_ref: {env: K}\n").to_string();
+    for want in [
+        "t.yaml:5:7: unknown key `credentail` in `providers.custom[0]`",
+        "t.yaml:6:19: unknown credential style `basic` in `providers.custom[0].credential`",
+        "t.yaml:7:20: unknown error shape `xml` in `providers.custom[0].error_shape`",
+        "t.yaml:8:13: `openai` in `providers.custom[1].name` is a catalog provider",
+        "t.yaml:11:15: invalid host name `bad host` in `providers.custom[2].hosts[0]`",
+        "t.yaml:12:7: `providers.custom[3]` has neither `hosts` nor `base_url`",
+    ] {
+        assert!(e.contains(want), "missing {want:?} in:\n{e}");
+    }
+    // Defined but never used, and a custom provider without any endpoint.
+    let e = errs("providers:\n  custom:\n    - name: x\n      hosts: [a.example]\n    - name: unused\n      hosts: [b.example]\n  targets:\n    - id: a\n      provider: x\n      secret_key_ref: {env: K}\n").to_string();
+    assert!(
+        e.contains("t.yaml:9:17: provider `x` in `providers.targets[0]` has no `base_url`"),
+        "{e}"
+    );
+    assert!(
+        e.contains(
+            "t.yaml:5:13: provider `unused` is defined in `providers.custom` but no target uses it"
+        ),
+        "{e}"
+    );
+}
+
+#[test]
+fn capture_providers_and_the_azure_and_bedrock_credential_kinds() {
+    let c = ok(&with(
+        "capture:\n  providers: all\ngateway:\n  credentials:\n    entra: block\n    sigv4: pass\n",
+    ));
+    assert_eq!(c.capture.providers, CaptureProviders::All);
+    assert_eq!(c.gateway.credentials.entra, CredentialAction::Block);
+    assert_eq!(c.gateway.credentials.sigv4, CredentialAction::Pass);
+    let d = ok(&with(""));
+    assert_eq!(d.capture.providers, CaptureProviders::Routed);
+    assert_eq!(d.gateway.credentials.entra, CredentialAction::Pass);
+    assert_eq!(d.gateway.credentials.sigv4, CredentialAction::Block);
+    let e = errs(&with(
+        "capture:\n  providers: some\ngateway:\n  credentials:\n    sigv4: swap\n",
+    ))
+    .to_string();
+    assert!(
+        e.contains(
+            "t.yaml:8:14: unknown value `some` in `capture.providers` (expected routed or all)"
+        ),
+        "{e}"
+    );
+    assert!(
+        e.contains("t.yaml:11:12: `gateway.credentials.sigv4` cannot be `swap`"),
+        "{e}"
     );
 }

@@ -92,7 +92,7 @@ impl Gateway {
             });
             let msg = format!(
                 "kt: CONNECT to {host}:{port} refused: it is not a provider host ({}) and not in gateway.connect_allow",
-                self.known_hosts().join(", ")
+                self.known_hosts_brief()
             );
             return forbidden(&msg);
         };
@@ -198,6 +198,33 @@ impl Gateway {
         match tokio::time::timeout(timeout, tokio::net::lookup_host((host, 443))).await {
             Ok(Ok(mut addrs)) => addrs.find(|a| !is_internal(a.ip())),
             _ => None,
+        }
+    }
+
+    /// The targets' hosts and the first catalog hosts, for a message (the
+    /// catalog lists dozens: Bedrock has one per region).
+    fn known_hosts_brief(&self) -> String {
+        const SHOWN: usize = 12;
+        let mut hosts: Vec<String> = Vec::new();
+        for r in self.inner().router.routes() {
+            if !hosts.contains(&r.endpoint.host) {
+                hosts.push(r.endpoint.host.clone());
+            }
+        }
+        let all = self.known_hosts();
+        let total = all.iter().filter(|h| !hosts.contains(h)).count() + hosts.len();
+        for h in all {
+            if hosts.len() >= SHOWN {
+                break;
+            }
+            if !hosts.contains(&h) {
+                hosts.push(h);
+            }
+        }
+        if total > hosts.len() {
+            format!("{}, and {} more", hosts.join(", "), total - hosts.len())
+        } else {
+            hosts.join(", ")
         }
     }
 

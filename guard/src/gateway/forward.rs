@@ -28,21 +28,25 @@ pub(crate) async fn forward(
     parts: &http::request::Parts,
     matched: &Matched,
     body: Bytes,
+    direct: Option<Route>,
 ) -> Response<GwBody> {
+    // `direct` (observe mode, a provider without a target): the one route
+    // to where the client was going, with its own credential.
+    let direct: Vec<Route> = direct.into_iter().collect();
+    let targets: Vec<&Route> = if direct.is_empty() {
+        inner.router.targets_for(&matched.provider).collect()
+    } else {
+        direct.iter().collect()
+    };
     // `pass`: the client's own credential goes to every target of the
     // provider (managed key or not); otherwise each target's managed key.
     let passed = ex.pass.then(|| ex.presented.take()).flatten();
     let all: Vec<(&Route, Option<&SecretValue>)> = if ex.pass {
-        inner
-            .router
-            .targets_for(&matched.provider)
-            .map(|r| (r, passed.as_ref()))
-            .collect()
+        targets.iter().map(|r| (*r, passed.as_ref())).collect()
     } else {
-        inner
-            .router
-            .targets_for(&matched.provider)
-            .filter_map(|r| inner.keys.get(&r.target.id).map(|k| (r, Some(k))))
+        targets
+            .iter()
+            .filter_map(|r| inner.keys.get(&r.target.id).map(|k| (*r, Some(k))))
             .collect()
     };
     ex.presented = None;
@@ -73,6 +77,9 @@ pub(crate) async fn forward(
                     // token stays `Authorization: Bearer`).
                     for name in provider::CREDENTIAL_HEADERS {
                         up.headers_mut().remove(*name);
+                    }
+                    for name in inner.router.custom_credential_headers() {
+                        up.headers_mut().remove(name.as_str());
                     }
                     for (n, v) in &ex.presented_headers {
                         up.headers_mut().append(n.clone(), v.clone());
@@ -250,8 +257,9 @@ fn upstream_request(
             .insert(CONTENT_LENGTH, HeaderValue::from(send_len));
     }
     if let Some(key) = key {
-        let (name, value) = routing::managed_key_header(&route.target, key.expose())
-            .map_err(|e| refuse(StatusCode::BAD_GATEWAY, codes::NO_TARGET, e.to_string()))?;
+        let (name, value) =
+            routing::managed_key_header_for(&route.target, &matched.api_path, key.expose())
+                .map_err(|e| refuse(StatusCode::BAD_GATEWAY, codes::NO_TARGET, e.to_string()))?;
         up.headers_mut().insert(name, value);
     }
     Ok(up)

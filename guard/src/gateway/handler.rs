@@ -287,6 +287,16 @@ pub async fn handle(
     ex.provider = Some(matched.provider.clone());
     ex.rec.provider = Some(matched.provider.name().to_string());
     ex.rec.path.clone_from(&matched.api_path);
+    learn_wildcard_name(&inner, &ctx);
+    let mut direct = None;
+    if !inner.router.is_routed(&matched.provider) {
+        // Observe mode blocks nothing: the job goes on to where it was
+        // going, with its own credential, and is recorded.
+        match observe_direct(&inner, &mut ex, &ctx, &matched.provider) {
+            Some(route) => direct = Some(route),
+            None => return Ok(not_routed(&inner, ex, &ctx, &matched.provider)),
+        }
+    }
     if let Err(r) = decide_credential(&inner, &mut ex, &matched) {
         return Ok(ex.fail(&inner, &r, &[]));
     }
@@ -310,7 +320,7 @@ pub async fn handle(
     strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(HOST);
     parts.headers.remove(CONTENT_LENGTH);
-    Ok(super::forward::forward(&inner, ex, &parts, &matched, body).await)
+    Ok(super::forward::forward(&inner, ex, &parts, &matched, body, direct).await)
 }
 
 /// Who may spend managed keys: explicit requests must come from this host
@@ -457,7 +467,25 @@ fn strip_credentials(inner: &Inner, ex: &mut Exchange, parts: &mut http::request
             }
         }
     }
-    let header_key = routing::strip_credential_headers(&mut parts.headers);
+    let mut header_key = routing::strip_credential_headers(&mut parts.headers);
+    for name in inner.router.custom_credential_headers() {
+        for v in parts.headers.get_all(name.as_str()) {
+            let mut v = v.clone();
+            if header_key.is_none() {
+                header_key = v
+                    .to_str()
+                    .ok()
+                    .map(str::trim)
+                    .filter(|k| !k.is_empty())
+                    .map(str::to_string);
+            }
+            v.set_sensitive(true);
+            if let Ok(n) = HeaderName::from_bytes(name.as_bytes()) {
+                ex.presented_headers.push((n, v));
+            }
+        }
+        parts.headers.remove(name.as_str());
+    }
     let raw_pq = parts
         .uri
         .path_and_query()
@@ -490,6 +518,8 @@ fn decide_credential(inner: &Inner, ex: &mut Exchange, matched: &Matched) -> Res
             provider::CredentialKind::ApiKey => policy.api_key,
             provider::CredentialKind::OAuth => policy.oauth,
             provider::CredentialKind::OtherProvider(_) => policy.other_provider,
+            provider::CredentialKind::Entra => policy.entra,
+            provider::CredentialKind::SigV4 => policy.sigv4,
         }
     };
     ex.pass = action == CredentialAction::Pass;
@@ -528,6 +558,12 @@ fn decide_credential(inner: &Inner, ex: &mut Exchange, matched: &Matched) -> Res
         }
         provider::CredentialKind::OtherProvider(p) => {
             format!("a {} key sent to {}", p.name(), matched.provider.name())
+        }
+        provider::CredentialKind::Entra => {
+            "a Microsoft Entra ID token (it is not swapped for the managed key)".to_string()
+        }
+        provider::CredentialKind::SigV4 => {
+            "an AWS SigV4-signed request (a signature made with the job's own IAM credentials cannot be swapped for a managed key; use a Bedrock API key, or set gateway.credentials.sigv4: pass to let signed requests through)".to_string()
         }
     };
     Err(refusal(
@@ -576,6 +612,96 @@ fn identify(
             })
         }
     }
+}
+
+/// A name a client reached a provider by only through a wildcard host
+/// (`res2.openai.azure.com`): remembered for capture, which resolves it
+/// from then on (see `capture::hosts::LearnedNames`).
+fn learn_wildcard_name(inner: &Inner, ctx: &ConnCtx) {
+    let (Mode::Connect { host, .. } | Mode::Capture { host, .. }) = &ctx.mode else {
+        return;
+    };
+    if inner.router.learnable(host) && crate::capture::hosts::LEARNED.learn(host) {
+        tracing::info!(%host, "a name under a provider's wildcard host: resolved and captured from now on");
+    }
+}
+
+/// Observe mode, a provider without a target, reached by name (CONNECT or
+/// SNI): the route to where the client was going — the provider's official
+/// endpoint when the name is one of its listed hosts, else that name on
+/// its port — noted as `provider-not-routed` (audit). `None` outside
+/// observe mode or without a name.
+fn observe_direct(
+    inner: &Inner,
+    ex: &mut Exchange,
+    ctx: &ConnCtx,
+    provider: &Provider,
+) -> Option<routing::Route> {
+    if inner.config.gateway.mode != GatewayMode::Observe {
+        return None;
+    }
+    let (Mode::Connect { host, port } | Mode::Capture { host, port }) = &ctx.mode else {
+        return None;
+    };
+    let url = routing::direct_url(provider, host, *port)?;
+    let endpoint = routing::Endpoint::parse(&url)?;
+    ex.rec.policy.push(PolicyNote {
+        policy: PolicyId::Guard,
+        action: PolicyAction::Audit,
+        rule: "provider-not-routed".into(),
+        location: Some(format!(
+            "{} ({host}): observe mode, sent on as the client sent it",
+            provider.name()
+        )),
+    });
+    Some(routing::Route {
+        target: crate::config::Target {
+            id: format!("{}-direct", provider.name()),
+            provider: provider.clone(),
+            model: None,
+            required: false,
+            secret_key_ref: crate::config::SecretKeyRef::Store(String::new()),
+            base_url: Some(url),
+        },
+        endpoint,
+    })
+}
+
+/// A catalog provider this config routes nowhere (its hosts captured by
+/// `capture.providers: all`): refused in that provider's shape and
+/// recorded with its name, so the job is found rather than let through
+/// with whatever key it carries.
+fn not_routed(
+    inner: &Inner,
+    mut ex: Exchange,
+    ctx: &ConnCtx,
+    provider: &Provider,
+) -> Response<GwBody> {
+    let host = match &ctx.mode {
+        Mode::Connect { host, .. } | Mode::Capture { host, .. } => host.clone(),
+        Mode::BaseUrl => String::new(),
+    };
+    let location = if host.is_empty() {
+        provider.name().to_string()
+    } else {
+        format!("{} ({host})", provider.name())
+    };
+    ex.rec.policy.push(PolicyNote {
+        policy: PolicyId::Guard,
+        action: PolicyAction::Block,
+        rule: "provider-not-routed".into(),
+        location: Some(location),
+    });
+    let msg = format!(
+        "kt: this config has no target for provider {}; the request is refused, not sent with the key it carried. Add a target for {} (providers.targets) to serve it with a managed key",
+        provider.name(),
+        provider.name()
+    );
+    ex.fail(
+        inner,
+        &refusal(StatusCode::FORBIDDEN, codes::PROVIDER_NOT_ROUTED, msg),
+        &[],
+    )
 }
 
 fn unknown_provider(inner: &Inner, mut ex: Exchange, clean_pq: String) -> Response<GwBody> {

@@ -8,6 +8,8 @@
 //! them spells a provider host or header name itself. Pure: no I/O.
 #![forbid(unsafe_code)]
 
+use std::sync::Arc;
+
 use http::StatusCode;
 use http::header::{AUTHORIZATION, HeaderName, HeaderValue};
 
@@ -42,12 +44,47 @@ pub enum Provider {
     HuggingFace,
     /// Google Gemini API (`x-goog-api-key`).
     Gemini,
+    /// Azure OpenAI (`api-key`; resource hosts `*.openai.azure.com`).
+    Azure,
+    /// Amazon Bedrock with Bedrock API keys (Bearer; AWS event-stream
+    /// frames when streaming).
+    Bedrock,
+    /// A provider defined in the config (`providers.custom`).
+    Custom(Arc<CustomProvider>),
     /// Another name; needs a `base_url`, spoken to OpenAI-style.
     Other(String),
 }
 
+/// A provider the config defines itself (`providers.custom`): a
+/// self-hosted or new endpoint with its own hosts and credential style.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct CustomProvider {
+    /// `name` (lower case; not a catalog name).
+    pub name: String,
+    /// `hosts`: TLS names it answers on (`*.example.com` for subdomains).
+    pub hosts: Vec<String>,
+    /// `base_url`: the default endpoint of its targets.
+    pub base_url: Option<String>,
+    /// The path of `base_url` ("" without one): removed from requests sent
+    /// to its hosts so they can be re-rooted on any target.
+    pub api_root: String,
+    /// `credential`: how the managed key goes on the wire.
+    pub credential: CustomCredential,
+    /// `error_shape` (default OpenAI's).
+    pub error_shape: ErrorShape,
+}
+
+/// How a config-defined provider takes its key.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum CustomCredential {
+    /// One of the catalog's styles.
+    Style(KeyStyle),
+    /// `header: NAME`: the key alone in header NAME (lower case).
+    Header(String),
+}
+
 /// How the managed key is put on an upstream request.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum KeyStyle {
     /// `Authorization: Bearer <key>`.
     Bearer,
@@ -56,10 +93,24 @@ pub enum KeyStyle {
     /// `x-goog-api-key: <key>` (Google APIs). Never `?key=`: a query string
     /// ends up in access logs and proxies' caches.
     XGoogApiKey,
+    /// `api-key: <key>` (Azure OpenAI).
+    ApiKey,
+}
+
+impl KeyStyle {
+    /// The name written in config files (`bearer`, `x-api-key`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            KeyStyle::Bearer => "bearer",
+            KeyStyle::XApiKey => "x-api-key",
+            KeyStyle::XGoogApiKey => "x-goog-api-key",
+            KeyStyle::ApiKey => "api-key",
+        }
+    }
 }
 
 /// Which JSON shape a provider's error bodies have.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ErrorShape {
     /// `{"error":{"message","type","code"}}`.
     OpenAi,
@@ -67,14 +118,34 @@ pub enum ErrorShape {
     Anthropic,
     /// Google's `{"error":{"code":<http status>,"message","status"}}`.
     Google,
+    /// AWS REST-JSON: `{"message", "__type"}` (the SDKs read the exception
+    /// name from `__type` when there is no `x-amzn-ErrorType` header).
+    Aws,
+}
+
+impl ErrorShape {
+    /// The name written in config files.
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorShape::OpenAi => "openai",
+            ErrorShape::Anthropic => "anthropic",
+            ErrorShape::Google => "google",
+            ErrorShape::Aws => "aws",
+        }
+    }
 }
 
 /// Static facts about one known provider.
 #[derive(Clone, Copy, Debug)]
 pub struct Spec {
-    /// Official API host names (TLS names kt terminates for it).
+    /// Official API host names (TLS names kt terminates for it). A name
+    /// starting with `*.` stands for every name under it (Azure's resource
+    /// hosts): matched when a client names it (SNI, CONNECT, Host), never
+    /// resolved in advance.
     pub hosts: &'static [&'static str],
-    /// The official endpoint, including its API root path.
+    /// The official endpoint, including its API root path ("": there is
+    /// none common to all customers; a target names its own, e.g. Azure's
+    /// `resource` or Bedrock's `region`).
     pub base_url: &'static str,
     /// The API root path in that endpoint (`/v1` for OpenAI), removed from
     /// paths so a request can be re-rooted on any target.
@@ -86,6 +157,21 @@ pub struct Spec {
     /// An unbilled request that proves a key works (`None`: no such
     /// endpoint is documented, or it would not check the key).
     pub probe: Option<Probe>,
+    /// How its streamed answers are framed (for the README and tests;
+    /// kt relays every format byte for byte).
+    pub stream: StreamFormat,
+    /// Hosts whose paths live under a prefix on the official endpoint
+    /// (a legacy host folded into a newer one): `(host, prefix)`.
+    pub host_paths: &'static [(&'static str, &'static str)],
+}
+
+/// How a provider frames a streamed answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StreamFormat {
+    /// Server-sent events (`text/event-stream`).
+    Sse,
+    /// AWS event-stream binary frames (`application/vnd.amazon.eventstream`).
+    AwsEventStream,
 }
 
 /// An unbilled health request for a provider: one request with the managed
@@ -128,6 +214,8 @@ const OPENAI: Spec = Spec {
     error_shape: ErrorShape::OpenAi,
     // https://platform.openai.com/docs/api-reference/models/list
     probe: get("/models"),
+    stream: StreamFormat::Sse,
+    host_paths: &[],
 };
 
 // Anthropic: https://docs.anthropic.com/en/api/overview (x-api-key header;
@@ -145,6 +233,8 @@ const ANTHROPIC: Spec = Spec {
         path: "/v1/models",
         headers: &[("anthropic-version", "2023-06-01")],
     }),
+    stream: StreamFormat::Sse,
+    host_paths: &[],
 };
 
 // The OpenAI-compatible Bearer providers below differ only in where their
@@ -162,6 +252,8 @@ const fn bearer(
         key_style: KeyStyle::Bearer,
         error_shape: ErrorShape::OpenAi,
         probe,
+        stream: StreamFormat::Sse,
+        host_paths: &[],
     }
 }
 
@@ -259,23 +351,41 @@ const COHERE: Spec = bearer(
 );
 
 // Hugging Face Inference Providers: https://huggingface.co/changelog/inference-providers-openai-compatible
-// ("point to router.huggingface.co/v1"), HF token as Bearer.
+// ("point to router.huggingface.co/v1"), HF token as Bearer. The router
+// also serves the per-provider task APIs (`/hf-inference/models/{id}`,
+// `/{provider}/...`, as huggingface.js builds them), so the root is empty
+// and every path passes through. The legacy serverless host
+// api-inference.huggingface.co (`/models/{id}`) moved to
+// `router.huggingface.co/hf-inference/models/{id}` (its deprecation:
+// https://github.com/huggingface/transformers/issues/42169 and the
+// migration commits it cites): a job still calling it is captured and its
+// paths re-rooted there.
 // No probe: it is not documented whether the router's `/v1/models` checks
 // the token.
-const HUGGINGFACE: Spec = bearer(
-    &["router.huggingface.co"],
-    "https://router.huggingface.co/v1",
-    "/v1",
-    None,
-);
+const HUGGINGFACE: Spec = Spec {
+    hosts: &["router.huggingface.co", "api-inference.huggingface.co"],
+    base_url: "https://router.huggingface.co",
+    api_root: "",
+    key_style: KeyStyle::Bearer,
+    error_shape: ErrorShape::OpenAi,
+    probe: None,
+    stream: StreamFormat::Sse,
+    host_paths: &[("api-inference.huggingface.co", "/hf-inference")],
+};
 
 // Gemini API: https://ai.google.dev/api (REST calls on
-// https://generativelanguage.googleapis.com/v1beta/models/...:generateContent)
-// and `x-goog-api-key` as the header form of the key (e.g. the Elixir client
+// https://generativelanguage.googleapis.com/v1beta/models/...:generateContent,
+// streaming `:streamGenerateContent?alt=sse`) and `x-goog-api-key` as the
+// header form of the key (e.g. the Elixir client
 // https://hexdocs.pm/gemini_ex/0.9.0/Gemini.Auth.GeminiStrategy.html). Its
 // paths carry their version (`/v1beta/...`, `/v1/...`, and the
 // OpenAI-compatible `/v1beta/openai/...`), so, as for Anthropic, the root is
-// empty and every form passes through unchanged.
+// empty and every form passes through unchanged. The OpenAI-compatible
+// path (base URL `https://generativelanguage.googleapis.com/v1beta/openai/`,
+// e.g. https://docs.rs/aptu-core/0.2.4/aptu_core/ai/constant.GEMINI_API_URL.html
+// and https://pub.dev/documentation/phoenixdb/4.1.0/ai/OpenAICompatibleChatModel/OpenAICompatibleChatModel.gemini.html)
+// is used with the OpenAI SDKs, which send the key as `Authorization:
+// Bearer`, so kt sends it that way there ([`Provider::key_style_for`]).
 const GEMINI: Spec = Spec {
     hosts: &["generativelanguage.googleapis.com"],
     base_url: "https://generativelanguage.googleapis.com",
@@ -284,7 +394,149 @@ const GEMINI: Spec = Spec {
     error_shape: ErrorShape::Google,
     // https://ai.google.dev/api/models#method:-models.list
     probe: get("/v1beta/models"),
+    stream: StreamFormat::Sse,
+    host_paths: &[],
 };
+
+/// The OpenAI-compatible path of the Gemini API (Bearer there).
+const GEMINI_OPENAI_ROOT: &str = "/v1beta/openai/";
+
+// Azure OpenAI: resource endpoints `https://{resource}.openai.azure.com`
+// (and `https://{resource}.cognitiveservices.azure.com` for resources made
+// as Azure AI services / Foundry), the key in the `api-key` header
+// (https://learn.microsoft.com/en-us/rest/api/azureopenai/models/list:
+// "api-key ... Provide your Cognitive Services Azure OpenAI account key
+// here", endpoint "https://aoairesource.openai.azure.com"; BAML's provider
+// reference https://www.mintlify.com/BoundaryML/baml/reference/providers/azure:
+// "Injected via the API-KEY header", base URL
+// `https://${resource_name}.openai.azure.com/openai/deployments/${deployment_id}`),
+// or a Microsoft Entra ID token as `Authorization: Bearer` (scope
+// `https://cognitiveservices.azure.com/.default`; recognised as the `entra`
+// credential kind: passed, never swapped). Paths:
+// `/openai/deployments/{deployment}/chat/completions?api-version=...` and
+// the v1 API under `{endpoint}/openai/v1`
+// (https://learn.microsoft.com/en-us/rest/api/microsoft-foundry/azureopenai/models:
+// "Server: {endpoint}/openai/v1", key in `api-key` or `authorization`).
+// Both carry their own root, so the root is empty and `api-version` stays
+// in the query. There is no common endpoint: a target names its
+// `resource` (or a `base_url`). SSE streams, OpenAI-shaped errors.
+// `*.cognitiveservices.azure.com` also names other Azure AI services'
+// resources (Speech, Vision): a connection kt terminates there is still
+// routed to the Azure OpenAI target, so do not capture those jobs' names.
+// Probe: `GET /openai/models?api-version=2024-10-21`, the data-plane model
+// list (the Models - List page above).
+const AZURE: Spec = Spec {
+    hosts: &["*.openai.azure.com", "*.cognitiveservices.azure.com"],
+    base_url: "",
+    api_root: "",
+    key_style: KeyStyle::ApiKey,
+    error_shape: ErrorShape::OpenAi,
+    probe: get("/openai/models?api-version=2024-10-21"),
+    stream: StreamFormat::Sse,
+    host_paths: &[],
+};
+
+/// `bedrock-runtime.{region}.amazonaws.com` and `bedrock.{region}...` for
+/// every region listed.
+macro_rules! bedrock_hosts {
+    ($($r:literal),* $(,)?) => {
+        &[
+            $(concat!("bedrock-runtime.", $r, ".amazonaws.com"),)*
+            $(concat!("bedrock.", $r, ".amazonaws.com"),)*
+            "bedrock-runtime-fips.us-east-1.amazonaws.com",
+            "bedrock-runtime-fips.us-east-2.amazonaws.com",
+            "bedrock-runtime-fips.us-west-2.amazonaws.com",
+            "bedrock-runtime-fips.us-gov-west-1.amazonaws.com",
+            "bedrock-runtime-fips.us-gov-east-1.amazonaws.com",
+            "bedrock-fips.us-east-1.amazonaws.com",
+            "bedrock-fips.us-east-2.amazonaws.com",
+            "bedrock-fips.us-west-1.amazonaws.com",
+            "bedrock-fips.us-west-2.amazonaws.com",
+            "bedrock-fips.us-gov-west-1.amazonaws.com",
+            "bedrock-fips.us-gov-east-1.amazonaws.com",
+        ]
+    };
+}
+
+// Amazon Bedrock: regional endpoints `bedrock-runtime.{region}.amazonaws.com`
+// (inference: `/model/{modelId}/converse`, `/converse-stream`, `/invoke`,
+// `/invoke-with-response-stream`, and the OpenAI-compatible
+// `/openai/v1/chat/completions`) and `bedrock.{region}.amazonaws.com`
+// (control plane), FIPS variants in the US regions
+// (https://docs.aws.amazon.com/general/latest/gr/bedrock.html; the regions:
+// https://docs.aws.amazon.com/bedrock/latest/userguide/endpoints-region-availability.html,
+// "The bedrock-runtime endpoint is available in every AWS Region where
+// Amazon Bedrock is offered"). The OpenAI-compatible `bedrock-mantle`
+// endpoint is not in the catalog yet. Every name
+// is listed (no wildcard: `*.amazonaws.com` would make kt's CA able to
+// issue for all of AWS). Bedrock API keys go as `Authorization: Bearer`
+// ("Authorization: Bearer $AWS_BEARER_TOKEN_BEDROCK",
+// https://docs.aws.amazon.com/bedrock/latest/userguide/api-keys-use.html);
+// SigV4-signed requests (`AWS4-HMAC-SHA256`) are another credential kind,
+// refused unless `gateway.credentials.sigv4: pass`. Streams
+// (`converse-stream`, `invoke-with-response-stream`) are AWS event-stream
+// frames whose events are `messageStart`, `contentBlockDelta`,
+// `messageStop`, ... (https://docs.aws.amazon.com/bedrock/latest/APIReference/API_runtime_ConverseStreamOutput.html;
+// aws-sdk-bedrockruntime decodes them in `shape_converse_stream.rs`);
+// errors are REST-JSON `{"message"}` with the exception name. There is no common endpoint: a target names its `region`.
+// No probe: the unbilled `ListFoundationModels` lives on the control-plane
+// host, not on the runtime endpoint requests are re-rooted on.
+const BEDROCK: Spec = Spec {
+    hosts: bedrock_hosts!(
+        "us-east-1",
+        "us-east-2",
+        "us-west-1",
+        "us-west-2",
+        "us-gov-east-1",
+        "us-gov-west-1",
+        "ca-central-1",
+        "ca-west-1",
+        "mx-central-1",
+        "sa-east-1",
+        "eu-central-1",
+        "eu-central-2",
+        "eu-west-1",
+        "eu-west-2",
+        "eu-west-3",
+        "eu-north-1",
+        "eu-south-1",
+        "eu-south-2",
+        "ap-south-1",
+        "ap-south-2",
+        "ap-east-2",
+        "ap-northeast-1",
+        "ap-northeast-2",
+        "ap-northeast-3",
+        "ap-southeast-1",
+        "ap-southeast-2",
+        "ap-southeast-3",
+        "ap-southeast-4",
+        "ap-southeast-5",
+        "ap-southeast-6",
+        "ap-southeast-7",
+        "me-central-1",
+        "me-south-1",
+        "il-central-1",
+        "af-south-1",
+    ),
+    base_url: "",
+    api_root: "",
+    key_style: KeyStyle::Bearer,
+    error_shape: ErrorShape::Aws,
+    probe: None,
+    stream: StreamFormat::AwsEventStream,
+    host_paths: &[],
+};
+
+/// Azure's resource endpoint for `resource` (a target's `resource:`).
+pub fn azure_endpoint(resource: &str) -> String {
+    format!("https://{resource}.openai.azure.com")
+}
+
+/// Bedrock's runtime endpoint in `region` (a target's `region:`).
+pub fn bedrock_endpoint(region: &str) -> String {
+    format!("https://bedrock-runtime.{region}.amazonaws.com")
+}
 
 /// The providers kt knows by name, in catalog order.
 pub const KNOWN: &[Provider] = &[
@@ -301,6 +553,8 @@ pub const KNOWN: &[Provider] = &[
     Provider::Cohere,
     Provider::HuggingFace,
     Provider::Gemini,
+    Provider::Azure,
+    Provider::Bedrock,
 ];
 
 /// The names of every known provider, for messages ("openai, anthropic, ...").
@@ -329,6 +583,9 @@ impl Provider {
             Provider::Cohere => "cohere",
             Provider::HuggingFace => "huggingface",
             Provider::Gemini => "gemini",
+            Provider::Azure => "azure",
+            Provider::Bedrock => "bedrock",
+            Provider::Custom(c) => &c.name,
             Provider::Other(name) => name,
         }
     }
@@ -359,18 +616,26 @@ impl Provider {
             Provider::Cohere => Some(&COHERE),
             Provider::HuggingFace => Some(&HUGGINGFACE),
             Provider::Gemini => Some(&GEMINI),
-            Provider::Other(_) => None,
+            Provider::Azure => Some(&AZURE),
+            Provider::Bedrock => Some(&BEDROCK),
+            Provider::Custom(_) | Provider::Other(_) => None,
         }
     }
 
-    /// The official API endpoint, when this is a known provider.
+    /// The official API endpoint, when this is a known provider with one
+    /// common to all customers (not Azure, not Bedrock: a target names its
+    /// resource or region).
     pub fn default_base_url(&self) -> Option<&'static str> {
-        self.spec().map(|s| s.base_url)
+        self.spec().map(|s| s.base_url).filter(|u| !u.is_empty())
     }
 
-    /// The official API root path (`/v1` for OpenAI; "" when unknown).
-    pub fn api_root(&self) -> &'static str {
-        self.spec().map_or("", |s| s.api_root)
+    /// The official API root path (`/v1` for OpenAI; "" when unknown; a
+    /// custom provider's `base_url` path).
+    pub fn api_root(&self) -> &str {
+        match self {
+            Provider::Custom(c) => &c.api_root,
+            _ => self.spec().map_or("", |s| s.api_root),
+        }
     }
 
     /// Official API host names ("" for none).
@@ -378,9 +643,53 @@ impl Provider {
         self.spec().map_or(&[], |s| s.hosts)
     }
 
-    /// How the managed key is sent (unknown providers: OpenAI-style Bearer).
+    /// How the managed key is sent (unknown providers: OpenAI-style Bearer;
+    /// a custom header is [`CustomCredential::Header`]).
     pub fn key_style(&self) -> KeyStyle {
-        self.spec().map_or(KeyStyle::Bearer, |s| s.key_style)
+        match self {
+            Provider::Custom(c) => match c.credential {
+                CustomCredential::Style(s) => s,
+                CustomCredential::Header(_) => KeyStyle::Bearer,
+            },
+            _ => self.spec().map_or(KeyStyle::Bearer, |s| s.key_style),
+        }
+    }
+
+    /// How the managed key is sent on a request for `api_path`: Gemini's
+    /// OpenAI-compatible path takes a Bearer token, its native paths
+    /// `x-goog-api-key`.
+    pub fn key_style_for(&self, api_path: &str) -> KeyStyle {
+        if *self == Provider::Gemini && api_path.starts_with(GEMINI_OPENAI_ROOT) {
+            return KeyStyle::Bearer;
+        }
+        self.key_style()
+    }
+
+    /// How streamed answers are framed.
+    pub fn stream_format(&self) -> StreamFormat {
+        self.spec().map_or(StreamFormat::Sse, |s| s.stream)
+    }
+
+    /// Every host name pattern this provider answers on: the catalog's,
+    /// or a custom provider's `hosts`.
+    pub fn host_patterns(&self) -> Vec<String> {
+        match self {
+            Provider::Custom(c) => c.hosts.clone(),
+            _ => self.hosts().iter().map(|h| (*h).to_string()).collect(),
+        }
+    }
+
+    /// The path prefix requests sent to `host` have on the official
+    /// endpoint ("" for most; `/hf-inference` for Hugging Face's legacy
+    /// api-inference host).
+    pub fn host_path_prefix(&self, host: &str) -> &'static str {
+        self.spec()
+            .and_then(|s| {
+                s.host_paths
+                    .iter()
+                    .find(|(h, _)| h.eq_ignore_ascii_case(host.trim_end_matches('.')))
+            })
+            .map_or("", |(_, p)| *p)
     }
 
     /// The unbilled health probe (unknown providers: the OpenAI-compatible
@@ -394,7 +703,10 @@ impl Provider {
 
     /// The error-body shape (unknown providers: OpenAI's).
     pub fn error_shape(&self) -> ErrorShape {
-        self.spec().map_or(ErrorShape::OpenAi, |s| s.error_shape)
+        match self {
+            Provider::Custom(c) => c.error_shape,
+            _ => self.spec().map_or(ErrorShape::OpenAi, |s| s.error_shape),
+        }
     }
 }
 
@@ -405,16 +717,36 @@ impl std::fmt::Display for Provider {
 }
 
 /// The known provider whose official host `host` is (case and a trailing
-/// dot ignored).
+/// dot ignored; `*.` patterns match any name under them).
 pub fn for_official_host(host: &str) -> Option<Provider> {
-    let host = host.trim_end_matches('.');
     KNOWN
         .iter()
-        .find(|p| p.hosts().iter().any(|h| h.eq_ignore_ascii_case(host)))
+        .find(|p| p.hosts().iter().any(|h| host_matches(h, host)))
         .cloned()
 }
 
-/// Every official host of every known provider.
+/// Whether `host` is named by `pattern`: equal (any case, a trailing dot
+/// ignored), or under it when the pattern is `*.suffix` (one or more
+/// labels in front: `res.openai.azure.com` is under `*.openai.azure.com`,
+/// `openai.azure.com` itself is not).
+pub fn host_matches(pattern: &str, host: &str) -> bool {
+    let host = host.trim_end_matches('.');
+    let pattern = pattern.trim_end_matches('.');
+    match pattern.strip_prefix("*.") {
+        Some(suffix) => host
+            .to_ascii_lowercase()
+            .strip_suffix(&suffix.to_ascii_lowercase())
+            .is_some_and(|head| head.len() > 1 && head.ends_with('.')),
+        None => pattern.eq_ignore_ascii_case(host),
+    }
+}
+
+/// Whether a host pattern is a wildcard (cannot be resolved in advance).
+pub fn is_wildcard(pattern: &str) -> bool {
+    pattern.starts_with("*.")
+}
+
+/// Every official host of every known provider (patterns included).
 pub fn official_hosts() -> impl Iterator<Item = &'static str> {
     KNOWN.iter().flat_map(|p| p.hosts().iter().copied())
 }
@@ -433,6 +765,14 @@ pub enum CredentialKind {
     OAuth,
     /// A key whose format belongs to another provider.
     OtherProvider(Provider),
+    /// A Microsoft Entra ID access token (a JWT as `Authorization:
+    /// Bearer`) sent to Azure OpenAI: a person's or workload's identity,
+    /// never swapped.
+    Entra,
+    /// An AWS Signature Version 4 request (`Authorization:
+    /// AWS4-HMAC-SHA256 ...`): signed with IAM credentials over the
+    /// request itself, so there is nothing kt could swap in its place.
+    SigV4,
 }
 
 impl CredentialKind {
@@ -443,6 +783,8 @@ impl CredentialKind {
             CredentialKind::ApiKey => "api-key",
             CredentialKind::OAuth => "oauth",
             CredentialKind::OtherProvider(_) => "other-provider",
+            CredentialKind::Entra => "entra",
+            CredentialKind::SigV4 => "sigv4",
         }
     }
 }
@@ -475,10 +817,31 @@ pub fn classify_credential(value: Option<&str>, called: &Provider) -> Credential
     if v.starts_with("sk-ant-oat") || v.starts_with("sk-ant-ort") {
         return CredentialKind::OAuth;
     }
+    // https://docs.aws.amazon.com/IAM/latest/UserGuide/reference_sigv-signing-elements.html
+    // (`Authorization: AWS4-HMAC-SHA256 Credential=..., SignedHeaders=..., Signature=...`).
+    if v.starts_with("AWS4-HMAC-SHA256") {
+        return CredentialKind::SigV4;
+    }
+    if *called == Provider::Azure && is_jwt(v) {
+        return CredentialKind::Entra;
+    }
     match DISTINCT_PREFIXES.iter().find(|(p, _)| v.starts_with(p)) {
         Some((_, owner)) if owner != called => CredentialKind::OtherProvider(owner.clone()),
         _ => CredentialKind::ApiKey,
     }
+}
+
+/// Whether `v` has a JWT's shape (`eyJ<header>.<payload>.<signature>`,
+/// base64url): what Microsoft Entra ID issues as access tokens.
+fn is_jwt(v: &str) -> bool {
+    let parts: Vec<&str> = v.split('.').collect();
+    parts.len() == 3
+        && v.starts_with("eyJ")
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && p.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'=')
+        })
 }
 
 /// Headers a client may carry a credential in. All are removed before a
@@ -494,6 +857,10 @@ pub const CREDENTIAL_HEADERS: &[&str] = &[
     "anthropic-api-key",
     // Azure API Management's key header, used in front of Azure OpenAI.
     "ocp-apim-subscription-key",
+    // The session token of temporary AWS credentials (SigV4): never
+    // forwarded under a managed key, put back only when a SigV4 request is
+    // passed.
+    "x-amz-security-token",
     // Browser and SDK sessions: never forwarded under the managed key.
     "cookie",
 ];
@@ -530,7 +897,29 @@ pub fn managed_key_header(
     provider: &Provider,
     key: &str,
 ) -> Result<(HeaderName, HeaderValue), BadKey> {
-    let (name, mut value) = match provider.key_style() {
+    managed_key_header_for(provider, "", key)
+}
+
+/// As [`managed_key_header`], for a request on `api_path` (Gemini's
+/// OpenAI-compatible path takes a Bearer token).
+pub fn managed_key_header_for(
+    provider: &Provider,
+    api_path: &str,
+    key: &str,
+) -> Result<(HeaderName, HeaderValue), BadKey> {
+    if let Provider::Custom(c) = provider
+        && let CustomCredential::Header(name) = &c.credential
+    {
+        let name = HeaderName::from_bytes(name.as_bytes()).map_err(|_| BadKey)?;
+        let mut value = HeaderValue::from_str(key).map_err(|_| BadKey)?;
+        value.set_sensitive(true);
+        return Ok((name, value));
+    }
+    let (name, mut value) = match provider.key_style_for(api_path) {
+        KeyStyle::ApiKey => (
+            HeaderName::from_static("api-key"),
+            HeaderValue::from_str(key).map_err(|_| BadKey)?,
+        ),
         KeyStyle::XApiKey => (
             HeaderName::from_static("x-api-key"),
             HeaderValue::from_str(key).map_err(|_| BadKey)?,
@@ -591,6 +980,15 @@ pub fn error_body(
                 "targets_tried": tried,
             }
         }),
+        // botocore and the other AWS SDKs read the exception name from
+        // `__type` (after the `x-amzn-ErrorType` header, which kt does not
+        // send) and the text from `message`.
+        ErrorShape::Aws => serde_json::json!({
+            "__type": aws_error_type(status),
+            "message": message,
+            "reason": code,
+            "targets_tried": tried,
+        }),
     };
     serde_json::to_vec(&value).unwrap_or_else(|_| b"{}".to_vec())
 }
@@ -614,6 +1012,24 @@ fn google_status(status: StatusCode) -> &'static str {
         503 => "UNAVAILABLE",
         504 => "DEADLINE_EXCEEDED",
         _ => "INTERNAL",
+    }
+}
+
+/// Bedrock's exception names by status (the runtime's errors and their
+/// statuses: https://docs.aws.amazon.com/bedrock/latest/APIReference/API_runtime_ResponseStream.html
+/// and API_runtime_ConverseStreamOutput.html: validationException 400,
+/// modelTimeoutException 408, throttlingException 429,
+/// serviceUnavailableException 503, internalServerException 500; access
+/// refusals are AccessDeniedException, 403).
+fn aws_error_type(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 | 413 => "ValidationException",
+        401 | 403 => "AccessDeniedException",
+        404 => "ResourceNotFoundException",
+        408 | 504 => "ModelTimeoutException",
+        429 => "ThrottlingException",
+        503 => "ServiceUnavailableException",
+        _ => "InternalServerException",
     }
 }
 
@@ -692,6 +1108,11 @@ mod tests {
         for p in KNOWN {
             assert_eq!(&Provider::parse(&p.name().to_ascii_uppercase()), p);
             let spec = p.spec().expect("known providers have a spec");
+            if matches!(p, Provider::Azure | Provider::Bedrock) {
+                // Per customer: a target names its resource or region.
+                assert_eq!(p.default_base_url(), None);
+                continue;
+            }
             let base: http::Uri = spec.base_url.parse().unwrap();
             assert_eq!(base.scheme_str(), Some("https"), "{p}");
             assert!(spec.hosts.contains(&base.host().unwrap()), "{p}");
@@ -781,6 +1202,126 @@ mod tests {
         assert_eq!(g["error"]["code"], 429);
         assert_eq!(g["error"]["status"], "RESOURCE_EXHAUSTED");
         assert_eq!(g["error"]["reason"], "kt_x");
+    }
+
+    #[test]
+    fn wildcard_hosts_name_every_resource_under_them_and_nothing_else() {
+        assert_eq!(
+            for_official_host("myres.openai.azure.com"),
+            Some(Provider::Azure)
+        );
+        assert_eq!(
+            for_official_host("MyRes.CognitiveServices.Azure.com."),
+            Some(Provider::Azure)
+        );
+        assert_eq!(for_official_host("openai.azure.com"), None);
+        assert_eq!(for_official_host("myres.openai.azure.com.evil"), None);
+        assert_eq!(for_official_host("evilopenai.azure.com"), None);
+        assert_eq!(
+            for_official_host("bedrock-runtime.eu-west-1.amazonaws.com"),
+            Some(Provider::Bedrock)
+        );
+        assert_eq!(
+            for_official_host("bedrock-runtime-fips.us-east-1.amazonaws.com"),
+            Some(Provider::Bedrock)
+        );
+        assert_eq!(for_official_host("s3.eu-west-1.amazonaws.com"), None);
+        assert_eq!(
+            for_official_host("api-inference.huggingface.co"),
+            Some(Provider::HuggingFace)
+        );
+        assert!(host_matches("*.example.com", "a.b.example.com"));
+        assert!(!host_matches("*.example.com", ".example.com"));
+        // Only leading wildcards exist in the catalog: the CA's name
+        // constraints can express them.
+        for h in official_hosts() {
+            assert!(!h.trim_start_matches("*.").contains('*'), "{h}");
+        }
+    }
+
+    #[test]
+    fn azure_and_bedrock_credentials_are_their_own_kinds() {
+        use CredentialKind as K;
+        let jwt = "eyJ0eXAiOiJKV1QiLCJhbGciOiJSUzI1NiJ9.eyJhdWQiOiJodHRwczovL2NvZ25pdGl2ZXNlcnZpY2VzLmF6dXJlLmNvbSJ9.c2lnbmF0dXJl";
+        assert_eq!(classify_credential(Some(jwt), &Provider::Azure), K::Entra);
+        // The same shape elsewhere is just a key kt does not know.
+        assert_eq!(classify_credential(Some(jwt), &Provider::OpenAi), K::ApiKey);
+        assert_eq!(
+            classify_credential(Some("0123456789abcdef0123456789abcdef"), &Provider::Azure),
+            K::ApiKey
+        );
+        let sig = "AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20250101/us-east-1/bedrock/aws4_request, SignedHeaders=host;x-amz-date, Signature=abc";
+        assert_eq!(classify_credential(Some(sig), &Provider::Bedrock), K::SigV4);
+        assert_eq!(
+            classify_credential(Some("ABSKQmVkcm9ja0FQSUtleQ=="), &Provider::Bedrock),
+            K::ApiKey
+        );
+        assert_eq!(K::SigV4.label(), "sigv4");
+        assert_eq!(K::Entra.label(), "entra");
+    }
+
+    #[test]
+    fn each_style_puts_the_key_in_its_own_header() {
+        let (n, v) = managed_key_header(&Provider::Azure, "k").unwrap();
+        assert_eq!((n.as_str(), v.to_str().unwrap()), ("api-key", "k"));
+        let (n, v) = managed_key_header(&Provider::Bedrock, "k").unwrap();
+        assert_eq!(
+            (n.as_str(), v.to_str().unwrap()),
+            ("authorization", "Bearer k")
+        );
+        // Gemini: native paths x-goog-api-key, the OpenAI-compatible one Bearer.
+        let (n, _) =
+            managed_key_header_for(&Provider::Gemini, "/v1beta/models/m:generateContent", "k")
+                .unwrap();
+        assert_eq!(n.as_str(), "x-goog-api-key");
+        let (n, v) =
+            managed_key_header_for(&Provider::Gemini, "/v1beta/openai/chat/completions", "k")
+                .unwrap();
+        assert_eq!(
+            (n.as_str(), v.to_str().unwrap()),
+            ("authorization", "Bearer k")
+        );
+        let custom = Provider::Custom(Arc::new(CustomProvider {
+            name: "vllm".into(),
+            hosts: vec!["llm.internal".into()],
+            base_url: None,
+            api_root: String::new(),
+            credential: CustomCredential::Header("x-llm-key".into()),
+            error_shape: ErrorShape::Anthropic,
+        }));
+        let (n, v) = managed_key_header(&custom, "k").unwrap();
+        assert_eq!((n.as_str(), v.to_str().unwrap()), ("x-llm-key", "k"));
+        assert!(v.is_sensitive());
+        assert_eq!(custom.error_shape(), ErrorShape::Anthropic);
+        assert_eq!(custom.host_patterns(), vec!["llm.internal"]);
+    }
+
+    #[test]
+    fn bedrock_errors_have_the_aws_shape() {
+        let b: serde_json::Value = serde_json::from_slice(&error_body(
+            Some(&Provider::Bedrock),
+            StatusCode::FORBIDDEN,
+            "kt_credential_refused",
+            "m",
+            &[],
+        ))
+        .unwrap();
+        assert_eq!(b["__type"], "AccessDeniedException");
+        assert_eq!(b["message"], "m");
+        assert_eq!(b["reason"], "kt_credential_refused");
+        assert_eq!(
+            Provider::Bedrock.stream_format(),
+            StreamFormat::AwsEventStream
+        );
+        assert_eq!(Provider::Azure.stream_format(), StreamFormat::Sse);
+        assert_eq!(
+            Provider::HuggingFace.host_path_prefix("API-Inference.huggingface.co"),
+            "/hf-inference"
+        );
+        assert_eq!(
+            Provider::HuggingFace.host_path_prefix("router.huggingface.co"),
+            ""
+        );
     }
 
     #[test]

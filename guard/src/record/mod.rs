@@ -82,6 +82,10 @@ pub mod codes {
     /// A credential probe found the managed key not working (rejected,
     /// throttled, unreachable, another status, or not set).
     pub const PROBE_FAILED: &str = "kt_probe_failed";
+    /// A request for a catalog provider this config has no target for
+    /// (captured under `capture.providers: all`): refused, never sent
+    /// direct with the client's own key.
+    pub const PROVIDER_NOT_ROUTED: &str = "kt_provider_not_routed";
 }
 
 /// What is known about the process behind a connection (filled by capture;

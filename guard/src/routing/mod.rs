@@ -237,6 +237,13 @@ impl Router {
         if let Some(p) = provider::for_official_host(&host) {
             return Some(p);
         }
+        if let Some(p) = self.custom_providers().into_iter().find(|p| {
+            p.host_patterns()
+                .iter()
+                .any(|h| provider::host_matches(h, &host))
+        }) {
+            return Some(p);
+        }
         if port.is_some() {
             // A known port must match exactly: a shared host (loopback) on
             // another port is some other service.
@@ -246,6 +253,64 @@ impl Router {
             .iter()
             .find(|r| r.endpoint.host == host)
             .map(|r| r.target.provider.clone())
+    }
+
+    /// The config-defined providers that have a target.
+    pub fn custom_providers(&self) -> Vec<Provider> {
+        self.providers()
+            .into_iter()
+            .filter(|p| matches!(p, Provider::Custom(_)))
+            .collect()
+    }
+
+    /// Headers config-defined providers take their key in (`credential:
+    /// {header: NAME}`): credentials like the catalog's, stripped from
+    /// every request and never forwarded under a managed key.
+    pub fn custom_credential_headers(&self) -> Vec<String> {
+        self.custom_providers()
+            .iter()
+            .filter_map(|p| match p {
+                Provider::Custom(c) => match &c.credential {
+                    provider::CustomCredential::Header(h) => Some(h.clone()),
+                    provider::CustomCredential::Style(_) => None,
+                },
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Whether `host` is a provider's only through a wildcard
+    /// (`res2.openai.azure.com` under `*.openai.azure.com`): not a listed
+    /// host, not a target's endpoint. Such a name, once a client names it,
+    /// is worth resolving for capture (it could not be in advance).
+    pub fn learnable(&self, host: &str) -> bool {
+        let host = host.trim_end_matches('.').to_ascii_lowercase();
+        if host.parse::<std::net::IpAddr>().is_ok()
+            || self.routes.iter().any(|r| r.endpoint.host == host)
+        {
+            return false;
+        }
+        // Per request: no allocation for the catalog's (long) host list.
+        let custom: Vec<String> = self
+            .custom_providers()
+            .iter()
+            .flat_map(Provider::host_patterns)
+            .collect();
+        let (mut wild, mut exact) = (false, false);
+        let catalog = provider::official_hosts().map(|h| -> &str { h });
+        for h in catalog.chain(custom.iter().map(String::as_str)) {
+            if provider::is_wildcard(h) {
+                wild |= provider::host_matches(h, &host);
+            } else {
+                exact |= h.eq_ignore_ascii_case(&host);
+            }
+        }
+        wild && !exact
+    }
+
+    /// Whether `provider` has at least one target.
+    pub fn is_routed(&self, provider: &Provider) -> bool {
+        self.targets_for(provider).next().is_some()
     }
 
     /// Whether `host:port` is exactly the endpoint of a configured target
@@ -277,6 +342,15 @@ impl Router {
         {
             return strip_root(path_and_query, &r.endpoint.path);
         }
+        // A legacy host folded into the official endpoint under a prefix
+        // (Hugging Face's api-inference host: `/hf-inference/...`).
+        let prefix = provider.host_path_prefix(&host);
+        if !prefix.is_empty() && !self.targets_for(provider).any(|r| r.endpoint.host == host) {
+            return format!(
+                "{prefix}{}",
+                strip_root(path_and_query, provider.api_root())
+            );
+        }
         strip_root(path_and_query, provider.api_root())
     }
 
@@ -294,6 +368,25 @@ impl Router {
     pub fn classify(&self, outcome: &Outcome) -> Verdict {
         classify(outcome, self.fallback, self.max_retry_after)
     }
+}
+
+/// Where a request for `provider` named `host:port` goes when no target
+/// serves it (observe mode): the official endpoint when `host` is one of
+/// the provider's listed names (requests are re-rooted on it, as on a
+/// target), else that name itself under the provider's API root. `None`
+/// for an address: only a name says where a client meant to go.
+pub fn direct_url(provider: &Provider, host: &str, port: u16) -> Option<String> {
+    if host.parse::<std::net::IpAddr>().is_ok() {
+        return None;
+    }
+    let listed = provider
+        .hosts()
+        .iter()
+        .any(|h| !provider::is_wildcard(h) && h.eq_ignore_ascii_case(host));
+    Some(match provider.default_base_url() {
+        Some(official) if listed => official.to_string(),
+        _ => format!("https://{host}:{port}{}", provider.api_root()),
+    })
 }
 
 /// Removes `root` from the front of `path` when it is a whole segment prefix.
@@ -423,9 +516,22 @@ pub fn managed_key_header(
     target: &Target,
     key: &str,
 ) -> Result<(HeaderName, HeaderValue), RoutingError> {
-    provider::managed_key_header(&target.provider, key).map_err(|source| RoutingError::BadKey {
-        target: target.id.clone(),
-        source,
+    managed_key_header_for(target, "", key)
+}
+
+/// As [`managed_key_header`], for a request on `api_path` (a provider
+/// may take its key differently on one of its paths: Gemini's
+/// OpenAI-compatible one takes a Bearer token).
+pub fn managed_key_header_for(
+    target: &Target,
+    api_path: &str,
+    key: &str,
+) -> Result<(HeaderName, HeaderValue), RoutingError> {
+    provider::managed_key_header_for(&target.provider, api_path, key).map_err(|source| {
+        RoutingError::BadKey {
+            target: target.id.clone(),
+            source,
+        }
     })
 }
 
@@ -552,6 +658,53 @@ mod tests {
             ),
         ]))
         .unwrap()
+    }
+
+    #[test]
+    fn direct_urls_go_where_the_client_meant() {
+        assert_eq!(
+            direct_url(&Provider::Groq, "API.groq.com", 443).as_deref(),
+            Some("https://api.groq.com/openai/v1")
+        );
+        // The legacy host's paths are re-rooted on the router.
+        assert_eq!(
+            direct_url(&Provider::HuggingFace, "api-inference.huggingface.co", 443).as_deref(),
+            Some("https://router.huggingface.co")
+        );
+        // No common endpoint: the name itself.
+        assert_eq!(
+            direct_url(&Provider::Azure, "res9.openai.azure.com", 443).as_deref(),
+            Some("https://res9.openai.azure.com:443")
+        );
+        assert_eq!(
+            direct_url(
+                &Provider::Bedrock,
+                "bedrock-runtime.eu-west-1.amazonaws.com",
+                443
+            )
+            .as_deref(),
+            Some("https://bedrock-runtime.eu-west-1.amazonaws.com:443")
+        );
+        assert_eq!(direct_url(&Provider::Groq, "203.0.113.9", 443), None);
+    }
+
+    #[test]
+    fn only_names_under_a_wildcard_are_learnable() {
+        let mut t = target(
+            "az",
+            Provider::Azure,
+            Some("https://res1.openai.azure.com"),
+            None,
+        );
+        t.secret_key_ref = SecretKeyRef::Env("A".into());
+        let r = Router::new(&config(vec![t])).unwrap();
+        assert!(r.learnable("Res2.openai.azure.com."));
+        assert!(r.learnable("x.cognitiveservices.azure.com"));
+        // The target's own host is resolved anyway; listed hosts too.
+        assert!(!r.learnable("res1.openai.azure.com"));
+        assert!(!r.learnable("api.openai.com"));
+        assert!(!r.learnable("example.com"));
+        assert!(!r.learnable("127.0.0.1"));
     }
 
     #[test]
