@@ -11,27 +11,26 @@
 //! the hit's group start and the rule's regex runs over the decoded bytes,
 //! anchored at the prefix.
 //!
-//! Cost: the three alignments make 54 literals, which aho-corasick searches
-//! with its 16-bucket ("fat") Teddy; the no-match scan is 6-12% slower than
-//! with the first alignment alone (`cargo xtask bench dlp`). Past 64
-//! literals aho-corasick has no packed searcher and the scan gets about 3.5
-//! times slower, so a policy with many more prefixed `detect_patterns`
-//! keeps the group-start spellings only, and `kt gateway check --verbose`
-//! says so.
+//! Cost: every rule at the three alignments makes well over a hundred
+//! spellings. Only their first `HEAD` (4) characters are searched for;
+//! spellings that share them share one searched literal and are told apart
+//! by comparison at a hit. That leaves about a hundred literals, which
+//! aho-corasick's 16-bucket ("fat") Teddy still takes (its default limit is
+//! 64; the hard one 128: see `literals`); four base64 characters are rare
+//! enough in prose and code that its buckets seldom need checking
+//! (`cargo xtask bench dlp`). A policy whose `detect_patterns` bring more
+//! distinct spellings than 128 keeps the group-start spellings only, and
+//! `kt gateway check --verbose` says so.
 //!
-//! The built-in rules added with the provider catalog (Groq, xAI,
-//! OpenRouter, Perplexity, Hugging Face, Anthropic OAuth) are searched for
-//! at a group start only (`BuiltinRule::base64_every_alignment`): at every
-//! alignment they would take the set past 64 literals. A key base64-encoded
-//! alone, or after a prefix of 3, 6, ... bytes, is found; one after 1 or 2
-//! bytes more is not.
+//! A rule whose literal is not its prefix (Azure's `JQQJ9` signature, 52
+//! characters into the key) decodes from enough whole groups before the
+//! hit to hold the start of the key.
 //!
 //! Not covered: URL-safe base64 (`-` and `_`), and a 3-byte prefix off a
 //! group start, where its spelling would be shorter than `MIN_SPELLING`:
-//! the bare `sk-` of a legacy OpenAI key and of the seed's pattern, and
-//! Slack's `xox` (its `xoxb-` forms would add 15 literals). `sk-proj-`,
-//! `sk-ant-api03-`, AWS, GitHub, Google, Stripe and PEM are found at every
-//! alignment.
+//! the bare `sk-` of a legacy OpenAI key and of the seed's pattern, Slack's
+//! `xox`, Hugging Face's `hf_`, Replicate's `r8_` and Fireworks' `fw_`.
+//! Every other rule is found at every alignment.
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
@@ -53,6 +52,12 @@ const ALIGNMENTS: std::ops::Range<usize> = 0..3;
 /// Fewest characters a spelling may have (shorter ones would match
 /// ordinary base64 data, such as images, far too often).
 const MIN_SPELLING: usize = 4;
+
+/// Characters of a spelling the literal pass searches for; the rest is
+/// compared at a hit. Spellings sharing their first characters share one
+/// searched literal, which keeps every rule at every alignment within the
+/// packed searcher's 64 literals.
+pub(crate) const HEAD: usize = 4;
 
 /// Decoded bytes looked at after the prefix: room for any key and a PEM
 /// header line.
@@ -86,7 +91,55 @@ pub(crate) fn spellings(lit: &[u8]) -> Vec<(Vec<u8>, Spelling)> {
 
 /// Whether `c` is in the standard base64 alphabet (padding excluded).
 pub(crate) fn is_b64(c: u8) -> bool {
-    c.is_ascii_alphanumeric() || c == b'+' || c == b'/'
+    IS_B64[usize::from(c)]
+}
+
+/// `is_b64` as a table (the run search looks at bytes one by one).
+static IS_B64: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut c = 0;
+    while c < 256 {
+        let b = c as u8;
+        t[c] = b.is_ascii_alphanumeric() || b == b'+' || b == b'/';
+        c += 1;
+    }
+    t
+};
+
+/// The shortest run the gate in [`long_runs`] looks for.
+pub(crate) const MIN_RUN: usize = MIN_SPELLING;
+
+/// Calls `f(start, end)` for every maximal run of base64 characters of at
+/// least `min` bytes in `data`, in order. Looks at the byte `min - 1` ahead
+/// of where a run could start: when it is not base64 no run of `min` bytes
+/// covers it and the search jumps past it, so on ordinary text (words,
+/// spaces, punctuation) only a fraction of the bytes are read.
+pub(crate) fn long_runs(data: &[u8], min: usize, mut f: impl FnMut(usize, usize)) {
+    let min = min.max(1);
+    let n = data.len();
+    // Invariant: `i` is 0 or right after a byte that is not base64.
+    let mut i = 0;
+    while i + min <= n {
+        let probe = i + min - 1;
+        if !is_b64(data[probe]) {
+            i = probe + 1;
+            continue;
+        }
+        let mut j = probe;
+        while j > i && is_b64(data[j - 1]) {
+            j -= 1;
+        }
+        if j > i {
+            i = j;
+            continue;
+        }
+        let mut e = probe + 1;
+        while e < n && is_b64(data[e]) {
+            e += 1;
+        }
+        f(i, e);
+        i = e + 1;
+    }
 }
 
 /// Decodes the window of `data` for a spelling hit at `p`: the bytes from
@@ -168,6 +221,31 @@ mod tests {
                 "alignment {a}: {:?}",
                 String::from_utf8_lossy(&decoded)
             );
+        }
+    }
+
+    #[test]
+    fn long_runs_finds_exactly_the_runs_of_at_least_min_bytes() {
+        let text = b"a short words here; c2stcHJvai0xMjM0NTY3ODkw= and AKIAABCDEFGHIJKLMNOP12 end";
+        for min in 1..30 {
+            let mut got = Vec::new();
+            long_runs(text, min, |s, e| got.push((s, e)));
+            // The plain way: split on every byte that is not base64.
+            let mut want = Vec::new();
+            let mut start = None;
+            for (i, &c) in text.iter().chain(b" ").enumerate() {
+                match (is_b64(c), start) {
+                    (true, None) => start = Some(i),
+                    (false, Some(s)) => {
+                        if i - s >= min {
+                            want.push((s, i));
+                        }
+                        start = None;
+                    }
+                    _ => {}
+                }
+            }
+            assert_eq!(got, want, "min {min}");
         }
     }
 

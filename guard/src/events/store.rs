@@ -39,7 +39,8 @@ CREATE TABLE IF NOT EXISTS events (
     key_matches_secret TEXT,
     key_managed INTEGER,
     message TEXT,
-    stream TEXT
+    stream TEXT,
+    key_provider TEXT
 );
 CREATE INDEX IF NOT EXISTS events_time ON events(time_ms);
 CREATE INDEX IF NOT EXISTS events_decision ON events(decision);
@@ -58,19 +59,26 @@ CREATE TABLE IF NOT EXISTS event_amendments (
 );
 ";
 
-/// The schema version this code writes (`PRAGMA user_version`).
-const SCHEMA_VERSION: i64 = 2;
+/// The schema version this code writes (`PRAGMA user_version`). Version 3
+/// added `key_provider` (the provider whose key format a presented key has).
+const SCHEMA_VERSION: i64 = 3;
 
 const COLUMNS: &str = "id, time_ms, request_id, decision, provider, target_tried, target_chosen, \
     fallback_steps, status, latency_ms, policy, client_addr, client_pid, client_uid, client_exe, \
     client_cmdline, client_cgroup, client_container_id, key_fingerprint, key_matches_secret, \
-    key_managed, message, stream";
+    key_managed, message, stream, key_provider";
+
+/// As [`COLUMNS`], for a version-2 file opened read-only (no `key_provider` yet).
+const COLUMNS_V2: &str = "id, time_ms, request_id, decision, provider, target_tried, target_chosen, \
+    fallback_steps, status, latency_ms, policy, client_addr, client_pid, client_uid, client_exe, \
+    client_cmdline, client_cgroup, client_container_id, key_fingerprint, key_matches_secret, \
+    key_managed, message, stream, NULL AS key_provider";
 
 /// As [`COLUMNS`], for a version-1 file opened read-only (no `stream` yet).
 const COLUMNS_V1: &str = "id, time_ms, request_id, decision, provider, target_tried, target_chosen, \
     fallback_steps, status, latency_ms, policy, client_addr, client_pid, client_uid, client_exe, \
     client_cmdline, client_cgroup, client_container_id, key_fingerprint, key_matches_secret, \
-    key_managed, message, NULL AS stream";
+    key_managed, message, NULL AS stream, NULL AS key_provider";
 
 // `time_ms` first: the time index finds the row, the request id confirms it.
 const FIND_EVENT: &str = "SELECT id FROM events WHERE time_ms = ?1 AND request_id = ?2";
@@ -78,8 +86,8 @@ const FIND_EVENT: &str = "SELECT id FROM events WHERE time_ms = ?1 AND request_i
 const INSERT: &str = "INSERT INTO events (time_ms, request_id, decision, provider, target_tried, \
     target_chosen, fallback_steps, status, latency_ms, policy, client_addr, client_pid, client_uid, \
     client_exe, client_cmdline, client_cgroup, client_container_id, key_fingerprint, \
-    key_matches_secret, key_managed, message, stream) \
-    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22)";
+    key_matches_secret, key_managed, message, stream, key_provider) \
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23)";
 
 /// Which events to list. The default lists everything.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -134,6 +142,8 @@ pub struct EventStore {
     /// False for a version-1 file opened read-only (no `stream` column
     /// yet); checked again on each query until a writer has migrated it.
     has_stream: std::cell::Cell<bool>,
+    /// The same for `key_provider` (version 2 files).
+    has_key_provider: std::cell::Cell<bool>,
 }
 
 impl std::fmt::Debug for EventStore {
@@ -190,6 +200,7 @@ impl EventStore {
             rows: u64::try_from(rows).unwrap_or(0),
             has_schema: true,
             has_stream: std::cell::Cell::new(true),
+            has_key_provider: std::cell::Cell::new(true),
         })
     }
 
@@ -218,6 +229,7 @@ impl EventStore {
             rows: 0,
             has_schema: false,
             has_stream: std::cell::Cell::new(false),
+            has_key_provider: std::cell::Cell::new(false),
         };
         store.has_schema = store.schema_present()?;
         Ok(Some(store))
@@ -278,6 +290,7 @@ impl EventStore {
                     key.map(|k| k.managed),
                     e.message,
                     e.stream.as_ref().map(to_json),
+                    key.and_then(|k| k.provider.as_deref()),
                 ])
                 .map_err(EventError::sql("insert"))?;
                 e.id = tx.last_insert_rowid();
@@ -429,6 +442,17 @@ impl EventStore {
         Ok(self.has_stream.get())
     }
 
+    /// Whether the file has the `key_provider` column (a version-1 or -2
+    /// file read before any new writer migrated it has not).
+    pub(super) fn key_provider_column(&self) -> Result<bool, EventError> {
+        if !self.has_key_provider.get() {
+            let has = has_column(&self.conn, "events", "key_provider")
+                .map_err(EventError::sql("schema check"))?;
+            self.has_key_provider.set(has);
+        }
+        Ok(self.has_key_provider.get())
+    }
+
     /// Events matching `filter`, oldest first (newest last).
     pub fn query(&self, filter: &Filter) -> Result<Vec<Event>, EventError> {
         self.select(filter, None)
@@ -444,10 +468,10 @@ impl EventStore {
         if !self.has_schema {
             return Ok(Vec::new());
         }
-        let columns = if self.stream_column()? {
-            COLUMNS
-        } else {
-            COLUMNS_V1
+        let columns = match (self.stream_column()?, self.key_provider_column()?) {
+            (true, true) => COLUMNS,
+            (true, false) => COLUMNS_V2,
+            (false, _) => COLUMNS_V1,
         };
         let mut sql = format!("SELECT {columns} FROM events WHERE 1 = 1");
         let mut args: Vec<rusqlite::types::Value> = Vec::new();
@@ -554,6 +578,9 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     if !has_column(conn, "events", "stream")? {
         conn.execute_batch("ALTER TABLE events ADD COLUMN stream TEXT")?;
     }
+    if !has_column(conn, "events", "key_provider")? {
+        conn.execute_batch("ALTER TABLE events ADD COLUMN key_provider TEXT")?;
+    }
     conn.pragma_update(None, "user_version", SCHEMA_VERSION)
 }
 
@@ -616,6 +643,7 @@ fn read_row(r: &Row<'_>) -> rusqlite::Result<Result<Event, EventError>> {
     };
     let message: Option<String> = r.get(21)?;
     let stream: Option<String> = r.get(22)?;
+    let key_provider: Option<String> = r.get(23)?;
     Ok((|| {
         Ok(Event {
             id,
@@ -639,6 +667,7 @@ fn read_row(r: &Row<'_>) -> rusqlite::Result<Result<Event, EventError>> {
                 fingerprint,
                 matches_secret,
                 managed: managed.unwrap_or(false),
+                provider: key_provider,
             }),
             message,
             stream: stream.map(|s| from_json(id, "stream", &s)).transpose()?,

@@ -8,6 +8,8 @@
 //! them spells a provider host or header name itself. Pure: no I/O.
 #![forbid(unsafe_code)]
 
+pub mod keys;
+
 use http::StatusCode;
 use http::header::{AUTHORIZATION, HeaderName, HeaderValue};
 
