@@ -107,14 +107,14 @@ mod hs {
 
 #[cfg(not(feature = "hyperscan"))]
 mod hs {
-    /// Stands in when the bench is built without Hyperscan.
-    pub struct Anchor;
+    /// Stands in when the bench is built without Hyperscan: never made.
+    pub enum Anchor {}
     impl Anchor {
         pub fn new(_: &[&str]) -> Option<Anchor> {
             None
         }
         pub fn count(&self, _: &[u8]) -> usize {
-            0
+            match *self {}
         }
     }
 }

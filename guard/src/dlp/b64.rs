@@ -121,11 +121,19 @@ pub(crate) fn long_runs(data: &[u8], min: usize, mut f: impl FnMut(usize, usize)
     let mut i = 0;
     while i + min <= n {
         let probe = i + min - 1;
-        if !is_b64(data[probe]) {
-            i = probe + 1;
+        // The last byte that is not base64 among the (up to) 8 ending at the
+        // probe, found without a branch per byte: on text one is nearly
+        // always there, a word's length back at most.
+        let lo = probe.saturating_sub(7).max(i);
+        let mut bad = 0u32;
+        for (k, &c) in data[lo..=probe].iter().enumerate() {
+            bad |= u32::from(!is_b64(c)) << k;
+        }
+        if bad != 0 {
+            i = lo + (31 - bad.leading_zeros()) as usize + 1;
             continue;
         }
-        let mut j = probe;
+        let mut j = lo;
         while j > i && is_b64(data[j - 1]) {
             j -= 1;
         }
