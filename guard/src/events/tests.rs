@@ -713,7 +713,8 @@ fn a_store_written_before_stream_outcomes_opens_and_is_migrated() {
         .conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 2);
+    // Version 2 added `stream`, 3 `key_provider`: both added to a v1 file.
+    assert_eq!(version, 3);
     let idle = cut(StreamEnd::IdleTimeout, Some("no data for 30s"), 10);
     assert_eq!(store.amend(&[amendment(&got[0], idle.clone())]).unwrap(), 1);
     let mut fresh = vec![simple("new-1", Decision::Allow, "openai", "x")];
