@@ -1303,14 +1303,20 @@ fn provider_keys_of_the_catalog_are_found_pasted_and_in_base64() {
 }
 
 #[test]
-fn prefilter_heads_of_the_pack() {
+fn the_whole_pack_keeps_both_literal_passes_on_the_packed_searcher() {
+    // Every rule at every base64 alignment still fits the SIMD searcher
+    // (shared 4-character heads; see `b64::HEAD`), so no key in base64 is
+    // left to group starts only.
     let s = Scanner::new(&seed_policy(true)).unwrap();
-    let plain = s.prefilter.as_ref().map_or(0, LiteralSet::heads);
-    let b64 = s.base64_prefilter.as_ref().map_or(0, LiteralSet::heads);
-    eprintln!(
-        "heads: plain {plain}, base64 {b64}, group starts only {}",
-        s.base64_group_starts_only
+    let (plain, b64) = (
+        s.prefilter.as_ref().unwrap(),
+        s.base64_prefilter.as_ref().unwrap(),
     );
+    assert!(plain.is_packed(), "{} prefix literals", plain.heads());
+    assert!(b64.is_packed(), "{} base64 heads", b64.heads());
+    assert!(!s.base64_group_starts_only);
+    // Far fewer heads than spellings: three alignments of ~30 rules.
+    assert!(b64.heads() <= 128, "{}", b64.heads());
 }
 
 /// The key formats the provider catalog added (issue 13).
