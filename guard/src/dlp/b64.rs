@@ -109,6 +109,11 @@ static IS_B64: [bool; 256] = {
 /// The shortest run the gate in [`long_runs`] looks for.
 pub(crate) const MIN_RUN: usize = MIN_SPELLING;
 
+/// Runs this long hold two whole aligned 8-byte words, which
+/// [`long_runs`] asks of a candidate (far rarer in prose than one: a long
+/// word, or two glued at a removed line break).
+pub(crate) const LONG_RUN: usize = 23;
+
 /// Calls `f(start, end)` for every maximal run of base64 characters of at
 /// least `min` bytes in `data`, in order.
 ///
@@ -135,10 +140,23 @@ pub(crate) fn long_runs(data: &[u8], min: usize, mut f: impl FnMut(usize, usize)
         let w = u64::from_le_bytes(word);
         // Any byte >= 0x80, or below b'+' (for bytes < 0x80: the classic
         // "has a byte less than" test).
-        let rejected = w & HIGH != 0 || (w.wrapping_sub(ONES * u64::from(b'+')) & !w & HIGH) != 0;
-        if rejected {
+        let rejected =
+            |w: u64| w & HIGH != 0 || (w.wrapping_sub(ONES * u64::from(b'+')) & !w & HIGH) != 0;
+        if rejected(w) {
             k += 8;
             continue;
+        }
+        // A run of LONG_RUN bytes or more holds two whole words in a row.
+        if min >= LONG_RUN {
+            let mut next = [0u8; 8];
+            match data.get(k + 8..k + 16) {
+                Some(b) => next.copy_from_slice(b),
+                None => break,
+            }
+            if rejected(u64::from_le_bytes(next)) {
+                k += 16;
+                continue;
+            }
         }
         let mut lo = k;
         while lo > done && is_b64(data[lo - 1]) {

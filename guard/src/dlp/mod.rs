@@ -294,6 +294,9 @@ pub struct Scanner {
     /// Shortest base64 run that can hold an encoded match of any rule
     /// with base64 spellings (see `b64::long_runs`).
     base64_min_run: usize,
+    /// The base64 spellings of rules whose encoded matches may be shorter
+    /// than `b64::LONG_RUN`: searched for in all the text.
+    base64_short: Option<LiteralSet<Lit>>,
     fallback: Vec<usize>,
     fallback_set: Option<regex::bytes::RegexSet>,
     terms: terms::Terms,
@@ -388,6 +391,7 @@ impl Scanner {
         let mut b64_lits = Vec::new();
         let mut fallback = Vec::new();
         let mut base64_min_run = usize::MAX;
+        let mut b64_short = Vec::new();
         for (idx, (id, pattern, every_alignment, given, back)) in sources.into_iter().enumerate() {
             let regex = meta::Regex::new(pattern).map_err(|e| DlpError::Pattern {
                 id: id.clone(),
@@ -398,6 +402,18 @@ impl Scanner {
             } else {
                 Some(given.iter().map(|l| l.as_bytes().to_vec()).collect())
             };
+            let hir = regex_syntax::Parser::new().parse(pattern).ok();
+            let line_bound = hir.as_ref().is_some_and(line_bound);
+            // The encoding of n bytes holds at least 4n/3 - 2 whole base64
+            // characters, whatever its alignment.
+            let min_len = hir.as_ref().and_then(|h| h.properties().minimum_len());
+            let need = min_len.map_or(b64::MIN_RUN, |n| {
+                (4 * n / 3).saturating_sub(2).max(b64::MIN_RUN)
+            });
+            // Rules whose encoded matches can be short are searched for in
+            // all the text (few: Slack's); the others only inside runs long
+            // enough, which the run search finds fastest when that is long.
+            let long = need >= b64::LONG_RUN;
             match literals {
                 Some(ls) => {
                     for l in ls {
@@ -405,22 +421,22 @@ impl Scanner {
                             // "Group start" is the key's: a literal `back`
                             // bytes into the key sits at alignment back % 3.
                             if every_alignment || at.byte_offset == back % 3 {
-                                b64_lits.push((spelled, Lit::Base64(idx, at)));
+                                let lit = (spelled, Lit::Base64(idx, at));
+                                if long {
+                                    b64_lits.push(lit);
+                                } else {
+                                    b64_short.push(lit);
+                                }
                             }
                         }
                         lits.push((l, Lit::Plain(idx)));
                     }
+                    if long {
+                        base64_min_run = base64_min_run.min(need);
+                    }
                 }
                 None => fallback.push(idx),
             }
-            let hir = regex_syntax::Parser::new().parse(pattern).ok();
-            let line_bound = hir.as_ref().is_some_and(line_bound);
-            // The encoding of n bytes holds at least 4n/3 - 2 whole base64
-            // characters, whatever its alignment.
-            let min_len = hir.as_ref().and_then(|h| h.properties().minimum_len());
-            base64_min_run = base64_min_run.min(min_len.map_or(b64::MIN_RUN, |n| {
-                (4 * n / 3).saturating_sub(2).max(b64::MIN_RUN)
-            }));
             rules.push((
                 Rule {
                     id,
@@ -462,6 +478,7 @@ impl Scanner {
             base64_prefilter,
             base64_group_starts_only,
             base64_min_run,
+            base64_short: LiteralSet::with_heads(b64_short, b64::HEAD),
             fallback,
             fallback_set,
             terms,
@@ -812,7 +829,7 @@ impl Scanner {
         if data.is_empty() {
             return;
         }
-        for (pass, pre) in [&self.prefilter, &self.base64_prefilter]
+        for (pass, pre) in [&self.prefilter, &self.base64_prefilter, &self.base64_short]
             .into_iter()
             .enumerate()
         {
