@@ -18,7 +18,7 @@
 //! aho-corasick's 16-bucket ("fat") Teddy still takes (its default limit is
 //! 64; the hard one 128: see `literals`). That search runs only inside
 //! base64 runs long enough to hold an encoded match of the rule (see
-//! `long_runs`: two clean 8-byte words in a row for matches of 17 bytes or
+//! `long_runs`: two clean 8-byte words in a row for matches of 19 bytes or
 //! more), so on prose and code, which have next to no such runs, the number
 //! of rules costs almost nothing; rules with shorter matches (Slack's) are
 //! searched for in all the text (`cargo xtask bench dlp`). A policy whose
