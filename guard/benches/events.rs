@@ -59,6 +59,7 @@ fn event(i: usize) -> Event {
         fingerprint: format!("fp:{:08x}", i % 3),
         matches_secret: (i % 3 != 2).then(|| "openai-q1".to_string()),
         managed: false,
+        provider: None,
     });
     e
 }

@@ -6,7 +6,7 @@
 //!
 //! | floor | module | job |
 //! |---|---|---|
-//! | 1 | [`provider`] | the provider catalog: hosts, endpoints, credential style, error shapes |
+//! | 1 | [`provider`] | the provider catalog: hosts, endpoints, credential style, error shapes, key formats (`provider::keys`, shared by DLP and the key report) |
 //! | 1 | [`record`] | the per-request record shared by gateway, policy and events (typed) |
 //! | 1 | [`config`] | YAML → typed model, every problem with file:line:column (pure) |
 //! | 1 | [`ca`] | the local CA and per-name leaves |

@@ -89,6 +89,7 @@ fn event(request_id: &str, decision: Decision, target: &str, pid: u32) -> Event 
         fingerprint: fingerprint(OLD_KEY),
         matches_secret: Some("openai-q1".into()),
         managed: false,
+        provider: Some("openai".into()),
     });
     if decision == Decision::Block {
         e.policy = vec![PolicyNote {
@@ -271,6 +272,8 @@ fn key_report_lists_processes_per_secret_and_unmanaged_keys() {
         fingerprint: "fp:00ff00ff".into(),
         matches_secret: None,
         managed: false,
+        // An unmanaged key is named by the provider whose format it has.
+        provider: Some("groq".into()),
     });
     write_events(
         dir.path(),
@@ -290,7 +293,10 @@ fn key_report_lists_processes_per_secret_and_unmanaged_keys() {
     );
     assert!(managed.contains("/usr/bin/python3[101]"), "{out}");
     assert!(managed.contains("/usr/bin/python3[102]"), "{out}");
-    assert!(unmanaged.contains("fp:00ff00ff  1 request(s)"), "{out}");
+    assert!(
+        unmanaged.contains("groq key fp:00ff00ff  1 request(s)"),
+        "{out}"
+    );
     assert!(unmanaged.contains("/opt/tool/bin/agent[900]"), "{out}");
 
     let (code, out, _) = kt_events(dir.path(), OutputFormat::Json, &["--keys"]);
@@ -299,6 +305,7 @@ fn key_report_lists_processes_per_secret_and_unmanaged_keys() {
     assert_eq!(v["keys"][0]["matches_secret"], "openai-q1");
     assert_eq!(v["keys"][0]["processes"].as_array().unwrap().len(), 2);
     assert_eq!(v["keys"][1]["matches_secret"], serde_json::Value::Null);
+    assert_eq!(v["keys"][1]["provider"], "groq");
 }
 
 #[test]

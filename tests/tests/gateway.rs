@@ -1899,3 +1899,88 @@ async fn a_client_that_leaves_before_the_answer_is_recorded_as_499() {
     );
     assert_eq!(gw.sink.snapshot().len(), 1, "recorded once");
 }
+
+/// `kt events --keys` names each unmanaged key by the provider whose format
+/// it has (a `gsk_` key is Groq's wherever it was sent; a bare 32-character
+/// key sent to Mistral is Mistral's), in the table and in JSON, and never
+/// shows a key.
+#[tokio::test]
+async fn unmanaged_keys_are_named_by_provider_in_the_key_report() {
+    let ca = TestCa::new();
+    let up = FakeProvider::start(&ca, "first", Behavior::Ok).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(vec![
+        oa("oa1", &up, "OA1"),
+        target("mis", Provider::Mistral, &up.openai_base_url(), "OA2"),
+    ]);
+    let (gw, writer, handle) = start_with_store(cfg, &ca, dir.path()).await;
+    // Made-up keys, assembled so no literal here looks like one.
+    let groq = format!("gs{}{}", "k_", "Gq7x".repeat(13));
+    let replicate = format!("r8{}{}", "_", "Rp4".repeat(12) + "z");
+    let mistral = "Ms8".repeat(10) + "K2";
+    let legacy = "legacy-ci-token-hardcoded-0003".to_string();
+    let calls = [
+        ("/openai/v1/chat/completions", &groq),
+        ("/openai/v1/chat/completions", &replicate),
+        ("/mistral/v1/chat/completions", &mistral),
+        ("/openai/v1/chat/completions", &legacy),
+    ];
+    let mut c = h1_plain(gw.addr).await;
+    for (path, key) in calls {
+        let r = send(
+            &mut c,
+            post(
+                path,
+                &[("authorization", &format!("Bearer {key}"))],
+                chat_body(false),
+            ),
+        )
+        .await;
+        // The Groq key sent to OpenAI is refused (another provider's key);
+        // the others are swapped. Every one is recorded.
+        assert!(r.status == 200 || r.status == 403, "{path}: {}", r.body);
+    }
+    assert!(writer.flush());
+    let kt = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_kt-under-test"))
+            .args(args)
+            .env("KT_DATA_DIR", dir.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let table = kt(&["events", "--keys"]);
+    assert!(table.contains("Keys the guard does not manage:"), "{table}");
+    for name in [
+        "groq key ",
+        "replicate key ",
+        "mistral key ",
+        "unknown format ",
+    ] {
+        assert!(table.contains(name), "{name} missing in:\n{table}");
+    }
+    let json: serde_json::Value =
+        serde_json::from_str(&kt(&["--output", "json", "events", "--keys"])).unwrap();
+    let mut providers: Vec<Option<String>> = json["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["provider"].as_str().map(String::from))
+        .collect();
+    providers.sort();
+    assert_eq!(
+        providers,
+        [
+            None,
+            Some("groq".to_string()),
+            Some("mistral".to_string()),
+            Some("replicate".to_string())
+        ]
+    );
+    for key in [&groq, &replicate, &mistral, &legacy] {
+        assert!(!table.contains(key.as_str()) && !json.to_string().contains(key.as_str()));
+    }
+    assert!(handle.shutdown());
+    drop(gw);
+}

@@ -300,6 +300,30 @@ pub fn nginx() {
     }
 }
 
+/// `cargo xtask bench dlp` measures kt against Intel Hyperscan: installs
+/// Debian's `libhyperscan-dev` (and `pkg-config`, which finds it). Returns
+/// whether it is there; only warns when it cannot install it: the bench
+/// then runs without the Hyperscan column.
+pub fn hyperscan() -> bool {
+    if !Path::new("/usr/bin/apt-get").exists() {
+        step(
+            "hyperscan",
+            "not Debian: install libhyperscan-dev to get the Hyperscan column",
+        );
+        return Path::new("/usr/lib/x86_64-linux-gnu/pkgconfig/libhs.pc").exists();
+    }
+    match apt_packages(&["libhyperscan-dev", "pkg-config"]) {
+        Ok(()) => true,
+        Err(e) => {
+            step(
+                "hyperscan",
+                &format!("{e:#}: the bench runs without the Hyperscan column"),
+            );
+            false
+        }
+    }
+}
+
 fn link_debian_toolchain() -> anyhow::Result<()> {
     if has_src(DEBIAN_TOOLCHAIN) {
         step("rustup link", "toolchain `debian` present");

@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use super::error::{ConfigError, ConfigErrors, LoadError};
 use super::model::{
-    AuditLogger, Capture, CaptureProviders, CaptureScope, Config, Containers, CredentialAction, DlpAction,
-    DlpFilter, GatewayMode, GatewaySettings, IpPrefix, MAX_FUZZY_DISTANCE, Pack, PolicyKind,
-    Provider, Providers, RoutingStrategy, SecretKeyRef, SinkConfig, SinkKind, StoreFailure,
-    SyslogAddress, Target,
+    AuditLogger, Capture, CaptureProviders, CaptureScope, Config, Containers, CredentialAction,
+    DlpAction, DlpFilter, GatewayMode, GatewaySettings, IpPrefix, MAX_FUZZY_DISTANCE, Pack,
+    PolicyKind, Provider, Providers, RoutingStrategy, SecretKeyRef, SinkConfig, SinkKind,
+    StoreFailure, SyslogAddress, Target,
 };
 use super::tree::{self, Kind, Node, Pos};
 use crate::provider::{CustomCredential, CustomProvider, ErrorShape, KeyStyle};

@@ -11,27 +11,30 @@
 //! the hit's group start and the rule's regex runs over the decoded bytes,
 //! anchored at the prefix.
 //!
-//! Cost: the three alignments make 54 literals, which aho-corasick searches
-//! with its 16-bucket ("fat") Teddy; the no-match scan is 6-12% slower than
-//! with the first alignment alone (`cargo xtask bench dlp`). Past 64
-//! literals aho-corasick has no packed searcher and the scan gets about 3.5
-//! times slower, so a policy with many more prefixed `detect_patterns`
-//! keeps the group-start spellings only, and `kt gateway check --verbose`
-//! says so.
+//! Cost: every rule at the three alignments makes 140 spellings (the
+//! built-in pack). Only their first `HEAD` (4) characters are searched for;
+//! spellings that share them share one searched literal and are told apart
+//! by comparison at a hit. That leaves 111 literals, which
+//! aho-corasick's 16-bucket ("fat") Teddy still takes (its default limit is
+//! 64; the hard one 128: see `literals`). That search runs only inside
+//! base64 runs long enough to hold an encoded match of the rule (see
+//! `long_runs`: two clean 8-byte words in a row for matches of 19 bytes or
+//! more), so on prose and code, which have next to no such runs, the number
+//! of rules costs almost nothing; rules with shorter matches (Slack's) are
+//! searched for in all the text (`cargo xtask bench dlp`). A policy whose
+//! `detect_patterns` bring more
+//! distinct spellings than 128 keeps the group-start spellings only, and
+//! `kt gateway check --verbose` says so.
 //!
-//! The built-in rules added with the provider catalog (Groq, xAI,
-//! OpenRouter, Perplexity, Hugging Face, Anthropic OAuth) are searched for
-//! at a group start only (`BuiltinRule::base64_every_alignment`): at every
-//! alignment they would take the set past 64 literals. A key base64-encoded
-//! alone, or after a prefix of 3, 6, ... bytes, is found; one after 1 or 2
-//! bytes more is not.
+//! A rule whose literal is not its prefix (Azure's `JQQJ9` signature, 52
+//! characters into the key) decodes from enough whole groups before the
+//! hit to hold the start of the key.
 //!
 //! Not covered: URL-safe base64 (`-` and `_`), and a 3-byte prefix off a
 //! group start, where its spelling would be shorter than `MIN_SPELLING`:
-//! the bare `sk-` of a legacy OpenAI key and of the seed's pattern, and
-//! Slack's `xox` (its `xoxb-` forms would add 15 literals). `sk-proj-`,
-//! `sk-ant-api03-`, AWS, GitHub, Google, Stripe and PEM are found at every
-//! alignment.
+//! the bare `sk-` of a legacy OpenAI key and of the seed's pattern, Slack's
+//! `xox`, Hugging Face's `hf_`, Replicate's `r8_` and Fireworks' `fw_`.
+//! Every other rule is found at every alignment.
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
@@ -53,6 +56,12 @@ const ALIGNMENTS: std::ops::Range<usize> = 0..3;
 /// Fewest characters a spelling may have (shorter ones would match
 /// ordinary base64 data, such as images, far too often).
 const MIN_SPELLING: usize = 4;
+
+/// Characters of a spelling the literal pass searches for; the rest is
+/// compared at a hit. Spellings sharing their first characters share one
+/// searched literal, which keeps every rule at every alignment within the
+/// packed searcher's 64 literals.
+pub(crate) const HEAD: usize = 4;
 
 /// Decoded bytes looked at after the prefix: room for any key and a PEM
 /// header line.
@@ -86,7 +95,125 @@ pub(crate) fn spellings(lit: &[u8]) -> Vec<(Vec<u8>, Spelling)> {
 
 /// Whether `c` is in the standard base64 alphabet (padding excluded).
 pub(crate) fn is_b64(c: u8) -> bool {
-    c.is_ascii_alphanumeric() || c == b'+' || c == b'/'
+    IS_B64[usize::from(c)]
+}
+
+/// `is_b64` as a table (the run search looks at bytes one by one).
+static IS_B64: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut c = 0;
+    while c < 256 {
+        let b = c as u8;
+        t[c] = b.is_ascii_alphanumeric() || b == b'+' || b == b'/';
+        c += 1;
+    }
+    t
+};
+
+/// The shortest run the gate in [`long_runs`] looks for.
+pub(crate) const MIN_RUN: usize = MIN_SPELLING;
+
+/// Runs this long hold two whole aligned 8-byte words, which
+/// [`long_runs`] asks of a candidate (far rarer in prose than one: a long
+/// word, or two glued at a removed line break).
+pub(crate) const LONG_RUN: usize = 23;
+
+/// Calls `f(start, end)` for every maximal run of base64 characters of at
+/// least `min` bytes in `data`, in order.
+///
+/// A run of 15 bytes or more holds a whole 8-byte word at an offset that is
+/// a multiple of 8, with no byte below `+` (no space, no quote, no line
+/// break) and none above 0x7f. Such words are found 8 bytes at a time with
+/// two bit tricks; on prose nearly every word has a space, so only a few are
+/// looked at byte by byte (see `runs_in`).
+pub(crate) fn long_runs(data: &[u8], min: usize, mut f: impl FnMut(usize, usize)) {
+    const SHORTEST_GATED: usize = 15;
+    if min < SHORTEST_GATED {
+        runs_in(data, 0, data.len(), min, &mut f);
+        return;
+    }
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    let n = data.len();
+    // Bytes before `done` were looked at already.
+    let mut done = 0;
+    let mut k = 0;
+    while k + 8 <= n {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(&data[k..k + 8]);
+        let w = u64::from_le_bytes(word);
+        // Any byte >= 0x80, or below b'+' (for bytes < 0x80: the classic
+        // "has a byte less than" test).
+        let rejected =
+            |w: u64| w & HIGH != 0 || (w.wrapping_sub(ONES * u64::from(b'+')) & !w & HIGH) != 0;
+        if rejected(w) {
+            k += 8;
+            continue;
+        }
+        // A run of LONG_RUN bytes or more holds two whole words in a row.
+        if min >= LONG_RUN {
+            let mut next = [0u8; 8];
+            match data.get(k + 8..k + 16) {
+                Some(b) => next.copy_from_slice(b),
+                None => break,
+            }
+            if rejected(u64::from_le_bytes(next)) {
+                k += 16;
+                continue;
+            }
+        }
+        let mut lo = k;
+        while lo > done && is_b64(data[lo - 1]) {
+            lo -= 1;
+        }
+        let mut hi = k + 8;
+        while hi < n && is_b64(data[hi]) {
+            hi += 1;
+        }
+        runs_in(data, lo, hi, min, &mut f);
+        done = hi;
+        k = hi.div_ceil(8).max(k / 8 + 1) * 8;
+    }
+    // A run of 15 bytes or more ending in the last 7 holds a whole word
+    // before them: nothing is left to look at.
+}
+
+/// The runs of at least `min` bytes inside `data[from..to]` (`from` must be
+/// a run boundary: 0, or right after a byte that is not base64). Looks at
+/// the byte `min - 1` ahead of where a run could start: when it is not
+/// base64 no run of `min` bytes covers it and the search jumps past it.
+fn runs_in(data: &[u8], from: usize, to: usize, min: usize, f: &mut impl FnMut(usize, usize)) {
+    let min = min.max(1);
+    // Invariant: `i` is `from`, or right after a byte that is not base64.
+    let mut i = from;
+    while i + min <= to {
+        let probe = i + min - 1;
+        // The last byte that is not base64 among the (up to) 8 ending at the
+        // probe, found without a branch per byte.
+        let lo = probe.saturating_sub(7).max(i);
+        let mut bad = 0u32;
+        for (k, &c) in data[lo..=probe].iter().enumerate() {
+            bad |= u32::from(!is_b64(c)) << k;
+        }
+        if bad != 0 {
+            i = lo + (31 - bad.leading_zeros()) as usize + 1;
+            continue;
+        }
+        let mut j = lo;
+        while j > i && is_b64(data[j - 1]) {
+            j -= 1;
+        }
+        if j > i {
+            i = j;
+            continue;
+        }
+        let mut e = probe + 1;
+        while e < to && is_b64(data[e]) {
+            e += 1;
+        }
+        f(i, e);
+        i = e + 1;
+    }
 }
 
 /// Decodes the window of `data` for a spelling hit at `p`: the bytes from
@@ -168,6 +295,53 @@ mod tests {
                 "alignment {a}: {:?}",
                 String::from_utf8_lossy(&decoded)
             );
+        }
+    }
+
+    #[test]
+    fn long_runs_finds_exactly_the_runs_of_at_least_min_bytes() {
+        let mut texts: Vec<Vec<u8>> = vec![
+            b"a short words here; c2stcHJvai0xMjM0NTY3ODkw= and AKIAABCDEFGHIJKLMNOP12 end"
+                .to_vec(),
+            b"c2stcHJvai0xMjM0NTY3ODkwabcdefgh".to_vec(),
+            b"x".repeat(100),
+        ];
+        // Mixed runs of every length at every offset (a small LCG).
+        let mut state = 7u64;
+        for _ in 0..40 {
+            let mut t = Vec::new();
+            for _ in 0..30 {
+                state = state
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1);
+                let len = (state >> 40) as usize % 40;
+                t.extend(std::iter::repeat_n(b'Q', len));
+                t.push(if state & 1 == 0 { b' ' } else { b'-' });
+            }
+            texts.push(t);
+        }
+        for text in &texts {
+            let text = &text[..];
+            for min in 1..40 {
+                let mut got = Vec::new();
+                long_runs(text, min, |s, e| got.push((s, e)));
+                // The plain way: split on every byte that is not base64.
+                let mut want = Vec::new();
+                let mut start = None;
+                for (i, &c) in text.iter().chain(b" ").enumerate() {
+                    match (is_b64(c), start) {
+                        (true, None) => start = Some(i),
+                        (false, Some(s)) => {
+                            if i - s >= min {
+                                want.push((s, i));
+                            }
+                            start = None;
+                        }
+                        _ => {}
+                    }
+                }
+                assert_eq!(got, want, "min {min}");
+            }
         }
     }
 

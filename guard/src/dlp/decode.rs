@@ -545,6 +545,36 @@ pub(crate) fn segments(text: &[u8], json: bool, mut f: impl FnMut(Segment<'_>)) 
     }
 }
 
+/// `text` with its JSON escapes decoded (`\u0073` → `s`, `\n` → a line
+/// break, …; invalid ones kept as written), and for each decoded byte the
+/// offset in `text` of what it came from, plus `text.len()` at the end.
+/// `None` when `text` has no valid escape (nothing to decode).
+pub(crate) fn json_escapes(text: &[u8]) -> Option<(Vec<u8>, Vec<usize>)> {
+    let first = memchr::memchr(b'\\', text)?;
+    let mut out = Vec::with_capacity(text.len());
+    let mut map = Vec::with_capacity(text.len() + 1);
+    out.extend_from_slice(&text[..first]);
+    map.extend(0..first);
+    let mut i = first;
+    let mut any = false;
+    while i < text.len() {
+        if text[i] == b'\\'
+            && let Some((next, bytes, len)) = unescape_one(text, i + 1)
+        {
+            out.extend_from_slice(&bytes[..len]);
+            map.extend(std::iter::repeat_n(i, len));
+            i = next;
+            any = true;
+            continue;
+        }
+        out.push(text[i]);
+        map.push(i);
+        i += 1;
+    }
+    map.push(text.len());
+    any.then_some((out, map))
+}
+
 /// Decodes the escape whose letter is at `s[i]` (just after the backslash):
 /// the offset after it, and the UTF-8 bytes it stands for.
 fn unescape_one(s: &[u8], mut i: usize) -> Option<(usize, [u8; 4], usize)> {

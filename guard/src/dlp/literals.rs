@@ -34,7 +34,19 @@ pub(crate) struct LiteralSet<T> {
 
 impl<T> LiteralSet<T> {
     /// Builds the set; `None` when there are no literals.
-    pub(crate) fn new(mut lits: Vec<(Vec<u8>, T)>) -> Option<LiteralSet<T>> {
+    pub(crate) fn new(lits: Vec<(Vec<u8>, T)>) -> Option<LiteralSet<T>> {
+        LiteralSet::with_heads(lits, usize::MAX)
+    }
+
+    /// As [`LiteralSet::new`], searching only for the first `max_head`
+    /// bytes of each literal (the rest is compared at a hit): literals that
+    /// share those bytes share one searched head, so many long literals
+    /// with common starts (base64 spellings) stay within the packed
+    /// searcher's limit.
+    pub(crate) fn with_heads(
+        mut lits: Vec<(Vec<u8>, T)>,
+        max_head: usize,
+    ) -> Option<LiteralSet<T>> {
         if lits.is_empty() {
             return None;
         }
@@ -46,16 +58,23 @@ impl<T> LiteralSet<T> {
                 lit: lit.clone(),
                 payload,
             };
+            // Sorted by length: no head is a proper prefix of a later one,
+            // so at most one head starts at any position.
             match heads.iter().position(|h| lit.starts_with(h)) {
                 Some(g) => groups[g].push(entry),
                 None => {
-                    heads.push(lit);
+                    heads.push(lit[..lit.len().min(max_head)].to_vec());
                     groups.push(vec![entry]);
                 }
             }
         }
+        // Past 64 literals aho-corasick gives up on Teddy by default (the
+        // verification gets slower); with 4-byte heads the buckets' false
+        // hits stay rare enough on text that Teddy still beats the
+        // automaton several times, up to its hard limit of 128.
         let packed = packed::Config::new()
             .match_kind(packed::MatchKind::LeftmostFirst)
+            .heuristic_pattern_limits(heads.len() <= 64 || max_head > 4)
             .builder()
             .extend(&heads)
             .build();
@@ -79,12 +98,37 @@ impl<T> LiteralSet<T> {
 
     /// Calls `f(payload, position)` for every occurrence of every literal in
     /// `hay` that starts before `limit`, in order of position.
-    pub(crate) fn for_each(&self, hay: &[u8], limit: usize, mut f: impl FnMut(&T, usize)) {
-        let mut at = 0;
-        while at < limit.min(hay.len()) {
+    pub(crate) fn for_each(&self, hay: &[u8], limit: usize, f: impl FnMut(&T, usize)) {
+        self.search(hay, 0, hay.len(), limit, f);
+    }
+
+    /// As [`LiteralSet::for_each`], for occurrences that lie inside
+    /// `hay[start..end]` (a base64 run).
+    pub(crate) fn for_each_in(
+        &self,
+        hay: &[u8],
+        start: usize,
+        end: usize,
+        f: impl FnMut(&T, usize),
+    ) {
+        self.search(hay, start, end, end, f);
+    }
+
+    /// Occurrences inside `hay[start..end]` starting before `limit`.
+    fn search(
+        &self,
+        hay: &[u8],
+        start: usize,
+        end: usize,
+        limit: usize,
+        mut f: impl FnMut(&T, usize),
+    ) {
+        let end = end.min(hay.len());
+        let mut at = start;
+        while at < limit.min(end) {
             let m = match &self.engine {
-                Engine::Packed(p) => p.find_in(hay, aho_corasick::Span::from(at..hay.len())),
-                Engine::Automaton(ac) => ac.find(Input::new(hay).span(at..hay.len())),
+                Engine::Packed(p) => p.find_in(hay, aho_corasick::Span::from(at..end)),
+                Engine::Automaton(ac) => ac.find(Input::new(hay).span(at..end)),
             };
             let Some(m) = m else {
                 return;
@@ -102,5 +146,13 @@ impl<T> LiteralSet<T> {
             }
             at = p + 1;
         }
+    }
+}
+
+#[cfg(test)]
+impl<T> LiteralSet<T> {
+    /// How many heads the searcher looks for.
+    pub(crate) fn heads(&self) -> usize {
+        self.groups.len()
     }
 }

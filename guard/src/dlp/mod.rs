@@ -7,7 +7,9 @@
 //!   comma-separated lists too) is undone under a size cap and a ratio cap
 //!   ([`DecodeLimits`]). A JSON body is walked and every string (values and
 //!   object keys) is unescaped, so `\u` escapes cannot hide a key. Any other
-//!   body is scanned as bytes (UTF-8 where it is valid).
+//!   body is scanned as bytes (UTF-8 where it is valid), and, when it holds
+//!   JSON escapes (a body a lenient parser may still read as JSON), once
+//!   more with them decoded, matches mapped back to the raw bytes.
 //! - The URL (`path_and_query`), percent-decoded.
 //! - Every header except the credential headers the gateway replaces anyway
 //!   (the provider catalog's `CREDENTIAL_HEADERS`).
@@ -32,9 +34,12 @@
 //!
 //! # Speed
 //! Every rule's required literal prefixes (`sk-`, `AKIA`, `ghp_`,
-//! `-----BEGIN`, …) are extracted from its regex and searched for in one
-//! pass with aho-corasick's packed SIMD searcher; their base64 spellings
-//! have a second pass (see the `b64` module) and the blocked terms a third,
+//! `-----BEGIN`, …) are extracted from its regex (or given by the rule: the
+//! spellings of a context word, Azure's signature inside the key) and
+//! searched for in one pass with aho-corasick's packed SIMD searcher; their base64 spellings
+//! have a second pass (see the `b64` module), which runs only inside base64
+//! runs long enough to hold an encoded match (found 8 bytes at a time: prose
+//! and code have next to none) and the blocked terms a third,
 //! case-insensitive one (see the `terms` module). A rule's regex then runs
 //! only at a candidate, anchored there: for rules with no look-around that
 //! cannot match a line break (all built-in rules but the PEM one), one
@@ -254,6 +259,8 @@ struct Rule {
     regex: meta::Regex,
     /// No look-around and nothing that matches `\r` or `\n` (see `line_bound`).
     line_bound: bool,
+    /// Bytes from a match's start to where its prefilter literal sits.
+    back: usize,
 }
 
 /// What a prefilter literal stands for.
@@ -284,6 +291,12 @@ pub struct Scanner {
     /// Whether base64 is searched at group starts only (too many prefixes
     /// to search for at every alignment quickly).
     base64_group_starts_only: bool,
+    /// Shortest base64 run that can hold an encoded match of any rule
+    /// with base64 spellings (see `b64::long_runs`).
+    base64_min_run: usize,
+    /// The base64 spellings of rules whose encoded matches may be shorter
+    /// than `b64::LONG_RUN`: searched for in all the text.
+    base64_short: Option<LiteralSet<Lit>>,
     fallback: Vec<usize>,
     fallback_set: Option<regex::bytes::RegexSet>,
     terms: terms::Terms,
@@ -345,60 +358,105 @@ impl Scanner {
     /// Compiles a policy: `detect_patterns` (rule ids `detect-pattern-N`),
     /// the built-in pack when `builtin_rules` is on, and `blocked_terms`.
     pub fn new(cfg: &DlpFilter) -> Result<Scanner, DlpError> {
-        // (id, pattern, base64 at every alignment)
-        let mut sources: Vec<(String, &str, bool)> = cfg
+        let pack: Vec<&BuiltinRule> = if cfg.builtin_rules {
+            builtin_rules().iter().collect()
+        } else {
+            Vec::new()
+        };
+        Scanner::with_pack(cfg, &pack)
+    }
+
+    /// As [`Scanner::new`] with `pack` in place of the whole built-in pack
+    /// (whatever `builtin_rules` says). For benchmarks that compare packs.
+    #[doc(hidden)]
+    pub fn with_pack(cfg: &DlpFilter, pack: &[&BuiltinRule]) -> Result<Scanner, DlpError> {
+        // (id, pattern, base64 at every alignment, given literals, literal offset)
+        let mut sources: Vec<(String, &str, bool, &[&str], usize)> = cfg
             .detect_patterns
             .iter()
             .enumerate()
-            .map(|(i, p)| (format!("detect-pattern-{i}"), p.as_str(), true))
+            .map(|(i, p)| (format!("detect-pattern-{i}"), p.as_str(), true, &[][..], 0))
             .collect();
-        if cfg.builtin_rules {
-            sources.extend(
-                builtin_rules()
-                    .iter()
-                    .map(|r| (r.id.to_string(), r.regex, r.base64_every_alignment)),
-            );
-        }
+        sources.extend(pack.iter().map(|r| {
+            (
+                r.id.to_string(),
+                r.regex,
+                r.base64_every_alignment,
+                r.literals,
+                r.literal_offset,
+            )
+        }));
         let mut rules = Vec::new();
         let mut lits = Vec::new();
         let mut b64_lits = Vec::new();
         let mut fallback = Vec::new();
-        for (idx, (id, pattern, every_alignment)) in sources.into_iter().enumerate() {
+        let mut base64_min_run = usize::MAX;
+        let mut b64_short = Vec::new();
+        for (idx, (id, pattern, every_alignment, given, back)) in sources.into_iter().enumerate() {
             let regex = meta::Regex::new(pattern).map_err(|e| DlpError::Pattern {
                 id: id.clone(),
                 reason: e.to_string(),
             })?;
-            match prefix_literals(pattern) {
+            let literals = if given.is_empty() {
+                prefix_literals(pattern)
+            } else {
+                Some(given.iter().map(|l| l.as_bytes().to_vec()).collect())
+            };
+            let hir = regex_syntax::Parser::new().parse(pattern).ok();
+            let line_bound = hir.as_ref().is_some_and(line_bound);
+            // The encoding of n bytes holds at least 4n/3 - 2 whole base64
+            // characters, whatever its alignment.
+            let min_len = hir.as_ref().and_then(|h| h.properties().minimum_len());
+            let need = min_len.map_or(b64::MIN_RUN, |n| {
+                (4 * n / 3).saturating_sub(2).max(b64::MIN_RUN)
+            });
+            // Rules whose encoded matches can be short are searched for in
+            // all the text (few: Slack's); the others only inside runs long
+            // enough, which the run search finds fastest when that is long.
+            let long = need >= b64::LONG_RUN;
+            match literals {
                 Some(ls) => {
                     for l in ls {
                         for (spelled, at) in b64::spellings(&l) {
-                            if every_alignment || at.byte_offset == 0 {
-                                b64_lits.push((spelled, Lit::Base64(idx, at)));
+                            // "Group start" is the key's: a literal `back`
+                            // bytes into the key sits at alignment back % 3.
+                            if every_alignment || at.byte_offset == back % 3 {
+                                let lit = (spelled, Lit::Base64(idx, at));
+                                if long {
+                                    b64_lits.push(lit);
+                                } else {
+                                    b64_short.push(lit);
+                                }
                             }
                         }
                         lits.push((l, Lit::Plain(idx)));
                     }
+                    if long {
+                        base64_min_run = base64_min_run.min(need);
+                    }
                 }
                 None => fallback.push(idx),
             }
-            let line_bound = regex_syntax::Parser::new()
-                .parse(pattern)
-                .is_ok_and(|h| line_bound(&h));
             rules.push((
                 Rule {
                     id,
                     regex,
                     line_bound,
+                    back,
                 },
                 pattern,
             ));
         }
         // Past the packed searcher's limit (64 literals) the pass gets several
         // times slower: then only keys at the start of encoded data are found.
-        let (base64_prefilter, base64_group_starts_only) = match LiteralSet::new(b64_lits.clone()) {
+        let (base64_prefilter, base64_group_starts_only) = match LiteralSet::with_heads(
+            b64_lits.clone(),
+            b64::HEAD,
+        ) {
             Some(set) if !set.is_packed() => {
-                b64_lits.retain(|(_, l)| matches!(l, Lit::Base64(_, at) if at.byte_offset == 0));
-                (LiteralSet::new(b64_lits), true)
+                b64_lits
+                        .retain(|(_, l)| matches!(l, Lit::Base64(i, at) if at.byte_offset == rules[*i].0.back % 3));
+                (LiteralSet::with_heads(b64_lits, b64::HEAD), true)
             }
             set => (set, false),
         };
@@ -419,6 +477,8 @@ impl Scanner {
             prefilter: LiteralSet::new(lits),
             base64_prefilter,
             base64_group_starts_only,
+            base64_min_run,
+            base64_short: LiteralSet::with_heads(b64_short, b64::HEAD),
             fallback,
             fallback_set,
             terms,
@@ -470,7 +530,8 @@ impl Scanner {
         for hit in &a.hits {
             let id = self.id(hit.rule);
             for s in &hit.spans {
-                edits[s.src].push((s.start, s.end, id));
+                let (src, start, end) = a.raw_span(s);
+                edits[src].push((start, end, id));
             }
         }
         let mut out = Redacted {
@@ -497,6 +558,8 @@ impl Scanner {
                 Origin::Text => {
                     out.body = Some(apply(src.text(), &ranges, |id| format!("[REDACTED:{id}]")));
                 }
+                // Its edits were moved to the text body (see `raw_span`).
+                Origin::TextDecoded => {}
                 Origin::Url => {
                     let raw: Vec<(usize, usize, &str)> = ranges
                         .iter()
@@ -554,6 +617,7 @@ impl Scanner {
         // Room for a typical chat body's strings without regrowing.
         let mut sources: Vec<Source<'b>> = Vec::with_capacity(32);
         let mut body_kind = BodyKind::Empty;
+        let mut text_map = Vec::new();
         let mut joined = Buffer::new(true);
         if !body.is_empty() {
             joined.data.reserve(body.len());
@@ -584,6 +648,21 @@ impl Scanner {
                 let src = Source::plain(Origin::Text, true, body);
                 joined.append(0, &src, body, &[]);
                 sources.push(src);
+                // JSON escapes in a body that is not one JSON document (a
+                // lenient parser may still read it): `\u0073k-…` is `sk-…`
+                // there, so the text is also scanned with them decoded.
+                if let Some((decoded, map)) = decode::json_escapes(body) {
+                    let src = Source {
+                        origin: Origin::TextDecoded,
+                        joinable: false,
+                        raw: body,
+                        escaped: true,
+                        json_start: None,
+                        decoded: OnceCell::from(decoded),
+                    };
+                    sources.push(src);
+                    text_map = map;
+                }
             }
         }
         if !url.is_empty() {
@@ -605,6 +684,7 @@ impl Scanner {
             sources,
             hits,
             body_kind,
+            text_map,
         }
     }
 
@@ -703,6 +783,15 @@ impl Scanner {
         let Some(pc) = buf.piece_at(p) else {
             return;
         };
+        // A literal that sits `back` bytes into its match: decode from
+        // enough whole groups earlier to hold them.
+        let back = self.rules[r].back;
+        let groups = back.saturating_sub(at.byte_offset).div_ceil(3);
+        let at = b64::Spelling {
+            group_back: at.group_back + 4 * groups,
+            byte_offset: at.byte_offset + 3 * groups,
+        };
+        let from = at.byte_offset - back;
         // The line first (a value at a line end must not run on into the
         // next line's words); across lines only in the joined view, for
         // base64 wrapped over several lines.
@@ -710,7 +799,7 @@ impl Scanner {
         let mut found = None;
         for hay in [line, data] {
             if let Some((_, decoded)) = b64::decode_at(hay, p, at)
-                && anchored(&self.rules[r].regex, &decoded, at.byte_offset).is_some()
+                && anchored(&self.rules[r].regex, &decoded, from).is_some()
             {
                 found = Some(hay.len());
                 break;
@@ -740,27 +829,45 @@ impl Scanner {
         if data.is_empty() {
             return;
         }
-        for pre in [&self.prefilter, &self.base64_prefilter]
+        for (pass, pre) in [&self.prefilter, &self.base64_prefilter, &self.base64_short]
             .into_iter()
-            .flatten()
+            .enumerate()
         {
+            let Some(pre) = pre else {
+                continue;
+            };
             // Per rule: where its last match in this pass ended, so a hit
             // inside it is not re-reported (allocated on the first candidate).
             let mut last_end: Vec<usize> = Vec::new();
-            pre.for_each(data, data.len(), |&lit, p| {
+            let mut on_hit = |&lit: &Lit, p: usize| {
                 if last_end.is_empty() {
                     last_end.resize(self.rules.len(), 0);
                 }
                 match lit {
-                    Lit::Plain(rule) if p >= last_end[rule] => {
-                        self.rule_hit(buf, sources, rule, p, &mut last_end, hits);
+                    Lit::Plain(rule) => {
+                        let Some(start) = p.checked_sub(self.rules[rule].back) else {
+                            return;
+                        };
+                        if start >= last_end[rule] {
+                            self.rule_hit(buf, sources, rule, start, &mut last_end, hits);
+                        }
                     }
                     Lit::Base64(rule, at) if p >= last_end[rule] => {
                         self.base64_hit(buf, rule, p, at, &mut last_end, hits);
                     }
                     _ => {}
                 }
-            });
+            };
+            if pass == 1 {
+                // Base64 spellings only inside base64 runs long enough to
+                // hold an encoded match: on prose and code there are next
+                // to none, so the (large) spelling search rarely runs.
+                b64::long_runs(data, self.base64_min_run, |s, e| {
+                    pre.for_each_in(data, s, e, &mut on_hit);
+                });
+            } else {
+                pre.for_each(data, data.len(), &mut on_hit);
+            }
         }
         if let Some(set) = &self.fallback_set {
             for set_idx in &set.matches(data) {
@@ -870,6 +977,15 @@ impl Scanner {
                     start: first.start,
                     end: last.end,
                 },
+                Origin::TextDecoded => {
+                    let (_, start, _) = a.raw_span(first);
+                    let (_, _, end) = a.raw_span(last);
+                    Location::Body {
+                        json_path: None,
+                        start,
+                        end,
+                    }
+                }
                 Origin::Url => Location::Url {
                     start: decode::url_offset(url_map, first.start),
                     end: decode::url_offset(url_map, last.end),
@@ -990,6 +1106,9 @@ enum Origin {
     },
     /// A non-JSON body.
     Text,
+    /// The same body with JSON escapes decoded (offsets map back through
+    /// `Analysis::text_map`).
+    TextDecoded,
     /// The percent-decoded URL.
     Url,
     /// A header value (index into the request's headers).
@@ -1066,6 +1185,23 @@ struct Analysis<'a> {
     sources: Vec<Source<'a>>,
     hits: Vec<Hit>,
     body_kind: BodyKind,
+    /// For the `TextDecoded` source: the body offset of each decoded byte
+    /// (and one past the end).
+    text_map: Vec<usize>,
+}
+
+impl Analysis<'_> {
+    /// A span in its own source's coordinates, or, for the decoded text
+    /// view, in the text body's (source 0).
+    fn raw_span(&self, s: &Span) -> (usize, usize, usize) {
+        match self.sources[s.src].origin {
+            Origin::TextDecoded => {
+                let at = |i: usize| self.text_map.get(i).copied().unwrap_or(i);
+                (0, at(s.start), at(s.end))
+            }
+            _ => (s.src, s.start, s.end),
+        }
+    }
 }
 
 /// Sources laid out in one buffer so a single prefilter pass covers them.

@@ -6,6 +6,10 @@
 //! from a prefix and generated filler so this source file holds nothing that a
 //! secret scanner would take for a live key.
 
+use std::sync::OnceLock;
+
+use crate::provider::keys::{self, KeyFormat};
+
 /// One rule of the built-in pack.
 #[derive(Debug)]
 pub struct BuiltinRule {
@@ -19,6 +23,15 @@ pub struct BuiltinRule {
     /// alignment, or only where it starts a 3-byte group (the packed search
     /// holds 64 literals: the later rules' spellings do not all fit).
     pub base64_every_alignment: bool,
+    /// Prefilter literals given by the rule (empty: extracted from `regex`).
+    pub literals: &'static [&'static str],
+    /// Bytes from the start of a match to where a literal sits.
+    pub literal_offset: usize,
+    /// The catalog provider whose key this is (`None`: a platform secret
+    /// such as a GitHub token or a PEM key).
+    pub provider: Option<&'static str>,
+    /// Words that must be near the key (context rules), for people.
+    pub context: &'static [&'static str],
     /// Builds the made-up sample key (see [`BuiltinRule::sample`]).
     make_sample: fn() -> String,
 }
@@ -148,6 +161,71 @@ fn sample_huggingface() -> String {
     s.push_str(&filler(34, ALNUM, 95));
     s
 }
+fn sample_replicate() -> String {
+    let mut s = String::from("r8");
+    s.push('_');
+    s.push_str(&urlsafe(37, 96));
+    s
+}
+/// `[A-Za-z0-9+/]` (standard base64).
+const B64: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+fn sample_bedrock() -> String {
+    let mut s = String::from("AB");
+    s.push_str("SK");
+    s.push_str(&filler(132, B64, 97));
+    s
+}
+fn sample_bedrock_short() -> String {
+    let mut s = String::from("bedrock-api-key-");
+    // base64 of "bedrock.amazonaws.com", split so no token-like literal sits here.
+    s.push_str("YmVkcm9jay5h");
+    s.push_str("bWF6b25hd3MuY29t");
+    s.push_str(&filler(240, B64, 98));
+    s
+}
+fn sample_together() -> String {
+    let mut s = String::from("tgp");
+    s.push_str("_v1_");
+    s.push_str(&urlsafe(43, 99));
+    s
+}
+fn sample_fireworks() -> String {
+    let mut s = String::from("fw");
+    s.push('_');
+    s.push_str(&filler(24, ALNUM, 100));
+    s
+}
+fn sample_azure() -> String {
+    let mut s = filler(52, ALNUM, 101);
+    s.push_str("JQQ");
+    s.push_str("J99");
+    s.push_str("BA");
+    s.push_str(&filler(16, ALNUM, 102));
+    s.push('Q');
+    s.push_str(&filler(7, ALNUM, 103));
+    s
+}
+fn sample_azure_legacy() -> String {
+    let mut s = String::from("AZURE_OPENAI_API_KEY=");
+    s.push_str(&filler(32, b"0123456789abcdef", 104));
+    s
+}
+fn sample_mistral() -> String {
+    let mut s = String::from("MISTRAL_API_KEY=");
+    s.push_str(&filler(32, ALNUM, 105));
+    s
+}
+fn sample_cohere() -> String {
+    let mut s = String::from("CO_API_KEY=");
+    s.push_str(&filler(40, ALNUM, 106));
+    s
+}
+fn sample_deepseek() -> String {
+    let mut s = String::from("DEEPSEEK_API_KEY=sk");
+    s.push('-');
+    s.push_str(&filler(32, b"0123456789abcdef", 107));
+    s
+}
 fn sample_aws() -> String {
     let mut s = String::from("AK");
     s.push_str("IA");
@@ -205,167 +283,143 @@ fn sample_pem() -> String {
     s
 }
 
-/// The tail shared by the scoped OpenAI keys: either the `T3BlbkFJ` marker
-/// between two url-safe runs, or (formats without the marker) a long run.
-macro_rules! openai_scoped_regex {
-    ($scope:literal) => {
-        concat!(
-            "sk-",
-            $scope,
-            "-(?:[A-Za-z0-9_-]{20,}T3BlbkFJ[A-Za-z0-9_-]{20,}|[A-Za-z0-9_-]{80,})"
-        )
-    };
+/// Platform secrets (not an AI provider's key), each as gitleaks has it.
+fn platform(
+    id: &'static str,
+    description: &'static str,
+    regex: &'static str,
+    make_sample: fn() -> String,
+) -> BuiltinRule {
+    BuiltinRule {
+        id,
+        description,
+        regex,
+        base64_every_alignment: true,
+        literals: &[],
+        literal_offset: 0,
+        provider: None,
+        context: &[],
+        make_sample,
+    }
 }
 
-static RULES: &[BuiltinRule] = &[
+/// The sample of a provider key format, by id.
+fn provider_sample(id: &str) -> fn() -> String {
+    match id {
+        "openai-project-key" => sample_openai_project,
+        "openai-service-account-key" => sample_openai_svcacct,
+        "openai-admin-key" => sample_openai_admin,
+        "openai-legacy-key" => sample_openai_legacy,
+        "anthropic-api-key" => sample_anthropic_api,
+        "anthropic-admin-key" => sample_anthropic_admin,
+        "google-api-key" => sample_google,
+        "anthropic-oauth-token" => sample_anthropic_oauth,
+        "groq-api-key" => sample_groq,
+        "xai-api-key" => sample_xai,
+        "openrouter-api-key" => sample_openrouter,
+        "perplexity-api-key" => sample_perplexity,
+        "huggingface-token" => sample_huggingface,
+        "replicate-api-token" => sample_replicate,
+        "aws-bedrock-api-key" => sample_bedrock,
+        "aws-bedrock-short-term-key" => sample_bedrock_short,
+        "together-api-key" => sample_together,
+        "fireworks-api-key" => sample_fireworks,
+        "azure-openai-key" => sample_azure,
+        "azure-openai-legacy-key" => sample_azure_legacy,
+        "mistral-api-key" => sample_mistral,
+        "cohere-api-key" => sample_cohere,
+        "deepseek-api-key" => sample_deepseek,
+        _ => sample_none,
+    }
+}
+
+fn sample_none() -> String {
+    String::new()
+}
+
+fn from_format(f: &'static KeyFormat) -> BuiltinRule {
     BuiltinRule {
-        id: "openai-project-key",
-        description: "OpenAI project key (sk-proj-…)",
-        regex: openai_scoped_regex!("proj"),
+        id: f.id,
+        description: f.description,
+        regex: f.regex,
         base64_every_alignment: true,
-        make_sample: sample_openai_project,
-    },
-    BuiltinRule {
-        id: "openai-service-account-key",
-        description: "OpenAI service account key (sk-svcacct-…)",
-        regex: openai_scoped_regex!("svcacct"),
-        base64_every_alignment: true,
-        make_sample: sample_openai_svcacct,
-    },
-    BuiltinRule {
-        id: "openai-admin-key",
-        description: "OpenAI admin key (sk-admin-…)",
-        regex: openai_scoped_regex!("admin"),
-        base64_every_alignment: true,
-        make_sample: sample_openai_admin,
-    },
-    BuiltinRule {
-        id: "openai-legacy-key",
-        description: "OpenAI user key, legacy format (sk-… with the T3BlbkFJ marker)",
-        regex: "sk-[A-Za-z0-9]{20}T3BlbkFJ[A-Za-z0-9]{20}",
-        base64_every_alignment: true,
-        make_sample: sample_openai_legacy,
-    },
-    BuiltinRule {
-        id: "anthropic-api-key",
-        description: "Anthropic API key (sk-ant-api03-…)",
-        regex: "sk-ant-api03-[A-Za-z0-9_-]{93}AA",
-        base64_every_alignment: true,
-        make_sample: sample_anthropic_api,
-    },
-    BuiltinRule {
-        id: "anthropic-admin-key",
-        description: "Anthropic admin key (sk-ant-admin01-…)",
-        regex: "sk-ant-admin01-[A-Za-z0-9_-]{93}AA",
-        base64_every_alignment: true,
-        make_sample: sample_anthropic_admin,
-    },
-    BuiltinRule {
-        id: "aws-access-key-id",
-        description: "AWS access key id (AKIA/ASIA/ABIA/ACCA…)",
-        regex: "(?:AKIA|ASIA|ABIA|ACCA)[A-Z2-7]{16}",
-        base64_every_alignment: true,
-        make_sample: sample_aws,
-    },
-    BuiltinRule {
-        id: "github-token",
-        description: "GitHub token (ghp_/gho_/ghu_/ghs_/ghr_…)",
-        regex: "gh[pousr]_[A-Za-z0-9]{36}",
-        base64_every_alignment: true,
-        make_sample: sample_github_classic,
-    },
-    BuiltinRule {
-        id: "github-fine-grained-token",
-        description: "GitHub fine-grained token (github_pat_…)",
-        regex: "github_pat_[A-Za-z0-9_]{82}",
-        base64_every_alignment: true,
-        make_sample: sample_github_fine,
-    },
-    BuiltinRule {
-        id: "google-api-key",
-        description: "Google API key (AIza…)",
-        regex: "AIza[A-Za-z0-9_-]{35}",
-        base64_every_alignment: true,
-        make_sample: sample_google,
-    },
-    BuiltinRule {
-        id: "slack-token",
-        description: "Slack token (xoxb-/xoxp-/xoxa-/xoxr-/xoxs-…)",
-        regex: "xox[bpars]-(?:[0-9]{1,16}-){1,4}[A-Za-z0-9]{10,64}",
-        base64_every_alignment: true,
-        make_sample: sample_slack,
-    },
-    BuiltinRule {
-        id: "stripe-live-key",
-        description: "Stripe live secret or restricted key (sk_live_/rk_live_…)",
-        regex: "(?:sk|rk)_live_[A-Za-z0-9]{24,}",
-        base64_every_alignment: true,
-        make_sample: sample_stripe,
-    },
-    BuiltinRule {
-        id: "pem-private-key",
-        description: "PEM private key (-----BEGIN … PRIVATE KEY-----)",
+        literals: f.literals,
+        literal_offset: f.literal_offset,
+        provider: Some(f.provider),
+        context: f.context,
+        make_sample: provider_sample(f.id),
+    }
+}
+
+/// The pack: the provider key formats of the catalog
+/// (`provider::keys::FORMATS`) and the platform secrets, in a stable order
+/// (the rules that came first keep their places).
+fn build() -> Vec<BuiltinRule> {
+    let fmt = |id: &str| keys::by_id(id).map(from_format);
+    let mut out: Vec<BuiltinRule> = [
+        "openai-project-key",
+        "openai-service-account-key",
+        "openai-admin-key",
+        "openai-legacy-key",
+        "anthropic-api-key",
+        "anthropic-admin-key",
+    ]
+    .into_iter()
+    .filter_map(fmt)
+    .collect();
+    out.push(platform(
+        "aws-access-key-id",
+        "AWS access key id (AKIA/ASIA/ABIA/ACCA…)",
+        // gitleaks `aws-access-token`.
+        "(?:AKIA|ASIA|ABIA|ACCA)[A-Z2-7]{16}",
+        sample_aws,
+    ));
+    out.push(platform(
+        "github-token",
+        "GitHub token (ghp_/gho_/ghu_/ghs_/ghr_…)",
+        // gitleaks `github-pat`, `github-oauth`, `github-app-token`, `github-refresh-token`.
+        "gh[pousr]_[A-Za-z0-9]{36}",
+        sample_github_classic,
+    ));
+    out.push(platform(
+        "github-fine-grained-token",
+        "GitHub fine-grained token (github_pat_…)",
+        // gitleaks `github-fine-grained-pat`.
+        "github_pat_[A-Za-z0-9_]{82}",
+        sample_github_fine,
+    ));
+    out.extend(fmt("google-api-key"));
+    out.push(platform(
+        "slack-token",
+        "Slack token (xoxb-/xoxp-/xoxa-/xoxr-/xoxs-…)",
+        // gitleaks `slack-bot-token` / `slack-user-token`, widened.
+        "xox[bpars]-(?:[0-9]{1,16}-){1,4}[A-Za-z0-9]{10,64}",
+        sample_slack,
+    ));
+    out.push(platform(
+        "stripe-live-key",
+        "Stripe live secret or restricted key (sk_live_/rk_live_…)",
+        // gitleaks `stripe-access-token`, live keys only.
+        "(?:sk|rk)_live_[A-Za-z0-9]{24,}",
+        sample_stripe,
+    ));
+    out.push(platform(
+        "pem-private-key",
+        "PEM private key (-----BEGIN … PRIVATE KEY-----)",
         // Through the END line when there is one, so a finding (and a redaction) covers the whole key.
-        regex: r"-----BEGIN[ A-Z0-9]{0,40} PRIVATE KEY(?: BLOCK)?-----(?:[A-Za-z0-9+/=\s:,.()-]*?-----END[ A-Z0-9]{0,40} PRIVATE KEY(?: BLOCK)?-----)?",
-        base64_every_alignment: true,
-        make_sample: sample_pem,
-    },
-    // Claude Code's subscription OAuth tokens (access `oat01`, refresh
-    // `ort01`): `sk-ant-oat01-` + 95 url-safe characters, as picket's gitleaks
-    // rules and Claude Code tooling match them; 80 or more here so a changed
-    // length is still caught.
-    BuiltinRule {
-        id: "anthropic-oauth-token",
-        description: "Anthropic OAuth token of a Claude subscription (sk-ant-oat01-/sk-ant-ort01-…)",
-        regex: "sk-ant-o(?:at|rt)01-[A-Za-z0-9_-]{80,}",
-        base64_every_alignment: false,
-        make_sample: sample_anthropic_oauth,
-    },
-    // Formats below as trufflehog's detectors and gitleaks' rules have them:
-    // kingfisher.groq.1 / trufflehog pkg/detectors/groq `gsk_[a-zA-Z0-9]{52}`.
-    BuiltinRule {
-        id: "groq-api-key",
-        description: "Groq API key (gsk_…)",
-        regex: "gsk_[A-Za-z0-9]{52}",
-        base64_every_alignment: false,
-        make_sample: sample_groq,
-    },
-    // trufflehog pkg/detectors/xai: `xai-[0-9a-zA-Z_]{80}`.
-    BuiltinRule {
-        id: "xai-api-key",
-        description: "xAI API key (xai-…)",
-        regex: "xai-[A-Za-z0-9_]{80}",
-        base64_every_alignment: false,
-        make_sample: sample_xai,
-    },
-    // gitleaks/trufflehog openrouter: `sk-or-v1-[0-9a-f]{64}`.
-    BuiltinRule {
-        id: "openrouter-api-key",
-        description: "OpenRouter API key (sk-or-v1-…)",
-        regex: "sk-or-v1-[0-9a-f]{64}",
-        base64_every_alignment: false,
-        make_sample: sample_openrouter,
-    },
-    // gitleaks perplexity-api-key: `pplx-[a-zA-Z0-9]{48}`.
-    BuiltinRule {
-        id: "perplexity-api-key",
-        description: "Perplexity API key (pplx-…)",
-        regex: "pplx-[A-Za-z0-9]{48}",
-        base64_every_alignment: false,
-        make_sample: sample_perplexity,
-    },
-    // trufflehog pkg/detectors/huggingface: `(?:hf_|api_org_)[a-zA-Z0-9]{34}`
-    // (gitleaks' huggingface-access-token allows letters only: a subset).
-    BuiltinRule {
-        id: "huggingface-token",
-        description: "Hugging Face access or organization token (hf_/api_org_…)",
-        regex: "(?:hf_|api_org_)[A-Za-z0-9]{34}",
-        base64_every_alignment: false,
-        make_sample: sample_huggingface,
-    },
-];
+        r"-----BEGIN[ A-Z0-9]{0,40} PRIVATE KEY(?: BLOCK)?-----(?:[A-Za-z0-9+/=\s:,.()-]*?-----END[ A-Z0-9]{0,40} PRIVATE KEY(?: BLOCK)?-----)?",
+        sample_pem,
+    ));
+    for f in keys::formats() {
+        if !out.iter().any(|r| r.id == f.id) {
+            out.push(from_format(f));
+        }
+    }
+    out
+}
 
 /// The built-in rule pack, in a stable order.
 pub fn builtin_rules() -> &'static [BuiltinRule] {
-    RULES
+    static RULES: OnceLock<Vec<BuiltinRule>> = OnceLock::new();
+    RULES.get_or_init(build)
 }

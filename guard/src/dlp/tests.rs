@@ -116,7 +116,13 @@ fn contents(body: &[u8]) -> Vec<String> {
 /// ignored in both, so a half left on its own line is caught too).
 fn assert_key_gone(text: &str, key: &str, how: &str) {
     let flat = |s: &str| s.replace(['\n', '\r'], "");
-    let (text, key) = (flat(text), flat(key));
+    let (mut text, key) = (flat(text), flat(key));
+    // A marker names the rule (`[REDACTED:aws-bedrock-short-term-key]`),
+    // which may share a word with the key: not key material.
+    while let Some(at) = text.find("[REDACTED:") {
+        let end = text[at..].find(']').map_or(text.len(), |e| at + e + 1);
+        text.replace_range(at..end, " ");
+    }
     for w in key.as_bytes().windows(8) {
         let w = String::from_utf8_lossy(w);
         assert!(!text.contains(w.as_ref()), "{how}: {w:?} left in {text:?}");
@@ -940,7 +946,11 @@ fn arbitrary_bodies_never_panic() {
 fn every_builtin_rule_has_a_literal_prefix() {
     // A rule without one runs over the whole text of every request.
     for r in builtin_rules() {
-        let lits = prefix_literals(r.regex).unwrap_or_default();
+        let lits = if r.literals.is_empty() {
+            prefix_literals(r.regex).unwrap_or_default()
+        } else {
+            r.literals.iter().map(|l| l.as_bytes().to_vec()).collect()
+        };
         assert!(!lits.is_empty(), "{} has no literal prefix", r.id);
         assert!(lits.iter().all(|l| l.len() >= 3), "{}: {lits:?}", r.id);
         // And each is searched for in base64 at every byte alignment.
@@ -1115,7 +1125,13 @@ fn a_base64_wrapped_key_is_found_over_its_whole_base64_run() {
 
 /// Rules whose 3-byte prefix has no base64 spelling off a group start
 /// (see the `b64` module docs).
-const SHORT_PREFIX: &[&str] = &["openai-legacy-key", "slack-token", "huggingface-token"];
+const SHORT_PREFIX: &[&str] = &[
+    "openai-legacy-key",
+    "slack-token",
+    "huggingface-token",
+    "replicate-api-token",
+    "fireworks-api-key",
+];
 
 #[test]
 fn a_key_anywhere_in_base64_data_is_found() {
@@ -1185,11 +1201,13 @@ fn too_many_prefixes_keep_base64_to_group_starts_and_say_so() {
             .iter()
             .any(|w| w.contains("base64"))
     );
-    // Twenty more prefixed patterns do not fit: keys at a group start are
+    // Twenty-six more prefixed patterns do not fit: keys at a group start are
     // still found, and `kt gateway check --verbose` says what is not.
     let mut cfg = seed_policy(true);
+    // (Distinct first letters: spellings sharing their first characters
+    // share a searched head, so `tok00_`, `tok01_`, … would still fit.)
     cfg.detect_patterns
-        .extend((0..20).map(|i| format!("tok{i:02}_[a-z0-9]{{24}}")));
+        .extend((0..26u8).map(|i| format!("{}q{i:02}_[a-z0-9]{{24}}", char::from(b'a' + i))));
     let many = Scanner::new(&cfg).unwrap();
     assert!(many.base64_group_starts_only);
     let key = builtin_rules()[0].sample();
@@ -1282,4 +1300,179 @@ fn provider_keys_of_the_catalog_are_found_pasted_and_in_base64() {
             assert!(!s.findings.iter().any(|f| f.rule_id == id), "{id}: {short}");
         }
     }
+}
+
+#[test]
+fn the_whole_pack_keeps_both_literal_passes_on_the_packed_searcher() {
+    // Every rule at every base64 alignment still fits the SIMD searcher
+    // (shared 4-character heads; see `b64::HEAD`), so no key in base64 is
+    // left to group starts only.
+    let s = Scanner::new(&seed_policy(true)).unwrap();
+    let (plain, b64) = (
+        s.prefilter.as_ref().unwrap(),
+        s.base64_prefilter.as_ref().unwrap(),
+    );
+    assert!(plain.is_packed(), "{} prefix literals", plain.heads());
+    assert!(b64.is_packed(), "{} base64 heads", b64.heads());
+    assert!(!s.base64_group_starts_only);
+    // Far fewer heads than spellings: three alignments of ~30 rules.
+    assert!(b64.heads() <= 128, "{}", b64.heads());
+}
+
+/// The key formats the provider catalog added (issue 13).
+const CATALOG_FORMATS: &[&str] = &[
+    "replicate-api-token",
+    "aws-bedrock-api-key",
+    "aws-bedrock-short-term-key",
+    "together-api-key",
+    "fireworks-api-key",
+    "azure-openai-key",
+    "azure-openai-legacy-key",
+    "mistral-api-key",
+    "cohere-api-key",
+    "deepseek-api-key",
+    "groq-api-key",
+    "xai-api-key",
+    "openrouter-api-key",
+    "perplexity-api-key",
+    "huggingface-token",
+    "anthropic-oauth-token",
+    "google-api-key",
+];
+
+#[test]
+fn a_pasted_key_of_every_catalog_format_is_blocked_plain_encoded_and_escaped() {
+    use base64::Engine as _;
+    let cfg = builtin_only();
+    let scanner = Scanner::new(&cfg).unwrap();
+    for id in CATALOG_FORMATS {
+        let rule = builtin_rules()
+            .iter()
+            .find(|r| r.id == *id)
+            .unwrap_or_else(|| panic!("{id} is in the pack"));
+        assert!(rule.provider.is_some(), "{id} names its provider");
+        let key = rule.sample();
+        let prompt =
+            format!("Why does my client fail? I set it up like this: {key} and it says 401.");
+        let found = |body: &[u8], enc: Option<&str>, how: &str| {
+            let s = scanner.scan(&view(body, enc)).unwrap();
+            assert!(
+                s.findings.iter().any(|f| f.rule_id == *id),
+                "{id} not found ({how}): {:?}",
+                s.findings
+            );
+            assert_no_leak(&s, &key);
+        };
+        found(&messages(&[&prompt]), None, "pasted");
+        // Base64: a `.env` line encoded whole, after a prefix of 0, 1 and 2 bytes.
+        for pad in ["", "#", "# "] {
+            // A 3-byte prefix has a long enough spelling at a group start only.
+            if SHORT_PREFIX.contains(id) && !pad.is_empty() {
+                continue;
+            }
+            let enc = base64::engine::general_purpose::STANDARD.encode(format!("{pad}{key}\n"));
+            found(
+                &messages(&[&format!("decode this: {enc}")]),
+                None,
+                "in base64",
+            );
+        }
+        // JSON `\u` escapes for every character of the key.
+        let escaped: String = key
+            .chars()
+            .map(|c| format!("\\u{:04x}", c as u32))
+            .collect();
+        let body =
+            format!(r#"{{"model":"m","messages":[{{"role":"user","content":"{escaped}"}}]}}"#);
+        found(body.as_bytes(), None, "u-escaped");
+        // Compressed.
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&messages(&[&prompt])).unwrap();
+        found(&gz.finish().unwrap(), Some("gzip"), "gzip");
+        // And the block answer is what the policy says.
+        assert_eq!(scanner.action(), DlpAction::Block);
+    }
+}
+
+#[test]
+fn context_formats_need_their_context_word_nearby() {
+    let scanner = Scanner::new(&builtin_only()).unwrap();
+    let ids = |text: &str| -> Vec<String> {
+        scanner
+            .scan(&view(&messages(&[text]), None))
+            .unwrap()
+            .findings
+            .into_iter()
+            .map(|f| f.rule_id)
+            .collect()
+    };
+    for r in builtin_rules().iter().filter(|r| !r.context.is_empty()) {
+        let sample = r.sample();
+        // The sample is `<CONTEXT>_…=<key>`: the bare key is after the `=`.
+        let bare = &sample[sample.find('=').map_or(0, |i| i + 1)..];
+        assert!(
+            ids(&sample).iter().any(|i| i == r.id),
+            "{}: with context",
+            r.id
+        );
+        let near_miss = format!("the build id is {bare} for this run");
+        assert!(
+            !ids(&near_miss).iter().any(|i| i == r.id),
+            "{}: found without its context word",
+            r.id
+        );
+        // The word further away than 40 characters on the line does not count.
+        let far = format!(
+            "{} is what we use; unrelated notes follow here at length: {bare}",
+            r.context[0]
+        );
+        assert!(
+            !ids(&far).iter().any(|i| i == r.id),
+            "{}: found with its word far away",
+            r.id
+        );
+        // Any case of the word, as written in code and config files.
+        for word in [r.context[0].to_lowercase(), r.context[0].to_uppercase()] {
+            let t = format!("{word} api key: {bare}");
+            assert!(ids(&t).iter().any(|i| i == r.id), "{}: {word}", r.id);
+        }
+    }
+}
+
+#[test]
+fn a_text_body_with_json_escapes_is_scanned_decoded() {
+    // Not one JSON document (a `:` inside an array), so scanned as text; the
+    // key's first letter is written `\u0073`.
+    let key = builtin_rules()[0].sample();
+    let escaped = format!("\\u0073{}", &key[1..]);
+    let body = format!(r#"{{"a":"{escaped}","b":["x":1]}}"#);
+    let scanner = Scanner::new(&builtin_only()).unwrap();
+    let s = scanner.scan(&view(body.as_bytes(), None)).unwrap();
+    assert_eq!(s.body_kind, BodyKind::Text);
+    let at = body.find(&escaped).unwrap();
+    let found: Vec<&Finding> = s
+        .findings
+        .iter()
+        .filter(|f| f.rule_id == "openai-project-key")
+        .collect();
+    // Reported where it sits in the raw body, escape included.
+    assert_eq!(
+        found.iter().map(|f| &f.location).collect::<Vec<_>>(),
+        vec![&Location::Body {
+            json_path: None,
+            start: at,
+            end: at + escaped.len(),
+        }]
+    );
+    let red = scanner.redact(&view(body.as_bytes(), None)).unwrap();
+    let out = String::from_utf8(red.body.unwrap()).unwrap();
+    assert_eq!(
+        out,
+        body.replace(&escaped, "[REDACTED:openai-project-key]"),
+        "the escaped key is replaced as written"
+    );
+    // A text body without escapes is scanned once, as before.
+    let plain = format!("note: {key} end");
+    let s = scanner.scan(&view(plain.as_bytes(), None)).unwrap();
+    assert_eq!(s.findings.len(), 1, "{:?}", s.findings);
 }

@@ -88,7 +88,8 @@ pub struct UnmanagedKey {
 /// Unmanaged keys of one provider.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct ProviderKeys {
-    /// The provider (`unknown` when the event named none).
+    /// The provider whose key format the keys have, else the one they were
+    /// sent to (`unknown` when neither is known).
     pub provider: String,
     /// Keys, most recent first.
     pub keys: Vec<UnmanagedKey>,
@@ -186,8 +187,14 @@ pub fn fleet_keys(events: &[Event], since_ms: Option<i64>) -> FleetKeys {
                 .entry(e.host.clone())
                 .or_default()
                 .add(e),
+            // The provider whose key format it has; else the one it was sent to.
             None => unmanaged
-                .entry(e.provider.clone().unwrap_or_else(|| "unknown".into()))
+                .entry(
+                    key.provider
+                        .clone()
+                        .or_else(|| e.provider.clone())
+                        .unwrap_or_else(|| "unknown".into()),
+                )
                 .or_default()
                 .entry((e.host.clone(), key.fingerprint.clone()))
                 .or_default()
@@ -243,7 +250,9 @@ pub fn fleet_keys(events: &[Event], since_ms: Option<i64>) -> FleetKeys {
 /// The per-host key usage of merged events, in the shape of the local key
 /// report (`kt report --from`): one row per host and fingerprint.
 pub fn key_usage(events: &[Event], since_ms: Option<i64>) -> Vec<super::KeyUsage> {
-    type Slot = (Acc, bool);
+    // The accumulator, whether any request marked the key managed, and the
+    // provider whose key format it has.
+    type Slot = (Acc, bool, Option<String>);
     let mut by: BTreeMap<(Option<Host>, String, Option<String>), Slot> = BTreeMap::new();
     for e in events {
         if since_ms.is_some_and(|s| e.time_ms < s) {
@@ -256,28 +265,34 @@ pub fn key_usage(events: &[Event], since_ms: Option<i64>) -> Vec<super::KeyUsage
                 key.fingerprint.clone(),
                 key.matches_secret.clone(),
             ))
-            .or_insert_with(|| (Acc::default(), false));
+            .or_insert_with(|| (Acc::default(), false, None));
         slot.0.add(e);
         slot.1 |= key.managed;
+        if slot.2.is_none() {
+            slot.2.clone_from(&key.provider);
+        }
     }
     let mut out: Vec<super::KeyUsage> = by
         .into_iter()
-        .map(|((host, fingerprint, matches_secret), (acc, managed))| {
-            let (count, first, last) = (acc.count, acc.first, acc.last);
-            let mut processes = acc.processes();
-            for p in &mut processes {
-                p.host = host.as_ref().map(|h| h.name.clone());
-            }
-            super::KeyUsage {
-                fingerprint,
-                matches_secret,
-                managed,
-                count,
-                first_seen_ms: first,
-                last_seen_ms: last,
-                processes,
-            }
-        })
+        .map(
+            |((host, fingerprint, matches_secret), (acc, managed, provider))| {
+                let (count, first, last) = (acc.count, acc.first, acc.last);
+                let mut processes = acc.processes();
+                for p in &mut processes {
+                    p.host = host.as_ref().map(|h| h.name.clone());
+                }
+                super::KeyUsage {
+                    fingerprint,
+                    matches_secret,
+                    managed,
+                    provider,
+                    count,
+                    first_seen_ms: first,
+                    last_seen_ms: last,
+                    processes,
+                }
+            },
+        )
         .collect();
     out.sort_by_key(|b| std::cmp::Reverse(b.last_seen_ms));
     out
@@ -298,6 +313,7 @@ mod tests {
             fingerprint: fp.into(),
             matches_secret: secret.map(str::to_string),
             managed: secret.is_some(),
+            provider: None,
         });
         e.host = Some(Host {
             name: host.into(),

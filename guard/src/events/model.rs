@@ -113,6 +113,13 @@ pub struct PresentedKey {
     pub matches_secret: Option<String>,
     /// Whether the guard manages this key (as decided by the gateway).
     pub managed: bool,
+    /// The provider whose key format the presented key has
+    /// (`provider::keys`): its prefix (`gsk_` is Groq's wherever it was
+    /// sent), or, for a bare shape (Mistral's 32 characters), the provider
+    /// it was sent to. `None`: a format kt does not know. Only the name is
+    /// kept, never the key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<String>,
 }
 
 /// How a relayed response body ended, when it did not end cleanly.

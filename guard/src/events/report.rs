@@ -41,6 +41,11 @@ pub struct KeyUsage {
     pub matches_secret: Option<String>,
     /// Whether the gateway marked the key as managed (on any request).
     pub managed: bool,
+    /// The provider whose key format it has (see
+    /// [`PresentedKey::provider`](super::PresentedKey::provider)); `None`: a
+    /// format kt does not know. Never the key.
+    #[serde(default)]
+    pub provider: Option<String>,
     /// Requests that presented it.
     pub count: u64,
     /// The first request, in ms since the Unix epoch.
@@ -63,19 +68,25 @@ impl EventStore {
         let cutoff = since.map_or(i64::MIN, since_cutoff_ms);
         // Uncaptured clients have no pid: fall back to the address so that
         // two such clients are not merged into one anonymous row.
+        // Files from before key_provider (read-only, not migrated yet): none known.
+        let key_provider = if self.key_provider_column()? {
+            "MAX(key_provider)"
+        } else {
+            "NULL"
+        };
         let mut stmt = self
             .conn
-            .prepare_cached(
+            .prepare_cached(&format!(
                 "SELECT key_fingerprint, key_matches_secret, MAX(COALESCE(key_managed, 0)),
                         client_exe, client_pid, client_uid, client_cgroup, client_container_id,
                         CASE WHEN client_pid IS NULL THEN client_addr END,
-                        COUNT(*), MIN(time_ms), MAX(time_ms)
+                        COUNT(*), MIN(time_ms), MAX(time_ms), {key_provider}
                  FROM events
                  WHERE key_fingerprint IS NOT NULL AND time_ms >= ?1
                  GROUP BY key_fingerprint, key_matches_secret, client_exe, client_pid, client_uid,
                           client_cgroup, client_container_id,
-                          CASE WHEN client_pid IS NULL THEN client_addr END",
-            )
+                          CASE WHEN client_pid IS NULL THEN client_addr END"
+            ))
             .map_err(EventError::sql("key report"))?;
         let rows = stmt
             .query_map(params![cutoff], |r| {
@@ -84,6 +95,7 @@ impl EventStore {
                     r.get::<_, Option<String>>(1)?,
                     r.get::<_, bool>(2)?,
                     r.get::<_, i64>(10)?,
+                    r.get::<_, Option<String>>(12)?,
                     ProcessUsage {
                         host: None,
                         exe: r.get(3)?,
@@ -100,7 +112,7 @@ impl EventStore {
             .map_err(EventError::sql("key report"))?;
         let mut keys: Vec<KeyUsage> = Vec::new();
         for row in rows {
-            let (fingerprint, matches_secret, managed, first_seen, process) =
+            let (fingerprint, matches_secret, managed, first_seen, provider, process) =
                 row.map_err(EventError::sql("key report"))?;
             let idx = match keys
                 .iter()
@@ -112,6 +124,7 @@ impl EventStore {
                         fingerprint,
                         matches_secret,
                         managed: false,
+                        provider: None,
                         count: 0,
                         first_seen_ms: first_seen,
                         last_seen_ms: process.last_seen_ms,
@@ -122,6 +135,9 @@ impl EventStore {
             };
             let key = &mut keys[idx];
             key.managed |= managed;
+            if key.provider.is_none() {
+                key.provider = provider;
+            }
             key.count += process.count;
             key.first_seen_ms = key.first_seen_ms.min(first_seen);
             key.last_seen_ms = key.last_seen_ms.max(process.last_seen_ms);

@@ -181,6 +181,7 @@ pub fn to_event(d: &RequestRecord, known: &HashMap<String, String>) -> Event {
             fingerprint: fp.clone(),
             managed: matches_secret.is_some(),
             matches_secret,
+            provider: d.client_key_provider.clone(),
         }
     });
     e.message = Some(match (&d.note, d.error_code, d.status) {

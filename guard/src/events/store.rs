@@ -40,7 +40,8 @@ CREATE TABLE IF NOT EXISTS events (
     key_managed INTEGER,
     message TEXT,
     stream TEXT,
-    client_context TEXT
+    client_context TEXT,
+    key_provider TEXT
 );
 CREATE INDEX IF NOT EXISTS events_time ON events(time_ms);
 CREATE INDEX IF NOT EXISTS events_decision ON events(decision);
@@ -59,19 +60,14 @@ CREATE TABLE IF NOT EXISTS event_amendments (
 );
 ";
 
-/// The schema version this code writes (`PRAGMA user_version`).
+/// The schema version this code writes (`PRAGMA user_version`). Version 3
+/// added `client_context` and `key_provider` (the provider whose key format a presented key has).
 const SCHEMA_VERSION: i64 = 3;
 
 const COLUMNS: &str = "id, time_ms, request_id, decision, provider, target_tried, target_chosen, \
     fallback_steps, status, latency_ms, policy, client_addr, client_pid, client_uid, client_exe, \
     client_cmdline, client_cgroup, client_container_id, key_fingerprint, key_matches_secret, \
-    key_managed, message, stream, client_context";
-
-/// As [`COLUMNS`], for a version-1 file opened read-only (no `stream` yet).
-const COLUMNS_V1: &str = "id, time_ms, request_id, decision, provider, target_tried, target_chosen, \
-    fallback_steps, status, latency_ms, policy, client_addr, client_pid, client_uid, client_exe, \
-    client_cmdline, client_cgroup, client_container_id, key_fingerprint, key_matches_secret, \
-    key_managed, message, NULL AS stream, NULL AS client_context";
+    key_managed, message, stream, client_context, key_provider";
 
 // `time_ms` first: the time index finds the row, the request id confirms it.
 const FIND_EVENT: &str = "SELECT id FROM events WHERE time_ms = ?1 AND request_id = ?2";
@@ -79,8 +75,8 @@ const FIND_EVENT: &str = "SELECT id FROM events WHERE time_ms = ?1 AND request_i
 const INSERT: &str = "INSERT INTO events (time_ms, request_id, decision, provider, target_tried, \
     target_chosen, fallback_steps, status, latency_ms, policy, client_addr, client_pid, client_uid, \
     client_exe, client_cmdline, client_cgroup, client_container_id, key_fingerprint, \
-    key_matches_secret, key_managed, message, stream, client_context) \
-    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23)";
+    key_matches_secret, key_managed, message, stream, client_context, key_provider) \
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24)";
 
 /// Which events to list. The default lists everything.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -135,6 +131,8 @@ pub struct EventStore {
     /// False for a version-1 file opened read-only (no `stream` column
     /// yet); checked again on each query until a writer has migrated it.
     has_stream: std::cell::Cell<bool>,
+    /// The same for `key_provider` (version 2 files).
+    has_key_provider: std::cell::Cell<bool>,
 }
 
 impl std::fmt::Debug for EventStore {
@@ -191,6 +189,7 @@ impl EventStore {
             rows: u64::try_from(rows).unwrap_or(0),
             has_schema: true,
             has_stream: std::cell::Cell::new(true),
+            has_key_provider: std::cell::Cell::new(true),
         })
     }
 
@@ -219,6 +218,7 @@ impl EventStore {
             rows: 0,
             has_schema: false,
             has_stream: std::cell::Cell::new(false),
+            has_key_provider: std::cell::Cell::new(false),
         };
         store.has_schema = store.schema_present()?;
         Ok(Some(store))
@@ -280,6 +280,7 @@ impl EventStore {
                     e.message,
                     e.stream.as_ref().map(to_json),
                     (!e.client.context.is_empty()).then(|| to_json(&e.client.context)),
+                    key.and_then(|k| k.provider.as_deref()),
                 ])
                 .map_err(EventError::sql("insert"))?;
                 e.id = tx.last_insert_rowid();
@@ -431,6 +432,17 @@ impl EventStore {
         Ok(self.has_stream.get())
     }
 
+    /// Whether the file has the `key_provider` column (a version-1 or -2
+    /// file read before any new writer migrated it has not).
+    pub(super) fn key_provider_column(&self) -> Result<bool, EventError> {
+        if !self.has_key_provider.get() {
+            let has = has_column(&self.conn, "events", "key_provider")
+                .map_err(EventError::sql("schema check"))?;
+            self.has_key_provider.set(has);
+        }
+        Ok(self.has_key_provider.get())
+    }
+
     /// Events matching `filter`, oldest first (newest last).
     pub fn query(&self, filter: &Filter) -> Result<Vec<Event>, EventError> {
         self.select(filter, None)
@@ -446,20 +458,23 @@ impl EventStore {
         if !self.has_schema {
             return Ok(Vec::new());
         }
-        let columns = if self.stream_column()? {
-            COLUMNS
-        } else {
-            COLUMNS_V1
-        };
-        // A version-2 file read before any new writer migrated it.
-        let listed = if columns == COLUMNS
-            && !has_column(&self.conn, "events", "client_context")
-                .map_err(EventError::sql("schema check"))?
-        {
-            COLUMNS.replace(", client_context", ", NULL AS client_context")
-        } else {
-            columns.to_string()
-        };
+        // A file opened read-only that no writer of this version migrated yet
+        // lacks the newer columns: they read as NULL.
+        let has_stream = self.stream_column()?;
+        let mut listed = COLUMNS.to_string();
+        for (column, present) in [
+            ("stream", has_stream),
+            (
+                "client_context",
+                has_column(&self.conn, "events", "client_context")
+                    .map_err(EventError::sql("schema check"))?,
+            ),
+            ("key_provider", self.key_provider_column()?),
+        ] {
+            if !present {
+                listed = listed.replace(&format!(", {column}"), &format!(", NULL AS {column}"));
+            }
+        }
         let mut sql = format!("SELECT {listed} FROM events WHERE 1 = 1");
         let mut args: Vec<rusqlite::types::Value> = Vec::new();
         // When following, the new rows are a short range at the end of the
@@ -487,7 +502,7 @@ impl EventStore {
         }
         if filter.stream_cut {
             // A store from before cuts were recorded has none to show.
-            if columns == COLUMNS_V1 {
+            if !has_stream {
                 return Ok(Vec::new());
             }
             sql.push_str(&format!(" AND {plus}stream IS NOT NULL"));
@@ -568,6 +583,9 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     if !has_column(conn, "events", "client_context")? {
         conn.execute_batch("ALTER TABLE events ADD COLUMN client_context TEXT")?;
     }
+    if !has_column(conn, "events", "key_provider")? {
+        conn.execute_batch("ALTER TABLE events ADD COLUMN key_provider TEXT")?;
+    }
     conn.pragma_update(None, "user_version", SCHEMA_VERSION)
 }
 
@@ -632,6 +650,7 @@ fn read_row(r: &Row<'_>) -> rusqlite::Result<Result<Event, EventError>> {
     let context: Option<String> = r.get(23)?;
     let message: Option<String> = r.get(21)?;
     let stream: Option<String> = r.get(22)?;
+    let key_provider: Option<String> = r.get(24)?;
     Ok((|| {
         Ok(Event {
             id,
@@ -662,6 +681,7 @@ fn read_row(r: &Row<'_>) -> rusqlite::Result<Result<Event, EventError>> {
                 fingerprint,
                 matches_secret,
                 managed: managed.unwrap_or(false),
+                provider: key_provider,
             }),
             message,
             stream: stream.map(|s| from_json(id, "stream", &s)).transpose()?,

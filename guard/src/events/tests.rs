@@ -1,5 +1,6 @@
 //! Store, writer and key report tests (temp dirs only).
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use super::*;
@@ -60,6 +61,7 @@ fn full_event(request_id: &str) -> Event {
             fingerprint: "fp:1a2b3c4d".into(),
             matches_secret: Some("openai-q1".into()),
             managed: false,
+            provider: None,
         }),
         message: Some("primary failed, fallback answered".into()),
         stream: Some(StreamOutcome {
@@ -411,6 +413,7 @@ fn keyed(
         fingerprint: fingerprint.into(),
         matches_secret: secret.map(Into::into),
         managed,
+        provider: None,
     });
     e
 }
@@ -719,6 +722,7 @@ fn a_store_written_before_stream_outcomes_opens_and_is_migrated() {
         .conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
+    // Version 2 added `stream`, 3 `client_context` and `key_provider`: both added to a v1 file.
     assert_eq!(version, 3);
     let idle = cut(StreamEnd::IdleTimeout, Some("no data for 30s"), 10);
     assert_eq!(store.amend(&[amendment(&got[0], idle.clone())]).unwrap(), 1);
@@ -1105,6 +1109,7 @@ pub(crate) fn retirement_fixture(data_dir: &std::path::Path) {
             fingerprint: "fp:0000000000q1".into(),
             matches_secret: Some("Q1".into()),
             managed: true,
+            provider: None,
         });
         events.push(e);
     }
@@ -1115,6 +1120,7 @@ pub(crate) fn retirement_fixture(data_dir: &std::path::Path) {
         fingerprint: "fp:0000000000q1".into(),
         matches_secret: Some("Q1".into()),
         managed: true,
+        provider: None,
     });
     events.push(c);
     let mut ancient = served_at("p4", "q2", 240 * hour);
@@ -1152,6 +1158,7 @@ fn c_key(secret: &str) -> Option<PresentedKey> {
         fingerprint: "fp:000000000000".into(),
         matches_secret: Some(secret.into()),
         managed: true,
+        provider: None,
     })
 }
 
@@ -1199,4 +1206,73 @@ fn target_evidence_answers_whether_a_key_can_be_retired() {
     // A target nothing is known about.
     let none = store.target_evidence("q3", "Q3", day, week).unwrap();
     assert_eq!(none, TargetEvidence::default());
+}
+
+#[test]
+fn unmanaged_keys_are_named_by_the_provider_of_their_format() {
+    use crate::provider::keys::provider_of;
+    use crate::record::{Arrival, ClientInfo, RequestRecord};
+    // Made-up keys of several formats, assembled here so no literal looks
+    // like a key; each presented to a host as the gateway sees it.
+    let groq = format!("gs{}{}", "k_", "a1B2".repeat(13));
+    let replicate = format!("r8{}{}", "_", "Zq7".repeat(12) + "x");
+    let together = format!("tgp{}{}", "_v1_", "Ab3_".repeat(10) + "Cd3");
+    let mistral = "Mn4".repeat(10) + "Q8";
+    let unknown = "legacy-token-0042".to_string();
+    let presented = [
+        (&groq, "openai", "/opt/groq-job", 10),
+        (&replicate, "openai", "/opt/replicate-job", 11),
+        (&together, "together", "/opt/together-job", 12),
+        (&mistral, "mistral", "/opt/mistral-job", 13),
+        (&unknown, "openai", "/opt/legacy-job", 14),
+    ];
+    let fp = crate::secrets::Fingerprinter::from_key([9; 32]);
+    let mut events = Vec::new();
+    for (i, (key, called, exe, pid)) in presented.iter().enumerate() {
+        let mut r = RequestRecord::new(
+            format!("req-{i}"),
+            Arrival::Capture,
+            None,
+            ClientInfo {
+                pid: Some(*pid),
+                exe: Some((*exe).into()),
+                ..ClientInfo::default()
+            },
+            "POST".into(),
+        );
+        r.provider = Some((*called).into());
+        r.client_key_fingerprint = Some(fp.fingerprint(key).to_string());
+        r.client_key_provider = provider_of(key, Some(called)).map(String::from);
+        events.push(to_event(&r, &HashMap::new()));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = EventStore::open(dir.path(), 0).unwrap();
+    store.insert(&mut events).unwrap();
+    let report = store.key_report(None).unwrap();
+    let named: HashMap<&str, Option<&str>> = report
+        .iter()
+        .map(|k| {
+            (
+                k.processes[0].exe.as_deref().unwrap_or_default(),
+                k.provider.as_deref(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        named["/opt/groq-job"],
+        Some("groq"),
+        "a gsk_ key sent to OpenAI is Groq's"
+    );
+    assert_eq!(named["/opt/replicate-job"], Some("replicate"));
+    assert_eq!(named["/opt/together-job"], Some("together"));
+    assert_eq!(named["/opt/mistral-job"], Some("mistral"));
+    assert_eq!(named["/opt/legacy-job"], None);
+    assert!(report.iter().all(|k| k.matches_secret.is_none()));
+    // The events and the report carry names and fingerprints, never a key.
+    let json = serde_json::to_string(&report).unwrap()
+        + &serde_json::to_string(&store.query(&Filter::default()).unwrap()).unwrap();
+    for (key, ..) in &presented {
+        assert!(!json.contains(key.as_str()), "a presented key leaked");
+    }
+    assert!(json.contains(r#""provider":"groq""#), "{json}");
 }

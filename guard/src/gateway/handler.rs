@@ -286,6 +286,13 @@ pub async fn handle(
     };
     ex.provider = Some(matched.provider.clone());
     ex.rec.provider = Some(matched.provider.name().to_string());
+    if ex.rec.client_key_provider.is_none()
+        && let Some(k) = &ex.presented
+    {
+        ex.rec.client_key_provider =
+            provider::keys::provider_of(k.expose(), Some(matched.provider.name()))
+                .map(String::from);
+    }
     ex.rec.path.clone_from(&matched.api_path);
     learn_wildcard_name(&inner, &ctx);
     let mut direct = None;
@@ -493,6 +500,9 @@ fn strip_credentials(inner: &Inner, ex: &mut Exchange, parts: &mut http::request
     let (clean_pq, query_key) = routing::strip_credential_query(&raw_pq);
     if let Some(k) = header_key.or(query_key) {
         ex.rec.client_key_fingerprint = Some((inner.fingerprint)(&k));
+        // Its format's provider (a distinctive prefix); refined by the
+        // provider called once it is known. Only the name is kept.
+        ex.rec.client_key_provider = provider::keys::provider_of(&k, None).map(String::from);
         ex.rec.client.redact(&k);
         ex.presented = Some(SecretValue::new(k));
     }

@@ -8,6 +8,8 @@
 //! them spells a provider host or header name itself. Pure: no I/O.
 #![forbid(unsafe_code)]
 
+pub mod keys;
+
 use std::sync::Arc;
 
 use http::StatusCode;

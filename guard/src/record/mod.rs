@@ -337,6 +337,9 @@ pub struct RequestRecord {
     pub upstream_first_byte: Option<Duration>,
     /// Fingerprint of the credential the client sent (never the credential).
     pub client_key_fingerprint: Option<String>,
+    /// The provider whose key format that credential has
+    /// (`provider::keys::provider_of`); never the credential.
+    pub client_key_provider: Option<String>,
     /// What the policy chain decided.
     pub policy: Vec<PolicyNote>,
     /// When set, the event's message instead of the one composed from the
@@ -382,6 +385,7 @@ impl RequestRecord {
             latency: Duration::ZERO,
             upstream_first_byte: None,
             client_key_fingerprint: None,
+            client_key_provider: None,
             policy: Vec::new(),
             note: None,
         }

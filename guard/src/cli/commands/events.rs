@@ -290,7 +290,10 @@ fn human_row(e: &Event) -> [String; 9] {
         .map_or_else(dash, |k| match (&k.matches_secret, k.managed) {
             (Some(name), _) => format!("{} ({name})", k.fingerprint),
             (None, true) => k.fingerprint.clone(),
-            (None, false) => format!("{} (unmanaged)", k.fingerprint),
+            (None, false) => match &k.provider {
+                Some(p) => format!("{} (unmanaged {p} key)", k.fingerprint),
+                None => format!("{} (unmanaged)", k.fingerprint),
+            },
         });
     let rules: Vec<String> = e
         .policy
@@ -549,9 +552,11 @@ fn print_keys(
 }
 
 fn print_key(out: &mut dyn Write, k: &KeyUsage) -> anyhow::Result<()> {
-    let name = match &k.matches_secret {
-        Some(n) => format!("{n} {}", k.fingerprint),
-        None => k.fingerprint.clone(),
+    // An unmanaged key is named by the provider whose format it has.
+    let name = match (&k.matches_secret, &k.provider) {
+        (Some(n), _) => format!("{n} {}", k.fingerprint),
+        (None, Some(p)) => format!("{p} key {}", k.fingerprint),
+        (None, None) => format!("unknown format {}", k.fingerprint),
     };
     writeln!(
         out,

@@ -234,7 +234,10 @@ pub fn markdown(
         writeln!(w, "|---|---:|---|")?;
         for k in &s.keys {
             let name = k.matches_secret.as_deref().map_or_else(
-                || format!("unmanaged `{}`", k.fingerprint),
+                || match &k.provider {
+                    Some(p) => format!("unmanaged {p} key `{}`", k.fingerprint),
+                    None => format!("unmanaged `{}`", k.fingerprint),
+                },
                 |n| format!("`{n}`"),
             );
             writeln!(w, "| {name} | {} | {} |", k.count, who(k).join("<br>"))?;
@@ -267,7 +270,10 @@ fn text(w: &mut dyn Write, s: &Summary, failed: &[String]) -> std::io::Result<()
         let name = k
             .matches_secret
             .clone()
-            .unwrap_or_else(|| format!("unmanaged {}", k.fingerprint));
+            .unwrap_or_else(|| match &k.provider {
+                Some(p) => format!("unmanaged {p} key {}", k.fingerprint),
+                None => format!("unmanaged {}", k.fingerprint),
+            });
         writeln!(
             w,
             "key {name}: {} request(s) by {}",
@@ -299,6 +305,7 @@ mod tests {
             fingerprint: "fp:aaaaaaaaaaaa".into(),
             matches_secret: Some("OPENAI_Q1".into()),
             managed: true,
+            provider: None,
             count: 2,
             first_seen_ms: 1,
             last_seen_ms: 2,

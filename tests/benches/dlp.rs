@@ -1,5 +1,6 @@
-//! DLP scan throughput (issue 5, "Benchmark"). Plain `std::time::Instant`,
-//! prints a table; not a test, asserts nothing about speed.
+//! DLP scan throughput (issue 5, "Benchmark"; issue 13, the larger pack
+//! and the Hyperscan anchor). Plain `std::time::Instant`, prints a table;
+//! not a test, asserts nothing about speed.
 //!
 //! Policy: the seed's `dlp-filter` (three patterns, two blocked terms, fuzzy,
 //! distance 1) plus the built-in pack. Bodies: OpenAI-style JSON `messages`
@@ -10,13 +11,20 @@
 //! "production", …, each blocked-term word about once in 125 words: a stress
 //! case for the prefilters) and `near+m` (`nearmiss` plus the matches).
 //!
-//! Columns: `kt` is `Scanner::scan` (decoding, JSON walk, joined view,
-//! prefilter, terms). Two baselines run in the same process:
-//! - `regex`: every regex (seed + built-in) over the whole raw body with
-//!   `find_iter`, no decoding and no term matching (the issue's literal
-//!   "every regex over the whole text"; it does far less than `kt` and the
-//!   regex crate's per-pattern literal search makes it fast on text where
-//!   the literals are rare);
+//! Columns: `kt` is `Scanner::scan` with the whole pack (decoding, JSON
+//! walk, joined view, prefilters incl. base64, fuzzy terms). `old pack` is
+//! the same scanner with the pack as it was before the provider catalog's
+//! key formats were added (19 rules), and `cost` is the time the larger
+//! pack adds (kt over old pack, minus one). Baselines in the same process:
+//! - `hyperscan`: Intel Hyperscan (block mode, every regex of the policy,
+//!   seed + whole pack, compiled into one database) over the raw body. The
+//!   industrial anchor: kt's speed as a ratio of it (`vs hs`). kt decodes
+//!   (JSON escapes, base64, the joined view) and matches fuzzy terms;
+//!   Hyperscan does neither. Needs the `hyperscan` feature (`cargo xtask
+//!   bench dlp` installs Debian's libhyperscan-dev and turns it on);
+//!   without it the column says `-`.
+//! - `regex`: every regex over the whole raw body with `find_iter`, no
+//!   decoding and no term matching;
 //! - `naive`: the same job done plainly: `serde_json` parse, every string
 //!   value unescaped and joined, every regex over that, and each blocked
 //!   term by Sellers' dynamic programme over the normalised text.
@@ -24,13 +32,92 @@
 //! `fuzzy` is the share of `kt` time spent on blocked terms (`kt` minus the
 //! same scanner without terms, over `kt`). Timing: see `measure_all`.
 //!
-//! Run: `cargo xtask bench dlp` (about 25 s).
+//! Run: `cargo xtask bench dlp` (about a minute).
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use guard::config::{DlpAction, DlpFilter};
-use guard::dlp::{RequestView, Scanner, builtin_rules};
+use guard::dlp::{BuiltinRule, RequestView, Scanner, builtin_rules};
+
+/// The built-in pack before the provider catalog's key formats (Replicate,
+/// Bedrock, Together, Fireworks, Azure, Mistral, Cohere, DeepSeek) came.
+const OLD_PACK: &[&str] = &[
+    "openai-project-key",
+    "openai-service-account-key",
+    "openai-admin-key",
+    "openai-legacy-key",
+    "anthropic-api-key",
+    "anthropic-admin-key",
+    "aws-access-key-id",
+    "github-token",
+    "github-fine-grained-token",
+    "google-api-key",
+    "slack-token",
+    "stripe-live-key",
+    "pem-private-key",
+    "anthropic-oauth-token",
+    "groq-api-key",
+    "xai-api-key",
+    "openrouter-api-key",
+    "perplexity-api-key",
+    "huggingface-token",
+];
+
+/// Hyperscan over the same patterns (see the module docs).
+#[cfg(feature = "hyperscan")]
+mod hs {
+    use hyperscan::prelude::*;
+
+    pub struct Anchor {
+        db: BlockDatabase,
+        scratch: Scratch,
+    }
+
+    impl Anchor {
+        /// One block-mode database of every pattern; patterns Hyperscan
+        /// refuses are named and left out.
+        pub fn new(patterns: &[&str]) -> Option<Anchor> {
+            let mut ok = Vec::new();
+            for (i, p) in patterns.iter().enumerate() {
+                let mut pat = Pattern::new(*p).ok()?;
+                pat.id = Some(i);
+                let single = Patterns(vec![pat.clone()]);
+                match single.build::<hyperscan::BlockMode>() {
+                    Ok(_) => ok.push(pat),
+                    Err(e) => eprintln!("hyperscan refuses {p}: {e}"),
+                }
+            }
+            let db: BlockDatabase = Patterns(ok).build().ok()?;
+            let scratch = db.alloc_scratch().ok()?;
+            Some(Anchor { db, scratch })
+        }
+
+        /// Matches (ends) found in `data`.
+        pub fn count(&self, data: &[u8]) -> usize {
+            let mut n = 0;
+            let _ = self.db.scan(data, &self.scratch, |_, _, _, _| {
+                n += 1;
+                Matching::Continue
+            });
+            n
+        }
+    }
+}
+
+#[cfg(not(feature = "hyperscan"))]
+mod hs {
+    /// Stands in when the bench is built without Hyperscan: never made.
+    pub enum Anchor {}
+    impl Anchor {
+        pub fn new(_: &[&str]) -> Option<Anchor> {
+            None
+        }
+        pub fn count(&self, _: &[u8]) -> usize {
+            match *self {}
+        }
+    }
+}
 
 fn seed_policy() -> DlpFilter {
     DlpFilter {
@@ -373,14 +460,22 @@ fn mbps(bytes: usize, d: Duration) -> f64 {
 fn main() {
     let policy = seed_policy();
     let scanner = Scanner::new(&policy).unwrap_or_else(|e| panic!("policy: {e}"));
+    let old: Vec<&BuiltinRule> = builtin_rules()
+        .iter()
+        .filter(|r| OLD_PACK.contains(&r.id))
+        .collect();
+    let old_scanner = Scanner::with_pack(&policy, &old).unwrap_or_else(|e| panic!("policy: {e}"));
     let mut no_terms_policy = policy.clone();
     no_terms_policy.blocked_terms.clear();
     let no_terms = Scanner::new(&no_terms_policy).unwrap_or_else(|e| panic!("policy: {e}"));
-    let naive_str: Vec<regex::Regex> = policy
+    let patterns: Vec<&str> = policy
         .detect_patterns
         .iter()
         .map(String::as_str)
         .chain(builtin_rules().iter().map(|r| r.regex))
+        .collect();
+    let naive_str: Vec<regex::Regex> = patterns
+        .iter()
         .map(|p| regex::Regex::new(p).unwrap_or_else(|e| panic!("{p}: {e}")))
         .collect();
     let terms: Vec<Vec<char>> = policy
@@ -388,16 +483,14 @@ fn main() {
         .iter()
         .map(|t| t.to_lowercase().chars().collect())
         .collect();
-    let naive: Vec<regex::bytes::Regex> = policy
-        .detect_patterns
+    let naive: Vec<regex::bytes::Regex> = patterns
         .iter()
-        .map(String::as_str)
-        .chain(builtin_rules().iter().map(|r| r.regex))
         .map(|p| regex::bytes::Regex::new(p).unwrap_or_else(|e| panic!("{p}: {e}")))
         .collect();
+    let anchor = hs::Anchor::new(&patterns);
 
-    // `cargo bench -p guard --bench dlp -- profile [CASE] [1k]`: only the
-    // 1 MiB (or 1 KiB) scan of one case (default nearmiss), for a few
+    // `cargo bench -p guard-tests --bench dlp -- profile [CASE] [1k]`: only
+    // the 1 MiB (or 1 KiB) scan of one case (default nearmiss), for a few
     // seconds, to look at under a profiler.
     if std::env::args().any(|a| a == "profile") {
         let case = [
@@ -433,15 +526,27 @@ fn main() {
         return;
     }
     println!(
-        "{:>6} {:>8} {:>5} {:>8} {:>9} {:>9} {:>8} {:>8} {:>6} {:>9}",
+        "policy: seed + {} built-in rules ({} in the old pack); hyperscan: {}",
+        builtin_rules().len(),
+        old.len(),
+        if anchor.is_some() {
+            "same patterns, raw body"
+        } else {
+            "not built (feature `hyperscan` off or libhs missing)"
+        }
+    );
+    println!(
+        "{:>6} {:>8} {:>5} {:>8} {:>8} {:>6} {:>8} {:>6} {:>8} {:>8} {:>6} {:>8}",
         "size",
         "case",
         "finds",
         "kt MB/s",
-        "regex MB/s",
-        "naive MB/s",
-        "vs regex",
-        "vs naive",
+        "old pack",
+        "cost",
+        "hs MB/s",
+        "vs hs",
+        "regex",
+        "naive",
         "fuzzy",
         "kt µs"
     );
@@ -468,17 +573,22 @@ fn main() {
             body: b,
         })
         .collect();
-    // Four jobs a row, all rows measured together (see `measure_all`).
+    // Six jobs a row, all rows measured together (see `measure_all`).
+    const JOBS: usize = 6;
     let mut jobs: Vec<Box<dyn FnMut() -> usize + '_>> = Vec::new();
     for (req, (_, _, b)) in reqs.iter().zip(&rows) {
-        let (scanner, no_terms) = (&scanner, &no_terms);
-        let (naive, naive_str, terms) = (&naive, &naive_str, &terms);
+        let (scanner, old_scanner, no_terms) = (&scanner, &old_scanner, &no_terms);
+        let (naive, naive_str, terms, anchor) = (&naive, &naive_str, &terms, &anchor);
         jobs.push(Box::new(move || {
             scanner.scan(req).map_or(0, |s| s.findings.len())
         }));
         jobs.push(Box::new(move || {
+            old_scanner.scan(req).map_or(0, |s| s.findings.len())
+        }));
+        jobs.push(Box::new(move || {
             no_terms.scan(req).map_or(0, |s| s.findings.len())
         }));
+        jobs.push(Box::new(move || anchor.as_ref().map_or(0, |a| a.count(b))));
         jobs.push(Box::new(move || {
             naive.iter().map(|re| re.find_iter(b).count()).sum()
         }));
@@ -487,15 +597,20 @@ fn main() {
     let times = measure_all(&mut jobs);
     for (i, (size, case, b)) in rows.iter().enumerate() {
         let findings = scanner.scan(&reqs[i]).map_or(0, |s| s.findings.len());
-        let (kt, kt_no_terms, rx, nv) = (
-            times[4 * i],
-            times[4 * i + 1],
-            times[4 * i + 2],
-            times[4 * i + 3],
-        );
+        let t = &times[JOBS * i..JOBS * (i + 1)];
+        let (kt, kt_old, kt_no_terms, hs, rx, nv) = (t[0], t[1], t[2], t[3], t[4], t[5]);
         let fuzzy = (kt.as_secs_f64() - kt_no_terms.as_secs_f64()).max(0.0) / kt.as_secs_f64();
+        let cost = kt.as_secs_f64() / kt_old.as_secs_f64() - 1.0;
+        let (hs_col, ratio_col) = if anchor.is_some() {
+            (
+                format!("{:.0}", mbps(b.len(), hs)),
+                format!("{:.2}x", hs.as_secs_f64() / kt.as_secs_f64()),
+            )
+        } else {
+            ("-".to_string(), "-".to_string())
+        };
         println!(
-            "{:>6} {:>8} {:>5} {:>8.0} {:>9.0} {:>9.0} {:>7.1}x {:>7.1}x {:>5.1}% {:>9.1}",
+            "{:>6} {:>8} {:>5} {:>8.0} {:>8.0} {:>5.0}% {:>8} {:>6} {:>8.0} {:>8.0} {:>5.1}% {:>8.1}",
             if *size >= 1024 * 1024 {
                 format!("{}MiB", size >> 20)
             } else {
@@ -504,12 +619,21 @@ fn main() {
             case.label(),
             findings,
             mbps(b.len(), kt),
+            mbps(b.len(), kt_old),
+            cost * 100.0,
+            hs_col,
+            ratio_col,
             mbps(b.len(), rx),
             mbps(b.len(), nv),
-            rx.as_secs_f64() / kt.as_secs_f64(),
-            nv.as_secs_f64() / kt.as_secs_f64(),
             fuzzy * 100.0,
             kt.as_secs_f64() * 1e6,
+        );
+    }
+    if anchor.is_some() {
+        println!(
+            "vs hs: kt's throughput over Hyperscan's on the same raw bodies with the same \
+             patterns; kt also decodes (JSON escapes, base64, split keys) and matches fuzzy \
+             terms, Hyperscan does neither"
         );
     }
 }
