@@ -6,6 +6,7 @@
 //! everything.
 
 mod cgroup;
+pub mod egress;
 mod exempt;
 pub mod hosts;
 mod loader;
@@ -18,6 +19,7 @@ mod support;
 pub use cgroup::{
     BPFFS_DEFAULT, CgroupError, bpffs_mount, cgroup2_mount, cgroup2_mount_in, ensure_bpffs,
 };
+pub use egress::{EgressRecords, EgressSeen, EgressSpec};
 pub use exempt::{CaptureExemption, ExemptionSlot, NoExemption, SocketExemption, socket_cookie};
 pub use loader::{Capture, CaptureSpec, ClientOrigin, remove_pinned_capture};
 pub use peer::{PeerProcess, find_socket, peer_process, peer_process_in};

@@ -419,6 +419,10 @@ pub struct GatewaySettings {
     /// `allow_remote_metrics` (default false): `metrics` may be a
     /// non-loopback address.
     pub allow_remote_metrics: bool,
+    /// `upstream_proxy` (`http://host:port`): kt's own upstream connections
+    /// go through it by CONNECT. Without it, `HTTPS_PROXY`/`NO_PROXY` of
+    /// kt's environment apply.
+    pub upstream_proxy: Option<super::egress::ProxyAddr>,
 }
 
 /// `gateway.clients`: processes allowed to spend managed keys. A request
@@ -477,6 +481,7 @@ impl Default for GatewaySettings {
             credentials: CredentialPolicy::default(),
             metrics: None,
             allow_remote_metrics: false,
+            upstream_proxy: None,
         }
     }
 }
@@ -506,6 +511,11 @@ pub struct Capture {
     /// `scope` (default `provider`): which connections to the ports go
     /// through kt.
     pub scope: CaptureScope,
+    /// `proxies`: HTTP proxies the captured processes use; connections to
+    /// them go through kt, which decides per CONNECT authority.
+    pub proxies: Vec<super::egress::ProxyAddr>,
+    /// `egress`: strict egress (off, audit, enforce) and its allowlist.
+    pub egress: super::egress::Egress,
 }
 
 /// `capture.scope`: which TCP connections to the capture ports kt sees.
@@ -541,6 +551,8 @@ impl Default for Capture {
             cidrs: Vec::new(),
             ports: vec![443],
             scope: CaptureScope::Provider,
+            proxies: Vec::new(),
+            egress: super::egress::Egress::default(),
         }
     }
 }

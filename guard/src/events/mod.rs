@@ -14,6 +14,7 @@
 
 #![forbid(unsafe_code)]
 
+mod egress;
 mod model;
 mod report;
 mod retirement;
@@ -23,6 +24,7 @@ mod store;
 mod summary;
 mod writer;
 
+pub use egress::{EgressDestination, EgressGroup, EgressReport};
 pub use model::{
     Amendment, Client, Decision, Event, EventJson, FallbackStep, PolicyNote, PresentedKey,
     SCHEMA_VERSION, StreamEnd, StreamOutcome,

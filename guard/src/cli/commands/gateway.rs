@@ -141,6 +141,9 @@ pub fn check(
     {
         report.warnings.extend(crate::dlp::coverage_warnings(dlp));
     }
+    if args.verbose {
+        report.warnings.extend(proxy_warnings(&config));
+    }
     if args.probe {
         let probes = super::probe::run(&config, global, &|_| true)?;
         if let Err(e) = super::probe::record(&config, global, &probes) {
@@ -366,4 +369,21 @@ fn print_human(w: &mut dyn Write, r: &Report, verbose: bool) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Proxy variables set system-wide (/etc/environment) or in this
+/// environment while no proxy is declared.
+fn proxy_warnings(config: &Config) -> Vec<String> {
+    let mut found = Vec::new();
+    if let Ok(text) = std::fs::read_to_string("/etc/environment") {
+        for (k, v) in crate::config::environment_file_vars(&text) {
+            found.push(("/etc/environment".to_string(), k, v));
+        }
+    }
+    for var in crate::config::PROXY_VARS {
+        if let Ok(v) = std::env::var(var) {
+            found.push(("the environment".to_string(), var.to_string(), v));
+        }
+    }
+    crate::config::undeclared_proxy_warnings(&config.capture.proxies, &found)
 }
