@@ -4,5 +4,6 @@
 pub mod cgroup;
 pub mod fake_provider;
 pub mod gateway_fixture;
+pub mod kt_run;
 pub mod mountns;
 pub mod process;

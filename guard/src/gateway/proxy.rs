@@ -272,7 +272,7 @@ impl Gateway {
             PolicyAction::Audit,
             "proxy-forwarded",
         );
-        rec.path = format!("{host}:{port} via {}", conn.proxy);
+        rec.path = format!("{host}:{port} (proxy {})", conn.proxy);
         let mut client_req = req;
         let on_client = connect.then(|| hyper::upgrade::on(&mut client_req));
         let mut resp = match sender.send_request(client_req).await {
