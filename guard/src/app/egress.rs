@@ -48,7 +48,7 @@ pub fn declared_proxies(config: &Config) -> Vec<ProxyAddr> {
                 Ok(p) if !v.contains(&p) => v.push(p),
                 Ok(_) => {}
                 Err(e) => {
-                    tracing::warn!(var, error = %e, "proxy variable not usable as a declared proxy")
+                    tracing::warn!(var, error = %e, "proxy variable not usable as a declared proxy");
                 }
             }
         }
@@ -87,7 +87,7 @@ impl EgressPlan {
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(proxy = %p, error = %e, "declared proxy does not resolve; its connections are not captured")
+                    tracing::warn!(proxy = %p, error = %e, "declared proxy does not resolve; its connections are not captured");
                 }
             }
         }

@@ -242,7 +242,7 @@ impl Gateway {
     ) -> Response<GwBody> {
         let gw = &self.inner().config.gateway;
         let mut guard = conn.upstream.lock().await;
-        if guard.as_ref().is_some_and(|s| s.is_closed()) {
+        if guard.as_ref().is_some_and(ProxySender::is_closed) {
             *guard = None;
         }
         let mut sender = match guard.take() {
@@ -312,7 +312,7 @@ impl Gateway {
         let body = http_body_util::Limited::new(body, MAX_PROXY_BODY)
             .collect()
             .await
-            .map(|c| c.to_bytes())
+            .map(http_body_util::Collected::to_bytes)
             .unwrap_or_default();
         Response::from_parts(parts, handler::full(body))
     }
