@@ -316,6 +316,38 @@ fn full_example_sets_every_optional_section() {
     );
     assert_eq!(cap.ports, vec![443, 8443]);
     assert_eq!(cap.scope, CaptureScope::Port);
+    let proxies: Vec<String> = cap.proxies.iter().map(ToString::to_string).collect();
+    assert_eq!(proxies, ["proxy.corp.example:3128", "10.0.0.8:8080"]);
+    assert_eq!(
+        g.upstream_proxy
+            .as_ref()
+            .map(ToString::to_string)
+            .as_deref(),
+        Some("proxy.corp.example:3128")
+    );
+    assert_eq!(cap.egress.mode, crate::config::EgressMode::Audit);
+    assert_eq!(cap.egress.allow.len(), 4);
+    assert_eq!(cap.egress.allow[1].port, Some(22));
+    assert_eq!(
+        cap.egress.resolvers,
+        Some(vec!["10.0.0.2".parse().unwrap()])
+    );
+}
+
+#[test]
+fn egress_and_proxy_errors_name_the_entry() {
+    let e = errs(&with(
+        "capture:\n  proxies: [proxy.corp]\n  egress:\n    mode: strict\n    allow: [\"10.0.0.1/8\"]\n    resolvers: [dns.corp]\n",
+    ));
+    let text = e.to_string();
+    for needle in [
+        "capture.proxies[0]",
+        "unknown egress mode `strict`",
+        "capture.egress.allow[0]",
+        "capture.egress.resolvers[0]",
+    ] {
+        assert!(text.contains(needle), "{needle}: {text}");
+    }
 }
 
 #[test]
