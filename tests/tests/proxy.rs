@@ -320,3 +320,42 @@ fn plain_http_through_the_proxy_is_forwarded_except_to_a_provider() {
         "{heads:?}"
     );
 }
+
+/// `kt gateway check --verbose` warns about a proxy variable of its
+/// environment while no proxy is declared, without the credentials.
+#[test]
+fn gateway_check_warns_about_an_undeclared_proxy() {
+    let dir = tempfile::tempdir().unwrap();
+    let seed = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../config/provider-key-rotation.yaml"
+    ))
+    .unwrap();
+    let plain = dir.path().join("plain.yaml");
+    std::fs::write(&plain, &seed).unwrap();
+    let declared = dir.path().join("declared.yaml");
+    std::fs::write(
+        &declared,
+        format!("{seed}\ncapture:\n  proxies: [\"proxy.corp.example:3128\"]\n"),
+    )
+    .unwrap();
+    let check = |cfg: &std::path::Path| {
+        let out = Command::new(KT)
+            .args(["gateway", "check", "--verbose", "--config"])
+            .arg(cfg)
+            .env("KT_DATA_DIR", dir.path().join("data"))
+            .env("HTTPS_PROXY", "http://alice:s3cret@proxy.corp.example:3128")
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+    };
+    let warned = check(&plain);
+    assert!(
+        warned.contains("HTTPS_PROXY is set in the environment (proxy.corp.example:3128)")
+            && warned.contains("capture.proxies is empty"),
+        "{warned}"
+    );
+    assert!(!warned.contains("s3cret"), "{warned}");
+    let quiet = check(&declared);
+    assert!(!quiet.contains("capture.proxies is empty"), "{quiet}");
+}
