@@ -218,6 +218,48 @@ fn a_proxied_provider_call_is_kts_and_every_other_authority_reaches_the_proxy_un
         "kt's upstream did not use the proxy: {heads:?}"
     );
 
+    // (a2) The provider's address as the authority, its name in the hello:
+    // kt's too (decided by the hello, never passed to the proxy).
+    let by_ip = s.job(&mut curl_via(
+        proxy.addr,
+        &kt_ca,
+        "https://api.openai.com/v1/chat/completions",
+        &format!(
+            "{extra} --connect-to api.openai.com:443:{}:443",
+            s.provider_ip
+        ),
+    ));
+    assert!(by_ip.status.success(), "{by_ip:?}\nkt log:\n{}", s.log());
+    let seen = s.provider.requests();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_eq!(
+        seen[1].headers.get("authorization").unwrap(),
+        &format!("Bearer {MANAGED_KEY}")
+    );
+    assert!(
+        proxy
+            .seen()
+            .iter()
+            .all(|h| h.header("user-agent").is_none()),
+        "a job's CONNECT reached the proxy: {:?}",
+        proxy.seen()
+    );
+    // Another name on an address: replayed to the proxy (which cannot
+    // reach it and answers 502; the job then sees the connection close).
+    let other_ip = s.job(&mut curl_via(
+        proxy.addr,
+        &kt_ca,
+        "https://site.test/",
+        "--proxy-user alice:s3cret --connect-to site.test:443:127.0.0.9:443",
+    ));
+    assert!(!other_ip.status.success(), "{other_ip:?}");
+    let heads = proxy.seen();
+    let h = heads
+        .iter()
+        .find(|h| h.line == "CONNECT 127.0.0.9:443 HTTP/1.1")
+        .unwrap_or_else(|| panic!("the proxy never saw the address CONNECT: {heads:?}"));
+    assert_eq!(h.header("Proxy-Authorization"), Some(PROXY_AUTH), "{h:?}");
+
     // (b) Another authority: the proxy's own answer, a 407.
     let denied = s.job(&mut curl_via(
         proxy.addr,

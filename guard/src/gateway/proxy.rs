@@ -10,6 +10,12 @@
 //!   back (a 407 too); on `2xx` both sides are spliced. kt's socket to the
 //!   proxy is exempted from capture; one proxy connection serves one client
 //!   connection, so connection-bound proxy auth (NTLM, Negotiate) works.
+//! - `CONNECT` to an IP literal on a capture port (which may be a
+//!   provider's address): kt answers `200` and reads the ClientHello; a
+//!   provider name (or exactly a target's address without a name) is
+//!   handled as above, anything else is replayed to the real proxy and
+//!   spliced after the hello (a refusal by the proxy then closes the
+//!   connection: its answer cannot follow the `200`).
 //! - Plain-HTTP proxy requests (`GET http://host/...`) to a non-provider
 //!   host are forwarded the same way. To a provider host they are refused:
 //!   the key would cross the network in clear text, and kt terminates
@@ -43,7 +49,12 @@ use crate::record::{Arrival, ClientInfo, PolicyAction, codes};
 /// Largest proxy answer body kt holds to pass on (a 407 page).
 const MAX_PROXY_BODY: usize = 64 * 1024;
 
-type ProxySender = hyper::client::conn::http1::SendRequest<Incoming>;
+type ProxySender = hyper::client::conn::http1::SendRequest<GwBody>;
+
+/// A request body as the gateway's body type (to replay it to the proxy).
+fn boxed(req: Request<Incoming>) -> Request<GwBody> {
+    req.map(|b| b.map_err(|e| Box::new(e) as super::relay::BoxError).boxed())
+}
 
 /// One client connection to a declared proxy.
 struct ProxyConn {
@@ -165,6 +176,26 @@ impl Gateway {
             });
             return Response::new(handler::full(Bytes::new()));
         }
+        let ip_literal = host.parse::<std::net::IpAddr>().is_ok();
+        if connect && ip_literal && self.inner().config.capture.ports.contains(&port) {
+            let mut req = req;
+            let on_client = hyper::upgrade::on(&mut req);
+            let (parts, _) = req.into_parts();
+            let replay = Request::from_parts(parts, handler::full(Bytes::new()));
+            let in_flight = slot.begin();
+            let gw = self.clone();
+            tokio::spawn(async move {
+                let _in_flight = in_flight;
+                match on_client.await {
+                    Ok(u) => {
+                        gw.hello_then_decide(TokioIo::new(u), replay, host, port, &conn, slot)
+                            .await;
+                    }
+                    Err(e) => tracing::debug!(error = %e, "proxy CONNECT upgrade failed"),
+                }
+            });
+            return Response::new(handler::full(Bytes::new()));
+        }
         if provider {
             self.refuse_connection(Refusal {
                 arrival: Arrival::Capture,
@@ -230,6 +261,91 @@ impl Gateway {
         let _ = io.shutdown().await;
     }
 
+    /// A CONNECT to an IP literal, already answered `200`: a provider name
+    /// in the hello is kt's; anything else goes to the real proxy with the
+    /// hello bytes after its `2xx`.
+    async fn hello_then_decide<IO>(
+        &self,
+        mut io: IO,
+        replay: Request<GwBody>,
+        authority: String,
+        port: u16,
+        conn: &ProxyConn,
+        slot: Arc<Slot>,
+    ) where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let mut buf = Vec::new();
+        let hello =
+            tokio::time::timeout(HANDSHAKE_TIMEOUT, read_client_hello(&mut io, &mut buf)).await;
+        let router = &self.inner().router;
+        let name = match &hello {
+            Ok(Ok(Hello::Tls {
+                sni: Some(sni),
+                ech: false,
+            })) if router.match_host(sni, Some(port)).is_some() => Some(sni.clone()),
+            Ok(Ok(Hello::Tls { sni: None, .. })) if router.is_target_endpoint(&authority, port) => {
+                Some(authority.clone())
+            }
+            _ => None,
+        };
+        if let Some(host) = name {
+            let ctx = ConnCtx {
+                mode: Mode::Connect { host, port },
+                peer: conn.peer,
+                client: conn.client.clone(),
+                explicit: None,
+            };
+            self.terminate(Prefixed::new(buf, io), ctx, slot).await;
+            return;
+        }
+        if let Ok(Err(e)) = &hello {
+            tracing::debug!(error = %e, "no hello inside a CONNECT to an address; passed to the proxy");
+        }
+        let mut rec = self.inner().guard_record(
+            Arrival::Capture,
+            conn.peer,
+            conn.client.clone(),
+            "CONNECT",
+            PolicyAction::Audit,
+            "proxy-forwarded",
+        );
+        rec.path = format!("{authority}:{port} (proxy {})", conn.proxy);
+        let mut sender = match self.dial_proxy(conn.proxy).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::info!(proxy = %conn.proxy, error = %e, "declared proxy unreachable");
+                rec.error_code = Some(codes::SPLICE_FAILED);
+                self.inner().sink.record(rec);
+                return;
+            }
+        };
+        let resp = match sender.send_request(replay).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::info!(proxy = %conn.proxy, error = %e, "declared proxy failed the request");
+                rec.error_code = Some(codes::SPLICE_FAILED);
+                self.inner().sink.record(rec);
+                return;
+            }
+        };
+        rec.status = resp.status().as_u16();
+        self.inner().sink.record(rec);
+        if !resp.status().is_success() {
+            // The client was told 200 already: all it can get is a close.
+            let _ = io.shutdown().await;
+            return;
+        }
+        let Ok(up) = hyper::upgrade::on(resp).await else {
+            return;
+        };
+        let mut up = TokioIo::new(up);
+        if up.write_all(&buf).await.is_err() {
+            return;
+        }
+        splice_with_idle(io, up, self.inner().config.gateway.idle_timeout).await;
+    }
+
     /// Replays a non-provider request to the real proxy and passes its
     /// answer back; a `2xx` answer to CONNECT splices both sides.
     async fn forward_to_proxy(
@@ -275,6 +391,7 @@ impl Gateway {
         rec.path = format!("{host}:{port} (proxy {})", conn.proxy);
         let mut client_req = req;
         let on_client = connect.then(|| hyper::upgrade::on(&mut client_req));
+        let client_req = boxed(client_req);
         let mut resp = match sender.send_request(client_req).await {
             Ok(r) => r,
             Err(e) => {
