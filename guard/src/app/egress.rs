@@ -108,6 +108,7 @@ impl EgressPlan {
         }
         let resolvers = match &egress.resolvers {
             Some(r) => r.clone(),
+            None if egress.mode == EgressMode::Off => Vec::new(),
             None => system_resolvers(),
         };
         if egress.mode == EgressMode::Enforce && resolvers.is_empty() {
@@ -137,11 +138,13 @@ impl EgressPlan {
             proxy4,
             proxy6,
         };
-        // Provider names too, so an event names the address it shows.
-        let provider_hosts = hosts::capture_hosts(config);
-        let resolved = hosts::resolve(&provider_hosts, &[443]).await;
-        remember(&plan.names, &resolved);
-        plan.resolve_allow().await;
+        if egress.mode != EgressMode::Off {
+            // Provider names too, so an event names the address it shows.
+            let provider_hosts = hosts::capture_hosts(config);
+            let resolved = hosts::resolve(&provider_hosts, &[443]).await;
+            remember(&plan.names, &resolved);
+            plan.resolve_allow().await;
+        }
         Ok(plan)
     }
 
