@@ -153,6 +153,7 @@ gateway:
   listen: {listen}
   capture_listen: {cap4}
   capture_listen6: "[::1]:{cap6}"
+  proxy_listen: {proxy}
 {gateway}capture:
   hosts: []
   cidrs: [127.77.{net}.0/24]
@@ -162,6 +163,7 @@ gateway:
             listen = free_addr(),
             cap4 = free_addr(),
             cap6 = free_addr().port(),
+            proxy = free_addr(),
         );
         let cfg = dir.path().join("kt.yaml");
         std::fs::write(&cfg, yaml).unwrap();

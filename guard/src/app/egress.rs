@@ -94,8 +94,15 @@ impl EgressPlan {
         let (proxy4, proxy6) = if proxy_addrs.is_empty() {
             (None, None)
         } else {
-            let l4 = TcpListener::bind("127.0.0.1:0").await?;
-            let l6 = TcpListener::bind((Ipv6Addr::LOCALHOST, 0)).await.ok();
+            let at = config.gateway.proxy_listen;
+            let l4 = TcpListener::bind(at).await?;
+            let l6 = match TcpListener::bind((Ipv6Addr::LOCALHOST, at.port())).await {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    tracing::warn!(port = at.port(), error = %e, "no IPv6 proxy listener: connections to IPv6 proxies will be refused");
+                    None
+                }
+            };
             (Some(l4), l6)
         };
         let mut allow_hosts = Vec::new();

@@ -177,6 +177,9 @@ impl CapturePlan {
         }
         let mut capture_addrs = vec![config.gateway.capture_listen];
         capture_addrs.extend(config.gateway.capture_listen6);
+        if !egress::declared_proxies(config).is_empty() {
+            capture_addrs.push(config.gateway.proxy_listen);
+        }
         let warnings = capture::squat_warnings(&capture_addrs, capture::unprivileged_port_start());
         if keep_attached && pin_dir.is_none() {
             return Err(AppError::KeepAttachedWithoutPins);
@@ -602,7 +605,7 @@ impl App {
                 .await
                 .map_err(|source| AppError::Bind {
                     what: "proxy listener",
-                    addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+                    addr: self.config.gateway.proxy_listen,
                     source,
                 })?;
         let egress_spec = egress_plan.spec.clone();

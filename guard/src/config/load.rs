@@ -988,6 +988,7 @@ impl Cx {
             "mode",
             "credentials",
             "upstream_proxy",
+            "proxy_listen",
         ];
         let mut out = GatewaySettings::default();
         let Some(f) = node.and_then(|n| self.mapping(n, "gateway", KEYS)) else {
@@ -1054,6 +1055,19 @@ impl Cx {
                 "remove it; to let CONNECT clients reach other hosts, list them in `gateway.connect_allow`; \
                  `capture.scope: port` has kt splice (and record) non-provider names itself",
             );
+        }
+        if let Some(n) = f.get("proxy_listen")
+            && let Some(v) = self.addr(n, "gateway.proxy_listen")
+        {
+            if v.is_ipv4() {
+                out.proxy_listen = v;
+            } else {
+                self.error_hint(
+                    n.pos,
+                    "`gateway.proxy_listen` must be an IPv4 address",
+                    "e.g. 127.0.0.1:710; an IPv6 listener on [::1] at the same port follows",
+                );
+            }
         }
         if let Some(n) = f.get("upstream_proxy")
             && !is_null(n)

@@ -423,6 +423,10 @@ pub struct GatewaySettings {
     /// go through it by CONNECT. Without it, `HTTPS_PROXY`/`NO_PROXY` of
     /// kt's environment apply.
     pub upstream_proxy: Option<super::egress::ProxyAddr>,
+    /// `proxy_listen`: where connections to a declared proxy are sent
+    /// (default 127.0.0.1:710, privileged like the capture listener; an
+    /// IPv6 one listens on `[::1]` at the same port when it can).
+    pub proxy_listen: SocketAddr,
 }
 
 /// `gateway.clients`: processes allowed to spend managed keys. A request
@@ -453,6 +457,10 @@ impl ClientAllow {
 /// unprivileged process can take it over while kt is not running.
 pub const CAPTURE_PORT: u16 = 709;
 
+/// Default port of the proxy listener (connections to a declared proxy):
+/// privileged for the same reason; they carry proxy credentials.
+pub const PROXY_PORT: u16 = 710;
+
 impl Default for GatewaySettings {
     fn default() -> Self {
         GatewaySettings {
@@ -482,6 +490,7 @@ impl Default for GatewaySettings {
             metrics: None,
             allow_remote_metrics: false,
             upstream_proxy: None,
+            proxy_listen: SocketAddr::from(([127, 0, 0, 1], PROXY_PORT)),
         }
     }
 }

@@ -325,6 +325,10 @@ fn full_example_sets_every_optional_section() {
             .as_deref(),
         Some("proxy.corp.example:3128")
     );
+    assert_eq!(
+        g.proxy_listen,
+        "127.0.0.1:9710".parse::<SocketAddr>().unwrap()
+    );
     assert_eq!(cap.egress.mode, crate::config::EgressMode::Audit);
     assert_eq!(cap.egress.allow.len(), 4);
     assert_eq!(cap.egress.allow[1].port, Some(22));
@@ -403,7 +407,7 @@ fn unknown_key_lists_expected_and_suggests() {
         e.to_string(),
         "t.yaml:8:3: unknown key `listn` in `gateway` (expected one of: listen, capture_listen, \
          capture_listen6, connect_timeout, first_byte_timeout, idle_timeout, max_body_bytes, \
-         max_retry_after, splice_unknown_sni, connect_allow, max_connections, max_connections_per_uid, body_timeout, max_buffered_bytes, cooldown_after, cooldown, probe_interval, clients, allow_remote_clients, metrics, allow_remote_metrics, mode, credentials, upstream_proxy)\n  hint: did you mean `listen`?"
+         max_retry_after, splice_unknown_sni, connect_allow, max_connections, max_connections_per_uid, body_timeout, max_buffered_bytes, cooldown_after, cooldown, probe_interval, clients, allow_remote_clients, metrics, allow_remote_metrics, mode, credentials, upstream_proxy, proxy_listen)\n  hint: did you mean `listen`?"
     );
     let top = errs(&with("gatway: {}\n"));
     assert!(
