@@ -329,7 +329,7 @@ fn full_example_sets_every_optional_section() {
         g.proxy_listen,
         "127.0.0.1:9710".parse::<SocketAddr>().unwrap()
     );
-    assert_eq!(cap.egress.mode, crate::config::EgressMode::Audit);
+    assert_eq!(cap.egress.mode, EgressMode::Audit);
     assert_eq!(cap.egress.allow.len(), 4);
     assert_eq!(cap.egress.allow[1].port, Some(22));
     assert_eq!(
