@@ -196,8 +196,8 @@ pub(crate) fn connect(
     let e = egress_config()?;
     let tcp = sa.type_ == SOCK_STREAM;
     if tcp && e.flags & FLAG_PROXIES != 0 {
-        // SAFETY: read-only lookup.
         let port = u32::from(u16::from_be(d.port_be as u16));
+        // SAFETY: read-only lookup.
         if unsafe { KT_PROXIES.get(&key(d, port)) }.is_some() {
             return Some(to_proxy_listener(ctx, sa, cfg, e, d));
         }

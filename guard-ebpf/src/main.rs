@@ -13,7 +13,10 @@
 //! refused. `sendmsg4/6` refuse unconnected UDP to provider addresses.
 //! `sock_ops` re-keys the record by the client's address once the
 //! connection is up, so the listener can read it after `accept()`.
-//! `getpeername4/6` show the process its original peer. Programs never
+//! `getpeername4/6` show the process its original peer. Destinations
+//! outside the provider prefixes pass through `egress` first: TCP to a
+//! declared proxy goes to kt's proxy listener, and strict egress records
+//! (audit) or refuses (enforce) what is not allowlisted. Programs never
 //! panic: every hook goes through a `try_` function, and a matched
 //! connection that cannot be handled is refused (fail closed); unmatched
 //! traffic is never touched.
