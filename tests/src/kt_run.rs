@@ -107,6 +107,20 @@ impl KtRun {
     /// `gateway` and `capture` are extra YAML lines (two-space indented)
     /// for those sections. Waits until kt captures.
     pub fn start(kt: &str, label: &str, net: u8, gateway: &str, capture: &str) -> KtRun {
+        KtRun::start_with_hosts(kt, label, net, gateway, capture, "")
+    }
+
+    /// As [`KtRun::start`], kt resolving names through `hosts` (lines of
+    /// an /etc/hosts file, bind-mounted over /etc/hosts in kt's private
+    /// mount namespace only).
+    pub fn start_with_hosts(
+        kt: &str,
+        label: &str,
+        net: u8,
+        gateway: &str,
+        capture: &str,
+        hosts: &str,
+    ) -> KtRun {
         let rt = tokio::runtime::Runtime::new().unwrap();
         let ca = TestCa::new();
         let provider_ip = format!("127.77.{net}.10");
@@ -170,6 +184,18 @@ gateway:
         let ca_pem = dir.path().join("upstream-ca.pem");
         std::fs::write(&ca_pem, &ca.pem).unwrap();
         let mounts = PrivateMounts::new().expect("a private mount namespace (needs root)");
+        if !hosts.is_empty() {
+            let file = dir.path().join("hosts");
+            std::fs::write(&file, format!("127.0.0.1 localhost\n{hosts}")).unwrap();
+            let bound = mounts
+                .command("mount")
+                .arg("--bind")
+                .arg(&file)
+                .arg("/etc/hosts")
+                .status()
+                .unwrap();
+            assert!(bound.success(), "bind-mounting a private /etc/hosts failed");
+        }
         let cgroup = TestCgroup::new(label).expect("child cgroup (needs root and cgroup v2)");
         let log = dir.path().join("kt.log");
         let mut command = mounts.command(kt);

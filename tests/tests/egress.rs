@@ -232,6 +232,49 @@ fn enforce_reaches_dns_only_through_the_configured_resolvers_and_no_unresolved_p
 }
 
 #[test]
+fn allowlisted_host_names_are_resolved_by_kt_and_name_what_the_report_suggests() {
+    if skip() {
+        return;
+    }
+    // Names exist only in kt's private /etc/hosts (its mount namespace).
+    let hosts = "198.51.100.20 allowed.test\n198.51.100.30 named.test\n";
+    let mut s = KtRun::start_with_hosts(
+        KT,
+        "egress-names",
+        46,
+        "",
+        "  egress:\n    mode: enforce\n    allow: [\"allowed.test:443\", named.test]\n    resolvers: []\n",
+        hosts,
+    );
+    let ok = s.job(&mut isolated(&["tcp", "198.51.100.20:443"]));
+    assert_eq!(ok.field("connect_error"), Some(ENETUNREACH), "{ok:?}");
+    let any_port = s.job(&mut isolated(&["tcp", "198.51.100.30:5432"]));
+    assert_eq!(
+        any_port.field("connect_error"),
+        Some(ENETUNREACH),
+        "{any_port:?}"
+    );
+    let other_port = s.job(&mut isolated(&["tcp", "198.51.100.20:22"]));
+    assert_eq!(
+        other_port.field("connect_error"),
+        Some(EPERM),
+        "{other_port:?}"
+    );
+    let e = s.wait_event(KT, "the refusal naming the host", |e| {
+        guard_location(e) == Some("tcp 198.51.100.20:22 name=allowed.test")
+    });
+    assert!(
+        e["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("allowed.test")),
+        "{e}"
+    );
+    // The report suggests the name kt knows for the address.
+    let g = report_group(&s);
+    assert_eq!(g["allow"], serde_json::json!(["allowed.test:22"]), "{g}");
+}
+
+#[test]
 fn audit_records_every_destination_and_the_report_suggests_exactly_them() {
     if skip() {
         return;
