@@ -136,7 +136,11 @@ fn serve(stream: TcpStream, seen: Arc<Mutex<Vec<Seen>>>) {
 
 impl FakeProxy {
     fn start() -> FakeProxy {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        FakeProxy::start_at("127.0.0.1:0")
+    }
+
+    fn start_at(addr: &str) -> FakeProxy {
+        let l = TcpListener::bind(addr).unwrap();
         let addr = l.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let s = seen.clone();
@@ -400,4 +404,49 @@ fn gateway_check_warns_about_an_undeclared_proxy() {
     assert!(!warned.contains("s3cret"), "{warned}");
     let quiet = check(&declared);
     assert!(!quiet.contains("capture.proxies is empty"), "{quiet}");
+}
+
+/// A proxy on an IPv6 address: the job's connection goes to kt's IPv6
+/// proxy listener; a provider CONNECT is kt's, another reaches the proxy.
+#[test]
+fn an_ipv6_proxy_is_captured_too() {
+    if skip() {
+        return;
+    }
+    let proxy = FakeProxy::start_at("[::1]:0");
+    let mut s = KtRun::start(
+        KT,
+        "proxy-v6",
+        47,
+        "",
+        &format!("  proxies: [\"{}\"]\n", proxy.addr),
+    );
+    let kt_ca = s.kt_ca.clone();
+    let body = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#;
+    let extra = format!(
+        "-H 'Authorization: Bearer {JOB_KEY}' -H 'content-type: application/json' -d '{body}'"
+    );
+    let call = s.job(&mut curl_via(
+        proxy.addr,
+        &kt_ca,
+        "https://api.openai.com/v1/chat/completions",
+        &extra,
+    ));
+    assert!(call.status.success(), "{call:?}\nkt log:\n{}", s.log());
+    let seen = s.provider.requests();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(
+        seen[0].headers.get("authorization").unwrap(),
+        &format!("Bearer {MANAGED_KEY}")
+    );
+    let denied = s.job(&mut curl_via(
+        proxy.addr,
+        &kt_ca,
+        "https://deny.test/",
+        "--proxy-user alice:s3cret",
+    ));
+    assert!(denied.stdout.contains("connect=407"), "{denied:?}");
+    let heads = proxy.seen();
+    assert_eq!(heads.len(), 1, "{heads:?}");
+    assert_eq!(heads[0].line, "CONNECT deny.test:443 HTTP/1.1");
 }
