@@ -17,12 +17,17 @@
 //! refused. `sendmsg4/6` refuse unconnected UDP to provider addresses.
 //! `sock_ops` re-keys the record by the client's address once the
 //! connection is up, so the listener can read it after `accept()`.
-//! `getpeername4/6` show the process its original peer. Programs never
+//! `getpeername4/6` show the process its original peer. Destinations
+//! outside the provider prefixes pass through `egress` first: TCP to a
+//! declared proxy goes to kt's proxy listener, and strict egress records
+//! (audit) or refuses (enforce) what is not allowlisted. Programs never
 //! panic: every hook goes through a `try_` function, and a matched
 //! connection that cannot be handled is refused (fail closed); unmatched
 //! traffic is never touched.
 #![no_std]
 #![no_main]
+
+mod egress;
 
 use aya_ebpf::{
     EbpfContext,
@@ -294,6 +299,17 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
     let (addr, port) = (sa.user_ip4, sa.user_port);
     let provider = v4_matches(addr);
     let loopback = v4_loopback(addr);
+    if !provider {
+        let d = egress::Dest {
+            family: AF_INET,
+            addr_be: [addr, 0, 0, 0],
+            port_be: port,
+            mapped: false,
+        };
+        if let Some(v) = egress::connect(ctx, sa, cfg, &d) {
+            return Ok(v);
+        }
+    }
     if !provider && !port_wide(cfg, sa, port, loopback) {
         return Ok(ALLOW);
     }
@@ -329,6 +345,17 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
         // A dual-stack socket reaching an IPv4 address.
         let provider = v4_matches(v4);
         let loopback = v4_loopback(v4);
+        if !provider {
+            let d = egress::Dest {
+                family: AF_INET,
+                addr_be: [v4, 0, 0, 0],
+                port_be: port,
+                mapped: true,
+            };
+            if let Some(v) = egress::connect(ctx, sa, cfg, &d) {
+                return Ok(v);
+            }
+        }
         if !provider && !port_wide(cfg, sa, port, loopback) {
             return Ok(ALLOW);
         }
@@ -347,6 +374,17 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
         return Ok(ALLOW);
     }
     let provider = v6_matches(&addr);
+    if !provider {
+        let d = egress::Dest {
+            family: AF_INET6,
+            addr_be: addr,
+            port_be: port,
+            mapped: false,
+        };
+        if let Some(v) = egress::connect(ctx, sa, cfg, &d) {
+            return Ok(v);
+        }
+    }
     let loopback = addr[0] == 0 && addr[1] == 0 && addr[2] == 0 && u32::from_be(addr[3]) == 1;
     if !provider && !port_wide(cfg, sa, port, loopback) {
         return Ok(ALLOW);
@@ -376,7 +414,15 @@ pub fn kt_sendmsg4(ctx: SockAddrContext) -> i32 {
     if cfg.flags & FLAG_REFUSE_UDP != 0 && v4_matches(sa.user_ip4) {
         return DENY;
     }
-    ALLOW
+    egress::sendmsg(
+        &ctx,
+        &egress::Dest {
+            family: AF_INET,
+            addr_be: [sa.user_ip4, 0, 0, 0],
+            port_be: sa.user_port,
+            mapped: false,
+        },
+    )
 }
 
 #[cgroup_sock_addr(sendmsg6)]
@@ -384,15 +430,34 @@ pub fn kt_sendmsg6(ctx: SockAddrContext) -> i32 {
     let Some(cfg) = config() else { return ALLOW };
     // SAFETY: as in connect4.
     let sa = unsafe { &*ctx.sock_addr };
-    if cfg.flags & FLAG_REFUSE_UDP == 0 {
+    let addr = read_ip6(sa);
+    let (d, matched) = match v4_mapped(&addr) {
+        Some(v4) => (
+            egress::Dest {
+                family: AF_INET,
+                addr_be: [v4, 0, 0, 0],
+                port_be: sa.user_port,
+                mapped: true,
+            },
+            v4_matches(v4),
+        ),
+        None => (
+            egress::Dest {
+                family: AF_INET6,
+                addr_be: addr,
+                port_be: sa.user_port,
+                mapped: false,
+            },
+            v6_matches(&addr),
+        ),
+    };
+    if matched {
+        if cfg.flags & FLAG_REFUSE_UDP != 0 {
+            return DENY;
+        }
         return ALLOW;
     }
-    let addr = read_ip6(sa);
-    let matched = match v4_mapped(&addr) {
-        Some(v4) => v4_matches(v4),
-        None => v6_matches(&addr),
-    };
-    if matched { DENY } else { ALLOW }
+    egress::sendmsg(&ctx, &d)
 }
 
 #[cgroup_sock_addr(getpeername4)]

@@ -3,6 +3,12 @@
 //! 1. connect() rate from a process in a child cgroup to a loopback address
 //!    that is NOT captured, without and with the programs attached, run
 //!    alternately; the ratio should stay at or above 0.9.
+//!
+//!    The strict-egress hook on connects it allows: the same loop to an
+//!    allowlisted TEST-NET address that exists only inside the client's own
+//!    network namespace (nothing leaves the host), with the programs
+//!    attached and `capture.egress.mode` off versus enforce, alternately;
+//!    the ratio should stay at or above 0.9.
 //! 2. A cold CLI client (a new curl per request) straight to the fake
 //!    provider versus through `kt run` capture, with 20 ms of simulated
 //!    round-trip time on the provider: the guard pools upstream connections,
@@ -15,7 +21,8 @@
 //!    (the added latency) and the rate of 1 MiB and 64 MiB downloads.
 //!
 //! Prints figures and ratios; asserts nothing about speed.
-//! `KT_BENCH_SPLICE_ONLY=1` runs part 3 alone.
+//! `KT_BENCH_SPLICE_ONLY=1` runs part 3 alone, `KT_BENCH_CONNECT_ONLY=1`
+//! parts 1 and 1b.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
@@ -40,6 +47,10 @@ fn main() {
     let mut cg = TestCgroup::new("bench").expect("needs root and cgroup v2");
     if std::env::var_os("KT_BENCH_SPLICE_ONLY").is_none() {
         connect_rate(&mut cg);
+        egress_rate(&mut cg);
+        if std::env::var_os("KT_BENCH_CONNECT_ONLY").is_some() {
+            return;
+        }
         cold_client(&mut cg);
     }
     splice_path(&mut cg);
@@ -152,6 +163,102 @@ fn connect_rate(cg: &mut TestCgroup) {
     );
     println!(
         "  rate ratio with/without: {:.3} (target >= 0.9); hook cost ~{:.0} ns",
+        without / with,
+        with - without
+    );
+}
+
+/// The loop in a namespace of its own where 198.51.100.1 is a local address.
+fn ns_per_isolated_connect(cg: &mut TestCgroup) -> f64 {
+    let script = format!(
+        "ip link set lo up && ip addr add 198.51.100.1/32 dev lo && exec \"$0\" connect-loop 198.51.100.1:9000 {CONNECTS} --listen"
+    );
+    let (out, _) = run_in(cg, "unshare", &["-n", "sh", "-c", &script, CLIENT], &[]);
+    out.lines()
+        .find_map(|l| l.strip_prefix("ns_per_connect="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("client output: {out}"))
+}
+
+fn egress_rate(cg: &mut TestCgroup) {
+    use guard::capture::EgressSpec;
+    use guard::config::EgressMode;
+    let capture_listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let SocketAddr::V4(l4) = capture_listener.local_addr().unwrap() else {
+        unreachable!()
+    };
+    let spec = CaptureSpec {
+        cgroup: cg.path().to_path_buf(),
+        listen4: l4,
+        listen6: None,
+        prefixes: vec![IpPrefix {
+            addr: "127.77.0.0".parse().unwrap(),
+            len: 16,
+        }],
+        ports: vec![443],
+        port_wide: false,
+        own_ports: vec![],
+        refuse_udp: true,
+        refuse_other_netns: true,
+        containers: None,
+        pin_dir: None,
+        keep_attached: false,
+    };
+    let capture = Capture::attach(&spec).unwrap();
+    let off = EgressSpec::default();
+    let enforce = EgressSpec {
+        mode: EgressMode::Enforce,
+        // A realistic list: the allowed prefix among a few hundred others.
+        allow: (0..=255u8)
+            .map(|i| {
+                (
+                    IpPrefix {
+                        addr: std::net::IpAddr::from([10, i, 0, 0]),
+                        len: 16,
+                    },
+                    Some(443),
+                )
+            })
+            .chain([(
+                IpPrefix {
+                    addr: "198.51.100.0".parse().unwrap(),
+                    len: 24,
+                },
+                None,
+            )])
+            .collect(),
+        resolvers: vec!["192.0.2.53".parse().unwrap()],
+        ..EgressSpec::default()
+    };
+    let (mut without, mut with) = (f64::MAX, f64::MAX);
+    for round in 0..ROUNDS {
+        if round % 2 == 0 {
+            capture.set_egress(&off).unwrap();
+            without = without.min(ns_per_isolated_connect(cg));
+        }
+        capture.set_egress(&enforce).unwrap();
+        with = with.min(ns_per_isolated_connect(cg));
+        if round % 2 == 1 {
+            capture.set_egress(&off).unwrap();
+            without = without.min(ns_per_isolated_connect(cg));
+        }
+    }
+    drop(capture);
+    println!(
+        "connect() to an allowlisted address, strict egress off vs enforce ({CONNECTS} per run, best of {ROUNDS}):"
+    );
+    println!(
+        "  egress off        {:>8.0} ns/connect  {:>8.0} connects/s",
+        without,
+        1e9 / without
+    );
+    println!(
+        "  egress enforce    {:>8.0} ns/connect  {:>8.0} connects/s",
+        with,
+        1e9 / with
+    );
+    println!(
+        "  rate ratio enforce/off: {:.3} (target >= 0.9); egress hook cost ~{:.0} ns",
         without / with,
         with - without
     );

@@ -4,6 +4,7 @@
 pub mod cgroup;
 pub mod fake_provider;
 pub mod gateway_fixture;
+pub mod kt_run;
 pub mod mountns;
 pub mod process;
 pub mod vault;

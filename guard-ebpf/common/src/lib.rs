@@ -167,6 +167,109 @@ pub struct PeerKey {
     pub addr_be: [u32; 4],
 }
 
+/// Strict egress and declared proxies (see `guard-ebpf/src/egress.rs`).
+pub mod egress {
+    /// Map names.
+    pub mod map {
+        /// `Array<EgressConfig>` with one entry.
+        pub const CONFIG: &str = "KT_EGRESS";
+        /// `LpmTrie<[u8; 4], u32>`: allowed IPv4 prefixes, any port.
+        pub const ALLOW4: &str = "KT_ALLOW4";
+        /// `LpmTrie<[u8; 16], u32>`: allowed IPv6 prefixes, any port.
+        pub const ALLOW6: &str = "KT_ALLOW6";
+        /// `LpmTrie<[u8; 6], u32>`: allowed IPv4 prefixes on one port; the
+        /// key is the port (network order) then the address, the prefix
+        /// length 16 + the address prefix length.
+        pub const ALLOW4P: &str = "KT_ALLOW4P";
+        /// `LpmTrie<[u8; 18], u32>`: the same for IPv6.
+        pub const ALLOW6P: &str = "KT_ALLOW6P";
+        /// `HashMap<PeerKey, u8>` (port 0): resolvers reachable on 53/853.
+        pub const RESOLVERS: &str = "KT_RESOLVERS";
+        /// `HashMap<PeerKey, u8>`: declared proxies (address and port).
+        pub const PROXIES: &str = "KT_PROXIES";
+        /// `RingBuf` of [`super::EgressRecord`].
+        pub const RECORDS: &str = "KT_EGRESS_RECORDS";
+    }
+
+    /// `EgressConfig::mode`: nothing checked.
+    pub const MODE_OFF: u32 = 0;
+    /// `EgressConfig::mode`: every outbound destination recorded, nothing refused.
+    pub const MODE_AUDIT: u32 = 1;
+    /// `EgressConfig::mode`: destinations not allowed are refused (and recorded).
+    pub const MODE_ENFORCE: u32 = 2;
+    /// `EgressConfig::flags`: `PROXIES` holds entries.
+    pub const FLAG_PROXIES: u32 = 1;
+    /// Entries in each allow trie.
+    pub const MAX_ALLOW: u32 = 4_096;
+    /// Entries in the resolver and proxy sets.
+    pub const MAX_SMALL: u32 = 64;
+    /// Size of the record ring buffer in bytes.
+    pub const RECORD_RING_BYTES: u32 = 256 * 1024;
+    /// `EgressRecord::verdict`: let through (audit, or allowed).
+    pub const VERDICT_PASSED: u32 = 0;
+    /// `EgressRecord::verdict`: refused (enforce).
+    pub const VERDICT_REFUSED: u32 = 1;
+    /// `EgressRecord::proto`: TCP.
+    pub const PROTO_TCP: u32 = 6;
+    /// `EgressRecord::proto`: UDP.
+    pub const PROTO_UDP: u32 = 17;
+
+    /// The strict-egress mode and where declared-proxy connections go.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct EgressConfig {
+        /// `MODE_*`.
+        pub mode: u32,
+        /// `FLAG_*`.
+        pub flags: u32,
+        /// IPv4 proxy listener address.
+        pub proxy4_be: u32,
+        /// Its port, network order in the low 16 bits.
+        pub proxy4_port_be: u32,
+        /// IPv6 proxy listener address.
+        pub proxy6_be: [u32; 4],
+        /// Its port as above; 0: IPv6 proxy connections are refused.
+        pub proxy6_port_be: u32,
+        /// Keeps the size a multiple of 8.
+        pub _pad: u32,
+    }
+
+    /// One outbound destination seen by the egress hooks.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct EgressRecord {
+        /// cgroup id of the task.
+        pub cgroup_id: u64,
+        /// `bpf_ktime_get_ns()`.
+        pub time_ns: u64,
+        /// Destination; IPv4 in word 0, network byte order.
+        pub addr_be: [u32; 4],
+        /// Destination port, network order in the low 16 bits.
+        pub port_be: u32,
+        /// `AF_INET` or `AF_INET6` (IPv4-mapped reported as `AF_INET`).
+        pub family: u32,
+        /// Thread group id.
+        pub tgid: u32,
+        /// User id.
+        pub uid: u32,
+        /// `PROTO_*`.
+        pub proto: u32,
+        /// `VERDICT_*`.
+        pub verdict: u32,
+    }
+
+    const _: () = assert!(size_of::<EgressConfig>() == 40);
+    const _: () = assert!(size_of::<EgressRecord>() == 56);
+
+    #[cfg(feature = "user")]
+    mod pod {
+        // SAFETY: plain #[repr(C)] integers with no padding (sizes asserted above).
+        unsafe impl aya::Pod for super::EgressConfig {}
+        // SAFETY: as above.
+        unsafe impl aya::Pod for super::EgressRecord {}
+    }
+}
+
 const _: () = assert!(size_of::<CaptureConfig>() == 72);
 const _: () = assert!(size_of::<Origin>() == 64);
 const _: () = assert!(size_of::<PeerKey>() == 24);

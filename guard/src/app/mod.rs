@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 mod control;
+mod egress;
 mod reload;
 mod watch;
 
@@ -185,6 +186,9 @@ impl CapturePlan {
         }
         let mut capture_addrs = vec![config.gateway.capture_listen];
         capture_addrs.extend(config.gateway.capture_listen6);
+        if !egress::declared_proxies(config).is_empty() {
+            capture_addrs.push(config.gateway.proxy_listen);
+        }
         let warnings = capture::squat_warnings(&capture_addrs, capture::unprivileged_port_start());
         if keep_attached && pin_dir.is_none() {
             return Err(AppError::KeepAttachedWithoutPins);
@@ -636,6 +640,17 @@ impl App {
         let port_wide = self.config.capture.scope == crate::config::CaptureScope::Port;
         // kt's own listeners are never captured, even port-wide.
         let own_ports = vec![local_addr(&explicit, "explicit listener", explicit_addr)?.port()];
+        let mut egress_plan =
+            egress::EgressPlan::prepare(&self.config)
+                .await
+                .map_err(|source| AppError::Bind {
+                    what: "proxy listener",
+                    addr: self.config.gateway.proxy_listen,
+                    source,
+                })?;
+        let egress_spec = egress_plan.spec.clone();
+        let egress_on = egress_plan.active();
+        let proxy_listeners = [egress_plan.proxy4.take(), egress_plan.proxy6.take()];
         let mut attached_prefixes = Vec::new();
         let supervisor = Supervisor::start(targets, |prefixes| {
             attached_prefixes.clone_from(&prefixes);
@@ -654,6 +669,11 @@ impl App {
                 keep_attached: keep_attached && pin_dir.is_some(),
             };
             let programs = attach(&spec)?;
+            if egress_on {
+                // Before anything is served: declared proxies and strict
+                // egress apply from the first connection on.
+                programs.set_egress(&egress_spec)?;
+            }
             slot.install(programs.exemption());
             Ok(programs)
         })
@@ -681,6 +701,30 @@ impl App {
         });
 
         let lookup: Arc<dyn CaptureLookup> = Arc::new(Lookup(supervisor.programs().clone()));
+        if egress_on {
+            tracing::info!(
+                mode = egress_spec.mode.as_str(),
+                proxies = egress_spec.proxies.len(),
+                allowed = egress_spec.allow.len(),
+                resolvers = egress_spec.resolvers.len(),
+                "declared proxies and strict egress set"
+            );
+        }
+        let proxy_tasks: Vec<_> = proxy_listeners
+            .into_iter()
+            .flatten()
+            .map(|l| {
+                let g = gateway.clone();
+                let lk = lookup.clone();
+                tokio::spawn(async move { g.serve_proxy_listener(l, lk).await })
+            })
+            .collect();
+        let egress_tasks = egress::start(
+            egress_plan,
+            supervisor.programs().clone(),
+            gateway.clone(),
+            cgroup.clone(),
+        );
         // Reloads retarget the attached programs in place.
         let supervisor = Arc::new(supervisor);
         let sup = Arc::downgrade(&supervisor);
@@ -733,6 +777,10 @@ impl App {
         for t in tc {
             let _ = t.await;
         }
+        for t in proxy_tasks {
+            let _ = t.await;
+        }
+        egress_tasks.stop().await;
         drop(lookup);
         notify(Notice::Drained);
         // Detach only after every listener is closed: fail closed to the end.

@@ -464,6 +464,31 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
         format!("{:?}", c.containers),
         format!("{:?}", d.containers),
     );
+    // Proxies and strict egress are set into the programs at start.
+    let proxies = |c: &Config| {
+        c.capture
+            .proxies
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    check("capture.proxies", proxies(old), proxies(new));
+    check(
+        "capture.egress",
+        format!("{:?}", c.egress),
+        format!("{:?}", d.egress),
+    );
+    check(
+        "gateway.upstream_proxy",
+        format!("{:?}", g.upstream_proxy.as_ref().map(ToString::to_string)),
+        format!("{:?}", h.upstream_proxy.as_ref().map(ToString::to_string)),
+    );
+    check(
+        "gateway.proxy_listen",
+        g.proxy_listen.to_string(),
+        h.proxy_listen.to_string(),
+    );
     let audit = |c: &Config| c.chain.contains(&PolicyKind::AuditLogger);
     check(
         "policies.chain (audit-logger)",
@@ -533,11 +558,31 @@ mod tests {
         assert!(problems[1].contains("gateway.max_connections changed"));
         // Timeouts, cool-downs, DLP and targets apply live.
         let live = config("gateway:\n  first_byte_timeout: 3s\n  cooldown_after: 2\n");
-        assert!(needs_restart(&old, &live).is_empty()); // The container address is added and listened on at start.
+        assert!(needs_restart(&old, &live).is_empty());
+        // The container address is added and listened on at start.
         let containers = config("capture:\n  containers: true\n");
         let problems = needs_restart(&old, &containers);
         assert_eq!(problems.len(), 1, "{problems:?}");
         assert!(problems[0].contains("capture.containers changed"));
+    }
+
+    #[test]
+    fn proxy_and_egress_changes_need_a_restart_and_say_so() {
+        let old = config("");
+        let new = config(
+            "gateway:\n  upstream_proxy: http://10.0.0.8:3128\ncapture:\n  proxies: [\"10.0.0.8:3128\"]\n  egress:\n    mode: audit\n",
+        );
+        let problems = needs_restart(&old, &new).join("\n");
+        for key in [
+            "capture.proxies",
+            "capture.egress",
+            "gateway.upstream_proxy",
+        ] {
+            assert!(
+                problems.contains(&format!("{key} changed")),
+                "{key}: {problems}"
+            );
+        }
     }
 
     #[test]

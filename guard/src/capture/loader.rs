@@ -107,6 +107,8 @@ pub struct Capture {
     prefix4: Mutex<LpmTrie<MapData, [u8; 4], u32>>,
     prefix6: Mutex<LpmTrie<MapData, [u8; 16], u32>>,
     ports: Mutex<PortMap>,
+    /// Declared proxies and strict egress (see `egress.rs`).
+    pub(super) egress: super::egress::EgressMaps,
     cgroup: PathBuf,
     ebpf: Ebpf,
 }
@@ -176,6 +178,7 @@ impl Capture {
             HashMap::try_from(take(&mut ebpf, map::BY_PEER)?).map_err(map_err(map::BY_PEER))?;
         let exempt =
             HashMap::try_from(take(&mut ebpf, map::EXEMPT)?).map_err(map_err(map::EXEMPT))?;
+        let egress = super::egress::EgressMaps::take(&mut ebpf)?;
 
         let capture = Capture {
             links: Vec::new(),
@@ -187,6 +190,7 @@ impl Capture {
             prefix4: Mutex::new(prefix4),
             prefix6: Mutex::new(prefix6),
             ports: Mutex::new(ports),
+            egress,
             cgroup: spec.cgroup.clone(),
             ebpf,
         };

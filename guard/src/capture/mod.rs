@@ -6,6 +6,7 @@
 //! everything.
 
 mod cgroup;
+pub mod egress;
 mod exempt;
 mod hostaddr;
 pub mod hosts;
@@ -19,6 +20,7 @@ mod support;
 pub use cgroup::{
     BPFFS_DEFAULT, CgroupError, bpffs_mount, cgroup2_mount, cgroup2_mount_in, ensure_bpffs,
 };
+pub use egress::{EgressRecords, EgressSeen, EgressSpec};
 pub use exempt::{CaptureExemption, ExemptionSlot, NoExemption, SocketExemption, socket_cookie};
 pub use hostaddr::{HostAddress, HostAddressError};
 pub use loader::{Capture, CaptureSpec, ClientOrigin, ForeignListen, remove_pinned_capture};

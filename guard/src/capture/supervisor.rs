@@ -34,6 +34,15 @@ pub trait Programs: Send + Sync + 'static {
     fn take_origin(&self, peer: SocketAddr) -> Option<ClientOrigin>;
     /// Exempts the guard's own upstream sockets from these programs.
     fn exemption(&self) -> Arc<dyn SocketExemption>;
+    /// Replaces the declared proxies and the strict-egress setup in place
+    /// (programs without those hooks ignore it).
+    fn set_egress(&self, _spec: &super::EgressSpec) -> Result<(), CaptureError> {
+        Ok(())
+    }
+    /// The reader of egress records, once (`None`: no such hooks).
+    fn egress_records(&self) -> Option<super::EgressRecords> {
+        None
+    }
 }
 
 impl Programs for Capture {
@@ -51,6 +60,14 @@ impl Programs for Capture {
 
     fn exemption(&self) -> Arc<dyn SocketExemption> {
         Arc::new(Capture::exemption(self))
+    }
+
+    fn set_egress(&self, spec: &super::EgressSpec) -> Result<(), CaptureError> {
+        Capture::set_egress(self, spec)
+    }
+
+    fn egress_records(&self) -> Option<super::EgressRecords> {
+        Capture::egress_records(self)
     }
 }
 

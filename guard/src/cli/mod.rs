@@ -92,6 +92,12 @@ pub enum Command {
         #[command(subcommand)]
         cmd: commands::service::ServiceCmd,
     },
+    /// Strict egress: what jobs reached, as a suggested allowlist (`kt egress report`).
+    Egress {
+        /// What to do.
+        #[command(subcommand)]
+        cmd: commands::egress::EgressCmd,
+    },
     /// A summary of what kt decided (a CI job summary with `--format markdown`).
     Report(commands::report::ReportArgs),
     /// Print a shell completion script: `kt completions bash > /etc/bash_completion.d/kt`.
@@ -126,6 +132,7 @@ pub fn main() -> ExitStatus {
         Command::Events(args) => commands::events::run(&args, &global),
         Command::Gateway { cmd } => commands::gateway::run(cmd, &global),
         Command::Service { cmd } => commands::service::run(cmd, &global),
+        Command::Egress { cmd } => commands::egress::run(cmd, &global),
         Command::Report(args) => {
             with_std_output(&global, |out| commands::report::run(&args, &global, out))
         }

@@ -1340,6 +1340,8 @@ impl Cx {
             "allow_remote_metrics",
             "mode",
             "credentials",
+            "upstream_proxy",
+            "proxy_listen",
         ];
         let mut out = GatewaySettings::default();
         let Some(f) = node.and_then(|n| self.mapping(n, "gateway", KEYS)) else {
@@ -1406,6 +1408,32 @@ impl Cx {
                 "remove it; to let CONNECT clients reach other hosts, list them in `gateway.connect_allow`; \
                  `capture.scope: port` has kt splice (and record) non-provider names itself",
             );
+        }
+        if let Some(n) = f.get("proxy_listen")
+            && let Some(v) = self.addr(n, "gateway.proxy_listen")
+        {
+            if v.is_ipv4() {
+                out.proxy_listen = v;
+            } else {
+                self.error_hint(
+                    n.pos,
+                    "`gateway.proxy_listen` must be an IPv4 address",
+                    "e.g. 127.0.0.1:710; an IPv6 listener on [::1] at the same port follows",
+                );
+            }
+        }
+        if let Some(n) = f.get("upstream_proxy")
+            && !is_null(n)
+            && let Some(v) = self.string(n, "gateway.upstream_proxy")
+        {
+            match super::egress::parse_proxy_url(&v) {
+                Ok(a) => out.upstream_proxy = Some(a),
+                Err(why) => self.error_hint(
+                    n.pos,
+                    format!("invalid `gateway.upstream_proxy`: {why}"),
+                    "write http://HOST:PORT of the proxy kt must use to reach the providers",
+                ),
+            }
         }
         if let Some(n) = f.get("connect_allow")
             && !is_null(n)
@@ -1648,6 +1676,8 @@ impl Cx {
             "scope",
             "containers",
             "providers",
+            "proxies",
+            "egress",
         ];
         let mut out = Capture::default();
         let Some(f) = node.and_then(|n| self.mapping(n, "capture", KEYS)) else {
@@ -1760,6 +1790,28 @@ impl Cx {
                 ),
             }
         }
+        if let Some(list) = f
+            .get("proxies")
+            .and_then(|n| self.list(n, "capture.proxies"))
+        {
+            for (i, p) in list.iter().enumerate() {
+                let path = format!("capture.proxies[{i}]");
+                let Some(text) = self.string(p, &path) else {
+                    continue;
+                };
+                match super::egress::parse_proxy_addr(&text) {
+                    Ok(a) => out.proxies.push(a),
+                    Err(why) => self.error_hint(
+                        p.pos,
+                        format!("invalid proxy in `{path}`: {why}"),
+                        "write HOST:PORT of the HTTP proxy the jobs use, e.g. proxy.corp:3128",
+                    ),
+                }
+            }
+        }
+        if let Some(n) = f.get("egress") {
+            out.egress = self.egress(n);
+        }
         if let Some(n) = f.get("containers") {
             out.containers = self.containers(n);
         }
@@ -1823,6 +1875,70 @@ impl Cx {
                     ),
                 }
             }
+        }
+        out
+    }
+
+    fn egress(&mut self, node: &Node) -> super::egress::Egress {
+        use super::egress::{Egress, EgressMode, parse_allow};
+        const KEYS: &[&str] = &["mode", "allow", "resolvers"];
+        let mut out = Egress::default();
+        let Some(f) = self.mapping(node, "capture.egress", KEYS) else {
+            return out;
+        };
+        if let Some(n) = f.get("mode")
+            && let Some(v) = self.string(n, "capture.egress.mode")
+        {
+            match v.as_str() {
+                "off" => out.mode = EgressMode::Off,
+                "audit" => out.mode = EgressMode::Audit,
+                "enforce" => out.mode = EgressMode::Enforce,
+                other => self.error_hint(
+                    n.pos,
+                    format!("unknown egress mode `{other}` in `capture.egress.mode` (expected off, audit or enforce)"),
+                    "start with `audit`, read `kt egress report`, then `enforce` with that allowlist",
+                ),
+            }
+        }
+        if let Some(list) = f
+            .get("allow")
+            .and_then(|n| self.list(n, "capture.egress.allow"))
+        {
+            for (i, a) in list.iter().enumerate() {
+                let path = format!("capture.egress.allow[{i}]");
+                let Some(text) = self.string(a, &path) else {
+                    continue;
+                };
+                match parse_allow(&text) {
+                    Ok(e) => out.allow.push(e),
+                    Err(why) => self.error_hint(
+                        a.pos,
+                        format!("invalid entry `{text}` in `{path}`: {why}"),
+                        "write host, host:port, CIDR or CIDR:port, e.g. pypi.org, github.com:22, 10.0.0.0/8:5432",
+                    ),
+                }
+            }
+        }
+        if let Some(n) = f.get("resolvers")
+            && !is_null(n)
+            && let Some(list) = self.list(n, "capture.egress.resolvers")
+        {
+            let mut v = Vec::new();
+            for (i, r) in list.iter().enumerate() {
+                let path = format!("capture.egress.resolvers[{i}]");
+                let Some(text) = self.string(r, &path) else {
+                    continue;
+                };
+                match text.parse::<IpAddr>() {
+                    Ok(a) => v.push(a),
+                    Err(_) => self.error_hint(
+                        r.pos,
+                        format!("`{text}` in `{path}` is not an IP address"),
+                        "list the DNS servers' addresses, e.g. 10.0.0.2",
+                    ),
+                }
+            }
+            out.resolvers = Some(v);
         }
         out
     }
@@ -2141,7 +2257,7 @@ fn looks_like_key(s: &str) -> bool {
     PREFIXES.iter().any(|p| s.starts_with(p)) && s.len() >= 16
 }
 
-fn is_host_name(s: &str) -> bool {
+pub(super) fn is_host_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 253
         && s.split('.').all(|label| {
@@ -2171,7 +2287,7 @@ fn parse_duration(s: &str) -> Option<Duration> {
 }
 
 /// `ADDRESS/LENGTH` (or a bare address: one host) with no bits set past the prefix.
-fn parse_prefix(s: &str) -> Result<IpPrefix, String> {
+pub(super) fn parse_prefix(s: &str) -> Result<IpPrefix, String> {
     let (addr, len) = match s.split_once('/') {
         Some((a, l)) => (a, Some(l)),
         None => (s, None),

@@ -6,6 +6,7 @@
 //! `error` renders those problems as `file:line:column: message` lines.
 #![forbid(unsafe_code)]
 
+mod egress;
 mod error;
 mod load;
 mod model;
@@ -14,6 +15,11 @@ mod store;
 mod tests;
 mod tree;
 
+pub use egress::{
+    AllowDest, AllowEntry, Egress, EgressMode, PROXY_VARS, ProxyAddr, environment_file_vars,
+    no_proxy_matches, parse_allow, parse_proxy_addr, parse_proxy_url, undeclared_proxy_warnings,
+    upstream_proxy_for,
+};
 pub use error::{ConfigError, ConfigErrors, LoadError};
 pub use load::{load, parse};
 pub use model::*;

@@ -431,6 +431,14 @@ pub struct GatewaySettings {
     /// `allow_remote_metrics` (default false): `metrics` may be a
     /// non-loopback address.
     pub allow_remote_metrics: bool,
+    /// `upstream_proxy` (`http://host:port`): kt's own upstream connections
+    /// go through it by CONNECT. Without it, `HTTPS_PROXY`/`NO_PROXY` of
+    /// kt's environment apply.
+    pub upstream_proxy: Option<super::egress::ProxyAddr>,
+    /// `proxy_listen`: where connections to a declared proxy are sent
+    /// (default 127.0.0.1:710, privileged like the capture listener; an
+    /// IPv6 one listens on `[::1]` at the same port when it can).
+    pub proxy_listen: SocketAddr,
 }
 
 /// `gateway.clients`: processes allowed to spend managed keys. A request
@@ -461,6 +469,10 @@ impl ClientAllow {
 /// unprivileged process can take it over while kt is not running.
 pub const CAPTURE_PORT: u16 = 709;
 
+/// Default port of the proxy listener (connections to a declared proxy):
+/// privileged for the same reason; they carry proxy credentials.
+pub const PROXY_PORT: u16 = 710;
+
 impl Default for GatewaySettings {
     fn default() -> Self {
         GatewaySettings {
@@ -489,6 +501,8 @@ impl Default for GatewaySettings {
             credentials: CredentialPolicy::default(),
             metrics: None,
             allow_remote_metrics: false,
+            upstream_proxy: None,
+            proxy_listen: SocketAddr::from(([127, 0, 0, 1], PROXY_PORT)),
         }
     }
 }
@@ -524,6 +538,11 @@ pub struct Capture {
     /// `providers` (default `routed`): whose hosts are captured when
     /// `hosts` is not given.
     pub providers: CaptureProviders,
+    /// `proxies`: HTTP proxies the captured processes use; connections to
+    /// them go through kt, which decides per CONNECT authority.
+    pub proxies: Vec<super::egress::ProxyAddr>,
+    /// `egress`: strict egress (off, audit, enforce) and its allowlist.
+    pub egress: super::egress::Egress,
 }
 
 /// `capture.providers`: which catalog providers' hosts are captured by
@@ -607,6 +626,8 @@ impl Default for Capture {
             scope: CaptureScope::Provider,
             containers: Containers::default(),
             providers: CaptureProviders::Routed,
+            proxies: Vec::new(),
+            egress: super::egress::Egress::default(),
         }
     }
 }

@@ -329,6 +329,42 @@ fn full_example_sets_every_optional_section() {
     );
     assert_eq!(t[4].provider.name(), "vllm");
     assert_eq!(t[4].base_url.as_deref(), Some("https://llm.internal/v1"));
+    let proxies: Vec<String> = cap.proxies.iter().map(ToString::to_string).collect();
+    assert_eq!(proxies, ["proxy.corp.example:3128", "10.0.0.8:8080"]);
+    assert_eq!(
+        g.upstream_proxy
+            .as_ref()
+            .map(ToString::to_string)
+            .as_deref(),
+        Some("proxy.corp.example:3128")
+    );
+    assert_eq!(
+        g.proxy_listen,
+        "127.0.0.1:9710".parse::<SocketAddr>().unwrap()
+    );
+    assert_eq!(cap.egress.mode, EgressMode::Audit);
+    assert_eq!(cap.egress.allow.len(), 4);
+    assert_eq!(cap.egress.allow[1].port, Some(22));
+    assert_eq!(
+        cap.egress.resolvers,
+        Some(vec!["10.0.0.2".parse().unwrap()])
+    );
+}
+
+#[test]
+fn egress_and_proxy_errors_name_the_entry() {
+    let e = errs(&with(
+        "capture:\n  proxies: [proxy.corp]\n  egress:\n    mode: strict\n    allow: [\"10.0.0.1/8\"]\n    resolvers: [dns.corp]\n",
+    ));
+    let text = e.to_string();
+    for needle in [
+        "capture.proxies[0]",
+        "unknown egress mode `strict`",
+        "capture.egress.allow[0]",
+        "capture.egress.resolvers[0]",
+    ] {
+        assert!(text.contains(needle), "{needle}: {text}");
+    }
 }
 
 #[test]
@@ -384,7 +420,7 @@ fn unknown_key_lists_expected_and_suggests() {
         e.to_string(),
         "t.yaml:8:3: unknown key `listn` in `gateway` (expected one of: listen, capture_listen, \
          capture_listen6, connect_timeout, first_byte_timeout, idle_timeout, max_body_bytes, \
-         max_retry_after, splice_unknown_sni, connect_allow, max_connections, max_connections_per_uid, body_timeout, max_buffered_bytes, cooldown_after, cooldown, probe_interval, clients, allow_remote_clients, metrics, allow_remote_metrics, mode, credentials)\n  hint: did you mean `listen`?"
+         max_retry_after, splice_unknown_sni, connect_allow, max_connections, max_connections_per_uid, body_timeout, max_buffered_bytes, cooldown_after, cooldown, probe_interval, clients, allow_remote_clients, metrics, allow_remote_metrics, mode, credentials, upstream_proxy, proxy_listen)\n  hint: did you mean `listen`?"
     );
     let top = errs(&with("gatway: {}\n"));
     assert!(

@@ -14,6 +14,7 @@
 
 #![forbid(unsafe_code)]
 
+mod egress;
 mod fleet;
 mod host;
 mod model;
@@ -25,6 +26,7 @@ mod store;
 mod summary;
 mod writer;
 
+pub use egress::{EgressDestination, EgressGroup, EgressReport};
 pub use fleet::{
     FleetKeys, FleetSecret, HostUsage, Loaded, ProviderKeys, UnmanagedKey, fleet_keys, key_usage,
     read_json_lines,

@@ -16,6 +16,7 @@
 #![forbid(unsafe_code)]
 
 pub(crate) mod connect;
+mod egress;
 mod exposition;
 mod forward;
 mod generation;
@@ -24,11 +25,14 @@ mod health;
 mod limit;
 mod monitor;
 mod probe;
+mod proxy;
 pub(crate) mod relay;
 mod serve;
 pub(crate) mod tls;
 mod upstream;
+mod upstream_proxy;
 
+pub use egress::{EGRESS_AUDIT_RULE, EGRESS_REFUSED_RULE};
 pub use generation::{ReloadDiff, Staged};
 pub use handler::{GwBody, Mode};
 pub use probe::{
@@ -362,7 +366,8 @@ fn upstream_client(
 ) -> Result<UpstreamClient, GatewayError> {
     let tls = client_tls_config(system_roots, extra_roots).map_err(GatewayError::Tls)?;
     let connector =
-        upstream::UpstreamConnector::new(Arc::new(tls), exemption, config.gateway.connect_timeout);
+        upstream::UpstreamConnector::new(Arc::new(tls), exemption, config.gateway.connect_timeout)
+            .with_proxy(upstream_proxy::proxy_for(config));
     Ok(Client::builder(TokioExecutor::new())
         .timer(TokioTimer::new())
         .pool_timer(TokioTimer::new())

@@ -237,7 +237,7 @@ impl Gateway {
     /// Accepts until shutdown, admitting each connection into the budget
     /// and running `handle` in its own task; then closes the listener and
     /// drains in-flight requests.
-    async fn accept_loop<F, Fut>(
+    pub(super) async fn accept_loop<F, Fut>(
         &self,
         listener: TcpListener,
         handle: F,

@@ -87,6 +87,7 @@ pub struct UpstreamConnector {
     tls: TlsConnector,
     exemption: Arc<dyn SocketExemption>,
     connect_timeout: Duration,
+    proxy: Option<super::upstream_proxy::ProxyFor>,
 }
 
 impl UpstreamConnector {
@@ -100,7 +101,15 @@ impl UpstreamConnector {
             tls: TlsConnector::from(tls),
             exemption,
             connect_timeout,
+            proxy: None,
         }
+    }
+
+    /// Connections go through the proxy `proxy` picks for their host (by
+    /// CONNECT), direct where it picks none.
+    pub fn with_proxy(mut self, proxy: super::upstream_proxy::ProxyFor) -> Self {
+        self.proxy = Some(proxy);
+        self
     }
 }
 
@@ -161,12 +170,26 @@ impl tower_service::Service<Uri> for UpstreamConnector {
                 .to_string();
             let https = uri.scheme_str() == Some("https");
             let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
-            let tcp = tokio::time::timeout(
-                this.connect_timeout,
-                connect_tcp(&host, port, this.exemption.as_ref()),
-            )
-            .await
-            .map_err(|_| ConnectError::Timeout(host.clone()))??;
+            let via = this.proxy.as_ref().and_then(|p| p(&host));
+            let tcp = match via {
+                Some(proxy) => tokio::time::timeout(
+                    this.connect_timeout,
+                    super::upstream_proxy::connect_via_proxy(
+                        &proxy,
+                        &host,
+                        port,
+                        this.exemption.as_ref(),
+                    ),
+                )
+                .await
+                .map_err(|_| ConnectError::Timeout(host.clone()))??,
+                None => tokio::time::timeout(
+                    this.connect_timeout,
+                    connect_tcp(&host, port, this.exemption.as_ref()),
+                )
+                .await
+                .map_err(|_| ConnectError::Timeout(host.clone()))??,
+            };
             if !https {
                 return Ok(UpstreamIo(TokioIo::new(Stream::Plain(tcp))));
             }

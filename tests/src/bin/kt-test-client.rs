@@ -22,8 +22,9 @@
 //!   `connect_error:ERRNO`). P counts the lines read from stdin before the
 //!   connection began: a test writes one after it changed what is captured,
 //!   so connections of that phase began after the change.
-//! - `kt-test-client connect-loop ADDR N` (benchmark: N connects, prints
-//!   nanoseconds per connect).
+//! - `kt-test-client connect-loop ADDR N [--listen]` (benchmark: N
+//!   connects, prints nanoseconds per connect; `--listen` first listens on
+//!   ADDR itself, accepting and dropping, for a namespace of its own).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -79,6 +80,7 @@ fn run() -> Result<(), String> {
         "connect-loop" => connect_loop(
             addr,
             args.get(3).and_then(|n| n.parse().ok()).unwrap_or(10_000),
+            args.iter().skip(3).any(|a| a == "--listen"),
         ),
         other => Err(format!("unknown mode {other}")),
     }
@@ -318,7 +320,15 @@ impl rustls::client::danger::ServerCertVerifier for AnyCert {
     }
 }
 
-fn connect_loop(addr: SocketAddr, n: u32) -> Result<(), String> {
+fn connect_loop(addr: SocketAddr, n: u32, listen: bool) -> Result<(), String> {
+    if listen {
+        let l = TcpListener::bind(addr).map_err(|e| format!("listen: {e}"))?;
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                drop(s);
+            }
+        });
+    }
     let start = std::time::Instant::now();
     for _ in 0..n {
         let s = socket2::Socket::new(

@@ -151,6 +151,9 @@ pub fn check(
             "container bridges on this host ({bridges}) and `capture.containers` is off: provider connections from containers on them are refused; set `capture.containers: true` and give the jobs kt's CA (`kt ca export --bundle`, `kt ca export --env PATH`)"
         ));
     }
+    if args.verbose {
+        report.warnings.extend(proxy_warnings(&config));
+    }
     if args.probe {
         let probes = super::probe::run(&config, global, &|_| true)?;
         if let Err(e) = super::probe::record(&config, global, &probes) {
@@ -398,6 +401,23 @@ fn print_human(w: &mut dyn Write, r: &Report, verbose: bool) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Proxy variables set system-wide (/etc/environment) or in this
+/// environment while no proxy is declared.
+fn proxy_warnings(config: &Config) -> Vec<String> {
+    let mut found = Vec::new();
+    if let Ok(text) = std::fs::read_to_string("/etc/environment") {
+        for (k, v) in crate::config::environment_file_vars(&text) {
+            found.push(("/etc/environment".to_string(), k, v));
+        }
+    }
+    for var in crate::config::PROXY_VARS {
+        if let Ok(v) = std::env::var(var) {
+            found.push(("the environment".to_string(), var.to_string(), v));
+        }
+    }
+    crate::config::undeclared_proxy_warnings(&config.capture.proxies, &found)
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 //! library and renders the result through [`crate::cli::output`].
 
 pub mod ca;
+pub mod egress;
 pub mod events;
 pub mod gateway;
 mod probe;
