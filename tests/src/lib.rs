@@ -7,4 +7,6 @@ pub mod gateway_fixture;
 pub mod kt_run;
 pub mod mountns;
 pub mod process;
+pub mod skip;
 pub mod vault;
+pub use skip::{ebpf_tests_off, skipped};

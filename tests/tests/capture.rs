@@ -22,11 +22,7 @@ const WAIT: Duration = Duration::from_secs(20);
 const OLD_GUARD_MARK: u32 = 0x6b74_0001;
 
 fn skip() -> bool {
-    if std::env::var_os("KT_SKIP_EBPF_TESTS").is_some_and(|v| v == "1") {
-        eprintln!("KT_SKIP_EBPF_TESTS=1: skipping eBPF test");
-        return true;
-    }
-    false
+    guard_tests::ebpf_tests_off("capture")
 }
 
 /// A free port on a loopback address (bound then released).

@@ -25,7 +25,7 @@ const DIRECT: &str = "127.77.91.20";
 const ROUTED: &str = "127.77.91.10";
 
 fn skip() -> bool {
-    std::env::var_os("KT_SKIP_EBPF_TESTS").is_some_and(|v| v == "1")
+    guard_tests::ebpf_tests_off("catalog_capture")
 }
 
 fn free_port() -> u16 {

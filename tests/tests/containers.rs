@@ -46,7 +46,7 @@ const SECRET: &str = "deploy-secret-value-5b8c0f13a9e2";
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
 fn skip() -> bool {
-    std::env::var_os("KT_SKIP_EBPF_TESTS").is_some_and(|v| v == "1")
+    guard_tests::ebpf_tests_off("containers")
 }
 
 fn ip(args: &[&str]) -> Result<(), String> {
@@ -776,10 +776,11 @@ fn a_real_docker_container_is_captured_or_the_skip_says_why() {
         }
     };
     match why {
-        Some(reason) => eprintln!("containers: SKIPPED the real Docker container test: {reason}"),
-        None => eprintln!(
-            "containers: SKIPPED the real Docker container test: a daemon answers, but running one \
-             inside the test's cgroup (--cgroup-parent) from a locally built image is not implemented yet"
+        Some(reason) => guard_tests::skipped("containers: the real Docker container", &reason),
+        None => guard_tests::skipped(
+            "containers: the real Docker container",
+            "a daemon answers, but running one inside the test's cgroup (--cgroup-parent) from a \
+             locally built image is not implemented yet",
         ),
     }
 }

@@ -9,7 +9,6 @@
 //! the artefacts exist (checked as they are) or `KT_TEST_DIST=1` (built
 //! first); otherwise each prints SKIPPED with the reason.
 
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
@@ -39,7 +38,7 @@ fn deb_name() -> String {
 
 /// Says why a test does not run, past the harness's output capture.
 fn skipped(why: &str) {
-    let _ = writeln!(std::io::stderr(), "SKIPPED {why}");
+    guard_tests::skipped("dist", why);
 }
 
 /// The dist dir when the artefacts are there (built first under

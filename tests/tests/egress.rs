@@ -17,7 +17,7 @@ const EPERM: &str = "1";
 const ENETUNREACH: &str = "101";
 
 fn skip() -> bool {
-    std::env::var_os("KT_SKIP_EBPF_TESTS").is_some_and(|v| v == "1")
+    guard_tests::ebpf_tests_off("egress")
 }
 
 /// The test client in a network namespace of its own (only `lo` up).

@@ -246,8 +246,11 @@ gateway:
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        Err(e) => eprintln!(
-            "SKIPPED promtool check: promtool is not installed ({e}); `cargo xtask setup` installs it (Debian package prometheus)"
+        Err(e) => guard_tests::skipped(
+            "metrics: the promtool check",
+            &format!(
+                "promtool is not installed ({e}); `cargo xtask setup` installs it (Debian package prometheus)"
+            ),
         ),
     }
     drop(kt);

@@ -25,7 +25,7 @@ const KT: &str = env!("CARGO_BIN_EXE_kt-under-test");
 const PROXY_AUTH: &str = "Basic YWxpY2U6czNjcmV0";
 
 fn skip() -> bool {
-    std::env::var_os("KT_SKIP_EBPF_TESTS").is_some_and(|v| v == "1")
+    guard_tests::ebpf_tests_off("proxy")
 }
 
 /// One request head the fake proxy received.

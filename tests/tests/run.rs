@@ -32,7 +32,7 @@ const Q1: &str = "legacy-q1-token-4f1c9e2a77d0b3";
 const OLD_GUARD_MARK: u32 = 0x6b74_0001;
 
 fn skip() -> bool {
-    std::env::var_os("KT_SKIP_EBPF_TESTS").is_some_and(|v| v == "1")
+    guard_tests::ebpf_tests_off("run")
 }
 
 fn free_port() -> u16 {

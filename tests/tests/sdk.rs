@@ -65,9 +65,13 @@ fn sdk_python() -> Option<PathBuf> {
     }
     match std::fs::read_to_string(dir.with_extension("unavailable")) {
         Ok(why) => {
-            eprintln!(
-                "SKIPPED: no SDK venv at {}: `cargo xtask setup` could not make it: {why}",
-                dir.display()
+            guard_tests::skipped(
+                "sdk: the real provider SDKs",
+                &format!(
+                    "no SDK venv at {}: `cargo xtask setup` could not make it: {}",
+                    dir.display(),
+                    why.trim()
+                ),
             );
             None
         }
@@ -270,7 +274,7 @@ async fn real_sdks_with_default_settings_through_base_url_and_connect() {
 }
 
 fn skip_ebpf() -> bool {
-    std::env::var_os("KT_SKIP_EBPF_TESTS").is_some_and(|v| v == "1")
+    guard_tests::ebpf_tests_off("sdk")
 }
 
 fn free_port() -> u16 {

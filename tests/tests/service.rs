@@ -4,7 +4,6 @@
 //! the unit, and uninstall removes exactly what install wrote. Nothing here
 //! touches /etc/systemd or runs systemctl: this machine is shared.
 
-use std::io::Write as _;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -219,10 +218,9 @@ fn verify(unit: &Path) {
     {
         Ok(o) => o,
         Err(e) => {
-            // Straight to the process's stderr, past the test harness's capture.
-            let _ = writeln!(
-                std::io::stderr(),
-                "SKIPPED systemd-analyze verify: systemd-analyze cannot run ({e}); install systemd"
+            guard_tests::skipped(
+                "service: systemd-analyze verify",
+                &format!("systemd-analyze cannot run ({e}); install systemd"),
             );
             return;
         }

@@ -313,7 +313,10 @@ if $app-name == "kt" then {{
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_rsyslogd_receives_every_event_over_udp_and_tcp() {
     let Some(bin) = rsyslogd() else {
-        eprintln!("skipped: rsyslogd is not installed (cargo xtask setup installs rsyslog)");
+        guard_tests::skipped(
+            "sinks: the real rsyslogd",
+            "rsyslogd is not installed (cargo xtask setup installs rsyslog)",
+        );
         return;
     };
     let s = setup().await;

@@ -78,8 +78,19 @@ fn main() -> anyhow::Result<()> {
         Cmd::Test { args } => {
             setup::run()?;
             dist_test_notice();
+            // libtest hides a passing test's stderr, so tests that could not do
+            // (part of) their work also write why into this file, printed at
+            // the end: a skip is never silent.
+            let skips =
+                std::env::temp_dir().join(format!("kt-test-skips-{}.log", std::process::id()));
+            let _ = std::fs::remove_file(&skips);
             // Default members: everything but guard-ebpf, which only builds for BPF.
-            cargo(&[&["test", "--locked"], &as_strs(&args)[..]].concat())
+            let result = cargo_env(
+                &[&["test", "--locked"], &as_strs(&args)[..]].concat(),
+                &[("KT_TEST_SKIP_LOG", skips.as_os_str())],
+            );
+            report_skips(&skips);
+            result
         }
         Cmd::Dist => dist::run(),
         Cmd::Demo { vault } => {
@@ -159,9 +170,33 @@ fn as_strs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }
 
+/// Prints what the tests said they skipped (see `guard_tests::skipped`).
+fn report_skips(path: &std::path::Path) {
+    match std::fs::read_to_string(path) {
+        Ok(text) if !text.trim().is_empty() => {
+            let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+            println!(
+                "test: skipped      {} part(s) of tests could not run here:",
+                lines.len()
+            );
+            for l in lines {
+                println!("  SKIPPED {l}");
+            }
+        }
+        _ => println!("test: skipped      nothing: every test ran in full"),
+    }
+    let _ = std::fs::remove_file(path);
+}
+
 pub(crate) fn cargo(args: &[&str]) -> anyhow::Result<()> {
+    cargo_env(args, &[])
+}
+
+/// [`cargo`] with extra environment variables for the child.
+pub(crate) fn cargo_env(args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> anyhow::Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut command = Command::new(&cargo);
+    command.envs(env.iter().copied());
     // `cargo xtask` runs us with xtask's own package variables set; build
     // scripts that watch them (ring's do) would see them change against a
     // plain `cargo build` and rebuild every crate above them each time.
