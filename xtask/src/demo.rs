@@ -88,7 +88,11 @@ pub fn run(vault: bool) -> anyhow::Result<()> {
         "kt-fake-provider",
     ])?;
     let root = workspace_root()?;
-    let bin = root.join("target/debug");
+    // Where cargo put them: CARGO_TARGET_DIR (relative to the root) when set.
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .map_or_else(|| root.join("target"), |t| root.join(t));
+    let bin = target.join("debug");
     let kt_bin = bin.join("kt");
 
     let cleanup = Arc::new(Mutex::new(Cleanup::default()));
