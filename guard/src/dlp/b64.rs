@@ -125,7 +125,8 @@ pub(crate) const LONG_RUN: usize = 23;
 /// a multiple of 8, with no byte below `+` (no space, no quote, no line
 /// break) and none above 0x7f. Such words are found 8 bytes at a time with
 /// two bit tricks; on prose nearly every word has a space, so only a few are
-/// looked at byte by byte (see `runs_in`).
+/// looked at byte by byte (see `runs_in`). For runs of `LONG_RUN` bytes or
+/// more (two such words in a row) prose is passed 16 bytes a load.
 pub(crate) fn long_runs(data: &[u8], min: usize, mut f: impl FnMut(usize, usize)) {
     const SHORTEST_GATED: usize = 15;
     if min < SHORTEST_GATED {
