@@ -125,7 +125,8 @@ pub(crate) const LONG_RUN: usize = 23;
 /// a multiple of 8, with no byte below `+` (no space, no quote, no line
 /// break) and none above 0x7f. Such words are found 8 bytes at a time with
 /// two bit tricks; on prose nearly every word has a space, so only a few are
-/// looked at byte by byte (see `runs_in`).
+/// looked at byte by byte (see `runs_in`). For runs of `LONG_RUN` bytes or
+/// more (two such words in a row) prose is passed 16 bytes a load.
 pub(crate) fn long_runs(data: &[u8], min: usize, mut f: impl FnMut(usize, usize)) {
     const SHORTEST_GATED: usize = 15;
     if min < SHORTEST_GATED {
@@ -138,29 +139,35 @@ pub(crate) fn long_runs(data: &[u8], min: usize, mut f: impl FnMut(usize, usize)
     // Bytes before `done` were looked at already.
     let mut done = 0;
     let mut k = 0;
-    while k + 8 <= n {
+    let word_at = |k: usize| {
         let mut word = [0u8; 8];
         word.copy_from_slice(&data[k..k + 8]);
-        let w = u64::from_le_bytes(word);
-        // Any byte >= 0x80, or below b'+' (for bytes < 0x80: the classic
-        // "has a byte less than" test).
-        let rejected =
-            |w: u64| w & HIGH != 0 || (w.wrapping_sub(ONES * u64::from(b'+')) & !w & HIGH) != 0;
-        if rejected(w) {
-            k += 8;
-            continue;
-        }
-        // A run of LONG_RUN bytes or more holds two whole words in a row.
+        u64::from_le_bytes(word)
+    };
+    // Any byte >= 0x80, or below b'+' (for bytes < 0x80: the classic
+    // "has a byte less than" test).
+    let rejected =
+        |w: u64| w & HIGH != 0 || (w.wrapping_sub(ONES * u64::from(b'+')) & !w & HIGH) != 0;
+    while k + 8 <= n {
+        // A run of LONG_RUN bytes or more holds two whole words in a row
+        // (k, k + 8). The second is looked at first: when it is not clean,
+        // neither pair it belongs to is, and the search moves on 16 bytes
+        // with one load (on prose, nearly always).
         if min >= LONG_RUN {
-            let mut next = [0u8; 8];
-            match data.get(k + 8..k + 16) {
-                Some(b) => next.copy_from_slice(b),
-                None => break,
+            if k + 16 > n {
+                break;
             }
-            if rejected(u64::from_le_bytes(next)) {
+            if rejected(word_at(k + 8)) {
                 k += 16;
                 continue;
             }
+            if rejected(word_at(k)) {
+                k += 8;
+                continue;
+            }
+        } else if rejected(word_at(k)) {
+            k += 8;
+            continue;
         }
         let mut lo = k;
         while lo > done && is_b64(data[lo - 1]) {
@@ -341,6 +348,30 @@ mod tests {
                     }
                 }
                 assert_eq!(got, want, "min {min}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_shortest_long_run_is_found_at_every_offset_and_near_the_end() {
+        // The gate skips 16 bytes when the second of two words is not
+        // clean: a run of exactly LONG_RUN bytes must still be found
+        // wherever it sits, also when it ends the text.
+        for len in [LONG_RUN - 1, LONG_RUN, LONG_RUN + 1] {
+            for at in 0..24 {
+                for tail in [0, 1, 7, 8, 9, 30] {
+                    let mut t = vec![b' '; at];
+                    t.extend(std::iter::repeat_n(b'Q', len));
+                    t.extend(std::iter::repeat_n(b' ', tail));
+                    let mut got = Vec::new();
+                    long_runs(&t, LONG_RUN, |s, e| got.push((s, e)));
+                    let want = if len >= LONG_RUN {
+                        vec![(at, at + len)]
+                    } else {
+                        vec![]
+                    };
+                    assert_eq!(got, want, "len {len} at {at} tail {tail}");
+                }
             }
         }
     }

@@ -38,7 +38,7 @@
 //! spellings of a context word, Azure's signature inside the key) and
 //! searched for in one pass with aho-corasick's packed SIMD searcher; their base64 spellings
 //! have a second pass (see the `b64` module), which runs only inside base64
-//! runs long enough to hold an encoded match (found 8 bytes at a time: prose
+//! runs long enough to hold an encoded match (found 16 bytes at a time: prose
 //! and code have next to none) and the blocked terms a third,
 //! case-insensitive one (see the `terms` module). A rule's regex then runs
 //! only at a candidate, anchored there: for rules with no look-around that
