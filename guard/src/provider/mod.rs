@@ -808,6 +808,12 @@ const DISTINCT_PREFIXES: &[(&str, Provider)] = &[
     ("hf_", Provider::HuggingFace),
     ("api_org_", Provider::HuggingFace),
     ("AIza", Provider::Gemini),
+    // Bedrock API keys, long-term and short-term (see `keys.rs`).
+    ("ABSK", Provider::Bedrock),
+    ("bedrock-api-key-", Provider::Bedrock),
+    // Together (`tgp_v1_`) and Fireworks (`fw_`) keys (see `keys.rs`).
+    ("tgp_v1_", Provider::Together),
+    ("fw_", Provider::Fireworks),
 ];
 
 /// Classifies the credential a client sent to `called` (`None`: it sent
@@ -1084,6 +1090,20 @@ mod tests {
             classify_credential(Some("sk-0123abcd"), &Provider::DeepSeek),
             K::ApiKey
         );
+        // Bedrock, Together and Fireworks keys sent elsewhere are refused by
+        // default; sent to their own provider they are its API keys.
+        for (key, owner) in [
+            ("ABSKQmVkcm9ja0FQSUtleS1hYmM", Provider::Bedrock),
+            ("bedrock-api-key-YmVkcm9jaw", Provider::Bedrock),
+            ("tgp_v1_abc", Provider::Together),
+            ("fw_abc", Provider::Fireworks),
+        ] {
+            assert_eq!(
+                classify_credential(Some(key), &oa),
+                K::OtherProvider(owner.clone())
+            );
+            assert_eq!(classify_credential(Some(key), &owner), K::ApiKey);
+        }
     }
 
     #[test]
