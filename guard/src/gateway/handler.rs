@@ -760,12 +760,21 @@ async fn read_body(
     if declared.is_some_and(|d| d > limit) {
         return Err(too_large());
     }
+    // The budget counts the buffer's capacity, not only the bytes read: a
+    // declared length is reserved (and counted) up front, so the buffer is
+    // allocated once at its final size; without one it grows by doubling,
+    // at most to the body limit, and every growth is counted before it
+    // happens.
     let budget = Arc::clone(&inner.body_budget);
+    let first = declared.unwrap_or(0);
     let mut permit = Arc::clone(&budget)
-        .try_acquire_many_owned(0)
+        .try_acquire_many_owned(u32::try_from(first).map_err(|_| too_large())?)
+        .map_err(|_| over_budget())?;
+    let mut held = first;
+    let mut buf: Vec<u8> = Vec::new();
+    buf.try_reserve_exact(usize::try_from(first).map_err(|_| too_large())?)
         .map_err(|_| over_budget())?;
     let mut body = body;
-    let mut buf = bytes::BytesMut::new();
     let read = async {
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|_| {
@@ -778,20 +787,27 @@ async fn read_body(
             let Ok(data) = frame.into_data() else {
                 continue;
             };
-            if (buf.len() + data.len()) as u64 > limit {
+            let need = (buf.len() + data.len()) as u64;
+            if need > limit {
                 return Err(too_large());
             }
-            let n = u32::try_from(data.len()).map_err(|_| too_large())?;
-            let more = Arc::clone(&budget)
-                .try_acquire_many_owned(n)
-                .map_err(|_| over_budget())?;
-            permit.merge(more);
+            if need > held {
+                let grown = need.max(held.saturating_mul(2)).min(limit);
+                let n = u32::try_from(grown - held).map_err(|_| too_large())?;
+                let more = Arc::clone(&budget)
+                    .try_acquire_many_owned(n)
+                    .map_err(|_| over_budget())?;
+                permit.merge(more);
+                held = grown;
+                let extra = usize::try_from(grown).map_err(|_| too_large())? - buf.len();
+                buf.try_reserve_exact(extra).map_err(|_| over_budget())?;
+            }
             buf.extend_from_slice(&data);
         }
         Ok(())
     };
     match tokio::time::timeout(inner.config.gateway.body_timeout, read).await {
-        Ok(Ok(())) => Ok((buf.freeze(), permit)),
+        Ok(Ok(())) => Ok((Bytes::from(buf), permit)),
         Ok(Err(r)) => Err(r),
         Err(_) => Err(refusal(
             StatusCode::REQUEST_TIMEOUT,
