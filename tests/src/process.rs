@@ -48,3 +48,33 @@ pub fn wait_until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Ends a `kt run` we started (by pid) if the test fails half way; a test
+/// that stops it itself takes the child out first.
+pub struct RunGuard(pub Option<Child>);
+
+impl Drop for RunGuard {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Polls the log file `path` (every 50 ms, up to 60 s) until it contains
+/// `needle`; returns its text then.
+pub fn wait_for_log(path: &std::path::Path, needle: &str) -> String {
+    let start = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.contains(needle) {
+            return text;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "kt run did not report {needle:?}; its stderr:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -9,12 +9,12 @@
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
 
 use guard_tests::cgroup::TestCgroup;
 use guard_tests::fake_provider::{Behavior, FakeProvider, TestCa};
 use guard_tests::mountns::PrivateMounts;
+use guard_tests::process::{RunGuard, wait_for_log};
 
 const KT: &str = env!("CARGO_BIN_EXE_kt-under-test");
 const MANAGED: &str = "sk-catalog-managed-MANAGEDVALUE-7777";
@@ -29,54 +29,11 @@ fn skip() -> bool {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Ends the `kt run` we started (by pid).
-struct Guard(Option<Child>);
-impl Drop for Guard {
-    fn drop(&mut self) {
-        if let Some(c) = &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn wait_for(path: &Path, needle: &str) -> String {
-    let start = Instant::now();
-    loop {
-        let text = std::fs::read_to_string(path).unwrap_or_default();
-        if text.contains(needle) {
-            return text;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "kt run did not report {needle:?}; its stderr:\n{text}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    guard_tests::process::free_addr().port()
 }
 
 fn kt(data: &Path, args: &[&str], stdin: Option<&str>) -> std::process::Output {
-    let mut c = Command::new(KT)
-        .args(args)
-        .env("KT_DATA_DIR", data)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut i = c.stdin.take().unwrap();
-    if let Some(s) = stdin {
-        i.write_all(s.as_bytes()).unwrap();
-    }
-    drop(i);
-    c.wait_with_output().unwrap()
+    guard_tests::kt_run::kt_cmd(KT, data, args, stdin)
 }
 
 /// A test `/etc/hosts`: every catalog host that can be resolved (not the
@@ -213,8 +170,8 @@ capture:
             .spawn()
             .unwrap();
         cgroup.enter(child.id()).unwrap();
-        wait_for(&log, "kt: capturing");
-        Guard(Some(child))
+        wait_for_log(&log, "kt: capturing");
+        RunGuard(Some(child))
     };
     let mut kt_run = start_kt(&cgroup, &[]);
     let kt_ca = data.join("ca/ca.pem");
@@ -320,7 +277,7 @@ capture:
 }
 
 /// SIGTERM to the `kt run` we started, and wait for it.
-fn stop(kt_run: &mut Guard) {
+fn stop(kt_run: &mut RunGuard) {
     if let Some(mut child) = kt_run.0.take() {
         let _ = Command::new("kill")
             .args(["-TERM", &child.id().to_string()])

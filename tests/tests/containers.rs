@@ -360,20 +360,7 @@ struct Scenario {
 }
 
 fn kt(data: &Path, args: &[&str], stdin: Option<&str>) -> std::process::Output {
-    let mut c = Command::new(KT)
-        .args(args)
-        .env("KT_DATA_DIR", data)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut i = c.stdin.take().unwrap();
-    if let Some(s) = stdin {
-        i.write_all(s.as_bytes()).unwrap();
-    }
-    drop(i);
-    c.wait_with_output().unwrap()
+    guard_tests::kt_run::kt_cmd(KT, data, args, stdin)
 }
 
 fn free_port() -> u16 {

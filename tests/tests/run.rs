@@ -14,12 +14,13 @@
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use guard_tests::cgroup::TestCgroup;
 use guard_tests::fake_provider::{Behavior, FakeProvider, TestCa};
 use guard_tests::mountns::PrivateMounts;
+use guard_tests::process::{RunGuard, wait_for_log};
 
 const KT: &str = env!("CARGO_BIN_EXE_kt-under-test");
 const CLIENT: &str = env!("CARGO_BIN_EXE_kt-test-client");
@@ -36,54 +37,11 @@ fn skip() -> bool {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    guard_tests::process::free_addr().port()
 }
 
 fn kt(data: &Path, args: &[&str], stdin: Option<&str>) -> std::process::Output {
-    let mut c = Command::new(KT)
-        .args(args)
-        .env("KT_DATA_DIR", data)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut i = c.stdin.take().unwrap();
-    if let Some(s) = stdin {
-        i.write_all(s.as_bytes()).unwrap();
-    }
-    drop(i);
-    c.wait_with_output().unwrap()
-}
-
-/// Ends the `kt run` we started (by pid) if the test fails half way.
-struct Guard(Option<Child>);
-impl Drop for Guard {
-    fn drop(&mut self) {
-        if let Some(c) = &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn wait_for(path: &Path, needle: &str) -> String {
-    let start = Instant::now();
-    loop {
-        let text = std::fs::read_to_string(path).unwrap_or_default();
-        if text.contains(needle) {
-            return text;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "kt run did not report {needle:?}; its stderr:\n{text}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    guard_tests::kt_run::kt_cmd(KT, data, args, stdin)
 }
 
 /// The capture listener ports: chosen free ones, or kt's defaults.
@@ -155,7 +113,7 @@ gateway:
 /// `127.77.<net>.10` (primary) and `.11`. Field order is drop order: kt
 /// ends before its cgroup is removed and before its mount namespace goes.
 struct Scenario {
-    kt: Guard,
+    kt: RunGuard,
     /// Arguments of `setpriv` to start kt under (none: kt directly).
     setpriv: Vec<String>,
     cgroup: TestCgroup,
@@ -222,7 +180,7 @@ impl Scenario {
         let cgroup = TestCgroup::new(label).expect("child cgroup (needs root and cgroup v2)");
         let log = dir.path().join(format!("kt-{label}.log"));
         let mut s = Scenario {
-            kt: Guard(None),
+            kt: RunGuard(None),
             setpriv,
             cgroup,
             mounts,
@@ -263,9 +221,9 @@ impl Scenario {
             .spawn()
             .unwrap();
         let pid = child.id();
-        self.kt = Guard(Some(child));
+        self.kt = RunGuard(Some(child));
         self.cgroup.enter(pid).unwrap();
-        wait_for(&self.log, "kt: capturing");
+        wait_for_log(&self.log, "kt: capturing");
     }
 
     fn kt_log(&self) -> String {

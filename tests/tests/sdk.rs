@@ -19,14 +19,14 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
 
 use guard::config::Provider;
 use guard_tests::cgroup::TestCgroup;
 use guard_tests::fake_provider::{Behavior, FakeProvider, Recorded, TestCa};
 use guard_tests::gateway_fixture::{MapResolver, config, start, target};
 use guard_tests::mountns::PrivateMounts;
+use guard_tests::process::{RunGuard, wait_for_log};
 
 const DRIVE: &str = include_str!("../sdk/drive.py");
 const KT: &str = env!("CARGO_BIN_EXE_kt-under-test");
@@ -278,36 +278,7 @@ fn skip_ebpf() -> bool {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Guard(Option<Child>);
-impl Drop for Guard {
-    fn drop(&mut self) {
-        if let Some(c) = &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn wait_for(path: &Path, needle: &str) {
-    let start = Instant::now();
-    loop {
-        let text = std::fs::read_to_string(path).unwrap_or_default();
-        if text.contains(needle) {
-            return;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "kt run did not report {needle:?}:\n{text}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    guard_tests::process::free_addr().port()
 }
 
 fn kt_cli(data: &Path, args: &[&str], stdin: &str) {
@@ -430,9 +401,9 @@ capture:
         .spawn()
         .unwrap();
     let pid = child.id();
-    let _kt = Guard(Some(child));
+    let _kt = RunGuard(Some(child));
     cgroup.enter(pid).unwrap();
-    wait_for(&log, "kt: capturing");
+    wait_for_log(&log, "kt: capturing");
     let kt_ca = data.join("ca/ca.pem");
     let script = dir.path().join("drive.py");
     std::fs::write(&script, DRIVE).unwrap();
