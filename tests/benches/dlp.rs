@@ -489,8 +489,8 @@ fn main() {
         .collect();
     let anchor = hs::Anchor::new(&patterns);
 
-    // `cargo bench -p guard-tests --bench dlp -- profile [CASE] [1k]`: only
-    // the 1 MiB (or 1 KiB) scan of one case (default nearmiss), for a few
+    // `cargo bench -p guard-tests --bench dlp -- profile [CASE] [1k|64k]`: only
+    // the 1 MiB (or 1 KiB, 64 KiB) scan of one case (default nearmiss), for a few
     // seconds, to look at under a profiler.
     if std::env::args().any(|a| a == "profile") {
         let case = [
@@ -504,6 +504,8 @@ fn main() {
         .unwrap_or(Case::NearMiss);
         let size = if std::env::args().any(|a| a == "1k") {
             1024
+        } else if std::env::args().any(|a| a == "64k") {
+            64 * 1024
         } else {
             1024 * 1024
         };
@@ -573,6 +575,25 @@ fn main() {
             body: b,
         })
         .collect();
+    // `-- quick`: kt's column only (a fast check while changing the scanner).
+    if std::env::args().any(|a| a == "quick") {
+        let mut jobs: Vec<Box<dyn FnMut() -> usize + '_>> = Vec::new();
+        for req in &reqs {
+            let scanner = &scanner;
+            jobs.push(Box::new(move || {
+                scanner.scan(req).map_or(0, |s| s.findings.len())
+            }));
+        }
+        let times = measure_all(&mut jobs);
+        for ((size, case, b), t) in rows.iter().zip(times) {
+            println!(
+                "{size:>8} {:>8} {:>8.0} MB/s",
+                case.label(),
+                mbps(b.len(), t)
+            );
+        }
+        return;
+    }
     // Six jobs a row, all rows measured together (see `measure_all`).
     const JOBS: usize = 6;
     let mut jobs: Vec<Box<dyn FnMut() -> usize + '_>> = Vec::new();

@@ -443,42 +443,6 @@ fn string_end(
     }
 }
 
-/// Walks the value of the JSON string whose inside is `body[inner]`, given
-/// the body offsets of its backslashes (from `json_strings`): decoded bytes
-/// as `Segment::Bytes`, line breaks as `Segment::Break`, with no searching.
-pub(crate) fn segments_at(
-    body: &[u8],
-    inner: std::ops::Range<usize>,
-    escapes: &[usize],
-    mut f: impl FnMut(Segment<'_>),
-) {
-    let mut i = inner.start;
-    for &e in escapes {
-        if e < i {
-            continue; // the low half of a surrogate pair, already decoded
-        }
-        if e > i {
-            f(Segment::Bytes(&body[i..e]));
-        }
-        match unescape_one(body, e + 1) {
-            Some((next, bytes, len)) => {
-                match &bytes[..len] {
-                    [c @ (b'\n' | b'\r')] => f(Segment::Break(*c)),
-                    decoded => f(Segment::Bytes(decoded)),
-                }
-                i = next.min(inner.end);
-            }
-            None => {
-                f(Segment::Bytes(&body[e..(e + 2).min(inner.end)]));
-                i = (e + 2).min(inner.end);
-            }
-        }
-    }
-    if inner.end > i {
-        f(Segment::Bytes(&body[i..inner.end]));
-    }
-}
-
 /// The value of a JSON string (`inner`: between the quotes), unescaped.
 /// Invalid escapes are kept as written (the walker only checked the quotes).
 pub(crate) fn string_value(inner: &[u8], escaped: bool) -> Cow<'_, [u8]> {
@@ -577,7 +541,7 @@ pub(crate) fn json_escapes(text: &[u8]) -> Option<(Vec<u8>, Vec<usize>)> {
 
 /// Decodes the escape whose letter is at `s[i]` (just after the backslash):
 /// the offset after it, and the UTF-8 bytes it stands for.
-fn unescape_one(s: &[u8], mut i: usize) -> Option<(usize, [u8; 4], usize)> {
+pub(crate) fn unescape_one(s: &[u8], mut i: usize) -> Option<(usize, [u8; 4], usize)> {
     let c = *s.get(i)?;
     i += 1;
     let simple = |b: u8| Some((i, [b, 0, 0, 0], 1));

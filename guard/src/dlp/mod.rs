@@ -318,6 +318,20 @@ impl std::fmt::Debug for Scanner {
     }
 }
 
+/// A rule as [`Scanner::with_pack`] compiles it.
+struct RuleSource<'a> {
+    id: String,
+    pattern: &'a str,
+    /// Base64 spellings at every alignment, not only at group starts.
+    every_alignment: bool,
+    /// Literals given by the rule (empty: extracted from the pattern).
+    given: &'a [&'a str],
+    /// Bytes from a match's start to its literal.
+    back: usize,
+    /// The given literals are the case spellings of a case-insensitive word.
+    folded: bool,
+}
+
 /// Shortest line or value a joined match may cover whole (see `Buffer::interior_ok`).
 const MIN_INTERIOR: usize = 16;
 
@@ -370,21 +384,26 @@ impl Scanner {
     /// (whatever `builtin_rules` says). For benchmarks that compare packs.
     #[doc(hidden)]
     pub fn with_pack(cfg: &DlpFilter, pack: &[&BuiltinRule]) -> Result<Scanner, DlpError> {
-        // (id, pattern, base64 at every alignment, given literals, literal offset)
-        let mut sources: Vec<(String, &str, bool, &[&str], usize)> = cfg
+        let mut sources: Vec<RuleSource<'_>> = cfg
             .detect_patterns
             .iter()
             .enumerate()
-            .map(|(i, p)| (format!("detect-pattern-{i}"), p.as_str(), true, &[][..], 0))
+            .map(|(i, p)| RuleSource {
+                id: format!("detect-pattern-{i}"),
+                pattern: p,
+                every_alignment: true,
+                given: &[],
+                back: 0,
+                folded: false,
+            })
             .collect();
-        sources.extend(pack.iter().map(|r| {
-            (
-                r.id.to_string(),
-                r.regex,
-                r.base64_every_alignment,
-                r.literals,
-                r.literal_offset,
-            )
+        sources.extend(pack.iter().map(|r| RuleSource {
+            id: r.id.to_string(),
+            pattern: r.regex,
+            every_alignment: r.base64_every_alignment,
+            given: r.literals,
+            back: r.literal_offset,
+            folded: r.folded_literals(),
         }));
         let mut rules = Vec::new();
         let mut lits = Vec::new();
@@ -392,7 +411,16 @@ impl Scanner {
         let mut fallback = Vec::new();
         let mut base64_min_run = usize::MAX;
         let mut b64_short = Vec::new();
-        for (idx, (id, pattern, every_alignment, given, back)) in sources.into_iter().enumerate() {
+        let mut words: Vec<(Vec<u8>, usize)> = Vec::new();
+        for (idx, src) in sources.into_iter().enumerate() {
+            let RuleSource {
+                id,
+                pattern,
+                every_alignment,
+                given,
+                back,
+                folded,
+            } = src;
             let regex = meta::Regex::new(pattern).map_err(|e| DlpError::Pattern {
                 id: id.clone(),
                 reason: e.to_string(),
@@ -429,7 +457,18 @@ impl Scanner {
                                 }
                             }
                         }
-                        lits.push((l, Lit::Plain(idx)));
+                        if folded {
+                            // A context word: found in any case by the
+                            // case-folded pass the blocked terms use (see
+                            // `terms`), which keeps the exact-case pass
+                            // within the packed searcher's fast form.
+                            let word = l.to_ascii_lowercase();
+                            if !words.iter().any(|(w, r)| *w == word && *r == idx) {
+                                words.push((word, idx));
+                            }
+                        } else {
+                            lits.push((l, Lit::Plain(idx)));
+                        }
                     }
                     if long {
                         base64_min_run = base64_min_run.min(need);
@@ -471,7 +510,12 @@ impl Scanner {
                 })?,
             )
         };
-        let terms = terms::Terms::new(&cfg.blocked_terms, cfg.fuzzy_matching, cfg.max_distance)?;
+        let terms = terms::Terms::new(
+            &cfg.blocked_terms,
+            cfg.fuzzy_matching,
+            cfg.max_distance,
+            words,
+        )?;
         Ok(Scanner {
             rules: rules.into_iter().map(|(r, _)| r).collect(),
             prefilter: LiteralSet::new(lits),
@@ -889,7 +933,19 @@ impl Scanner {
             return;
         }
         let mut term_hits = Vec::new();
-        self.terms.scan(data, &buf.bounds, &mut term_hits);
+        let mut words = Vec::new();
+        self.terms
+            .scan(data, &buf.bounds, &mut term_hits, &mut words);
+        if !words.is_empty() {
+            let mut last_end = vec![0; self.rules.len()];
+            for w in words {
+                if let Some(start) = w.at.checked_sub(self.rules[w.rule].back)
+                    && start >= last_end[w.rule]
+                {
+                    self.rule_hit(buf, sources, w.rule, start, &mut last_end, hits);
+                }
+            }
+        }
         for t in term_hits {
             let spans = buf.spans(t.start, t.end);
             if spans.len() > 1 && !buf.spanning || spans.is_empty() {
@@ -1247,42 +1303,112 @@ impl Buffer {
     fn append(&mut self, i: usize, s: &Source<'_>, body: &[u8], escapes: &[usize]) {
         // (buffer offset, source offset) where the open piece started.
         let mut open: Option<(usize, usize)> = None;
-        let mut src_off = 0;
-        let close = |b: &mut Buffer, open: &mut Option<(usize, usize)>| {
-            if let Some((at, so)) = open.take() {
-                b.pieces.push(Piece {
-                    at,
-                    src: i,
-                    src_off: so,
-                    len: b.data.len() - at,
+        match s.json_start {
+            Some(start) if s.escaped => {
+                self.append_json(i, body, start..start + s.raw.len(), escapes);
+                return;
+            }
+            // Valid JSON strings hold no raw line breaks: copy in one go.
+            Some(_) => self.push_bytes(&mut open, 0, s.raw),
+            None => {
+                let mut src_off = 0;
+                decode::segments(s.raw, false, |seg| match seg {
+                    Segment::Bytes(bytes) => {
+                        self.push_bytes(&mut open, src_off, bytes);
+                        src_off += bytes.len();
+                    }
+                    Segment::Break(_) => {
+                        self.close_piece(i, &mut open);
+                        src_off += 1;
+                    }
                 });
             }
-        };
-        let mut sink = |seg: Segment<'_>| match seg {
-            Segment::Bytes(bytes) => {
-                if open.is_none() {
-                    if !self.data.is_empty() {
-                        self.bounds.push(self.data.len());
-                    }
-                    open = Some((self.data.len(), src_off));
-                }
-                self.data.extend_from_slice(bytes);
-                src_off += bytes.len();
-            }
-            Segment::Break(_) => {
-                close(self, &mut open);
-                src_off += 1;
-            }
-        };
-        match s.json_start {
-            // Valid JSON strings hold no raw line breaks: copy in one go.
-            Some(_) if !s.escaped => sink(Segment::Bytes(s.raw)),
-            Some(start) => {
-                decode::segments_at(body, start..start + s.raw.len(), escapes, &mut sink);
-            }
-            None => decode::segments(s.raw, false, &mut sink),
         }
-        close(self, &mut open);
+        self.close_piece(i, &mut open);
+    }
+
+    /// [`Buffer::append`] for a JSON string with escapes (`inner`: between
+    /// its quotes; `escapes`: the body offsets of its backslashes, from
+    /// the walk, so nothing is searched again). The common escapes (line
+    /// breaks, quotes, backslashes) are handled inline: a chat body has one
+    /// every line or so, which makes this the no-match path's hottest loop.
+    fn append_json(
+        &mut self,
+        i: usize,
+        body: &[u8],
+        inner: std::ops::Range<usize>,
+        escapes: &[usize],
+    ) {
+        let mut open: Option<(usize, usize)> = None;
+        let mut src_off = 0;
+        let mut r = inner.start;
+        for &e in escapes {
+            if e < r {
+                continue; // the low half of a surrogate pair, already decoded
+            }
+            if e > r {
+                self.push_bytes(&mut open, src_off, &body[r..e]);
+                src_off += e - r;
+            }
+            match body.get(e + 1) {
+                Some(b'n' | b'r') => {
+                    self.close_piece(i, &mut open);
+                    src_off += 1;
+                    r = (e + 2).min(inner.end);
+                }
+                Some(&c @ (b'"' | b'\\' | b'/')) => {
+                    self.push_bytes(&mut open, src_off, &[c]);
+                    src_off += 1;
+                    r = (e + 2).min(inner.end);
+                }
+                _ => match decode::unescape_one(body, e + 1) {
+                    Some((next, bytes, len)) => {
+                        let decoded = &bytes[..len];
+                        if matches!(decoded, [b'\n' | b'\r']) {
+                            self.close_piece(i, &mut open);
+                        } else {
+                            self.push_bytes(&mut open, src_off, decoded);
+                        }
+                        src_off += len;
+                        r = next.min(inner.end);
+                    }
+                    None => {
+                        let end = (e + 2).min(inner.end);
+                        self.push_bytes(&mut open, src_off, &body[e..end]);
+                        src_off += end - e;
+                        r = end;
+                    }
+                },
+            }
+        }
+        if inner.end > r {
+            self.push_bytes(&mut open, src_off, &body[r..inner.end]);
+        }
+        self.close_piece(i, &mut open);
+    }
+
+    /// Appends decoded bytes of the source being appended, opening a piece
+    /// (at source offset `src_off`) when none is open.
+    fn push_bytes(&mut self, open: &mut Option<(usize, usize)>, src_off: usize, b: &[u8]) {
+        if open.is_none() {
+            if !self.data.is_empty() {
+                self.bounds.push(self.data.len());
+            }
+            *open = Some((self.data.len(), src_off));
+        }
+        self.data.extend_from_slice(b);
+    }
+
+    /// Ends the open piece of source `i`, if any.
+    fn close_piece(&mut self, i: usize, open: &mut Option<(usize, usize)>) {
+        if let Some((at, src_off)) = open.take() {
+            self.pieces.push(Piece {
+                at,
+                src: i,
+                src_off,
+                len: self.data.len() - at,
+            });
+        }
     }
 
     /// Everything else, one piece per source, newline-separated.

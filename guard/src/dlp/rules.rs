@@ -37,6 +37,14 @@ pub struct BuiltinRule {
 }
 
 impl BuiltinRule {
+    /// Whether the given literals are the case spellings of a word the
+    /// regex matches in any case (a context rule's `(?i:word)`): then the
+    /// scanner looks for the word case-insensitively instead, so a word in
+    /// mixed case (`DeepSeeK`) is found too.
+    pub(crate) fn folded_literals(&self) -> bool {
+        !self.context.is_empty() && !self.literals.is_empty() && self.regex.starts_with("(?i:")
+    }
+
     /// A made-up key of this rule's shape: it matches `regex` but was never
     /// issued by anybody. Built at run time, never stored in the source.
     pub fn sample(&self) -> String {

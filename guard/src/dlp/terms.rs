@@ -78,6 +78,15 @@ struct Anchor {
     off: usize,
 }
 
+/// What a literal of the case-folded pass stands for.
+enum Folded {
+    /// A blocked term's anchor.
+    Anchor(Anchor),
+    /// A case-insensitive word that starts a pattern rule's match (the
+    /// context word of a context rule): its rule, as the caller numbers it.
+    Word(usize),
+}
+
 /// Scratch state of one buffer's scan (see [`Terms::on_hit`]).
 #[derive(Default)]
 struct TermState {
@@ -115,6 +124,14 @@ thread_local! {
     static STATE: std::cell::RefCell<TermState> = std::cell::RefCell::new(TermState::default());
 }
 
+/// A case-insensitive word found in a buffer (see [`Terms::new`]).
+pub(crate) struct WordHit {
+    /// The rule the word was given with.
+    pub rule: usize,
+    /// Where it starts in the buffer.
+    pub at: usize,
+}
+
 /// A term found in a buffer: byte range in that buffer.
 pub(crate) struct TermHit {
     pub term: usize,
@@ -127,8 +144,11 @@ pub(crate) struct Terms {
     terms: Vec<Term>,
     /// The pieces searched for.
     searched: Vec<Piece>,
-    /// Every case spelling of every searched piece's anchor.
-    anchors: Option<LiteralSet<Anchor>>,
+    /// Every searched piece's anchor and every case-insensitive word, lower case.
+    anchors: Option<LiteralSet<Folded>>,
+    /// Bytes a lower-cased chunk reaches past its end, so a literal that
+    /// starts in one chunk and ends in the next is found (longest literal - 1).
+    overlap: usize,
     full_scan: Vec<usize>,
 }
 
@@ -163,7 +183,15 @@ fn anchor(lit: &[u8]) -> usize {
 }
 
 impl Terms {
-    pub(crate) fn new(terms: &[String], fuzzy: bool, max_distance: u8) -> Result<Terms, DlpError> {
+    /// Compiles `terms`; `words` (lower case, each with its pattern rule)
+    /// are searched for in the same case-folded pass and reported by
+    /// [`Terms::scan`] as [`WordHit`]s.
+    pub(crate) fn new(
+        terms: &[String],
+        fuzzy: bool,
+        max_distance: u8,
+        words: Vec<(Vec<u8>, usize)>,
+    ) -> Result<Terms, DlpError> {
         let k = if fuzzy { usize::from(max_distance) } else { 0 };
         let mut compiled = Vec::new();
         let mut lits = Vec::new();
@@ -199,10 +227,10 @@ impl Terms {
                 let off = anchor(&lit);
                 lits.push((
                     lit[off..off + ANCHOR].to_vec(),
-                    Anchor {
+                    Folded::Anchor(Anchor {
                         piece: searched_pieces.len(),
                         off,
-                    },
+                    }),
                 ));
                 searched_pieces.push(Piece {
                     term,
@@ -227,10 +255,13 @@ impl Terms {
                 searched,
             });
         }
+        lits.extend(words.into_iter().map(|(w, r)| (w, Folded::Word(r))));
+        let overlap = lits.iter().map(|(l, _)| l.len()).max().unwrap_or(1) - 1;
         Ok(Terms {
             terms: compiled,
             searched: searched_pieces,
             anchors: LiteralSet::new(lits),
+            overlap,
             full_scan,
         })
     }
@@ -242,20 +273,27 @@ impl Terms {
 
     /// Whether there is nothing to search for.
     pub(crate) fn is_empty(&self) -> bool {
-        self.terms.is_empty()
+        self.terms.is_empty() && self.anchors.is_none()
     }
 
     /// Finds every term in `buf`. `bounds` (sorted) are offsets where the
     /// buffer joins two separate texts; each counts as a separator.
-    pub(crate) fn scan(&self, buf: &[u8], bounds: &[usize], out: &mut Vec<TermHit>) {
+    /// Also reports, in `words`, where a case-insensitive word starts.
+    pub(crate) fn scan(
+        &self,
+        buf: &[u8],
+        bounds: &[usize],
+        out: &mut Vec<TermHit>,
+        words: &mut Vec<WordHit>,
+    ) {
         // The scratch state is kept per thread: growing fresh vectors on
         // every request's first candidate was a fifth of a match's cost.
         STATE.with(|st| match st.try_borrow_mut() {
             Ok(mut st) => {
-                self.scan_with(buf, bounds, &mut st, out);
+                self.scan_with(buf, bounds, &mut st, out, words);
                 st.trim();
             }
-            Err(_) => self.scan_with(buf, bounds, &mut TermState::default(), out),
+            Err(_) => self.scan_with(buf, bounds, &mut TermState::default(), out, words),
         });
     }
 
@@ -265,6 +303,7 @@ impl Terms {
         bounds: &[usize],
         state: &mut TermState,
         out: &mut Vec<TermHit>,
+        words: &mut Vec<WordHit>,
     ) {
         if let Some(anchors) = &self.anchors {
             state.last.clear();
@@ -278,19 +317,25 @@ impl Terms {
                 let end = (start + FOLD_CHUNK).min(buf.len());
                 lower.clear();
                 lower.extend(
-                    buf[start..(end + ANCHOR - 1).min(buf.len())]
+                    buf[start..(end + self.overlap).min(buf.len())]
                         .iter()
                         .map(u8::to_ascii_lowercase),
                 );
-                anchors.for_each(&lower, end - start, |a, p| {
-                    let piece = &self.searched[a.piece];
-                    if let Some(q) = (start + p).checked_sub(a.off)
-                        && buf
-                            .get(q..q + piece.len)
-                            .is_some_and(|t| t.eq_ignore_ascii_case(&piece.lit))
-                    {
-                        cands.push((q, a.piece));
+                anchors.for_each(&lower, end - start, |f, p| match f {
+                    Folded::Anchor(a) => {
+                        let piece = &self.searched[a.piece];
+                        if let Some(q) = (start + p).checked_sub(a.off)
+                            && buf
+                                .get(q..q + piece.len)
+                                .is_some_and(|t| t.eq_ignore_ascii_case(&piece.lit))
+                        {
+                            cands.push((q, a.piece));
+                        }
                     }
+                    Folded::Word(rule) => words.push(WordHit {
+                        rule: *rule,
+                        at: start + p,
+                    }),
                 });
                 start = end;
             }
@@ -946,7 +991,7 @@ mod unit {
         let mut rng = Lcg(11);
         let mut found = 0;
         for k in 0..=2u8 {
-            let terms = Terms::new(&raw, true, k).unwrap();
+            let terms = Terms::new(&raw, true, k, Vec::new()).unwrap();
             for _ in 0..4000 {
                 let text = random_text(&mut rng);
                 // Up to two joins between texts (each counts as a separator).
@@ -965,7 +1010,7 @@ mod unit {
                     &mut spans,
                 );
                 let mut out = Vec::new();
-                terms.scan(text.as_bytes(), &bounds, &mut out);
+                terms.scan(text.as_bytes(), &bounds, &mut out, &mut Vec::new());
                 // Every reported span really holds the term within its distance.
                 for h in &out {
                     let term = &terms.terms[h.term];

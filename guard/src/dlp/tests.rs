@@ -1432,7 +1432,22 @@ fn context_formats_need_their_context_word_nearby() {
             r.id
         );
         // Any case of the word, as written in code and config files.
-        for word in [r.context[0].to_lowercase(), r.context[0].to_uppercase()] {
+        let mixed: String = r.context[0]
+            .chars()
+            .enumerate()
+            .map(|(i, c)| {
+                if i % 2 == 1 {
+                    c.to_ascii_uppercase()
+                } else {
+                    c.to_ascii_lowercase()
+                }
+            })
+            .collect();
+        for word in [
+            r.context[0].to_lowercase(),
+            r.context[0].to_uppercase(),
+            mixed,
+        ] {
             let t = format!("{word} api key: {bare}");
             assert!(ids(&t).iter().any(|i| i == r.id), "{}: {word}", r.id);
         }
