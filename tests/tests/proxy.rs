@@ -489,6 +489,15 @@ struct Listener {
 }
 
 async fn listener(max_connections: Option<usize>) -> Listener {
+    listener_for(max_connections, None, ClientInfo::default()).await
+}
+
+/// As [`listener`], with a per-uid budget and the process capture names.
+async fn listener_for(
+    max_connections: Option<usize>,
+    per_uid: Option<usize>,
+    client: ClientInfo,
+) -> Listener {
     let ca = TestCa::new();
     let up = FakeProvider::start(&ca, "fake-provider", Behavior::Ok).await;
     let mut cfg = config(vec![target(
@@ -503,12 +512,15 @@ async fn listener(max_connections: Option<usize>) -> Listener {
     if let Some(n) = max_connections {
         cfg.gateway.max_connections = n;
     }
+    if let Some(n) = per_uid {
+        cfg.gateway.max_connections_per_uid = n;
+    }
     let gw = start(cfg, MapResolver::of(&[("OA1", MANAGED)]), &ca).await;
     let proxy = FakeProxy::start();
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let at = l.local_addr().unwrap();
     let g = gw.gw.clone();
-    let lookup = Arc::new(FixedLookup(proxy.addr, ClientInfo::default()));
+    let lookup = Arc::new(FixedLookup(proxy.addr, client));
     tokio::spawn(async move { g.serve_proxy_listener(l, lookup).await });
     Listener {
         gw,
@@ -769,12 +781,25 @@ async fn a_head_too_large_gets_431_and_a_head_that_never_ends_408() {
         }
         read_until_close(&mut tcp)
     });
-    let (stalled, dripping) = tokio::join!(stalled, dripping);
+    // And a provider tunnel that stays silent after kt's 200.
+    let silent = blocking(move || {
+        let mut tcp = TcpStream::connect(at).unwrap();
+        tcp.set_read_timeout(Some(HANG_GUARD)).unwrap();
+        tcp.write_all(b"CONNECT api.openai.com:443 HTTP/1.1\r\nHost: api.openai.com:443\r\n\r\n")
+            .unwrap();
+        read_until_close(&mut tcp)
+    });
+    let (stalled, dripping, silent) = tokio::join!(stalled, dripping, silent);
     for answer in [stalled, dripping] {
         assert_eq!(status_of(&answer), 408, "{answer:?}");
         assert!(answer.contains("no complete request head"), "{answer:?}");
     }
     refusal(&l.gw.sink, "proxy-head-timeout").await;
+    assert_eq!(status_of(&silent), 200, "{silent:?}");
+    assert_eq!(
+        refusal(&l.gw.sink, "hello-timeout").await,
+        "api.openai.com:443"
+    );
     assert!(l.proxy.seen().is_empty(), "{:?}", l.proxy.seen());
 }
 
@@ -1013,4 +1038,39 @@ async fn later_requests_on_a_kept_connection_get_the_same_checks() {
     let heads: Vec<String> = l.proxy.seen().into_iter().map(|h| h.line).collect();
     assert_eq!(heads, ["CONNECT deny.test:443 HTTP/1.1"]);
     assert!(!format!("{:?}", l.gw.sink.snapshot()).contains("s3cret"));
+}
+
+/// `gateway.max_connections_per_uid` holds on the proxy listener too: one
+/// user's connections beyond it are closed, with an event.
+#[tokio::test]
+async fn one_users_connections_beyond_the_per_uid_budget_are_closed() {
+    let client = ClientInfo {
+        uid: Some(4242),
+        ..ClientInfo::default()
+    };
+    let l = listener_for(None, Some(2), client).await;
+    let at = l.at;
+    let conns: Vec<TcpStream> = (0..3)
+        .map(|_| {
+            let t = TcpStream::connect(at).unwrap();
+            t.set_read_timeout(Some(HANG_GUARD)).unwrap();
+            t
+        })
+        .collect();
+    refusal(&l.gw.sink, "uid-connection-budget").await;
+    let statuses = blocking(move || {
+        conns
+            .into_iter()
+            .map(|mut t| {
+                let _ =
+                    t.write_all(b"CONNECT deny.test:443 HTTP/1.1\r\nHost: deny.test:443\r\n\r\n");
+                status_of(&read_answer(&mut t))
+            })
+            .collect::<Vec<u16>>()
+    })
+    .await;
+    let mut sorted = statuses.clone();
+    sorted.sort_unstable();
+    // Two served (the fake proxy's 407), one closed without an answer.
+    assert_eq!(sorted, [0, 407, 407], "{statuses:?}");
 }
