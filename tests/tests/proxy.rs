@@ -940,12 +940,38 @@ async fn a_client_hello_pipelined_with_the_connect_head_is_kept() {
     assert!(l.proxy.seen().is_empty(), "{:?}", l.proxy.seen());
 }
 
-/// Idle connections (connected, nothing sent) take slots of the shared
-/// budget but are closed to make room: a real client still gets through.
+/// Idle connections (connected, nothing sent; or a provider CONNECT
+/// answered and then silence) take slots of the shared budget but are
+/// closed to make room: a real client still gets through.
 #[tokio::test]
 async fn idle_connections_cannot_lock_the_proxy_listener_out() {
     let l = listener(Some(4)).await;
     let at = l.at;
+    // As many silent provider tunnels as there are slots.
+    let silent = blocking(move || {
+        (0..4)
+            .map(|_| {
+                let mut t = TcpStream::connect(at).unwrap();
+                t.set_read_timeout(Some(HANG_GUARD)).unwrap();
+                t.write_all(
+                    b"CONNECT api.openai.com:443 HTTP/1.1\r\nHost: api.openai.com:443\r\n\r\n",
+                )
+                .unwrap();
+                let answer = read_answer(&mut t);
+                assert_eq!(status_of(&answer), 200, "{answer:?}");
+                t
+            })
+            .collect::<Vec<TcpStream>>()
+    })
+    .await;
+    let ca = l.gw.ca.cert_der().clone();
+    let t = blocking(move || tunnel(at, "api.openai.com:443", "api.openai.com", &ca, false)).await;
+    assert_kts(&l, &t, 1);
+    // The oldest silent tunnel was closed to make room, without a word.
+    let mut first = silent.into_iter().next().unwrap();
+    let answer = blocking(move || read_until_close(&mut first)).await;
+    assert_eq!(answer, "");
+
     let idle: Vec<TcpStream> = (0..32)
         .map(|_| {
             let t = TcpStream::connect(at).unwrap();
@@ -955,7 +981,7 @@ async fn idle_connections_cannot_lock_the_proxy_listener_out() {
         .collect();
     let ca = l.gw.ca.cert_der().clone();
     let t = blocking(move || tunnel(at, "api.openai.com:443", "api.openai.com", &ca, false)).await;
-    assert_kts(&l, &t, 1);
+    assert_kts(&l, &t, 2);
     // The oldest idle connection was closed without an answer.
     let mut first = idle.into_iter().next().unwrap();
     let answer = blocking(move || read_until_close(&mut first)).await;

@@ -268,8 +268,13 @@ impl Gateway {
             let in_flight = slot.begin();
             let gw = self.clone();
             tokio::spawn(async move {
-                let _in_flight = in_flight;
-                match hyper::upgrade::on(req).await {
+                let upgraded = hyper::upgrade::on(req).await;
+                // From here the tunnel is a captured connection: idle
+                // (closable to make room) until its first request inside,
+                // as on the capture listener, so silent tunnels cannot
+                // hold the budget.
+                drop(in_flight);
+                match upgraded {
                     Ok(u) => {
                         gw.provider_tunnel(TokioIo::new(u), host, port, &conn, slot)
                             .await;
@@ -331,8 +336,13 @@ impl Gateway {
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let mut buf = Vec::new();
-        let hello =
-            tokio::time::timeout(HANDSHAKE_TIMEOUT, read_client_hello(&mut io, &mut buf)).await;
+        let hello = tokio::select! {
+            r = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_client_hello(&mut io, &mut buf)) => r,
+            () = slot.evicted() => {
+                tracing::debug!("silent proxy tunnel closed to make room for a new connection");
+                return;
+            }
+        };
         let mut target = authority(&host, port);
         let rule = match hello {
             Ok(Ok(Hello::Tls {
