@@ -698,7 +698,7 @@ fn assert_kts(l: &Listener, t: &Tunnel, calls: usize) {
 async fn bytes_that_are_not_an_http_request_are_refused_with_a_reason_and_an_event() {
     let l = listener(None).await;
     let hello = client_hello(l.gw.ca.cert_der(), "api.openai.com");
-    let cases: [(&str, Vec<u8>, &str, &str); 4] = [
+    let cases: [(&str, Vec<u8>, &str, &str); 6] = [
         (
             "binary",
             vec![0x00, 0xff, 0x13, 0x37, 0x0d, 0x0a, 0x0d, 0x0a],
@@ -716,6 +716,19 @@ async fn bytes_that_are_not_an_http_request_are_refused_with_a_reason_and_an_eve
             b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec(),
             "proxy-http2",
             "HTTP/1.1",
+        ),
+        (
+            "a malformed header line",
+            b"CONNECT api.openai.com:443 HTTP/1.1\r\nHost api.openai.com\r\n\r\n".to_vec(),
+            "proxy-bad-header",
+            "Name: value",
+        ),
+        (
+            "a request that is not a proxy request",
+            b"GET /v1/models HTTP/1.1\r\nHost: api.openai.com\r\nConnection: close\r\n\r\n"
+                .to_vec(),
+            "proxy-no-target",
+            "must name its target",
         ),
         (
             "request line with a bad version",

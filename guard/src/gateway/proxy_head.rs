@@ -193,6 +193,14 @@ fn check_head(buf: &[u8], max: usize) -> Option<HeadRead> {
             "kt: HTTP/2 sent to an HTTP/1.1 proxy; a proxy client sends `CONNECT host:port HTTP/1.1`".into(),
             "-".into(),
         ))),
+        Err(httparse::Error::HeaderName | httparse::Error::HeaderValue) => {
+            Some(HeadRead::Bad(BadHead::new(
+                StatusCode::BAD_REQUEST,
+                "proxy-bad-header",
+                "kt: a header line of the request head is malformed (`Name: value`, no control bytes, no folded lines)".into(),
+                "-".into(),
+            )))
+        }
         Err(_) => Some(HeadRead::Bad(BadHead::new(
             StatusCode::BAD_REQUEST,
             "proxy-not-http",
@@ -444,6 +452,14 @@ mod tests {
         );
         assert_eq!(verdict(b"\x00\x01\x02\xff"), Some("proxy-not-http"));
         assert_eq!(verdict(b"CONNECT api.openai.com:443 HT"), None);
+        assert_eq!(
+            verdict(b"CONNECT api.openai.com:443 HTTP/1.1\r\nHost: a\r\n folded\r\n\r\n"),
+            Some("proxy-bad-header")
+        );
+        assert_eq!(
+            verdict(b"CONNECT api.openai.com:443 HTTP/1.1\r\nBad Name: a\r\n\r\n"),
+            Some("proxy-bad-header")
+        );
         assert_eq!(
             verdict(b"CONNECT api.openai.com:443 HTTP/1.1\r\nHost: x\r\n\r\n"),
             Some("complete")
