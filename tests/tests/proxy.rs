@@ -842,10 +842,26 @@ async fn odd_connect_authorities_are_refused_and_never_reach_the_proxy() {
         assert!(answer.contains(hint), "{authority}: {answer:?}");
         assert!(!answer.contains("s3cret"), "{authority}: {answer:?}");
     }
+    // Requests that a lenient proxy could still take for a tunnel.
+    for (head, status, rule) in [
+        ("connect 127.0.0.9:443 HTTP/1.1", 405, "proxy-bad-method"),
+        ("GET site.test:443 HTTP/1.1", 400, "proxy-no-target"),
+        ("GET 127.0.0.9:443 HTTP/1.1", 400, "proxy-no-target"),
+    ] {
+        let at = l.at;
+        let bytes = format!("{head}\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let answer = blocking(move || exchange(at, bytes.as_bytes())).await;
+        assert_eq!(status_of(&answer), status, "{head}: {answer:?}");
+        refusal(&l.gw.sink, rule).await;
+    }
     let rules = refusals(&l.gw.sink);
-    assert_eq!(rules.len(), cases.len(), "{rules:?}");
-    assert!(
-        rules.iter().all(|(r, _)| r == "proxy-bad-authority"),
+    assert_eq!(rules.len(), cases.len() + 3, "{rules:?}");
+    assert_eq!(
+        rules
+            .iter()
+            .filter(|(r, _)| r == "proxy-bad-authority")
+            .count(),
+        cases.len(),
         "{rules:?}"
     );
     let recorded = format!("{:?}", l.gw.sink.snapshot());

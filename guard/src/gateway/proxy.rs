@@ -226,6 +226,21 @@ impl Gateway {
         slot: Arc<Slot>,
     ) -> Response<GwBody> {
         let connect = req.method() == Method::CONNECT;
+        if !connect && req.method().as_str().eq_ignore_ascii_case("CONNECT") {
+            // A proxy that reads methods without case would open a tunnel
+            // kt never decided on.
+            let bad = BadHead::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "proxy-bad-method",
+                format!(
+                    "kt: method `{}` refused: a tunnel is asked for with `CONNECT`, in capitals",
+                    req.method()
+                ),
+                "-".into(),
+            );
+            self.refuse_request(&conn, &bad);
+            return text_response(&bad);
+        }
         if connect {
             // Every CONNECT on the connection, not only the first head.
             let authority = req
@@ -237,8 +252,13 @@ impl Gateway {
                 return text_response(&bad);
             }
         }
+        let absolute = matches!(req.uri().scheme_str(), Some("http" | "https"));
         let target = if connect {
             connect_target(req.uri())
+        } else if !absolute {
+            // Only CONNECT names a bare host:port (RFC 9112, 3.2): other
+            // requests to a proxy carry an absolute URL.
+            None
         } else {
             req.uri().host().map(|h| {
                 let https = req.uri().scheme_str() == Some("https");
