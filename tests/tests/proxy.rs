@@ -955,9 +955,11 @@ async fn a_client_hello_pipelined_with_the_connect_head_is_kept() {
     let l = listener(None).await;
     let ca = l.gw.ca.cert_der().clone();
     let up_port = l.up.addr.port();
+    // A name, a target's address, another address (decided by the hello).
     for (i, authority) in [
         "api.openai.com:443".to_string(),
         format!("127.0.0.1:{up_port}"),
+        "127.0.0.9:443".to_string(),
     ]
     .into_iter()
     .enumerate()
@@ -967,6 +969,41 @@ async fn a_client_hello_pipelined_with_the_connect_head_is_kept() {
         assert_kts(&l, &t, i + 1);
     }
     assert!(l.proxy.seen().is_empty(), "{:?}", l.proxy.seen());
+
+    // Another authority: the bytes after the head follow the proxy's 200
+    // into its tunnel, to the end server.
+    let end = TcpListener::bind("127.0.0.1:0").unwrap();
+    let end_addr = end.local_addr().unwrap();
+    let hello = client_hello(&ca, "site.test");
+    let want = hello.len();
+    let got = std::thread::spawn(move || {
+        let (mut s, _) = end.accept().unwrap();
+        s.set_read_timeout(Some(HANG_GUARD)).unwrap();
+        let mut got = vec![0u8; want];
+        s.read_exact(&mut got).map(|()| got)
+    });
+    let at = l.at;
+    let sent = hello.clone();
+    let connect = blocking(move || {
+        let mut tcp = TcpStream::connect(at).unwrap();
+        tcp.set_read_timeout(Some(HANG_GUARD)).unwrap();
+        let mut first =
+            format!("CONNECT {end_addr} HTTP/1.1\r\nHost: {end_addr}\r\n\r\n").into_bytes();
+        first.extend_from_slice(&sent);
+        tcp.write_all(&first).unwrap();
+        let answer = read_answer(&mut tcp);
+        (answer, tcp)
+    })
+    .await;
+    assert_eq!(status_of(&connect.0), 200, "{:?}", connect.0);
+    let got = got
+        .join()
+        .unwrap()
+        .expect("the end server got the pipelined hello");
+    assert_eq!(got, hello);
+    let heads = l.proxy.seen();
+    assert_eq!(heads.len(), 1, "{heads:?}");
+    assert_eq!(heads[0].line, format!("CONNECT {end_addr} HTTP/1.1"));
 }
 
 /// Idle connections (connected, nothing sent; or a provider CONNECT
