@@ -864,6 +864,18 @@ async fn odd_connect_authorities_are_refused_and_never_reach_the_proxy() {
         cases.len(),
         "{rules:?}"
     );
+    // The event says what the client was told.
+    let notes: Vec<String> =
+        l.gw.sink
+            .snapshot()
+            .into_iter()
+            .filter_map(|r| r.note)
+            .collect();
+    assert!(
+        notes.iter().any(|n| n
+            == "proxy request refused (400): CONNECT api.openai.com has no port: write host:port (CONNECT api.openai.com:443)"),
+        "{notes:?}"
+    );
     let recorded = format!("{:?}", l.gw.sink.snapshot());
     for secret in ["s3cret", "YWxpY2U6czNjcmV0"] {
         assert!(!recorded.contains(secret), "{secret} in events: {recorded}");

@@ -216,6 +216,12 @@ impl Gateway {
         rec.path = format!("{} (proxy {})", bad.target, conn.proxy);
         rec.status = bad.status.as_u16();
         rec.error_code = Some(codes::BAD_REQUEST);
+        // What the client was told: the event's message.
+        rec.note = Some(format!(
+            "proxy request refused ({}): {}",
+            bad.status.as_u16(),
+            bad.message.trim_start_matches("kt: ")
+        ));
         self.inner().sink.record(rec);
     }
 
