@@ -319,8 +319,10 @@ impl Gateway {
             let in_flight = slot.begin();
             let gw = self.clone();
             tokio::spawn(async move {
-                let _in_flight = in_flight;
-                match on_client.await {
+                let upgraded = on_client.await;
+                // Idle until decided, as a provider tunnel.
+                drop(in_flight);
+                match upgraded {
                     Ok(u) => {
                         gw.hello_then_decide(TokioIo::new(u), replay, host, port, &conn, slot)
                             .await;
@@ -436,8 +438,13 @@ impl Gateway {
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let mut buf = Vec::new();
-        let hello =
-            tokio::time::timeout(HANDSHAKE_TIMEOUT, read_client_hello(&mut io, &mut buf)).await;
+        let hello = tokio::select! {
+            r = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_client_hello(&mut io, &mut buf)) => r,
+            () = slot.evicted() => {
+                tracing::debug!("silent proxy tunnel closed to make room for a new connection");
+                return;
+            }
+        };
         let router = &self.inner().router;
         let name = match &hello {
             Ok(Ok(Hello::Tls {
@@ -462,6 +469,8 @@ impl Gateway {
         if let Ok(Err(e)) = &hello {
             tracing::debug!(error = %e, "no hello inside a CONNECT to an address; passed to the proxy");
         }
+        // Passed to the proxy: busy for as long as the splice lives.
+        let _in_flight = slot.begin();
         let mut rec = self.inner().guard_record(
             Arrival::Capture,
             conn.peer,
