@@ -144,13 +144,18 @@ pub(crate) async fn read_head<IO: AsyncRead + Unpin>(
     max: usize,
 ) -> HeadRead {
     let mut chunk = [0u8; 4096];
+    let mut first = true;
     loop {
         let n = match io.read(&mut chunk).await {
             Ok(0) | Err(_) => return HeadRead::Closed,
             Ok(n) => n,
         };
         buf.extend_from_slice(&chunk[..n]);
-        if let Some(done) = check_head(buf, max) {
+        // Parsed again only when a line ended (or at the first bytes, or
+        // past the cap): a client dripping a byte per read cannot make kt
+        // parse the whole buffer each time.
+        let parse = std::mem::take(&mut first) || chunk[..n].contains(&b'\n') || buf.len() > max;
+        if parse && let Some(done) = check_head(buf, max) {
             return done;
         }
     }
