@@ -12,6 +12,14 @@
 //!
 //! Only loopback: the proxy tunnels to 127.0.0.0/8 only and answers 502
 //! for anything else.
+//!
+//! The second half needs no root: a gateway in the test process serves its
+//! proxy listener on loopback (the listener kt runs, fed by a fixed capture
+//! record naming the fake proxy), and clients send it what hostile or odd
+//! clients send — garbage, TLS or HTTP/2 straight to the proxy port, heads
+//! too large or never finished, odd CONNECT authorities, tunnels without
+//! TLS — over real sockets. Each gets a status, a text saying what to do
+//! and an event, and nothing odd reaches the proxy.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -449,4 +457,733 @@ fn an_ipv6_proxy_is_captured_too() {
     let heads = proxy.seen();
     assert_eq!(heads.len(), 1, "{heads:?}");
     assert_eq!(heads[0].line, "CONNECT deny.test:443 HTTP/1.1");
+}
+
+// ---------------------------------------------------------------------
+// The proxy listener against hostile and odd input (no root needed).
+
+use std::io::Read;
+use std::time::Duration;
+
+use guard::config::Provider;
+use guard::record::{ClientInfo, MemorySink, PolicyId};
+use guard_tests::fake_provider::{Behavior, FakeProvider, TestCa};
+use guard_tests::gateway_fixture::{
+    FixedLookup, MapResolver, Running, client_tls, config, start, target,
+};
+use rustls_pki_types::{CertificateDer, ServerName};
+
+/// Hang guard for reads (never a speed assertion): kt must answer or
+/// close; a test that waits this long failed.
+const HANG_GUARD: Duration = Duration::from_secs(40);
+const MANAGED: &str = "sk-managed-openai-PROXYLISTENER-7777";
+
+/// A gateway with one OpenAI target on a fake provider, its proxy listener
+/// on loopback, and the fake proxy the "captured" connections were for.
+struct Listener {
+    gw: Running,
+    up: FakeProvider,
+    proxy: FakeProxy,
+    at: SocketAddr,
+    _ca: TestCa,
+}
+
+async fn listener(max_connections: Option<usize>) -> Listener {
+    listener_for(max_connections, None, ClientInfo::default()).await
+}
+
+/// As [`listener`], with a per-uid budget and the process capture names.
+async fn listener_for(
+    max_connections: Option<usize>,
+    per_uid: Option<usize>,
+    client: ClientInfo,
+) -> Listener {
+    let ca = TestCa::new();
+    let up = FakeProvider::start(&ca, "fake-provider", Behavior::Ok).await;
+    let mut cfg = config(vec![target(
+        "oa1",
+        Provider::OpenAi,
+        &up.openai_base_url(),
+        "OA1",
+    )]);
+    // The fake provider's port counts as a capture port, as 443 does for
+    // a real one: a CONNECT to its address is decided by the hello.
+    cfg.capture.ports = vec![443, up.addr.port()];
+    if let Some(n) = max_connections {
+        cfg.gateway.max_connections = n;
+    }
+    if let Some(n) = per_uid {
+        cfg.gateway.max_connections_per_uid = n;
+    }
+    let gw = start(cfg, MapResolver::of(&[("OA1", MANAGED)]), &ca).await;
+    let proxy = FakeProxy::start();
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let at = l.local_addr().unwrap();
+    let g = gw.gw.clone();
+    let lookup = Arc::new(FixedLookup(proxy.addr, client));
+    tokio::spawn(async move { g.serve_proxy_listener(l, lookup).await });
+    Listener {
+        gw,
+        up,
+        proxy,
+        at,
+        _ca: ca,
+    }
+}
+
+/// The guard rules recorded, with the event's path.
+fn refusals(sink: &MemorySink) -> Vec<(String, String)> {
+    sink.snapshot()
+        .into_iter()
+        .flat_map(|r| {
+            let path = r.path.clone();
+            r.policy
+                .into_iter()
+                .filter(|n| n.policy == PolicyId::Guard)
+                .map(move |n| (n.rule, path.clone()))
+        })
+        .collect()
+}
+
+/// Waits until `sink` holds a guard note with `rule` (events are recorded
+/// from the connection's task, possibly after the client saw the answer).
+async fn refusal(sink: &MemorySink, rule: &str) -> String {
+    let found = tokio::time::timeout(HANG_GUARD, async {
+        loop {
+            if let Some((_, path)) = refusals(sink).into_iter().find(|(r, _)| r == rule) {
+                return path;
+            }
+            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    found.unwrap_or_else(|_| panic!("no {rule} event: {:?}", refusals(sink)))
+}
+
+/// Sends `bytes` in one write, then reads what kt answers until it closes.
+fn exchange(at: SocketAddr, bytes: &[u8]) -> String {
+    let mut tcp = TcpStream::connect(at).unwrap();
+    tcp.set_read_timeout(Some(HANG_GUARD)).unwrap();
+    // kt may refuse before it read everything: a failed write is fine.
+    let _ = tcp.write_all(bytes);
+    read_until_close(&mut tcp)
+}
+
+fn read_until_close(tcp: &mut TcpStream) -> String {
+    let mut out = Vec::new();
+    let mut b = [0u8; 4096];
+    loop {
+        match tcp.read(&mut b) {
+            Ok(0) => break,
+            Ok(n) => out.extend_from_slice(&b[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                panic!("kt left the connection open without an answer: {out:?}")
+            }
+            Err(_) => break,
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A real TLS ClientHello naming `sni`.
+fn client_hello(ca: &CertificateDer<'static>, sni: &str) -> Vec<u8> {
+    let mut tls = rustls::ClientConnection::new(
+        client_tls(ca, false),
+        ServerName::try_from(sni.to_string()).unwrap(),
+    )
+    .unwrap();
+    let mut hello = Vec::new();
+    tls.write_tls(&mut hello).unwrap();
+    hello
+}
+
+/// The status code of an HTTP answer's first line (0 when none).
+fn status_of(answer: &str) -> u16 {
+    answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+/// What a client got through the proxy listener.
+#[derive(Debug)]
+struct Tunnel {
+    /// The CONNECT answer's head.
+    connect: String,
+    /// After a 200: the chat answer over TLS, or how TLS failed.
+    call: Result<String, String>,
+}
+
+/// `CONNECT authority` (with proxy credentials), then TLS naming `sni`
+/// (trusting kt's CA) and a chat request with a hard-coded key. With
+/// `pipelined`, the ClientHello goes in the same write as the CONNECT head.
+fn tunnel(
+    at: SocketAddr,
+    authority: &str,
+    sni: &str,
+    ca: &CertificateDer<'static>,
+    pipelined: bool,
+) -> Tunnel {
+    let mut tcp = TcpStream::connect(at).unwrap();
+    tcp.set_read_timeout(Some(HANG_GUARD)).unwrap();
+    let mut tls = rustls::ClientConnection::new(
+        client_tls(ca, false),
+        ServerName::try_from(sni.to_string()).unwrap(),
+    )
+    .unwrap();
+    let mut first = format!(
+        "CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\nProxy-Authorization: {PROXY_AUTH}\r\n\r\n"
+    )
+    .into_bytes();
+    if pipelined {
+        tls.write_tls(&mut first).unwrap();
+    }
+    tcp.write_all(&first).unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match tcp.read(&mut b) {
+            Ok(1) => head.push(b[0]),
+            _ => break,
+        }
+    }
+    let connect = String::from_utf8_lossy(&head).into_owned();
+    if status_of(&connect) != 200 {
+        return Tunnel {
+            connect,
+            call: Err("no tunnel".into()),
+        };
+    }
+    let body = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#;
+    let req = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: api.openai.com\r\nAuthorization: Bearer {JOB_KEY}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let mut s = rustls::StreamOwned::new(tls, tcp);
+    let call = match s.write_all(req.as_bytes()) {
+        Err(e) => Err(e.to_string()),
+        Ok(()) => {
+            let mut out = Vec::new();
+            match s.read_to_end(&mut out) {
+                // A peer closing without close_notify still said its answer.
+                Ok(_) => Ok(String::from_utf8_lossy(&out).into_owned()),
+                Err(_) if !out.is_empty() => Ok(String::from_utf8_lossy(&out).into_owned()),
+                Err(e) => Err(e.to_string()),
+            }
+        }
+    };
+    Tunnel { connect, call }
+}
+
+/// Runs blocking client code off the test's runtime (kt is served on it).
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.unwrap()
+}
+
+/// Asserts a call went through kt to the fake provider with the managed key.
+fn assert_kts(l: &Listener, t: &Tunnel, calls: usize) {
+    let answer = t.call.as_ref().unwrap_or_else(|e| panic!("{t:?}: {e}"));
+    assert_eq!(status_of(answer), 200, "{t:?}");
+    let seen = l.up.requests();
+    assert_eq!(seen.len(), calls, "{seen:?}");
+    assert_eq!(
+        seen[calls - 1].headers.get("authorization").unwrap(),
+        &format!("Bearer {MANAGED}")
+    );
+}
+
+#[tokio::test]
+async fn bytes_that_are_not_an_http_request_are_refused_with_a_reason_and_an_event() {
+    let l = listener(None).await;
+    let hello = client_hello(l.gw.ca.cert_der(), "api.openai.com");
+    let cases: [(&str, Vec<u8>, &str, &str); 6] = [
+        (
+            "binary",
+            vec![0x00, 0xff, 0x13, 0x37, 0x0d, 0x0a, 0x0d, 0x0a],
+            "proxy-not-http",
+            "CONNECT host:port HTTP/1.1",
+        ),
+        (
+            "TLS ClientHello",
+            hello,
+            "proxy-tls-to-http-proxy",
+            "HTTPS_PROXY=http://",
+        ),
+        (
+            "HTTP/2 preface",
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec(),
+            "proxy-http2",
+            "HTTP/1.1",
+        ),
+        (
+            "a malformed header line",
+            b"CONNECT api.openai.com:443 HTTP/1.1\r\nHost api.openai.com\r\n\r\n".to_vec(),
+            "proxy-bad-header",
+            "Name: value",
+        ),
+        (
+            "a request that is not a proxy request",
+            b"GET /v1/models HTTP/1.1\r\nHost: api.openai.com\r\nConnection: close\r\n\r\n"
+                .to_vec(),
+            "proxy-no-target",
+            "must name its target",
+        ),
+        (
+            "request line with a bad version",
+            b"CONNECT api.openai.com:443 HTTX/9\r\n\r\n".to_vec(),
+            "proxy-not-http",
+            "CONNECT host:port HTTP/1.1",
+        ),
+    ];
+    for (what, bytes, rule, hint) in cases {
+        let at = l.at;
+        let answer = blocking(move || exchange(at, &bytes)).await;
+        assert_eq!(status_of(&answer), 400, "{what}: {answer:?}");
+        assert!(answer.contains("text/plain"), "{what}: {answer:?}");
+        assert!(answer.contains(hint), "{what}: {answer:?}");
+        refusal(&l.gw.sink, rule).await;
+    }
+    assert!(l.proxy.seen().is_empty(), "{:?}", l.proxy.seen());
+    assert!(l.up.requests().is_empty());
+}
+
+#[tokio::test]
+async fn a_head_too_large_gets_431_and_a_head_that_never_ends_408() {
+    let l = listener(None).await;
+    // Over the 64 KiB cap, one header at a time.
+    let mut big = b"CONNECT api.openai.com:443 HTTP/1.1\r\n".to_vec();
+    for i in 0..100 {
+        big.extend_from_slice(format!("x-pad-{i}: {}\r\n", "a".repeat(700)).as_bytes());
+    }
+    big.extend_from_slice(b"\r\n");
+    let at = l.at;
+    let answer = blocking(move || exchange(at, &big)).await;
+    assert_eq!(status_of(&answer), 431, "{answer:?}");
+    refusal(&l.gw.sink, "proxy-head-too-large").await;
+
+    // A head that stops half way, and one sent a byte at a time without
+    // end: both get 408 once the head deadline passes, never a hang.
+    let stalled = blocking(move || {
+        exchange(
+            at,
+            b"CONNECT api.openai.com:443 HTTP/1.1\r\nHost: api.openai.com:443\r\n",
+        )
+    });
+    let dripping = blocking(move || {
+        let mut tcp = TcpStream::connect(at).unwrap();
+        tcp.set_read_timeout(Some(HANG_GUARD)).unwrap();
+        let line = b"CONNECT api.openai.com:443 HTTP/1.1\r\nX-Slow: ";
+        let mut sent = 0;
+        // Until kt gives up on the head (a write then fails) or answers.
+        loop {
+            let byte = line.get(sent).copied().unwrap_or(b'a');
+            if tcp.write_all(&[byte]).is_err() {
+                break;
+            }
+            sent += 1;
+            let mut peek = [0u8; 1];
+            tcp.set_nonblocking(true).unwrap();
+            let got = tcp.peek(&mut peek);
+            tcp.set_nonblocking(false).unwrap();
+            if matches!(got, Ok(n) if n > 0) || matches!(got, Ok(0)) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        read_until_close(&mut tcp)
+    });
+    // And a provider tunnel that stays silent after kt's 200.
+    let silent = blocking(move || {
+        let mut tcp = TcpStream::connect(at).unwrap();
+        tcp.set_read_timeout(Some(HANG_GUARD)).unwrap();
+        tcp.write_all(b"CONNECT api.openai.com:443 HTTP/1.1\r\nHost: api.openai.com:443\r\n\r\n")
+            .unwrap();
+        read_until_close(&mut tcp)
+    });
+    let (stalled, dripping, silent) = tokio::join!(stalled, dripping, silent);
+    for answer in [stalled, dripping] {
+        assert_eq!(status_of(&answer), 408, "{answer:?}");
+        assert!(answer.contains("no complete request head"), "{answer:?}");
+    }
+    refusal(&l.gw.sink, "proxy-head-timeout").await;
+    assert_eq!(status_of(&silent), 200, "{silent:?}");
+    assert_eq!(
+        refusal(&l.gw.sink, "hello-timeout").await,
+        "api.openai.com:443"
+    );
+    assert!(l.proxy.seen().is_empty(), "{:?}", l.proxy.seen());
+}
+
+#[tokio::test]
+async fn odd_connect_authorities_are_refused_and_never_reach_the_proxy() {
+    let l = listener(None).await;
+    let cases = [
+        ("api.openai.com", "has no port"),
+        (":443", "names no host"),
+        ("api.openai.com:0", "1 to 65535"),
+        ("api.openai.com:70000", "1 to 65535"),
+        ("alice:s3cret@api.openai.com:443", "Proxy-Authorization"),
+        ("alice:s3cret@site.test:443", "Proxy-Authorization"),
+        ("::1:443", "IPv6 address in brackets"),
+        // Numeric names a resolver may read as an address (127.0.0.1).
+        ("2130706433:443", "dotted-decimal"),
+        ("0x7f.1:443", "dotted-decimal"),
+        ("api..openai.com:443", "not a host name"),
+    ];
+    for (authority, hint) in cases {
+        let at = l.at;
+        let head = format!(
+            "CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\nProxy-Authorization: {PROXY_AUTH}\r\n\r\n"
+        );
+        let answer = blocking(move || exchange(at, head.as_bytes())).await;
+        assert_eq!(status_of(&answer), 400, "{authority}: {answer:?}");
+        assert!(answer.contains(hint), "{authority}: {answer:?}");
+        assert!(!answer.contains("s3cret"), "{authority}: {answer:?}");
+    }
+    // Requests that a lenient proxy could still take for a tunnel.
+    for (head, status, rule) in [
+        ("connect 127.0.0.9:443 HTTP/1.1", 405, "proxy-bad-method"),
+        ("GET site.test:443 HTTP/1.1", 400, "proxy-no-target"),
+        ("GET 127.0.0.9:443 HTTP/1.1", 400, "proxy-no-target"),
+    ] {
+        let at = l.at;
+        let bytes = format!("{head}\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let answer = blocking(move || exchange(at, bytes.as_bytes())).await;
+        assert_eq!(status_of(&answer), status, "{head}: {answer:?}");
+        refusal(&l.gw.sink, rule).await;
+    }
+    let rules = refusals(&l.gw.sink);
+    assert_eq!(rules.len(), cases.len() + 3, "{rules:?}");
+    assert_eq!(
+        rules
+            .iter()
+            .filter(|(r, _)| r == "proxy-bad-authority")
+            .count(),
+        cases.len(),
+        "{rules:?}"
+    );
+    // The event says what the client was told.
+    let notes: Vec<String> =
+        l.gw.sink
+            .snapshot()
+            .into_iter()
+            .filter_map(|r| r.note)
+            .collect();
+    assert!(
+        notes.iter().any(|n| n
+            == "proxy request refused (400): CONNECT api.openai.com has no port: write host:port (CONNECT api.openai.com:443)"),
+        "{notes:?}"
+    );
+    let recorded = format!("{:?}", l.gw.sink.snapshot());
+    for secret in ["s3cret", "YWxpY2U6czNjcmV0"] {
+        assert!(!recorded.contains(secret), "{secret} in events: {recorded}");
+    }
+    assert!(l.proxy.seen().is_empty(), "{:?}", l.proxy.seen());
+}
+
+/// A provider's name spelled otherwise is still the provider: captured by
+/// kt, never replayed to the proxy (which would carry the job's key out
+/// around the guard). Same for the provider's address with a trailing dot.
+#[tokio::test]
+async fn provider_authorities_in_odd_spellings_stay_kts() {
+    let l = listener(None).await;
+    let ca = l.gw.ca.cert_der().clone();
+    let up_port = l.up.addr.port();
+    let authorities = [
+        "API.OPENAI.COM:443".to_string(),
+        "api.openai.com.:443".to_string(),
+        "Api.OpenAI.com.:443".to_string(),
+        format!("127.0.0.1.:{up_port}"),
+        "[::1]:443".to_string(),
+        // An address that is no target's, with a trailing dot: still an
+        // address, decided by the hello (was replayed to the proxy).
+        "127.0.0.9.:443".to_string(),
+    ];
+    for (i, authority) in authorities.into_iter().enumerate() {
+        let (at, c) = (l.at, ca.clone());
+        let t = blocking(move || tunnel(at, &authority, "api.openai.com", &c, false)).await;
+        assert_kts(&l, &t, i + 1);
+    }
+    assert!(l.proxy.seen().is_empty(), "{:?}", l.proxy.seen());
+
+    // An address authority with another name inside: the proxy's, replayed
+    // exactly as sent (brackets, trailing dot and credentials included).
+    for authority in ["[::1]:443", "127.0.0.9.:443"] {
+        let (at, c) = (l.at, ca.clone());
+        let t = blocking(move || tunnel(at, authority, "site.test", &c, false)).await;
+        assert!(t.call.is_err(), "{t:?}");
+        let heads = l.proxy.seen();
+        let h = heads
+            .iter()
+            .find(|h| h.line == format!("CONNECT {authority} HTTP/1.1"))
+            .unwrap_or_else(|| panic!("the proxy never saw CONNECT {authority}: {heads:?}"));
+        assert_eq!(h.header("Proxy-Authorization"), Some(PROXY_AUTH), "{h:?}");
+    }
+    assert_eq!(l.up.requests().len(), 6);
+}
+
+#[tokio::test]
+async fn a_provider_tunnel_without_tls_or_naming_another_host_is_refused() {
+    let l = listener(None).await;
+    let at = l.at;
+    // Plain HTTP inside the tunnel: a readable 400 after the 200.
+    let answer = blocking(move || {
+        exchange(
+            at,
+            b"CONNECT api.openai.com:443 HTTP/1.1\r\nHost: api.openai.com:443\r\n\r\nGET /v1/models HTTP/1.1\r\nHost: api.openai.com\r\n\r\n",
+        )
+    })
+    .await;
+    let second = answer.split("\r\n\r\n").nth(1).unwrap_or_default();
+    assert_eq!(status_of(&answer), 200, "{answer:?}");
+    assert_eq!(status_of(second), 400, "{answer:?}");
+    assert!(answer.contains("must carry TLS"), "{answer:?}");
+    assert_eq!(
+        refusal(&l.gw.sink, "not-tls").await,
+        "api.openai.com:443",
+        "{:?}",
+        refusals(&l.gw.sink)
+    );
+
+    // TLS naming another host: an alert, and the event names that host.
+    let ca = l.gw.ca.cert_der().clone();
+    let t = blocking(move || tunnel(at, "api.openai.com:443", "www.example.com", &ca, false)).await;
+    assert_eq!(status_of(&t.connect), 200, "{t:?}");
+    assert!(t.call.is_err(), "{t:?}");
+    assert_eq!(
+        refusal(&l.gw.sink, "non-provider-name").await,
+        "api.openai.com:443 (sni www.example.com)"
+    );
+    assert!(l.up.requests().is_empty());
+    assert!(l.proxy.seen().is_empty(), "{:?}", l.proxy.seen());
+}
+
+/// A client that sends its ClientHello in the same write as the CONNECT
+/// head: the hello is not lost, the call is kt's.
+#[tokio::test]
+async fn a_client_hello_pipelined_with_the_connect_head_is_kept() {
+    let l = listener(None).await;
+    let ca = l.gw.ca.cert_der().clone();
+    let up_port = l.up.addr.port();
+    // A name, a target's address, another address (decided by the hello).
+    for (i, authority) in [
+        "api.openai.com:443".to_string(),
+        format!("127.0.0.1:{up_port}"),
+        "127.0.0.9:443".to_string(),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (at, c) = (l.at, ca.clone());
+        let t = blocking(move || tunnel(at, &authority, "api.openai.com", &c, true)).await;
+        assert_kts(&l, &t, i + 1);
+    }
+    assert!(l.proxy.seen().is_empty(), "{:?}", l.proxy.seen());
+
+    // Another authority: the bytes after the head follow the proxy's 200
+    // into its tunnel, to the end server.
+    let end = TcpListener::bind("127.0.0.1:0").unwrap();
+    let end_addr = end.local_addr().unwrap();
+    let hello = client_hello(&ca, "site.test");
+    let want = hello.len();
+    let got = std::thread::spawn(move || {
+        let (mut s, _) = end.accept().unwrap();
+        s.set_read_timeout(Some(HANG_GUARD)).unwrap();
+        let mut got = vec![0u8; want];
+        s.read_exact(&mut got).map(|()| got)
+    });
+    let at = l.at;
+    let sent = hello.clone();
+    let connect = blocking(move || {
+        let mut tcp = TcpStream::connect(at).unwrap();
+        tcp.set_read_timeout(Some(HANG_GUARD)).unwrap();
+        let mut first =
+            format!("CONNECT {end_addr} HTTP/1.1\r\nHost: {end_addr}\r\n\r\n").into_bytes();
+        first.extend_from_slice(&sent);
+        tcp.write_all(&first).unwrap();
+        let answer = read_answer(&mut tcp);
+        (answer, tcp)
+    })
+    .await;
+    assert_eq!(status_of(&connect.0), 200, "{:?}", connect.0);
+    let got = got
+        .join()
+        .unwrap()
+        .expect("the end server got the pipelined hello");
+    assert_eq!(got, hello);
+    let heads = l.proxy.seen();
+    assert_eq!(heads.len(), 1, "{heads:?}");
+    assert_eq!(heads[0].line, format!("CONNECT {end_addr} HTTP/1.1"));
+}
+
+/// Idle connections (connected, nothing sent; or a provider CONNECT
+/// answered and then silence) take slots of the shared budget but are
+/// closed to make room: a real client still gets through.
+#[tokio::test]
+async fn idle_connections_cannot_lock_the_proxy_listener_out() {
+    // As many silent tunnels as there are slots, on a fresh listener each
+    // time: to a provider name, and to an address (decided by a hello
+    // that never comes).
+    for authority in ["api.openai.com:443", "127.0.0.9:443"] {
+        let l = listener(Some(4)).await;
+        let at = l.at;
+        let silent = blocking(move || {
+            (0..4)
+                .map(|_| {
+                    let mut t = TcpStream::connect(at).unwrap();
+                    t.set_read_timeout(Some(HANG_GUARD)).unwrap();
+                    t.write_all(
+                        format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n")
+                            .as_bytes(),
+                    )
+                    .unwrap();
+                    let answer = read_answer(&mut t);
+                    assert_eq!(status_of(&answer), 200, "{answer:?}");
+                    t
+                })
+                .collect::<Vec<TcpStream>>()
+        })
+        .await;
+        let ca = l.gw.ca.cert_der().clone();
+        let t =
+            blocking(move || tunnel(at, "api.openai.com:443", "api.openai.com", &ca, false)).await;
+        assert_kts(&l, &t, 1);
+        // The oldest silent tunnel was closed to make room, without a word.
+        let mut first = silent.into_iter().next().unwrap();
+        let answer = blocking(move || read_until_close(&mut first)).await;
+        assert_eq!(answer, "", "{authority}");
+    }
+
+    // Connections that send nothing at all.
+    let l = listener(Some(4)).await;
+    let at = l.at;
+    let idle: Vec<TcpStream> = (0..32)
+        .map(|_| {
+            let t = TcpStream::connect(at).unwrap();
+            t.set_read_timeout(Some(HANG_GUARD)).unwrap();
+            t
+        })
+        .collect();
+    let ca = l.gw.ca.cert_der().clone();
+    let t = blocking(move || tunnel(at, "api.openai.com:443", "api.openai.com", &ca, false)).await;
+    assert_kts(&l, &t, 1);
+    // The oldest idle connection was closed without an answer.
+    let mut first = idle.into_iter().next().unwrap();
+    let answer = blocking(move || read_until_close(&mut first)).await;
+    assert_eq!(answer, "");
+}
+
+/// Reads one HTTP/1.1 answer (head, then a `content-length` body).
+fn read_answer(tcp: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match tcp.read(&mut b) {
+            Ok(1) => head.push(b[0]),
+            _ => break,
+        }
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())?
+        })
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    let _ = tcp.read_exact(&mut body);
+    head + &String::from_utf8_lossy(&body)
+}
+
+/// After a `407` the connection stays open for the client's next request:
+/// that one gets the same checks (an odd authority is refused, never
+/// replayed), and bytes that are not HTTP get a 400 and an event.
+#[tokio::test]
+async fn later_requests_on_a_kept_connection_get_the_same_checks() {
+    let l = listener(None).await;
+    let at = l.at;
+    let answers = blocking(move || {
+        let mut tcp = TcpStream::connect(at).unwrap();
+        tcp.set_read_timeout(Some(HANG_GUARD)).unwrap();
+        let mut answers = Vec::new();
+        for head in [
+            "CONNECT deny.test:443 HTTP/1.1\r\nHost: deny.test:443\r\n\r\n".to_string(),
+            "CONNECT api.openai.com HTTP/1.1\r\nHost: api.openai.com\r\n\r\n".to_string(),
+            format!(
+                "CONNECT alice:s3cret@site.test:443 HTTP/1.1\r\nHost: site.test:443\r\nProxy-Authorization: {PROXY_AUTH}\r\n\r\n"
+            ),
+        ] {
+            tcp.write_all(head.as_bytes()).unwrap();
+            answers.push(read_answer(&mut tcp));
+        }
+        let _ = tcp.write_all(b"\x00\x01\x02 garbage\r\n\r\n");
+        answers.push(read_until_close(&mut tcp));
+        answers
+    })
+    .await;
+    assert_eq!(status_of(&answers[0]), 407, "{answers:?}");
+    assert_eq!(status_of(&answers[1]), 400, "{answers:?}");
+    assert!(answers[1].contains("has no port"), "{answers:?}");
+    assert_eq!(status_of(&answers[2]), 400, "{answers:?}");
+    assert!(
+        answers[2].contains("Proxy-Authorization") && !answers[2].contains("s3cret"),
+        "{answers:?}"
+    );
+    assert_eq!(status_of(&answers[3]), 400, "{answers:?}");
+    refusal(&l.gw.sink, "proxy-not-http").await;
+    let rules: Vec<String> = refusals(&l.gw.sink).into_iter().map(|r| r.0).collect();
+    assert_eq!(
+        rules,
+        [
+            "proxy-forwarded",
+            "proxy-bad-authority",
+            "proxy-bad-authority",
+            "proxy-not-http"
+        ],
+        "{:?}",
+        refusals(&l.gw.sink)
+    );
+    // Only the first reached the proxy.
+    let heads: Vec<String> = l.proxy.seen().into_iter().map(|h| h.line).collect();
+    assert_eq!(heads, ["CONNECT deny.test:443 HTTP/1.1"]);
+    assert!(!format!("{:?}", l.gw.sink.snapshot()).contains("s3cret"));
+}
+
+/// `gateway.max_connections_per_uid` holds on the proxy listener too: one
+/// user's connections beyond it are closed, with an event.
+#[tokio::test]
+async fn one_users_connections_beyond_the_per_uid_budget_are_closed() {
+    let client = ClientInfo {
+        uid: Some(4242),
+        ..ClientInfo::default()
+    };
+    let l = listener_for(None, Some(2), client).await;
+    let at = l.at;
+    let conns: Vec<TcpStream> = (0..3)
+        .map(|_| {
+            let t = TcpStream::connect(at).unwrap();
+            t.set_read_timeout(Some(HANG_GUARD)).unwrap();
+            t
+        })
+        .collect();
+    refusal(&l.gw.sink, "uid-connection-budget").await;
+    let statuses = blocking(move || {
+        conns
+            .into_iter()
+            .map(|mut t| {
+                let _ =
+                    t.write_all(b"CONNECT deny.test:443 HTTP/1.1\r\nHost: deny.test:443\r\n\r\n");
+                status_of(&read_answer(&mut t))
+            })
+            .collect::<Vec<u16>>()
+    })
+    .await;
+    let mut sorted = statuses.clone();
+    sorted.sort_unstable();
+    // Two served (the fake proxy's 407), one closed without an answer.
+    assert_eq!(sorted, [0, 407, 407], "{statuses:?}");
 }

@@ -26,6 +26,7 @@ mod limit;
 mod monitor;
 mod probe;
 mod proxy;
+mod proxy_head;
 pub(crate) mod relay;
 mod serve;
 pub(crate) mod tls;

@@ -21,6 +21,13 @@
 //!   the key would cross the network in clear text, and kt terminates
 //!   provider traffic only as TLS.
 //!
+//! Before any of that, kt reads the first request head itself (see
+//! `proxy_head`): TLS or HTTP/2 sent straight to the proxy port, binary
+//! bytes, a head over [`MAX_HEADER_BYTES`] or unfinished after
+//! [`HEAD_TIMEOUT`], and a CONNECT authority that is not `host:port` are
+//! refused with a status, a short text and an event; nothing odd reaches
+//! the real proxy.
+//!
 //! Request headers (Proxy-Authorization above all) are never logged nor put
 //! in events; events name the authority only.
 
@@ -40,7 +47,12 @@ use tokio::sync::Mutex;
 use super::connect::{connect_target, splice_with_idle};
 use super::handler::{self, ConnCtx, GwBody, Mode};
 use super::limit::Slot;
-use super::serve::{ACCESS_DENIED_ALERT, CaptureLookup, Captured, Refusal};
+use super::proxy_head::{
+    BadHead, HEAD_TIMEOUT, HeadRead, KEEPALIVE_HEAD_TIMEOUT, check_connect_authority, read_head,
+};
+use super::serve::{
+    ACCESS_DENIED_ALERT, CaptureLookup, Captured, MAX_HEADER_BYTES, Refusal, admit_uid,
+};
 use super::tls::{HANDSHAKE_TIMEOUT, Hello, Prefixed, read_client_hello};
 use super::{Gateway, GatewayError};
 use crate::provider;
@@ -97,15 +109,27 @@ impl Gateway {
                         provider_prefix: false,
                     },
                 };
+                // The per-uid budget, as on the capture listener.
+                let Some(_uid_slot) = admit_uid(&gw.inner(), Arrival::Capture, peer, &found.client)
+                else {
+                    return;
+                };
                 gw.serve_proxied(stream, found, slot).await;
             }
         })
         .await
     }
 
-    /// Serves one client connection to a declared proxy (tests call this
-    /// with their own accepted stream).
-    pub(crate) async fn serve_proxied(&self, stream: TcpStream, found: Captured, slot: Arc<Slot>) {
+    /// Serves one client connection to a declared proxy: its first request
+    /// head is read and checked here, then hyper serves the connection
+    /// (later heads get hyper's own checks: the same cap, a bare `400` or
+    /// `431`, and a close after [`KEEPALIVE_HEAD_TIMEOUT`]).
+    pub(crate) async fn serve_proxied(
+        &self,
+        mut stream: TcpStream,
+        found: Captured,
+        slot: Arc<Slot>,
+    ) {
         let _ = stream.set_nodelay(true);
         let conn = Arc::new(ProxyConn {
             proxy: found.original,
@@ -113,25 +137,92 @@ impl Gateway {
             client: found.client,
             upstream: Mutex::new(None),
         });
+        let mut head = Vec::new();
+        let read = tokio::select! {
+            r = tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut stream, &mut head, MAX_HEADER_BYTES)) => {
+                r.unwrap_or_else(|_| HeadRead::Bad(BadHead::timeout()))
+            }
+            () = slot.evicted() => {
+                tracing::debug!("idle proxy client connection closed to make room for a new one");
+                return;
+            }
+        };
+        match read {
+            HeadRead::Complete => {}
+            HeadRead::Closed => {
+                tracing::debug!("proxy client closed before a whole request head");
+                return;
+            }
+            HeadRead::Bad(bad) => {
+                self.refuse_request(&conn, &bad);
+                bad.answer(&mut stream).await;
+                return;
+            }
+        }
         let gw = self.clone();
         let svc_slot = Arc::clone(&slot);
+        let svc_conn = Arc::clone(&conn);
         let svc = service_fn(move |req: Request<Incoming>| {
             let gw = gw.clone();
-            let conn = Arc::clone(&conn);
+            let conn = Arc::clone(&svc_conn);
             let slot = Arc::clone(&svc_slot);
             async move { Ok::<_, std::convert::Infallible>(gw.proxy_request(req, conn, slot).await) }
         });
         let served = hyper::server::conn::http1::Builder::new()
             .preserve_header_case(true)
-            .max_buf_size(super::serve::MAX_HEADER_BYTES)
-            .serve_connection(TokioIo::new(stream), svc)
+            .max_buf_size(MAX_HEADER_BYTES)
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(KEEPALIVE_HEAD_TIMEOUT)
+            .serve_connection(TokioIo::new(Prefixed::new(head, stream)), svc)
             .with_upgrades();
         tokio::select! {
             r = served => if let Err(e) = r {
-                tracing::debug!(error = %e, "proxy client connection ended with an error");
+                // A later head on the connection that hyper refused (400,
+                // 431): the event says so. A timeout there is an idle
+                // keep-alive connection closed, not a refusal.
+                let refused = if e.is_parse_too_large() {
+                    Some(BadHead::later(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "proxy-head-too-large"))
+                } else if e.is_parse() {
+                    Some(BadHead::later(StatusCode::BAD_REQUEST, "proxy-not-http"))
+                } else {
+                    None
+                };
+                match refused {
+                    Some(bad) => self.refuse_request(&conn, &bad),
+                    None => tracing::debug!(error = %e, "proxy client connection ended with an error"),
+                }
             },
             () = slot.evicted() => {},
         }
+    }
+
+    /// Records a request refused on the proxy listener, as a `guard` block
+    /// naming the authority (never a header).
+    fn refuse_request(&self, conn: &ProxyConn, bad: &BadHead) {
+        tracing::info!(
+            target_addr = %bad.target,
+            rule = bad.rule,
+            status = bad.status.as_u16(),
+            "proxy request refused"
+        );
+        let mut rec = self.inner().guard_record(
+            Arrival::Capture,
+            conn.peer,
+            conn.client.clone(),
+            "PROXY",
+            PolicyAction::Block,
+            bad.rule,
+        );
+        rec.path = format!("{} (proxy {})", bad.target, conn.proxy);
+        rec.status = bad.status.as_u16();
+        rec.error_code = Some(codes::BAD_REQUEST);
+        // What the client was told: the event's message.
+        rec.note = Some(format!(
+            "proxy request refused ({}): {}",
+            bad.status.as_u16(),
+            bad.message.trim_start_matches("kt: ")
+        ));
+        self.inner().sink.record(rec);
     }
 
     async fn proxy_request(
@@ -141,8 +232,39 @@ impl Gateway {
         slot: Arc<Slot>,
     ) -> Response<GwBody> {
         let connect = req.method() == Method::CONNECT;
+        if !connect && req.method().as_str().eq_ignore_ascii_case("CONNECT") {
+            // A proxy that reads methods without case would open a tunnel
+            // kt never decided on.
+            let bad = BadHead::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "proxy-bad-method",
+                format!(
+                    "kt: method `{}` refused: a tunnel is asked for with `CONNECT`, in capitals",
+                    req.method()
+                ),
+                "-".into(),
+            );
+            self.refuse_request(&conn, &bad);
+            return text_response(&bad);
+        }
+        if connect {
+            // Every CONNECT on the connection, not only the first head.
+            let authority = req
+                .uri()
+                .authority()
+                .map_or("", http::uri::Authority::as_str);
+            if let Err(bad) = check_connect_authority(authority) {
+                self.refuse_request(&conn, &bad);
+                return text_response(&bad);
+            }
+        }
+        let absolute = matches!(req.uri().scheme_str(), Some("http" | "https"));
         let target = if connect {
             connect_target(req.uri())
+        } else if !absolute {
+            // Only CONNECT names a bare host:port (RFC 9112, 3.2): other
+            // requests to a proxy carry an absolute URL.
+            None
         } else {
             req.uri().host().map(|h| {
                 let https = req.uri().scheme_str() == Some("https");
@@ -155,18 +277,30 @@ impl Gateway {
             })
         };
         let Some((host, port)) = target else {
-            return status_response(
+            let bad = BadHead::new(
                 StatusCode::BAD_REQUEST,
-                "kt: a request to a proxy must name its target (CONNECT host:port or an absolute URL)",
+                "proxy-no-target",
+                "kt: a request to a proxy must name its target (CONNECT host:port or an absolute URL)".into(),
+                "-".into(),
             );
+            self.refuse_request(&conn, &bad);
+            return text_response(&bad);
         };
+        // `api.openai.com.` is `api.openai.com`, `127.0.0.1.` an address:
+        // decided as such (the request still goes on as sent).
+        let host = host.trim_end_matches('.').to_string();
         let provider = self.inner().router.match_host(&host, Some(port)).is_some();
         if provider && connect {
             let in_flight = slot.begin();
             let gw = self.clone();
             tokio::spawn(async move {
-                let _in_flight = in_flight;
-                match hyper::upgrade::on(req).await {
+                let upgraded = hyper::upgrade::on(req).await;
+                // From here the tunnel is a captured connection: idle
+                // (closable to make room) until its first request inside,
+                // as on the capture listener, so silent tunnels cannot
+                // hold the budget.
+                drop(in_flight);
+                match upgraded {
                     Ok(u) => {
                         gw.provider_tunnel(TokioIo::new(u), host, port, &conn, slot)
                             .await;
@@ -185,8 +319,10 @@ impl Gateway {
             let in_flight = slot.begin();
             let gw = self.clone();
             tokio::spawn(async move {
-                let _in_flight = in_flight;
-                match on_client.await {
+                let upgraded = on_client.await;
+                // Idle until decided, as a provider tunnel.
+                drop(in_flight);
+                match upgraded {
                     Ok(u) => {
                         gw.hello_then_decide(TokioIo::new(u), replay, host, port, &conn, slot)
                             .await;
@@ -201,7 +337,7 @@ impl Gateway {
                 arrival: Arrival::Capture,
                 peer: conn.peer,
                 client: conn.client.clone(),
-                target: format!("{host}:{port}"),
+                target: authority(&host, port),
                 rule: "proxy-plain-http-provider",
             });
             return status_response(
@@ -211,7 +347,8 @@ impl Gateway {
                 ),
             );
         }
-        self.forward_to_proxy(req, &conn, host, port, connect).await
+        self.forward_to_proxy(req, &conn, &slot, host, port, connect)
+            .await
     }
 
     /// A provider CONNECT: decide by the hello inside, as for a captured
@@ -219,7 +356,7 @@ impl Gateway {
     async fn provider_tunnel<IO>(
         &self,
         mut io: IO,
-        authority: String,
+        host: String,
         port: u16,
         conn: &ProxyConn,
         slot: Arc<Slot>,
@@ -227,8 +364,14 @@ impl Gateway {
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let mut buf = Vec::new();
-        let hello =
-            tokio::time::timeout(HANDSHAKE_TIMEOUT, read_client_hello(&mut io, &mut buf)).await;
+        let hello = tokio::select! {
+            r = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_client_hello(&mut io, &mut buf)) => r,
+            () = slot.evicted() => {
+                tracing::debug!("silent proxy tunnel closed to make room for a new connection");
+                return;
+            }
+        };
+        let mut target = authority(&host, port);
         let rule = match hello {
             Ok(Ok(Hello::Tls {
                 sni: Some(sni),
@@ -245,7 +388,11 @@ impl Gateway {
             }
             Ok(Ok(Hello::Tls { ech: true, .. })) => "ech",
             Ok(Ok(Hello::Tls { sni: None, .. })) => "no-sni",
-            Ok(Ok(Hello::Tls { .. })) => "non-provider-name",
+            Ok(Ok(Hello::Tls { sni: Some(sni), .. })) => {
+                // The event names the other host.
+                target = format!("{target} (sni {sni})");
+                "non-provider-name"
+            }
             Ok(Ok(Hello::Plain)) => "not-tls",
             Ok(Err(e)) => e.rule(),
             Err(_) => "hello-timeout",
@@ -254,9 +401,24 @@ impl Gateway {
             arrival: Arrival::Capture,
             peer: conn.peer,
             client: conn.client.clone(),
-            target: format!("{authority}:{port}"),
+            target,
             rule,
         });
+        if rule == "not-tls" {
+            // Plain HTTP inside the tunnel: an answer the client can read.
+            BadHead::new(
+                StatusCode::BAD_REQUEST,
+                rule,
+                format!(
+                    "kt: the tunnel to {} must carry TLS: a provider is reached over https:// only",
+                    authority(&host, port)
+                ),
+                "-".into(),
+            )
+            .answer(&mut io)
+            .await;
+            return;
+        }
         let _ = io.write_all(&ACCESS_DENIED_ALERT).await;
         let _ = io.shutdown().await;
     }
@@ -276,8 +438,13 @@ impl Gateway {
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let mut buf = Vec::new();
-        let hello =
-            tokio::time::timeout(HANDSHAKE_TIMEOUT, read_client_hello(&mut io, &mut buf)).await;
+        let hello = tokio::select! {
+            r = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_client_hello(&mut io, &mut buf)) => r,
+            () = slot.evicted() => {
+                tracing::debug!("silent proxy tunnel closed to make room for a new connection");
+                return;
+            }
+        };
         let router = &self.inner().router;
         let name = match &hello {
             Ok(Ok(Hello::Tls {
@@ -302,6 +469,8 @@ impl Gateway {
         if let Ok(Err(e)) = &hello {
             tracing::debug!(error = %e, "no hello inside a CONNECT to an address; passed to the proxy");
         }
+        // Passed to the proxy: busy for as long as the splice lives.
+        let _in_flight = slot.begin();
         let mut rec = self.inner().guard_record(
             Arrival::Capture,
             conn.peer,
@@ -310,7 +479,11 @@ impl Gateway {
             PolicyAction::Audit,
             "proxy-forwarded",
         );
-        rec.path = format!("{authority}:{port} (proxy {})", conn.proxy);
+        rec.path = format!(
+            "{} (proxy {})",
+            self::authority(&authority, port),
+            conn.proxy
+        );
         let mut sender = match self.dial_proxy(conn.proxy).await {
             Ok(s) => s,
             Err(e) => {
@@ -352,6 +525,7 @@ impl Gateway {
         &self,
         req: Request<Incoming>,
         conn: &Arc<ProxyConn>,
+        slot: &Arc<Slot>,
         host: String,
         port: u16,
         connect: bool,
@@ -388,7 +562,7 @@ impl Gateway {
             PolicyAction::Audit,
             "proxy-forwarded",
         );
-        rec.path = format!("{host}:{port} (proxy {})", conn.proxy);
+        rec.path = format!("{} (proxy {})", authority(&host, port), conn.proxy);
         let mut client_req = req;
         let on_client = connect.then(|| hyper::upgrade::on(&mut client_req));
         let client_req = boxed(client_req);
@@ -408,11 +582,14 @@ impl Gateway {
         self.inner().sink.record(rec);
         let status = resp.status();
         if connect && status.is_success() {
-            // The proxy's tunnel is up: splice it to the client's.
+            // The proxy's tunnel is up: splice it to the client's. It
+            // keeps its connection's slot in the budget while it lives.
             let idle = gw.idle_timeout;
             let on_proxy = hyper::upgrade::on(&mut resp);
             let (parts, _) = resp.into_parts();
+            let in_flight = slot.begin();
             tokio::spawn(async move {
+                let _in_flight = in_flight;
                 let (Some(on_client), Ok(up)) = (on_client, on_proxy.await) else {
                     return;
                 };
@@ -461,6 +638,26 @@ impl Gateway {
         });
         Ok(sender)
     }
+}
+
+/// `host:port`, an IPv6 address in brackets.
+fn authority(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// A refusal as a response on the served connection (plain text).
+fn text_response(bad: &BadHead) -> Response<GwBody> {
+    let mut r = Response::new(handler::full(Bytes::from(bad.body())));
+    *r.status_mut() = bad.status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
 }
 
 fn status_response(status: StatusCode, msg: &str) -> Response<GwBody> {
