@@ -510,6 +510,9 @@ fn main() {
             1024 * 1024
         };
         let b = body(size, case);
+        if let Ok(path) = std::env::var("KT_BENCH_DUMP") {
+            let _ = std::fs::write(path, &b);
+        }
         let req = RequestView {
             path_and_query: "/",
             headers: &[],

@@ -294,9 +294,6 @@ pub struct Scanner {
     /// Shortest base64 run that can hold an encoded match of any rule
     /// with base64 spellings (see `b64::long_runs`).
     base64_min_run: usize,
-    /// The base64 spellings of rules whose encoded matches may be shorter
-    /// than `b64::LONG_RUN`: searched for in all the text.
-    base64_short: Option<LiteralSet<Lit>>,
     fallback: Vec<usize>,
     fallback_set: Option<regex::bytes::RegexSet>,
     terms: terms::Terms,
@@ -410,7 +407,6 @@ impl Scanner {
         let mut b64_lits = Vec::new();
         let mut fallback = Vec::new();
         let mut base64_min_run = usize::MAX;
-        let mut b64_short = Vec::new();
         let mut words: Vec<(Vec<u8>, usize)> = Vec::new();
         for (idx, src) in sources.into_iter().enumerate() {
             let RuleSource {
@@ -453,7 +449,11 @@ impl Scanner {
                                 if long {
                                     b64_lits.push(lit);
                                 } else {
-                                    b64_short.push(lit);
+                                    // Encoded matches that may be shorter
+                                    // than `b64::LONG_RUN` (few: Slack's)
+                                    // are searched for in all the text, in
+                                    // the plain pass (one search fewer).
+                                    lits.push(lit);
                                 }
                             }
                         }
@@ -522,7 +522,6 @@ impl Scanner {
             base64_prefilter,
             base64_group_starts_only,
             base64_min_run,
-            base64_short: LiteralSet::with_heads(b64_short, b64::HEAD),
             fallback,
             fallback_set,
             terms,
@@ -873,7 +872,7 @@ impl Scanner {
         if data.is_empty() {
             return;
         }
-        for (pass, pre) in [&self.prefilter, &self.base64_prefilter, &self.base64_short]
+        for (pass, pre) in [&self.prefilter, &self.base64_prefilter]
             .into_iter()
             .enumerate()
         {
