@@ -165,29 +165,29 @@ impl Gateway {
             .uri()
             .authority()
             .map_or("", http::uri::Authority::as_str);
-        let checked = check_connect_authority(named, Listener::Explicit)
-            .ok()
-            .and_then(|()| connect_target(req.uri()));
-        let Some((host, port)) = checked else {
-            let bad = check_connect_authority(named, Listener::Explicit)
-                .err()
-                .unwrap_or_else(|| {
-                    BadHead::new(
-                        StatusCode::BAD_REQUEST,
-                        Listener::Explicit.bad_authority(),
-                        "kt: CONNECT names no host:port".into(),
-                        "-".into(),
-                    )
-                });
-            let r = Refusal {
-                arrival: Arrival::Connect,
-                peer,
-                client,
-                target: bad.target.clone(),
-                rule: bad.rule,
-            };
-            self.record_bad_head(r, "CONNECT", &bad);
-            return bad.response();
+        let checked = check_connect_authority(named, Listener::Explicit).and_then(|()| {
+            connect_target(req.uri()).ok_or_else(|| {
+                BadHead::new(
+                    StatusCode::BAD_REQUEST,
+                    Listener::Explicit.bad_authority(),
+                    "kt: CONNECT names no host:port".into(),
+                    "-".into(),
+                )
+            })
+        });
+        let (host, port) = match checked {
+            Ok(target) => target,
+            Err(bad) => {
+                let r = Refusal {
+                    arrival: Arrival::Connect,
+                    peer,
+                    client,
+                    target: bad.target.clone(),
+                    rule: bad.rule,
+                };
+                self.record_bad_head(r, "CONNECT", &bad);
+                return bad.response();
+            }
         };
         let tunnel = if self.inner().router.match_host(&host, Some(port)).is_some()
             || host.parse::<IpAddr>().is_ok()
@@ -432,9 +432,9 @@ pub(crate) fn connect_target(uri: &http::Uri) -> Option<(String, u16)> {
     let authority = uri.authority()?;
     let host = authority
         .host()
+        .trim_end_matches('.')
         .trim_start_matches('[')
         .trim_end_matches(']')
-        .trim_end_matches('.')
         .to_ascii_lowercase();
     Some((host, authority.port_u16().unwrap_or(443)))
 }
