@@ -205,7 +205,7 @@ async fn odd_connect_authorities_are_refused_without_echoing_credentials() {
 }
 
 /// A later CONNECT on a kept connection (after a 403) gets the same
-/// checks as the first.
+/// checks as the first, and later garbage an event besides hyper's 400.
 #[tokio::test]
 async fn a_later_connect_on_a_kept_connection_gets_the_same_checks() {
     let e = explicit(|_| {}).await;
@@ -221,14 +221,25 @@ async fn a_later_connect_on_a_kept_connection_gets_the_same_checks() {
             tcp.write_all(head.as_bytes()).unwrap();
             answers.push(read_answer(&mut tcp));
         }
+        let _ = tcp.write_all(b"\x00\x01\x02 garbage\r\n\r\n");
+        answers.push(read_until_close(&mut tcp));
         answers
     })
     .await;
     assert_eq!(status_of(&answers[0]), 403, "{answers:?}");
     assert_eq!(status_of(&answers[1]), 400, "{answers:?}");
     assert!(answers[1].contains("has no port"), "{answers:?}");
+    assert_eq!(status_of(&answers[2]), 400, "{answers:?}");
+    refusal(&e.gw.sink, "explicit-not-http").await;
     let rules: Vec<String> = refusals(&e.gw.sink).into_iter().map(|r| r.0).collect();
-    assert_eq!(rules, ["connect-not-allowed", "connect-bad-authority"]);
+    assert_eq!(
+        rules,
+        [
+            "connect-not-allowed",
+            "connect-bad-authority",
+            "explicit-not-http"
+        ]
+    );
 }
 
 /// A provider's name in another case or with a trailing dot is the

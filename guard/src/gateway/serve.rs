@@ -543,6 +543,7 @@ impl Gateway {
     {
         let gw = self.clone();
         let svc_slot = Arc::clone(&slot);
+        let conn_ctx = Arc::clone(&ctx);
         let svc = service_fn(move |req: Request<Incoming>| {
             let gw = gw.clone();
             let ctx = Arc::clone(&ctx);
@@ -632,7 +633,40 @@ impl Gateway {
         tokio::select! {
             r = served => {
                 if let Err(e) = r {
-                    tracing::debug!(error = %e, "client connection ended with an error");
+                    let refused = allow_connect
+                        .then(|| e.downcast_ref::<hyper::Error>())
+                        .flatten()
+                        .and_then(|e| {
+                            if e.is_parse_too_large() {
+                                Some(BadHead::later(
+                                    StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                                    "explicit-head-too-large",
+                                ))
+                            } else if e.is_parse() {
+                                Some(BadHead::later(StatusCode::BAD_REQUEST, "explicit-not-http"))
+                            } else {
+                                None
+                            }
+                        });
+                    match refused {
+                        // A later head on an explicit connection that hyper
+                        // refused itself (its bare 400 or 431): recorded as
+                        // the first head's refusals are.
+                        Some(bad) => {
+                            let client = handler::resolve_client(&self.inner(), &conn_ctx)
+                                .await
+                                .unwrap_or_default();
+                            let r = Refusal {
+                                arrival: Arrival::BaseUrl,
+                                peer: conn_ctx.peer,
+                                client,
+                                target: bad.target.clone(),
+                                rule: bad.rule,
+                            };
+                            self.record_bad_head(r, "HTTP", &bad);
+                        }
+                        None => tracing::debug!(error = %e, "client connection ended with an error"),
+                    }
                 }
             }
             () = slot.evicted() => {
