@@ -7,6 +7,7 @@ pub mod gateway_fixture;
 pub mod kt_run;
 pub mod mountns;
 pub mod process;
+pub mod raw_client;
 pub mod skip;
 pub mod vault;
 pub use skip::{ebpf_tests_off, skipped};

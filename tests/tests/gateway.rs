@@ -540,7 +540,10 @@ async fn connect_to_an_address_with_another_name_is_refused_not_tunnelled() {
     assert!(other.requests().is_empty());
     assert_eq!(
         guard_refusals(&gw.sink),
-        vec![("non-provider-name".to_string(), authority)]
+        vec![(
+            "non-provider-name".to_string(),
+            format!("{authority} (sni www.example.com)")
+        )]
     );
 }
 

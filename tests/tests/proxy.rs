@@ -463,19 +463,16 @@ fn an_ipv6_proxy_is_captured_too() {
 // The proxy listener against hostile and odd input (no root needed).
 
 use std::io::Read;
-use std::time::Duration;
 
 use guard::config::Provider;
-use guard::record::{ClientInfo, MemorySink, PolicyId};
+use guard::record::ClientInfo;
 use guard_tests::fake_provider::{Behavior, FakeProvider, TestCa};
-use guard_tests::gateway_fixture::{
-    FixedLookup, MapResolver, Running, client_tls, config, start, target,
+use guard_tests::gateway_fixture::{FixedLookup, MapResolver, Running, config, start, target};
+use guard_tests::raw_client::{
+    self, HANG_GUARD, Tunnel, blocking, client_hello, drip, exchange, read_answer,
+    read_until_close, refusal, refusals, status_of,
 };
-use rustls_pki_types::{CertificateDer, ServerName};
-
-/// Hang guard for reads (never a speed assertion): kt must answer or
-/// close; a test that waits this long failed.
-const HANG_GUARD: Duration = Duration::from_secs(40);
+use rustls_pki_types::CertificateDer;
 const MANAGED: &str = "sk-managed-openai-PROXYLISTENER-7777";
 
 /// A gateway with one OpenAI target on a fake provider, its proxy listener
@@ -531,94 +528,8 @@ async fn listener_for(
     }
 }
 
-/// The guard rules recorded, with the event's path.
-fn refusals(sink: &MemorySink) -> Vec<(String, String)> {
-    sink.snapshot()
-        .into_iter()
-        .flat_map(|r| {
-            let path = r.path.clone();
-            r.policy
-                .into_iter()
-                .filter(|n| n.policy == PolicyId::Guard)
-                .map(move |n| (n.rule, path.clone()))
-        })
-        .collect()
-}
-
-/// Waits until `sink` holds a guard note with `rule` (events are recorded
-/// from the connection's task, possibly after the client saw the answer).
-async fn refusal(sink: &MemorySink, rule: &str) -> String {
-    let found = tokio::time::timeout(HANG_GUARD, async {
-        loop {
-            if let Some((_, path)) = refusals(sink).into_iter().find(|(r, _)| r == rule) {
-                return path;
-            }
-            tokio::task::yield_now().await;
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
-    found.unwrap_or_else(|_| panic!("no {rule} event: {:?}", refusals(sink)))
-}
-
-/// Sends `bytes` in one write, then reads what kt answers until it closes.
-fn exchange(at: SocketAddr, bytes: &[u8]) -> String {
-    let mut tcp = TcpStream::connect(at).unwrap();
-    tcp.set_read_timeout(Some(HANG_GUARD)).unwrap();
-    // kt may refuse before it read everything: a failed write is fine.
-    let _ = tcp.write_all(bytes);
-    read_until_close(&mut tcp)
-}
-
-fn read_until_close(tcp: &mut TcpStream) -> String {
-    let mut out = Vec::new();
-    let mut b = [0u8; 4096];
-    loop {
-        match tcp.read(&mut b) {
-            Ok(0) => break,
-            Ok(n) => out.extend_from_slice(&b[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                panic!("kt left the connection open without an answer: {out:?}")
-            }
-            Err(_) => break,
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// A real TLS ClientHello naming `sni`.
-fn client_hello(ca: &CertificateDer<'static>, sni: &str) -> Vec<u8> {
-    let mut tls = rustls::ClientConnection::new(
-        client_tls(ca, false),
-        ServerName::try_from(sni.to_string()).unwrap(),
-    )
-    .unwrap();
-    let mut hello = Vec::new();
-    tls.write_tls(&mut hello).unwrap();
-    hello
-}
-
-/// The status code of an HTTP answer's first line (0 when none).
-fn status_of(answer: &str) -> u16 {
-    answer
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0)
-}
-
-/// What a client got through the proxy listener.
-#[derive(Debug)]
-struct Tunnel {
-    /// The CONNECT answer's head.
-    connect: String,
-    /// After a 200: the chat answer over TLS, or how TLS failed.
-    call: Result<String, String>,
-}
-
 /// `CONNECT authority` (with proxy credentials), then TLS naming `sni`
-/// (trusting kt's CA) and a chat request with a hard-coded key. With
-/// `pipelined`, the ClientHello goes in the same write as the CONNECT head.
+/// and a chat request with a hard-coded key (see [`raw_client::tunnel`]).
 fn tunnel(
     at: SocketAddr,
     authority: &str,
@@ -626,60 +537,8 @@ fn tunnel(
     ca: &CertificateDer<'static>,
     pipelined: bool,
 ) -> Tunnel {
-    let mut tcp = TcpStream::connect(at).unwrap();
-    tcp.set_read_timeout(Some(HANG_GUARD)).unwrap();
-    let mut tls = rustls::ClientConnection::new(
-        client_tls(ca, false),
-        ServerName::try_from(sni.to_string()).unwrap(),
-    )
-    .unwrap();
-    let mut first = format!(
-        "CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\nProxy-Authorization: {PROXY_AUTH}\r\n\r\n"
-    )
-    .into_bytes();
-    if pipelined {
-        tls.write_tls(&mut first).unwrap();
-    }
-    tcp.write_all(&first).unwrap();
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        match tcp.read(&mut b) {
-            Ok(1) => head.push(b[0]),
-            _ => break,
-        }
-    }
-    let connect = String::from_utf8_lossy(&head).into_owned();
-    if status_of(&connect) != 200 {
-        return Tunnel {
-            connect,
-            call: Err("no tunnel".into()),
-        };
-    }
-    let body = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#;
-    let req = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: api.openai.com\r\nAuthorization: Bearer {JOB_KEY}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let mut s = rustls::StreamOwned::new(tls, tcp);
-    let call = match s.write_all(req.as_bytes()) {
-        Err(e) => Err(e.to_string()),
-        Ok(()) => {
-            let mut out = Vec::new();
-            match s.read_to_end(&mut out) {
-                // A peer closing without close_notify still said its answer.
-                Ok(_) => Ok(String::from_utf8_lossy(&out).into_owned()),
-                Err(_) if !out.is_empty() => Ok(String::from_utf8_lossy(&out).into_owned()),
-                Err(e) => Err(e.to_string()),
-            }
-        }
-    };
-    Tunnel { connect, call }
-}
-
-/// Runs blocking client code off the test's runtime (kt is served on it).
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    tokio::task::spawn_blocking(f).await.unwrap()
+    let auth = format!("Proxy-Authorization: {PROXY_AUTH}\r\n");
+    raw_client::tunnel(at, authority, &auth, sni, ca, pipelined)
 }
 
 /// Asserts a call went through kt to the fake provider with the managed key.
@@ -771,29 +630,7 @@ async fn a_head_too_large_gets_431_and_a_head_that_never_ends_408() {
             b"CONNECT api.openai.com:443 HTTP/1.1\r\nHost: api.openai.com:443\r\n",
         )
     });
-    let dripping = blocking(move || {
-        let mut tcp = TcpStream::connect(at).unwrap();
-        tcp.set_read_timeout(Some(HANG_GUARD)).unwrap();
-        let line = b"CONNECT api.openai.com:443 HTTP/1.1\r\nX-Slow: ";
-        let mut sent = 0;
-        // Until kt gives up on the head (a write then fails) or answers.
-        loop {
-            let byte = line.get(sent).copied().unwrap_or(b'a');
-            if tcp.write_all(&[byte]).is_err() {
-                break;
-            }
-            sent += 1;
-            let mut peek = [0u8; 1];
-            tcp.set_nonblocking(true).unwrap();
-            let got = tcp.peek(&mut peek);
-            tcp.set_nonblocking(false).unwrap();
-            if matches!(got, Ok(n) if n > 0) || matches!(got, Ok(0)) {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        read_until_close(&mut tcp)
-    });
+    let dripping = blocking(move || drip(at, b"CONNECT api.openai.com:443 HTTP/1.1\r\nX-Slow: "));
     // And a provider tunnel that stays silent after kt's 200.
     let silent = blocking(move || {
         let mut tcp = TcpStream::connect(at).unwrap();
@@ -1073,30 +910,6 @@ async fn idle_connections_cannot_lock_the_proxy_listener_out() {
     let mut first = idle.into_iter().next().unwrap();
     let answer = blocking(move || read_until_close(&mut first)).await;
     assert_eq!(answer, "");
-}
-
-/// Reads one HTTP/1.1 answer (head, then a `content-length` body).
-fn read_answer(tcp: &mut TcpStream) -> String {
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        match tcp.read(&mut b) {
-            Ok(1) => head.push(b[0]),
-            _ => break,
-        }
-    }
-    let head = String::from_utf8_lossy(&head).into_owned();
-    let len: usize = head
-        .lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("content-length")
-                .then(|| v.trim().parse().ok())?
-        })
-        .unwrap_or(0);
-    let mut body = vec![0u8; len];
-    let _ = tcp.read_exact(&mut body);
-    head + &String::from_utf8_lossy(&body)
 }
 
 /// After a `407` the connection stays open for the client's next request:

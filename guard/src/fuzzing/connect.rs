@@ -8,9 +8,9 @@ use crate::gateway::connect::{allowed, connect_target, is_internal};
 /// Allowlist the harness checks names against.
 const ALLOW: [&str; 3] = ["example.com", "*.example.org", "API.Example.NET."];
 
-/// The host is lower case without brackets; an allowlisted host is exactly
-/// an entry or a true subdomain of a `*.` entry; an IPv4 address and its
-/// IPv4-mapped IPv6 form are judged alike.
+/// The host is lower case without brackets or a trailing dot; an
+/// allowlisted host is exactly an entry or a true subdomain of a `*.`
+/// entry; an IPv4 address and its IPv4-mapped IPv6 form are judged alike.
 pub fn connect(data: &[u8]) {
     let Ok(uri) = http::Uri::try_from(data) else {
         return;
@@ -20,6 +20,9 @@ pub fn connect(data: &[u8]) {
         return;
     };
     assert!(!host.starts_with('[') && !host.ends_with(']'), "{host}");
+    // `api.openai.com.` is `api.openai.com`: a trailing dot never makes
+    // a provider name another host.
+    assert!(!host.ends_with('.'), "{host}");
     assert_eq!(host, host.to_ascii_lowercase());
     if let Some(p) = uri.port_u16() {
         assert_eq!(port, p);

@@ -5,6 +5,14 @@
 //! `gateway.connect_allow` names them, and even then never to loopback,
 //! private, link-local or other internal addresses (no SSRF through kt).
 //! kt's tunnel sockets carry no exemption from capture.
+//!
+//! The explicit listener reads each connection's first request head itself
+//! (see `proxy_head`, shared with the proxy listener): TLS sent straight to
+//! the port, binary bytes, a head over [`MAX_HEADER_BYTES`] or unfinished
+//! after [`HEAD_TIMEOUT`] get a status, a short text and an event. Every
+//! CONNECT (also later ones, and HTTP/2 streams) must name `host:port` as
+//! on the proxy listener. A tunnel to decide is idle (closable to make
+//! room) until its hello decides it, and keeps its client's per-uid slot.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -20,10 +28,14 @@ use tokio::net::TcpStream;
 use super::Gateway;
 use super::handler::{self, ConnCtx, GwBody, Mode};
 use super::limit::Slot;
-use super::serve::Refusal;
+use super::proxy_head::{
+    BadHead, HEAD_TIMEOUT, HeadRead, KEEPALIVE_HEAD_TIMEOUT, Listener, check_connect_authority,
+    read_head,
+};
+use super::serve::{MAX_HEADER_BYTES, Refusal};
 use super::tls::{HANDSHAKE_TIMEOUT, Hello, Prefixed, read_client_hello};
 use crate::provider;
-use crate::record::{Arrival, ClientInfo, codes};
+use crate::record::{Arrival, ClientInfo, PolicyAction, codes};
 
 /// What a CONNECT authority gets.
 enum Tunnel {
@@ -34,30 +46,148 @@ enum Tunnel {
 }
 
 impl Gateway {
+    /// Reads and checks the first request head of a connection to the
+    /// explicit listener. `Some(bytes read)` to serve (hand them to hyper
+    /// first); `None` when the connection was refused (answered, recorded)
+    /// or is gone. Before its first byte a connection is idle, as a
+    /// keep-alive one: closed after [`KEEPALIVE_HEAD_TIMEOUT`] or to make
+    /// room; from its first byte the whole head must come within
+    /// [`HEAD_TIMEOUT`].
+    pub(crate) async fn explicit_head(
+        &self,
+        stream: &mut TcpStream,
+        peer: SocketAddr,
+        local: SocketAddr,
+        slot: &Slot,
+    ) -> Option<Vec<u8>> {
+        tokio::select! {
+            r = tokio::time::timeout(KEEPALIVE_HEAD_TIMEOUT, stream.readable()) => {
+                if !matches!(r, Ok(Ok(()))) {
+                    tracing::debug!(%peer, "explicit client sent nothing: closed");
+                    return None;
+                }
+            }
+            () = slot.evicted() => return None,
+        }
+        let mut head = Vec::new();
+        let read = tokio::select! {
+            r = tokio::time::timeout(
+                HEAD_TIMEOUT,
+                read_head(stream, &mut head, MAX_HEADER_BYTES, Listener::Explicit),
+            ) => r.unwrap_or_else(|_| HeadRead::Bad(BadHead::timeout(Listener::Explicit))),
+            () = slot.evicted() => return None,
+        };
+        let bad = match read {
+            HeadRead::Complete => return Some(head),
+            HeadRead::Closed => return None,
+            HeadRead::Bad(bad) => bad,
+        };
+        let arrival = if head.starts_with(b"CONNECT ") {
+            Arrival::Connect
+        } else {
+            Arrival::BaseUrl
+        };
+        let client = super::serve::explicit_client(peer, local).await;
+        let r = Refusal {
+            arrival,
+            peer: Some(peer),
+            client,
+            target: bad.target.clone(),
+            rule: bad.rule,
+        };
+        self.record_bad_head(r, "HTTP", &bad);
+        bad.answer(stream).await;
+        None
+    }
+
+    /// Records a request head refused before hyper served it, as a `guard`
+    /// block naming the target (never a header) and what the client was
+    /// told.
+    pub(crate) fn record_bad_head(&self, r: Refusal, what: &str, bad: &BadHead) {
+        tracing::info!(
+            target_addr = %r.target,
+            rule = r.rule,
+            status = bad.status.as_u16(),
+            "request refused"
+        );
+        let mut rec = self.inner().guard_record(
+            r.arrival,
+            r.peer,
+            r.client,
+            what,
+            PolicyAction::Block,
+            r.rule,
+        );
+        rec.path = r.target;
+        rec.status = bad.status.as_u16();
+        rec.error_code = Some(codes::BAD_REQUEST);
+        let lead = if what == "PROXY" {
+            "proxy request"
+        } else {
+            "request"
+        };
+        rec.note = Some(format!(
+            "{lead} refused ({}): {}",
+            bad.status.as_u16(),
+            bad.message.trim_start_matches("kt: ")
+        ));
+        self.inner().sink.record(rec);
+    }
+
     /// Answers a CONNECT request; the tunnel itself runs in its own task
-    /// once hyper hands over the upgraded connection.
+    /// once hyper hands over the upgraded connection. `ctx` is the client
+    /// connection's: the tunnel holds it (and so its per-uid slot) for as
+    /// long as it lives.
     pub(crate) fn connect(
         &self,
         req: Request<Incoming>,
-        peer: Option<SocketAddr>,
+        ctx: Arc<ConnCtx>,
         client: ClientInfo,
         slot: Arc<Slot>,
     ) -> std::pin::Pin<Box<dyn Future<Output = Response<GwBody>> + Send>> {
         // Boxed: the tunnel task it spawns serves HTTP again, and an `async
         // fn` here would make that future's type contain itself.
         let gw = self.clone();
-        Box::pin(async move { gw.connect_inner(req, peer, client, slot).await })
+        Box::pin(async move { gw.connect_inner(req, ctx, client, slot).await })
     }
 
     async fn connect_inner(
         &self,
         req: Request<Incoming>,
-        peer: Option<SocketAddr>,
+        ctx: Arc<ConnCtx>,
         client: ClientInfo,
         slot: Arc<Slot>,
     ) -> Response<GwBody> {
-        let Some((host, port)) = connect_target(req.uri()) else {
-            return plain_status(StatusCode::BAD_REQUEST);
+        let peer = ctx.peer;
+        // Every CONNECT, not only a first head kt read itself (later ones
+        // on a kept connection, HTTP/2 streams).
+        let named = req
+            .uri()
+            .authority()
+            .map_or("", http::uri::Authority::as_str);
+        let checked = check_connect_authority(named, Listener::Explicit).and_then(|()| {
+            connect_target(req.uri()).ok_or_else(|| {
+                BadHead::new(
+                    StatusCode::BAD_REQUEST,
+                    Listener::Explicit.bad_authority(),
+                    "kt: CONNECT names no host:port".into(),
+                    "-".into(),
+                )
+            })
+        });
+        let (host, port) = match checked {
+            Ok(target) => target,
+            Err(bad) => {
+                let r = Refusal {
+                    arrival: Arrival::Connect,
+                    peer,
+                    client,
+                    target: bad.target.clone(),
+                    rule: bad.rule,
+                };
+                self.record_bad_head(r, "CONNECT", &bad);
+                return bad.response();
+            }
         };
         let tunnel = if self.inner().router.match_host(&host, Some(port)).is_some()
             || host.parse::<IpAddr>().is_ok()
@@ -97,10 +227,9 @@ impl Gateway {
             return forbidden(&msg);
         };
         let gw = self.clone();
-        // The tunnel keeps its connection busy for as long as it lives.
         let in_flight = slot.begin();
         tokio::spawn(async move {
-            let _in_flight = in_flight;
+            let _client_conn = ctx;
             let upgraded = match hyper::upgrade::on(req).await {
                 Ok(u) => TokioIo::new(u),
                 Err(e) => {
@@ -110,6 +239,8 @@ impl Gateway {
             };
             match tunnel {
                 Tunnel::Splice(addr) => {
+                    // A decided tunnel: busy for as long as it lives.
+                    let _in_flight = in_flight;
                     // No exemption: if this address is a captured provider's,
                     // capture sends it back to kt, which refuses it there.
                     let timeout = gw.inner().config.gateway.connect_timeout;
@@ -123,6 +254,10 @@ impl Gateway {
                     }
                 }
                 Tunnel::Decide => {
+                    // Idle (closable to make room) until its hello decides
+                    // it, as a captured connection: silent tunnels cannot
+                    // hold the budget.
+                    drop(in_flight);
                     gw.decide_tunnel(upgraded, host, port, peer, client, slot)
                         .await;
                 }
@@ -145,8 +280,13 @@ impl Gateway {
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let mut buf = Vec::new();
-        let hello =
-            tokio::time::timeout(HANDSHAKE_TIMEOUT, read_client_hello(&mut io, &mut buf)).await;
+        let hello = tokio::select! {
+            r = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_client_hello(&mut io, &mut buf)) => r,
+            () = slot.evicted() => {
+                tracing::debug!("silent CONNECT tunnel closed to make room for a new connection");
+                return;
+            }
+        };
         let name = match &hello {
             Ok(Ok(Hello::Tls {
                 sni: Some(sni),
@@ -161,6 +301,8 @@ impl Gateway {
             }
             _ => None,
         };
+        let shown = self::authority(&authority, port);
+        let mut target = shown.clone();
         let rule = match hello {
             _ if name.is_some() => {
                 let Some(sni) = name else { return };
@@ -175,7 +317,11 @@ impl Gateway {
             }
             Ok(Ok(Hello::Tls { ech: true, .. })) => "ech",
             Ok(Ok(Hello::Tls { sni: None, .. })) => "no-sni",
-            Ok(Ok(Hello::Tls { .. })) => "non-provider-name",
+            Ok(Ok(Hello::Tls { sni: Some(sni), .. })) => {
+                // The event names the other host.
+                target = format!("{target} (sni {sni})");
+                "non-provider-name"
+            }
             Ok(Ok(Hello::Plain)) => "not-tls",
             Ok(Err(e)) => e.rule(),
             Err(_) => "hello-timeout",
@@ -184,11 +330,10 @@ impl Gateway {
             arrival: Arrival::Connect,
             peer,
             client,
-            target: format!("{authority}:{port}"),
+            target,
             rule,
         });
-        let _ = io.write_all(&super::serve::ACCESS_DENIED_ALERT).await;
-        let _ = io.shutdown().await;
+        refuse_in_tunnel(&mut io, rule, &shown).await;
     }
 
     /// The first external address `host` resolves to on 443; `None` when
@@ -247,19 +392,47 @@ fn forbidden(msg: &str) -> Response<GwBody> {
     r
 }
 
-fn plain_status(status: StatusCode) -> Response<GwBody> {
-    let mut r = Response::new(handler::full(Bytes::new()));
-    *r.status_mut() = status;
-    r
+/// Refuses a tunnel kt answered `200` to: plain HTTP inside gets a `400`
+/// it can read, anything else a TLS alert.
+pub(crate) async fn refuse_in_tunnel<IO>(io: &mut IO, rule: &str, authority: &str)
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    if rule == "not-tls" {
+        BadHead::new(
+            StatusCode::BAD_REQUEST,
+            "not-tls",
+            format!(
+                "kt: the tunnel to {authority} must carry TLS: a provider is reached over https:// only"
+            ),
+            "-".into(),
+        )
+        .answer(io)
+        .await;
+        return;
+    }
+    let _ = io.write_all(&super::serve::ACCESS_DENIED_ALERT).await;
+    let _ = io.shutdown().await;
 }
 
-/// The host (lower case, IPv6 brackets removed) and port (443 when not
-/// given) a CONNECT request's authority-form target names; `None` without
-/// an authority.
+/// `host:port`, an IPv6 address in brackets.
+pub(crate) fn authority(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// The host (lower case, IPv6 brackets and a trailing dot removed: an
+/// `API.OpenAI.com.` is `api.openai.com`, never another host) and port
+/// (443 when not given) a CONNECT request's authority-form target names;
+/// `None` without an authority.
 pub(crate) fn connect_target(uri: &http::Uri) -> Option<(String, u16)> {
     let authority = uri.authority()?;
     let host = authority
         .host()
+        .trim_end_matches('.')
         .trim_start_matches('[')
         .trim_end_matches(']')
         .to_ascii_lowercase();

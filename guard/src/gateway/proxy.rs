@@ -44,15 +44,14 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Mutex;
 
-use super::connect::{connect_target, splice_with_idle};
+use super::connect::{authority, connect_target, refuse_in_tunnel, splice_with_idle};
 use super::handler::{self, ConnCtx, GwBody, Mode};
 use super::limit::Slot;
 use super::proxy_head::{
-    BadHead, HEAD_TIMEOUT, HeadRead, KEEPALIVE_HEAD_TIMEOUT, check_connect_authority, read_head,
+    BadHead, HEAD_TIMEOUT, HeadRead, KEEPALIVE_HEAD_TIMEOUT, Listener, check_connect_authority,
+    read_head,
 };
-use super::serve::{
-    ACCESS_DENIED_ALERT, CaptureLookup, Captured, MAX_HEADER_BYTES, Refusal, admit_uid,
-};
+use super::serve::{CaptureLookup, Captured, MAX_HEADER_BYTES, Refusal, admit_uid};
 use super::tls::{HANDSHAKE_TIMEOUT, Hello, Prefixed, read_client_hello};
 use super::{Gateway, GatewayError};
 use crate::provider;
@@ -139,8 +138,8 @@ impl Gateway {
         });
         let mut head = Vec::new();
         let read = tokio::select! {
-            r = tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut stream, &mut head, MAX_HEADER_BYTES)) => {
-                r.unwrap_or_else(|_| HeadRead::Bad(BadHead::timeout()))
+            r = tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut stream, &mut head, MAX_HEADER_BYTES, Listener::Proxy)) => {
+                r.unwrap_or_else(|_| HeadRead::Bad(BadHead::timeout(Listener::Proxy)))
             }
             () = slot.evicted() => {
                 tracing::debug!("idle proxy client connection closed to make room for a new one");
@@ -205,24 +204,14 @@ impl Gateway {
             status = bad.status.as_u16(),
             "proxy request refused"
         );
-        let mut rec = self.inner().guard_record(
-            Arrival::Capture,
-            conn.peer,
-            conn.client.clone(),
-            "PROXY",
-            PolicyAction::Block,
-            bad.rule,
-        );
-        rec.path = format!("{} (proxy {})", bad.target, conn.proxy);
-        rec.status = bad.status.as_u16();
-        rec.error_code = Some(codes::BAD_REQUEST);
-        // What the client was told: the event's message.
-        rec.note = Some(format!(
-            "proxy request refused ({}): {}",
-            bad.status.as_u16(),
-            bad.message.trim_start_matches("kt: ")
-        ));
-        self.inner().sink.record(rec);
+        let r = Refusal {
+            arrival: Arrival::Capture,
+            peer: conn.peer,
+            client: conn.client.clone(),
+            target: format!("{} (proxy {})", bad.target, conn.proxy),
+            rule: bad.rule,
+        };
+        self.record_bad_head(r, "PROXY", bad);
     }
 
     async fn proxy_request(
@@ -235,17 +224,9 @@ impl Gateway {
         if !connect && req.method().as_str().eq_ignore_ascii_case("CONNECT") {
             // A proxy that reads methods without case would open a tunnel
             // kt never decided on.
-            let bad = BadHead::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "proxy-bad-method",
-                format!(
-                    "kt: method `{}` refused: a tunnel is asked for with `CONNECT`, in capitals",
-                    req.method()
-                ),
-                "-".into(),
-            );
+            let bad = BadHead::bad_method(req.method(), Listener::Proxy);
             self.refuse_request(&conn, &bad);
-            return text_response(&bad);
+            return bad.response();
         }
         if connect {
             // Every CONNECT on the connection, not only the first head.
@@ -253,9 +234,9 @@ impl Gateway {
                 .uri()
                 .authority()
                 .map_or("", http::uri::Authority::as_str);
-            if let Err(bad) = check_connect_authority(authority) {
+            if let Err(bad) = check_connect_authority(authority, Listener::Proxy) {
                 self.refuse_request(&conn, &bad);
-                return text_response(&bad);
+                return bad.response();
             }
         }
         let absolute = matches!(req.uri().scheme_str(), Some("http" | "https"));
@@ -284,7 +265,7 @@ impl Gateway {
                 "-".into(),
             );
             self.refuse_request(&conn, &bad);
-            return text_response(&bad);
+            return bad.response();
         };
         // `api.openai.com.` is `api.openai.com`, `127.0.0.1.` an address:
         // decided as such (the request still goes on as sent).
@@ -404,23 +385,7 @@ impl Gateway {
             target,
             rule,
         });
-        if rule == "not-tls" {
-            // Plain HTTP inside the tunnel: an answer the client can read.
-            BadHead::new(
-                StatusCode::BAD_REQUEST,
-                rule,
-                format!(
-                    "kt: the tunnel to {} must carry TLS: a provider is reached over https:// only",
-                    authority(&host, port)
-                ),
-                "-".into(),
-            )
-            .answer(&mut io)
-            .await;
-            return;
-        }
-        let _ = io.write_all(&ACCESS_DENIED_ALERT).await;
-        let _ = io.shutdown().await;
+        refuse_in_tunnel(&mut io, rule, &authority(&host, port)).await;
     }
 
     /// A CONNECT to an IP literal, already answered `200`: a provider name
@@ -638,26 +603,6 @@ impl Gateway {
         });
         Ok(sender)
     }
-}
-
-/// `host:port`, an IPv6 address in brackets.
-fn authority(host: &str, port: u16) -> String {
-    if host.contains(':') {
-        format!("[{host}]:{port}")
-    } else {
-        format!("{host}:{port}")
-    }
-}
-
-/// A refusal as a response on the served connection (plain text).
-fn text_response(bad: &BadHead) -> Response<GwBody> {
-    let mut r = Response::new(handler::full(Bytes::from(bad.body())));
-    *r.status_mut() = bad.status;
-    r.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    r
 }
 
 fn status_response(status: StatusCode, msg: &str) -> Response<GwBody> {

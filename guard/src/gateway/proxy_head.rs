@@ -1,11 +1,12 @@
-//! The proxy listener's checks on what a client sends before hyper serves
-//! it: the first request head, read by kt with a size cap and a deadline,
-//! and every CONNECT authority. What is not an HTTP/1.1 proxy request (TLS
-//! or HTTP/2 sent straight to the proxy port, binary bytes, a head that is
-//! too large or never ends, an authority that is not `host:port`) gets a
-//! status, a short text saying what to do, and an event, instead of
-//! hyper's bare `400` or a silent close; nothing odd is replayed to the
-//! real proxy, where another parser could read it otherwise than kt did.
+//! The checks on what a client sends to the proxy listener and to the
+//! explicit listener (base URL and CONNECT) before hyper serves it: the
+//! first request head, read by kt with a size cap and a deadline, and every
+//! CONNECT authority. What is not an HTTP/1.1 request (TLS sent straight to
+//! the port, binary bytes, a head that is too large or never ends, an
+//! authority that is not `host:port`) gets a status, a short text saying
+//! what to do, and an event, instead of hyper's bare `400` or a silent
+//! close; nothing odd is replayed to the real proxy or opens a tunnel,
+//! where another parser could read it otherwise than kt did.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
@@ -34,7 +35,53 @@ const LINGER_BYTES: usize = 128 * 1024;
 /// Longest authority text put in an event or a message.
 const MAX_SHOWN: usize = 200;
 
-/// A request kt refuses on the proxy listener.
+/// Which listener reads the head: the rule names and texts differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Listener {
+    /// Captured connections to a declared proxy (rules `proxy-*`).
+    Proxy,
+    /// `gateway.listen`: base-URL requests and CONNECT (`HTTPS_PROXY`
+    /// pointing at kt). Rules `explicit-*`, and `connect-*` for CONNECT
+    /// requests. HTTP/2 with prior knowledge is served here (a base-URL
+    /// client may speak it); its CONNECT streams get the same checks.
+    Explicit,
+}
+
+impl Listener {
+    fn rule(self, proxy: &'static str, explicit: &'static str) -> &'static str {
+        match self {
+            Listener::Proxy => proxy,
+            Listener::Explicit => explicit,
+        }
+    }
+
+    /// The rule for a CONNECT target that is not `host:port`.
+    pub(crate) fn bad_authority(self) -> &'static str {
+        self.rule("proxy-bad-authority", "connect-bad-authority")
+    }
+
+    /// The rule for `connect` spelled in another case.
+    pub(crate) fn bad_method(self) -> &'static str {
+        self.rule("proxy-bad-method", "connect-bad-method")
+    }
+
+    /// What a client of this listener sends, for texts.
+    fn expected(self) -> &'static str {
+        match self {
+            Listener::Proxy => {
+                "a proxy client sends `CONNECT host:port HTTP/1.1` (or an absolute http:// URL)"
+            }
+            Listener::Explicit => {
+                "kt's port takes HTTP/1.1 requests to a base URL (POST /openai/v1/...) or `CONNECT host:port HTTP/1.1`"
+            }
+        }
+    }
+}
+
+/// The HTTP/2 connection preface (prior knowledge).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// A request kt refuses on the proxy or the explicit listener.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct BadHead {
     /// Status answered.
@@ -65,13 +112,26 @@ impl BadHead {
     }
 
     /// The client sent no whole head within [`HEAD_TIMEOUT`].
-    pub(crate) fn timeout() -> BadHead {
+    pub(crate) fn timeout(listener: Listener) -> BadHead {
         BadHead::new(
             StatusCode::REQUEST_TIMEOUT,
-            "proxy-head-timeout",
+            listener.rule("proxy-head-timeout", "explicit-head-timeout"),
             format!(
-                "kt: no complete request head within {} s; a proxy client sends `CONNECT host:port HTTP/1.1` and its headers at once",
+                "kt: no complete request head within {} s; a client sends its request line and headers at once",
                 HEAD_TIMEOUT.as_secs()
+            ),
+            "-".into(),
+        )
+    }
+
+    /// `connect` spelled in another case: a lenient parser behind kt (a
+    /// proxy) could take it for a tunnel kt never decided on.
+    pub(crate) fn bad_method(method: &http::Method, listener: Listener) -> BadHead {
+        BadHead::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            listener.bad_method(),
+            format!(
+                "kt: method `{method}` refused: a tunnel is asked for with `CONNECT`, in capitals"
             ),
             "-".into(),
         )
@@ -91,6 +151,17 @@ impl BadHead {
     /// The text body of the refusal.
     pub(crate) fn body(&self) -> String {
         format!("{}\n", self.message)
+    }
+
+    /// The refusal as a response on a served connection (plain text).
+    pub(crate) fn response(&self) -> http::Response<super::handler::GwBody> {
+        let mut r = http::Response::new(super::handler::full(self.body()));
+        *r.status_mut() = self.status;
+        r.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        r
     }
 
     /// Writes the refusal (plain text), then closes.
@@ -142,6 +213,7 @@ pub(crate) async fn read_head<IO: AsyncRead + Unpin>(
     io: &mut IO,
     buf: &mut Vec<u8>,
     max: usize,
+    listener: Listener,
 ) -> HeadRead {
     let mut chunk = [0u8; 4096];
     let mut first = true;
@@ -155,61 +227,79 @@ pub(crate) async fn read_head<IO: AsyncRead + Unpin>(
         // past the cap): a client dripping a byte per read cannot make kt
         // parse the whole buffer each time.
         let parse = std::mem::take(&mut first) || chunk[..n].contains(&b'\n') || buf.len() > max;
-        if parse && let Some(done) = check_head(buf, max) {
+        if parse && let Some(done) = check_head(buf, max, listener) {
             return done;
         }
     }
 }
 
 /// The verdict on the bytes so far; `None` while a head may still follow.
-fn check_head(buf: &[u8], max: usize) -> Option<HeadRead> {
+fn check_head(buf: &[u8], max: usize, listener: Listener) -> Option<HeadRead> {
     if buf.first() == Some(&0x16) {
-        return Some(HeadRead::Bad(BadHead::new(
-            StatusCode::BAD_REQUEST,
-            "proxy-tls-to-http-proxy",
-            "kt: this is an HTTP proxy and it got TLS; use an http:// proxy URL (HTTPS_PROXY=http://host:port), not https://".into(),
-            "-".into(),
-        )));
+        return Some(HeadRead::Bad(match listener {
+            Listener::Proxy => BadHead::new(
+                StatusCode::BAD_REQUEST,
+                "proxy-tls-to-http-proxy",
+                "kt: this is an HTTP proxy and it got TLS; use an http:// proxy URL (HTTPS_PROXY=http://host:port), not https://".into(),
+                "-".into(),
+            ),
+            Listener::Explicit => BadHead::new(
+                StatusCode::BAD_REQUEST,
+                "explicit-tls-to-http",
+                "kt: this port speaks plain HTTP and got TLS; use an http:// URL for it (OPENAI_BASE_URL=http://host:port/openai/v1, HTTPS_PROXY=http://host:port), not https://".into(),
+                "-".into(),
+            ),
+        }));
+    }
+    if listener == Listener::Explicit {
+        // HTTP/2 with prior knowledge: hyper serves it (each stream is a
+        // request checked on its own, CONNECT authorities included).
+        let n = buf.len().min(H2_PREFACE.len());
+        if buf[..n] == H2_PREFACE[..n] {
+            return (n == H2_PREFACE.len()).then_some(HeadRead::Complete);
+        }
     }
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     let too_large = || {
         HeadRead::Bad(BadHead::new(
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            "proxy-head-too-large",
+            listener.rule("proxy-head-too-large", "explicit-head-too-large"),
             format!(
-                "kt: request head over {max} bytes or {MAX_HEADERS} header fields; send `CONNECT host:port HTTP/1.1` with the headers a proxy needs only"
+                "kt: request head over {max} bytes or {MAX_HEADERS} header fields; send the request line with the headers it needs only"
             ),
             "-".into(),
         ))
     };
     match req.parse(buf) {
         Ok(httparse::Status::Complete(len)) if len > max => Some(too_large()),
-        Ok(httparse::Status::Complete(_)) => Some(match check_request(&req) {
+        Ok(httparse::Status::Complete(_)) => Some(match check_request(&req, listener) {
             Ok(()) => HeadRead::Complete,
             Err(bad) => HeadRead::Bad(bad),
         }),
         Ok(httparse::Status::Partial) if buf.len() > max => Some(too_large()),
         Ok(httparse::Status::Partial) => None,
         Err(httparse::Error::TooManyHeaders) => Some(too_large()),
-        Err(_) if is_http2(buf) => Some(HeadRead::Bad(BadHead::new(
-            StatusCode::BAD_REQUEST,
-            "proxy-http2",
-            "kt: HTTP/2 sent to an HTTP/1.1 proxy; a proxy client sends `CONNECT host:port HTTP/1.1`".into(),
-            "-".into(),
-        ))),
+        Err(_) if listener == Listener::Proxy && is_http2(buf) => {
+            Some(HeadRead::Bad(BadHead::new(
+                StatusCode::BAD_REQUEST,
+                "proxy-http2",
+                "kt: HTTP/2 sent to an HTTP/1.1 proxy; a proxy client sends `CONNECT host:port HTTP/1.1`".into(),
+                "-".into(),
+            )))
+        }
         Err(httparse::Error::HeaderName | httparse::Error::HeaderValue) => {
             Some(HeadRead::Bad(BadHead::new(
                 StatusCode::BAD_REQUEST,
-                "proxy-bad-header",
+                listener.rule("proxy-bad-header", "explicit-bad-header"),
                 "kt: a header line of the request head is malformed (`Name: value`, no control bytes, no folded lines)".into(),
                 "-".into(),
             )))
         }
         Err(_) => Some(HeadRead::Bad(BadHead::new(
             StatusCode::BAD_REQUEST,
-            "proxy-not-http",
-            "kt: not an HTTP/1.1 request; a proxy client sends `CONNECT host:port HTTP/1.1` (or an absolute http:// URL)".into(),
+            listener.rule("proxy-not-http", "explicit-not-http"),
+            format!("kt: not an HTTP/1.1 request; {}", listener.expected()),
             "-".into(),
         ))),
     }
@@ -223,17 +313,20 @@ fn is_http2(buf: &[u8]) -> bool {
 
 /// A whole head's request line: a CONNECT authority kt accepts, or a
 /// target hyper will parse (other checks follow per request).
-fn check_request(req: &httparse::Request<'_, '_>) -> Result<(), BadHead> {
+fn check_request(req: &httparse::Request<'_, '_>, listener: Listener) -> Result<(), BadHead> {
     let method = req.method.unwrap_or_default();
     let target = req.path.unwrap_or_default();
     if method == "CONNECT" {
-        check_connect_authority(target)?;
+        check_connect_authority(target, listener)?;
     }
     if target.parse::<http::Uri>().is_err() {
         return Err(BadHead::new(
             StatusCode::BAD_REQUEST,
-            "proxy-bad-target",
-            "kt: the request target is not a URL nor host:port; a proxy client sends `CONNECT host:port HTTP/1.1` or an absolute http:// URL".into(),
+            listener.rule("proxy-bad-target", "explicit-bad-target"),
+            format!(
+                "kt: the request target is not a URL nor host:port; {}",
+                listener.expected()
+            ),
             "-".into(),
         ));
     }
@@ -247,11 +340,11 @@ fn check_request(req: &httparse::Request<'_, '_>) -> Result<(), BadHead> {
 /// brackets, and numeric names that are not dotted-decimal IPv4
 /// (`2130706433`, `0x7f.1`): kt could not tell whether they name a
 /// provider's address, while the proxy's resolver may read them as one.
-pub(crate) fn check_connect_authority(target: &str) -> Result<(), BadHead> {
+pub(crate) fn check_connect_authority(target: &str, listener: Listener) -> Result<(), BadHead> {
     let bad = |message: String, shown: &str| {
         BadHead::new(
             StatusCode::BAD_REQUEST,
-            "proxy-bad-authority",
+            listener.bad_authority(),
             message,
             shorten(shown),
         )
@@ -383,7 +476,19 @@ mod tests {
     use super::*;
 
     fn rule(target: &str) -> Option<&'static str> {
-        check_connect_authority(target).err().map(|b| b.rule)
+        let proxy = check_connect_authority(target, Listener::Proxy)
+            .err()
+            .map(|b| b.rule);
+        let explicit = check_connect_authority(target, Listener::Explicit)
+            .err()
+            .map(|b| b.rule);
+        // The same verdict on both listeners, under each one's rule name.
+        assert_eq!(
+            proxy.is_some(),
+            explicit == Some("connect-bad-authority"),
+            "{target}"
+        );
+        proxy
     }
 
     #[test]
@@ -431,17 +536,49 @@ mod tests {
 
     #[test]
     fn refusals_never_echo_user_information() {
-        let b = check_connect_authority("alice:s3cret@api.openai.com:443").unwrap_err();
+        let b = check_connect_authority("alice:s3cret@api.openai.com:443", Listener::Explicit)
+            .unwrap_err();
         assert!(!b.message.contains("s3cret"), "{b:?}");
         assert!(!b.target.contains("s3cret"), "{b:?}");
         assert_eq!(b.target, "api.openai.com:443");
-        let b = check_connect_authority("alice:s3cret:443").unwrap_err();
+        let b = check_connect_authority("alice:s3cret:443", Listener::Proxy).unwrap_err();
         assert!(!b.message.contains("s3cret") && !b.target.contains("s3cret"));
     }
 
     #[test]
+    fn the_explicit_listener_names_its_own_rules_and_serves_http2_prior_knowledge() {
+        let verdict = |b: &[u8]| match check_head(b, 1024, Listener::Explicit) {
+            Some(HeadRead::Bad(b)) => Some(b.rule),
+            Some(HeadRead::Complete) => Some("complete"),
+            Some(HeadRead::Closed) => Some("closed"),
+            None => None,
+        };
+        assert_eq!(
+            verdict(b"\x16\x03\x01\x02\x00"),
+            Some("explicit-tls-to-http")
+        );
+        assert_eq!(verdict(b"\x00\x01\x02\xff"), Some("explicit-not-http"));
+        assert_eq!(verdict(b"PRI * HTTP/2.0\r\n"), None);
+        assert_eq!(verdict(H2_PREFACE), Some("complete"));
+        // Only the exact preface: another HTTP/2 request line is not HTTP/1.1.
+        assert_eq!(
+            verdict(b"GET / HTTP/2.0\r\n\r\n"),
+            Some("explicit-not-http")
+        );
+        assert_eq!(
+            verdict(b"POST /openai/v1/chat/completions HTTP/1.1\r\nHost: x\r\n\r\n{"),
+            Some("complete")
+        );
+        assert_eq!(
+            verdict(b"CONNECT api.openai.com HTTP/1.1\r\n\r\n"),
+            Some("connect-bad-authority")
+        );
+        assert_eq!(verdict(&[b'a'; 1025]), Some("explicit-head-too-large"));
+    }
+
+    #[test]
     fn heads_that_are_not_http_are_refused_as_soon_as_seen() {
-        let verdict = |b: &[u8]| match check_head(b, 1024) {
+        let verdict = |b: &[u8]| match check_head(b, 1024, Listener::Proxy) {
             Some(HeadRead::Bad(b)) => Some(b.rule),
             Some(HeadRead::Complete) => Some("complete"),
             Some(HeadRead::Closed) => Some("closed"),
@@ -480,7 +617,7 @@ mod tests {
         }
         many.extend_from_slice(b"\r\n");
         assert_eq!(
-            match check_head(&many, 64 * 1024) {
+            match check_head(&many, 64 * 1024, Listener::Proxy) {
                 Some(HeadRead::Bad(b)) => Some(b.rule),
                 _ => None,
             },

@@ -18,6 +18,7 @@ use tokio::net::{TcpListener, TcpStream};
 use super::connect::splice_with_idle;
 use super::handler::{self, ConnCtx, Mode};
 use super::limit::Slot;
+use super::proxy_head::{BadHead, Listener};
 use super::tls::{HANDSHAKE_TIMEOUT, Hello, HelloError, Prefixed, read_client_hello};
 use super::{Gateway, GatewayError, stopped};
 use crate::config::CaptureScope;
@@ -176,16 +177,22 @@ impl Gateway {
     /// Accept loop for explicit clients (base-URL mode and CONNECT proxy
     /// mode) until [`Gateway::shutdown`]; then drains in-flight requests.
     pub async fn serve_explicit(&self, listener: TcpListener) -> Result<(), GatewayError> {
-        self.accept_loop(listener, |gw, stream, peer, slot| async move {
+        self.accept_loop(listener, |gw, mut stream, peer, slot| async move {
             let _ = stream.set_nodelay(true);
             let local = stream.local_addr().unwrap_or(peer);
+            // The first head is kt's to check (hostile or odd bytes get a
+            // status, a text and an event); hyper serves the rest.
+            let Some(head) = gw.explicit_head(&mut stream, peer, local, &slot).await else {
+                return;
+            };
             let ctx = Arc::new(ConnCtx {
                 mode: Mode::BaseUrl,
                 peer: Some(peer),
                 client: ClientInfo::default(),
                 explicit: Some(handler::ExplicitPeer::new(local)),
             });
-            gw.serve_http(TokioIo::new(stream), ctx, true, slot).await;
+            let io = Prefixed::new(head, stream);
+            gw.serve_http(TokioIo::new(io), ctx, true, slot).await;
         })
         .await
     }
@@ -536,6 +543,7 @@ impl Gateway {
     {
         let gw = self.clone();
         let svc_slot = Arc::clone(&slot);
+        let conn_ctx = Arc::clone(&ctx);
         let svc = service_fn(move |req: Request<Incoming>| {
             let gw = gw.clone();
             let ctx = Arc::clone(&ctx);
@@ -543,12 +551,38 @@ impl Gateway {
             let in_flight = svc_slot.begin();
             let tunnel_slot = Arc::clone(&svc_slot);
             async move {
+                if allow_connect
+                    && req.method() != Method::CONNECT
+                    && req.method().as_str().eq_ignore_ascii_case("CONNECT")
+                {
+                    let bad = BadHead::bad_method(req.method(), Listener::Explicit);
+                    let client = handler::resolve_client(&gw.inner(), &ctx)
+                        .await
+                        .unwrap_or_default();
+                    let r = Refusal {
+                        arrival: Arrival::Connect,
+                        peer: ctx.peer,
+                        client,
+                        target: bad.target.clone(),
+                        rule: bad.rule,
+                    };
+                    gw.record_bad_head(r, "CONNECT", &bad);
+                    return Ok(bad.response());
+                }
                 if req.method() == Method::CONNECT {
                     if allow_connect {
-                        let client = handler::resolve_client(&gw.inner(), &ctx)
-                            .await
-                            .unwrap_or_default();
-                        return Ok(gw.connect(req, ctx.peer, client, tunnel_slot).await);
+                        // Over its uid's budget: refused (recorded by the
+                        // budget), never a tunnel for an unnamed client.
+                        let Some(client) = handler::resolve_client(&gw.inner(), &ctx).await else {
+                            let bad = BadHead::new(
+                                StatusCode::TOO_MANY_REQUESTS,
+                                "uid-connection-budget",
+                                "kt: this user has too many connections open to kt (gateway.max_connections_per_uid)".into(),
+                                "-".into(),
+                            );
+                            return Ok(bad.response());
+                        };
+                        return Ok(gw.connect(req, Arc::clone(&ctx), client, tunnel_slot).await);
                     }
                     let body = provider::error_body(
                         None,
@@ -599,7 +633,40 @@ impl Gateway {
         tokio::select! {
             r = served => {
                 if let Err(e) = r {
-                    tracing::debug!(error = %e, "client connection ended with an error");
+                    let refused = allow_connect
+                        .then(|| e.downcast_ref::<hyper::Error>())
+                        .flatten()
+                        .and_then(|e| {
+                            if e.is_parse_too_large() {
+                                Some(BadHead::later(
+                                    StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                                    "explicit-head-too-large",
+                                ))
+                            } else if e.is_parse() {
+                                Some(BadHead::later(StatusCode::BAD_REQUEST, "explicit-not-http"))
+                            } else {
+                                None
+                            }
+                        });
+                    match refused {
+                        // A later head on an explicit connection that hyper
+                        // refused itself (its bare 400 or 431): recorded as
+                        // the first head's refusals are.
+                        Some(bad) => {
+                            let client = handler::resolve_client(&self.inner(), &conn_ctx)
+                                .await
+                                .unwrap_or_default();
+                            let r = Refusal {
+                                arrival: Arrival::BaseUrl,
+                                peer: conn_ctx.peer,
+                                client,
+                                target: bad.target.clone(),
+                                rule: bad.rule,
+                            };
+                            self.record_bad_head(r, "HTTP", &bad);
+                        }
+                        None => tracing::debug!(error = %e, "client connection ended with an error"),
+                    }
                 }
             }
             () = slot.evicted() => {
