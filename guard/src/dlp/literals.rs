@@ -7,7 +7,9 @@
 //! hit on the short one is checked against each longer one by comparison.
 //! After that at most one searched literal can start at any position, and
 //! restarting the search one byte after each hit enumerates them all,
-//! overlapping occurrences included.
+//! overlapping occurrences included. Heads shorter than 4 bytes are
+//! searched for apart from the longer ones (see `SPLIT_HEAD`); the two
+//! searches' hits are merged in order of position.
 
 use aho_corasick::{AhoCorasick, Input, MatchKind, packed};
 

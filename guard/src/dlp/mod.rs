@@ -34,13 +34,15 @@
 //!
 //! # Speed
 //! Every rule's required literal prefixes (`sk-`, `AKIA`, `ghp_`,
-//! `-----BEGIN`, …) are extracted from its regex (or given by the rule: the
-//! spellings of a context word, Azure's signature inside the key) and
-//! searched for in one pass with aho-corasick's packed SIMD searcher; their base64 spellings
-//! have a second pass (see the `b64` module), which runs only inside base64
-//! runs long enough to hold an encoded match (found 16 bytes at a time: prose
-//! and code have next to none) and the blocked terms a third,
-//! case-insensitive one (see the `terms` module). A rule's regex then runs
+//! `-----BEGIN`, …) are extracted from its regex (or given by the rule:
+//! Azure's signature inside the key) and searched for in one pass with
+//! aho-corasick's packed SIMD searcher (two searches under the hood: 3-byte
+//! heads apart from longer ones, see the `literals` module); their base64
+//! spellings have a second pass (see the `b64` module), which runs only
+//! inside base64 runs long enough to hold an encoded match (found 16 bytes
+//! at a time: prose and code have next to none), and the blocked terms and
+//! the context words of context rules (`mistral`, `cohere`, …: any case)
+//! a third, case-insensitive one (see the `terms` module). A rule's regex then runs
 //! only at a candidate, anchored there: for rules with no look-around that
 //! cannot match a line break (all built-in rules but the PEM one), one
 //! anchored search in the joined view settles a candidate. A user pattern
