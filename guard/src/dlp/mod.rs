@@ -1286,6 +1286,9 @@ struct Buffer {
     /// Matches may span pieces (the joined view); otherwise pieces are
     /// separated by a newline and a match across them is dropped.
     spanning: bool,
+    /// The piece `piece_at` found last: candidates come in order of
+    /// position, so the next one is usually at or just after it.
+    hint: std::cell::Cell<usize>,
 }
 
 impl Drop for Buffer {
@@ -1304,6 +1307,7 @@ impl Buffer {
             pieces: scratch::take(&PIECES),
             bounds: scratch::take(&scratch::OFFSETS),
             spanning,
+            hint: std::cell::Cell::new(0),
         }
     }
 
@@ -1468,11 +1472,25 @@ impl Buffer {
 
     /// The piece holding buffer offset `p`, if any.
     fn piece_at(&self, p: usize) -> Option<&Piece> {
-        let i = self
-            .pieces
-            .partition_point(|pc| pc.at <= p)
-            .checked_sub(1)?;
-        let pc = &self.pieces[i];
+        // Gallop forward from the last piece found (a megabyte body has
+        // tens of thousands of pieces: a search over all of them per
+        // candidate missed the cache at every step), else search them all.
+        let pieces = &self.pieces[..];
+        let h = self.hint.get();
+        let i = if pieces.get(h).is_some_and(|pc| pc.at <= p) {
+            let mut step = 1;
+            let mut lo = h;
+            while pieces.get(lo + step).is_some_and(|pc| pc.at <= p) {
+                lo += step;
+                step *= 2;
+            }
+            let hi = (lo + step).min(pieces.len());
+            lo + pieces[lo..hi].partition_point(|pc| pc.at <= p) - 1
+        } else {
+            pieces.partition_point(|pc| pc.at <= p).checked_sub(1)?
+        };
+        self.hint.set(i);
+        let pc = &pieces[i];
         (p < pc.at + pc.len).then_some(pc)
     }
 
