@@ -275,6 +275,13 @@ fn assert_refusals(rs: &[serde_json::Value]) {
     );
     let groq = find(rs, "groq", false);
     assert_eq!(groq["error"], "PermissionDeniedError", "{groq}");
+    assert!(
+        groq["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("an anthropic key sent to groq"),
+        "{groq}"
+    );
     // groq's errors carry the body, not OpenAI's `code` attribute.
     assert_eq!(
         groq["body"]["error"]["code"], "kt_credential_refused",
