@@ -107,6 +107,18 @@ const ANSWERS: [(&str, &str); 9] = [
     ("huggingface", "fake-huggingface"),
     ("bedrock", "fake-bedrock"),
 ];
+/// The packages drive.py imports, as `cargo xtask setup` pins them (its
+/// `kt-packages.txt` in the venv lists them).
+const VENV_PACKAGES: [&str; 8] = [
+    "openai",
+    "anthropic",
+    "google-genai",
+    "groq",
+    "mistralai",
+    "cohere",
+    "huggingface_hub",
+    "boto3",
+];
 /// Plain AWS access keys (fake values): botocore signs with SigV4.
 const AWS_KEY_ID: &str = "AKIAKTSDKTESTEXAMPLE";
 const AWS_SECRET: &str = "kt/sdk/test/secret/EXAMPLEKEY0000000000000";
@@ -124,6 +136,19 @@ fn sdk_python() -> Option<PathBuf> {
     );
     let python = dir.join("bin/python");
     if python.exists() {
+        // A venv made before an SDK was added lacks it: say so, rather
+        // than fail on an import error.
+        let pinned = std::fs::read_to_string(dir.join("kt-packages.txt")).unwrap_or_default();
+        let missing: Vec<&str> = VENV_PACKAGES
+            .iter()
+            .copied()
+            .filter(|p| !pinned.lines().any(|l| l.starts_with(&format!("{p}=="))))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "the SDK venv at {} lacks {missing:?}: run `cargo xtask setup` again",
+            dir.display()
+        );
         return Some(python);
     }
     match std::fs::read_to_string(dir.with_extension("unavailable")) {
