@@ -425,7 +425,12 @@ fn key_env(cmd: &mut Command, foreign: bool) {
         // No instance-metadata lookups (a link-local address, never ours).
         .env("AWS_EC2_METADATA_DISABLED", "true")
         .env("AWS_ACCESS_KEY_ID", AWS_KEY_ID)
-        .env("AWS_SECRET_ACCESS_KEY", AWS_SECRET);
+        .env("AWS_SECRET_ACCESS_KEY", AWS_SECRET)
+        // huggingface_hub fetches an "agent harnesses" list from the Hub
+        // (`{HF_ENDPOINT}/api/agent-harnesses`, not the inference router)
+        // before its first request: a closed loopback port instead, so
+        // nothing leaves the machine (it then detects no agent).
+        .env("HF_ENDPOINT", "http://127.0.0.1:9");
     for (sdk, _, _, own, var) in BEARER {
         // Groq's own prefix would not be foreign to Groq: an Anthropic key.
         let other = if sdk == "groq" {
