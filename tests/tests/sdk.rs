@@ -5,7 +5,11 @@
 //!
 //! * base URL: the SDK's base-URL variable or documented argument points
 //!   at kt's explicit listener (`/openai/v1`, `/anthropic`, `/gemini`,
-//!   `/groq`, `/mistral`, `/cohere`, `/huggingface/v1`, `/bedrock`);
+//!   `/groq`, `/mistral`, `/cohere`, `/huggingface/v1`; `/bedrock` only
+//!   for the SigV4 refusal, as botocore sends a Bedrock API key over
+//!   HTTPS only);
+//! * CONNECT: `HTTPS_PROXY` names kt's explicit listener, kt's CA is
+//!   trusted (`SSL_CERT_FILE`, botocore's `AWS_CA_BUNDLE`);
 //! * capture (root, eBPF): nothing but the key is set; the SDK resolves
 //!   `api.openai.com` & co. through the test's own `/etc/hosts` (a private
 //!   mount namespace: loopback addresses, the host's file untouched), the
