@@ -516,16 +516,38 @@ async fn answer_inner(
     }
     let mut chunks: Vec<Vec<u8>> = if bedrock_stream {
         [
-            r#"{"messageStart":{"role":"assistant"}}"#.to_string(),
+            // Each payload is the event's member shape, named by the
+            // `:event-type` header (as botocore's ConverseStream parses it).
+            r#"{"role":"assistant"}"#.to_string(),
             format!(
-                r#"{{"contentBlockDelta":{{"delta":{{"text":"hello from {}"}},"contentBlockIndex":0}}}}"#,
+                r#"{{"delta":{{"text":"hello from {}"}},"contentBlockIndex":0}}"#,
                 st.name
             ),
-            r#"{"messageStop":{"stopReason":"end_turn"}}"#.to_string(),
+            r#"{"stopReason":"end_turn"}"#.to_string(),
         ]
         .iter()
         .zip(["messageStart", "contentBlockDelta", "messageStop"])
         .map(|(payload, event)| event_stream_frame(event, payload.as_bytes()))
+        .collect()
+    } else if stream && route.ends_with("/v2/chat") {
+        // Cohere's v2 stream: SSE events typed in their JSON.
+        [
+            r#"{"type":"message-start","id":"fake","delta":{"message":{"role":"assistant"}}}"#
+                .to_string(),
+            format!(
+                r#"{{"type":"content-delta","index":0,"delta":{{"message":{{"content":{{"text":"hello from {}"}}}}}}}}"#,
+                st.name
+            ),
+            r#"{"type":"message-end","delta":{"finish_reason":"COMPLETE"}}"#.to_string(),
+        ]
+        .iter()
+        .map(|d| {
+            let event = serde_json::from_str::<serde_json::Value>(d).unwrap_or_default()["type"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            format!("event: {event}\ndata: {d}\n\n").into_bytes()
+        })
         .collect()
     } else if gemini_stream {
         vec![
@@ -549,12 +571,17 @@ async fn answer_inner(
                 "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n".to_string(),
             ]
         } else {
+            // The fields strict SDKs (mistralai's models) require of a
+            // chunk: id, model, choices[index, delta, finish_reason].
+            let head = format!(
+                "\"id\":\"chatcmpl-fake\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"{model}\""
+            );
             vec![
                 format!(
-                    "data: {{\"model\":\"{model}\",\"choices\":[{{\"delta\":{{\"content\":\"hello \"}}}}]}}\n\n"
+                    "data: {{{head},\"choices\":[{{\"index\":0,\"delta\":{{\"role\":\"assistant\",\"content\":\"hello \"}},\"finish_reason\":null}}]}}\n\n"
                 ),
                 format!(
-                    "data: {{\"model\":\"{model}\",\"choices\":[{{\"delta\":{{\"content\":\"from {}\"}}}}]}}\n\n",
+                    "data: {{{head},\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"from {}\"}},\"finish_reason\":\"stop\"}}]}}\n\n",
                     st.name
                 ),
                 "data: [DONE]\n\n".to_string(),
@@ -568,11 +595,16 @@ async fn answer_inner(
         } else if route.ends_with(":generateContent") {
             // Gemini's GenerateContentResponse.
             serde_json::json!({"candidates":[{"content":{"parts":[{"text":text}],"role":"model"},"finishReason":"STOP","index":0}],"modelVersion":"fake"})
+        } else if route.ends_with("/v2/chat") {
+            // Cohere's v2 ChatResponse.
+            serde_json::json!({"id":"fake","finish_reason":"COMPLETE","message":{"role":"assistant","content":[{"type":"text","text":text}]},"usage":{"tokens":{"input_tokens":1,"output_tokens":3}}})
         } else if route.ends_with("/converse") {
             // Bedrock's ConverseResponse.
             serde_json::json!({"output":{"message":{"role":"assistant","content":[{"text":text}]}},"stopReason":"end_turn","usage":{"inputTokens":1,"outputTokens":3,"totalTokens":4}})
         } else {
-            serde_json::json!({"object":"chat.completion","model":model,"choices":[{"message":{"role":"assistant","content":format!("hello from {}", st.name)}}]})
+            // With the fields strict SDKs require (mistralai: id, created,
+            // usage, choices[index, finish_reason]).
+            serde_json::json!({"id":"chatcmpl-fake","object":"chat.completion","created":1,"model":model,"choices":[{"index":0,"message":{"role":"assistant","content":text},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":3,"total_tokens":4}})
         };
         // Split the JSON in two so cut/gated behaviours have a middle.
         let s = v.to_string();

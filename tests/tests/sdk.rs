@@ -1,9 +1,15 @@
 //! The real provider SDKs (Python `openai`, `anthropic`, `google-genai`,
-//! pinned, from the venv `cargo xtask setup` makes) with their default
-//! settings — only the API key in the environment — through kt:
+//! `groq`, `mistralai`, `cohere`, `huggingface_hub` and `boto3`, pinned,
+//! from the venv `cargo xtask setup` makes) with their default settings —
+//! only the API key in the environment — through kt:
 //!
-//! * base URL: the SDK's base-URL variable points at kt's explicit
-//!   listener (`/openai/v1`, `/anthropic`, `/gemini`);
+//! * base URL: the SDK's base-URL variable or documented argument points
+//!   at kt's explicit listener (`/openai/v1`, `/anthropic`, `/gemini`,
+//!   `/groq`, `/mistral`, `/cohere`, `/huggingface/v1`; `/bedrock` only
+//!   for the SigV4 refusal, as botocore sends a Bedrock API key over
+//!   HTTPS only);
+//! * CONNECT: `HTTPS_PROXY` names kt's explicit listener, kt's CA is
+//!   trusted (`SSL_CERT_FILE`, botocore's `AWS_CA_BUNDLE`);
 //! * capture (root, eBPF): nothing but the key is set; the SDK resolves
 //!   `api.openai.com` & co. through the test's own `/etc/hosts` (a private
 //!   mount namespace: loopback addresses, the host's file untouched), the
@@ -14,7 +20,9 @@
 //! provider's answer; the fakes must see only the managed keys, each in
 //! its provider's style; a key of another provider is refused by kt with
 //! an error the SDK raises as its own (`PermissionDeniedError`,
-//! `ClientError`). Without the venv the tests say why (the reason setup
+//! `ClientError`, `ForbiddenError`, `AccessDeniedException`, …), and
+//! Bedrock's SigV4 requests (plain AWS access keys) are refused as
+//! `AccessDeniedException`. Without the venv the tests say why (the reason setup
 //! recorded) instead of passing in silence.
 
 use std::io::Write;
@@ -40,13 +48,84 @@ const OWN_OA: &str = "legacy-openai-JOBKEY-0001";
 const OWN_ANT: &str = "legacy-anthropic-JOBKEY-0002";
 const OWN_GEM: &str = "legacy-gemini-JOBKEY-0003";
 const OWN_AZ: &str = "0123456789abcdef0123456789abcdef";
-const SDKS: [&str; 4] = ["openai", "anthropic", "gemini", "azure"];
-const ANSWERS: [(&str, &str); 4] = [
+/// The Bearer providers added to the catalog's SDK coverage: (SDK run
+/// by drive.py, secret name, managed key, the job's own key, its key
+/// variable).
+const BEARER: [(&str, &str, &str, &str, &str); 5] = [
+    (
+        "groq",
+        "GROQ",
+        "gsk_sdkmanagedgroqMANAGEDVALUE5",
+        "gsk_jobownGROQKEY0005",
+        "GROQ_API_KEY",
+    ),
+    (
+        "mistral",
+        "MIS",
+        "mistral-sdk-managed-MANAGEDVALUE-6",
+        "legacy-mistral-JOBKEY-0006",
+        "MISTRAL_API_KEY",
+    ),
+    (
+        "cohere",
+        "CO",
+        "cohere-sdk-managed-MANAGEDVALUE-7",
+        "legacy-cohere-JOBKEY-0007",
+        "CO_API_KEY",
+    ),
+    // The router's auto provider needs an `hf_` token on the client side.
+    (
+        "huggingface",
+        "HF",
+        "hf_sdkmanagedMANAGEDVALUE8",
+        "hf_jobownHFKEY0008",
+        "HF_TOKEN",
+    ),
+    (
+        "bedrock",
+        "BR",
+        "ABSKsdkmanagedbedrockMANAGEDVALUE9",
+        "ABSKjobownBEDROCKKEY0009",
+        "AWS_BEARER_TOKEN_BEDROCK",
+    ),
+];
+const SDKS: [&str; 9] = [
+    "openai",
+    "anthropic",
+    "gemini",
+    "azure",
+    "groq",
+    "mistral",
+    "cohere",
+    "huggingface",
+    "bedrock",
+];
+const ANSWERS: [(&str, &str); 9] = [
     ("openai", "fake-openai"),
     ("anthropic", "fake-anthropic"),
     ("gemini", "fake-gemini"),
     ("azure", "fake-azure"),
+    ("groq", "fake-groq"),
+    ("mistral", "fake-mistral"),
+    ("cohere", "fake-cohere"),
+    ("huggingface", "fake-huggingface"),
+    ("bedrock", "fake-bedrock"),
 ];
+/// The packages drive.py imports, as `cargo xtask setup` pins them (its
+/// `kt-packages.txt` in the venv lists them).
+const VENV_PACKAGES: [&str; 8] = [
+    "openai",
+    "anthropic",
+    "google-genai",
+    "groq",
+    "mistralai",
+    "cohere",
+    "huggingface_hub",
+    "boto3",
+];
+/// Plain AWS access keys (fake values): botocore signs with SigV4.
+const AWS_KEY_ID: &str = "AKIAKTSDKTESTEXAMPLE";
+const AWS_SECRET: &str = "kt/sdk/test/secret/EXAMPLEKEY0000000000000";
 
 /// The venv's python, or why there is none. Panics when setup never ran
 /// (no venv and no recorded reason): that is a broken setup, not a skip.
@@ -61,6 +140,19 @@ fn sdk_python() -> Option<PathBuf> {
     );
     let python = dir.join("bin/python");
     if python.exists() {
+        // A venv made before an SDK was added lacks it: say so, rather
+        // than fail on an import error.
+        let pinned = std::fs::read_to_string(dir.join("kt-packages.txt")).unwrap_or_default();
+        let missing: Vec<&str> = VENV_PACKAGES
+            .iter()
+            .copied()
+            .filter(|p| !pinned.lines().any(|l| l.starts_with(&format!("{p}=="))))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "the SDK venv at {} lacks {missing:?}: run `cargo xtask setup` again",
+            dir.display()
+        );
         return Some(python);
     }
     match std::fs::read_to_string(dir.with_extension("unavailable")) {
@@ -77,7 +169,7 @@ fn sdk_python() -> Option<PathBuf> {
         }
         Err(_) => panic!(
             "no SDK venv at {} and no recorded reason: run `cargo xtask setup` (it installs the \
-             pinned openai, anthropic and google-genai SDKs there)",
+             pinned provider SDKs there)",
             dir.display()
         ),
     }
@@ -116,7 +208,13 @@ fn assert_answers(rs: &[serde_json::Value], fakes: &[(&str, &str)], log: &str) {
 }
 
 /// The fakes saw only the managed keys, each in its provider's style.
-fn assert_keys(oa: &FakeProvider, ant: &FakeProvider, gem: &FakeProvider, az: &FakeProvider) {
+fn assert_keys(
+    oa: &FakeProvider,
+    ant: &FakeProvider,
+    gem: &FakeProvider,
+    az: &FakeProvider,
+    bearer: &[FakeProvider],
+) {
     for r in az.requests() {
         assert_eq!(header(&r, "api-key"), Some(MANAGED_AZ));
         assert!(
@@ -140,11 +238,36 @@ fn assert_keys(oa: &FakeProvider, ant: &FakeProvider, gem: &FakeProvider, az: &F
         assert_eq!(header(&r, "x-goog-api-key"), Some(MANAGED_GEM));
         assert!(!r.path.contains("key="), "{}", r.path);
     }
-    for f in [oa, ant, gem, az] {
+    for (f, (sdk, _, managed, _, _)) in bearer.iter().zip(BEARER) {
+        assert!(!f.requests().is_empty(), "{sdk}: no request arrived");
+        for r in f.requests() {
+            assert_eq!(
+                header(&r, "authorization"),
+                Some(&*format!("Bearer {managed}")),
+                "{sdk} {}",
+                r.path
+            );
+            // Each SDK's default paths, as kt forwarded them.
+            let want = match sdk {
+                "groq" => "/openai/v1/chat/completions",
+                "mistral" => "/v1/chat/completions",
+                "cohere" => "/v2/chat",
+                "huggingface" => "/v1/chat/completions",
+                // botocore percent-encodes the model id's colon.
+                _ => "/model/amazon.nova-micro-v1%3A0/converse",
+            };
+            assert!(r.path.starts_with(want), "{sdk}: {}", r.path);
+        }
+    }
+    let owns: Vec<&str> = [OWN_OA, OWN_ANT, OWN_GEM, OWN_AZ, AWS_KEY_ID]
+        .into_iter()
+        .chain(BEARER.iter().map(|b| b.3))
+        .collect();
+    for f in [oa, ant, gem, az].into_iter().chain(bearer) {
         assert!(!f.requests().is_empty());
         for r in f.requests() {
             let seen = format!("{:?}{}", r.headers, r.path);
-            for own in [OWN_OA, OWN_ANT, OWN_GEM, OWN_AZ] {
+            for own in &owns {
                 assert!(!seen.contains(own), "a job's own key reached a provider");
             }
         }
@@ -179,15 +302,109 @@ fn assert_refusals(rs: &[serde_json::Value]) {
             .contains("PERMISSION_DENIED"),
         "{gem}"
     );
+    let groq = find(rs, "groq", false);
+    assert_eq!(groq["error"], "PermissionDeniedError", "{groq}");
+    assert!(
+        groq["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("an anthropic key sent to groq"),
+        "{groq}"
+    );
+    // groq's errors carry the body, not OpenAI's `code` attribute.
+    assert_eq!(
+        groq["body"]["error"]["code"], "kt_credential_refused",
+        "{groq}"
+    );
+    let mistral = find(rs, "mistral", false);
+    assert_eq!(mistral["status"], 403, "{mistral}");
+    assert!(
+        mistral["body"]
+            .as_str()
+            .unwrap_or("")
+            .contains("kt_credential_refused"),
+        "{mistral}"
+    );
+    let cohere = find(rs, "cohere", false);
+    assert_eq!(cohere["error"], "ForbiddenError", "{cohere}");
+    assert_eq!(
+        cohere["body"]["error"]["code"], "kt_credential_refused",
+        "{cohere}"
+    );
+    if rs.iter().any(|r| r["sdk"] == "bedrock") {
+        for stream in [false, true] {
+            let br = find(rs, "bedrock", stream);
+            assert_eq!(br["error"], "AccessDeniedException", "{br}");
+            assert_eq!(br["status"], 403, "{br}");
+        }
+    }
+    // SigV4 (plain AWS access keys): nothing kt could swap, refused.
+    let sig = find(rs, "bedrock-sigv4", false);
+    assert_eq!(sig["error"], "AccessDeniedException", "{sig}");
+    assert!(
+        sig["message"].as_str().unwrap_or("").contains("SigV4")
+            || sig["message"].as_str().unwrap_or("").contains("sigv4"),
+        "{sig}"
+    );
 }
 
-fn keys() -> MapResolver {
-    MapResolver::of(&[
+/// Hugging Face's router: with a base URL, the SDK sends any key and kt
+/// refuses another provider's; with its default auto-router it refuses a
+/// key without `hf_` itself, before sending anything.
+fn assert_hf_refusal(rs: &[serde_json::Value], base_url: bool) {
+    let hf = find(rs, "huggingface", false);
+    if base_url {
+        assert_eq!(hf["error"], "HfHubHTTPError", "{hf}");
+        assert_eq!(hf["status"], 403, "{hf}");
+        assert!(
+            hf["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("kt_credential_refused"),
+            "{hf}"
+        );
+    } else {
+        assert_eq!(hf["error"], "ValueError", "{hf}");
+    }
+}
+
+fn secrets() -> Vec<(&'static str, &'static str)> {
+    let mut v = vec![
         ("OA", MANAGED_OA),
         ("ANT", MANAGED_ANT),
         ("GEM", MANAGED_GEM),
         ("AZ", MANAGED_AZ),
-    ])
+    ];
+    v.extend(BEARER.iter().map(|b| (b.1, b.2)));
+    v
+}
+
+fn keys() -> MapResolver {
+    MapResolver::of(&secrets())
+}
+
+/// The SDKs a run drives, and with another provider's keys the SigV4
+/// client too (last: it drops the Bedrock key from its env). No Bedrock
+/// API key through a base URL: botocore sends a bearer token only over
+/// HTTPS (`InvalidEndpointConfigurationError` otherwise) and kt's
+/// explicit listener is plain HTTP; CONNECT and capture cover it.
+fn sdks(foreign: bool, base_url: bool) -> Vec<&'static str> {
+    let mut v: Vec<&str> = SDKS
+        .into_iter()
+        .filter(|s| !(base_url && *s == "bedrock"))
+        .collect();
+    if foreign {
+        v.push("bedrock-sigv4");
+    }
+    v
+}
+
+/// The answers a run must read (see [`sdks`]).
+fn answers(base_url: bool) -> Vec<(&'static str, &'static str)> {
+    ANSWERS
+        .into_iter()
+        .filter(|(s, _)| !(base_url && *s == "bedrock"))
+        .collect()
 }
 
 /// The SDKs' environment: their key variables (own keys, or another
@@ -207,7 +424,35 @@ fn key_env(cmd: &mut Command, foreign: bool) {
         .env("GEMINI_API_KEY", gem)
         .env("AZURE_OPENAI_API_KEY", az)
         // The Azure client needs its API version (no default in the SDK).
-        .env("OPENAI_API_VERSION", "2024-10-21");
+        .env("OPENAI_API_VERSION", "2024-10-21")
+        .env("AWS_DEFAULT_REGION", "us-east-1")
+        // No instance-metadata lookups (a link-local address, never ours).
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("AWS_ACCESS_KEY_ID", AWS_KEY_ID)
+        .env("AWS_SECRET_ACCESS_KEY", AWS_SECRET)
+        // huggingface_hub fetches an "agent harnesses" list from the Hub
+        // (`{HF_ENDPOINT}/api/agent-harnesses`, not the inference router)
+        // before its first request: a closed loopback port instead, so
+        // nothing leaves the machine (it then detects no agent).
+        .env("HF_ENDPOINT", "http://127.0.0.1:9");
+    for (sdk, _, _, own, var) in BEARER {
+        // Groq's own prefix would not be foreign to Groq: an Anthropic key.
+        let other = if sdk == "groq" {
+            "sk-ant-api03-FOREIGNKEY000000000000000000"
+        } else {
+            foreign_key
+        };
+        cmd.env(var, if foreign { other } else { own });
+    }
+}
+
+/// The fakes of the Bearer providers, in [`BEARER`]'s order.
+async fn bearer_fakes(ca: &TestCa) -> Vec<FakeProvider> {
+    let mut v = Vec::new();
+    for (sdk, ..) in BEARER {
+        v.push(FakeProvider::start(ca, &format!("fake-{sdk}"), Behavior::Ok).await);
+    }
+    v
 }
 
 /// Base URL, then CONNECT (`HTTPS_PROXY`, kt's CA trusted): the SDKs'
@@ -220,12 +465,25 @@ async fn real_sdks_with_default_settings_through_base_url_and_connect() {
     let ant = FakeProvider::start(&ca, "fake-anthropic", Behavior::Ok).await;
     let gem = FakeProvider::start(&ca, "fake-gemini", Behavior::Ok).await;
     let az = FakeProvider::start(&ca, "fake-azure", Behavior::Ok).await;
-    let cfg = config(vec![
+    let bearer = bearer_fakes(&ca).await;
+    let mut targets = vec![
         target("oa", Provider::OpenAi, &oa.openai_base_url(), "OA"),
         target("ant", Provider::Anthropic, &ant.anthropic_base_url(), "ANT"),
         target("gem", Provider::Gemini, &gem.anthropic_base_url(), "GEM"),
         target("az", Provider::Azure, &az.anthropic_base_url(), "AZ"),
-    ]);
+    ];
+    for (f, (sdk, secret, ..)) in bearer.iter().zip(BEARER) {
+        // The target's path is the provider's API root (requests are
+        // re-rooted on it).
+        let root = match sdk {
+            "groq" => "/openai/v1",
+            "mistral" => "/v1",
+            _ => "",
+        };
+        let base = format!("{}{root}", f.anthropic_base_url());
+        targets.push(target(sdk, Provider::parse(sdk), &base, secret));
+    }
+    let cfg = config(targets);
     let gw = start(cfg, keys(), &ca).await;
     let dir = tempfile::tempdir().unwrap();
     let script = dir.path().join("drive.py");
@@ -238,17 +496,31 @@ async fn real_sdks_with_default_settings_through_base_url_and_connect() {
         for foreign in [false, true] {
             let mut cmd = Command::new(&python);
             key_env(&mut cmd, foreign);
-            cmd.arg(&script).args(SDKS);
+            cmd.arg(&script).args(sdks(foreign, mode == "base-url"));
             if mode == "base-url" {
                 cmd.env("OPENAI_BASE_URL", format!("{base}/openai/v1"))
                     .env("ANTHROPIC_BASE_URL", format!("{base}/anthropic"))
                     .env("KT_TEST_GEMINI_BASE_URL", format!("{base}/gemini"))
-                    .env("AZURE_OPENAI_ENDPOINT", format!("{base}/azure"));
+                    .env("AZURE_OPENAI_ENDPOINT", format!("{base}/azure"))
+                    .env("GROQ_BASE_URL", format!("{base}/groq"))
+                    // mistralai has no base-URL variable: drive.py passes
+                    // this as its documented `server_url` argument.
+                    .env("KT_TEST_MISTRAL_BASE_URL", format!("{base}/mistral"))
+                    .env("CO_API_URL", format!("{base}/cohere"))
+                    // InferenceClient's documented `base_url` argument
+                    // (it appends `/chat/completions`).
+                    .env("KT_TEST_HF_BASE_URL", format!("{base}/huggingface/v1"))
+                    .env(
+                        "AWS_ENDPOINT_URL_BEDROCK_RUNTIME",
+                        format!("{base}/bedrock"),
+                    );
             } else {
                 // The SDKs' own hosts, through kt as an HTTPS proxy: kt
                 // answers CONNECT for provider names (no DNS by the client).
+                // botocore trusts certifi's roots unless told otherwise.
                 cmd.env("HTTPS_PROXY", &base)
                     .env("SSL_CERT_FILE", &kt_ca)
+                    .env("AWS_CA_BUNDLE", &kt_ca)
                     .env("AZURE_OPENAI_ENDPOINT", "https://myres.openai.azure.com");
             }
             let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
@@ -259,10 +531,11 @@ async fn real_sdks_with_default_settings_through_base_url_and_connect() {
             assert!(out.status.success(), "{mode}: {stdout}\n{stderr}");
             runs.push((results(&stdout), format!("{mode}: {stdout}\n{stderr}")));
         }
-        assert_answers(&runs[0].0, &ANSWERS, &runs[0].1);
+        assert_answers(&runs[0].0, &answers(mode == "base-url"), &runs[0].1);
         assert_refusals(&runs[1].0);
+        assert_hf_refusal(&runs[1].0, mode == "base-url");
     }
-    assert_keys(&oa, &ant, &gem, &az);
+    assert_keys(&oa, &ant, &gem, &az, &bearer);
     let arrivals: Vec<String> = gw
         .sink
         .snapshot()
@@ -328,16 +601,35 @@ fn real_sdks_with_default_settings_through_capture() {
         "127.77.93.13:443".parse().unwrap(),
         &["myres.openai.azure.com"],
     ));
+    // The Bearer providers' targets name only their provider (Bedrock its
+    // region): kt calls their official hosts, which the test's /etc/hosts
+    // points at these fakes; a job reaching one directly would show its
+    // own key there.
+    let hosts_of = |sdk: &str| match sdk {
+        "groq" => "api.groq.com",
+        "mistral" => "api.mistral.ai",
+        "cohere" => "api.cohere.com",
+        "huggingface" => "router.huggingface.co",
+        _ => "bedrock-runtime.us-east-1.amazonaws.com",
+    };
+    let bearer: Vec<FakeProvider> = BEARER
+        .iter()
+        .enumerate()
+        .map(|(i, (sdk, ..))| {
+            rt.block_on(FakeProvider::start_named(
+                &ca,
+                &format!("fake-{sdk}"),
+                Behavior::Ok,
+                format!("127.77.93.{}:443", 14 + i).parse().unwrap(),
+                &[hosts_of(sdk)],
+            ))
+        })
+        .collect();
     // Where the SDKs' default hosts point (captured; must never be reached).
     let direct = at("direct", "127.77.93.20:443");
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    for (name, value) in [
-        ("OA", MANAGED_OA),
-        ("ANT", MANAGED_ANT),
-        ("GEM", MANAGED_GEM),
-        ("AZ", MANAGED_AZ),
-    ] {
+    for (name, value) in secrets() {
         kt_cli(&data, &["secrets", "add", name, "--store"], value);
     }
     let cfg = dir.path().join("kt.yaml");
@@ -362,6 +654,22 @@ fn real_sdks_with_default_settings_through_capture() {
       provider: azure
       resource: myres
       secret_key_ref: {{store: AZ}}
+    - id: groq
+      provider: groq
+      secret_key_ref: {{store: GROQ}}
+    - id: mistral
+      provider: mistral
+      secret_key_ref: {{store: MIS}}
+    - id: cohere
+      provider: cohere
+      secret_key_ref: {{store: CO}}
+    - id: hf
+      provider: huggingface
+      secret_key_ref: {{store: HF}}
+    - id: br
+      provider: bedrock
+      region: us-east-1
+      secret_key_ref: {{store: BR}}
 policies:
   chain: [audit-logger]
 gateway:
@@ -380,11 +688,11 @@ capture:
     let ca_pem = dir.path().join("upstream-ca.pem");
     std::fs::write(&ca_pem, &ca.pem).unwrap();
     let hosts = dir.path().join("hosts");
-    std::fs::write(
-        &hosts,
-        "127.0.0.1 localhost\n::1 localhost\n127.77.93.20 api.openai.com\n127.77.93.20 api.anthropic.com\n127.77.93.20 generativelanguage.googleapis.com\n127.77.93.13 myres.openai.azure.com\n",
-    )
-    .unwrap();
+    let mut etc_hosts = "127.0.0.1 localhost\n::1 localhost\n127.77.93.20 api.openai.com\n127.77.93.20 api.anthropic.com\n127.77.93.20 generativelanguage.googleapis.com\n127.77.93.13 myres.openai.azure.com\n".to_string();
+    for (f, (sdk, ..)) in bearer.iter().zip(BEARER) {
+        etc_hosts.push_str(&format!("{} {}\n", f.addr.ip(), hosts_of(sdk)));
+    }
+    std::fs::write(&hosts, etc_hosts).unwrap();
     let mounts = PrivateMounts::with_hosts_file(&hosts)
         .expect("a private mount namespace with its own /etc/hosts (needs root)");
     let mut cgroup = TestCgroup::new("sdk").expect("child cgroup (needs root and cgroup v2)");
@@ -417,10 +725,11 @@ capture:
         cmd.args(["-c", r#"read go; exec "$@""#, "sh"])
             .arg(&python)
             .arg(&script)
-            .args(SDKS)
+            .args(sdks(foreign, false))
             .env("AZURE_OPENAI_ENDPOINT", "https://myres.openai.azure.com")
             .env("SSL_CERT_FILE", &kt_ca)
             .env("REQUESTS_CA_BUNDLE", &kt_ca)
+            .env("AWS_CA_BUNDLE", &kt_ca)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -440,8 +749,9 @@ capture:
         runs.push((results(&out), format!("{out}\n{err}\nkt log:\n{log_text}")));
     }
     assert_answers(&runs[0].0, &ANSWERS, &runs[0].1);
-    assert_keys(&oa, &ant, &gem, &az);
+    assert_keys(&oa, &ant, &gem, &az, &bearer);
     assert_refusals(&runs[1].0);
+    assert_hf_refusal(&runs[1].0, false);
     assert!(
         direct.requests().is_empty(),
         "an SDK reached its provider directly"

@@ -1,6 +1,7 @@
 //! The real provider SDKs the tests drive kt with (`tests/tests/sdk.rs`):
-//! a Python venv with `openai`, `anthropic` and `google-genai` at pinned
-//! versions, made once and cached under `~/.cache/kt/sdk-venv` (or
+//! a Python venv with `openai`, `anthropic`, `google-genai`, `groq`,
+//! `mistralai`, `cohere`, `huggingface_hub` and `boto3` (Bedrock API keys
+//! need botocore ≥ 1.39) at pinned versions, made once and cached under `~/.cache/kt/sdk-venv` (or
 //! `$KT_SDK_VENV`). When it cannot be made (no Python, no PyPI), setup goes
 //! on and writes the reason next to the venv: the SDK tests print it and
 //! skip, instead of passing in silence.
@@ -12,7 +13,17 @@ use super::setup::step;
 
 /// The SDKs, pinned: a new release must not change what the tests prove
 /// without a commit saying so.
-pub const PACKAGES: [&str; 3] = ["openai==3.51.0", "anthropic==2.10.0", "google-genai==3.3.0"];
+pub const PACKAGES: [&str; 9] = [
+    "openai==3.51.0",
+    "anthropic==2.10.0",
+    "google-genai==3.3.0",
+    "groq==1.7.0",
+    "mistralai==3.7.0",
+    "cohere==7.3.1",
+    "huggingface_hub==2.4.0",
+    "boto3==1.44.5",
+    "botocore==1.44.5",
+];
 
 /// Where the venv is (`$KT_SDK_VENV`, else `~/.cache/kt/sdk-venv`); the
 /// tests look in the same place.

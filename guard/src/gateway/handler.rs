@@ -567,7 +567,16 @@ fn decide_credential(inner: &Inner, ex: &mut Exchange, matched: &Matched) -> Res
                 .to_string()
         }
         provider::CredentialKind::OtherProvider(p) => {
-            format!("a {} key sent to {}", p.name(), matched.provider.name())
+            let article = if p.name().starts_with(['a', 'e', 'i', 'o', 'u']) {
+                "an"
+            } else {
+                "a"
+            };
+            format!(
+                "{article} {} key sent to {}",
+                p.name(),
+                matched.provider.name()
+            )
         }
         provider::CredentialKind::Entra => {
             "a Microsoft Entra ID token (it is not swapped for the managed key)".to_string()
