@@ -228,12 +228,20 @@ impl GatewayBuilder {
             self.config.gateway.cooldown_after,
             self.config.gateway.cooldown,
         );
-        // A single largest body must always fit.
+        // A single largest body, and checking it (see `Policy::working_bytes`;
+        // any content-coding), must always fit: a lone request refused for
+        // the budget would be refused on every retry.
+        let max_body = self.config.gateway.max_body_bytes;
+        let body_len = usize::try_from(max_body).unwrap_or(usize::MAX);
+        let check = self
+            .policy
+            .working_bytes(body_len, None)
+            .max(self.policy.working_bytes(body_len, Some("gzip")));
         let buffered = self
             .config
             .gateway
             .max_buffered_bytes
-            .max(self.config.gateway.max_body_bytes);
+            .max(max_body.saturating_add(u64::try_from(check).unwrap_or(u64::MAX)));
         let body_budget = Arc::new(tokio::sync::Semaphore::new(
             usize::try_from(buffered)
                 .unwrap_or(usize::MAX)
