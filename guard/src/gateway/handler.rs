@@ -838,17 +838,19 @@ const INLINE_CHECK_MAX: usize = 256 * 1024;
 /// back when the check ends, except what a rewritten body forwarded
 /// instead needs beyond the original.
 async fn run_policy(
-    inner: &Arc<Inner>,
+    inner: &Inner,
     ex: &mut Exchange,
     parts: &mut http::request::Parts,
     matched: &Matched,
     body: Bytes,
     mut held: tokio::sync::OwnedSemaphorePermit,
 ) -> Result<(Bytes, tokio::sync::OwnedSemaphorePermit), Refusal> {
+    // As the DLP step reads it (a value that is not text is not undone).
     let encoding = parts
         .headers
         .get(http::header::CONTENT_ENCODING)
-        .map(|v| v.to_str().unwrap_or("(not text)").to_string());
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
     let work = inner.policy.working_bytes(body.len(), encoding.as_deref());
     // What the read buffer holds (its capacity, as `read_body` counted it).
     let read = held.num_permits();
@@ -881,7 +883,8 @@ async fn run_policy(
         // still stall the other tasks queued on this worker. The task owns
         // what the check reads, and the permits: a client that leaves
         // mid-check drops this future, not the scan, which stays counted
-        // until it ends.
+        // until it ends. (The scanner's per-thread scratch buffers, at most
+        // 8 MiB each, go with a blocking thread when it idles out.)
         let policy = Arc::clone(&inner.policy);
         let placeholder = Request::new(()).into_parts().0;
         let owned_parts = std::mem::replace(parts, placeholder);
