@@ -866,13 +866,23 @@ async fn run_policy(
                 rule: "check-budget".into(),
                 location: Some(format!("{work} bytes to check the body")),
             });
+            let mib = |b: usize| b.div_ceil(1024 * 1024);
+            let message = if work.saturating_add(read) > inner.body_budget_size {
+                format!(
+                    "kt: checking this request body for secrets needs about {} MiB with the body, more than gateway.max_buffered_bytes ({} MiB) holds at all; raise gateway.max_buffered_bytes, or send the body uncompressed",
+                    mib(work.saturating_add(read)),
+                    mib(inner.body_budget_size)
+                )
+            } else {
+                format!(
+                    "kt: no room to check this request body for secrets: it needs about {} MiB while other requests' bodies are held (gateway.max_buffered_bytes counts bodies and their checks); retry shortly, or raise gateway.max_buffered_bytes",
+                    mib(work)
+                )
+            };
             return Err(refusal(
                 StatusCode::SERVICE_UNAVAILABLE,
                 codes::OVER_BUDGET,
-                format!(
-                    "kt: no room to check this request body for secrets: it needs about {} MiB while other requests' bodies are held (gateway.max_buffered_bytes counts bodies and their checks); retry shortly, or raise gateway.max_buffered_bytes",
-                    work.div_ceil(1024 * 1024)
-                ),
+                message,
             ));
         };
         held.merge(permit);

@@ -228,25 +228,25 @@ impl GatewayBuilder {
             self.config.gateway.cooldown_after,
             self.config.gateway.cooldown,
         );
-        // A single largest body, and checking it (see `Policy::working_bytes`;
-        // any content-coding), must always fit: a lone request refused for
-        // the budget would be refused on every retry.
+        // A single largest body, and checking it (see `Policy::working_bytes`),
+        // must always fit: a lone request refused for the budget would be
+        // refused on every retry. Uncompressed only: a compressed body's
+        // check may need its decoded size twice over (64 MiB by default),
+        // which would raise a small budget far past what was set; one that
+        // can never fit is refused saying so.
         let max_body = self.config.gateway.max_body_bytes;
-        let body_len = usize::try_from(max_body).unwrap_or(usize::MAX);
         let check = self
             .policy
-            .working_bytes(body_len, None)
-            .max(self.policy.working_bytes(body_len, Some("gzip")));
+            .working_bytes(usize::try_from(max_body).unwrap_or(usize::MAX), None);
         let buffered = self
             .config
             .gateway
             .max_buffered_bytes
             .max(max_body.saturating_add(u64::try_from(check).unwrap_or(u64::MAX)));
-        let body_budget = Arc::new(tokio::sync::Semaphore::new(
-            usize::try_from(buffered)
-                .unwrap_or(usize::MAX)
-                .min(tokio::sync::Semaphore::MAX_PERMITS),
-        ));
+        let body_budget_size = usize::try_from(buffered)
+            .unwrap_or(usize::MAX)
+            .min(tokio::sync::Semaphore::MAX_PERMITS);
+        let body_budget = Arc::new(tokio::sync::Semaphore::new(body_budget_size));
         let shared = Arc::new(Shared {
             client,
             sink: self.sink,
@@ -260,6 +260,7 @@ impl GatewayBuilder {
             limit,
             per_uid,
             body_budget,
+            body_budget_size,
             exemption: self.exemption,
             last_probe: Mutex::new(HashMap::new()),
         });
@@ -413,6 +414,8 @@ pub(crate) struct Shared {
     per_uid: Arc<limit::UidBudget>,
     /// Bytes of request bodies held at once (`gateway.max_buffered_bytes`).
     body_budget: Arc<tokio::sync::Semaphore>,
+    /// The permits `body_budget` was made with.
+    body_budget_size: usize,
     /// Exempts the sockets of port-wide splices from capture, as upstream
     /// sockets are.
     exemption: Arc<dyn SocketExemption>,
