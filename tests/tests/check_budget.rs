@@ -112,11 +112,13 @@ async fn gzip_bodies_checked_at_once_past_the_budget_are_refused_and_the_budget_
     )]);
     cfg.chain = vec![PolicyKind::DlpFilter];
     cfg.dlp = Some(dlp(DlpAction::Block));
-    // Far below one body and its check: the floor (one largest body and
-    // its check) is what applies. Two bodies alone fit in it many times.
-    cfg.gateway.max_buffered_bytes = 4096;
+    // Room for one body and its check; two bodies alone fit in it many
+    // times over.
     cfg.gateway.max_body_bytes = body.len() as u64;
     let chain = Chain::new(&cfg, None, false).unwrap();
+    let budget = body.len() + chain.working_bytes(body.len(), Some("gzip"));
+    assert!(budget > 8 * body.len());
+    cfg.gateway.max_buffered_bytes = budget as u64;
     let (gw, sink) = start_with(cfg, Arc::new(chain), &ca).await;
 
     // The first is checked and held upstream (answered once released).
@@ -181,9 +183,10 @@ async fn a_redacted_gzip_body_is_forwarded_and_the_budget_comes_back() {
     )]);
     cfg.chain = vec![PolicyKind::DlpFilter];
     cfg.dlp = Some(dlp(DlpAction::Redact));
-    cfg.gateway.max_buffered_bytes = 4096;
     cfg.gateway.max_body_bytes = body.len() as u64;
     let chain = Chain::new(&cfg, None, false).unwrap();
+    cfg.gateway.max_buffered_bytes =
+        (body.len() + chain.working_bytes(body.len(), Some("gzip"))) as u64;
     let (gw, _sink) = start_with(cfg, Arc::new(chain), &ca).await;
     for _ in 0..2 {
         let a = post_body(gw.addr, body.clone(), true).await;
@@ -197,6 +200,45 @@ async fn a_redacted_gzip_body_is_forwarded_and_the_budget_comes_back() {
     assert!(!text.contains(&key), "the key reached the provider");
     assert!(text.contains("[REDACTED:"), "not redacted");
     assert!(seen.len() > 512 * 1024, "not forwarded decoded");
+}
+
+/// A compressed body whose check could never fit in the whole budget is
+/// refused saying which setting to raise (not "retry"); the same body
+/// uncompressed, whose check is smaller, passes.
+#[tokio::test]
+async fn a_gzip_body_whose_check_never_fits_is_refused_naming_the_setting() {
+    let ca = TestCa::new();
+    let up = FakeProvider::start(&ca, "upstream", Behavior::Ok).await;
+    let plain = chat_of(512 * 1024, "no secret here");
+    let body = gzip(&plain);
+    let mut cfg = config(vec![target(
+        "oa",
+        Provider::OpenAi,
+        &up.openai_base_url(),
+        "OA",
+    )]);
+    cfg.chain = vec![PolicyKind::DlpFilter];
+    cfg.dlp = Some(dlp(DlpAction::Block));
+    let chain = Chain::new(&cfg, None, false).unwrap();
+    // The largest body is the uncompressed one; the budget is left at its
+    // floor (that body and its check), which a gzip body's check passes.
+    cfg.gateway.max_body_bytes = plain.len() as u64;
+    cfg.gateway.max_buffered_bytes = 4096;
+    assert!(
+        body.len() + chain.working_bytes(body.len(), Some("gzip"))
+            > plain.len() + chain.working_bytes(plain.len(), None)
+    );
+    let (gw, _sink) = start_with(cfg, Arc::new(chain), &ca).await;
+    let a = post_body(gw.addr, body, true).await;
+    assert_eq!(a.status, 503, "{}", a.body);
+    let v: serde_json::Value = serde_json::from_str(&a.body).unwrap();
+    assert_eq!(v["error"]["code"], "kt_over_budget", "{}", a.body);
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("raise gateway.max_buffered_bytes"), "{msg}");
+    assert!(!msg.contains("retry"), "{msg}");
+    let a = post_body(gw.addr, plain, false).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(up.requests().len(), 1);
 }
 
 /// Wraps the real chain: a check of a body of `gate_from` bytes or more
