@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use guard::ca::Ca;
 use guard::config::{DlpAction, DlpFilter, PolicyKind, Provider};
 use guard::policy::{Chain, Policy, PolicyRequest, PolicyVerdict};
-use guard::record::{MemorySink, PolicyId, PolicyNote};
+use guard::record::{MemorySink, PolicyAction, PolicyId, PolicyNote};
 use guard_tests::fake_provider::{Behavior, FakeProvider, TestCa};
 use guard_tests::gateway_fixture::*;
 
@@ -302,7 +302,7 @@ async fn a_small_request_is_answered_while_a_big_body_is_checked() {
         go: Mutex::new(go_rx),
         went: Mutex::new(None),
     });
-    let (gw, _sink) = start_with(cfg, gated.clone(), &ca).await;
+    let (gw, sink) = start_with(cfg, gated.clone(), &ca).await;
 
     let key = format!("sk-{}", "Q7".repeat(16));
     let big = chat_of(1024 * 1024, &key);
@@ -330,5 +330,52 @@ async fn a_small_request_is_answered_while_a_big_body_is_checked() {
         up.requests().len(),
         1,
         "only the small request goes upstream"
+    );
+    // The notes made on the blocking pool reach the record.
+    let recs = sink.snapshot();
+    let blocked: Vec<_> = recs.iter().filter(|r| r.status == 403).collect();
+    assert_eq!(blocked.len(), 1, "{recs:?}");
+    assert!(
+        blocked[0]
+            .policy
+            .iter()
+            .any(|n| n.policy == PolicyId::DlpFilter && n.action == PolicyAction::Block),
+        "{:?}",
+        blocked[0].policy
+    );
+}
+
+/// Observe mode on the blocking path: a big gzip body carrying a key is
+/// forwarded unchanged (still compressed) and recorded as would-block.
+#[tokio::test]
+async fn observe_mode_forwards_a_big_body_unchanged_and_records_would_block() {
+    let ca = TestCa::new();
+    let up = FakeProvider::start(&ca, "upstream", Behavior::Ok).await;
+    let key = format!("sk-{}", "K4".repeat(16));
+    let body = gzip(&chat_of(512 * 1024, &key));
+    let mut cfg = config(vec![target(
+        "oa",
+        Provider::OpenAi,
+        &up.openai_base_url(),
+        "OA",
+    )]);
+    cfg.chain = vec![PolicyKind::DlpFilter];
+    cfg.dlp = Some(dlp(DlpAction::Block));
+    cfg.gateway.mode = guard::config::GatewayMode::Observe;
+    let chain = Chain::new(&cfg, None, false).unwrap();
+    let (gw, sink) = start_with(cfg, Arc::new(chain), &ca).await;
+    let a = post_body(gw.addr, body.clone(), true).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let reqs = up.requests();
+    assert_eq!(reqs.len(), 1);
+    assert_eq!(reqs[0].body, body, "the body was changed");
+    let recs = sink.snapshot();
+    assert!(
+        recs[0]
+            .policy
+            .iter()
+            .any(|n| n.policy == PolicyId::DlpFilter && n.action == PolicyAction::WouldBlock),
+        "{:?}",
+        recs[0].policy
     );
 }
