@@ -895,6 +895,9 @@ async fn run_policy(
         // mid-check drops this future, not the scan, which stays counted
         // until it ends. (The scanner's per-thread scratch buffers, at most
         // 8 MiB each, go with a blocking thread when it idles out.)
+        let Ok(slot) = Arc::clone(&inner.check_slots).acquire_owned().await else {
+            return Err(shutting_down());
+        };
         let policy = Arc::clone(&inner.policy);
         let placeholder = Request::new(()).into_parts().0;
         let owned_parts = std::mem::replace(parts, placeholder);
@@ -914,6 +917,7 @@ async fn run_policy(
                 },
                 &mut notes,
             );
+            drop(slot);
             (verdict, notes, owned_parts, held)
         });
         match task.await {
@@ -924,13 +928,7 @@ async fn run_policy(
             }
             // A panic in a check surfaces here as it would inline.
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            Err(_) => {
-                return Err(refusal(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    codes::POLICY_BLOCKED,
-                    "kt: the gateway is shutting down; the request body was not checked",
-                ));
-            }
+            Err(_) => return Err(shutting_down()),
         }
     } else {
         let verdict = inner.policy.check(
@@ -974,6 +972,14 @@ async fn run_policy(
         }
         PolicyVerdict::Block(r) => Err(r),
     }
+}
+
+fn shutting_down() -> Refusal {
+    refusal(
+        StatusCode::SERVICE_UNAVAILABLE,
+        codes::POLICY_BLOCKED,
+        "kt: the gateway is shutting down; the request body was not checked",
+    )
 }
 
 /// Trims `held` to `bytes` (the body kept for forwarding), giving the rest

@@ -261,6 +261,7 @@ impl GatewayBuilder {
             per_uid,
             body_budget,
             body_budget_size,
+            check_slots: Arc::new(tokio::sync::Semaphore::new(check_slots())),
             exemption: self.exemption,
             last_probe: Mutex::new(HashMap::new()),
         });
@@ -397,6 +398,15 @@ impl Prober {
     }
 }
 
+/// How many big policy checks run on the blocking pool at once: one per
+/// core (more buys no throughput), at most 8, so they never take all of
+/// the pool the `/proc` lookups of new clients run on (16 threads in
+/// `kt`'s runtime); the rest wait their turn, their memory already
+/// counted.
+fn check_slots() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 8))
+}
+
 /// What every generation of a running gateway shares: the upstream pool,
 /// where records go, the listeners' budgets and shutdown, the certificate
 /// cache. A reload never replaces these.
@@ -416,6 +426,9 @@ pub(crate) struct Shared {
     body_budget: Arc<tokio::sync::Semaphore>,
     /// The permits `body_budget` was made with.
     body_budget_size: usize,
+    /// Policy checks running on the blocking pool at once (see
+    /// [`check_slots`]).
+    check_slots: Arc<tokio::sync::Semaphore>,
     /// Exempts the sockets of port-wide splices from capture, as upstream
     /// sockets are.
     exemption: Arc<dyn SocketExemption>,
