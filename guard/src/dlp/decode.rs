@@ -71,6 +71,33 @@ pub(crate) fn decompress<'a>(
     Ok(current)
 }
 
+/// How many content-codings in `encoding` are undone (a copy each);
+/// `identity` and empty entries copy nothing.
+pub(crate) fn coding_layers(encoding: Option<&str>) -> usize {
+    encoding.map_or(0, |e| {
+        e.split(',')
+            .map(str::trim)
+            .filter(|c| !c.is_empty() && !c.eq_ignore_ascii_case("identity"))
+            .count()
+    })
+}
+
+/// The most bytes one decoded copy of a `body_len`-byte encoded body can
+/// take: [`read_capped`] stops past the size cap or (beyond the ratio
+/// floor) the ratio cap, at most one read chunk later, and never grows
+/// its buffer past this.
+pub(crate) fn decoded_cap(body_len: usize, limits: &DecodeLimits) -> usize {
+    let by_ratio = body_len
+        .saturating_mul(limits.max_ratio as usize)
+        .max(limits.ratio_floor);
+    by_ratio
+        .min(limits.max_decoded_bytes)
+        .saturating_add(READ_CHUNK)
+}
+
+/// What [`read_capped`] reads at a time.
+const READ_CHUNK: usize = 64 * 1024;
+
 /// 8 MiB zstd window: plenty for request bodies.
 const ZSTD_WINDOW_LOG_MAX: u32 = 23;
 
@@ -84,8 +111,11 @@ fn read_capped(
     encoding: &'static str,
 ) -> Result<Vec<u8>, DlpError> {
     let ratio_limit = compressed_len.saturating_mul(limits.max_ratio as usize);
+    // Grown by doubling as usual, but never past the cap the gateway
+    // counted (`Scanner::working_bytes`), so the capacity stays within it.
+    let cap = decoded_cap(compressed_len, limits);
     let mut out = Vec::new();
-    let mut chunk = vec![0u8; 64 * 1024];
+    let mut chunk = vec![0u8; READ_CHUNK];
     loop {
         let n = match reader.read(&mut chunk) {
             Ok(0) => return Ok(out),
@@ -93,6 +123,11 @@ fn read_capped(
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(_) => return Err(DlpError::Corrupt { encoding }),
         };
+        let need = out.len() + n;
+        if need > out.capacity() {
+            let grown = out.capacity().saturating_mul(2).min(cap).max(need);
+            out.reserve_exact(grown - out.len());
+        }
         out.extend_from_slice(&chunk[..n]);
         if out.len() > limits.max_decoded_bytes {
             return Err(DlpError::TooLarge {

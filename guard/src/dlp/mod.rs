@@ -543,6 +543,35 @@ impl Scanner {
         self.action
     }
 
+    /// About how many bytes checking a `body_len`-byte body with this
+    /// `Content-Encoding` may allocate beyond the body itself, known before
+    /// any is allocated: the caller counts them against its memory budget.
+    ///
+    /// Counted: the decoded copy of an encoded body (each copy at most
+    /// [`DecodeLimits::max_decoded_bytes`], or [`DecodeLimits::max_ratio`]
+    /// times `body_len` past the ratio floor: the decoder never grows its
+    /// buffer beyond that), the joined view (at most the decoded size),
+    /// and with `action: redact` the rewritten body. So an identity body
+    /// needs `body_len` more (twice with redact), an encoded one two decoded
+    /// copies (three with redact): undoing two codings holds two copies at
+    /// once, scanning holds the copy and the joined view. Per-string
+    /// bookkeeping is not counted (small next to the text for chat bodies),
+    /// nor the extra decoded copy made of a non-JSON body that holds JSON
+    /// escapes.
+    pub fn working_bytes(&self, body_len: usize, content_encoding: Option<&str>) -> usize {
+        let copies = match self.action {
+            DlpAction::Redact => 3,
+            DlpAction::Block | DlpAction::Audit => 2,
+        };
+        if decode::coding_layers(content_encoding) == 0 {
+            // The body is scanned in place: the joined view (and the
+            // rewritten body) only.
+            body_len.saturating_mul(copies - 1)
+        } else {
+            decode::decoded_cap(body_len, &self.limits).saturating_mul(copies)
+        }
+    }
+
     /// Scans a request. Errors only when the body cannot be decoded within
     /// the caps (see [`DlpError::http_status`]).
     pub fn scan(&self, req: &RequestView<'_>) -> Result<Scan, DlpError> {

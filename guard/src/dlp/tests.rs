@@ -1491,3 +1491,68 @@ fn a_text_body_with_json_escapes_is_scanned_decoded() {
     let s = scanner.scan(&view(plain.as_bytes(), None)).unwrap();
     assert_eq!(s.findings.len(), 1, "{:?}", s.findings);
 }
+
+#[test]
+fn working_bytes_counts_the_joined_view_the_decoded_copies_and_the_rewrite() {
+    let limits = DecodeLimits {
+        max_decoded_bytes: 4 * 1024 * 1024,
+        max_ratio: 100,
+        ratio_floor: 1024 * 1024,
+    };
+    let block = Scanner::new(&seed_policy(false))
+        .unwrap()
+        .with_limits(limits);
+    let mut cfg = seed_policy(false);
+    cfg.action = DlpAction::Redact;
+    let redact = Scanner::new(&cfg).unwrap().with_limits(limits);
+    // Identity: the joined view (and the rewritten body).
+    for enc in [None, Some("identity"), Some(" identity , ")] {
+        assert_eq!(block.working_bytes(1000, enc), 1000, "{enc:?}");
+        assert_eq!(redact.working_bytes(1000, enc), 2000, "{enc:?}");
+    }
+    let chunk = 64 * 1024;
+    // Small encoded bodies: the ratio floor; larger: the ratio; then the cap.
+    assert_eq!(
+        block.working_bytes(1000, Some("gzip")),
+        2 * (1024 * 1024 + chunk)
+    );
+    assert_eq!(
+        block.working_bytes(20_000, Some("br")),
+        2 * (2_000_000 + chunk)
+    );
+    assert_eq!(
+        block.working_bytes(1_000_000, Some("gzip, zstd")),
+        2 * (4 * 1024 * 1024 + chunk)
+    );
+    assert_eq!(
+        redact.working_bytes(1_000_000, Some("deflate")),
+        3 * (4 * 1024 * 1024 + chunk)
+    );
+    assert_eq!(block.working_bytes(usize::MAX, None), usize::MAX);
+}
+
+#[test]
+fn a_decoded_copy_never_grows_past_what_working_bytes_counted() {
+    // About 3 MiB of two letters at random (a ratio well under 100), with a
+    // size cap of 3.5 MiB: plain doubling would reach 4 MiB.
+    let mut text = Vec::new();
+    let mut x: u32 = 1;
+    while text.len() < 3 * 1024 * 1024 + 12_345 {
+        x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+        text.push(if x >> 16 & 1 == 0 { b'a' } else { b'b' });
+    }
+    let body = gzip(&text);
+    let limits = DecodeLimits {
+        max_decoded_bytes: 3 * 1024 * 1024 + 512 * 1024,
+        ..DecodeLimits::default()
+    };
+    let decoded = decode::decompress(&body, Some("gzip"), &limits).unwrap();
+    assert_eq!(decoded.len(), text.len());
+    let cap = decode::decoded_cap(body.len(), &limits);
+    match decoded {
+        std::borrow::Cow::Owned(v) => assert!(v.capacity() <= cap, "{} > {cap}", v.capacity()),
+        std::borrow::Cow::Borrowed(_) => panic!("an encoded body came back borrowed"),
+    }
+    // Doubling alone would have passed it: the cap is what bounds it.
+    assert!(text.len().next_power_of_two() > cap);
+}

@@ -316,11 +316,11 @@ pub async fn handle(
         return Ok(ex.fail(&inner, &r, &[]));
     }
     // The permit keeps the body counted until the request is done with it.
-    let (body, _held) = match read_body(&inner, &parts, body).await {
+    let (body, held) = match read_body(&inner, &parts, body).await {
         Ok(b) => b,
         Err(r) => return Ok(ex.fail(&inner, &r, &[])),
     };
-    let body = match run_policy(&inner, &mut ex, &mut parts, &matched, body) {
+    let (body, _held) = match run_policy(&inner, &mut ex, &mut parts, &matched, body, held).await {
         Ok(b) => b,
         Err(r) => return Ok(ex.fail(&inner, &r, &[])),
     };
@@ -829,25 +829,129 @@ async fn read_body(
     }
 }
 
+/// Bodies from this size on, and every encoded body (it may decode to
+/// [`crate::dlp::DecodeLimits::max_decoded_bytes`]), are checked on the
+/// blocking pool: the scan runs at about 1 GB/s, so a big body would hold
+/// an async worker (and every connection on it) for milliseconds to tens
+/// of milliseconds. Smaller ones are checked inline: handing off costs
+/// more than scanning them.
+const INLINE_CHECK_MAX: usize = 256 * 1024;
+
 /// Runs the policy chain; returns the body to forward (redacted bodies come
-/// back decoded, so their `Content-Encoding` goes).
-fn run_policy(
+/// back decoded, so their `Content-Encoding` goes) and the permit that
+/// keeps it counted in `gateway.max_buffered_bytes`.
+///
+/// What the check allocates (see [`crate::policy::Policy::working_bytes`])
+/// is counted too, before it is allocated: when it does not fit the
+/// request is refused 503 `kt_over_budget`, never waited for. It is given
+/// back when the check ends, except what a rewritten body forwarded
+/// instead needs beyond the original.
+async fn run_policy(
     inner: &Inner,
     ex: &mut Exchange,
     parts: &mut http::request::Parts,
     matched: &Matched,
     body: Bytes,
-) -> Result<Bytes, Refusal> {
-    let verdict = inner.policy.check(
-        &PolicyRequest {
-            parts,
-            provider: &matched.provider,
-            api_path: &matched.api_path,
-            body: &body,
-            client: &ex.rec.client,
-        },
-        &mut ex.rec.policy,
-    );
+    mut held: tokio::sync::OwnedSemaphorePermit,
+) -> Result<(Bytes, tokio::sync::OwnedSemaphorePermit), Refusal> {
+    // As the DLP step reads it (a value that is not text is not undone).
+    let encoding = parts
+        .headers
+        .get(http::header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let work = inner.policy.working_bytes(body.len(), encoding.as_deref());
+    // What the read buffer holds (its capacity, as `read_body` counted it).
+    let read = held.num_permits();
+    if work > 0 {
+        let Some(permit) = u32::try_from(work).ok().and_then(|n| {
+            Arc::clone(&inner.body_budget)
+                .try_acquire_many_owned(n)
+                .ok()
+        }) else {
+            ex.rec.policy.push(PolicyNote {
+                policy: PolicyId::Guard,
+                action: PolicyAction::Block,
+                rule: "check-budget".into(),
+                location: Some(format!("{work} bytes to check the body")),
+            });
+            let mib = |b: usize| b.div_ceil(1024 * 1024);
+            let message = if work.saturating_add(read) > inner.body_budget_size {
+                format!(
+                    "kt: checking this request body for secrets needs about {} MiB with the body, more than gateway.max_buffered_bytes ({} MiB) holds at all; raise gateway.max_buffered_bytes, or send the body uncompressed",
+                    mib(work.saturating_add(read)),
+                    mib(inner.body_budget_size)
+                )
+            } else {
+                format!(
+                    "kt: no room to check this request body for secrets: it needs about {} MiB while other requests' bodies are held (gateway.max_buffered_bytes counts bodies and their checks); retry shortly, or raise gateway.max_buffered_bytes",
+                    mib(work)
+                )
+            };
+            return Err(refusal(
+                StatusCode::SERVICE_UNAVAILABLE,
+                codes::OVER_BUDGET,
+                message,
+            ));
+        };
+        held.merge(permit);
+    }
+    let (verdict, held) = if encoding.is_some() || body.len() >= INLINE_CHECK_MAX {
+        // spawn_blocking rather than block_in_place: the latter panics on a
+        // current-thread runtime (embedders' and the tests'), and it would
+        // still stall the other tasks queued on this worker. The task owns
+        // what the check reads, and the permits: a client that leaves
+        // mid-check drops this future, not the scan, which stays counted
+        // until it ends. (The scanner's per-thread scratch buffers, at most
+        // 8 MiB each, go with a blocking thread when it idles out.)
+        let Ok(slot) = Arc::clone(&inner.check_slots).acquire_owned().await else {
+            return Err(shutting_down());
+        };
+        let policy = Arc::clone(&inner.policy);
+        let placeholder = Request::new(()).into_parts().0;
+        let owned_parts = std::mem::replace(parts, placeholder);
+        let provider = matched.provider.clone();
+        let api_path = matched.api_path.clone();
+        let client = ex.rec.client.clone();
+        let mut notes = std::mem::take(&mut ex.rec.policy);
+        let checked = body.clone();
+        let task = tokio::task::spawn_blocking(move || {
+            let verdict = policy.check(
+                &PolicyRequest {
+                    parts: &owned_parts,
+                    provider: &provider,
+                    api_path: &api_path,
+                    body: &checked,
+                    client: &client,
+                },
+                &mut notes,
+            );
+            drop(slot);
+            (verdict, notes, owned_parts, held)
+        });
+        match task.await {
+            Ok((verdict, notes, owned_parts, held)) => {
+                ex.rec.policy = notes;
+                *parts = owned_parts;
+                (verdict, held)
+            }
+            // A panic in a check surfaces here as it would inline.
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => return Err(shutting_down()),
+        }
+    } else {
+        let verdict = inner.policy.check(
+            &PolicyRequest {
+                parts,
+                provider: &matched.provider,
+                api_path: &matched.api_path,
+                body: &body,
+                client: &ex.rec.client,
+            },
+            &mut ex.rec.policy,
+        );
+        (verdict, held)
+    };
     let unaudited =
         matches!(&verdict, PolicyVerdict::Block(r) if r.code == codes::AUDIT_UNAVAILABLE);
     if inner.config.gateway.mode == GatewayMode::Observe && !unaudited {
@@ -863,14 +967,53 @@ fn run_policy(
                 };
             }
         }
-        return Ok(body);
+        return Ok((body, keep(inner, held, read)?));
     }
     match verdict {
-        PolicyVerdict::Allow => Ok(body),
+        PolicyVerdict::Allow => Ok((body, keep(inner, held, read)?)),
         PolicyVerdict::Rewrite(b) => {
             parts.headers.remove(http::header::CONTENT_ENCODING);
-            Ok(b)
+            // The original goes once this returns; the rewritten body (the
+            // decoded size, plus markers) is what stays held, counted at
+            // no less than the original was.
+            let held = keep(inner, held, b.len().max(read))?;
+            Ok((b, held))
         }
         PolicyVerdict::Block(r) => Err(r),
     }
+}
+
+fn shutting_down() -> Refusal {
+    refusal(
+        StatusCode::SERVICE_UNAVAILABLE,
+        codes::POLICY_BLOCKED,
+        "kt: the gateway is shutting down; the request body was not checked",
+    )
+}
+
+/// Trims `held` to `bytes` (the body kept for forwarding), giving the rest
+/// back; takes more when it holds less (a rewritten body larger than the
+/// check was counted for).
+fn keep(
+    inner: &Inner,
+    mut held: tokio::sync::OwnedSemaphorePermit,
+    bytes: usize,
+) -> Result<tokio::sync::OwnedSemaphorePermit, Refusal> {
+    let have = held.num_permits();
+    if bytes < have {
+        drop(held.split(have - bytes));
+    } else if bytes > have {
+        let more = u32::try_from(bytes - have)
+            .ok()
+            .and_then(|n| Arc::clone(&inner.body_budget).try_acquire_many_owned(n).ok())
+            .ok_or_else(|| {
+                refusal(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    codes::OVER_BUDGET,
+                    "kt: no room to hold the redacted request body (gateway.max_buffered_bytes); retry shortly, or raise gateway.max_buffered_bytes",
+                )
+            })?;
+        held.merge(more);
+    }
+    Ok(held)
 }

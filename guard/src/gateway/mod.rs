@@ -228,17 +228,25 @@ impl GatewayBuilder {
             self.config.gateway.cooldown_after,
             self.config.gateway.cooldown,
         );
-        // A single largest body must always fit.
+        // A single largest body, and checking it (see `Policy::working_bytes`),
+        // must always fit: a lone request refused for the budget would be
+        // refused on every retry. Uncompressed only: a compressed body's
+        // check may need its decoded size twice over (64 MiB by default),
+        // which would raise a small budget far past what was set; one that
+        // can never fit is refused saying so.
+        let max_body = self.config.gateway.max_body_bytes;
+        let check = self
+            .policy
+            .working_bytes(usize::try_from(max_body).unwrap_or(usize::MAX), None);
         let buffered = self
             .config
             .gateway
             .max_buffered_bytes
-            .max(self.config.gateway.max_body_bytes);
-        let body_budget = Arc::new(tokio::sync::Semaphore::new(
-            usize::try_from(buffered)
-                .unwrap_or(usize::MAX)
-                .min(tokio::sync::Semaphore::MAX_PERMITS),
-        ));
+            .max(max_body.saturating_add(u64::try_from(check).unwrap_or(u64::MAX)));
+        let body_budget_size = usize::try_from(buffered)
+            .unwrap_or(usize::MAX)
+            .min(tokio::sync::Semaphore::MAX_PERMITS);
+        let body_budget = Arc::new(tokio::sync::Semaphore::new(body_budget_size));
         let shared = Arc::new(Shared {
             client,
             sink: self.sink,
@@ -252,6 +260,8 @@ impl GatewayBuilder {
             limit,
             per_uid,
             body_budget,
+            body_budget_size,
+            check_slots: Arc::new(tokio::sync::Semaphore::new(check_slots())),
             exemption: self.exemption,
             last_probe: Mutex::new(HashMap::new()),
         });
@@ -388,6 +398,15 @@ impl Prober {
     }
 }
 
+/// How many big policy checks run on the blocking pool at once: one per
+/// core (more buys no throughput), at most 8, so they never take all of
+/// the pool the `/proc` lookups of new clients run on (16 threads in
+/// `kt`'s runtime); the rest wait their turn, their memory already
+/// counted.
+fn check_slots() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 8))
+}
+
 /// What every generation of a running gateway shares: the upstream pool,
 /// where records go, the listeners' budgets and shutdown, the certificate
 /// cache. A reload never replaces these.
@@ -405,6 +424,11 @@ pub(crate) struct Shared {
     per_uid: Arc<limit::UidBudget>,
     /// Bytes of request bodies held at once (`gateway.max_buffered_bytes`).
     body_budget: Arc<tokio::sync::Semaphore>,
+    /// The permits `body_budget` was made with.
+    body_budget_size: usize,
+    /// Policy checks running on the blocking pool at once (see
+    /// [`check_slots`]).
+    check_slots: Arc<tokio::sync::Semaphore>,
     /// Exempts the sockets of port-wide splices from capture, as upstream
     /// sockets are.
     exemption: Arc<dyn SocketExemption>,

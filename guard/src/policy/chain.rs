@@ -127,6 +127,18 @@ impl Policy for Chain {
             None => PolicyVerdict::Allow,
         }
     }
+
+    fn working_bytes(&self, body_len: usize, content_encoding: Option<&str>) -> usize {
+        // Steps run one after another and free their buffers, but a
+        // rewritten body is kept for the next: summing covers both.
+        self.steps
+            .iter()
+            .map(|s| match s {
+                Step::Dlp(scanner) => scanner.working_bytes(body_len, content_encoding),
+                Step::Audit { .. } => 0,
+            })
+            .fold(0, usize::saturating_add)
+    }
 }
 
 /// Runs the DLP filter over what the request carries (the gateway already

@@ -60,6 +60,14 @@ pub enum PolicyVerdict {
 pub trait Policy: Send + Sync {
     /// Judges one request.
     fn check(&self, request: &PolicyRequest<'_>, notes: &mut Vec<PolicyNote>) -> PolicyVerdict;
+
+    /// About how many bytes [`Policy::check`] may allocate beyond the body
+    /// for a `body_len`-byte body with this `Content-Encoding` (the DLP
+    /// scan's decoded copies and views, a rewritten body); the gateway
+    /// counts them in `gateway.max_buffered_bytes` before calling it.
+    fn working_bytes(&self, _body_len: usize, _content_encoding: Option<&str>) -> usize {
+        0
+    }
 }
 
 /// Allows everything (no chain configured).
