@@ -331,6 +331,9 @@ struct RuleSource<'a> {
     folded: bool,
 }
 
+/// How a redaction marker (`[REDACTED:<rule id>]`) starts.
+const MARKER_START: &str = "[REDACTED:";
+
 /// Shortest line or value a joined match may cover whole (see `Buffer::interior_ok`).
 const MIN_INTERIOR: usize = 16;
 
@@ -985,6 +988,14 @@ impl Scanner {
         if !words.is_empty() {
             let mut last_end = vec![0; self.rules.len()];
             for w in words {
+                // A context word that is the rule id in one of kt's own
+                // redaction markers (`[REDACTED:mistral-api-key]`) is not
+                // context: else redacting a key could turn a nearby token
+                // into a new match. (No new way around the rule: without
+                // its word, a bare key is not flagged anyway.)
+                if data[..w.at].ends_with(MARKER_START.as_bytes()) {
+                    continue;
+                }
                 if let Some(start) = w.at.checked_sub(self.rules[w.rule].back)
                     && start >= last_end[w.rule]
                 {

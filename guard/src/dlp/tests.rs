@@ -1556,3 +1556,31 @@ fn a_decoded_copy_never_grows_past_what_working_bytes_counted() {
     // Doubling alone would have passed it: the cap is what bounds it.
     assert!(text.len().next_power_of_two() > cap);
 }
+
+#[test]
+fn a_redaction_marker_is_not_the_context_of_a_new_match() {
+    // `[REDACTED:mistral-api-key]` holds the word `mistral`: a key-shaped
+    // token just after a redacted key must not become a match once the
+    // marker stands there (found by the dlp fuzz target).
+    let mut cfg = builtin_only();
+    cfg.action = DlpAction::Redact;
+    let scanner = Scanner::new(&cfg).unwrap();
+    for r in builtin_rules().iter().filter(|r| !r.context.is_empty()) {
+        let sample = r.sample();
+        let bare = &sample[sample.find('=').map_or(0, |i| i + 1)..];
+        // Too far from the word in the request, near the marker after redaction.
+        let text = format!("{sample} here: {bare}");
+        let req = view(text.as_bytes(), None);
+        let red = scanner.redact(&req).unwrap();
+        assert!(red.findings.iter().any(|f| f.rule_id == r.id), "{}", r.id);
+        let out = red.body.unwrap();
+        let again = scanner.scan(&view(&out, None)).unwrap();
+        assert!(
+            !again.findings.iter().any(|f| f.rule_id == r.id),
+            "{}: {:?} in {}",
+            r.id,
+            again.findings,
+            String::from_utf8_lossy(&out)
+        );
+    }
+}
