@@ -364,10 +364,9 @@ fn walk<'a>(
                         })
                         .count();
                     let tok = &body[i..i + len];
-                    let ok = matches!(tok, b"true" | b"false" | b"null")
-                        || tok
-                            .first()
-                            .is_some_and(|c| *c == b'-' || c.is_ascii_digit());
+                    // Strictly: a lenient number (`1sk-proj-…`) would make
+                    // a body "JSON" whose text is never scanned.
+                    let ok = matches!(tok, b"true" | b"false" | b"null") || json_number(tok);
                     if !ok {
                         return None;
                     }
@@ -444,6 +443,42 @@ fn walk<'a>(
             }
         }
     }
+}
+
+/// Whether `tok` is a JSON number as RFC 8259 spells it:
+/// `-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?`.
+fn json_number(tok: &[u8]) -> bool {
+    let digits = |i: &mut usize| {
+        let start = *i;
+        while tok.get(*i).is_some_and(u8::is_ascii_digit) {
+            *i += 1;
+        }
+        *i > start
+    };
+    let mut i = usize::from(tok.first() == Some(&b'-'));
+    match tok.get(i) {
+        Some(b'0') => i += 1,
+        Some(b'1'..=b'9') => {
+            digits(&mut i);
+        }
+        _ => return false,
+    }
+    if tok.get(i) == Some(&b'.') {
+        i += 1;
+        if !digits(&mut i) {
+            return false;
+        }
+    }
+    if matches!(tok.get(i), Some(b'e' | b'E')) {
+        i += 1;
+        if matches!(tok.get(i), Some(b'+' | b'-')) {
+            i += 1;
+        }
+        if !digits(&mut i) {
+            return false;
+        }
+    }
+    i == tok.len()
 }
 
 fn skip_ws(b: &[u8], mut i: usize) -> usize {
@@ -648,7 +683,33 @@ fn hex4(h: &[u8]) -> Option<u32> {
 
 #[cfg(test)]
 mod tests {
-    use super::quote_or_backslash;
+    use super::{json_number, quote_or_backslash};
+
+    #[test]
+    fn numbers_are_json_numbers_only() {
+        for ok in ["0", "-0", "12", "-3.25", "1e9", "1E+2", "2.5e-3", "10"] {
+            assert!(json_number(ok.as_bytes()), "{ok}");
+        }
+        for bad in [
+            "",
+            "-",
+            "01",
+            "1.",
+            ".5",
+            "1e",
+            "1e+",
+            "+1",
+            "1x",
+            "3f2a9c1e-7b4d",
+            "1sk-proj-abc",
+            "0x10",
+            "1-2",
+            "NaN",
+            "Infinity",
+        ] {
+            assert!(!json_number(bad.as_bytes()), "{bad}");
+        }
+    }
 
     #[test]
     fn quote_or_backslash_agrees_with_memchr2_everywhere() {

@@ -1584,3 +1584,39 @@ fn a_redaction_marker_is_not_the_context_of_a_new_match() {
         );
     }
 }
+
+#[test]
+fn a_body_that_only_looks_like_json_is_scanned_as_text() {
+    // A walker that took any run of letters and digits after a digit for a
+    // number read these as JSON documents with no string in them, and
+    // scanned nothing (found by the dlp fuzz target).
+    let mut cfg = builtin_only();
+    cfg.detect_patterns =
+        vec!["[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[0-9a-f]{4}-[0-9a-f]{12}".into()];
+    let scanner = Scanner::new(&cfg).unwrap();
+    let key = builtin_rules()[0].sample();
+    for (body, rule) in [
+        (
+            " 3f2a9c1e-7b4d-4e8a-9c2f-0d1e2f3a4b5c ".to_string(),
+            "detect-pattern-0",
+        ),
+        (format!("1{key}"), "openai-project-key"),
+        (format!(r#"{{"a": [1, 0{key}]}}"#), "openai-project-key"),
+    ] {
+        let s = scanner.scan(&view(body.as_bytes(), None)).unwrap();
+        assert_eq!(s.body_kind, BodyKind::Text, "{body}");
+        assert!(
+            s.findings.iter().any(|f| f.rule_id == rule),
+            "{body}: {:?}",
+            s.findings
+        );
+    }
+    // Real numbers still make JSON.
+    let s = scanner
+        .scan(&view(
+            br#"{"a": [1, -2.5e3, 0, true, null], "b": "x"}"#,
+            None,
+        ))
+        .unwrap();
+    assert_eq!(s.body_kind, BodyKind::Json);
+}

@@ -435,6 +435,9 @@ pub(crate) fn connect_target(uri: &http::Uri) -> Option<(String, u16)> {
         .trim_end_matches('.')
         .trim_start_matches('[')
         .trim_end_matches(']')
+        // A dot inside the brackets too (`[…1.]`, found by the connect
+        // fuzz target): no host kt judges ends in a dot.
+        .trim_end_matches('.')
         .to_ascii_lowercase();
     Some((host, authority.port_u16().unwrap_or(443)))
 }
