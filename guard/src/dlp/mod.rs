@@ -331,6 +331,33 @@ struct RuleSource<'a> {
     folded: bool,
 }
 
+/// Whether a raw line break sits inside a JSON string token: invalid JSON
+/// that a lenient parser may still accept. The joined view breaks lines
+/// only at `\n` escapes there, so a key split by a raw break would be
+/// missed (and found once redaction re-escaped it: found by the dlp fuzz
+/// target); such a body is scanned as text instead. `sources` are the
+/// body's strings in document order.
+fn raw_break_in_string(body: &[u8], sources: &[Source<'_>]) -> bool {
+    let mut strings = sources
+        .iter()
+        .filter_map(|s| match s.origin {
+            Origin::Json {
+                raw_start, raw_end, ..
+            } => Some((raw_start, raw_end)),
+            _ => None,
+        })
+        .peekable();
+    for at in memchr::memchr2_iter(b'\n', b'\r', body) {
+        while strings.peek().is_some_and(|&(_, end)| end <= at) {
+            strings.next();
+        }
+        if strings.peek().is_some_and(|&(start, _)| start < at) {
+            return true;
+        }
+    }
+    false
+}
+
 /// How a redaction marker (`[REDACTED:<rule id>]`) starts.
 const MARKER_START: &str = "[REDACTED:";
 
@@ -730,7 +757,7 @@ impl Scanner {
                 }
                 sources.push(src);
             });
-            if json.is_some() {
+            if json.is_some() && !raw_break_in_string(body, &sources) {
                 body_kind = BodyKind::Json;
             } else {
                 body_kind = BodyKind::Text;

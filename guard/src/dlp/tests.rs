@@ -1620,3 +1620,26 @@ fn a_body_that_only_looks_like_json_is_scanned_as_text() {
         .unwrap();
     assert_eq!(s.body_kind, BodyKind::Json);
 }
+
+#[test]
+fn a_raw_line_break_inside_a_json_string_makes_the_body_text() {
+    // Invalid JSON a lenient parser may accept: a key split by a raw line
+    // break inside a string is found as it is in text (found by the dlp
+    // fuzz target: it was found only after redaction re-escaped the break).
+    let scanner = Scanner::new(&builtin_only()).unwrap();
+    let key = builtin_rules()[0].sample();
+    let (a, b) = key.split_at(key.len() / 2);
+    let body = format!("{{\"messages\":[{{\"role\":\"user\",\"content\":\"{a}\n{b}\"}}]}}");
+    let s = scanner.scan(&view(body.as_bytes(), None)).unwrap();
+    assert_eq!(s.body_kind, BodyKind::Text);
+    assert!(
+        s.findings.iter().any(|f| f.rule_id == "openai-project-key"),
+        "{:?}",
+        s.findings
+    );
+    // Line breaks between tokens (pretty-printed JSON) are fine.
+    let pretty = format!("{{\n  \"messages\": [\n    {{\"content\": \"{key}\"}}\n  ]\n}}\n");
+    let s = scanner.scan(&view(pretty.as_bytes(), None)).unwrap();
+    assert_eq!(s.body_kind, BodyKind::Json);
+    assert!(s.findings.iter().any(|f| f.rule_id == "openai-project-key"));
+}
