@@ -13,6 +13,7 @@ use guard::record::{
 };
 use guard_tests::fake_provider::{Behavior, FakeProvider, TestCa, refused_addr};
 use guard_tests::gateway_fixture::*;
+use guard_tests::raw_client::refusals as guard_refusals;
 use http_body_util::BodyExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -455,20 +456,6 @@ async fn connect_mode_terminates_tls_and_swaps_key() {
         Some(&*format!("Bearer {MANAGED_OA}"))
     );
     assert_eq!(gw.sink.snapshot()[0].arrival, Arrival::Connect);
-}
-
-/// The refusals the guard recorded, as (rule, target) pairs.
-fn guard_refusals(sink: &MemorySink) -> Vec<(String, String)> {
-    sink.snapshot()
-        .into_iter()
-        .flat_map(|r| {
-            let path = r.path.clone();
-            r.policy
-                .into_iter()
-                .filter(|n| n.policy == PolicyId::Guard)
-                .map(move |n| (n.rule, path.clone()))
-        })
-        .collect()
 }
 
 /// CONNECT through kt, then a TLS handshake naming `sni` (trusting the
